@@ -1,0 +1,54 @@
+"""What several commands share: reading --var, loading the file, choosing machines, printing JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from qemuspec.errors import UsageError
+
+
+def parse_vars(pairs: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise UsageError(f'--var "{pair}" is not NAME=VALUE: write for example --var memory=512M')
+        out[name] = value
+    return out
+
+
+def load_file(args: Any):
+    from qemuspec.spec import load
+
+    return load(args.file, variables=parse_vars(getattr(args, "var", [])))
+
+
+def select(spec: Any, names: list[str] | str | None, source: str) -> list[str]:
+    """Machine names to act on, in dependency order; unknown names are usage errors with a suggestion."""
+    from qemuspec.spec.models import order_machines
+
+    wanted = [names] if isinstance(names, str) else list(names or [])
+    for name in wanted:
+        if name not in spec.machines:
+            import difflib
+
+            close = difflib.get_close_matches(name, list(spec.machines), n=1)
+            hint = f'did you mean "{close[0]}"?' if close else f"machines in the file: {', '.join(spec.machines)}"
+            raise UsageError(f'{source}: no machine named "{name}": {hint}')
+    ordered = [n for level in order_machines(spec.machines) for n in level]
+    return [n for n in ordered if not wanted or n in wanted]
+
+
+def only_machine(spec: Any, name: str | None, source: str) -> str:
+    if name:
+        return select(spec, name, source)[0]
+    if len(spec.machines) != 1:
+        raise UsageError(f"{source} declares {len(spec.machines)} machines ({', '.join(spec.machines)}): name one with --machine")
+    return next(iter(spec.machines))
+
+
+def emit_json(value: Any) -> None:
+    json.dump(value, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")

@@ -1,0 +1,117 @@
+"""Commands that read definitions and never start a VM: validate, render, schema, init."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from typing import Any
+
+from qemuspec.cli.common import emit_json, load_file, parse_vars, select
+from qemuspec.errors import SpecError, UsageError
+
+STARTER = """\
+# A qemuspec definition. Validate with `qemuspec validate {name}`, start with `qemuspec up {name}`.
+# Every key is in the JSON Schema: `qemuspec schema -o qemuspec.schema.json`, then put the line
+# `#:schema qemuspec.schema.json` at the top of this file and your editor completes and checks keys.
+
+[vars]                       # template variables, used below in double braces;
+memory = "512M"              # override with QEMUSPEC_VAR_memory=1G or --var memory=1G
+
+[machines.vm]
+memory = "{{{{ memory }}}}"      # K/M/G/T, or a number of MiB
+cpus = 2
+accel = "auto"               # kvm when /dev/kvm works, else tcg; QEMUSPEC_ACCEL=tcg forces tcg
+kernel = "vmlinuz"           # paths are relative to this file
+initrd = "initrd.gz"
+cmdline = "console=ttyS0"
+serial = "log"               # the console is kept in .qemuspec/vm/serial.log and read live
+restart = "no"               # "no", "on-failure" or "always"
+append = []                  # raw qemu switches for anything not modelled, e.g. ["-rtc", "base=utc"]
+
+[machines.vm.ready]
+serial = "login:"            # ready when the console shows this (a regular expression)
+timeout = "120s"
+
+# [[machines.vm.disks]]
+# file = "vm.qcow2"
+# format = "qcow2"
+# size = "10G"               # created on `up` when missing
+
+[[machines.vm.nics]]
+type = "user"                # user-mode networking, no root needed
+forwards = [{{ host = 0, guest = 22 }}]   # host 0 picks a free port; `qemuspec status` shows it
+"""
+
+
+def validate(args: Any) -> int:
+    from qemuspec.spec import load
+
+    variables = parse_vars(args.var)
+    results = []
+    for path in args.file:
+        try:
+            spec = load(path, variables=variables)
+            results.append({"file": path, "valid": True, "machines": list(spec.machines), "errors": []})
+        except SpecError as exc:
+            results.append({"file": path, "valid": False, "machines": [], "errors": exc.problems})
+    if args.json:
+        emit_json(results)
+    else:
+        for result in results:
+            if result["valid"]:
+                count = len(result["machines"])
+                print(f"{result['file']}: valid ({count} machine{'s' if count != 1 else ''}: {', '.join(result['machines'])})")
+            else:
+                for problem in result["errors"]:
+                    print(f"error: {problem}\n", file=sys.stderr)
+    return 0 if all(r["valid"] for r in results) else 2
+
+
+def render(args: Any) -> int:
+    from qemuspec.render import render as render_argv
+    from qemuspec.runtime import accel, paths
+
+    spec = load_file(args)
+    names = select(spec, args.machine, args.file) if args.machine else list(spec.machines)
+    root = paths.state_root(args.file, args.state_dir)
+    argvs = {}
+    for name in names:
+        machine = spec.machines[name]
+        port = machine.qmp.port if machine.qmp.transport == "tcp" else None
+        lay = paths.layout(os.path.join(root, name), accel=accel.resolve(machine.accel), qmp_port=port)
+        argvs[name] = render_argv(machine, name, lay)
+    if args.json and args.shell:
+        raise UsageError("--json and --shell are alternatives: choose one")
+    if args.json:
+        emit_json(argvs[names[0]] if len(names) == 1 else argvs)
+        return 0
+    for name, argv in argvs.items():
+        if len(argvs) > 1:
+            print(f"# {name}")
+        print(shlex.join(argv))
+    return 0
+
+
+def schema(args: Any) -> int:
+    from qemuspec.spec.schema import schema_text
+
+    text = schema_text()
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as out:
+            out.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def init(args: Any) -> int:
+    path = args.file
+    if os.path.exists(path) and not args.force:
+        raise UsageError(f"{path} exists already: choose another name, or pass --force to overwrite it")
+    if not path.endswith(".toml"):
+        raise UsageError(f"{path}: init writes TOML; name the file with .toml")
+    with open(path, "w", encoding="utf-8") as out:
+        out.write(STARTER.format(name=path))
+    print(f"wrote {path}: edit kernel/initrd (or add a disk), then `qemuspec up {path}`")
+    return 0

@@ -1,0 +1,63 @@
+"""One exception hierarchy for the whole project.
+
+Every failure a user can cause or meet derives from :class:`QemuspecError`, so the CLI can turn any of
+them into a readable paragraph and an exit code, and library users can catch one type.
+"""
+
+from __future__ import annotations
+
+
+class QemuspecError(Exception):
+    """Base of every error qemuspec raises on purpose."""
+
+    exit_code = 1
+
+
+class SpecError(QemuspecError):
+    """A definition (file or builder) is invalid. Carries one paragraph per problem."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n\n".join(self.problems))
+
+
+class UsageError(QemuspecError):
+    """The command line itself is wrong (unknown machine name, bad --var)."""
+
+    exit_code = 2
+
+
+class QMPError(QemuspecError):
+    """QEMU answered a command with an error: ``error_class`` and ``desc`` as QMP sent them."""
+
+    def __init__(self, command: str, error_class: str, desc: str):
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+        super().__init__(f"QMP {command} failed: {error_class}: {desc}")
+
+
+class QMPConnectionError(QemuspecError):
+    """The QMP peer could not be reached, went away (EOF), or spoke something that is not QMP."""
+
+
+class QMPTimeout(QemuspecError, TimeoutError):
+    """A QMP wait (reply, event, greeting) ran past its deadline."""
+
+
+class LaunchError(QemuspecError):
+    """qemu could not be started, or exited before it was under control."""
+
+
+class ReadyTimeout(QemuspecError, TimeoutError):
+    """A readiness probe did not pass in time; the message holds the console and qemu's stderr."""
+
+
+class StopError(QemuspecError):
+    """A machine could not be stopped (should not happen: SIGKILL is the last step)."""
+
+
+class ImageError(QemuspecError):
+    """qemu-img failed; the message is qemu-img's own."""

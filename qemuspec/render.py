@@ -1,0 +1,282 @@
+"""Machine model -> qemu argv. A pure function: no I/O, deterministic order.
+
+Every value that lands inside a qemu option list is escaped the way qemu's option parser reads it
+(a ``,`` is written ``,,``), and every key and driver name is an identifier the model has validated,
+so nothing in a definition can add an option of its own. The one exception is ``append``, which is
+passthrough by design and goes last.
+
+Where a VM's files live (sockets, logs, pidfile) is the :class:`Layout`'s business; the runtime builds
+one per machine, and may hand over pre-opened listening sockets (``fds``) in place of paths.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+from qemuspec.spec.models import Disk, Machine, NIC, OptionValue
+
+OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+AGENT_PORT = "org.qemu.guest_agent.0"
+
+_DISK_DEVICE = {"virtio": "virtio-blk-pci", "ide": "ide-hd", "scsi": "scsi-hd", "nvme": "nvme"}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one machine's runtime files are. Sockets go in a short ``run_dir`` (0700) so their paths stay
+    under the 108-byte limit wherever the project lives; logs and state go in ``state_dir``."""
+
+    state_dir: str
+    run_dir: str
+    accel: tuple[str, ...] = ()
+    qmp_port: int | None = None
+    fds: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def qmp(self) -> str:
+        return os.path.join(self.run_dir, "qmp.sock")
+
+    @property
+    def qmp_client(self) -> str:
+        return os.path.join(self.run_dir, "qmp-client.sock")
+
+    @property
+    def console(self) -> str:
+        return os.path.join(self.run_dir, "console.sock")
+
+    @property
+    def qga(self) -> str:
+        return os.path.join(self.run_dir, "qga.sock")
+
+    def virtiofs(self, index: int) -> str:
+        return os.path.join(self.run_dir, f"virtiofs{index}.sock")
+
+    @property
+    def serial_log(self) -> str:
+        return os.path.join(self.state_dir, "serial.log")
+
+    @property
+    def qemu_log(self) -> str:
+        return os.path.join(self.state_dir, "qemu.log")
+
+    @property
+    def events_log(self) -> str:
+        return os.path.join(self.state_dir, "events.jsonl")
+
+    @property
+    def pidfile(self) -> str:
+        return os.path.join(self.state_dir, "qemu.pid")
+
+    @property
+    def efivars(self) -> str:
+        return os.path.join(self.state_dir, "efivars.fd")
+
+
+def escape(value: OptionValue) -> str:
+    """One value as qemu's option parser reads it back: booleans on/off, commas doubled."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (int, float)):
+        return str(value)
+    return value.replace(",", ",,")
+
+
+def optlist(head: str | None, pairs: Iterable[tuple[str, OptionValue]], options: Mapping[str, OptionValue] = {}) -> str:
+    """``head,key=value,...``; keys from ``options`` replace typed keys of the same name."""
+    merged = [(k, v) for k, v in pairs if k not in options] + list(options.items())
+    parts = [head] if head else []
+    parts += [f"{key}={escape(value)}" for key, value in merged]
+    return ",".join(parts)
+
+
+def render(machine: Machine, name: str, layout: Layout) -> list[str]:
+    argv: list[str] = [machine.qemu, "-name", optlist(None, [("guest", name)])]
+    virtiofs = any(s.type == "virtiofs" for s in machine.shares)
+    machine_pairs: list[tuple[str, OptionValue]] = [("type", machine.machine)]
+    if virtiofs:
+        machine_pairs.append(("memory-backend", "mem0"))
+    argv += ["-machine", optlist(None, machine_pairs, machine.machine_options)]
+    for accel in layout.accel or _accels(machine):
+        argv += ["-accel", accel]
+    argv += ["-cpu", optlist(machine.cpu, [], machine.cpu_options)]
+    argv += ["-smp", str(machine.cpus), "-m", f"{machine.memory}M"]
+    argv += ["-nodefaults", "-no-user-config"]
+    argv += _display(machine)
+    argv += ["-pidfile", layout.pidfile]
+    argv += _monitors(layout)
+    if machine.paused:
+        argv.append("-S")
+    argv += _serial(machine, layout)
+    argv += _firmware(machine, layout)
+    if machine.kernel:
+        argv += ["-kernel", machine.kernel]
+    if machine.initrd:
+        argv += ["-initrd", machine.initrd]
+    if machine.cmdline is not None:
+        argv += ["-append", machine.cmdline]
+    if machine.boot_order:
+        argv += ["-boot", optlist(None, [("order", machine.boot_order)])]
+    argv += _disks(machine.disks)
+    for index, iso in enumerate(machine.cdrom):
+        argv += ["-drive", optlist(None, [("if", "none"), ("id", f"cd{index}"), ("media", "cdrom"), ("readonly", True), ("format", "raw"), ("file", iso)])]
+        argv += ["-device", optlist("ide-cd", [("drive", f"cd{index}")])]
+    for index, nic in enumerate(machine.nics):
+        argv += _nic(index, nic)
+    argv += _shares(machine, layout)
+    if machine.rng:
+        argv += ["-object", "rng-random,id=rng0,filename=/dev/urandom", "-device", "virtio-rng-pci,rng=rng0"]
+    if machine.agent:
+        argv += ["-chardev", _socket_chardev("qga0", layout, "qga", layout.qga)]
+        argv += ["-device", "virtio-serial-pci,id=vser0"]
+        argv += ["-device", f"virtserialport,bus=vser0.0,chardev=qga0,name={AGENT_PORT}"]
+    for obj in machine.objects:
+        argv += ["-object", optlist(obj.type, [("id", obj.id)], obj.options)]
+    for dev in machine.devices:
+        argv += ["-device", optlist(dev.driver, [("id", dev.id)] if dev.id else [], dev.options)]
+    argv += machine.append
+    return argv
+
+
+def _accels(machine: Machine) -> list[str]:
+    wanted = [machine.accel] if isinstance(machine.accel, str) else list(machine.accel)
+    out: list[str] = []
+    for accel in wanted:
+        for one in ("kvm", "tcg") if accel == "auto" else (accel,):
+            if one not in out:
+                out.append(one)
+    return out
+
+
+def _display(machine: Machine) -> list[str]:
+    display = machine.display
+    if display.type == "none":
+        return ["-display", "none"]
+    argv = ["-vga", display.vga]
+    if display.type == "vnc":
+        number = (display.port or 5900) - 5900
+        host = f"[{display.listen}]" if ":" in display.listen else display.listen
+        argv += ["-display", "none", "-vnc", optlist(f"{escape(host)}:{number}", [], display.options)]
+    elif display.type == "spice":
+        argv += ["-display", "none", "-spice", optlist(None, [("addr", display.listen), ("port", display.port or 5930), ("disable-ticketing", True)], display.options)]
+    else:
+        argv += ["-display", optlist(display.type, [], display.options)]
+    return argv
+
+
+def _socket_chardev(chardev_id: str, layout: Layout, role: str, path: str, extra: Iterable[tuple[str, OptionValue]] = ()) -> str:
+    fd = layout.fds.get(role)
+    where: list[tuple[str, OptionValue]] = [("fd", fd)] if fd is not None else [("path", path)]
+    return optlist("socket", [("id", chardev_id), *where, ("server", True), ("wait", False), *extra])
+
+
+def _monitors(layout: Layout) -> list[str]:
+    if layout.qmp_port is not None and "qmp" not in layout.fds:
+        main = optlist("socket", [("id", "qmp"), ("host", "127.0.0.1"), ("port", layout.qmp_port), ("server", True), ("wait", False)])
+    else:
+        main = _socket_chardev("qmp", layout, "qmp", layout.qmp)
+    client = _socket_chardev("qmp-client", layout, "qmp-client", layout.qmp_client)
+    return [
+        "-chardev", main, "-mon", "chardev=qmp,mode=control",
+        "-chardev", client, "-mon", "chardev=qmp-client,mode=control",
+    ]
+
+
+def _serial(machine: Machine, layout: Layout) -> list[str]:
+    if machine.serial == "none":
+        return ["-serial", "none"]
+    if machine.serial == "pty":
+        chardev = optlist("pty", [("id", "serial0"), ("logfile", layout.serial_log), ("logappend", True)])
+    elif machine.serial == "log":
+        chardev = _socket_chardev("serial0", layout, "console", layout.console, [("logfile", layout.serial_log), ("logappend", True)])
+    else:
+        chardev = _socket_chardev("serial0", layout, "console", layout.console)
+    return ["-chardev", chardev, "-serial", "chardev:serial0"]
+
+
+def _firmware(machine: Machine, layout: Layout) -> list[str]:
+    fw = machine.firmware
+    if fw.type == "bios":
+        return ["-bios", fw.code] if fw.code else []
+    code = fw.code or OVMF_CODE
+    return [
+        "-drive", optlist(None, [("if", "pflash"), ("format", "raw"), ("unit", 0), ("readonly", True), ("file", code)]),
+        "-drive", optlist(None, [("if", "pflash"), ("format", "raw"), ("unit", 1), ("file", layout.efivars)]),
+    ]
+
+
+def _disks(disks: list[Disk]) -> list[str]:
+    argv: list[str] = []
+    if any(d.interface == "scsi" for d in disks):
+        argv += ["-device", "virtio-scsi-pci,id=scsi0"]
+    for index, disk in enumerate(disks):
+        drive_id = f"disk{index}"
+        pairs: list[tuple[str, OptionValue]] = [("if", "none"), ("id", drive_id), ("file", disk.file)]
+        if disk.format:
+            pairs.append(("format", disk.format))
+        if disk.readonly:
+            pairs.append(("readonly", True))
+        argv += ["-drive", optlist(None, pairs, disk.options)]
+        if disk.interface == "none":
+            continue
+        dev: list[tuple[str, OptionValue]] = [("drive", drive_id)]
+        if disk.interface == "scsi":
+            dev.append(("bus", "scsi0.0"))
+        if disk.serial or disk.interface == "nvme":
+            dev.append(("serial", disk.serial or drive_id))
+        argv += ["-device", optlist(_DISK_DEVICE[disk.interface], dev, disk.device_options)]
+    return argv
+
+
+def _address(kind: str, value: str) -> list[tuple[str, OptionValue]]:
+    """A stream netdev's address: a unix socket path, or host:port."""
+    if value.startswith("/"):
+        return [("addr.type", "unix"), ("addr.path", value)]
+    host, _, port = value.rpartition(":")
+    return [("addr.type", "inet"), ("addr.host", host or "127.0.0.1"), ("addr.port", port)]
+
+
+def _nic(index: int, nic: NIC) -> list[str]:
+    net_id = f"net{index}"
+    pairs: list[tuple[str, OptionValue]] = [("id", net_id)]
+    if nic.type == "user":
+        for fwd in nic.forwards:
+            pairs.append(("hostfwd", f"{fwd.protocol}:{fwd.address}:{fwd.host}-:{fwd.guest}"))
+    elif nic.type == "socket":
+        for key in ("listen", "connect", "mcast"):
+            if getattr(nic, key):
+                pairs.append((key, getattr(nic, key)))
+    elif nic.type == "stream":
+        if nic.listen:
+            pairs += [("server", True), *_address("listen", nic.listen)]
+        else:
+            pairs += [("server", False), *_address("connect", nic.connect or "")]
+    elif nic.type == "tap":
+        if nic.ifname:
+            pairs.append(("ifname", nic.ifname))
+        pairs += [("script", "no"), ("downscript", "no")]
+    elif nic.type == "bridge":
+        pairs.append(("br", nic.bridge or ""))
+    dev: list[tuple[str, OptionValue]] = [("netdev", net_id)]
+    if nic.mac:
+        dev.append(("mac", nic.mac))
+    return ["-netdev", optlist(nic.type, pairs, nic.options), "-device", optlist(nic.model, dev, nic.device_options)]
+
+
+def _shares(machine: Machine, layout: Layout) -> list[str]:
+    argv: list[str] = []
+    if any(s.type == "virtiofs" for s in machine.shares):
+        argv += ["-object", f"memory-backend-memfd,id=mem0,size={machine.memory}M,share=on"]
+    for index, share in enumerate(machine.shares):
+        if share.type == "9p":
+            pairs: list[tuple[str, OptionValue]] = [("id", f"fs{index}"), ("path", share.source), ("security_model", share.security_model)]
+            if share.readonly:
+                pairs.append(("readonly", True))
+            argv += ["-fsdev", optlist("local", pairs, share.options)]
+            argv += ["-device", optlist("virtio-9p-pci", [("fsdev", f"fs{index}"), ("mount_tag", share.tag)])]
+        else:
+            argv += ["-chardev", optlist("socket", [("id", f"vfs{index}"), ("path", layout.virtiofs(index))])]
+            argv += ["-device", optlist("vhost-user-fs-pci", [("chardev", f"vfs{index}"), ("tag", share.tag)], share.options)]
+    return argv

@@ -1,0 +1,1 @@
+"""Running machines: process, sockets, console, probes, stop escalation."""

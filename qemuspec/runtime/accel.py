@@ -1,0 +1,36 @@
+"""Which accelerator a machine gets. "auto" means KVM only when /dev/kvm really answers."""
+
+from __future__ import annotations
+
+import os
+
+ACCEL_ENV = "QEMUSPEC_ACCEL"
+_KVM_GET_API_VERSION = 0xAE00
+
+
+def kvm_usable() -> bool:
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        import fcntl
+
+        return fcntl.ioctl(fd, _KVM_GET_API_VERSION) == 12
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def resolve(accel: str | list[str]) -> tuple[str, ...]:
+    """The -accel list for qemu. ``QEMUSPEC_ACCEL`` (e.g. "tcg") overrides every machine of a run."""
+    override = os.environ.get(ACCEL_ENV)
+    wanted = [a.strip() for a in override.split(",") if a.strip()] if override else ([accel] if isinstance(accel, str) else list(accel))
+    out: list[str] = []
+    for one in wanted:
+        if one == "auto":
+            one = "kvm" if kvm_usable() else "tcg"
+        if one not in out:
+            out.append(one)
+    return tuple(out)

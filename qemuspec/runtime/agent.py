@@ -1,0 +1,112 @@
+"""The qemu guest agent, spoken over the machine's virtio-serial channel (a unix socket on the host).
+
+The agent has no greeting and may have stale bytes in the channel, so every session starts with
+``guest-sync-delimited``: the 0xFF it echoes marks where our replies begin.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import socket
+import time
+from typing import Any
+
+from qemuspec.errors import QMPConnectionError, QMPError, QMPTimeout
+
+
+class GuestAgent:
+    def __init__(self, path: str, timeout: float = 10.0):
+        self.path = path
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._buffer = b""
+
+    def __enter__(self) -> "GuestAgent":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def sync(self, timeout: float | None = None) -> None:
+        """Open the channel and resynchronise; raises QMPTimeout while the agent is not up."""
+        self.close()
+        self._buffer = b""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(self.path)
+        except OSError as exc:
+            sock.close()
+            raise QMPConnectionError(f"cannot reach the guest agent channel {self.path}: {exc}") from None
+        self._sock = sock
+        token = random.randint(1, 2**31)
+        sock.sendall(b"\xff" + json.dumps({"execute": "guest-sync-delimited", "arguments": {"id": token}}).encode() + b"\n")
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while True:
+            if b"\xff" in self._buffer:
+                self._buffer = self._buffer[self._buffer.rindex(b"\xff") + 1 :]
+                reply = self._line(deadline)
+                if reply.get("return") == token:
+                    return
+            else:
+                self._fill(deadline)
+
+    def _fill(self, deadline: float) -> None:
+        assert self._sock is not None
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise QMPTimeout("the guest agent did not answer in time")
+        self._sock.settimeout(remaining)
+        try:
+            data = self._sock.recv(65536)
+        except socket.timeout:
+            raise QMPTimeout("the guest agent did not answer in time") from None
+        if not data:
+            raise QMPConnectionError("the guest agent channel closed")
+        self._buffer += data
+
+    def _line(self, deadline: float) -> dict:
+        while b"\n" not in self._buffer:
+            self._fill(deadline)
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        line = line.strip().lstrip(b"\xff")
+        return json.loads(line) if line else self._line(deadline)
+
+    def command(self, name: str, arguments: dict | None = None, timeout: float | None = None) -> Any:
+        if self._sock is None:
+            self.sync()
+        assert self._sock is not None
+        message: dict[str, Any] = {"execute": name}
+        if arguments:
+            message["arguments"] = arguments
+        self._sock.sendall(json.dumps(message).encode() + b"\n")
+        reply = self._line(time.monotonic() + (timeout or self.timeout))
+        if "error" in reply:
+            raise QMPError(name, reply["error"].get("class", "GenericError"), reply["error"].get("desc", ""))
+        return reply.get("return")
+
+    def exec(self, argv: list[str], stdin: bytes | None = None, timeout: float = 60.0) -> tuple[int, bytes, bytes]:
+        """Run a command in the guest; returns (exit code, stdout, stderr)."""
+        args: dict[str, Any] = {"path": argv[0], "arg": argv[1:], "capture-output": True}
+        if stdin is not None:
+            args["input-data"] = base64.b64encode(stdin).decode()
+        pid = self.command("guest-exec", args)["pid"]
+        deadline = time.monotonic() + timeout
+        delay = 0.01
+        while True:
+            status = self.command("guest-exec-status", {"pid": pid})
+            if status.get("exited"):
+                out = base64.b64decode(status.get("out-data", ""))
+                err = base64.b64decode(status.get("err-data", ""))
+                code = status.get("exitcode", -status.get("signal", 0) or 0)
+                return code, out, err
+            if time.monotonic() >= deadline:
+                raise QMPTimeout(f"guest command {argv[0]} did not finish within {timeout:g} s")
+            time.sleep(delay)  # the agent has no completion event: guest-exec-status is the protocol
+            delay = min(delay * 2, 0.2)

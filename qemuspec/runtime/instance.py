@@ -1,0 +1,336 @@
+"""One machine's qemu under control: launch, readiness, QMP, stop with escalation, adoption.
+
+The library's VM and the CLI both drive machines through this class, so a machine started from code
+and one started from a file behave the same.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from qemuspec.errors import LaunchError, QemuspecError, QMPConnectionError, QMPError, ReadyTimeout
+from qemuspec.qmp.sync import QMPClient
+from qemuspec.render import OVMF_VARS, Layout, render
+from qemuspec.runtime import accel as accel_mod
+from qemuspec.runtime import paths
+from qemuspec.runtime.console import ConsoleReader, tail
+from qemuspec.runtime.process import Process, alive, cmdline, spawn
+from qemuspec.spec.models import Machine
+
+GREETING_TIMEOUT = 15.0
+
+
+@dataclass
+class StopResult:
+    step: str  # "ACPI powerdown", "QMP quit", "SIGTERM", "SIGKILL", "already stopped"
+    seconds: float
+    returncode: int | None
+
+
+def write_json_atomic(path: str, data: Any) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+class Instance:
+    def __init__(self, name: str, machine: Machine, state_dir: str):
+        self.name = name
+        self.machine = machine
+        self.state_dir = os.path.abspath(state_dir)
+        self.layout: Layout = paths.layout(self.state_dir)
+        self.process: Process | None = None
+        self.qmp: QMPClient | None = None
+        self.console: ConsoleReader | None = None
+        self.qmp_address: str | None = None
+        self.ports: list[dict] = []
+        self.argv: list[str] = []
+        self.started_at: float | None = None
+        self._listeners: list[tuple[str, Callable[[dict], Any]]] = []
+        self._log_offset = 0
+
+    @property
+    def state_file(self) -> str:
+        return os.path.join(self.state_dir, "state.json")
+
+    # -- events -----------------------------------------------------------------------------------
+
+    def on(self, event: str, callback: Callable[[dict], Any]) -> None:
+        self._listeners.append((event, callback))
+        if self.qmp is not None:
+            self.qmp.on(event, callback)
+
+    # -- launch -----------------------------------------------------------------------------------
+
+    def launch(self) -> None:
+        """Start qemu and connect QMP and the console; returns when QMP is negotiated."""
+        if self.process is not None and self.process.poll() is None:
+            raise LaunchError(f"machine {self.name} is already running (pid {self.process.pid})")
+        machine = self.machine
+        accels = accel_mod.resolve(machine.accel)
+        base = paths.layout(self.state_dir, accel=accels)
+        paths.prepare(base)
+        self._prepare_files(base)
+
+        listeners: dict[str, socket.socket] = {}
+        try:
+            qmp_port = None
+            if machine.qmp.transport == "tcp":
+                from qemuspec.runtime.sockets import listen_tcp
+
+                listeners["qmp"], qmp_port = listen_tcp(machine.qmp.port)
+            else:
+                listeners["qmp"] = self._listen(base.qmp)
+            listeners["qmp-client"] = self._listen(base.qmp_client)
+            if machine.serial in ("log", "socket"):
+                listeners["console"] = self._listen(base.console)
+            if machine.agent:
+                listeners["qga"] = self._listen(base.qga)
+            fds = {role: sock.fileno() for role, sock in listeners.items()}
+            self.layout = Layout(base.state_dir, base.run_dir, accels, qmp_port, {})
+            self.argv = render(machine, self.name, self.layout)
+            launch_argv = render(machine, self.name, Layout(base.state_dir, base.run_dir, accels, qmp_port, fds))
+            self.qmp_address = f"tcp:127.0.0.1:{qmp_port}" if qmp_port else f"unix:{base.qmp}"
+            self._log_offset = os.path.getsize(base.serial_log) if os.path.exists(base.serial_log) else 0
+            qemu_log_offset = os.path.getsize(base.qemu_log) if os.path.exists(base.qemu_log) else 0
+            popen = spawn(launch_argv, base.qemu_log, pass_fds=tuple(fds.values()))
+            self.process = Process(popen.pid, popen)
+            self.started_at = time.time()
+            # Connect while our copies of the listening sockets still exist: the connections queue in
+            # the backlog and qemu accepts them as it starts, so no console output is missed.
+            qmp_sock = socket.socket(listeners["qmp"].family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            qmp_sock.connect(listeners["qmp"].getsockname())
+            if "console" in listeners:
+                self.console = ConsoleReader.connect(base.console, base.serial_log, self._log_offset)
+        finally:
+            for sock in listeners.values():
+                sock.close()
+        try:
+            self.qmp = QMPClient.connect(qmp_sock, timeout=GREETING_TIMEOUT, event_log=base.events_log)
+        except QemuspecError as exc:
+            self.process.wait(2)
+            code = self.process.poll()
+            self._cleanup()
+            detail = tail(base.qemu_log, 20, qemu_log_offset)
+            status = f"exited with code {code}" if code is not None else "did not answer on QMP"
+            raise LaunchError(f"qemu for machine {self.name} {status}: {detail or exc}") from None
+        for event, callback in self._listeners:
+            self.qmp.on(event, callback)
+        if any(n.type == "user" and n.forwards for n in machine.nics):
+            self.ports = _forwarded(self.qmp)
+        self.write_state()
+
+    def _listen(self, path: str) -> socket.socket:
+        from qemuspec.runtime.sockets import listen_unix
+
+        return listen_unix(path)
+
+    def _prepare_files(self, lay: Layout) -> None:
+        from qemuspec.runtime import images
+
+        for disk in self.machine.disks:
+            images.ensure_disk(disk)
+        if self.machine.firmware.type == "uefi":
+            images.ensure_efivars(self.machine.firmware.vars or OVMF_VARS, lay.efivars)
+        for path in (self.machine.kernel, self.machine.initrd):
+            if path and not os.path.exists(path):
+                raise LaunchError(f"machine {self.name}: {path} does not exist: fix the path (relative paths are relative to the definition file)")
+
+    def write_state(self) -> None:
+        assert self.process is not None
+        write_json_atomic(self.state_file, {
+            "name": self.name,
+            "pid": self.process.pid,
+            "argv": self.argv,
+            "qmp": self.qmp_address,
+            "qmp_client": f"unix:{self.layout.qmp_client}",
+            "console": self.layout.console if self.machine.serial in ("log", "socket") else None,
+            "accel": list(self.layout.accel),
+            "started_at": self.started_at,
+            "ports": self.ports,
+        })
+
+    # -- readiness --------------------------------------------------------------------------------
+
+    def wait_ready(self, timeout: float | None = None) -> float:
+        """Run the machine's readiness probes; returns the seconds it took since launch."""
+        from qemuspec.runtime import probes
+
+        assert self.process is not None and self.qmp is not None
+        ready = self.machine.ready
+        timeout = ready.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        running = lambda: self.process is not None and self.process.poll() is None
+        probe = "QMP"
+        try:
+            if ready.serial:
+                probe = f"serial /{ready.serial}/"
+                if self.console is None:
+                    raise LaunchError(f'ready.serial needs serial = "log" or "socket" (machine {self.name} has "{self.machine.serial}")')
+                try:
+                    self.console.wait_for(ready.serial, max(0.0, deadline - time.monotonic()))
+                except EOFError:
+                    raise QemuspecError("qemu exited before the console showed it") from None
+            for guest, expect, label in ((ready.tcp, None, "tcp"), (22 if ready.ssh else None, b"SSH-", "ssh")):
+                if guest:
+                    probe = f"{label} guest port {guest}"
+                    port = self.host_port(guest)
+                    probes.wait_tcp(port, deadline, running, expect)
+            if ready.agent:
+                probe = "guest agent"
+                probes.wait_agent(self.layout.qga, deadline, running)
+        except QemuspecError as exc:
+            raise ReadyTimeout(self._not_ready(probe, timeout, exc)) from None
+        return time.time() - (self.started_at or time.time())
+
+    def host_port(self, guest: int, protocol: str = "tcp") -> int:
+        for port in self.ports:
+            if port["guest"] == guest and port["protocol"] == protocol:
+                return port["host"]
+        raise LaunchError(f"machine {self.name} has no {protocol} forward to guest port {guest}: add forwards = [{{ host = 0, guest = {guest} }}] to a user NIC")
+
+    def _not_ready(self, probe: str, timeout: float, exc: Exception) -> str:
+        accels = ",".join(self.layout.accel) or "?"
+        code = self.process.poll() if self.process else None
+        state = f"qemu exited with code {code}" if code is not None else "qemu is still running"
+        console = tail(self.layout.serial_log, 20, self._log_offset) or "(nothing)"
+        stderr = tail(self.layout.qemu_log, 20) or "(nothing)"
+        hint = ""
+        if "kvm" in self.layout.accel:
+            hint = (" KVM can exist and still hang guests (nested virtualisation): try accel = \"tcg\" in the "
+                    "definition, or QEMUSPEC_ACCEL=tcg for the whole run.")
+        return (f"machine {self.name} was not ready within {timeout:g} s (probe: {probe}; accelerator: {accels}; {state}): {exc}.{hint}\n"
+                f"--- last console lines ---\n{console}\n--- qemu stderr ---\n{stderr}")
+
+    # -- control ----------------------------------------------------------------------------------
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        if self.process is None:
+            return None
+        code = self.process.wait(timeout)
+        if code is not None:
+            self._cleanup()
+        return code
+
+    def quit(self, timeout: float = 10.0) -> StopResult:
+        """QMP quit at once (no ACPI), then signals if qemu does not go."""
+        return self._stop(acpi_timeout=None, quit_timeout=timeout)
+
+    def stop(self, timeout: float | None = None) -> StopResult:
+        """ACPI powerdown, wait up to the stop timeout, then QMP quit, SIGTERM, SIGKILL; always reaped."""
+        return self._stop(acpi_timeout=self.machine.stop_timeout if timeout is None else timeout, quit_timeout=5.0)
+
+    def _stop(self, acpi_timeout: float | None, quit_timeout: float) -> StopResult:
+        began = time.monotonic()
+        if self.process is None or self.process.poll() is not None:
+            self._cleanup()
+            return StopResult("already stopped", 0.0, self.process.returncode if self.process else None)
+        step = None
+        if acpi_timeout is not None and self._send("system_powerdown") and self.process.wait(acpi_timeout) is not None:
+            step = "ACPI powerdown"
+        if step is None and self._send("quit") and self.process.wait(quit_timeout) is not None:
+            step = "QMP quit"
+        if step is None:
+            step = self.process.terminate_and_kill(3.0)
+        self._cleanup()
+        return StopResult(step, time.monotonic() - began, self.process.returncode)
+
+    def _send(self, command: str) -> bool:
+        """Send a stop command and wait for its reply (closing right after `quit` can leave qemu up)."""
+        if self.qmp is None:
+            return False
+        try:
+            self.qmp.command(command, timeout=5)
+            return True
+        except QMPConnectionError:
+            return command == "quit"  # the reply can lose the race with qemu closing the socket
+        except (QMPError, QemuspecError):
+            return False
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.terminate_and_kill(0.0)
+            self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self.qmp is not None:
+            self.qmp.close()
+        if self.console is not None:
+            self.console.close()
+            self.console = None
+        if self.process is not None and self.process.poll() is not None:
+            shutil.rmtree(self.layout.run_dir, ignore_errors=True)
+            for path in (self.state_file, self.layout.pidfile):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+
+    def close(self) -> None:
+        """Let go of a running machine without stopping it (it keeps running on its own)."""
+        if self.qmp is not None:
+            self.qmp.close()
+            self.qmp = None
+        if self.console is not None:
+            self.console.close()
+            self.console = None
+
+    # -- adoption ---------------------------------------------------------------------------------
+
+    @classmethod
+    def find(cls, name: str, machine: Machine, state_dir: str) -> "Instance | None":
+        """The running qemu recorded in ``state_dir``, if the recorded pid really is that machine's qemu."""
+        inst = cls(name, machine, state_dir)
+        try:
+            with open(inst.state_file, encoding="utf-8") as f:
+                state = json.load(f)
+        except (OSError, ValueError):
+            return None
+        pid = state.get("pid")
+        lay = paths.layout(inst.state_dir, accel=tuple(state.get("accel") or ()))
+        if not isinstance(pid, int) or not alive(pid) or not is_our_qemu(pid, lay.pidfile):
+            return None
+        inst.process = Process(pid)
+        inst.layout = lay
+        inst.argv = state.get("argv") or []
+        inst.qmp_address = state.get("qmp")
+        inst.ports = state.get("ports") or []
+        inst.started_at = state.get("started_at")
+        return inst
+
+    def connect(self, timeout: float = 5.0) -> QMPClient:
+        """Connect to the main monitor of an adopted machine (free when no supervisor holds it)."""
+        if self.qmp is None or self.qmp.closed:
+            if not self.qmp_address:
+                raise QMPConnectionError(f"machine {self.name} has no recorded QMP address")
+            self.qmp = QMPClient.connect(self.qmp_address, timeout=timeout, event_log=self.layout.events_log)
+            for event, callback in self._listeners:
+                self.qmp.on(event, callback)
+        return self.qmp
+
+
+def is_our_qemu(pid: int, pidfile: str) -> bool:
+    """True only for a process whose command line names this machine's pidfile: a recycled pid that now
+    belongs to something else is never signalled."""
+    argv = cmdline(pid)
+    return bool(argv) and "-pidfile" in argv and pidfile in argv
+
+
+def _forwarded(qmp: QMPClient) -> list[dict]:
+    from qemuspec.runtime.probes import forwarded_ports
+
+    try:
+        return forwarded_ports(qmp)
+    except QemuspecError:
+        return []

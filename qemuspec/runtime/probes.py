@@ -1,0 +1,72 @@
+"""Readiness probes: does the guest actually do what the definition says "ready" means?
+
+A user-mode forward accepts a host connection even when nothing listens in the guest (slirp answers
+first), so the TCP and ssh probes only pass on real bytes from the guest.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+
+from qemuspec.errors import QemuspecError, ReadyTimeout
+
+
+def forwarded_ports(qmp) -> list[dict]:
+    """Host ports of the user-mode forwards as qemu really bound them (port 0 becomes a real port)."""
+    text = qmp.command("human-monitor-command", {"command-line": "info usernet"})
+    ports = []
+    for match in re.finditer(r"^\s*(TCP|UDP)\[HOST_FORWARD\]\s+\d+\s+(\S+)\s+(\d+)\s+(\S+)\s+(\d+)", text, re.M):
+        proto, host_addr, host_port, _, guest_port = match.groups()
+        ports.append({"protocol": proto.lower(), "address": host_addr, "host": int(host_port), "guest": int(guest_port)})
+    return ports
+
+
+def _exchange(port: int, expect: bytes | None, deadline: float) -> bool:
+    """One attempt: True when the guest side sent data (starting with ``expect`` if given)."""
+    remaining = max(0.05, deadline - time.monotonic())
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=min(2.0, remaining)) as sock:
+            sock.settimeout(min(1.0, remaining))
+            try:
+                data = sock.recv(256)
+            except socket.timeout:
+                if expect is not None:
+                    return False
+                sock.sendall(b"HEAD / HTTP/1.0\r\n\r\n")  # a silent service may be HTTP: ask it
+                sock.settimeout(min(2.0, max(0.05, deadline - time.monotonic())))
+                data = sock.recv(256)
+            return bool(data) and (expect is None or data.startswith(expect))
+    except OSError:
+        return False
+
+
+def wait_tcp(port: int, deadline: float, alive, expect: bytes | None = None) -> None:
+    delay = 0.05
+    while True:
+        if _exchange(port, expect, deadline):
+            return
+        if not alive():
+            raise QemuspecError("qemu exited while waiting for the guest port")
+        if time.monotonic() >= deadline:
+            raise ReadyTimeout(f"host port {port} gave no data from the guest")
+        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(delay * 2, 0.5)
+
+
+def wait_agent(path: str, deadline: float, alive) -> None:
+    from qemuspec.runtime.agent import GuestAgent
+
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ReadyTimeout("the guest agent did not answer guest-ping")
+        with GuestAgent(path, timeout=min(remaining, 2.0)) as agent:
+            try:
+                agent.sync()
+                agent.command("guest-ping")
+                return
+            except QemuspecError:
+                if not alive():
+                    raise QemuspecError("qemu exited while waiting for the guest agent") from None

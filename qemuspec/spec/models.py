@@ -1,0 +1,366 @@
+"""The machine model: what a definition file (or the builder) may say about a VM.
+
+Everything qemu has a typed form for is a typed field here; everything else goes through an
+``options`` map on the device it belongs to, or through ``append``. Values are normalised while
+validating (sizes to numbers, strings to tables) so that the same machine written two ways is one
+equal model, and the renderer never has to guess.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+
+from qemuspec.spec import units
+
+_IDENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+
+
+def _text(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("text must not contain a NUL character")
+    return value
+
+
+def _ident(value: str) -> str:
+    if not _IDENT.match(value):
+        raise ValueError(
+            f'"{value}" is not a valid qemu identifier: use letters, digits, "_", ".", "+" and "-", '
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def _resolve_path(value: str, info: ValidationInfo) -> str:
+    """Relative paths are relative to the definition file, so a checkout works from any cwd."""
+    _text(value)
+    if not value:
+        raise ValueError("a path must not be empty")
+    base = (info.context or {}).get("base_dir")
+    if base and not os.path.isabs(value):
+        return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+    return os.path.expanduser(value) if value.startswith("~") else value
+
+
+Text = Annotated[str, AfterValidator(_text)]
+Ident = Annotated[str, AfterValidator(_ident)]
+FilePath = Annotated[str, AfterValidator(_resolve_path)]
+OptionValue = Union[bool, int, float, Text]
+Options = dict[Ident, OptionValue]
+
+MiB = Annotated[
+    int,
+    BeforeValidator(units.parse_mib),
+    PlainSerializer(lambda v: f"{v}M", return_type=str),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*[KMGTkmgt]?(i?[Bb])?\s*$"}],
+            "description": 'A size: a number of MiB, or a number with a unit K, M, G or T ("256M", "2G").',
+        }
+    ),
+]
+Bytes = Annotated[
+    int,
+    BeforeValidator(units.parse_bytes),
+    PlainSerializer(units.format_bytes, return_type=str),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*[KMGTkmgt]?(i?[Bb])?\s*$"}],
+            "description": 'A size: a number of bytes, or a number with a unit K, M, G or T ("10G").',
+        }
+    ),
+]
+Seconds = Annotated[
+    float,
+    BeforeValidator(units.parse_seconds),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "number", "exclusiveMinimum": 0}, {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h)?\s*$"}],
+            "description": 'A duration: seconds, or a number with ms, s, m or h ("30s", "2m").',
+        }
+    ),
+]
+Port = Annotated[int, Field(ge=1, le=65535)]
+HostPort = Annotated[int, Field(ge=0, le=65535, description="Host port; 0 picks a free one at start")]
+
+Accel = Literal["auto", "kvm", "tcg", "xen", "hvf", "whpx", "nvmm"]
+
+
+class Model(BaseModel):
+    """Shared settings: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class QMP(Model):
+    """How qemuspec talks to qemu. A unix socket lives in a 0700 directory; TCP binds 127.0.0.1 only."""
+
+    transport: Literal["unix", "tcp"] = "unix"
+    port: Port = Field(4444, description="First TCP port tried; the next free one upward is used")
+
+
+class Ready(Model):
+    """What "ready" means for this machine. With no probe set, ready means QMP answered."""
+
+    serial: Text | None = Field(None, description="Regular expression matched against the serial console, read live")
+    tcp: Port | None = Field(None, description="Guest port, reached through a user-mode forward; must send data")
+    agent: bool = Field(False, description="The guest agent answers guest-ping")
+    ssh: bool = Field(False, description="An ssh server answers on the forwarded guest port 22")
+    timeout: Seconds = 60.0
+
+    @field_validator("serial")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression ({exc})") from None
+        return value
+
+
+class Disk(Model):
+    file: FilePath
+    format: Ident | None = Field(None, description="Image format: qcow2, raw, ... (required with backing or size)")
+    size: Bytes | None = Field(None, description="Created with this size on `up` when the file is missing")
+    backing: FilePath | None = Field(None, description="Base image of an overlay; the base is never written")
+    backing_format: Ident | None = None
+    interface: Literal["virtio", "ide", "scsi", "nvme", "none"] = "virtio"
+    readonly: bool = False
+    serial: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,20}$")] | None = None
+    options: Options = Field(default_factory=dict, description="Extra -drive properties, passed through")
+    device_options: Options = Field(default_factory=dict, description="Extra -device properties, passed through")
+
+    @model_validator(mode="after")
+    def _format_needed(self) -> "Disk":
+        if self.backing and not self.format:
+            raise ValueError('a disk with "backing" needs "format" (an overlay is a "qcow2" image): add format = "qcow2"')
+        if self.backing and self.format not in ("qcow2", "qed"):
+            raise ValueError(f'format "{self.format}" cannot have a backing file: use format = "qcow2"')
+        return self
+
+
+def _ipv4(value: str) -> str:
+    import ipaddress
+
+    try:
+        ipaddress.IPv4Address(value)
+    except ValueError:
+        raise ValueError(f'"{value}" is not an IPv4 address: use for example "127.0.0.1" (the default)') from None
+    return value
+
+
+def _listen_address(value: str) -> str:
+    if not re.match(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)$", value):
+        raise ValueError(f'"{value}" is not a host name or IP address: use for example "127.0.0.1"')
+    return value.strip("[]")
+
+
+def _endpoint(value: str) -> str:
+    if value.startswith("/") or re.match(r"^[A-Za-z0-9.-]*:\d{1,5}$", value):
+        return _text(value)
+    raise ValueError(f'"{value}" is not an address: write host:port (for example "127.0.0.1:5555") or a socket path starting with "/"')
+
+
+class Forward(Model):
+    host: HostPort
+    guest: Port
+    protocol: Literal["tcp", "udp"] = "tcp"
+    address: Annotated[str, AfterValidator(_ipv4)] = Field("127.0.0.1", description="Host address to bind; loopback by default")
+
+
+Endpoint = Annotated[str, AfterValidator(_endpoint)]
+
+
+class NIC(Model):
+    type: Literal["user", "socket", "stream", "tap", "bridge"] = "user"
+    model: Ident = "virtio-net-pci"
+    mac: Annotated[str, Field(pattern=r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")] | None = None
+    forwards: list[Forward] = Field(default_factory=list, description="Host-to-guest port forwards (type user)")
+    listen: Endpoint | None = Field(None, description="socket/stream: address to listen on, host:port")
+    connect: Endpoint | None = Field(None, description="socket/stream: address to connect to, host:port")
+    mcast: Endpoint | None = Field(None, description="socket: multicast group, addr:port")
+    ifname: Ident | None = Field(None, description="tap: interface name")
+    bridge: Ident | None = Field(None, description="bridge: host bridge name (uses qemu-bridge-helper)")
+    options: Options = Field(default_factory=dict, description="Extra -netdev properties, passed through")
+    device_options: Options = Field(default_factory=dict, description="Extra -device properties, passed through")
+
+    @model_validator(mode="after")
+    def _fits_type(self) -> "NIC":
+        if self.forwards and self.type != "user":
+            raise ValueError(f'"forwards" only works with type = "user", not "{self.type}"')
+        if self.type in ("socket", "stream") and not (self.listen or self.connect or (self.mcast and self.type == "socket")):
+            raise ValueError(f'a "{self.type}" NIC needs "listen" or "connect" (host:port)')
+        if self.type == "bridge" and not self.bridge:
+            raise ValueError('a "bridge" NIC needs "bridge" (the host bridge name, for example "br0")')
+        for key in ("listen", "connect", "mcast"):
+            if getattr(self, key) and self.type not in ("socket", "stream"):
+                raise ValueError(f'"{key}" only works with type = "socket" or "stream"')
+        return self
+
+
+class Share(Model):
+    type: Literal["9p", "virtiofs"] = "9p"
+    source: FilePath
+    tag: Ident
+    readonly: bool = False
+    security_model: Literal["mapped-xattr", "mapped-file", "passthrough", "none"] = "mapped-xattr"
+    options: Options = Field(default_factory=dict)
+
+
+class Display(Model):
+    type: Literal["none", "vnc", "spice", "gtk", "sdl", "curses", "egl-headless"] = "none"
+    listen: Annotated[str, AfterValidator(_listen_address)] = Field("127.0.0.1", description="vnc/spice: address to listen on; loopback by default")
+    port: Port | None = Field(None, description="vnc/spice: TCP port (vnc: 5900 + display number)")
+    vga: Ident = Field("std", description="Graphics card for a visible display (-vga)")
+    options: Options = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        return {"type": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _vnc_port(self) -> "Display":
+        if self.type == "vnc" and self.port is not None and not 5900 <= self.port <= 5900 + 99:
+            raise ValueError("a vnc port must be between 5900 and 5999 (display 0 to 99)")
+        return self
+
+
+class Firmware(Model):
+    type: Literal["bios", "uefi"] = "bios"
+    code: FilePath | None = Field(None, description="bios: -bios image; uefi: the read-only code flash")
+    vars: FilePath | None = Field(None, description="uefi: template of the variable store, copied per machine")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        return {"type": value} if isinstance(value, str) else value
+
+
+class Device(Model):
+    driver: Ident
+    id: Ident | None = None
+    options: Options = Field(default_factory=dict)
+
+
+class QomObject(Model):
+    type: Ident
+    id: Ident
+    options: Options = Field(default_factory=dict)
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+class Machine(Model):
+    """One virtual machine."""
+
+    qemu: Text = Field("qemu-system-x86_64", description="The qemu binary: a name on PATH or a path")
+    machine: Ident = Field("q35", description="-machine type")
+    machine_options: Options = Field(default_factory=dict, description="Extra -machine properties")
+    accel: Accel | list[Accel] = Field(
+        "auto", description='"auto" is kvm when /dev/kvm is usable, else tcg; a list is tried in order'
+    )
+    cpu: Ident = "max"
+    cpu_options: Options = Field(default_factory=dict, description="CPU properties, for example { pmu = false }")
+    cpus: Annotated[int, Field(ge=1, le=1024)] = 1
+    memory: MiB = Field(512, description='Guest RAM: "256M", "2G", or a number of MiB')
+    kernel: FilePath | None = None
+    initrd: FilePath | None = None
+    cmdline: Text | None = Field(None, description="Kernel command line (needs kernel)")
+    firmware: Firmware = Field(default_factory=Firmware)
+    boot_order: Annotated[str, Field(pattern=r"^[a-dn-p]{1,8}$")] | None = Field(
+        None, description='Boot order letters as qemu takes them: c disk, d cdrom, n network, e.g. "cd"'
+    )
+    serial: Literal["log", "pty", "socket", "none"] = Field(
+        "log", description="log: captured to serial.log and readable live; pty; socket; none"
+    )
+    display: Display = Field(default_factory=Display)
+    paused: bool = Field(False, description="Start with the CPUs stopped (-S)")
+    restart: Literal["no", "on-failure", "always"] = "no"
+    stop_timeout: Seconds = Field(30.0, description="How long ACPI powerdown may take before quit, then signals")
+    depends_on: list[Text] = Field(default_factory=list)
+    qmp: QMP = Field(default_factory=QMP)
+    ready: Ready = Field(default_factory=Ready)
+    disks: list[Disk] = Field(default_factory=list)
+    cdrom: Annotated[list[FilePath], BeforeValidator(_as_list)] = Field(default_factory=list)
+    nics: list[NIC] = Field(default_factory=list)
+    shares: list[Share] = Field(default_factory=list)
+    rng: bool = Field(False, description="A virtio-rng device fed from /dev/urandom")
+    agent: bool = Field(False, description="A virtio-serial channel for qemu-guest-agent")
+    devices: list[Device] = Field(default_factory=list)
+    objects: list[QomObject] = Field(default_factory=list)
+    append: list[Text] = Field(default_factory=list, description="Raw qemu switches, verbatim, last on the command line")
+
+    @model_validator(mode="after")
+    def _coherent(self) -> "Machine":
+        if (self.initrd or self.cmdline) and not self.kernel:
+            field = "initrd" if self.initrd else "cmdline"
+            raise ValueError(f'"{field}" needs "kernel": set kernel = "path/to/vmlinuz" or remove {field}')
+        if self.ready.agent and not self.agent:
+            raise ValueError('ready.agent needs the guest-agent channel: add agent = true')
+        if (self.ready.tcp or self.ready.ssh) and not any(n.type == "user" for n in self.nics):
+            raise ValueError("ready.tcp and ready.ssh reach the guest through a user-mode NIC: add one to nics")
+        if any(s.type == "virtiofs" for s in self.shares) and "memory-backend" in self.machine_options:
+            raise ValueError("virtiofs shares set machine_options.memory-backend themselves: remove it")
+        ids = [d.id for d in self.devices if d.id] + [o.id for o in self.objects]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise ValueError(f'the id "{dup[0]}" is used twice among devices and objects: ids must be unique')
+        return self
+
+
+class File(Model):
+    """A definition file: variables and one or more machines."""
+
+    vars: dict[Text, Any] = Field(default_factory=dict, description="Template variables, used as {{ name }}")
+    machines: dict[Annotated[str, Field(pattern=_NAME.pattern)], Machine] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _dependencies(self) -> "File":
+        import difflib
+
+        for name, machine in self.machines.items():
+            for dep in machine.depends_on:
+                if dep not in self.machines:
+                    close = difflib.get_close_matches(dep, list(self.machines), n=1)
+                    hint = f'did you mean "{close[0]}"?' if close else f"known machines: {', '.join(self.machines)}"
+                    raise ValueError(f'machines.{name}.depends_on: no machine named "{dep}": {hint}')
+                if dep == name:
+                    raise ValueError(f"machines.{name}.depends_on: a machine cannot depend on itself")
+        order_machines(self.machines)
+        return self
+
+
+def order_machines(machines: dict[str, Machine]) -> list[list[str]]:
+    """Dependency levels: every machine of a level depends only on earlier levels (start in parallel)."""
+    remaining = {name: set(m.depends_on) for name, m in machines.items()}
+    levels: list[list[str]] = []
+    done: set[str] = set()
+    while remaining:
+        level = sorted(n for n, deps in remaining.items() if deps <= done)
+        if not level:
+            cycle = " -> ".join(sorted(remaining))
+            raise ValueError(f"depends_on has a cycle among: {cycle}: remove one of the dependencies")
+        levels.append(level)
+        done.update(level)
+        for n in level:
+            del remaining[n]
+    return levels
