@@ -7,12 +7,11 @@ first use.
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["Qemu", "VM", "AsyncVM", "load", "QemuspecError", "SpecError", "QMPError"]
+__all__ = ["Qemu", "VM", "load", "QemuspecError", "SpecError", "QMPError"]
 
 _LAZY = {
     "Qemu": "qemuspec.api",
     "VM": "qemuspec.api",
-    "AsyncVM": "qemuspec.api",
     "load": "qemuspec.api",
     "QemuspecError": "qemuspec.errors",
     "SpecError": "qemuspec.errors",

@@ -48,6 +48,7 @@ class QMPClient:
         self._send_lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._listeners: list[tuple[str, Listener]] = []
+        self._close_callbacks: list[Callable[[], Any]] = []
         self._events: collections.deque[dict] = collections.deque(maxlen=history)
         self._event_count = 0
         self._log = EventLog(event_log)
@@ -147,6 +148,15 @@ class QMPClient:
 
         return off
 
+    def on_close(self, callback: Callable[[], Any]) -> Callable[[], None]:
+        """Call ``callback()`` once when the connection ends (EOF, error, or close())."""
+        with self._lock:
+            if self._closed is None or self._reader.is_alive():
+                self._close_callbacks.append(callback)
+                return lambda: self._close_callbacks.remove(callback) if callback in self._close_callbacks else None
+        callback()
+        return lambda: None
+
     def wait_for(self, name: str, timeout: float, predicate: Callable[[dict], bool] | None = None, since: int | None = None) -> dict:
         """The first event called ``name`` received after event number ``since`` (default: from now)."""
         return self._next(name, timeout, predicate, since)[1]
@@ -208,9 +218,15 @@ class QMPClient:
                 self._closed = reason
             pending, self._pending = self._pending, {}
             self._cond.notify_all()
+            callbacks, self._close_callbacks = self._close_callbacks, []
         self._greeted.set()
         for slot in pending.values():
             slot.set()
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                pass
 
     def _dispatch(self, message: dict) -> None:
         kind = Protocol.kind(message)

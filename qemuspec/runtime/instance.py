@@ -33,6 +33,13 @@ class StopResult:
     returncode: int | None
 
 
+def definition_hash(machine: Machine) -> str:
+    """Identifies what a machine was started from, so `up` can tell "unchanged" from "changed"."""
+    import hashlib
+
+    return hashlib.sha256(machine.model_dump_json().encode()).hexdigest()[:16]
+
+
 def write_json_atomic(path: str, data: Any) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -54,6 +61,7 @@ class Instance:
         self.ports: list[dict] = []
         self.argv: list[str] = []
         self.started_at: float | None = None
+        self.recorded_hash: str | None = None
         self._listeners: list[tuple[str, Callable[[dict], Any]]] = []
         self._log_offset = 0
 
@@ -149,6 +157,7 @@ class Instance:
         write_json_atomic(self.state_file, {
             "name": self.name,
             "pid": self.process.pid,
+            "hash": definition_hash(self.machine),
             "argv": self.argv,
             "qmp": self.qmp_address,
             "qmp_client": f"unix:{self.layout.qmp_client}",
@@ -270,12 +279,7 @@ class Instance:
             self.console.close()
             self.console = None
         if self.process is not None and self.process.poll() is not None:
-            shutil.rmtree(self.layout.run_dir, ignore_errors=True)
-            for path in (self.state_file, self.layout.pidfile):
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
+            forget(self.state_dir)
 
     def close(self) -> None:
         """Let go of a running machine without stopping it (it keeps running on its own)."""
@@ -307,6 +311,7 @@ class Instance:
         inst.qmp_address = state.get("qmp")
         inst.ports = state.get("ports") or []
         inst.started_at = state.get("started_at")
+        inst.recorded_hash = state.get("hash")
         return inst
 
     def connect(self, timeout: float = 5.0) -> QMPClient:
@@ -318,6 +323,18 @@ class Instance:
             for event, callback in self._listeners:
                 self.qmp.on(event, callback)
         return self.qmp
+
+
+def forget(state_dir: str) -> None:
+    """Remove what a stopped machine leaves behind: its state record, pidfile and socket directory.
+    Logs and disks stay."""
+    lay = paths.layout(state_dir)
+    shutil.rmtree(lay.run_dir, ignore_errors=True)
+    for path in (os.path.join(lay.state_dir, "state.json"), lay.pidfile):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def is_our_qemu(pid: int, pidfile: str) -> bool:

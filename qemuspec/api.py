@@ -1,0 +1,360 @@
+"""The library face: a chainable builder over the same model, renderer and runtime as the files.
+
+    from qemuspec import Qemu
+    vm = Qemu().vm()
+    vm.hda("disk.img").kernel("vmlinuz").initrd("initrd")
+    vm.start()
+    vm.quit()
+
+Every setter validates at once (a bad value fails where it is written, with the same message a file
+would get) and returns the machine, so calls chain. ``to_toml()`` writes the definition the builder
+holds; :func:`load` turns a definition file into machines that start the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from typing import Any, AsyncIterator, Callable
+
+from qemuspec.errors import QemuspecError, SpecError
+from qemuspec.spec.models import Machine
+
+Callback = Callable[[dict], Any]
+
+
+class Qemu:
+    """Settings shared by the machines it makes: the qemu binary, QMP transport, where state goes."""
+
+    def __init__(self, qemu: str = "qemu-system-x86_64", tcp: bool = False, port: int = 4444,
+                 state_dir: str | None = None, accel: str | list[str] | None = None):
+        self.qemu = qemu
+        self.tcp = tcp
+        self.port = port
+        self.state_dir = state_dir
+        self.accel = accel
+        self._count = 0
+
+    def vm(self, name: str | None = None, **fields: Any) -> "VM":
+        self._count += 1
+        defaults: dict[str, Any] = {"qemu": self.qemu, "qmp": {"transport": "tcp" if self.tcp else "unix", "port": self.port}}
+        if self.accel is not None:
+            defaults["accel"] = self.accel
+        name = name or f"vm{self._count}"
+        state = os.path.join(self.state_dir, name) if self.state_dir else None
+        return VM(name, {**defaults, **fields}, state_dir=state)
+
+
+class VM:
+    """One machine: builder while stopped, controller while running."""
+
+    def __init__(self, name: str = "vm", fields: dict | Machine | None = None, state_dir: str | None = None):
+        self.name = name
+        self._fields: dict[str, Any] = {}
+        self._model: Machine
+        self._instance = None
+        if isinstance(fields, Machine):
+            self._model = fields
+            self._fields = fields.model_dump(exclude_unset=True)
+        else:
+            self._set(**(fields or {}))
+        self._state_dir = state_dir
+        self._own_state_dir = False
+        self._listeners: list[tuple[str, Callback]] = []
+
+    # -- building ---------------------------------------------------------------------------------
+
+    @property
+    def model(self) -> Machine:
+        return self._model
+
+    def _set(self, **fields: Any) -> "VM":
+        if self._instance is not None and self._instance.running():
+            raise QemuspecError(f"machine {self.name} is running: change it after stop(), or use qmp() on the live machine")
+        merged = {**self._fields, **fields}
+        from pydantic import ValidationError
+
+        try:
+            self._model = Machine.model_validate(merged, context={"base_dir": os.getcwd()})
+        except ValidationError as exc:
+            from qemuspec.spec.messages import explain
+
+            raise SpecError(explain(exc, merged, f"machine {self.name}", {}, root=Machine)) from None
+        self._fields = merged
+        return self
+
+    def _add(self, key: str, item: Any) -> "VM":
+        return self._set(**{key: [*self._fields.get(key, []), item]})
+
+    def hda(self, file: str, format: str | None = None) -> "VM":
+        """The first IDE disk, as qemu's -hda."""
+        return self.drive(file, format=format, interface="ide")
+
+    def hdb(self, file: str, format: str | None = None) -> "VM":
+        return self.drive(file, format=format, interface="ide")
+
+    def drive(self, file: str, format: str | None = None, interface: str = "virtio", size: str | int | None = None,
+              backing: str | None = None, readonly: bool = False, **options: Any) -> "VM":
+        disk = {"file": file, "interface": interface, "readonly": readonly, "options": options}
+        disk.update({k: v for k, v in (("format", format), ("size", size), ("backing", backing)) if v is not None})
+        return self._add("disks", disk)
+
+    def cdrom(self, iso: str) -> "VM":
+        return self._add("cdrom", iso)
+
+    def kernel(self, path: str) -> "VM":
+        return self._set(kernel=path)
+
+    def initrd(self, path: str) -> "VM":
+        return self._set(initrd=path)
+
+    def cmdline(self, text: str) -> "VM":
+        """The kernel command line (qemu's -append)."""
+        return self._set(cmdline=text)
+
+    def append(self, *switches: str) -> "VM":
+        """Raw qemu switches, passed through verbatim (``append("-rtc", "base=utc")``)."""
+        return self._set(append=[*self._fields.get("append", []), *switches])
+
+    def memory(self, size: str | int) -> "VM":
+        return self._set(memory=size)
+
+    def cpus(self, count: int) -> "VM":
+        return self._set(cpus=count)
+
+    def cpu(self, model: str, **options: Any) -> "VM":
+        return self._set(cpu=model, cpu_options=options)
+
+    def machine(self, type: str, **options: Any) -> "VM":
+        return self._set(machine=type, machine_options=options)
+
+    def accel(self, accel: str | list[str]) -> "VM":
+        return self._set(accel=accel)
+
+    def firmware(self, type: str = "bios", code: str | None = None, vars: str | None = None) -> "VM":
+        return self._set(firmware={k: v for k, v in (("type", type), ("code", code), ("vars", vars)) if v is not None})
+
+    def boot(self, order: str) -> "VM":
+        return self._set(boot_order=order)
+
+    def nic(self, type: str = "user", model: str = "virtio-net-pci", **fields: Any) -> "VM":
+        return self._add("nics", {"type": type, "model": model, **fields})
+
+    def forward(self, host: int, guest: int, protocol: str = "tcp") -> "VM":
+        """Forward a host port (0: a free one) to a guest port, on the first user-mode NIC (made if none)."""
+        nics = [dict(n) for n in self._fields.get("nics", [])]
+        user = next((n for n in nics if n.get("type", "user") == "user"), None)
+        if user is None:
+            user = {"type": "user"}
+            nics.append(user)
+        user["forwards"] = [*user.get("forwards", []), {"host": host, "guest": guest, "protocol": protocol}]
+        return self._set(nics=nics)
+
+    def share(self, source: str, tag: str, type: str = "9p", readonly: bool = False) -> "VM":
+        return self._add("shares", {"source": source, "tag": tag, "type": type, "readonly": readonly})
+
+    def serial(self, mode: str) -> "VM":
+        return self._set(serial=mode)
+
+    def display(self, type: str = "none", **fields: Any) -> "VM":
+        return self._set(display={"type": type, **fields})
+
+    def ready(self, serial: str | None = None, tcp: int | None = None, agent: bool = False, ssh: bool = False, timeout: float | str = 60) -> "VM":
+        return self._set(ready={"serial": serial, "tcp": tcp, "agent": agent, "ssh": ssh, "timeout": timeout})
+
+    def agent(self, on: bool = True) -> "VM":
+        return self._set(agent=on)
+
+    def rng(self, on: bool = True) -> "VM":
+        return self._set(rng=on)
+
+    def device(self, driver: str, id: str | None = None, **options: Any) -> "VM":
+        return self._add("devices", {"driver": driver, "id": id, "options": options})
+
+    def object(self, type: str, id: str, **options: Any) -> "VM":
+        return self._add("objects", {"type": type, "id": id, "options": options})
+
+    def paused(self, on: bool = True) -> "VM":
+        return self._set(paused=on)
+
+    def restart(self, policy: str) -> "VM":
+        return self._set(restart=policy)
+
+    def stop_timeout(self, seconds: float | str) -> "VM":
+        return self._set(stop_timeout=seconds)
+
+    def qmp_over(self, transport: str, port: int = 4444) -> "VM":
+        return self._set(qmp={"transport": transport, "port": port})
+
+    def set(self, **fields: Any) -> "VM":
+        """Any field of the model by its definition-file name (``vm.set(stop_timeout="5s")``)."""
+        return self._set(**fields)
+
+    # -- definitions ------------------------------------------------------------------------------
+
+    def definition(self) -> dict:
+        return {"machines": {self.name: self._model.model_dump(mode="json", exclude_defaults=True, exclude_none=True)}}
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        return tomli_w.dumps(self.definition())
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.definition(), sort_keys=False)
+
+    def argv(self) -> list[str]:
+        """The qemu command line (paths point into the state directory)."""
+        from qemuspec.render import render
+        from qemuspec.runtime import accel, paths
+
+        return render(self._model, self.name, paths.layout(self.state_dir, accel=accel.resolve(self._model.accel)))
+
+    # -- running ----------------------------------------------------------------------------------
+
+    @property
+    def state_dir(self) -> str:
+        if self._state_dir is None:
+            self._state_dir = tempfile.mkdtemp(prefix=f"qemuspec-{self.name}-")
+            self._own_state_dir = True
+        return self._state_dir
+
+    def on(self, event: str, callback: Callback) -> "VM":
+        """Call ``callback(event)`` for each QMP event named ``event`` ("*" for all)."""
+        self._listeners.append((event, callback))
+        if self._instance is not None:
+            self._instance.on(event, callback)
+        return self
+
+    def start(self, callback: Callable[["VM"], Any] | None = None, ready: bool = True) -> "VM":
+        """Launch; return once QMP answers and, when the machine has readiness probes, they pass."""
+        from qemuspec.runtime.instance import Instance
+
+        instance = Instance(self.name, self._model, self.state_dir)
+        for event, cb in self._listeners:
+            instance.on(event, cb)
+        self._instance = instance
+        instance.launch()
+        try:
+            if ready:
+                instance.wait_ready()
+        except BaseException:
+            instance.kill()
+            raise
+        if callback is not None:
+            callback(self)
+        return self
+
+    @property
+    def instance(self):
+        if self._instance is None or self._instance.process is None:
+            raise QemuspecError(f"machine {self.name} has not been started: call start() first")
+        return self._instance
+
+    def qmp(self, command: str, arguments: dict | None = None, timeout: float = 30.0, **kwargs: Any) -> Any:
+        """Run a QMP command on the running machine; returns its value."""
+        return self.instance.qmp.command(command, arguments, timeout=timeout, **kwargs)
+
+    def wait_for(self, event: str, timeout: float) -> dict:
+        return self.instance.qmp.wait_for(event, timeout)
+
+    def wait_console(self, pattern: str, timeout: float) -> str:
+        """Wait for a regex on the serial console; returns the matched text."""
+        if self.instance.console is None:
+            raise QemuspecError(f'machine {self.name} has serial = "{self._model.serial}": the console is readable with "log" or "socket"')
+        return self.instance.console.wait_for(pattern, timeout).group(0).decode(errors="replace")
+
+    def exec(self, *argv: str, timeout: float = 60.0) -> tuple[int, bytes, bytes]:
+        """Run a command in the guest through the guest agent: (exit code, stdout, stderr)."""
+        from qemuspec.runtime.agent import GuestAgent
+
+        with GuestAgent(self.instance.layout.qga) as agent:
+            return agent.exec(list(argv), timeout=timeout)
+
+    def host_port(self, guest: int, protocol: str = "tcp") -> int:
+        return self.instance.host_port(guest, protocol)
+
+    @property
+    def pid(self) -> int:
+        return self.instance.process.pid
+
+    def running(self) -> bool:
+        return self._instance is not None and self._instance.running()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait for qemu to exit; its exit code, or None when still running after ``timeout``."""
+        return self.instance.wait(timeout)
+
+    def quit(self, timeout: float = 10.0):
+        """Stop at once with QMP quit (signals if qemu does not go); returns what stopped it."""
+        return self._finish(self.instance.quit(timeout))
+
+    def stop(self, timeout: float | None = None):
+        """Graceful stop: ACPI powerdown, then quit, SIGTERM, SIGKILL; returns which step stopped it."""
+        return self._finish(self.instance.stop(timeout))
+
+    def kill(self) -> None:
+        self.instance.kill()
+        self._finish(None)
+
+    def _finish(self, result: Any) -> Any:
+        if self._own_state_dir and self._state_dir and not self.running():
+            shutil.rmtree(self._state_dir, ignore_errors=True)
+            self._state_dir = None
+            self._own_state_dir = False
+        return result
+
+    def __enter__(self) -> "VM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.running():
+            self.stop()
+
+    # -- asyncio face -----------------------------------------------------------------------------
+
+    async def start_async(self, ready: bool = True) -> "VM":
+        return await asyncio.to_thread(self.start, None, ready)
+
+    async def qmp_async(self, command: str, arguments: dict | None = None, timeout: float = 30.0) -> Any:
+        return await asyncio.to_thread(self.qmp, command, arguments, timeout)
+
+    async def stop_async(self, timeout: float | None = None):
+        return await asyncio.to_thread(self.stop, timeout)
+
+    async def quit_async(self, timeout: float = 10.0):
+        return await asyncio.to_thread(self.quit, timeout)
+
+    async def events_async(self) -> AsyncIterator[dict]:
+        """QMP events as an async iterator; ends when the machine's QMP connection closes."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        client = self.instance.qmp
+        off = client.on("*", lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
+        off_close = client.on_close(lambda: loop.call_soon_threadsafe(queue.put_nowait, None))
+        try:
+            while (event := await queue.get()) is not None:
+                yield event
+        finally:
+            off()
+            off_close()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running() else "stopped"
+        return f"<VM {self.name} {state}>"
+
+
+def load(path: str, variables: dict | None = None, state_dir: str | None = None) -> dict[str, VM]:
+    """The machines of a definition file, ready to ``start()``, in dependency order."""
+    from qemuspec.runtime import paths
+    from qemuspec.spec import load as load_spec
+    from qemuspec.spec.models import order_machines
+
+    spec = load_spec(path, variables=variables)
+    root = paths.state_root(path, state_dir)
+    return {name: VM(name, spec.machines[name], state_dir=os.path.join(root, name))
+            for level in order_machines(spec.machines) for name in level}
