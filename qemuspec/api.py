@@ -53,7 +53,7 @@ class VM:
     def __init__(self, name: str = "vm", fields: dict | Machine | None = None, state_dir: str | None = None):
         self.name = name
         self._fields: dict[str, Any] = {}
-        self._model: Machine
+        self._model: Machine | None = None
         self._instance = None
         if isinstance(fields, Machine):
             self._model = fields
@@ -68,21 +68,30 @@ class VM:
 
     @property
     def model(self) -> Machine:
+        """The whole machine, validated including the rules that tie fields together."""
+        if self._model is None:
+            self._model = self._validate(self._fields, partial=False)
         return self._model
 
-    def _set(self, **fields: Any) -> "VM":
-        if self._instance is not None and self._instance.running():
-            raise QemuspecError(f"machine {self.name} is running: change it after stop(), or use qmp() on the live machine")
-        merged = {**self._fields, **fields}
+    def _validate(self, fields: dict, partial: bool) -> Machine:
         from pydantic import ValidationError
 
         try:
-            self._model = Machine.model_validate(merged, context={"base_dir": os.getcwd()})
+            return Machine.model_validate(fields, context={"base_dir": os.getcwd(), "partial": partial})
         except ValidationError as exc:
             from qemuspec.spec.messages import explain
 
-            raise SpecError(explain(exc, merged, f"machine {self.name}", {}, root=Machine)) from None
+            raise SpecError(explain(exc, fields, f"machine {self.name}", {}, root=Machine)) from None
+
+    def _set(self, **fields: Any) -> "VM":
+        """Each value is checked as it is set; rules between fields (ready.agent needs agent) wait for
+        ``model``, so setters can come in any order."""
+        if self._instance is not None and self._instance.running():
+            raise QemuspecError(f"machine {self.name} is running: change it after stop(), or use qmp() on the live machine")
+        merged = {**self._fields, **fields}
+        self._validate(merged, partial=True)
         self._fields = merged
+        self._model = None
         return self
 
     def _add(self, key: str, item: Any) -> "VM":
@@ -195,7 +204,7 @@ class VM:
     # -- definitions ------------------------------------------------------------------------------
 
     def definition(self) -> dict:
-        return {"machines": {self.name: self._model.model_dump(mode="json", exclude_defaults=True, exclude_none=True)}}
+        return {"machines": {self.name: self.model.model_dump(mode="json", exclude_defaults=True, exclude_none=True)}}
 
     def to_toml(self) -> str:
         import tomli_w
@@ -212,7 +221,7 @@ class VM:
         from qemuspec.render import render
         from qemuspec.runtime import accel, paths
 
-        return render(self._model, self.name, paths.layout(self.state_dir, accel=accel.resolve(self._model.accel)))
+        return render(self.model, self.name, paths.layout(self.state_dir, accel=accel.resolve(self.model.accel)))
 
     # -- running ----------------------------------------------------------------------------------
 
@@ -234,7 +243,7 @@ class VM:
         """Launch; return once QMP answers and, when the machine has readiness probes, they pass."""
         from qemuspec.runtime.instance import Instance
 
-        instance = Instance(self.name, self._model, self.state_dir)
+        instance = Instance(self.name, self.model, self.state_dir)
         for event, cb in self._listeners:
             instance.on(event, cb)
         self._instance = instance
@@ -265,7 +274,7 @@ class VM:
     def wait_console(self, pattern: str, timeout: float) -> str:
         """Wait for a regex on the serial console; returns the matched text."""
         if self.instance.console is None:
-            raise QemuspecError(f'machine {self.name} has serial = "{self._model.serial}": the console is readable with "log" or "socket"')
+            raise QemuspecError(f'machine {self.name} has serial = "{self.model.serial}": the console is readable with "log" or "socket"')
         return self.instance.console.wait_for(pattern, timeout).group(0).decode(errors="replace")
 
     def exec(self, *argv: str, timeout: float = 60.0) -> tuple[int, bytes, bytes]:

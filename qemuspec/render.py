@@ -101,8 +101,9 @@ def render(machine: Machine, name: str, layout: Layout) -> list[str]:
     argv += ["-machine", optlist(None, machine_pairs, machine.machine_options)]
     for accel in layout.accel or _accels(machine):
         argv += ["-accel", accel]
-    argv += ["-cpu", optlist(machine.cpu, [], machine.cpu_options)]
-    argv += ["-smp", str(machine.cpus), "-m", f"{machine.memory}M"]
+    if machine.machine != "none":  # the empty machine has no CPUs to configure
+        argv += ["-cpu", optlist(machine.cpu, [], machine.cpu_options), "-smp", str(machine.cpus)]
+    argv += ["-m", f"{machine.memory}M"]
     argv += ["-nodefaults", "-no-user-config"]
     argv += _display(machine)
     argv += ["-pidfile", layout.pidfile]

@@ -125,15 +125,19 @@ class AsyncQMPClient:
         except asyncio.TimeoutError:
             raise QMPTimeout(f"no {name} event within {timeout:g} s") from None
 
-    async def events(self) -> AsyncIterator[dict]:
-        """Every event from now on; ends when the connection closes."""
+    def events(self) -> AsyncIterator[dict]:
+        """Every event from the moment of this call; ends when the connection closes."""
         mark = self._event_count
-        while True:
-            try:
-                mark, event = await self._next("*", None, mark)
-            except QMPConnectionError:
-                return
-            yield event
+
+        async def generate(mark: int) -> AsyncIterator[dict]:
+            while True:
+                try:
+                    mark, event = await self._next("*", None, mark)
+                except QMPConnectionError:
+                    return
+                yield event
+
+        return generate(mark)
 
     async def _next(self, name: str, predicate: Callable[[dict], bool] | None, since: int | None) -> tuple[int, dict]:
         mark = self._event_count if since is None else since

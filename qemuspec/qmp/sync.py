@@ -168,14 +168,19 @@ class QMPClient:
             return self._event_count
 
     def events(self, timeout: float | None = None) -> Iterator[dict]:
-        """Events from now on, as they arrive; ends when the connection closes or ``timeout`` passes idle."""
-        mark = self.event_count
-        while True:
-            try:
-                mark, event = self._next("*", 1e9 if timeout is None else timeout, None, mark)
-            except (QMPConnectionError, QMPTimeout):
-                return
-            yield event
+        """Events from the moment of this call, as they arrive; ends when the connection closes or
+        ``timeout`` passes with no event."""
+        mark = self.event_count  # taken now, not at the first next()
+
+        def generate(mark: int) -> Iterator[dict]:
+            while True:
+                try:
+                    mark, event = self._next("*", 1e9 if timeout is None else timeout, None, mark)
+                except (QMPConnectionError, QMPTimeout):
+                    return
+                yield event
+
+        return generate(mark)
 
     def _next(self, name: str, timeout: float, predicate: Callable[[dict], bool] | None, since: int | None) -> tuple[int, dict]:
         deadline = time.monotonic() + timeout

@@ -22,8 +22,12 @@ _PATH_IN_MESSAGE = re.compile(r"^(machines\.[A-Za-z0-9_-]+(?:\.[A-Za-z_]+)*): ")
 def explain(exc: ValidationError, data: Any, source: str, lines: dict[tuple, int], root: type[BaseModel] = File) -> list[str]:
     problems: list[tuple[int, str]] = []
     seen: set[tuple] = set()
-    for error in exc.errors(include_url=False):
+    errors = exc.errors(include_url=False)
+    explained = _misspelt(errors, data, root)
+    for error in errors:
         loc = _user_loc(error["loc"], data)
+        if error["type"] == "missing" and loc in explained:
+            continue  # the unknown key next to it is this one misspelt: one message says both
         message = error["msg"].removeprefix("Value error, ")
         found = _PATH_IN_MESSAGE.match(message)
         if found and not loc:
@@ -38,6 +42,19 @@ def explain(exc: ValidationError, data: Any, source: str, lines: dict[tuple, int
         head = f"{source}:{where}" if where else source
         problems.append((where or 0, f"{head}: {path}: {what}" if path else f"{head}: {what}"))
     return [text for _, text in sorted(problems, key=lambda p: p[0])]
+
+
+def _misspelt(errors: list, data: Any, root: type[BaseModel]) -> set[tuple]:
+    """Locations of required keys that an unknown key beside them probably meant."""
+    out = set()
+    for error in errors:
+        if error["type"] == "extra_forbidden":
+            loc = _user_loc(error["loc"], data)
+            model = _model_at(root, loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields) if model else [], n=1, cutoff=0.6)
+            if close:
+                out.add(loc[:-1] + (close[0],))
+    return out
 
 
 def dotted(loc: tuple) -> str:
