@@ -1,11 +1,11 @@
 """Make the running machines match a definition file: plan what differs, then apply it.
 
-Machines start level by level in ``depends_on`` order, each level in parallel, each machine only after
-its dependencies are ready; they stop in the reverse order. A lock file per state directory makes two
-invocations on one file take turns, so they never start two qemu for one machine.
-
-No supervisor yet: machines run detached once ready (they outlive the CLI); restart policies are
-recorded but not acted on.
+``up`` goes level by level in ``depends_on`` order. In a level, it forks one supervisor per machine to
+start (all at once, so they boot in parallel), then waits on their progress pipes until each reports
+ready or failed; the next level starts only when the whole level is ready. ``down`` stops in the
+reverse order, a level's machines in parallel. Both hold a lock on the state directory (flock on the
+directory itself: nothing to leave behind), so concurrent invocations take turns and never start two
+qemu for one machine.
 """
 
 from __future__ import annotations
@@ -13,38 +13,46 @@ from __future__ import annotations
 import contextlib
 import difflib
 import fcntl
+import json
 import os
+import select
+import selectors
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
 from qemuspec.errors import QemuspecError
-from qemuspec.runtime.instance import definition_hash
+from qemuspec.runtime import supervisor
+from qemuspec.runtime.instance import Instance, definition_hash, forget
 from qemuspec.spec.models import File, order_machines
 
 Report = Callable[[str, str], None]
+STOP_MARGIN = 15.0  # beyond the stop timeout: quit (5 s) and signals (3 s) plus slack
 
 
 @dataclass
 class Outcome:
     name: str
-    action: str  # "started", "up to date", "recreated", "stopped", "not running", "failed"
+    action: str  # "started", "up to date", "adopted", "recreated", "stopped", "not running", "failed"
     seconds: float = 0.0
     pid: int | None = None
     detail: str = ""
     ports: list = field(default_factory=list)
 
+    def as_dict(self) -> dict:
+        return asdict(self)
+
 
 @contextlib.contextmanager
 def locked(state_root: str) -> Iterator[None]:
     os.makedirs(state_root, exist_ok=True)
-    fd = os.open(os.path.join(state_root, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(state_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 
 
@@ -60,16 +68,8 @@ def with_dependencies(spec: File, names: list[str]) -> list[list[str]]:
     return [[n for n in level if n in wanted] for level in order_machines(spec.machines) if any(n in wanted for n in level)]
 
 
-def _instance(spec: File, root: str, name: str):
-    from qemuspec.runtime.instance import Instance
-
-    return Instance(name, spec.machines[name], os.path.join(root, name))
-
-
-def _find(spec: File, root: str, name: str):
-    from qemuspec.runtime.instance import Instance
-
-    return Instance.find(name, spec.machines[name], os.path.join(root, name))
+def _state(root: str, name: str) -> str:
+    return os.path.join(root, name)
 
 
 def plan(spec: File, root: str, names: list[str]) -> list[dict]:
@@ -79,16 +79,17 @@ def plan(spec: File, root: str, names: list[str]) -> list[dict]:
     out = []
     for level in with_dependencies(spec, names):
         for name in level:
-            found = _find(spec, root, name)
+            machine = spec.machines[name]
+            found = Instance.find(name, machine, _state(root, name))
             if found is None:
                 out.append({"name": name, "action": "start", "diff": []})
-                continue
-            if found.recorded_hash == definition_hash(spec.machines[name]):
-                out.append({"name": name, "action": "up to date", "diff": []})
-                continue
-            wanted = render(spec.machines[name], name, found.layout)
-            diff = list(difflib.unified_diff(found.argv, wanted, "running", "definition", lineterm="", n=1))
-            out.append({"name": name, "action": "recreate", "diff": diff})
+            elif found.recorded_hash == definition_hash(machine):
+                action = "up to date" if supervisor.read_supervisor(_state(root, name)) else "adopt"
+                out.append({"name": name, "action": action, "diff": []})
+            else:
+                wanted = render(machine, name, found.layout)
+                diff = list(difflib.unified_diff(found.argv, wanted, "running", "definition", lineterm="", n=1))
+                out.append({"name": name, "action": "recreate", "diff": diff})
     return out
 
 
@@ -96,43 +97,96 @@ def up(spec: File, root: str, names: list[str], report: Report = lambda n, s: No
     outcomes: list[Outcome] = []
     with locked(root):
         for level in with_dependencies(spec, names):
-            with ThreadPoolExecutor(max_workers=max(1, len(level))) as pool:
-                results = list(pool.map(lambda n: _up_one(spec, root, n, report), level))
+            results = _up_level(spec, root, level, report)
             outcomes += results
             if any(r.action == "failed" for r in results):
                 break
     return outcomes
 
 
-def _up_one(spec: File, root: str, name: str, report: Report) -> Outcome:
-    began = time.monotonic()
-    found = _find(spec, root, name)
-    action = "started"
-    try:
-        if found is not None:
-            if found.recorded_hash == definition_hash(spec.machines[name]):
-                report(name, "up to date")
-                return Outcome(name, "up to date", 0.0, found.process.pid, ports=found.ports)
+def _up_level(spec: File, root: str, level: list[str], report: Report) -> list[Outcome]:
+    outcomes: dict[str, Outcome] = {}
+    pending: dict[int, tuple[str, str, float]] = {}  # fd -> (name, action, began)
+    for name in level:
+        machine = spec.machines[name]
+        state_dir = _state(root, name)
+        began = time.monotonic()
+        found = Instance.find(name, machine, state_dir)
+        sup = supervisor.read_supervisor(state_dir)
+        same = found is not None and found.recorded_hash == definition_hash(machine)
+        if same and sup is not None:
+            report(name, "up to date")
+            outcomes[name] = Outcome(name, "up to date", 0.0, found.process.pid, ports=found.ports)
+            continue
+        action, adopt = "started", False
+        if same:
+            action, adopt = "adopted", True
+            report(name, "adopting the running machine")
+        elif found is not None or sup is not None:
             report(name, "definition changed: stopping")
-            found.connect()
-            found.stop()
+            _stop_one(spec, root, name, None)
             action = "recreated"
-        inst = _instance(spec, root, name)
-        report(name, "starting")
-        inst.launch()
-        report(name, "waiting for ready")
         try:
-            inst.wait_ready()
-        except BaseException:
-            inst.kill()
-            raise
-        inst.close()
-        seconds = time.monotonic() - began
-        report(name, f"ready in {seconds:.1f} s")
-        return Outcome(name, action, seconds, inst.process.pid if inst.process else None, ports=inst.ports)
-    except QemuspecError as exc:
-        report(name, "failed")
-        return Outcome(name, "failed", time.monotonic() - began, detail=str(exc))
+            _, fd = supervisor.spawn(name, machine, state_dir, adopt)
+        except (OSError, QemuspecError) as exc:
+            outcomes[name] = Outcome(name, "failed", detail=f"cannot start the supervisor of {name}: {exc}")
+            continue
+        pending[fd] = (name, action, began)
+        report(name, "starting")
+    _collect(spec, pending, outcomes, report)
+    return [outcomes[n] for n in level if n in outcomes]
+
+
+def _collect(spec: File, pending: dict[int, tuple[str, str, float]], outcomes: dict[str, Outcome], report: Report) -> None:
+    """Read supervisors' progress lines until each machine is ready or failed."""
+    sel = selectors.DefaultSelector()
+    buffers: dict[int, bytes] = {}
+    deadlines: dict[int, float] = {}
+    for fd, (name, _, _) in pending.items():
+        sel.register(fd, selectors.EVENT_READ)
+        buffers[fd] = b""
+        deadlines[fd] = time.monotonic() + spec.machines[name].ready.timeout + 30.0
+    try:
+        while pending:
+            timeout = max(0.0, min(deadlines[fd] for fd in pending) - time.monotonic())
+            events = sel.select(timeout)
+            if not events:
+                for fd in [fd for fd in pending if deadlines[fd] <= time.monotonic()]:
+                    name, _, began = pending.pop(fd)
+                    sel.unregister(fd)
+                    os.close(fd)
+                    outcomes[name] = Outcome(name, "failed", time.monotonic() - began, detail=f"machine {name}: its supervisor gave no answer in time")
+                continue
+            for key, _ in events:
+                fd = key.fd
+                name, action, began = pending[fd]
+                chunk = os.read(fd, 65536)
+                if chunk:
+                    buffers[fd] += chunk
+                    *lines, buffers[fd] = buffers[fd].split(b"\n")
+                    done = None
+                    for line in lines:
+                        message = json.loads(line)
+                        status = message["status"]
+                        if status == "waiting":
+                            report(name, "waiting for ready")
+                        elif status == "ready":
+                            seconds = time.monotonic() - began
+                            report(name, f"ready in {seconds:.1f} s" if not message.get("adopted") else "adopted")
+                            done = Outcome(name, action, seconds, message.get("pid"), ports=message.get("ports", []))
+                        elif status == "failed":
+                            report(name, "failed")
+                            done = Outcome(name, "failed", time.monotonic() - began, detail=message.get("detail", ""))
+                    if done is None:
+                        continue
+                    outcomes[name] = done
+                else:
+                    outcomes.setdefault(name, Outcome(name, "failed", time.monotonic() - began, detail=f"machine {name}: its supervisor exited unexpectedly (see supervisor.log)"))
+                pending.pop(fd)
+                sel.unregister(fd)
+                os.close(fd)
+    finally:
+        sel.close()
 
 
 def down(spec: File, root: str, names: list[str], timeout: float | None = None, report: Report = lambda n, s: None) -> list[Outcome]:
@@ -149,17 +203,66 @@ def down(spec: File, root: str, names: list[str], timeout: float | None = None, 
 
 
 def _down_one(spec: File, root: str, name: str, timeout: float | None, report: Report) -> Outcome:
-    from qemuspec.runtime.instance import forget
-
-    found = _find(spec, root, name)
-    if found is None:
-        forget(os.path.join(root, name))
+    state_dir = _state(root, name)
+    if Instance.find(name, spec.machines[name], state_dir) is None and supervisor.read_supervisor(state_dir) is None:
+        forget(state_dir)
         return Outcome(name, "not running")
     report(name, "stopping")
+    began = time.monotonic()
+    step = _stop_one(spec, root, name, timeout)
+    seconds = time.monotonic() - began
+    report(name, f"stopped ({step}, {seconds:.1f} s)")
+    record_stop(state_dir, step)
+    return Outcome(name, "stopped", seconds, detail=step)
+
+
+def record_stop(state_dir: str, step: str) -> None:
+    supervisor.record(state_dir, "QEMUSPEC_DOWN", step=step)
+
+
+def _stop_one(spec: File, root: str, name: str, timeout: float | None) -> str:
+    """Stop a machine: through its supervisor when it has one (so it is not restarted), else
+    directly. Returns the step that stopped qemu."""
+    machine = spec.machines[name]
+    state_dir = _state(root, name)
+    sup = supervisor.read_supervisor(state_dir)
+    step = "already stopped"
+    if sup is not None:
+        with open(supervisor.stop_file(state_dir), "w") as f:
+            json.dump({"timeout": timeout}, f)
+        budget = (machine.stop_timeout if timeout is None else timeout) + STOP_MARGIN
+        if _signal_and_wait(sup["pid"], signal.SIGTERM, budget):
+            try:
+                with open(supervisor.exit_file(state_dir)) as f:
+                    step = json.load(f).get("step") or step
+            except (OSError, ValueError):
+                pass
+        else:
+            _signal_and_wait(sup["pid"], signal.SIGKILL, 5)
+    found = Instance.find(name, machine, state_dir)
+    if found is not None:  # unsupervised, or the supervisor failed to stop it
+        try:
+            found.connect()
+        except QemuspecError:
+            pass  # stop() escalates to signals without QMP
+        step = found.stop(timeout).step
+    forget(state_dir)
+    for path in (supervisor.supervisor_file(state_dir), supervisor.stop_file(state_dir)):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    return step
+
+
+def _signal_and_wait(pid: int, signum: int, timeout: float) -> bool:
     try:
-        found.connect()
-    except QemuspecError:
-        pass  # stop() escalates to signals without QMP
-    result = found.stop(timeout)
-    report(name, f"stopped ({result.step}, {result.seconds:.1f} s)")
-    return Outcome(name, "stopped", result.seconds, found.process.pid if found.process else None, detail=result.step)
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        os.kill(pid, signum)
+        ready, _, _ = select.select([fd], [], [], timeout)
+        return bool(ready)
+    except ProcessLookupError:
+        return True
+    finally:
+        os.close(fd)

@@ -183,11 +183,11 @@ def test_cli_up_status_qmp_down(guest, tmp_path):
         again = json.loads(cli("up", str(path), "--json").stdout)
         assert again[0]["action"] == "up to date" and again[0]["pid"] == started["pid"]
         assert qemu_pids() - before == {started["pid"]}, "one qemu for the machine"
-        answer = cli("qmp", str(path), "query-status")
+        answer = cli("qmp", "dev", "query-status", "--file", str(path))
         assert json.loads(answer.stdout)["status"] == "running"
-        bad = cli("qmp", str(path), "no-such-command")
+        bad = cli("qmp", "dev", "no-such-command", "--file", str(path))
         assert bad.returncode == 1 and "CommandNotFound" in bad.stderr and "Traceback" not in bad.stderr
-        assert guest["marker"] in cli("logs", str(path)).stdout
+        assert guest["marker"] in cli("logs", "--file", str(path)).stdout
     finally:
         down = cli("down", str(path))
     assert down.returncode == 0 and "ACPI powerdown" in down.stdout

@@ -19,9 +19,29 @@ def parse_vars(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+DEFAULT_FILES = ("qemuspec.toml", "qemuspec.yaml", "qemuspec.yml", "machines/dev.toml")
+
+
+def resolve_file(given: str | None) -> str:
+    """The definition file: as given, else $QEMUSPEC_FILE, else the first default that exists."""
+    import os
+
+    if given:
+        return given
+    if os.environ.get("QEMUSPEC_FILE"):
+        return os.environ["QEMUSPEC_FILE"]
+    for candidate in DEFAULT_FILES:
+        if os.path.exists(candidate):
+            return candidate
+    raise UsageError(f"no definition file given and none of {', '.join(DEFAULT_FILES)} exists here: "
+                     "pass one, set QEMUSPEC_FILE, or create one with `qemuspec init`")
+
+
 def load_file(args: Any):
+    """Load the command's definition file; sets ``args.file`` to the path used."""
     from qemuspec.spec import load
 
+    args.file = resolve_file(getattr(args, "file", None))
     return load(args.file, variables=parse_vars(getattr(args, "var", [])))
 
 

@@ -21,19 +21,30 @@ COMMANDS = {
     "render": ("spec_commands", "render", "print the qemu command line of a machine"),
     "schema": ("spec_commands", "schema", "print the JSON Schema of definition files"),
     "init": ("spec_commands", "init", "write a commented starter definition"),
-    "up": ("vm_commands", "up", "start the machines of a definition file and wait until they are ready"),
-    "down": ("vm_commands", "down", "stop the machines of a definition file"),
-    "status": ("vm_commands", "status", "show the machines of a definition file and their state"),
+    "up": ("vm_commands", "up", "start what is missing or changed, wait until every machine is ready"),
+    "down": ("vm_commands", "down", "stop machines in reverse dependency order"),
+    "status": ("vm_commands", "status", "show each machine's state, pid, uptime, restarts and ports"),
+    "ps": ("vm_commands", "status", "same as status"),
+    "plan": ("vm_commands", "plan", "show what `up` would do, with the argv diff of changed machines"),
+    "logs": ("vm_commands", "logs", "print serial console logs (or events with --events)"),
+    "events": ("vm_commands", "events", "print a machine's QMP and lifecycle events (JSON lines)"),
+    "console": ("vm_commands", "console", "attach to a machine's serial console (detach: Ctrl-])"),
     "qmp": ("vm_commands", "qmp", "send one QMP command to a running machine"),
-    "logs": ("vm_commands", "logs", "print a machine's serial console log"),
+    "pause": ("vm_commands", "pause", "pause machines' CPUs"),
+    "resume": ("vm_commands", "resume", "resume paused machines"),
+    "restart": ("vm_commands", "restart", "stop and start machines again"),
 }
 
+FILE_HELP = "definition file (default: $QEMUSPEC_FILE, else qemuspec.toml, qemuspec.yaml or machines/dev.toml)"
 
-def _add_common(parser: argparse.ArgumentParser, file_nargs: str = "?") -> None:
-    parser.add_argument("file", nargs=file_nargs, default="machines/dev.toml" if file_nargs == "?" else None,
-                        help="definition file (default: machines/dev.toml)")
+
+def _file_arg(parser: argparse.ArgumentParser, positional: bool) -> None:
+    if positional:
+        parser.add_argument("file", nargs="?", help=FILE_HELP)
+    else:
+        parser.add_argument("--file", "-F", dest="file", help=FILE_HELP)
     parser.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="template variable (repeatable)")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--state-dir", help="state directory (default: .qemuspec beside the file; env QEMUSPEC_STATE_DIR)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,27 +58,40 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = {name: sub.add_parser(name, help=help_, description=help_, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
          for name, (_, _, help_) in COMMANDS.items()}
+    for name in p:
+        if name not in ("schema", "init"):
+            p[name].add_argument("--json", action="store_true", help="machine-readable output")
 
-    _add_common(p["validate"], file_nargs="+")
-    _add_common(p["render"])
+    p["validate"].add_argument("file", nargs="+", help="definition files")
+    p["validate"].add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="template variable (repeatable)")
+    _file_arg(p["render"], positional=True)
     p["render"].add_argument("--machine", "-m", help="machine name (default: every machine)")
     p["render"].add_argument("--shell", action="store_true", help="one shell-quoted line per machine, ready to paste")
-    p["render"].add_argument("--state-dir", help="state directory the paths point into (default: .qemuspec beside the file)")
     p["schema"].add_argument("-o", "--output", help="write to this file instead of standard output")
     p["init"].add_argument("file", nargs="?", default="qemuspec.toml", help="file to write (default: qemuspec.toml)")
     p["init"].add_argument("--force", action="store_true", help="overwrite an existing file")
 
-    for name in ("up", "down", "status", "logs", "qmp"):
-        _add_common(p[name])
-        p[name].add_argument("--state-dir", help="state directory (default: .qemuspec beside the file; env QEMUSPEC_STATE_DIR)")
-    for name in ("up", "down", "status"):
+    for name in ("up", "down", "status", "ps", "plan"):
+        _file_arg(p[name], positional=True)
         p[name].add_argument("--machine", "-m", action="append", default=[], help="only this machine (repeatable)")
-    p["down"].add_argument("--timeout", type=float, help="seconds for ACPI powerdown before escalating (default: the machine's stop_timeout)")
-    p["logs"].add_argument("--machine", "-m", help="machine name (default: the only machine)")
+    p["up"].add_argument("--attach", action="store_true", help="stay in the foreground streaming consoles and events; Ctrl-C brings the machines down")
+    p["down"].add_argument("--timeout", type=float, help="seconds for ACPI powerdown before escalating (default: each machine's stop_timeout)")
+    p["down"].add_argument("--purge", action="store_true", help="also delete disks qemuspec created and the state directory")
+
+    for name in ("logs", "events", "console", "qmp", "pause", "resume", "restart"):
+        _file_arg(p[name], positional=False)
+    p["logs"].add_argument("name", nargs="?", help="machine (default: all)")
+    p["logs"].add_argument("--follow", "-f", action="store_true", help="keep printing as the log grows")
+    p["logs"].add_argument("--events", action="store_true", help="print events instead of the console")
     p["logs"].add_argument("--lines", "-n", type=int, default=0, help="only the last N lines")
-    p["qmp"].add_argument("--machine", "-m", help="machine name (default: the only machine)")
+    p["events"].add_argument("name", help="machine")
+    p["events"].add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    p["console"].add_argument("name", help="machine")
+    p["qmp"].add_argument("name", help="machine")
     p["qmp"].add_argument("qmp_command", metavar="COMMAND", help="QMP command, e.g. query-status")
     p["qmp"].add_argument("arguments", nargs="?", default=None, metavar="JSON", help="arguments as a JSON object")
+    for name in ("pause", "resume", "restart"):
+        p[name].add_argument("names", nargs="+", metavar="NAME", help="machines")
     return parser
 
 
