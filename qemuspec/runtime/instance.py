@@ -246,7 +246,7 @@ class Instance:
             self._cleanup()
             return StopResult("already stopped", 0.0, self.process.returncode if self.process else None)
         step = None
-        if acpi_timeout is not None and self._send("system_powerdown") and self.process.wait(acpi_timeout) is not None:
+        if acpi_timeout is not None and self._guest_running() and self._send("system_powerdown") and self.process.wait(acpi_timeout) is not None:
             step = "ACPI powerdown"
         if step is None and self._send("quit") and self.process.wait(quit_timeout) is not None:
             step = "QMP quit"
@@ -254,6 +254,15 @@ class Instance:
             step = self.process.terminate_and_kill(3.0)
         self._cleanup()
         return StopResult(step, time.monotonic() - began, self.process.returncode)
+
+    def _guest_running(self) -> bool:
+        """A paused or never-started guest cannot act on the power button: skip straight to quit."""
+        if self.qmp is None:
+            return False
+        try:
+            return self.qmp.command("query-status", timeout=5).get("status") == "running"
+        except QemuspecError:
+            return False
 
     def _send(self, command: str) -> bool:
         """Send a stop command and wait for its reply (closing right after `quit` can leave qemu up)."""
