@@ -31,7 +31,8 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
-MODULES = ["virtio_pci", "virtio_net", "virtio_console", "virtio_blk", "virtio-rng", "button", "evdev", "virtio_scsi"]
+MODULES = ["virtio_pci", "virtio_net", "virtio_console", "virtio_blk", "virtio-rng", "button", "evdev", "virtio_scsi",
+           "sr_mod", "isofs"]
 MARKER = "qemuspec-guest ready"
 BINARIES = ["/usr/sbin/dropbear", "/usr/bin/dropbearkey", "/usr/sbin/qemu-ga"]
 
@@ -49,6 +50,31 @@ ip link set lo up
 if ip link set eth0 up 2>/dev/null; then
   ip addr add 10.0.2.15/24 dev eth0
   ip route add default via 10.0.2.2
+fi
+# A NoCloud seed on a virtio-scsi cdrom: show the user-data, take its ssh keys, apply static addresses
+if grep -qx 0x0008 /sys/bus/virtio/devices/*/device 2>/dev/null; then
+  for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15; do [ -b /dev/sr0 ] && break; sleep 0.2; done
+fi
+if [ -b /dev/sr0 ] && mkdir -p /cidata && mount -t iso9660 -o ro /dev/sr0 /cidata 2>/dev/null; then
+  echo "qemuspec-guest: cidata user-data:"
+  sed 's/^/ci| /' /cidata/user-data
+  mkdir -p /root/.ssh && chmod 700 /root/.ssh
+  grep -o 'ssh-[a-z0-9-]* [A-Za-z0-9+/=]*' /cidata/user-data > /root/.ssh/authorized_keys
+  chmod 600 /root/.ssh/authorized_keys
+  if [ -f /cidata/network-config ]; then
+    mac=""
+    while read -r line; do
+      case "$line" in
+        macaddress:*) mac=$(echo "$line" | sed 's/.*"\(.*\)".*/\1/');;
+        -\ \"*) addr=$(echo "$line" | sed 's/.*"\(.*\)".*/\1/')
+          for d in /sys/class/net/*; do
+            if [ "$(cat $d/address)" = "$mac" ]; then
+              ip addr add $addr dev ${d##*/}; ip link set ${d##*/} up; echo "qemuspec-guest: ${d##*/} $addr"
+            fi
+          done;;
+      esac
+    done < /cidata/network-config
+  fi
 fi
 httpd -p 80 -h /www
 (while true; do echo "qemuspec-guest banner" | nc -l -p 7777 >/dev/null 2>&1; done) &

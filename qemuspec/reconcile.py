@@ -199,7 +199,19 @@ def down(spec: File, root: str, names: list[str], timeout: float | None = None, 
                 continue
             with ThreadPoolExecutor(max_workers=len(level)) as pool:
                 outcomes += list(pool.map(lambda n: _down_one(spec, root, n, timeout, report), level))
+        _stop_idle_networks(spec, root)
     return outcomes
+
+
+def _stop_idle_networks(spec: File, root: str) -> None:
+    """A network's switch goes when no machine of the file that uses it still runs."""
+    from qemuspec.runtime import paths
+    from qemuspec.runtime.network import stop_switch
+
+    for network in spec.networks:
+        users = [n for n, m in spec.machines.items() if any(nic.network == network for nic in m.nics)]
+        if users and not any(Instance.find(n, spec.machines[n], _state(root, n)) for n in users):
+            stop_switch(paths.layout(_state(root, users[0])).network(network))
 
 
 def _down_one(spec: File, root: str, name: str, timeout: float | None, report: Report) -> Outcome:

@@ -74,6 +74,29 @@ class Layout:
     def efivars(self) -> str:
         return os.path.join(self.state_dir, "efivars.fd")
 
+    @property
+    def cidata(self) -> str:
+        return os.path.join(self.state_dir, "cidata.iso")
+
+    def network(self, name: str) -> str:
+        """The vde_switch directory of a private network: shared by the machines of one state root."""
+        import hashlib
+
+        root = os.path.dirname(self.state_dir)
+        return os.path.join(os.path.dirname(self.run_dir), "net-" + hashlib.sha256(f"{root}\0{name}".encode()).hexdigest()[:12])
+
+
+def mac_address(name: str, index: int) -> str:
+    """A stable, locally administered MAC for a machine's NIC (the guest finds its address by it)."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{name}/{index}".encode()).digest()
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
+
+
+def wants_cidata(machine: Machine) -> bool:
+    return machine.cloud_init is not None or any(n.address for n in machine.nics)
+
 
 def escape(value: OptionValue) -> str:
     """One value as qemu's option parser reads it back: booleans on/off, commas doubled."""
@@ -124,8 +147,11 @@ def render(machine: Machine, name: str, layout: Layout) -> list[str]:
     for index, iso in enumerate(machine.cdrom):
         argv += ["-drive", optlist(None, [("if", "none"), ("id", f"cd{index}"), ("media", "cdrom"), ("readonly", True), ("format", "raw"), ("file", iso)])]
         argv += ["-device", optlist("ide-cd", [("drive", f"cd{index}")])]
+    if wants_cidata(machine):
+        argv += ["-drive", optlist(None, [("if", "none"), ("id", "cidata"), ("media", "cdrom"), ("readonly", True), ("format", "raw"), ("file", layout.cidata)])]
+        argv += ["-device", "virtio-scsi-pci,id=cidata-scsi", "-device", "scsi-cd,drive=cidata,bus=cidata-scsi.0"]
     for index, nic in enumerate(machine.nics):
-        argv += _nic(index, nic)
+        argv += _nic(index, nic, name, layout)
     argv += _shares(machine, layout)
     if machine.rng:
         argv += ["-object", "rng-random,id=rng0,filename=/dev/urandom", "-device", "virtio-rng-pci,rng=rng0"]
@@ -239,7 +265,7 @@ def _address(kind: str, value: str) -> list[tuple[str, OptionValue]]:
     return [("addr.type", "inet"), ("addr.host", host or "127.0.0.1"), ("addr.port", port)]
 
 
-def _nic(index: int, nic: NIC) -> list[str]:
+def _nic(index: int, nic: NIC, name: str, layout: Layout) -> list[str]:
     net_id = f"net{index}"
     pairs: list[tuple[str, OptionValue]] = [("id", net_id)]
     if nic.type == "user":
@@ -260,10 +286,14 @@ def _nic(index: int, nic: NIC) -> list[str]:
         pairs += [("script", "no"), ("downscript", "no")]
     elif nic.type == "bridge":
         pairs.append(("br", nic.bridge or ""))
+    elif nic.type == "network":
+        pairs.append(("sock", layout.network(nic.network or "")))
     dev: list[tuple[str, OptionValue]] = [("netdev", net_id)]
-    if nic.mac:
-        dev.append(("mac", nic.mac))
-    return ["-netdev", optlist(nic.type, pairs, nic.options), "-device", optlist(nic.model, dev, nic.device_options)]
+    mac = nic.mac or (mac_address(name, index) if (nic.network or nic.address) else None)
+    if mac:
+        dev.append(("mac", mac))
+    backend = "vde" if nic.type == "network" else nic.type
+    return ["-netdev", optlist(backend, pairs, nic.options), "-device", optlist(nic.model, dev, nic.device_options)]
 
 
 def _shares(machine: Machine, layout: Layout) -> list[str]:

@@ -14,6 +14,7 @@ from helpers import qemu_pids
 from qemuspec.errors import LaunchError
 from qemuspec.qmp.sync import QMPClient
 from qemuspec.render import Layout, render
+from qemuspec import img
 from qemuspec.runtime import images, paths
 from qemuspec.runtime.instance import Instance
 from qemuspec.spec import load
@@ -49,7 +50,7 @@ def test_example_definition_starts_in_qemu(qemu_bin, guest, tmp_path):
     path = tmp_path / "example.toml"
     path.write_text(text)
     machine = load(path).machines["web"].model_copy(update={"paused": True})
-    images.qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / "base.qcow2"), "64M")
+    img.create(str(tmp_path / "base.qcow2"), "64M")
     images.ensure_disk(machine.disks[0])
     lay = Layout(str(tmp_path / "state"), str(tmp_path / "run"), ("tcg",))
     os.makedirs(lay.state_dir)
@@ -67,7 +68,7 @@ def test_example_definition_starts_in_qemu(qemu_bin, guest, tmp_path):
 
 def test_file_names_with_commas_and_equals_reach_qemu_intact(qemu_bin, tmp_path):
     tricky = tmp_path / "disk,file=evil.img,if=ide"
-    images.qemu_img("create", "-q", "-f", "raw", str(tricky), "1M")
+    img.create(str(tricky), "1M", format="raw")
     machine = Machine(machine="q35", paused=True, disks=[{"file": str(tricky), "format": "raw", "interface": "virtio"}])
     lay = Layout(str(tmp_path), str(tmp_path), ("tcg",))
     proc, client = run_rendered(render(machine, "x", lay), lay.qmp)

@@ -33,6 +33,12 @@ COMMANDS = {
     "pause": ("vm_commands", "pause", "pause machines' CPUs"),
     "resume": ("vm_commands", "resume", "resume paused machines"),
     "restart": ("vm_commands", "restart", "stop and start machines again"),
+    "exec": ("guest_commands", "exec_", "run a command in a guest through its guest agent"),
+    "cp": ("guest_commands", "cp", "copy a file to or from a guest (NAME:/path) through its guest agent"),
+    "ssh": ("guest_commands", "ssh", "ssh into a guest with the state directory's key"),
+    "reset": ("guest_commands", "reset", "recreate a stopped machine's overlay disks from their base"),
+    "snapshot": ("guest_commands", "snapshot", "save, load, list or delete snapshots of a running machine"),
+    "img": ("img_commands", "img", "disk images: create, info, convert, resize, snapshot, check, rebase"),
 }
 
 FILE_HELP = "definition file (default: $QEMUSPEC_FILE, else qemuspec.toml, qemuspec.yaml or machines/dev.toml)"
@@ -59,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = {name: sub.add_parser(name, help=help_, description=help_, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
          for name, (_, _, help_) in COMMANDS.items()}
     for name in p:
-        if name not in ("schema", "init"):
+        if name not in ("schema", "init", "ssh", "img"):
             p[name].add_argument("--json", action="store_true", help="machine-readable output")
 
     p["validate"].add_argument("file", nargs="+", help="definition files")
@@ -92,12 +98,65 @@ def build_parser() -> argparse.ArgumentParser:
     p["qmp"].add_argument("arguments", nargs="?", default=None, metavar="JSON", help="arguments as a JSON object")
     for name in ("pause", "resume", "restart"):
         p[name].add_argument("names", nargs="+", metavar="NAME", help="machines")
+    for name in ("exec", "cp", "ssh", "reset", "snapshot"):
+        _file_arg(p[name], positional=False)
+    p["exec"].add_argument("name", help="machine")
+    p["exec"].add_argument("argv", nargs="*", metavar="-- COMMAND", help="command and arguments")
+    p["exec"].add_argument("--timeout", type=float, default=300.0, help="seconds (default 300)")
+    p["cp"].add_argument("source", help="LOCAL or NAME:/guest/path")
+    p["cp"].add_argument("target", help="LOCAL or NAME:/guest/path")
+    p["ssh"].add_argument("name", help="machine")
+    p["ssh"].add_argument("argv", nargs="*", metavar="-- COMMAND", help="remote command (default: a shell)")
+    p["reset"].add_argument("names", nargs="+", metavar="NAME", help="machines (stopped)")
+    p["snapshot"].add_argument("action", choices=["save", "load", "list", "delete"])
+    p["snapshot"].add_argument("name", help="machine")
+    p["snapshot"].add_argument("tag", nargs="?", help="snapshot name (save, load, delete)")
+
+    img = p["img"].add_subparsers(dest="img_command", metavar="ACTION", required=True)
+    i = {a: img.add_parser(a, help=h) for a, h in (
+        ("create", "create an image (never overwrites)"), ("info", "show an image's format, sizes, backing, snapshots"),
+        ("convert", "convert an image to another format (progress on a terminal)"), ("resize", "grow (or --shrink) an image"),
+        ("snapshot", "internal snapshots of an image not in use: list, create, apply, delete"),
+        ("check", "check an image for errors"), ("rebase", "point an overlay at another backing file"))}
+    i["create"].add_argument("file")
+    i["create"].add_argument("size", nargs="?", help="e.g. 10G (optional with --backing)")
+    i["create"].add_argument("-f", "--format", default="qcow2")
+    i["create"].add_argument("-b", "--backing")
+    i["create"].add_argument("-F", "--backing-format")
+    i["info"].add_argument("file")
+    i["info"].add_argument("--json", action="store_true")
+    i["convert"].add_argument("source")
+    i["convert"].add_argument("target")
+    i["convert"].add_argument("-O", "--format", default="qcow2")
+    i["convert"].add_argument("-c", "--compress", action="store_true")
+    i["resize"].add_argument("file")
+    i["resize"].add_argument("size")
+    i["resize"].add_argument("--shrink", action="store_true")
+    i["snapshot"].add_argument("action", choices=["list", "create", "apply", "delete"])
+    i["snapshot"].add_argument("file")
+    i["snapshot"].add_argument("tag", nargs="?")
+    i["snapshot"].add_argument("--json", action="store_true")
+    i["check"].add_argument("file")
+    i["check"].add_argument("--json", action="store_true")
+    i["rebase"].add_argument("file")
+    i["rebase"].add_argument("-b", "--backing", required=True)
+    i["rebase"].add_argument("-F", "--backing-format")
+    i["rebase"].add_argument("-u", "--unsafe", action="store_true")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    tail: list[str] | None = None
+    if "--" in argv:  # everything after "--" is the guest command (exec, ssh), never our options
+        cut = argv.index("--")
+        argv, tail = argv[:cut], argv[cut + 1 :]
     args = parser.parse_args(argv)
+    if tail is not None:
+        if not hasattr(args, "argv"):
+            parser.error(f"{args.command} takes no command after --")
+        args.argv = tail
     if not args.command:
         parser.print_help()
         return 2

@@ -110,3 +110,28 @@ class GuestAgent:
                 raise QMPTimeout(f"guest command {argv[0]} did not finish within {timeout:g} s")
             time.sleep(delay)  # the agent has no completion event: guest-exec-status is the protocol
             delay = min(delay * 2, 0.2)
+
+    CHUNK = 48 * 1024
+
+    def write_file(self, path: str, data: bytes) -> None:
+        """Create or replace ``path`` in the guest with ``data`` (guest-file-* calls, 48 KiB at a time)."""
+        handle = self.command("guest-file-open", {"path": path, "mode": "w"})
+        try:
+            for offset in range(0, len(data), self.CHUNK) or [0]:
+                chunk = data[offset : offset + self.CHUNK]
+                self.command("guest-file-write", {"handle": handle, "buf-b64": base64.b64encode(chunk).decode()})
+        finally:
+            self.command("guest-file-close", {"handle": handle})
+
+    def read_file(self, path: str) -> bytes:
+        handle = self.command("guest-file-open", {"path": path, "mode": "r"})
+        out = bytearray()
+        try:
+            while True:
+                result = self.command("guest-file-read", {"handle": handle, "count": self.CHUNK})
+                out += base64.b64decode(result.get("buf-b64", ""))
+                if result.get("eof") or not result.get("count"):
+                    return bytes(out)
+        finally:
+            self.command("guest-file-close", {"handle": handle})
+

@@ -1,59 +1,43 @@
-"""Disk images a machine needs before qemu starts: created when missing, never overwritten.
-
-A new image is written under a temporary name and renamed into place, so an interrupted start
-never leaves a half-made image that a later start would take for a good one.
-"""
+"""Disk images a machine needs before qemu starts: created when missing, never overwritten, never
+resized behind the user's back."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
 
+from qemuspec import img
 from qemuspec.errors import ImageError, LaunchError
 from qemuspec.spec.models import Disk
 
-QEMU_IMG = "qemu-img"
-
-
-def qemu_img(*args: str) -> str:
-    try:
-        result = subprocess.run([QEMU_IMG, *args], capture_output=True, text=True)
-    except FileNotFoundError:
-        raise ImageError("qemu-img not found: install it (Debian: apt-get install qemu-utils)") from None
-    if result.returncode != 0:
-        raise ImageError(f"qemu-img {args[0]} failed: {result.stderr.strip() or result.stdout.strip()}")
-    return result.stdout
-
-
-def info(path: str) -> dict:
-    return json.loads(qemu_img("info", "--output=json", "-U", path))
-
 
 def ensure_disk(disk: Disk) -> bool:
-    """Create the disk's image if it is missing; True when one was created."""
+    """Create the disk's image if it is missing (True then). An existing image smaller than the
+    declared size is an error that names the fix, not a silent resize."""
     if os.path.exists(disk.file):
+        if disk.size is not None:
+            have = img.info(disk.file).virtual_size
+            if have < disk.size:
+                raise LaunchError(
+                    f"disk {disk.file} is {have} bytes but the definition says {disk.size}: qemuspec never resizes "
+                    f"silently; run `qemuspec img resize {disk.file} {disk.size}` or change the size")
         return False
     if disk.size is None and disk.backing is None:
         raise LaunchError(f"disk {disk.file} does not exist: create it, or give the disk a size (and format) so qemuspec creates it")
-    fmt = disk.format or "raw"
-    args = ["create", "-q", "-f", fmt]
-    if disk.backing:
-        if not os.path.exists(disk.backing):
-            raise LaunchError(f"backing image {disk.backing} of disk {disk.file} does not exist")
-        args += ["-b", os.path.abspath(disk.backing), "-F", disk.backing_format or info(disk.backing)["format"]]
-    os.makedirs(os.path.dirname(os.path.abspath(disk.file)), exist_ok=True)
-    tmp = f"{disk.file}.qemuspec-tmp"
-    args.append(tmp)
-    if disk.size is not None:
-        args.append(str(disk.size))
     try:
-        qemu_img(*args)
-        os.rename(tmp, disk.file)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        img.create(disk.file, disk.size, disk.format or "raw", backing=disk.backing, backing_format=disk.backing_format)
+    except ImageError as exc:
+        raise LaunchError(f"cannot create disk {disk.file}: {exc}") from None
+    return True
+
+
+def reset_overlay(disk: Disk) -> bool:
+    """Throw away an overlay's changes: a new empty overlay on the same base (True when reset)."""
+    if not disk.backing:
+        return False
+    if os.path.exists(disk.file):
+        os.unlink(disk.file)
+    ensure_disk(disk)
     return True
 
 

@@ -6,6 +6,7 @@ and one started from a file behave the same.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -151,6 +152,34 @@ class Instance:
         for path in (self.machine.kernel, self.machine.initrd):
             if path and not os.path.exists(path):
                 raise LaunchError(f"machine {self.name}: {path} does not exist: fix the path (relative paths are relative to the definition file)")
+        from qemuspec.render import wants_cidata
+        from qemuspec.runtime import sshkeys
+
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sshkeys.known_hosts(self.state_dir))  # a relaunched guest may have a new host key
+        if wants_cidata(self.machine):
+            from qemuspec.runtime.cloudinit import ensure_seed
+
+            ensure_seed(self.name, self.machine, lay, self._public_key())
+        networks = {nic.network for nic in self.machine.nics if nic.network}
+        if networks:
+            from qemuspec.runtime.network import ensure_switch
+
+            for network in sorted(networks):
+                ensure_switch(lay.network(network))
+
+    def _public_key(self) -> str:
+        """The state directory's ssh key, made only when the cloud-init text asks for it."""
+        ci = self.machine.cloud_init
+        text = (ci.user_data or "") if ci else ""
+        if ci and ci.user_data_file and os.path.exists(ci.user_data_file):
+            with open(ci.user_data_file, encoding="utf-8") as f:
+                text = f.read()
+        if "ssh_public_key" not in text:
+            return ""
+        from qemuspec.runtime import sshkeys
+
+        return sshkeys.ensure_key(os.path.dirname(self.state_dir))[1]
 
     def write_state(self) -> None:
         assert self.process is not None
@@ -188,11 +217,18 @@ class Instance:
                     self.console.wait_for(ready.serial, max(0.0, deadline - time.monotonic()))
                 except EOFError:
                     raise QemuspecError("qemu exited before the console showed it") from None
-            for guest, expect, label in ((ready.tcp, None, "tcp"), (22 if ready.ssh else None, b"SSH-", "ssh")):
+            for guest, expect, label in ((ready.tcp, None, "tcp"), (self.machine.ssh.port if ready.ssh else None, b"SSH-", "ssh")):
                 if guest:
                     probe = f"{label} guest port {guest}"
                     port = self.host_port(guest)
                     probes.wait_tcp(port, deadline, running, expect)
+            if ready.ssh and self._public_key():
+                from qemuspec.runtime import sshkeys
+
+                probe = "ssh login"
+                key = sshkeys.key_path(os.path.dirname(self.state_dir))
+                argv = sshkeys.ssh_argv(key, self.state_dir, self.machine.ssh.user, self.host_port(self.machine.ssh.port), ["true"], batch=True)
+                probes.wait_ssh_login(argv, deadline, running)
             if ready.agent:
                 probe = "guest agent"
                 probes.wait_agent(self.layout.qga, deadline, running)

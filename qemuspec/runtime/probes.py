@@ -70,3 +70,28 @@ def wait_agent(path: str, deadline: float, alive) -> None:
             except QemuspecError:
                 if not alive():
                     raise QemuspecError("qemu exited while waiting for the guest agent") from None
+
+
+def wait_ssh_login(argv: list[str], deadline: float, alive) -> None:
+    """Log in with the state directory's key and run `true`: the same path `qemuspec ssh` takes."""
+    import subprocess
+
+    delay = 0.2
+    last = ""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ReadyTimeout(f"ssh login did not succeed: {last or 'no answer'}")
+        try:
+            result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=min(remaining, 15))
+            if result.returncode == 0:
+                return
+            last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"
+        except subprocess.TimeoutExpired:
+            last = "ssh timed out"
+        except FileNotFoundError:
+            raise QemuspecError("ssh not found: install it (Debian: apt-get install openssh-client)") from None
+        if not alive():
+            raise QemuspecError("qemu exited while waiting for ssh")
+        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(delay * 2, 1.0)

@@ -17,6 +17,7 @@ from qemuspec.spec.models import File
 
 _TEMPLATE_MARK = re.compile(r"\{\{|\{%|\{#")
 ENV_PREFIX = "QEMUSPEC_VAR_"
+LATE_VARIABLES = ("ssh_public_key", "machine_name")
 
 
 def format_of(path: str | os.PathLike[str]) -> str:
@@ -60,6 +61,8 @@ def loads(
         env = os.environ if environ is None else environ
         merged.update({k[len(ENV_PREFIX):]: v for k, v in env.items() if k.startswith(ENV_PREFIX)})
         merged.update(variables or {})
+        for late in LATE_VARIABLES:  # known only at start: kept as template text for cloud-init
+            merged.setdefault(late, "{{ %s }}" % late)
         text = _template(text, merged, source)
     data, lines = parse(text, fmt, source)
     if not isinstance(data, dict):

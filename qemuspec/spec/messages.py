@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from qemuspec.spec.models import File
 
-_PATH_IN_MESSAGE = re.compile(r"^(machines\.[A-Za-z0-9_-]+(?:\.[A-Za-z_]+)*): ")
+_PATH_IN_MESSAGE = re.compile(r"^(machines\.[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_]+)*): ")
 
 
 def explain(exc: ValidationError, data: Any, source: str, lines: dict[tuple, int], root: type[BaseModel] = File) -> list[str]:

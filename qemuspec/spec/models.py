@@ -187,8 +187,23 @@ class Forward(Model):
 Endpoint = Annotated[str, AfterValidator(_endpoint)]
 
 
+def _interface_address(value: str) -> str:
+    import ipaddress
+
+    try:
+        iface = ipaddress.ip_interface(value)
+    except ValueError:
+        raise ValueError(f'"{value}" is not an address with a prefix: write for example "10.10.0.2/24"') from None
+    if "/" not in value:
+        raise ValueError(f'"{value}" needs a prefix length: write for example "{value}/24"')
+    return str(iface)
+
+
 class NIC(Model):
-    type: Literal["user", "socket", "stream", "tap", "bridge"] = "user"
+    type: Literal["user", "socket", "stream", "tap", "bridge", "network"] = "user"
+    network: Ident | None = Field(None, description="Name of a [networks.NAME] private network between machines (no root)")
+    address: Annotated[str, AfterValidator(_interface_address)] | None = Field(
+        None, description='Static guest address on this NIC, e.g. "10.10.0.2/24" (given to the guest through cloud-init)')
     model: Ident = "virtio-net-pci"
     mac: Annotated[str, Field(pattern=r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")] | None = None
     forwards: list[Forward] = Field(default_factory=list, description="Host-to-guest port forwards (type user)")
@@ -200,8 +215,19 @@ class NIC(Model):
     options: Options = Field(default_factory=dict, description="Extra -netdev properties, passed through")
     device_options: Options = Field(default_factory=dict, description="Extra -device properties, passed through")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _network_type(cls, value: Any) -> Any:
+        if isinstance(value, dict) and value.get("network") and "type" not in value:
+            return {**value, "type": "network"}
+        return value
+
     @model_validator(mode="after")
     def _fits_type(self) -> "NIC":
+        if self.network and self.type != "network":
+            raise ValueError(f'"network" makes a private-network NIC: remove type = "{self.type}" (or use type = "network")')
+        if self.type == "network" and not self.network:
+            raise ValueError('a "network" NIC needs network = "NAME" naming a [networks.NAME] table')
         if self.forwards and self.type != "user":
             raise ValueError(f'"forwards" only works with type = "user", not "{self.type}"')
         if self.type in ("socket", "stream") and not (self.listen or self.connect or (self.mcast and self.type == "socket")):
@@ -265,6 +291,33 @@ class QomObject(Model):
     options: Options = Field(default_factory=dict)
 
 
+class CloudInit(Model):
+    """A NoCloud seed (an ISO labelled cidata, attached as a cdrom). Text is a Jinja2 template that
+    also gets ``machine_name`` and ``ssh_public_key`` (the state directory's key) at start."""
+
+    user_data: Text | None = Field(None, description='Inline user-data, e.g. "#cloud-config\\n..."')
+    user_data_file: FilePath | None = Field(None, description="user-data from a file (relative to the definition)")
+    meta_data: dict[Text, Any] = Field(default_factory=dict, description="Extra meta-data (instance-id and local-hostname are set)")
+    network_config: Text | None = Field(None, description="network-config v2; generated from NIC addresses when absent")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "CloudInit":
+        if self.user_data is not None and self.user_data_file is not None:
+            raise ValueError("give user_data or user_data_file, not both")
+        return self
+
+
+class SSH(Model):
+    user: Ident = Field("root", description="Login name for `qemuspec ssh` and the ssh readiness probe")
+    port: Port = Field(22, description="Guest port of the ssh server (reached through a user-mode forward)")
+
+
+class Network(Model):
+    """A private L2 network between machines of this file: a vde_switch that qemuspec runs, no root."""
+
+    type: Literal["vde"] = "vde"
+
+
 def _as_list(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
@@ -305,6 +358,8 @@ class Machine(Model):
     shares: list[Share] = Field(default_factory=list)
     rng: bool = Field(False, description="A virtio-rng device fed from /dev/urandom")
     agent: bool = Field(False, description="A virtio-serial channel for qemu-guest-agent")
+    cloud_init: CloudInit | None = None
+    ssh: SSH = Field(default_factory=SSH)
     devices: list[Device] = Field(default_factory=list)
     objects: list[QomObject] = Field(default_factory=list)
     append: list[Text] = Field(default_factory=list, description="Raw qemu switches, verbatim, last on the command line")
@@ -333,6 +388,7 @@ class File(Model):
     """A definition file: variables and one or more machines."""
 
     vars: dict[Text, Any] = Field(default_factory=dict, description="Template variables, used as {{ name }}")
+    networks: dict[Ident, Network] = Field(default_factory=dict, description="Private networks between machines")
     machines: dict[Annotated[str, Field(pattern=_NAME.pattern)], Machine] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -340,6 +396,11 @@ class File(Model):
         import difflib
 
         for name, machine in self.machines.items():
+            for index, nic in enumerate(machine.nics):
+                if nic.network and nic.network not in self.networks:
+                    close = difflib.get_close_matches(nic.network, list(self.networks), n=1)
+                    hint = f'did you mean "{close[0]}"?' if close else f"declare it: [networks.{nic.network}]"
+                    raise ValueError(f'machines.{name}.nics.{index}.network: no network named "{nic.network}": {hint}')
             for dep in machine.depends_on:
                 if dep not in self.machines:
                     close = difflib.get_close_matches(dep, list(self.machines), n=1)

@@ -1,0 +1,92 @@
+"""The NoCloud seed: user-data, meta-data and network-config in an ISO 9660 image labelled cidata.
+
+Built in Python with pycdlib (no genisoimage/xorriso on the host), rendered with Jinja2 (``name``,
+``ssh_public_key``), and rebuilt only when what goes into it changes, so an unchanged machine keeps
+its instance-id and cloud-init does not run its first-boot work again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+
+from qemuspec.errors import LaunchError
+from qemuspec.render import Layout, mac_address
+from qemuspec.spec.models import Machine
+
+
+def _template(text: str, context: dict, what: str) -> str:
+    import jinja2
+
+    try:
+        return jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True).from_string(text).render(**context)
+    except jinja2.TemplateError as exc:
+        raise LaunchError(f"cloud_init {what}: template error: {exc}") from None
+
+
+def network_config(name: str, machine: Machine) -> str | None:
+    """network-config v2 for the NICs that have a static address, matched by their MAC."""
+    entries = []
+    for index, nic in enumerate(machine.nics):
+        if nic.address:
+            mac = nic.mac or mac_address(name, index)
+            entries.append(f'  nic{index}:\n    match:\n      macaddress: "{mac}"\n    addresses:\n      - "{nic.address}"\n')
+    return ("version: 2\nethernets:\n" + "".join(entries)) if entries else None
+
+
+def seed_files(name: str, machine: Machine, ssh_public_key: str) -> dict[str, bytes]:
+    ci = machine.cloud_init
+    context = {"name": name, "machine_name": name, "ssh_public_key": ssh_public_key}
+    user_data = "#cloud-config\n"
+    if ci and ci.user_data_file:
+        try:
+            with open(ci.user_data_file, encoding="utf-8") as f:
+                user_data = f.read()
+        except OSError as exc:
+            raise LaunchError(f"machine {name}: cloud_init.user_data_file: {exc}") from None
+    elif ci and ci.user_data is not None:
+        user_data = ci.user_data
+    files = {"user-data": _template(user_data, context, "user_data").encode()}
+    meta = {"local-hostname": name, **(ci.meta_data if ci else {})}
+    net = _template(ci.network_config, context, "network_config") if ci and ci.network_config else network_config(name, machine)
+    if net:
+        files["network-config"] = net.encode()
+    digest = hashlib.sha256(json.dumps({k: v.decode() for k, v in files.items()}, sort_keys=True).encode() + json.dumps(meta, sort_keys=True, default=str).encode())
+    meta.setdefault("instance-id", f"{name}-{digest.hexdigest()[:12]}")
+    files["meta-data"] = json.dumps(meta, indent=2, sort_keys=True, default=str).encode()  # JSON is YAML
+    return files
+
+
+def build_iso(files: dict[str, bytes]) -> bytes:
+    import pycdlib
+
+    iso = pycdlib.PyCdlib()
+    iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident="cidata")
+    for number, (name, data) in enumerate(sorted(files.items())):
+        iso.add_fp(io.BytesIO(data), len(data), f"/FILE{number}.;1", rr_name=name, joliet_path=f"/{name}")
+    out = io.BytesIO()
+    iso.write_fp(out)
+    iso.close()
+    return out.getvalue()
+
+
+def ensure_seed(name: str, machine: Machine, layout: Layout, ssh_public_key: str) -> bool:
+    """Write the cidata ISO if its inputs changed; True when it was (re)built."""
+    files = seed_files(name, machine, ssh_public_key)
+    digest = hashlib.sha256(b"".join(k.encode() + b"\0" + v + b"\0" for k, v in sorted(files.items()))).hexdigest()
+    stamp = layout.cidata + ".sha256"
+    try:
+        with open(stamp) as f:
+            if f.read().strip() == digest and os.path.exists(layout.cidata):
+                return False
+    except FileNotFoundError:
+        pass
+    data = build_iso(files)
+    with open(layout.cidata + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(layout.cidata + ".tmp", layout.cidata)
+    with open(stamp, "w") as f:
+        f.write(digest + "\n")
+    return True

@@ -1,0 +1,66 @@
+"""Private networks between machines, without root: one vde_switch per network (Debian's vde2),
+started before the first machine that uses it and stopped after the last one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+
+from qemuspec.errors import LaunchError
+from qemuspec.runtime.process import alive, cmdline
+
+VDE_SWITCH = "vde_switch"
+
+
+def _pidfile(switch_dir: str) -> str:
+    return switch_dir + ".pid"
+
+
+def switch_pid(switch_dir: str) -> int | None:
+    """The running switch of this directory (checked by its command line, not just the pid)."""
+    try:
+        with open(_pidfile(switch_dir)) as f:
+            pid = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if alive(pid) and switch_dir in cmdline(pid) else None
+
+
+def ensure_switch(switch_dir: str) -> int:
+    """Start the network's switch unless it runs; machines starting in parallel take turns here."""
+    import fcntl
+
+    os.makedirs(os.path.dirname(switch_dir), mode=0o700, exist_ok=True)
+    fd = os.open(switch_dir + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return _start(switch_dir)
+    finally:
+        os.close(fd)
+
+
+def _start(switch_dir: str) -> int:
+    pid = switch_pid(switch_dir)
+    if pid:
+        return pid
+    if shutil.which(VDE_SWITCH) is None:
+        raise LaunchError("private networks need vde_switch: install it (Debian: apt-get install vde2)")
+    shutil.rmtree(switch_dir, ignore_errors=True)
+    result = subprocess.run([VDE_SWITCH, "-s", switch_dir, "-m", "700", "-d", "-p", _pidfile(switch_dir)],
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    pid = switch_pid(switch_dir)
+    if result.returncode != 0 or pid is None:
+        raise LaunchError(f"vde_switch did not start for {switch_dir}: {result.stderr.strip() or 'no pid'}")
+    return pid
+
+
+def stop_switch(switch_dir: str) -> None:
+    pid = switch_pid(switch_dir)
+    if pid:
+        os.kill(pid, signal.SIGTERM)
+    shutil.rmtree(switch_dir, ignore_errors=True)
+    for path in (_pidfile(switch_dir), switch_dir + ".lock"):
+        if os.path.exists(path):
+            os.unlink(path)
