@@ -32,11 +32,11 @@ class UsageError(QemuspecError):
 class QMPError(QemuspecError):
     """QEMU answered a command with an error: ``error_class`` and ``desc`` as QMP sent them."""
 
-    def __init__(self, command: str, error_class: str, desc: str):
+    def __init__(self, command: str, error_class: str, desc: str, source: str = "QMP"):
         self.command = command
         self.error_class = error_class
         self.desc = desc
-        super().__init__(f"QMP {command} failed: {error_class}: {desc}")
+        super().__init__(f"{source} {command} failed: {error_class}: {desc}")
 
 
 class QMPConnectionError(QemuspecError):

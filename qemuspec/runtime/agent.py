@@ -88,7 +88,7 @@ class GuestAgent:
         self._sock.sendall(json.dumps(message).encode() + b"\n")
         reply = self._line(time.monotonic() + (timeout or self.timeout))
         if "error" in reply:
-            raise QMPError(name, reply["error"].get("class", "GenericError"), reply["error"].get("desc", ""))
+            raise QMPError(name, reply["error"].get("class", "GenericError"), reply["error"].get("desc", ""), source="guest agent")
         return reply.get("return")
 
     def exec(self, argv: list[str], stdin: bytes | None = None, timeout: float = 60.0) -> tuple[int, bytes, bytes]:

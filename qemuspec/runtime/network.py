@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 
 from qemuspec.errors import LaunchError
 from qemuspec.runtime.process import alive, cmdline
@@ -50,7 +51,12 @@ def _start(switch_dir: str) -> int:
     shutil.rmtree(switch_dir, ignore_errors=True)
     result = subprocess.run([VDE_SWITCH, "-s", switch_dir, "-m", "700", "-d", "-p", _pidfile(switch_dir)],
                             stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    # The daemon writes its pidfile after the launcher has returned: give it a moment.
+    deadline = time.monotonic() + 5
     pid = switch_pid(switch_dir)
+    while result.returncode == 0 and (pid is None or not os.path.exists(os.path.join(switch_dir, "ctl"))) and time.monotonic() < deadline:
+        time.sleep(0.002)
+        pid = switch_pid(switch_dir)
     if result.returncode != 0 or pid is None:
         raise LaunchError(f"vde_switch did not start for {switch_dir}: {result.stderr.strip() or 'no pid'}")
     return pid
