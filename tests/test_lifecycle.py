@@ -104,9 +104,12 @@ def lab(tmp_path, guest):
         cli("down", path, check=False)
     assert qemu_pids() == before, "no qemu left behind"
     assert not any(live(pid) for pid in supervisors), "no supervisor left behind"
+    from qemuspec.runtime import paths
+
     for path in made:
         root = os.path.join(os.path.dirname(path), ".qemuspec")
         for name in os.listdir(root) if os.path.isdir(root) else []:
+            assert not os.path.exists(paths.layout(os.path.join(root, name)).run_dir), f"{name}: sockets left"
             leftovers = {"state.json", "qemu.pid", "supervisor.json", "stop.json", ".lock"} & set(os.listdir(os.path.join(root, name)))
             assert not leftovers, f"{name}: {leftovers}"
     assert not [f for f in os.listdir(os.path.dirname(made[0])) if f.endswith(".lock")] if made else True

@@ -87,8 +87,17 @@ class Instance:
         accels = accel_mod.resolve(machine.accel)
         base = paths.layout(self.state_dir, accel=accels)
         paths.prepare(base)
-        self._prepare_files(base)
+        self.process = None
+        try:
+            self._launch(base, accels)
+        except BaseException:
+            if self.process is None:  # nothing started: leave no socket directory behind
+                shutil.rmtree(base.run_dir, ignore_errors=True)
+            raise
 
+    def _launch(self, base: Layout, accels: tuple[str, ...]) -> None:
+        machine = self.machine
+        self._prepare_files(base)
         listeners: dict[str, socket.socket] = {}
         try:
             qmp_port = None
