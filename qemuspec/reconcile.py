@@ -68,6 +68,11 @@ def with_dependencies(spec: File, names: list[str]) -> list[list[str]]:
     return [[n for n in level if n in wanted] for level in order_machines(spec.machines) if any(n in wanted for n in level)]
 
 
+def needed(spec: File, names: list[str]) -> list[str]:
+    """The machines `up` may start for these names: them and their dependencies."""
+    return [n for level in with_dependencies(spec, names) for n in level]
+
+
 def _state(root: str, name: str) -> str:
     return os.path.join(root, name)
 

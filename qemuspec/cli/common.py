@@ -37,12 +37,27 @@ def resolve_file(given: str | None) -> str:
                      "pass one, set QEMUSPEC_FILE, or create one with `qemuspec init`")
 
 
-def load_file(args: Any):
+def load_file(args: Any, with_lines: bool = False):
     """Load the command's definition file; sets ``args.file`` to the path used."""
-    from qemuspec.spec import load
+    from qemuspec.spec.loader import load_located
 
     args.file = resolve_file(getattr(args, "file", None))
-    return load(args.file, variables=parse_vars(getattr(args, "var", [])))
+    spec, lines = load_located(args.file, variables=parse_vars(getattr(args, "var", [])))
+    return (spec, lines) if with_lines else spec
+
+
+def check_against_qemu(spec: Any, lines: dict, source: str, names: list[str]) -> None:
+    """Ask each machine's qemu binary (cached) whether it supports what the machine uses."""
+    from qemuspec.errors import SpecError
+    from qemuspec.runtime import capabilities
+    from qemuspec.spec.messages import located
+
+    problems = []
+    for name in names:
+        machine = spec.machines[name]
+        problems += capabilities.check(name, machine, capabilities.probe(machine.qemu))
+    if problems:
+        raise SpecError(located(source, lines, problems))
 
 
 def select(spec: Any, names: list[str] | str | None, source: str) -> list[str]:

@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p["validate"].add_argument("file", nargs="+", help="definition files")
     p["validate"].add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="template variable (repeatable)")
+    p["validate"].add_argument("--probe", action="store_true", help="also check machine types, CPUs, devices, properties and options against the qemu binary (cached)")
     _file_arg(p["render"], positional=True)
     p["render"].add_argument("--machine", "-m", help="machine name (default: every machine)")
     p["render"].add_argument("--shell", action="store_true", help="one shell-quoted line per machine, ready to paste")
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("up", "down", "status", "ps", "plan"):
         _file_arg(p[name], positional=True)
         p[name].add_argument("--machine", "-m", action="append", default=[], help="only this machine (repeatable)")
+    p["up"].add_argument("--no-probe", action="store_true", help="skip checking the definition against the qemu binary")
     p["up"].add_argument("--attach", action="store_true", help="stay in the foreground streaming consoles and events; Ctrl-C brings the machines down")
     p["down"].add_argument("--timeout", type=float, help="seconds for ACPI powerdown before escalating (default: each machine's stop_timeout)")
     p["down"].add_argument("--purge", action="store_true", help="also delete disks qemuspec created and the state directory")

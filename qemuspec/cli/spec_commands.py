@@ -45,13 +45,16 @@ forwards = [{{ host = 0, guest = 22 }}]   # host 0 picks a free port; `qemuspec 
 
 
 def validate(args: Any) -> int:
-    from qemuspec.spec import load
+    from qemuspec.cli.common import check_against_qemu
+    from qemuspec.spec.loader import load_located
 
     variables = parse_vars(args.var)
     results = []
     for path in args.file:
         try:
-            spec = load(path, variables=variables)
+            spec, lines = load_located(path, variables=variables)
+            if args.probe:
+                check_against_qemu(spec, lines, path, list(spec.machines))
             results.append({"file": path, "valid": True, "machines": list(spec.machines), "errors": []})
         except SpecError as exc:
             results.append({"file": path, "valid": False, "machines": [], "errors": exc.problems})

@@ -48,8 +48,12 @@ def _print_outcomes(args: Any, outcomes: list) -> None:
 def up(args: Any) -> int:
     from qemuspec import reconcile
 
-    spec = load_file(args)
+    spec, lines = load_file(args, with_lines=True)
     names = select(spec, args.machine, args.file)
+    if not args.no_probe:
+        from qemuspec.cli.common import check_against_qemu
+
+        check_against_qemu(spec, lines, args.file, reconcile.needed(spec, names))
     outcomes = reconcile.up(spec, _root(args), names, _progress(args, names))
     _print_outcomes(args, outcomes)
     if any(o.action == "failed" for o in outcomes):

@@ -37,6 +37,15 @@ def load(
     environ: Mapping[str, str] | None = None,
 ) -> File:
     """Load and validate one definition file. ``variables`` are the command line's --var values."""
+    return load_located(path, variables, environ)[0]
+
+
+def load_located(
+    path: str | os.PathLike[str],
+    variables: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> tuple[File, dict[tuple, int]]:
+    """Like :func:`load`, with the map from key paths to line numbers (for later checks' messages)."""
     fmt = format_of(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -45,7 +54,7 @@ def load(
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(f"{path}: cannot read the file: {exc}") from None
     base_dir = os.path.dirname(os.path.abspath(path))
-    return loads(text, fmt, source=str(path), base_dir=base_dir, variables=variables, environ=environ)
+    return _load_text(text, fmt, str(path), base_dir, variables, environ)
 
 
 def loads(
@@ -56,6 +65,17 @@ def loads(
     variables: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> File:
+    return _load_text(text, fmt, source, base_dir, variables, environ)[0]
+
+
+def _load_text(
+    text: str,
+    fmt: str,
+    source: str,
+    base_dir: str | None,
+    variables: Mapping[str, Any] | None,
+    environ: Mapping[str, str] | None,
+) -> tuple[File, dict[tuple, int]]:
     if _TEMPLATE_MARK.search(text):
         merged = dict(_file_vars(text, fmt, source))
         env = os.environ if environ is None else environ
@@ -70,7 +90,7 @@ def loads(
     from pydantic import ValidationError
 
     try:
-        return File.model_validate(data, context={"base_dir": base_dir or os.getcwd()})
+        return File.model_validate(data, context={"base_dir": base_dir or os.getcwd()}), lines
     except ValidationError as exc:
         from qemuspec.spec.messages import explain
 

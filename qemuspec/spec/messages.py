@@ -57,6 +57,15 @@ def _misspelt(errors: list, data: Any, root: type[BaseModel]) -> set[tuple]:
     return out
 
 
+def located(source: str, lines: dict[tuple, int], problems: list[tuple[tuple, str]]) -> list[str]:
+    """Paragraphs for problems found after validation (e.g. against the qemu binary), same format."""
+    out = []
+    for loc, message in problems:
+        line = _line(lines, loc)
+        out.append((line or 0, f"{source}:{line}: {dotted(loc)}: {message}" if line else f"{source}: {dotted(loc)}: {message}"))
+    return [text for _, text in sorted(out, key=lambda p: p[0])]
+
+
 def dotted(loc: tuple) -> str:
     out = ""
     for part in loc:

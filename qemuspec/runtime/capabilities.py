@@ -1,0 +1,168 @@
+"""What the installed qemu binary can do, asked of the binary itself and cached.
+
+One probe per binary (path + mtime + size; the version is recorded inside): qemu started with
+``-machine none -S`` on a socketpair monitor (no guest, no path, no port), asked for its machine types,
+CPU models, device and object types with their properties, accelerators and command-line options,
+then quit. A cached answer costs a JSON read.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass
+
+from qemuspec.errors import LaunchError, QemuspecError, QMPError
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class Capabilities:
+    binary: str
+    version: str
+    machines: list[str]
+    cpus: list[str]
+    devices: dict[str, list[str]]  # driver -> property names
+    objects: list[str]
+    accels: list[str]
+    options: list[str]  # command-line switches without the dash
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Capabilities":
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+
+
+def cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "qemuspec", "capabilities")
+
+
+def probe(binary: str) -> Capabilities:
+    path = shutil.which(binary) or binary
+    try:
+        info = os.stat(path)
+    except OSError:
+        raise LaunchError(f"qemu binary {binary!r} not found: install it (Debian: apt-get install qemu-system-x86)") from None
+    real = os.path.realpath(path)
+    key = hashlib.sha256(f"{CACHE_VERSION}:{real}:{info.st_mtime_ns}:{info.st_size}".encode()).hexdigest()[:24]
+    cached = os.path.join(cache_dir(), f"{key}.json")
+    try:
+        with open(cached, encoding="utf-8") as f:
+            return Capabilities.from_dict(json.load(f))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    caps = _ask(real)
+    os.makedirs(cache_dir(), exist_ok=True)
+    tmp = f"{cached}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(caps.__dict__, f)
+    os.replace(tmp, cached)
+    return caps
+
+
+def _ask(binary: str) -> Capabilities:
+    from qemuspec.qmp.sync import QMPClient
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    argv = [binary, "-machine", "none", "-S", "-nodefaults", "-no-user-config", "-display", "none",
+            "-chardev", f"socket,id=qmp,fd={theirs.fileno()}", "-mon", "chardev=qmp,mode=control"]
+    proc = subprocess.Popen(argv, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    theirs.close()
+    try:
+        client = QMPClient.connect(ours, timeout=10)
+        try:
+            version = client.greeting["version"]["qemu"]
+            types = lambda implements: sorted(t["name"] for t in client.command("qom-list-types", {"implements": implements, "abstract": False}))
+            devices: dict[str, list[str]] = {}
+            for driver in types("device"):
+                try:
+                    devices[driver] = sorted(p["name"] for p in client.command("device-list-properties", {"typename": driver}))
+                except QMPError:
+                    devices[driver] = []  # some types cannot be introspected; their names still count
+            machines = set()
+            for m in client.command("query-machines"):
+                machines.add(m["name"])
+                if m.get("alias"):
+                    machines.add(m["alias"])
+            caps = Capabilities(
+                binary=binary,
+                version=f"{version['major']}.{version['minor']}.{version['micro']}",
+                machines=sorted(machines | {"none"}),
+                cpus=sorted({c["name"] for c in client.command("query-cpu-definitions")} | {"host"}),
+                devices=devices,
+                objects=types("user-creatable"),
+                accels=sorted(a.removesuffix("-accel") for a in types("accel")),
+                options=_help_options(binary),
+            )
+            client.command("quit")
+        finally:
+            client.close()
+    except QemuspecError as exc:
+        proc.kill()
+        raise LaunchError(f"cannot probe {binary}: {exc}: {proc.stderr.read().decode(errors='replace').strip() if proc.stderr else ''}") from None
+    finally:
+        proc.wait(10)
+        if proc.stderr:
+            proc.stderr.close()
+    return caps
+
+
+def _help_options(binary: str) -> list[str]:
+    out = subprocess.run([binary, "-help"], capture_output=True, text=True).stdout
+    return sorted(set(re.findall(r"^-([a-zA-Z0-9][\w-]*)", out, re.M)))
+
+
+def _closest(word: str, choices, what: str) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f'did you mean "{close[0]}"?' if close else f"see `{what}`"
+
+
+def check(name: str, machine, caps: Capabilities) -> list[tuple[tuple, str]]:
+    """Problems of one machine against what its qemu supports: (location, message) pairs."""
+    from qemuspec.render import _DISK_DEVICE
+
+    where = ("machines", name)
+    problems: list[tuple[tuple, str]] = []
+    qemu = f"{os.path.basename(caps.binary)} {caps.version}"
+    if machine.machine not in caps.machines:
+        problems.append((where + ("machine",), f'{qemu} has no machine type "{machine.machine}": {_closest(machine.machine, caps.machines, "qemu -machine help")}'))
+    if machine.machine != "none" and machine.cpu not in caps.cpus:
+        problems.append((where + ("cpu",), f'{qemu} has no CPU model "{machine.cpu}": {_closest(machine.cpu, caps.cpus, "qemu -cpu help")}'))
+    for accel in [machine.accel] if isinstance(machine.accel, str) else machine.accel:
+        if accel != "auto" and accel not in caps.accels:
+            problems.append((where + ("accel",), f'{qemu} has no accelerator "{accel}": it has {", ".join(caps.accels)}'))
+
+    def device(loc: tuple, driver: str, options: dict, options_key: str) -> None:
+        if driver not in caps.devices:
+            problems.append((loc, f'{qemu} has no device "{driver}": {_closest(driver, caps.devices, "qemu -device help")}'))
+            return
+        props = caps.devices[driver]
+        for key in options:
+            if props and key not in props:
+                problems.append((loc[:-1] + (options_key, key), f'device "{driver}" has no property "{key}": {_closest(key, props, f"qemu -device {driver},help")}'))
+
+    for i, nic in enumerate(machine.nics):
+        device(where + ("nics", i, "model"), nic.model, nic.device_options, "device_options")
+    for i, disk in enumerate(machine.disks):
+        if disk.interface != "none":
+            device(where + ("disks", i, "interface"), _DISK_DEVICE[disk.interface], disk.device_options, "device_options")
+    for i, dev in enumerate(machine.devices):
+        device(where + ("devices", i, "driver"), dev.driver, dev.options, "options")
+    for i, obj in enumerate(machine.objects):
+        if obj.type not in caps.objects:
+            problems.append((where + ("objects", i, "type"), f'{qemu} has no object type "{obj.type}": {_closest(obj.type, caps.objects, "qemu -object help")}'))
+    for i, arg in enumerate(machine.append):
+        if arg.startswith("-") and not re.fullmatch(r"-[\d.]+", arg):
+            option = arg.lstrip("-")
+            if option not in caps.options:
+                close = difflib.get_close_matches(option, caps.options, n=1, cutoff=0.6)
+                hint = f'did you mean "-{close[0]}"?' if close else "see `qemu -help`"
+                problems.append((where + ("append", i), f'{qemu} has no option "{arg}": {hint}'))
+    return problems
