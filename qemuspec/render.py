@@ -122,12 +122,12 @@ def render(machine: Machine, name: str, layout: Layout) -> list[str]:
     if virtiofs:
         machine_pairs.append(("memory-backend", "mem0"))
     argv += ["-machine", optlist(None, machine_pairs, machine.machine_options)]
-    for accel in layout.accel or _accels(machine):
-        argv += ["-accel", accel]
+    for index, accel in enumerate(layout.accel or _accels(machine)):
+        argv += ["-accel", optlist(accel, [], machine.accel_options if index == 0 else {})]
     if machine.machine != "none":  # the empty machine has no CPUs to configure
         argv += ["-cpu", optlist(machine.cpu, [], machine.cpu_options), "-smp", str(machine.cpus)]
     argv += ["-m", f"{machine.memory}M"]
-    argv += ["-nodefaults", "-no-user-config"]
+    argv += ["-no-user-config"] if machine.defaults else ["-nodefaults", "-no-user-config"]
     argv += _display(machine)
     argv += ["-pidfile", layout.pidfile]
     argv += _monitors(layout)
@@ -181,7 +181,7 @@ def _display(machine: Machine) -> list[str]:
     display = machine.display
     if display.type == "none":
         return ["-display", "none"]
-    argv = ["-vga", display.vga]
+    argv = ["-vga", display.vga] if display.vga != "default" else []
     if display.type == "vnc":
         number = (display.port or 5900) - 5900
         host = f"[{display.listen}]" if ":" in display.listen else display.listen

@@ -38,6 +38,7 @@ COMMANDS = {
     "ssh": ("guest_commands", "ssh", "ssh into a guest with the state directory's key"),
     "reset": ("guest_commands", "reset", "recreate a stopped machine's overlay disks from their base"),
     "snapshot": ("guest_commands", "snapshot", "save, load, list or delete snapshots of a running machine"),
+    "import": ("spec_commands", "import_", "turn a qemu command line into a definition (nothing dropped)"),
     "img": ("img_commands", "img", "disk images: create, info, convert, resize, snapshot, check, rebase"),
 }
 
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = {name: sub.add_parser(name, help=help_, description=help_, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
          for name, (_, _, help_) in COMMANDS.items()}
     for name in p:
-        if name not in ("schema", "init", "ssh", "img"):
+        if name not in ("schema", "init", "ssh", "img", "import"):
             p[name].add_argument("--json", action="store_true", help="machine-readable output")
 
     p["validate"].add_argument("file", nargs="+", help="definition files")
@@ -114,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     p["snapshot"].add_argument("name", help="machine")
     p["snapshot"].add_argument("tag", nargs="?", help="snapshot name (save, load, delete)")
 
+    p["import"].add_argument("argv", nargs="*", metavar="-- QEMU ARGS", help="the command line, after --")
+    p["import"].add_argument("--from", dest="source", metavar="FILE", help="read the command line from a file (a shell command)")
+    p["import"].add_argument("--name", help="machine name (default: -name, else the binary's name)")
+    p["import"].add_argument("-o", "--output", help="write this definition file (default: standard output)")
+    p["import"].add_argument("--force", action="store_true", help="overwrite --output")
+    p["import"].add_argument("--check", action="store_true", help="also show that the rendered definition asks qemu for the same machine")
     img = p["img"].add_subparsers(dest="img_command", metavar="ACTION", required=True)
     i = {a: img.add_parser(a, help=h) for a, h in (
         ("create", "create an image (never overwrites)"), ("info", "show an image's format, sizes, backing, snapshots"),

@@ -118,3 +118,42 @@ def init(args: Any) -> int:
         out.write(STARTER.format(name=path))
     print(f"wrote {path}: edit kernel/initrd (or add a disk), then `qemuspec up {path}`")
     return 0
+
+
+def import_(args: Any) -> int:
+    import tomli_w
+
+    from qemuspec.spec.importer import import_argv, normalise, split_command
+
+    if args.source:
+        with open(args.source, encoding="utf-8") as f:
+            argv = split_command(f.read())
+    else:
+        argv = list(args.argv)
+    if not argv:
+        raise UsageError("import needs a command line: qemuspec import -- qemu-system-x86_64 ARGS... (or --from FILE)")
+    name, table, notes = import_argv(argv, args.name, base_dir=os.getcwd())
+    header = ["# Imported by `qemuspec import`.", f"# from: {shlex.join(argv)}"[:4000]]
+    header += [f"# left to qemuspec: {note}" for note in notes]
+    text = "\n".join(header) + "\n\n" + tomli_w.dumps({"machines": {name: table}})
+    target = args.output
+    from qemuspec.spec import loads
+
+    spec = loads(text, "toml", source=target or "<import>", base_dir=os.path.dirname(os.path.abspath(target)) if target else os.getcwd())
+    if target:
+        if os.path.exists(target) and not args.force:
+            raise UsageError(f"{target} exists already: choose another name, or pass --force")
+        with open(target, "w", encoding="utf-8") as out:
+            out.write(text)
+        print(f"wrote {target} (machine {name})", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    if args.check:
+        from qemuspec.render import render as render_argv
+        from qemuspec.runtime import paths
+
+        rendered = render_argv(spec.machines[name], name, paths.layout(os.path.join(paths.state_root(target), name)))
+        same = normalise(argv) == normalise(rendered)
+        print(f"check: the definition {'asks qemu for the same machine' if same else 'DIFFERS from the command line'}", file=sys.stderr)
+        return 0 if same else 1
+    return 0

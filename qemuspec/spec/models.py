@@ -253,7 +253,7 @@ class Display(Model):
     type: Literal["none", "vnc", "spice", "gtk", "sdl", "curses", "egl-headless"] = "none"
     listen: Annotated[str, AfterValidator(_listen_address)] = Field("127.0.0.1", description="vnc/spice: address to listen on; loopback by default")
     port: Port | None = Field(None, description="vnc/spice: TCP port (vnc: 5900 + display number)")
-    vga: Ident = Field("std", description="Graphics card for a visible display (-vga)")
+    vga: Ident = Field("std", description='Graphics card for a visible display (-vga); "default" leaves it to qemu')
     options: Options = Field(default_factory=dict)
 
     @model_validator(mode="before")
@@ -331,6 +331,7 @@ class Machine(Model):
     accel: Accel | list[Accel] = Field(
         "auto", description='"auto" is kvm when /dev/kvm is usable, else tcg; a list is tried in order'
     )
+    accel_options: Options = Field(default_factory=dict, description="Properties of the first accelerator, e.g. { thread = \"single\" }")
     cpu: Ident = "max"
     cpu_options: Options = Field(default_factory=dict, description="CPU properties, for example { pmu = false }")
     cpus: Annotated[int, Field(ge=1, le=1024)] = 1
@@ -347,6 +348,7 @@ class Machine(Model):
     )
     display: Display = Field(default_factory=Display)
     paused: bool = Field(False, description="Start with the CPUs stopped (-S)")
+    defaults: bool = Field(False, description="Keep qemu's default devices (no -nodefaults): for imported command lines")
     restart: Literal["no", "on-failure", "always"] = "no"
     stop_timeout: Seconds = Field(30.0, description="How long ACPI powerdown may take before quit, then signals")
     depends_on: list[Text] = Field(default_factory=list)
