@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     _file_arg(p["render"], positional=True)
     p["render"].add_argument("--machine", "-m", help="machine name (default: every machine)")
     p["render"].add_argument("--shell", action="store_true", help="one shell-quoted line per machine, ready to paste")
+    p["render"].add_argument("--format", choices=["argv", "libvirt"], default="argv", help="argv (default), or libvirt domain XML")
     p["schema"].add_argument("-o", "--output", help="write to this file instead of standard output")
     p["init"].add_argument("file", nargs="?", default="qemuspec.toml", help="file to write (default: qemuspec.toml)")
     p["init"].add_argument("--force", action="store_true", help="overwrite an existing file")

@@ -78,6 +78,13 @@ def render(args: Any) -> int:
     spec = load_file(args)
     names = select(spec, args.machine, args.file) if args.machine else list(spec.machines)
     root = paths.state_root(args.file, args.state_dir)
+    if args.format == "libvirt":
+        from qemuspec.libvirt import domain_xml
+
+        if len(names) != 1:
+            raise UsageError(f"{args.file} declares {len(names)} machines: choose one with --machine for libvirt XML")
+        sys.stdout.write(domain_xml(spec.machines[names[0]], names[0], os.path.join(root, names[0])))
+        return 0
     argvs = {}
     for name in names:
         machine = spec.machines[name]
