@@ -33,6 +33,8 @@ MISSPELT = [
     ('objects = [{ type = "rng-randm", id = "r" }]', 'no object type "rng-randm": did you mean "rng-random"?'),
     ('append = ["-rtcc", "base=utc"]', 'no option "-rtcc": did you mean "-rtc"?'),
     ('append = ["-smpp", "2"]', 'no option "-smpp": did you mean "-smp"?'),
+    ('append = ["-rtc", "bas=utc"]', 'option "-rtc" has no parameter "bas": did you mean "base"?'),
+    ('append = ["-boot", "menu=on,splash-tme=0"]', 'has no parameter "splash-tme": did you mean "splash-time"?'),
 ]
 
 

@@ -69,6 +69,14 @@ backing = "base.qcow2"
                       "echo written-by-the-guest | dd of=/dev/vda bs=512 seek=64 conv=fsync 2>/dev/null; "
                       "dd if=/dev/vda bs=512 skip=64 count=1 2>/dev/null | head -c 21")
         assert written.stdout == "written-by-the-guest\n"
+        cli("snapshot", "save", "d", "before", "--file", str(path))
+        assert json.loads(cli("snapshot", "list", "d", "--file", str(path), "--json").stdout) == ["before"]
+        cli("exec", "d", "--file", str(path), "--", "/bin/sh", "-c", "echo after-the-snapshot > /tmp/mark")
+        cli("snapshot", "load", "d", "before", "--file", str(path))
+        gone = cli("exec", "d", "--file", str(path), "--", "/bin/sh", "-c", "cat /tmp/mark", check=False)
+        assert gone.returncode == 1 and "No such file" in gone.stderr, "loading the snapshot brought back the earlier guest memory"
+        cli("snapshot", "delete", "d", "before", "--file", str(path))
+        assert json.loads(cli("snapshot", "list", "d", "--file", str(path), "--json").stdout) == []
     finally:
         cli("down", str(path))
     assert sha(base) == before, "the base image is untouched"

@@ -20,7 +20,10 @@ from dataclasses import dataclass
 
 from qemuspec.errors import LaunchError, QemuspecError, QMPError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+_GROUPS = {"boot": "boot-opts", "smp": "smp-opts", "m": "memory"}  # switch -> option group
+# Options whose parameter list depends on a driver or backend: qemu reports only the common keys.
+_OPEN_ENDED = {"drive", "machine", "global", "chardev", "fsdev", "virtfs", "spice", "iscsi", "trace", "option-rom", "add-fd"}
 
 
 @dataclass
@@ -33,6 +36,7 @@ class Capabilities:
     objects: list[str]
     accels: list[str]
     options: list[str]  # command-line switches without the dash
+    parameters: dict[str, list[str]]  # switch -> the keys its option list takes (query-command-line-options)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Capabilities":
@@ -100,6 +104,8 @@ def _ask(binary: str) -> Capabilities:
                 objects=types("user-creatable"),
                 accels=sorted(a.removesuffix("-accel") for a in types("accel")),
                 options=_help_options(binary),
+                parameters={o["option"]: sorted(p["name"] for p in o["parameters"])
+                            for o in client.command("query-command-line-options") if o["parameters"]},
             )
             client.command("quit")
         finally:
@@ -165,4 +171,10 @@ def check(name: str, machine, caps: Capabilities) -> list[tuple[tuple, str]]:
                 close = difflib.get_close_matches(option, caps.options, n=1, cutoff=0.6)
                 hint = f'did you mean "-{close[0]}"?' if close else "see `qemu -help`"
                 problems.append((where + ("append", i), f'{qemu} has no option "{arg}": {hint}'))
+            elif _GROUPS.get(option, option) in caps.parameters and option not in _OPEN_ENDED and i + 1 < len(machine.append):
+                keys = caps.parameters[_GROUPS.get(option, option)]
+                for part in re.split(r"(?<!,),(?!,)", machine.append[i + 1]):
+                    key = part.split("=", 1)[0]
+                    if "=" in part and key not in keys:
+                        problems.append((where + ("append", i + 1), f'option "{arg}" has no parameter "{key}": {_closest(key, keys, f"qemu {arg} help")}'))
     return problems

@@ -36,21 +36,26 @@ def network_config(name: str, machine: Machine) -> str | None:
     return ("version: 2\nethernets:\n" + "".join(entries)) if entries else None
 
 
+def read_text(name: str, ci, key: str) -> str | None:
+    """Inline text, or the named file's content (``key`` or ``key_file``)."""
+    path = getattr(ci, f"{key}_file")
+    if path is None:
+        return getattr(ci, key)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as exc:
+        raise LaunchError(f"machine {name}: cloud_init.{key}_file: {exc}") from None
+
+
 def seed_files(name: str, machine: Machine, ssh_public_key: str) -> dict[str, bytes]:
     ci = machine.cloud_init
     context = {"name": name, "machine_name": name, "ssh_public_key": ssh_public_key}
-    user_data = "#cloud-config\n"
-    if ci and ci.user_data_file:
-        try:
-            with open(ci.user_data_file, encoding="utf-8") as f:
-                user_data = f.read()
-        except OSError as exc:
-            raise LaunchError(f"machine {name}: cloud_init.user_data_file: {exc}") from None
-    elif ci and ci.user_data is not None:
-        user_data = ci.user_data
-    files = {"user-data": _template(user_data, context, "user_data").encode()}
+    user_data = read_text(name, ci, "user_data") if ci else None
+    files = {"user-data": _template(user_data if user_data is not None else "#cloud-config\n", context, "user_data").encode()}
     meta = {"local-hostname": name, **(ci.meta_data if ci else {})}
-    net = _template(ci.network_config, context, "network_config") if ci and ci.network_config else network_config(name, machine)
+    net_text = read_text(name, ci, "network_config") if ci else None
+    net = _template(net_text, context, "network_config") if net_text is not None else network_config(name, machine)
     if net:
         files["network-config"] = net.encode()
     digest = hashlib.sha256(json.dumps({k: v.decode() for k, v in files.items()}, sort_keys=True).encode() + json.dumps(meta, sort_keys=True, default=str).encode())

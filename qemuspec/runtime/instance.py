@@ -179,11 +179,10 @@ class Instance:
 
     def _public_key(self) -> str:
         """The state directory's ssh key, made only when the cloud-init text asks for it."""
+        from qemuspec.runtime.cloudinit import read_text
+
         ci = self.machine.cloud_init
-        text = (ci.user_data or "") if ci else ""
-        if ci and ci.user_data_file and os.path.exists(ci.user_data_file):
-            with open(ci.user_data_file, encoding="utf-8") as f:
-                text = f.read()
+        text = (read_text(self.name, ci, "user_data") or "") if ci else ""
         if "ssh_public_key" not in text:
             return ""
         from qemuspec.runtime import sshkeys

@@ -299,11 +299,13 @@ class CloudInit(Model):
     user_data_file: FilePath | None = Field(None, description="user-data from a file (relative to the definition)")
     meta_data: dict[Text, Any] = Field(default_factory=dict, description="Extra meta-data (instance-id and local-hostname are set)")
     network_config: Text | None = Field(None, description="network-config v2; generated from NIC addresses when absent")
+    network_config_file: FilePath | None = Field(None, description="network-config from a file (relative to the definition)")
 
     @model_validator(mode="after")
     def _one_source(self) -> "CloudInit":
-        if self.user_data is not None and self.user_data_file is not None:
-            raise ValueError("give user_data or user_data_file, not both")
+        for key in ("user_data", "network_config"):
+            if getattr(self, key) is not None and getattr(self, f"{key}_file") is not None:
+                raise ValueError(f"give {key} or {key}_file, not both")
         return self
 
 
