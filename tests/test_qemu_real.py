@@ -144,3 +144,29 @@ def test_stale_state_pointing_at_an_unrelated_process_is_never_adopted(state_dir
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_auto_falls_back_to_tcg_only_when_kvm_cannot_start(monkeypatch):
+    from qemuspec.runtime import accel
+
+    monkeypatch.delenv("QEMUSPEC_ACCEL", raising=False)
+    assert accel.fallback("auto", ("kvm",)) == ("tcg",)
+    assert accel.fallback(["kvm", "tcg"], ("kvm", "tcg")) is None, "qemu already tries tcg after kvm"
+    assert accel.fallback("kvm", ("kvm",)) is None, "an explicit kvm is never silently replaced"
+    assert accel.fallback("auto", ("tcg",)) is None
+    monkeypatch.setenv("QEMUSPEC_ACCEL", "kvm")
+    assert accel.fallback("auto", ("kvm",)) is None, "QEMUSPEC_ACCEL is obeyed as given"
+
+
+def test_auto_accelerator_starts_whatever_kvm_does_here(qemu_bin, state_dir, monkeypatch):
+    """On hosts where /dev/kvm exists but qemu cannot run on it, "auto" must still start (on TCG)."""
+    monkeypatch.delenv("QEMUSPEC_ACCEL", raising=False)
+    inst = Instance("auto", Machine(accel="auto", paused=True), state_dir)
+    inst.launch()
+    try:
+        assert inst.qmp.command("query-status")["status"] == "prelaunch"
+        assert inst.layout.accel in (("kvm",), ("tcg",))
+        if inst.kvm_failure:
+            assert inst.layout.accel == ("tcg",)
+    finally:
+        inst.quit()

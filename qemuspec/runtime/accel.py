@@ -34,3 +34,14 @@ def resolve(accel: str | list[str]) -> tuple[str, ...]:
         if one not in out:
             out.append(one)
     return tuple(out)
+
+
+def fallback(wanted: str | list[str], tried: tuple[str, ...]) -> tuple[str, ...] | None:
+    """TCG to retry with when KVM was chosen but qemu could not start on it: only for "auto" (or a
+    list that names tcg after kvm), never against an explicit choice or QEMUSPEC_ACCEL."""
+    if os.environ.get(ACCEL_ENV) or "kvm" not in tried or "tcg" in tried:
+        return None
+    listed = [wanted] if isinstance(wanted, str) else list(wanted)
+    if "auto" in listed or ("tcg" in listed and listed.index("tcg") > listed.index("kvm")):
+        return ("tcg",)
+    return None

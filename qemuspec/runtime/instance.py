@@ -63,6 +63,7 @@ class Instance:
         self.argv: list[str] = []
         self.started_at: float | None = None
         self.recorded_hash: str | None = None
+        self.kvm_failure: str | None = None  # why "auto" fell back from KVM to TCG, if it did
         self._listeners: list[tuple[str, Callable[[dict], Any]]] = []
         self._log_offset = 0
 
@@ -89,7 +90,18 @@ class Instance:
         paths.prepare(base)
         self.process = None
         try:
-            self._launch(base, accels)
+            try:
+                self._launch(base, accels)
+            except LaunchError as exc:
+                fallback = accel_mod.fallback(machine.accel, accels)
+                if not fallback or self.process is None or self.process.poll() is None:
+                    raise
+                # KVM that exists but fails (nested hosts: bad MSRs, no VMX) must not stop "auto"
+                self.kvm_failure = str(exc)
+                self.process = None
+                base = paths.layout(self.state_dir, accel=fallback)
+                paths.prepare(base)
+                self._launch(base, fallback)
         except BaseException:
             if self.process is None:  # nothing started: leave no socket directory behind
                 shutil.rmtree(base.run_dir, ignore_errors=True)

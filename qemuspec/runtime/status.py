@@ -30,10 +30,10 @@ def machine_status(name: str, machine: Machine, state_dir: str, ask_qemu: bool =
     row: dict[str, Any] = {
         "name": name, "state": "stopped", "pid": None, "supervisor": sup["pid"] if sup else None,
         "uptime": None, "restarts": (sup or last).get("restarts", 0), "restart": machine.restart,
-        "qmp": None, "ports": [],
+        "qmp": None, "ports": [], "accel": [],
     }
     if inst is not None:
-        row.update(pid=inst.process.pid, qmp=inst.qmp_address, ports=inst.ports,
+        row.update(pid=inst.process.pid, qmp=inst.qmp_address, ports=inst.ports, accel=list(inst.layout.accel),
                    uptime=round(time.time() - inst.started_at, 1) if inst.started_at else None)
         if sup is None:
             row["state"] = "unsupervised"

@@ -240,12 +240,16 @@ class Supervisor:
         try:
             self.tell("starting")
             inst.launch()
-            record(self.state_dir, "QEMUSPEC_LAUNCHED", pid=inst.process.pid, restarts=self.restarts)
+            record(self.state_dir, "QEMUSPEC_LAUNCHED", pid=inst.process.pid, restarts=self.restarts, accel=list(inst.layout.accel),
+                   **({"kvm_failed": inst.kvm_failure.split("\n", 1)[0]} if inst.kvm_failure else {}))
             self.tell("waiting", pid=inst.process.pid)
             inst.wait_ready()
-        except QemuspecError as exc:
-            record(self.state_dir, "QEMUSPEC_FAILED", error=str(exc).split("\n", 1)[0])
-            self.tell("failed", detail=str(exc))
+        except Exception as exc:  # a bug must reach the user as a failure, not a silent exit
+            detail = str(exc) if isinstance(exc, QemuspecError) else f"machine {self.name}: internal error: {type(exc).__name__}: {exc} (details in supervisor.log)"
+            if not isinstance(exc, QemuspecError):
+                traceback.print_exc()
+            record(self.state_dir, "QEMUSPEC_FAILED", error=detail.split("\n", 1)[0])
+            self.tell("failed", detail=detail)
             inst.kill()
             return False
         if inst.console is not None:
