@@ -63,28 +63,24 @@ FilePath = Annotated[str, AfterValidator(_resolve_path)]
 OptionValue = Union[bool, int, float, Text]
 Options = dict[Ident, OptionValue]
 
-MiB = Annotated[
-    int,
-    BeforeValidator(units.parse_mib),
-    PlainSerializer(lambda v: f"{v}M", return_type=str),
-    WithJsonSchema(
-        {
-            "anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*[KMGTkmgt]?(i?[Bb])?\s*$"}],
-            "description": 'A size: a number of MiB, or a number with a unit K, M, G or T ("256M", "2G").',
-        }
-    ),
-]
-Bytes = Annotated[
-    int,
-    BeforeValidator(units.parse_bytes),
-    PlainSerializer(units.format_bytes, return_type=str),
-    WithJsonSchema(
-        {
-            "anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*[KMGTkmgt]?(i?[Bb])?\s*$"}],
-            "description": 'A size: a number of bytes, or a number with a unit K, M, G or T ("10G").',
-        }
-    ),
-]
+_SIZE_PATTERN = r"^\s*\d+(\.\d+)?\s*[KMGTkmgt]?(i?[Bb])?\s*$"
+
+
+def _size(parse, serialize, bare: str) -> Any:
+    """A size field: validated and normalised to a number, written back with a unit."""
+    return Annotated[
+        int,
+        BeforeValidator(parse),
+        PlainSerializer(serialize, return_type=str),
+        WithJsonSchema({
+            "anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": _SIZE_PATTERN}],
+            "description": f'A size: a number of {bare}, or a number with a unit K, M, G or T ("256M", "2G").',
+        }),
+    ]
+
+
+MiB = _size(units.parse_mib, lambda v: f"{v}M", "MiB")
+Bytes = _size(units.parse_bytes, units.format_bytes, "bytes")
 Seconds = Annotated[
     float,
     BeforeValidator(units.parse_seconds),
