@@ -7,7 +7,8 @@ the virtio/console/button/evdev modules in dependency order (the package ships n
 each module's `depends=` is read), and, when the host has them, dropbear and qemu-ga with their
 libraries. The guest prints a marker on the serial console, powers off on the ACPI power button,
 brings eth0 up for user-mode networking, serves HTTP on 80 and a banner on 7777, runs the guest
-agent, and obeys `qemuspec.noacpi` and `qemuspec.exit=N` on its kernel command line.
+agent, and obeys `qemuspec.noacpi`, `qemuspec.exit=N` (power off after N s) and `qemuspec.panic=N`
+(kernel panic after N s, reported through a pvpanic device) on its kernel command line.
 
 Output: guest/out/vmlinuz and guest/out/initrd.gz, rebuilt only when the inputs change.
 Usage: python3 guest/build.py [--out DIR] [--force]
@@ -32,7 +33,7 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
 MODULES = ["virtio_pci", "virtio_net", "virtio_console", "virtio_blk", "virtio-rng", "button", "evdev", "virtio_scsi",
-           "sr_mod", "isofs"]
+           "sr_mod", "isofs", "pvpanic-pci"]
 MARKER = "qemuspec-guest ready"
 BINARIES = ["/usr/sbin/dropbear", "/usr/bin/dropbearkey", "/usr/sbin/qemu-ga"]
 
@@ -95,6 +96,8 @@ if [ -z "$(arg qemuspec.noacpi)" ]; then
 else
   echo "qemuspec-guest: ignoring ACPI"
 fi
+p=$(arg qemuspec.panic)
+[ -n "$p" ] && (sleep $p; echo "qemuspec-guest: panicking"; echo 1 > /proc/sys/kernel/sysrq; echo c > /proc/sysrq-trigger) &
 n=$(arg qemuspec.exit)
 [ -n "$n" ] && (sleep $n; echo "qemuspec-guest: exiting after $n s"; poweroff -f) &
 echo "__MARKER__"

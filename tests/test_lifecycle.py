@@ -25,6 +25,7 @@ rng = true
 restart = "{restart}"
 stop_timeout = "5s"
 depends_on = {depends}
+{extra}
 [machines.{name}.ready]
 serial = "{marker}"
 timeout = "90s"
@@ -35,7 +36,7 @@ def definition(tmp_path, guest, machines: dict[str, dict], name="lab.toml") -> s
     text = ""
     for machine, fields in machines.items():
         values = {"name": machine, "kernel": guest["kernel"], "initrd": guest["initrd"], "marker": guest["marker"],
-                  "cmdline": "", "memory": "256M", "restart": "no", "depends": "[]", **fields}
+                  "cmdline": "", "memory": "256M", "restart": "no", "depends": "[]", "extra": "", **fields}
         text += MACHINE.format(**values)
     path = tmp_path / name
     path.write_text(text)
@@ -167,6 +168,15 @@ def test_guest_power_off_restarts_under_always(lab):
     cli("up", path)
     restart = wait_event(path, "web", lambda e: e["event"] == "QEMUSPEC_RESTART")
     assert restart["data"]["reason"] == "clean"
+    wait_event(path, "web", lambda e: e["event"] == "QEMUSPEC_READY" and e["data"]["restarts"] == 1)
+
+
+def test_on_failure_restarts_a_panicked_guest(lab):
+    path = lab({"web": {"restart": "on-failure", "cmdline": "qemuspec.panic=1", "extra": 'devices = [{ driver = "pvpanic-pci" }]'}})
+    cli("up", path)
+    wait_event(path, "web", lambda e: e["event"] == "GUEST_PANICKED")
+    restart = wait_event(path, "web", lambda e: e["event"] == "QEMUSPEC_RESTART")
+    assert restart["data"]["reason"] == "failure"
     wait_event(path, "web", lambda e: e["event"] == "QEMUSPEC_READY" and e["data"]["restarts"] == 1)
 
 
