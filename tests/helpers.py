@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 
 OPTION_SWITCHES = {"-drive", "-device", "-netdev", "-chardev", "-fsdev", "-object", "-machine", "-name", "-mon", "-boot", "-spice", "-cpu"}
 

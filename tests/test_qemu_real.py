@@ -15,7 +15,7 @@ from qemuspec.errors import LaunchError
 from qemuspec.qmp.sync import QMPClient
 from qemuspec.render import Layout, render
 from qemuspec import img
-from qemuspec.runtime import images, paths
+from qemuspec.runtime import images
 from qemuspec.runtime.instance import Instance
 from qemuspec.spec import load
 from qemuspec.spec.models import Machine
