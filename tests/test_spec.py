@@ -91,6 +91,7 @@ BAD = [
     ("not-a-table", "a.yaml", '- just\n- a list\n', ["a.yaml", "must be a table"]),
     ("wrong-extension", "a.json", '{}', ["a.json", ".toml, .yaml or .yml"]),
     ("vnc-port", "a.toml", '[machines.web.display]\ntype = "vnc"\nport = 80\n', ["a.toml", "machines.web.display", "5900"]),
+    ("not-a-qemu", "a.toml", '[machines.web]\nqemu = "/bin/sh"\n', ["a.toml:2", "machines.web.qemu", "is not a qemu system emulator"]),
     ("forward-address", "a.toml", '[machines.web]\n[[machines.web.nics]]\nforwards = [{ host = 1, guest = 2, address = "0.0.0.0,x" }]\n', ["a.toml", "machines.web.nics[0].forwards[0].address", "not an IPv4 address"]),
 ]
 

@@ -320,10 +320,18 @@ def _as_list(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
+def _qemu_binary(value: str) -> str:
+    """A definition names a qemu, not any program: a shared file must not be able to run `sh`."""
+    if not re.match(r"^(qemu-system-[A-Za-z0-9_]+|qemu-kvm|kvm)$", os.path.basename(value)):
+        raise ValueError(f'"{value}" is not a qemu system emulator: use a qemu-system-ARCH binary (or a wrapper with such a name)')
+    return value
+
+
 class Machine(Model):
     """One virtual machine."""
 
-    qemu: Text = Field("qemu-system-x86_64", description="The qemu binary: a name on PATH or a path")
+    qemu: Annotated[str, AfterValidator(_text), AfterValidator(_qemu_binary)] = Field(
+        "qemu-system-x86_64", description="The qemu binary: a qemu-system-* name on PATH or a path")
     machine: Ident = Field("q35", description="-machine type")
     machine_options: Options = Field(default_factory=dict, description="Extra -machine properties")
     accel: Accel | list[Accel] = Field(
