@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from helpers import option_args, qemu_options, qemu_split
+from helpers import option_args, qemu_options
 from qemuspec.errors import SpecError
 from qemuspec.render import Layout, escape, render
 from qemuspec.spec import load, loads
@@ -194,5 +194,5 @@ def test_generated_specs_validate_or_fail_cleanly_and_never_split(raw):
         assert argv[argv.index("-append") + 1] == machine.cmdline
 
 
-def test_qemu_split_reference():
-    assert qemu_split("a,,b,c=d,,e") == ["a,b", "c=d,e"]
+def test_qemu_option_parsing_reference():
+    assert qemu_options("a,,b,c=d,,e,readonly") == ("a,b", [("c", "d,e"), ("readonly", "on")])
