@@ -146,8 +146,9 @@ class Instance:
         try:
             self.qmp = QMPClient.connect(qmp_sock, timeout=GREETING_TIMEOUT, event_log=base.events_log)
         except QemuspecError as exc:
-            self.process.wait(2)
-            code = self.process.poll()
+            code = self.process.wait(2)
+            if code is None:  # alive but mute: never leave it behind
+                self.process.terminate_and_kill(2.0)
             self._cleanup()
             detail = tail(base.qemu_log, 20, qemu_log_offset)
             status = f"exited with code {code}" if code is not None else "did not answer on QMP"
