@@ -128,7 +128,8 @@ def _up_level(spec: File, root: str, level: list[str], report: Report) -> list[O
             action, adopt = "adopted", True
             report(name, "adopting the running machine")
         elif found is not None or sup is not None:
-            report(name, "definition changed: stopping")
+            # changed, or a supervisor between restarts: start over from this definition
+            report(name, "definition changed: stopping" if found is not None else "replacing a restarting machine")
             _stop_one(spec, root, name, None)
             action = "recreated"
         try:
