@@ -55,9 +55,5 @@ class ReadyTimeout(QemuspecError, TimeoutError):
     """A readiness probe did not pass in time; the message holds the console and qemu's stderr."""
 
 
-class StopError(QemuspecError):
-    """A machine could not be stopped (should not happen: SIGKILL is the last step)."""
-
-
 class ImageError(QemuspecError):
     """qemu-img failed; the message is qemu-img's own."""

@@ -181,14 +181,3 @@ def snapshot(path: str, action: str, tag: str | None = None) -> list[Snapshot] |
         raise ImageError(f"snapshot {action}: use list, or create/apply/delete with a tag")
     run("snapshot", flag, tag, path)
     return None
-
-
-def checksum(path: str, chunk: int = 1 << 20) -> str:
-    """SHA-256 of the file as it is on disk (a base image's must never change)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()

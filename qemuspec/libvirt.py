@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-from qemuspec.render import AGENT_PORT, OVMF_CODE, OVMF_VARS, escape, mac_address, optlist
+from qemuspec.render import AGENT_PORT, OVMF_CODE, OVMF_VARS, escape, nic_mac, optlist
 from qemuspec.spec.models import Machine
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
@@ -112,7 +112,7 @@ def domain_xml(machine: Machine, name: str, state_dir: str = "/var/lib/qemuspec"
 
             netdev = _nic(index, nic, name, Layout(state_dir, f"/run/qemuspec/{name}"))[:2]
             passthrough += [netdev[0], netdev[1].replace(f"id=net{index}", f"id=qsnet{index}", 1)]
-            mac = nic.mac or (mac_address(name, index) if (nic.network or nic.address) else None)
+            mac = nic_mac(name, index, nic)
             passthrough += _json_device(nic.model, {"netdev": f"qsnet{index}", **({"mac": mac} if mac else {}), **nic.device_options})
     for share in machine.shares:
         if share.type == "9p":

@@ -77,6 +77,17 @@ def _state(root: str, name: str) -> str:
     return os.path.join(root, name)
 
 
+def _decide(spec: File, root: str, name: str) -> tuple[str, Instance | None]:
+    """What `up` does with one machine: "start", "up to date", "adopt" (running, same definition, no
+    supervisor) or "recreate" (changed, or a supervisor between restarts); and the running qemu."""
+    machine = spec.machines[name]
+    found = Instance.find(name, machine, _state(root, name))
+    supervised = supervisor.read_supervisor(_state(root, name)) is not None
+    if found is not None and found.recorded_hash == definition_hash(machine):
+        return ("up to date" if supervised else "adopt"), found
+    return ("recreate" if found is not None or supervised else "start"), found
+
+
 def plan(spec: File, root: str, names: list[str]) -> list[dict]:
     """Per machine: what `up` would do, and for a changed machine the argv lines that differ."""
     from qemuspec.render import render
@@ -84,17 +95,12 @@ def plan(spec: File, root: str, names: list[str]) -> list[dict]:
     out = []
     for level in with_dependencies(spec, names):
         for name in level:
-            machine = spec.machines[name]
-            found = Instance.find(name, machine, _state(root, name))
-            if found is None:
-                out.append({"name": name, "action": "start", "diff": []})
-            elif found.recorded_hash == definition_hash(machine):
-                action = "up to date" if supervisor.read_supervisor(_state(root, name)) else "adopt"
-                out.append({"name": name, "action": action, "diff": []})
-            else:
-                wanted = render(machine, name, found.layout)
+            action, found = _decide(spec, root, name)
+            diff = []
+            if action == "recreate" and found is not None:
+                wanted = render(spec.machines[name], name, found.layout)
                 diff = list(difflib.unified_diff(found.argv, wanted, "running", "definition", lineterm="", n=1))
-                out.append({"name": name, "action": "recreate", "diff": diff})
+            out.append({"name": name, "action": action, "diff": diff})
     return out
 
 
@@ -116,19 +122,16 @@ def _up_level(spec: File, root: str, level: list[str], report: Report) -> list[O
         machine = spec.machines[name]
         state_dir = _state(root, name)
         began = time.monotonic()
-        found = Instance.find(name, machine, state_dir)
-        sup = supervisor.read_supervisor(state_dir)
-        same = found is not None and found.recorded_hash == definition_hash(machine)
-        if same and sup is not None:
+        decision, found = _decide(spec, root, name)
+        if decision == "up to date":
             report(name, "up to date")
             outcomes[name] = Outcome(name, "up to date", 0.0, found.process.pid, ports=found.ports)
             continue
         action, adopt = "started", False
-        if same:
+        if decision == "adopt":
             action, adopt = "adopted", True
             report(name, "adopting the running machine")
-        elif found is not None or sup is not None:
-            # changed, or a supervisor between restarts: start over from this definition
+        elif decision == "recreate":
             report(name, "definition changed: stopping" if found is not None else "replacing a restarting machine")
             _stop_one(spec, root, name, None)
             action = "recreated"
@@ -230,12 +233,8 @@ def _down_one(spec: File, root: str, name: str, timeout: float | None, report: R
     step = _stop_one(spec, root, name, timeout)
     seconds = time.monotonic() - began
     report(name, f"stopped ({step}, {seconds:.1f} s)")
-    record_stop(state_dir, step)
-    return Outcome(name, "stopped", seconds, detail=step)
-
-
-def record_stop(state_dir: str, step: str) -> None:
     supervisor.record(state_dir, "QEMUSPEC_DOWN", step=step)
+    return Outcome(name, "stopped", seconds, detail=step)
 
 
 def _stop_one(spec: File, root: str, name: str, timeout: float | None) -> str:

@@ -21,7 +21,7 @@ OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
 OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
 AGENT_PORT = "org.qemu.guest_agent.0"
 
-_DISK_DEVICE = {"virtio": "virtio-blk-pci", "ide": "ide-hd", "scsi": "scsi-hd", "nvme": "nvme"}
+DISK_DEVICE = {"virtio": "virtio-blk-pci", "ide": "ide-hd", "scsi": "scsi-hd", "nvme": "nvme"}
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,11 @@ def mac_address(name: str, index: int) -> str:
 
     digest = hashlib.sha256(f"{name}/{index}".encode()).digest()
     return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
+
+
+def nic_mac(name: str, index: int, nic: NIC) -> str | None:
+    """The MAC a NIC gets: its own, or a stable one when the guest must find the NIC by it."""
+    return nic.mac or (mac_address(name, index) if (nic.network or nic.address) else None)
 
 
 def wants_cidata(machine: Machine) -> bool:
@@ -253,11 +258,11 @@ def _disks(disks: list[Disk]) -> list[str]:
             dev.append(("bus", "scsi0.0"))
         if disk.serial or disk.interface == "nvme":
             dev.append(("serial", disk.serial or drive_id))
-        argv += ["-device", optlist(_DISK_DEVICE[disk.interface], dev, disk.device_options)]
+        argv += ["-device", optlist(DISK_DEVICE[disk.interface], dev, disk.device_options)]
     return argv
 
 
-def _address(kind: str, value: str) -> list[tuple[str, OptionValue]]:
+def _address(value: str) -> list[tuple[str, OptionValue]]:
     """A stream netdev's address: a unix socket path, or host:port."""
     if value.startswith("/"):
         return [("addr.type", "unix"), ("addr.path", value)]
@@ -277,9 +282,9 @@ def _nic(index: int, nic: NIC, name: str, layout: Layout) -> list[str]:
                 pairs.append((key, getattr(nic, key)))
     elif nic.type == "stream":
         if nic.listen:
-            pairs += [("server", True), *_address("listen", nic.listen)]
+            pairs += [("server", True), *_address(nic.listen)]
         else:
-            pairs += [("server", False), *_address("connect", nic.connect or "")]
+            pairs += [("server", False), *_address(nic.connect or "")]
     elif nic.type == "tap":
         if nic.ifname:
             pairs.append(("ifname", nic.ifname))
@@ -289,7 +294,7 @@ def _nic(index: int, nic: NIC, name: str, layout: Layout) -> list[str]:
     elif nic.type == "network":
         pairs.append(("sock", layout.network(nic.network or "")))
     dev: list[tuple[str, OptionValue]] = [("netdev", net_id)]
-    mac = nic.mac or (mac_address(name, index) if (nic.network or nic.address) else None)
+    mac = nic_mac(name, index, nic)
     if mac:
         dev.append(("mac", mac))
     backend = "vde" if nic.type == "network" else nic.type

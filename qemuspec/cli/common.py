@@ -76,14 +76,6 @@ def select(spec: Any, names: list[str] | str | None, source: str) -> list[str]:
     return [n for n in ordered if not wanted or n in wanted]
 
 
-def only_machine(spec: Any, name: str | None, source: str) -> str:
-    if name:
-        return select(spec, name, source)[0]
-    if len(spec.machines) != 1:
-        raise UsageError(f"{source} declares {len(spec.machines)} machines ({', '.join(spec.machines)}): name one with --machine")
-    return next(iter(spec.machines))
-
-
 def emit_json(value: Any) -> None:
     json.dump(value, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")

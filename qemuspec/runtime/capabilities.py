@@ -132,7 +132,7 @@ def _closest(word: str, choices, what: str) -> str:
 
 def check(name: str, machine, caps: Capabilities) -> list[tuple[tuple, str]]:
     """Problems of one machine against what its qemu supports: (location, message) pairs."""
-    from qemuspec.render import _DISK_DEVICE
+    from qemuspec.render import DISK_DEVICE
 
     where = ("machines", name)
     problems: list[tuple[tuple, str]] = []
@@ -158,7 +158,7 @@ def check(name: str, machine, caps: Capabilities) -> list[tuple[tuple, str]]:
         device(where + ("nics", i, "model"), nic.model, nic.device_options, "device_options")
     for i, disk in enumerate(machine.disks):
         if disk.interface != "none":
-            device(where + ("disks", i, "interface"), _DISK_DEVICE[disk.interface], disk.device_options, "device_options")
+            device(where + ("disks", i, "interface"), DISK_DEVICE[disk.interface], disk.device_options, "device_options")
     for i, dev in enumerate(machine.devices):
         device(where + ("devices", i, "driver"), dev.driver, dev.options, "options")
     for i, obj in enumerate(machine.objects):

@@ -13,7 +13,7 @@ import json
 import os
 
 from qemuspec.errors import LaunchError
-from qemuspec.render import Layout, mac_address
+from qemuspec.render import Layout, nic_mac
 from qemuspec.spec.models import Machine
 
 
@@ -31,7 +31,7 @@ def network_config(name: str, machine: Machine) -> str | None:
     entries = []
     for index, nic in enumerate(machine.nics):
         if nic.address:
-            mac = nic.mac or mac_address(name, index)
+            mac = nic_mac(name, index, nic)
             entries.append(f'  nic{index}:\n    match:\n      macaddress: "{mac}"\n    addresses:\n      - "{nic.address}"\n')
     return ("version: 2\nethernets:\n" + "".join(entries)) if entries else None
 

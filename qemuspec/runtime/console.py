@@ -51,10 +51,6 @@ class ConsoleReader:
             self._eof = True
             self._cond.notify_all()
 
-    def text(self) -> str:
-        with self._cond:
-            return self._buffer.decode(errors="replace")
-
     def _logged(self) -> str:
         """What qemu logged since this boot started (covers output before the socket connected)."""
         if not self._log_path:

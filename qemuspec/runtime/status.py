@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any
 
@@ -11,9 +10,6 @@ from qemuspec.errors import QemuspecError
 from qemuspec.runtime.instance import Instance
 from qemuspec.runtime.supervisor import exit_file, read_supervisor
 from qemuspec.spec.models import Machine
-
-STATES = ("starting", "running", "paused", "stopped", "crashed", "unsupervised")
-
 
 def _read(path: str) -> dict:
     try:
@@ -58,10 +54,3 @@ def run_state(inst: Instance) -> str:
     except QemuspecError:
         return "running"
     return "paused" if status in ("paused", "prelaunch", "suspended") else "running"
-
-
-def forget_exit(state_dir: str) -> None:
-    try:
-        os.unlink(exit_file(state_dir))
-    except FileNotFoundError:
-        pass
