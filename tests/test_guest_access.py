@@ -88,7 +88,7 @@ backing = "base.qcow2"
     assert sha(base) == before
 
 
-def test_reset_refuses_a_running_machine_and_up_never_shrinks_silently(guest, tmp_path):
+def test_up_never_resizes_an_existing_image_silently(guest, tmp_path):
     img.create(str(tmp_path / "small.qcow2"), "16M")
     path = tmp_path / "grow.toml"
     path.write_text(machine(guest, "g", '[[machines.g.disks]]\nfile = "small.qcow2"\nformat = "qcow2"\nsize = "32M"\n'))
