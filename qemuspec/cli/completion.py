@@ -94,7 +94,13 @@ def fish() -> str:
 
 
 def completion(ctx: Context, *, shell: str) -> int:
-    sys.stdout.write({"bash": bash, "zsh": zsh, "fish": fish}[shell]())
+    script = {"bash": bash, "zsh": zsh, "fish": fish}[shell]()
+    if ctx.out.json:
+        from qemuspec.cli.common import emit_json
+
+        emit_json({"shell": shell, "script": script})
+    else:
+        sys.stdout.write(script)
     return 0
 
 

@@ -89,7 +89,7 @@ EXAMPLES = {
     "exec": ["qemuspec exec machines/dev.toml dev -- cat /proc/version"],
     "cp": ["qemuspec cp machines/dev.toml ./README.md dev:/tmp/README.md"],
     "snapshot": ["qemuspec snapshot list machines/dev.toml dev"],
-    "completion": ["qemuspec completion bash > /etc/bash_completion.d/qemuspec"],
+    "completion": ["qemuspec completion bash > qemuspec.bash"],
 }
 
 FILE_HELP = "definition file, also accepted as the first operand (default: $QEMUSPEC_FILE, else qemuspec.toml, qemuspec.yaml or machines/dev.toml)"

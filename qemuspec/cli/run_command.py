@@ -7,6 +7,7 @@ the command's exit code. Ctrl-C, SIGTERM (a CI timeout) and SIGHUP tear down the
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import sys
@@ -14,7 +15,7 @@ import tempfile
 from types import FrameType
 
 from qemuspec.cli.common import Context
-from qemuspec.errors import UsageError
+from qemuspec.errors import QemuspecError, UsageError
 
 
 class Stopped(BaseException):
@@ -39,6 +40,13 @@ def run(ctx: Context, *, timeout: float | None, via: str) -> int:
     machine = target.spec.machines[name]
     if machine.depends_on:
         raise UsageError(f"machine {name} depends on {', '.join(machine.depends_on)}: run boots one machine; use `qemuspec up` for a group")
+    writable = [d.file for d in machine.disks if not d.readonly and os.path.exists(d.file)]
+    if writable:
+        from qemuspec.runtime.instance import Instance
+
+        if Instance.find(name, machine, target.state_dir(name)) is not None:
+            raise QemuspecError(f"machine {name} is running (`qemuspec up`), and qemu holds its disk {writable[0]} for writing: "
+                                f"`qemuspec down {target.path} {name}` first, or use `qemuspec exec` on the running machine")
     stdin = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
     out = ctx.out
 
