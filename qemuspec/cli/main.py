@@ -123,7 +123,27 @@ def _target(parser: argparse.ArgumentParser, operands: str, machine_flag: bool =
     parser.add_argument("--state-dir", help="state directory (default: .qemuspec beside the file; env QEMUSPEC_STATE_DIR)")
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+class _Skip:
+    """Stands in for the parsers of commands not being run: adding their arguments is most of the
+    parser's build time, and `qemuspec --help` must start fast."""
+
+    prog = "qemuspec -"
+    usage: str | None = None
+    epilog: str | None = None
+
+    def add_argument(self, *args: object, **kw: object) -> None:
+        return None
+
+    def add_subparsers(self, *args: object, **kw: object) -> "_Skip":
+        return self
+
+    def add_parser(self, *args: object, **kw: object) -> "_Skip":
+        return self
+
+
+def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and one parser per command; with ``command``, only that command's
+    arguments are filled in ("" for none: enough for the top-level help)."""
     parser = argparse.ArgumentParser(
         prog="qemuspec",
         usage="qemuspec [--version] COMMAND [ACTION] [FILE] [MACHINE...] [OPTIONS] [-- COMMAND...]",
@@ -137,6 +157,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p = {name: sub.add_parser(name, prog=f"qemuspec {name}", help=help_, description=help_, epilog=_epilog(name), formatter_class=_Formatter)
          for name, (_, _, help_) in COMMANDS.items()}
     p["ps"].epilog = _epilog("status")
+    real = p
+    if command is not None:
+        p = {name: (parser_ if name == command else _Skip()) for name, parser_ in p.items()}  # type: ignore[misc]
 
     p["validate"].add_argument("files", nargs="+", metavar="FILE", help="definition files")
     p["validate"].add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="template variable (repeatable)")
@@ -211,7 +234,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
             _common(parser_)
     for parser_ in i.values():
         _common(parser_)
-    return parser, p
+    return parser, real
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str] | None]:
@@ -220,7 +243,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str] | None]:
     if "--" in argv:  # everything after "--" is the guest command (run, exec, ssh, import), never our options
         cut = argv.index("--")
         argv, tail = argv[:cut], argv[cut + 1 :]
-    parser, subs = build_parser()
+    parser, subs = build_parser(argv[0] if argv and argv[0] in COMMANDS else "")
     if not argv or argv[0].startswith("-") or argv[0] not in subs:
         args = parser.parse_args(argv)  # --help, --version, or an unknown command (exit 2)
         parser.print_help()
