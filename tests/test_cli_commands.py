@@ -182,6 +182,8 @@ def test_paused_machine_and_missing_agent_are_clear(box, tmp_path):
 
 def test_plan_names_changed_fields_and_exits_3(box, tmp_path):
     assert cli("plan", box).returncode == 0
+    again = as_json("up", box, "--timeout", "45", "--json")
+    assert again[0]["action"] == "up to date", "a readiness timeout for one run does not change the machine"
     edited = tmp_path / "edited.toml"
     edited.write_text(open(box).read().replace('memory = "768M"', 'memory = "800M"'))
     result = subprocess.run([*ENTRY, "plan", str(edited), "--state-dir", os.path.join(os.path.dirname(box), ".qemuspec")],

@@ -127,3 +127,34 @@ def test_bash_completes_commands_flags_and_machine_names(tmp_path):
     for shell in ("zsh", "fish"):
         text = subprocess.run([*ENTRY, "completion", shell], capture_output=True, text=True).stdout
         assert "__complete-machines" in text and "inspect" in text
+
+
+def test_status_columns_fit_long_names(tmp_path):
+    path = tmp_path / "long.toml"
+    long_name = "a-machine-name-well-over-sixteen-characters"
+    path.write_text(f"[machines.{long_name}]\n[machines.b]\n")
+    lines = subprocess.run([*ENTRY, "status", str(path)], capture_output=True, text=True, timeout=60).stdout.splitlines()
+    assert len(lines) == 3
+    starts = {line.index("stopped") if "stopped" in line else line.index("STATE") for line in lines}
+    assert len(starts) == 1, lines
+    assert lines[1].startswith(long_name + "  ")
+
+
+def test_progress_shows_elapsed_time_and_deadline_on_a_terminal(monkeypatch):
+    import io
+
+    from qemuspec.cli.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setenv("TERM", "xterm")
+    term = Terminal()
+    progress = Progress(["vm"], stream=term, deadline=120)
+    progress("vm", "waiting for ready")
+    progress.close()
+    assert "waiting for ready  [0 s of 120 s]" in term.getvalue()
+    plain = io.StringIO()
+    Progress(["vm"], stream=plain, deadline=120)("vm", "waiting for ready")
+    assert plain.getvalue() == "vm: waiting for ready\n", "line-based and without clocks off a terminal (CI logs)"

@@ -88,3 +88,14 @@ def test_run_json_lines(box):
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert {"stream": "stdout", "data": "hi\n"} in records and {"stream": "stderr", "data": "oops\n"} in records
     assert records[-1] == {"machine": "box", "exitcode": 4}
+
+
+def test_up_timeout_overrides_readiness_for_one_run(box):
+    before = qemu_pids()
+    result = subprocess.run([*ENTRY, "up", box, "--timeout", "0.5"], capture_output=True, text=True, timeout=300)
+    try:
+        assert result.returncode == 1
+        assert "was not ready within 0.5 s" in result.stderr
+    finally:
+        subprocess.run([*ENTRY, "down", box, "--quiet"], capture_output=True, timeout=120)
+    assert qemu_pids() == before

@@ -38,12 +38,12 @@ def _print_outcomes(out: Output, outcomes: list["Outcome"]) -> None:
             print(f"error: {o.detail}", file=sys.stderr)
 
 
-def _record(target: Target, outcomes: list["Outcome"], spec: Any) -> None:
+def _record(target: Target, outcomes: list["Outcome"], machines: dict[str, Any]) -> None:
     from qemuspec.api import record_definition
 
     for o in outcomes:
         if o.action in ("started", "recreated", "adopted"):
-            record_definition(spec.machines[o.name], target.state_dir(o.name))
+            record_definition(machines[o.name], target.state_dir(o.name))
 
 
 def up(ctx: Context, *, no_probe: bool, attach: bool, timeout: float | None) -> int:
@@ -56,6 +56,7 @@ def up(ctx: Context, *, no_probe: bool, attach: bool, timeout: float | None) -> 
         from qemuspec.cli.common import check_against_qemu
 
         check_against_qemu(spec, lines, target.path, reconcile.needed(spec, names))
+    declared = dict(spec.machines)
     if timeout is not None:
         if timeout <= 0:
             raise UsageError(f"--timeout {timeout:g}: give a number of seconds above 0")
@@ -68,7 +69,7 @@ def up(ctx: Context, *, no_probe: bool, attach: bool, timeout: float | None) -> 
         outcomes = reconcile.up(spec, target.root, names, progress)
     finally:
         progress.close()
-    _record(target, outcomes, spec)
+    _record(target, outcomes, declared)
     _print_outcomes(ctx.out, outcomes)
     if any(o.action == "failed" for o in outcomes):
         return 1
@@ -276,7 +277,7 @@ def restart(ctx: Context) -> int:
     reconcile.down(spec, target.root, names, None, progress)
     outcomes = reconcile.up(spec, target.root, names, progress)
     progress.close()
-    _record(target, outcomes, spec)
+    _record(target, outcomes, spec.machines)
     _print_outcomes(ctx.out, outcomes)
     return 1 if any(o.action == "failed" for o in outcomes) else 0
 
