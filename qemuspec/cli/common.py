@@ -197,6 +197,22 @@ def check_against_qemu(spec: Any, lines: dict, source: str, names: list[str]) ->
         raise SpecError(located(source, lines, problems))
 
 
+def preflight(spec: Any, lines: dict, source: str, names: list[str], allow_local_qemu: bool = False, root: str | None = None) -> None:
+    """What `up` would fail on, found before anything starts (spec/preflight.py): exit 2 with file:line."""
+    from qemuspec.errors import SpecError
+    from qemuspec.spec import preflight as checks
+    from qemuspec.spec.messages import located
+
+    problems = checks.host_problems(spec, source, names, allow_local_qemu=allow_local_qemu)
+    if root is not None and not problems:  # `up`: the ports of machines it would start must be free
+        from qemuspec import reconcile
+
+        starting = [step["name"] for step in reconcile.plan(spec, root, names) if step["action"] == "start"]
+        problems = checks.busy_ports(spec, starting)
+    if problems:
+        raise SpecError(located(source, lines, problems))
+
+
 def select(spec: Any, names: list[str] | str | None, source: str) -> list[str]:
     """Machine names to act on, in dependency order; unknown names are usage errors with a suggestion."""
     from qemuspec.spec.models import order_machines

@@ -178,6 +178,9 @@ def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, d
     p["up"].add_argument("--no-probe", action="store_true", help="skip checking the definition against the qemu binary")
     p["up"].add_argument("--attach", action="store_true", help="stay in the foreground streaming consoles and events; Ctrl-C brings the machines down")
     p["up"].add_argument("--timeout", type=float, metavar="SECONDS", help="readiness timeout for this run, instead of each machine's ready.timeout")
+    for name in ("up", "validate"):
+        p[name].add_argument("--allow-local-qemu", action="store_true",
+                             help="run a qemu binary that lives inside the definition's own tree (only for a qemu you built)")
     p["down"].add_argument("--timeout", type=float, metavar="SECONDS", help="seconds for ACPI powerdown before escalating (default: each machine's stop_timeout)")
     p["down"].add_argument("--purge", action="store_true", help="also delete disks qemuspec created and the state directory")
     p["logs"].add_argument("--follow", "-f", action="store_true", help="keep printing as the log grows")
@@ -270,8 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     module_name, func_name, _ = COMMANDS[args.command]
+    import warnings
+
     from qemuspec.settings import Settings
 
+    warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)
     settings = Settings.from_env()
     try:
         import importlib

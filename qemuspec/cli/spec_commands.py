@@ -6,7 +6,7 @@ import os
 import shlex
 import sys
 
-from qemuspec.cli.common import Context, emit_json, problem_object
+from qemuspec.cli.common import Context, emit_json, preflight, problem_object
 from qemuspec.errors import SpecError, UsageError
 
 STARTER = """\
@@ -21,9 +21,9 @@ memory = "512M"              # override with QEMUSPEC_VAR_memory=1G or --var mem
 memory = "{{{{ memory }}}}"      # K/M/G/T, or a number of MiB
 cpus = 2
 accel = "auto"               # kvm when /dev/kvm works, else tcg; QEMUSPEC_ACCEL=tcg forces tcg
-kernel = "vmlinuz"           # paths are relative to this file
-initrd = "initrd.gz"
-cmdline = "console=ttyS0"
+# kernel = "vmlinuz"         # direct kernel boot; paths are relative to this file
+# initrd = "initrd.gz"
+# cmdline = "console=ttyS0"
 serial = "log"               # the console is kept in .qemuspec/vm/serial.log and read live
 restart = "no"               # "no", "on-failure" or "always"
 append = []                  # raw qemu switches for anything not modelled, e.g. ["-rtc", "base=utc"]
@@ -32,10 +32,11 @@ append = []                  # raw qemu switches for anything not modelled, e.g.
 serial = "login:"            # ready when the console shows this (a regular expression)
 timeout = "120s"
 
-# [[machines.vm.disks]]
-# file = "vm.qcow2"
-# format = "qcow2"
-# size = "10G"               # created on `up` when missing
+[[machines.vm.disks]]
+file = "vm.qcow2"
+format = "qcow2"
+size = "10G"                 # created on `up` when missing; install an OS into it from a cdrom:
+# cdrom = "debian.iso"       # (under [machines.vm]) with boot_order = "dc"
 
 [[machines.vm.nics]]
 type = "user"                # user-mode networking, no root needed
@@ -43,7 +44,7 @@ forwards = [{{ host = 0, guest = 22 }}]   # host 0 picks a free port; `qemuspec 
 """
 
 
-def validate(ctx: Context, *, files: list[str], probe: bool) -> int:
+def validate(ctx: Context, *, files: list[str], probe: bool, allow_local_qemu: bool) -> int:
     from qemuspec.cli.common import check_against_qemu
     from qemuspec.spec.loader import load_located
 
@@ -52,6 +53,7 @@ def validate(ctx: Context, *, files: list[str], probe: bool) -> int:
     for path in files:
         try:
             spec, lines = load_located(path, variables=variables, environ=ctx.settings.var_environ())
+            preflight(spec, lines, path, list(spec.machines), allow_local_qemu=allow_local_qemu)
             if probe:
                 check_against_qemu(spec, lines, path, list(spec.machines))
             results.append({"file": path, "valid": True, "machines": list(spec.machines), "errors": []})

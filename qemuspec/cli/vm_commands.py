@@ -31,6 +31,7 @@ def _print_outcomes(out: Output, outcomes: list["Outcome"]) -> None:
         ports = ", ".join(f"{p['address']}:{p['host']}->{p['guest']}/{p['protocol']}" for p in o.ports)
         extra = [f"pid {o.pid}"] if o.pid else []
         extra += [ports] if ports else []
+        extra += [f"qemu {o.qemu}"] if getattr(o, "qemu", "") and o.action in ("started", "recreated") else []
         extra += [o.detail] if o.detail else []
         out.say(f"{o.name}: {o.action}{' (' + ', '.join(extra) + ')' if extra else ''}")
     for o in outcomes:
@@ -46,12 +47,15 @@ def _record(target: Target, outcomes: list["Outcome"], machines: dict[str, Any])
             record_definition(machines[o.name], target.state_dir(o.name))
 
 
-def up(ctx: Context, *, no_probe: bool, attach: bool, timeout: float | None) -> int:
+def up(ctx: Context, *, no_probe: bool, attach: bool, timeout: float | None, allow_local_qemu: bool) -> int:
     from qemuspec import reconcile
 
     target = ctx.target
     spec, lines = target.load()
     names = target.machines()
+    from qemuspec.cli.common import preflight
+
+    preflight(spec, lines, target.path, reconcile.needed(spec, names), allow_local_qemu=allow_local_qemu, root=target.root)
     if not no_probe:
         from qemuspec.cli.common import check_against_qemu
 
