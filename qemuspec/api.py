@@ -54,7 +54,7 @@ class VM:
         self.name = name
         self._fields: dict[str, Any] = {}
         self._model: Machine | None = None
-        self._instance = None
+        self._instance: Any = None  # the runtime Instance once started
         if isinstance(fields, Machine):
             self._model = fields
             self._fields = fields.model_dump(exclude_unset=True)
@@ -320,7 +320,7 @@ class VM:
     def __enter__(self) -> "VM":
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: Any) -> None:
         if self.running():
             self.stop()
 
@@ -375,6 +375,14 @@ def load(path: str, variables: dict | None = None, state_dir: str | None = None)
 # machine names) and returns data; printing is the caller's business.
 
 DEFINITION_FILE = "definition.json"  # in a machine's state directory: what `up` last started
+
+
+def machine_layout(machine: Machine, state_dir: str) -> Any:
+    """Where a machine's files go, with its accelerators resolved and its TCP QMP port (the render input)."""
+    from qemuspec.runtime import accel, paths
+
+    port = machine.qmp.port if machine.qmp.transport == "tcp" else None
+    return paths.layout(state_dir, accel=accel.resolve(machine.accel), qmp_port=port)
 
 
 def definition_record(state_dir: str) -> str:
@@ -528,9 +536,8 @@ def machine_info(spec: Any, root: str, name: str, events: int = 20) -> dict:
         info["argv"] = inst.argv
     else:
         from qemuspec.render import render
-        from qemuspec.runtime import accel, paths
 
-        info["argv"] = render(machine, name, paths.layout(state_dir, accel=accel.resolve(machine.accel)))
+        info["argv"] = render(machine, name, machine_layout(machine, state_dir))
     info["state_dir"] = state_dir
     info["disks"] = [{"file": d.file, "format": d.format, "backing": d.backing, "exists": os.path.exists(d.file)} for d in machine.disks]
     info["definition"] = machine.model_dump(mode="json")

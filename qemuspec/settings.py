@@ -20,6 +20,7 @@ VARIABLES = {
     "QEMUSPEC_ACCEL": "accelerator list forced for every machine of a run, e.g. tcg",
     "QEMUSPEC_VAR_<name>": "value of template variable <name>",
     "QEMUSPEC_QEMU_IMG": "qemu-img binary",
+    "QEMUSPEC_ALLOW_LOCAL_QEMU": "allow a qemu binary inside the definition's own tree (as --allow-local-qemu)",
     "QEMUSPEC_DEBUG": "print tracebacks instead of one-paragraph errors",
     "NO_COLOR": "no colour, even on a terminal",
     "CI": "line-based progress, never redrawn in place",
@@ -33,6 +34,7 @@ class Settings:
     accel: str | None = None
     qemu_img: str = "qemu-img"
     debug: bool = False
+    allow_local_qemu: bool = False
     no_color: bool = False
     ci: bool = False
     variables: dict[str, str] = field(default_factory=dict)
@@ -46,11 +48,17 @@ class Settings:
             accel=env.get("QEMUSPEC_ACCEL") or None,
             qemu_img=env.get("QEMUSPEC_QEMU_IMG") or "qemu-img",
             debug=bool(env.get("QEMUSPEC_DEBUG")),
+            allow_local_qemu=env.get("QEMUSPEC_ALLOW_LOCAL_QEMU", "") not in ("", "0"),
             no_color="NO_COLOR" in env,
             ci=env.get("CI", "").lower() in ("1", "true", "yes"),
             variables={k[len(VAR_PREFIX):]: v for k, v in env.items() if k.startswith(VAR_PREFIX)},
         )
 
     def var_environ(self) -> dict[str, str]:
-        """The template variables in the environment form the loader takes (``environ=``)."""
-        return {VAR_PREFIX + name: value for name, value in self.variables.items()}
+        """These settings in the environment form that the loader and preflight take (``environ=``)."""
+        out = {VAR_PREFIX + name: value for name, value in self.variables.items()}
+        if self.accel:
+            out["QEMUSPEC_ACCEL"] = self.accel
+        if self.allow_local_qemu:
+            out["QEMUSPEC_ALLOW_LOCAL_QEMU"] = "1"
+        return out

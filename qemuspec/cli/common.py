@@ -197,13 +197,15 @@ def check_against_qemu(spec: Any, lines: dict, source: str, names: list[str]) ->
         raise SpecError(located(source, lines, problems))
 
 
-def preflight(spec: Any, lines: dict, source: str, names: list[str], allow_local_qemu: bool = False, root: str | None = None) -> None:
+def preflight(spec: Any, lines: dict, source: str, names: list[str], allow_local_qemu: bool = False, root: str | None = None,
+              settings: Settings | None = None) -> None:
     """What `up` would fail on, found before anything starts (spec/preflight.py): exit 2 with file:line."""
     from qemuspec.errors import SpecError
     from qemuspec.spec import preflight as checks
     from qemuspec.spec.messages import located
 
-    problems = checks.host_problems(spec, source, names, allow_local_qemu=allow_local_qemu)
+    environ = (settings or Settings.from_env()).var_environ()
+    problems = checks.host_problems(spec, source, names, allow_local_qemu=allow_local_qemu, environ=environ)
     if root is not None and not problems:  # `up`: the ports of machines it would start must be free
         from qemuspec import reconcile
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+from typing import Any
 
 from qemuspec.cli.common import Context, emit_json, preflight, problem_object
 from qemuspec.errors import SpecError, UsageError
@@ -49,11 +50,11 @@ def validate(ctx: Context, *, files: list[str], probe: bool, allow_local_qemu: b
     from qemuspec.spec.loader import load_located
 
     variables = ctx.target.variables
-    results = []
+    results: list[dict[str, Any]] = []
     for path in files:
         try:
             spec, lines = load_located(path, variables=variables, environ=ctx.settings.var_environ())
-            preflight(spec, lines, path, list(spec.machines), allow_local_qemu=allow_local_qemu)
+            preflight(spec, lines, path, list(spec.machines), allow_local_qemu=allow_local_qemu, settings=ctx.settings)
             if probe:
                 check_against_qemu(spec, lines, path, list(spec.machines))
             results.append({"file": path, "valid": True, "machines": list(spec.machines), "errors": []})
@@ -73,8 +74,8 @@ def validate(ctx: Context, *, files: list[str], probe: bool, allow_local_qemu: b
 
 
 def render(ctx: Context, *, shell: bool, format: str) -> int:
+    from qemuspec.api import machine_layout
     from qemuspec.render import render as render_argv
-    from qemuspec.runtime import accel, paths
 
     target = ctx.target
     spec = target.spec
@@ -92,10 +93,7 @@ def render(ctx: Context, *, shell: bool, format: str) -> int:
         return 0
     argvs = {}
     for name in names:
-        machine = spec.machines[name]
-        port = machine.qmp.port if machine.qmp.transport == "tcp" else None
-        lay = paths.layout(target.state_dir(name), accel=accel.resolve(machine.accel), qmp_port=port)
-        argvs[name] = render_argv(machine, name, lay)
+        argvs[name] = render_argv(spec.machines[name], name, machine_layout(spec.machines[name], target.state_dir(name)))
     if ctx.out.json and shell:
         raise UsageError("--json and --shell are alternatives: choose one")
     if ctx.out.json:

@@ -55,7 +55,7 @@ def up(ctx: Context, *, no_probe: bool, attach: bool, timeout: float | None, all
     names = target.machines()
     from qemuspec.cli.common import preflight
 
-    preflight(spec, lines, target.path, reconcile.needed(spec, names), allow_local_qemu=allow_local_qemu, root=target.root)
+    preflight(spec, lines, target.path, reconcile.needed(spec, names), allow_local_qemu=allow_local_qemu, root=target.root, settings=ctx.settings)
     if not no_probe:
         from qemuspec.cli.common import check_against_qemu
 
