@@ -158,3 +158,32 @@ def test_progress_shows_elapsed_time_and_deadline_on_a_terminal(monkeypatch):
     plain = io.StringIO()
     Progress(["vm"], stream=plain, deadline=120)("vm", "waiting for ready")
     assert plain.getvalue() == "vm: waiting for ready\n", "line-based and without clocks off a terminal (CI logs)"
+
+
+@pytest.mark.parametrize("no_color", [False, True])
+def test_plan_colours_only_on_a_terminal_without_no_color(tmp_path, no_color):
+    import pty
+
+    path = tmp_path / "one.toml"
+    path.write_text("[machines.a]\n")
+    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    if no_color:
+        env["NO_COLOR"] = "1"
+    master, slave = pty.openpty()
+    try:
+        result = subprocess.run([*ENTRY, "plan", str(path)], stdout=slave, stderr=subprocess.PIPE, env=env, timeout=60)
+        os.close(slave)
+        text = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the terminal's other side is closed and drained
+                break
+            if not chunk:
+                break
+            text += chunk
+    finally:
+        os.close(master)
+    assert result.returncode == 3
+    assert (b"\x1b[33mstart\x1b[0m" in text) is (not no_color), text
+    assert b"a: " in text
