@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
 
 EXIT_CODES = """exit codes:
   0  success (plan: nothing to change)
@@ -105,6 +104,11 @@ def _epilog(name: str) -> str:
     return text + EXIT_CODES
 
 
+def _commands_help() -> str:
+    width = max(len(name) for name in COMMANDS)
+    return "commands:\n" + "\n".join(f"  {name:<{width}}  {help_}" for name, (_, _, help_) in COMMANDS.items())
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output: JSON (JSON lines for streams)")
     parser.add_argument("--quiet", "-q", action="store_true", help="print only errors and the data asked for; no progress")
@@ -149,17 +153,16 @@ def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, d
         usage="qemuspec [--version] COMMAND [ACTION] [FILE] [MACHINE...] [OPTIONS] [-- COMMAND...]",
         description="Declarative QEMU virtual machines: definitions in TOML or YAML, validated, rendered, run through QMP.\n"
                     "FILE is optional everywhere (also --file FILE); MACHINE may be left out when the file has one machine.",
-        epilog=_epilog(""),
+        epilog=_commands_help() + "\n\n" + _epilog(""),
         formatter_class=_Formatter,
     )
     parser.add_argument("--version", action="version", version="qemuspec 0.1.0")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    p = {name: sub.add_parser(name, prog=f"qemuspec {name}", help=help_, description=help_, epilog=_epilog(name), formatter_class=_Formatter)
-         for name, (_, _, help_) in COMMANDS.items()}
+    parser.add_argument("command", nargs="?", choices=list(COMMANDS), metavar="COMMAND", help=argparse.SUPPRESS)
+    wanted = list(COMMANDS) if command is None else [command] if command else []
+    real = {name: argparse.ArgumentParser(prog=f"qemuspec {name}", description=COMMANDS[name][2], epilog=_epilog(name), formatter_class=_Formatter)
+            for name in wanted}
+    p: dict[str, argparse.ArgumentParser] = {name: real.get(name) or _Skip() for name in COMMANDS}  # type: ignore[misc]
     p["ps"].epilog = _epilog("status")
-    real = p
-    if command is not None:
-        p = {name: (parser_ if name == command else _Skip()) for name, parser_ in p.items()}  # type: ignore[misc]
 
     p["validate"].add_argument("files", nargs="+", metavar="FILE", help="definition files")
     p["validate"].add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="template variable (repeatable)")
@@ -285,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         from qemuspec.cli.common import Context
 
         ctx = Context.from_args(args, tail, settings)
-        func: Callable[..., int] = getattr(importlib.import_module(f"qemuspec.cli.{module_name}"), func_name)
+        func = getattr(importlib.import_module(f"qemuspec.cli.{module_name}"), func_name)
         code = func.__code__
         params = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
         return int(func(ctx, **{name: getattr(args, name) for name in params if name != "ctx"}) or 0)
