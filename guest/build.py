@@ -7,7 +7,7 @@ the virtio/console/button/evdev modules in dependency order (the package ships n
 each module's `depends=` is read), and, when the host has them, dropbear and qemu-ga with their
 libraries. The guest prints a marker on the serial console, powers off on the ACPI power button,
 brings eth0 up for user-mode networking, serves HTTP on 80 and a banner on 7777, runs the guest
-agent, and obeys `qemuspec.noacpi`, `qemuspec.exit=N` (power off after N s) and `qemuspec.panic=N`
+agent, and obeys `qemuspec.noacpi`, `qemuspec.stamp=WORD` (write a per-boot stamp to /dev/vda's first sector), `qemuspec.exit=N` (power off after N s) and `qemuspec.panic=N`
 (kernel panic after N s, reported through a pvpanic device) on its kernel command line.
 
 Output: guest/out/vmlinuz and guest/out/initrd.gz, rebuilt only when the inputs change.
@@ -78,6 +78,11 @@ if [ -b /dev/sr0 ] && mkdir -p /cidata && mount -t iso9660 -o ro /dev/sr0 /cidat
       esac
     done < /cidata/network-config
   fi
+fi
+s=$(arg qemuspec.stamp)
+if [ -n "$s" ] && [ -b /dev/vda ]; then
+  s="stamp-$s-$(cat /proc/sys/kernel/random/uuid)"
+  echo "$s" | dd of=/dev/vda conv=notrunc,fsync 2>/dev/null && echo "qemuspec-guest: disk $s"
 fi
 httpd -p 80 -h /www
 (while true; do echo "qemuspec-guest banner" | nc -l -p 7777 >/dev/null 2>&1; done) &

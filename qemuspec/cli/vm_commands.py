@@ -127,7 +127,8 @@ def plan(args: Any) -> int:
         emit_json(steps)
         return 0
     for step in steps:
-        print(f"{step['name']}: {step['action']}")
+        warm = f" ({step['warm']['boot']}: {step['warm']['why']})" if step.get("warm") else ""
+        print(f"{step['name']}: {step['action']}{warm}")
         for line in step["diff"][2:]:
             print(f"    {line}")
     return 0

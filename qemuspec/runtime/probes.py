@@ -23,12 +23,16 @@ def forwarded_ports(qmp) -> list[dict]:
     return ports
 
 
+TALK_FIRST = 0.1  # seconds a service may take to speak first before it is asked (was 1 s: a warm start's whole budget)
+
+
 def _exchange(port: int, expect: bytes | None, deadline: float) -> bool:
     """One attempt: True when the guest side sent data (starting with ``expect`` if given)."""
     remaining = max(0.05, deadline - time.monotonic())
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=min(2.0, remaining)) as sock:
-            sock.settimeout(min(1.0, remaining))
+            # A service that talks first (ssh, banners) answers within this; a silent one gets a request
+            sock.settimeout(min(TALK_FIRST, remaining))
             try:
                 data = sock.recv(256)
             except socket.timeout:
