@@ -110,11 +110,16 @@ def status(args: Any) -> int:
     if args.json:
         emit_json(rows)
         return 0
-    print(f"{'NAME':<16} {'STATE':<13} {'PID':>8} {'UPTIME':>8} {'RESTARTS':>8}  PORTS")
+    print(f"{'NAME':<16} {'STATE':<13} {'PID':>8} {'UPTIME':>8} {'RESTARTS':>8} {'BOOT':<5} PORTS")
     for r in rows:
         ports = " ".join(f"{p['host']}->{p['guest']}" for p in r["ports"])
         uptime = f"{r['uptime']:.0f}s" if r["uptime"] is not None else "-"
-        print(f"{r['name']:<16} {r['state']:<13} {r['pid'] or '-':>8} {uptime:>8} {r['restarts']:>8}  {ports}")
+        print(f"{r['name']:<16} {r['state']:<13} {r['pid'] or '-':>8} {uptime:>8} {r['restarts']:>8} {r['boot'] or '-':<5} {ports}")
+    for r in rows:  # warm machines: how the next start goes, and what a restore shares
+        if r.get("next_boot"):
+            print(f"{r['name']}: next start {r['next_boot']['boot']}: {r['next_boot']['why']}")
+        if r.get("restored") and "reseeded" not in r["restored"].get("rng", ""):
+            print(f"{r['name']}: RNG {r['restored']['rng']}")
     return 0
 
 

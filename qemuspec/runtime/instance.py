@@ -65,6 +65,7 @@ class Instance:
         self.recorded_hash: str | None = None
         self.kvm_failure: str | None = None  # why "auto" fell back from KVM to TCG, if it did
         self.boot = "cold"  # "warm" when started from saved state (runtime/warm.py)
+        self.restored: dict | None = None  # after a warm start: what was done about clock and RNG
         self._restore_mark: int | None = None
         self._listeners: list[tuple[str, Callable[[dict], Any]]] = []
         self._log_offset = 0
@@ -236,6 +237,7 @@ class Instance:
             "started_at": self.started_at,
             "ports": self.ports,
             "boot": self.boot,
+            **({"restored": self.restored} if self.restored else {}),
         })
 
     # -- readiness --------------------------------------------------------------------------------
@@ -405,6 +407,7 @@ class Instance:
         inst.started_at = state.get("started_at")
         inst.recorded_hash = state.get("hash")
         inst.boot = state.get("boot") or "cold"
+        inst.restored = state.get("restored")
         return inst
 
     def connect(self, timeout: float = 5.0) -> QMPClient:

@@ -263,6 +263,8 @@ class Supervisor:
                 from qemuspec.runtime import warm
 
                 done = warm.after_restore(inst)
+                inst.restored = done
+                inst.write_state()
                 record(self.state_dir, "QEMUSPEC_RESTORED", pid=inst.process.pid, seconds=round(time.monotonic() - began, 3), **done)
         except Exception as exc:  # a bug must reach the user as a failure, not a silent exit
             if restore:
