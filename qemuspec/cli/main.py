@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
         _file_arg(p[name], positional=True)
         p[name].add_argument("--machine", "-m", action="append", default=[], help="only this machine (repeatable)")
     p["up"].add_argument("--no-probe", action="store_true", help="skip checking the definition against the qemu binary")
+    for name in ("up", "plan"):
+        p[name].add_argument("--warm", action="store_true", help="warm start for this run, as if the machines said warm = true")
     p["up"].add_argument("--attach", action="store_true", help="stay in the foreground streaming consoles and events; Ctrl-C brings the machines down")
     p["down"].add_argument("--timeout", type=float, help="seconds for ACPI powerdown before escalating (default: each machine's stop_timeout)")
     p["down"].add_argument("--purge", action="store_true", help="also delete disks qemuspec created and the state directory")

@@ -45,11 +45,21 @@ def _print_outcomes(args: Any, outcomes: list) -> None:
             print(f"error: {o.detail}", file=sys.stderr)
 
 
+def _warm_flag(args: Any, spec: Any, names: list[str]) -> None:
+    """`--warm`: this run treats the selected machines (and what they depend on) as warm = true."""
+    if getattr(args, "warm", False):
+        from qemuspec import reconcile
+
+        for name in reconcile.needed(spec, names):
+            spec.machines[name] = spec.machines[name].model_copy(update={"warm": True})
+
+
 def up(args: Any) -> int:
     from qemuspec import reconcile
 
     spec, lines = load_file(args, with_lines=True)
     names = select(spec, args.machine, args.file)
+    _warm_flag(args, spec, names)
     if not args.no_probe:
         from qemuspec.cli.common import check_against_qemu
 
@@ -127,7 +137,9 @@ def plan(args: Any) -> int:
     from qemuspec import reconcile
 
     spec = load_file(args)
-    steps = reconcile.plan(spec, _root(args), select(spec, args.machine, args.file))
+    names = select(spec, args.machine, args.file)
+    _warm_flag(args, spec, names)
+    steps = reconcile.plan(spec, _root(args), names)
     if args.json:
         emit_json(steps)
         return 0

@@ -23,24 +23,20 @@ def forwarded_ports(qmp) -> list[dict]:
     return ports
 
 
-TALK_FIRST = 0.1  # seconds a service may take to speak first before it is asked (was 1 s: a warm start's whole budget)
-
-
 def _exchange(port: int, expect: bytes | None, deadline: float) -> bool:
     """One attempt: True when the guest side sent data (starting with ``expect`` if given)."""
     remaining = max(0.05, deadline - time.monotonic())
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=min(2.0, remaining)) as sock:
-            # A service that talks first (ssh, banners) answers within this; a silent one gets a request
-            sock.settimeout(min(TALK_FIRST, remaining))
+            if expect is None:
+                # Any data counts: a service that talks first (a banner) still does, and a silent one
+                # may be HTTP, so ask at once rather than wait to see whether it speaks first.
+                sock.sendall(b"HEAD / HTTP/1.0\r\n\r\n")
+            sock.settimeout(min(2.0, remaining))
             try:
                 data = sock.recv(256)
             except socket.timeout:
-                if expect is not None:
-                    return False
-                sock.sendall(b"HEAD / HTTP/1.0\r\n\r\n")  # a silent service may be HTTP: ask it
-                sock.settimeout(min(2.0, max(0.05, deadline - time.monotonic())))
-                data = sock.recv(256)
+                return False
             return bool(data) and (expect is None or data.startswith(expect))
     except OSError:
         return False
