@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 from qemuspec.errors import QemuspecError
 from qemuspec.runtime import supervisor
 from qemuspec.runtime.instance import Instance, definition_hash, forget
+from qemuspec.spec import preflight
 from qemuspec.spec.models import File, order_machines
 
 Report = Callable[[str, str], None]
@@ -40,6 +41,7 @@ class Outcome:
     pid: int | None = None
     detail: str = ""
     ports: list = field(default_factory=list)
+    qemu: str = ""  # the absolute binary started, so a user sees what a definition made them run
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -197,7 +199,8 @@ def _collect(spec: File, pending: dict[int, tuple[str, str, float]], outcomes: d
                             if message.get("saved"):
                                 saved = message["saved"]
                                 detail += f", state saved in {saved['seconds']:.2f} s ({saved['bytes'] / 2**20:.0f} MiB)"
-                            done = Outcome(name, action, seconds, message.get("pid"), detail=detail, ports=message.get("ports", []))
+                            done = Outcome(name, action, seconds, message.get("pid"), detail=detail, ports=message.get("ports", []),
+                                           qemu=preflight.qemu_path(spec.machines[name].qemu) or spec.machines[name].qemu)
                         elif status == "failed":
                             report(name, "failed")
                             done = Outcome(name, "failed", time.monotonic() - began, detail=message.get("detail", ""))

@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("up", "plan"):
         p[name].add_argument("--warm", action="store_true", help="warm start for this run, as if the machines said warm = true")
     p["up"].add_argument("--attach", action="store_true", help="stay in the foreground streaming consoles and events; Ctrl-C brings the machines down")
+    for name in ("up", "validate"):
+        p[name].add_argument("--allow-local-qemu", action="store_true",
+                             help="run a qemu binary that lives inside the definition's own tree (only for a qemu you built)")
     p["down"].add_argument("--timeout", type=float, help="seconds for ACPI powerdown before escalating (default: each machine's stop_timeout)")
     p["down"].add_argument("--purge", action="store_true", help="also delete disks qemuspec created and the state directory")
 
@@ -173,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     module_name, func_name, _ = COMMANDS[args.command]
+    import warnings
+
+    warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)
     try:
         import importlib
 

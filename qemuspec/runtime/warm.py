@@ -194,9 +194,11 @@ def save(inst: "Instance") -> dict:
         qemu_version = f"{version.get('major')}.{version.get('minor')}.{version.get('micro')}"
         qmp.command("stop")
         try:
+            from qemuspec.render import own
+
             for index, disk in enumerate(machine.disks):
                 if not disk.readonly:
-                    qmp.command("blockdev-snapshot-sync", {"device": f"disk{index}", "snapshot-file": live_disk(state_dir, index), "format": "qcow2"})
+                    qmp.command("blockdev-snapshot-sync", {"device": own(f"disk{index}"), "snapshot-file": live_disk(state_dir, index), "format": "qcow2"})
             qmp.command("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
             qmp.command("migrate-set-parameters", {"max-bandwidth": 1 << 40})
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
