@@ -40,6 +40,7 @@ def _print_outcomes(args: Any, outcomes: list) -> None:
         extra += [ports] if ports else []
         extra += [f"qemu {o.qemu}"] if getattr(o, "qemu", "") and o.action in ("started", "recreated") else []
         extra += [o.detail] if o.detail else []
+        extra += [f"{o.seconds:.1f} s"] if o.action == "stopped" else []
         print(f"{o.name}: {o.action}{' (' + ', '.join(extra) + ')' if extra else ''}")
     for o in outcomes:
         if o.action == "failed":

@@ -331,14 +331,41 @@ class Instance:
             self._cleanup()
             return StopResult("already stopped", 0.0, self.process.returncode if self.process else None)
         step = None
-        if acpi_timeout is not None and self._guest_running() and self._send("system_powerdown") and self.process.wait(acpi_timeout) is not None:
-            step = "ACPI powerdown"
+        skipped = None
+        if acpi_timeout is not None and self._guest_running():
+            skipped = self._acpi_unanswered()
+            if skipped is None and self._send("system_powerdown") and self.process.wait(acpi_timeout) is not None:
+                step = "ACPI powerdown"
         if step is None and self._send("quit") and self.process.wait(quit_timeout) is not None:
-            step = "QMP quit"
+            step = f"QMP quit: {skipped}" if skipped else "QMP quit"
         if step is None:
             step = self.process.terminate_and_kill(3.0)
         self._cleanup()
         return StopResult(step, time.monotonic() - began, self.process.returncode)
+
+    def _acpi_unanswered(self) -> str | None:
+        """Why a power-button press cannot be answered, when qemu can tell: the machine has no ACPI,
+        or the guest has not taken ACPI over yet (SCI_EN, bit 0 of PM1 control, is set by the OS; an
+        unmapped PM block reads all ones). Then stop goes straight to quit instead of waiting out
+        stop_timeout. Known for SeaBIOS on pc/q35 (PM base 0x600); other firmware is just waited for."""
+        kind = self.machine.machine
+        if kind == "none":
+            return "the machine has no ACPI"
+        if self.machine.firmware.type != "bios" or self.machine.firmware.code or not kind.startswith(("pc", "q35")) or self.qmp is None:
+            return None
+        try:
+            out = self.qmp.command("human-monitor-command", {"command-line": "i/w 0x604"}, timeout=5)
+        except QemuspecError:
+            return None
+        import re
+
+        match = re.search(r"=\s*0x([0-9a-fA-F]+)", out or "")
+        if match is None:
+            return None
+        pm1_control = int(match.group(1), 16) & 0xFFFF
+        if pm1_control == 0xFFFF or not pm1_control & 1:
+            return "the guest has not enabled ACPI yet"
+        return None
 
     def _guest_running(self) -> bool:
         """A paused or never-started guest cannot act on the power button: skip straight to quit."""
