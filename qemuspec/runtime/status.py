@@ -32,7 +32,7 @@ def machine_status(name: str, machine: Machine, state_dir: str, ask_qemu: bool =
         from qemuspec.runtime import warm
 
         row["next_boot"] = warm.check(name, machine, state_dir).as_dict()
-    if inst is not None:
+    if inst is not None and inst.process is not None:
         row.update(pid=inst.process.pid, qmp=inst.qmp_address, ports=inst.ports, accel=list(inst.layout.accel), boot=inst.boot,
                    **({"restored": inst.restored} if inst.restored else {}),
                    uptime=round(time.time() - inst.started_at, 1) if inst.started_at else None)

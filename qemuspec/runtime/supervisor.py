@@ -254,6 +254,7 @@ class Supervisor:
         try:
             self.tell("starting")
             inst.launch(restore=restore)
+            assert inst.process is not None
             record(self.state_dir, "QEMUSPEC_LAUNCHED", pid=inst.process.pid, restarts=self.restarts, accel=list(inst.layout.accel),
                    boot=inst.boot, **({"why": cold_why} if cold_why else {}),
                    **({"kvm_failed": inst.kvm_failure.split("\n", 1)[0]} if inst.kvm_failure else {}))
@@ -288,6 +289,7 @@ class Supervisor:
         if self.machine.warm and not restore:
             saved = self._save(inst)
         self.phase("running")
+        assert inst.process is not None
         record(self.state_dir, "QEMUSPEC_READY", pid=inst.process.pid, seconds=round(seconds, 3), restarts=self.restarts, boot=inst.boot)
         self.tell("ready", pid=inst.process.pid, seconds=seconds, ports=inst.ports, boot=inst.boot, saved=saved)
         return True
@@ -324,6 +326,7 @@ class Supervisor:
             self.tell("failed", detail=f"cannot adopt machine {self.name}: {exc}")
             raise SystemExit(1)
         self.phase("running")
+        assert inst.process is not None
         record(self.state_dir, "QEMUSPEC_ADOPTED", pid=inst.process.pid)
         self.tell("ready", pid=inst.process.pid, seconds=0.0, ports=inst.ports, adopted=True)
         return True

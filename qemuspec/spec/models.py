@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 from pydantic import (
     AfterValidator,
@@ -88,8 +88,12 @@ def _size(parse, serialize, bare: str) -> Any:
     ]
 
 
-MiB = _size(units.parse_mib, lambda v: f"{v}M", "MiB")
-Bytes = _size(units.parse_bytes, units.format_bytes, "bytes")
+if TYPE_CHECKING:  # for the type checker: sizes are ints once validated
+    MiB = int
+    Bytes = int
+else:
+    MiB = _size(units.parse_mib, lambda v: f"{v}M", "MiB")
+    Bytes = _size(units.parse_bytes, units.format_bytes, "bytes")
 Seconds = Annotated[
     float,
     BeforeValidator(units.parse_seconds),
@@ -141,6 +145,7 @@ class Ready(Model):
 
 class Disk(Model):
     file: FilePath
+    id: Ident | None = Field(None, description="The drive's qemu id, for a device in devices or append that refers to it (default: qemuspec-diskN)")
     format: Ident | None = Field(None, description="Image format: qcow2, raw, ... (required with backing or size)")
     size: Bytes | None = Field(None, description="Created with this size on `up` when the file is missing")
     backing: FilePath | None = Field(None, description="Base image of an overlay; the base is never written")

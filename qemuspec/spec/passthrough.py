@@ -10,7 +10,7 @@ visibly. Ids are checked here too: a definition's ids are unique and never use q
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 if TYPE_CHECKING:
     from qemuspec.spec.models import Machine
@@ -90,6 +90,9 @@ def conflicts(machine: "Machine") -> list[tuple[str, str]]:
 
 def user_ids(machine: "Machine") -> Iterator[tuple[str, str]]:
     """(field path, id) for every id a definition gives: devices, objects, options maps, append."""
+    for index, disk in enumerate(machine.disks):
+        if disk.id:
+            yield f"disks.{index}.id", disk.id
     for index, dev in enumerate(machine.devices):
         if dev.id:
             yield f"devices.{index}.id", dev.id
@@ -105,14 +108,14 @@ def user_ids(machine: "Machine") -> Iterator[tuple[str, str]]:
 
 def id_problems(machine: "Machine") -> list[tuple[str, str]]:
     problems = []
-    typed_options = [("disks", machine.disks, ("options", "device_options")), ("nics", machine.nics, ("options", "device_options")),
+    typed_options: list[tuple[str, list[Any], tuple[str, ...]]] = [("disks", machine.disks, ("options", "device_options")), ("nics", machine.nics, ("options", "device_options")),
                      ("shares", machine.shares, ("options",)), ("devices", machine.devices, ("options",)),
                      ("objects", machine.objects, ("options",))]
     for field, items, maps in typed_options:
         for index, item in enumerate(items):
             for attr in maps:
                 if "id" in getattr(item, attr):
-                    problems.append((f"{field}.{index}.{attr}.id", f'"id" is given by qemuspec{" (use the id field)" if field in ("devices", "objects") else ""}: remove it from {attr}'))
+                    problems.append((f"{field}.{index}.{attr}.id", f'"id" is given by qemuspec{" (use the id field)" if field in ("devices", "objects", "disks") else ""}: remove it from {attr}'))
     seen: dict[str, str] = {}
     for where, ident in user_ids(machine):
         if ident.startswith(OWN_ID_PREFIX):
