@@ -21,7 +21,7 @@ import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from qemuspec.errors import QemuspecError
 from qemuspec.runtime import supervisor
@@ -102,7 +102,7 @@ def plan(spec: File, root: str, names: list[str]) -> list[dict]:
             if action == "recreate" and found is not None:
                 wanted = render(spec.machines[name], name, found.layout)
                 diff = list(difflib.unified_diff(found.argv, wanted, "running", "definition", lineterm="", n=1))
-            step = {"name": name, "action": action, "diff": diff}
+            step: dict[str, Any] = {"name": name, "action": action, "diff": diff}
             machine = spec.machines[name]
             if machine.warm:
                 from qemuspec.runtime import warm
