@@ -320,6 +320,13 @@ def _as_list(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
+def _libvirt_uri(value: str) -> str:
+    """A libvirt connection URI for the QEMU driver: where the libvirt backend places the machine."""
+    if not re.match(r"^qemu(\+(ssh|tcp|tls|unix|libssh|libssh2|ext))?://[^\s/]*/(system|session)(\?\S*)?$", value):
+        raise ValueError(f'"{value}" is not a libvirt QEMU URI: write for example "qemu:///system" or "qemu+ssh://user@host/system"')
+    return value
+
+
 def _qemu_binary(value: str) -> str:
     """A definition names a qemu, not any program: a shared file must not be able to run `sh`."""
     if not re.match(r"^(qemu-system-[A-Za-z0-9_]+|qemu-kvm|kvm)$", os.path.basename(value)):
@@ -332,6 +339,8 @@ class Machine(Model):
 
     qemu: Annotated[str, AfterValidator(_text), AfterValidator(_qemu_binary)] = Field(
         "qemu-system-x86_64", description="The qemu binary: a qemu-system-* name on PATH or a path")
+    host: Annotated[str, AfterValidator(_libvirt_uri)] | None = Field(
+        None, description='Run this machine through libvirt at this URI, e.g. "qemu+ssh://user@host/system" (default: locally, or --connect)')
     machine: Ident = Field("q35", description="-machine type")
     machine_options: Options = Field(default_factory=dict, description="Extra -machine properties")
     accel: Accel | list[Accel] = Field(
