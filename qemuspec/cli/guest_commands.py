@@ -18,8 +18,13 @@ def _command(argv: list[str]) -> list[str]:
 
 
 def _agent(args: Any, name: str):
+    from qemuspec.cli import libvirt_commands
+    from qemuspec.cli.vm_commands import _machine
     from qemuspec.runtime.agent import GuestAgent
 
+    spec, _ = _machine(args, name)
+    if (hosts := libvirt_commands.placed(args, spec, name)):  # libvirt backend
+        return libvirt_commands.agent(args, spec, name, hosts)
     inst = _running(args, name)
     if not inst.machine.agent:
         raise QemuspecError(f"machine {name} has no guest-agent channel: add agent = true (and run qemu-guest-agent in the guest)")

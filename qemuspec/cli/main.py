@@ -52,6 +52,8 @@ def _file_arg(parser: argparse.ArgumentParser, positional: bool) -> None:
         parser.add_argument("--file", "-F", dest="file", help=FILE_HELP)
     parser.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="template variable (repeatable)")
     parser.add_argument("--state-dir", help="state directory (default: .qemuspec beside the file; env QEMUSPEC_STATE_DIR)")
+    parser.add_argument("--connect", metavar="URI", help="run machines through libvirt at this URI, e.g. qemu+ssh://user@host/system "
+                        "(default: $QEMUSPEC_CONNECT, else locally; a machine's own host = wins)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,7 @@ import sys
 import time
 from typing import Any
 
+from qemuspec.cli import libvirt_commands
 from qemuspec.cli.common import emit_json, load_file, select
 from qemuspec.errors import QemuspecError, UsageError
 
@@ -50,6 +51,8 @@ def up(args: Any) -> int:
 
     spec, lines = load_file(args, with_lines=True)
     names = select(spec, args.machine, args.file)
+    if (hosts := libvirt_commands.placed(args, spec, reconcile.needed(spec, names))):  # libvirt backend
+        return libvirt_commands.up(args, spec, names, hosts, _progress(args, names))
     if not args.no_probe:
         from qemuspec.cli.common import check_against_qemu
 
@@ -88,6 +91,8 @@ def down(args: Any) -> int:
     spec = load_file(args)
     names = select(spec, args.machine, args.file)
     root = _root(args)
+    if (hosts := libvirt_commands.placed(args, spec, names)):  # libvirt backend
+        return libvirt_commands.down(args, spec, names, hosts, _progress(args, names))
     outcomes = reconcile.down(spec, root, names, args.timeout, _progress(args, names))
     if args.purge:
         for name in names:
@@ -105,6 +110,8 @@ def status(args: Any) -> int:
     from qemuspec.runtime.status import machine_status
 
     spec = load_file(args)
+    if (hosts := libvirt_commands.placed(args, spec, select(spec, args.machine, args.file))):  # libvirt backend
+        return libvirt_commands.status(args, spec, select(spec, args.machine, args.file), hosts)
     root = _root(args)
     rows = [machine_status(name, spec.machines[name], os.path.join(root, name)) for name in select(spec, args.machine, args.file)]
     if args.json:
@@ -122,6 +129,8 @@ def plan(args: Any) -> int:
     from qemuspec import reconcile
 
     spec = load_file(args)
+    if (hosts := libvirt_commands.placed(args, spec, select(spec, args.machine, args.file))):  # libvirt backend
+        return libvirt_commands.plan(args, spec, select(spec, args.machine, args.file), hosts)
     steps = reconcile.plan(spec, _root(args), select(spec, args.machine, args.file))
     if args.json:
         emit_json(steps)
@@ -165,6 +174,9 @@ def qmp(args: Any) -> int:
             raise UsageError(f"arguments must be a JSON object, for example '{{\"device\": \"disk0\"}}': {exc}") from None
         if not isinstance(arguments, dict):
             raise UsageError("arguments must be a JSON object, for example '{\"device\": \"disk0\"}'")
+    spec, _ = _machine(args, args.name)
+    if (hosts := libvirt_commands.placed(args, spec, args.name)):  # libvirt backend
+        return libvirt_commands.qmp(args, spec, hosts, arguments)
     with _client(_running(args, args.name)) as client:
         result = client.command(args.qmp_command, arguments)
     if isinstance(result, str) and not args.json:
@@ -175,6 +187,10 @@ def qmp(args: Any) -> int:
 
 
 def _each(args: Any, command: str, done: str) -> int:
+    spec = load_file(args)
+    select(spec, args.names, args.file)
+    if (hosts := libvirt_commands.placed(args, spec, args.names)):  # libvirt backend
+        return libvirt_commands.each(args, spec, hosts, command, done)
     results = []
     for name in args.names:
         with _client(_running(args, name)) as client:
@@ -203,6 +219,10 @@ def restart(args: Any) -> int:
     names = select(spec, args.names, args.file)
     root = _root(args)
     progress = _progress(args, names)
+    if (hosts := libvirt_commands.placed(args, spec, names)):  # libvirt backend
+        args.timeout, args.purge = None, False
+        libvirt_commands.down(args, spec, names, hosts, progress)
+        return libvirt_commands.up(args, spec, names, hosts, progress)
     reconcile.down(spec, root, names, None, progress)
     outcomes = reconcile.up(spec, root, names, progress)
     _print_outcomes(args, outcomes)
@@ -212,6 +232,8 @@ def restart(args: Any) -> int:
 def logs(args: Any) -> int:
     spec = load_file(args)
     names = select(spec, args.name, args.file) if args.name else list(spec.machines)
+    if not args.events and (hosts := libvirt_commands.placed(args, spec, names)):  # libvirt backend
+        return libvirt_commands.logs(args, spec, names, hosts)
     root = _root(args)
     filename = "events.jsonl" if args.events else "serial.log"
     sources = [((f"{n} | " if len(names) > 1 else ""), os.path.join(root, n, filename), False) for n in names]
@@ -274,6 +296,9 @@ def console(args: Any) -> int:
     import select as select_mod
     import socket
 
+    spec, _ = _machine(args, args.name)
+    if (hosts := libvirt_commands.placed(args, spec, args.name)):  # libvirt backend
+        return libvirt_commands.console(args, spec, hosts)
     inst = _running(args, args.name)
     if not os.path.exists(inst.layout.console):
         raise QemuspecError(f"machine {args.name} has no console socket: set serial = \"log\" or \"socket\"")

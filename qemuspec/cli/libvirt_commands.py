@@ -1,0 +1,230 @@
+"""The machine commands for machines placed on libvirt hosts (``host =``, ``--connect``,
+``$QEMUSPEC_CONNECT``): the same output and exit codes as the local commands, with libvirt's API
+underneath. Each local command calls :func:`placed` first and hands over when it answers."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+from qemuspec.cli.common import emit_json, select
+from qemuspec.errors import QemuspecError, UsageError
+
+
+def placed(args: Any, spec: Any, names: list[str] | str) -> dict[str, str | None] | None:
+    """Machine -> URI (None: local) when any of ``names`` runs through libvirt, else None."""
+    from qemuspec.backends import placement
+
+    hosts = placement(spec, [names] if isinstance(names, str) else list(names), getattr(args, "connect", None))
+    return hosts if any(hosts.values()) else None
+
+
+def _root(args: Any) -> str:
+    from qemuspec.runtime import paths
+
+    return paths.state_root(args.file, args.state_dir)
+
+
+def _domain(args: Any, spec: Any, name: str, hosts: dict) -> Any:
+    from qemuspec.backends import libvirt_domain as ld
+    from qemuspec.backends.libvirt_conn import connect
+
+    uri = hosts[name]
+    dom = ld.lookup(connect(uri), name)
+    if dom is None or not dom.isActive():
+        raise QemuspecError(f"machine {name} is not running on {uri}: start it with `qemuspec up {args.file}`")
+    ld._ours(dom, uri, name, args.file)
+    return dom
+
+
+def up(args: Any, spec: Any, names: list[str], hosts: dict, progress: Any) -> int:
+    from qemuspec.backends import libvirt_domain as ld
+    from qemuspec.cli.vm_commands import _print_outcomes
+
+    outcomes = ld.up(spec, args.file, _root(args), names, _all_hosts(args, spec), progress)
+    _print_outcomes(args, outcomes)
+    return 1 if any(o.action == "failed" for o in outcomes) else 0
+
+
+def _all_hosts(args: Any, spec: Any) -> dict:
+    from qemuspec.backends import placement
+
+    return placement(spec, list(spec.machines), getattr(args, "connect", None))
+
+
+def down(args: Any, spec: Any, names: list[str], hosts: dict, progress: Any) -> int:
+    from qemuspec.backends import libvirt_domain as ld
+    from qemuspec.cli.vm_commands import _print_outcomes
+
+    outcomes = ld.down(spec, args.file, _root(args), names, hosts, args.timeout, progress, purge=args.purge)
+    _print_outcomes(args, outcomes)
+    return 1 if any(o.action == "failed" for o in outcomes) else 0
+
+
+def status(args: Any, spec: Any, names: list[str], hosts: dict) -> int:
+    from qemuspec.backends import libvirt_domain as ld
+    from qemuspec.backends.libvirt_conn import label
+    from qemuspec.runtime.status import machine_status
+
+    rows = []
+    for name in names:
+        if hosts[name]:
+            rows.append(ld.status(spec, args.file, name, hosts[name]))
+        else:
+            rows.append({**machine_status(name, spec.machines[name], os.path.join(_root(args), name)), "host": None})
+    if args.json:
+        emit_json(rows)
+        return 0
+    print(f"{'NAME':<16} {'STATE':<13} {'PID':>8} {'UPTIME':>8} {'RESTARTS':>8}  {'HOST':<24} PORTS")
+    for r in rows:
+        ports = " ".join(f"{p['host']}->{p['guest']}" for p in r["ports"])
+        uptime = f"{r['uptime']:.0f}s" if r["uptime"] is not None else "-"
+        host = label(r["host"]) if r["host"] else "local"
+        print(f"{r['name']:<16} {r['state']:<13} {r['pid'] or '-':>8} {uptime:>8} {r['restarts']:>8}  {host:<24} {ports}")
+    return 0
+
+
+def plan(args: Any, spec: Any, names: list[str], hosts: dict) -> int:
+    from qemuspec.backends import libvirt_domain as ld
+
+    steps = ld.plan(spec, args.file, _root(args), names, hosts)
+    if args.json:
+        emit_json(steps)
+        return 0
+    for step in steps:
+        print(f"{step['name']}: {step['action']}")
+        for line in step["diff"][2:]:
+            print(f"    {line}")
+    return 0
+
+
+def qmp(args: Any, spec: Any, hosts: dict, arguments: dict | None) -> int:
+    from qemuspec.backends.libvirt_guest import Monitor
+
+    result = Monitor(_domain(args, spec, args.name, hosts)).command(args.qmp_command, arguments)
+    if isinstance(result, str) and not args.json:
+        sys.stdout.write(result if result.endswith("\n") else result + "\n")
+    else:
+        emit_json(result)
+    return 0
+
+
+def each(args: Any, spec: Any, hosts: dict, action: str, done: str) -> int:
+    from qemuspec.backends.libvirt_conn import binding, message
+
+    libvirt = binding()
+    results = []
+    for name in args.names:
+        dom = _domain(args, spec, name, hosts)
+        try:
+            dom.suspend() if action == "stop" else dom.resume()
+        except libvirt.libvirtError as exc:
+            raise QemuspecError(f"machine {name}: {message(exc)}") from None
+        results.append({"name": name, "state": done})
+    if args.json:
+        emit_json(results)
+    else:
+        for r in results:
+            print(f"{r['name']}: {r['state']}")
+    return 0
+
+
+def agent(args: Any, spec: Any, name: str, hosts: dict) -> Any:
+    from qemuspec.backends.libvirt_guest import LibvirtAgent
+
+    if not spec.machines[name].agent:
+        raise QemuspecError(f"machine {name} has no guest-agent channel: add agent = true (and run qemu-guest-agent in the guest)")
+    return LibvirtAgent(_domain(args, spec, name, hosts), timeout=30)
+
+
+def logs(args: Any, spec: Any, names: list[str], hosts: dict) -> int:
+    """The serial log libvirt keeps in the pool (downloaded, so remote hosts work); with --follow,
+    the live console stream after it."""
+    from qemuspec.backends import libvirt_storage as storage
+    from qemuspec.backends.libvirt_conn import connect
+
+    if not all(hosts[n] for n in names):
+        raise UsageError("logs of machines on libvirt hosts and local machines at once: name one machine")
+    prefix = len(names) > 1
+    found = False
+    for name in names:
+        data = storage.download(connect(hosts[name]), f"{name}-serial.log")
+        if data is None:
+            continue
+        found = True
+        text = data.decode(errors="replace").replace("\r", "")
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        for line in lines[-args.lines:] if args.lines else lines:
+            print((f"{name} | " if prefix else "") + line)
+    if not args.follow:
+        if not found:
+            raise QemuspecError(f"no console log yet for {', '.join(names)}: start with `qemuspec up {args.file}`")
+        return 0
+    if len(names) != 1:
+        raise UsageError("logs --follow of machines on libvirt hosts follows one machine: name it")
+    return _stream(args, spec, names[0], hosts, interactive=False)
+
+
+def console(args: Any, spec: Any, hosts: dict) -> int:
+    return _stream(args, spec, args.name, hosts, interactive=True)
+
+
+def _stream(args: Any, spec: Any, name: str, hosts: dict, interactive: bool) -> int:
+    import select as select_mod
+
+    from qemuspec.backends.libvirt_conn import connect
+    from qemuspec.backends.libvirt_guest import Console
+    from qemuspec.cli.vm_commands import DETACH
+
+    dom = _domain(args, spec, name, hosts)
+    out = sys.stdout.buffer
+
+    def write(chunk: bytes) -> None:
+        out.write(chunk if interactive else chunk.replace(b"\r", b""))
+        out.flush()
+
+    stream = Console(connect(hosts[name]), dom, force=interactive, on_data=write)
+    stdin = sys.stdin.fileno()
+    tty_mode = interactive and os.isatty(stdin)
+    saved = None
+    if tty_mode:
+        import termios
+        import tty
+
+        saved = termios.tcgetattr(stdin)
+        tty.setraw(stdin)
+        sys.stderr.write(f"connected to {name}'s console; detach with Ctrl-]\r\n")
+    stdin_open = interactive
+    try:
+        while True:
+            if stdin_open:
+                ready, _, _ = select_mod.select([stdin], [], [], 0.5)
+                if ready:
+                    data = os.read(stdin, 4096)
+                    if not data:
+                        stdin_open = False
+                    elif DETACH in data:
+                        stream.send(data[: data.index(DETACH)])
+                        return 0
+                    else:
+                        stream.send(data if not tty_mode else data.replace(b"\n", b"\r"))
+                if stream.closed:
+                    sys.stderr.write("\r\nthe console closed (the machine stopped)\r\n")
+                    return 1
+            elif stream.wait_closed(None if not interactive else 0.5):
+                if interactive:
+                    sys.stderr.write("\r\nthe console closed (the machine stopped)\r\n")
+                return 1 if interactive else 0
+            elif interactive:
+                return 0  # input ended and the guest has gone quiet
+    finally:
+        stream.close()
+        if saved is not None:
+            import termios
+
+            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+            sys.stderr.write("\r\ndetached\n")
