@@ -342,7 +342,7 @@ def session_libvirtd(sshd):
     try:
         info = pwd.getpwnam(REMOTE_USER)
     except KeyError:
-        subprocess.run(["useradd", "-m", "-s", "/bin/sh", REMOTE_USER], check=True)
+        subprocess.run(["useradd", "-m", "-p", "*", "-s", "/bin/sh", REMOTE_USER], check=True)
         info = pwd.getpwnam(REMOTE_USER)
         created = True
     home = info.pw_dir
