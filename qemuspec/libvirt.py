@@ -142,9 +142,11 @@ def domain_xml(machine: Machine, name: str, state_dir: str = "/var/lib/qemuspec"
         el = _sub(devices, "disk", type="file", device="cdrom")
         _sub(el, "driver", name="qemu", type="raw")
         _sub(el, "source", file=media.get("cidata", f"{state_dir}/{name}/cidata.iso"))
-        _sub(el, "target", dev=f"sd{chr(ord('a') + counters['sd'])}", bus="sata")
+        _sub(el, "target", dev=f"sd{chr(ord('a') + counters['sd'])}", bus="scsi")  # virtio-scsi, as qemuspec's own argv has it
         counters["sd"] += 1
         _sub(el, "readonly")
+    if any(d.get("bus") == "scsi" for d in devices.iter("target")):
+        _sub(devices, "controller", type="scsi", model="virtio-scsi")  # not libvirt's default lsilogic
     for index, nic in enumerate(machine.nics):
         typed = not nic.options and not nic.device_options and nic.model in _NIC_MODELS
         if nic.type == "user" and not nic.forwards and typed:

@@ -318,11 +318,20 @@ def test_one_machine_through_qemu_ssh(system_libvirtd, sshd, guest, tmp_path):
     uri = f"qemu+ssh://root@127.0.0.1:{sshd['port']}/system"
     name = f"qsssh{os.getpid()}"
     path = tmp_path / "ssh.toml"
-    path.write_text(machine_toml(guest, name, host=uri))
+    seed = f'''
+[machines.{name}.cloud_init]
+user_data = """#cloud-config
+ssh_authorized_keys:
+  - {{{{ ssh_public_key }}}}
+"""
+'''
+    path.write_text(machine_toml(guest, name, host=uri, extra=seed).replace("agent = true\ntimeout", "agent = true\nssh = true\ntimeout"))
     env = sshd["env"]
     try:
         up = run("up", str(path), env=env)
         assert up.returncode == 0 and f"{name}: started" in up.stdout, up.stderr
+        login = run("ssh", "-F", str(path), name, "--", "cat", "/proc/cmdline", env=env)
+        assert login.returncode == 0 and "console=ttyS0" in login.stdout, "ssh through the forward on the libvirt host: " + login.stderr
         row = json.loads(run("status", str(path), "--json", env=env).stdout)[0]
         assert row["state"] == "running" and row["host"] == uri, row
         out = run("exec", "-F", str(path), name, "--", "/bin/cat", "/proc/cmdline", env=env)

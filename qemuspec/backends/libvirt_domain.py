@@ -20,6 +20,7 @@ from typing import Any, Callable
 from qemuspec.backends import libvirt_storage as storage
 from qemuspec.backends.libvirt_conn import binding, connect, label, message
 from qemuspec.backends.libvirt_guest import Console, forwarded_ports, wait_agent
+from qemuspec.backends.libvirt_reach import Reach
 from qemuspec.errors import QemuspecError
 from qemuspec.libvirt import OWNER_NS, domain_xml
 from qemuspec.reconcile import Outcome
@@ -129,27 +130,43 @@ def _undefine(dom: Any) -> None:
             raise
 
 
-def _wait_ready(conn: Any, dom: Any, uri: str, machine: Machine, console: Console | None, began: float) -> None:
+def _wait_ready(dom: Any, uri: str, name: str, machine: Machine, console: Console | None, began: float, state_root: str) -> None:
     deadline = began + machine.ready.timeout
     alive = lambda: dom.isActive()  # noqa: E731
     if console is not None and machine.ready.serial:
         console.wait_for(machine.ready.serial, deadline, alive)
     if machine.ready.agent:
         wait_agent(dom, deadline, alive)
-    for port in ([machine.ready.tcp] if machine.ready.tcp else []) + ([machine.ssh.port] if machine.ready.ssh else []):
-        from qemuspec.runtime import probes
+    if machine.ready.tcp or machine.ready.ssh:
+        reach = Reach(uri)
+        if machine.ready.tcp:
+            reach.wait_tcp(_forward(dom, machine.ready.tcp), deadline, alive)
+        if machine.ready.ssh:
+            from qemuspec.runtime import probes
 
-        forwards = {p["guest"]: p for p in forwarded_ports(dom) if p["protocol"] == "tcp"}
-        if port not in forwards:
-            raise QemuspecError(f"no forward to guest port {port}: add forwards = [{{ host = 0, guest = {port} }}] to a user NIC")
-        host = label(uri)
-        if host not in ("", "localhost", "127.0.0.1", "::1", uri) and forwards[port]["address"].startswith("127."):
-            raise QemuspecError(f"guest port {port} is forwarded to {host}'s loopback only: set address = \"0.0.0.0\" on the forward "
-                                "(firewall it) so this host can reach it, or use ready.serial / ready.agent")
-        if host in ("", "localhost", "::1", uri):
-            probes.wait_tcp(forwards[port]["host"], deadline, alive, b"SSH-" if port == machine.ssh.port and machine.ready.ssh else None)
-        else:
-            raise QemuspecError(f"tcp/ssh probes of machines on {host} are not implemented yet: use ready.serial or ready.agent")
+            forward = _forward(dom, machine.ssh.port)
+            reach.wait_tcp(forward, deadline, alive, b"SSH-")
+            probes.wait_ssh_login(ssh_argv(uri, name, machine, state_root, ["true"], forward, batch=True), deadline, alive)
+
+
+def _forward(dom: Any, guest_port: int) -> dict:
+    for forward in forwarded_ports(dom):
+        if forward["protocol"] == "tcp" and forward["guest"] == guest_port:
+            return forward
+    raise QemuspecError(f"no forward to guest port {guest_port}: add forwards = [{{ host = 0, guest = {guest_port} }}] to a user NIC")
+
+
+def ssh_argv(uri: str, name: str, machine: Machine, state_root: str, command: list[str], forward: dict | None = None,
+             batch: bool = False, dom: Any = None) -> list[str]:
+    """`ssh` into a machine on a libvirt host with the state directory's key, through its forward."""
+    from qemuspec.runtime import sshkeys
+
+    key, _ = sshkeys.ensure_key(state_root)
+    state_dir = os.path.join(state_root, name)
+    os.makedirs(state_dir, exist_ok=True)
+    forward = forward or _forward(dom, machine.ssh.port)
+    argv = sshkeys.ssh_argv(key, state_dir, machine.ssh.user, forward["host"], command, batch=batch)
+    return Reach(uri).ssh_argv(argv, forward)
 
 
 def _up_one(spec: File, source: str, state_root: str, uri: str, name: str, report: Report) -> Outcome:
@@ -185,7 +202,7 @@ def _up_one(spec: File, source: str, state_root: str, uri: str, name: str, repor
             if not machine.paused:
                 dom.resume()
                 report(name, "waiting for ready")
-                _wait_ready(conn, dom, uri, machine, console, began)
+                _wait_ready(dom, uri, name, machine, console, began, state_root)
         except (QemuspecError, libvirt.libvirtError) as exc:
             detail = f"machine {name} on {label(uri)}: {message(exc)}"
             if console is not None and console.tail():

@@ -7,8 +7,9 @@ import os
 import sys
 from typing import Any
 
+from qemuspec.cli import libvirt_commands
 from qemuspec.cli.common import emit_json, load_file, select
-from qemuspec.cli.vm_commands import _client, _root, _running
+from qemuspec.cli.vm_commands import _client, _machine, _root, _running
 from qemuspec.errors import QemuspecError, UsageError
 
 
@@ -18,8 +19,6 @@ def _command(argv: list[str]) -> list[str]:
 
 
 def _agent(args: Any, name: str):
-    from qemuspec.cli import libvirt_commands
-    from qemuspec.cli.vm_commands import _machine
     from qemuspec.runtime.agent import GuestAgent
 
     spec, _ = _machine(args, name)
@@ -80,6 +79,11 @@ def cp(args: Any) -> int:
 def ssh(args: Any) -> int:
     from qemuspec.runtime import sshkeys
 
+    spec, _ = _machine(args, args.name)
+    if (hosts := libvirt_commands.placed(args, spec, args.name)):  # libvirt backend
+        argv = libvirt_commands.ssh_argv(args, spec, hosts, _command(args.argv))
+        sys.stdout.flush()
+        os.execvp(argv[0], argv)
     inst = _running(args, args.name)
     key, _ = sshkeys.ensure_key(os.path.dirname(inst.state_dir))
     port = inst.host_port(inst.machine.ssh.port)

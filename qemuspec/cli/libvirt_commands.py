@@ -43,6 +43,8 @@ def up(args: Any, spec: Any, names: list[str], hosts: dict, progress: Any) -> in
     from qemuspec.backends import libvirt_domain as ld
     from qemuspec.cli.vm_commands import _print_outcomes
 
+    if getattr(args, "attach", False):
+        raise UsageError("--attach streams local machines only: follow a machine on a libvirt host with `qemuspec logs -f NAME`")
     outcomes = ld.up(spec, args.file, _root(args), names, _all_hosts(args, spec), progress)
     _print_outcomes(args, outcomes)
     return 1 if any(o.action == "failed" for o in outcomes) else 0
@@ -137,6 +139,13 @@ def agent(args: Any, spec: Any, name: str, hosts: dict) -> Any:
     if not spec.machines[name].agent:
         raise QemuspecError(f"machine {name} has no guest-agent channel: add agent = true (and run qemu-guest-agent in the guest)")
     return LibvirtAgent(_domain(args, spec, name, hosts), timeout=30)
+
+
+def ssh_argv(args: Any, spec: Any, hosts: dict, command: list[str]) -> list[str]:
+    from qemuspec.backends import libvirt_domain as ld
+
+    name = args.name
+    return ld.ssh_argv(hosts[name], name, spec.machines[name], _root(args), command, dom=_domain(args, spec, name, hosts))
 
 
 def logs(args: Any, spec: Any, names: list[str], hosts: dict) -> int:
