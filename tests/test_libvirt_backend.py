@@ -197,7 +197,7 @@ def test_two_machines_through_the_system_libvirtd(system_libvirtd, guest, tmp_pa
     base = tmp_path / "base.qcow2"
     img.create(str(base), "16M")
     disk = f'[[machines.{a}.disks]]\nfile = "{tmp_path}/{a}.qcow2"\nformat = "qcow2"\nbacking = "{base}"\n'
-    text = machine_toml(guest, a, extra=disk) + machine_toml(guest, b)
+    text = machine_toml(guest, a, extra=disk) + machine_toml(guest, b, extra='restart = "always"')
     path = tmp_path / "two.toml"
     path.write_text(text)
     env = {"QEMUSPEC_CONNECT": uri}
@@ -237,6 +237,19 @@ def test_two_machines_through_the_system_libvirtd(system_libvirtd, guest, tmp_pa
         logs = run("logs", "-F", str(path), a, env=env)
         assert logs.returncode == 0 and guest["marker"] in logs.stdout, logs.stderr
 
+        # restart = "always" is libvirt's on_poweroff = restart: a guest that powers off boots again
+        def boot_id():
+            out = run("exec", "-F", str(path), b, "--", "/bin/cat", "/proc/sys/kernel/random/boot_id", env=env, timeout=60)
+            return out.stdout.strip() if out.returncode == 0 else None
+        first = boot_id()
+        assert first, "the agent answers before the power-off"
+        assert run("exec", "-F", str(path), b, "--", "/bin/sh", "-c", "(sleep 1; poweroff -f) >/dev/null 2>&1 &", env=env).returncode == 0
+        deadline = time.monotonic() + 90
+        while boot_id() in (first, None):  # each try is an agent round trip that fails fast while the guest reboots
+            assert time.monotonic() < deadline, "the guest did not come back after powering off"
+        follower = subprocess.Popen([sys.executable, "-m", "qemuspec.cli.main", "logs", "-F", str(path), "-f", a],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
+
         path.write_text(text.replace('memory = "192M"', 'memory = "224M"', 1))
         plan = run("plan", str(path), env=env)
         assert plan.returncode == 0, plan.stderr
@@ -248,6 +261,8 @@ def test_two_machines_through_the_system_libvirtd(system_libvirtd, guest, tmp_pa
         assert {o["name"]: o["action"] for o in json.loads(down.stdout)} == {a: "stopped", b: "stopped"}
         assert {o["name"]: o["detail"] for o in json.loads(down.stdout)}[b] == "ACPI powerdown"
         assert a not in _domains(uri) and b not in _domains(uri), "nothing left defined"
+        out, err = follower.communicate(timeout=30)
+        assert follower.returncode == 0 and guest["marker"] in out, "logs -f printed the log and ended with the machine: " + err
     finally:
         _cleanup(uri, [a, b])
         run("down", str(path), "--purge", env=env)
