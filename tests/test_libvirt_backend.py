@@ -201,6 +201,7 @@ def test_two_machines_through_the_system_libvirtd(system_libvirtd, guest, tmp_pa
     path = tmp_path / "two.toml"
     path.write_text(text)
     env = {"QEMUSPEC_CONNECT": uri}
+    follower = None
     try:
         up = run("up", str(path), "--json", env=env)
         assert up.returncode == 0, up.stderr
@@ -264,6 +265,9 @@ def test_two_machines_through_the_system_libvirtd(system_libvirtd, guest, tmp_pa
         out, err = follower.communicate(timeout=30)
         assert follower.returncode == 0 and guest["marker"] in out, "logs -f printed the log and ended with the machine: " + err
     finally:
+        if follower is not None and follower.poll() is None:
+            follower.kill()
+            follower.wait()
         _cleanup(uri, [a, b])
         run("down", str(path), "--purge", env=env)
 

@@ -27,7 +27,15 @@ _upload_locks: dict[tuple[str, str], threading.Lock] = {}
 _locks_lock = threading.Lock()
 
 
+_pool_lock = threading.Lock()
+
+
 def pool(conn: Any, create: bool = True) -> Any | None:
+    with _pool_lock:  # machines of one level start in parallel threads: one of them creates the pool
+        return _pool(conn, create)
+
+
+def _pool(conn: Any, create: bool) -> Any | None:
     libvirt = binding()
     try:
         found = conn.storagePoolLookupByName(POOL)
@@ -45,10 +53,16 @@ def pool(conn: Any, create: bool = True) -> Any | None:
             found.build(0)
             found.setAutostart(1)
         except libvirt.libvirtError as exc:
-            raise QemuspecError(f"cannot create the storage pool {POOL} at {conn.getURI()}: {message(exc)}") from None
-    if not found.isActive():
-        found.create(0)
-    found.refresh(0)
+            try:  # another qemuspec made it meanwhile
+                found = conn.storagePoolLookupByName(POOL)
+            except libvirt.libvirtError:
+                raise QemuspecError(f"cannot create the storage pool {POOL} at {conn.getURI()}: {message(exc)}") from None
+    try:
+        if not found.isActive():
+            found.create(0)
+        found.refresh(0)
+    except libvirt.libvirtError as exc:
+        raise QemuspecError(f"the storage pool {POOL} at {conn.getURI()} cannot be used: {message(exc)}") from None
     return found
 
 
