@@ -173,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     module_name, func_name, _ = COMMANDS[args.command]
+    import warnings
+
+    warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)
     try:
         import importlib
 

@@ -23,7 +23,7 @@ NO_ARG = {
     "nodefconfig", "semihosting", "curses", "sdl", "usb", "no-kvm", "rtc-td-hack", "singlestep",
 }
 # Options whose job qemuspec does itself (monitors, console plumbing, process management).
-QEMUSPEC_CHARDEVS = {"qmp", "qmp-client", "serial0"}  # what the renderer adds for its own plumbing
+QEMUSPEC_CHARDEVS = {"qemuspec-qmp", "qemuspec-qmp-client", "qemuspec-serial0"}  # what the renderer adds for its own plumbing
 MANAGED = {"pidfile", "qmp", "qmp-pretty", "monitor", "mon", "serial", "daemonize", "display", "nographic", "name", "no-user-config", "D"}
 
 
