@@ -14,7 +14,7 @@ import xml.etree.ElementTree as ET
 from typing import Mapping
 
 from qemuspec.errors import SpecError
-from qemuspec.render import AGENT_PORT, OVMF_CODE, OVMF_VARS, escape, nic_mac, optlist, wants_cidata
+from qemuspec.render import AGENT_PORT, OVMF_CODE, OVMF_VARS, OWN_ID_PREFIX, escape, nic_mac, optlist, wants_cidata
 from qemuspec.spec.models import Machine
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
@@ -109,10 +109,10 @@ def domain_xml(machine: Machine, name: str, state_dir: str = "/var/lib/qemuspec"
     counters = {"vd": 0, "sd": 0}
     for index, disk in enumerate(machine.disks):
         if disk.interface in ("none", "nvme"):  # libvirt 9 has no nvme disk bus: qemu's own options carry it
-            drive = [("if", "none"), ("id", f"qsdisk{index}"), ("file", at(disk.file))] + ([("format", disk.format)] if disk.format else [])
+            drive = [("if", "none"), ("id", f"{OWN_ID_PREFIX}disk{index}"), ("file", at(disk.file))] + ([("format", disk.format)] if disk.format else [])
             passthrough += ["-drive", optlist(None, drive + ([("readonly", True)] if disk.readonly else []), disk.options)]
             if disk.interface == "nvme":
-                passthrough += _json_device("nvme", {"drive": f"qsdisk{index}", "serial": disk.serial or f"disk{index}", **disk.device_options})
+                passthrough += _json_device("nvme", {"drive": f"{OWN_ID_PREFIX}disk{index}", "serial": disk.serial or f"disk{index}", **disk.device_options})
             elif disk.device_options:
                 _refuse(name, f"disks.{index}.device_options", 'a disk with interface = "none" has no device')
             continue
@@ -170,9 +170,9 @@ def domain_xml(machine: Machine, name: str, state_dir: str = "/var/lib/qemuspec"
             from qemuspec.render import Layout, _nic
 
             netdev = _nic(index, nic, name, Layout(state_dir, f"/run/qemuspec/{name}"))[:2]
-            passthrough += [netdev[0], netdev[1].replace(f"id=qemuspec-net{index}", f"id=qsnet{index}", 1)]
+            passthrough += netdev
             mac = nic_mac(name, index, nic)
-            passthrough += _json_device(nic.model, {"netdev": f"qsnet{index}", **({"mac": mac} if mac else {}), **nic.device_options})
+            passthrough += _json_device(nic.model, {"netdev": f"{OWN_ID_PREFIX}net{index}", **({"mac": mac} if mac else {}), **nic.device_options})
     for index, share in enumerate(machine.shares):
         if share.options:
             _refuse(name, f"shares.{index}.options", "libvirt builds the share's -fsdev/-device itself")

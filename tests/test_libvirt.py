@@ -58,7 +58,7 @@ def test_variants_export_valid_xml(variant, tmp_path):
     xml = domain_xml(machine, "m")
     validates(xml, tmp_path)
     if variant == "nics":
-        assert "<qemu:arg value=\"socket,id=qsnet2,listen=127.0.0.1:4000\" />" in xml, "untyped parts ride on qemu:commandline"
+        assert "<qemu:arg value=\"socket,id=qemuspec-net2,listen=127.0.0.1:4000\" />" in xml, "untyped parts ride on qemu:commandline"
         assert 'source bridge="br0"' in xml and 'model type="e1000"' in xml
 
 
