@@ -104,6 +104,32 @@ def test_a_bad_connect_uri_is_a_usage_error(tmp_path):
     assert result.returncode == 2 and "not a libvirt QEMU URI" in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("uri", [
+    "qemu+ext:///system?command=/bin/sh", "qemu+ssh://h/system?command=/tmp/evil", "qemu+ssh://h/system?netcat=/tmp/evil",
+    "qemu+ssh://-oProxyCommand=touch${IFS}/tmp/x/system", "qemu+ssh://u;id@h/system", "xen:///system", "qemu:///system extra",
+])
+def test_a_host_uri_cannot_name_a_program(uri, tmp_path):
+    """libvirt runs programs a URI names, and hands its host to ssh: the definition may name neither."""
+    from test_cli import cli
+
+    path = tmp_path / "m.toml"
+    path.write_text(f'[machines.m]\nhost = "{uri}"\n')
+    result = cli("validate", str(path))
+    assert result.returncode == 2 and "host" in result.stderr and "not a libvirt QEMU URI" in result.stderr, result.stderr
+    assert not os.path.exists("/tmp/x") and not os.path.exists("/tmp/evil")
+
+
+def test_host_uris_users_write_are_accepted(tmp_path):
+    from test_cli import cli
+
+    path = tmp_path / "m.toml"
+    path.write_text("".join(f'[machines.m{i}]\nhost = "{uri}"\n' for i, uri in enumerate([
+        "qemu:///system", "qemu:///session", "qemu+ssh://ci@ci-02.example.org/system", "qemu+ssh://ci@10.0.0.2:2222/system?keyfile=/k&no_verify=1",
+        "qemu+tls://[fd00::2]/system", "qemu+libssh2://u@h/session?known_hosts=/kh&sshauth=privkey"])))
+    result = cli("validate", str(path))
+    assert result.returncode == 0, result.stderr
+
+
 # ---- real libvirt -----------------------------------------------------------------------------
 
 def _fail_or_skip(reason: str) -> None:
@@ -255,7 +281,8 @@ def test_two_machines_through_the_system_libvirtd(system_libvirtd, guest, tmp_pa
         plan = run("plan", str(path), env=env)
         assert plan.returncode == 0, plan.stderr
         assert f"{a}: recreate" in plan.stdout and f"{b}: up to date" in plan.stdout, plan.stdout
-        assert "-memory: 192 MiB" in plan.stdout and "+memory: 224 MiB" in plan.stdout, plan.stdout
+        changed = [line.strip() for line in plan.stdout.splitlines() if line.strip()[:1] in "+-" and not line.strip().startswith("@@")]
+        assert changed == ["-memory: 192 MiB", "+memory: 224 MiB"], "the diff against libvirt's XML is the change, no noise: " + plan.stdout
 
         down = run("down", str(path), "--purge", "--json", env=env)
         assert down.returncode == 0, down.stderr

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
+import re
 import time
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
@@ -351,11 +352,16 @@ def project(xml: str) -> list[str]:
                 text = (child.text or "").strip()
                 if sub == "memory":
                     text = f"{int(int(text) * _KIB.get(child.get('unit', 'KiB'), 1) / 1024)} MiB"
-                attrs = " ".join(f"{k}={child.get(k)}" for k in _ATTRS.get(sub, ()) if child.get(k) is not None)
+                values = {k: child.get(k) for k in _ATTRS.get(sub, ()) if child.get(k) is not None}
+                if sub == "os/type" and "machine" in values:  # libvirt stores the alias's versioned name
+                    values["machine"] = re.sub(r"^pc-q35-[\d.]+$", "q35", re.sub(r"^pc-i440fx-[\d.]+$", "pc", values["machine"]))
+                attrs = " ".join(f"{k}={v}" for k, v in values.items())
                 lines.append(f"{sub}: {' '.join(x for x in (attrs, text) if x)}".rstrip())
             walk(child, sub)
 
     walk(root, "")
+    if [line for line in lines if line.startswith("os/boot:")] == ["os/boot: dev=hd"]:
+        lines.remove("os/boot: dev=hd")  # libvirt's default boot order, written out when none is given
     qemu = "{http://libvirt.org/schemas/domain/qemu/1.0}"
     lines += [f"qemu:arg {arg.get('value')}" for arg in root.iter(f"{qemu}arg")]
     return lines

@@ -152,6 +152,9 @@ def prepare(conn: Any, name: str, machine: Machine, seed: bytes | None) -> tuple
             f.flush()
             media["cidata"] = upload(conn, found, f.name, f"{name}-cidata-{hashlib.sha256(seed).hexdigest()[:16]}.iso")
         owned.append(os.path.basename(media["cidata"]))
+        for stale in found.listVolumes():  # the seed of an earlier definition
+            if stale.startswith(f"{name}-cidata-") and stale != os.path.basename(media["cidata"]):
+                found.storageVolLookupByName(stale).delete(0)
     for index, disk in enumerate(machine.disks):
         if disk.size is None and not disk.backing:
             continue  # a file the host already has: used where the definition says

@@ -320,10 +320,21 @@ def _as_list(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
+_URI_PARAMS = ("keyfile", "no_verify", "no_tty", "pkipath", "known_hosts", "known_hosts_verify", "sshauth", "mode", "socket", "tls_priority")
+_LIBVIRT_URI = re.compile(
+    r"^qemu(\+(ssh|libssh|libssh2|tls|tcp|unix))?://"
+    r"(?:(?:[A-Za-z0-9_][A-Za-z0-9._-]*)@)?(?:[A-Za-z0-9][A-Za-z0-9.-]*|\[[0-9A-Fa-f:.]+\])?(?::\d{1,5})?"
+    r"/(system|session)"
+    r"(\?(" + "|".join(_URI_PARAMS) + r")=[^&\s]*(&(" + "|".join(_URI_PARAMS) + r")=[^&\s]*)*)?$")
+
+
 def _libvirt_uri(value: str) -> str:
-    """A libvirt connection URI for the QEMU driver: where the libvirt backend places the machine."""
-    if not re.match(r"^qemu(\+(ssh|tcp|tls|unix|libssh|libssh2|ext))?://[^\s/]*/(system|session)(\?\S*)?$", value):
-        raise ValueError(f'"{value}" is not a libvirt QEMU URI: write for example "qemu:///system" or "qemu+ssh://user@host/system"')
+    """A libvirt connection URI for the QEMU driver: where the libvirt backend places the machine.
+    Strict on purpose: libvirt runs programs a URI names (``ext``, ``?command=``, ``?netcat=``) and
+    hands the host to ssh, so a definition may only name a host, a user, a port and inert options."""
+    if not _LIBVIRT_URI.match(value):
+        raise ValueError(f'"{value}" is not a libvirt QEMU URI qemuspec accepts: write for example "qemu:///system" or '
+                         f'"qemu+ssh://user@host/system" (transports ssh, libssh, tls, tcp, unix; options {", ".join(_URI_PARAMS)})')
     return value
 
 
