@@ -134,7 +134,9 @@ def _undefine(dom: Any) -> None:
 def _wait_ready(dom: Any, uri: str, name: str, machine: Machine, console: Console | None, began: float, state_root: str) -> None:
     deadline = began + machine.ready.timeout
     alive = lambda: dom.isActive()  # noqa: E731
-    if console is not None and machine.ready.serial:
+    if machine.ready.serial:
+        if console is None:
+            raise QemuspecError('ready.serial reads the serial console, and serial = "none" has none: remove one of them')
         console.wait_for(machine.ready.serial, deadline, alive)
     if machine.ready.agent:
         wait_agent(dom, deadline, alive)
