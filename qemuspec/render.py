@@ -177,8 +177,23 @@ def render(machine: Machine, name: str, layout: Layout) -> list[str]:
         argv += ["-object", optlist(obj.type, [("id", obj.id)], obj.options)]
     for dev in machine.devices:
         argv += ["-device", optlist(dev.driver, [("id", dev.id)] if dev.id else [], dev.options)]
+    if machine.overrides:
+        argv = _without(argv, machine.overrides)
     argv += machine.append
     return argv
+
+
+def _without(argv: list[str], overrides: list[str]) -> list[str]:
+    """The rendered argv less the switches the definition overrides on purpose (its append has them)."""
+    from qemuspec.spec.importer import parse_argv
+    from qemuspec.spec.passthrough import switch
+
+    dropped = {switch(name) for name in overrides}
+    out = argv[:1]
+    for name, value in parse_argv(argv):
+        if switch("-" + name) not in dropped:
+            out += ["-" + name] + ([] if value is None else [value])
+    return out
 
 
 def _accels(machine: Machine) -> list[str]:

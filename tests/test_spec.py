@@ -24,7 +24,7 @@ def test_example_toml_and_yaml_give_the_same_model():
     assert web.cpus == 2
     assert web.disks[0].size == 1 << 30
     assert web.ready.timeout == 60.0
-    assert web.kernel == os.path.join(ROOT, "machines", "guest", "vmlinuz")  # relative to the file
+    assert web.kernel == os.path.join(ROOT, "guest", "out", "vmlinuz")  # relative to the file
     assert [f.host for f in web.nics[0].forwards] == [8080, 0]
 
 

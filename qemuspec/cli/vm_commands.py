@@ -39,6 +39,7 @@ def _print_outcomes(args: Any, outcomes: list) -> None:
         ports = ", ".join(f"{p['address']}:{p['host']}->{p['guest']}/{p['protocol']}" for p in o.ports)
         extra = [f"pid {o.pid}"] if o.pid else []
         extra += [ports] if ports else []
+        extra += [f"qemu {o.qemu}"] if getattr(o, "qemu", "") and o.action in ("started", "recreated") else []
         extra += [o.detail] if o.detail else []
         print(f"{o.name}: {o.action}{' (' + ', '.join(extra) + ')' if extra else ''}")
     for o in outcomes:
@@ -53,6 +54,9 @@ def up(args: Any) -> int:
     names = select(spec, args.machine, args.file)
     if (hosts := libvirt_commands.placed(args, spec, reconcile.needed(spec, names))):  # libvirt backend
         return libvirt_commands.up(args, spec, names, hosts, _progress(args, names))
+    from qemuspec.cli.common import preflight
+
+    preflight(spec, lines, args.file, reconcile.needed(spec, names), args, ports=True)
     if not args.no_probe:
         from qemuspec.cli.common import check_against_qemu
 

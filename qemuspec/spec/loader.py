@@ -90,11 +90,22 @@ def _load_text(
     from pydantic import ValidationError
 
     try:
-        return File.model_validate(data, context={"base_dir": base_dir or os.getcwd()}), lines
+        spec = File.model_validate(data, context={"base_dir": base_dir or os.getcwd()})
     except ValidationError as exc:
         from qemuspec.spec.messages import explain
 
         raise SpecError(explain(exc, data, source, lines)) from None
+    for name, machine in spec.machines.items():
+        if machine.overrides:  # allowed on purpose, and said every time the file is read
+            import warnings
+
+            from qemuspec.errors import QemuspecWarning
+            from qemuspec.spec.passthrough import RULES, switch
+
+            fields = ", ".join(f"{o} (not {RULES[switch(o)][1]})" for o in machine.overrides)
+            line = lines.get(("machines", name, "overrides"))
+            warnings.warn(f"{source}{':' + str(line) if line else ''}: machines.{name}: append overrides {fields}", QemuspecWarning, stacklevel=2)
+    return spec, lines
 
 
 def parse(text: str, fmt: str, source: str) -> tuple[Any, dict[tuple, int]]:
