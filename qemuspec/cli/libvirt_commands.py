@@ -21,6 +21,13 @@ def placed(args: Any, spec: Any, names: list[str] | str) -> dict[str, str | None
     return hosts if any(hosts.values()) else None
 
 
+def local_only(args: Any, spec: Any, name: str) -> None:
+    hosts = placed(args, spec, name)
+    if hosts:
+        raise UsageError(f"machine {name} runs through libvirt at {hosts[name]}: `qemuspec {args.command}` works on local machines only "
+                         "(docs/libvirt.md lists what works through libvirt)")
+
+
 def _root(args: Any) -> str:
     from qemuspec.runtime import paths
 

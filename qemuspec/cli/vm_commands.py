@@ -156,6 +156,7 @@ def _running(args: Any, name: str):
     from qemuspec.runtime.instance import Instance
 
     spec, state_dir = _machine(args, name)
+    libvirt_commands.local_only(args, spec, name)  # libvirt backend: commands without a libvirt path
     inst = Instance.find(name, spec.machines[name], state_dir)
     if inst is None:
         raise QemuspecError(f"machine {name} is not running: start it with `qemuspec up {args.file}`")
@@ -248,7 +249,8 @@ def logs(args: Any) -> int:
 
 
 def events(args: Any) -> int:
-    _, state_dir = _machine(args, args.name)
+    spec, state_dir = _machine(args, args.name)
+    libvirt_commands.local_only(args, spec, args.name)  # libvirt backend
     path = os.path.join(state_dir, "events.jsonl")
     if not args.follow and not os.path.exists(path):
         raise QemuspecError(f"machine {args.name} has no events yet")
