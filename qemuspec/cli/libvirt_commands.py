@@ -68,6 +68,18 @@ def down(args: Any, spec: Any, names: list[str], hosts: dict, progress: Any) -> 
     from qemuspec.cli.vm_commands import _print_outcomes
 
     outcomes = ld.down(spec, args.file, _root(args), names, hosts, args.timeout, progress, purge=args.purge)
+    if args.purge:  # what this host keeps for them (known_hosts); local machines' disks as local down does
+        import shutil
+
+        root = _root(args)
+        for name in names:
+            if not hosts.get(name):
+                for disk in spec.machines[name].disks:
+                    if (disk.size is not None or disk.backing) and os.path.exists(disk.file):
+                        os.unlink(disk.file)
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        if os.path.isdir(root) and not os.listdir(root):
+            os.rmdir(root)
     _print_outcomes(args, outcomes)
     return 1 if any(o.action == "failed" for o in outcomes) else 0
 
