@@ -111,13 +111,15 @@ def domain_xml(machine: Machine, name: str, state_dir: str = "/var/lib/qemuspec"
     counters = {"vd": 0, "sd": 0}
     for index, disk in enumerate(machine.disks):
         if disk.interface in ("none", "nvme"):  # libvirt 9 has no nvme disk bus: qemu's own options carry it
-            drive = [("if", "none"), ("id", f"{OWN_ID_PREFIX}disk{index}"), ("file", at(disk.file))] + ([("format", disk.format)] if disk.format else [])
+            drive = [("if", "none"), ("id", disk.id or f"{OWN_ID_PREFIX}disk{index}"), ("file", at(disk.file))] + ([("format", disk.format)] if disk.format else [])
             passthrough += ["-drive", optlist(None, drive + ([("readonly", True)] if disk.readonly else []), disk.options)]
             if disk.interface == "nvme":
-                passthrough += _json_device("nvme", {"drive": f"{OWN_ID_PREFIX}disk{index}", "serial": disk.serial or f"disk{index}", **disk.device_options})
+                passthrough += _json_device("nvme", {"drive": disk.id or f"{OWN_ID_PREFIX}disk{index}", "serial": disk.serial or f"disk{index}", **disk.device_options})
             elif disk.device_options:
                 _refuse(name, f"disks.{index}.device_options", 'a disk with interface = "none" has no device')
             continue
+        if disk.id:
+            _refuse(name, f"disks.{index}.id", 'libvirt names the drives of its disks itself: use interface = "none" to give this drive to your own device')
         other = sorted(set(disk.options) - set(_DRIVER_OPTIONS))
         if other:
             _refuse(name, f"disks.{index}.options", f"{', '.join(other)} has no libvirt <driver> attribute (only {', '.join(_DRIVER_OPTIONS)})")

@@ -268,7 +268,7 @@ def _disks(disks: list[Disk]) -> list[str]:
     if any(d.interface == "scsi" for d in disks):
         argv += ["-device", f"virtio-scsi-pci,id={own('scsi0')}"]
     for index, disk in enumerate(disks):
-        drive_id = own(f"disk{index}")
+        drive_id = disk.id or own(f"disk{index}")
         pairs: list[tuple[str, OptionValue]] = [("if", "none"), ("id", drive_id), ("file", disk.file)]
         if disk.format:
             pairs.append(("format", disk.format))

@@ -57,14 +57,20 @@ def test_template_injection_is_refused_without_side_effect(tmp_path, index, comm
 
 def test_a_variable_is_one_value_and_cannot_add_keys(tmp_path):
     definition = tmp_path / "m.toml"
-    definition.write_text('[vars]\nbranch = "main"\n[machines.vm]\nkernel = "k"\ncmdline = "console=ttyS0 branch={{ branch }}"\n')
+    definition.write_text('[vars]\nbranch = "main"\n[machines.vm]\nkernel = "k"\ncmdline = "console=ttyS0 branch={{ branch }}"\n'
+                          '[machines.vm.cloud_init]\nuser_data = "#cloud-config\\n# {{ branch }}"\n')
     hostile = 'x"\nqemu = "/bin/sh'
+    with pytest.raises(SpecError, match="machines.vm.cmdline: a line break cannot be passed to qemu"):
+        load(definition, variables={"branch": hostile}, environ={})
+    definition.write_text(definition.read_text().replace("cmdline = ", "# cmdline = "))
     machine = load(definition, variables={"branch": hostile}, environ={}).machines["vm"]
-    assert machine.cmdline == f"console=ttyS0 branch={hostile}"
+    assert machine.cloud_init.user_data == f"#cloud-config\n# {hostile}"
     assert machine.qemu == "qemu-system-x86_64"
-    # and from the environment, the same
     machine = load(definition, environ={"QEMUSPEC_VAR_branch": hostile}).machines["vm"]
-    assert machine.cmdline.endswith(hostile)
+    assert machine.cloud_init.user_data.endswith(hostile) and machine.qemu == "qemu-system-x86_64"
+    quoted = 'feature/"quoted" branch'
+    machine = load(definition.with_name("m.toml"), variables={"branch": quoted}, environ={}).machines["vm"]
+    assert machine.cloud_init.user_data.endswith(quoted)
 
 
 def test_error_lines_stay_right_after_templating(tmp_path):

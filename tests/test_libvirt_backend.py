@@ -46,7 +46,37 @@ NESTED = {
     "shares.0.options": {"shares": [{"source": "/s", "tag": "s", "options": {"multidevs": "remap"}}]},
     "display.options": {"display": {"type": "vnc", "options": {"lossy": True}}},
     "disks.0.interface nvme": {"disks": [{"file": "/d.img", "interface": "nvme"}]},
+    "disks.0.id": {"disks": [{"file": "/d.img", "id": "mydisk"}]},
+    "disks.0.id none": {"disks": [{"file": "/d.img", "id": "mydisk", "interface": "none"}]},
 }
+
+
+# Where each field of a machine's parts goes in the export. A new field fails the test below until it
+# is placed here (and, for an option map or an id, given a NESTED sample above).
+PARTS = {
+    "Disk": {"file": "source/upload", "format": "driver type", "size": "volume", "backing": "volume backingStore",
+             "backing_format": "volume backingStore", "interface": "target bus / commandline", "readonly": "readonly",
+             "serial": "serial", "options": "NESTED", "device_options": "NESTED", "id": "NESTED"},
+    "NIC": {"type": "interface type / commandline", "network": "refused", "address": "cloud-init seed", "model": "model",
+            "mac": "NESTED", "forwards": "commandline", "listen": "commandline", "connect": "commandline", "mcast": "commandline",
+            "ifname": "commandline", "bridge": "source bridge", "options": "NESTED", "device_options": "NESTED"},
+    "Share": {"type": "filesystem driver", "source": "source dir", "tag": "target dir", "readonly": "readonly",
+              "security_model": "accessmode", "options": "NESTED"},
+    "Display": {"type": "graphics", "listen": "graphics listen", "port": "graphics port", "vga": "video model", "options": "NESTED"},
+    "Firmware": {"type": "loader", "code": "loader", "vars": "nvram template"},
+    "Device": {"driver": "commandline", "id": "commandline", "options": "commandline"},
+    "QomObject": {"type": "commandline", "id": "commandline", "options": "commandline"},
+    "Forward": {"host": "hostfwd", "guest": "hostfwd", "protocol": "hostfwd", "address": "hostfwd"},
+    "CloudInit": {"user_data": "seed", "user_data_file": "seed", "meta_data": "seed", "network_config": "seed", "network_config_file": "seed"},
+}
+
+
+def test_every_field_of_a_machines_parts_is_placed():
+    from qemuspec.spec import models
+
+    for part, placed in PARTS.items():
+        fields = set(getattr(models, part).model_fields)
+        assert fields == set(placed), f"{part}: fields the libvirt export does not place: {sorted(fields - set(placed))}"
 
 
 def _xml_or_refusal(fields: dict) -> str:
@@ -70,7 +100,7 @@ def test_every_machine_field_reaches_the_domain_or_is_refused():
             assert f"machines.m.{field}" in out, out
     for label, fields in NESTED.items():
         out = _xml_or_refusal(fields)
-        base = _xml_or_refusal({k: [{kk: vv for kk, vv in v[0].items() if kk not in ("options", "device_options", "mac", "interface")}]
+        base = _xml_or_refusal({k: [{kk: vv for kk, vv in v[0].items() if kk not in ("options", "device_options", "mac", "interface", "id")}]
                                      if isinstance(v, list) else {"type": v["type"]} for k, v in fields.items()})
         assert out != base, f"{label} changed nothing in the domain XML and was not refused"
         if out.startswith("REFUSED"):

@@ -252,7 +252,7 @@ def import_argv(argv: list[str], name: str | None = None, base_dir: str | None =
     for drive_id, disk in sorted(drives.items(), key=lambda item: item[1]["_order"]):
         disk.pop("_order")
         if disk["interface"] == "none" and not drive_id.startswith("_"):
-            disk.setdefault("options", {})["id"] = drive_id  # referenced by a device we keep as written
+            disk["id"] = drive_id  # referenced by a device we keep as written
         disks.append(disk)
     if disks:
         machine["disks"] = disks
@@ -268,6 +268,12 @@ def import_argv(argv: list[str], name: str | None = None, base_dir: str | None =
     machine["serial"] = "log"
     if append:
         machine["append"] = append
+        from qemuspec.spec.passthrough import OVERRIDABLE, switches
+
+        # A switch kept as written that a typed field would render too: the written one must win, visibly.
+        kept = sorted({sw for _, sw, _ in switches(append) if sw in OVERRIDABLE})
+        if kept:
+            machine["overrides"] = kept
     if base_dir:
         absolute = lambda p: p if os.path.isabs(p) else os.path.normpath(os.path.join(base_dir, p))
         for key in ("kernel", "initrd"):

@@ -141,6 +141,7 @@ class Ready(Model):
 
 class Disk(Model):
     file: FilePath
+    id: Ident | None = Field(None, description="The drive's qemu id, for a device in devices or append that refers to it (default: qemuspec-diskN)")
     format: Ident | None = Field(None, description="Image format: qcow2, raw, ... (required with backing or size)")
     size: Bytes | None = Field(None, description="Created with this size on `up` when the file is missing")
     backing: FilePath | None = Field(None, description="Base image of an overlay; the base is never written")

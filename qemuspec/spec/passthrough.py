@@ -90,6 +90,9 @@ def conflicts(machine: "Machine") -> list[tuple[str, str]]:
 
 def user_ids(machine: "Machine") -> Iterator[tuple[str, str]]:
     """(field path, id) for every id a definition gives: devices, objects, options maps, append."""
+    for index, disk in enumerate(machine.disks):
+        if disk.id:
+            yield f"disks.{index}.id", disk.id
     for index, dev in enumerate(machine.devices):
         if dev.id:
             yield f"devices.{index}.id", dev.id
@@ -112,7 +115,7 @@ def id_problems(machine: "Machine") -> list[tuple[str, str]]:
         for index, item in enumerate(items):
             for attr in maps:
                 if "id" in getattr(item, attr):
-                    problems.append((f"{field}.{index}.{attr}.id", f'"id" is given by qemuspec{" (use the id field)" if field in ("devices", "objects") else ""}: remove it from {attr}'))
+                    problems.append((f"{field}.{index}.{attr}.id", f'"id" is given by qemuspec{" (use the id field)" if field in ("devices", "objects", "disks") else ""}: remove it from {attr}'))
     seen: dict[str, str] = {}
     for where, ident in user_ids(machine):
         if ident.startswith(OWN_ID_PREFIX):
