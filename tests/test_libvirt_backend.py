@@ -15,10 +15,9 @@ import time
 
 import pytest
 
-from conftest import IN_CI, ROOT
+from conftest import IN_CI
 from qemuspec.errors import SpecError
 from qemuspec.libvirt import BACKEND_FIELDS, domain_xml
-from qemuspec.spec import loads
 from qemuspec.spec.models import Machine
 
 REMOTE_USER = "qsremote"
@@ -483,3 +482,21 @@ def test_two_hosts_in_one_file(system_libvirtd, sshd, session_libvirtd, guest, t
     finally:
         _cleanup(here, [a])
         run("down", str(path), "--purge", env=env)
+
+
+def test_a_machine_that_never_gets_ready_fails_with_its_console_and_is_removed(system_libvirtd, guest, tmp_path):
+    uri = system_libvirtd
+    name = f"qsnever{os.getpid()}"
+    path = tmp_path / "never.toml"
+    path.write_text(machine_toml(guest, name).replace(f'serial = "{guest["marker"]}"\nagent = true\ntimeout = "120s"',
+                                                      'serial = "a line this guest never prints"\ntimeout = "15s"'))
+    try:
+        began = time.monotonic()
+        up = run("up", str(path), "--connect", uri)
+        assert up.returncode == 1, up.stdout + up.stderr
+        assert "did not show" in up.stderr and "last console lines" in up.stderr and "Traceback" not in up.stderr, up.stderr
+        assert time.monotonic() - began < 60, "the readiness timeout bounds up"
+        assert name not in _domains(uri), "a failed start leaves nothing defined"
+    finally:
+        _cleanup(uri, [name])
+        run("down", str(path), "--purge", "--connect", uri)

@@ -4,12 +4,11 @@ underneath. Each local command calls :func:`placed` first and hands over when it
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Any
 
-from qemuspec.cli.common import emit_json, select
+from qemuspec.cli.common import emit_json
 from qemuspec.errors import QemuspecError, UsageError
 
 
