@@ -127,6 +127,7 @@ def _up_level(spec: File, root: str, level: list[str], report: Report) -> list[O
         decision, found = _decide(spec, root, name)
         if decision == "up to date":
             report(name, "up to date")
+            assert found is not None and found.process is not None
             outcomes[name] = Outcome(name, "up to date", 0.0, found.process.pid, ports=found.ports)
             continue
         action, adopt = "started", False

@@ -310,7 +310,7 @@ def test_two_machines_through_the_system_libvirtd(system_libvirtd, guest, tmp_pa
 
         path.write_text(text.replace('memory = "192M"', 'memory = "224M"', 1))
         plan = run("plan", str(path), env=env)
-        assert plan.returncode == 0, plan.stderr
+        assert plan.returncode == 3, "plan exits 3 when up would change something: " + plan.stderr
         assert f"{a}: recreate" in plan.stdout and f"{b}: up to date" in plan.stdout, plan.stdout
         changed = [line.strip() for line in plan.stdout.splitlines() if line.strip()[:1] in "+-" and not line.strip().startswith("@@")]
         assert changed == ["-memory: 192 MiB", "+memory: 224 MiB"], "the diff against libvirt's XML is the change, no noise: " + plan.stdout

@@ -4,15 +4,13 @@ import the libvirt binding; nothing on the local path imports them."""
 
 from __future__ import annotations
 
-import os
-
-CONNECT_ENV = "QEMUSPEC_CONNECT"
+CONNECT_ENV = "QEMUSPEC_CONNECT"  # read by qemuspec.settings; the CLI passes it in as ``connect``
 
 
 def placement(spec, names: list[str], connect: str | None = None) -> dict[str, str | None]:
     """Machine -> libvirt URI, or None for the local supervisor. A machine's own ``host`` wins over
     the run's choice, so one file can place machines on several hosts."""
-    default = connect or os.environ.get(CONNECT_ENV) or None
+    default = connect or None
     if default:
         from qemuspec.spec.models import _libvirt_uri
 

@@ -12,65 +12,76 @@ from qemuspec.cli.common import emit_json
 from qemuspec.errors import QemuspecError, UsageError
 
 
-def placed(args: Any, spec: Any, names: list[str] | str) -> dict[str, str | None] | None:
+def _connect(ctx: Any) -> str | None:
+    return getattr(ctx.extra.get("namespace"), "connect", None) or ctx.settings.connect
+
+
+def placed(ctx: Any, spec: Any, names: list[str] | str) -> dict[str, str | None] | None:
     """Machine -> URI (None: local) when any of ``names`` runs through libvirt, else None."""
     from qemuspec.backends import placement
 
-    hosts = placement(spec, [names] if isinstance(names, str) else list(names), getattr(args, "connect", None))
+    hosts = placement(spec, [names] if isinstance(names, str) else list(names), _connect(ctx))
     return hosts if any(hosts.values()) else None
 
 
-def local_only(args: Any, spec: Any, name: str) -> None:
-    hosts = placed(args, spec, name)
+def local_only(ctx: Any, spec: Any, name: str) -> None:
+    hosts = placed(ctx, spec, name)
     if hosts:
-        raise UsageError(f"machine {name} runs through libvirt at {hosts[name]}: `qemuspec {args.command}` works on local machines only "
+        command = getattr(ctx.extra.get("namespace"), "command", "this command")
+        raise UsageError(f"machine {name} runs through libvirt at {hosts[name]}: `qemuspec {command}` works on local machines only "
                          "(docs/libvirt.md lists what works through libvirt)")
 
 
-def _root(args: Any) -> str:
-    from qemuspec.runtime import paths
-
-    return paths.state_root(args.file, args.state_dir)
+def _root(ctx: Any) -> str:
+    return ctx.target.root
 
 
-def _domain(args: Any, spec: Any, name: str, hosts: dict) -> Any:
+def _domain(ctx: Any, spec: Any, name: str, hosts: dict) -> Any:
     from qemuspec.backends import libvirt_domain as ld
     from qemuspec.backends.libvirt_conn import connect
 
     uri = hosts[name]
     dom = ld.lookup(connect(uri), name)
     if dom is None or not dom.isActive():
-        raise QemuspecError(f"machine {name} is not running on {uri}: start it with `qemuspec up {args.file}`")
-    ld._ours(dom, uri, name, args.file)
+        raise QemuspecError(f"machine {name} is not running on {uri}: start it with `qemuspec up {ctx.target.path}`")
+    ld._ours(dom, uri, name, ctx.target.path)
     return dom
 
 
-def up(args: Any, spec: Any, names: list[str], hosts: dict, progress: Any) -> int:
+def up(ctx: Any, spec: Any, names: list[str], hosts: dict, attach: bool = False) -> int:
     from qemuspec.backends import libvirt_domain as ld
     from qemuspec.cli.vm_commands import _print_outcomes
 
-    if getattr(args, "attach", False):
+    if attach:
         raise UsageError("--attach streams local machines only: follow a machine on a libvirt host with `qemuspec logs -f NAME`")
-    outcomes = ld.up(spec, args.file, _root(args), names, _all_hosts(args, spec), progress)
-    _print_outcomes(args, outcomes)
+    progress = ctx.out.progress(names)
+    try:
+        outcomes = ld.up(spec, ctx.target.path, _root(ctx), names, _all_hosts(ctx, spec), progress)
+    finally:
+        progress.close()
+    _print_outcomes(ctx.out, outcomes)
     return 1 if any(o.action == "failed" for o in outcomes) else 0
 
 
-def _all_hosts(args: Any, spec: Any) -> dict:
+def _all_hosts(ctx: Any, spec: Any) -> dict:
     from qemuspec.backends import placement
 
-    return placement(spec, list(spec.machines), getattr(args, "connect", None))
+    return placement(spec, list(spec.machines), _connect(ctx))
 
 
-def down(args: Any, spec: Any, names: list[str], hosts: dict, progress: Any) -> int:
+def down(ctx: Any, spec: Any, names: list[str], hosts: dict, timeout: float | None, purge: bool) -> int:
     from qemuspec.backends import libvirt_domain as ld
     from qemuspec.cli.vm_commands import _print_outcomes
 
-    outcomes = ld.down(spec, args.file, _root(args), names, hosts, args.timeout, progress, purge=args.purge)
-    if args.purge:  # what this host keeps for them (known_hosts); local machines' disks as local down does
+    progress = ctx.out.progress(names)
+    try:
+        outcomes = ld.down(spec, ctx.target.path, _root(ctx), names, hosts, timeout, progress, purge=purge)
+    finally:
+        progress.close()
+    if purge:  # what this host keeps for them (known_hosts); local machines' disks as local down does
         import shutil
 
-        root = _root(args)
+        root = _root(ctx)
         for name in names:
             if not hosts.get(name):
                 for disk in spec.machines[name].disks:
@@ -79,11 +90,11 @@ def down(args: Any, spec: Any, names: list[str], hosts: dict, progress: Any) -> 
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
         if os.path.isdir(root) and not os.listdir(root):
             os.rmdir(root)
-    _print_outcomes(args, outcomes)
+    _print_outcomes(ctx.out, outcomes)
     return 1 if any(o.action == "failed" for o in outcomes) else 0
 
 
-def status(args: Any, spec: Any, names: list[str], hosts: dict) -> int:
+def status(ctx: Any, spec: Any, names: list[str], hosts: dict) -> int:
     from qemuspec.backends import libvirt_domain as ld
     from qemuspec.backends.libvirt_conn import label
     from qemuspec.runtime.status import machine_status
@@ -91,10 +102,10 @@ def status(args: Any, spec: Any, names: list[str], hosts: dict) -> int:
     rows = []
     for name in names:
         if hosts[name]:
-            rows.append(ld.status(spec, args.file, name, hosts[name]))
+            rows.append(ld.status(spec, ctx.target.path, name, hosts[name]))
         else:
-            rows.append({**machine_status(name, spec.machines[name], os.path.join(_root(args), name)), "host": None})
-    if args.json:
+            rows.append({**machine_status(name, spec.machines[name], ctx.target.state_dir(name)), "host": None})
+    if ctx.out.json:
         emit_json(rows)
         return 0
     print(f"{'NAME':<16} {'STATE':<13} {'PID':>8} {'UPTIME':>8} {'RESTARTS':>8}  {'HOST':<24} PORTS")
@@ -106,67 +117,73 @@ def status(args: Any, spec: Any, names: list[str], hosts: dict) -> int:
     return 0
 
 
-def plan(args: Any, spec: Any, names: list[str], hosts: dict) -> int:
+def plan(ctx: Any, spec: Any, names: list[str], hosts: dict) -> int:
+    """Exit 3 (PENDING) when `up` would change anything, as the local plan."""
     from qemuspec.backends import libvirt_domain as ld
+    from qemuspec.cli.main import PENDING
 
-    steps = ld.plan(spec, args.file, _root(args), names, hosts)
-    if args.json:
+    steps = ld.plan(spec, ctx.target.path, _root(ctx), names, hosts)
+    pending = any(step["action"] != "up to date" for step in steps)
+    if ctx.out.json:
         emit_json(steps)
-        return 0
+        return PENDING if pending else 0
     for step in steps:
         print(f"{step['name']}: {step['action']}")
+        for change in step.get("changes", []):
+            print(f"    {change['field']}: {change['old']} -> {change['new']}")
         for line in step["diff"][2:]:
-            print(f"    {line}")
-    return 0
+            print(f"      {line}")
+    if pending and not ctx.out.quiet:
+        print(f"plan: changes pending (exit {PENDING}); `qemuspec up {ctx.target.path}` applies them", file=sys.stderr)
+    return PENDING if pending else 0
 
 
-def qmp(args: Any, spec: Any, hosts: dict, arguments: dict | None) -> int:
+def qmp(ctx: Any, spec: Any, hosts: dict, name: str, command: str, arguments: dict | None) -> int:
     from qemuspec.backends.libvirt_guest import Monitor
 
-    result = Monitor(_domain(args, spec, args.name, hosts)).command(args.qmp_command, arguments)
-    if isinstance(result, str) and not args.json:
+    result = Monitor(_domain(ctx, spec, name, hosts)).command(command, arguments)
+    if isinstance(result, str) and not ctx.out.json:
         sys.stdout.write(result if result.endswith("\n") else result + "\n")
     else:
         emit_json(result)
     return 0
 
 
-def each(args: Any, spec: Any, hosts: dict, action: str, done: str) -> int:
+def each(ctx: Any, spec: Any, hosts: dict, action: str, done: str) -> int:
     from qemuspec.backends.libvirt_conn import binding, message
 
     libvirt = binding()
     results = []
-    for name in args.names:
-        dom = _domain(args, spec, name, hosts)
+    for name in ctx.target.machines():
+        dom = _domain(ctx, spec, name, hosts)
         try:
             dom.suspend() if action == "stop" else dom.resume()
         except libvirt.libvirtError as exc:
             raise QemuspecError(f"machine {name}: {message(exc)}") from None
         results.append({"name": name, "state": done})
-    if args.json:
+    if ctx.out.json:
         emit_json(results)
     else:
         for r in results:
-            print(f"{r['name']}: {r['state']}")
+            ctx.out.say(f"{r['name']}: {r['state']}")
     return 0
 
 
-def agent(args: Any, spec: Any, name: str, hosts: dict) -> Any:
+def agent(ctx: Any, spec: Any, name: str, hosts: dict, timeout: float = 30.0) -> Any:
     from qemuspec.backends.libvirt_guest import LibvirtAgent
 
     if not spec.machines[name].agent:
         raise QemuspecError(f"machine {name} has no guest-agent channel: add agent = true (and run qemu-guest-agent in the guest)")
-    return LibvirtAgent(_domain(args, spec, name, hosts), timeout=30)
+    return LibvirtAgent(_domain(ctx, spec, name, hosts), timeout=timeout)
 
 
-def ssh_argv(args: Any, spec: Any, hosts: dict, command: list[str]) -> list[str]:
+def ssh_argv(ctx: Any, spec: Any, hosts: dict, name: str, command: list[str]) -> list[str]:
     from qemuspec.backends import libvirt_domain as ld
 
-    name = args.name
-    return ld.ssh_argv(hosts[name], name, spec.machines[name], _root(args), command, dom=_domain(args, spec, name, hosts))
+    return ld.ssh_argv(hosts[name], name, spec.machines[name], _root(ctx), command, dom=_domain(ctx, spec, name, hosts))
 
 
-def logs(args: Any, spec: Any, names: list[str], hosts: dict) -> int:
+def logs(ctx: Any, spec: Any, names: list[str], hosts: dict, follow: bool, lines: int) -> int:
     """The serial log libvirt keeps in the pool (downloaded, so remote hosts work); with --follow,
     the live console stream after it."""
     from qemuspec.backends import libvirt_storage as storage
@@ -182,32 +199,36 @@ def logs(args: Any, spec: Any, names: list[str], hosts: dict) -> int:
             continue
         found = True
         text = data.decode(errors="replace").replace("\r", "")
-        lines = text.split("\n")
-        if lines and lines[-1] == "":
-            lines.pop()
-        for line in lines[-args.lines:] if args.lines else lines:
-            print((f"{name} | " if prefix else "") + line)
-    if not args.follow:
+        text_lines = text.split("\n")
+        if text_lines and text_lines[-1] == "":
+            text_lines.pop()
+        shown = text_lines[-lines:] if lines else text_lines
+        for line in shown:
+            if ctx.out.json:
+                ctx.out.line({"machine": name, "line": line})
+            else:
+                print((f"{name} | " if prefix else "") + line)
+    if not follow:
         if not found:
-            raise QemuspecError(f"no console log yet for {', '.join(names)}: start with `qemuspec up {args.file}`")
+            raise QemuspecError(f"no console log yet for {', '.join(names)}: start with `qemuspec up {ctx.target.path}`")
         return 0
     if len(names) != 1:
         raise UsageError("logs --follow of machines on libvirt hosts follows one machine: name it")
-    return _stream(args, spec, names[0], hosts, interactive=False)
+    return _stream(ctx, spec, names[0], hosts, interactive=False)
 
 
-def console(args: Any, spec: Any, hosts: dict) -> int:
-    return _stream(args, spec, args.name, hosts, interactive=True)
+def console(ctx: Any, spec: Any, hosts: dict, name: str) -> int:
+    return _stream(ctx, spec, name, hosts, interactive=True)
 
 
-def _stream(args: Any, spec: Any, name: str, hosts: dict, interactive: bool) -> int:
+def _stream(ctx: Any, spec: Any, name: str, hosts: dict, interactive: bool) -> int:
     import select as select_mod
 
     from qemuspec.backends.libvirt_conn import connect
     from qemuspec.backends.libvirt_guest import Console
     from qemuspec.cli.vm_commands import DETACH
 
-    dom = _domain(args, spec, name, hosts)
+    dom = _domain(ctx, spec, name, hosts)
     out = sys.stdout.buffer
 
     def write(chunk: bytes) -> None:

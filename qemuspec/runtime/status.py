@@ -28,7 +28,7 @@ def machine_status(name: str, machine: Machine, state_dir: str, ask_qemu: bool =
         "uptime": None, "restarts": (sup or last).get("restarts", 0), "restart": machine.restart,
         "qmp": None, "ports": [], "accel": [],
     }
-    if inst is not None:
+    if inst is not None and inst.process is not None:
         row.update(pid=inst.process.pid, qmp=inst.qmp_address, ports=inst.ports, accel=list(inst.layout.accel),
                    uptime=round(time.time() - inst.started_at, 1) if inst.started_at else None)
         if sup is None:

@@ -240,6 +240,7 @@ class Supervisor:
         try:
             self.tell("starting")
             inst.launch()
+            assert inst.process is not None
             record(self.state_dir, "QEMUSPEC_LAUNCHED", pid=inst.process.pid, restarts=self.restarts, accel=list(inst.layout.accel),
                    **({"kvm_failed": inst.kvm_failure.split("\n", 1)[0]} if inst.kvm_failure else {}))
             self.tell("waiting", pid=inst.process.pid)
@@ -257,6 +258,7 @@ class Supervisor:
             inst.console = None
         self.phase("running")
         seconds = time.monotonic() - began
+        assert inst.process is not None
         record(self.state_dir, "QEMUSPEC_READY", pid=inst.process.pid, seconds=round(seconds, 3), restarts=self.restarts)
         self.tell("ready", pid=inst.process.pid, seconds=seconds, ports=inst.ports)
         return True
@@ -273,6 +275,7 @@ class Supervisor:
             self.tell("failed", detail=f"cannot adopt machine {self.name}: {exc}")
             raise SystemExit(1)
         self.phase("running")
+        assert inst.process is not None
         record(self.state_dir, "QEMUSPEC_ADOPTED", pid=inst.process.pid)
         self.tell("ready", pid=inst.process.pid, seconds=0.0, ports=inst.ports, adopted=True)
         return True

@@ -326,7 +326,9 @@ def normalise(argv: list[str]) -> list[tuple]:
     defaults made explicit, disks and NICs as records whatever shorthand or id wiring they use."""
     options = parse_argv(argv)
     out: list[tuple] = []
-    machine_type, accels, cpu, smp, mem = "pc", [], ("qemu64", ()), "1", 128
+    cpu: tuple[str | None, tuple[tuple[str, str], ...]] = ("qemu64", ())
+    mem: int | None = 128
+    machine_type, accels, smp = "pc", [], "1"
     nodefaults = False
     drives: dict[str, dict] = {}
     netdevs: dict[str, tuple] = {}

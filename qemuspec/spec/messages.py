@@ -127,7 +127,7 @@ def _submodel(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _describe(error: dict, message: str, loc: tuple, root: type[BaseModel]) -> str:
+def _describe(error: Any, message: str, loc: tuple, root: type[BaseModel]) -> str:
     kind = error["type"]
     value = error.get("input")
     ctx = error.get("ctx") or {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 from pydantic import (
     AfterValidator,
@@ -88,8 +88,12 @@ def _size(parse, serialize, bare: str) -> Any:
     ]
 
 
-MiB = _size(units.parse_mib, lambda v: f"{v}M", "MiB")
-Bytes = _size(units.parse_bytes, units.format_bytes, "bytes")
+if TYPE_CHECKING:  # for the type checker: sizes are ints once validated
+    MiB = int
+    Bytes = int
+else:
+    MiB = _size(units.parse_mib, lambda v: f"{v}M", "MiB")
+    Bytes = _size(units.parse_bytes, units.format_bytes, "bytes")
 Seconds = Annotated[
     float,
     BeforeValidator(units.parse_seconds),
