@@ -242,7 +242,7 @@ def up(spec: File, source: str, state_root: str, names: list[str], hosts: dict[s
         remote = [n for n in level if hosts.get(n) or spec.machines[n].host]
         local = [n for n in level if n not in remote]
         with ThreadPoolExecutor(max_workers=max(1, len(remote))) as pool:
-            futures = [pool.submit(_up_one, spec, source, state_root, hosts.get(n) or spec.machines[n].host, n, report) for n in remote]
+            futures = [pool.submit(_up_one, spec, source, state_root, str(hosts.get(n) or spec.machines[n].host), n, report) for n in remote]
             if local:
                 with reconcile.locked(state_root):
                     outcomes += reconcile._up_level(spec, state_root, local, report)
@@ -301,7 +301,7 @@ def down(spec: File, source: str, state_root: str, names: list[str], hosts: dict
         remote = [n for n in level if hosts.get(n)]
         local = [n for n in level if not hosts.get(n)]
         with ThreadPoolExecutor(max_workers=max(1, len(remote))) as pool:
-            futures = [pool.submit(_down_one, spec, source, hosts[n], n, timeout, report, purge) for n in remote]
+            futures = [pool.submit(_down_one, spec, source, str(hosts[n]), n, timeout, report, purge) for n in remote]
             if local:
                 outcomes += reconcile.down(spec, state_root, local, timeout, report)
             outcomes += [f.result() for f in futures]
@@ -354,7 +354,7 @@ def project(xml: str) -> list[str]:
                 text = (child.text or "").strip()
                 if sub == "memory":
                     text = f"{int(int(text) * _KIB.get(child.get('unit', 'KiB'), 1) / 1024)} MiB"
-                values = {k: child.get(k) for k in _ATTRS.get(sub, ()) if child.get(k) is not None}
+                values = {k: str(child.get(k)) for k in _ATTRS.get(sub, ()) if child.get(k) is not None}
                 if sub == "os/type" and "machine" in values:  # libvirt stores the alias's versioned name
                     values["machine"] = re.sub(r"^pc-q35-[\d.]+$", "q35", re.sub(r"^pc-i440fx-[\d.]+$", "pc", values["machine"]))
                 attrs = " ".join(f"{k}={v}" for k, v in values.items())

@@ -53,6 +53,7 @@ class Reach:
             return _exchange_socket(address, port, expect, deadline)
         proc = subprocess.Popen(self.hop + ["-W", f"{address}:{port}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL)
+        assert proc.stdout is not None and proc.stdin is not None  # both are pipes
         try:
             fd = proc.stdout.fileno()
             ready, _, _ = select.select([fd], [], [], max(0.05, min(3.0, deadline - time.monotonic())))

@@ -142,6 +142,7 @@ def prepare(conn: Any, name: str, machine: Machine, seed: bytes | None) -> tuple
     libvirt host's path, the volumes the machine owns)."""
     libvirt = binding()
     found = pool(conn)
+    assert found is not None  # created when missing
     media = {path: upload(conn, found, path) for path in media_paths(machine)}
     owned: list[str] = []
     if seed is not None:
