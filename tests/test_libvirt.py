@@ -70,6 +70,25 @@ def test_render_command_emits_libvirt_xml(tmp_path):
     validates(result.stdout, tmp_path)
 
 
+def _terminate(pid: int) -> None:
+    """SIGTERM and wait for the exit (a pidfd turns readable), so the next test never meets a daemon
+    that is still shutting down."""
+    import select
+
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+        if not select.select([fd], [], [], 15)[0]:
+            os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _running(name: str) -> list[int]:
     return [int(p) for p in subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout.split()]
 
@@ -99,7 +118,7 @@ def libvirtd():
     yield
     for daemon in reversed(started):
         for pid in _running(daemon):
-            os.kill(pid, signal.SIGTERM)
+            _terminate(pid)
 
 
 def test_libvirtd_defines_and_starts_an_exported_machine(libvirtd, guest, tmp_path):

@@ -169,6 +169,25 @@ def _fail_or_skip(reason: str) -> None:
     pytest.skip(reason)
 
 
+def _terminate(pid: int) -> None:
+    """SIGTERM and wait for the exit (a pidfd turns readable), so the next test never meets a daemon
+    that is still shutting down."""
+    import select
+
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+        if not select.select([fd], [], [], 15)[0]:
+            os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _pids(name: str) -> list[int]:
     return [int(p) for p in subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout.split()]
 
@@ -201,7 +220,7 @@ def system_libvirtd():
     yield "qemu:///system"
     for daemon in reversed(started):
         for pid in _pids(daemon):
-            os.kill(pid, signal.SIGTERM)
+            _terminate(pid)
 
 
 def _domains(uri: str) -> list[str]:
