@@ -7,7 +7,7 @@ the virtio/console/button/evdev modules in dependency order (the package ships n
 each module's `depends=` is read), and, when the host has them, dropbear and qemu-ga with their
 libraries. The guest prints a marker on the serial console, powers off on the ACPI power button,
 brings eth0 up for user-mode networking, serves HTTP on 80 and a banner on 7777, runs the guest
-agent, and obeys `qemuspec.noacpi`, `qemuspec.exit=N` (power off after N s) and `qemuspec.panic=N`
+agent, and obeys `qemuspec.noacpi`, `qemuspec.stamp=WORD` (write a per-boot stamp to /dev/vda's first sector), `qemuspec.exit=N` (power off after N s) and `qemuspec.panic=N`
 (kernel panic after N s, reported through a pvpanic device) on its kernel command line.
 
 Output: guest/out/vmlinuz and guest/out/initrd.gz, rebuilt only when the inputs change.
@@ -32,6 +32,8 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
+# Variants: the cloud kernel boots fastest; the generic one has CONFIG_VMGENID (warm-start tests need it)
+KERNELS = {"cloud": "linux-image-cloud-amd64", "generic": "linux-image-amd64"}
 MODULES = ["virtio_pci", "virtio_net", "virtio_console", "virtio_blk", "virtio-rng", "button", "evdev", "virtio_scsi",
            "sr_mod", "isofs", "pvpanic-pci"]
 MARKER = "qemuspec-guest ready"
@@ -76,6 +78,11 @@ if [ -b /dev/sr0 ] && mkdir -p /cidata && mount -t iso9660 -o ro /dev/sr0 /cidat
       esac
     done < /cidata/network-config
   fi
+fi
+s=$(arg qemuspec.stamp)
+if [ -n "$s" ] && [ -b /dev/vda ]; then
+  s="stamp-$s-$(cat /proc/sys/kernel/random/uuid)"
+  echo "$s" | dd of=/dev/vda conv=notrunc,fsync 2>/dev/null && echo "qemuspec-guest: disk $s"
 fi
 httpd -p 80 -h /www
 (while true; do echo "qemuspec-guest banner" | nc -l -p 7777 >/dev/null 2>&1; done) &
@@ -155,18 +162,32 @@ def run(*argv: str, cwd: str | None = None) -> str:
     return subprocess.run(argv, cwd=cwd, check=True, capture_output=True, text=True).stdout
 
 
-def kernel_package() -> str:
+def kernel_package(meta: str = KERNEL_PACKAGE) -> str:
     """The versioned kernel package the meta package points at."""
-    out = run("apt-cache", "depends", KERNEL_PACKAGE)
+    out = run("apt-cache", "depends", meta)
     match = re.search(r"Depends:\s*(linux-image-\S+)", out)
     if not match:
-        sys.exit(f"cannot resolve {KERNEL_PACKAGE} (run apt-get update first)")
+        sys.exit(f"cannot resolve {meta} (run apt-get update first)")
     return match.group(1)
 
 
-def fetch_kernel(cache: str) -> str:
+def cached_tree(cache: str, meta: str) -> str | None:
+    """An already unpacked kernel of this flavour, so a build works offline once it has run."""
+    flavour = "-cloud-amd64" if "cloud" in meta else "-amd64"
+    trees = sorted(t for t in glob.glob(os.path.join(cache, "linux-image-*" + flavour))
+                   if os.path.isdir(os.path.join(t, "boot")) and ("cloud" in meta) == ("-cloud-" in t))
+    return trees[-1] if trees else None
+
+
+def fetch_kernel(cache: str, meta: str = KERNEL_PACKAGE) -> str:
     """Download and unpack the kernel package once; return the unpacked tree."""
-    package = kernel_package()
+    try:
+        package = kernel_package(meta)
+    except (OSError, subprocess.CalledProcessError, SystemExit):
+        tree = cached_tree(cache, meta)
+        if tree is None:
+            raise
+        return tree
     tree = os.path.join(cache, package)
     if os.path.isdir(os.path.join(tree, "boot")):
         return tree
@@ -240,8 +261,8 @@ def inputs_digest(tree: str) -> str:
     return digest.hexdigest()
 
 
-def build(out: str, cache: str, force: bool = False) -> dict:
-    tree = fetch_kernel(cache)
+def build(out: str, cache: str, force: bool = False, kernel: str = "cloud") -> dict:
+    tree = fetch_kernel(cache, KERNELS[kernel])
     stamp_path = os.path.join(out, "stamp.json")
     digest = inputs_digest(tree)
     if not force and os.path.exists(stamp_path):
@@ -303,8 +324,12 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(HERE, "out"))
     parser.add_argument("--cache", default=os.path.join(HERE, "cache"))
     parser.add_argument("--force", action="store_true")
+    parser.add_argument("--kernel", choices=sorted(KERNELS), default="cloud",
+                        help="cloud (default, fastest boot) or generic (has CONFIG_VMGENID; default --out guest/out-generic)")
     args = parser.parse_args()
-    stamp = build(args.out, args.cache, args.force)
+    if args.kernel != "cloud" and args.out == os.path.join(HERE, "out"):
+        args.out = os.path.join(HERE, f"out-{args.kernel}")
+    stamp = build(args.out, args.cache, args.force, args.kernel)
     print(f"guest ready in {args.out}: {stamp['kernel']}, modules {' '.join(stamp['modules'])}, extras {' '.join(os.path.basename(e) for e in stamp['extras']) or 'none'}")
 
 

@@ -60,6 +60,8 @@ def domain_xml(machine: Machine, name: str, state_dir: str = "/var/lib/qemuspec"
     at = lambda path: media.get(path, path)  # noqa: E731
     if machine.defaults:
         _refuse(name, "defaults", "libvirt always starts qemu with -nodefaults")
+    if getattr(machine, "warm", False):
+        _refuse(name, "warm", "warm start restores qemuspec's own saved state; through libvirt, use virsh managedsave")
     if machine.overrides:
         _refuse(name, "overrides", "libvirt renders those switches from the domain XML itself and cannot leave them out for append's")
     if machine.accel_options:

@@ -21,7 +21,7 @@ import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from qemuspec.errors import QemuspecError
 from qemuspec.runtime import supervisor
@@ -102,7 +102,13 @@ def plan(spec: File, root: str, names: list[str]) -> list[dict]:
             if action == "recreate" and found is not None:
                 wanted = render(spec.machines[name], name, found.layout)
                 diff = list(difflib.unified_diff(found.argv, wanted, "running", "definition", lineterm="", n=1))
-            out.append({"name": name, "action": action, "diff": diff})
+            step: dict[str, Any] = {"name": name, "action": action, "diff": diff}
+            machine = spec.machines[name]
+            if machine.warm:
+                from qemuspec.runtime import warm
+
+                step["warm"] = warm.check(name, machine, _state(root, name)).as_dict()
+            out.append(step)
     return out
 
 
@@ -181,11 +187,20 @@ def _collect(spec: File, pending: dict[int, tuple[str, str, float]], outcomes: d
                         message = json.loads(line)
                         status = message["status"]
                         if status == "waiting":
-                            report(name, "waiting for ready")
+                            report(name, "restoring saved state" if message.get("boot") == "warm" else "waiting for ready")
+                        elif status == "saving":
+                            report(name, "saving warm state")
+                        elif status == "restore failed":
+                            report(name, "saved state did not load: booting cold")
                         elif status == "ready":
                             seconds = time.monotonic() - began
-                            report(name, f"ready in {seconds:.1f} s" if not message.get("adopted") else "adopted")
-                            done = Outcome(name, action, seconds, message.get("pid"), ports=message.get("ports", []),
+                            how = " (warm)" if message.get("boot") == "warm" else ""
+                            report(name, f"ready in {seconds:.1f} s{how}" if not message.get("adopted") else "adopted")
+                            detail = f"boot {message['boot']}" if message.get("boot") and spec.machines[name].warm else ""
+                            if message.get("saved"):
+                                saved = message["saved"]
+                                detail += f", state saved in {saved['seconds']:.2f} s ({saved['bytes'] / 2**20:.0f} MiB)"
+                            done = Outcome(name, action, seconds, message.get("pid"), detail=detail, ports=message.get("ports", []),
                                            qemu=preflight.qemu_path(spec.machines[name].qemu) or spec.machines[name].qemu)
                         elif status == "failed":
                             report(name, "failed")

@@ -112,6 +112,14 @@ def wants_cidata(machine: Machine) -> bool:
     return machine.cloud_init is not None or any(n.address for n in machine.nics)
 
 
+def wants_vmgenid(machine: Machine) -> bool:
+    """A warm machine gets a VM generation ID: qemu gives it a new GUID on every start (restores
+    included), and a Linux guest with CONFIG_VMGENID reseeds its RNG when it changes. It needs ACPI
+    (pc/q35 machine types)."""
+    return (machine.warm and machine.machine.startswith(("pc", "q35"))
+            and not any(d.driver == "vmgenid" for d in machine.devices))
+
+
 def escape(value: OptionValue) -> str:
     """One value as qemu's option parser reads it back: booleans on/off, commas doubled."""
     if isinstance(value, bool):
@@ -177,6 +185,8 @@ def render(machine: Machine, name: str, layout: Layout) -> list[str]:
         argv += ["-object", optlist(obj.type, [("id", obj.id)], obj.options)]
     for dev in machine.devices:
         argv += ["-device", optlist(dev.driver, [("id", dev.id)] if dev.id else [], dev.options)]
+    if wants_vmgenid(machine):
+        argv += ["-device", "vmgenid,id=qemuspec-vmgenid"]
     if machine.overrides:
         argv = _without(argv, machine.overrides)
     argv += machine.append

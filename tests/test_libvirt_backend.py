@@ -31,7 +31,7 @@ SAMPLES = {
     "disks": [{"file": "/d.img"}], "cdrom": ["/c.iso"], "nics": [{"type": "user"}], "shares": [{"source": "/s", "tag": "s"}],
     "rng": True, "agent": True, "cloud_init": {"user_data": "#cloud-config\n"}, "devices": [{"driver": "virtio-balloon-pci"}],
     "objects": [{"type": "rng-random", "id": "r", "options": {"filename": "/dev/urandom"}}], "append": ["-no-reboot"],
-    "overrides": ["-cpu"],
+    "overrides": ["-cpu"], "warm": True,
 }
 WITH = {"overrides": {"append": ["-cpu", "host"]}}  # what a sample needs beside it to be valid
 # Option maps on the parts of a machine: each must reach the XML, or be refused naming its field.

@@ -178,6 +178,8 @@ def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, d
     for name in ("up", "down", "status", "ps", "plan", "restart", "pause", "resume", "reset", "logs"):
         _target(p[name], "[FILE] [MACHINE...]")
     p["up"].add_argument("--no-probe", action="store_true", help="skip checking the definition against the qemu binary")
+    for name in ("up", "plan"):
+        p[name].add_argument("--warm", action="store_true", help="warm start for this run, as if the machines said warm = true")
     p["up"].add_argument("--attach", action="store_true", help="stay in the foreground streaming consoles and events; Ctrl-C brings the machines down")
     p["up"].add_argument("--timeout", type=float, metavar="SECONDS", help="readiness timeout for this run, instead of each machine's ready.timeout")
     for name in ("up", "validate"):

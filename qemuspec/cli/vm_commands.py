@@ -34,10 +34,20 @@ def _print_outcomes(out: Output, outcomes: list["Outcome"]) -> None:
         extra += [ports] if ports else []
         extra += [f"qemu {o.qemu}"] if getattr(o, "qemu", "") and o.action in ("started", "recreated") else []
         extra += [o.detail] if o.detail else []
+        extra += [f"{o.seconds:.1f} s"] if o.action == "stopped" else []
         out.say(f"{o.name}: {o.action}{' (' + ', '.join(extra) + ')' if extra else ''}")
     for o in outcomes:
         if o.action == "failed":
             print(f"error: {o.detail}", file=sys.stderr)
+
+
+def _warm_flag(warm: bool, spec: Any, names: list[str]) -> None:
+    """`--warm`: this run treats the selected machines (and what they depend on) as warm = true."""
+    if warm:
+        from qemuspec import reconcile
+
+        for name in reconcile.needed(spec, names):
+            spec.machines[name] = spec.machines[name].model_copy(update={"warm": True})
 
 
 def _record(target: Target, outcomes: list["Outcome"], machines: dict[str, Any]) -> None:
@@ -48,7 +58,7 @@ def _record(target: Target, outcomes: list["Outcome"], machines: dict[str, Any])
             record_definition(machines[o.name], target.state_dir(o.name))
 
 
-def up(ctx: Context, *, no_probe: bool, attach: bool, timeout: float | None, allow_local_qemu: bool) -> int:
+def up(ctx: Context, *, no_probe: bool, attach: bool, timeout: float | None, allow_local_qemu: bool, warm: bool = False) -> int:
     from qemuspec import reconcile
 
     target = ctx.target
@@ -56,6 +66,7 @@ def up(ctx: Context, *, no_probe: bool, attach: bool, timeout: float | None, all
     names = target.machines()
     if (hosts := libvirt_commands.placed(ctx, spec, reconcile.needed(spec, names))):  # libvirt backend
         return libvirt_commands.up(ctx, spec, names, hosts, attach)
+    _warm_flag(warm, spec, names)
     from qemuspec.cli.common import preflight
 
     preflight(spec, lines, target.path, reconcile.needed(spec, names), allow_local_qemu=allow_local_qemu, root=target.root, settings=ctx.settings)
@@ -133,13 +144,18 @@ def status(ctx: Context) -> int:
     if ctx.out.json:
         emit_json(rows)
         return 0
-    table = [["NAME", "STATE", "PID", "UPTIME", "RESTARTS", "PORTS"]]
+    table = [["NAME", "STATE", "PID", "UPTIME", "RESTARTS", "BOOT", "PORTS"]]
     for r in rows:
         ports = " ".join(f"{p['host']}->{p['guest']}" for p in r["ports"])
         uptime = f"{r['uptime']:.0f}s" if r["uptime"] is not None else "-"
-        table.append([r["name"], r["state"], str(r["pid"] or "-"), uptime, str(r["restarts"]), ports or "-"])
+        table.append([r["name"], r["state"], str(r["pid"] or "-"), uptime, str(r["restarts"]), r.get("boot") or "-", ports or "-"])
     for line in format_table(table, right={2, 3, 4}):
         print(line)
+    for r in rows:  # warm machines: how the next start goes, and what a restore shares
+        if r.get("next_boot"):
+            print(f"{r['name']}: next start {r['next_boot']['boot']}: {r['next_boot']['why']}")
+        if r.get("restored") and "reseeded" not in r["restored"].get("rng", ""):
+            print(f"{r['name']}: RNG {r['restored']['rng']}")
     return 0
 
 
@@ -154,7 +170,7 @@ def format_table(rows: list[list[str]], right: set[int] = set()) -> list[str]:
     return out
 
 
-def plan(ctx: Context) -> int:
+def plan(ctx: Context, *, warm: bool = False) -> int:
     """What `up` would do; exit 3 (PENDING) when it would change anything, so CI can gate on drift."""
     from qemuspec.api import plan as plan_steps, show_value
 
@@ -162,7 +178,9 @@ def plan(ctx: Context) -> int:
     spec = target.spec
     if (hosts := libvirt_commands.placed(ctx, spec, target.machines())):  # libvirt backend
         return libvirt_commands.plan(ctx, spec, target.machines(), hosts)
-    steps = plan_steps(spec, target.root, target.machines())
+    names = target.machines()
+    _warm_flag(warm, spec, names)
+    steps = plan_steps(spec, target.root, names)
     pending = any(step["action"] != "up to date" for step in steps)
     if ctx.out.json:
         emit_json(steps)
@@ -170,7 +188,8 @@ def plan(ctx: Context) -> int:
     out = ctx.out
     colour = {"up to date": "32", "start": "33", "adopt": "33", "recreate": "33"}
     for step in steps:
-        print(f"{step['name']}: {out.paint(step['action'], colour.get(step['action'], '0'))}")
+        boot = f" ({step['warm']['boot']}: {step['warm']['why']})" if step.get("warm") else ""
+        print(f"{step['name']}: {out.paint(step['action'], colour.get(step['action'], '0'))}{boot}")
         for change in step["changes"]:
             old, new = show_value(change["field"], change["old"]), show_value(change["field"], change["new"])
             print(f"    {change['field']}: {out.paint(old, '31')} -> {out.paint(new, '32')}")

@@ -105,8 +105,9 @@ class QMPClient:
 
     # -- commands ---------------------------------------------------------------------------------
 
-    def command(self, name: str, arguments: dict | None = None, timeout: float = 30.0, **kwargs: Any) -> Any:
-        """Run a QMP command and return its ``return`` value; QMP errors raise :class:`QMPError`."""
+    def command(self, name: str, arguments: dict | None = None, timeout: float = 30.0, fds: tuple[int, ...] = (), **kwargs: Any) -> Any:
+        """Run a QMP command and return its ``return`` value; QMP errors raise :class:`QMPError`.
+        ``fds`` go along with the command (SCM_RIGHTS, unix sockets only), as ``getfd`` wants."""
         if kwargs:  # names with "-" go in ``arguments``
             arguments = {**(arguments or {}), **kwargs}
         msg_id, data = self._protocol.request(name, arguments)
@@ -116,7 +117,11 @@ class QMPClient:
             self._pending[msg_id] = pending
         try:
             with self._send_lock:
-                self._sock.sendall(data)
+                if fds:
+                    sent = socket.send_fds(self._sock, [data], list(fds))
+                    self._sock.sendall(data[sent:])
+                else:
+                    self._sock.sendall(data)
         except OSError as exc:
             self._pending.pop(msg_id, None)
             raise QMPConnectionError(f"QMP {name}: cannot send: {exc}") from None

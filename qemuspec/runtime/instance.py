@@ -65,6 +65,9 @@ class Instance:
         self.started_at: float | None = None
         self.recorded_hash: str | None = None
         self.kvm_failure: str | None = None  # why "auto" fell back from KVM to TCG, if it did
+        self.boot = "cold"  # "warm" when started from saved state (runtime/warm.py)
+        self.restored: dict | None = None  # after a warm start: what was done about clock and RNG
+        self._restore_mark: int | None = None
         self._listeners: list[tuple[str, Callable[[dict], Any]]] = []
         self._log_offset = 0
 
@@ -81,8 +84,9 @@ class Instance:
 
     # -- launch -----------------------------------------------------------------------------------
 
-    def launch(self) -> None:
-        """Start qemu and connect QMP and the console; returns when QMP is negotiated."""
+    def launch(self, restore: bool = False) -> None:
+        """Start qemu and connect QMP and the console; returns when QMP is negotiated. With
+        ``restore``, qemu loads the machine's saved state (see runtime/warm.py) instead of booting."""
         if self.process is not None and self.process.poll() is None:
             raise LaunchError(f"machine {self.name} is already running (pid {self.process.pid})")
         machine = self.machine
@@ -90,12 +94,13 @@ class Instance:
         base = paths.layout(self.state_dir, accel=accels)
         paths.prepare(base)
         self.process = None
+        self.boot = "warm" if restore else "cold"
         try:
             try:
                 self._launch(base, accels)
             except LaunchError as exc:
                 fallback = accel_mod.fallback(machine.accel, accels)
-                if not fallback or self.process is None or self.process.poll() is None:
+                if restore or not fallback or self.process is None or self.process.poll() is None:
                     raise
                 # KVM that exists but fails (nested hosts: bad MSRs, no VMX) must not stop "auto"
                 self.kvm_failure = str(exc)
@@ -112,6 +117,7 @@ class Instance:
         machine = self.machine
         self._prepare_files(base)
         listeners: dict[str, socket.socket] = {}
+        memory_fd = None
         try:
             qmp_port = None
             if machine.qmp.transport == "tcp":
@@ -128,11 +134,19 @@ class Instance:
             fds = {role: sock.fileno() for role, sock in listeners.items()}
             self.layout = Layout(base.state_dir, base.run_dir, accels, qmp_port, {})
             self.argv = render(machine, self.name, self.layout)
-            launch_argv = render(machine, self.name, Layout(base.state_dir, base.run_dir, accels, qmp_port, fds))
+            run_machine = machine
+            if self.boot == "warm":
+                from qemuspec.runtime import warm
+
+                run_machine = warm.restore_machine(machine, self.state_dir)
+                memory_fd = os.open(warm.memory_file(self.state_dir), os.O_RDONLY | os.O_CLOEXEC)
+            launch_argv = render(run_machine, self.name, Layout(base.state_dir, base.run_dir, accels, qmp_port, fds))
+            if memory_fd is not None:
+                launch_argv += ["-incoming", "defer"]
             self.qmp_address = f"tcp:127.0.0.1:{qmp_port}" if qmp_port else f"unix:{base.qmp}"
             self._log_offset = os.path.getsize(base.serial_log) if os.path.exists(base.serial_log) else 0
             qemu_log_offset = os.path.getsize(base.qemu_log) if os.path.exists(base.qemu_log) else 0
-            popen = spawn(launch_argv, base.qemu_log, pass_fds=tuple(fds.values()))
+            popen = spawn(launch_argv, base.qemu_log, pass_fds=tuple(fds.values()) + ((memory_fd,) if memory_fd is not None else ()))
             self.process = Process(popen.pid, popen)
             self.started_at = time.time()
             # Connect while our copies of the listening sockets still exist: the connections queue in
@@ -144,8 +158,15 @@ class Instance:
         finally:
             for sock in listeners.values():
                 sock.close()
+            if memory_fd is not None:
+                os.close(memory_fd)  # qemu has its own copy, under the same number
         try:
             self.qmp = QMPClient.connect(qmp_sock, timeout=GREETING_TIMEOUT, event_log=base.events_log)
+            if memory_fd is not None:
+                # qemu inherited the saved state's fd: load it from there, with events to wait on
+                self.qmp.command("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
+                self._restore_mark = self.qmp.event_count
+                self.qmp.command("migrate-incoming", {"uri": f"fd:{memory_fd}"})
         except QemuspecError as exc:
             code = self.process.wait(2)
             if code is None:  # alive but mute: never leave it behind
@@ -216,6 +237,8 @@ class Instance:
             "accel": list(self.layout.accel),
             "started_at": self.started_at,
             "ports": self.ports,
+            "boot": self.boot,
+            **({"restored": self.restored} if self.restored else {}),
         })
 
     # -- readiness --------------------------------------------------------------------------------
@@ -231,7 +254,12 @@ class Instance:
         running = lambda: self.process is not None and self.process.poll() is None
         probe = "QMP"
         try:
-            if ready.serial:
+            if self.boot == "warm":
+                from qemuspec.runtime import warm
+
+                probe = "saved state loading"
+                warm.wait_restored(self, self._restore_mark or 0, max(0.0, deadline - time.monotonic()))
+            if ready.serial and self.boot != "warm":  # a restored guest printed its marker before the save
                 probe = f"serial /{ready.serial}/"
                 if self.console is None:
                     raise LaunchError(f'ready.serial needs serial = "log" or "socket" (machine {self.name} has "{self.machine.serial}")')
@@ -304,14 +332,41 @@ class Instance:
             self._cleanup()
             return StopResult("already stopped", 0.0, self.process.returncode if self.process else None)
         step = None
-        if acpi_timeout is not None and self._guest_running() and self._send("system_powerdown") and self.process.wait(acpi_timeout) is not None:
-            step = "ACPI powerdown"
+        skipped = None
+        if acpi_timeout is not None and self._guest_running():
+            skipped = self._acpi_unanswered()
+            if skipped is None and self._send("system_powerdown") and self.process.wait(acpi_timeout) is not None:
+                step = "ACPI powerdown"
         if step is None and self._send("quit") and self.process.wait(quit_timeout) is not None:
-            step = "QMP quit"
+            step = f"QMP quit: {skipped}" if skipped else "QMP quit"
         if step is None:
             step = self.process.terminate_and_kill(3.0)
         self._cleanup()
         return StopResult(step, time.monotonic() - began, self.process.returncode)
+
+    def _acpi_unanswered(self) -> str | None:
+        """Why a power-button press cannot be answered, when qemu can tell: the machine has no ACPI,
+        or the guest has not taken ACPI over yet (SCI_EN, bit 0 of PM1 control, is set by the OS; an
+        unmapped PM block reads all ones). Then stop goes straight to quit instead of waiting out
+        stop_timeout. Known for SeaBIOS on pc/q35 (PM base 0x600); other firmware is just waited for."""
+        kind = self.machine.machine
+        if kind == "none":
+            return "the machine has no ACPI"
+        if self.machine.firmware.type != "bios" or self.machine.firmware.code or not kind.startswith(("pc", "q35")) or self.qmp is None:
+            return None
+        try:
+            out = self.qmp.command("human-monitor-command", {"command-line": "i/w 0x604"}, timeout=5)
+        except QemuspecError:
+            return None
+        import re
+
+        match = re.search(r"=\s*0x([0-9a-fA-F]+)", out or "")
+        if match is None:
+            return None
+        pm1_control = int(match.group(1), 16) & 0xFFFF
+        if pm1_control == 0xFFFF or not pm1_control & 1:
+            return "the guest has not enabled ACPI yet"
+        return None
 
     def _guest_running(self) -> bool:
         """A paused or never-started guest cannot act on the power button: skip straight to quit."""
@@ -379,6 +434,8 @@ class Instance:
         inst.ports = state.get("ports") or []
         inst.started_at = state.get("started_at")
         inst.recorded_hash = state.get("hash")
+        inst.boot = state.get("boot") or "cold"
+        inst.restored = state.get("restored")
         return inst
 
     def connect(self, timeout: float = 5.0) -> QMPClient:

@@ -28,15 +28,15 @@ def _exchange(port: int, expect: bytes | None, deadline: float) -> bool:
     remaining = max(0.05, deadline - time.monotonic())
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=min(2.0, remaining)) as sock:
-            sock.settimeout(min(1.0, remaining))
+            if expect is None:
+                # Any data counts: a service that talks first (a banner) still does, and a silent one
+                # may be HTTP, so ask at once rather than wait to see whether it speaks first.
+                sock.sendall(b"HEAD / HTTP/1.0\r\n\r\n")
+            sock.settimeout(min(2.0, remaining))
             try:
                 data = sock.recv(256)
             except socket.timeout:
-                if expect is not None:
-                    return False
-                sock.sendall(b"HEAD / HTTP/1.0\r\n\r\n")  # a silent service may be HTTP: ask it
-                sock.settimeout(min(2.0, max(0.05, deadline - time.monotonic())))
-                data = sock.recv(256)
+                return False
             return bool(data) and (expect is None or data.startswith(expect))
     except OSError:
         return False

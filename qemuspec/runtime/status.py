@@ -26,10 +26,15 @@ def machine_status(name: str, machine: Machine, state_dir: str, ask_qemu: bool =
     row: dict[str, Any] = {
         "name": name, "state": "stopped", "pid": None, "supervisor": sup["pid"] if sup else None,
         "uptime": None, "restarts": (sup or last).get("restarts", 0), "restart": machine.restart,
-        "qmp": None, "ports": [], "accel": [],
+        "qmp": None, "ports": [], "accel": [], "boot": None,
     }
+    if machine.warm:
+        from qemuspec.runtime import warm
+
+        row["next_boot"] = warm.check(name, machine, state_dir).as_dict()
     if inst is not None and inst.process is not None:
-        row.update(pid=inst.process.pid, qmp=inst.qmp_address, ports=inst.ports, accel=list(inst.layout.accel),
+        row.update(pid=inst.process.pid, qmp=inst.qmp_address, ports=inst.ports, accel=list(inst.layout.accel), boot=inst.boot,
+                   **({"restored": inst.restored} if inst.restored else {}),
                    uptime=round(time.time() - inst.started_at, 1) if inst.started_at else None)
         if sup is None:
             row["state"] = "unsupervised"

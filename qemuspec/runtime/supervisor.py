@@ -231,6 +231,20 @@ class Supervisor:
             "restarts": self.restarts, "restart": self.machine.restart})
 
     def _start(self) -> bool:
+        verdict = None
+        if self.machine.warm:
+            from qemuspec.runtime import warm
+
+            verdict = warm.check(self.name, self.machine, self.state_dir)
+        cold_why = verdict.why if verdict is not None else None
+        if verdict is not None and verdict.warm:
+            if self._start_one(restore=True):
+                return True
+            warm.discard(self.state_dir)  # a state that does not load is never tried again
+            cold_why = "the saved state did not load (see QEMUSPEC_RESTORE_FAILED)"
+        return self._start_one(restore=False, cold_why=cold_why)
+
+    def _start_one(self, restore: bool, cold_why: str | None = None) -> bool:
         inst = Instance(self.name, self.machine, self.state_dir)
         self.phase("starting")
         self.instance = inst
@@ -239,13 +253,27 @@ class Supervisor:
         began = time.monotonic()
         try:
             self.tell("starting")
-            inst.launch()
+            inst.launch(restore=restore)
             assert inst.process is not None
             record(self.state_dir, "QEMUSPEC_LAUNCHED", pid=inst.process.pid, restarts=self.restarts, accel=list(inst.layout.accel),
+                   boot=inst.boot, **({"why": cold_why} if cold_why else {}),
                    **({"kvm_failed": inst.kvm_failure.split("\n", 1)[0]} if inst.kvm_failure else {}))
-            self.tell("waiting", pid=inst.process.pid)
+            self.tell("waiting", pid=inst.process.pid, boot=inst.boot)
             inst.wait_ready()
+            if restore:
+                from qemuspec.runtime import warm
+
+                done = warm.after_restore(inst)
+                inst.restored = done
+                inst.write_state()
+                record(self.state_dir, "QEMUSPEC_RESTORED", pid=inst.process.pid, seconds=round(time.monotonic() - began, 3), **done)
         except Exception as exc:  # a bug must reach the user as a failure, not a silent exit
+            if restore:
+                detail = str(exc).split("\n", 1)[0]
+                record(self.state_dir, "QEMUSPEC_RESTORE_FAILED", error=detail, then="cold boot")
+                self.tell("restore failed", detail=detail)
+                inst.kill()
+                return False
             detail = str(exc) if isinstance(exc, QemuspecError) else f"machine {self.name}: internal error: {type(exc).__name__}: {exc} (details in supervisor.log)"
             if not isinstance(exc, QemuspecError):
                 traceback.print_exc()
@@ -256,12 +284,35 @@ class Supervisor:
         if inst.console is not None:
             inst.console.close()  # free the console socket for `qemuspec console`
             inst.console = None
-        self.phase("running")
         seconds = time.monotonic() - began
+        saved = None
+        if self.machine.warm and not restore:
+            saved = self._save(inst)
+        self.phase("running")
         assert inst.process is not None
-        record(self.state_dir, "QEMUSPEC_READY", pid=inst.process.pid, seconds=round(seconds, 3), restarts=self.restarts)
-        self.tell("ready", pid=inst.process.pid, seconds=seconds, ports=inst.ports)
+        record(self.state_dir, "QEMUSPEC_READY", pid=inst.process.pid, seconds=round(seconds, 3), restarts=self.restarts, boot=inst.boot)
+        self.tell("ready", pid=inst.process.pid, seconds=seconds, ports=inst.ports, boot=inst.boot, saved=saved)
         return True
+
+    def _save(self, inst: Instance) -> dict | None:
+        """Save a warm machine's state after its cold boot; a failure leaves it running, cold next time."""
+        from qemuspec.runtime import warm
+
+        reason = warm.unsupported(self.machine)
+        if reason:
+            record(self.state_dir, "QEMUSPEC_SAVE_SKIPPED", reason=reason)
+            return None
+        self.tell("saving")
+        try:
+            saved = warm.save(inst)
+        except Exception as exc:
+            if not isinstance(exc, QemuspecError):
+                traceback.print_exc()
+            record(self.state_dir, "QEMUSPEC_SAVE_FAILED", error=str(exc).split("\n", 1)[0])
+            warm.discard(self.state_dir)
+            return None
+        record(self.state_dir, "QEMUSPEC_SAVED", **saved)
+        return saved
 
     def _adopt(self) -> bool:
         inst = Instance.find(self.name, self.machine, self.state_dir)

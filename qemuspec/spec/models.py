@@ -392,6 +392,9 @@ class Machine(Model):
     defaults: bool = Field(False, description="Keep qemu's default devices (no -nodefaults): for imported command lines")
     restart: Literal["no", "on-failure", "always"] = "no"
     stop_timeout: Seconds = Field(30.0, description="How long ACPI powerdown may take before quit, then signals")
+    warm: bool = Field(
+        False, description="Warm start: save the machine's state once it is ready, and restore it on later `up`s "
+        "instead of booting (disk writes after the save last until `down`)")
     depends_on: list[Text] = Field(default_factory=list)
     qmp: QMP = Field(default_factory=QMP)
     ready: Ready = Field(default_factory=Ready)
