@@ -37,6 +37,7 @@ class Settings:
     allow_local_qemu: bool = False
     no_color: bool = False
     ci: bool = False
+    connect: str | None = None  # QEMUSPEC_CONNECT: libvirt URI for machines without their own host
     variables: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -51,6 +52,7 @@ class Settings:
             allow_local_qemu=env.get("QEMUSPEC_ALLOW_LOCAL_QEMU", "") not in ("", "0"),
             no_color="NO_COLOR" in env,
             ci=env.get("CI", "").lower() in ("1", "true", "yes"),
+            connect=env.get("QEMUSPEC_CONNECT") or None,
             variables={k[len(VAR_PREFIX):]: v for k, v in env.items() if k.startswith(VAR_PREFIX)},
         )
 

@@ -58,7 +58,7 @@ def test_variants_export_valid_xml(variant, tmp_path):
     xml = domain_xml(machine, "m")
     validates(xml, tmp_path)
     if variant == "nics":
-        assert "<qemu:arg value=\"socket,id=qsnet2,listen=127.0.0.1:4000\" />" in xml, "untyped parts ride on qemu:commandline"
+        assert "<qemu:arg value=\"socket,id=qemuspec-net2,listen=127.0.0.1:4000\" />" in xml, "untyped parts ride on qemu:commandline"
         assert 'source bridge="br0"' in xml and 'model type="e1000"' in xml
 
 
@@ -68,6 +68,25 @@ def test_render_command_emits_libvirt_xml(tmp_path):
     result = cli("render", os.path.join(ROOT, "machines", "dev.toml"), "--format", "libvirt")
     assert result.returncode == 0 and result.stdout.startswith("<domain")
     validates(result.stdout, tmp_path)
+
+
+def _terminate(pid: int) -> None:
+    """SIGTERM and wait for the exit (a pidfd turns readable), so the next test never meets a daemon
+    that is still shutting down."""
+    import select
+
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+        if not select.select([fd], [], [], 15)[0]:
+            os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _running(name: str) -> list[int]:
@@ -99,7 +118,7 @@ def libvirtd():
     yield
     for daemon in reversed(started):
         for pid in _running(daemon):
-            os.kill(pid, signal.SIGTERM)
+            _terminate(pid)
 
 
 def test_libvirtd_defines_and_starts_an_exported_machine(libvirtd, guest, tmp_path):

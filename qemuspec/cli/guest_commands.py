@@ -8,6 +8,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from qemuspec.cli.common import Context, emit_json
+from qemuspec.cli import libvirt_commands
 from qemuspec.cli.vm_commands import _client, _running
 from qemuspec.errors import QemuspecError, UsageError
 
@@ -20,6 +21,8 @@ def agent_for(ctx: Context, name: str, timeout: float = 30.0) -> "GuestAgent":
     from qemuspec.errors import QMPConnectionError, QMPTimeout
     from qemuspec.runtime.agent import GuestAgent
 
+    if (hosts := libvirt_commands.placed(ctx, ctx.target.spec, name)):  # libvirt backend
+        return libvirt_commands.agent(ctx, ctx.target.spec, name, hosts, timeout)
     inst = _running(ctx, name)
     if not inst.machine.agent:
         raise QemuspecError(f"machine {name} has no guest-agent channel: add agent = true to [machines.{name}] "
@@ -118,6 +121,10 @@ def ssh(ctx: Context) -> int:
     from qemuspec.runtime import sshkeys
 
     name = ctx.target.machine()
+    if (hosts := libvirt_commands.placed(ctx, ctx.target.spec, name)):  # libvirt backend
+        argv = libvirt_commands.ssh_argv(ctx, ctx.target.spec, hosts, name, list(ctx.tail or []))
+        sys.stdout.flush()
+        os.execvp(argv[0], argv)
     inst = _running(ctx, name)
     key, _ = sshkeys.ensure_key(os.path.dirname(inst.state_dir))
     port = inst.host_port(inst.machine.ssh.port)

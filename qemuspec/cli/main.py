@@ -125,6 +125,8 @@ def _target(parser: argparse.ArgumentParser, operands: str, machine_flag: bool =
                             help="machine (repeatable), also accepted as operands after FILE")
     parser.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="template variable (repeatable)")
     parser.add_argument("--state-dir", help="state directory (default: .qemuspec beside the file; env QEMUSPEC_STATE_DIR)")
+    parser.add_argument("--connect", metavar="URI", help="run machines through libvirt at this URI, e.g. qemu+ssh://user@host/system "
+                        "(default: $QEMUSPEC_CONNECT, else locally; a machine's own host = wins)")
 
 
 class _Skip:

@@ -9,6 +9,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+from qemuspec.cli import libvirt_commands
 from qemuspec.cli.common import Context, Output, Target, emit_json
 from qemuspec.cli.main import PENDING
 from qemuspec.errors import QemuspecError, UsageError
@@ -63,6 +64,8 @@ def up(ctx: Context, *, no_probe: bool, attach: bool, timeout: float | None, all
     target = ctx.target
     spec, lines = target.load()
     names = target.machines()
+    if (hosts := libvirt_commands.placed(ctx, spec, reconcile.needed(spec, names))):  # libvirt backend
+        return libvirt_commands.up(ctx, spec, names, hosts, attach)
     _warm_flag(warm, spec, names)
     from qemuspec.cli.common import preflight
 
@@ -118,6 +121,8 @@ def down(ctx: Context, *, timeout: float | None, purge: bool) -> int:
     target = ctx.target
     spec = target.spec
     names = target.machines()
+    if (hosts := libvirt_commands.placed(ctx, spec, names)):  # libvirt backend
+        return libvirt_commands.down(ctx, spec, names, hosts, timeout, purge)
     outcomes = reconcile.down(spec, target.root, names, timeout, ctx.out.progress(names))
     if purge:
         from qemuspec.api import purge as purge_files
@@ -133,6 +138,8 @@ def status(ctx: Context) -> int:
 
     target = ctx.target
     spec = target.spec
+    if (hosts := libvirt_commands.placed(ctx, spec, target.machines())):  # libvirt backend
+        return libvirt_commands.status(ctx, spec, target.machines(), hosts)
     rows = [machine_status(name, spec.machines[name], target.state_dir(name)) for name in target.machines()]
     if ctx.out.json:
         emit_json(rows)
@@ -169,6 +176,8 @@ def plan(ctx: Context, *, warm: bool = False) -> int:
 
     target = ctx.target
     spec = target.spec
+    if (hosts := libvirt_commands.placed(ctx, spec, target.machines())):  # libvirt backend
+        return libvirt_commands.plan(ctx, spec, target.machines(), hosts)
     names = target.machines()
     _warm_flag(warm, spec, names)
     steps = plan_steps(spec, target.root, names)
@@ -223,6 +232,7 @@ def _running(ctx: Context, name: str) -> "Instance":
 
     target = ctx.target
     spec = target.spec
+    libvirt_commands.local_only(ctx, spec, name)  # libvirt backend: commands without a libvirt path
     inst = Instance.find(name, spec.machines[name], target.state_dir(name))
     if inst is None:
         raise QemuspecError(f"machine {name} is not running: start it with `qemuspec up {target.path}`")
@@ -259,6 +269,8 @@ def qmp(ctx: Context) -> int:
             raise UsageError(f"arguments must be a JSON object, for example '{{\"device\": \"disk0\"}}': {exc}") from None
         if not isinstance(arguments, dict):
             raise UsageError("arguments must be a JSON object, for example '{\"device\": \"disk0\"}'")
+    if (hosts := libvirt_commands.placed(ctx, target.spec, name)):  # libvirt backend
+        return libvirt_commands.qmp(ctx, target.spec, hosts, name, command, arguments)
     with _client(_running(ctx, name)) as client:
         result = client.command(command, arguments)
     if isinstance(result, str) and not ctx.out.json:
@@ -269,6 +281,8 @@ def qmp(ctx: Context) -> int:
 
 
 def _each(ctx: Context, command: str, done: str) -> int:
+    if (hosts := libvirt_commands.placed(ctx, ctx.target.spec, ctx.target.machines())):  # libvirt backend
+        return libvirt_commands.each(ctx, ctx.target.spec, hosts, command, done)
     results = []
     for name in ctx.target.machines():
         with _client(_running(ctx, name)) as client:
@@ -296,6 +310,9 @@ def restart(ctx: Context) -> int:
     target = ctx.target
     spec = target.spec
     names = target.machines()
+    if (hosts := libvirt_commands.placed(ctx, spec, names)):  # libvirt backend
+        libvirt_commands.down(ctx, spec, names, hosts, None, False)
+        return libvirt_commands.up(ctx, spec, names, hosts)
     progress = ctx.out.progress(names)
     reconcile.down(spec, target.root, names, None, progress)
     outcomes = reconcile.up(spec, target.root, names, progress)
@@ -308,6 +325,8 @@ def restart(ctx: Context) -> int:
 def logs(ctx: Context, *, follow: bool, events: bool, lines: int) -> int:
     target = ctx.target
     names = target.machines()
+    if not events and (hosts := libvirt_commands.placed(ctx, target.spec, names)):  # libvirt backend
+        return libvirt_commands.logs(ctx, target.spec, names, hosts, follow, lines)
     filename = "events.jsonl" if events else "serial.log"
     many = len(names) > 1
     sources = [((f"{n} | " if many else ""), target.state_dir(n) + "/" + filename, False) for n in names]
@@ -334,6 +353,7 @@ def _log_record(name: str, line: str, events: bool) -> dict:
 def events(ctx: Context, *, follow: bool) -> int:
     target = ctx.target
     name = target.machine()
+    libvirt_commands.local_only(ctx, target.spec, name)  # libvirt backend
     path = os.path.join(target.state_dir(name), "events.jsonl")
     if not follow and not os.path.exists(path):
         raise QemuspecError(f"machine {name} has no events yet")
@@ -394,6 +414,8 @@ def console(ctx: Context) -> int:
     import socket
 
     name = ctx.target.machine()
+    if (hosts := libvirt_commands.placed(ctx, ctx.target.spec, name)):  # libvirt backend
+        return libvirt_commands.console(ctx, ctx.target.spec, hosts, name)
     inst = _running(ctx, name)
     if not os.path.exists(inst.layout.console):
         raise QemuspecError(f"machine {name} has no console socket: set serial = \"log\" or \"socket\"")

@@ -334,6 +334,24 @@ def _as_list(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
+_URI_PARAMS = ("keyfile", "no_verify", "no_tty", "pkipath", "known_hosts", "known_hosts_verify", "sshauth", "mode", "socket", "tls_priority")
+_LIBVIRT_URI = re.compile(
+    r"^qemu(\+(ssh|libssh|libssh2|tls|tcp|unix))?://"
+    r"(?:(?:[A-Za-z0-9_][A-Za-z0-9._-]*)@)?(?:[A-Za-z0-9][A-Za-z0-9.-]*|\[[0-9A-Fa-f:.]+\])?(?::\d{1,5})?"
+    r"/(system|session)"
+    r"(\?(" + "|".join(_URI_PARAMS) + r")=[^&\s]*(&(" + "|".join(_URI_PARAMS) + r")=[^&\s]*)*)?$")
+
+
+def _libvirt_uri(value: str) -> str:
+    """A libvirt connection URI for the QEMU driver: where the libvirt backend places the machine.
+    Strict on purpose: libvirt runs programs a URI names (``ext``, ``?command=``, ``?netcat=``) and
+    hands the host to ssh, so a definition may only name a host, a user, a port and inert options."""
+    if not _LIBVIRT_URI.match(value):
+        raise ValueError(f'"{value}" is not a libvirt QEMU URI qemuspec accepts: write for example "qemu:///system" or '
+                         f'"qemu+ssh://user@host/system" (transports ssh, libssh, tls, tcp, unix; options {", ".join(_URI_PARAMS)})')
+    return value
+
+
 def _qemu_binary(value: str, info: ValidationInfo) -> str:
     """A definition names a qemu, not any program: a shared file must not be able to run `sh`. A name
     is looked up on PATH; a path, like every path in a definition, is relative to the file."""
@@ -347,6 +365,8 @@ class Machine(Model):
 
     qemu: Annotated[str, AfterValidator(_text), AfterValidator(_qemu_binary)] = Field(
         "qemu-system-x86_64", description="The qemu binary: a qemu-system-* name on PATH or a path")
+    host: Annotated[str, AfterValidator(_libvirt_uri)] | None = Field(
+        None, description='Run this machine through libvirt at this URI, e.g. "qemu+ssh://user@host/system" (default: locally, or --connect)')
     machine: Ident = Field("q35", description="-machine type")
     machine_options: Options = Field(default_factory=dict, description="Extra -machine properties")
     accel: Accel | list[Accel] = Field(

@@ -1,0 +1,521 @@
+"""The libvirt backend: the same commands, with a real libvirtd (and, for the remote path, a real sshd
+and a session libvirtd of another user) underneath. Guests run under TCG (domain type qemu)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from conftest import IN_CI
+from qemuspec.errors import SpecError
+from qemuspec.libvirt import BACKEND_FIELDS, domain_xml
+from qemuspec.spec.models import Machine
+
+REMOTE_USER = "qsremote"
+
+# One non-default value per Machine field: each must change the domain XML, or be refused by name.
+SAMPLES = {
+    "qemu": "/usr/local/bin/qemu-system-x86_64", "machine": "pc", "machine_options": {"hpet": False}, "accel": "kvm",
+    "accel_options": {"thread": "single"}, "cpu": "Haswell", "cpu_options": {"pmu": False}, "cpus": 2, "memory": 300,
+    "kernel": "/k2", "initrd": None, "cmdline": None, "firmware": "uefi", "boot_order": "n", "serial": "none",
+    "display": {"type": "vnc"}, "defaults": True, "restart": "always",
+    "disks": [{"file": "/d.img"}], "cdrom": ["/c.iso"], "nics": [{"type": "user"}], "shares": [{"source": "/s", "tag": "s"}],
+    "rng": True, "agent": True, "cloud_init": {"user_data": "#cloud-config\n"}, "devices": [{"driver": "virtio-balloon-pci"}],
+    "objects": [{"type": "rng-random", "id": "r", "options": {"filename": "/dev/urandom"}}], "append": ["-no-reboot"],
+    "overrides": ["-cpu"], "warm": True,
+}
+WITH = {"overrides": {"append": ["-cpu", "host"]}}  # what a sample needs beside it to be valid
+# Option maps on the parts of a machine: each must reach the XML, or be refused naming its field.
+NESTED = {
+    "disks.0.options": {"disks": [{"file": "/d.img", "options": {"aio": "native"}}]},
+    "disks.0.options cache": {"disks": [{"file": "/d.img", "options": {"cache": "none"}}]},
+    "disks.0.device_options": {"disks": [{"file": "/d.img", "device_options": {"logical_block_size": 4096}}]},
+    "nics.0.options": {"nics": [{"type": "user", "options": {"ipv6": False}}]},
+    "nics.0.device_options": {"nics": [{"type": "user", "device_options": {"romfile": ""}}]},
+    "nics.0.mac": {"nics": [{"type": "user", "mac": "52:54:00:12:34:56"}]},
+    "shares.0.options": {"shares": [{"source": "/s", "tag": "s", "options": {"multidevs": "remap"}}]},
+    "display.options": {"display": {"type": "vnc", "options": {"lossy": True}}},
+    "disks.0.interface nvme": {"disks": [{"file": "/d.img", "interface": "nvme"}]},
+    "disks.0.id": {"disks": [{"file": "/d.img", "id": "mydisk"}]},
+    "disks.0.id none": {"disks": [{"file": "/d.img", "id": "mydisk", "interface": "none"}]},
+}
+
+
+# Where each field of a machine's parts goes in the export. A new field fails the test below until it
+# is placed here (and, for an option map or an id, given a NESTED sample above).
+PARTS = {
+    "Disk": {"file": "source/upload", "format": "driver type", "size": "volume", "backing": "volume backingStore",
+             "backing_format": "volume backingStore", "interface": "target bus / commandline", "readonly": "readonly",
+             "serial": "serial", "options": "NESTED", "device_options": "NESTED", "id": "NESTED"},
+    "NIC": {"type": "interface type / commandline", "network": "refused", "address": "cloud-init seed", "model": "model",
+            "mac": "NESTED", "forwards": "commandline", "listen": "commandline", "connect": "commandline", "mcast": "commandline",
+            "ifname": "commandline", "bridge": "source bridge", "options": "NESTED", "device_options": "NESTED"},
+    "Share": {"type": "filesystem driver", "source": "source dir", "tag": "target dir", "readonly": "readonly",
+              "security_model": "accessmode", "options": "NESTED"},
+    "Display": {"type": "graphics", "listen": "graphics listen", "port": "graphics port", "vga": "video model", "options": "NESTED"},
+    "Firmware": {"type": "loader", "code": "loader", "vars": "nvram template"},
+    "Device": {"driver": "commandline", "id": "commandline", "options": "commandline"},
+    "QomObject": {"type": "commandline", "id": "commandline", "options": "commandline"},
+    "Forward": {"host": "hostfwd", "guest": "hostfwd", "protocol": "hostfwd", "address": "hostfwd"},
+    "CloudInit": {"user_data": "seed", "user_data_file": "seed", "meta_data": "seed", "network_config": "seed", "network_config_file": "seed"},
+}
+
+
+def test_every_field_of_a_machines_parts_is_placed():
+    from qemuspec.spec import models
+
+    for part, placed in PARTS.items():
+        fields = set(getattr(models, part).model_fields)
+        assert fields == set(placed), f"{part}: fields the libvirt export does not place: {sorted(fields - set(placed))}"
+
+
+def _xml_or_refusal(fields: dict) -> str:
+    machine = Machine.model_validate({"kernel": "/k", **fields}) if "kernel" not in fields else Machine.model_validate(fields)
+    try:
+        return domain_xml(machine, "m")
+    except SpecError as exc:
+        return f"REFUSED {exc}"
+
+
+def test_every_machine_field_reaches_the_domain_or_is_refused():
+    unaccounted = set(Machine.model_fields) - set(SAMPLES) - set(BACKEND_FIELDS)
+    assert not unaccounted, f"Machine fields the libvirt export does not account for: {sorted(unaccounted)}"
+    baseline = _xml_or_refusal({})
+    for field, value in SAMPLES.items():
+        if value is None:
+            value = "/x" if field == "initrd" else "quiet"
+        out = _xml_or_refusal({field: value, **WITH.get(field, {})})
+        assert out != baseline, f"{field} = {value!r} changed nothing in the domain XML and was not refused"
+        if out.startswith("REFUSED"):
+            assert f"machines.m.{field}" in out, out
+    for label, fields in NESTED.items():
+        out = _xml_or_refusal(fields)
+        base = _xml_or_refusal({k: [{kk: vv for kk, vv in v[0].items() if kk not in ("options", "device_options", "mac", "interface", "id")}]
+                                     if isinstance(v, list) else {"type": v["type"]} for k, v in fields.items()})
+        assert out != base, f"{label} changed nothing in the domain XML and was not refused"
+        if out.startswith("REFUSED"):
+            assert f"machines.m.{label.split()[0]}" in out, out
+
+
+def test_unsupported_field_is_a_clear_error_with_exit_2(tmp_path):
+    from test_cli import cli
+
+    path = tmp_path / "m.toml"
+    path.write_text('[machines.m]\nhost = "qemu:///system"\ndefaults = true\n')
+    result = cli("render", str(path), "--format", "libvirt")
+    assert result.returncode == 2, result.stderr
+    assert "machines.m.defaults" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_local_path_never_imports_libvirt(tmp_path):
+    path = tmp_path / "m.toml"
+    path.write_text('[machines.m]\nmemory = "64M"\n')
+    code = ("import sys; from qemuspec.cli.main import main; "
+            f"rc = [main(['status', {str(path)!r}]), main(['plan', {str(path)!r}])]; "
+            "print('LOADED' if 'libvirt' in sys.modules else 'CLEAN')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "QEMUSPEC_CONNECT": ""})
+    assert out.stdout.strip().endswith("CLEAN"), out.stdout + out.stderr
+
+
+def test_a_bad_connect_uri_is_a_usage_error(tmp_path):
+    from test_cli import cli
+
+    path = tmp_path / "m.toml"
+    path.write_text('[machines.m]\nmemory = "64M"\n')
+    result = cli("status", str(path), "--connect", "http://example/")
+    assert result.returncode == 2 and "not a libvirt QEMU URI" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("uri", [
+    "qemu+ext:///system?command=/bin/sh", "qemu+ssh://h/system?command=/tmp/evil", "qemu+ssh://h/system?netcat=/tmp/evil",
+    "qemu+ssh://-oProxyCommand=touch${IFS}/tmp/x/system", "qemu+ssh://u;id@h/system", "xen:///system", "qemu:///system extra",
+])
+def test_a_host_uri_cannot_name_a_program(uri, tmp_path):
+    """libvirt runs programs a URI names, and hands its host to ssh: the definition may name neither."""
+    from test_cli import cli
+
+    path = tmp_path / "m.toml"
+    path.write_text(f'[machines.m]\nhost = "{uri}"\n')
+    result = cli("validate", str(path))
+    assert result.returncode == 2 and "host" in result.stderr and "not a libvirt QEMU URI" in result.stderr, result.stderr
+    assert not os.path.exists("/tmp/x") and not os.path.exists("/tmp/evil")
+
+
+def test_host_uris_users_write_are_accepted(tmp_path):
+    from test_cli import cli
+
+    path = tmp_path / "m.toml"
+    path.write_text("".join(f'[machines.m{i}]\nhost = "{uri}"\n' for i, uri in enumerate([
+        "qemu:///system", "qemu:///session", "qemu+ssh://ci@ci-02.example.org/system", "qemu+ssh://ci@10.0.0.2:2222/system?keyfile=/k&no_verify=1",
+        "qemu+tls://[fd00::2]/system", "qemu+libssh2://u@h/session?known_hosts=/kh&sshauth=privkey"])))
+    result = cli("validate", str(path))
+    assert result.returncode == 0, result.stderr
+
+
+# ---- real libvirt -----------------------------------------------------------------------------
+
+def _fail_or_skip(reason: str) -> None:
+    if IN_CI:
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def _terminate(pid: int) -> None:
+    """SIGTERM and wait for the exit (a pidfd turns readable), so the next test never meets a daemon
+    that is still shutting down."""
+    import select
+
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+        if not select.select([fd], [], [], 15)[0]:
+            os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _pids(name: str) -> list[int]:
+    return [int(p) for p in subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout.split()]
+
+
+def _wait_for(check, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} within {timeout:.0f} s")
+        time.sleep(0.1)  # a daemon's socket appears with no notification we can wait on
+
+
+@pytest.fixture(scope="module")
+def system_libvirtd():
+    """The system libvirtd and virtlogd, started by the test when not running; stopped after."""
+    if os.geteuid() != 0:
+        _fail_or_skip("a system libvirtd needs root (this test starts one)")
+    if not (shutil.which("libvirtd") and shutil.which("virtlogd") and shutil.which("virsh")):
+        _fail_or_skip("libvirt is not installed (Debian: libvirt-daemon-system libvirt-clients)")
+    try:
+        import libvirt  # noqa: F401
+    except ImportError:
+        _fail_or_skip("libvirt-python is missing: pip install -e '.[libvirt]'")
+    started = []
+    for daemon in ("virtlogd", "libvirtd"):
+        if not _pids(daemon):
+            subprocess.run([daemon, "-d"], check=True)
+            started.append(daemon)
+    _wait_for(lambda: subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True).returncode == 0, "libvirtd answered")
+    yield "qemu:///system"
+    for daemon in reversed(started):
+        for pid in _pids(daemon):
+            _terminate(pid)
+
+
+def _domains(uri: str) -> list[str]:
+    out = subprocess.run(["virsh", "-c", uri, "list", "--all", "--name"], capture_output=True, text=True)
+    return [line for line in out.stdout.split() if line]
+
+
+def run(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qemuspec.cli.main", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def machine_toml(guest: dict, name: str, host: str | None = None, extra: str = "") -> str:
+    return f"""
+[machines.{name}]
+{f'host = "{host}"' if host else ''}
+accel = "tcg"
+memory = "192M"
+kernel = "{guest['kernel']}"
+initrd = "{guest['initrd']}"
+cmdline = "console=ttyS0 quiet"
+rng = true
+agent = true
+stop_timeout = "15s"
+{extra}
+[machines.{name}.ready]
+serial = "{guest['marker']}"
+agent = true
+timeout = "120s"
+[[machines.{name}.nics]]
+type = "user"
+forwards = [{{ host = 0, guest = 22 }}]
+device_options = {{ romfile = "" }}
+"""
+
+
+def _cleanup(uri: str, names: list[str], env: dict | None = None) -> None:
+    """Whatever a failed test left: destroy and undefine its domains (by their test-unique names)."""
+    for name in names:
+        subprocess.run(["virsh", "-c", uri, "destroy", name], capture_output=True, env={**os.environ, **(env or {})})
+        subprocess.run(["virsh", "-c", uri, "undefine", name, "--nvram"], capture_output=True, env={**os.environ, **(env or {})})
+
+
+def test_two_machines_through_the_system_libvirtd(system_libvirtd, guest, tmp_path):
+    from qemuspec import img
+
+    uri = system_libvirtd
+    tag = os.getpid()
+    a, b = f"qsa{tag}", f"qsb{tag}"
+    base = tmp_path / "base.qcow2"
+    img.create(str(base), "16M")
+    disk = f'[[machines.{a}.disks]]\nfile = "{tmp_path}/{a}.qcow2"\nformat = "qcow2"\nbacking = "{base}"\n'
+    text = machine_toml(guest, a, extra=disk) + machine_toml(guest, b, extra='restart = "always"')
+    path = tmp_path / "two.toml"
+    path.write_text(text)
+    env = {"QEMUSPEC_CONNECT": uri}
+    follower = None
+    try:
+        up = run("up", str(path), "--json", env=env)
+        assert up.returncode == 0, up.stderr
+        outcomes = {o["name"]: o for o in json.loads(up.stdout)}
+        assert outcomes[a]["action"] == outcomes[b]["action"] == "started", outcomes
+        assert outcomes[a]["ports"] and outcomes[a]["ports"][0]["guest"] == 22, "forwards read back through the monitor"
+
+        status = run("status", str(path), "--json", env=env)
+        rows = {r["name"]: r for r in json.loads(status.stdout)}
+        assert rows[a]["state"] == rows[b]["state"] == "running" and rows[a]["host"] == uri, rows
+        table = run("status", str(path), env=env).stdout
+        assert "HOST" in table and "qemu:///system" in table
+
+        dumped = subprocess.run(["virsh", "-c", uri, "dumpxml", a], capture_output=True, text=True).stdout
+        assert f'file="{path}"' in dumped.replace("'", '"') and "qemuspec:owner" in dumped, "the owner record names the file"
+        assert "/var/lib/libvirt/images/qemuspec/" in dumped and f"{a}-disk0.qcow2" in dumped, "the overlay is a volume"
+        vol = subprocess.run(["virsh", "-c", uri, "vol-dumpxml", "--pool", "qemuspec", f"{a}-disk0.qcow2"], capture_output=True, text=True).stdout
+        assert "<backingStore>" in vol and "media-" in vol, "the overlay's base was uploaded as a volume"
+
+        hello = run("exec", "-F", str(path), a, "--", "/bin/sh", "-c", "echo hello from $(hostname); exit 3", env=env)
+        assert hello.returncode == 3 and "hello from" in hello.stdout, hello.stderr
+        src = tmp_path / "payload"
+        src.write_bytes(os.urandom(70000))
+        assert run("cp", "-F", str(path), str(src), f"{b}:/tmp/payload", env=env).returncode == 0
+        back = tmp_path / "back"
+        assert run("cp", "-F", str(path), f"{b}:/tmp/payload", str(back), env=env).returncode == 0
+        assert back.read_bytes() == src.read_bytes()
+
+        qmp = run("qmp", "-F", str(path), b, "query-status", "--json", env=env)
+        assert json.loads(qmp.stdout)["status"] == "running", qmp.stderr
+        assert run("pause", "-F", str(path), b, env=env).returncode == 0
+        assert {r["name"]: r["state"] for r in json.loads(run("status", str(path), "--json", env=env).stdout)}[b] == "paused"
+        assert run("resume", "-F", str(path), b, env=env).returncode == 0
+        logs = run("logs", "-F", str(path), a, env=env)
+        assert logs.returncode == 0 and guest["marker"] in logs.stdout, logs.stderr
+
+        # restart = "always" is libvirt's on_poweroff = restart: a guest that powers off boots again
+        def boot_id():
+            out = run("exec", "-F", str(path), b, "--", "/bin/cat", "/proc/sys/kernel/random/boot_id", env=env, timeout=60)
+            return out.stdout.strip() if out.returncode == 0 else None
+        first = boot_id()
+        assert first, "the agent answers before the power-off"
+        assert run("exec", "-F", str(path), b, "--", "/bin/sh", "-c", "(sleep 1; poweroff -f) >/dev/null 2>&1 &", env=env).returncode == 0
+        deadline = time.monotonic() + 90
+        while boot_id() in (first, None):  # each try is an agent round trip that fails fast while the guest reboots
+            assert time.monotonic() < deadline, "the guest did not come back after powering off"
+        follower = subprocess.Popen([sys.executable, "-m", "qemuspec.cli.main", "logs", "-F", str(path), "-f", a],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
+
+        path.write_text(text.replace('memory = "192M"', 'memory = "224M"', 1))
+        plan = run("plan", str(path), env=env)
+        assert plan.returncode == 3, "plan exits 3 when up would change something: " + plan.stderr
+        assert f"{a}: recreate" in plan.stdout and f"{b}: up to date" in plan.stdout, plan.stdout
+        changed = [line.strip() for line in plan.stdout.splitlines() if line.strip()[:1] in "+-" and not line.strip().startswith("@@")]
+        assert changed == ["-memory: 192 MiB", "+memory: 224 MiB"], "the diff against libvirt's XML is the change, no noise: " + plan.stdout
+
+        down = run("down", str(path), "--purge", "--json", env=env)
+        assert down.returncode == 0, down.stderr
+        assert {o["name"]: o["action"] for o in json.loads(down.stdout)} == {a: "stopped", b: "stopped"}
+        assert {o["name"]: o["detail"] for o in json.loads(down.stdout)}[b] == "ACPI powerdown"
+        assert a not in _domains(uri) and b not in _domains(uri), "nothing left defined"
+        out, err = follower.communicate(timeout=30)
+        assert follower.returncode == 0 and guest["marker"] in out, "logs -f printed the log and ended with the machine: " + err
+    finally:
+        if follower is not None and follower.poll() is None:
+            follower.kill()
+            follower.wait()
+        _cleanup(uri, [a, b])
+        run("down", str(path), "--purge", env=env)
+
+
+def test_a_domain_qemuspec_did_not_define_is_left_alone(system_libvirtd, tmp_path):
+    uri = system_libvirtd
+    name = f"qsforeign{os.getpid()}"
+    xml = tmp_path / "d.xml"
+    xml.write_text(f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory><os><type arch='x86_64'>hvm</type></os></domain>")
+    subprocess.run(["virsh", "-c", uri, "define", str(xml)], check=True, capture_output=True)
+    try:
+        path = tmp_path / "f.toml"
+        path.write_text(f'[machines.{name}]\nmemory = "64M"\naccel = "tcg"\n')
+        for command in (["up", str(path)], ["down", str(path)]):
+            result = run(*command, "--connect", uri)
+            assert result.returncode == 1 and "qemuspec did not define it" in result.stderr, result.stderr
+        assert name in _domains(uri)
+        assert "not ours" in run("status", str(path), "--connect", uri).stdout
+    finally:
+        subprocess.run(["virsh", "-c", uri, "undefine", name], capture_output=True)
+
+
+# ---- ssh: the remote code path -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    """An sshd on 127.0.0.1 with its own host key, accepting one key the test made; and an `ssh`
+    wrapper (first on PATH for qemuspec) that uses that key and a private known_hosts."""
+    if os.geteuid() != 0:
+        _fail_or_skip("the ssh tests start an sshd and need root")
+    if not os.path.exists("/usr/sbin/sshd"):
+        _fail_or_skip("sshd is missing (Debian: openssh-server)")
+    work = tempfile.mkdtemp(prefix="qemuspec-sshd-")
+    os.chmod(work, 0o755)
+    for key in ("host", "client"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", f"{work}/{key}"], check=True)
+    shutil.copy(f"{work}/client.pub", f"{work}/authorized_keys")
+    os.chmod(f"{work}/authorized_keys", 0o644)
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.makedirs("/run/sshd", exist_ok=True)
+    proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", "/dev/null", "-p", str(port), "-o", "ListenAddress=127.0.0.1",
+                             "-h", f"{work}/host", "-o", f"AuthorizedKeysFile={work}/authorized_keys", "-o", "StrictModes=no",
+                             "-o", "PasswordAuthentication=no", "-o", "PermitRootLogin=prohibit-password", "-o", "UsePAM=no",
+                             "-o", f"PidFile={work}/sshd.pid"], stderr=open(f"{work}/sshd.log", "w"))
+    bindir = os.path.join(work, "bin")
+    os.makedirs(bindir)
+    with open(f"{work}/ssh_config", "w") as f:
+        f.write(f"Host *\n  IdentityFile {work}/client\n  IdentitiesOnly yes\n  UserKnownHostsFile {work}/known_hosts\n"
+                "  StrictHostKeyChecking accept-new\n  BatchMode yes\n")
+    with open(f"{bindir}/ssh", "w") as f:
+        f.write(f"#!/bin/sh\nexec /usr/bin/ssh -F {work}/ssh_config \"$@\"\n")
+    os.chmod(f"{bindir}/ssh", 0o755)
+    env = {"PATH": f"{bindir}:{os.environ['PATH']}"}
+    _wait_for(lambda: subprocess.run(["ssh", "-p", str(port), "root@127.0.0.1", "true"], capture_output=True,
+                                     env={**os.environ, **env}).returncode == 0, "sshd accepted the test key")
+    yield {"port": port, "env": env, "work": work}
+    proc.terminate()
+    proc.wait(10)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def test_one_machine_through_qemu_ssh(system_libvirtd, sshd, guest, tmp_path):
+    uri = f"qemu+ssh://root@127.0.0.1:{sshd['port']}/system"
+    name = f"qsssh{os.getpid()}"
+    path = tmp_path / "ssh.toml"
+    seed = f'''
+[machines.{name}.cloud_init]
+user_data = """#cloud-config
+ssh_authorized_keys:
+  - {{{{ ssh_public_key }}}}
+"""
+'''
+    path.write_text(machine_toml(guest, name, host=uri, extra=seed).replace("agent = true\ntimeout", "agent = true\nssh = true\ntimeout"))
+    env = sshd["env"]
+    try:
+        up = run("up", str(path), env=env)
+        assert up.returncode == 0 and f"{name}: started" in up.stdout, up.stderr
+        login = run("ssh", "-F", str(path), name, "--", "cat", "/proc/cmdline", env=env)
+        assert login.returncode == 0 and "console=ttyS0" in login.stdout, "ssh through the forward on the libvirt host: " + login.stderr
+        row = json.loads(run("status", str(path), "--json", env=env).stdout)[0]
+        assert row["state"] == "running" and row["host"] == uri, row
+        out = run("exec", "-F", str(path), name, "--", "/bin/cat", "/proc/cmdline", env=env)
+        assert out.returncode == 0 and "console=ttyS0" in out.stdout, out.stderr
+        down = run("down", str(path), "--purge", env=env)
+        assert down.returncode == 0 and f"{name}: stopped" in down.stdout, down.stderr
+        assert name not in _domains("qemu:///system")
+    finally:
+        _cleanup("qemu:///system", [name])
+
+
+@pytest.fixture(scope="module")
+def session_libvirtd(sshd):
+    """A second libvirt instance: the session libvirtd of another local user (created when missing),
+    reached over ssh; it has a storage pool in that user's home, as its administrator would set up."""
+    created = False
+    try:
+        info = pwd.getpwnam(REMOTE_USER)
+    except KeyError:
+        subprocess.run(["useradd", "-m", "-p", "*", "-s", "/bin/sh", REMOTE_USER], check=True)
+        info = pwd.getpwnam(REMOTE_USER)
+        created = True
+    home = info.pw_dir
+    as_user = ["runuser", "-u", REMOTE_USER, "--", "env", "-i", f"HOME={home}", f"PATH={os.environ['PATH']}", f"USER={REMOTE_USER}"]
+    sock = f"{home}/.cache/libvirt/libvirt-sock"
+    daemon = subprocess.Popen(as_user + ["libvirtd"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: os.path.exists(sock), "the session libvirtd made its socket")
+        uri = f"qemu+ssh://{REMOTE_USER}@127.0.0.1:{sshd['port']}/session"
+        pool = f"{home}/images"
+        for step in (["pool-define-as", "qemuspec", "dir", "--target", pool], ["pool-build", "qemuspec"], ["pool-start", "qemuspec"]):
+            subprocess.run(as_user + ["virsh", "-c", "qemu:///session", *step], check=True, capture_output=True)
+        yield uri
+    finally:
+        subprocess.run(as_user + ["virsh", "-c", "qemu:///session", "pool-destroy", "qemuspec"], capture_output=True)
+        subprocess.run(as_user + ["virsh", "-c", "qemu:///session", "pool-undefine", "qemuspec"], capture_output=True)
+        daemon.terminate()
+        daemon.wait(15)
+        for pidfile in (f"{home}/.cache/libvirt/virtlogd.pid",):  # the session daemon spawned its own virtlogd
+            try:
+                os.kill(int(open(pidfile).read().strip()), signal.SIGTERM)
+            except (OSError, ValueError):
+                pass
+        if created:
+            subprocess.run(["userdel", "-r", REMOTE_USER], capture_output=True)
+
+
+def test_two_hosts_in_one_file(system_libvirtd, sshd, session_libvirtd, guest, tmp_path):
+    here, there = "qemu:///system", session_libvirtd
+    tag = os.getpid()
+    a, b = f"qshere{tag}", f"qsthere{tag}"
+    path = tmp_path / "hosts.toml"
+    path.write_text(machine_toml(guest, a, host=here) + machine_toml(guest, b, host=there))
+    env = sshd["env"]
+    try:
+        up = run("up", str(path), env=env)
+        assert up.returncode == 0, up.stdout + up.stderr
+        rows = {r["name"]: r for r in json.loads(run("status", str(path), "--json", env=env).stdout)}
+        assert (rows[a]["state"], rows[a]["host"]) == ("running", here), rows
+        assert (rows[b]["state"], rows[b]["host"]) == ("running", there), rows
+        table = run("status", str(path), env=env).stdout
+        assert f"{REMOTE_USER}@127.0.0.1:{sshd['port']}" in table and "qemu:///system" in table, table
+        out = run("exec", "-F", str(path), b, "--", "/bin/echo", "there", env=env)
+        assert out.stdout.strip() == "there", out.stderr
+        down = run("down", str(path), "--purge", "--json", env=env)
+        assert down.returncode == 0, down.stderr
+        assert {o["name"]: o["action"] for o in json.loads(down.stdout)} == {a: "stopped", b: "stopped"}
+        assert a not in _domains(here)
+        assert b not in json.dumps(json.loads(run("status", str(path), "--json", env=env).stdout)) or \
+            all(r["state"] == "stopped" for r in json.loads(run("status", str(path), "--json", env=env).stdout))
+    finally:
+        _cleanup(here, [a])
+        run("down", str(path), "--purge", env=env)
+
+
+def test_a_machine_that_never_gets_ready_fails_with_its_console_and_is_removed(system_libvirtd, guest, tmp_path):
+    uri = system_libvirtd
+    name = f"qsnever{os.getpid()}"
+    path = tmp_path / "never.toml"
+    path.write_text(machine_toml(guest, name).replace(f'serial = "{guest["marker"]}"\nagent = true\ntimeout = "120s"',
+                                                      'serial = "a line this guest never prints"\ntimeout = "15s"'))
+    try:
+        began = time.monotonic()
+        up = run("up", str(path), "--connect", uri)
+        assert up.returncode == 1, up.stdout + up.stderr
+        assert "did not show" in up.stderr and "last console lines" in up.stderr and "Traceback" not in up.stderr, up.stderr
+        assert time.monotonic() - began < 60, "the readiness timeout bounds up"
+        assert name not in _domains(uri), "a failed start leaves nothing defined"
+    finally:
+        _cleanup(uri, [name])
+        run("down", str(path), "--purge", "--connect", uri)
