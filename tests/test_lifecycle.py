@@ -254,4 +254,6 @@ def test_up_failure_exits_1_with_console_lines(lab, tmp_path):
     result = cli("up", path, check=False)
     assert result.returncode == 1
     assert "was not ready within 12 s" in result.stderr and "last console lines" in result.stderr
-    assert status(path)["web"]["state"] == "crashed"
+    row = status(path)["web"]
+    assert row["state"] == "failed", "a machine that never started did not crash"
+    assert "never became ready (probe tcp guest port 81, after" in row["reason"]

@@ -25,6 +25,7 @@ COMMANDS = {
     "down": ("vm_commands", "down", "stop machines in reverse dependency order"),
     "status": ("vm_commands", "status", "show each machine's state, pid, uptime, restarts and ports"),
     "ps": ("vm_commands", "status", "same as status"),
+    "ls": ("vm_commands", "ls", "list every machine qemuspec runs on this host, whatever its definition file"),
     "plan": ("vm_commands", "plan", "show what `up` would do, with the argv diff of changed machines"),
     "logs": ("vm_commands", "logs", "print serial console logs (or events with --events)"),
     "events": ("vm_commands", "events", "print a machine's QMP and lifecycle events (JSON lines)"),

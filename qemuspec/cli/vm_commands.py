@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from typing import Any
@@ -20,6 +19,11 @@ def _root(args: Any) -> str:
     from qemuspec.runtime import paths
 
     return paths.state_root(args.file, args.state_dir)
+
+
+def _owner(args: Any) -> str | None:
+    """The definition file, recorded as the owner of the machines it starts."""
+    return os.path.abspath(args.file) if getattr(args, "file", None) else None
 
 
 def _progress(args: Any, names: list[str]):
@@ -37,6 +41,7 @@ def _print_outcomes(args: Any, outcomes: list) -> None:
             continue
         ports = ", ".join(f"{p['address']}:{p['host']}->{p['guest']}/{p['protocol']}" for p in o.ports)
         extra = [f"pid {o.pid}"] if o.pid else []
+        extra += [f"accel {','.join(o.accel)}"] if o.accel else []
         extra += [ports] if ports else []
         extra += [o.detail] if o.detail else []
         print(f"{o.name}: {o.action}{' (' + ', '.join(extra) + ')' if extra else ''}")
@@ -54,7 +59,7 @@ def up(args: Any) -> int:
         from qemuspec.cli.common import check_against_qemu
 
         check_against_qemu(spec, lines, args.file, reconcile.needed(spec, names))
-    outcomes = reconcile.up(spec, _root(args), names, _progress(args, names))
+    outcomes = reconcile.up(spec, _root(args), names, _progress(args, names), owner=_owner(args))
     _print_outcomes(args, outcomes)
     if any(o.action == "failed" for o in outcomes):
         return 1
@@ -78,7 +83,7 @@ def _attach(args: Any, spec: Any, names: list[str]) -> int:
     except KeyboardInterrupt:
         pass
     print("\nstopping...", file=sys.stderr)
-    _print_outcomes(args, reconcile.down(spec, root, names, None, _progress(args, names)))
+    _print_outcomes(args, reconcile.down(spec, root, names, None, _progress(args, names), owner=_owner(args)))
     return 0
 
 
@@ -88,15 +93,14 @@ def down(args: Any) -> int:
     spec = load_file(args)
     names = select(spec, args.machine, args.file)
     root = _root(args)
-    outcomes = reconcile.down(spec, root, names, args.timeout, _progress(args, names))
+    outcomes = reconcile.down(spec, root, names, args.timeout, _progress(args, names), owner=_owner(args))
     if args.purge:
+        from qemuspec.runtime.purge import purge
+
+        kept = {o.name for o in outcomes if o.action == "belongs to another file"}
         for name in names:
-            for disk in spec.machines[name].disks:
-                if (disk.size is not None or disk.backing) and os.path.exists(disk.file):
-                    os.unlink(disk.file)  # only images qemuspec creates; user-supplied ones stay
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-        if os.path.isdir(root) and not os.listdir(root):
-            os.rmdir(root)
+            if name not in kept:
+                purge(root, name)
     _print_outcomes(args, outcomes)
     return 0
 
@@ -106,15 +110,46 @@ def status(args: Any) -> int:
 
     spec = load_file(args)
     root = _root(args)
-    rows = [machine_status(name, spec.machines[name], os.path.join(root, name)) for name in select(spec, args.machine, args.file)]
+    owner = _owner(args)
+    rows = []
+    for name in select(spec, args.machine, args.file):
+        row = machine_status(name, spec.machines[name], os.path.join(root, name))
+        if owner and row.get("file") and row["state"] not in ("stopped",) and os.path.abspath(row["file"]) != owner:
+            row["reason"] = f"run by {row['file']}" + (f"; {row['reason']}" if row["reason"] else "")
+        rows.append(row)
     if args.json:
         emit_json(rows)
         return 0
-    print(f"{'NAME':<16} {'STATE':<13} {'PID':>8} {'UPTIME':>8} {'RESTARTS':>8}  PORTS")
+    _table(rows, with_file=False)
+    return 0
+
+
+def _table(rows: list[dict], with_file: bool) -> None:
+    head = f"{'NAME':<16} {'STATE':<13} {'PID':>8} {'UPTIME':>8} {'RESTARTS':>8} {'ACCEL':<5}  PORTS"
+    print(head + ("  FILE" if with_file else "") + "  REASON")
     for r in rows:
-        ports = " ".join(f"{p['host']}->{p['guest']}" for p in r["ports"])
+        ports = " ".join(f"{p['host']}->{p['guest']}" for p in r["ports"]) or "-"
         uptime = f"{r['uptime']:.0f}s" if r["uptime"] is not None else "-"
-        print(f"{r['name']:<16} {r['state']:<13} {r['pid'] or '-':>8} {uptime:>8} {r['restarts']:>8}  {ports}")
+        accel = ",".join(r["accel"]) or "-"
+        line = f"{r['name']:<16} {r['state']:<13} {r['pid'] or '-':>8} {uptime:>8} {r['restarts']:>8} {accel:<5}  {ports}"
+        if with_file:
+            line += f"  {r.get('file') or r.get('state_dir')}"
+        print(line + (f"  {r['reason']}" if r["reason"] else ""))
+
+
+def ls(args: Any) -> int:
+    """Every machine this user's qemuspec runs here, found through the runtime registry (so a deleted
+    state directory or another project's file does not hide it)."""
+    from qemuspec.runtime.status import registered
+
+    rows = registered()
+    if args.json:
+        emit_json(rows)
+        return 0
+    if not rows:
+        print("no machines running")
+        return 0
+    _table(rows, with_file=True)
     return 0
 
 
@@ -122,12 +157,12 @@ def plan(args: Any) -> int:
     from qemuspec import reconcile
 
     spec = load_file(args)
-    steps = reconcile.plan(spec, _root(args), select(spec, args.machine, args.file))
+    steps = reconcile.plan(spec, _root(args), select(spec, args.machine, args.file), owner=_owner(args))
     if args.json:
         emit_json(steps)
         return 0
     for step in steps:
-        print(f"{step['name']}: {step['action']}")
+        print(f"{step['name']}: {step['action']}" + (f" ({step['detail']})" if step.get("detail") else ""))
         for line in step["diff"][2:]:
             print(f"    {line}")
     return 0
@@ -203,8 +238,8 @@ def restart(args: Any) -> int:
     names = select(spec, args.names, args.file)
     root = _root(args)
     progress = _progress(args, names)
-    reconcile.down(spec, root, names, None, progress)
-    outcomes = reconcile.up(spec, root, names, progress)
+    reconcile.down(spec, root, names, None, progress, owner=_owner(args))
+    outcomes = reconcile.up(spec, root, names, progress, owner=_owner(args))
     _print_outcomes(args, outcomes)
     return 1 if any(o.action == "failed" for o in outcomes) else 0
 

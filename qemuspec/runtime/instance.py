@@ -7,9 +7,7 @@ and one started from a file behave the same.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -19,9 +17,9 @@ from qemuspec.errors import LaunchError, QemuspecError, QMPConnectionError, QMPE
 from qemuspec.qmp.sync import QMPClient
 from qemuspec.render import OVMF_VARS, Layout, render
 from qemuspec.runtime import accel as accel_mod
-from qemuspec.runtime import paths
+from qemuspec.runtime import paths, statedir
 from qemuspec.runtime.console import ConsoleReader, tail
-from qemuspec.runtime.process import Process, alive, cmdline, spawn
+from qemuspec.runtime.process import Process, alive, cmdline, spawn, start_time
 from qemuspec.spec.models import Machine
 
 GREETING_TIMEOUT = 15.0
@@ -41,14 +39,6 @@ def definition_hash(machine: Machine) -> str:
     return hashlib.sha256(machine.model_dump_json().encode()).hexdigest()[:16]
 
 
-def write_json_atomic(path: str, data: Any) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 class Instance:
     def __init__(self, name: str, machine: Machine, state_dir: str):
         self.name = name
@@ -64,12 +54,15 @@ class Instance:
         self.started_at: float | None = None
         self.recorded_hash: str | None = None
         self.kvm_failure: str | None = None  # why "auto" fell back from KVM to TCG, if it did
+        self.owner: str | None = None  # the definition file this machine belongs to
+        self.exec_argv: list[str] = []  # exactly what qemu runs with (its identity in /proc)
+        self.write_error: str | None = None  # the copy in the state directory could not be written
         self._listeners: list[tuple[str, Callable[[dict], Any]]] = []
         self._log_offset = 0
 
     @property
     def state_file(self) -> str:
-        return os.path.join(self.state_dir, "state.json")
+        return os.path.join(self.state_dir, statedir.STATE)
 
     # -- events -----------------------------------------------------------------------------------
 
@@ -103,8 +96,8 @@ class Instance:
                 paths.prepare(base)
                 self._launch(base, fallback)
         except BaseException:
-            if self.process is None:  # nothing started: leave no socket directory behind
-                shutil.rmtree(base.run_dir, ignore_errors=True)
+            if self.process is None:  # nothing started: leave no socket behind
+                forget(self.state_dir)
             raise
 
     def _launch(self, base: Layout, accels: tuple[str, ...]) -> None:
@@ -129,10 +122,17 @@ class Instance:
             self.argv = render(machine, self.name, self.layout)
             launch_argv = render(machine, self.name, Layout(base.state_dir, base.run_dir, accels, qmp_port, fds))
             self.qmp_address = f"tcp:127.0.0.1:{qmp_port}" if qmp_port else f"unix:{base.qmp}"
+            if machine.serial in ("log", "socket"):  # qemu opens it by path: make it ours (0600, no symlink) first
+                statedir.precreate(base.state_dir, statedir.SERIAL_LOG)
             self._log_offset = os.path.getsize(base.serial_log) if os.path.exists(base.serial_log) else 0
-            qemu_log_offset = os.path.getsize(base.qemu_log) if os.path.exists(base.qemu_log) else 0
-            popen = spawn(launch_argv, base.qemu_log, pass_fds=tuple(fds.values()))
+            log_fd = statedir.open_log(base.state_dir, statedir.QEMU_LOG)
+            try:
+                qemu_log_offset = os.fstat(log_fd).st_size
+                popen = spawn(launch_argv, log_fd, pass_fds=tuple(fds.values()))
+            finally:
+                os.close(log_fd)
             self.process = Process(popen.pid, popen)
+            self.exec_argv = list(launch_argv)
             self.started_at = time.time()
             # Connect while our copies of the listening sockets still exist: the connections queue in
             # the backlog and qemu accepts them as it starts, so no console output is missed.
@@ -147,8 +147,9 @@ class Instance:
             self.qmp = QMPClient.connect(qmp_sock, timeout=GREETING_TIMEOUT, event_log=base.events_log)
         except QemuspecError as exc:
             code = self.process.wait(2)
-            if code is None:  # alive but mute: never leave it behind
+            if code is None:  # alive but mute: never leave it behind, nor what it forked
                 self.process.terminate_and_kill(2.0)
+            self.process.kill_group()
             self._cleanup()
             detail = tail(base.qemu_log, 20, qemu_log_offset)
             status = f"exited with code {code}" if code is not None else "did not answer on QMP"
@@ -168,7 +169,7 @@ class Instance:
         from qemuspec.runtime import images
 
         for disk in self.machine.disks:
-            images.ensure_disk(disk)
+            images.ensure_disk(disk, self.state_dir)
         if self.machine.firmware.type == "uefi":
             images.ensure_efivars(self.machine.firmware.vars or OVMF_VARS, lay.efivars)
         for path in (self.machine.kernel, self.machine.initrd):
@@ -202,20 +203,27 @@ class Instance:
 
         return sshkeys.ensure_key(os.path.dirname(self.state_dir))[1]
 
-    def write_state(self) -> None:
+    def record(self) -> statedir.QemuRecord:
         assert self.process is not None
-        write_json_atomic(self.state_file, {
-            "name": self.name,
-            "pid": self.process.pid,
-            "hash": definition_hash(self.machine),
-            "argv": self.argv,
-            "qmp": self.qmp_address,
-            "qmp_client": f"unix:{self.layout.qmp_client}",
-            "console": self.layout.console if self.machine.serial in ("log", "socket") else None,
-            "accel": list(self.layout.accel),
-            "started_at": self.started_at,
-            "ports": self.ports,
-        })
+        return statedir.QemuRecord(
+            name=self.name, pid=self.process.pid, exec_argv=self.exec_argv, pid_start=start_time(self.process.pid),
+            argv=self.argv, hash=definition_hash(self.machine), qmp=self.qmp_address,
+            qmp_client=f"unix:{self.layout.qmp_client}",
+            console=self.layout.console if self.machine.serial in ("log", "socket") else None,
+            accel=list(self.layout.accel), started_at=self.started_at, ports=self.ports,
+            state_dir=self.state_dir, owner=self.owner)
+
+    def write_state(self) -> None:
+        """The machine's identity into the runtime directory (authoritative: must succeed), and a copy
+        into the state directory for people (may fail: disk full, directory deleted; remembered)."""
+        record = self.record()
+        statedir.write(self.layout.run_dir, statedir.MACHINE, record)
+        try:
+            statedir.ensure_private(self.state_dir)
+            statedir.write(self.state_dir, statedir.STATE, record)
+            self.write_error = None
+        except (OSError, QemuspecError) as exc:
+            self.write_error = f"cannot write {self.state_file}: {getattr(exc, 'strerror', None) or exc}"
 
     # -- readiness --------------------------------------------------------------------------------
 
@@ -254,7 +262,9 @@ class Instance:
                 probe = "guest agent"
                 probes.wait_agent(self.layout.qga, deadline, running)
         except QemuspecError as exc:
-            raise ReadyTimeout(self._not_ready(probe, timeout, exc)) from None
+            error = ReadyTimeout(self._not_ready(probe, timeout, exc))
+            error.probe = probe  # for status: "never became ready (probe ..., after ... s)"
+            raise error from None
         return time.time() - (self.started_at or time.time())
 
     def host_port(self, guest: int, protocol: str = "tcp") -> int:
@@ -289,49 +299,25 @@ class Instance:
             self._cleanup()
         return code
 
-    def quit(self, timeout: float = 10.0) -> StopResult:
-        """QMP quit at once (no ACPI), then signals if qemu does not go."""
-        return self._stop(acpi_timeout=None, quit_timeout=timeout)
+    def quit(self, timeout: float | None = None) -> StopResult:
+        """QMP quit at once (no ACPI; ``timeout`` for qemu to go), then signals if qemu does not go."""
+        return self._stop(acpi_timeout=None, quit_wait=timeout)
 
     def stop(self, timeout: float | None = None) -> StopResult:
-        """ACPI powerdown, wait up to the stop timeout, then QMP quit, SIGTERM, SIGKILL; always reaped."""
-        return self._stop(acpi_timeout=self.machine.stop_timeout if timeout is None else timeout, quit_timeout=5.0)
+        """ACPI powerdown, wait up to the stop timeout, then QMP quit, SIGTERM, SIGKILL; always reaped.
+        The steps and their timeouts are policy.escalate's."""
+        return self._stop(acpi_timeout=self.machine.stop_timeout if timeout is None else timeout)
 
-    def _stop(self, acpi_timeout: float | None, quit_timeout: float) -> StopResult:
+    def _stop(self, acpi_timeout: float | None, quit_wait: float | None = None) -> StopResult:
+        from qemuspec.runtime.policy import QUIT_WAIT, escalate
+
         began = time.monotonic()
         if self.process is None or self.process.poll() is not None:
             self._cleanup()
             return StopResult("already stopped", 0.0, self.process.returncode if self.process else None)
-        step = None
-        if acpi_timeout is not None and self._guest_running() and self._send("system_powerdown") and self.process.wait(acpi_timeout) is not None:
-            step = "ACPI powerdown"
-        if step is None and self._send("quit") and self.process.wait(quit_timeout) is not None:
-            step = "QMP quit"
-        if step is None:
-            step = self.process.terminate_and_kill(3.0)
+        step = escalate(_Escalation(self), acpi_timeout, QUIT_WAIT if quit_wait is None else quit_wait)
         self._cleanup()
         return StopResult(step, time.monotonic() - began, self.process.returncode)
-
-    def _guest_running(self) -> bool:
-        """A paused or never-started guest cannot act on the power button: skip straight to quit."""
-        if self.qmp is None:
-            return False
-        try:
-            return self.qmp.command("query-status", timeout=5).get("status") == "running"
-        except QemuspecError:
-            return False
-
-    def _send(self, command: str) -> bool:
-        """Send a stop command and wait for its reply (closing right after `quit` can leave qemu up)."""
-        if self.qmp is None:
-            return False
-        try:
-            self.qmp.command(command, timeout=5)
-            return True
-        except QMPConnectionError:
-            return command == "quit"  # the reply can lose the race with qemu closing the socket
-        except (QMPError, QemuspecError):
-            return False
 
     def kill(self) -> None:
         if self.process is not None:
@@ -345,6 +331,8 @@ class Instance:
             self.console.close()
             self.console = None
         if self.process is not None and self.process.poll() is not None:
+            if self.process.popen is not None:
+                self.process.kill_group()  # what a wrapper forked dies with it
             forget(self.state_dir)
 
     def close(self) -> None:
@@ -360,24 +348,28 @@ class Instance:
 
     @classmethod
     def find(cls, name: str, machine: Machine, state_dir: str) -> "Instance | None":
-        """The running qemu recorded in ``state_dir``, if the recorded pid really is that machine's qemu."""
+        """The running qemu of this state directory, if the recorded pid really is that qemu.
+
+        The runtime directory's record comes first: it survives a deleted state directory and only
+        this user can write it. The state directory's copy is a fallback (runtime directory cleared)
+        and is trusted no further than the identity check: same uid, kernel start time, and a
+        command line equal to the recorded one, which names this machine's pidfile."""
         inst = cls(name, machine, state_dir)
-        try:
-            with open(inst.state_file, encoding="utf-8") as f:
-                state = json.load(f)
-        except (OSError, ValueError):
+        record = recorded(inst.state_dir)
+        if record is None or record.name != name:
             return None
-        pid = state.get("pid")
-        lay = paths.layout(inst.state_dir, accel=tuple(state.get("accel") or ()))
-        if not isinstance(pid, int) or not alive(pid) or not is_our_qemu(pid, lay.pidfile):
+        lay = paths.layout(inst.state_dir, accel=tuple(a for a in record.accel if isinstance(a, str)))
+        if not is_our_qemu(record, lay.pidfile):
             return None
-        inst.process = Process(pid)
+        inst.process = Process(record.pid)
         inst.layout = lay
-        inst.argv = state.get("argv") or []
-        inst.qmp_address = state.get("qmp")
-        inst.ports = state.get("ports") or []
-        inst.started_at = state.get("started_at")
-        inst.recorded_hash = state.get("hash")
+        inst.argv = record.argv
+        inst.exec_argv = record.exec_argv
+        inst.qmp_address = record.qmp
+        inst.ports = record.ports
+        inst.started_at = record.started_at
+        inst.recorded_hash = record.hash
+        inst.owner = record.owner
         return inst
 
     def connect(self, timeout: float = 5.0) -> QMPClient:
@@ -391,23 +383,92 @@ class Instance:
         return self.qmp
 
 
-def forget(state_dir: str) -> None:
-    """Remove what a stopped machine leaves behind: its state record, pidfile and socket directory.
-    Logs and disks stay."""
-    lay = paths.layout(state_dir)
-    shutil.rmtree(lay.run_dir, ignore_errors=True)
-    for path in (os.path.join(lay.state_dir, "state.json"), lay.pidfile):
+class _Escalation:
+    """An Instance as policy.escalate sees it."""
+
+    def __init__(self, inst: Instance):
+        self.inst = inst
+
+    def guest_running(self) -> bool:
+        """A paused or never-started guest cannot act on the power button: skip straight to quit."""
+        from qemuspec.runtime.policy import QUERY_TIMEOUT
+
+        if self.inst.qmp is None:
+            return False
         try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+            return self.inst.qmp.command("query-status", timeout=QUERY_TIMEOUT).get("status") == "running"
+        except QemuspecError:
+            return False
+
+    def send(self, command: str) -> bool:
+        """Send a stop command and wait for its reply (closing right after `quit` can leave qemu up)."""
+        from qemuspec.runtime.policy import COMMAND_TIMEOUT
+
+        if self.inst.qmp is None:
+            return False
+        try:
+            self.inst.qmp.command(command, timeout=COMMAND_TIMEOUT)
+            return True
+        except QMPConnectionError:
+            return command == "quit"  # the reply can lose the race with qemu closing the socket
+        except (QMPError, QemuspecError):
+            return False
+
+    def wait(self, timeout: float) -> bool:
+        assert self.inst.process is not None
+        return self.inst.process.wait(timeout) is not None
+
+    def signal(self, signum: int) -> None:
+        assert self.inst.process is not None
+        self.inst.process.signal(signum)
 
 
-def is_our_qemu(pid: int, pidfile: str) -> bool:
-    """True only for a process whose command line names this machine's pidfile: a recycled pid that now
-    belongs to something else is never signalled."""
+def recorded(state_dir: str) -> statedir.QemuRecord | None:
+    """The last qemu recorded for a state directory (alive or not)."""
+    state_dir = os.path.abspath(state_dir)
+    return (statedir.read(paths.run_dir(state_dir), statedir.MACHINE, statedir.QemuRecord)
+            or statedir.read(state_dir, statedir.STATE, statedir.QemuRecord))
+
+
+SOCKETS = ("qmp.sock", "qmp-client.sock", "console.sock", "qga.sock")
+
+
+def forget(state_dir: str) -> None:
+    """Remove what a stopped qemu leaves behind: its records, pidfile and sockets; the runtime
+    directory too once nothing else (a supervisor between restarts) uses it. Logs and disks stay."""
+    state_dir = os.path.abspath(state_dir)
+    run = paths.run_dir(state_dir)
+    statedir.remove(run, statedir.MACHINE, *SOCKETS, *[n for n in _listdir(run) if n.startswith("virtiofs") and n.endswith(".sock")])
+    statedir.remove(state_dir, statedir.STATE, statedir.PIDFILE)
+    with contextlib.suppress(OSError):
+        os.rmdir(run)
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def is_our_qemu(record: statedir.QemuRecord, pidfile: str) -> bool:
+    """True only for a live process of this user whose command line is exactly the recorded one and
+    names this machine's pidfile, started when recorded: neither a recycled pid nor a process whose
+    argv merely mentions the pidfile, nor a forged record pointing at another program, is signalled."""
+    pid = record.pid
+    if not isinstance(pid, int) or pid <= 1 or not alive(pid):
+        return False
     argv = cmdline(pid)
-    return bool(argv) and "-pidfile" in argv and pidfile in argv
+    if not argv or argv != record.exec_argv:
+        return False
+    if "-pidfile" not in argv or argv.index("-pidfile") + 1 >= len(argv) or argv[argv.index("-pidfile") + 1] != pidfile:
+        return False
+    if record.pid_start is not None and start_time(pid) != record.pid_start:
+        return False
+    try:
+        return os.stat(f"/proc/{pid}").st_uid == os.getuid()
+    except OSError:
+        return False
 
 
 def _forwarded(qmp: QMPClient) -> list[dict]:
