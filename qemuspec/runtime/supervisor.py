@@ -225,7 +225,7 @@ class Supervisor:
             if decision is None:
                 return self._finish("crashed" if end.failure else "stopped", end)
             self.next_at = time.time() + decision.delay
-            self.event("QEMUSPEC_RESTART", reason=end.reason, delay=decision.delay, restarts=decision.attempt)
+            self.event("QEMUSPEC_RESTART", reason="failure" if end.failure else "clean", why=end.reason, delay=decision.delay, restarts=decision.attempt)
             self.phase("restarting", attempt=decision.attempt)
             if self._sleep(decision.delay):
                 return self._finish("stopped", ending(None, None, stopped=True))
