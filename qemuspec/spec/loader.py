@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from qemuspec.errors import SpecError
+from qemuspec.spec import limits
 from qemuspec.spec.models import File
 
 _TEMPLATE_MARK = re.compile(r"\{\{|\{%|\{#")
@@ -48,7 +49,7 @@ def load_located(
     """Like :func:`load`, with the map from key paths to line numbers (for later checks' messages)."""
     fmt = format_of(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = limits.read_text(path)
     except FileNotFoundError:
         raise SpecError(f"{path}: no such file: check the path, or create one with `qemuspec init {path}`") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -76,6 +77,7 @@ def _load_text(
     variables: Mapping[str, Any] | None,
     environ: Mapping[str, str] | None,
 ) -> tuple[File, dict[tuple, int]]:
+    limits.check_size(source, len(text.encode("utf-8", "surrogatepass")))
     if _TEMPLATE_MARK.search(text):
         merged = dict(_file_vars(text, fmt, source))
         env = os.environ if environ is None else environ
@@ -106,6 +108,9 @@ def parse(text: str, fmt: str, source: str) -> tuple[Any, dict[tuple, int]]:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise SpecError(_toml_syntax(str(exc), source)) from None
+        except RecursionError:
+            raise SpecError(f"{source}: values are nested more than {limits.MAX_DEPTH} levels deep: check the brackets") from None
+        limits.check_depth(data, source)
         return data, toml_lines(text)
     if fmt == "yaml":
         return _yaml(text, source)
@@ -160,13 +165,16 @@ def _toml_key(raw: str) -> tuple:
 def _yaml(text: str, source: str) -> tuple[Any, dict[tuple, int]]:
     import yaml
 
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)  # checks the characters: a NUL is a ReaderError here
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{source}: YAML syntax error: {exc}") from None
     try:
         node = loader.get_single_node()
         if node is None:
             return {}, {}
         lines: dict[tuple, int] = {}
-        _yaml_walk(node, (), lines, source)
+        _yaml_walk(node, (), lines, source, limits.NodeBudget(source))
         data = loader.construct_document(node)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -178,18 +186,25 @@ def _yaml(text: str, source: str) -> tuple[Any, dict[tuple, int]]:
         ) from None
     except yaml.YAMLError as exc:
         raise SpecError(f"{source}: YAML syntax error: {exc}") from None
+    except RecursionError:
+        raise SpecError(f"{source}: values are nested more than {limits.MAX_DEPTH} levels deep: check the brackets and indentation") from None
+    except (ValueError, OverflowError, AttributeError, TypeError) as exc:  # "\U7fffffff", a bad !!timestamp, deep nesting
+        raise SpecError(f"{source}: YAML error: {exc}: check escapes in quoted text and the nesting") from None
     finally:
         loader.dispose()
     return data, lines
 
 
-def _yaml_walk(node: Any, path: tuple, lines: dict[tuple, int], source: str) -> None:
+def _yaml_walk(node: Any, path: tuple, lines: dict[tuple, int], source: str, budget: "limits.NodeBudget") -> None:
     import yaml
 
+    budget.visit(node, len(path))
     lines.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         seen: dict[Any, int] = {}
         for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise SpecError(f"{source}:{key_node.start_mark.line + 1}: a key must be a plain name, not a list or table")
             key = key_node.value
             line = key_node.start_mark.line + 1
             if key in seen:
@@ -201,10 +216,10 @@ def _yaml_walk(node: Any, path: tuple, lines: dict[tuple, int], source: str) -> 
                 raise SpecError(f"{source}:{line}: {what}")
             seen[key] = line
             lines[path + (key,)] = line
-            _yaml_walk(value_node, path + (key,), lines, source)
+            _yaml_walk(value_node, path + (key,), lines, source, budget)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            _yaml_walk(item, path + (index,), lines, source)
+            _yaml_walk(item, path + (index,), lines, source, budget)
 
 
 def _file_vars(text: str, fmt: str, source: str) -> dict[str, Any]:
@@ -232,6 +247,8 @@ def _template(text: str, variables: Mapping[str, Any], source: str) -> str:
         template = env.from_string(text)
     except jinja2.TemplateSyntaxError as exc:
         raise SpecError(f"{source}:{exc.lineno}: template syntax error: {exc.message}. Check the {{{{ }}}} and {{% %}} on that line") from None
+    except (RecursionError, MemoryError):
+        raise SpecError(f"{source}: template nested too deeply: check the {{{{ }}}} and {{% %}} brackets") from None
     try:
         return template.render(**variables)
     except jinja2.UndefinedError as exc:
@@ -248,6 +265,9 @@ def _template(text: str, variables: Mapping[str, Any], source: str) -> str:
     except jinja2.TemplateError as exc:
         line = _template_line(exc)
         raise SpecError(f"{source}{':' + str(line) if line else ''}: template error: {exc}") from None
+    except (ArithmeticError, TypeError, ValueError, LookupError, AttributeError, RecursionError, MemoryError) as exc:
+        line = _template_line(exc)  # {{ 1/0 }}, {{ "a" + 1 }}, {{ [][0] }}: the file's mistake, said as one
+        raise SpecError(f"{source}{':' + str(line) if line else ''}: template error: {type(exc).__name__}: {exc}. Fix the expression on that line") from None
 
 
 def _template_line(exc: BaseException) -> int | None:
