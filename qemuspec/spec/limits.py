@@ -27,6 +27,15 @@ def check_size(source: str, size: int) -> None:
                         "split it, or move large text (cloud-init user data) into files it names")
 
 
+def check_text(source: str, text: str) -> None:
+    """Text given to the loader directly (not read from a file): size, and valid Unicode."""
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise SpecError(f"{source}: the text is not valid Unicode (character {exc.start}: {exc.reason}): save the file as UTF-8") from None
+    check_size(source, size)
+
+
 def read_text(path: str | os.PathLike[str]) -> str:
     """The file's text, refusing oversized files before reading them."""
     with open(path, "rb") as f:

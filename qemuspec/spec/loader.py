@@ -77,7 +77,7 @@ def _load_text(
     variables: Mapping[str, Any] | None,
     environ: Mapping[str, str] | None,
 ) -> tuple[File, dict[tuple, int]]:
-    limits.check_size(source, len(text.encode("utf-8", "surrogatepass")))
+    limits.check_text(source, text)
     if _TEMPLATE_MARK.search(text):
         merged = dict(_file_vars(text, fmt, source))
         env = os.environ if environ is None else environ
@@ -247,7 +247,7 @@ def _template(text: str, variables: Mapping[str, Any], source: str) -> str:
         template = env.from_string(text)
     except jinja2.TemplateSyntaxError as exc:
         raise SpecError(f"{source}:{exc.lineno}: template syntax error: {exc.message}. Check the {{{{ }}}} and {{% %}} on that line") from None
-    except (RecursionError, MemoryError):
+    except (RecursionError, MemoryError, SyntaxError):
         raise SpecError(f"{source}: template nested too deeply: check the {{{{ }}}} and {{% %}} brackets") from None
     try:
         return template.render(**variables)
