@@ -40,6 +40,11 @@ class Layout:
         return os.path.join(self.run_dir, "qmp.sock")
 
     @property
+    def tls_dir(self) -> str:
+        """The TCP monitor's TLS credentials (runtime/tls.py makes them)."""
+        return os.path.join(self.state_dir, "tls")
+
+    @property
     def qmp_client(self) -> str:
         return os.path.join(self.run_dir, "qmp-client.sock")
 
@@ -205,15 +210,24 @@ def _socket_chardev(chardev_id: str, layout: Layout, role: str, path: str, extra
 
 
 def _monitors(layout: Layout) -> list[str]:
-    if layout.qmp_port is not None and "qmp" not in layout.fds:
-        main = optlist("socket", [("id", "qmp"), ("host", "127.0.0.1"), ("port", layout.qmp_port), ("server", True), ("wait", False)])
-    else:
-        main = _socket_chardev("qmp", layout, "qmp", layout.qmp)
+    """The controller's monitor and the tools' monitor, both unix sockets; with qmp.transport = "tcp"
+    a third monitor on 127.0.0.1 that only TLS clients with a certificate from the state directory's
+    CA can use (QMP has no authentication, and any local user can reach a loopback port)."""
+    main = _socket_chardev("qmp", layout, "qmp", layout.qmp)
     client = _socket_chardev("qmp-client", layout, "qmp-client", layout.qmp_client)
-    return [
+    argv = [
         "-chardev", main, "-mon", "chardev=qmp,mode=control",
         "-chardev", client, "-mon", "chardev=qmp-client,mode=control",
     ]
+    if layout.qmp_port is not None:
+        fd = layout.fds.get("qmp-tcp")
+        where: list[tuple[str, OptionValue]] = [("fd", fd)] if fd is not None else [("host", "127.0.0.1"), ("port", layout.qmp_port)]
+        argv += [
+            "-object", optlist("tls-creds-x509", [("id", "qmp-tls"), ("dir", layout.tls_dir), ("endpoint", "server"), ("verify-peer", True)]),
+            "-chardev", optlist("socket", [("id", "qmp-tcp"), *where, ("server", True), ("wait", False), ("tls-creds", "qmp-tls")]),
+            "-mon", "chardev=qmp-tcp,mode=control",
+        ]
+    return argv
 
 
 def _serial(machine: Machine, layout: Layout) -> list[str]:

@@ -55,6 +55,7 @@ class Instance:
         self.recorded_hash: str | None = None
         self.kvm_failure: str | None = None  # why "auto" fell back from KVM to TCG, if it did
         self.owner: str | None = None  # the definition file this machine belongs to
+        self.control_address: str | None = None  # the controller's monitor (always a unix socket)
         self.exec_argv: list[str] = []  # exactly what qemu runs with (its identity in /proc)
         self.write_error: str | None = None  # the copy in the state directory could not be written
         self._listeners: list[tuple[str, Callable[[dict], Any]]] = []
@@ -107,11 +108,12 @@ class Instance:
         try:
             qmp_port = None
             if machine.qmp.transport == "tcp":
+                from qemuspec.runtime import tls
                 from qemuspec.runtime.sockets import listen_tcp
 
-                listeners["qmp"], qmp_port = listen_tcp(machine.qmp.port)
-            else:
-                listeners["qmp"] = self._listen(base.qmp)
+                tls.ensure(base.state_dir)
+                listeners["qmp-tcp"], qmp_port = listen_tcp(machine.qmp.port)
+            listeners["qmp"] = self._listen(base.qmp)
             listeners["qmp-client"] = self._listen(base.qmp_client)
             if machine.serial in ("log", "socket"):
                 listeners["console"] = self._listen(base.console)
@@ -121,7 +123,8 @@ class Instance:
             self.layout = Layout(base.state_dir, base.run_dir, accels, qmp_port, {})
             self.argv = render(machine, self.name, self.layout)
             launch_argv = render(machine, self.name, Layout(base.state_dir, base.run_dir, accels, qmp_port, fds))
-            self.qmp_address = f"tcp:127.0.0.1:{qmp_port}" if qmp_port else f"unix:{base.qmp}"
+            self.qmp_address = f"tcp:127.0.0.1:{qmp_port}" if qmp_port else f"unix:{base.qmp}"  # for people and tools
+            self.control_address = f"unix:{base.qmp}"  # ours
             if machine.serial in ("log", "socket"):  # qemu opens it by path: make it ours (0600, no symlink) first
                 statedir.precreate(base.state_dir, statedir.SERIAL_LOG)
             self._log_offset = os.path.getsize(base.serial_log) if os.path.exists(base.serial_log) else 0
@@ -207,7 +210,8 @@ class Instance:
         assert self.process is not None
         return statedir.QemuRecord(
             name=self.name, pid=self.process.pid, exec_argv=self.exec_argv, pid_start=start_time(self.process.pid),
-            argv=self.argv, hash=definition_hash(self.machine), qmp=self.qmp_address,
+            argv=self.argv, hash=definition_hash(self.machine), qmp=self.qmp_address, control=self.control_address,
+            tls=self.layout.tls_dir if self.layout.qmp_port else None,
             qmp_client=f"unix:{self.layout.qmp_client}",
             console=self.layout.console if self.machine.serial in ("log", "socket") else None,
             accel=list(self.layout.accel), started_at=self.started_at, ports=self.ports,
@@ -355,17 +359,21 @@ class Instance:
         and is trusted no further than the identity check: same uid, kernel start time, and a
         command line equal to the recorded one, which names this machine's pidfile."""
         inst = cls(name, machine, state_dir)
-        record = recorded(inst.state_dir)
+        record = statedir.read(paths.run_dir(inst.state_dir), statedir.MACHINE, statedir.QemuRecord)
+        trusted = record is not None
+        if record is None:
+            record = statedir.read(inst.state_dir, statedir.STATE, statedir.QemuRecord)
         if record is None or record.name != name:
             return None
         lay = paths.layout(inst.state_dir, accel=tuple(a for a in record.accel if isinstance(a, str)))
-        if not is_our_qemu(record, lay.pidfile):
+        if not is_our_qemu(record, lay.pidfile) or (not trusted and not _runs_qemu(record.pid)):
             return None
         inst.process = Process(record.pid)
         inst.layout = lay
         inst.argv = record.argv
         inst.exec_argv = record.exec_argv
         inst.qmp_address = record.qmp
+        inst.control_address = record.control or (record.qmp if (record.qmp or "").startswith("unix:") else None)
         inst.ports = record.ports
         inst.started_at = record.started_at
         inst.recorded_hash = record.hash
@@ -375,9 +383,9 @@ class Instance:
     def connect(self, timeout: float = 5.0) -> QMPClient:
         """Connect to the main monitor of an adopted machine (free when no supervisor holds it)."""
         if self.qmp is None or self.qmp.closed:
-            if not self.qmp_address:
+            if not self.control_address:
                 raise QMPConnectionError(f"machine {self.name} has no recorded QMP address")
-            self.qmp = QMPClient.connect(self.qmp_address, timeout=timeout, event_log=self.layout.events_log)
+            self.qmp = QMPClient.connect(self.control_address, timeout=timeout, event_log=self.layout.events_log)
             for event, callback in self._listeners:
                 self.qmp.on(event, callback)
         return self.qmp
@@ -449,6 +457,15 @@ def _listdir(path: str) -> list[str]:
         return os.listdir(path)
     except OSError:
         return []
+
+
+def _runs_qemu(pid: int) -> bool:
+    """For a record from the state directory (which others may have written): the process must run a
+    qemu-system binary, not merely carry a qemu-like argv."""
+    try:
+        return os.path.basename(os.readlink(f"/proc/{pid}/exe")).startswith("qemu-system")
+    except OSError:
+        return False
 
 
 def is_our_qemu(record: statedir.QemuRecord, pidfile: str) -> bool:

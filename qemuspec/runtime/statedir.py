@@ -95,7 +95,8 @@ class QemuRecord(Record):
     pid_start: str | None = None                    # kernel start time of the pid (identity)
     argv: list = field(default_factory=list)        # canonical argv (for plan's diff)
     hash: str | None = None
-    qmp: str | None = None
+    qmp: str | None = None                          # the address for people and tools (tcp: needs TLS)
+    control: str | None = None                      # the controller's unix monitor
     qmp_client: str | None = None
     console: str | None = None
     accel: list = field(default_factory=list)
@@ -105,7 +106,7 @@ class QemuRecord(Record):
     owner: str | None = None                        # the definition file that started it
     tls: str | None = None                          # directory of the TCP monitor's credentials
     TYPES = {"name": (str,), "pid": (int,), "exec_argv": (list,), "pid_start": (str,), "argv": (list,), "hash": (str,),
-             "qmp": (str,), "qmp_client": (str,), "console": (str,), "accel": (list,), "started_at": _NUM,
+             "qmp": (str,), "control": (str,), "qmp_client": (str,), "console": (str,), "accel": (list,), "started_at": _NUM,
              "ports": (list,), "state_dir": (str,), "owner": (str,), "tls": (str,)}
 
 
@@ -274,8 +275,14 @@ def rotate(dfd: int, name: str, limit: int = LOG_LIMIT) -> bool:
 def precreate(directory: str, name: str, limit: int = LOG_LIMIT) -> str:
     """Make sure ``name`` is a regular 0600 file of ours before a program that opens it by path
     (qemu's logfile=, -pidfile) does; rotated when over the limit. Returns the path."""
-    os.close(open_log(directory, name, limit))
-    return os.path.join(directory, name)
+    path = os.path.join(directory, name)
+    try:
+        os.close(open_log(directory, name, limit))
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EINVAL):
+            raise LaunchError(f"{path} is a symlink or not a regular file: qemuspec never writes through one; remove it") from None
+        raise LaunchError(f"cannot create {path}: {exc.strerror or exc}") from None
+    return path
 
 
 # -- files qemuspec created ----------------------------------------------------------------------
