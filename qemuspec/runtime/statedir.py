@@ -192,7 +192,11 @@ def _check_parent(path: str) -> None:
 def write(directory: str, name: str, record: Record | dict) -> None:
     """Replace ``directory/name`` atomically with the record as JSON (fsync'd; 0600)."""
     data = record.as_dict() if isinstance(record, Record) else record
-    payload = (json.dumps(data, indent=2) + "\n").encode()
+    write_bytes(directory, name, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def write_bytes(directory: str, name: str, payload: bytes) -> None:
+    """Replace ``directory/name`` atomically (O_EXCL temp file, fsync, rename, fsync the directory; 0600)."""
     with dirfd(directory) as dfd:
         tmp = f".{name}.{secrets.token_hex(6)}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
