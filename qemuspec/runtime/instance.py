@@ -171,6 +171,9 @@ class Instance:
     def _prepare_files(self, lay: Layout) -> None:
         from qemuspec.runtime import images
 
+        from qemuspec.runtime.sockets import check_forwards
+
+        check_forwards(self.name, self.machine.nics)
         for disk in self.machine.disks:
             images.ensure_disk(disk, self.state_dir)
         if self.machine.firmware.type == "uefi":
