@@ -173,8 +173,20 @@ def render(machine: Machine, name: str, layout: Layout) -> list[str]:
         argv += ["-object", optlist(obj.type, [("id", obj.id)], obj.options)]
     for dev in machine.devices:
         argv += ["-device", optlist(dev.driver, [("id", dev.id)] if dev.id else [], dev.options)]
+    if _wants_pvpanic(machine):
+        argv += ["-device", "pvpanic-pci"]
     argv += machine.append
     return argv
+
+
+def _wants_pvpanic(machine: Machine) -> bool:
+    """A restart policy that counts guest panics needs qemu to hear of them: without a pvpanic device
+    a panicked Linux just hangs. Added on PCI machines unless the definition has one already."""
+    if machine.restart == "no" or not (machine.machine.startswith(("q35", "pc")) or "-q35-" in machine.machine or "-i440fx-" in machine.machine):
+        return False
+    if any(dev.driver.startswith("pvpanic") for dev in machine.devices):
+        return False
+    return not any("pvpanic" in arg for arg in machine.append)
 
 
 def _accels(machine: Machine) -> list[str]:

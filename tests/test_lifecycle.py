@@ -172,7 +172,7 @@ def test_guest_power_off_restarts_under_always(lab):
 
 
 def test_on_failure_restarts_a_panicked_guest(lab):
-    path = lab({"web": {"restart": "on-failure", "cmdline": "qemuspec.panic=1", "extra": 'devices = [{ driver = "pvpanic-pci" }]'}})
+    path = lab({"web": {"restart": "on-failure", "cmdline": "qemuspec.panic=1"}})  # no device: qemuspec adds pvpanic
     cli("up", path)
     wait_event(path, "web", lambda e: e["event"] == "GUEST_PANICKED")
     restart = wait_event(path, "web", lambda e: e["event"] == "QEMUSPEC_RESTART")
