@@ -214,7 +214,11 @@ def test_full_state_directory_while_running(lab, tmp_path):
                 pass
         killed = time.monotonic()
         os.kill(started["pid"], signal.SIGKILL)
-        row = until(lambda: (r := status(path)["web"])["state"] == "paused" and r["pid"] != started["pid"] and r, what="restart on a full disk")
+        try:
+            row = until(lambda: (r := status(path)["web"])["state"] == "paused" and r["pid"] != started["pid"] and r, what="restart on a full disk", timeout=20)
+        except AssertionError:
+            print(status(path), open(os.path.join(state, "web", "supervisor.log")).read()[-3000:])
+            raise
         timing("state directory full", recovery=time.monotonic() - killed)
         assert row["supervisor"] is not None and "No space left on device" in row["reason"]
         [down] = json.loads(cli("down", path, "--json").stdout)
@@ -246,7 +250,8 @@ def _marked(marker: str) -> list[int]:
 
 def test_a_qemu_that_forks_and_hangs_is_killed_with_its_children(lab, tmp_path):
     marker = str(3000 + os.getpid() % 1000)
-    wrapper = tmp_path / "qemu-wrapper"
+    (tmp_path / "bin").mkdir()
+    wrapper = tmp_path / "bin" / "qemu-system-x86_64"
     wrapper.write_text(WRAPPER.format(marker=marker))
     wrapper.chmod(0o755)
     path = lab(extra=f'qemu = "{wrapper}"')

@@ -135,9 +135,32 @@ def _run(name: str, machine: Machine, state_dir: str, adopt: bool, progress_fd: 
     os.dup2(log, 2)
     os.close(devnull)
     os.close(log)
-    sys.stdout = os.fdopen(1, "w", buffering=1)
-    sys.stderr = os.fdopen(2, "w", buffering=1)
+    sys.stdout = _Tolerant(os.fdopen(1, "w", buffering=1))
+    sys.stderr = _Tolerant(os.fdopen(2, "w", buffering=1))
     return Supervisor(name, machine, state_dir, progress_fd, owner).run(adopt)
+
+
+class _Tolerant:
+    """The supervisor's stdout/stderr (supervisor.log): a full disk or a deleted directory makes a
+    log line fail, never the supervisor."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError):
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 class Supervisor:
@@ -260,21 +283,18 @@ class Supervisor:
             restart=self.machine.restart, attempt=attempt, next_at=self.next_at,
             last_exit=self.last.reason if self.last else None, error=self.error, owner=self.owner,
             state_dir=self.state_dir)
-        try:
-            statedir.write(self.run_dir, statedir.SUPERVISOR, rec)
-        except OSError as exc:
-            print(f"supervisor: cannot write its record in {self.run_dir}: {exc}", file=sys.stderr)
-        try:
+        try:  # the copy first, so the authoritative record below already says whether it failed
             statedir.ensure_private(self.state_dir)
             statedir.write(self.state_dir, statedir.SUPERVISOR, rec)
         except (OSError, QemuspecError) as exc:
             failed = f"cannot write {os.path.join(self.state_dir, statedir.SUPERVISOR)}: {getattr(exc, 'strerror', None) or exc}"
             if failed != self.error:
-                self.error = failed
+                self.error = rec.error = failed
                 print(f"supervisor: {failed}", file=sys.stderr)
-                rec.error = failed
-                with contextlib.suppress(OSError):
-                    statedir.write(self.run_dir, statedir.SUPERVISOR, rec)
+        try:
+            statedir.write(self.run_dir, statedir.SUPERVISOR, rec)
+        except OSError as exc:
+            print(f"supervisor: cannot write its record in {self.run_dir}: {exc}", file=sys.stderr)
 
     def _start(self) -> bool:
         inst = Instance(self.name, self.machine, self.state_dir)
