@@ -54,7 +54,7 @@ class VM:
         self.name = name
         self._fields: dict[str, Any] = {}
         self._model: Machine | None = None
-        self._instance = None
+        self._instance: Any = None  # the runtime Instance once started
         if isinstance(fields, Machine):
             self._model = fields
             self._fields = fields.model_dump(exclude_unset=True)
@@ -320,7 +320,7 @@ class VM:
     def __enter__(self) -> "VM":
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: Any) -> None:
         if self.running():
             self.stop()
 
@@ -367,3 +367,316 @@ def load(path: str, variables: dict | None = None, state_dir: str | None = None)
     root = paths.state_root(path, state_dir)
     return {name: VM(name, spec.machines[name], state_dir=os.path.join(root, name))
             for level in order_machines(spec.machines) for name in level}
+
+
+# -- what the command line does, for programs too ------------------------------------------------
+#
+# The CLI is a thin layer over these: each takes plain values (a loaded definition, a state root,
+# machine names) and returns data; printing is the caller's business.
+
+DEFINITION_FILE = "definition.json"  # in a machine's state directory: what `up` last started
+
+
+def machine_layout(machine: Machine, state_dir: str) -> Any:
+    """Where a machine's files go, with its accelerators resolved and its TCP QMP port (the render input)."""
+    from qemuspec.runtime import accel, paths
+
+    port = machine.qmp.port if machine.qmp.transport == "tcp" else None
+    return paths.layout(state_dir, accel=accel.resolve(machine.accel), qmp_port=port)
+
+
+def definition_record(state_dir: str) -> str:
+    """Where the resolved definition of the machine last started from ``state_dir`` is kept."""
+    return os.path.join(state_dir, DEFINITION_FILE)
+
+
+def record_definition(machine: Machine, state_dir: str) -> None:
+    """Keep what a machine was started from, so `plan` can say which fields changed."""
+    from qemuspec.runtime.instance import write_json_atomic
+
+    os.makedirs(state_dir, exist_ok=True)
+    write_json_atomic(definition_record(state_dir), machine.model_dump(mode="json"))
+
+
+def recorded_definition(state_dir: str) -> dict | None:
+    import json
+
+    try:
+        with open(definition_record(state_dir), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def field_changes(old: Any, new: Any, path: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted field, old value, new value) for every leaf that differs between two definitions."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[tuple[str, Any, Any]] = []
+        for key in list(old) + [k for k in new if k not in old]:
+            out += field_changes(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [c for i, (a, b) in enumerate(zip(old, new)) for c in field_changes(a, b, f"{path}[{i}]")]
+    return [] if old == new else [(path, old, new)]
+
+
+def show_value(field: str, value: Any) -> str:
+    """A definition value as the user writes it (memory in MiB shows as 256M)."""
+    if value is None:
+        return "(unset)"
+    if field.rsplit(".", 1)[-1] == "memory" and isinstance(value, int):
+        return f"{value}M"
+    if isinstance(value, str):
+        return value
+    import json
+
+    return json.dumps(value)
+
+
+def plan(spec: Any, root: str, names: list[str], owner: str | None = None) -> list[dict]:
+    """What `up` would do per machine, with the changed definition fields and the argv diff."""
+    from qemuspec import reconcile
+
+    steps = reconcile.plan(spec, root, names, owner=owner)
+    for step in steps:
+        old = recorded_definition(os.path.join(root, step["name"]))
+        changes = []
+        if step["action"] == "recreate" and old is not None:
+            new = spec.machines[step["name"]].model_dump(mode="json")
+            changes = [{"field": f, "old": o, "new": n} for f, o, n in field_changes(old, new)]
+        step["changes"] = changes
+    return steps
+
+
+def purge(spec: Any, root: str, names: list[str]) -> list[str]:
+    """Delete what qemuspec made for stopped machines: disks it recorded creating (never a user's own
+    image, nor one that existed before), and their state directories (never through a symlink); the
+    state root too once empty. Returns the paths removed (runtime/purge.py)."""
+    from qemuspec.runtime.purge import purge as purge_one
+
+    removed = []
+    for name in names:
+        removed += purge_one(root, name)
+    return removed
+
+
+def snapshot(client: Any, action: str, tag: str | None = None) -> list[str]:
+    """VM snapshots (disks and memory, in the machine's qcow2 images) through a QMP client: save,
+    load, delete a tag, or list the tags. QMP has no snapshot listing in 7.2, so this parses the
+    monitor's `info snapshots` table; errors come back as monitor text and are raised."""
+    if action not in ("save", "load", "delete", "list"):
+        raise QemuspecError(f'snapshot action "{action}": use save, load, delete or list')
+    if action != "list" and not tag:
+        raise QemuspecError(f"snapshot {action} needs a tag")
+    command = {"save": f"savevm {tag}", "load": f"loadvm {tag}", "delete": f"delvm {tag}", "list": "info snapshots"}[action]
+    out = client.command("human-monitor-command", {"command-line": command}, timeout=600)
+    if action != "list":
+        if out.strip():
+            raise QemuspecError(f"snapshot {action} {tag}: {out.strip()}")
+        return [tag] if tag else []
+    tags = []
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) > 1 and (parts[0].isdigit() or parts[0] == "--"):
+            tags.append(parts[1])
+    return tags
+
+
+def resolved(spec: Any, names: list[str] | None = None) -> dict:
+    """The definition after templates and defaults: what `up` would start."""
+    data = spec.model_dump(mode="json")
+    if names:
+        data["machines"] = {n: data["machines"][n] for n in names}
+    return data
+
+
+def throwaway(machine: Machine, workdir: str) -> Machine:
+    """The same machine on disks that are thrown away: each writable disk becomes a qcow2 overlay in
+    ``workdir`` over the declared image (created there when the image does not exist yet), so the
+    definition's own disks are never written."""
+    disks = []
+    for index, disk in enumerate(machine.disks):
+        if disk.readonly:
+            disks.append(disk)
+            continue
+        overlay = os.path.join(workdir, f"disk{index}.qcow2")
+        if os.path.exists(disk.file):
+            base_format = disk.format
+            if base_format is None:
+                from qemuspec import img
+
+                base_format = img.info(disk.file).format
+            disks.append(disk.model_copy(update={"file": overlay, "format": "qcow2", "size": None,
+                                                 "backing": os.path.abspath(disk.file), "backing_format": base_format}))
+        else:  # made fresh by `up`: make it in the throwaway directory instead
+            disks.append(disk.model_copy(update={"file": overlay if disk.backing or (disk.format or "raw") == "qcow2" else overlay[:-6] + ".img"}))
+    return machine.model_copy(update={"disks": disks, "restart": "no"})
+
+
+def machine_info(spec: Any, root: str, name: str, events: int = 20) -> dict:
+    """Everything known about one machine: definition, argv, state, ports, disks, accel, QMP address,
+    last events."""
+    import json
+
+    from qemuspec.runtime.instance import Instance
+    from qemuspec.runtime.status import machine_status
+
+    machine = spec.machines[name]
+    state_dir = os.path.join(root, name)
+    info: dict[str, Any] = dict(machine_status(name, machine, state_dir))
+    inst = Instance.find(name, machine, state_dir)
+    if inst is not None:
+        info["argv"] = inst.argv
+    else:
+        from qemuspec.render import render
+
+        info["argv"] = render(machine, name, machine_layout(machine, state_dir))
+    info["state_dir"] = state_dir
+    info["disks"] = [{"file": d.file, "format": d.format, "backing": d.backing, "exists": os.path.exists(d.file)} for d in machine.disks]
+    info["definition"] = machine.model_dump(mode="json")
+    last: list[dict] = []
+    try:
+        with open(os.path.join(state_dir, "events.jsonl"), encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    last.append(json.loads(line))
+                    del last[:-events]
+    except (OSError, ValueError):
+        pass
+    info["events"] = last
+    from qemuspec.runtime.supervisor import exit_file
+
+    exit_record = exit_file(state_dir)
+    if os.path.exists(exit_record):
+        try:
+            with open(exit_record, encoding="utf-8") as f:
+                info["last_exit"] = json.load(f)
+        except (OSError, ValueError):
+            pass
+    return info
+
+
+def run_in_guest(machine: Machine, name: str, argv: list[str], workdir: str, *,
+                 on_output: Callable[[str, bytes], Any], via: str = "auto", ready_timeout: float | None = None,
+                 report: Callable[[str], Any] = lambda message: None, stdin: bytes | None = None) -> int:
+    """Boot ``machine`` on throwaway disks in ``workdir``, run ``argv`` in the guest, stream its output
+    to ``on_output("stdout"|"stderr", data)``, stop qemu; return the command's exit code (128+N for a
+    signal). The caller removes ``workdir``; qemu is stopped however this returns or raises."""
+    import time
+
+    from qemuspec.runtime.instance import Instance
+
+    if via == "auto":
+        via = "agent" if machine.agent else "ssh"
+    if via == "agent" and not machine.agent:
+        raise QemuspecError(f"machine {name} has no guest-agent channel: add agent = true, or use --via ssh")
+    instance = Instance(name, throwaway(machine, workdir), os.path.join(workdir, name))
+    began = time.monotonic()
+    report(f"{name}: booting on throwaway disks")
+    instance.launch()
+    try:
+        deadline = time.monotonic() + (ready_timeout if ready_timeout is not None else machine.ready.timeout)
+        instance.wait_ready(max(0.1, deadline - time.monotonic()))
+        if via == "agent":
+            from qemuspec.runtime import probes
+
+            probes.wait_agent(instance.layout.qga, deadline, instance.running)
+            report(f"{name}: ready in {time.monotonic() - began:.1f} s")
+            return _run_agent(instance, argv, on_output, stdin)
+        report(f"{name}: ready in {time.monotonic() - began:.1f} s")
+        return _run_ssh(instance, argv, on_output, stdin)
+    finally:
+        import signal
+
+        # a second Ctrl-C or SIGTERM must not cut the teardown short: hold them until qemu is gone
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+        try:
+            instance.quit(5.0)
+        except QemuspecError:
+            instance.kill()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _run_agent(instance: Any, argv: list[str], on_output: Callable[[str, bytes], Any], stdin: bytes | None) -> int:
+    """Through the guest agent, streamed: the command writes to two files in the guest that are read
+    as they grow (guest-exec alone returns output only once the command has exited)."""
+    import base64
+    import time
+    import uuid
+
+    from qemuspec.runtime.agent import GuestAgent
+
+    stem = f"/tmp/.qemuspec-run-{uuid.uuid4().hex[:8]}"
+    with GuestAgent(instance.layout.qga, timeout=30) as agent:
+        handles = {}
+        for stream in ("out", "err"):
+            agent.command("guest-file-close", {"handle": agent.command("guest-file-open", {"path": f"{stem}.{stream}", "mode": "w"})})
+            handles[stream] = agent.command("guest-file-open", {"path": f"{stem}.{stream}", "mode": "r"})
+        script = 'o=$1; e=$2; shift 2; exec "$@" >>"$o" 2>>"$e"'
+        args: dict[str, Any] = {"path": "/bin/sh", "arg": ["-c", script, "sh", f"{stem}.out", f"{stem}.err", *argv], "capture-output": True}
+        if stdin:
+            args["input-data"] = base64.b64encode(stdin).decode()
+        pid = agent.command("guest-exec", args)["pid"]
+
+        def drain() -> None:
+            for stream, handle in handles.items():
+                while True:
+                    result = agent.command("guest-file-read", {"handle": handle, "count": 65536})
+                    data = base64.b64decode(result.get("buf-b64", ""))
+                    if data:
+                        on_output("stdout" if stream == "out" else "stderr", data)
+                    if len(data) < 65536:
+                        break
+
+        delay = 0.02
+        while True:
+            status = agent.command("guest-exec-status", {"pid": pid})
+            drain()
+            if status.get("exited"):
+                drain()
+                for handle in handles.values():
+                    agent.command("guest-file-close", {"handle": handle})
+                err = base64.b64decode(status.get("err-data", ""))
+                if err:  # the shell itself failed (no such command): its message, as stderr
+                    on_output("stderr", err)
+                if "signal" in status:
+                    return 128 + int(status["signal"])
+                return int(status.get("exitcode", 1))
+            time.sleep(delay)  # the agent has no completion event: guest-exec-status is the protocol
+            delay = min(delay * 2, 0.2)
+
+
+def _run_ssh(instance: Any, argv: list[str], on_output: Callable[[str, bytes], Any], stdin: bytes | None) -> int:
+    import selectors
+    import subprocess
+
+    from qemuspec.runtime import sshkeys
+
+    key, _ = sshkeys.ensure_key(os.path.dirname(instance.state_dir))
+    port = instance.host_port(instance.machine.ssh.port)
+    ssh = sshkeys.ssh_argv(key, instance.state_dir, instance.machine.ssh.user, port, argv, batch=True)
+    proc = subprocess.Popen(ssh, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        if stdin and proc.stdin is not None:
+            proc.stdin.write(stdin)
+            proc.stdin.close()
+        assert proc.stdout is not None and proc.stderr is not None
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ, "stdout")
+        sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
+        open_streams = 2
+        while open_streams:
+            for key_, _ in sel.select():
+                data = os.read(key_.fileobj.fileno(), 65536)  # type: ignore[union-attr]
+                if data:
+                    on_output(key_.data, data)
+                else:
+                    sel.unregister(key_.fileobj)
+                    open_streams -= 1
+        code = proc.wait()
+        return code if code >= 0 else 128 - code
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

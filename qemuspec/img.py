@@ -21,7 +21,11 @@ from typing import Callable, Iterator
 
 from qemuspec.errors import ImageError
 
-QEMU_IMG = os.environ.get("QEMUSPEC_QEMU_IMG", "qemu-img")
+def qemu_img() -> str:
+    """The qemu-img binary ($QEMUSPEC_QEMU_IMG, read through qemuspec.settings)."""
+    from qemuspec.settings import Settings
+
+    return Settings.from_env().qemu_img
 _PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 
 
@@ -68,7 +72,7 @@ class ImageInfo:
 
 def run(*args: str, progress: Callable[[float], None] | None = None) -> str:
     """Run qemu-img; its stdout, or :class:`ImageError` with qemu-img's own message."""
-    argv = [QEMU_IMG, *args]
+    argv = [qemu_img(), *args]
     try:
         if progress is None:
             result = subprocess.run(argv, capture_output=True, text=True)
@@ -154,7 +158,7 @@ def info(path: str) -> ImageInfo:
 
 def check(path: str) -> dict:
     """``qemu-img check``'s JSON report; raises when the image has errors."""
-    result = subprocess.run([QEMU_IMG, "check", "--output=json", path], capture_output=True, text=True)
+    result = subprocess.run([qemu_img(), "check", "--output=json", path], capture_output=True, text=True)
     if result.returncode not in (0, 1, 2, 3) or not result.stdout.strip():
         raise ImageError(f"qemu-img check failed: {result.stderr.strip()}")
     report = json.loads(result.stdout)

@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 from qemuspec.errors import QemuspecError
 from qemuspec.runtime import supervisor
 from qemuspec.runtime.instance import Instance, definition_hash, forget
+from qemuspec.spec import preflight
 from qemuspec.spec.models import File, order_machines
 
 Report = Callable[[str, str], None]
@@ -40,6 +41,7 @@ class Outcome:
     detail: str = ""
     ports: list = field(default_factory=list)
     accel: list = field(default_factory=list)  # the accelerator qemu actually runs with
+    qemu: str = ""  # the absolute binary started, so a user sees what a definition made them run
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -173,6 +175,7 @@ def _up_level(spec: File, root: str, level: list[str], report: Report, owner: st
             continue
         if decision == "up to date":
             report(name, "up to date")
+            assert found is not None and found.process is not None
             outcomes[name] = Outcome(name, "up to date", 0.0, found.process.pid, ports=found.ports, accel=list(found.layout.accel))
             continue
         action, adopt = "started", False
@@ -232,7 +235,8 @@ def _collect(spec: File, pending: dict[int, tuple[str, str, float]], outcomes: d
                         elif status == "ready":
                             seconds = time.monotonic() - began
                             report(name, f"ready in {seconds:.1f} s" if not message.get("adopted") else "adopted")
-                            done = Outcome(name, action, seconds, message.get("pid"), ports=message.get("ports", []), accel=message.get("accel", []))
+                            done = Outcome(name, action, seconds, message.get("pid"), ports=message.get("ports", []), accel=message.get("accel", []),
+                                           qemu=preflight.qemu_path(spec.machines[name].qemu) or spec.machines[name].qemu)
                         elif status == "failed":
                             report(name, "failed")
                             done = Outcome(name, "failed", time.monotonic() - began, detail=message.get("detail", ""))

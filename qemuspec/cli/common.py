@@ -1,12 +1,26 @@
-"""What several commands share: reading --var, loading the file, choosing machines, printing JSON."""
+"""What every command shares: the one grammar (FILE, then machines), output modes (--json, --quiet,
+colour), and turning errors into paragraphs or JSON objects."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from qemuspec.errors import UsageError
+from qemuspec.errors import QemuspecError, UsageError
+from qemuspec.settings import Settings
+
+if TYPE_CHECKING:
+    import argparse
+
+    from qemuspec.cli.progress import Progress
+    from qemuspec.spec.models import File
+
+DEFAULT_FILES = ("qemuspec.toml", "qemuspec.yaml", "qemuspec.yml", "machines/dev.toml")
+DEFINITION_SUFFIXES = (".toml", ".yaml", ".yml")
 
 
 def parse_vars(pairs: list[str]) -> dict[str, str]:
@@ -19,17 +33,13 @@ def parse_vars(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-DEFAULT_FILES = ("qemuspec.toml", "qemuspec.yaml", "qemuspec.yml", "machines/dev.toml")
-
-
-def resolve_file(given: str | None) -> str:
+def resolve_file(given: str | None, settings: Settings | None = None) -> str:
     """The definition file: as given, else $QEMUSPEC_FILE, else the first default that exists."""
-    import os
-
     if given:
         return given
-    if os.environ.get("QEMUSPEC_FILE"):
-        return os.environ["QEMUSPEC_FILE"]
+    env_file = (settings or Settings.from_env()).file
+    if env_file:
+        return env_file
     for candidate in DEFAULT_FILES:
         if os.path.exists(candidate):
             return candidate
@@ -37,13 +47,140 @@ def resolve_file(given: str | None) -> str:
                      "pass one, set QEMUSPEC_FILE, or create one with `qemuspec init`")
 
 
-def load_file(args: Any, with_lines: bool = False):
-    """Load the command's definition file; sets ``args.file`` to the path used."""
-    from qemuspec.spec.loader import load_located
+def looks_like_file(operand: str) -> bool:
+    """A first operand names the definition file, not a machine, when it could only be a path."""
+    return operand.endswith(DEFINITION_SUFFIXES) or os.sep in operand or os.path.isfile(operand)
 
-    args.file = resolve_file(getattr(args, "file", None))
-    spec, lines = load_located(args.file, variables=parse_vars(getattr(args, "var", [])))
-    return (spec, lines) if with_lines else spec
+
+@dataclass
+class Output:
+    """How a command prints: JSON, quiet, colour and live progress only on a terminal."""
+
+    json: bool = False
+    quiet: bool = False
+    colour: bool = False
+    live: bool = False
+
+    def say(self, text: str) -> None:
+        """A confirmation or summary for people: nothing with --json or --quiet."""
+        if not (self.json or self.quiet):
+            print(text, flush=True)
+
+    def note(self, text: str) -> None:
+        """A remark on stderr (hints, 'wrote FILE'): nothing with --quiet."""
+        if not self.quiet:
+            print(text, file=sys.stderr, flush=True)
+
+    def data(self, value: Any) -> None:
+        emit_json(value)
+
+    def line(self, value: Any) -> None:
+        """One JSON line of a stream (logs, events)."""
+        sys.stdout.write(json.dumps(value, default=str) + "\n")
+        sys.stdout.flush()
+
+    def paint(self, text: str, code: str) -> str:
+        return f"\x1b[{code}m{text}\x1b[0m" if self.colour else text
+
+    def progress(self, names: list[str], deadline: float | None = None) -> "Progress":
+        from qemuspec.cli.progress import Progress
+
+        return Progress(names, enabled=not (self.json or self.quiet), live=self.live, colour=self.colour and self.live, deadline=deadline)
+
+
+class Target:
+    """The definition file and machines a command line names, in the one grammar:
+    ``[FILE] [MACHINE...]`` as operands, or ``--file``/``--machine`` anywhere."""
+
+    def __init__(self, operands: list[str], file_option: str | None = None, machine_option: list[str] | None = None,
+                 variables: dict[str, str] | None = None, state_dir: str | None = None, settings: Settings | None = None,
+                 kind: str = "machines"):
+        self.settings = settings or Settings.from_env()
+        self.variables = variables or {}
+        self.state_dir_option = state_dir
+        self.machine_option = list(machine_option or [])
+        rest = list(operands)
+        given = file_option
+        if given is None and rest:
+            if kind == "cp":
+                if len(rest) == 3:
+                    given = rest.pop(0)
+            elif looks_like_file(rest[0]):
+                given = rest.pop(0)
+        self.given = given
+        self.rest = rest
+        self._loaded: tuple[File, dict] | None = None
+
+    @property
+    def path(self) -> str:
+        if not hasattr(self, "_path"):
+            self._path = resolve_file(self.given, self.settings)
+        return self._path
+
+    def load(self) -> tuple["File", dict]:
+        if self._loaded is None:
+            from qemuspec.spec.loader import load_located
+
+            self._loaded = load_located(self.path, variables=self.variables, environ=self.settings.var_environ())
+        return self._loaded
+
+    @property
+    def spec(self) -> "File":
+        return self.load()[0]
+
+    @property
+    def root(self) -> str:
+        from qemuspec.runtime import paths
+
+        return paths.state_root(self.path, self.state_dir_option or self.settings.state_dir)
+
+    def state_dir(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    def machines(self, names: list[str] | None = None) -> list[str]:
+        """Named machines (operands and --machine), or every machine, in dependency order."""
+        wanted = list(names) if names is not None else self.rest + self.machine_option
+        return select(self.spec, wanted, self.path)
+
+    def machine(self, name: str | None = None, operands: bool = True) -> str:
+        """The one machine a command acts on: named, or the only one in the file."""
+        if name is None and operands:
+            if len(self.rest) > 1:
+                raise UsageError(f"one machine, please: got {', '.join(self.rest)}")
+            name = self.rest[0] if self.rest else (self.machine_option[0] if self.machine_option else None)
+        elif name is None and self.machine_option:
+            name = self.machine_option[0]
+        spec = self.spec
+        if name is None:
+            if len(spec.machines) == 1:
+                return next(iter(spec.machines))
+            raise UsageError(f"{self.path} declares machines {', '.join(spec.machines)}: name one after the file")
+        select(spec, [name], self.path)
+        return name
+
+
+@dataclass
+class Context:
+    """What a command gets besides its own options: output modes, the target, settings, the ``--`` tail."""
+
+    out: Output
+    target: Target
+    settings: Settings
+    tail: list[str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_args(cls, args: "argparse.Namespace", tail: list[str] | None, settings: Settings) -> "Context":
+        from qemuspec.cli.main import FILE_COMMANDS
+
+        terminal = sys.stderr.isatty() and os.environ.get("TERM") != "dumb" and not settings.ci
+        out = Output(json=getattr(args, "json", False), quiet=getattr(args, "quiet", False),
+                     colour=sys.stdout.isatty() and not settings.no_color, live=terminal)
+        variables = parse_vars(getattr(args, "var", []) or [])
+        target = Target(getattr(args, "operands", []) or [], getattr(args, "file_option", None),
+                        getattr(args, "machine_option", None), variables, getattr(args, "state_dir", None), settings,
+                        kind=FILE_COMMANDS.get(args.command, "machines"))
+        return cls(out, target, settings, tail, {"namespace": args})
 
 
 def check_against_qemu(spec: Any, lines: dict, source: str, names: list[str]) -> None:
@@ -56,6 +193,24 @@ def check_against_qemu(spec: Any, lines: dict, source: str, names: list[str]) ->
     for name in names:
         machine = spec.machines[name]
         problems += capabilities.check(name, machine, capabilities.probe(machine.qemu))
+    if problems:
+        raise SpecError(located(source, lines, problems))
+
+
+def preflight(spec: Any, lines: dict, source: str, names: list[str], allow_local_qemu: bool = False, root: str | None = None,
+              settings: Settings | None = None) -> None:
+    """What `up` would fail on, found before anything starts (spec/preflight.py): exit 2 with file:line."""
+    from qemuspec.errors import SpecError
+    from qemuspec.spec import preflight as checks
+    from qemuspec.spec.messages import located
+
+    environ = (settings or Settings.from_env()).var_environ()
+    problems = checks.host_problems(spec, source, names, allow_local_qemu=allow_local_qemu, environ=environ)
+    if root is not None and not problems:  # `up`: the ports of machines it would start must be free
+        from qemuspec import reconcile
+
+        starting = [step["name"] for step in reconcile.plan(spec, root, names) if step["action"] == "start"]
+        problems = checks.busy_ports(spec, starting)
     if problems:
         raise SpecError(located(source, lines, problems))
 
@@ -79,3 +234,56 @@ def select(spec: Any, names: list[str] | str | None, source: str) -> list[str]:
 def emit_json(value: Any) -> None:
     json.dump(value, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+_WHERE = re.compile(r"^(?P<file>.+?)(?::(?P<line>\d+))?: (?P<rest>.*)$", re.S)
+_FIELD = re.compile(r"^(?P<field>(?:machines|networks|vars)(?:[.\[][^\s:]*)?): (?P<rest>.*)$", re.S)
+_COLUMN = re.compile(r"\(column (\d+)\)|column (\d+)")
+
+
+def problem_object(text: str, source: str | None = None) -> dict[str, Any]:
+    """A problem paragraph ("FILE:LINE: FIELD: what: fix") as {file, line, column, field, message, fix}."""
+    obj: dict[str, Any] = {"file": None, "line": None, "column": None, "field": None, "message": text, "fix": None}
+    rest = text
+    if source and text.startswith(source + ":"):
+        obj["file"] = source
+        after = text[len(source) + 1:]
+        m = re.match(r"(\d+): (.*)$", after, re.S)
+        obj["line"], rest = (int(m.group(1)), m.group(2)) if m else (None, after.lstrip())
+    else:
+        m = _WHERE.match(text)
+        if m and (m.group("line") or os.path.splitext(m.group("file"))[1] in DEFINITION_SUFFIXES):
+            obj["file"], rest = m.group("file"), m.group("rest")
+            obj["line"] = int(m.group("line")) if m.group("line") else None
+    m = _FIELD.match(rest)
+    if m:
+        obj["field"], rest = m.group("field"), m.group("rest")
+    col = _COLUMN.search(rest)
+    if col:
+        obj["column"] = int(col.group(1) or col.group(2))
+        rest = rest.replace(col.group(0), "").replace("  ", " ").replace(" :", ":")
+    what, sep, fix = rest.partition(": ")
+    if sep and fix[:1].isupper() and ". " in fix:  # "kind: Detail. Fix it so."
+        detail, _, fix = fix.partition(". ")
+        what = f"{what}: {detail}"
+    if sep:
+        obj["message"], obj["fix"] = what, fix
+    else:
+        obj["message"] = rest
+    return obj
+
+
+def report_error(exc: BaseException, json_output: bool = False, source: str | None = None) -> int:
+    """Print an error as paragraphs on stderr (and, with --json, as an object on stdout); its exit code."""
+    if isinstance(exc, QemuspecError):
+        problems = getattr(exc, "problems", None) or [str(exc)]
+        code = exc.exit_code
+    else:
+        problems = [f"internal error: {type(exc).__name__}: {exc} (set QEMUSPEC_DEBUG=1 for the traceback)"]
+        code = 1
+    for number, problem in enumerate(problems):
+        print(("\n" if number else "") + f"error: {problem}", file=sys.stderr)
+    if json_output:
+        emit_json({"error": problems[0], "exit_code": code, "problems": [problem_object(p, source) for p in problems]})
+    return code

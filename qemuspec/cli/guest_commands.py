@@ -5,35 +5,51 @@ from __future__ import annotations
 import base64
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING
 
-from qemuspec.cli.common import emit_json, load_file, select
-from qemuspec.cli.vm_commands import _client, _root, _running
+from qemuspec.cli.common import Context, emit_json
+from qemuspec.cli.vm_commands import _client, _running
 from qemuspec.errors import QemuspecError, UsageError
 
-
-def _command(argv: list[str]) -> list[str]:
-    argv = argv[1:] if argv and argv[0] == "--" else argv
-    return argv
-
-
-def _agent(args: Any, name: str):
+if TYPE_CHECKING:
     from qemuspec.runtime.agent import GuestAgent
 
-    inst = _running(args, name)
+
+def agent_for(ctx: Context, name: str, timeout: float = 30.0) -> "GuestAgent":
+    """A synced guest-agent session, or an error that says why not: no channel, machine paused, agent silent."""
+    from qemuspec.errors import QMPConnectionError, QMPTimeout
+    from qemuspec.runtime.agent import GuestAgent
+
+    inst = _running(ctx, name)
     if not inst.machine.agent:
-        raise QemuspecError(f"machine {name} has no guest-agent channel: add agent = true (and run qemu-guest-agent in the guest)")
-    return GuestAgent(inst.layout.qga, timeout=30)
+        raise QemuspecError(f"machine {name} has no guest-agent channel: add agent = true to [machines.{name}] "
+                            "(and run qemu-guest-agent in the guest), or use `qemuspec ssh`")
+    from qemuspec.runtime.status import run_state
+
+    if run_state(inst) == "paused":
+        raise QemuspecError(f"machine {name} is paused, so its guest agent cannot answer: "
+                            f"`qemuspec resume {ctx.target.path} {name}` first")
+    agent = GuestAgent(inst.layout.qga, timeout=timeout)
+    try:
+        agent.sync(timeout=min(timeout, 10.0))
+    except (QMPTimeout, QMPConnectionError) as exc:
+        agent.close()
+        raise QemuspecError(f"the guest agent of {name} does not answer ({exc}): is qemu-guest-agent running in the guest "
+                            "on the virtio-serial port org.qemu.guest_agent.0?") from None
+    return agent
 
 
-def exec_(args: Any) -> int:
-    command = _command(args.argv)
+def exec_(ctx: Context, *, timeout: float) -> int:
+    """Run a command in the guest; standard input (when not a terminal) is passed to it."""
+    command = ctx.tail or []
     if not command:
-        raise UsageError("exec needs a command: qemuspec exec NAME -- COMMAND [ARGS...]")
-    with _agent(args, args.name) as agent:
-        code, out, err = agent.exec(command, timeout=args.timeout)
-    if args.json:
-        emit_json({"exitcode": code, "stdout": out.decode(errors="replace"), "stderr": err.decode(errors="replace"),
+        raise UsageError("exec needs a command: qemuspec exec [FILE] [MACHINE] -- COMMAND [ARGS...]")
+    name = ctx.target.machine()
+    stdin = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
+    with agent_for(ctx, name) as agent:
+        code, out, err = agent.exec(command, stdin=stdin or None, timeout=timeout)
+    if ctx.out.json:
+        emit_json({"machine": name, "exitcode": code, "stdout": out.decode(errors="replace"), "stderr": err.decode(errors="replace"),
                    "stdout_b64": base64.b64encode(out).decode() if b"\0" in out else None})
         return 0
     sys.stdout.buffer.write(out)
@@ -43,42 +59,72 @@ def exec_(args: Any) -> int:
     return code if 0 <= code < 256 else 1
 
 
-def _split(spec: str) -> tuple[str | None, str]:
+def split_guest_path(spec: str) -> tuple[str | None, str]:
+    """``NAME:/path`` (or ``:/path`` for the only machine) -> (NAME or "", /path); a local path -> (None, path)."""
     name, sep, path = spec.partition(":")
-    if sep and name and "/" not in name and path.startswith("/"):
+    if sep and "/" not in name and path.startswith("/"):
         return name, path
     return None, spec
 
 
-def cp(args: Any) -> int:
-    src_machine, src = _split(args.source)
-    dst_machine, dst = _split(args.target)
+def cp(ctx: Context, *, recursive: bool) -> int:
+    """``cp [FILE] SOURCE TARGET``: one side is NAME:/guest/path. Streams in fixed-size chunks, so
+    memory stays flat whatever the file size; keeps modes; -r for directories."""
+    from qemuspec.guestfiles import copy_from_guest, copy_to_guest
+
+    target = ctx.target
+    if len(target.rest) != 2:
+        raise UsageError("cp takes a SOURCE and a TARGET: qemuspec cp [FILE] ./local NAME:/guest/path (or the reverse)")
+    source, dest = target.rest
+    src_machine, src = split_guest_path(source)
+    dst_machine, dst = split_guest_path(dest)
     if (src_machine is None) == (dst_machine is None):
-        raise UsageError("cp copies between this host and one guest: write NAME:/path on exactly one side")
-    if dst_machine:
-        with open(src, "rb") as f:
-            data = f.read()
-        with _agent(args, dst_machine) as agent:
-            agent.write_file(dst, data)
+        raise UsageError("cp copies between this host and one guest: write NAME:/path (or :/path) on exactly one side")
+    name = target.machine((src_machine if src_machine is not None else dst_machine) or None, operands=False)
+    show = None if (ctx.out.json or ctx.out.quiet or not sys.stderr.isatty()) else _bar()
+    with agent_for(ctx, name) as agent:
+        if dst_machine is not None:
+            if os.path.isdir(src) and not recursive:
+                raise UsageError(f"{src} is a directory: add -r to copy it")
+            copied = copy_to_guest(agent, src, dst, recursive=recursive, progress=show)
+        else:
+            copied = copy_from_guest(agent, src, dst, recursive=recursive, progress=show)
+    total = sum(c["bytes"] for c in copied)
+    if ctx.out.json:
+        emit_json({"source": source, "target": dest, "bytes": total, "files": copied})
     else:
-        with _agent(args, src_machine) as agent:
-            data = agent.read_file(src)
-        target = os.path.join(dst, os.path.basename(src)) if os.path.isdir(dst) else dst
-        with open(target + ".qemuspec-tmp", "wb") as f:
-            f.write(data)
-        os.replace(target + ".qemuspec-tmp", target)
-    if args.json:
-        emit_json({"source": args.source, "target": args.target, "bytes": len(data)})
+        ctx.out.say(f"copied {len(copied)} file{'s' if len(copied) != 1 else ''}, {total} bytes")
     return 0
 
 
-def ssh(args: Any) -> int:
+def _bar():
+    """Progress for large files on a terminal: bytes done, total, rate."""
+    import time
+
+    began = time.monotonic()
+
+    def show(path: str, done: int, total: int | None) -> None:
+        rate = done / max(time.monotonic() - began, 1e-3) / 2**20
+        size = f"/{total / 2**20:.0f}" if total else ""
+        sys.stderr.write(f"\r\x1b[2K{os.path.basename(path)}: {done / 2**20:.0f}{size} MiB ({rate:.1f} MiB/s)")
+        if total is not None and done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return show
+
+
+def ssh(ctx: Context) -> int:
     from qemuspec.runtime import sshkeys
 
-    inst = _running(args, args.name)
+    name = ctx.target.machine()
+    inst = _running(ctx, name)
     key, _ = sshkeys.ensure_key(os.path.dirname(inst.state_dir))
     port = inst.host_port(inst.machine.ssh.port)
-    argv = sshkeys.ssh_argv(key, inst.state_dir, inst.machine.ssh.user, port, _command(args.argv))
+    argv = sshkeys.ssh_argv(key, inst.state_dir, inst.machine.ssh.user, port, list(ctx.tail or []))
+    if ctx.out.json:  # nothing to run interactively: say how to reach the guest
+        emit_json({"machine": name, "host": "127.0.0.1", "port": port, "user": inst.machine.ssh.user, "key": key, "argv": argv})
+        return 0
     sys.stdout.flush()
     try:
         os.execvp(argv[0], argv)
@@ -87,42 +133,51 @@ def ssh(args: Any) -> int:
     return 1
 
 
-def reset(args: Any) -> int:
+def reset(ctx: Context) -> int:
     from qemuspec.runtime.images import reset_overlay
     from qemuspec.runtime.instance import Instance
 
-    spec = load_file(args)
+    target = ctx.target
+    spec = target.spec
     results = []
-    for name in select(spec, args.names, args.file):
-        if Instance.find(name, spec.machines[name], os.path.join(_root(args), name)) is not None:
-            raise QemuspecError(f"machine {name} is running: `qemuspec down --machine {name}` first, then reset")
+    for name in target.machines():
+        if Instance.find(name, spec.machines[name], target.state_dir(name)) is not None:
+            raise QemuspecError(f"machine {name} is running: `qemuspec down {target.path} {name}` first, then reset")
         disks = [d.file for d in spec.machines[name].disks if reset_overlay(d)]
         results.append({"name": name, "reset": disks})
-    if args.json:
+    if ctx.out.json:
         emit_json(results)
     else:
         for r in results:
-            print(f"{r['name']}: " + (f"fresh overlay{'s' if len(r['reset']) > 1 else ''} {', '.join(r['reset'])}" if r["reset"] else "no overlay disks"))
+            ctx.out.say(f"{r['name']}: " + (f"fresh overlay{'s' if len(r['reset']) > 1 else ''} {', '.join(r['reset'])}" if r["reset"] else "no overlay disks"))
     return 0
 
 
-def snapshot(args: Any) -> int:
-    """VM snapshots (disks and memory, in the machine's qcow2 images) through the monitor."""
-    if args.action != "list" and not args.tag:
-        raise UsageError(f"snapshot {args.action} needs a TAG")
-    command = {"save": f"savevm {args.tag}", "load": f"loadvm {args.tag}", "delete": f"delvm {args.tag}", "list": "info snapshots"}[args.action]
-    with _client(_running(args, args.name)) as client:
-        out = client.command("human-monitor-command", {"command-line": command}, timeout=600)
-    if args.action != "list" and out.strip():
-        raise QemuspecError(f"snapshot {args.action} {args.tag} on {args.name}: {out.strip()}")
-    if args.action == "list":
-        tags = [line.split()[1] for line in out.splitlines() if len(line.split()) > 1 and (line.split()[0].isdigit() or line.split()[0] == "--")]
-        if args.json:
+def snapshot(ctx: Context, *, action: str) -> int:
+    """``snapshot ACTION [FILE] [MACHINE] [TAG]``: VM snapshots (disks and memory) of a running machine."""
+    from qemuspec.api import snapshot as vm_snapshot
+
+    target = ctx.target
+    rest = list(target.rest)
+    tag: str | None = None
+    if action == "list":
+        name = target.machine()
+    else:
+        if not rest:
+            raise UsageError(f"snapshot {action} needs a TAG: qemuspec snapshot {action} [FILE] [MACHINE] TAG")
+        tag = rest.pop()
+        if len(rest) > 1:
+            raise UsageError(f"snapshot {action} takes [MACHINE] TAG, got {', '.join(rest + [tag])}")
+        name = target.machine(rest[0] if rest else None, operands=False)
+    with _client(_running(ctx, name)) as client:
+        tags = vm_snapshot(client, action, tag)
+    if action == "list":
+        if ctx.out.json:
             emit_json(tags)
         else:
-            print(out.rstrip() if out.strip() else "no snapshots")
-    elif args.json:
-        emit_json({"name": args.name, "action": args.action, "tag": args.tag})
+            print("\n".join(tags) if tags else "no snapshots")
+    elif ctx.out.json:
+        emit_json({"name": name, "action": action, "tag": tag})
     else:
-        print(f"{args.name}: snapshot {args.tag} {args.action}d" if args.action != "save" else f"{args.name}: snapshot {args.tag} saved")
+        ctx.out.say(f"{name}: snapshot {tag} {dict(save='saved', load='loaded', delete='deleted')[action]}")
     return 0

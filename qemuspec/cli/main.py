@@ -1,24 +1,48 @@
 """The `qemuspec` command: argument parsing and dispatch only.
 
-Start-up must stay fast (`--help` in a few tens of milliseconds), so this module imports nothing but
-argparse; each command's module, and pydantic, Jinja2 and friends behind it, load on dispatch.
+One grammar for every command::
+
+    qemuspec COMMAND [ACTION] [FILE] [MACHINE...] [OPTIONS] [-- COMMAND...]
+
+FILE is the definition file. It may be given as the first operand (recognised by its .toml, .yaml or
+.yml suffix, a "/" in it, or because it exists) or as ``--file``/``-F`` anywhere; without either,
+$QEMUSPEC_FILE, then qemuspec.toml, qemuspec.yaml, qemuspec.yml or machines/dev.toml. Machines follow
+as operands (or ``--machine``); commands about one machine take the only machine of a one-machine
+file when none is named. Every command takes ``--json`` and ``--quiet``.
+
+Start-up must stay fast (``--help`` within twice a bare interpreter), so this module imports nothing
+but argparse; each command's module, and pydantic, Jinja2 and friends behind it, load on dispatch.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+from typing import Callable
 
 EXIT_CODES = """exit codes:
-  0  success
+  0  success (plan: nothing to change)
   1  runtime failure (qemu failed, a machine did not become ready, QMP error)
-  2  invalid input or usage (bad definition file, unknown machine, bad arguments)"""
+  2  invalid input or usage (bad definition file, unknown machine, bad arguments)
+  3  plan only: changes are pending (`up` would start, recreate or stop something)
+  run, exec: the guest command's own exit code"""
+
+PENDING = 3  # `plan` exit code when `up` would change something
+
+# What operands a command takes after the optional FILE: "machines" (any number), "machine" (at most
+# one), "files" (only files), or a name of its own grammar.
+FILE_COMMANDS = {
+    "render": "machines", "config": "machines", "up": "machines", "down": "machines", "status": "machines",
+    "ps": "machines", "plan": "machines", "restart": "machines", "pause": "machines", "resume": "machines",
+    "reset": "machines", "logs": "machines", "events": "machine", "console": "machine", "inspect": "machine",
+    "exec": "machine", "ssh": "machine", "run": "machine", "qmp": "qmp", "cp": "cp", "snapshot": "snapshot",
+}
 
 # command -> (module in qemuspec.cli, function, help)
 COMMANDS = {
     "validate": ("spec_commands", "validate", "check definition files; exit 2 with the errors when one is invalid"),
-    "render": ("spec_commands", "render", "print the qemu command line of a machine"),
+    "render": ("spec_commands", "render", "print the qemu command line of machines"),
+    "config": ("spec_commands", "config", "print the resolved definition (templates and defaults applied)"),
     "schema": ("spec_commands", "schema", "print the JSON Schema of definition files"),
     "init": ("spec_commands", "init", "write a commented starter definition"),
     "up": ("vm_commands", "up", "start what is missing or changed, wait until every machine is ready"),
@@ -26,7 +50,8 @@ COMMANDS = {
     "status": ("vm_commands", "status", "show each machine's state, pid, uptime, restarts and ports"),
     "ps": ("vm_commands", "status", "same as status"),
     "ls": ("vm_commands", "ls", "list every machine qemuspec runs on this host, whatever its definition file"),
-    "plan": ("vm_commands", "plan", "show what `up` would do, with the argv diff of changed machines"),
+    "plan": ("vm_commands", "plan", "show what `up` would change, by field and argv; exit 3 when something would"),
+    "inspect": ("vm_commands", "inspect", "everything known about one machine: argv, state, ports, disks, events"),
     "logs": ("vm_commands", "logs", "print serial console logs (or events with --events)"),
     "events": ("vm_commands", "events", "print a machine's QMP and lifecycle events (JSON lines)"),
     "console": ("vm_commands", "console", "attach to a machine's serial console (detach: Ctrl-])"),
@@ -34,97 +59,155 @@ COMMANDS = {
     "pause": ("vm_commands", "pause", "pause machines' CPUs"),
     "resume": ("vm_commands", "resume", "resume paused machines"),
     "restart": ("vm_commands", "restart", "stop and start machines again"),
-    "exec": ("guest_commands", "exec_", "run a command in a guest through its guest agent"),
-    "cp": ("guest_commands", "cp", "copy a file to or from a guest (NAME:/path) through its guest agent"),
+    "run": ("run_command", "run", "boot on throwaway disks, run one command in the guest, tear down; exit with its code"),
+    "exec": ("guest_commands", "exec_", "run a command in a guest through its guest agent (stdin passed through)"),
+    "cp": ("guest_commands", "cp", "copy files to or from a guest (NAME:/path, or :/path) through its guest agent"),
     "ssh": ("guest_commands", "ssh", "ssh into a guest with the state directory's key"),
     "reset": ("guest_commands", "reset", "recreate a stopped machine's overlay disks from their base"),
     "snapshot": ("guest_commands", "snapshot", "save, load, list or delete snapshots of a running machine"),
     "import": ("spec_commands", "import_", "turn a qemu command line into a definition (nothing dropped)"),
     "img": ("img_commands", "img", "disk images: create, info, convert, resize, snapshot, check, rebase"),
+    "completion": ("completion", "completion", "print a shell completion script: bash, zsh or fish"),
 }
 
-FILE_HELP = "definition file (default: $QEMUSPEC_FILE, else qemuspec.toml, qemuspec.yaml or machines/dev.toml)"
+EXAMPLES = {
+    "": ["qemuspec up machines/dev.toml", "qemuspec status machines/dev.toml --json",
+         "qemuspec qmp machines/dev.toml query-status", "qemuspec down machines/dev.toml"],
+    "validate": ["qemuspec validate machines/dev.toml machines/example.yaml"],
+    "render": ["qemuspec render machines/dev.toml --shell"],
+    "config": ["qemuspec config machines/dev.toml --format yaml"],
+    "schema": ["qemuspec schema -o qemuspec.schema.json"],
+    "init": ["qemuspec init qemuspec.toml"],
+    "up": ["qemuspec up machines/dev.toml --timeout 300"],
+    "down": ["qemuspec down machines/dev.toml --purge"],
+    "status": ["qemuspec status machines/dev.toml"],
+    "plan": ["qemuspec plan machines/dev.toml --var memory=384M"],
+    "inspect": ["qemuspec inspect machines/dev.toml dev"],
+    "logs": ["qemuspec logs machines/dev.toml dev -n 20"],
+    "events": ["qemuspec events machines/dev.toml dev"],
+    "qmp": ["qemuspec qmp machines/dev.toml query-status", "qemuspec qmp machines/dev.toml dev query-block"],
+    "run": ["qemuspec run machines/dev.toml -- uname -a"],
+    "exec": ["qemuspec exec machines/dev.toml dev -- cat /proc/version"],
+    "cp": ["qemuspec cp machines/dev.toml ./README.md dev:/tmp/README.md"],
+    "snapshot": ["qemuspec snapshot list machines/dev.toml dev"],
+    "completion": ["qemuspec completion bash > qemuspec.bash"],
+}
+
+FILE_HELP = "definition file, also accepted as the first operand (default: $QEMUSPEC_FILE, else qemuspec.toml, qemuspec.yaml or machines/dev.toml)"
 
 
-def _file_arg(parser: argparse.ArgumentParser, positional: bool) -> None:
-    if positional:
-        parser.add_argument("file", nargs="?", help=FILE_HELP)
-    else:
-        parser.add_argument("--file", "-F", dest="file", help=FILE_HELP)
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _epilog(name: str) -> str:
+    examples = EXAMPLES.get(name, [])
+    text = ("examples:\n" + "\n".join(f"  {e}" for e in examples) + "\n\n") if examples else ""
+    return text + EXIT_CODES
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="machine-readable output: JSON (JSON lines for streams)")
+    parser.add_argument("--quiet", "-q", action="store_true", help="print only errors and the data asked for; no progress")
+
+
+def _target(parser: argparse.ArgumentParser, operands: str, machine_flag: bool = True) -> None:
+    action = "ACTION " if parser.prog.split()[-1] == "snapshot" else ""
+    after = " [-- COMMAND...]" if parser.prog.split()[-1] in ("run", "exec", "ssh") else ""
+    parser.usage = f"{parser.prog} {action}{operands} [options]{after}"
+    parser.add_argument("operands", nargs="*", metavar="OPERAND", help=operands)
+    parser.add_argument("--file", "-F", dest="file_option", metavar="FILE", help=FILE_HELP)
+    if machine_flag:
+        parser.add_argument("--machine", "-m", dest="machine_option", action="append", default=[], metavar="NAME",
+                            help="machine (repeatable), also accepted as operands after FILE")
     parser.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="template variable (repeatable)")
     parser.add_argument("--state-dir", help="state directory (default: .qemuspec beside the file; env QEMUSPEC_STATE_DIR)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Skip:
+    """Stands in for the parsers of commands not being run: adding their arguments is most of the
+    parser's build time, and `qemuspec --help` must start fast."""
+
+    prog = "qemuspec -"
+    usage: str | None = None
+    epilog: str | None = None
+
+    def add_argument(self, *args: object, **kw: object) -> None:
+        return None
+
+    def add_subparsers(self, *args: object, **kw: object) -> "_Skip":
+        return self
+
+    def add_parser(self, *args: object, **kw: object) -> "_Skip":
+        return self
+
+
+def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and one parser per command; with ``command``, only that command's
+    arguments are filled in ("" for none: enough for the top-level help)."""
     parser = argparse.ArgumentParser(
         prog="qemuspec",
-        description="Declarative QEMU virtual machines: definitions in TOML or YAML, validated, rendered, run through QMP.",
-        epilog=EXIT_CODES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="qemuspec [--version] COMMAND [ACTION] [FILE] [MACHINE...] [OPTIONS] [-- COMMAND...]",
+        description="Declarative QEMU virtual machines: definitions in TOML or YAML, validated, rendered, run through QMP.\n"
+                    "FILE is optional everywhere (also --file FILE); MACHINE may be left out when the file has one machine.",
+        epilog=_epilog(""),
+        formatter_class=_Formatter,
     )
     parser.add_argument("--version", action="version", version="qemuspec 0.1.0")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    p = {name: sub.add_parser(name, help=help_, description=help_, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = {name: sub.add_parser(name, prog=f"qemuspec {name}", help=help_, description=help_, epilog=_epilog(name), formatter_class=_Formatter)
          for name, (_, _, help_) in COMMANDS.items()}
-    for name in p:
-        if name not in ("schema", "init", "ssh", "img", "import"):
-            p[name].add_argument("--json", action="store_true", help="machine-readable output")
+    p["ps"].epilog = _epilog("status")
+    real = p
+    if command is not None:
+        p = {name: (parser_ if name == command else _Skip()) for name, parser_ in p.items()}  # type: ignore[misc]
 
-    p["validate"].add_argument("file", nargs="+", help="definition files")
+    p["validate"].add_argument("files", nargs="+", metavar="FILE", help="definition files")
     p["validate"].add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="template variable (repeatable)")
     p["validate"].add_argument("--probe", action="store_true", help="also check machine types, CPUs, devices, properties and options against the qemu binary (cached)")
-    _file_arg(p["render"], positional=True)
-    p["render"].add_argument("--machine", "-m", help="machine name (default: every machine)")
+    _target(p["render"], "[FILE] [MACHINE...]")
     p["render"].add_argument("--shell", action="store_true", help="one shell-quoted line per machine, ready to paste")
     p["render"].add_argument("--format", choices=["argv", "libvirt"], default="argv", help="argv (default), or libvirt domain XML")
+    _target(p["config"], "[FILE] [MACHINE...]")
+    p["config"].add_argument("--format", choices=["toml", "yaml", "json"], default=None, help="output format (default: toml; json with --json)")
     p["schema"].add_argument("-o", "--output", help="write to this file instead of standard output")
-    p["init"].add_argument("file", nargs="?", default="qemuspec.toml", help="file to write (default: qemuspec.toml)")
+    p["init"].add_argument("target_file", nargs="?", default="qemuspec.toml", metavar="FILE", help="file to write (default: qemuspec.toml)")
     p["init"].add_argument("--force", action="store_true", help="overwrite an existing file")
 
-    for name in ("up", "down", "status", "ps", "plan"):
-        _file_arg(p[name], positional=True)
-        p[name].add_argument("--machine", "-m", action="append", default=[], help="only this machine (repeatable)")
+    for name in ("up", "down", "status", "ps", "plan", "restart", "pause", "resume", "reset", "logs"):
+        _target(p[name], "[FILE] [MACHINE...]")
     p["up"].add_argument("--no-probe", action="store_true", help="skip checking the definition against the qemu binary")
     p["up"].add_argument("--attach", action="store_true", help="stay in the foreground streaming consoles and events; Ctrl-C brings the machines down")
-    p["down"].add_argument("--timeout", type=float, help="seconds for ACPI powerdown before escalating (default: each machine's stop_timeout)")
+    p["up"].add_argument("--timeout", type=float, metavar="SECONDS", help="readiness timeout for this run, instead of each machine's ready.timeout")
+    for name in ("up", "validate"):
+        p[name].add_argument("--allow-local-qemu", action="store_true",
+                             help="run a qemu binary that lives inside the definition's own tree (only for a qemu you built)")
+    p["down"].add_argument("--timeout", type=float, metavar="SECONDS", help="seconds for ACPI powerdown before escalating (default: each machine's stop_timeout)")
     p["down"].add_argument("--purge", action="store_true", help="also delete disks qemuspec created and the state directory")
-
-    for name in ("logs", "events", "console", "qmp", "pause", "resume", "restart"):
-        _file_arg(p[name], positional=False)
-    p["logs"].add_argument("name", nargs="?", help="machine (default: all)")
     p["logs"].add_argument("--follow", "-f", action="store_true", help="keep printing as the log grows")
     p["logs"].add_argument("--events", action="store_true", help="print events instead of the console")
     p["logs"].add_argument("--lines", "-n", type=int, default=0, help="only the last N lines")
-    p["events"].add_argument("name", help="machine")
-    p["events"].add_argument("--follow", "-f", action="store_true", help="keep printing new events")
-    p["console"].add_argument("name", help="machine")
-    p["qmp"].add_argument("name", help="machine")
-    p["qmp"].add_argument("qmp_command", metavar="COMMAND", help="QMP command, e.g. query-status")
-    p["qmp"].add_argument("arguments", nargs="?", default=None, metavar="JSON", help="arguments as a JSON object")
-    for name in ("pause", "resume", "restart"):
-        p[name].add_argument("names", nargs="+", metavar="NAME", help="machines")
-    for name in ("exec", "cp", "ssh", "reset", "snapshot"):
-        _file_arg(p[name], positional=False)
-    p["exec"].add_argument("name", help="machine")
-    p["exec"].add_argument("argv", nargs="*", metavar="-- COMMAND", help="command and arguments")
-    p["exec"].add_argument("--timeout", type=float, default=300.0, help="seconds (default 300)")
-    p["cp"].add_argument("source", help="LOCAL or NAME:/guest/path")
-    p["cp"].add_argument("target", help="LOCAL or NAME:/guest/path")
-    p["ssh"].add_argument("name", help="machine")
-    p["ssh"].add_argument("argv", nargs="*", metavar="-- COMMAND", help="remote command (default: a shell)")
-    p["reset"].add_argument("names", nargs="+", metavar="NAME", help="machines (stopped)")
-    p["snapshot"].add_argument("action", choices=["save", "load", "list", "delete"])
-    p["snapshot"].add_argument("name", help="machine")
-    p["snapshot"].add_argument("tag", nargs="?", help="snapshot name (save, load, delete)")
 
-    p["import"].add_argument("argv", nargs="*", metavar="-- QEMU ARGS", help="the command line, after --")
+    for name in ("events", "console", "inspect", "exec", "ssh", "run"):
+        _target(p[name], "[FILE] [MACHINE]")
+    p["events"].add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    _target(p["qmp"], "[FILE] [MACHINE] COMMAND [JSON]")
+    p["exec"].add_argument("--timeout", type=float, default=300.0, help="seconds (default 300)")
+    p["run"].add_argument("--timeout", type=float, metavar="SECONDS", help="readiness timeout (default: the machine's ready.timeout)")
+    p["run"].add_argument("--via", choices=["auto", "agent", "ssh"], default="auto", help="how to reach the guest (auto: ssh when the machine forwards its ssh port, else the agent)")
+    _target(p["cp"], "[FILE] SOURCE TARGET", machine_flag=False)
+    p["cp"].add_argument("--recursive", "-r", action="store_true", help="copy directories")
+    p["snapshot"].add_argument("action", choices=["save", "load", "list", "delete"])
+    _target(p["snapshot"], "[FILE] [MACHINE] [TAG]")
+
     p["import"].add_argument("--from", dest="source", metavar="FILE", help="read the command line from a file (a shell command)")
     p["import"].add_argument("--name", help="machine name (default: -name, else the binary's name)")
     p["import"].add_argument("-o", "--output", help="write this definition file (default: standard output)")
     p["import"].add_argument("--force", action="store_true", help="overwrite --output")
     p["import"].add_argument("--check", action="store_true", help="also show that the rendered definition asks qemu for the same machine")
+    p["completion"].add_argument("shell", choices=["bash", "zsh", "fish"])
     img = p["img"].add_subparsers(dest="img_command", metavar="ACTION", required=True)
-    i = {a: img.add_parser(a, help=h) for a, h in (
+    i = {a: img.add_parser(a, help=h, description=h) for a, h in (
         ("create", "create an image (never overwrites)"), ("info", "show an image's format, sizes, backing, snapshots"),
         ("convert", "convert an image to another format (progress on a terminal)"), ("resize", "grow (or --shrink) an image"),
         ("snapshot", "internal snapshots of an image not in use: list, create, apply, delete"),
@@ -135,7 +218,6 @@ def build_parser() -> argparse.ArgumentParser:
     i["create"].add_argument("-b", "--backing")
     i["create"].add_argument("-F", "--backing-format")
     i["info"].add_argument("file")
-    i["info"].add_argument("--json", action="store_true")
     i["convert"].add_argument("source")
     i["convert"].add_argument("target")
     i["convert"].add_argument("-O", "--format", default="qcow2")
@@ -146,54 +228,79 @@ def build_parser() -> argparse.ArgumentParser:
     i["snapshot"].add_argument("action", choices=["list", "create", "apply", "delete"])
     i["snapshot"].add_argument("file")
     i["snapshot"].add_argument("tag", nargs="?")
-    i["snapshot"].add_argument("--json", action="store_true")
     i["check"].add_argument("file")
-    i["check"].add_argument("--json", action="store_true")
     i["rebase"].add_argument("file")
     i["rebase"].add_argument("-b", "--backing", required=True)
     i["rebase"].add_argument("-F", "--backing-format")
     i["rebase"].add_argument("-u", "--unsafe", action="store_true")
-    return parser
+    for name, parser_ in p.items():
+        if name != "img":
+            _common(parser_)
+    for parser_ in i.values():
+        _common(parser_)
+    return parser, real
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str] | None]:
+    """The namespace of one command line, and what followed ``--`` (a guest or qemu command)."""
+    tail: list[str] | None = None
+    if "--" in argv:  # everything after "--" is the guest command (run, exec, ssh, import), never our options
+        cut = argv.index("--")
+        argv, tail = argv[:cut], argv[cut + 1 :]
+    parser, subs = build_parser(argv[0] if argv and argv[0] in COMMANDS else "")
+    if not argv or argv[0].startswith("-") or argv[0] not in subs:
+        args = parser.parse_args(argv)  # --help, --version, or an unknown command (exit 2)
+        parser.print_help()
+        raise SystemExit(2)
+    command = argv[0]
+    sub = subs[command]
+    # intermixed: operands may stand on either side of options (`logs box -n 3 --file x`)
+    args = sub.parse_args(argv[1:]) if command == "img" else sub.parse_intermixed_args(argv[1:])
+    args.command = command
+    if tail is not None and command not in ("run", "exec", "ssh", "import"):
+        sub.error(f"{command} takes no command after --")
+    return args, tail
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    tail: list[str] | None = None
-    if "--" in argv:  # everything after "--" is the guest command (exec, ssh), never our options
-        cut = argv.index("--")
-        argv, tail = argv[:cut], argv[cut + 1 :]
-    args = parser.parse_args(argv)
-    if tail is not None:
-        if not hasattr(args, "argv"):
-            parser.error(f"{args.command} takes no command after --")
-        args.argv = tail
-    if not args.command:
-        parser.print_help()
-        return 2
+    if argv[:1] == ["__complete-machines"]:  # for the completion scripts: machine names, one a line
+        from qemuspec.cli.completion import machines
+
+        print("\n".join(machines(argv[1:])))
+        return 0
+    try:
+        args, tail = parse(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     module_name, func_name, _ = COMMANDS[args.command]
+    import warnings
+
+    from qemuspec.settings import Settings
+
+    warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)
+    settings = Settings.from_env()
     try:
         import importlib
 
-        module = importlib.import_module(f"qemuspec.cli.{module_name}")
-        return int(getattr(module, func_name)(args) or 0)
+        from qemuspec.cli.common import Context
+
+        ctx = Context.from_args(args, tail, settings)
+        func: Callable[..., int] = getattr(importlib.import_module(f"qemuspec.cli.{module_name}"), func_name)
+        code = func.__code__
+        params = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
+        return int(func(ctx, **{name: getattr(args, name) for name in params if name != "ctx"}) or 0)
     except KeyboardInterrupt:
         print("qemuspec: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
     except Exception as exc:  # every error ends as a paragraph and an exit code, never a traceback
-        from qemuspec.errors import QemuspecError
+        from qemuspec.cli.common import report_error
 
-        if os.environ.get("QEMUSPEC_DEBUG"):
+        if settings.debug:
             raise
-        if isinstance(exc, QemuspecError):
-            problems = getattr(exc, "problems", None) or [str(exc)]
-            for number, problem in enumerate(problems):
-                print(("\n" if number else "") + f"error: {problem}", file=sys.stderr)
-            return exc.exit_code
-        print(f"qemuspec: internal error: {type(exc).__name__}: {exc} (set QEMUSPEC_DEBUG=1 for the traceback)", file=sys.stderr)
-        return 1
+        return report_error(exc, json_output=getattr(args, "json", False))
 
 
 def run() -> None:

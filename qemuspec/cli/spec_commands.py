@@ -1,4 +1,4 @@
-"""Commands that read definitions and never start a VM: validate, render, schema, init."""
+"""Commands that read definitions and never start a VM: validate, render, config, schema, init, import."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import shlex
 import sys
 from typing import Any
 
-from qemuspec.cli.common import emit_json, load_file, parse_vars, select
+from qemuspec.cli.common import Context, emit_json, preflight, problem_object
 from qemuspec.errors import SpecError, UsageError
 
 STARTER = """\
@@ -22,9 +22,9 @@ memory = "512M"              # override with QEMUSPEC_VAR_memory=1G or --var mem
 memory = "{{{{ memory }}}}"      # K/M/G/T, or a number of MiB
 cpus = 2
 accel = "auto"               # kvm when /dev/kvm works, else tcg; QEMUSPEC_ACCEL=tcg forces tcg
-kernel = "vmlinuz"           # paths are relative to this file
-initrd = "initrd.gz"
-cmdline = "console=ttyS0"
+# kernel = "vmlinuz"         # direct kernel boot; paths are relative to this file
+# initrd = "initrd.gz"
+# cmdline = "console=ttyS0"
 serial = "log"               # the console is kept in .qemuspec/vm/serial.log and read live
 restart = "no"               # "no", "on-failure" or "always"
 append = []                  # raw qemu switches for anything not modelled, e.g. ["-rtc", "base=utc"]
@@ -33,10 +33,11 @@ append = []                  # raw qemu switches for anything not modelled, e.g.
 serial = "login:"            # ready when the console shows this (a regular expression)
 timeout = "120s"
 
-# [[machines.vm.disks]]
-# file = "vm.qcow2"
-# format = "qcow2"
-# size = "10G"               # created on `up` when missing
+[[machines.vm.disks]]
+file = "vm.qcow2"
+format = "qcow2"
+size = "10G"                 # created on `up` when missing; install an OS into it from a cdrom:
+# cdrom = "debian.iso"       # (under [machines.vm]) with boot_order = "dc"
 
 [[machines.vm.nics]]
 type = "user"                # user-mode networking, no root needed
@@ -44,56 +45,58 @@ forwards = [{{ host = 0, guest = 22 }}]   # host 0 picks a free port; `qemuspec 
 """
 
 
-def validate(args: Any) -> int:
+def validate(ctx: Context, *, files: list[str], probe: bool, allow_local_qemu: bool) -> int:
     from qemuspec.cli.common import check_against_qemu
     from qemuspec.spec.loader import load_located
 
-    variables = parse_vars(args.var)
-    results = []
-    for path in args.file:
+    variables = ctx.target.variables
+    results: list[dict[str, Any]] = []
+    for path in files:
         try:
-            spec, lines = load_located(path, variables=variables)
-            if args.probe:
+            spec, lines = load_located(path, variables=variables, environ=ctx.settings.var_environ())
+            preflight(spec, lines, path, list(spec.machines), allow_local_qemu=allow_local_qemu, settings=ctx.settings)
+            if probe:
                 check_against_qemu(spec, lines, path, list(spec.machines))
             results.append({"file": path, "valid": True, "machines": list(spec.machines), "errors": []})
         except SpecError as exc:
             results.append({"file": path, "valid": False, "machines": [], "errors": exc.problems})
-    if args.json:
-        emit_json(results)
+    if ctx.out.json:
+        emit_json([{**r, "errors": [problem_object(p, r["file"]) for p in r["errors"]]} for r in results])
     else:
         for result in results:
             if result["valid"]:
                 count = len(result["machines"])
-                print(f"{result['file']}: valid ({count} machine{'s' if count != 1 else ''}: {', '.join(result['machines'])})")
+                ctx.out.say(f"{result['file']}: valid ({count} machine{'s' if count != 1 else ''}: {', '.join(result['machines'])})")
             else:
                 for problem in result["errors"]:
                     print(f"error: {problem}\n", file=sys.stderr)
     return 0 if all(r["valid"] for r in results) else 2
 
 
-def render(args: Any) -> int:
+def render(ctx: Context, *, shell: bool, format: str) -> int:
+    from qemuspec.api import machine_layout
     from qemuspec.render import render as render_argv
-    from qemuspec.runtime import accel, paths
 
-    spec = load_file(args)
-    names = select(spec, args.machine, args.file) if args.machine else list(spec.machines)
-    root = paths.state_root(args.file, args.state_dir)
-    if args.format == "libvirt":
+    target = ctx.target
+    spec = target.spec
+    names = target.machines()
+    if format == "libvirt":
         from qemuspec.libvirt import domain_xml
 
         if len(names) != 1:
-            raise UsageError(f"{args.file} declares {len(names)} machines: choose one with --machine for libvirt XML")
-        sys.stdout.write(domain_xml(spec.machines[names[0]], names[0], os.path.join(root, names[0])))
+            raise UsageError(f"{target.path} declares {len(names)} machines: name one after the file for libvirt XML")
+        xml = domain_xml(spec.machines[names[0]], names[0], target.state_dir(names[0]))
+        if ctx.out.json:
+            emit_json({names[0]: xml})
+        else:
+            sys.stdout.write(xml)
         return 0
     argvs = {}
     for name in names:
-        machine = spec.machines[name]
-        port = machine.qmp.port if machine.qmp.transport == "tcp" else None
-        lay = paths.layout(os.path.join(root, name), accel=accel.resolve(machine.accel), qmp_port=port)
-        argvs[name] = render_argv(machine, name, lay)
-    if args.json and args.shell:
+        argvs[name] = render_argv(spec.machines[name], name, machine_layout(spec.machines[name], target.state_dir(name)))
+    if ctx.out.json and shell:
         raise UsageError("--json and --shell are alternatives: choose one")
-    if args.json:
+    if ctx.out.json:
         emit_json(argvs[names[0]] if len(names) == 1 else argvs)
         return 0
     for name, argv in argvs.items():
@@ -103,64 +106,102 @@ def render(args: Any) -> int:
     return 0
 
 
-def schema(args: Any) -> int:
+def config(ctx: Context, *, format: str | None) -> int:
+    """The resolved definition: templates rendered, defaults filled, paths made absolute."""
+    from qemuspec.api import resolved
+
+    target = ctx.target
+    names = target.machines() if (target.rest or target.machine_option) else None
+    data = resolved(target.spec, names)
+    fmt = format or ("json" if ctx.out.json else "toml")
+    if fmt == "json":
+        emit_json(data)
+    elif fmt == "yaml":
+        import yaml
+
+        sys.stdout.write(yaml.safe_dump(data, sort_keys=False))
+    else:
+        import tomli_w
+
+        sys.stdout.write(tomli_w.dumps(_drop_none(data)))
+    return 0
+
+
+def _drop_none(value):
+    """TOML has no null: an unset field is a missing key."""
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value if v is not None]
+    return value
+
+
+def schema(ctx: Context, *, output: str | None) -> int:
     from qemuspec.spec.schema import schema_text
 
     text = schema_text()
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as out:
+    if output:
+        with open(output, "w", encoding="utf-8") as out:
             out.write(text)
+        if ctx.out.json:
+            emit_json({"wrote": output})
     else:
         sys.stdout.write(text)
     return 0
 
 
-def init(args: Any) -> int:
-    path = args.file
-    if os.path.exists(path) and not args.force:
+def init(ctx: Context, *, target_file: str, force: bool) -> int:
+    path = target_file
+    if os.path.exists(path) and not force:
         raise UsageError(f"{path} exists already: choose another name, or pass --force to overwrite it")
     if not path.endswith(".toml"):
         raise UsageError(f"{path}: init writes TOML; name the file with .toml")
     with open(path, "w", encoding="utf-8") as out:
         out.write(STARTER.format(name=path))
-    print(f"wrote {path}: edit kernel/initrd (or add a disk), then `qemuspec up {path}`")
+    if ctx.out.json:
+        emit_json({"wrote": path})
+    else:
+        ctx.out.say(f"wrote {path}: edit kernel/initrd (or add a disk), then `qemuspec up {path}`")
     return 0
 
 
-def import_(args: Any) -> int:
+def import_(ctx: Context, *, source: str | None, name: str | None, output: str | None, force: bool, check: bool) -> int:
     import tomli_w
 
     from qemuspec.spec.importer import import_argv, normalise, split_command
 
-    if args.source:
-        with open(args.source, encoding="utf-8") as f:
+    if source:
+        with open(source, encoding="utf-8") as f:
             argv = split_command(f.read())
     else:
-        argv = list(args.argv)
+        argv = list(ctx.tail or [])
     if not argv:
         raise UsageError("import needs a command line: qemuspec import -- qemu-system-x86_64 ARGS... (or --from FILE)")
-    name, table, notes = import_argv(argv, args.name, base_dir=os.getcwd())
+    machine_name, table, notes = import_argv(argv, name, base_dir=os.getcwd())
     header = ["# Imported by `qemuspec import`.", f"# from: {shlex.join(argv)}"[:4000]]
     header += [f"# left to qemuspec: {note}" for note in notes]
-    text = "\n".join(header) + "\n\n" + tomli_w.dumps({"machines": {name: table}})
-    target = args.output
+    text = "\n".join(header) + "\n\n" + tomli_w.dumps({"machines": {machine_name: table}})
+    target = output
     from qemuspec.spec import loads
 
     spec = loads(text, "toml", source=target or "<import>", base_dir=os.path.dirname(os.path.abspath(target)) if target else os.getcwd())
     if target:
-        if os.path.exists(target) and not args.force:
+        if os.path.exists(target) and not force:
             raise UsageError(f"{target} exists already: choose another name, or pass --force")
         with open(target, "w", encoding="utf-8") as out:
             out.write(text)
-        print(f"wrote {target} (machine {name})", file=sys.stderr)
-    else:
+        ctx.out.note(f"wrote {target} (machine {machine_name})")
+    elif not ctx.out.json:
         sys.stdout.write(text)
-    if args.check:
+    same = None
+    if check:
         from qemuspec.render import render as render_argv
         from qemuspec.runtime import paths
 
-        rendered = render_argv(spec.machines[name], name, paths.layout(os.path.join(paths.state_root(target), name)))
+        rendered = render_argv(spec.machines[machine_name], machine_name, paths.layout(os.path.join(paths.state_root(target), machine_name)))
         same = normalise(argv) == normalise(rendered)
-        print(f"check: the definition {'asks qemu for the same machine' if same else 'DIFFERS from the command line'}", file=sys.stderr)
-        return 0 if same else 1
-    return 0
+        ctx.out.note(f"check: the definition {'asks qemu for the same machine' if same else 'DIFFERS from the command line'}")
+    if ctx.out.json:
+        emit_json({"machine": machine_name, "definition": {"machines": {machine_name: table}}, "toml": text,
+                   "notes": notes, "output": target, "same": same})
+    return 1 if same is False else 0

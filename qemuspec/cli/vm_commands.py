@@ -1,4 +1,4 @@
-"""Commands that act on running machines: up, down, status, plan, logs, events, console, qmp,
+"""Commands that act on running machines: up, down, status, plan, inspect, logs, events, console, qmp,
 pause, resume, restart."""
 
 from __future__ import annotations
@@ -7,33 +7,27 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from qemuspec.cli.common import emit_json, load_file, select
+from qemuspec.cli.common import Context, Output, Target, emit_json
+from qemuspec.cli.main import PENDING
 from qemuspec.errors import QemuspecError, UsageError
+
+if TYPE_CHECKING:
+    from qemuspec.qmp.sync import QMPClient
+    from qemuspec.reconcile import Outcome
+    from qemuspec.runtime.instance import Instance
 
 DETACH = b"\x1d"  # Ctrl-]
 
 
-def _root(args: Any) -> str:
-    from qemuspec.runtime import paths
-
-    return paths.state_root(args.file, args.state_dir)
-
-
-def _owner(args: Any) -> str | None:
+def _owner(target: Target) -> str | None:
     """The definition file, recorded as the owner of the machines it starts."""
-    return os.path.abspath(args.file) if getattr(args, "file", None) else None
+    return os.path.abspath(target.path) if getattr(target, "path", None) else None
 
 
-def _progress(args: Any, names: list[str]):
-    from qemuspec.cli.progress import Progress
-
-    return Progress(names, enabled=not args.json)
-
-
-def _print_outcomes(args: Any, outcomes: list) -> None:
-    if args.json:
+def _print_outcomes(out: Output, outcomes: list["Outcome"]) -> None:
+    if out.json:
         emit_json([o.as_dict() for o in outcomes])
         return
     for o in outcomes:
@@ -41,83 +35,108 @@ def _print_outcomes(args: Any, outcomes: list) -> None:
             continue
         ports = ", ".join(f"{p['address']}:{p['host']}->{p['guest']}/{p['protocol']}" for p in o.ports)
         extra = [f"pid {o.pid}"] if o.pid else []
-        extra += [f"accel {','.join(o.accel)}"] if o.accel else []
+        extra += [f"accel {','.join(o.accel)}"] if getattr(o, "accel", None) else []
         extra += [ports] if ports else []
+        extra += [f"qemu {o.qemu}"] if getattr(o, "qemu", "") and o.action in ("started", "recreated") else []
         extra += [o.detail] if o.detail else []
-        print(f"{o.name}: {o.action}{' (' + ', '.join(extra) + ')' if extra else ''}")
+        out.say(f"{o.name}: {o.action}{' (' + ', '.join(extra) + ')' if extra else ''}")
     for o in outcomes:
         if o.action == "failed":
             print(f"error: {o.detail}", file=sys.stderr)
 
 
-def up(args: Any) -> int:
+def _record(target: Target, outcomes: list["Outcome"], machines: dict[str, Any]) -> None:
+    from qemuspec.api import record_definition
+
+    for o in outcomes:
+        if o.action in ("started", "recreated", "adopted"):
+            record_definition(machines[o.name], target.state_dir(o.name))
+
+
+def up(ctx: Context, *, no_probe: bool, attach: bool, timeout: float | None, allow_local_qemu: bool) -> int:
     from qemuspec import reconcile
 
-    spec, lines = load_file(args, with_lines=True)
-    names = select(spec, args.machine, args.file)
-    if not args.no_probe:
+    target = ctx.target
+    spec, lines = target.load()
+    names = target.machines()
+    from qemuspec.cli.common import preflight
+
+    preflight(spec, lines, target.path, reconcile.needed(spec, names), allow_local_qemu=allow_local_qemu, root=target.root, settings=ctx.settings)
+    if not no_probe:
         from qemuspec.cli.common import check_against_qemu
 
-        check_against_qemu(spec, lines, args.file, reconcile.needed(spec, names))
-    outcomes = reconcile.up(spec, _root(args), names, _progress(args, names), owner=_owner(args))
-    _print_outcomes(args, outcomes)
+        check_against_qemu(spec, lines, target.path, reconcile.needed(spec, names))
+    declared = dict(spec.machines)
+    if timeout is not None:
+        if timeout <= 0:
+            raise UsageError(f"--timeout {timeout:g}: give a number of seconds above 0")
+        for name in reconcile.needed(spec, names):  # readiness timeout for this run only (not in the definition hash)
+            machine = spec.machines[name]
+            spec.machines[name] = machine.model_copy(update={"ready": machine.ready.model_copy(update={"timeout": timeout})})
+    deadline = max((spec.machines[n].ready.timeout for n in reconcile.needed(spec, names)), default=None)
+    progress = ctx.out.progress(names, deadline)
+    try:
+        outcomes = reconcile.up(spec, target.root, names, progress, owner=_owner(target))
+    finally:
+        progress.close()
+    _record(target, outcomes, declared)
+    _print_outcomes(ctx.out, outcomes)
     if any(o.action == "failed" for o in outcomes):
         return 1
-    if args.attach:
-        return _attach(args, spec, names)
+    if attach:
+        return _attach(ctx, spec, names)
     return 0
 
 
-def _attach(args: Any, spec: Any, names: list[str]) -> int:
+def _attach(ctx: Context, spec: Any, names: list[str]) -> int:
     """Stream every machine's console and events until Ctrl-C, then bring the machines down."""
     from qemuspec import reconcile
 
-    root = _root(args)
+    root = ctx.target.root
     sources = []
     for name in names:
         sources.append((f"{name} | ", os.path.join(root, name, "serial.log"), True))
         sources.append((f"{name} * ", os.path.join(root, name, "events.jsonl"), True))
-    print("attached: Ctrl-C stops the machines", file=sys.stderr)
+    print("attached: Ctrl-C stops the machines", file=sys.stderr, flush=True)
     try:
         _follow(sources, follow=True)
     except KeyboardInterrupt:
         pass
     print("\nstopping...", file=sys.stderr)
-    _print_outcomes(args, reconcile.down(spec, root, names, None, _progress(args, names), owner=_owner(args)))
+    _print_outcomes(ctx.out, reconcile.down(spec, root, names, None, ctx.out.progress(names), owner=_owner(ctx.target)))
     return 0
 
 
-def down(args: Any) -> int:
+def down(ctx: Context, *, timeout: float | None, purge: bool) -> int:
     from qemuspec import reconcile
 
-    spec = load_file(args)
-    names = select(spec, args.machine, args.file)
-    root = _root(args)
-    outcomes = reconcile.down(spec, root, names, args.timeout, _progress(args, names), owner=_owner(args))
-    if args.purge:
-        from qemuspec.runtime.purge import purge
+    target = ctx.target
+    spec = target.spec
+    names = target.machines()
+    outcomes = reconcile.down(spec, target.root, names, timeout, ctx.out.progress(names), owner=_owner(target))
+    if purge:
+        from qemuspec.api import purge as purge_files
 
         kept = {o.name for o in outcomes if o.action == "belongs to another file"}
-        for name in names:
-            if name not in kept:
-                purge(root, name)
-    _print_outcomes(args, outcomes)
+        for path in purge_files(spec, target.root, [n for n in names if n not in kept]):
+            ctx.out.note(f"removed {path}")
+    _print_outcomes(ctx.out, outcomes)
     return 0
 
 
-def status(args: Any) -> int:
+def status(ctx: Context) -> int:
     from qemuspec.runtime.status import machine_status
 
-    spec = load_file(args)
-    root = _root(args)
-    owner = _owner(args)
+    target = ctx.target
+    spec = target.spec
+    owner = _owner(target)
     rows = []
-    for name in select(spec, args.machine, args.file):
-        row = machine_status(name, spec.machines[name], os.path.join(root, name))
-        if owner and row.get("file") and row["state"] not in ("stopped",) and os.path.abspath(row["file"]) != owner:
+    for name in target.machines():
+        row = machine_status(name, spec.machines[name], target.state_dir(name))
+        if owner and row.get("file") and row["state"] != "stopped" and os.path.abspath(row["file"]) != owner:
             row["reason"] = f"run by {row['file']}" + (f"; {row['reason']}" if row["reason"] else "")
         rows.append(row)
-    if args.json:
+    if ctx.out.json:
         emit_json(rows)
         return 0
     _table(rows, with_file=False)
@@ -125,25 +144,25 @@ def status(args: Any) -> int:
 
 
 def _table(rows: list[dict], with_file: bool) -> None:
-    head = f"{'NAME':<16} {'STATE':<13} {'PID':>8} {'UPTIME':>8} {'RESTARTS':>8} {'ACCEL':<5}  PORTS"
-    print(head + ("  FILE" if with_file else "") + "  REASON")
+    head = ["NAME", "STATE", "PID", "UPTIME", "RESTARTS", "ACCEL", "PORTS"] + (["FILE"] if with_file else []) + ["REASON"]
+    table = [head]
     for r in rows:
-        ports = " ".join(f"{p['host']}->{p['guest']}" for p in r["ports"]) or "-"
+        ports = " ".join(f"{p['host']}->{p['guest']}" for p in r["ports"])
         uptime = f"{r['uptime']:.0f}s" if r["uptime"] is not None else "-"
-        accel = ",".join(r["accel"]) or "-"
-        line = f"{r['name']:<16} {r['state']:<13} {r['pid'] or '-':>8} {uptime:>8} {r['restarts']:>8} {accel:<5}  {ports}"
-        if with_file:
-            line += f"  {r.get('file') or r.get('state_dir')}"
-        print(line + (f"  {r['reason']}" if r["reason"] else ""))
+        cells = [r["name"], r["state"], str(r["pid"] or "-"), uptime, str(r["restarts"]), ",".join(r["accel"]) or "-", ports or "-"]
+        cells += [str(r.get("file") or r.get("state_dir"))] if with_file else []
+        table.append(cells + [r["reason"] or ""])
+    for line in format_table(table, right={2, 3, 4}):
+        print(line)
 
 
-def ls(args: Any) -> int:
+def ls(ctx: Context) -> int:
     """Every machine this user's qemuspec runs here, found through the runtime registry (so a deleted
     state directory or another project's file does not hide it)."""
     from qemuspec.runtime.status import registered
 
     rows = registered()
-    if args.json:
+    if ctx.out.json:
         emit_json(rows)
         return 0
     if not rows:
@@ -153,121 +172,201 @@ def ls(args: Any) -> int:
     return 0
 
 
-def plan(args: Any) -> int:
-    from qemuspec import reconcile
+def format_table(rows: list[list[str]], right: set[int] = set()) -> list[str]:
+    """Columns as wide as their widest cell, two spaces apart; the last column is not padded."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    out = []
+    for row in rows:
+        cells = [cell.rjust(widths[i]) if i in right else cell.ljust(widths[i]) for i, cell in enumerate(row)]
+        cells[-1] = row[-1]
+        out.append("  ".join(cells).rstrip())
+    return out
 
-    spec = load_file(args)
-    steps = reconcile.plan(spec, _root(args), select(spec, args.machine, args.file), owner=_owner(args))
-    if args.json:
+
+def plan(ctx: Context) -> int:
+    """What `up` would do; exit 3 (PENDING) when it would change anything, so CI can gate on drift."""
+    from qemuspec.api import plan as plan_steps, show_value
+
+    target = ctx.target
+    spec = target.spec
+    steps = plan_steps(spec, target.root, target.machines(), owner=_owner(target))
+    pending = any(step["action"] != "up to date" for step in steps)
+    if ctx.out.json:
         emit_json(steps)
-        return 0
+        return PENDING if pending else 0
+    out = ctx.out
+    colour = {"up to date": "32", "start": "33", "adopt": "33", "recreate": "33"}
     for step in steps:
-        print(f"{step['name']}: {step['action']}" + (f" ({step['detail']})" if step.get("detail") else ""))
+        print(f"{step['name']}: {out.paint(step['action'], colour.get(step['action'], '0'))}" + (f" ({step['detail']})" if step.get("detail") else ""))
+        for change in step["changes"]:
+            old, new = show_value(change["field"], change["old"]), show_value(change["field"], change["new"])
+            print(f"    {change['field']}: {out.paint(old, '31')} -> {out.paint(new, '32')}")
         for line in step["diff"][2:]:
-            print(f"    {line}")
+            code = "31" if line.startswith("-") else "32" if line.startswith("+") else "36" if line.startswith("@") else ""
+            print(f"      {out.paint(line, code) if code else line}")
+    if pending and not out.quiet:
+        print(f"plan: changes pending (exit {PENDING}); `qemuspec up {target.path}` applies them", file=sys.stderr)
+    return PENDING if pending else 0
+
+
+def inspect(ctx: Context) -> int:
+    from qemuspec.api import machine_info
+
+    target = ctx.target
+    name = target.machine()
+    info = machine_info(target.spec, target.root, name)
+    if ctx.out.json:
+        emit_json(info)
+        return 0
+    import shlex
+
+    for key in ("name", "state", "pid", "supervisor", "uptime", "restarts", "restart", "accel", "qmp", "state_dir"):
+        value = info.get(key)
+        print(f"{key + ':':<12} {', '.join(value) if isinstance(value, list) else ('-' if value is None else value)}")
+    for p in info["ports"]:
+        print(f"{'port:':<12} {p['address']}:{p['host']} -> {p['guest']}/{p['protocol']}")
+    for d in info["disks"]:
+        print(f"{'disk:':<12} {d['file']} ({d['format'] or '?'}{', backing ' + d['backing'] if d['backing'] else ''}{'' if d['exists'] else ', not created yet'})")
+    if "last_exit" in info:
+        print(f"{'last exit:':<12} {json.dumps(info['last_exit'])}")
+    print(f"{'argv:':<12} {shlex.join(info['argv'])}")
+    for event in info["events"][-5:]:
+        print(f"{'event:':<12} {json.dumps(event)}")
     return 0
 
 
-def _machine(args: Any, name: str) -> tuple[Any, str]:
-    spec = load_file(args)
-    select(spec, name, args.file)
-    return spec, os.path.join(_root(args), name)
-
-
-def _running(args: Any, name: str):
+def _running(ctx: Context, name: str) -> "Instance":
     from qemuspec.runtime.instance import Instance
 
-    spec, state_dir = _machine(args, name)
-    inst = Instance.find(name, spec.machines[name], state_dir)
+    target = ctx.target
+    spec = target.spec
+    inst = Instance.find(name, spec.machines[name], target.state_dir(name))
     if inst is None:
-        raise QemuspecError(f"machine {name} is not running: start it with `qemuspec up {args.file}`")
+        raise QemuspecError(f"machine {name} is not running: start it with `qemuspec up {target.path}`")
     return inst
 
 
-def _client(inst: Any):
+def _client(inst: "Instance") -> "QMPClient":
     """A connection on the client monitor, which stays free while the supervisor holds the main one."""
     from qemuspec.qmp.sync import QMPClient
 
     return QMPClient.connect(f"unix:{inst.layout.qmp_client}", timeout=5)
 
 
-def qmp(args: Any) -> int:
+def qmp(ctx: Context) -> int:
+    """``qmp [FILE] [MACHINE] COMMAND [JSON]``: the machine may be left out of a one-machine file."""
+    target = ctx.target
+    rest = list(target.rest)
+    if not rest:
+        raise UsageError("qmp needs a QMP command: qemuspec qmp [FILE] [MACHINE] COMMAND [JSON], e.g. qemuspec qmp machines/dev.toml query-status")
+    if len(rest) > 3:
+        raise UsageError(f"qmp takes [MACHINE] COMMAND [JSON], got {len(rest)} operands: quote the JSON arguments")
+    name: str | None = target.machine_option[0] if target.machine_option else None
+    if len(rest) == 3 or (len(rest) == 2 and not rest[1].lstrip().startswith("{")):
+        name = rest.pop(0)
+    elif len(rest) == 1 and rest[0] in target.spec.machines and len(target.spec.machines) > 1:
+        raise UsageError(f"qmp {rest[0]}: which QMP command? e.g. qemuspec qmp {target.path} {rest[0]} query-status")
+    name = target.machine(name, operands=False)
+    command, raw = rest[0], (rest[1] if len(rest) > 1 else None)
     arguments = None
-    if args.arguments:
+    if raw:
         try:
-            arguments = json.loads(args.arguments)
+            arguments = json.loads(raw)
         except ValueError as exc:
             raise UsageError(f"arguments must be a JSON object, for example '{{\"device\": \"disk0\"}}': {exc}") from None
         if not isinstance(arguments, dict):
             raise UsageError("arguments must be a JSON object, for example '{\"device\": \"disk0\"}'")
-    with _client(_running(args, args.name)) as client:
-        result = client.command(args.qmp_command, arguments)
-    if isinstance(result, str) and not args.json:
+    with _client(_running(ctx, name)) as client:
+        result = client.command(command, arguments)
+    if isinstance(result, str) and not ctx.out.json:
         sys.stdout.write(result if result.endswith("\n") else result + "\n")
     else:
         emit_json(result)
     return 0
 
 
-def _each(args: Any, command: str, done: str) -> int:
+def _each(ctx: Context, command: str, done: str) -> int:
     results = []
-    for name in args.names:
-        with _client(_running(args, name)) as client:
+    for name in ctx.target.machines():
+        with _client(_running(ctx, name)) as client:
             client.command(command)
             results.append({"name": name, "state": done})
-    if args.json:
+    if ctx.out.json:
         emit_json(results)
     else:
         for r in results:
-            print(f"{r['name']}: {r['state']}")
+            ctx.out.say(f"{r['name']}: {r['state']}")
     return 0
 
 
-def pause(args: Any) -> int:
-    return _each(args, "stop", "paused")
+def pause(ctx: Context) -> int:
+    return _each(ctx, "stop", "paused")
 
 
-def resume(args: Any) -> int:
-    return _each(args, "cont", "running")
+def resume(ctx: Context) -> int:
+    return _each(ctx, "cont", "running")
 
 
-def restart(args: Any) -> int:
+def restart(ctx: Context) -> int:
     from qemuspec import reconcile
 
-    spec = load_file(args)
-    names = select(spec, args.names, args.file)
-    root = _root(args)
-    progress = _progress(args, names)
-    reconcile.down(spec, root, names, None, progress, owner=_owner(args))
-    outcomes = reconcile.up(spec, root, names, progress, owner=_owner(args))
-    _print_outcomes(args, outcomes)
+    target = ctx.target
+    spec = target.spec
+    names = target.machines()
+    progress = ctx.out.progress(names)
+    reconcile.down(spec, target.root, names, None, progress, owner=_owner(target))
+    outcomes = reconcile.up(spec, target.root, names, progress, owner=_owner(target))
+    progress.close()
+    _record(target, outcomes, spec.machines)
+    _print_outcomes(ctx.out, outcomes)
     return 1 if any(o.action == "failed" for o in outcomes) else 0
 
 
-def logs(args: Any) -> int:
-    spec = load_file(args)
-    names = select(spec, args.name, args.file) if args.name else list(spec.machines)
-    root = _root(args)
-    filename = "events.jsonl" if args.events else "serial.log"
-    sources = [((f"{n} | " if len(names) > 1 else ""), os.path.join(root, n, filename), False) for n in names]
-    if not args.follow and not any(os.path.exists(path) for _, path, _ in sources):
-        raise QemuspecError(f"no {'events' if args.events else 'console log'} yet for {', '.join(names)}: start with `qemuspec up {args.file}`")
-    _follow(sources, follow=args.follow, last=args.lines)
+def logs(ctx: Context, *, follow: bool, events: bool, lines: int) -> int:
+    target = ctx.target
+    names = target.machines()
+    filename = "events.jsonl" if events else "serial.log"
+    many = len(names) > 1
+    sources = [((f"{n} | " if many else ""), target.state_dir(n) + "/" + filename, False) for n in names]
+    if not follow and not any(os.path.exists(path) for _, path, _ in sources):
+        raise QemuspecError(f"no {'events' if events else 'console log'} yet for {', '.join(names)}: start with `qemuspec up {target.path}`")
+    if ctx.out.json:  # JSON lines: {"machine", "line"} for the console, {"machine", "event"} for events
+        json_sources = [(n, path) for n, (_, path, _) in zip(names, sources)]
+        _follow([("", path, False) for _, path in json_sources], follow=follow, last=lines,
+                emit=lambda path, line: ctx.out.line(_log_record(dict((p, n) for n, p in json_sources)[path], line, events)))
+        return 0
+    _follow(sources, follow=follow, last=lines)
     return 0
 
 
-def events(args: Any) -> int:
-    _, state_dir = _machine(args, args.name)
-    path = os.path.join(state_dir, "events.jsonl")
-    if not args.follow and not os.path.exists(path):
-        raise QemuspecError(f"machine {args.name} has no events yet")
-    _follow([("", path, False)], follow=args.follow)
+def _log_record(name: str, line: str, events: bool) -> dict:
+    if events:
+        try:
+            return {"machine": name, "event": json.loads(line)}
+        except ValueError:
+            pass
+    return {"machine": name, "line": line}
+
+
+def events(ctx: Context, *, follow: bool) -> int:
+    target = ctx.target
+    name = target.machine()
+    path = os.path.join(target.state_dir(name), "events.jsonl")
+    if not follow and not os.path.exists(path):
+        raise QemuspecError(f"machine {name} has no events yet")
+    _follow([("", path, False)], follow=follow)  # already JSON lines, with or without --json
     return 0
 
 
-def _follow(sources: list[tuple[str, str, bool]], follow: bool, last: int = 0) -> None:
+def _follow(sources: list[tuple[str, str, bool]], follow: bool, last: int = 0, emit: Any = None) -> None:
     """Print files line by line with a prefix; with ``follow``, keep printing what is appended.
     (A log file has no change notification short of inotify; a 0.1 s re-read is what tail -f does.)"""
+    def write(prefix: str, path: str, line: str) -> None:
+        if emit is not None:
+            emit(path, line)
+        else:
+            sys.stdout.write(prefix + line + "\n")
+
     offsets: dict[str, int] = {}
     partial: dict[str, str] = {}
     for prefix, path, from_end in sources:
@@ -278,7 +377,7 @@ def _follow(sources: list[tuple[str, str, bool]], follow: bool, last: int = 0) -
 
             text = tail(path, last)
             for line in text.split("\n") if text else []:
-                print(prefix + line)
+                write(prefix, path, line)
             offsets[path] = os.path.getsize(path)
     while True:
         for prefix, path, _ in sources:
@@ -294,28 +393,31 @@ def _follow(sources: list[tuple[str, str, bool]], follow: bool, last: int = 0) -
             text = partial[path] + data.decode(errors="replace").replace("\r", "")
             *lines, partial[path] = text.split("\n")
             for line in lines:
-                sys.stdout.write(prefix + line + "\n")
+                write(prefix, path, line)
             sys.stdout.flush()
         if not follow:
             for prefix, path, _ in sources:
                 if partial[path]:
-                    sys.stdout.write(prefix + partial[path] + "\n")
+                    write(prefix, path, partial[path])
+            sys.stdout.flush()
             return
         time.sleep(0.1)
 
 
-def console(args: Any) -> int:
-    """Interactive serial console. Ctrl-] detaches; the machine keeps running."""
+def console(ctx: Context) -> int:
+    """Interactive serial console. Ctrl-] detaches; the machine keeps running. With --json, the
+    console's output as JSON lines ({"machine", "data"}) until the console closes or input ends."""
     import select as select_mod
     import socket
 
-    inst = _running(args, args.name)
+    name = ctx.target.machine()
+    inst = _running(ctx, name)
     if not os.path.exists(inst.layout.console):
-        raise QemuspecError(f"machine {args.name} has no console socket: set serial = \"log\" or \"socket\"")
+        raise QemuspecError(f"machine {name} has no console socket: set serial = \"log\" or \"socket\"")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(inst.layout.console)
     stdin = sys.stdin.fileno()
-    interactive = os.isatty(stdin)
+    interactive = os.isatty(stdin) and not ctx.out.json
     saved = None
     if interactive:
         import termios
@@ -323,12 +425,13 @@ def console(args: Any) -> int:
 
         saved = termios.tcgetattr(stdin)
         tty.setraw(stdin)
-        sys.stderr.write(f"connected to {args.name}'s console; detach with Ctrl-]\r\n")
+        if not ctx.out.quiet:
+            sys.stderr.write(f"connected to {name}'s console; detach with Ctrl-]\r\n")
     out = sys.stdout.buffer
     stdin_open = True
     try:
         while True:
-            watch = [sock] + ([stdin] if stdin_open else [])
+            watch: list[Any] = [sock] + ([stdin] if stdin_open else [])
             ready, _, _ = select_mod.select(watch, [], [], None if stdin_open else 0.5)
             if not ready:
                 return 0  # input ended and the guest has gone quiet
@@ -337,8 +440,11 @@ def console(args: Any) -> int:
                 if not data:
                     sys.stderr.write("\r\nthe console closed (the machine stopped)\r\n")
                     return 1
-                out.write(data)
-                out.flush()
+                if ctx.out.json:
+                    ctx.out.line({"machine": name, "data": data.decode(errors="replace")})
+                else:
+                    out.write(data)
+                    out.flush()
             if stdin_open and stdin in ready:
                 data = os.read(stdin, 4096)
                 if not data:
@@ -353,5 +459,6 @@ def console(args: Any) -> int:
             import termios
 
             termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
-            sys.stderr.write("\r\ndetached\n")
+            if not ctx.out.quiet:
+                sys.stderr.write("\r\ndetached\n")
         sock.close()

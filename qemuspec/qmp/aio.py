@@ -198,6 +198,6 @@ class AsyncQMPClient:
                     except Exception:
                         pass
         else:
-            future = self._pending.get(message.get("id"))
+            future = self._pending.get(message.get("id", ""))
             if future is not None and not future.done():
                 future.set_result(message)

@@ -251,7 +251,7 @@ class QMPClient:
                     pass
         else:
             with self._lock:
-                slot = self._pending.pop(message.get("id"), None)
+                slot = self._pending.pop(message.get("id", ""), None)
             if slot is not None:
                 slot.message = message
                 slot.set()

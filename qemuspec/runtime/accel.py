@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Sequence
 
 ACCEL_ENV = "QEMUSPEC_ACCEL"
 _KVM_GET_API_VERSION = 0xAE00
@@ -23,9 +24,11 @@ def kvm_usable() -> bool:
         os.close(fd)
 
 
-def resolve(accel: str | list[str]) -> tuple[str, ...]:
+def resolve(accel: str | Sequence[str]) -> tuple[str, ...]:
     """The -accel list for qemu. ``QEMUSPEC_ACCEL`` (e.g. "tcg") overrides every machine of a run."""
-    override = os.environ.get(ACCEL_ENV)
+    from qemuspec.settings import Settings
+
+    override = Settings.from_env().accel
     wanted = [a.strip() for a in override.split(",") if a.strip()] if override else ([accel] if isinstance(accel, str) else list(accel))
     out: list[str] = []
     for one in wanted:
@@ -36,10 +39,12 @@ def resolve(accel: str | list[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def fallback(wanted: str | list[str], tried: tuple[str, ...]) -> tuple[str, ...] | None:
+def fallback(wanted: str | Sequence[str], tried: tuple[str, ...]) -> tuple[str, ...] | None:
     """TCG to retry with when KVM was chosen but qemu could not start on it: only for "auto" (or a
     list that names tcg after kvm), never against an explicit choice or QEMUSPEC_ACCEL."""
-    if os.environ.get(ACCEL_ENV) or "kvm" not in tried or "tcg" in tried:
+    from qemuspec.settings import Settings
+
+    if Settings.from_env().accel or "kvm" not in tried or "tcg" in tried:
         return None
     listed = [wanted] if isinstance(wanted, str) else list(wanted)
     if "auto" in listed or ("tcg" in listed and listed.index("tcg") > listed.index("kvm")):

@@ -88,7 +88,7 @@ def _ask(binary: str) -> Capabilities:
     try:
         client = QMPClient.connect(ours, timeout=PROBE_TIMEOUT)
         try:
-            version = client.greeting["version"]["qemu"]
+            version = (client.greeting or {})["version"]["qemu"]
             types = lambda implements: sorted(t["name"] for t in client.command("qom-list-types", {"implements": implements, "abstract": False}))
             devices: dict[str, list[str]] = {}
             for driver in types("device"):

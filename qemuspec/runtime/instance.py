@@ -33,10 +33,11 @@ class StopResult:
 
 
 def definition_hash(machine: Machine) -> str:
-    """Identifies what a machine was started from, so `up` can tell "unchanged" from "changed"."""
+    """Identifies what a machine was started from, so `up` can tell "unchanged" from "changed".
+    The readiness timeout is left out: it says how long to wait, not what runs (`up --timeout`)."""
     import hashlib
 
-    return hashlib.sha256(machine.model_dump_json().encode()).hexdigest()[:16]
+    return hashlib.sha256(machine.model_dump_json(exclude={"ready": {"timeout"}}).encode()).hexdigest()[:16]
 
 
 class Instance:

@@ -15,8 +15,13 @@ STATE_ENV = "QEMUSPEC_STATE_DIR"
 
 
 def state_root(definition: str | None, override: str | None = None) -> str:
-    if override or os.environ.get(STATE_ENV):
-        return os.path.abspath(override or os.environ[STATE_ENV])
+    """``override`` (the caller's --state-dir or settings), else $QEMUSPEC_STATE_DIR, else .qemuspec beside the file."""
+    if not override:
+        from qemuspec.settings import Settings
+
+        override = Settings.from_env().state_dir
+    if override:
+        return os.path.abspath(override)
     base = os.path.dirname(os.path.abspath(definition)) if definition else os.getcwd()
     return os.path.join(base, ".qemuspec")
 

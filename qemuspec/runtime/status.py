@@ -37,7 +37,7 @@ def machine_status(name: str, machine: Machine | None, state_dir: str, ask_qemu:
         "qmp": None, "ports": [], "accel": [], "file": (sup.owner if sup else None) or (rec.owner if rec else None),
         "state_dir": state_dir, "error": sup.error if sup else None,
     }
-    if inst is not None:
+    if inst is not None and inst.process is not None:
         row.update(pid=inst.process.pid, qmp=inst.qmp_address, ports=inst.ports, accel=list(inst.layout.accel),
                    uptime=round(time.time() - inst.started_at, 1) if inst.started_at else None)
         if sup is None:

@@ -23,7 +23,7 @@ NO_ARG = {
     "nodefconfig", "semihosting", "curses", "sdl", "usb", "no-kvm", "rtc-td-hack", "singlestep",
 }
 # Options whose job qemuspec does itself (monitors, console plumbing, process management).
-QEMUSPEC_CHARDEVS = {"qmp", "qmp-client", "serial0"}  # what the renderer adds for its own plumbing
+QEMUSPEC_CHARDEVS = {"qemuspec-qmp", "qemuspec-qmp-client", "qemuspec-serial0"}  # what the renderer adds for its own plumbing
 MANAGED = {"pidfile", "qmp", "qmp-pretty", "monitor", "mon", "serial", "daemonize", "display", "nographic", "name", "no-user-config", "D"}
 
 
@@ -252,7 +252,7 @@ def import_argv(argv: list[str], name: str | None = None, base_dir: str | None =
     for drive_id, disk in sorted(drives.items(), key=lambda item: item[1]["_order"]):
         disk.pop("_order")
         if disk["interface"] == "none" and not drive_id.startswith("_"):
-            disk.setdefault("options", {})["id"] = drive_id  # referenced by a device we keep as written
+            disk["id"] = drive_id  # referenced by a device we keep as written
         disks.append(disk)
     if disks:
         machine["disks"] = disks
@@ -268,6 +268,12 @@ def import_argv(argv: list[str], name: str | None = None, base_dir: str | None =
     machine["serial"] = "log"
     if append:
         machine["append"] = append
+        from qemuspec.spec.passthrough import OVERRIDABLE, switches
+
+        # A switch kept as written that a typed field would render too: the written one must win, visibly.
+        kept = sorted({sw for _, sw, _ in switches(append) if sw in OVERRIDABLE})
+        if kept:
+            machine["overrides"] = kept
     if base_dir:
         absolute = lambda p: p if os.path.isabs(p) else os.path.normpath(os.path.join(base_dir, p))
         for key in ("kernel", "initrd"):
@@ -320,7 +326,9 @@ def normalise(argv: list[str]) -> list[tuple]:
     defaults made explicit, disks and NICs as records whatever shorthand or id wiring they use."""
     options = parse_argv(argv)
     out: list[tuple] = []
-    machine_type, accels, cpu, smp, mem = "pc", [], ("qemu64", ()), "1", 128
+    cpu: tuple[str | None, tuple[tuple[str, str], ...]] = ("qemu64", ())
+    mem: int | None = 128
+    machine_type, accels, smp = "pc", [], "1"
     nodefaults = False
     drives: dict[str, dict] = {}
     netdevs: dict[str, tuple] = {}

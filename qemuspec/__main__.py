@@ -1,0 +1,5 @@
+"""`python -m qemuspec`: the same command as `qemuspec`."""
+
+from qemuspec.cli.main import run
+
+run()

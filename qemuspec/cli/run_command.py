@@ -1,0 +1,80 @@
+"""`qemuspec run [FILE] [MACHINE] -- COMMAND...`: the one-command test flow.
+
+Boot the machine on throwaway overlays (its own disks are never written), wait until it is ready,
+run the command in the guest (agent or ssh), stream its output, tear everything down, and exit with
+the command's exit code. Ctrl-C, SIGTERM (a CI timeout) and SIGHUP tear down the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from types import FrameType
+
+from qemuspec.cli.common import Context
+from qemuspec.errors import QemuspecError, UsageError
+
+
+class Stopped(BaseException):
+    """A termination signal arrived: unwind through every ``finally`` and tear down."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+
+
+def _raise(signum: int, frame: FrameType | None) -> None:
+    raise Stopped(signum)
+
+
+def run(ctx: Context, *, timeout: float | None, via: str) -> int:
+    from qemuspec.api import run_in_guest
+
+    command = ctx.tail or []
+    if not command:
+        raise UsageError("run needs a command after --: qemuspec run [FILE] [MACHINE] -- COMMAND [ARGS...]")
+    target = ctx.target
+    name = target.machine()
+    machine = target.spec.machines[name]
+    if machine.depends_on:
+        raise UsageError(f"machine {name} depends on {', '.join(machine.depends_on)}: run boots one machine; use `qemuspec up` for a group")
+    writable = [d.file for d in machine.disks if not d.readonly and os.path.exists(d.file)]
+    if writable:
+        from qemuspec.runtime.instance import Instance
+
+        if Instance.find(name, machine, target.state_dir(name)) is not None:
+            raise QemuspecError(f"machine {name} is running (`qemuspec up`), and qemu holds its disk {writable[0]} for writing: "
+                                f"`qemuspec down {target.path} {name}` first, or use `qemuspec exec` on the running machine")
+    stdin = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
+    out = ctx.out
+
+    def on_output(stream: str, data: bytes) -> None:
+        if out.json:
+            out.line({"stream": stream, "data": data.decode(errors="replace")})
+            return
+        sink = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
+        sink.write(data)
+        sink.flush()
+
+    def report(message: str) -> None:
+        if not (out.json or out.quiet):
+            print(message, file=sys.stderr, flush=True)
+
+    previous = {sig: signal.signal(sig, _raise) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    workdir = tempfile.mkdtemp(prefix="qemuspec-run-")
+    try:
+        code = run_in_guest(machine, name, command, workdir, on_output=on_output, via=via,
+                            ready_timeout=timeout, report=report, stdin=stdin)
+    except Stopped as stop:
+        print(f"qemuspec run: {signal.Signals(stop.signum).name}: the machine is stopped and its files removed", file=sys.stderr)
+        return 128 + stop.signum
+    finally:
+        # signals stay on a raising handler until the directory is gone, so a second one cannot cut this short
+        shutil.rmtree(workdir, ignore_errors=True)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if out.json:
+        out.line({"machine": name, "exitcode": code})
+    return code

@@ -1,0 +1,64 @@
+"""Everything qemuspec reads from the environment, read in one place.
+
+The CLI builds one :class:`Settings` from ``os.environ`` at start and passes the values down as
+arguments; library code takes them as parameters, so a test or an embedding program can run with
+settings of its own without touching the process environment.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Mapping
+
+VAR_PREFIX = "QEMUSPEC_VAR_"
+
+# name -> what it does (also printed by `qemuspec --help`)
+VARIABLES = {
+    "QEMUSPEC_FILE": "definition file used when a command is given none",
+    "QEMUSPEC_STATE_DIR": "state directory (default: .qemuspec beside the definition file)",
+    "QEMUSPEC_ACCEL": "accelerator list forced for every machine of a run, e.g. tcg",
+    "QEMUSPEC_VAR_<name>": "value of template variable <name>",
+    "QEMUSPEC_QEMU_IMG": "qemu-img binary",
+    "QEMUSPEC_ALLOW_LOCAL_QEMU": "allow a qemu binary inside the definition's own tree (as --allow-local-qemu)",
+    "QEMUSPEC_DEBUG": "print tracebacks instead of one-paragraph errors",
+    "NO_COLOR": "no colour, even on a terminal",
+    "CI": "line-based progress, never redrawn in place",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    file: str | None = None
+    state_dir: str | None = None
+    accel: str | None = None
+    qemu_img: str = "qemu-img"
+    debug: bool = False
+    allow_local_qemu: bool = False
+    no_color: bool = False
+    ci: bool = False
+    variables: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if environ is None else environ
+        return cls(
+            file=env.get("QEMUSPEC_FILE") or None,
+            state_dir=env.get("QEMUSPEC_STATE_DIR") or None,
+            accel=env.get("QEMUSPEC_ACCEL") or None,
+            qemu_img=env.get("QEMUSPEC_QEMU_IMG") or "qemu-img",
+            debug=bool(env.get("QEMUSPEC_DEBUG")),
+            allow_local_qemu=env.get("QEMUSPEC_ALLOW_LOCAL_QEMU", "") not in ("", "0"),
+            no_color="NO_COLOR" in env,
+            ci=env.get("CI", "").lower() in ("1", "true", "yes"),
+            variables={k[len(VAR_PREFIX):]: v for k, v in env.items() if k.startswith(VAR_PREFIX)},
+        )
+
+    def var_environ(self) -> dict[str, str]:
+        """These settings in the environment form that the loader and preflight take (``environ=``)."""
+        out = {VAR_PREFIX + name: value for name, value in self.variables.items()}
+        if self.accel:
+            out["QEMUSPEC_ACCEL"] = self.accel
+        if self.allow_local_qemu:
+            out["QEMUSPEC_ALLOW_LOCAL_QEMU"] = "1"
+        return out
