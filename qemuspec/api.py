@@ -392,10 +392,10 @@ def definition_record(state_dir: str) -> str:
 
 def record_definition(machine: Machine, state_dir: str) -> None:
     """Keep what a machine was started from, so `plan` can say which fields changed."""
-    from qemuspec.runtime.instance import write_json_atomic
+    from qemuspec.runtime import statedir
 
-    os.makedirs(state_dir, exist_ok=True)
-    write_json_atomic(definition_record(state_dir), machine.model_dump(mode="json"))
+    statedir.ensure_private(state_dir)
+    statedir.write(state_dir, os.path.basename(definition_record(state_dir)), machine.model_dump(mode="json"))
 
 
 def recorded_definition(state_dir: str) -> dict | None:
