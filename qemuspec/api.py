@@ -392,10 +392,10 @@ def definition_record(state_dir: str) -> str:
 
 def record_definition(machine: Machine, state_dir: str) -> None:
     """Keep what a machine was started from, so `plan` can say which fields changed."""
-    from qemuspec.runtime.instance import write_json_atomic
+    from qemuspec.runtime import statedir
 
-    os.makedirs(state_dir, exist_ok=True)
-    write_json_atomic(definition_record(state_dir), machine.model_dump(mode="json"))
+    statedir.ensure_private(state_dir)
+    statedir.write(state_dir, os.path.basename(definition_record(state_dir)), machine.model_dump(mode="json"))
 
 
 def recorded_definition(state_dir: str) -> dict | None:
@@ -433,11 +433,11 @@ def show_value(field: str, value: Any) -> str:
     return json.dumps(value)
 
 
-def plan(spec: Any, root: str, names: list[str]) -> list[dict]:
+def plan(spec: Any, root: str, names: list[str], owner: str | None = None) -> list[dict]:
     """What `up` would do per machine, with the changed definition fields and the argv diff."""
     from qemuspec import reconcile
 
-    steps = reconcile.plan(spec, root, names)
+    steps = reconcile.plan(spec, root, names, owner=owner)
     for step in steps:
         old = recorded_definition(os.path.join(root, step["name"]))
         changes = []
@@ -449,21 +449,14 @@ def plan(spec: Any, root: str, names: list[str]) -> list[dict]:
 
 
 def purge(spec: Any, root: str, names: list[str]) -> list[str]:
-    """Delete what qemuspec made for stopped machines: disks it created (never a user's own image)
-    and their state directories; the state root too once empty. Returns the paths removed."""
+    """Delete what qemuspec made for stopped machines: disks it recorded creating (never a user's own
+    image, nor one that existed before), and their state directories (never through a symlink); the
+    state root too once empty. Returns the paths removed (runtime/purge.py)."""
+    from qemuspec.runtime.purge import purge as purge_one
+
     removed = []
     for name in names:
-        for disk in spec.machines[name].disks:
-            if (disk.size is not None or disk.backing) and os.path.exists(disk.file):
-                os.unlink(disk.file)
-                removed.append(disk.file)
-        state = os.path.join(root, name)
-        if os.path.isdir(state):
-            shutil.rmtree(state, ignore_errors=True)
-            removed.append(state)
-    if os.path.isdir(root) and not os.listdir(root):
-        os.rmdir(root)
-        removed.append(root)
+        removed += purge_one(root, name)
     return removed
 
 

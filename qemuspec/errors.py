@@ -54,6 +54,8 @@ class LaunchError(QemuspecError):
 class ReadyTimeout(QemuspecError, TimeoutError):
     """A readiness probe did not pass in time; the message holds the console and qemu's stderr."""
 
+    probe: str | None = None  # which probe, for status: "never became ready (probe ..., after ... s)"
+
 
 class ImageError(QemuspecError):
     """qemu-img failed; the message is qemu-img's own."""

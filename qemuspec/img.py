@@ -11,12 +11,13 @@ qemu-img is always run without a shell, with its arguments as a list.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import subprocess
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 from qemuspec.errors import ImageError
 
@@ -116,18 +117,38 @@ def create(path: str, size: int | str | None = None, format: str = "qcow2", back
         args += ["-b", os.path.abspath(backing), "-F", backing_format or info(backing).format]
     for key, value in (options or {}).items():
         args += ["-o", f"{key}={value}"]
-    tmp = f"{path}.qemuspec-tmp"
-    args.append(tmp)
-    if size is not None:
-        args.append(str(size))
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    try:
+    with _private_tmp(parent) as tmp:
+        args.append(tmp)
+        if size is not None:
+            args.append(str(size))
         run(*args)
-        os.rename(tmp, path)
+        _publish(tmp, path)
+
+
+@contextlib.contextmanager
+def _private_tmp(parent: str) -> Iterator[str]:
+    """A temporary name inside a fresh 0700 directory (mkdtemp: O_EXCL, unpredictable): qemu-img opens
+    it by path, and no planted file or symlink can be waiting there."""
+    import shutil
+    import tempfile
+
+    workdir = tempfile.mkdtemp(prefix=".qemuspec-", dir=parent)
+    try:
+        yield os.path.join(workdir, "image")
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _publish(tmp: str, path: str) -> None:
+    """Move the finished image into place without replacing anything that appeared meanwhile."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise ImageError(f"{path} exists already: qemuspec never overwrites an image (delete it first, or use resize)") from None
+    except OSError:
+        os.rename(tmp, path)  # a filesystem without hard links
 
 
 def info(path: str) -> ImageInfo:
@@ -155,13 +176,10 @@ def convert(source: str, target: str, format: str, progress: Callable[[float], N
         args.append("-c")
     if progress is not None:
         args.append("-p")
-    tmp = f"{target}.qemuspec-tmp"
-    try:
+    parent = os.path.dirname(os.path.abspath(target))
+    with _private_tmp(parent) as tmp:
         run(*args, source, tmp, progress=progress)
-        os.rename(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _publish(tmp, target)
 
 
 def resize(path: str, size: int | str, shrink: bool = False) -> None:

@@ -30,7 +30,6 @@ from qemuspec.spec import preflight
 from qemuspec.spec.models import File, order_machines
 
 Report = Callable[[str, str], None]
-STOP_MARGIN = 15.0  # beyond the stop timeout: quit (5 s) and signals (3 s) plus slack
 
 
 @dataclass
@@ -41,6 +40,7 @@ class Outcome:
     pid: int | None = None
     detail: str = ""
     ports: list = field(default_factory=list)
+    accel: list = field(default_factory=list)  # the accelerator qemu actually runs with
     qemu: str = ""  # the absolute binary started, so a user sees what a definition made them run
 
     def as_dict(self) -> dict:
@@ -49,8 +49,10 @@ class Outcome:
 
 @contextlib.contextmanager
 def locked(state_root: str) -> Iterator[None]:
-    os.makedirs(state_root, exist_ok=True)
-    fd = os.open(state_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    from qemuspec.runtime.statedir import ensure_private
+
+    ensure_private(state_root)
+    fd = os.open(state_root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -79,10 +81,48 @@ def _state(root: str, name: str) -> str:
     return os.path.join(root, name)
 
 
-def _decide(spec: File, root: str, name: str) -> tuple[str, Instance | None]:
+def owner_of(root: str, name: str) -> str | None:
+    """The definition file whose `up` runs the machine in this state directory, if one runs it."""
+    sup = supervisor.read_supervisor(_state(root, name))
+    if sup is not None and sup.owner:
+        return sup.owner
+    from qemuspec.runtime.instance import recorded
+
+    record = recorded(_state(root, name))
+    return record.owner if record is not None else None
+
+
+def foreign(root: str, name: str, owner: str | None) -> str | None:
+    """Why this file may not touch a machine another definition file runs (None: it may).
+
+    A running machine belongs to the file that started it: two files in one directory that both
+    declare `web` share `.qemuspec/web`, and the second file's up/down/plan must not stop, replace or
+    recreate the first one's VM. (Give each file its own state directory to run both.)"""
+    if owner is None:
+        return None
+    other = owner_of(root, name)
+    live = supervisor.read_supervisor(_state(root, name)) is not None or _running(root, name)
+    if other is None or not live or os.path.abspath(other) == os.path.abspath(owner):
+        return None
+    return (f"machine {name} in {_state(root, name)} is run by {other}, not {owner}: stop it with "
+            f"`qemuspec down {other}`, or give this file its own state directory (--state-dir)")
+
+
+def _running(root: str, name: str) -> bool:
+    from qemuspec.runtime.instance import is_our_qemu, recorded
+    from qemuspec.runtime import paths
+
+    record = recorded(_state(root, name))
+    return record is not None and is_our_qemu(record, paths.layout(_state(root, name)).pidfile)
+
+
+def _decide(spec: File, root: str, name: str, owner: str | None = None) -> tuple[str, Instance | None]:
     """What `up` does with one machine: "start", "up to date", "adopt" (running, same definition, no
-    supervisor) or "recreate" (changed, or a supervisor between restarts); and the running qemu."""
+    supervisor), "recreate" (changed, or a supervisor between restarts), or "foreign" (another
+    definition file runs it); and the running qemu."""
     machine = spec.machines[name]
+    if foreign(root, name, owner):
+        return "foreign", None
     found = Instance.find(name, machine, _state(root, name))
     supervised = supervisor.read_supervisor(_state(root, name)) is not None
     if found is not None and found.recorded_hash == definition_hash(machine):
@@ -90,14 +130,17 @@ def _decide(spec: File, root: str, name: str) -> tuple[str, Instance | None]:
     return ("recreate" if found is not None or supervised else "start"), found
 
 
-def plan(spec: File, root: str, names: list[str]) -> list[dict]:
+def plan(spec: File, root: str, names: list[str], owner: str | None = None) -> list[dict]:
     """Per machine: what `up` would do, and for a changed machine the argv lines that differ."""
     from qemuspec.render import render
 
-    out = []
+    out: list[dict] = []
     for level in with_dependencies(spec, names):
         for name in level:
-            action, found = _decide(spec, root, name)
+            action, found = _decide(spec, root, name, owner)
+            if action == "foreign":
+                out.append({"name": name, "action": "belongs to another file", "diff": [], "detail": foreign(root, name, owner)})
+                continue
             diff = []
             if action == "recreate" and found is not None:
                 wanted = render(spec.machines[name], name, found.layout)
@@ -112,29 +155,34 @@ def plan(spec: File, root: str, names: list[str]) -> list[dict]:
     return out
 
 
-def up(spec: File, root: str, names: list[str], report: Report = lambda n, s: None) -> list[Outcome]:
+def up(spec: File, root: str, names: list[str], report: Report = lambda n, s: None, owner: str | None = None) -> list[Outcome]:
+    """``owner``: the definition file (recorded, so another file's commands leave the machine alone)."""
     outcomes: list[Outcome] = []
     with locked(root):
         for level in with_dependencies(spec, names):
-            results = _up_level(spec, root, level, report)
+            results = _up_level(spec, root, level, report, owner)
             outcomes += results
             if any(r.action == "failed" for r in results):
                 break
     return outcomes
 
 
-def _up_level(spec: File, root: str, level: list[str], report: Report) -> list[Outcome]:
+def _up_level(spec: File, root: str, level: list[str], report: Report, owner: str | None = None) -> list[Outcome]:
     outcomes: dict[str, Outcome] = {}
     pending: dict[int, tuple[str, str, float]] = {}  # fd -> (name, action, began)
     for name in level:
         machine = spec.machines[name]
         state_dir = _state(root, name)
         began = time.monotonic()
-        decision, found = _decide(spec, root, name)
+        decision, found = _decide(spec, root, name, owner)
+        if decision == "foreign":
+            report(name, "failed")
+            outcomes[name] = Outcome(name, "failed", detail=foreign(root, name, owner) or "")
+            continue
         if decision == "up to date":
             report(name, "up to date")
             assert found is not None and found.process is not None
-            outcomes[name] = Outcome(name, "up to date", 0.0, found.process.pid, ports=found.ports)
+            outcomes[name] = Outcome(name, "up to date", 0.0, found.process.pid, ports=found.ports, accel=list(found.layout.accel))
             continue
         action, adopt = "started", False
         if decision == "adopt":
@@ -144,8 +192,10 @@ def _up_level(spec: File, root: str, level: list[str], report: Report) -> list[O
             report(name, "definition changed: stopping" if found is not None else "replacing a restarting machine")
             _stop_one(spec, root, name, None)
             action = "recreated"
+        elif decision == "start":
+            _clean_stale(state_dir)
         try:
-            _, fd = supervisor.spawn(name, machine, state_dir, adopt)
+            _, fd = supervisor.spawn(name, machine, state_dir, adopt, owner)
         except (OSError, QemuspecError) as exc:
             outcomes[name] = Outcome(name, "failed", detail=f"cannot start the supervisor of {name}: {exc}")
             continue
@@ -200,7 +250,7 @@ def _collect(spec: File, pending: dict[int, tuple[str, str, float]], outcomes: d
                             if message.get("saved"):
                                 saved = message["saved"]
                                 detail += f", state saved in {saved['seconds']:.2f} s ({saved['bytes'] / 2**20:.0f} MiB)"
-                            done = Outcome(name, action, seconds, message.get("pid"), detail=detail, ports=message.get("ports", []),
+                            done = Outcome(name, action, seconds, message.get("pid"), detail=detail, ports=message.get("ports", []), accel=message.get("accel", []),
                                            qemu=preflight.qemu_path(spec.machines[name].qemu) or spec.machines[name].qemu)
                         elif status == "failed":
                             report(name, "failed")
@@ -217,7 +267,8 @@ def _collect(spec: File, pending: dict[int, tuple[str, str, float]], outcomes: d
         sel.close()
 
 
-def down(spec: File, root: str, names: list[str], timeout: float | None = None, report: Report = lambda n, s: None) -> list[Outcome]:
+def down(spec: File, root: str, names: list[str], timeout: float | None = None, report: Report = lambda n, s: None,
+         owner: str | None = None) -> list[Outcome]:
     outcomes: list[Outcome] = []
     selected = set(names)
     with locked(root):
@@ -226,7 +277,7 @@ def down(spec: File, root: str, names: list[str], timeout: float | None = None, 
             if not level:
                 continue
             with ThreadPoolExecutor(max_workers=len(level)) as pool:
-                outcomes += list(pool.map(lambda n: _down_one(spec, root, n, timeout, report), level))
+                outcomes += list(pool.map(lambda n: _down_one(spec, root, n, timeout, report, owner), level))
         _stop_idle_networks(spec, root)
     return outcomes
 
@@ -242,10 +293,13 @@ def _stop_idle_networks(spec: File, root: str) -> None:
             stop_switch(paths.layout(_state(root, users[0])).network(network))
 
 
-def _down_one(spec: File, root: str, name: str, timeout: float | None, report: Report) -> Outcome:
+def _down_one(spec: File, root: str, name: str, timeout: float | None, report: Report, owner: str | None = None) -> Outcome:
     state_dir = _state(root, name)
+    why = foreign(root, name, owner)
+    if why:
+        return Outcome(name, "belongs to another file", detail=why)
     if Instance.find(name, spec.machines[name], state_dir) is None and supervisor.read_supervisor(state_dir) is None:
-        forget(state_dir)
+        _clean_stale(state_dir)
         return Outcome(name, "not running")
     report(name, "stopping")
     began = time.monotonic()
@@ -257,36 +311,43 @@ def _down_one(spec: File, root: str, name: str, timeout: float | None, report: R
 
 
 def _stop_one(spec: File, root: str, name: str, timeout: float | None) -> str:
-    """Stop a machine: through its supervisor when it has one (so it is not restarted), else
-    directly. Returns the step that stopped qemu."""
+    """Stop a machine. One owner for stopping: a live supervisor stops its own machine (so it is not
+    restarted, and its escalation is never cut short); we wait for it as long as that escalation can
+    take (policy.stop_budget, from the named timeouts) and act ourselves only when there is no
+    supervisor, or it did not finish within that budget (hung: then it is killed first).
+    Returns the step that stopped qemu."""
+    from qemuspec.runtime import statedir
+    from qemuspec.runtime.policy import stop_budget
+
     machine = spec.machines[name]
     state_dir = _state(root, name)
     sup = supervisor.read_supervisor(state_dir)
     step = "already stopped"
+    acpi = machine.stop_timeout if timeout is None else timeout
     if sup is not None:
-        with open(supervisor.stop_file(state_dir), "w") as f:
-            json.dump({"timeout": timeout}, f)
-        budget = (machine.stop_timeout if timeout is None else timeout) + STOP_MARGIN
-        if _signal_and_wait(sup["pid"], signal.SIGTERM, budget):
-            try:
-                with open(supervisor.exit_file(state_dir)) as f:
-                    step = json.load(f).get("step") or step
-            except (OSError, ValueError):
-                pass
+        supervisor.request_stop(state_dir, timeout)
+        if _signal_and_wait(sup.pid, signal.SIGTERM, stop_budget(acpi)):
+            end = statedir.read(state_dir, statedir.EXIT, statedir.ExitRecord)
+            step = (end.step if end else None) or step
         else:
-            _signal_and_wait(sup["pid"], signal.SIGKILL, 5)
+            _signal_and_wait(sup.pid, signal.SIGKILL, 5)
     found = Instance.find(name, machine, state_dir)
-    if found is not None:  # unsupervised, or the supervisor failed to stop it
+    if found is not None:  # unsupervised, or its supervisor hung
         try:
             found.connect()
         except QemuspecError:
             pass  # stop() escalates to signals without QMP
         step = found.stop(timeout).step
-    forget(state_dir)
-    for path in (supervisor.supervisor_file(state_dir), supervisor.stop_file(state_dir)):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+    _clean_stale(state_dir)
     return step
+
+
+def _clean_stale(state_dir: str) -> None:
+    """What a killed supervisor and qemu left: records, sockets, the runtime directory. Only called
+    when neither lives (checked through the lock and the process identity)."""
+    if supervisor.read_supervisor(state_dir) is None:
+        forget(state_dir)
+        supervisor.clear(state_dir)
 
 
 def _signal_and_wait(pid: int, signum: int, timeout: float) -> bool:

@@ -49,6 +49,11 @@ class Layout:
         return os.path.join(self.run_dir, "qmp.sock")
 
     @property
+    def tls_dir(self) -> str:
+        """The TCP monitor's TLS credentials (runtime/tls.py makes them)."""
+        return os.path.join(self.state_dir, "tls")
+
+    @property
     def qmp_client(self) -> str:
         return os.path.join(self.run_dir, "qmp-client.sock")
 
@@ -187,10 +192,22 @@ def render(machine: Machine, name: str, layout: Layout) -> list[str]:
         argv += ["-device", optlist(dev.driver, [("id", dev.id)] if dev.id else [], dev.options)]
     if wants_vmgenid(machine):
         argv += ["-device", "vmgenid,id=qemuspec-vmgenid"]
+    if _wants_pvpanic(machine):
+        argv += ["-device", "pvpanic-pci"]
     if machine.overrides:
         argv = _without(argv, machine.overrides)
     argv += machine.append
     return argv
+
+
+def _wants_pvpanic(machine: Machine) -> bool:
+    """A restart policy that counts guest panics needs qemu to hear of them: without a pvpanic device
+    a panicked Linux just hangs. Added on PCI machines unless the definition has one already."""
+    if machine.restart == "no" or not (machine.machine.startswith(("q35", "pc")) or "-q35-" in machine.machine or "-i440fx-" in machine.machine):
+        return False
+    if any(dev.driver.startswith("pvpanic") for dev in machine.devices):
+        return False
+    return not any("pvpanic" in arg for arg in machine.append)
 
 
 def _without(argv: list[str], overrides: list[str]) -> list[str]:
@@ -239,15 +256,24 @@ def _socket_chardev(chardev_id: str, layout: Layout, role: str, path: str, extra
 
 
 def _monitors(layout: Layout) -> list[str]:
-    if layout.qmp_port is not None and "qmp" not in layout.fds:
-        main = optlist("socket", [("id", own("qmp")), ("host", "127.0.0.1"), ("port", layout.qmp_port), ("server", True), ("wait", False)])
-    else:
-        main = _socket_chardev(own("qmp"), layout, "qmp", layout.qmp)
+    """The controller's monitor and the tools' monitor, both unix sockets; with qmp.transport = "tcp"
+    a third monitor on 127.0.0.1 that only TLS clients with a certificate from the state directory's
+    CA can use (QMP has no authentication, and any local user can reach a loopback port)."""
+    main = _socket_chardev(own("qmp"), layout, "qmp", layout.qmp)
     client = _socket_chardev(own("qmp-client"), layout, "qmp-client", layout.qmp_client)
-    return [
+    argv = [
         "-chardev", main, "-mon", f"chardev={own('qmp')},mode=control",
         "-chardev", client, "-mon", f"chardev={own('qmp-client')},mode=control",
     ]
+    if layout.qmp_port is not None:
+        fd = layout.fds.get("qmp-tcp")
+        where: list[tuple[str, OptionValue]] = [("fd", fd)] if fd is not None else [("host", "127.0.0.1"), ("port", layout.qmp_port)]
+        argv += [
+            "-object", optlist("tls-creds-x509", [("id", own("qmp-tls")), ("dir", layout.tls_dir), ("endpoint", "server"), ("verify-peer", True)]),
+            "-chardev", optlist("socket", [("id", own("qmp-tcp")), *where, ("server", True), ("wait", False), ("tls-creds", own("qmp-tls"))]),
+            "-mon", f"chardev={own('qmp-tcp')},mode=control",
+        ]
+    return argv
 
 
 def _serial(machine: Machine, layout: Layout) -> list[str]:

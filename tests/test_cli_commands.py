@@ -68,6 +68,7 @@ def test_every_command_prints_json(box, tmp_path):
     assert check("up", box)[0]["action"] == "up to date"
     assert check("status", box)[0]["state"] == "running"
     assert check("ps", box)[0]["name"] == "box"
+    assert any(r["name"] == "box" and r["file"] == os.path.abspath(box) for r in check("ls"))
     assert check("plan", box)[0]["action"] == "up to date"
     assert check("inspect", box)["argv"][0] == "qemu-system-x86_64"
     assert any("line" in r for r in check("logs", box, lines=True))

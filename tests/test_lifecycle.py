@@ -174,7 +174,7 @@ def test_guest_power_off_restarts_under_always(lab):
 
 
 def test_on_failure_restarts_a_panicked_guest(lab):
-    path = lab({"web": {"restart": "on-failure", "cmdline": "qemuspec.panic=1", "extra": 'devices = [{ driver = "pvpanic-pci" }]'}})
+    path = lab({"web": {"restart": "on-failure", "cmdline": "qemuspec.panic=1"}})  # no device: qemuspec adds pvpanic
     cli("up", path)
     wait_event(path, "web", lambda e: e["event"] == "GUEST_PANICKED")
     restart = wait_event(path, "web", lambda e: e["event"] == "QEMUSPEC_RESTART")
@@ -256,4 +256,6 @@ def test_up_failure_exits_1_with_console_lines(lab, tmp_path):
     result = cli("up", path, check=False)
     assert result.returncode == 1
     assert "was not ready within 12 s" in result.stderr and "last console lines" in result.stderr
-    assert status(path)["web"]["state"] == "crashed"
+    row = status(path)["web"]
+    assert row["state"] == "failed", "a machine that never started did not crash"
+    assert "never became ready (probe tcp guest port 81, after" in row["reason"]

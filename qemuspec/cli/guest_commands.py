@@ -29,7 +29,7 @@ def agent_for(ctx: Context, name: str, timeout: float = 30.0) -> "GuestAgent":
                             "(and run qemu-guest-agent in the guest), or use `qemuspec ssh`")
     from qemuspec.runtime.status import run_state
 
-    if run_state(inst) == "paused":
+    if run_state(inst)[0] == "paused":
         raise QemuspecError(f"machine {name} is paused, so its guest agent cannot answer: "
                             f"`qemuspec resume {ctx.target.path} {name}` first")
     agent = GuestAgent(inst.layout.qga, timeout=timeout)

@@ -48,6 +48,7 @@ COMMANDS = {
     "down": ("vm_commands", "down", "stop machines in reverse dependency order"),
     "status": ("vm_commands", "status", "show each machine's state, pid, uptime, restarts and ports"),
     "ps": ("vm_commands", "status", "same as status"),
+    "ls": ("vm_commands", "ls", "list every machine qemuspec runs on this host, whatever its definition file"),
     "plan": ("vm_commands", "plan", "show what `up` would change, by field and argv; exit 3 when something would"),
     "inspect": ("vm_commands", "inspect", "everything known about one machine: argv, state, ports, disks, events"),
     "logs": ("vm_commands", "logs", "print serial console logs (or events with --events)"),

@@ -22,6 +22,11 @@ if TYPE_CHECKING:
 DETACH = b"\x1d"  # Ctrl-]
 
 
+def _owner(target: Target) -> str | None:
+    """The definition file, recorded as the owner of the machines it starts."""
+    return os.path.abspath(target.path) if getattr(target, "path", None) else None
+
+
 def _print_outcomes(out: Output, outcomes: list["Outcome"]) -> None:
     if out.json:
         emit_json([o.as_dict() for o in outcomes])
@@ -31,6 +36,7 @@ def _print_outcomes(out: Output, outcomes: list["Outcome"]) -> None:
             continue
         ports = ", ".join(f"{p['address']}:{p['host']}->{p['guest']}/{p['protocol']}" for p in o.ports)
         extra = [f"pid {o.pid}"] if o.pid else []
+        extra += [f"accel {','.join(o.accel)}"] if getattr(o, "accel", None) else []
         extra += [ports] if ports else []
         extra += [f"qemu {o.qemu}"] if getattr(o, "qemu", "") and o.action in ("started", "recreated") else []
         extra += [o.detail] if o.detail else []
@@ -84,7 +90,7 @@ def up(ctx: Context, *, no_probe: bool, attach: bool, timeout: float | None, all
     deadline = max((spec.machines[n].ready.timeout for n in reconcile.needed(spec, names)), default=None)
     progress = ctx.out.progress(names, deadline)
     try:
-        outcomes = reconcile.up(spec, target.root, names, progress)
+        outcomes = reconcile.up(spec, target.root, names, progress, owner=_owner(target))
     finally:
         progress.close()
     _record(target, outcomes, declared)
@@ -111,7 +117,7 @@ def _attach(ctx: Context, spec: Any, names: list[str]) -> int:
     except KeyboardInterrupt:
         pass
     print("\nstopping...", file=sys.stderr)
-    _print_outcomes(ctx.out, reconcile.down(spec, root, names, None, ctx.out.progress(names)))
+    _print_outcomes(ctx.out, reconcile.down(spec, root, names, None, ctx.out.progress(names), owner=_owner(ctx.target)))
     return 0
 
 
@@ -123,11 +129,12 @@ def down(ctx: Context, *, timeout: float | None, purge: bool) -> int:
     names = target.machines()
     if (hosts := libvirt_commands.placed(ctx, spec, names)):  # libvirt backend
         return libvirt_commands.down(ctx, spec, names, hosts, timeout, purge)
-    outcomes = reconcile.down(spec, target.root, names, timeout, ctx.out.progress(names))
+    outcomes = reconcile.down(spec, target.root, names, timeout, ctx.out.progress(names), owner=_owner(target))
     if purge:
         from qemuspec.api import purge as purge_files
 
-        for path in purge_files(spec, target.root, names):
+        kept = {o.name for o in outcomes if o.action == "belongs to another file"}
+        for path in purge_files(spec, target.root, [n for n in names if n not in kept]):
             ctx.out.note(f"removed {path}")
     _print_outcomes(ctx.out, outcomes)
     return 0
@@ -140,22 +147,52 @@ def status(ctx: Context) -> int:
     spec = target.spec
     if (hosts := libvirt_commands.placed(ctx, spec, target.machines())):  # libvirt backend
         return libvirt_commands.status(ctx, spec, target.machines(), hosts)
-    rows = [machine_status(name, spec.machines[name], target.state_dir(name)) for name in target.machines()]
+    owner = _owner(target)
+    rows = []
+    for name in target.machines():
+        row = machine_status(name, spec.machines[name], target.state_dir(name))
+        if owner and row.get("file") and row["state"] != "stopped" and os.path.abspath(row["file"]) != owner:
+            row["reason"] = f"run by {row['file']}" + (f"; {row['reason']}" if row["reason"] else "")
+        rows.append(row)
     if ctx.out.json:
         emit_json(rows)
         return 0
-    table = [["NAME", "STATE", "PID", "UPTIME", "RESTARTS", "BOOT", "PORTS"]]
-    for r in rows:
-        ports = " ".join(f"{p['host']}->{p['guest']}" for p in r["ports"])
-        uptime = f"{r['uptime']:.0f}s" if r["uptime"] is not None else "-"
-        table.append([r["name"], r["state"], str(r["pid"] or "-"), uptime, str(r["restarts"]), r.get("boot") or "-", ports or "-"])
-    for line in format_table(table, right={2, 3, 4}):
-        print(line)
+    _table(rows, with_file=False)
     for r in rows:  # warm machines: how the next start goes, and what a restore shares
         if r.get("next_boot"):
             print(f"{r['name']}: next start {r['next_boot']['boot']}: {r['next_boot']['why']}")
         if r.get("restored") and "reseeded" not in r["restored"].get("rng", ""):
             print(f"{r['name']}: RNG {r['restored']['rng']}")
+    return 0
+
+
+def _table(rows: list[dict], with_file: bool) -> None:
+    head = ["NAME", "STATE", "PID", "UPTIME", "RESTARTS", "BOOT", "ACCEL", "PORTS"] + (["FILE"] if with_file else []) + ["REASON"]
+    table = [head]
+    for r in rows:
+        ports = " ".join(f"{p['host']}->{p['guest']}" for p in r["ports"])
+        uptime = f"{r['uptime']:.0f}s" if r["uptime"] is not None else "-"
+        cells = [r["name"], r["state"], str(r["pid"] or "-"), uptime, str(r["restarts"]), r.get("boot") or "-",
+                 ",".join(r["accel"]) or "-", ports or "-"]
+        cells += [str(r.get("file") or r.get("state_dir"))] if with_file else []
+        table.append(cells + [r["reason"] or ""])
+    for line in format_table(table, right={2, 3, 4}):
+        print(line)
+
+
+def ls(ctx: Context) -> int:
+    """Every machine this user's qemuspec runs here, found through the runtime registry (so a deleted
+    state directory or another project's file does not hide it)."""
+    from qemuspec.runtime.status import registered
+
+    rows = registered()
+    if ctx.out.json:
+        emit_json(rows)
+        return 0
+    if not rows:
+        print("no machines running")
+        return 0
+    _table(rows, with_file=True)
     return 0
 
 
@@ -180,7 +217,7 @@ def plan(ctx: Context, *, warm: bool = False) -> int:
         return libvirt_commands.plan(ctx, spec, target.machines(), hosts)
     names = target.machines()
     _warm_flag(warm, spec, names)
-    steps = plan_steps(spec, target.root, names)
+    steps = plan_steps(spec, target.root, names, owner=_owner(target))
     pending = any(step["action"] != "up to date" for step in steps)
     if ctx.out.json:
         emit_json(steps)
@@ -189,7 +226,8 @@ def plan(ctx: Context, *, warm: bool = False) -> int:
     colour = {"up to date": "32", "start": "33", "adopt": "33", "recreate": "33"}
     for step in steps:
         boot = f" ({step['warm']['boot']}: {step['warm']['why']})" if step.get("warm") else ""
-        print(f"{step['name']}: {out.paint(step['action'], colour.get(step['action'], '0'))}{boot}")
+        detail = f" ({step['detail']})" if step.get("detail") else ""
+        print(f"{step['name']}: {out.paint(step['action'], colour.get(step['action'], '0'))}{boot}{detail}")
         for change in step["changes"]:
             old, new = show_value(change["field"], change["old"]), show_value(change["field"], change["new"])
             print(f"    {change['field']}: {out.paint(old, '31')} -> {out.paint(new, '32')}")
@@ -314,8 +352,8 @@ def restart(ctx: Context) -> int:
         libvirt_commands.down(ctx, spec, names, hosts, None, False)
         return libvirt_commands.up(ctx, spec, names, hosts)
     progress = ctx.out.progress(names)
-    reconcile.down(spec, target.root, names, None, progress)
-    outcomes = reconcile.up(spec, target.root, names, progress)
+    reconcile.down(spec, target.root, names, None, progress, owner=_owner(target))
+    outcomes = reconcile.up(spec, target.root, names, progress, owner=_owner(target))
     progress.close()
     _record(target, outcomes, spec.machines)
     _print_outcomes(ctx.out, outcomes)

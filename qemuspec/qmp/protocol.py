@@ -72,18 +72,39 @@ def event_name_matches(pattern: str, name: str) -> bool:
 
 
 class EventLog:
-    """Appends each event to a JSON-lines file (the machine's ``events.jsonl``), one write per line."""
+    """Appends each event to a JSON-lines file (the machine's ``events.jsonl``), one write per line.
 
-    def __init__(self, path: str | None):
+    A failed write (disk full, directory deleted) is remembered in ``error``, never raised: losing a
+    log line must not cost the QMP connection it came from. Past ``limit`` bytes the file is moved to
+    ``NAME.1`` (one generation kept), so the log stays bounded."""
+
+    LIMIT = 8 * 1024 * 1024
+
+    def __init__(self, path: str | None, limit: int = LIMIT):
         self.path = path
+        self.limit = limit
+        self.error: str | None = None
         self._fd: int | None = None
+        self._size = 0
 
     def write(self, event: dict) -> None:
         if not self.path:
             return
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        os.write(self._fd, json.dumps(event, separators=(",", ":")).encode() + b"\n")
+        line = json.dumps(event, separators=(",", ":")).encode() + b"\n"
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+                self._size = os.fstat(self._fd).st_size
+            if self._size + len(line) > self.limit:
+                self.close()
+                os.replace(self.path, self.path + ".1")
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+                self._size = 0
+            os.write(self._fd, line)
+            self._size += len(line)
+        except OSError as exc:
+            self.error = f"cannot write {self.path}: {exc.strerror or exc}"
+            self.close()
 
     def close(self) -> None:
         if self._fd is not None:

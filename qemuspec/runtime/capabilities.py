@@ -77,10 +77,16 @@ def _ask(binary: str) -> Capabilities:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     argv = [binary, "-machine", "none", "-S", "-nodefaults", "-no-user-config", "-display", "none",
             "-chardev", f"socket,id=qmp,fd={theirs.fileno()}", "-mon", "chardev=qmp,mode=control"]
-    proc = subprocess.Popen(argv, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    import tempfile
+
+    # stderr to a file, not a pipe: a child the binary forks could hold a pipe open forever. Its own
+    # session, so the whole group goes on failure (a wrapper script's children too).
+    errors = tempfile.TemporaryFile()
+    proc = subprocess.Popen(argv, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors,
+                            start_new_session=True)
     theirs.close()
     try:
-        client = QMPClient.connect(ours, timeout=10)
+        client = QMPClient.connect(ours, timeout=PROBE_TIMEOUT)
         try:
             version = (client.greeting or {})["version"]["qemu"]
             types = lambda implements: sorted(t["name"] for t in client.command("qom-list-types", {"implements": implements, "abstract": False}))
@@ -111,17 +117,50 @@ def _ask(binary: str) -> Capabilities:
         finally:
             client.close()
     except QemuspecError as exc:
-        proc.kill()
-        raise LaunchError(f"cannot probe {binary}: {exc}: {proc.stderr.read().decode(errors='replace').strip() if proc.stderr else ''}") from None
+        _kill_group(proc)
+        errors.seek(0)
+        raise LaunchError(f"cannot probe {binary}: {exc}: {errors.read(4096).decode(errors='replace').strip()}") from None
     finally:
-        proc.wait(10)
-        if proc.stderr:
-            proc.stderr.close()
+        try:
+            proc.wait(PROBE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pass
+        _kill_group(proc)
+        errors.close()
+        ours.close()
     return caps
 
 
+PROBE_TIMEOUT = 10.0
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the probe's process group (it leads its own session) and reap it."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(PROBE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pass
+
+
 def _help_options(binary: str) -> list[str]:
-    out = subprocess.run([binary, "-help"], capture_output=True, text=True).stdout
+    import tempfile
+
+    with tempfile.TemporaryFile() as out_file:
+        proc = subprocess.Popen([binary, "-help"], stdin=subprocess.DEVNULL, stdout=out_file, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            proc.wait(PROBE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise QemuspecError(f"{binary} -help did not finish within {PROBE_TIMEOUT:g} s") from None
+        finally:
+            _kill_group(proc)
+        out_file.seek(0)
+        out = out_file.read().decode(errors="replace")
     return sorted(set(re.findall(r"^-([a-zA-Z0-9][\w-]*)", out, re.M)))
 
 

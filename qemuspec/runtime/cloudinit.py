@@ -89,10 +89,10 @@ def ensure_seed(name: str, machine: Machine, layout: Layout, ssh_public_key: str
                 return False
     except FileNotFoundError:
         pass
-    data = build_iso(files)
-    with open(layout.cidata + ".tmp", "wb") as f:
-        f.write(data)
-    os.replace(layout.cidata + ".tmp", layout.cidata)
-    with open(stamp, "w") as f:
-        f.write(digest + "\n")
+    from qemuspec.runtime import statedir
+
+    data = build_iso(files)  # the seed carries user data (secrets, keys): 0600, atomic, no symlinks
+    directory = os.path.dirname(layout.cidata)
+    statedir.write_bytes(directory, os.path.basename(layout.cidata), data)
+    statedir.write_bytes(directory, os.path.basename(stamp), (digest + "\n").encode())
     return True

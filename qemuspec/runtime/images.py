@@ -3,6 +3,7 @@ resized behind the user's back."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 
@@ -11,7 +12,7 @@ from qemuspec.errors import ImageError, LaunchError
 from qemuspec.spec.models import Disk
 
 
-def ensure_disk(disk: Disk) -> bool:
+def ensure_disk(disk: Disk, state_dir: str | None = None) -> bool:
     """Create the disk's image if it is missing (True then). An existing image smaller than the
     declared size is an error that names the fix, not a silent resize."""
     if os.path.exists(disk.file):
@@ -28,16 +29,20 @@ def ensure_disk(disk: Disk) -> bool:
         img.create(disk.file, disk.size, disk.format or "raw", backing=disk.backing, backing_format=disk.backing_format)
     except ImageError as exc:
         raise LaunchError(f"cannot create disk {disk.file}: {exc}") from None
+    if state_dir is not None:  # what `down --purge` may delete: only files recorded here
+        from qemuspec.runtime.statedir import note_created
+
+        note_created(state_dir, disk.file)
     return True
 
 
-def reset_overlay(disk: Disk) -> bool:
+def reset_overlay(disk: Disk, state_dir: str | None = None) -> bool:
     """Throw away an overlay's changes: a new empty overlay on the same base (True when reset)."""
     if not disk.backing:
         return False
     if os.path.exists(disk.file):
         os.unlink(disk.file)
-    ensure_disk(disk)
+    ensure_disk(disk, state_dir)
     return True
 
 
@@ -46,5 +51,14 @@ def ensure_efivars(template: str, target: str) -> None:
     if not os.path.exists(target):
         if not os.path.exists(template):
             raise LaunchError(f"UEFI variable template {template} not found: install ovmf (Debian) or set firmware.vars")
-        shutil.copyfile(template, target + ".tmp")
-        os.replace(target + ".tmp", target)
+        import tempfile
+
+        fd, tmp = tempfile.mkstemp(prefix=".efivars-", dir=os.path.dirname(target))  # O_EXCL, 0600
+        try:
+            with open(template, "rb") as src, os.fdopen(fd, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise

@@ -7,9 +7,7 @@ and one started from a file behave the same.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -19,9 +17,9 @@ from qemuspec.errors import LaunchError, QemuspecError, QMPConnectionError, QMPE
 from qemuspec.qmp.sync import QMPClient
 from qemuspec.render import OVMF_VARS, Layout, render
 from qemuspec.runtime import accel as accel_mod
-from qemuspec.runtime import paths
+from qemuspec.runtime import paths, statedir
 from qemuspec.runtime.console import ConsoleReader, tail
-from qemuspec.runtime.process import Process, alive, cmdline, spawn
+from qemuspec.runtime.process import Process, alive, cmdline, spawn, start_time
 from qemuspec.spec.models import Machine
 
 GREETING_TIMEOUT = 15.0
@@ -42,14 +40,6 @@ def definition_hash(machine: Machine) -> str:
     return hashlib.sha256(machine.model_dump_json(exclude={"ready": {"timeout"}}).encode()).hexdigest()[:16]
 
 
-def write_json_atomic(path: str, data: Any) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 class Instance:
     def __init__(self, name: str, machine: Machine, state_dir: str):
         self.name = name
@@ -68,12 +58,16 @@ class Instance:
         self.boot = "cold"  # "warm" when started from saved state (runtime/warm.py)
         self.restored: dict | None = None  # after a warm start: what was done about clock and RNG
         self._restore_mark: int | None = None
+        self.owner: str | None = None  # the definition file this machine belongs to
+        self.control_address: str | None = None  # the controller's monitor (always a unix socket)
+        self.exec_argv: list[str] = []  # exactly what qemu runs with (its identity in /proc)
+        self.write_error: str | None = None  # the copy in the state directory could not be written
         self._listeners: list[tuple[str, Callable[[dict], Any]]] = []
         self._log_offset = 0
 
     @property
     def state_file(self) -> str:
-        return os.path.join(self.state_dir, "state.json")
+        return os.path.join(self.state_dir, statedir.STATE)
 
     # -- events -----------------------------------------------------------------------------------
 
@@ -109,8 +103,8 @@ class Instance:
                 paths.prepare(base)
                 self._launch(base, fallback)
         except BaseException:
-            if self.process is None:  # nothing started: leave no socket directory behind
-                shutil.rmtree(base.run_dir, ignore_errors=True)
+            if self.process is None:  # nothing started: leave no socket behind
+                forget(self.state_dir)
             raise
 
     def _launch(self, base: Layout, accels: tuple[str, ...]) -> None:
@@ -121,11 +115,12 @@ class Instance:
         try:
             qmp_port = None
             if machine.qmp.transport == "tcp":
+                from qemuspec.runtime import tls
                 from qemuspec.runtime.sockets import listen_tcp
 
-                listeners["qmp"], qmp_port = listen_tcp(machine.qmp.port)
-            else:
-                listeners["qmp"] = self._listen(base.qmp)
+                tls.ensure(base.state_dir)
+                listeners["qmp-tcp"], qmp_port = listen_tcp(machine.qmp.port)
+            listeners["qmp"] = self._listen(base.qmp)
             listeners["qmp-client"] = self._listen(base.qmp_client)
             if machine.serial in ("log", "socket"):
                 listeners["console"] = self._listen(base.console)
@@ -143,11 +138,19 @@ class Instance:
             launch_argv = render(run_machine, self.name, Layout(base.state_dir, base.run_dir, accels, qmp_port, fds))
             if memory_fd is not None:
                 launch_argv += ["-incoming", "defer"]
-            self.qmp_address = f"tcp:127.0.0.1:{qmp_port}" if qmp_port else f"unix:{base.qmp}"
+            self.qmp_address = f"tcp:127.0.0.1:{qmp_port}" if qmp_port else f"unix:{base.qmp}"  # for people and tools
+            self.control_address = f"unix:{base.qmp}"  # ours
+            if machine.serial in ("log", "socket"):  # qemu opens it by path: make it ours (0600, no symlink) first
+                statedir.precreate(base.state_dir, statedir.SERIAL_LOG)
             self._log_offset = os.path.getsize(base.serial_log) if os.path.exists(base.serial_log) else 0
-            qemu_log_offset = os.path.getsize(base.qemu_log) if os.path.exists(base.qemu_log) else 0
-            popen = spawn(launch_argv, base.qemu_log, pass_fds=tuple(fds.values()) + ((memory_fd,) if memory_fd is not None else ()))
+            log_fd = statedir.open_log(base.state_dir, statedir.QEMU_LOG)
+            try:
+                qemu_log_offset = os.fstat(log_fd).st_size
+                popen = spawn(launch_argv, log_fd, pass_fds=tuple(fds.values()) + ((memory_fd,) if memory_fd is not None else ()))
+            finally:
+                os.close(log_fd)
             self.process = Process(popen.pid, popen)
+            self.exec_argv = list(launch_argv)
             self.started_at = time.time()
             # Connect while our copies of the listening sockets still exist: the connections queue in
             # the backlog and qemu accepts them as it starts, so no console output is missed.
@@ -169,8 +172,9 @@ class Instance:
                 self.qmp.command("migrate-incoming", {"uri": f"fd:{memory_fd}"})
         except QemuspecError as exc:
             code = self.process.wait(2)
-            if code is None:  # alive but mute: never leave it behind
+            if code is None:  # alive but mute: never leave it behind, nor what it forked
                 self.process.terminate_and_kill(2.0)
+            self.process.kill_group()
             self._cleanup()
             detail = tail(base.qemu_log, 20, qemu_log_offset)
             status = f"exited with code {code}" if code is not None else "did not answer on QMP"
@@ -189,8 +193,11 @@ class Instance:
     def _prepare_files(self, lay: Layout) -> None:
         from qemuspec.runtime import images
 
+        from qemuspec.runtime.sockets import check_forwards
+
+        check_forwards(self.name, self.machine.nics)
         for disk in self.machine.disks:
-            images.ensure_disk(disk)
+            images.ensure_disk(disk, self.state_dir)
         if self.machine.firmware.type == "uefi":
             images.ensure_efivars(self.machine.firmware.vars or OVMF_VARS, lay.efivars)
         for path in (self.machine.kernel, self.machine.initrd):
@@ -224,22 +231,28 @@ class Instance:
 
         return sshkeys.ensure_key(os.path.dirname(self.state_dir))[1]
 
-    def write_state(self) -> None:
+    def record(self) -> statedir.QemuRecord:
         assert self.process is not None
-        write_json_atomic(self.state_file, {
-            "name": self.name,
-            "pid": self.process.pid,
-            "hash": definition_hash(self.machine),
-            "argv": self.argv,
-            "qmp": self.qmp_address,
-            "qmp_client": f"unix:{self.layout.qmp_client}",
-            "console": self.layout.console if self.machine.serial in ("log", "socket") else None,
-            "accel": list(self.layout.accel),
-            "started_at": self.started_at,
-            "ports": self.ports,
-            "boot": self.boot,
-            **({"restored": self.restored} if self.restored else {}),
-        })
+        return statedir.QemuRecord(
+            name=self.name, pid=self.process.pid, exec_argv=self.exec_argv, pid_start=start_time(self.process.pid),
+            argv=self.argv, hash=definition_hash(self.machine), qmp=self.qmp_address, control=self.control_address,
+            tls=self.layout.tls_dir if self.layout.qmp_port else None,
+            qmp_client=f"unix:{self.layout.qmp_client}",
+            console=self.layout.console if self.machine.serial in ("log", "socket") else None,
+            accel=list(self.layout.accel), started_at=self.started_at, ports=self.ports,
+            state_dir=self.state_dir, owner=self.owner, boot=self.boot, restored=self.restored)
+
+    def write_state(self) -> None:
+        """The machine's identity into the runtime directory (authoritative: must succeed), and a copy
+        into the state directory for people (may fail: disk full, directory deleted; remembered)."""
+        record = self.record()
+        statedir.write(self.layout.run_dir, statedir.MACHINE, record)
+        try:
+            statedir.ensure_private(self.state_dir)
+            statedir.write(self.state_dir, statedir.STATE, record)
+            self.write_error = None
+        except (OSError, QemuspecError) as exc:
+            self.write_error = f"cannot write {self.state_file}: {getattr(exc, 'strerror', None) or exc}"
 
     # -- readiness --------------------------------------------------------------------------------
 
@@ -283,7 +296,9 @@ class Instance:
                 probe = "guest agent"
                 probes.wait_agent(self.layout.qga, deadline, running)
         except QemuspecError as exc:
-            raise ReadyTimeout(self._not_ready(probe, timeout, exc)) from None
+            error = ReadyTimeout(self._not_ready(probe, timeout, exc))
+            error.probe = probe  # for status: "never became ready (probe ..., after ... s)"
+            raise error from None
         return time.time() - (self.started_at or time.time())
 
     def host_port(self, guest: int, protocol: str = "tcp") -> int:
@@ -318,76 +333,25 @@ class Instance:
             self._cleanup()
         return code
 
-    def quit(self, timeout: float = 10.0) -> StopResult:
-        """QMP quit at once (no ACPI), then signals if qemu does not go."""
-        return self._stop(acpi_timeout=None, quit_timeout=timeout)
+    def quit(self, timeout: float | None = None) -> StopResult:
+        """QMP quit at once (no ACPI; ``timeout`` for qemu to go), then signals if qemu does not go."""
+        return self._stop(acpi_timeout=None, quit_wait=timeout)
 
     def stop(self, timeout: float | None = None) -> StopResult:
-        """ACPI powerdown, wait up to the stop timeout, then QMP quit, SIGTERM, SIGKILL; always reaped."""
-        return self._stop(acpi_timeout=self.machine.stop_timeout if timeout is None else timeout, quit_timeout=5.0)
+        """ACPI powerdown, wait up to the stop timeout, then QMP quit, SIGTERM, SIGKILL; always reaped.
+        The steps and their timeouts are policy.escalate's."""
+        return self._stop(acpi_timeout=self.machine.stop_timeout if timeout is None else timeout)
 
-    def _stop(self, acpi_timeout: float | None, quit_timeout: float) -> StopResult:
+    def _stop(self, acpi_timeout: float | None, quit_wait: float | None = None) -> StopResult:
+        from qemuspec.runtime.policy import QUIT_WAIT, escalate
+
         began = time.monotonic()
         if self.process is None or self.process.poll() is not None:
             self._cleanup()
             return StopResult("already stopped", 0.0, self.process.returncode if self.process else None)
-        step = None
-        skipped = None
-        if acpi_timeout is not None and self._guest_running():
-            skipped = self._acpi_unanswered()
-            if skipped is None and self._send("system_powerdown") and self.process.wait(acpi_timeout) is not None:
-                step = "ACPI powerdown"
-        if step is None and self._send("quit") and self.process.wait(quit_timeout) is not None:
-            step = f"QMP quit: {skipped}" if skipped else "QMP quit"
-        if step is None:
-            step = self.process.terminate_and_kill(3.0)
+        step = escalate(_Escalation(self), acpi_timeout, QUIT_WAIT if quit_wait is None else quit_wait)
         self._cleanup()
         return StopResult(step, time.monotonic() - began, self.process.returncode)
-
-    def _acpi_unanswered(self) -> str | None:
-        """Why a power-button press cannot be answered, when qemu can tell: the machine has no ACPI,
-        or the guest has not taken ACPI over yet (SCI_EN, bit 0 of PM1 control, is set by the OS; an
-        unmapped PM block reads all ones). Then stop goes straight to quit instead of waiting out
-        stop_timeout. Known for SeaBIOS on pc/q35 (PM base 0x600); other firmware is just waited for."""
-        kind = self.machine.machine
-        if kind == "none":
-            return "the machine has no ACPI"
-        if self.machine.firmware.type != "bios" or self.machine.firmware.code or not kind.startswith(("pc", "q35")) or self.qmp is None:
-            return None
-        try:
-            out = self.qmp.command("human-monitor-command", {"command-line": "i/w 0x604"}, timeout=5)
-        except QemuspecError:
-            return None
-        import re
-
-        match = re.search(r"=\s*0x([0-9a-fA-F]+)", out or "")
-        if match is None:
-            return None
-        pm1_control = int(match.group(1), 16) & 0xFFFF
-        if pm1_control == 0xFFFF or not pm1_control & 1:
-            return "the guest has not enabled ACPI yet"
-        return None
-
-    def _guest_running(self) -> bool:
-        """A paused or never-started guest cannot act on the power button: skip straight to quit."""
-        if self.qmp is None:
-            return False
-        try:
-            return self.qmp.command("query-status", timeout=5).get("status") == "running"
-        except QemuspecError:
-            return False
-
-    def _send(self, command: str) -> bool:
-        """Send a stop command and wait for its reply (closing right after `quit` can leave qemu up)."""
-        if self.qmp is None:
-            return False
-        try:
-            self.qmp.command(command, timeout=5)
-            return True
-        except QMPConnectionError:
-            return command == "quit"  # the reply can lose the race with qemu closing the socket
-        except (QMPError, QemuspecError):
-            return False
 
     def kill(self) -> None:
         if self.process is not None:
@@ -401,6 +365,8 @@ class Instance:
             self.console.close()
             self.console = None
         if self.process is not None and self.process.poll() is not None:
+            if self.process.popen is not None:
+                self.process.kill_group()  # what a wrapper forked dies with it
             forget(self.state_dir)
 
     def close(self) -> None:
@@ -416,56 +382,166 @@ class Instance:
 
     @classmethod
     def find(cls, name: str, machine: Machine, state_dir: str) -> "Instance | None":
-        """The running qemu recorded in ``state_dir``, if the recorded pid really is that machine's qemu."""
+        """The running qemu of this state directory, if the recorded pid really is that qemu.
+
+        The runtime directory's record comes first: it survives a deleted state directory and only
+        this user can write it. The state directory's copy is a fallback (runtime directory cleared)
+        and is trusted no further than the identity check: same uid, kernel start time, and a
+        command line equal to the recorded one, which names this machine's pidfile."""
         inst = cls(name, machine, state_dir)
-        try:
-            with open(inst.state_file, encoding="utf-8") as f:
-                state = json.load(f)
-        except (OSError, ValueError):
+        record = statedir.read(paths.run_dir(inst.state_dir), statedir.MACHINE, statedir.QemuRecord)
+        trusted = record is not None
+        if record is None:
+            record = statedir.read(inst.state_dir, statedir.STATE, statedir.QemuRecord)
+        if record is None or record.name != name:
             return None
-        pid = state.get("pid")
-        lay = paths.layout(inst.state_dir, accel=tuple(state.get("accel") or ()))
-        if not isinstance(pid, int) or not alive(pid) or not is_our_qemu(pid, lay.pidfile):
+        lay = paths.layout(inst.state_dir, accel=tuple(a for a in record.accel if isinstance(a, str)))
+        if not is_our_qemu(record, lay.pidfile) or (not trusted and not _runs_qemu(record.pid)):
             return None
-        inst.process = Process(pid)
+        inst.process = Process(record.pid)
         inst.layout = lay
-        inst.argv = state.get("argv") or []
-        inst.qmp_address = state.get("qmp")
-        inst.ports = state.get("ports") or []
-        inst.started_at = state.get("started_at")
-        inst.recorded_hash = state.get("hash")
-        inst.boot = state.get("boot") or "cold"
-        inst.restored = state.get("restored")
+        inst.argv = record.argv
+        inst.exec_argv = record.exec_argv
+        inst.qmp_address = record.qmp
+        inst.control_address = record.control or (record.qmp if (record.qmp or "").startswith("unix:") else None)
+        inst.ports = record.ports
+        inst.started_at = record.started_at
+        inst.recorded_hash = record.hash
+        inst.owner = record.owner
+        inst.boot = record.boot or "cold"
+        inst.restored = record.restored
         return inst
 
     def connect(self, timeout: float = 5.0) -> QMPClient:
         """Connect to the main monitor of an adopted machine (free when no supervisor holds it)."""
         if self.qmp is None or self.qmp.closed:
-            if not self.qmp_address:
+            if not self.control_address:
                 raise QMPConnectionError(f"machine {self.name} has no recorded QMP address")
-            self.qmp = QMPClient.connect(self.qmp_address, timeout=timeout, event_log=self.layout.events_log)
+            self.qmp = QMPClient.connect(self.control_address, timeout=timeout, event_log=self.layout.events_log)
             for event, callback in self._listeners:
                 self.qmp.on(event, callback)
         return self.qmp
 
 
-def forget(state_dir: str) -> None:
-    """Remove what a stopped machine leaves behind: its state record, pidfile and socket directory.
-    Logs and disks stay."""
-    lay = paths.layout(state_dir)
-    shutil.rmtree(lay.run_dir, ignore_errors=True)
-    for path in (os.path.join(lay.state_dir, "state.json"), lay.pidfile):
+class _Escalation:
+    """An Instance as policy.escalate sees it."""
+
+    def __init__(self, inst: Instance):
+        self.inst = inst
+
+    def guest_running(self) -> bool:
+        """A paused or never-started guest cannot act on the power button: skip straight to quit."""
+        from qemuspec.runtime.policy import QUERY_TIMEOUT
+
+        if self.inst.qmp is None:
+            return False
         try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+            return self.inst.qmp.command("query-status", timeout=QUERY_TIMEOUT).get("status") == "running"
+        except QemuspecError:
+            return False
+
+    def send(self, command: str) -> bool:
+        """Send a stop command and wait for its reply (closing right after `quit` can leave qemu up)."""
+        from qemuspec.runtime.policy import COMMAND_TIMEOUT
+
+        if self.inst.qmp is None:
+            return False
+        try:
+            self.inst.qmp.command(command, timeout=COMMAND_TIMEOUT)
+            return True
+        except QMPConnectionError:
+            return command == "quit"  # the reply can lose the race with qemu closing the socket
+        except (QMPError, QemuspecError):
+            return False
+
+    def acpi_unanswered(self) -> str | None:
+        """Why a power-button press cannot be answered, when qemu can tell: the machine has no ACPI,
+        or the guest has not taken ACPI over yet (SCI_EN, bit 0 of PM1 control, is set by the OS; an
+        unmapped PM block reads all ones). Then stop goes straight to quit instead of waiting out
+        stop_timeout. Known for SeaBIOS on pc/q35 (PM base 0x600); other firmware is just waited for."""
+        kind = self.inst.machine.machine
+        if kind == "none":
+            return "the machine has no ACPI"
+        if self.inst.machine.firmware.type != "bios" or self.inst.machine.firmware.code or not kind.startswith(("pc", "q35")) or self.inst.qmp is None:
+            return None
+        try:
+            out = self.inst.qmp.command("human-monitor-command", {"command-line": "i/w 0x604"}, timeout=5)
+        except QemuspecError:
+            return None
+        import re
+
+        match = re.search(r"=\s*0x([0-9a-fA-F]+)", out or "")
+        if match is None:
+            return None
+        pm1_control = int(match.group(1), 16) & 0xFFFF
+        if pm1_control == 0xFFFF or not pm1_control & 1:
+            return "the guest has not enabled ACPI yet"
+        return None
+
+    def wait(self, timeout: float) -> bool:
+        assert self.inst.process is not None
+        return self.inst.process.wait(timeout) is not None
+
+    def signal(self, signum: int) -> None:
+        assert self.inst.process is not None
+        self.inst.process.signal(signum)
 
 
-def is_our_qemu(pid: int, pidfile: str) -> bool:
-    """True only for a process whose command line names this machine's pidfile: a recycled pid that now
-    belongs to something else is never signalled."""
+def recorded(state_dir: str) -> statedir.QemuRecord | None:
+    """The last qemu recorded for a state directory (alive or not)."""
+    state_dir = os.path.abspath(state_dir)
+    return (statedir.read(paths.run_dir(state_dir), statedir.MACHINE, statedir.QemuRecord)
+            or statedir.read(state_dir, statedir.STATE, statedir.QemuRecord))
+
+
+SOCKETS = ("qmp.sock", "qmp-client.sock", "console.sock", "qga.sock")
+
+
+def forget(state_dir: str) -> None:
+    """Remove what a stopped qemu leaves behind: its records, pidfile and sockets; the runtime
+    directory too once nothing else (a supervisor between restarts) uses it. Logs and disks stay."""
+    state_dir = os.path.abspath(state_dir)
+    run = paths.run_dir(state_dir)
+    statedir.remove(run, statedir.MACHINE, *SOCKETS, *[n for n in _listdir(run) if n.startswith("virtiofs") and n.endswith(".sock")])
+    statedir.remove(state_dir, statedir.STATE, statedir.PIDFILE)
+    with contextlib.suppress(OSError):
+        os.rmdir(run)
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def _runs_qemu(pid: int) -> bool:
+    """For a record from the state directory (which others may have written): the process must run a
+    qemu-system binary, not merely carry a qemu-like argv."""
+    try:
+        return os.path.basename(os.readlink(f"/proc/{pid}/exe")).startswith("qemu-system")
+    except OSError:
+        return False
+
+
+def is_our_qemu(record: statedir.QemuRecord, pidfile: str) -> bool:
+    """True only for a live process of this user whose command line is exactly the recorded one and
+    names this machine's pidfile, started when recorded: neither a recycled pid nor a process whose
+    argv merely mentions the pidfile, nor a forged record pointing at another program, is signalled."""
+    pid = record.pid
+    if not isinstance(pid, int) or pid <= 1 or not alive(pid):
+        return False
     argv = cmdline(pid)
-    return bool(argv) and "-pidfile" in argv and pidfile in argv
+    if not argv or argv != record.exec_argv:
+        return False
+    if "-pidfile" not in argv or argv.index("-pidfile") + 1 >= len(argv) or argv[argv.index("-pidfile") + 1] != pidfile:
+        return False
+    if record.pid_start is not None and start_time(pid) != record.pid_start:
+        return False
+    try:
+        return os.stat(f"/proc/{pid}").st_uid == os.getuid()
+    except OSError:
+        return False
 
 
 def _forwarded(qmp: QMPClient) -> list[dict]:

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 
-from qemuspec.errors import LaunchError
 from qemuspec.render import Layout
 
 STATE_ENV = "QEMUSPEC_STATE_DIR"
@@ -37,21 +35,35 @@ def run_base() -> str:
 
 def layout(state_dir: str, accel: tuple[str, ...] = (), qmp_port: int | None = None, fds: dict | None = None) -> Layout:
     """The layout of one machine whose state lives in ``state_dir``."""
+    return Layout(state_dir=os.path.abspath(state_dir), run_dir=run_dir(state_dir), accel=accel, qmp_port=qmp_port, fds=fds or {})
+
+
+def run_dir(state_dir: str) -> str:
+    """The runtime directory of the machine whose state lives in ``state_dir`` (its registry entry)."""
     digest = hashlib.sha256(os.path.abspath(state_dir).encode()).hexdigest()[:16]
-    return Layout(state_dir=os.path.abspath(state_dir), run_dir=os.path.join(run_base(), digest), accel=accel, qmp_port=qmp_port, fds=fds or {})
+    return os.path.join(run_base(), digest)
 
 
 def private_dir(path: str) -> None:
-    """Create ``path`` 0700 and refuse one that another user owns or others can enter."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    info = os.lstat(path)
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-        raise LaunchError(f"{path} is not a directory owned by you: remove it, or set XDG_RUNTIME_DIR to a private directory")
-    if stat.S_IMODE(info.st_mode) != 0o700:
-        os.chmod(path, 0o700)
+    """Create ``path`` 0700 and refuse one that another user owns, or a symlink."""
+    from qemuspec.runtime.statedir import ensure_private
+
+    ensure_private(path)
 
 
 def prepare(lay: Layout) -> None:
-    os.makedirs(lay.state_dir, exist_ok=True)
+    """The state directory and the runtime directory: both 0700 and ours (the parent of a state
+    directory may be the user's project: left as it is)."""
+    private_dir(lay.state_dir)
     private_dir(os.path.dirname(lay.run_dir))
     private_dir(lay.run_dir)
+
+
+def registry() -> list[str]:
+    """Every runtime directory of this user: one per machine qemuspec runs (or ran and lost)."""
+    base = run_base()
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return []
+    return [os.path.join(base, n) for n in sorted(names) if len(n) == 16 and not n.startswith("net-")]

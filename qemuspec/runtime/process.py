@@ -14,18 +14,36 @@ import time
 
 from qemuspec.errors import LaunchError
 
+KILL_WAIT = 10.0  # after SIGKILL: the kernel frees a large guest's memory before the process is gone
 
-def spawn(argv: list[str], log_path: str, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
-    """Start qemu with no shell, in its own session (a Ctrl-C in the terminal does not reach it)."""
-    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+
+def spawn(argv: list[str], log_fd: int, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
+    """Start qemu with no shell, in its own session and process group (a Ctrl-C in the terminal does
+    not reach it, and whatever it forks can be signalled with it)."""
     try:
-        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=pass_fds, start_new_session=True, close_fds=True)
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, pass_fds=pass_fds, start_new_session=True, close_fds=True)
     except FileNotFoundError:
         raise LaunchError(f"qemu binary {argv[0]!r} not found: install it (Debian: apt-get install qemu-system-x86) or set qemu = \"/path/to/qemu-system-x86_64\"") from None
     except PermissionError as exc:
         raise LaunchError(f"cannot run {argv[0]!r}: {exc}") from None
-    finally:
-        os.close(log)
+
+
+def start_time(pid: int) -> str | None:
+    """The kernel's start time of a process: with the pid, an identity that a recycled pid cannot fake."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return None
+
+
+def state(pid: int) -> str | None:
+    """The kernel's one-letter process state (R, S, D, T for stopped, Z), or None when gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError):
+        return None
 
 
 def alive(pid: int) -> bool:
@@ -94,11 +112,23 @@ class Process:
         return self.returncode
 
     def signal(self, signum: int) -> None:
+        """Signal the process, and its whole process group when it leads one (qemu runs in a session
+        of its own, so a wrapper script's children go with it)."""
         if self.poll() is None:
             try:
-                os.kill(self.pid, signum)
+                if os.getpgid(self.pid) == self.pid:
+                    os.killpg(self.pid, signum)
+                else:
+                    os.kill(self.pid, signum)
             except ProcessLookupError:
                 pass
+
+    def kill_group(self) -> None:
+        """SIGKILL whatever is left of the process group (children of a wrapper that exited)."""
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def terminate_and_kill(self, grace: float) -> str:
         """SIGTERM, then SIGKILL after ``grace`` seconds; returns the step that ended it."""
@@ -106,5 +136,5 @@ class Process:
         if self.wait(grace) is not None:
             return "SIGTERM"
         self.signal(signal.SIGKILL)
-        self.wait(10)
+        self.wait(KILL_WAIT)
         return "SIGKILL"

@@ -46,3 +46,56 @@ def listen_tcp(first_port: int, tries: int = 200) -> tuple[socket.socket, int]:
         sock.listen(16)
         return sock, port
     raise LaunchError(f"no free TCP port for QMP in {first_port}..{first_port + tries - 1}: choose another qmp.port")
+
+
+def check_forwards(name: str, nics) -> None:
+    """Fail early, naming the port and who holds it, when a fixed host port of a forward is taken
+    (qemu would only say "Could not set up host forwarding rule")."""
+    for nic in nics:
+        for fwd in getattr(nic, "forwards", []) or []:
+            if not fwd.host:
+                continue
+            kind = socket.SOCK_STREAM if fwd.protocol == "tcp" else socket.SOCK_DGRAM
+            sock = socket.socket(socket.AF_INET, kind)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((fwd.address, fwd.host))
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    continue
+                holder = port_holder(fwd.host, fwd.protocol)
+                who = f" by {holder}" if holder else ""
+                raise LaunchError(f"machine {name}: host port {fwd.address}:{fwd.host}/{fwd.protocol} (forward to guest port {fwd.guest}) "
+                                  f"is in use{who}: stop that, choose another host port, or use host = 0 for any free port") from None
+            finally:
+                sock.close()
+
+
+def port_holder(port: int, protocol: str = "tcp") -> str | None:
+    """"pid N (comm)" of a process with a socket bound to ``port``, when /proc lets us see it."""
+    inodes = set()
+    for table in (f"/proc/net/{protocol}", f"/proc/net/{protocol}6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    parts = line.split()
+                    if int(parts[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(parts[9])
+        except (OSError, StopIteration, IndexError, ValueError):
+            continue
+    inodes.discard("0")
+    if not inodes:
+        return None
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                target = os.readlink(f"/proc/{entry}/fd/{fd}")
+                if target.startswith("socket:[") and target[8:-1] in inodes:
+                    with open(f"/proc/{entry}/comm") as f:
+                        return f"pid {entry} ({f.read().strip()})"
+        except OSError:
+            continue
+    return None

@@ -33,6 +33,7 @@ def ensure_key(state_root: str) -> tuple[str, str]:
         except FileNotFoundError:
             raise QemuspecError("ssh-keygen not found: install it (Debian: apt-get install openssh-client)") from None
         os.chmod(tmp, 0o600)
+        os.chmod(tmp + ".pub", 0o600)  # nothing in a state directory is for other users
         os.replace(tmp + ".pub", path + ".pub")
         os.replace(tmp, path)
     with open(path + ".pub", encoding="utf-8") as f:

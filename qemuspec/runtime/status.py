@@ -1,34 +1,43 @@
-"""What state a declared machine is in, from its state directory and the live processes."""
+"""What state a machine is in, and why: from its records and the live processes.
+
+States: starting, running, paused, unresponsive (qemu alive but its monitor does not answer, or the
+process is stopped), restarting (attempt n, next in s), unsupervised (qemu runs, its supervisor is
+gone), stopped, crashed / failed (with the reason: never became ready, exited (code), killed
+(signal), guest panic), lost (supervisor and qemu both killed without a word).
+"""
 
 from __future__ import annotations
 
-import json
+import os
 import time
 from typing import Any
 
 from qemuspec.errors import QemuspecError
-from qemuspec.runtime.instance import Instance
-from qemuspec.runtime.supervisor import exit_file, read_supervisor
+from qemuspec.runtime import paths, statedir
+from qemuspec.runtime.instance import Instance, recorded
+from qemuspec.runtime.process import state as process_state
+from qemuspec.runtime.supervisor import read_supervisor, stale_supervisor
 from qemuspec.spec.models import Machine
 
-def _read(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
+UNRESPONSIVE_AFTER = 2.0  # seconds the client monitor may take to answer query-status
 
 
-def machine_status(name: str, machine: Machine, state_dir: str, ask_qemu: bool = True) -> dict[str, Any]:
-    inst = Instance.find(name, machine, state_dir)
+def machine_status(name: str, machine: Machine | None, state_dir: str, ask_qemu: bool = True) -> dict[str, Any]:
+    """One row of `status` / `ls`. ``machine`` may be None (ls: the definition is not loaded)."""
+    state_dir = os.path.abspath(state_dir)
+    inst = _find(name, machine, state_dir)
     sup = read_supervisor(state_dir)
-    last = _read(exit_file(state_dir))
+    last = statedir.read(state_dir, statedir.EXIT, statedir.ExitRecord)
+    rec = recorded(state_dir)
+    registry_rec = statedir.read(paths.run_dir(state_dir), statedir.MACHINE, statedir.QemuRecord)  # trusted, unlike a copy
     row: dict[str, Any] = {
-        "name": name, "state": "stopped", "pid": None, "supervisor": sup["pid"] if sup else None,
-        "uptime": None, "restarts": (sup or last).get("restarts", 0), "restart": machine.restart,
-        "qmp": None, "ports": [], "accel": [], "boot": None,
+        "name": name, "state": "stopped", "reason": "", "pid": None, "supervisor": sup.pid if sup else None,
+        "uptime": None, "restarts": sup.restarts if sup else (last.restarts if last else 0),
+        "restart": machine.restart if machine is not None else (sup.restart if sup else None),
+        "qmp": None, "ports": [], "accel": [], "file": (sup.owner if sup else None) or (rec.owner if rec else None),
+        "state_dir": state_dir, "error": sup.error if sup else None, "boot": None,
     }
-    if machine.warm:
+    if machine is not None and machine.warm:
         from qemuspec.runtime import warm
 
         row["next_boot"] = warm.check(name, machine, state_dir).as_dict()
@@ -37,25 +46,78 @@ def machine_status(name: str, machine: Machine, state_dir: str, ask_qemu: bool =
                    **({"restored": inst.restored} if inst.restored else {}),
                    uptime=round(time.time() - inst.started_at, 1) if inst.started_at else None)
         if sup is None:
-            row["state"] = "unsupervised"
-        elif sup.get("phase") == "starting":
+            row["state"], row["reason"] = "unsupervised", "its supervisor is gone: `up` adopts it"
+        elif sup.phase == "starting":
             row["state"] = "starting"
         else:
-            row["state"] = run_state(inst) if ask_qemu else "running"
+            row["state"], row["reason"] = run_state(inst) if ask_qemu else ("running", "")
     elif sup is not None:
-        row["state"] = "starting"  # launching, or waiting out a restart backoff
-    elif last.get("phase") == "crashed":
-        row["state"] = "crashed"
+        if sup.phase == "restarting":
+            wait = max(0.0, (sup.next_at or time.time()) - time.time())
+            row["state"] = "restarting"
+            row["reason"] = f"attempt {sup.attempt}, next in {wait:.1f} s" + (f"; last run: {sup.last_exit}" if sup.last_exit else "")
+            row["attempt"], row["next_in"] = sup.attempt, round(wait, 1)
+        else:
+            row["state"] = "starting"
+    elif stale_supervisor(state_dir) is not None or (registry_rec is not None and last is None):
+        dead = stale_supervisor(state_dir)
+        row["state"] = "lost"
+        row["reason"] = ("its supervisor and qemu were killed" if dead else "qemu is gone and left no exit record") + \
+            ": `up` starts it again, `down` clears the records"
+        if dead:
+            row["restarts"] = dead.restarts
+    elif last is not None and last.phase in ("crashed", "failed"):
+        row["state"] = last.phase
+        row["reason"] = last.reason or last.why
+    elif last is not None:
+        row["reason"] = last.reason or last.why
+    if row["error"]:
+        row["reason"] = (row["reason"] + "; " if row["reason"] else "") + row["error"]
     return row
 
 
-def run_state(inst: Instance) -> str:
-    """running or paused, asked on the client monitor (free for tools while a supervisor holds the main one)."""
+def _find(name: str, machine: Machine | None, state_dir: str) -> Instance | None:
+    if machine is None:
+        from qemuspec.spec.models import Machine as M
+
+        machine = M.model_construct()  # find() only reads records; the definition is not needed
+    return Instance.find(name, machine, state_dir)
+
+
+def run_state(inst: Instance) -> tuple[str, str]:
+    """running, paused or unresponsive, asked on the client monitor (free for tools while a
+    supervisor holds the main one). A stopped process (SIGSTOP) or a monitor that does not answer
+    within UNRESPONSIVE_AFTER is unresponsive, not running."""
     from qemuspec.qmp.sync import QMPClient
 
+    assert inst.process is not None
+    if (process_state(inst.process.pid) or "") in ("T", "t"):
+        return "unresponsive", "qemu is stopped (SIGSTOP or a debugger): `kill -CONT` it, or `down` kills it"
+    began = time.monotonic()
     try:
-        with QMPClient.connect(f"unix:{inst.layout.qmp_client}", timeout=2) as client:
-            status = client.command("query-status", timeout=2).get("status")
-    except QemuspecError:
-        return "running"
-    return "paused" if status in ("paused", "prelaunch", "suspended") else "running"
+        with QMPClient.connect(f"unix:{inst.layout.qmp_client}", timeout=UNRESPONSIVE_AFTER) as client:
+            status = client.command("query-status", timeout=UNRESPONSIVE_AFTER).get("status")
+    except QemuspecError as exc:
+        return "unresponsive", f"its monitor did not answer within {time.monotonic() - began:.1f} s ({exc})"
+    if status in ("paused", "prelaunch", "suspended"):
+        return "paused", status
+    if status in ("guest-panicked", "internal-error", "io-error", "shutdown"):
+        return "unresponsive", f"qemu reports {status}"
+    return "running", ""
+
+
+def registered() -> list[dict[str, Any]]:
+    """Every machine this user's qemuspec runs on this host, from the runtime registry, whatever the
+    definition file or state directory (`qemuspec ls`)."""
+    rows = []
+    for run in paths.registry():
+        rec = statedir.read(run, statedir.MACHINE, statedir.QemuRecord)
+        sup = statedir.read(run, statedir.SUPERVISOR, statedir.SupervisorRecord)
+        state_dir = (rec.state_dir if rec else None) or (sup.state_dir if sup else None)
+        name = rec.name if rec else None
+        if not state_dir or paths.run_dir(state_dir) != run:
+            continue
+        if name is None:  # a supervisor between restarts: the name is the state directory's
+            name = os.path.basename(state_dir)
+        rows.append(machine_status(name, None, state_dir))
+    return rows

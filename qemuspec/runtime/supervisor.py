@@ -12,6 +12,7 @@ machine. Forks happen from the CLI's main thread while it runs no other threads.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -23,60 +24,68 @@ from typing import Any
 
 from qemuspec.errors import QemuspecError
 from qemuspec.qmp.protocol import EventLog
-from qemuspec.runtime.instance import Instance, write_json_atomic
-from qemuspec.runtime.process import alive
+from qemuspec.runtime import paths, statedir
+from qemuspec.runtime.instance import Instance
+from qemuspec.runtime.policy import Ending, Restarts, ending
+from qemuspec.runtime.process import start_time
 from qemuspec.spec.models import Machine
-
-BACKOFF_FIRST = 1.0
-BACKOFF_MAX = 30.0
-STABLE_AFTER = 60.0  # seconds of uptime after which the backoff starts from the beginning again
 
 
 def exit_file(state_dir: str) -> str:
-    return os.path.join(state_dir, "exit.json")
-
-
-def stop_file(state_dir: str) -> str:
-    return os.path.join(state_dir, "stop.json")
-
-
-def record(state_dir: str, event: str, **data: Any) -> None:
-    """A qemuspec lifecycle event in the machine's events.jsonl, in QMP's own event format."""
-    now = time.time()
-    log = EventLog(os.path.join(state_dir, "events.jsonl"))
-    log.write({"event": event, "timestamp": {"seconds": int(now), "microseconds": int((now % 1) * 1e6)}, "data": data})
-    log.close()
+    return os.path.join(state_dir, statedir.EXIT)
 
 
 def supervisor_file(state_dir: str) -> str:
-    return os.path.join(state_dir, "supervisor.json")
+    return os.path.join(paths.run_dir(state_dir), statedir.SUPERVISOR)
 
 
-def _start_time(pid: int) -> str | None:
-    """The kernel's start time of a process: with the pid, an identity that a recycled pid cannot fake."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[19].decode()
-    except (OSError, IndexError):
+def record(state_dir: str, event: str, **data: Any) -> str | None:
+    """A qemuspec lifecycle event in the machine's events.jsonl, in QMP's own event format. A failed
+    write is returned (not raised): a full disk must not take the supervisor down."""
+    now = time.time()
+    log = EventLog(os.path.join(state_dir, statedir.EVENTS))
+    log.write({"event": event, "timestamp": {"seconds": int(now), "microseconds": int((now % 1) * 1e6)}, "data": data})
+    log.close()
+    return log.error
+
+
+def read_supervisor(state_dir: str) -> statedir.SupervisorRecord | None:
+    """The live supervisor of this state directory, or None. Its record lives in the runtime
+    directory (only this user writes there) and counts only while the recorded pid holds the
+    supervisor lock and has the recorded start time: a forged or stale record names nobody."""
+    run = paths.run_dir(os.path.abspath(state_dir))
+    info = statedir.read(run, statedir.SUPERVISOR, statedir.SupervisorRecord)
+    if info is None or info.pid not in statedir.lock_holders(run) or start_time(info.pid) != info.started:
         return None
+    return info
 
 
-def read_supervisor(state_dir: str) -> dict | None:
-    """The live supervisor of this state directory: its record, or None when there is none."""
-    try:
-        with open(supervisor_file(state_dir), encoding="utf-8") as f:
-            info = json.load(f)
-    except (OSError, ValueError):
+def stale_supervisor(state_dir: str) -> statedir.SupervisorRecord | None:
+    """A supervisor record whose supervisor is gone without finishing (killed): for status."""
+    run = paths.run_dir(os.path.abspath(state_dir))
+    info = statedir.read(run, statedir.SUPERVISOR, statedir.SupervisorRecord)
+    if info is None or read_supervisor(state_dir) is not None:
         return None
-    pid = info.get("pid")
-    if isinstance(pid, int) and alive(pid) and _start_time(pid) == info.get("started"):
-        return info
-    return None
+    return info
 
 
-def spawn(name: str, machine: Machine, state_dir: str, adopt: bool) -> tuple[int, int]:
+def request_stop(state_dir: str, timeout: float | None) -> None:
+    """Tell the supervisor how long ACPI may take (read when it gets SIGTERM)."""
+    statedir.write(paths.run_dir(os.path.abspath(state_dir)), statedir.STOP, statedir.StopRequest(timeout))
+
+
+def clear(state_dir: str) -> None:
+    """Remove a dead supervisor's records (and the runtime directory if nothing else is in it)."""
+    run = paths.run_dir(os.path.abspath(state_dir))
+    statedir.remove(run, statedir.SUPERVISOR, statedir.STOP, statedir.LOCK)
+    statedir.remove(state_dir, statedir.SUPERVISOR, statedir.STOP)
+    with contextlib.suppress(OSError):
+        os.rmdir(run)
+
+
+def spawn(name: str, machine: Machine, state_dir: str, adopt: bool, owner: str | None = None) -> tuple[int, int]:
     """Fork a detached supervisor; returns (pid, fd of the progress pipe to read)."""
-    os.makedirs(state_dir, exist_ok=True)
+    statedir.ensure_private(state_dir)
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid:
@@ -97,7 +106,7 @@ def spawn(name: str, machine: Machine, state_dir: str, adopt: bool) -> tuple[int
             os.write(write_end, f"{grandchild}\n".encode())
             code = 0
         else:
-            code = _run(name, machine, state_dir, adopt, write_end)
+            code = _run(name, machine, state_dir, adopt, write_end, owner)
     except BaseException:
         traceback.print_exc()
     finally:
@@ -114,27 +123,55 @@ def _grandchild_pid(fd: int) -> int:
     return int(line)
 
 
-def _run(name: str, machine: Machine, state_dir: str, adopt: bool, progress_fd: int) -> int:
+def _run(name: str, machine: Machine, state_dir: str, adopt: bool, progress_fd: int, owner: str | None) -> int:
     """In the supervisor process."""
     devnull = os.open(os.devnull, os.O_RDWR)
-    log = os.open(os.path.join(state_dir, "supervisor.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        log = statedir.open_log(state_dir, statedir.SUPERVISOR_LOG)
+    except OSError:
+        log = os.dup(devnull)
     os.dup2(devnull, 0)
     os.dup2(log, 1)
     os.dup2(log, 2)
     os.close(devnull)
     os.close(log)
-    sys.stdout = os.fdopen(1, "w", buffering=1)
-    sys.stderr = os.fdopen(2, "w", buffering=1)
-    return Supervisor(name, machine, state_dir, progress_fd).run(adopt)
+    sys.stdout = _Tolerant(os.fdopen(1, "w", buffering=1))
+    sys.stderr = _Tolerant(os.fdopen(2, "w", buffering=1))
+    return Supervisor(name, machine, state_dir, progress_fd, owner).run(adopt)
+
+
+class _Tolerant:
+    """The supervisor's stdout/stderr (supervisor.log): a full disk or a deleted directory makes a
+    log line fail, never the supervisor."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError):
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 class Supervisor:
-    def __init__(self, name: str, machine: Machine, state_dir: str, progress_fd: int | None):
+    def __init__(self, name: str, machine: Machine, state_dir: str, progress_fd: int | None, owner: str | None = None):
         self.name = name
         self.machine = machine
-        self.state_dir = state_dir
+        self.state_dir = os.path.abspath(state_dir)
+        self.run_dir = paths.run_dir(self.state_dir)
         self.progress_fd = progress_fd
-        self.restarts = 0
+        self.owner = owner
+        self.policy = Restarts(machine.restart)
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
@@ -142,6 +179,15 @@ class Supervisor:
         self.panicked = False
         self.stop_step: str | None = None
         self.instance: Instance | None = None
+        self.lock_fd: int | None = None
+        self.error: str | None = None  # the last write that failed, shown by status
+        self.last: Ending | None = None
+        self.next_at: float | None = None
+        self.current_phase = "starting"
+
+    @property
+    def restarts(self) -> int:
+        return self.policy.count
 
     # -- progress to the CLI ----------------------------------------------------------------------
 
@@ -166,6 +212,13 @@ class Supervisor:
         self.stop_requested = True
         self._wake()
 
+    def event(self, name: str, **data: Any) -> None:
+        failed = record(self.state_dir, name, **data)
+        if failed and failed != self.error:
+            self.error = failed
+            print(f"supervisor: {failed}", file=sys.stderr)
+            self.phase(self.current_phase)
+
     # -- main loop --------------------------------------------------------------------------------
 
     def run(self, adopt: bool) -> int:
@@ -175,36 +228,31 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        paths.private_dir(os.path.dirname(self.run_dir))
+        paths.private_dir(self.run_dir)
+        self.lock_fd = statedir.hold_lock(self.run_dir)  # held until this process ends, whatever ends it
         self.phase("starting")
-        try:
-            os.unlink(exit_file(self.state_dir))
-        except FileNotFoundError:
-            pass
-        backoff = BACKOFF_FIRST
+        statedir.remove(self.state_dir, statedir.EXIT)
         first = True
         while True:
             began = time.monotonic()
             started = self._adopt() if (first and adopt) else self._start()
             if not started and first:
-                return self._finish("crashed", "never became ready")  # `up` reports it; no retry loop
+                return self._finish("failed", self.last or Ending(True, "never became ready"))  # `up` reports it; no retry loop
             first = False
-            outcome = self._watch() if started else "failure"
+            end = self._watch() if started else (self.last or Ending(True, "launch failed"))
+            self.last = end
             if self.stop_requested:
-                return self._finish("stopped", "stop requested")
-            if not self._should_restart(outcome):
-                return self._finish("crashed" if outcome == "failure" else "stopped", outcome)
-            if time.monotonic() - began > STABLE_AFTER:
-                backoff = BACKOFF_FIRST
-            record(self.state_dir, "QEMUSPEC_RESTART", reason=outcome, delay=backoff, restarts=self.restarts + 1)
-            self.phase("restarting")
-            if self._sleep(backoff):
-                return self._finish("stopped", "stop requested")
-            backoff = min(backoff * 2, BACKOFF_MAX)
-            self.restarts += 1
-
-    def _should_restart(self, outcome: str) -> bool:
-        policy = self.machine.restart
-        return policy == "always" or (policy == "on-failure" and outcome == "failure")
+                return self._finish("stopped", ending(None, None, stopped=True))
+            decision = self.policy.decide(end, time.monotonic() - began)
+            if decision is None:
+                return self._finish("crashed" if end.failure else "stopped", end)
+            self.next_at = time.time() + decision.delay
+            self.event("QEMUSPEC_RESTART", reason="failure" if end.failure else "clean", why=end.reason, delay=decision.delay, restarts=decision.attempt)
+            self.phase("restarting", attempt=decision.attempt)
+            if self._sleep(decision.delay):
+                return self._finish("stopped", ending(None, None, stopped=True))
+            self.next_at = None
 
     def _sleep(self, seconds: float) -> bool:
         """Wait, unless a stop is requested first (returns True then)."""
@@ -224,11 +272,29 @@ class Supervisor:
         except (BlockingIOError, OSError):
             pass
 
-    def phase(self, phase: str) -> None:
-        """What `status` shows while this supervisor lives: starting, running, restarting."""
-        write_json_atomic(supervisor_file(self.state_dir), {
-            "pid": os.getpid(), "started": _start_time(os.getpid()), "phase": phase,
-            "restarts": self.restarts, "restart": self.machine.restart})
+    def phase(self, phase: str, attempt: int = 0) -> None:
+        """What `status` shows while this supervisor lives: starting, running, restarting. The record
+        goes to the runtime directory (tmpfs, private); the copy in the state directory may fail
+        (disk full, read-only, deleted) without taking the supervisor down: the failure is kept
+        and shown by status."""
+        self.current_phase = phase
+        rec = statedir.SupervisorRecord(
+            pid=os.getpid(), started=start_time(os.getpid()), phase=phase, restarts=self.restarts,
+            restart=self.machine.restart, attempt=attempt, next_at=self.next_at,
+            last_exit=self.last.reason if self.last else None, error=self.error, owner=self.owner,
+            state_dir=self.state_dir)
+        try:  # the copy first, so the authoritative record below already says whether it failed
+            statedir.ensure_private(self.state_dir)
+            statedir.write(self.state_dir, statedir.SUPERVISOR, rec)
+        except (OSError, QemuspecError) as exc:
+            failed = f"cannot write {os.path.join(self.state_dir, statedir.SUPERVISOR)}: {getattr(exc, 'strerror', None) or exc}"
+            if failed != self.error:
+                self.error = rec.error = failed
+                print(f"supervisor: {failed}", file=sys.stderr)
+        try:
+            statedir.write(self.run_dir, statedir.SUPERVISOR, rec)
+        except OSError as exc:
+            print(f"supervisor: cannot write its record in {self.run_dir}: {exc}", file=sys.stderr)
 
     def _start(self) -> bool:
         verdict = None
@@ -246,6 +312,7 @@ class Supervisor:
 
     def _start_one(self, restore: bool, cold_why: str | None = None) -> bool:
         inst = Instance(self.name, self.machine, self.state_dir)
+        inst.owner = self.owner
         self.phase("starting")
         self.instance = inst
         self.panicked = False
@@ -255,10 +322,10 @@ class Supervisor:
             self.tell("starting")
             inst.launch(restore=restore)
             assert inst.process is not None
-            record(self.state_dir, "QEMUSPEC_LAUNCHED", pid=inst.process.pid, restarts=self.restarts, accel=list(inst.layout.accel),
-                   boot=inst.boot, **({"why": cold_why} if cold_why else {}),
-                   **({"kvm_failed": inst.kvm_failure.split("\n", 1)[0]} if inst.kvm_failure else {}))
-            self.tell("waiting", pid=inst.process.pid, boot=inst.boot)
+            self.event("QEMUSPEC_LAUNCHED", pid=inst.process.pid, restarts=self.restarts, accel=list(inst.layout.accel),
+                       boot=inst.boot, **({"why": cold_why} if cold_why else {}),
+                       **({"kvm_failed": inst.kvm_failure.split("\n", 1)[0]} if inst.kvm_failure else {}))
+            self.tell("waiting", pid=inst.process.pid, boot=inst.boot, accel=list(inst.layout.accel))
             inst.wait_ready()
             if restore:
                 from qemuspec.runtime import warm
@@ -266,21 +333,27 @@ class Supervisor:
                 done = warm.after_restore(inst)
                 inst.restored = done
                 inst.write_state()
-                record(self.state_dir, "QEMUSPEC_RESTORED", pid=inst.process.pid, seconds=round(time.monotonic() - began, 3), **done)
+                self.event("QEMUSPEC_RESTORED", pid=inst.process.pid, seconds=round(time.monotonic() - began, 3), **done)
         except Exception as exc:  # a bug must reach the user as a failure, not a silent exit
             if restore:
                 detail = str(exc).split("\n", 1)[0]
-                record(self.state_dir, "QEMUSPEC_RESTORE_FAILED", error=detail, then="cold boot")
+                self.event("QEMUSPEC_RESTORE_FAILED", error=detail, then="cold boot")
                 self.tell("restore failed", detail=detail)
                 inst.kill()
                 return False
             detail = str(exc) if isinstance(exc, QemuspecError) else f"machine {self.name}: internal error: {type(exc).__name__}: {exc} (details in supervisor.log)"
             if not isinstance(exc, QemuspecError):
                 traceback.print_exc()
-            record(self.state_dir, "QEMUSPEC_FAILED", error=detail.split("\n", 1)[0])
+            first_line = detail.split("\n", 1)[0]
+            self.event("QEMUSPEC_FAILED", error=first_line)
+            probe = getattr(exc, "probe", None)
+            self.last = Ending(True, f"never became ready (probe {probe}, after {time.monotonic() - began:.1f} s)" if probe
+                               else f"failed to start: {first_line}")
             self.tell("failed", detail=detail)
             inst.kill()
             return False
+        if inst.write_error:
+            self.error = inst.write_error
         if inst.console is not None:
             inst.console.close()  # free the console socket for `qemuspec console`
             inst.console = None
@@ -290,8 +363,8 @@ class Supervisor:
             saved = self._save(inst)
         self.phase("running")
         assert inst.process is not None
-        record(self.state_dir, "QEMUSPEC_READY", pid=inst.process.pid, seconds=round(seconds, 3), restarts=self.restarts, boot=inst.boot)
-        self.tell("ready", pid=inst.process.pid, seconds=seconds, ports=inst.ports, boot=inst.boot, saved=saved)
+        self.event("QEMUSPEC_READY", pid=inst.process.pid, seconds=round(seconds, 3), restarts=self.restarts, boot=inst.boot)
+        self.tell("ready", pid=inst.process.pid, seconds=seconds, ports=inst.ports, boot=inst.boot, saved=saved, accel=list(inst.layout.accel))
         return True
 
     def _save(self, inst: Instance) -> dict | None:
@@ -300,7 +373,7 @@ class Supervisor:
 
         reason = warm.unsupported(self.machine)
         if reason:
-            record(self.state_dir, "QEMUSPEC_SAVE_SKIPPED", reason=reason)
+            self.event("QEMUSPEC_SAVE_SKIPPED", reason=reason)
             return None
         self.tell("saving")
         try:
@@ -308,10 +381,10 @@ class Supervisor:
         except Exception as exc:
             if not isinstance(exc, QemuspecError):
                 traceback.print_exc()
-            record(self.state_dir, "QEMUSPEC_SAVE_FAILED", error=str(exc).split("\n", 1)[0])
+            self.event("QEMUSPEC_SAVE_FAILED", error=str(exc).split("\n", 1)[0])
             warm.discard(self.state_dir)
             return None
-        record(self.state_dir, "QEMUSPEC_SAVED", **saved)
+        self.event("QEMUSPEC_SAVED", **saved)
         return saved
 
     def _adopt(self) -> bool:
@@ -325,19 +398,22 @@ class Supervisor:
         except QemuspecError as exc:
             self.tell("failed", detail=f"cannot adopt machine {self.name}: {exc}")
             raise SystemExit(1)
+        if self.owner and inst.owner != self.owner:
+            inst.owner = self.owner
+            with contextlib.suppress(OSError):
+                inst.write_state()
         self.phase("running")
         assert inst.process is not None
-        record(self.state_dir, "QEMUSPEC_ADOPTED", pid=inst.process.pid)
-        self.tell("ready", pid=inst.process.pid, seconds=0.0, ports=inst.ports, adopted=True)
+        self.event("QEMUSPEC_ADOPTED", pid=inst.process.pid)
+        self.tell("ready", pid=inst.process.pid, seconds=0.0, ports=inst.ports, adopted=True, accel=list(inst.layout.accel))
         return True
 
     def _on_panic(self, event: dict) -> None:
         self.panicked = True
         self._wake()
 
-    def _watch(self) -> str:
-        """Wait until qemu exits, a panic is reported, or a stop is requested; return "failure" or
-        "clean" for an exit on its own."""
+    def _watch(self) -> Ending:
+        """Wait until qemu exits, a panic is reported, or a stop is requested; say how it ended."""
         inst = self.instance
         assert inst is not None and inst.process is not None
         pidfd = os.pidfd_open(inst.process.pid)
@@ -346,24 +422,24 @@ class Supervisor:
                 ready, _, _ = select.select([pidfd, self.wake_r], [], [])
                 self._drain()
                 if self.stop_requested:
-                    record(self.state_dir, "QEMUSPEC_STOPPING", pid=inst.process.pid)
+                    self.event("QEMUSPEC_STOPPING", pid=inst.process.pid)
                     result = inst.stop(self._requested_timeout())
                     self.stop_step = result.step
-                    record(self.state_dir, "QEMUSPEC_STOPPED", step=result.step, seconds=round(result.seconds, 3))
-                    return "clean"
+                    self.event("QEMUSPEC_STOPPED", step=result.step, seconds=round(result.seconds, 3))
+                    return ending(result.returncode, None, stopped=True)
                 if self.panicked:
                     inst.quit()
-                    return "failure"
+                    self.event("QEMUSPEC_EXITED", code=inst.process.returncode, reason="guest-panic")
+                    return ending(inst.process.returncode, None, panicked=True)
                 if pidfd in ready:
                     break
         finally:
             os.close(pidfd)
         code = inst.wait(5)
         reason = self._shutdown_reason()
-        record(self.state_dir, "QEMUSPEC_EXITED", code=code, reason=reason)
-        if reason in ("guest-shutdown", "host-qmp-quit", "host-ui") and code in (0, -1):
-            return "clean"
-        return "failure"
+        end = ending(code, reason)
+        self.event("QEMUSPEC_EXITED", code=code, reason=reason, why=end.reason)
+        return end
 
     def _shutdown_reason(self) -> str | None:
         """The reason of the last SHUTDOWN event of this qemu, if it sent one before exiting."""
@@ -376,22 +452,21 @@ class Supervisor:
             return None
 
     def _requested_timeout(self) -> float | None:
-        try:
-            with open(stop_file(self.state_dir)) as f:
-                return json.load(f).get("timeout")
-        except (OSError, ValueError):
-            return None
+        request = statedir.read(self.run_dir, statedir.STOP, statedir.StopRequest)
+        return request.timeout if request else None
 
-    def _finish(self, phase: str, why: str) -> int:
+    def _finish(self, phase: str, end: Ending) -> int:
         inst = self.instance
         if inst is not None and inst.running():
             self.stop_step = inst.stop(self._requested_timeout()).step
-        write_json_atomic(exit_file(self.state_dir), {"phase": phase, "why": why, "step": self.stop_step, "restarts": self.restarts, "at": time.time()})
-        for path in (stop_file(self.state_dir), supervisor_file(self.state_dir)):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        try:
+            statedir.ensure_private(self.state_dir)
+            statedir.write(self.state_dir, statedir.EXIT, statedir.ExitRecord(
+                phase=phase, why=end.reason, reason=end.reason, step=self.stop_step, code=end.code, signal=end.signal,
+                restarts=self.restarts, at=time.time()))
+        except (OSError, QemuspecError) as exc:
+            print(f"supervisor: cannot record how the machine ended: {exc}", file=sys.stderr)
+        clear(self.state_dir)
         if self.progress_fd is not None:  # never became ready
-            self.tell("failed", detail=why)
+            self.tell("failed", detail=end.reason)
         return 0

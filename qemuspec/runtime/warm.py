@@ -220,9 +220,9 @@ def save(inst: "Instance") -> dict:
                 "qemu": _qemu_identity(machine.qemu), "qemu_version": qemu_version, "files": files,
                 "memory_bytes": size, "memory_mib": machine.memory,
             }
-            from qemuspec.runtime.instance import write_json_atomic
+            from qemuspec.runtime import statedir
 
-            write_json_atomic(key_file(state_dir), record)
+            statedir.write(os.path.dirname(key_file(state_dir)), os.path.basename(key_file(state_dir)), record)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)

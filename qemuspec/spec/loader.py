@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from qemuspec.errors import SpecError
+from qemuspec.spec import limits
 from qemuspec.spec.models import File
 
 
@@ -45,7 +46,7 @@ def load_located(
     """Like :func:`load`, with the map from key paths to line numbers (for later checks' messages)."""
     fmt = format_of(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = limits.read_text(path)
     except FileNotFoundError:
         raise SpecError(f"{path}: no such file: check the path, or create one with `qemuspec init {path}`") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -73,6 +74,7 @@ def _load_text(
     variables: Mapping[str, Any] | None,
     environ: Mapping[str, str] | None,
 ) -> tuple[File, dict[tuple, int]]:
+    limits.check_text(source, text)
     try:
         data, lines = parse(text, fmt, source)
     except SpecError as exc:
@@ -117,6 +119,9 @@ def parse(text: str, fmt: str, source: str) -> tuple[Any, dict[tuple, int]]:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise SpecError(_toml_syntax(str(exc), source)) from None
+        except RecursionError:
+            raise SpecError(f"{source}: values are nested more than {limits.MAX_DEPTH} levels deep: check the brackets") from None
+        limits.check_depth(data, source)
         return data, toml_lines(text)
     if fmt == "yaml":
         return _yaml(text, source)
@@ -171,13 +176,16 @@ def _toml_key(raw: str) -> tuple:
 def _yaml(text: str, source: str) -> tuple[Any, dict[tuple, int]]:
     import yaml
 
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)  # checks the characters: a NUL is a ReaderError here
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{source}: YAML syntax error: {exc}") from None
     try:
         node = loader.get_single_node()
         if node is None:
             return {}, {}
         lines: dict[tuple, int] = {}
-        _yaml_walk(node, (), lines, source)
+        _yaml_walk(node, (), lines, source, limits.NodeBudget(source))
         data = loader.construct_document(node)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -189,18 +197,25 @@ def _yaml(text: str, source: str) -> tuple[Any, dict[tuple, int]]:
         ) from None
     except yaml.YAMLError as exc:
         raise SpecError(f"{source}: YAML syntax error: {exc}") from None
+    except RecursionError:
+        raise SpecError(f"{source}: values are nested more than {limits.MAX_DEPTH} levels deep: check the brackets and indentation") from None
+    except (ValueError, OverflowError, AttributeError, TypeError) as exc:  # "\U7fffffff", a bad !!timestamp, deep nesting
+        raise SpecError(f"{source}: YAML error: {exc}: check escapes in quoted text and the nesting") from None
     finally:
         loader.dispose()
     return data, lines
 
 
-def _yaml_walk(node: Any, path: tuple, lines: dict[tuple, int], source: str) -> None:
+def _yaml_walk(node: Any, path: tuple, lines: dict[tuple, int], source: str, budget: "limits.NodeBudget") -> None:
     import yaml
 
+    budget.visit(node, len(path))
     lines.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         seen: dict[Any, int] = {}
         for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise SpecError(f"{source}:{key_node.start_mark.line + 1}: a key must be a plain name, not a list or table")
             key = key_node.value
             line = key_node.start_mark.line + 1
             if key in seen:
@@ -212,7 +227,7 @@ def _yaml_walk(node: Any, path: tuple, lines: dict[tuple, int], source: str) -> 
                 raise SpecError(f"{source}:{line}: {what}")
             seen[key] = line
             lines[path + (key,)] = line
-            _yaml_walk(value_node, path + (key,), lines, source)
+            _yaml_walk(value_node, path + (key,), lines, source, budget)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            _yaml_walk(item, path + (index,), lines, source)
+            _yaml_walk(item, path + (index,), lines, source, budget)

@@ -247,6 +247,10 @@ class NIC(Model):
         for key in ("listen", "connect", "mcast"):
             if getattr(self, key) and self.type not in ("socket", "stream"):
                 raise ValueError(f'"{key}" only works with type = "socket" or "stream"')
+        for key in ("hostfwd", "guestfwd"):  # a passthrough would replace the loopback-only forwards
+            if key in self.options:
+                raise ValueError(f'options.{key} is not passed through (it would replace the forwards, which bind 127.0.0.1): '
+                                 f'use forwards = [{{ host = 8080, guest = 80 }}], with address = "0.0.0.0" only if other hosts must reach it')
         return self
 
 

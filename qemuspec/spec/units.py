@@ -14,12 +14,17 @@ _FACTOR = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
+MAX_BYTES = 1 << 60        # 1 EiB: larger is a typo, and beyond what qemu or a disk takes
+MAX_SECONDS = 7 * 86400.0  # a week: longer timeouts are typos (and overflow poll/select after a fork)
+
 
 def parse_bytes(value: object, bare_unit: str = "") -> int:
     """A size in bytes. A bare number is in ``bare_unit`` ("" for bytes, "M" for MiB)."""
     if isinstance(value, bool):
         raise ValueError("expected a size, got a boolean")
     if isinstance(value, int):
+        if value.bit_length() > 70:
+            raise ValueError(f"size {str(value)[:20]}... is larger than qemuspec allows (1 EiB)")
         number, unit = float(value), bare_unit
     elif isinstance(value, str):
         match = _SIZE.match(value)
@@ -30,6 +35,8 @@ def parse_bytes(value: object, bare_unit: str = "") -> int:
         number, unit = float(match.group(1)), match.group(2).upper() or bare_unit
     else:
         raise ValueError(f"expected a size such as \"512M\", got {type(value).__name__}")
+    if not number < MAX_BYTES / _FACTOR[unit]:  # also catches inf/nan and 400-digit numbers
+        raise ValueError(f'size "{value}" is larger than qemuspec allows (1 EiB): check the number and the unit')
     size = int(number * _FACTOR[unit])
     if size <= 0:
         raise ValueError(f'size "{value}" must be greater than zero')
@@ -47,6 +54,8 @@ def parse_mib(value: object) -> int:
 def parse_seconds(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration, got a boolean")
+    if isinstance(value, int) and value.bit_length() > 64:
+        raise ValueError(f"duration {str(value)[:20]}... is longer than qemuspec allows (a week)")
     if isinstance(value, (int, float)):
         seconds = float(value)
     elif isinstance(value, str):
@@ -56,8 +65,10 @@ def parse_seconds(value: object) -> float:
         seconds = float(match.group(1)) * _SECONDS[match.group(2)]
     else:
         raise ValueError(f"expected a duration such as \"30s\", got {type(value).__name__}")
-    if seconds <= 0:
+    if not seconds > 0:  # also nan
         raise ValueError(f'duration "{value}" must be greater than zero')
+    if not seconds <= MAX_SECONDS:  # also inf
+        raise ValueError(f'duration "{value}" is longer than qemuspec allows (a week, 604800 s): check the number and the unit')
     return seconds
 
 

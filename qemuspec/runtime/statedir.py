@@ -1,0 +1,352 @@
+"""The one owner of a machine's files: every file name, one typed record per JSON file, and how they
+are written and read.
+
+Why one module: state directories sit in project trees that other people and tools touch (a
+`git clean -fdx`, a planted symlink, a full disk). So every write here is atomic (an O_EXCL temp
+file in the same directory, fsync, rename, fsync of the directory), every open is relative to a
+directory fd with O_NOFOLLOW (a planted `serial.log -> /etc/shadow` makes the open fail instead of
+writing there), directories are 0700 and files 0600 (serial logs can hold cloud-init secrets), and
+reads tolerate a torn or forged file by returning None rather than raising.
+
+Two places hold records:
+
+* the **state directory** (``.qemuspec/NAME`` beside the definition): logs, disks' bookkeeping,
+  and copies of the records for people to read;
+* the **runtime directory** (``$XDG_RUNTIME_DIR/qemuspec/<hash>`` or ``/tmp/qemuspec-UID/<hash>``,
+  private to the user): the machine's identity (``machine.json``), the supervisor's record and the
+  lock it holds for as long as it lives. Deleting the state directory cannot lose a running machine,
+  and only this user can write there, so a forged file in a project tree can never make qemuspec
+  signal a process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import json
+import os
+import secrets
+import stat
+from dataclasses import dataclass, field
+from typing import Any, Iterator, TypeVar
+
+from qemuspec.errors import LaunchError
+
+# -- file names (state directory) ----------------------------------------------------------------
+STATE = "state.json"            # QemuRecord: a copy for people; the runtime directory's is authoritative
+SUPERVISOR = "supervisor.json"  # SupervisorRecord (copy)
+EXIT = "exit.json"              # ExitRecord: how the last run ended
+STOP = "stop.json"              # StopRequest: what `down` asked for
+CREATED = "created.json"        # CreatedRecord: files qemuspec made (what `down --purge` may delete)
+EVENTS = "events.jsonl"
+SERIAL_LOG = "serial.log"
+QEMU_LOG = "qemu.log"
+SUPERVISOR_LOG = "supervisor.log"
+PIDFILE = "qemu.pid"
+TLS_DIR = "tls"
+# -- file names (runtime directory) --------------------------------------------------------------
+MACHINE = "machine.json"        # QemuRecord, authoritative
+LOCK = "supervisor.lock"        # flock held by the live supervisor
+
+LOG_LIMIT = 8 * 1024 * 1024     # a log larger than this is moved to NAME.1 (one generation kept)
+RECORD_LIMIT = 1024 * 1024      # a record larger than this is not ours
+
+
+# -- typed records -------------------------------------------------------------------------------
+
+R = TypeVar("R", bound="Record")
+
+
+class Record:
+    """A JSON file's fields with their types; anything else read from disk is rejected (None)."""
+
+    @classmethod
+    def from_dict(cls: type[R], data: Any) -> R | None:
+        if not isinstance(data, dict):
+            return None
+        values = {}
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if f.name not in data:
+                continue
+            value = data[f.name]
+            allowed = cls.TYPES.get(f.name)  # type: ignore[attr-defined]
+            if value is not None and allowed is not None and (not isinstance(value, allowed) or isinstance(value, bool) and bool not in allowed):
+                return None
+            values[f.name] = value
+        try:
+            return cls(**values)
+        except TypeError:
+            return None
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+
+_NUM = (int, float)
+
+
+@dataclass
+class QemuRecord(Record):
+    name: str
+    pid: int
+    exec_argv: list = field(default_factory=list)  # exactly what qemu was started with (identity)
+    pid_start: str | None = None                    # kernel start time of the pid (identity)
+    argv: list = field(default_factory=list)        # canonical argv (for plan's diff)
+    hash: str | None = None
+    qmp: str | None = None                          # the address for people and tools (tcp: needs TLS)
+    control: str | None = None                      # the controller's unix monitor
+    qmp_client: str | None = None
+    console: str | None = None
+    accel: list = field(default_factory=list)
+    started_at: float | None = None
+    ports: list = field(default_factory=list)
+    state_dir: str | None = None
+    owner: str | None = None                        # the definition file that started it
+    tls: str | None = None                          # directory of the TCP monitor's credentials
+    boot: str | None = None                         # "warm" when started from saved state, else "cold"
+    restored: dict | None = None                    # after a warm start: what was done about clock and RNG
+    TYPES = {"name": (str,), "pid": (int,), "exec_argv": (list,), "pid_start": (str,), "argv": (list,), "hash": (str,),
+             "qmp": (str,), "control": (str,), "qmp_client": (str,), "console": (str,), "accel": (list,), "started_at": _NUM,
+             "ports": (list,), "state_dir": (str,), "owner": (str,), "tls": (str,),
+             "boot": (str,), "restored": (dict,)}
+
+
+@dataclass
+class SupervisorRecord(Record):
+    pid: int
+    started: str | None = None      # kernel start time of the supervisor
+    phase: str = "starting"         # starting, running, restarting
+    restarts: int = 0
+    restart: str = "no"
+    attempt: int = 0                # restart attempt being waited for (phase restarting)
+    next_at: float | None = None    # wall-clock time of the next attempt
+    last_exit: str | None = None    # why qemu last ended (shown while restarting)
+    error: str | None = None        # the last write that failed (disk full, read-only, deleted)
+    owner: str | None = None
+    state_dir: str | None = None
+    TYPES = {"pid": (int,), "started": (str,), "phase": (str,), "restarts": (int,), "restart": (str,), "attempt": (int,),
+             "next_at": _NUM, "last_exit": (str,), "error": (str,), "owner": (str,), "state_dir": (str,)}
+
+
+@dataclass
+class ExitRecord(Record):
+    phase: str                      # stopped, crashed, failed
+    why: str = ""
+    reason: str = ""                # for status: "exited (code 1)", "killed (signal 9)", "guest panic", ...
+    step: str | None = None
+    code: int | None = None
+    signal: int | None = None
+    restarts: int = 0
+    at: float | None = None
+    TYPES = {"phase": (str,), "why": (str,), "reason": (str,), "step": (str,), "code": (int,), "signal": (int,),
+             "restarts": (int,), "at": _NUM}
+
+
+@dataclass
+class StopRequest(Record):
+    timeout: float | None = None
+    TYPES = {"timeout": _NUM}
+
+
+@dataclass
+class CreatedRecord(Record):
+    files: list = field(default_factory=list)  # [{"path", "dev", "ino"}]: deleted by purge only if still the same file
+    TYPES = {"files": (list,)}
+
+
+# -- directories ---------------------------------------------------------------------------------
+
+def ensure_private(path: str) -> None:
+    """Create ``path`` 0700 (parents as usual) and refuse a symlink, a non-directory or another
+    user's directory; tighten one we own that others can enter."""
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise LaunchError(f"cannot create {path}: {exc.strerror}") from None
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise LaunchError(f"{path} is not a directory owned by you (a symlink or another user's): remove it, or choose another state directory with --state-dir")
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+
+
+@contextlib.contextmanager
+def dirfd(path: str) -> Iterator[int]:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _check_parent(path: str) -> None:
+    """A directory we write into must not be a symlink planted in place of ours."""
+    if os.path.islink(path):
+        raise OSError(errno.ELOOP, f"{path} is a symlink")
+
+
+# -- records -------------------------------------------------------------------------------------
+
+def write(directory: str, name: str, record: Record | dict) -> None:
+    """Replace ``directory/name`` atomically with the record as JSON (fsync'd; 0600)."""
+    data = record.as_dict() if isinstance(record, Record) else record
+    write_bytes(directory, name, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def write_bytes(directory: str, name: str, payload: bytes) -> None:
+    """Replace ``directory/name`` atomically (O_EXCL temp file, fsync, rename, fsync the directory; 0600)."""
+    with dirfd(directory) as dfd:
+        tmp = f".{name}.{secrets.token_hex(6)}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+        try:
+            try:
+                view = memoryview(payload)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dfd)
+            raise
+        with contextlib.suppress(OSError):
+            os.fsync(dfd)
+
+
+def read(directory: str, name: str, kind: type[R]) -> R | None:
+    """The record, or None when it is missing, torn, too large, a symlink or of the wrong shape."""
+    try:
+        with dirfd(directory) as dfd:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dfd)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            data = os.read(fd, RECORD_LIMIT + 1)
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
+    if len(data) > RECORD_LIMIT:
+        return None
+    try:
+        return kind.from_dict(json.loads(data))
+    except (ValueError, RecursionError):
+        return None
+
+
+def remove(directory: str, *names: str) -> None:
+    try:
+        with dirfd(directory) as dfd:
+            for name in names:
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                    os.unlink(name, dir_fd=dfd)
+    except OSError:
+        pass
+
+
+# -- logs ----------------------------------------------------------------------------------------
+
+def open_log(directory: str, name: str, limit: int = LOG_LIMIT) -> int:
+    """An append fd for a log (0600, never through a symlink); a log over ``limit`` is first moved
+    to NAME.1, so logs stay bounded at about twice the limit."""
+    with dirfd(directory) as dfd:
+        rotate(dfd, name, limit)
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"{os.path.join(directory, name)} is not a regular file")
+    if stat.S_IMODE(info.st_mode) != 0o600:
+        os.fchmod(fd, 0o600)
+    return fd
+
+
+def rotate(dfd: int, name: str, limit: int = LOG_LIMIT) -> bool:
+    try:
+        info = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISREG(info.st_mode) and info.st_size > limit:
+        os.replace(name, name + ".1", src_dir_fd=dfd, dst_dir_fd=dfd)
+        return True
+    return False
+
+
+def precreate(directory: str, name: str, limit: int = LOG_LIMIT) -> str:
+    """Make sure ``name`` is a regular 0600 file of ours before a program that opens it by path
+    (qemu's logfile=, -pidfile) does; rotated when over the limit. Returns the path."""
+    path = os.path.join(directory, name)
+    try:
+        os.close(open_log(directory, name, limit))
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EINVAL):
+            raise LaunchError(f"{path} is a symlink or not a regular file: qemuspec never writes through one; remove it") from None
+        raise LaunchError(f"cannot create {path}: {exc.strerror or exc}") from None
+    return path
+
+
+# -- files qemuspec created ----------------------------------------------------------------------
+
+def note_created(state_dir: str, path: str) -> None:
+    """Remember a file qemuspec made (a disk image), with its identity, for `down --purge`."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return
+    ensure_private(state_dir)
+    record = read(state_dir, CREATED, CreatedRecord) or CreatedRecord()
+    entry = {"path": os.path.abspath(path), "dev": info.st_dev, "ino": info.st_ino}
+    record.files = [f for f in record.files if isinstance(f, dict) and f.get("path") != entry["path"]] + [entry]
+    write(state_dir, CREATED, record)
+
+
+def created_files(state_dir: str) -> list[str]:
+    """The files qemuspec made that are still the very files it made (same device and inode, not a
+    symlink): nothing else is ever deleted by purge."""
+    record = read(state_dir, CREATED, CreatedRecord)
+    out = []
+    for entry in record.files if record else []:
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            continue
+        try:
+            info = os.lstat(entry["path"])
+        except OSError:
+            continue
+        if stat.S_ISREG(info.st_mode) and info.st_dev == entry.get("dev") and info.st_ino == entry.get("ino"):
+            out.append(entry["path"])
+    return out
+
+
+# -- the supervisor's lock -----------------------------------------------------------------------
+
+def hold_lock(run_dir: str) -> int:
+    """Taken by the supervisor for its whole life (the fd is kept open; the kernel drops it at exit)."""
+    fd = os.open(os.path.join(run_dir, LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def lock_holders(run_dir: str) -> set[int]:
+    """Pids holding the supervisor lock, from /proc/locks (empty: no live supervisor)."""
+    try:
+        info = os.stat(os.path.join(run_dir, LOCK), follow_symlinks=False)
+    except OSError:
+        return set()
+    dev = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    holders = set()
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5] == dev:
+                    holders.add(int(parts[4]))
+    except (OSError, ValueError):
+        pass
+    return holders

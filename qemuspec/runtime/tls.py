@@ -1,0 +1,89 @@
+"""Credentials for the TCP monitor: a private CA, a server certificate for qemu and a client
+certificate for the user's tools, generated once per state directory.
+
+Why: QMP has no authentication of its own, and whoever reaches a monitor can run host commands as
+qemu's user (`migrate exec:...`). A TCP port on 127.0.0.1 is reachable by every local user, so the
+TCP monitor is served only with TLS and `verify-peer=on`: a client must present a certificate signed
+by this state directory's CA, whose files are 0600 in a 0700 directory. The CA's key is deleted once
+both certificates are signed, so even a later reader of the directory cannot mint new ones.
+
+Why the `openssl` command (argv, never a shell) rather than a Python library: it is on every Debian
+system qemu runs on (installed by scripts/bootstrap), costs no compiled dependency, and this is a
+one-time step per state directory (~0.1 s).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+from qemuspec.errors import LaunchError
+from qemuspec.runtime import statedir
+
+FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem", "client-cert.pem", "client-key.pem")
+CURVE = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+DAYS = "3650"
+EXTENSIONS = {
+    "ca": "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n",
+    "server": "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+              "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1\n",
+    "client": "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+              "extendedKeyUsage=clientAuth\n",
+}
+
+
+def directory(state_dir: str) -> str:
+    return os.path.join(state_dir, statedir.TLS_DIR)
+
+
+def ensure(state_dir: str) -> str:
+    """The credentials directory of a state directory, made when missing; returns its path."""
+    path = directory(state_dir)
+    if all(os.path.isfile(os.path.join(path, f)) for f in FILES):
+        return path
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise LaunchError('qmp.transport = "tcp" needs the openssl command to make the monitor\'s TLS certificates: '
+                          'install it (Debian: apt-get install openssl), or use the default unix transport')
+    statedir.ensure_private(path)
+    old = os.umask(0o077)
+    try:
+        for name in os.listdir(path):  # a half-made set from an interrupted run
+            os.unlink(os.path.join(path, name))
+        for kind, text in EXTENSIONS.items():
+            with open(os.path.join(path, f"{kind}.ext"), "x") as f:
+                f.write(text)
+        _run(openssl, path, "req", "-x509", *CURVE, "-keyout", "ca-key.pem", "-out", "ca-cert.pem", "-days", DAYS,
+             "-subj", "/CN=qemuspec monitor CA", "-config", "/dev/null",
+             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+        for kind, subject in (("server", "/CN=127.0.0.1"), ("client", "/CN=qemuspec client")):
+            _run(openssl, path, "req", "-new", *CURVE, "-keyout", f"{kind}-key.pem", "-out", f"{kind}.csr", "-subj", subject,
+                 "-config", "/dev/null")
+            _run(openssl, path, "x509", "-req", "-in", f"{kind}.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
+                 "-set_serial", str(int.from_bytes(os.urandom(8), "big")), "-days", DAYS, "-out", f"{kind}-cert.pem",
+                 "-extfile", f"{kind}.ext")
+    finally:
+        os.umask(old)
+        for name in ("ca-key.pem", "server.csr", "client.csr", "ca.ext", "server.ext", "client.ext"):
+            try:
+                os.unlink(os.path.join(path, name))
+            except FileNotFoundError:
+                pass
+    return path
+
+
+def _run(openssl: str, cwd: str, *args: str) -> None:
+    result = subprocess.run([openssl, *args], cwd=cwd, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    if result.returncode != 0:
+        raise LaunchError(f"openssl {args[0]} failed making the TCP monitor's certificates: {result.stderr.strip()[-500:]}")
+
+
+def client_context(tls_dir: str):
+    """An ssl context that presents the client certificate and trusts only this directory's CA."""
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(os.path.join(tls_dir, "ca-cert.pem"))
+    ctx.load_cert_chain(os.path.join(tls_dir, "client-cert.pem"), os.path.join(tls_dir, "client-key.pem"))
+    return ctx

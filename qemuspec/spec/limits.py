@@ -1,0 +1,77 @@
+"""Bounds on what reading a definition may cost, so a hostile or broken file is a clear error and
+never a hang, a memory blow-up or a traceback.
+
+Documented limits (docs/architecture.md, "Loading limits"):
+
+* a definition file is at most ``MAX_FILE_BYTES`` (1 MiB);
+* YAML aliases may not expand the document beyond ``MAX_NODES`` nodes (a 600-byte "billion laughs"
+  file otherwise becomes millions of nodes);
+* nesting is at most ``MAX_DEPTH`` levels (TOML and YAML).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from qemuspec.errors import SpecError
+
+MAX_FILE_BYTES = 1024 * 1024
+MAX_NODES = 100_000
+MAX_DEPTH = 64
+
+
+def check_size(source: str, size: int) -> None:
+    if size > MAX_FILE_BYTES:
+        raise SpecError(f"{source}: the file is {size} bytes; definition files may be at most {MAX_FILE_BYTES} bytes (1 MiB): "
+                        "split it, or move large text (cloud-init user data) into files it names")
+
+
+def check_text(source: str, text: str) -> None:
+    """Text given to the loader directly (not read from a file): size, and valid Unicode."""
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise SpecError(f"{source}: the text is not valid Unicode (character {exc.start}: {exc.reason}): save the file as UTF-8") from None
+    check_size(source, size)
+
+
+def read_text(path: str | os.PathLike[str]) -> str:
+    """The file's text, refusing oversized files before reading them."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        check_size(str(path), size)
+        data = f.read(MAX_FILE_BYTES + 1)
+    check_size(str(path), len(data))
+    return data.decode("utf-8")
+
+
+class NodeBudget:
+    """Counts YAML nodes as a walk visits them, aliases expanded; raises past the limits."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.nodes = 0
+
+    def visit(self, node: Any, depth: int) -> None:
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise SpecError(f"{self.source}:{node.start_mark.line + 1}: the document expands to more than {MAX_NODES} values "
+                            "(YAML aliases such as *name repeat what they point to): use fewer aliases")
+        if depth > MAX_DEPTH:
+            raise SpecError(f"{self.source}:{node.start_mark.line + 1}: values are nested more than {MAX_DEPTH} levels deep: "
+                            "a definition needs only a few levels; check the brackets and indentation")
+
+
+def check_depth(data: Any, source: str) -> None:
+    """Nesting of parsed data (TOML): iterative, so a deep document cannot exhaust the stack here."""
+    stack = [(data, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise SpecError(f"{source}: values are nested more than {MAX_DEPTH} levels deep: "
+                            "a definition needs only a few levels; check the brackets")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
