@@ -130,17 +130,25 @@ def init(args: Any) -> int:
 def import_(args: Any) -> int:
     import tomli_w
 
-    from qemuspec.spec.importer import import_argv, normalise, split_command
+    from qemuspec.spec.importer import import_argv, split_command
 
-    if args.source:
-        with open(args.source, encoding="utf-8") as f:
-            argv = split_command(f.read())
+    if args.from_libvirt:
+        from qemuspec.spec.libvirt_import import import_domain
+
+        with open(args.from_libvirt, encoding="utf-8") as f:
+            name, table, notes = import_domain(f.read(), args.name, source=args.from_libvirt)
+        argv = None
     else:
-        argv = list(args.argv)
-    if not argv:
-        raise UsageError("import needs a command line: qemuspec import -- qemu-system-x86_64 ARGS... (or --from FILE)")
-    name, table, notes = import_argv(argv, args.name, base_dir=os.getcwd())
-    header = ["# Imported by `qemuspec import`.", f"# from: {shlex.join(argv)}"[:4000]]
+        if args.source:
+            with open(args.source, encoding="utf-8") as f:
+                argv = split_command(f.read())
+        else:
+            argv = list(args.argv)
+        if not argv:
+            raise UsageError("import needs a command line: qemuspec import -- qemu-system-x86_64 ARGS... (or --from FILE, --from-libvirt FILE)")
+        name, table, notes = import_argv(argv, args.name, base_dir=os.getcwd())
+    header = ["# Imported by `qemuspec import`."]
+    header.append(f"# from: {shlex.join(argv)}"[:4000] if argv else f"# from libvirt domain XML: {args.from_libvirt}")
     header += [f"# left to qemuspec: {note}" for note in notes]
     text = "\n".join(header) + "\n\n" + tomli_w.dumps({"machines": {name: table}})
     target = args.output
@@ -156,11 +164,14 @@ def import_(args: Any) -> int:
     else:
         sys.stdout.write(text)
     if args.check:
-        from qemuspec.render import render as render_argv
-        from qemuspec.runtime import paths
+        if argv is None:
+            from qemuspec.spec.libvirt_import import domain_argv
 
-        rendered = render_argv(spec.machines[name], name, paths.layout(os.path.join(paths.state_root(target), name)))
-        same = normalise(argv) == normalise(rendered)
-        print(f"check: the definition {'asks qemu for the same machine' if same else 'DIFFERS from the command line'}", file=sys.stderr)
-        return 0 if same else 1
+            with open(args.from_libvirt, encoding="utf-8") as f:
+                argv = domain_argv(f.read())
+        from qemuspec.runtime.judge import check_definition
+
+        verdict = check_definition(argv, spec.machines[name], name)
+        print(f"check: {verdict.report()}", file=sys.stderr)
+        return 0 if verdict.same else 1
     return 0

@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from qemuspec.errors import LaunchError, QemuspecError
 
@@ -64,9 +64,10 @@ class Verdict:
 
 def runnable(argv: list[str]) -> list[str]:
     """The line as the judge starts it: TCG (this check never needs a real accelerator, and a host
-    without KVM must still judge a KVM line), no daemonizing, no terminal. The same rewrite is
+    without KVM must still judge a KVM line), no daemonizing, no window. The same rewrite is
     applied to both lines, so it cannot hide a difference between them."""
     out = [argv[0]]
+    headless = False
     i = 1
     while i < len(argv):
         token = argv[i]
@@ -78,6 +79,13 @@ def runnable(argv: list[str]) -> list[str]:
         if name == "accel" and value is not None:
             i += 2
             continue
+        if name == "display" and value is not None:
+            out += [token, "none"]
+            headless = True
+            i += 2
+            continue
+        if name in ("nographic", "sdl", "curses"):
+            headless = True
         if name in ("machine", "M") and value is not None and not value.lstrip().startswith("{"):
             value = ",".join(p for p in re.split(r"(?<!,),(?!,)", value) if not p.startswith("accel="))
             out += [token, value or "pc"]
@@ -89,7 +97,7 @@ def runnable(argv: list[str]) -> list[str]:
             continue
         out.append(token)
         i += 1
-    return out + ["-accel", "tcg"]
+    return out + ["-accel", "tcg"] + ([] if headless else ["-display", "none"])
 
 
 def observe(argv: list[str], timeout: float = 30.0) -> dict[str, Any]:
@@ -150,7 +158,7 @@ def _collect(qmp, label: str) -> dict[str, Any]:
         if block.get("qdev") is None:
             drives.append(record)  # a backend no device uses: still part of the machine
     networks, netrefs, forwards = _networks(hmp("info network"), hmp("info usernet"))
-    chardevs = {c["label"]: c["filename"] for c in qmp.command("query-chardev") if c["label"] != label}
+    chardevs = {c["label"]: re.sub(r"^pty:/dev/pts/\d+$", "pty", c["filename"]) for c in qmp.command("query-chardev") if c["label"] != label}
     tree = _qtree(hmp("info qtree"), backends, netrefs, chardevs)
     cpus = qmp.command("query-cpus-fast")
     machine = {}
@@ -308,7 +316,7 @@ def compare(original: dict[str, Any], rendered: dict[str, Any]) -> Verdict:
         if isinstance(a, dict):
             for key in sorted(set(a) | set(b or {})):
                 if a.get(key) != (b or {}).get(key):
-                    verdict.differences.append(Difference(section, f"{words} {key}: {a.get(key)} in the original, {(b or {}).get(key)} rendered", owned))
+                    verdict.differences.append(Difference(section, f"{words} {key}: {_shown(a.get(key))} in the original, {_shown((b or {}).get(key))} rendered", owned))
         elif isinstance(a, list):
             missing, extra = _multiset_minus(a, b or []), _multiset_minus(b or [], a)
             for item in missing:
@@ -318,6 +326,10 @@ def compare(original: dict[str, Any], rendered: dict[str, Any]) -> Verdict:
         elif a != b:
             verdict.differences.append(Difference(section, f"{words}: {a} in the original, {b} rendered", owned))
     return verdict
+
+
+def _shown(value: Any) -> str:
+    return "absent" if value is None else str(value)
 
 
 def _owned_device(item: str) -> bool:
@@ -336,6 +348,33 @@ def _multiset_minus(a: Iterable[str], b: Iterable[str]) -> list[str]:
     return out
 
 
-def check(original: list[str], rendered: list[str], timeout: float = 30.0) -> Verdict:
-    """Start both lines (one after the other: they may bind the same sockets and ports) and compare."""
-    return compare(observe(original, timeout), observe(rendered, timeout))
+def check(original: list[str], rendered: list[str], timeout: float = 30.0, before: Callable[[], Callable[[], Any]] | None = None) -> Verdict:
+    """Start both lines (one after the other: they may bind the same sockets and ports) and compare.
+    ``before`` starts what a line needs outside qemu (a swtpm, a virtiofsd) and returns its cleanup;
+    it runs before each of the two starts, since such helpers serve one qemu and exit."""
+    seen = []
+    for argv in (original, rendered):
+        cleanup = before() if before else None
+        try:
+            seen.append(observe(argv, timeout))
+        finally:
+            if cleanup:
+                cleanup()
+    return compare(*seen)
+
+
+def check_definition(argv: list[str], machine: Any, name: str, timeout: float = 30.0, before: Callable[[], Callable[[], Any]] | None = None) -> Verdict:
+    """Whether ``machine`` (a model), rendered, is the machine ``argv`` asks for. The rendered line's
+    own files (sockets, pidfile, logs) go to a scratch directory that is removed afterwards."""
+    import shutil
+
+    from qemuspec.render import Layout, render
+
+    scratch = tempfile.mkdtemp(prefix="qemuspec-check-")
+    try:
+        layout = Layout(state_dir=os.path.join(scratch, "state"), run_dir=os.path.join(scratch, "run"), accel=("tcg",))
+        os.makedirs(layout.state_dir, mode=0o700)
+        os.makedirs(layout.run_dir, mode=0o700)
+        return check(argv, render(machine, name, layout), timeout, before)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -586,6 +586,22 @@ def _object(imp: Import, option: str, value: str | None) -> None:
     imp.machine.setdefault("objects", []).append(table)
 
 
+@handles("virtfs")
+def _virtfs(imp: Import, option: str, value: str | None) -> None:
+    """-virtfs is qemu's shorthand for -fsdev plus -device virtio-9p-pci, and qemu puts that device
+    in the device list where -virtfs stands: so the device joins the generic devices, in place."""
+    head, pairs = split_opts(value or "", implied="fsdriver")
+    props = dict(pairs)
+    driver = head if head is not None else props.pop("fsdriver", None)
+    tag = props.pop("mount_tag", None)
+    if driver is None or tag is None or len(props) + 1 != len([p for p in pairs if p[0] != "fsdriver"]):
+        imp.keep(option, value)
+        return
+    fsdev_id = props.pop("id", tag)
+    imp.keep("fsdev", ",".join([driver, f"id={fsdev_id}".replace(",", ",,")] + [f"{k}={v.replace(',', ',,')}" for k, v in props.items()]))
+    imp.devices.append(_Device("virtio-9p-pci", {"fsdev": fsdev_id, "mount_tag": tag}, False))
+
+
 @handles("vnc")
 def _vnc(imp: Import, option: str, value: str | None) -> None:
     from qemuspec.spec.models import Display
@@ -609,7 +625,7 @@ def _vga(imp: Import, option: str, value: str | None) -> None:
 for _name_ in ("global", "rtc", "numa", "smbios", "usb", "usbdevice", "chardev", "tpmdev", "incoming", "blockdev", "fw_cfg",
                "loadvm", "mem-path", "mem-prealloc", "no-hpet", "no-acpi", "k", "msg", "overcommit", "sandbox", "watchdog",
                "watchdog-action", "action", "snapshot", "no-reboot", "no-shutdown", "L", "option-rom", "acpitable", "set",
-               "iscsi", "net", "nic", "spice", "audiodev", "audio", "soundhw", "uuid", "add-fd", "fsdev", "virtfs", "icount",
+               "iscsi", "net", "nic", "spice", "audiodev", "audio", "soundhw", "uuid", "add-fd", "fsdev", "icount",
                "semihosting-config", "device-memory", "compat", "readconfig", "plugin", "trace", "d", "seed", "boot-once", "tb-size",
                "prom-env", "g", "dtb", "debugcon", "echr", "runas", "chroot", "balloon", "localtime", "std-vga", "win2k-hack",
                "no-fd-bootchk", "full-screen", "only-migratable", "preconfig", "enable-fips", "xen-domid", "iothread"):
