@@ -57,3 +57,7 @@ class ReadyTimeout(QemuspecError, TimeoutError):
 
 class ImageError(QemuspecError):
     """qemu-img failed; the message is qemu-img's own."""
+
+
+class QemuspecWarning(UserWarning):
+    """Something worth saying that does not stop the command (an unused QEMUSPEC_VAR_*, an override)."""

@@ -111,7 +111,7 @@ def domain_xml(machine: Machine, name: str, state_dir: str = "/var/lib/qemuspec"
             from qemuspec.render import Layout, _nic
 
             netdev = _nic(index, nic, name, Layout(state_dir, f"/run/qemuspec/{name}"))[:2]
-            passthrough += [netdev[0], netdev[1].replace(f"id=net{index}", f"id=qsnet{index}", 1)]
+            passthrough += [netdev[0], netdev[1].replace(f"id=qemuspec-net{index}", f"id=qsnet{index}", 1)]
             mac = nic_mac(name, index, nic)
             passthrough += _json_device(nic.model, {"netdev": f"qsnet{index}", **({"mac": mac} if mac else {}), **nic.device_options})
     for share in machine.shares:

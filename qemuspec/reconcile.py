@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 from qemuspec.errors import QemuspecError
 from qemuspec.runtime import supervisor
 from qemuspec.runtime.instance import Instance, definition_hash, forget
+from qemuspec.spec import preflight
 from qemuspec.spec.models import File, order_machines
 
 Report = Callable[[str, str], None]
@@ -40,6 +41,7 @@ class Outcome:
     pid: int | None = None
     detail: str = ""
     ports: list = field(default_factory=list)
+    qemu: str = ""  # the absolute binary started, so a user sees what a definition made them run
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -182,7 +184,8 @@ def _collect(spec: File, pending: dict[int, tuple[str, str, float]], outcomes: d
                         elif status == "ready":
                             seconds = time.monotonic() - began
                             report(name, f"ready in {seconds:.1f} s" if not message.get("adopted") else "adopted")
-                            done = Outcome(name, action, seconds, message.get("pid"), ports=message.get("ports", []))
+                            done = Outcome(name, action, seconds, message.get("pid"), ports=message.get("ports", []),
+                                           qemu=preflight.qemu_path(spec.machines[name].qemu) or spec.machines[name].qemu)
                         elif status == "failed":
                             report(name, "failed")
                             done = Outcome(name, "failed", time.monotonic() - began, detail=message.get("detail", ""))

@@ -21,6 +21,15 @@ OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
 OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
 AGENT_PORT = "org.qemu.guest_agent.0"
 
+OWN_ID_PREFIX = "qemuspec-"  # every id qemuspec gives; a definition's own ids may not start with it
+
+
+def own(name: str) -> str:
+    """The qemu id of a piece qemuspec adds (monitor, console, disk, NIC...): it can never collide with a
+    user's id, because the model refuses user ids that start with the prefix."""
+    return OWN_ID_PREFIX + name
+
+
 DISK_DEVICE = {"virtio": "virtio-blk-pci", "ide": "ide-hd", "scsi": "scsi-hd", "nvme": "nvme"}
 
 
@@ -125,7 +134,7 @@ def render(machine: Machine, name: str, layout: Layout) -> list[str]:
     virtiofs = any(s.type == "virtiofs" for s in machine.shares)
     machine_pairs: list[tuple[str, OptionValue]] = [("type", machine.machine)]
     if virtiofs:
-        machine_pairs.append(("memory-backend", "mem0"))
+        machine_pairs.append(("memory-backend", own("mem0")))
     argv += ["-machine", optlist(None, machine_pairs, machine.machine_options)]
     for index, accel in enumerate(layout.accel or _accels(machine)):
         argv += ["-accel", optlist(accel, [], machine.accel_options if index == 0 else {})]
@@ -150,26 +159,41 @@ def render(machine: Machine, name: str, layout: Layout) -> list[str]:
         argv += ["-boot", optlist(None, [("order", machine.boot_order)])]
     argv += _disks(machine.disks)
     for index, iso in enumerate(machine.cdrom):
-        argv += ["-drive", optlist(None, [("if", "none"), ("id", f"cd{index}"), ("media", "cdrom"), ("readonly", True), ("format", "raw"), ("file", iso)])]
-        argv += ["-device", optlist("ide-cd", [("drive", f"cd{index}")])]
+        argv += ["-drive", optlist(None, [("if", "none"), ("id", own(f"cd{index}")), ("media", "cdrom"), ("readonly", True), ("format", "raw"), ("file", iso)])]
+        argv += ["-device", optlist("ide-cd", [("drive", own(f"cd{index}"))])]
     if wants_cidata(machine):
-        argv += ["-drive", optlist(None, [("if", "none"), ("id", "cidata"), ("media", "cdrom"), ("readonly", True), ("format", "raw"), ("file", layout.cidata)])]
-        argv += ["-device", "virtio-scsi-pci,id=cidata-scsi", "-device", "scsi-cd,drive=cidata,bus=cidata-scsi.0"]
+        argv += ["-drive", optlist(None, [("if", "none"), ("id", own("cidata")), ("media", "cdrom"), ("readonly", True), ("format", "raw"), ("file", layout.cidata)])]
+        argv += ["-device", f"virtio-scsi-pci,id={own('cidata-scsi')}", "-device", f"scsi-cd,drive={own('cidata')},bus={own('cidata-scsi')}.0"]
     for index, nic in enumerate(machine.nics):
         argv += _nic(index, nic, name, layout)
     argv += _shares(machine, layout)
     if machine.rng:
-        argv += ["-object", "rng-random,id=rng0,filename=/dev/urandom", "-device", "virtio-rng-pci,rng=rng0"]
+        argv += ["-object", f"rng-random,id={own('rng0')},filename=/dev/urandom", "-device", f"virtio-rng-pci,rng={own('rng0')}"]
     if machine.agent:
-        argv += ["-chardev", _socket_chardev("qga0", layout, "qga", layout.qga)]
-        argv += ["-device", "virtio-serial-pci,id=vser0"]
-        argv += ["-device", f"virtserialport,bus=vser0.0,chardev=qga0,name={AGENT_PORT}"]
+        argv += ["-chardev", _socket_chardev(own("qga0"), layout, "qga", layout.qga)]
+        argv += ["-device", f"virtio-serial-pci,id={own('vser0')}"]
+        argv += ["-device", f"virtserialport,bus={own('vser0')}.0,chardev={own('qga0')},name={AGENT_PORT}"]
     for obj in machine.objects:
         argv += ["-object", optlist(obj.type, [("id", obj.id)], obj.options)]
     for dev in machine.devices:
         argv += ["-device", optlist(dev.driver, [("id", dev.id)] if dev.id else [], dev.options)]
+    if machine.overrides:
+        argv = _without(argv, machine.overrides)
     argv += machine.append
     return argv
+
+
+def _without(argv: list[str], overrides: list[str]) -> list[str]:
+    """The rendered argv less the switches the definition overrides on purpose (its append has them)."""
+    from qemuspec.spec.importer import parse_argv
+    from qemuspec.spec.passthrough import switch
+
+    dropped = {switch(name) for name in overrides}
+    out = argv[:1]
+    for name, value in parse_argv(argv):
+        if switch("-" + name) not in dropped:
+            out += ["-" + name] + ([] if value is None else [value])
+    return out
 
 
 def _accels(machine: Machine) -> list[str]:
@@ -206,13 +230,13 @@ def _socket_chardev(chardev_id: str, layout: Layout, role: str, path: str, extra
 
 def _monitors(layout: Layout) -> list[str]:
     if layout.qmp_port is not None and "qmp" not in layout.fds:
-        main = optlist("socket", [("id", "qmp"), ("host", "127.0.0.1"), ("port", layout.qmp_port), ("server", True), ("wait", False)])
+        main = optlist("socket", [("id", own("qmp")), ("host", "127.0.0.1"), ("port", layout.qmp_port), ("server", True), ("wait", False)])
     else:
-        main = _socket_chardev("qmp", layout, "qmp", layout.qmp)
-    client = _socket_chardev("qmp-client", layout, "qmp-client", layout.qmp_client)
+        main = _socket_chardev(own("qmp"), layout, "qmp", layout.qmp)
+    client = _socket_chardev(own("qmp-client"), layout, "qmp-client", layout.qmp_client)
     return [
-        "-chardev", main, "-mon", "chardev=qmp,mode=control",
-        "-chardev", client, "-mon", "chardev=qmp-client,mode=control",
+        "-chardev", main, "-mon", f"chardev={own('qmp')},mode=control",
+        "-chardev", client, "-mon", f"chardev={own('qmp-client')},mode=control",
     ]
 
 
@@ -220,12 +244,12 @@ def _serial(machine: Machine, layout: Layout) -> list[str]:
     if machine.serial == "none":
         return ["-serial", "none"]
     if machine.serial == "pty":
-        chardev = optlist("pty", [("id", "serial0"), ("logfile", layout.serial_log), ("logappend", True)])
+        chardev = optlist("pty", [("id", own("serial0")), ("logfile", layout.serial_log), ("logappend", True)])
     elif machine.serial == "log":
-        chardev = _socket_chardev("serial0", layout, "console", layout.console, [("logfile", layout.serial_log), ("logappend", True)])
+        chardev = _socket_chardev(own("serial0"), layout, "console", layout.console, [("logfile", layout.serial_log), ("logappend", True)])
     else:
-        chardev = _socket_chardev("serial0", layout, "console", layout.console)
-    return ["-chardev", chardev, "-serial", "chardev:serial0"]
+        chardev = _socket_chardev(own("serial0"), layout, "console", layout.console)
+    return ["-chardev", chardev, "-serial", f"chardev:{own('serial0')}"]
 
 
 def _firmware(machine: Machine, layout: Layout) -> list[str]:
@@ -242,9 +266,9 @@ def _firmware(machine: Machine, layout: Layout) -> list[str]:
 def _disks(disks: list[Disk]) -> list[str]:
     argv: list[str] = []
     if any(d.interface == "scsi" for d in disks):
-        argv += ["-device", "virtio-scsi-pci,id=scsi0"]
+        argv += ["-device", f"virtio-scsi-pci,id={own('scsi0')}"]
     for index, disk in enumerate(disks):
-        drive_id = f"disk{index}"
+        drive_id = own(f"disk{index}")
         pairs: list[tuple[str, OptionValue]] = [("if", "none"), ("id", drive_id), ("file", disk.file)]
         if disk.format:
             pairs.append(("format", disk.format))
@@ -255,7 +279,7 @@ def _disks(disks: list[Disk]) -> list[str]:
             continue
         dev: list[tuple[str, OptionValue]] = [("drive", drive_id)]
         if disk.interface == "scsi":
-            dev.append(("bus", "scsi0.0"))
+            dev.append(("bus", f"{own('scsi0')}.0"))
         if disk.serial or disk.interface == "nvme":
             dev.append(("serial", disk.serial or drive_id))
         argv += ["-device", optlist(DISK_DEVICE[disk.interface], dev, disk.device_options)]
@@ -271,7 +295,7 @@ def _address(value: str) -> list[tuple[str, OptionValue]]:
 
 
 def _nic(index: int, nic: NIC, name: str, layout: Layout) -> list[str]:
-    net_id = f"net{index}"
+    net_id = own(f"net{index}")
     pairs: list[tuple[str, OptionValue]] = [("id", net_id)]
     if nic.type == "user":
         for fwd in nic.forwards:
@@ -304,15 +328,15 @@ def _nic(index: int, nic: NIC, name: str, layout: Layout) -> list[str]:
 def _shares(machine: Machine, layout: Layout) -> list[str]:
     argv: list[str] = []
     if any(s.type == "virtiofs" for s in machine.shares):
-        argv += ["-object", f"memory-backend-memfd,id=mem0,size={machine.memory}M,share=on"]
+        argv += ["-object", f"memory-backend-memfd,id={own('mem0')},size={machine.memory}M,share=on"]
     for index, share in enumerate(machine.shares):
         if share.type == "9p":
-            pairs: list[tuple[str, OptionValue]] = [("id", f"fs{index}"), ("path", share.source), ("security_model", share.security_model)]
+            pairs: list[tuple[str, OptionValue]] = [("id", own(f"fs{index}")), ("path", share.source), ("security_model", share.security_model)]
             if share.readonly:
                 pairs.append(("readonly", True))
             argv += ["-fsdev", optlist("local", pairs, share.options)]
-            argv += ["-device", optlist("virtio-9p-pci", [("fsdev", f"fs{index}"), ("mount_tag", share.tag)])]
+            argv += ["-device", optlist("virtio-9p-pci", [("fsdev", own(f"fs{index}")), ("mount_tag", share.tag)])]
         else:
-            argv += ["-chardev", optlist("socket", [("id", f"vfs{index}"), ("path", layout.virtiofs(index))])]
-            argv += ["-device", optlist("vhost-user-fs-pci", [("chardev", f"vfs{index}"), ("tag", share.tag)], share.options)]
+            argv += ["-chardev", optlist("socket", [("id", own(f"vfs{index}")), ("path", layout.virtiofs(index))])]
+            argv += ["-device", optlist("vhost-user-fs-pci", [("chardev", own(f"vfs{index}")), ("tag", share.tag)], share.options)]
     return argv

@@ -42,7 +42,7 @@ def test_example_files_carry_editor_schema_hints():
             assert first.startswith("# yaml-language-server: $schema=../schemas/qemuspec.schema.json"), name
 
 
-def test_validate_ok_and_bad(tmp_path):
+def test_validate_ok_and_bad(tmp_path, guest):  # the examples boot the test guest: validate checks it exists
     ok = cli("validate", EXAMPLE, os.path.join(ROOT, "machines", "example.yaml"))
     assert ok.returncode == 0 and "valid (1 machine: web)" in ok.stdout
     bad = tmp_path / "bad.toml"

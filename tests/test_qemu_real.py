@@ -45,8 +45,8 @@ def stop_rendered(proc, client):
 
 def test_example_definition_starts_in_qemu(qemu_bin, guest, tmp_path):
     text = open(os.path.join(ROOT, "machines", "example.toml")).read()
-    text = text.replace('"guest/vmlinuz"', f'"{guest["kernel"]}"').replace('"guest/initrd.gz"', f'"{guest["initrd"]}"')
-    text = text.replace('file = "web.qcow2"', f'file = "{tmp_path}/web.qcow2"').replace('backing = "base.qcow2"', f'backing = "{tmp_path}/base.qcow2"')
+    text = text.replace('"../guest/out/vmlinuz"', f'"{guest["kernel"]}"').replace('"../guest/out/initrd.gz"', f'"{guest["initrd"]}"')
+    text = text.replace('file = "web.qcow2"', f'file = "{tmp_path}/web.qcow2"').replace('# backing = "base.qcow2"', f'backing = "{tmp_path}/base.qcow2"')
     path = tmp_path / "example.toml"
     path.write_text(text)
     machine = load(path).machines["web"].model_copy(update={"paused": True})

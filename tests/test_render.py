@@ -42,10 +42,10 @@ def test_example_argv_in_detail():
     assert "-machine type=q35" in joined and "-accel tcg" in joined and "-smp 2" in joined and "-m 256M" in joined
     assert "-nodefaults -no-user-config" in joined
     assert "-pidfile /state/web/qemu.pid" in joined
-    assert "socket,id=qmp,path=/run/q/abc/qmp.sock,server=on,wait=off" in argv
-    assert "socket,id=serial0,path=/run/q/abc/console.sock,server=on,wait=off,logfile=/state/web/serial.log,logappend=on" in argv
-    assert f"if=none,id=disk0,file={ROOT}/machines/web.qcow2,format=qcow2,cache=unsafe" in argv
-    assert "user,id=net0,hostfwd=tcp:127.0.0.1:8080-:80,hostfwd=tcp:127.0.0.1:0-:22" in argv
+    assert "socket,id=qemuspec-qmp,path=/run/q/abc/qmp.sock,server=on,wait=off" in argv
+    assert "socket,id=qemuspec-serial0,path=/run/q/abc/console.sock,server=on,wait=off,logfile=/state/web/serial.log,logappend=on" in argv
+    assert f"if=none,id=qemuspec-disk0,file={ROOT}/machines/web.qcow2,format=qcow2,cache=unsafe" in argv
+    assert "user,id=qemuspec-net0,hostfwd=tcp:127.0.0.1:8080-:80,hostfwd=tcp:127.0.0.1:0-:22" in argv
     assert argv[-2:] == ["-rtc", "base=utc"], "append goes last, verbatim"
 
 
@@ -66,7 +66,7 @@ def test_escape():
 def test_options_maps_pass_through_and_override_typed_keys():
     argv = argv_of(disks=[{"file": "d.img", "format": "raw", "options": {"cache": "none", "aio": "native", "format": "qcow2"}}])
     _, pairs = qemu_options(argv[argv.index("-drive") + 1])
-    assert dict(pairs) == {"if": "none", "id": "disk0", "file": "/defs/d.img", "format": "qcow2", "cache": "none", "aio": "native"}
+    assert dict(pairs) == {"if": "none", "id": "qemuspec-disk0", "file": "/defs/d.img", "format": "qcow2", "cache": "none", "aio": "native"}
 
 
 def test_accel_auto_without_resolution_falls_back_in_order():
@@ -81,36 +81,36 @@ def test_accel_auto_without_resolution_falls_back_in_order():
 def test_pre_opened_sockets_render_as_fds_and_tcp_qmp_binds_loopback():
     machine = Machine(qmp={"transport": "tcp", "port": 5000}, agent=True)
     argv = render(machine, "x", Layout("/s", "/r", ("tcg",), qmp_port=5001, fds={"console": 7, "qga": 8, "qmp-client": 9}))
-    assert "socket,id=qmp,host=127.0.0.1,port=5001,server=on,wait=off" in argv
-    assert "socket,id=qmp-client,fd=9,server=on,wait=off" in argv
-    assert "socket,id=serial0,fd=7,server=on,wait=off,logfile=/s/serial.log,logappend=on" in argv
-    assert "socket,id=qga0,fd=8,server=on,wait=off" in argv
-    assert "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0" in argv
+    assert "socket,id=qemuspec-qmp,host=127.0.0.1,port=5001,server=on,wait=off" in argv
+    assert "socket,id=qemuspec-qmp-client,fd=9,server=on,wait=off" in argv
+    assert "socket,id=qemuspec-serial0,fd=7,server=on,wait=off,logfile=/s/serial.log,logappend=on" in argv
+    assert "socket,id=qemuspec-qga0,fd=8,server=on,wait=off" in argv
+    assert "virtserialport,bus=qemuspec-vser0.0,chardev=qemuspec-qga0,name=org.qemu.guest_agent.0" in argv
 
 
 TYPED = [
     ({"kernel": "k", "initrd": "i", "cmdline": "console=ttyS0 a,b"}, ["-kernel", "/defs/k", "-initrd", "/defs/i", "-append", "console=ttyS0 a,b"]),
     ({"firmware": "uefi"}, ["-drive", "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd", "-drive", "if=pflash,format=raw,unit=1,file=/state/web/efivars.fd"]),
     ({"firmware": {"type": "bios", "code": "/fw/bios.bin"}}, ["-bios", "/fw/bios.bin"]),
-    ({"cdrom": "boot.iso", "boot_order": "dc"}, ["-boot", "order=dc", "-drive", "if=none,id=cd0,media=cdrom,readonly=on,format=raw,file=/defs/boot.iso", "-device", "ide-cd,drive=cd0"]),
-    ({"shares": [{"source": "/srv", "tag": "srv", "readonly": True}]}, ["-fsdev", "local,id=fs0,path=/srv,security_model=mapped-xattr,readonly=on", "-device", "virtio-9p-pci,fsdev=fs0,mount_tag=srv"]),
-    ({"shares": [{"type": "virtiofs", "source": "/srv", "tag": "srv"}], "memory": "1G"}, ["-machine", "type=q35,memory-backend=mem0", "-object", "memory-backend-memfd,id=mem0,size=1024M,share=on", "-chardev", "socket,id=vfs0,path=/run/q/abc/virtiofs0.sock", "-device", "vhost-user-fs-pci,chardev=vfs0,tag=srv"]),
+    ({"cdrom": "boot.iso", "boot_order": "dc"}, ["-boot", "order=dc", "-drive", "if=none,id=qemuspec-cd0,media=cdrom,readonly=on,format=raw,file=/defs/boot.iso", "-device", "ide-cd,drive=qemuspec-cd0"]),
+    ({"shares": [{"source": "/srv", "tag": "srv", "readonly": True}]}, ["-fsdev", "local,id=qemuspec-fs0,path=/srv,security_model=mapped-xattr,readonly=on", "-device", "virtio-9p-pci,fsdev=qemuspec-fs0,mount_tag=srv"]),
+    ({"shares": [{"type": "virtiofs", "source": "/srv", "tag": "srv"}], "memory": "1G"}, ["-machine", "type=q35,memory-backend=qemuspec-mem0", "-object", "memory-backend-memfd,id=qemuspec-mem0,size=1024M,share=on", "-chardev", "socket,id=qemuspec-vfs0,path=/run/q/abc/virtiofs0.sock", "-device", "vhost-user-fs-pci,chardev=qemuspec-vfs0,tag=srv"]),
     ({"display": "vnc"}, ["-vga", "std", "-display", "none", "-vnc", "127.0.0.1:0"]),
     ({"display": {"type": "vnc", "port": 5905, "options": {"password": True}}}, ["-vnc", "127.0.0.1:5,password=on"]),
     ({"display": {"type": "spice"}}, ["-spice", "addr=127.0.0.1,port=5930,disable-ticketing=on"]),
     ({"display": "gtk"}, ["-vga", "std", "-display", "gtk"]),
-    ({"rng": True}, ["-object", "rng-random,id=rng0,filename=/dev/urandom", "-device", "virtio-rng-pci,rng=rng0"]),
+    ({"rng": True}, ["-object", "rng-random,id=qemuspec-rng0,filename=/dev/urandom", "-device", "virtio-rng-pci,rng=qemuspec-rng0"]),
     ({"devices": [{"driver": "virtio-balloon-pci", "id": "b0", "options": {"deflate-on-oom": True}}]}, ["-device", "virtio-balloon-pci,id=b0,deflate-on-oom=on"]),
     ({"objects": [{"type": "memory-backend-ram", "id": "m0", "options": {"size": "1G"}}]}, ["-object", "memory-backend-ram,id=m0,size=1G"]),
     ({"disks": [{"file": "a", "interface": "scsi"}, {"file": "b", "interface": "nvme"}, {"file": "c", "interface": "ide", "serial": "S1"}]},
-     ["-device", "virtio-scsi-pci,id=scsi0", "-device", "scsi-hd,drive=disk0,bus=scsi0.0", "-device", "nvme,drive=disk1,serial=disk1", "-device", "ide-hd,drive=disk2,serial=S1"]),
-    ({"nics": [{"type": "socket", "listen": "127.0.0.1:5555", "mac": "52:54:00:12:34:56"}]}, ["-netdev", "socket,id=net0,listen=127.0.0.1:5555", "-device", "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56"]),
-    ({"nics": [{"type": "stream", "connect": "127.0.0.1:5555"}]}, ["-netdev", "stream,id=net0,server=off,addr.type=inet,addr.host=127.0.0.1,addr.port=5555"]),
-    ({"nics": [{"type": "stream", "listen": "/tmp/lan.sock"}]}, ["-netdev", "stream,id=net0,server=on,addr.type=unix,addr.path=/tmp/lan.sock"]),
-    ({"nics": [{"type": "tap", "ifname": "tap0"}]}, ["-netdev", "tap,id=net0,ifname=tap0,script=no,downscript=no"]),
-    ({"nics": [{"type": "bridge", "bridge": "br0", "model": "e1000"}]}, ["-netdev", "bridge,id=net0,br=br0", "-device", "e1000,netdev=net0"]),
-    ({"nics": [{"forwards": [{"host": 0, "guest": 53, "protocol": "udp"}]}]}, ["-netdev", "user,id=net0,hostfwd=udp:127.0.0.1:0-:53"]),
-    ({"serial": "pty"}, ["-chardev", "pty,id=serial0,logfile=/state/web/serial.log,logappend=on", "-serial", "chardev:serial0"]),
+     ["-device", "virtio-scsi-pci,id=qemuspec-scsi0", "-device", "scsi-hd,drive=qemuspec-disk0,bus=qemuspec-scsi0.0", "-device", "nvme,drive=qemuspec-disk1,serial=qemuspec-disk1", "-device", "ide-hd,drive=qemuspec-disk2,serial=S1"]),
+    ({"nics": [{"type": "socket", "listen": "127.0.0.1:5555", "mac": "52:54:00:12:34:56"}]}, ["-netdev", "socket,id=qemuspec-net0,listen=127.0.0.1:5555", "-device", "virtio-net-pci,netdev=qemuspec-net0,mac=52:54:00:12:34:56"]),
+    ({"nics": [{"type": "stream", "connect": "127.0.0.1:5555"}]}, ["-netdev", "stream,id=qemuspec-net0,server=off,addr.type=inet,addr.host=127.0.0.1,addr.port=5555"]),
+    ({"nics": [{"type": "stream", "listen": "/tmp/lan.sock"}]}, ["-netdev", "stream,id=qemuspec-net0,server=on,addr.type=unix,addr.path=/tmp/lan.sock"]),
+    ({"nics": [{"type": "tap", "ifname": "tap0"}]}, ["-netdev", "tap,id=qemuspec-net0,ifname=tap0,script=no,downscript=no"]),
+    ({"nics": [{"type": "bridge", "bridge": "br0", "model": "e1000"}]}, ["-netdev", "bridge,id=qemuspec-net0,br=br0", "-device", "e1000,netdev=qemuspec-net0"]),
+    ({"nics": [{"forwards": [{"host": 0, "guest": 53, "protocol": "udp"}]}]}, ["-netdev", "user,id=qemuspec-net0,hostfwd=udp:127.0.0.1:0-:53"]),
+    ({"serial": "pty"}, ["-chardev", "pty,id=qemuspec-serial0,logfile=/state/web/serial.log,logappend=on", "-serial", "chardev:qemuspec-serial0"]),
     ({"serial": "none"}, ["-serial", "none"]),
     ({"paused": True, "cpu": "host", "cpu_options": {"pmu": False}}, ["-cpu", "host,pmu=off", "-S", "-chardev"]),
     ({"machine": "pc", "machine_options": {"kernel-irqchip": "split"}}, ["-machine", "type=pc,kernel-irqchip=split"]),
@@ -172,7 +172,7 @@ def test_generated_specs_validate_or_fail_cleanly_and_never_split(raw):
     machine = spec.machines["m"]
     argv = render(machine, "m", LAYOUT)
     options = option_args(argv)
-    drives = [qemu_options(v)[1] for s, v in options if s == "-drive" and "id=disk" in v]
+    drives = [qemu_options(v)[1] for s, v in options if s == "-drive" and "id=qemuspec-disk" in v]
     assert len(drives) == len(machine.disks)
     for disk, pairs in zip(machine.disks, drives):
         parsed = dict(pairs)

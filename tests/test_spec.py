@@ -24,7 +24,7 @@ def test_example_toml_and_yaml_give_the_same_model():
     assert web.cpus == 2
     assert web.disks[0].size == 1 << 30
     assert web.ready.timeout == 60.0
-    assert web.kernel == os.path.join(ROOT, "machines", "guest", "vmlinuz")  # relative to the file
+    assert web.kernel == os.path.join(ROOT, "guest", "out", "vmlinuz")  # relative to the file
     assert [f.host for f in web.nics[0].forwards] == [8080, 0]
 
 
@@ -48,10 +48,18 @@ def test_variable_precedence_file_then_env_then_cli(tmp_path):
     assert load(path, variables={"mem": "512M"}, environ={"QEMUSPEC_VAR_mem": "256M"}).machines["a"].memory == 512
 
 
-def test_template_may_generate_machines(tmp_path):
+def test_templates_cannot_add_keys_or_tables(tmp_path):
     path = tmp_path / "many.yaml"
     path.write_text("vars:\n  n: 3\nmachines:\n{% for i in range(n) %}  node{{ i }}:\n    memory: 128M\n{% endfor %}")
-    assert sorted(load(path, environ={}).machines) == ["node0", "node1", "node2"]
+    with pytest.raises(SpecError, match="inside quoted text values only"):
+        load(path, environ={})
+
+
+def test_a_whole_value_template_keeps_the_variable_type(tmp_path):
+    path = tmp_path / "m.toml"
+    path.write_text('[vars]\nn = 3\nflag = true\n[machines.a]\ncpus = "{{ n }}"\nrng = "{{ flag }}"\nmemory = "{{ n * 64 }}M"\n')
+    machine = load(path, environ={}).machines["a"]
+    assert (machine.cpus, machine.rng, machine.memory) == (3, True, 192)
 
 
 def test_files_without_template_syntax_do_not_need_jinja(tmp_path):

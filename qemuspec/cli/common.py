@@ -60,6 +60,24 @@ def check_against_qemu(spec: Any, lines: dict, source: str, names: list[str]) ->
         raise SpecError(located(source, lines, problems))
 
 
+def preflight(spec: Any, lines: dict, source: str, names: list[str], args: Any, ports: bool = False) -> None:
+    """What `up` would fail on, found before anything starts (spec/preflight.py): exit 2 with file:line."""
+    from qemuspec.errors import SpecError
+    from qemuspec.spec import preflight as checks
+    from qemuspec.spec.messages import located
+
+    problems = checks.host_problems(spec, source, names, allow_local_qemu=getattr(args, "allow_local_qemu", False))
+    if ports and not problems:
+        from qemuspec import reconcile
+        from qemuspec.runtime import paths
+
+        root = paths.state_root(source, getattr(args, "state_dir", None))
+        starting = [step["name"] for step in reconcile.plan(spec, root, names) if step["action"] == "start"]
+        problems = checks.busy_ports(spec, starting)
+    if problems:
+        raise SpecError(located(source, lines, problems))
+
+
 def select(spec: Any, names: list[str] | str | None, source: str) -> list[str]:
     """Machine names to act on, in dependency order; unknown names are usage errors with a suggestion."""
     from qemuspec.spec.models import order_machines

@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
         p[name].add_argument("--machine", "-m", action="append", default=[], help="only this machine (repeatable)")
     p["up"].add_argument("--no-probe", action="store_true", help="skip checking the definition against the qemu binary")
     p["up"].add_argument("--attach", action="store_true", help="stay in the foreground streaming consoles and events; Ctrl-C brings the machines down")
+    for name in ("up", "validate"):
+        p[name].add_argument("--allow-local-qemu", action="store_true",
+                             help="run a qemu binary that lives inside the definition's own tree (only for a qemu you built)")
     p["down"].add_argument("--timeout", type=float, help="seconds for ACPI powerdown before escalating (default: each machine's stop_timeout)")
     p["down"].add_argument("--purge", action="store_true", help="also delete disks qemuspec created and the state directory")
 
@@ -172,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     module_name, func_name, _ = COMMANDS[args.command]
+    import warnings
+
+    warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)
     try:
         import importlib
 

@@ -7,7 +7,7 @@ import shlex
 import sys
 from typing import Any
 
-from qemuspec.cli.common import emit_json, load_file, parse_vars, select
+from qemuspec.cli.common import emit_json, load_file, parse_vars, preflight, select
 from qemuspec.errors import SpecError, UsageError
 
 STARTER = """\
@@ -22,9 +22,9 @@ memory = "512M"              # override with QEMUSPEC_VAR_memory=1G or --var mem
 memory = "{{{{ memory }}}}"      # K/M/G/T, or a number of MiB
 cpus = 2
 accel = "auto"               # kvm when /dev/kvm works, else tcg; QEMUSPEC_ACCEL=tcg forces tcg
-kernel = "vmlinuz"           # paths are relative to this file
-initrd = "initrd.gz"
-cmdline = "console=ttyS0"
+# kernel = "vmlinuz"         # direct kernel boot; paths are relative to this file
+# initrd = "initrd.gz"
+# cmdline = "console=ttyS0"
 serial = "log"               # the console is kept in .qemuspec/vm/serial.log and read live
 restart = "no"               # "no", "on-failure" or "always"
 append = []                  # raw qemu switches for anything not modelled, e.g. ["-rtc", "base=utc"]
@@ -33,10 +33,11 @@ append = []                  # raw qemu switches for anything not modelled, e.g.
 serial = "login:"            # ready when the console shows this (a regular expression)
 timeout = "120s"
 
-# [[machines.vm.disks]]
-# file = "vm.qcow2"
-# format = "qcow2"
-# size = "10G"               # created on `up` when missing
+[[machines.vm.disks]]
+file = "vm.qcow2"
+format = "qcow2"
+size = "10G"                 # created on `up` when missing; install an OS into it from a cdrom:
+# cdrom = "debian.iso"       # (under [machines.vm]) with boot_order = "dc"
 
 [[machines.vm.nics]]
 type = "user"                # user-mode networking, no root needed
@@ -53,6 +54,7 @@ def validate(args: Any) -> int:
     for path in args.file:
         try:
             spec, lines = load_located(path, variables=variables)
+            preflight(spec, lines, path, list(spec.machines), args)
             if args.probe:
                 check_against_qemu(spec, lines, path, list(spec.machines))
             results.append({"file": path, "valid": True, "machines": list(spec.machines), "errors": []})

@@ -38,6 +38,7 @@ def _print_outcomes(args: Any, outcomes: list) -> None:
         ports = ", ".join(f"{p['address']}:{p['host']}->{p['guest']}/{p['protocol']}" for p in o.ports)
         extra = [f"pid {o.pid}"] if o.pid else []
         extra += [ports] if ports else []
+        extra += [f"qemu {o.qemu}"] if getattr(o, "qemu", "") and o.action in ("started", "recreated") else []
         extra += [o.detail] if o.detail else []
         print(f"{o.name}: {o.action}{' (' + ', '.join(extra) + ')' if extra else ''}")
     for o in outcomes:
@@ -50,6 +51,9 @@ def up(args: Any) -> int:
 
     spec, lines = load_file(args, with_lines=True)
     names = select(spec, args.machine, args.file)
+    from qemuspec.cli.common import preflight
+
+    preflight(spec, lines, args.file, reconcile.needed(spec, names), args, ports=True)
     if not args.no_probe:
         from qemuspec.cli.common import check_against_qemu
 

@@ -18,12 +18,13 @@ from qemuspec.spec.models import Machine
 
 
 def _template(text: str, context: dict, what: str) -> str:
-    import jinja2
+    from qemuspec.errors import SpecError
+    from qemuspec.spec.templates import render_text
 
     try:
-        return jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True).from_string(text).render(**context)
-    except jinja2.TemplateError as exc:
-        raise LaunchError(f"cloud_init {what}: template error: {exc}") from None
+        return render_text(text, context, f"cloud_init {what}")
+    except SpecError as exc:
+        raise LaunchError(str(exc)) from None
 
 
 def network_config(name: str, machine: Machine) -> str | None:

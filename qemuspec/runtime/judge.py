@@ -26,7 +26,7 @@ from qemuspec.errors import LaunchError, QemuspecError
 
 # Chardevs qemuspec creates for its own plumbing, and those qemu creates for the options qemuspec
 # manages (-serial, -monitor, -qmp, -nographic) in an original line.
-_OWNED_CHARDEV = re.compile(r"^(qemuspec-.*|qmp|qmp-client|serial0|serial0-base|qga0|compat_monitor\d+|judge-\d+)$")
+_OWNED_CHARDEV = re.compile(r"^(qemuspec-.*|serial0|serial0-base|compat_monitor\d+|judge-\d+)$")
 _BACKEND_REFS = ("drive", "netdev", "chardev")
 _SKIP_MACHINE_PROPS = {"rtc-time", "type", "unattached", "peripheral", "peripheral-anon", "fw_cfg", "q35", "i440fx"}
 

@@ -52,9 +52,10 @@ def split_command(text: str) -> list[str]:
         raise SpecError(f"the command line cannot be read as a shell command ({exc}): check its quotes") from None
 
 
-def parse_argv(argv: list[str]) -> list[tuple[str, str | None]]:
+def parse_argv(argv: list[str], strict: bool = False) -> list[tuple[str, str | None]]:
     """[(option without dash, argument or None)] in order; argv[0] (the binary) excluded. A bare
-    word is qemu's -hda shorthand (option "")."""
+    word is qemu's -hda shorthand (option ""). ``strict``: an option missing its value is an error
+    (else it is returned with None)."""
     out: list[tuple[str, str | None]] = []
     i = 1
     while i < len(argv):
@@ -64,10 +65,10 @@ def parse_argv(argv: list[str]) -> list[tuple[str, str | None]]:
             i += 1
             continue
         name = token[2:] if token.startswith("--") else token[1:]
-        if name in NO_ARG:
+        if name in NO_ARG or i + 1 >= len(argv):
             out.append((name, None))
             i += 1
-        elif i + 1 >= len(argv):
+        elif i + 1 >= len(argv) and strict:
             raise SpecError(f"{token} needs a value (it is the last word of the command line): add it, or remove {token}")
         else:
             out.append((name, argv[i + 1]))
@@ -194,15 +195,10 @@ def _keep(imp: Import, option: str, value: str | None) -> None:
 def _name(imp: Import, option: str, value: str | None) -> None:
     head, pairs = split_opts(value or "", implied="guest")
     imp.name = imp.name or head or dict(pairs).get("guest")
-    rest = [(k, v) for k, v in pairs if k not in ("guest",)]
-    if rest:
-        imp.keep(option, ",".join(["guest=" + (imp.name or "").replace(",", ",,")] + [f"{k}={v}" for k, v in rest]))
-        imp.note(option, value, "the machine is named by its table; the other -name properties are kept in append")
-    else:
-        imp.note(option, value, "the machine is named by its table")
+    imp.note(option, value, "the machine is named by its table (process and thread names are qemuspec's)")
 
 
-@handles("pidfile", "qmp", "qmp-pretty", "monitor", "mon", "daemonize", "no-user-config", "D", "display")
+@handles("pidfile", "qmp", "qmp-pretty", "monitor", "mon", "daemonize", "no-user-config", "D", "display", "runas", "chroot")
 def _managed(imp: Import, option: str, value: str | None) -> None:
     if option == "display" and value is not None and split_opts(value, implied="type")[0] not in ("none", None):
         imp.note(option, value, "qemuspec runs machines headless; a window is not part of the machine")
@@ -231,6 +227,11 @@ def _serial(imp: Import, option: str, value: str | None) -> None:
 def _parallel(imp: Import, option: str, value: str | None) -> None:
     imp.parallel_seen = True
     imp.keep(option, value)
+
+
+@handles("no-acpi")
+def _no_acpi(imp: Import, option: str, value: str | None) -> None:
+    imp.machine.setdefault("machine_options", {})["acpi"] = False  # what -no-acpi means in qemu 7.2
 
 
 @handles("S")
@@ -342,7 +343,7 @@ def _smp(imp: Import, option: str, value: str | None) -> None:
         return
     imp.machine["cpus"] = cpus
     if numbers:
-        imp.keep(option, ",".join(f"{k}={v}" for k, v in numbers.items()))
+        imp.keep(option, value)  # the topology: this -smp overrides the typed one (overrides = ["-smp"])
 
 
 @handles("m")
@@ -473,7 +474,12 @@ def _drive(imp: Import, option: str, value: str | None) -> None:
     if disk is None:
         imp.keep(option, value)
         return
-    if iface == "none" and drive_id:
+    if drive_id:  # its id is the user's: typed only if a typed device takes it (then qemuspec names it)
+        disk["_words"] = [f"-{option}", value or ""]
+        disk["_if"] = iface
+        (disk.get("options") or {}).pop("id", None)
+        if not disk.get("options"):
+            disk.pop("options", None)
         imp.drive_ids[drive_id] = disk
     else:
         disk.setdefault("options", {}).setdefault("if", iface)
@@ -623,11 +629,11 @@ def _vga(imp: Import, option: str, value: str | None) -> None:
 
 # Everything else is part of the machine and has no typed form: kept as written, in order.
 for _name_ in ("global", "rtc", "numa", "smbios", "usb", "usbdevice", "chardev", "tpmdev", "incoming", "blockdev", "fw_cfg",
-               "loadvm", "mem-path", "mem-prealloc", "no-hpet", "no-acpi", "k", "msg", "overcommit", "sandbox", "watchdog",
+               "loadvm", "mem-path", "mem-prealloc", "no-hpet", "k", "msg", "overcommit", "sandbox", "watchdog",
                "watchdog-action", "action", "snapshot", "no-reboot", "no-shutdown", "L", "option-rom", "acpitable", "set",
                "iscsi", "net", "nic", "spice", "audiodev", "audio", "soundhw", "uuid", "add-fd", "fsdev", "icount",
                "semihosting-config", "device-memory", "compat", "readconfig", "plugin", "trace", "d", "seed", "boot-once", "tb-size",
-               "prom-env", "g", "dtb", "debugcon", "echr", "runas", "chroot", "balloon", "localtime", "std-vga", "win2k-hack",
+               "prom-env", "g", "dtb", "debugcon", "echr", "balloon", "localtime", "std-vga", "win2k-hack",
                "no-fd-bootchk", "full-screen", "only-migratable", "preconfig", "enable-fips", "xen-domid", "iothread"):
     HANDLERS.setdefault(_name_, _keep)
 
@@ -646,7 +652,7 @@ def import_argv(argv: list[str], name: str | None = None, base_dir: str | None =
         raise SpecError(f'"{argv[0]}" is not a qemu system emulator: the command line must start with qemu-system-ARCH')
     imp = Import(argv, name=name)
     imp.machine["qemu"] = argv[0]
-    for option, value in parse_argv(argv):
+    for option, value in parse_argv(argv, strict=True):
         HANDLERS.get(option, _keep)(imp, option, value)
     return _finish(imp, base_dir)
 
@@ -669,7 +675,7 @@ def _finish(imp: Import, base_dir: str | None) -> tuple[str, dict, list[str]]:
         if dev.json or "_verbatim" in props:
             continue
         disk = imp.drive_ids.get(props.get("drive", "")) if dev.driver in _DISK_DEVICES else None
-        if disk is not None and rank <= 0 and disk.get("interface") == "none" and not disk.get("_claimed"):
+        if disk is not None and rank <= 0 and "id" not in props and disk.get("_if") == "none" and not disk.get("_claimed"):
             rest = {k: value_of(v) for k, v in props.items() if k not in ("drive", "id")}
             serial = props.get("serial")
             from qemuspec.spec.models import Disk
@@ -678,12 +684,9 @@ def _finish(imp: Import, base_dir: str | None) -> tuple[str, dict, list[str]]:
                 rest.pop("serial")
             else:
                 serial = None
-            if "id" in props:
-                rest["id"] = props["id"]
             if fits(Disk, "device_options", rest):
                 disk["interface"] = _DISK_DEVICES[dev.driver]
                 disk["_claimed"] = True
-                (disk.get("options") or {}).pop("id", None)
                 if serial is not None:
                     disk["serial"] = serial
                 if rest:
@@ -692,7 +695,7 @@ def _finish(imp: Import, base_dir: str | None) -> tuple[str, dict, list[str]]:
                 typed_disks.append(disk)
                 continue
         netdev = props.get("netdev", "")
-        if netdev in imp.netdevs and netdev not in used_netdevs and rank <= 1 and fits(NIC, "model", dev.driver):
+        if netdev in imp.netdevs and netdev not in used_netdevs and rank <= 1 and "id" not in props and fits(NIC, "model", dev.driver):
             nic = dict(imp.netdevs[netdev][0])
             rest = {k: value_of(v) for k, v in props.items() if k not in ("netdev",)}
             mac = props.get("mac")
@@ -709,9 +712,18 @@ def _finish(imp: Import, base_dir: str | None) -> tuple[str, dict, list[str]]:
                 continue
         rank = 2
     # Typed disks go first, in their device order; drives no device claimed keep their place after them.
-    disks = typed_disks + [d for d in imp.disks if not d.get("_claimed")]
+    disks = typed_disks
+    for disk in imp.disks:
+        if disk.get("_claimed"):
+            continue
+        if "_words" in disk:  # a drive with an id no typed device took: others refer to it by that id
+            imp.append += disk["_words"]
+        else:
+            disks.append(disk)
     for disk in disks:
         disk.pop("_claimed", None)
+        disk.pop("_words", None)
+        disk.pop("_if", None)
     for netdev_id, (nic, words) in imp.netdevs.items():
         if netdev_id not in used_netdevs:
             imp.append[:0] = words  # no device took it: the netdev stays as written (before its users)
@@ -766,6 +778,7 @@ def _finish(imp: Import, base_dir: str | None) -> tuple[str, dict, list[str]]:
     if not _has_serial_port(imp):
         machine["serial"] = "none"
     machine.setdefault("serial", "log")
+    _overrides(imp)
     if imp.append:
         machine["append"] = imp.append
     if base_dir:
@@ -799,6 +812,38 @@ def _order_late(imp: Import, generic: list[dict], late: list[str]) -> None:
         imp.append += words
     else:
         imp.append += late
+
+
+def _overrides(imp: Import) -> None:
+    """A switch kept in append that a typed field also renders (-machine, -smp, -m, -cpu...) wins on
+    purpose: it is listed in ``overrides``, and the renderer leaves its own out. For -machine and
+    -accel the typed parts then go to append too, before the kept ones (qemu merges -machine)."""
+    from qemuspec.spec import passthrough
+
+    kept = [(index, sw) for index, sw, _ in passthrough.switches(imp.append) if sw in passthrough.OVERRIDABLE]
+    if not kept:
+        return
+    machine = imp.machine
+    for sw in ("-machine", "-accel"):
+        first = next((index for index, name in kept if name == sw), None)
+        if first is None:
+            continue
+        if sw == "-machine":
+            pairs = [("type", machine.get("machine", "pc"))] + list(machine.get("machine_options", {}).items())
+            words = ["-machine", ",".join(f"{k}={_escape(v)}" for k, v in pairs)]
+        else:
+            words = []
+            for n, accel in enumerate(imp.accels or ["tcg"]):
+                opts = machine.get("accel_options", {}) if n == 0 else {}
+                words += ["-accel", ",".join([accel] + [f"{k}={_escape(v)}" for k, v in opts.items()])]
+        imp.append[first:first] = words
+    machine["overrides"] = sorted({sw for _, sw in kept})
+
+
+def _escape(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value).replace(",", ",,")
 
 
 def _keyval(driver: str, props: dict[str, str]) -> str:

@@ -1,7 +1,7 @@
 """From a definition file on disk to a validated :class:`File`.
 
-Order of work: read, template (Jinja2, only when the text has template syntax), parse (TOML or YAML),
-validate. Each stage turns its failures into :class:`SpecError` paragraphs that name the file and line,
+Order of work: read, parse (TOML or YAML), render templates inside string values (spec/templates.py:
+a variable is a value and can never add a key), validate. Each stage turns its failures into :class:`SpecError` paragraphs that name the file and line,
 because the people reading them are editing that file.
 """
 
@@ -15,9 +15,6 @@ from typing import Any, Mapping
 from qemuspec.errors import SpecError
 from qemuspec.spec.models import File
 
-_TEMPLATE_MARK = re.compile(r"\{\{|\{%|\{#")
-ENV_PREFIX = "QEMUSPEC_VAR_"
-LATE_VARIABLES = ("ssh_public_key", "machine_name")
 
 
 def format_of(path: str | os.PathLike[str]) -> str:
@@ -76,25 +73,39 @@ def _load_text(
     variables: Mapping[str, Any] | None,
     environ: Mapping[str, str] | None,
 ) -> tuple[File, dict[tuple, int]]:
-    if _TEMPLATE_MARK.search(text):
-        merged = dict(_file_vars(text, fmt, source))
-        env = os.environ if environ is None else environ
-        merged.update({k[len(ENV_PREFIX):]: v for k, v in env.items() if k.startswith(ENV_PREFIX)})
-        merged.update(variables or {})
-        for late in LATE_VARIABLES:  # known only at start: kept as template text for cloud-init
-            merged.setdefault(late, "{{ %s }}" % late)
-        text = _template(text, merged, source)
-    data, lines = parse(text, fmt, source)
+    try:
+        data, lines = parse(text, fmt, source)
+    except SpecError as exc:
+        from qemuspec.spec.templates import TEMPLATE_MARK
+
+        if TEMPLATE_MARK.search(text):
+            raise SpecError(exc.problems[0] + ". Templates are rendered inside quoted text values only, after the file "
+                            'is parsed, so they cannot add keys or tables: write for example memory = "{{ mem }}"') from None
+        raise
     if not isinstance(data, dict):
         raise SpecError(f"{source}: the file must be a table of settings with a [machines.NAME] section, not {type(data).__name__}")
+    from qemuspec.spec.templates import render_values
+
+    data = render_values(data, lines, source, variables or {}, os.environ if environ is None else environ)
     from pydantic import ValidationError
 
     try:
-        return File.model_validate(data, context={"base_dir": base_dir or os.getcwd()}), lines
+        spec = File.model_validate(data, context={"base_dir": base_dir or os.getcwd()})
     except ValidationError as exc:
         from qemuspec.spec.messages import explain
 
         raise SpecError(explain(exc, data, source, lines)) from None
+    for name, machine in spec.machines.items():
+        if machine.overrides:  # allowed on purpose, and said every time the file is read
+            import warnings
+
+            from qemuspec.errors import QemuspecWarning
+            from qemuspec.spec.passthrough import RULES, switch
+
+            fields = ", ".join(f"{o} (not {RULES[switch(o)][1]})" for o in machine.overrides)
+            line = lines.get(("machines", name, "overrides"))
+            warnings.warn(f"{source}{':' + str(line) if line else ''}: machines.{name}: append overrides {fields}", QemuspecWarning, stacklevel=2)
+    return spec, lines
 
 
 def parse(text: str, fmt: str, source: str) -> tuple[Any, dict[tuple, int]]:
@@ -205,57 +216,3 @@ def _yaml_walk(node: Any, path: tuple, lines: dict[tuple, int], source: str) -> 
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
             _yaml_walk(item, path + (index,), lines, source)
-
-
-def _file_vars(text: str, fmt: str, source: str) -> dict[str, Any]:
-    """The file's own [vars], read before templating: the rest of the file may not parse until then."""
-    if fmt == "toml":
-        match = re.search(r"^\[vars\][^\n]*\n(.*?)(?=^\s*\[|\Z)", text, re.M | re.S)
-        section = "[vars]\n" + match.group(1) if match else ""
-    else:
-        match = re.search(r"^vars:[^\n]*\n((?:[ \t]+[^\n]*\n?|\s*\n)*)", text, re.M)
-        section = "vars:\n" + match.group(1) if match else ""
-    if not section or _TEMPLATE_MARK.search(section):
-        return {}
-    data, _ = parse(section, fmt, source)
-    found = (data or {}).get("vars") or {}
-    if not isinstance(found, dict):
-        raise SpecError(f"{source}: vars must be a table of names and values, for example [vars] memory = \"256M\"")
-    return found
-
-
-def _template(text: str, variables: Mapping[str, Any], source: str) -> str:
-    import jinja2
-
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
-    try:
-        template = env.from_string(text)
-    except jinja2.TemplateSyntaxError as exc:
-        raise SpecError(f"{source}:{exc.lineno}: template syntax error: {exc.message}. Check the {{{{ }}}} and {{% %}} on that line") from None
-    try:
-        return template.render(**variables)
-    except jinja2.UndefinedError as exc:
-        line = _template_line(exc)
-        where = f"{source}:{line}" if line else source
-        name = re.search(r"'([^']+)' is undefined", str(exc))
-        if name:
-            var = name.group(1)
-            raise SpecError(
-                f'{where}: template variable "{var}" is not defined: define it under [vars], '
-                f"set the environment variable {ENV_PREFIX}{var}, or pass --var {var}=VALUE"
-            ) from None
-        raise SpecError(f"{where}: template error: {exc}") from None
-    except jinja2.TemplateError as exc:
-        line = _template_line(exc)
-        raise SpecError(f"{source}{':' + str(line) if line else ''}: template error: {exc}") from None
-
-
-def _template_line(exc: BaseException) -> int | None:
-    """Jinja rewrites tracebacks so template frames carry template line numbers; take the last."""
-    line = None
-    tb = exc.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code.co_filename == "<template>":
-            line = tb.tb_lineno
-        tb = tb.tb_next
-    return line

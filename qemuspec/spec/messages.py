@@ -17,18 +17,25 @@ from pydantic import BaseModel, ValidationError
 from qemuspec.spec.models import File
 
 _PATH_IN_MESSAGE = re.compile(r"^(machines\.[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_]+)*): ")
+# A machine-level check that points inside the machine: "append.3: ...", "disks.0.options.id: ..."
+_SUBPATH_IN_MESSAGE = re.compile(r"^((?:append|overrides|devices|objects|disks|nics|shares)(?:\.[A-Za-z0-9_-]+)*): ")
 
 
 def explain(exc: ValidationError, data: Any, source: str, lines: dict[tuple, int], root: type[BaseModel] = File) -> list[str]:
     problems: list[tuple[int, str]] = []
     seen: set[tuple] = set()
-    errors = exc.errors(include_url=False)
+    # Of a union's branches, a value error is the one that says what is wrong with the text as given.
+    errors = sorted(exc.errors(include_url=False), key=lambda e: e["type"] != "value_error")
     explained = _misspelt(errors, data, root)
     for error in errors:
         loc = _user_loc(error["loc"], data)
         if error["type"] == "missing" and loc in explained:
             continue  # the unknown key next to it is this one misspelt: one message says both
         message = error["msg"].removeprefix("Value error, ")
+        sub = _SUBPATH_IN_MESSAGE.match(message)
+        if sub and loc:
+            loc = loc + tuple(int(p) if p.isdigit() else p for p in sub.group(1).split("."))
+            message = message[sub.end():]
         found = _PATH_IN_MESSAGE.match(message)
         if found and not loc:
             loc = tuple(int(p) if p.isdigit() else p for p in found.group(1).split("."))

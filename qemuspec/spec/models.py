@@ -37,6 +37,14 @@ def _text(value: str) -> str:
     return value
 
 
+def _line(value: str) -> str:
+    """A value that ends up as (part of) one qemu argument: qemu cannot take a line break in it."""
+    _text(value)
+    if "\n" in value or "\r" in value:
+        raise ValueError("a line break cannot be passed to qemu in this value: put it on one line")
+    return value
+
+
 def _ident(value: str) -> str:
     if not _IDENT.match(value):
         raise ValueError(
@@ -48,7 +56,7 @@ def _ident(value: str) -> str:
 
 def _resolve_path(value: str, info: ValidationInfo) -> str:
     """Relative paths are relative to the definition file, so a checkout works from any cwd."""
-    _text(value)
+    _line(value)
     if not value:
         raise ValueError("a path must not be empty")
     base = (info.context or {}).get("base_dir")
@@ -58,9 +66,10 @@ def _resolve_path(value: str, info: ValidationInfo) -> str:
 
 
 Text = Annotated[str, AfterValidator(_text)]
+Line = Annotated[str, AfterValidator(_line)]
 Ident = Annotated[str, AfterValidator(_ident)]
 FilePath = Annotated[str, AfterValidator(_resolve_path)]
-OptionValue = Union[bool, int, float, Text]
+OptionValue = Union[bool, int, float, Line]
 Options = dict[Ident, OptionValue]
 
 _SIZE_PATTERN = r"^\s*\d+(\.\d+)?\s*[KMGTkmgt]?(i?[Bb])?\s*$"
@@ -320,11 +329,12 @@ def _as_list(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
-def _qemu_binary(value: str) -> str:
-    """A definition names a qemu, not any program: a shared file must not be able to run `sh`."""
+def _qemu_binary(value: str, info: ValidationInfo) -> str:
+    """A definition names a qemu, not any program: a shared file must not be able to run `sh`. A name
+    is looked up on PATH; a path, like every path in a definition, is relative to the file."""
     if not re.match(r"^(qemu-system-[A-Za-z0-9_]+|qemu-kvm|kvm)$", os.path.basename(value)):
         raise ValueError(f'"{value}" is not a qemu system emulator: use a qemu-system-ARCH binary (or a wrapper with such a name)')
-    return value
+    return _resolve_path(value, info) if os.sep in value else value
 
 
 class Machine(Model):
@@ -344,7 +354,7 @@ class Machine(Model):
     memory: MiB = Field(512, description='Guest RAM: "256M", "2G", or a number of MiB')
     kernel: FilePath | None = None
     initrd: FilePath | None = None
-    cmdline: Text | None = Field(None, description="Kernel command line (needs kernel)")
+    cmdline: Line | None = Field(None, description="Kernel command line (needs kernel)")
     firmware: Firmware = Field(default_factory=Firmware)
     boot_order: Annotated[str, Field(pattern=r"^[a-dn-p]{1,8}$")] | None = Field(
         None, description='Boot order letters as qemu takes them: c disk, d cdrom, n network, e.g. "cd"'
@@ -370,7 +380,11 @@ class Machine(Model):
     ssh: SSH = Field(default_factory=SSH)
     devices: list[Device] = Field(default_factory=list)
     objects: list[QomObject] = Field(default_factory=list)
-    append: list[Text] = Field(default_factory=list, description="Raw qemu switches, verbatim, last on the command line")
+    append: list[Line] = Field(default_factory=list, description="Raw qemu switches, verbatim, last on the command line")
+    overrides: list[Annotated[str, Field(pattern=r"^-[a-z][a-z0-9-]*$")]] = Field(
+        default_factory=list,
+        description='Switches that append may give although a typed field renders them, e.g. ["-cpu"]: qemuspec then '
+                    "leaves its own out and the append wins. Without this, such a switch in append is an error")
 
     @model_validator(mode="after")
     def _coherent(self, info: ValidationInfo) -> "Machine":
@@ -385,10 +399,18 @@ class Machine(Model):
             raise ValueError("ready.tcp and ready.ssh reach the guest through a user-mode NIC: add one to nics")
         if any(s.type == "virtiofs" for s in self.shares) and "memory-backend" in self.machine_options:
             raise ValueError("virtiofs shares set machine_options.memory-backend themselves: remove it")
-        ids = [d.id for d in self.devices if d.id] + [o.id for o in self.objects]
-        dup = sorted({i for i in ids if ids.count(i) > 1})
-        if dup:
-            raise ValueError(f'the id "{dup[0]}" is used twice among devices and objects: ids must be unique')
+        from qemuspec.spec import passthrough
+
+        for name in self.overrides:
+            if passthrough.switch(name) not in passthrough.OVERRIDABLE:
+                raise ValueError(f'overrides: "{name}" is not a switch qemuspec renders from a typed field; '
+                                 f'these can be overridden: {", ".join(sorted(passthrough.OVERRIDABLE))}')
+            if not any(sw == passthrough.switch(name) for _, sw, _ in passthrough.switches(self.append)):
+                raise ValueError(f'overrides: "{name}" is not in append: remove it from overrides, or add the switch to append')
+        problems = passthrough.conflicts(self) + passthrough.id_problems(self)
+        if problems:
+            where, what = problems[0]
+            raise ValueError(f"{where}: {what}")
         return self
 
 
@@ -416,8 +438,28 @@ class File(Model):
                     raise ValueError(f'machines.{name}.depends_on: no machine named "{dep}": {hint}')
                 if dep == name:
                     raise ValueError(f"machines.{name}.depends_on: a machine cannot depend on itself")
+        taken: dict[tuple, str] = {}
+        for name, machine in self.machines.items():
+            for where, key in _host_ports(machine):
+                path = f"machines.{name}.{where}"
+                if key in taken:
+                    raise ValueError(f"{path}: host port {key[1]}/{key[0]} is already declared at {taken[key]}: "
+                                     "each host port can be forwarded once; choose another (host = 0 picks a free one)")
+                taken[key] = path
         order_machines(self.machines)
         return self
+
+
+def _host_ports(machine: Machine) -> list[tuple[str, tuple]]:
+    """(key path, (protocol, port)) of each fixed host port a machine listens on."""
+    out = []
+    for index, nic in enumerate(machine.nics):
+        for number, fwd in enumerate(nic.forwards):
+            if fwd.host:
+                out.append((f"nics.{index}.forwards.{number}.host", (fwd.protocol, fwd.host)))
+    if machine.display.type in ("vnc", "spice") and machine.display.port:
+        out.append(("display.port", ("tcp", machine.display.port)))
+    return out
 
 
 def order_machines(machines: dict[str, Machine]) -> list[list[str]]:

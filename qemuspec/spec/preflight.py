@@ -1,0 +1,152 @@
+"""Checks of a valid definition against this host, before anything starts.
+
+The model says whether a definition is well-formed; these say whether ``up`` could start it here: the
+files it names exist, ``accel = "kvm"`` has a /dev/kvm, the qemu binary is one the user can trust, and
+(for ``up``) the host ports it forwards are free, so a busy port never leaves half a file running.
+Nothing here executes anything the definition names: it only looks at the file system and binds ports.
+Each problem is a (key path, message) pair that :func:`qemuspec.spec.messages.located` turns into a
+file:line paragraph.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import TYPE_CHECKING, Iterator, Mapping
+
+if TYPE_CHECKING:
+    from qemuspec.spec.models import File, Machine
+
+ALLOW_LOCAL_QEMU_ENV = "QEMUSPEC_ALLOW_LOCAL_QEMU"
+
+Problem = tuple[tuple, str]
+
+
+def host_problems(spec: "File", source: str, names: list[str], allow_local_qemu: bool = False,
+                  environ: Mapping[str, str] | None = None) -> list[Problem]:
+    env = os.environ if environ is None else environ
+    allow_local_qemu = allow_local_qemu or env.get(ALLOW_LOCAL_QEMU_ENV, "") not in ("", "0")
+    root = project_root(source)
+    problems: list[Problem] = []
+    for name in names:
+        machine = spec.machines[name]
+        at = ("machines", name)
+        problems += [(at + path, message) for path, message in _missing_files(machine)]
+        accels = [machine.accel] if isinstance(machine.accel, str) else list(machine.accel)
+        if accels == ["kvm"] and not env.get("QEMUSPEC_ACCEL") and not os.path.exists("/dev/kvm"):
+            problems.append((at + ("accel",), 'accel = "kvm" but this host has no /dev/kvm: use accel = "auto" (kvm when '
+                             'usable, else tcg) or "tcg", or run with QEMUSPEC_ACCEL=tcg'))
+        problems += [(at + ("qemu",), m) for m in _qemu_problems(machine.qemu, root, allow_local_qemu)]
+    return problems
+
+
+def qemu_path(qemu: str) -> str | None:
+    """The absolute binary ``qemu`` names (what ``up`` says it runs), or None when there is none."""
+    found = shutil.which(qemu) if os.sep not in qemu else (qemu if os.access(qemu, os.X_OK) else None)
+    return os.path.realpath(found) if found else None
+
+
+def project_root(source: str) -> str:
+    """The tree a definition came with: its git checkout, else its directory."""
+    here = os.path.dirname(os.path.abspath(source))
+    probe = here
+    while True:
+        if os.path.exists(os.path.join(probe, ".git")):
+            return probe
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            return here
+        probe = parent
+
+
+def _qemu_problems(qemu: str, root: str, allow_local: bool) -> Iterator[str]:
+    path = qemu_path(qemu)
+    if path is None:
+        yield (f'"{qemu}" is not an executable qemu on this host: install it (Debian: apt-get install qemu-system-x86) '
+               'or set qemu = "/path/to/qemu-system-ARCH"')
+        return
+    inside = os.path.commonpath([path, os.path.realpath(root)]) == os.path.realpath(root)
+    if inside and not allow_local:
+        yield (f'"{qemu}" is {path}, inside the definition\'s own tree ({root}): a definition from someone else\'s '
+               f"repository could ship any program under that name. If you built it yourself, allow it for this run "
+               f"with --allow-local-qemu (or {ALLOW_LOCAL_QEMU_ENV}=1); otherwise use a system qemu")
+
+
+def _missing_files(machine: "Machine") -> Iterator[Problem]:
+    def missing(path: str | None) -> bool:
+        return path is not None and not os.path.exists(path)
+
+    for key in ("kernel", "initrd"):
+        if missing(getattr(machine, key)):
+            yield (key,), f'{key} file {getattr(machine, key)} does not exist: fix the path (relative paths are relative to the definition file)'
+    for key in ("code", "vars"):
+        if missing(getattr(machine.firmware, key)):
+            yield ("firmware", key), f"firmware {key} {getattr(machine.firmware, key)} does not exist: fix the path, or install ovmf for UEFI"
+    for index, disk in enumerate(machine.disks):
+        if missing(disk.backing):
+            yield ("disks", index, "backing"), f"backing image {disk.backing} does not exist: fix the path"
+        if missing(disk.file) and disk.size is None and disk.backing is None:
+            yield ("disks", index, "file"), (f"disk image {disk.file} does not exist and has no size to create it with: "
+                                             'fix the path, or add size = "10G" (and format = "qcow2") so up creates it')
+    for index, iso in enumerate(machine.cdrom):
+        if missing(iso):
+            yield ("cdrom", index), f"cdrom image {iso} does not exist: fix the path"
+    for index, share in enumerate(machine.shares):
+        if not os.path.isdir(share.source):
+            yield ("shares", index, "source"), f"shared directory {share.source} does not exist: create it or fix the path"
+    if machine.cloud_init is not None:
+        for key in ("user_data_file", "network_config_file"):
+            if missing(getattr(machine.cloud_init, key)):
+                yield ("cloud_init", key), f"{key} {getattr(machine.cloud_init, key)} does not exist: fix the path"
+
+
+def busy_ports(spec: "File", names: list[str]) -> list[Problem]:
+    """Declared host ports of ``names`` that another process holds now (bind test, then released)."""
+    import socket
+
+    problems: list[Problem] = []
+    for name in names:
+        for index, nic in enumerate(spec.machines[name].nics):
+            for number, fwd in enumerate(nic.forwards):
+                if fwd.host == 0:
+                    continue
+                kind = socket.SOCK_STREAM if fwd.protocol == "tcp" else socket.SOCK_DGRAM
+                with socket.socket(socket.AF_INET, kind) as probe:
+                    if kind == socket.SOCK_STREAM:
+                        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    try:
+                        probe.bind((fwd.address, fwd.host))
+                    except OSError as exc:
+                        holder = port_holder(fwd.host, fwd.protocol)
+                        who = f" by {holder}" if holder else ""
+                        problems.append((("machines", name, "nics", index, "forwards", number, "host"),
+                                         f"host port {fwd.address}:{fwd.host}/{fwd.protocol} is in use{who} ({exc.strerror}): "
+                                         "stop what holds it, or choose another port (host = 0 picks a free one)"))
+    return problems
+
+
+def port_holder(port: int, protocol: str = "tcp") -> str | None:
+    """'pid N (name)' of the process holding a local port, when /proc lets us see it."""
+    inodes = set()
+    for table in (f"/proc/net/{protocol}", f"/proc/net/{protocol}6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(fields[9])
+        except (OSError, ValueError, IndexError, StopIteration):
+            continue
+    if not inodes:
+        return None
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:[") and target[8:-1] in inodes:
+                    with open(f"/proc/{pid}/comm") as f:
+                        return f"pid {pid} ({f.read().strip()})"
+        except OSError:
+            continue
+    return None
