@@ -220,7 +220,7 @@ def test_topology_without_a_count_gets_qemus_count():
     assert _table("-smp", "cores=4,threads=2")["cpus"] == 8
     assert _table("-smp", "sockets=1,cores=2,maxcpus=4")["cpus"] == 4
     table = _table("-smp", "4,sockets=1,cores=2,threads=2")
-    assert table["cpus"] == 4 and table["append"] == ["-smp", "sockets=1,cores=2,threads=2"]
+    assert table["cpus"] == 4 and table["append"] == ["-smp", "4,sockets=1,cores=2,threads=2"] and table["overrides"] == ["-smp"]
 
 
 def test_a_switch_without_argument_does_not_swallow_the_next_one():
@@ -239,13 +239,13 @@ def test_json_devices_and_objects_are_imported():
 
 def test_a_controller_keeps_its_id():
     table = _table("-device", "ich9-ahci,id=sata", "-drive", "id=d,if=none,file=x.img", "-device", "ide-hd,bus=sata.2,drive=d")
-    assert table["devices"][0] == {"driver": "ich9-ahci", "options": {}, "id": "sata"}
-    assert {"driver": "ide-hd", "options": {"bus": "sata.2", "drive": "d"}} in table["devices"]
+    assert table["devices"] == [{"driver": "ich9-ahci", "options": {}, "id": "sata"}, {"driver": "ide-hd", "options": {"bus": "sata.2", "drive": "d"}}]
+    assert table["append"] == ["-drive", "id=d,if=none,file=x.img"]  # referred to by its id: kept as written
 
 
 def test_a_typed_disk_or_nic_never_changes_qemus_device_order():
     table = _table("-device", "virtio-balloon-pci", "-drive", "file=x.img,if=none,id=d0", "-device", "virtio-blk-pci,drive=d0")
-    assert "nics" not in table and table["disks"][0]["interface"] == "none"
+    assert "disks" not in table and table["append"] == ["-drive", "file=x.img,if=none,id=d0"]
     assert [d["driver"] for d in table["devices"]] == ["virtio-balloon-pci", "virtio-blk-pci"]
     table = _table("-drive", "file=x.img,if=none,id=d0", "-device", "virtio-blk-pci,drive=d0", "-device", "virtio-balloon-pci")
     assert table["disks"][0]["interface"] == "virtio" and table["devices"] == [{"driver": "virtio-balloon-pci", "options": {}}]

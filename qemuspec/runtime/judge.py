@@ -119,8 +119,16 @@ def observe(argv: list[str], timeout: float = 30.0) -> dict[str, Any]:
         client = None
         try:
             ready = threading.Event()
-            watcher = threading.Thread(target=lambda: (proc.wait(), ours.shutdown(socket.SHUT_RDWR) if not ready.is_set() else None), daemon=True)
-            watcher.start()
+
+            def watch() -> None:  # qemu exiting before its greeting must end the wait at once
+                proc.wait()
+                if not ready.is_set():
+                    try:
+                        ours.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+            threading.Thread(target=watch, daemon=True).start()
             try:
                 client = QMPClient.connect(ours, timeout=timeout)
             except QemuspecError:

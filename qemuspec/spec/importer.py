@@ -65,11 +65,11 @@ def parse_argv(argv: list[str], strict: bool = False) -> list[tuple[str, str | N
             i += 1
             continue
         name = token[2:] if token.startswith("--") else token[1:]
+        if i + 1 >= len(argv) and strict and name not in NO_ARG:
+            raise SpecError(f"{token} needs a value (it is the last word of the command line): add it, or remove {token}")
         if name in NO_ARG or i + 1 >= len(argv):
             out.append((name, None))
             i += 1
-        elif i + 1 >= len(argv) and strict:
-            raise SpecError(f"{token} needs a value (it is the last word of the command line): add it, or remove {token}")
         else:
             out.append((name, argv[i + 1]))
             i += 2
