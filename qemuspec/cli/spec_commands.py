@@ -166,14 +166,17 @@ def import_(args: Any) -> int:
     else:
         sys.stdout.write(text)
     if args.check:
-        if argv is None:
-            from qemuspec.spec.libvirt_import import domain_argv
+        from qemuspec.runtime import judge
 
-            with open(args.from_libvirt, encoding="utf-8") as f:
-                argv = domain_argv(f.read())
-        from qemuspec.runtime.judge import check_definition
+        if argv is None:  # no qemu line to compare with: the round trip through libvirt's XML is checked
+            from qemuspec.libvirt import domain_xml
+            from qemuspec.spec.libvirt_import import import_domain
 
-        verdict = check_definition(argv, spec.machines[name], name)
+            again_name, again, _ = import_domain(domain_xml(spec.machines[name], name), name)
+            back = loads(tomli_w.dumps({"machines": {again_name: again}}), "toml", source="<libvirt round trip>").machines[again_name]
+            verdict = judge.check_models(spec.machines[name], back, name)
+        else:
+            verdict = judge.check_definition(argv, spec.machines[name], name)
         print(f"check: {verdict.report()}", file=sys.stderr)
         return 0 if verdict.same else 1
     return 0

@@ -371,18 +371,39 @@ def check(original: list[str], rendered: list[str], timeout: float = 30.0, befor
     return compare(*seen)
 
 
+def _render_scratch(machine: Any, name: str, scratch: str, index: int) -> list[str]:
+    """The machine's argv with its own files (sockets, pidfile, UEFI variables) in a scratch directory."""
+    from qemuspec.render import OVMF_VARS, Layout, render
+    from qemuspec.runtime import images
+
+    layout = Layout(state_dir=os.path.join(scratch, f"state{index}"), run_dir=os.path.join(scratch, f"run{index}"), accel=("tcg",))
+    os.makedirs(layout.state_dir, mode=0o700, exist_ok=True)
+    os.makedirs(layout.run_dir, mode=0o700, exist_ok=True)
+    if machine.firmware.type == "uefi":
+        images.ensure_efivars(machine.firmware.vars or OVMF_VARS, layout.efivars)
+    return render(machine, name, layout)
+
+
 def check_definition(argv: list[str], machine: Any, name: str, timeout: float = 30.0, before: Callable[[], Callable[[], Any]] | None = None) -> Verdict:
     """Whether ``machine`` (a model), rendered, is the machine ``argv`` asks for. The rendered line's
-    own files (sockets, pidfile, logs) go to a scratch directory that is removed afterwards."""
+    own files go to a scratch directory that is removed afterwards."""
     import shutil
-
-    from qemuspec.render import Layout, render
 
     scratch = tempfile.mkdtemp(prefix="qemuspec-check-")
     try:
-        layout = Layout(state_dir=os.path.join(scratch, "state"), run_dir=os.path.join(scratch, "run"), accel=("tcg",))
-        os.makedirs(layout.state_dir, mode=0o700)
-        os.makedirs(layout.run_dir, mode=0o700)
-        return check(argv, render(machine, name, layout), timeout, before)
+        return check(argv, _render_scratch(machine, name, scratch, 0), timeout, before)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def check_models(first: Any, second: Any, name: str, timeout: float = 30.0) -> Verdict:
+    """Whether two definitions (models) render to the same machine, qemu judging: the libvirt round
+    trip (definition -> domain XML -> definition) is checked this way."""
+    import shutil
+
+    scratch = tempfile.mkdtemp(prefix="qemuspec-check-")
+    try:
+        # one layout for both: they run one after the other, and qemuspec's own files are then the same
+        return check(_render_scratch(first, name, scratch, 0), _render_scratch(second, name, scratch, 0), timeout)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

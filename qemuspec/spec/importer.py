@@ -756,9 +756,9 @@ def _finish(imp: Import, base_dir: str | None) -> tuple[str, dict, list[str]]:
     if disks:
         machine["disks"] = disks
     if nics:
-        machine["nics"] = nics
+        machine["nics"] = machine.get("nics", []) + nics
     if generic:
-        machine["devices"] = generic
+        machine["devices"] = machine.get("devices", []) + generic
     if late:
         _order_late(imp, generic, late)
     if imp.vga is not None:
