@@ -88,8 +88,9 @@ def conflicts(machine: "Machine") -> list[tuple[str, str]]:
     return problems
 
 
-# qemu keeps one id namespace per kind of thing: a netdev and a device may both be "net0".
-_NAMESPACE = {"-device": "device", "-object": "object", "-chardev": "chardev", "-netdev": "netdev", "-drive": "block",
+# qemu keeps one id namespace per kind of backend: a netdev and a device may both be "net0" (libvirt,
+# Proxmox and OSX-KVM lines do that). Devices and objects are held to one namespace here.
+_NAMESPACE = {"-device": "device", "-object": "device", "-chardev": "chardev", "-netdev": "netdev", "-drive": "block",
               "-blockdev": "block", "-fsdev": "fsdev", "-mon": "monitor", "-audiodev": "audiodev"}
 
 
@@ -99,7 +100,7 @@ def user_ids(machine: "Machine") -> Iterator[tuple[str, str, str]]:
         if dev.id:
             yield f"devices.{index}.id", dev.id, "device"
     for index, obj in enumerate(machine.objects):
-        yield f"objects.{index}.id", obj.id, "object"
+        yield f"objects.{index}.id", obj.id, "device"
     for index, sw, value in switches(machine.append):
         if value is None or sw not in _NAMESPACE:
             continue
