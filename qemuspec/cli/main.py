@@ -211,7 +211,8 @@ def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, d
     p["import"].add_argument("--name", help="machine name (default: -name, else the binary's name)")
     p["import"].add_argument("-o", "--output", help="write this definition file (default: standard output)")
     p["import"].add_argument("--force", action="store_true", help="overwrite --output")
-    p["import"].add_argument("--check", action="store_true", help="also show that the rendered definition asks qemu for the same machine")
+    p["import"].add_argument("--from-libvirt", metavar="XML", help="read a libvirt domain (what `virsh dumpxml` prints)")
+    p["import"].add_argument("--check", action="store_true", help="start the original and the rendered machine paused (-S) and let qemu compare them")
     p["completion"].add_argument("shell", choices=["bash", "zsh", "fish"])
     img = p["img"].add_subparsers(dest="img_command", metavar="ACTION", required=True)
     i = {a: img.add_parser(a, help=h, description=h) for a, h in (

@@ -165,20 +165,30 @@ def init(ctx: Context, *, target_file: str, force: bool) -> int:
     return 0
 
 
-def import_(ctx: Context, *, source: str | None, name: str | None, output: str | None, force: bool, check: bool) -> int:
+def import_(ctx: Context, *, source: str | None, name: str | None, output: str | None, force: bool, check: bool,
+            from_libvirt: str | None = None) -> int:
     import tomli_w
 
-    from qemuspec.spec.importer import import_argv, normalise, split_command
+    from qemuspec.spec.importer import import_argv, split_command
 
-    if source:
-        with open(source, encoding="utf-8") as f:
-            argv = split_command(f.read())
+    argv: list[str] | None
+    if from_libvirt:
+        from qemuspec.spec.libvirt_import import import_domain
+
+        with open(from_libvirt, encoding="utf-8") as f:
+            machine_name, table, notes = import_domain(f.read(), name, source=from_libvirt)
+        argv = None
     else:
-        argv = list(ctx.tail or [])
-    if not argv:
-        raise UsageError("import needs a command line: qemuspec import -- qemu-system-x86_64 ARGS... (or --from FILE)")
-    machine_name, table, notes = import_argv(argv, name, base_dir=os.getcwd())
-    header = ["# Imported by `qemuspec import`.", f"# from: {shlex.join(argv)}"[:4000]]
+        if source:
+            with open(source, encoding="utf-8") as f:
+                argv = split_command(f.read())
+        else:
+            argv = list(ctx.tail or [])
+        if not argv:
+            raise UsageError("import needs a command line: qemuspec import -- qemu-system-x86_64 ARGS... (or --from FILE, --from-libvirt FILE)")
+        machine_name, table, notes = import_argv(argv, name, base_dir=os.getcwd())
+    header = ["# Imported by `qemuspec import`."]
+    header.append(f"# from: {shlex.join(argv)}"[:4000] if argv else f"# from libvirt domain XML: {from_libvirt}")
     header += [f"# left to qemuspec: {note}" for note in notes]
     text = "\n".join(header) + "\n\n" + tomli_w.dumps({"machines": {machine_name: table}})
     target = output
@@ -194,14 +204,22 @@ def import_(ctx: Context, *, source: str | None, name: str | None, output: str |
     elif not ctx.out.json:
         sys.stdout.write(text)
     same = None
+    report = None
     if check:
-        from qemuspec.render import render as render_argv
-        from qemuspec.runtime import paths
+        from qemuspec.runtime import judge
 
-        rendered = render_argv(spec.machines[machine_name], machine_name, paths.layout(os.path.join(paths.state_root(target), machine_name)))
-        same = normalise(argv) == normalise(rendered)
-        ctx.out.note(f"check: the definition {'asks qemu for the same machine' if same else 'DIFFERS from the command line'}")
+        if argv is None:  # no qemu line to compare with: the round trip through libvirt's XML is checked
+            from qemuspec.libvirt import domain_xml
+            from qemuspec.spec.libvirt_import import import_domain
+
+            again_name, again, _ = import_domain(domain_xml(spec.machines[machine_name], machine_name), machine_name)
+            back = loads(tomli_w.dumps({"machines": {again_name: again}}), "toml", source="<libvirt round trip>").machines[again_name]
+            verdict = judge.check_models(spec.machines[machine_name], back, machine_name)
+        else:
+            verdict = judge.check_definition(argv, spec.machines[machine_name], machine_name)
+        same, report = verdict.same, verdict.report()
+        ctx.out.note(f"check: {report}")
     if ctx.out.json:
         emit_json({"machine": machine_name, "definition": {"machines": {machine_name: table}}, "toml": text,
-                   "notes": notes, "output": target, "same": same})
+                   "notes": notes, "output": target, "same": same, "check": report})
     return 1 if same is False else 0

@@ -1,50 +1,72 @@
-"""An existing qemu command line -> a definition. Nothing is dropped.
+"""An existing qemu command line -> a definition. Nothing is dropped, nothing is reordered.
 
-Options the model types become typed fields (their extra properties go to the matching options map);
-options qemuspec itself manages (monitors, pidfile, serial and display plumbing, daemonize) are left
-out and listed in the returned notes; everything else is kept verbatim in ``append``.
+Each qemu option has one handler in :data:`HANDLERS`. A handler turns its option into typed fields
+when the model accepts the values (the model's own validators decide, see :func:`fits`), and keeps
+it verbatim in ``append`` otherwise. Options qemuspec manages itself (monitors, pidfile, the first
+serial port, daemonize) are left out and listed in the returned notes.
 
-:func:`normalise` is the other half: a canonical form of what a command line asks qemu for, used to
-prove that the rendered definition asks for the same machine (tests, and ``import --check``).
+Two rules come from how qemu builds a machine, and qemu itself checks them (``import --check``,
+:mod:`qemuspec.runtime.judge`):
+
+- qemu places devices in the order it creates them (PCI slots, bus ports), and the renderer writes
+  typed disks, then typed NICs, then generic devices. So a device becomes a typed disk or NIC only
+  while that keeps the original order; every other ``-device`` stays a generic device, in order.
+- ``-hda``, ``-cdrom``, ``-drive if=ide`` and friends are qemu shorthands whose place and defaults
+  only qemu knows; they become disks that keep their ``if=``/``index=`` as drive options, so qemu
+  places them exactly where the original line had them.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
-# Switches that take no argument (qemu-options.hx: those without HAS_ARG), as far as imports meet them.
+from qemuspec.errors import SpecError
+
+# qemu 7.2's options that take no argument (qemu-options.hx: DEF(..., 0, ...)), and older ones that
+# real scripts still carry. Every other option takes one argument.
 NO_ARG = {
-    "S", "nographic", "enable-kvm", "no-reboot", "no-shutdown", "nodefaults", "no-user-config", "daemonize",
-    "snapshot", "no-hpet", "no-acpi", "s", "full-screen", "no-fd-bootchk", "only-migratable", "preconfig",
-    "version", "help", "h", "no-quit", "win2k-hack", "no-frame", "alt-grab", "ctrl-grab", "enable-fips",
-    "nodefconfig", "semihosting", "curses", "sdl", "usb", "no-kvm", "rtc-td-hack", "singlestep",
+    "h", "help", "version", "mem-prealloc", "audio-help", "snapshot", "usb", "nographic", "full-screen", "portrait",
+    "win2k-hack", "no-fd-bootchk", "no-acpi", "no-hpet", "enable-kvm", "xen-attach", "xen-domid-restrict", "S", "s",
+    "nodefaults", "no-reboot", "no-shutdown", "daemonize", "enable-fips", "only-migratable", "semihosting", "preconfig",
+    "no-user-config", "nodefconfig", "old-param", "alt-grab", "ctrl-grab", "sdl", "curses", "no-quit", "no-frame",
+    "singlestep", "rtc-td-hack", "localtime", "std-vga", "vmwarevga", "no-kvm", "no-kvm-irqchip", "no-kvm-pit",
+    "no-kvm-pit-reinjection", "enable-nesting", "no-kqemu", "kernel-kqemu", "tdf", "async-teardown", "no-virtio-balloon",
 }
-# Options whose job qemuspec does itself (monitors, console plumbing, process management).
-QEMUSPEC_CHARDEVS = {"qemuspec-qmp", "qemuspec-qmp-client", "qemuspec-serial0"}  # what the renderer adds for its own plumbing
-MANAGED = {"pidfile", "qmp", "qmp-pretty", "monitor", "mon", "serial", "daemonize", "display", "nographic", "name", "no-user-config", "D"}
+# The chardev ids and monitors qemuspec's renderer creates for itself.
+MANAGED_NOTE = "qemuspec manages this itself"
+Options = dict[str, Any]
 
 
 def split_command(text: str) -> list[str]:
     """A shell command line as a file holds it (continuation backslashes, comments)."""
     text = re.sub(r"\\\n", " ", text)
     lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
-    return shlex.split("\n".join(lines))
+    try:
+        return shlex.split("\n".join(lines))
+    except ValueError as exc:
+        raise SpecError(f"the command line cannot be read as a shell command ({exc}): check its quotes") from None
 
 
-def parse_argv(argv: list[str]) -> list[tuple[str, str | None]]:
-    """[(option without dash, argument or None)] in order; argv[0] (the binary) excluded."""
+def parse_argv(argv: list[str], strict: bool = False) -> list[tuple[str, str | None]]:
+    """[(option without dash, argument or None)] in order; argv[0] (the binary) excluded. A bare
+    word is qemu's -hda shorthand (option ""). ``strict``: an option missing its value is an error
+    (else it is returned with None)."""
     out: list[tuple[str, str | None]] = []
     i = 1
     while i < len(argv):
         token = argv[i]
         if not token.startswith("-") or token == "-":
-            out.append(("", token))  # a bare image name: qemu's -hda shorthand
+            out.append(("", token))
             i += 1
             continue
-        name = token.lstrip("-")
+        name = token[2:] if token.startswith("--") else token[1:]
+        if i + 1 >= len(argv) and strict and name not in NO_ARG:
+            raise SpecError(f"{token} needs a value (it is the last word of the command line): add it, or remove {token}")
         if name in NO_ARG or i + 1 >= len(argv):
             out.append((name, None))
             i += 1
@@ -81,199 +103,684 @@ def split_opts(text: str, implied: str | None = None) -> tuple[str | None, list[
     return head, pairs
 
 
-def _value(text: str) -> Any:
-    if re.fullmatch(r"-?\d+", text):
+def value_of(text: str) -> Any:
+    """An option value as the model stores it; rendered back it is the same text. Only the spellings
+    the renderer writes back unchanged become numbers or booleans ("yes" stays "yes": for a string
+    property it is not "on")."""
+    if re.fullmatch(r"-?(0|[1-9]\d{0,17})", text):
         return int(text)
-    if text in ("on", "yes", "true"):
+    return {"on": True, "off": False}.get(text, text)
+
+
+_ADAPTERS: dict[tuple[type, str], Any] = {}
+
+
+def fits(model: type, name: str, value: Any) -> bool:
+    """Whether the model accepts ``value`` for its field ``name``: one source of truth for what may
+    become typed (MAC patterns, boot letters, identifiers, paths...)."""
+    from typing import Annotated
+
+    from pydantic import TypeAdapter, ValidationError
+
+    key = (model, name)
+    if key not in _ADAPTERS:
+        info = model.model_fields[name]
+        _ADAPTERS[key] = TypeAdapter(Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation)
+    try:
+        _ADAPTERS[key].validate_python(value)
         return True
-    if text in ("off", "no", "false"):
+    except (ValidationError, ValueError, TypeError):
         return False
-    return text
 
 
-def _size_mib(text: str) -> int | None:
-    _, pairs = split_opts(text, implied="size")
-    size = dict(pairs).get("size") if "=" in text else text.split(",")[0]
-    match = re.fullmatch(r"(\d+)([kKmMgGtT]?)[bB]?", size or "")
-    if not match or (len(pairs) > (1 if "=" in text else 0)):
+def _options_ok(options: dict) -> bool:
+    from qemuspec.spec.models import Device
+
+    return fits(Device, "options", options)
+
+
+@dataclass
+class _Device:
+    driver: str
+    props: dict[str, Any]
+    json: bool
+    typed: str | None = None  # "disk" or "nic" once it became one
+
+
+@dataclass
+class Import:
+    """The state of one import, filled option by option."""
+
+    argv: list[str]
+    machine: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    append: list[str] = field(default_factory=list)
+    accels: list[str] = field(default_factory=list)
+    disks: list[dict] = field(default_factory=list)
+    drive_ids: dict[str, dict] = field(default_factory=dict)  # -drive if=none ids -> their disk
+    netdevs: dict[str, tuple[dict, list[str]]] = field(default_factory=dict)  # id -> (nic table, its -netdev words)
+    devices: list[_Device] = field(default_factory=list)
+    name: str | None = None
+    serial_seen: bool = False
+    nographic: bool = False
+    vga: str | None = None
+    has_virtio_drive: bool = False
+    parallel_seen: bool = False
+
+    def keep(self, option: str, value: str | None) -> None:
+        self.append += [f"-{option}"] + ([value] if value is not None else [])
+
+    def note(self, option: str, value: str | None, why: str = MANAGED_NOTE) -> None:
+        self.notes.append(f"-{option}{' ' + value if value is not None else ''}: {why}")
+
+
+Handler = Callable[[Import, str, "str | None"], None]
+HANDLERS: dict[str, Handler] = {}
+
+
+def handles(*names: str) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        for name in names:
+            HANDLERS[name] = fn
+        return fn
+
+    return register
+
+
+def _keep(imp: Import, option: str, value: str | None) -> None:
+    imp.keep(option, value)
+
+
+@handles("name")
+def _name(imp: Import, option: str, value: str | None) -> None:
+    head, pairs = split_opts(value or "", implied="guest")
+    imp.name = imp.name or head or dict(pairs).get("guest")
+    imp.note(option, value, "the machine is named by its table (process and thread names are qemuspec's)")
+
+
+@handles("pidfile", "qmp", "qmp-pretty", "monitor", "mon", "daemonize", "no-user-config", "D", "display", "runas", "chroot")
+def _managed(imp: Import, option: str, value: str | None) -> None:
+    if option == "display" and value is not None and split_opts(value, implied="type")[0] not in ("none", None):
+        imp.note(option, value, "qemuspec runs machines headless; a window is not part of the machine")
+        return
+    imp.note(option, value)
+
+
+@handles("nographic")
+def _nographic(imp: Import, option: str, value: str | None) -> None:
+    imp.nographic = True
+    imp.note(option, value, "qemuspec keeps the console itself; the machine property graphics=off stays")
+
+
+@handles("serial")
+def _serial(imp: Import, option: str, value: str | None) -> None:
+    if imp.serial_seen:  # a second serial port is part of the machine
+        imp.keep(option, value)
+        return
+    imp.serial_seen = True
+    if value == "none":
+        imp.machine["serial"] = "none"
+    imp.note(option, value, "the first serial port is qemuspec's console")
+
+
+@handles("parallel")
+def _parallel(imp: Import, option: str, value: str | None) -> None:
+    imp.parallel_seen = True
+    imp.keep(option, value)
+
+
+@handles("no-acpi")
+def _no_acpi(imp: Import, option: str, value: str | None) -> None:
+    imp.machine.setdefault("machine_options", {})["acpi"] = False  # what -no-acpi means in qemu 7.2
+
+
+@handles("S")
+def _paused(imp: Import, option: str, value: str | None) -> None:
+    imp.machine["paused"] = True
+
+
+@handles("nodefaults")
+def _nodefaults(imp: Import, option: str, value: str | None) -> None:
+    imp.machine["defaults"] = False
+
+
+@handles("machine", "M")
+def _machine(imp: Import, option: str, value: str | None) -> None:
+    from qemuspec.spec.models import Machine
+
+    head, pairs = split_opts(value or "", implied="type")
+    rest = dict(pairs)
+    kind = head or rest.pop("type", None)
+    if kind is not None and not fits(Machine, "machine", kind):
+        imp.keep(option, value)
+        return
+    if kind is not None:
+        imp.machine["machine"] = kind
+    if "accel" in rest:
+        accels = [a for a in str(rest.pop("accel")).split(":") if a]
+        if not all(fits(Machine, "accel", a) for a in accels):
+            imp.keep(option, value)
+            return
+        imp.accels += accels
+    options = {k: value_of(v) for k, v in rest.items()}
+    if options and fits(Machine, "machine_options", {**imp.machine.get("machine_options", {}), **options}):
+        imp.machine.setdefault("machine_options", {}).update(options)
+    elif options:
+        imp.keep(option, ",".join(f"{k}={v}" for k, v in rest.items()))
+
+
+@handles("accel")
+def _accel(imp: Import, option: str, value: str | None) -> None:
+    from qemuspec.spec.models import Machine
+
+    head, pairs = split_opts(value or "", implied="accel")
+    accel = head or dict(pairs).get("accel", "tcg")
+    options = {k: value_of(v) for k, v in pairs if k != "accel"}
+    if not fits(Machine, "accel", accel) or (options and (imp.accels or not fits(Machine, "accel_options", options))):
+        imp.keep(option, value)  # a second accelerator's properties are not modelled
+        return
+    imp.accels.append(accel)
+    if options:
+        imp.machine["accel_options"] = options
+
+
+@handles("enable-kvm")
+def _enable_kvm(imp: Import, option: str, value: str | None) -> None:
+    imp.accels.append("kvm")
+
+
+def _cpu_pairs(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The legacy "+feature"/"-feature" spelling as feature=on/off."""
+    out = []
+    for key, value in pairs:
+        if key[:1] in ("+", "-") and value == "on":
+            out.append((key[1:], "on" if key[0] == "+" else "off"))
+        else:
+            out.append((key, value))
+    return out
+
+
+@handles("cpu")
+def _cpu(imp: Import, option: str, value: str | None) -> None:
+    from qemuspec.spec.models import Machine
+
+    head, pairs = split_opts(value or "", implied="model")
+    options = {k: value_of(v) for k, v in _cpu_pairs(pairs)}
+    if not head or not fits(Machine, "cpu", head) or not fits(Machine, "cpu_options", options) or len(options) != len(pairs):
+        imp.keep(option, value)  # a feature given twice, or a name the model cannot hold
+        return
+    imp.machine["cpu"] = head
+    if options:
+        imp.machine["cpu_options"] = options
+
+
+_TOPOLOGY = ("sockets", "dies", "clusters", "cores", "threads")
+
+
+@handles("smp")
+def _smp(imp: Import, option: str, value: str | None) -> None:
+    """``cpus`` is typed; a topology stays in append (qemu merges the two -smp options). Without a
+    count, qemu 7.2 counts maxcpus, else sockets*dies*clusters*cores*threads (missing ones = 1)."""
+    from qemuspec.spec.models import Machine
+
+    head, pairs = split_opts(value or "", implied="cpus")
+    props = dict(pairs)
+    count = head if head is not None else props.pop("cpus", None)
+    props.pop("cpus", None)
+    numbers = {k: v for k, v in props.items()}
+    if not all(re.fullmatch(r"\d+", v) for v in numbers.values()) or set(numbers) - set(_TOPOLOGY) - {"maxcpus"} or (count is not None and not re.fullmatch(r"\d+", count)):
+        imp.keep(option, value)
+        return
+    if count is None:
+        product = 1
+        for key in _TOPOLOGY:
+            product *= int(numbers.get(key, 1))
+        cpus = int(numbers["maxcpus"]) if "maxcpus" in numbers else product
+    else:
+        cpus = int(count)
+    if not fits(Machine, "cpus", cpus):
+        imp.keep(option, value)
+        return
+    imp.machine["cpus"] = cpus
+    if numbers:
+        imp.keep(option, value)  # the topology: this -smp overrides the typed one (overrides = ["-smp"])
+
+
+@handles("m")
+def _memory(imp: Import, option: str, value: str | None) -> None:
+    from qemuspec.spec import units
+
+    head, pairs = split_opts(value or "", implied="size")
+    size = head if head is not None else dict(pairs).get("size")
+    try:
+        mib = units.parse_mib(int(size) if size and size.isdigit() else size)
+    except (ValueError, TypeError):
+        imp.keep(option, value)
+        return
+    if mib * (1 << 20) != _bytes(size) or not 1 <= mib <= (1 << 30):
+        imp.keep(option, value)  # not a whole number of MiB
+        return
+    imp.machine["memory"] = mib
+    if [k for k, _ in pairs if k != "size"]:
+        imp.keep(option, value)  # slots/maxmem: qemu merges this with the typed size
+
+
+def _bytes(size: str) -> int:
+    from qemuspec.spec import units
+
+    return units.parse_bytes(size, "M")
+
+
+@handles("kernel", "initrd")
+def _boot_file(imp: Import, option: str, value: str | None) -> None:
+    from qemuspec.spec.models import Machine
+
+    if fits(Machine, option, value):
+        imp.machine[option] = value
+    else:
+        imp.keep(option, value)
+
+
+@handles("append")
+def _cmdline(imp: Import, option: str, value: str | None) -> None:
+    from qemuspec.spec.models import Machine
+
+    if fits(Machine, "cmdline", value):
+        imp.machine["cmdline"] = value
+    else:
+        imp.keep(option, value)
+
+
+@handles("bios")
+def _bios(imp: Import, option: str, value: str | None) -> None:
+    from qemuspec.spec.models import Firmware
+
+    if "firmware" not in imp.machine and fits(Firmware, "code", value):
+        imp.machine["firmware"] = {"type": "bios", "code": value}
+    else:
+        imp.keep(option, value)
+
+
+@handles("boot")
+def _boot(imp: Import, option: str, value: str | None) -> None:
+    from qemuspec.spec.models import Machine
+
+    head, pairs = split_opts(value or "", implied="order")
+    order = head if head is not None else dict(pairs).get("order")
+    if order is not None and len(pairs) == (0 if head is not None else 1) and fits(Machine, "boot_order", order) and "boot_order" not in imp.machine:
+        imp.machine["boot_order"] = order
+    else:
+        imp.keep(option, value)
+
+
+# -- disks ---------------------------------------------------------------------------------------
+
+_SHORTHAND = {"hda": ("ide", 0), "hdb": ("ide", 1), "hdc": ("ide", 2), "hdd": ("ide", 3), "": ("ide", 0),
+              "fda": ("floppy", 0), "fdb": ("floppy", 1), "cdrom": ("ide", 2), "mtdblock": ("mtd", None), "sd": ("sd", None),
+              "pflash": ("pflash", None)}
+
+
+def _disk(imp: Import, option: str, value: str | None, props: dict[str, str]) -> dict | None:
+    """A -drive's properties as a disk table, or None when the model cannot hold them."""
+    from qemuspec.spec.models import Disk
+
+    if "file" not in props or not fits(Disk, "file", props["file"]):
         return None
-    number, unit = int(match.group(1)), (match.group(2) or "M").upper()
-    return {"K": number // 1024, "M": number, "G": number * 1024, "T": number * 1024 * 1024}[unit]
+    disk: dict[str, Any] = {"file": props.pop("file"), "interface": "none"}
+    if "format" in props and fits(Disk, "format", props["format"]):
+        disk["format"] = props.pop("format")
+    if props.get("readonly") == "on":
+        props.pop("readonly")
+        disk["readonly"] = True
+    options = {k: value_of(v) for k, v in props.items()}
+    if not fits(Disk, "options", options):
+        return None
+    if options:
+        disk["options"] = options
+    return disk
 
+
+@handles("hda", "hdb", "hdc", "hdd", "", "fda", "fdb", "cdrom", "mtdblock", "sd", "pflash")
+def _shorthand(imp: Import, option: str, value: str | None) -> None:
+    """qemu's own spelling of a -drive: kept as its if=/index= so qemu places it as before."""
+    iface, index = _SHORTHAND[option]
+    props = {"file": value or ""}
+    if option == "cdrom":
+        props["media"] = "cdrom"
+    props["if"] = iface
+    if index is not None:
+        props["index"] = str(index)
+    if option == "":  # a bare word: qemu's -hda
+        option = "hda"
+    disk = _disk(imp, option, value, props)
+    if disk is None:
+        imp.keep(option, value)
+    else:
+        imp.disks.append(disk)
+
+
+@handles("drive")
+def _drive(imp: Import, option: str, value: str | None) -> None:
+    _, pairs = split_opts(value or "")
+    props = dict(pairs)
+    if len(props) != len(pairs):
+        imp.keep(option, value)
+        return
+    iface = props.get("if", "ide")
+    if iface == "virtio":
+        imp.has_virtio_drive = True
+    drive_id = props.get("id")
+    disk = _disk(imp, option, value, dict(props))
+    if disk is None:
+        imp.keep(option, value)
+        return
+    if drive_id:  # its id is the user's: typed only if a typed device takes it (then qemuspec names it)
+        disk["_words"] = [f"-{option}", value or ""]
+        disk["_if"] = iface
+        (disk.get("options") or {}).pop("id", None)
+        if not disk.get("options"):
+            disk.pop("options", None)
+        imp.drive_ids[drive_id] = disk
+    else:
+        disk.setdefault("options", {}).setdefault("if", iface)
+    imp.disks.append(disk)
+
+
+# -- networks, devices, objects -----------------------------------------------------------------
+
+def _forward(text: str) -> dict | None:
+    from qemuspec.spec.models import NIC
+
+    match = re.fullmatch(r"(tcp|udp)?:(\d+\.\d+\.\d+\.\d+)?:(\d+)-(?:10\.0\.2\.15)?:(\d+)", text)
+    if not match:
+        return None
+    proto, addr, host, guest = match.groups()
+    out = {"host": int(host), "guest": int(guest), "protocol": proto or "tcp", "address": addr or "0.0.0.0"}
+    return out if fits(NIC, "forwards", [out]) else None
+
+
+@handles("netdev")
+def _netdev(imp: Import, option: str, value: str | None) -> None:
+    """A user netdev (port forwards) or socket netdev becomes a typed NIC once a device uses it."""
+    from qemuspec.spec.models import NIC
+
+    if value is not None and value.lstrip().startswith("{"):
+        imp.keep(option, value)
+        return
+    head, pairs = split_opts(value or "", implied="type")
+    props = dict(pairs)
+    kind = head or props.pop("type", None)
+    netdev_id = props.pop("id", None)
+    nic: dict[str, Any] | None = None
+    if kind == "user" and netdev_id:
+        forwards = [_forward(v) for k, v in pairs if k == "hostfwd"]
+        rest = {k: value_of(v) for k, v in pairs if k not in ("hostfwd", "id", "type")}
+        if all(forwards) and len([k for k, _ in pairs if k != "hostfwd"]) == len(rest) + 1 + ("type" in dict(pairs)):
+            nic = {"type": "user"}
+            if forwards:
+                nic["forwards"] = forwards
+            if rest:
+                nic["options"] = rest
+    elif kind == "socket" and netdev_id and set(props) <= {"listen", "connect", "mcast"} and len(props) == 1 and len(pairs) == 2:
+        nic = {"type": "socket", **props}
+    if nic is None or not fits(NIC, "options", nic.get("options", {})) or not _nic_ok(nic):
+        imp.keep(option, value)
+        return
+    imp.netdevs[netdev_id] = (nic, [f"-{option}", value or ""])
+
+
+def _nic_ok(nic: dict) -> bool:
+    from pydantic import ValidationError
+
+    from qemuspec.spec.models import NIC
+
+    try:
+        NIC.model_validate(nic)
+        return True
+    except (ValidationError, ValueError):
+        return False
+
+
+@handles("device")
+def _device(imp: Import, option: str, value: str | None) -> None:
+    text = value or ""
+    if text.lstrip().startswith("{"):
+        try:
+            data = json.loads(text)
+        except ValueError:
+            raise SpecError(f"-device {text[:80]}: not valid JSON (qemu reads a -device that starts with {{ as JSON): fix the JSON") from None
+        if not isinstance(data, dict) or not isinstance(data.get("driver"), str):
+            raise SpecError(f'-device {text[:80]}: a JSON -device needs "driver": add it')
+        driver = data.pop("driver")
+        imp.devices.append(_Device(driver, data, True))
+        return
+    head, pairs = split_opts(text, implied="driver")
+    props = dict(pairs)
+    driver = head if head is not None else props.pop("driver", "")
+    if len(props) != len(pairs) - (head is None and "driver" in dict(pairs)):
+        imp.devices.append(_Device("", {"_verbatim": text}, False))  # a property given twice: qemu's business
+        return
+    imp.devices.append(_Device(driver, {k: v for k, v in props.items()}, False))
+
+
+@handles("object")
+def _object(imp: Import, option: str, value: str | None) -> None:
+    from qemuspec.spec.models import QomObject
+
+    text = value or ""
+    if text.lstrip().startswith("{"):
+        try:
+            data = json.loads(text)
+        except ValueError:
+            raise SpecError(f"-object {text[:80]}: not valid JSON (qemu reads an -object that starts with {{ as JSON): fix the JSON") from None
+        if not isinstance(data, dict):
+            raise SpecError(f"-object {text[:80]}: a JSON -object must be an object with qom-type and id")
+        kind, obj_id = data.get("qom-type"), data.get("id")
+        options = {k: v for k, v in data.items() if k not in ("qom-type", "id")}
+    else:
+        head, pairs = split_opts(text, implied="qom-type")
+        props = dict(pairs)
+        kind = head if head is not None else props.pop("qom-type", None)
+        obj_id = props.pop("id", None)
+        options = {k: value_of(v) for k, v in props.items() if k != "qom-type"}
+        if len(props) != len([p for p in pairs if p[0] not in ("id",)]) - ("qom-type" in dict(pairs) and head is None):
+            options = None
+    table = {"type": kind, "id": obj_id, "options": options}
+    if options is None or not all(fits(QomObject, k, v) for k, v in table.items()):
+        imp.keep(option, value)
+        return
+    imp.machine.setdefault("objects", []).append(table)
+
+
+@handles("virtfs")
+def _virtfs(imp: Import, option: str, value: str | None) -> None:
+    """-virtfs is qemu's shorthand for -fsdev plus -device virtio-9p-pci, and qemu puts that device
+    in the device list where -virtfs stands: so the device joins the generic devices, in place."""
+    head, pairs = split_opts(value or "", implied="fsdriver")
+    props = dict(pairs)
+    driver = head if head is not None else props.pop("fsdriver", None)
+    tag = props.pop("mount_tag", None)
+    if driver is None or tag is None or len(props) + 1 != len([p for p in pairs if p[0] != "fsdriver"]):
+        imp.keep(option, value)
+        return
+    fsdev_id = props.pop("id", tag)
+    imp.keep("fsdev", ",".join([driver, f"id={fsdev_id}".replace(",", ",,")] + [f"{k}={v.replace(',', ',,')}" for k, v in props.items()]))
+    imp.devices.append(_Device("virtio-9p-pci", {"fsdev": fsdev_id, "mount_tag": tag}, False))
+
+
+@handles("vnc")
+def _vnc(imp: Import, option: str, value: str | None) -> None:
+    from qemuspec.spec.models import Display
+
+    head, pairs = split_opts(value or "", implied="vnc")
+    match = re.fullmatch(r"(\d+\.\d+\.\d+\.\d+|localhost)?:(\d{1,2})", head or "")
+    options = {k: value_of(v) for k, v in pairs}
+    if not match or "display" in imp.machine or not fits(Display, "options", options):
+        imp.keep(option, value)
+        return
+    host = (match.group(1) or "0.0.0.0").replace("localhost", "127.0.0.1")  # qemu: no host = every address
+    imp.machine["display"] = {"type": "vnc", "listen": host, "port": 5900 + int(match.group(2)), "vga": "default", **({"options": options} if options else {})}
+
+
+@handles("vga")
+def _vga(imp: Import, option: str, value: str | None) -> None:
+    imp.vga = value
+
+
+# Everything else is part of the machine and has no typed form: kept as written, in order.
+for _name_ in ("global", "rtc", "numa", "smbios", "usb", "usbdevice", "chardev", "tpmdev", "incoming", "blockdev", "fw_cfg",
+               "loadvm", "mem-path", "mem-prealloc", "no-hpet", "k", "msg", "overcommit", "sandbox", "watchdog",
+               "watchdog-action", "action", "snapshot", "no-reboot", "no-shutdown", "L", "option-rom", "acpitable", "set",
+               "iscsi", "net", "nic", "spice", "audiodev", "audio", "soundhw", "uuid", "add-fd", "fsdev", "icount",
+               "semihosting-config", "device-memory", "compat", "readconfig", "plugin", "trace", "d", "seed", "boot-once", "tb-size",
+               "prom-env", "g", "dtb", "debugcon", "echr", "balloon", "localtime", "std-vga", "win2k-hack",
+               "no-fd-bootchk", "full-screen", "only-migratable", "preconfig", "enable-fips", "xen-domid", "iothread"):
+    HANDLERS.setdefault(_name_, _keep)
+
+
+# -- the whole line ------------------------------------------------------------------------------
 
 def import_argv(argv: list[str], name: str | None = None, base_dir: str | None = None) -> tuple[str, dict, list[str]]:
     """(machine name, machine table, notes) for a qemu command line. With ``base_dir`` (the directory
     the command ran in), relative paths in typed fields become absolute, so the definition works from
     wherever it is saved; paths inside ``append`` stay as written."""
-    options = parse_argv(argv)
-    machine: dict[str, Any] = {"qemu": argv[0]}
-    notes: list[str] = []
-    append: list[str] = []
-    accels: list[str] = []
-    drives: dict[str, dict] = {}
-    netdevs: dict[str, dict] = {}
-    devices: list[tuple[str, list[tuple[str, str]]]] = []
-    ide_index = 0
+    from qemuspec.spec.models import Machine
 
-    def keep(option: str, value: str | None) -> None:
-        append.extend([f"-{option}"] + ([value] if value is not None else []))
+    if not argv:
+        raise SpecError("the command line is empty: give qemu-system-ARCH and its options")
+    if not fits(Machine, "qemu", argv[0]):
+        raise SpecError(f'"{argv[0]}" is not a qemu system emulator: the command line must start with qemu-system-ARCH')
+    imp = Import(argv, name=name)
+    imp.machine["qemu"] = argv[0]
+    for option, value in parse_argv(argv, strict=True):
+        HANDLERS.get(option, _keep)(imp, option, value)
+    return _finish(imp, base_dir)
 
-    for option, value in options:
-        if option == "name" and value is not None:
-            head, pairs = split_opts(value, implied="guest")
-            name = name or head or dict(pairs).get("guest")
-            notes.append(f"-name {value}: the machine is named by its table")
-        elif option in MANAGED or option == "S":
-            if option == "S":
-                machine["paused"] = True
-            else:
-                notes.append(f"-{option}{' ' + value if value else ''}: qemuspec manages this itself")
-        elif option == "nodefaults":
-            machine["defaults"] = False
-        elif option in ("machine", "M") and value is not None:
-            head, pairs = split_opts(value, implied="type")
-            rest = dict(pairs)
-            machine["machine"] = head or rest.pop("type", "pc")
-            if "accel" in rest:
-                accels += [a for a in str(rest.pop("accel")).split(":") if a]
-            if rest:
-                machine["machine_options"] = {k: _value(v) for k, v in rest.items()}
-        elif option == "accel" and value is not None:
-            head, pairs = split_opts(value, implied="accel")
-            if pairs and (accels or machine.get("accel_options")):
-                keep(option, value)  # properties for a second accelerator: not modelled
-            else:
-                accels.append(head or dict(pairs).pop("accel", "tcg"))
-                if pairs:
-                    machine["accel_options"] = {k: _value(v) for k, v in pairs if k != "accel"}
-        elif option == "enable-kvm":
-            accels.append("kvm")
-        elif option == "cpu" and value is not None:
-            head, pairs = split_opts(value, implied="model")
-            machine["cpu"] = head or "qemu64"
-            if pairs:
-                machine["cpu_options"] = {k: _value(v) for k, v in _cpu_pairs(pairs)}
-        elif option == "smp" and value is not None and re.fullmatch(r"(cpus=)?\d+", value):
-            machine["cpus"] = int(value.removeprefix("cpus="))
-        elif option == "m" and value is not None and _size_mib(value) is not None:
-            machine["memory"] = _size_mib(value)
-        elif option in ("kernel", "initrd") and value is not None:
-            machine[option] = value
-        elif option == "append" and value is not None:
-            machine["cmdline"] = value
-        elif option == "bios" and value is not None:
-            machine["firmware"] = {"type": "bios", "code": value}
-        elif option == "boot" and value is not None:
-            head, pairs = split_opts(value, implied="order")
-            order = head or dict(pairs).get("order")
-            if order and re.fullmatch(r"[a-dn-p]{1,8}", order) and len(pairs) <= (0 if head else 1):
-                machine["boot_order"] = order
-            else:
-                keep(option, value)
-        elif option == "cdrom" and value is not None:
-            machine.setdefault("cdrom", []).append(value)
-        elif option in ("hda", "hdb", "hdc", "hdd", "") and value is not None:
-            drives[f"_{option or 'hda'}{ide_index}"] = {"file": value, "interface": "ide", "_order": len(drives)}
-            ide_index += 1
-        elif option == "drive" and value is not None:
-            _, pairs = split_opts(value)
-            props = dict(pairs)
-            iface = props.pop("if", "ide")
-            positional = {"index", "bus", "unit"} & set(props)
-            if "file" not in props or props.get("media") == "cdrom" or iface not in ("virtio", "ide", "none") or positional:
-                keep(option, value)
-                continue
-            drive_id = props.pop("id", None)
-            disk: dict[str, Any] = {"file": props.pop("file"), "interface": {"virtio": "virtio", "ide": "ide", "none": "none"}[iface], "_order": len(drives)}
-            if "format" in props:
-                disk["format"] = props.pop("format")
-            if props.get("readonly") in ("on", "yes", "true"):
-                props.pop("readonly")
-                disk["readonly"] = True
-            if props:
-                disk["options"] = {k: _value(v) for k, v in props.items()}
-            drives[drive_id or f"_drive{len(drives)}"] = disk
-        elif option == "netdev" and value is not None:
-            head, pairs = split_opts(value, implied="type")
-            props = dict(pairs)
-            if head == "user" and "id" in props and all(k in ("id", "hostfwd") for k, _ in pairs):
-                forwards = [_forward(v) for k, v in pairs if k == "hostfwd"]
-                if all(forwards):
-                    netdevs[props["id"]] = {"type": "user", "forwards": forwards}
-                    continue
-            keep(option, value)
-        elif option == "device" and value is not None:
-            head, pairs = split_opts(value, implied="driver")
-            devices.append((head or dict(pairs).get("driver", ""), pairs))
-        elif option == "object" and value is not None:
-            head, pairs = split_opts(value, implied="qom-type")
-            props = dict(pairs)
-            if head and "id" in props:
-                machine.setdefault("objects", []).append({"type": head, "id": props.pop("id"), "options": {k: _value(v) for k, v in props.items()}})
-            else:
-                keep(option, value)
-        elif option == "vnc" and value is not None and re.fullmatch(r"(\d+\.\d+\.\d+\.\d+|localhost)?:\d{1,2}", value):
-            host = value.rsplit(":", 1)[0].replace("localhost", "127.0.0.1") or "0.0.0.0"  # qemu: empty = every address
-            machine["display"] = {"type": "vnc", "listen": host, "port": 5900 + int(value.rsplit(":", 1)[1]), "vga": "default"}
-        else:
-            keep(option, value)
 
-    # -device X,drive=ID and -device X,netdev=ID join their backends into typed disks and NICs.
-    disk_drivers = {"virtio-blk-pci": "virtio", "ide-hd": "ide", "nvme": "nvme"}
+_DISK_DEVICES = {"virtio-blk-pci": "virtio", "ide-hd": "ide", "nvme": "nvme"}
+
+
+def _finish(imp: Import, base_dir: str | None) -> tuple[str, dict, list[str]]:
+    from qemuspec.spec.models import Device, NIC
+
+    machine = imp.machine
+    # Devices in their original order; typed disks and NICs only while the renderer's order
+    # (disks, NICs, generic devices) is still the original one.
+    rank = 0
     nics: list[dict] = []
-    for driver, pairs in devices:
-        props = dict(pairs)
-        if props.get("drive") in drives and driver in disk_drivers and drives[props["drive"]]["interface"] == "none":
-            disk = drives[props.pop("drive")]
-            disk["interface"] = disk_drivers[driver]
-            props.pop("driver", None)
-            if props.get("serial") and re.fullmatch(r"[A-Za-z0-9_.-]{1,20}", props["serial"]):
-                disk["serial"] = props.pop("serial")
-            if props:
-                disk["device_options"] = {k: _value(v) for k, v in props.items()}
-        elif props.get("netdev") in netdevs:
-            nic = dict(netdevs.pop(props.pop("netdev")))
-            nic["model"] = driver
-            props.pop("driver", None)
-            if "mac" in props and re.fullmatch(r"([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}", props["mac"]):
-                nic["mac"] = props.pop("mac")
-            if props:
-                nic["device_options"] = {k: _value(v) for k, v in props.items()}
-            nics.append(nic)
+    typed_disks: list[dict] = []
+    used_netdevs: set[str] = set()
+    for dev in imp.devices:
+        props = dev.props
+        if dev.json or "_verbatim" in props:
+            continue
+        disk = imp.drive_ids.get(props.get("drive", "")) if dev.driver in _DISK_DEVICES else None
+        if disk is not None and rank <= 0 and "id" not in props and disk.get("_if") == "none" and not disk.get("_claimed"):
+            rest = {k: value_of(v) for k, v in props.items() if k not in ("drive", "id")}
+            serial = props.get("serial")
+            from qemuspec.spec.models import Disk
+
+            if serial is not None and fits(Disk, "serial", serial):
+                rest.pop("serial")
+            else:
+                serial = None
+            if fits(Disk, "device_options", rest):
+                disk["interface"] = _DISK_DEVICES[dev.driver]
+                disk["_claimed"] = True
+                if serial is not None:
+                    disk["serial"] = serial
+                if rest:
+                    disk["device_options"] = rest
+                dev.typed = "disk"
+                typed_disks.append(disk)
+                continue
+        netdev = props.get("netdev", "")
+        if netdev in imp.netdevs and netdev not in used_netdevs and rank <= 1 and "id" not in props and fits(NIC, "model", dev.driver):
+            nic = dict(imp.netdevs[netdev][0])
+            rest = {k: value_of(v) for k, v in props.items() if k not in ("netdev",)}
+            mac = props.get("mac")
+            if mac is not None and fits(NIC, "mac", mac):
+                nic["mac"] = rest.pop("mac")
+            if fits(NIC, "device_options", rest):
+                nic["model"] = dev.driver
+                if rest:
+                    nic["device_options"] = rest
+                nics.append(nic)
+                used_netdevs.add(netdev)
+                dev.typed = "nic"
+                rank = 1
+                continue
+        rank = 2
+    # Typed disks go first, in their device order; drives no device claimed keep their place after them.
+    disks = typed_disks
+    for disk in imp.disks:
+        if disk.get("_claimed"):
+            continue
+        if "_words" in disk:  # a drive with an id no typed device took: others refer to it by that id
+            imp.append += disk["_words"]
         else:
-            rest = {k: _value(v) for k, v in pairs if k not in ("driver", "id")}
-            entry: dict[str, Any] = {"driver": driver, "options": rest}
-            if "id" in props:
-                entry["id"] = props["id"]
-            machine.setdefault("devices", []).append(entry)
-    for netdev_id, nic in netdevs.items():  # a user netdev with no device: keep it as written
-        append += ["-netdev", ",".join(["user", f"id={netdev_id}"] + [f"hostfwd={_unforward(f)}" for f in nic["forwards"]])]
-    disks = []
-    for drive_id, disk in sorted(drives.items(), key=lambda item: item[1]["_order"]):
-        disk.pop("_order")
-        if disk["interface"] == "none" and not drive_id.startswith("_"):
-            disk["id"] = drive_id  # referenced by a device we keep as written
-        disks.append(disk)
+            disks.append(disk)
+    for disk in disks:
+        disk.pop("_claimed", None)
+        disk.pop("_words", None)
+        disk.pop("_if", None)
+    for netdev_id, (nic, words) in imp.netdevs.items():
+        if netdev_id not in used_netdevs:
+            imp.append[:0] = words  # no device took it: the netdev stays as written (before its users)
+    generic: list[dict] = []
+    generic_json: list[dict] = []  # qemu creates JSON devices after every keyval one
+    late: list[str] = []
+    convert_json = not imp.has_virtio_drive  # qemu creates -drive if=virtio devices between keyval and JSON ones
+    for dev in imp.devices:
+        if dev.typed:
+            continue
+        if "_verbatim" in dev.props:
+            entry = None
+        elif dev.json:
+            entry = {"driver": dev.driver, "options": {k: v for k, v in dev.props.items() if k != "id"}}
+            if "id" in dev.props:
+                entry["id"] = dev.props["id"]
+            if not convert_json:
+                entry = None
+        else:
+            entry = {"driver": dev.driver, "options": {k: value_of(v) for k, v in dev.props.items() if k != "id"}}
+            if "id" in dev.props:
+                entry["id"] = dev.props["id"]
+        if entry is not None and all(fits(Device, k, v) for k, v in entry.items()):
+            (generic_json if dev.json else generic).append(entry)
+        elif dev.json:
+            late += ["-device", json.dumps({"driver": dev.driver, **dev.props}, separators=(",", ":"))]
+        else:
+            late += ["-device", dev.props.get("_verbatim") or _keyval(dev.driver, dev.props)]
+    generic += generic_json
     if disks:
         machine["disks"] = disks
     if nics:
-        machine["nics"] = nics
+        machine["nics"] = machine.get("nics", []) + nics
+    if generic:
+        machine["devices"] = machine.get("devices", []) + generic
+    if late:
+        _order_late(imp, generic, late)
+    if imp.vga is not None:
+        if machine.get("display", {}).get("type") == "vnc":
+            machine["display"]["vga"] = imp.vga
+        else:
+            imp.append += ["-vga", imp.vga]
+    if imp.nographic:
+        machine.setdefault("machine_options", {}).setdefault("graphics", False)
+        if machine.get("defaults", True) and not imp.parallel_seen:
+            imp.append += ["-parallel", "null"]  # -nographic's default for the parallel port
     machine.setdefault("machine", "pc")
     machine.setdefault("cpu", "qemu64")
     machine.setdefault("memory", 128)
-    machine["accel"] = accels or ["tcg"]
-    if len(machine["accel"]) == 1:
-        machine["accel"] = machine["accel"][0]
+    machine["accel"] = imp.accels[0] if len(imp.accels) == 1 else (imp.accels or "tcg")
     machine.setdefault("defaults", True)
-    machine["serial"] = "log"
-    if append:
-        machine["append"] = append
-        from qemuspec.spec.passthrough import OVERRIDABLE, switches
-
-        # A switch kept as written that a typed field would render too: the written one must win, visibly.
-        kept = sorted({sw for _, sw, _ in switches(append) if sw in OVERRIDABLE})
-        if kept:
-            machine["overrides"] = kept
+    if not _has_serial_port(imp):
+        machine["serial"] = "none"
+    machine.setdefault("serial", "log")
+    _overrides(imp)
+    if imp.append:
+        machine["append"] = imp.append
     if base_dir:
         absolute = lambda p: p if os.path.isabs(p) else os.path.normpath(os.path.join(base_dir, p))
         for key in ("kernel", "initrd"):
@@ -281,145 +788,80 @@ def import_argv(argv: list[str], name: str | None = None, base_dir: str | None =
                 machine[key] = absolute(machine[key])
         for disk in machine.get("disks", []):
             disk["file"] = absolute(disk["file"])
-        machine["cdrom"] = [absolute(c) for c in machine.get("cdrom", [])] or machine.pop("cdrom", None) or []
-        if not machine["cdrom"]:
-            machine.pop("cdrom")
         if "firmware" in machine and machine["firmware"].get("code"):
             machine["firmware"]["code"] = absolute(machine["firmware"]["code"])
-    return (_safe_name(name or os.path.basename(argv[0]))), machine, notes
+    name = imp.name or os.path.basename(imp.argv[0])
+    return _safe_name(name), machine, imp.notes
 
 
-def _cpu_pairs(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The legacy "+feature"/"-feature" spelling as feature=on/off."""
-    out = []
-    for key, value in pairs:
-        if key[:1] in "+-" and value == "on":
-            out.append((key[1:], "on" if key[0] == "+" else "off"))
+def _order_late(imp: Import, generic: list[dict], late: list[str]) -> None:
+    """Devices that could not be typed go to append, which the renderer writes after the generic
+    devices; if any keyval device is among them while later ones are generic, qemu would create
+    them in another order, so then every generic device goes to append too, in the original order."""
+    keyval_late = any(not late[i + 1].lstrip().startswith("{") for i in range(0, len(late), 2))
+    if keyval_late and generic:
+        words: list[str] = []
+        for dev in imp.devices:
+            if dev.typed:
+                continue
+            if dev.json:
+                continue
+            words += ["-device", dev.props.get("_verbatim") or _keyval(dev.driver, dev.props)]
+        words += [w for i in range(0, len(late), 2) if late[i + 1].lstrip().startswith("{") for w in late[i : i + 2]]
+        imp.machine.pop("devices", None)
+        imp.append += words
+    else:
+        imp.append += late
+
+
+def _overrides(imp: Import) -> None:
+    """A switch kept in append that a typed field also renders (-machine, -smp, -m, -cpu...) wins on
+    purpose: it is listed in ``overrides``, and the renderer leaves its own out. For -machine and
+    -accel the typed parts then go to append too, before the kept ones (qemu merges -machine)."""
+    from qemuspec.spec import passthrough
+
+    kept = [(index, sw) for index, sw, _ in passthrough.switches(imp.append) if sw in passthrough.OVERRIDABLE]
+    if not kept:
+        return
+    machine = imp.machine
+    for sw in ("-machine", "-accel"):
+        first = next((index for index, name in kept if name == sw), None)
+        if first is None:
+            continue
+        if sw == "-machine":
+            pairs = [("type", machine.get("machine", "pc"))] + list(machine.get("machine_options", {}).items())
+            words = ["-machine", ",".join(f"{k}={_escape(v)}" for k, v in pairs)]
         else:
-            out.append((key, value))
-    return out
+            words = []
+            for n, accel in enumerate(imp.accels or ["tcg"]):
+                opts = machine.get("accel_options", {}) if n == 0 else {}
+                words += ["-accel", ",".join([accel] + [f"{k}={_escape(v)}" for k, v in opts.items()])]
+        imp.append[first:first] = words
+    machine["overrides"] = sorted({sw for _, sw in kept})
 
 
-def _forward(text: str) -> dict | None:
-    match = re.fullmatch(r"(tcp|udp)?:(\d+\.\d+\.\d+\.\d+)?:(\d+)-(?:\d+\.\d+\.\d+\.\d+)?:(\d+)", text)
-    if not match:
-        return None
-    proto, addr, host, guest = match.groups()
-    out: dict[str, Any] = {"host": int(host), "guest": int(guest), "protocol": proto or "tcp"}
-    out["address"] = addr or "0.0.0.0"
-    return out
+def _escape(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value).replace(",", ",,")
 
 
-def _unforward(f: dict) -> str:
-    return f"{f['protocol']}:{f['address']}:{f['host']}-:{f['guest']}"
+def _keyval(driver: str, props: dict[str, str]) -> str:
+    return ",".join([driver] + [f"{k}={v.replace(',', ',,')}" for k, v in props.items()])
+
+
+def _has_serial_port(imp: Import) -> bool:
+    """qemu gives a machine its first serial port unless -nodefaults, -serial none, or a serial
+    device of the line's own takes that place; qemuspec's console needs that port."""
+    if imp.machine.get("serial") == "none":
+        return False
+    if imp.serial_seen:
+        return True
+    if any(d.driver in ("isa-serial", "pci-serial", "pci-serial-2x", "pci-serial-4x") for d in imp.devices):
+        return False
+    return imp.machine.get("defaults", True)
 
 
 def _safe_name(name: str) -> str:
     cleaned = re.sub(r"[^A-Za-z0-9_-]", "-", name).strip("-") or "imported"
     return cleaned[:63] if cleaned[0].isalnum() else f"m{cleaned}"[:63]
-
-
-# -- the canonical form of a command line --------------------------------------------------------
-
-def normalise(argv: list[str]) -> list[tuple]:
-    """What a command line asks qemu for, order-free and spelling-free: management options out,
-    defaults made explicit, disks and NICs as records whatever shorthand or id wiring they use."""
-    options = parse_argv(argv)
-    out: list[tuple] = []
-    cpu: tuple[str | None, tuple[tuple[str, str], ...]] = ("qemu64", ())
-    mem: int | None = 128
-    machine_type, accels, smp = "pc", [], "1"
-    nodefaults = False
-    drives: dict[str, dict] = {}
-    netdevs: dict[str, tuple] = {}
-    devices = []
-    for option, value in options:
-        if option in MANAGED or option == "S":
-            continue
-        if option == "nodefaults":
-            nodefaults = True
-        elif option in ("machine", "M"):
-            head, pairs = split_opts(value or "", implied="type")
-            rest = dict(pairs)
-            machine_type = head or rest.pop("type", "pc")
-            accels += [a for a in str(rest.pop("accel", "")).split(":") if a]
-            if rest:
-                out.append(("machine-options", tuple(sorted((k, str(_value(v))) for k, v in rest.items()))))
-        elif option == "accel":
-            head, pairs = split_opts(value or "", implied="accel")
-            accels.append(head or dict(pairs).get("accel", "tcg"))
-            if pairs:
-                out.append(("accel-options", len(accels), tuple(sorted((k, str(_value(v))) for k, v in pairs if k != "accel"))))
-        elif option == "enable-kvm":
-            accels.append("kvm")
-        elif option == "cpu":
-            head, pairs = split_opts(value or "", implied="model")
-            cpu = (head, tuple(sorted((k, str(_value(v))) for k, v in _cpu_pairs(pairs))))
-        elif option == "smp" and value and re.fullmatch(r"(cpus=)?\d+", value):
-            smp = value.removeprefix("cpus=")
-        elif option == "m" and value and _size_mib(value) is not None:
-            mem = _size_mib(value)
-        elif option in ("hda", "hdb", "hdc", "hdd", ""):
-            drives[f"_{len(drives)}"] = {"file": value, "iface": "ide"}
-        elif option == "drive":
-            _, pairs = split_opts(value or "")
-            props = {k: str(_value(v)) for k, v in pairs}
-            iface = props.pop("if", "ide")
-            drive_id = props.pop("id", f"_{len(drives)}")
-            if props.get("media") == "cdrom":  # read-only raw media, however it is spelt
-                props.setdefault("readonly", "True")
-                props.setdefault("format", "raw")
-            drives[drive_id] = {**props, "iface": iface}
-        elif option == "netdev":
-            head, pairs = split_opts(value or "", implied="type")
-            props = dict(pairs)
-            netdevs[props.get("id", "")] = (head, tuple(sorted((k, _hostfwd(v) if k == "hostfwd" else v) for k, v in pairs if k != "id")))
-        elif option == "device":
-            head, pairs = split_opts(value or "", implied="driver")
-            devices.append((head, {k: str(_value(v)) for k, v in pairs}))
-        elif option == "cdrom":
-            drives[f"_cd{len(drives)}"] = {"file": value, "media": "cdrom", "readonly": "True", "format": "raw", "iface": "ide"}
-        elif option == "chardev" and dict(split_opts(value or "", implied="backend")[1]).get("id") in QEMUSPEC_CHARDEVS:
-            continue
-        elif option == "bios":
-            out.append(("bios", value))
-        elif option == "vnc":
-            out.append(("vnc", re.sub(r"^:", "0.0.0.0:", (value or "").replace("localhost:", "127.0.0.1:"))))
-        elif option == "object":
-            head, pairs = split_opts(value or "", implied="qom-type")
-            out.append(("object", head, tuple(sorted((k, str(_value(v))) for k, v in pairs))))
-        elif option == "boot":
-            head, pairs = split_opts(value or "", implied="order")
-            out.append(("boot", tuple(sorted(([("order", head)] if head else []) + pairs))))
-        else:
-            out.append((option, value))
-    disk_drivers = {"virtio-blk-pci": "virtio", "ide-hd": "ide", "nvme": "nvme", "ide-cd": "ide"}
-    for driver, props in devices:
-        drive = drives.get(props.get("drive", ""))
-        if drive is not None and driver in disk_drivers and drive["iface"] == "none":
-            props.pop("drive")
-            props.pop("id", None)
-            drive["iface"] = disk_drivers[driver]
-            drive["device"] = tuple(sorted(props.items()))
-        elif props.get("netdev") in netdevs:
-            backend = netdevs.pop(props.pop("netdev"))
-            props.pop("id", None)
-            out.append(("nic", driver, backend, tuple(sorted(props.items()))))
-        else:
-            out.append(("device", driver, tuple(sorted(props.items()))))
-    for netdev_id, backend in netdevs.items():
-        out.append(("netdev", netdev_id, backend))
-    for drive_id, drive in drives.items():
-        record = {k: v for k, v in drive.items() if k not in ("iface",)}
-        record.setdefault("device", ())
-        if drive_id.startswith("_") or drive["iface"] != "none":
-            out.append(("disk", drive["iface"], tuple(sorted((k, str(v)) for k, v in record.items()))))
-        else:
-            out.append(("disk", "none", drive_id, tuple(sorted((k, str(v)) for k, v in record.items()))))
-    out += [("machine", machine_type), ("accel", tuple(accels or ["tcg"])), ("cpu", cpu), ("smp", smp), ("m", mem), ("nodefaults", nodefaults)]
-    return sorted(out, key=repr)
-
-
-def _hostfwd(text: str) -> str:
-    f = _forward(text)
-    return _unforward(f) if f else text

@@ -88,22 +88,28 @@ def conflicts(machine: "Machine") -> list[tuple[str, str]]:
     return problems
 
 
-def user_ids(machine: "Machine") -> Iterator[tuple[str, str]]:
-    """(field path, id) for every id a definition gives: devices, objects, options maps, append."""
+# qemu keeps one id namespace per kind of backend: a netdev and a device may both be "net0" (libvirt,
+# Proxmox and OSX-KVM lines do that). Devices and objects are held to one namespace here.
+_NAMESPACE = {"-device": "device", "-object": "device", "-chardev": "chardev", "-netdev": "netdev", "-drive": "block",
+              "-blockdev": "block", "-fsdev": "fsdev", "-mon": "monitor", "-audiodev": "audiodev"}
+
+
+def user_ids(machine: "Machine") -> Iterator[tuple[str, str, str]]:
+    """(field path, id, namespace) for every id a definition gives: disks, devices, objects, append."""
     for index, disk in enumerate(machine.disks):
         if disk.id:
-            yield f"disks.{index}.id", disk.id
+            yield f"disks.{index}.id", disk.id, "block"
     for index, dev in enumerate(machine.devices):
         if dev.id:
-            yield f"devices.{index}.id", dev.id
+            yield f"devices.{index}.id", dev.id, "device"
     for index, obj in enumerate(machine.objects):
-        yield f"objects.{index}.id", obj.id
+        yield f"objects.{index}.id", obj.id, "device"
     for index, sw, value in switches(machine.append):
-        if value is None or sw not in ("-device", "-object", "-chardev", "-netdev", "-drive", "-blockdev", "-fsdev", "-mon", "-audiodev"):
+        if value is None or sw not in _NAMESPACE:
             continue
         for key in ("id", "node-name"):
             for found in _option_values(value, key):
-                yield f"append.{index + 1}", found
+                yield f"append.{index + 1}", found, _NAMESPACE[sw]
 
 
 def id_problems(machine: "Machine") -> list[tuple[str, str]]:
@@ -116,14 +122,14 @@ def id_problems(machine: "Machine") -> list[tuple[str, str]]:
             for attr in maps:
                 if "id" in getattr(item, attr):
                     problems.append((f"{field}.{index}.{attr}.id", f'"id" is given by qemuspec{" (use the id field)" if field in ("devices", "objects", "disks") else ""}: remove it from {attr}'))
-    seen: dict[str, str] = {}
-    for where, ident in user_ids(machine):
+    seen: dict[tuple[str, str], str] = {}
+    for where, ident, namespace in user_ids(machine):
         if ident.startswith(OWN_ID_PREFIX):
             problems.append((where, f'the id "{ident}" starts with "{OWN_ID_PREFIX}", which qemuspec keeps for its own monitors, console, disks and NICs: rename it'))
-        elif ident in seen:
-            problems.append((where, f'the id "{ident}" is already used at {seen[ident]}: ids must be unique, rename one of them'))
+        elif (namespace, ident) in seen:
+            problems.append((where, f'the id "{ident}" is already used at {seen[namespace, ident]}: ids must be unique, rename one of them'))
         else:
-            seen[ident] = where
+            seen[namespace, ident] = where
     return problems
 
 
