@@ -245,8 +245,8 @@ def _networks(info: str, usernet: str) -> tuple[list[str], dict[str, str], list[
             if desc != "hub":
                 records.append(desc)
         else:
-            records.append(f"{current[1]} -> {desc}")
-            refs[name] = f"<{current[1]}>" if current[1] == "hub" else desc
+            records.append(f"{current[1]} -> {desc}")  # type: ignore[index]
+            refs[name] = f"<{current[1]}>" if current[1] == "hub" else desc  # type: ignore[index]
     for name, desc in describe.items():
         refs.setdefault(name, f"<{desc}>")
     forwards = []
@@ -279,8 +279,8 @@ def _qtree(text: str, backends: dict[str, str], netrefs: dict[str, str], chardev
             flush()
             match = re.match(r"dev: (\S+), id \"(.*)\"", line)
             bus = "/".join(b for _, b in stack)
-            device = {"bus": bus, "type": match.group(1), "id": match.group(2), "props": []}
-            stack.append((indent, f"{match.group(1)}"))
+            device = {"bus": bus, "type": match.group(1), "id": match.group(2), "props": []}  # type: ignore[union-attr]
+            stack.append((indent, f"{match.group(1)}"))  # type: ignore[union-attr]
         elif device is not None and " = " in line:
             key, _, value = line.partition(" = ")
             value = value.strip()

@@ -124,8 +124,9 @@ def fits(model: type, name: str, value: Any) -> bool:
 
     key = (model, name)
     if key not in _ADAPTERS:
-        info = model.model_fields[name]
-        _ADAPTERS[key] = TypeAdapter(Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation)
+        info = model.model_fields[name]  # type: ignore[attr-defined]
+        annotation: Any = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+        _ADAPTERS[key] = TypeAdapter(annotation)
     try:
         _ADAPTERS[key].validate_python(value)
         return True
@@ -357,7 +358,7 @@ def _memory(imp: Import, option: str, value: str | None) -> None:
     except (ValueError, TypeError):
         imp.keep(option, value)
         return
-    if mib * (1 << 20) != _bytes(size) or not 1 <= mib <= (1 << 30):
+    if mib * (1 << 20) != _bytes(str(size)) or not 1 <= mib <= (1 << 30):
         imp.keep(option, value)  # not a whole number of MiB
         return
     imp.machine["memory"] = mib
@@ -526,7 +527,7 @@ def _netdev(imp: Import, option: str, value: str | None) -> None:
     if nic is None or not fits(NIC, "options", nic.get("options", {})) or not _nic_ok(nic):
         imp.keep(option, value)
         return
-    imp.netdevs[netdev_id] = (nic, [f"-{option}", value or ""])
+    imp.netdevs[netdev_id] = (nic, [f"-{option}", value or ""])  # type: ignore[index]
 
 
 def _nic_ok(nic: dict) -> bool:

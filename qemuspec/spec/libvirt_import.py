@@ -67,14 +67,14 @@ def import_domain(text: str, name: str | None = None, source: str = "<domain>") 
         loader = os_el.find("loader")
         if loader is not None and (loader.text or "").strip():
             if loader.get("type") == "pflash":
-                firmware: dict[str, Any] = {"type": "uefi", "code": loader.text.strip()}
+                firmware: dict[str, Any] = {"type": "uefi", "code": (loader.text or "").strip()}
                 nvram = os_el.find("nvram")
                 if nvram is not None and nvram.get("template"):
                     firmware["vars"] = nvram.get("template")
                 machine["firmware"] = firmware
                 notes.append("<nvram>: qemuspec keeps each machine's UEFI variables in its state directory, copied from the template")
             else:
-                machine["firmware"] = {"type": "bios", "code": loader.text.strip()}
+                machine["firmware"] = {"type": "bios", "code": (loader.text or "").strip()}
         for tag, key in (("kernel", "kernel"), ("initrd", "initrd"), ("cmdline", "cmdline")):
             value = os_el.findtext(tag)
             if value:
@@ -168,10 +168,10 @@ def _device(el: ET.Element, imp: Any, notes: list[str]) -> None:  # noqa: C901 -
         model = el.find("model")
         nic: dict[str, Any] = {"type": "user"}
         if kind == "bridge" and el.find("source") is not None:
-            nic = {"type": "bridge", "bridge": el.find("source").get("bridge")}
+            nic = {"type": "bridge", "bridge": el.find("source").get("bridge")}  # type: ignore[union-attr]
         elif kind != "user":
             notes.append(f"<interface type='{kind}'>: imported as user-mode networking (qemuspec does not manage libvirt networks)")
-        nic["model"] = _NIC_MODEL.get(model.get("type") if model is not None else "virtio", "virtio-net-pci")
+        nic["model"] = _NIC_MODEL.get(str(model.get("type")) if model is not None else "virtio", "virtio-net-pci")
         mac = el.find("mac")
         if mac is not None and mac.get("address"):
             nic["mac"] = mac.get("address")
@@ -203,13 +203,13 @@ def _device(el: ET.Element, imp: Any, notes: list[str]) -> None:  # noqa: C901 -
         if kind in ("vnc", "spice"):
             display: dict[str, Any] = {"type": kind, "listen": el.get("listen") or "127.0.0.1"}
             if el.get("port") and el.get("port") != "-1" and el.get("autoport") != "yes":
-                display["port"] = int(el.get("port"))
+                display["port"] = int(el.get("port") or 0)
             machine["display"] = {**machine.get("display", {}), **display}
         else:
             notes.append(f"<graphics type='{kind}'>: qemuspec runs machines headless")
     elif tag == "video":
         model = el.find("model")
-        vga = _VGA.get(model.get("type") if model is not None else "vga", "std")
+        vga = _VGA.get(str(model.get("type")) if model is not None else "vga", "std")
         machine["display"] = {**machine.get("display", {"type": "none"}), "vga": vga}
     elif tag in ("serial", "console"):
         notes.append(f"<{tag}>: the first serial port is qemuspec's console")
