@@ -185,10 +185,14 @@ def test_plan_names_changed_fields_and_exits_3(box, tmp_path):
     assert cli("plan", box).returncode == 0
     again = as_json("up", box, "--timeout", "45", "--json")
     assert again[0]["action"] == "up to date", "a readiness timeout for one run does not change the machine"
-    edited = tmp_path / "edited.toml"
-    edited.write_text(open(box).read().replace('memory = "768M"', 'memory = "800M"'))
-    result = subprocess.run([*ENTRY, "plan", str(edited), "--state-dir", os.path.join(os.path.dirname(box), ".qemuspec")],
-                            capture_output=True, text=True, timeout=60)
+    original = open(box).read()
+    try:  # the same file, edited: another file naming the same state would be told whose the machine is
+        with open(box, "w") as f:
+            f.write(original.replace('memory = "768M"', 'memory = "800M"'))
+        result = subprocess.run([*ENTRY, "plan", box], capture_output=True, text=True, timeout=60)
+    finally:
+        with open(box, "w") as f:
+            f.write(original)
     assert result.returncode == 3, result.stderr
     assert "box: recreate" in result.stdout
     assert "    memory: 768M -> 800M" in result.stdout
