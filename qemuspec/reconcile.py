@@ -247,6 +247,8 @@ def _collect(spec: File, pending: dict[int, tuple[str, str, float]], outcomes: d
                             how = " (warm)" if message.get("boot") == "warm" else ""
                             report(name, f"ready in {seconds:.1f} s{how}" if not message.get("adopted") else "adopted")
                             detail = f"boot {message['boot']}" if message.get("boot") and spec.machines[name].warm else ""
+                            if message.get("kvm_failed"):  # said on up's line, not only in status --json
+                                detail += ("; " if detail else "") + f"kvm failed, fell back to tcg: {message['kvm_failed']}"
                             if message.get("saved"):
                                 saved = message["saved"]
                                 detail += f", state saved in {saved['seconds']:.2f} s ({saved['bytes'] / 2**20:.0f} MiB)"

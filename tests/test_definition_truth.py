@@ -208,5 +208,21 @@ def test_up_names_the_absolute_qemu_it_runs(qemu_bin, tmp_path):
         result = cli("up", path, "--no-probe")
         assert result.returncode == 0, result.stderr
         assert f"qemu {os.path.realpath(qemu_bin)}" in result.stdout
+        assert "accel tcg" in result.stdout  # the accelerator actually used is on up's line
     finally:
         assert cli("down", path).returncode == 0
+
+
+def test_render_says_what_auto_will_try(tmp_path):
+    path = write(tmp_path, '[machines.vm]\nmachine = "none"\naccel = "auto"\n')
+    env = {k: v for k, v in os.environ.items() if k != "QEMUSPEC_ACCEL"}
+    result = subprocess.run([sys.executable, "-m", "qemuspec.cli.main", "render", path, "--json"], capture_output=True, text=True,
+                            timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    import json
+
+    argv = json.loads(result.stdout)
+    if argv[argv.index("-accel") + 1] == "kvm":  # this host has a /dev/kvm: say what happens if qemu cannot use it
+        assert "if qemu cannot start on kvm, up starts it again on tcg" in result.stderr
+    else:
+        assert argv[argv.index("-accel") + 1] == "tcg" and result.stderr == ""

@@ -76,6 +76,7 @@ def validate(ctx: Context, *, files: list[str], probe: bool, allow_local_qemu: b
 def render(ctx: Context, *, shell: bool, format: str) -> int:
     from qemuspec.api import machine_layout
     from qemuspec.render import render as render_argv
+    from qemuspec.runtime import accel
 
     target = ctx.target
     spec = target.spec
@@ -93,7 +94,12 @@ def render(ctx: Context, *, shell: bool, format: str) -> int:
         return 0
     argvs = {}
     for name in names:
-        argvs[name] = render_argv(spec.machines[name], name, machine_layout(spec.machines[name], target.state_dir(name)))
+        machine = spec.machines[name]
+        argvs[name] = render_argv(machine, name, machine_layout(machine, target.state_dir(name)))
+        lay_accel = [a for i, a in enumerate(argvs[name]) if i and argvs[name][i - 1] == "-accel"]
+        if lay_accel and accel.fallback(machine.accel, tuple(a.split(",")[0] for a in lay_accel)):
+            ctx.out.note(f'{name}: accel = {machine.accel!r} renders {",".join(lay_accel)}; if qemu cannot start on kvm, '
+                         "up starts it again on tcg (and says so)")
     if ctx.out.json and shell:
         raise UsageError("--json and --shell are alternatives: choose one")
     if ctx.out.json:

@@ -364,7 +364,8 @@ class Supervisor:
         self.phase("running")
         assert inst.process is not None
         self.event("QEMUSPEC_READY", pid=inst.process.pid, seconds=round(seconds, 3), restarts=self.restarts, boot=inst.boot)
-        self.tell("ready", pid=inst.process.pid, seconds=seconds, ports=inst.ports, boot=inst.boot, saved=saved, accel=list(inst.layout.accel))
+        self.tell("ready", pid=inst.process.pid, seconds=seconds, ports=inst.ports, boot=inst.boot, saved=saved, accel=list(inst.layout.accel),
+                  **({"kvm_failed": inst.kvm_failure.split("\n", 1)[0]} if inst.kvm_failure else {}))
         return True
 
     def _save(self, inst: Instance) -> dict | None:
