@@ -302,3 +302,23 @@ def test_logs_are_size_bounded(tmp_path):
     (tmp_path / "qemu.log").write_bytes(b"x" * 2000)
     os.close(statedir.open_log(str(tmp_path), "qemu.log", limit=1000))
     assert os.path.getsize(tmp_path / "qemu.log") == 0 and os.path.getsize(tmp_path / "qemu.log.1") == 2000
+
+
+def test_logs_are_size_bounded_and_rotated(tmp_path):
+    """Logs (qemu.log, serial.log, supervisor.log) and events.jsonl keep at most one old generation."""
+    from qemuspec.qmp.protocol import EventLog
+    from qemuspec.runtime import statedir
+
+    directory = str(tmp_path)
+    for _ in range(3):
+        fd = statedir.open_log(directory, "qemu.log", limit=1000)
+        os.write(fd, b"x" * 900)
+        os.close(fd)
+    assert os.path.getsize(tmp_path / "qemu.log") <= 1800 and os.path.getsize(tmp_path / "qemu.log.1") <= 1800
+    assert oct(os.stat(tmp_path / "qemu.log").st_mode & 0o777) == "0o600"
+    log = EventLog(str(tmp_path / "events.jsonl"), limit=500)
+    for n in range(100):
+        log.write({"event": "TICK", "data": {"n": n}, "timestamp": {"seconds": n, "microseconds": 0}})
+    assert os.path.getsize(tmp_path / "events.jsonl") <= 500
+    assert os.path.exists(tmp_path / "events.jsonl.1")
+    assert '"n":99' in (tmp_path / "events.jsonl").read_text()  # the newest events are kept
