@@ -210,7 +210,12 @@ def preflight(spec: Any, lines: dict, source: str, names: list[str], allow_local
         from qemuspec import reconcile
 
         starting = [step["name"] for step in reconcile.plan(spec, root, names) if step["action"] == "start"]
-        problems = checks.busy_ports(spec, starting)
+        from qemuspec.runtime.sockets import busy_forwards
+
+        problems = [(("machines", name, "nics", index, "forwards", number, "host"),
+                     f"host port {fwd.address}:{fwd.host}/{fwd.protocol} is {why}: stop what holds it, "
+                     "or choose another port (host = 0 picks a free one)")
+                    for name in starting for index, number, fwd, why in busy_forwards(spec.machines[name].nics)]
     if problems:
         raise SpecError(located(source, lines, problems))
 

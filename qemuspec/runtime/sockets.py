@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+from typing import Any, Iterator
 
 from qemuspec.errors import LaunchError
 
@@ -48,11 +49,11 @@ def listen_tcp(first_port: int, tries: int = 200) -> tuple[socket.socket, int]:
     raise LaunchError(f"no free TCP port for QMP in {first_port}..{first_port + tries - 1}: choose another qmp.port")
 
 
-def check_forwards(name: str, nics) -> None:
-    """Fail early, naming the port and who holds it, when a fixed host port of a forward is taken
-    (qemu would only say "Could not set up host forwarding rule")."""
-    for nic in nics:
-        for fwd in getattr(nic, "forwards", []) or []:
+def busy_forwards(nics) -> Iterator[tuple[int, int, Any, str]]:
+    """(nic index, forward index, forward, who holds it) for each fixed host port of a forward that is
+    taken now (a bind test; the socket is released at once)."""
+    for index, nic in enumerate(nics):
+        for number, fwd in enumerate(getattr(nic, "forwards", []) or []):
             if not fwd.host:
                 continue
             kind = socket.SOCK_STREAM if fwd.protocol == "tcp" else socket.SOCK_DGRAM
@@ -61,14 +62,19 @@ def check_forwards(name: str, nics) -> None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.bind((fwd.address, fwd.host))
             except OSError as exc:
-                if exc.errno != errno.EADDRINUSE:
-                    continue
-                holder = port_holder(fwd.host, fwd.protocol)
-                who = f" by {holder}" if holder else ""
-                raise LaunchError(f"machine {name}: host port {fwd.address}:{fwd.host}/{fwd.protocol} (forward to guest port {fwd.guest}) "
-                                  f"is in use{who}: stop that, choose another host port, or use host = 0 for any free port") from None
+                if exc.errno == errno.EADDRINUSE:
+                    holder = port_holder(fwd.host, fwd.protocol)
+                    yield index, number, fwd, f"in use by {holder}" if holder else "in use"
             finally:
                 sock.close()
+
+
+def check_forwards(name: str, nics) -> None:
+    """Fail early, naming the port and who holds it, when a fixed host port of a forward is taken
+    (qemu would only say "Could not set up host forwarding rule")."""
+    for _, _, fwd, why in busy_forwards(nics):
+        raise LaunchError(f"machine {name}: host port {fwd.address}:{fwd.host}/{fwd.protocol} (forward to guest port {fwd.guest}) "
+                          f"is {why}: stop that, choose another host port, or use host = 0 for any free port")
 
 
 def port_holder(port: int, protocol: str = "tcp") -> str | None:

@@ -1,9 +1,9 @@
 """Checks of a valid definition against this host, before anything starts.
 
 The model says whether a definition is well-formed; these say whether ``up`` could start it here: the
-files it names exist, ``accel = "kvm"`` has a /dev/kvm, the qemu binary is one the user can trust, and
-(for ``up``) the host ports it forwards are free, so a busy port never leaves half a file running.
-Nothing here executes anything the definition names: it only looks at the file system and binds ports.
+files it names exist, ``accel = "kvm"`` has a /dev/kvm, and the qemu binary is one the user can trust
+(``up`` also checks its forwarded host ports, with runtime/sockets.py). Nothing here executes anything
+the definition names: it only looks at the file system.
 Each problem is a (key path, message) pair that :func:`qemuspec.spec.messages.located` turns into a
 file:line paragraph.
 """
@@ -98,55 +98,3 @@ def _missing_files(machine: "Machine") -> Iterator[Problem]:
         for key in ("user_data_file", "network_config_file"):
             if missing(getattr(machine.cloud_init, key)):
                 yield ("cloud_init", key), f"{key} {getattr(machine.cloud_init, key)} does not exist: fix the path"
-
-
-def busy_ports(spec: "File", names: list[str]) -> list[Problem]:
-    """Declared host ports of ``names`` that another process holds now (bind test, then released)."""
-    import socket
-
-    problems: list[Problem] = []
-    for name in names:
-        for index, nic in enumerate(spec.machines[name].nics):
-            for number, fwd in enumerate(nic.forwards):
-                if fwd.host == 0:
-                    continue
-                kind = socket.SOCK_STREAM if fwd.protocol == "tcp" else socket.SOCK_DGRAM
-                with socket.socket(socket.AF_INET, kind) as probe:
-                    if kind == socket.SOCK_STREAM:
-                        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    try:
-                        probe.bind((fwd.address, fwd.host))
-                    except OSError as exc:
-                        holder = port_holder(fwd.host, fwd.protocol)
-                        who = f" by {holder}" if holder else ""
-                        problems.append((("machines", name, "nics", index, "forwards", number, "host"),
-                                         f"host port {fwd.address}:{fwd.host}/{fwd.protocol} is in use{who} ({exc.strerror}): "
-                                         "stop what holds it, or choose another port (host = 0 picks a free one)"))
-    return problems
-
-
-def port_holder(port: int, protocol: str = "tcp") -> str | None:
-    """'pid N (name)' of the process holding a local port, when /proc lets us see it."""
-    inodes = set()
-    for table in (f"/proc/net/{protocol}", f"/proc/net/{protocol}6"):
-        try:
-            with open(table) as f:
-                next(f)
-                for line in f:
-                    fields = line.split()
-                    if int(fields[1].rsplit(":", 1)[1], 16) == port:
-                        inodes.add(fields[9])
-        except (OSError, ValueError, IndexError, StopIteration):
-            continue
-    if not inodes:
-        return None
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith("socket:[") and target[8:-1] in inodes:
-                    with open(f"/proc/{pid}/comm") as f:
-                        return f"pid {pid} ({f.read().strip()})"
-        except OSError:
-            continue
-    return None
