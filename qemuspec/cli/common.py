@@ -74,6 +74,14 @@ class Output:
     def data(self, value: Any) -> None:
         emit_json(value)
 
+    def states(self, results: list[dict]) -> None:
+        """What pause/resume did to each machine: JSON, or "NAME: STATE" lines."""
+        if self.json:
+            emit_json(results)
+        else:
+            for r in results:
+                self.say(f"{r['name']}: {r['state']}")
+
     def line(self, value: Any) -> None:
         """One JSON line of a stream (logs, events)."""
         sys.stdout.write(json.dumps(value, default=str) + "\n")

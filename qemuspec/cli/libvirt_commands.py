@@ -161,11 +161,7 @@ def each(ctx: Any, spec: Any, hosts: dict, action: str, done: str) -> int:
         except libvirt.libvirtError as exc:
             raise QemuspecError(f"machine {name}: {message(exc)}") from None
         results.append({"name": name, "state": done})
-    if ctx.out.json:
-        emit_json(results)
-    else:
-        for r in results:
-            ctx.out.say(f"{r['name']}: {r['state']}")
+    ctx.out.states(results)
     return 0
 
 

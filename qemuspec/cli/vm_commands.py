@@ -326,11 +326,7 @@ def _each(ctx: Context, command: str, done: str) -> int:
         with _client(_running(ctx, name)) as client:
             client.command(command)
             results.append({"name": name, "state": done})
-    if ctx.out.json:
-        emit_json(results)
-    else:
-        for r in results:
-            ctx.out.say(f"{r['name']}: {r['state']}")
+    ctx.out.states(results)
     return 0
 
 
