@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import time
 
 from qemuspec.errors import LaunchError
-from qemuspec.runtime.process import alive, cmdline
+from qemuspec.runtime.process import Process, alive, cmdline
 
 VDE_SWITCH = "vde_switch"
 
@@ -63,10 +62,21 @@ def _start(switch_dir: str) -> int:
 
 
 def stop_switch(switch_dir: str) -> None:
-    pid = switch_pid(switch_dir)
-    if pid:
-        os.kill(pid, signal.SIGTERM)
-    shutil.rmtree(switch_dir, ignore_errors=True)
-    for path in (_pidfile(switch_dir), switch_dir + ".lock"):
-        if os.path.exists(path):
-            os.unlink(path)
+    """Stop the switch and remove what it leaves. vde_switch removes its own pidfile as it exits, so
+    every removal here tolerates a file that is already gone."""
+    import fcntl
+
+    fd = os.open(switch_dir + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        pid = switch_pid(switch_dir)
+        if pid:
+            Process(pid).terminate_and_kill(2.0)
+        shutil.rmtree(switch_dir, ignore_errors=True)
+        for path in (_pidfile(switch_dir), switch_dir + ".lock"):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+    finally:
+        os.close(fd)
