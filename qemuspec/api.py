@@ -17,10 +17,12 @@ import asyncio
 import os
 import shutil
 import tempfile
-from typing import Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from qemuspec.errors import QemuspecError, SpecError
-from qemuspec.spec.models import Machine
+
+if TYPE_CHECKING:
+    from qemuspec.spec.models import Machine
 
 Callback = Callable[[dict], Any]
 
@@ -55,6 +57,8 @@ class VM:
         self._fields: dict[str, Any] = {}
         self._model: Machine | None = None
         self._instance: Any = None  # the runtime Instance once started
+        from qemuspec.spec.models import Machine
+
         if isinstance(fields, Machine):
             self._model = fields
             self._fields = fields.model_dump(exclude_unset=True)
@@ -75,6 +79,8 @@ class VM:
 
     def _validate(self, fields: dict, partial: bool) -> Machine:
         from pydantic import ValidationError
+
+        from qemuspec.spec.models import Machine
 
         try:
             return Machine.model_validate(fields, context={"base_dir": os.getcwd(), "partial": partial})
@@ -361,7 +367,7 @@ def load(path: str, variables: dict | None = None, state_dir: str | None = None)
     """The machines of a definition file, ready to ``start()``, in dependency order."""
     from qemuspec.runtime import paths
     from qemuspec.spec import load as load_spec
-    from qemuspec.spec.models import order_machines
+    from qemuspec.spec.order import order_machines
 
     spec = load_spec(path, variables=variables)
     root = paths.state_root(path, state_dir)
@@ -374,7 +380,6 @@ def load(path: str, variables: dict | None = None, state_dir: str | None = None)
 # The CLI is a thin layer over these: each takes plain values (a loaded definition, a state root,
 # machine names) and returns data; printing is the caller's business.
 
-DEFINITION_FILE = "definition.json"  # in a machine's state directory: what `up` last started
 
 
 def machine_layout(machine: Machine, state_dir: str) -> Any:
@@ -387,15 +392,16 @@ def machine_layout(machine: Machine, state_dir: str) -> Any:
 
 def definition_record(state_dir: str) -> str:
     """Where the resolved definition of the machine last started from ``state_dir`` is kept."""
-    return os.path.join(state_dir, DEFINITION_FILE)
+    from qemuspec.runtime import statedir
+
+    return os.path.join(state_dir, statedir.DEFINITION)
 
 
 def record_definition(machine: Machine, state_dir: str) -> None:
     """Keep what a machine was started from, so `plan` can say which fields changed."""
     from qemuspec.runtime import statedir
 
-    statedir.ensure_private(state_dir)
-    statedir.write(state_dir, os.path.basename(definition_record(state_dir)), machine.model_dump(mode="json"))
+    statedir.record_definition(state_dir, machine.model_dump(mode="json"))
 
 
 def recorded_definition(state_dir: str) -> dict | None:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from qemuspec.errors import SpecError
 from qemuspec.render import AGENT_PORT, OVMF_CODE, OVMF_VARS, OWN_ID_PREFIX, escape, nic_mac, optlist, wants_cidata
-from qemuspec.spec.models import Machine
+
+if TYPE_CHECKING:
+    from qemuspec.spec.models import Machine
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 OWNER_NS = "https://qemuspec.dev/xmlns/libvirt/1"

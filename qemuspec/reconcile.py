@@ -21,13 +21,16 @@ import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from qemuspec.errors import QemuspecError
 from qemuspec.runtime import supervisor
 from qemuspec.runtime.instance import Instance, definition_hash, forget
 from qemuspec.spec import preflight
-from qemuspec.spec.models import File, order_machines
+from qemuspec.spec.order import order_machines
+
+if TYPE_CHECKING:
+    from qemuspec.spec.models import File
 
 Report = Callable[[str, str], None]
 

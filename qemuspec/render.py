@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
 
-from qemuspec.spec.models import Disk, Machine, NIC, OptionValue
+if TYPE_CHECKING:
+    from qemuspec.spec.models import Disk, Machine, NIC, OptionValue
+
 
 OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
 OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"

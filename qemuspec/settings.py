@@ -22,6 +22,7 @@ VARIABLES = {
     "QEMUSPEC_QEMU_IMG": "qemu-img binary",
     "QEMUSPEC_ALLOW_LOCAL_QEMU": "allow a qemu binary inside the definition's own tree (as --allow-local-qemu)",
     "QEMUSPEC_DEBUG": "print tracebacks instead of one-paragraph errors",
+    "QEMUSPEC_CACHE": "0: always validate definitions afresh (default: validated definitions are cached by content)",
     "NO_COLOR": "no colour, even on a terminal",
     "CI": "line-based progress, never redrawn in place",
 }
@@ -38,6 +39,7 @@ class Settings:
     no_color: bool = False
     ci: bool = False
     connect: str | None = None  # QEMUSPEC_CONNECT: libvirt URI for machines without their own host
+    cache: str | None = None  # directory of validated definitions (spec/cache.py); None: QEMUSPEC_CACHE=0
     variables: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -53,6 +55,7 @@ class Settings:
             no_color="NO_COLOR" in env,
             ci=env.get("CI", "").lower() in ("1", "true", "yes"),
             connect=env.get("QEMUSPEC_CONNECT") or None,
+            cache=None if env.get("QEMUSPEC_CACHE", "") == "0" else _cache_dir(env),
             variables={k[len(VAR_PREFIX):]: v for k, v in env.items() if k.startswith(VAR_PREFIX)},
         )
 
@@ -64,3 +67,8 @@ class Settings:
         if self.allow_local_qemu:
             out["QEMUSPEC_ALLOW_LOCAL_QEMU"] = "1"
         return out
+
+
+def _cache_dir(env: Mapping[str, str]) -> str:
+    base = env.get("XDG_CACHE_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "qemuspec", "definitions")

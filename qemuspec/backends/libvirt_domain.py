@@ -292,7 +292,7 @@ def _media_in_use(conn: Any, leaving: str) -> set[str]:
 def down(spec: File, source: str, state_root: str, names: list[str], hosts: dict[str, str | None], timeout: float | None,
          report: Report, purge: bool = False) -> list[Outcome]:
     from qemuspec import reconcile
-    from qemuspec.spec.models import order_machines
+    from qemuspec.spec.order import order_machines
 
     outcomes: list[Outcome] = []
     selected = set(names)

@@ -127,9 +127,14 @@ class Target:
 
     def load(self) -> tuple["File", dict]:
         if self._loaded is None:
-            from qemuspec.spec.loader import load_located
+            if self.settings.cache:
+                from qemuspec.spec import cache
 
-            self._loaded = load_located(self.path, variables=self.variables, environ=self.settings.var_environ())
+                self._loaded = cache.load(self.path, self.variables, self.settings.var_environ(), self.settings.cache)
+            else:
+                from qemuspec.spec.loader import load_located
+
+                self._loaded = load_located(self.path, variables=self.variables, environ=self.settings.var_environ())
         return self._loaded
 
     @property
@@ -195,13 +200,14 @@ def check_against_qemu(spec: Any, lines: dict, source: str, names: list[str]) ->
     """Ask each machine's qemu binary (cached) whether it supports what the machine uses."""
     from qemuspec.errors import SpecError
     from qemuspec.runtime import capabilities
-    from qemuspec.spec.messages import located
 
     problems = []
     for name in names:
         machine = spec.machines[name]
         problems += capabilities.check(name, machine, capabilities.probe(machine.qemu))
     if problems:
+        from qemuspec.spec.messages import located
+
         raise SpecError(located(source, lines, problems))
 
 
@@ -210,7 +216,6 @@ def preflight(spec: Any, lines: dict, source: str, names: list[str], allow_local
     """What `up` would fail on, found before anything starts (spec/preflight.py): exit 2 with file:line."""
     from qemuspec.errors import SpecError
     from qemuspec.spec import preflight as checks
-    from qemuspec.spec.messages import located
 
     environ = (settings or Settings.from_env()).var_environ()
     problems = checks.host_problems(spec, source, names, allow_local_qemu=allow_local_qemu, environ=environ)
@@ -225,12 +230,14 @@ def preflight(spec: Any, lines: dict, source: str, names: list[str], allow_local
                      "or choose another port (host = 0 picks a free one)")
                     for name in starting for index, number, fwd, why in busy_forwards(spec.machines[name].nics)]
     if problems:
+        from qemuspec.spec.messages import located
+
         raise SpecError(located(source, lines, problems))
 
 
 def select(spec: Any, names: list[str] | str | None, source: str) -> list[str]:
     """Machine names to act on, in dependency order; unknown names are usage errors with a suggestion."""
-    from qemuspec.spec.models import order_machines
+    from qemuspec.spec.order import order_machines
 
     wanted = [names] if isinstance(names, str) else list(names or [])
     for name in wanted:

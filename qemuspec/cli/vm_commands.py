@@ -57,11 +57,11 @@ def _warm_flag(warm: bool, spec: Any, names: list[str]) -> None:
 
 
 def _record(target: Target, outcomes: list["Outcome"], machines: dict[str, Any]) -> None:
-    from qemuspec.api import record_definition
+    from qemuspec.runtime import statedir
 
     for o in outcomes:
         if o.action in ("started", "recreated", "adopted"):
-            record_definition(machines[o.name], target.state_dir(o.name))
+            statedir.record_definition(target.state_dir(o.name), machines[o.name].model_dump(mode="json"))
 
 
 def up(ctx: Context, *, no_probe: bool, attach: bool, timeout: float | None, allow_local_qemu: bool, warm: bool = False) -> int:

@@ -7,6 +7,8 @@ its instance-id and cloud-init does not run its first-boot work again.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import hashlib
 import io
 import json
@@ -14,7 +16,9 @@ import os
 
 from qemuspec.errors import LaunchError
 from qemuspec.render import Layout, nic_mac
-from qemuspec.spec.models import Machine
+
+if TYPE_CHECKING:
+    from qemuspec.spec.models import Machine
 
 
 def _template(text: str, context: dict, what: str) -> str:

@@ -3,13 +3,17 @@ resized behind the user's back."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import contextlib
 import os
 import shutil
 
 from qemuspec import img
 from qemuspec.errors import ImageError, LaunchError
-from qemuspec.spec.models import Disk
+
+if TYPE_CHECKING:
+    from qemuspec.spec.models import Disk
 
 
 def ensure_disk(disk: Disk, state_dir: str | None = None) -> bool:

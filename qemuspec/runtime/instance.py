@@ -11,7 +11,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from qemuspec.errors import LaunchError, QemuspecError, QMPConnectionError, QMPError, ReadyTimeout
 from qemuspec.qmp.sync import QMPClient
@@ -20,7 +20,9 @@ from qemuspec.runtime import accel as accel_mod
 from qemuspec.runtime import paths, statedir
 from qemuspec.runtime.console import ConsoleReader, tail
 from qemuspec.runtime.process import Process, alive, cmdline, spawn, start_time
-from qemuspec.spec.models import Machine
+
+if TYPE_CHECKING:
+    from qemuspec.spec.models import Machine
 
 GREETING_TIMEOUT = 15.0
 
@@ -33,11 +35,10 @@ class StopResult:
 
 
 def definition_hash(machine: Machine) -> str:
-    """Identifies what a machine was started from, so `up` can tell "unchanged" from "changed".
-    The readiness timeout is left out: it says how long to wait, not what runs (`up --timeout`)."""
-    import hashlib
+    """Identifies what a machine was started from (spec/records.py: a cached record carries it)."""
+    from qemuspec.spec.records import definition_hash as of
 
-    return hashlib.sha256(machine.model_dump_json(exclude={"ready": {"timeout"}}).encode()).hexdigest()[:16]
+    return of(machine)
 
 
 class Instance:

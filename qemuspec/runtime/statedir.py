@@ -46,6 +46,7 @@ QEMU_LOG = "qemu.log"
 SUPERVISOR_LOG = "supervisor.log"
 PIDFILE = "qemu.pid"
 TLS_DIR = "tls"
+DEFINITION = "definition.json"  # the resolved definition `up` last started (what `plan` diffs by field)
 # -- file names (runtime directory) --------------------------------------------------------------
 MACHINE = "machine.json"        # QemuRecord, authoritative
 LOCK = "supervisor.lock"        # flock held by the live supervisor
@@ -293,6 +294,12 @@ def precreate(directory: str, name: str, limit: int = LOG_LIMIT) -> str:
 
 
 # -- files qemuspec created ----------------------------------------------------------------------
+
+def record_definition(state_dir: str, definition: dict) -> None:
+    """Keep the resolved definition a machine was started from (its model dump), for `plan` by field."""
+    ensure_private(state_dir)
+    write(state_dir, DEFINITION, definition)
+
 
 def note_created(state_dir: str, path: str) -> None:
     """Remember a file qemuspec made (a disk image), with its identity, for `down --purge`."""

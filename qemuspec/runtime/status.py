@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qemuspec.errors import QemuspecError
 from qemuspec.runtime import paths, statedir
 from qemuspec.runtime.instance import Instance, recorded
 from qemuspec.runtime.process import state as process_state
 from qemuspec.runtime.supervisor import read_supervisor, stale_supervisor
-from qemuspec.spec.models import Machine
+
+if TYPE_CHECKING:
+    from qemuspec.spec.models import Machine
 
 UNRESPONSIVE_AFTER = 2.0  # seconds the client monitor may take to answer query-status
 

@@ -20,7 +20,7 @@ import signal
 import sys
 import time
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qemuspec.errors import QemuspecError
 from qemuspec.qmp.protocol import EventLog
@@ -28,7 +28,9 @@ from qemuspec.runtime import paths, statedir
 from qemuspec.runtime.instance import Instance
 from qemuspec.runtime.policy import Ending, Restarts, ending
 from qemuspec.runtime.process import start_time
-from qemuspec.spec.models import Machine
+
+if TYPE_CHECKING:
+    from qemuspec.spec.models import Machine
 
 
 def exit_file(state_dir: str) -> str:

@@ -1,6 +1,19 @@
-"""The declarative layer: models, loading (templating, parsing), error messages, schema."""
+"""The declarative layer: models, loading (templating, parsing), error messages, schema.
 
-from qemuspec.spec.loader import load, loads
-from qemuspec.spec.models import File, Machine
+Names are resolved on first use: commands served from the definition cache never import pydantic."""
+
+from typing import Any
 
 __all__ = ["File", "Machine", "load", "loads"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("load", "loads"):
+        from qemuspec.spec import loader
+
+        return getattr(loader, name)
+    if name in ("File", "Machine"):
+        from qemuspec.spec import models
+
+        return getattr(models, name)
+    raise AttributeError(f"module 'qemuspec.spec' has no attribute {name!r}")

@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from qemuspec.spec import units
+from qemuspec.spec.order import order_machines
 
 _IDENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
@@ -492,20 +493,3 @@ def _host_ports(machine: Machine) -> list[tuple[str, tuple]]:
     if machine.display.type in ("vnc", "spice") and machine.display.port:
         out.append(("display.port", ("tcp", machine.display.port)))
     return out
-
-
-def order_machines(machines: dict[str, Machine]) -> list[list[str]]:
-    """Dependency levels: every machine of a level depends only on earlier levels (start in parallel)."""
-    remaining = {name: set(m.depends_on) for name, m in machines.items()}
-    levels: list[list[str]] = []
-    done: set[str] = set()
-    while remaining:
-        level = sorted(n for n, deps in remaining.items() if deps <= done)
-        if not level:
-            cycle = " -> ".join(sorted(remaining))
-            raise ValueError(f"depends_on has a cycle among: {cycle}: remove one of the dependencies")
-        levels.append(level)
-        done.update(level)
-        for n in level:
-            del remaining[n]
-    return levels

@@ -1,0 +1,152 @@
+"""Validated definitions kept between runs: `status`, `down` and an `up` with nothing to do skip
+templates, validation and pydantic itself when the file has not changed.
+
+An entry is keyed by everything loading reads: the file's absolute path and bytes, the --var values,
+the environment the templates see, HOME (paths may start with ~), and the code that validates
+(qemuspec's spec package and pydantic, by file identity). Change any of them and the key changes;
+the entry for the old key is never looked at again. Entries hold data only (spec/records.py
+decodes it into records of known model kinds), live in a 0700 directory of the user's cache, are
+written whole and renamed into place, and any entry that does not read back cleanly is a miss.
+Invalid definitions are never cached, so every error is found and explained by the real loader.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import tempfile
+from typing import Any, Mapping
+
+FORMAT = 1
+KEEP = 256  # entries kept; the oldest go when a write finds more
+
+
+def _code_identity() -> list[Any]:
+    """What validates: qemuspec's spec package and the installed pydantic, by file identity."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    files = [os.path.join(here, n) for n in sorted(os.listdir(here)) if n.endswith(".py")]
+    files.append(os.path.join(os.path.dirname(here), "errors.py"))
+    import importlib.util
+
+    for package in ("pydantic", "pydantic_core"):
+        found = importlib.util.find_spec(package)
+        if found is not None and found.origin:
+            files.append(found.origin)
+    out: list[Any] = []
+    for path in files:
+        st = os.stat(path)
+        out.append([path, st.st_size, st.st_mtime_ns])
+    return out
+
+
+def key(path: str, text: bytes, variables: Mapping[str, Any], environ: Mapping[str, str]) -> str:
+    material = json.dumps([FORMAT, os.path.abspath(path), hashlib.sha256(text).hexdigest(),
+                           sorted((str(k), str(v)) for k, v in variables.items()),
+                           sorted((str(k), str(v)) for k, v in environ.items()),
+                           os.environ.get("HOME", ""), _code_identity()])
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+def _private_dir(path: str) -> bool:
+    """Ours alone: a directory owned by this user that nobody else can write or read."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
+
+
+def read(where: str, entry_key: str) -> dict[str, Any] | None:
+    """The entry for this key, or None (absent, damaged, or in a directory that is not private)."""
+    if not _private_dir(where):
+        return None
+    try:
+        fd = os.open(os.path.join(where, entry_key + ".json"), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            data = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("key") != entry_key:
+        return None
+    return data
+
+
+def write(where: str, entry_key: str, entry: dict[str, Any]) -> None:
+    """Best effort: a cache that cannot be written only costs the next run its speed."""
+    try:
+        os.makedirs(where, mode=0o700, exist_ok=True)
+        if not _private_dir(where):
+            return
+        body = json.dumps({"format": FORMAT, "key": entry_key, **entry}, separators=(",", ":")).encode()
+        fd, tmp = tempfile.mkstemp(dir=where, prefix=".entry-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(body)
+            os.replace(tmp, os.path.join(where, entry_key + ".json"))
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        _prune(where)
+    except OSError:
+        pass
+
+
+def _prune(where: str) -> None:
+    names = [n for n in os.listdir(where) if n.endswith(".json")]
+    if len(names) <= KEEP:
+        return
+    aged = sorted(names, key=lambda n: os.stat(os.path.join(where, n)).st_mtime)
+    for name in aged[: len(names) - KEEP]:
+        try:
+            os.unlink(os.path.join(where, name))
+        except OSError:
+            pass
+
+
+def load(path: str, variables: Mapping[str, Any], environ: Mapping[str, str], where: str) -> tuple[Any, dict]:
+    """Like loader.load_located, from the cache when the key matches. Warnings the loader gave are
+    given again, so a cached read says everything a fresh one says."""
+    import warnings
+
+    from qemuspec.errors import QemuspecWarning
+    from qemuspec.spec import limits, records
+
+    try:
+        text = limits.read_text(path)
+    except (OSError, UnicodeDecodeError):
+        text = None  # the loader words the error
+    entry_key = key(path, text.encode(), variables, environ) if text is not None else None
+    entry = read(where, entry_key) if entry_key else None
+    if entry is not None:
+        try:
+            spec = records.decode(entry["file"])
+            lines = {tuple(k): int(v) for k, v in entry["lines"]}
+            said = [str(w) for w in entry["warnings"]]
+        except (KeyError, TypeError, ValueError):
+            entry = None
+        else:
+            for message in said:
+                warnings.warn(message, QemuspecWarning, stacklevel=2)
+            return spec, lines
+    from qemuspec.spec.loader import load_located
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", QemuspecWarning)
+        spec, lines = load_located(path, variables, environ)
+    said = []
+    for w in caught:
+        if issubclass(w.category, QemuspecWarning):
+            said.append(str(w.message))
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if entry_key is not None:
+        try:
+            encoded = records.encode(spec)
+        except records.NotCacheable:
+            return spec, lines
+        write(where, entry_key, {"file": encoded, "lines": [[list(k), v] for k, v in lines.items()], "warnings": said})
+    return spec, lines
