@@ -53,3 +53,63 @@ def state_dir(tmp_path) -> str:
     path = tmp_path / "state"
     path.mkdir()
     return str(path)
+
+
+def fail_or_skip(reason: str) -> None:
+    """A missing prerequisite: a failure when CI=true, a skip elsewhere."""
+    if IN_CI:
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def pids(name: str) -> list[int]:
+    import subprocess
+
+    return [int(p) for p in subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout.split()]
+
+
+def terminate(pid: int) -> None:
+    """SIGTERM and wait for the exit (a pidfd turns readable), so the next test never meets a daemon
+    that is still shutting down."""
+    import select
+    import signal
+
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+        if not select.select([fd], [], [], 15)[0]:
+            os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture(scope="module")
+def system_libvirtd():
+    """The system libvirtd and virtlogd, started when not running and stopped after the module (kept no
+    longer: libvirtd runs qemu to probe it, and other tests count qemu processes); its URI."""
+    import subprocess
+    import time
+
+    if os.geteuid() != 0:
+        fail_or_skip("a system libvirtd needs root (this test starts one)")
+    if not (shutil.which("libvirtd") and shutil.which("virtlogd") and shutil.which("virsh")):
+        fail_or_skip("libvirt is not installed (Debian: libvirt-daemon-system libvirt-clients)")
+    started = []
+    for daemon in ("virtlogd", "libvirtd"):
+        if not pids(daemon):
+            subprocess.run([daemon, "-d"], check=True)
+            started.append(daemon)
+    deadline = time.monotonic() + 30
+    while subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True).returncode != 0:
+        if time.monotonic() > deadline:
+            pytest.fail("libvirtd did not answer within 30 s")
+        time.sleep(0.1)  # the daemon's socket appears with no notification we can wait on
+    yield "qemu:///system"
+    for daemon in reversed(started):
+        for pid in pids(daemon):
+            terminate(pid)

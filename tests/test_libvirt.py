@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
-import time
 
 import pytest
 
@@ -70,58 +68,7 @@ def test_render_command_emits_libvirt_xml(tmp_path):
     validates(result.stdout, tmp_path)
 
 
-def _terminate(pid: int) -> None:
-    """SIGTERM and wait for the exit (a pidfd turns readable), so the next test never meets a daemon
-    that is still shutting down."""
-    import select
-
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        os.kill(pid, signal.SIGTERM)
-        if not select.select([fd], [], [], 15)[0]:
-            os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _running(name: str) -> list[int]:
-    return [int(p) for p in subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout.split()]
-
-
-@pytest.fixture
-def libvirtd():
-    """The system libvirtd (and virtlogd), started by the test when they are not running already."""
-    reason = None
-    if os.geteuid() != 0:
-        reason = "a system libvirtd needs root (this test starts one)"
-    elif not (shutil.which("libvirtd") and shutil.which("virtlogd") and shutil.which("virsh")):
-        reason = "libvirt is not installed (Debian: libvirt-daemon-system libvirt-clients)"
-    if reason:
-        if IN_CI:
-            pytest.fail(reason)
-        pytest.skip(reason)
-    started = []
-    for daemon in ("virtlogd", "libvirtd"):
-        if not _running(daemon):
-            subprocess.run([daemon, "-d"], check=True)
-            started.append(daemon)
-    deadline = time.monotonic() + 30
-    while subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True).returncode != 0:
-        if time.monotonic() > deadline:
-            pytest.fail("libvirtd did not answer within 30 s")
-        time.sleep(0.1)
-    yield
-    for daemon in reversed(started):
-        for pid in _running(daemon):
-            _terminate(pid)
-
-
-def test_libvirtd_defines_and_starts_an_exported_machine(libvirtd, guest, tmp_path):
+def test_libvirtd_defines_and_starts_an_exported_machine(system_libvirtd, guest, tmp_path):
     text = open(os.path.join(ROOT, "machines", "dev.toml")).read()
     text = text.replace("../guest/out/vmlinuz", guest["kernel"]).replace("../guest/out/initrd.gz", guest["initrd"]).replace('accel = "auto"', 'accel = "tcg"')
     path = tmp_path / "dev.toml"

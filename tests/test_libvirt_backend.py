@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import IN_CI
+from conftest import fail_or_skip, pids, terminate
 from qemuspec.errors import SpecError
 from qemuspec.libvirt import BACKEND_FIELDS, domain_xml
 from qemuspec.spec.models import Machine
@@ -163,35 +163,6 @@ def test_host_uris_users_write_are_accepted(tmp_path):
 
 # ---- real libvirt -----------------------------------------------------------------------------
 
-def _fail_or_skip(reason: str) -> None:
-    if IN_CI:
-        pytest.fail(reason)
-    pytest.skip(reason)
-
-
-def _terminate(pid: int) -> None:
-    """SIGTERM and wait for the exit (a pidfd turns readable), so the next test never meets a daemon
-    that is still shutting down."""
-    import select
-
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        os.kill(pid, signal.SIGTERM)
-        if not select.select([fd], [], [], 15)[0]:
-            os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _pids(name: str) -> list[int]:
-    return [int(p) for p in subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout.split()]
-
-
 def _wait_for(check, what: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -201,26 +172,13 @@ def _wait_for(check, what: str, timeout: float = 30.0) -> None:
 
 
 @pytest.fixture(scope="module")
-def system_libvirtd():
-    """The system libvirtd and virtlogd, started by the test when not running; stopped after."""
-    if os.geteuid() != 0:
-        _fail_or_skip("a system libvirtd needs root (this test starts one)")
-    if not (shutil.which("libvirtd") and shutil.which("virtlogd") and shutil.which("virsh")):
-        _fail_or_skip("libvirt is not installed (Debian: libvirt-daemon-system libvirt-clients)")
+def system_libvirtd(system_libvirtd):
+    """conftest's system libvirtd, for the backend: which also needs the Python binding."""
     try:
         import libvirt  # noqa: F401
     except ImportError:
-        _fail_or_skip("libvirt-python is missing: pip install -e '.[libvirt]'")
-    started = []
-    for daemon in ("virtlogd", "libvirtd"):
-        if not _pids(daemon):
-            subprocess.run([daemon, "-d"], check=True)
-            started.append(daemon)
-    _wait_for(lambda: subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True).returncode == 0, "libvirtd answered")
-    yield "qemu:///system"
-    for daemon in reversed(started):
-        for pid in _pids(daemon):
-            _terminate(pid)
+        fail_or_skip("libvirt-python is missing: pip install -e '.[libvirt]'")
+    return system_libvirtd
 
 
 def _domains(uri: str) -> list[str]:
@@ -374,9 +332,9 @@ def sshd(tmp_path_factory):
     """An sshd on 127.0.0.1 with its own host key, accepting one key the test made; and an `ssh`
     wrapper (first on PATH for qemuspec) that uses that key and a private known_hosts."""
     if os.geteuid() != 0:
-        _fail_or_skip("the ssh tests start an sshd and need root")
+        fail_or_skip("the ssh tests start an sshd and need root")
     if not os.path.exists("/usr/sbin/sshd"):
-        _fail_or_skip("sshd is missing (Debian: openssh-server)")
+        fail_or_skip("sshd is missing (Debian: openssh-server)")
     work = tempfile.mkdtemp(prefix="qemuspec-sshd-")
     os.chmod(work, 0o755)
     for key in ("host", "client"):
