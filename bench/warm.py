@@ -104,10 +104,32 @@ def by_hand(exec_argv: list[str], memory: str) -> float:
             argv.append(arg)
         argv[argv.index("-incoming") + 1] = f"exec:cat {memory}"  # was "defer" (qemuspec passes an fd)
         argv[argv.index("-pidfile") + 1] = os.path.join(tmp, "qemu.pid")
+        qmp = os.path.join(tmp, exec_argv[exec_argv.index("-mon") - 1].split("fd=")[1].split(",")[0] + ".sock")
         began = time.perf_counter()
+        deadline = time.monotonic() + 60
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            while True:
+            # The state was saved with the CPUs stopped, so it loads paused: `cont` once loaded.
+            while not os.path.exists(qmp):
+                time.sleep(0.002)
+            with socket.socket(socket.AF_UNIX) as q:
+                q.connect(qmp)
+                f = q.makefile("rwb")
+                f.readline()
+
+                def ask(command: str) -> dict:
+                    f.write(json.dumps({"execute": command}).encode() + b"\n")
+                    f.flush()
+                    while True:
+                        reply = json.loads(f.readline())
+                        if "return" in reply or "error" in reply:
+                            return reply
+
+                ask("qmp_capabilities")
+                while ask("query-status")["return"]["status"] == "inmigrate":
+                    time.sleep(0.002)
+                ask("cont")
+            while time.monotonic() < deadline:
                 try:
                     with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
                         sock.sendall(b"HEAD / HTTP/1.0\r\n\r\n")
@@ -118,6 +140,7 @@ def by_hand(exec_argv: list[str], memory: str) -> float:
                 if proc.poll() is not None:
                     sys.exit(f"the by-hand restore exited ({proc.returncode}): {' '.join(argv)}")
                 time.sleep(0.005)
+            sys.exit(f"the by-hand restore did not answer within 60 s: {' '.join(argv)}")
         finally:
             proc.kill()
             proc.wait()

@@ -79,10 +79,12 @@ def machine_status(name: str, machine: Machine | None, state_dir: str, ask_qemu:
 
 
 def _find(name: str, machine: Machine | None, state_dir: str) -> Instance | None:
-    if machine is None:
-        from qemuspec.spec.models import Machine as M
+    if machine is None:  # find() only reads records; `ls` has no definition and needs no pydantic
+        from typing import cast
 
-        machine = M.model_construct()  # find() only reads records; the definition is not needed
+        from qemuspec.spec.records import Record
+
+        return Instance.find(name, cast("Machine", Record("Machine", {}, set())), state_dir)
     return Instance.find(name, machine, state_dir)
 
 

@@ -328,11 +328,18 @@ class Supervisor:
                        boot=inst.boot, **({"why": cold_why} if cold_why else {}),
                        **({"kvm_failed": inst.kvm_failure.split("\n", 1)[0]} if inst.kvm_failure else {}))
             self.tell("waiting", pid=inst.process.pid, boot=inst.boot, accel=list(inst.layout.accel))
-            inst.wait_ready()
-            if restore:
+            owning = None
+            if restore:  # clock and RNG through the agent, while the probes run (ready waits for both)
+                from concurrent.futures import ThreadPoolExecutor
+
                 from qemuspec.runtime import warm
 
-                done = warm.after_restore(inst)
+                pool = ThreadPoolExecutor(1, thread_name_prefix="after-restore")
+                owning = pool.submit(warm.after_restore, inst)
+                pool.shutdown(wait=False)
+            inst.wait_ready()
+            if owning is not None:
+                done = owning.result()
                 inst.restored = done
                 inst.write_state()
                 self.event("QEMUSPEC_RESTORED", pid=inst.process.pid, seconds=round(time.monotonic() - began, 3), **done)
