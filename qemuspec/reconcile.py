@@ -11,7 +11,6 @@ qemu for one machine.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import fcntl
 import json
 import os
@@ -19,7 +18,6 @@ import select
 import selectors
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -147,6 +145,8 @@ def plan(spec: File, root: str, names: list[str], owner: str | None = None) -> l
             diff = []
             if action == "recreate" and found is not None:
                 wanted = render(spec.machines[name], name, found.layout)
+                import difflib
+
                 diff = list(difflib.unified_diff(found.argv, wanted, "running", "definition", lineterm="", n=1))
             step: dict[str, Any] = {"name": name, "action": action, "diff": diff}
             machine = spec.machines[name]
@@ -281,6 +281,8 @@ def down(spec: File, root: str, names: list[str], timeout: float | None = None, 
             level = [n for n in level if n in selected]
             if not level:
                 continue
+            from concurrent.futures import ThreadPoolExecutor
+
             with ThreadPoolExecutor(max_workers=len(level)) as pool:
                 outcomes += list(pool.map(lambda n: _down_one(spec, root, n, timeout, report, owner), level))
         _stop_idle_networks(spec, root)

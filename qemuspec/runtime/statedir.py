@@ -27,7 +27,6 @@ import errno
 import fcntl
 import json
 import os
-import secrets
 import stat
 from dataclasses import dataclass, field
 from typing import Any, Iterator, TypeVar
@@ -202,7 +201,7 @@ def write(directory: str, name: str, record: Record | dict) -> None:
 def write_bytes(directory: str, name: str, payload: bytes) -> None:
     """Replace ``directory/name`` atomically (O_EXCL temp file, fsync, rename, fsync the directory; 0600)."""
     with dirfd(directory) as dfd:
-        tmp = f".{name}.{secrets.token_hex(6)}.tmp"
+        tmp = f".{name}.{os.urandom(6).hex()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
         try:
             try:

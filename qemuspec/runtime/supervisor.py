@@ -19,7 +19,6 @@ import select
 import signal
 import sys
 import time
-import traceback
 from typing import TYPE_CHECKING, Any
 
 from qemuspec.errors import QemuspecError
@@ -110,6 +109,8 @@ def spawn(name: str, machine: Machine, state_dir: str, adopt: bool, owner: str |
         else:
             code = _run(name, machine, state_dir, adopt, write_end, owner)
     except BaseException:
+        import traceback
+
         traceback.print_exc()
     finally:
         os._exit(code)
@@ -352,6 +353,8 @@ class Supervisor:
                 return False
             detail = str(exc) if isinstance(exc, QemuspecError) else f"machine {self.name}: internal error: {type(exc).__name__}: {exc} (details in supervisor.log)"
             if not isinstance(exc, QemuspecError):
+                import traceback
+
                 traceback.print_exc()
             first_line = detail.split("\n", 1)[0]
             self.event("QEMUSPEC_FAILED", error=first_line)
@@ -390,6 +393,8 @@ class Supervisor:
             saved = warm.save(inst)
         except Exception as exc:
             if not isinstance(exc, QemuspecError):
+                import traceback
+
                 traceback.print_exc()
             self.event("QEMUSPEC_SAVE_FAILED", error=str(exc).split("\n", 1)[0])
             warm.discard(self.state_dir)
