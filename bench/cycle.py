@@ -57,11 +57,17 @@ q = socket.socket(socket.AF_UNIX)
 q.connect(qmp_path)
 f = q.makefile("rwb")
 f.readline()
-for cmd in ("qmp_capabilities", "system_powerdown"):
+def ask(cmd):
     f.write(json.dumps({"execute": cmd}).encode() + b"\n"); f.flush()
     while b'"return"' not in f.readline():
         pass
-proc.wait(60)
+ask("qmp_capabilities")
+ask("system_powerdown")
+try:
+    proc.wait(30)  # the definition's stop_timeout, then quit: what `qemuspec down` does
+except subprocess.TimeoutExpired:
+    ask("quit")
+    proc.wait(10)
 '''
 
 

@@ -84,6 +84,17 @@ if [ -n "$s" ] && [ -b /dev/vda ]; then
   s="stamp-$s-$(cat /proc/sys/kernel/random/uuid)"
   echo "$s" | dd of=/dev/vda conv=notrunc,fsync 2>/dev/null && echo "qemuspec-guest: disk $s"
 fi
+# the power button is watched before any service starts, so a client that saw a service answer
+# can always power the guest off
+if [ -z "$(arg qemuspec.noacpi)" ]; then
+  for e in /sys/class/input/event*; do
+    if grep -q "Power Button" $e/device/name 2>/dev/null; then
+      (dd if=/dev/input/${e##*/} bs=24 count=1 >/dev/null 2>&1; echo "qemuspec-guest: power button"; poweroff -f) &
+    fi
+  done
+else
+  echo "qemuspec-guest: ignoring ACPI"
+fi
 httpd -p 80 -h /www
 (while true; do echo "qemuspec-guest banner" | nc -l -p 7777 >/dev/null 2>&1; done) &
 [ -x /usr/sbin/dropbear ] && dropbear -R -B -p 22 2>/dev/null
@@ -94,15 +105,6 @@ for d in /sys/class/virtio-ports/*; do
     [ -x /usr/sbin/qemu-ga ] && qemu-ga -m virtio-serial -p /dev/virtio-ports/org.qemu.guest_agent.0 -t /run >/dev/null 2>&1 &
   fi
 done
-if [ -z "$(arg qemuspec.noacpi)" ]; then
-  for e in /sys/class/input/event*; do
-    if grep -q "Power Button" $e/device/name 2>/dev/null; then
-      (dd if=/dev/input/${e##*/} bs=24 count=1 >/dev/null 2>&1; echo "qemuspec-guest: power button"; poweroff -f) &
-    fi
-  done
-else
-  echo "qemuspec-guest: ignoring ACPI"
-fi
 p=$(arg qemuspec.panic)
 [ -n "$p" ] && (sleep $p; echo "qemuspec-guest: panicking"; echo 1 > /proc/sys/kernel/sysrq; echo c > /proc/sysrq-trigger) &
 n=$(arg qemuspec.exit)
