@@ -44,6 +44,8 @@ LAUNCHER = r'''
 import json, socket, subprocess, sys, time
 port, qmp_path, argv = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+import atexit
+atexit.register(lambda: proc.poll() is None and proc.kill())  # a failed run leaves no qemu behind
 while True:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
