@@ -35,6 +35,9 @@ def main() -> None:
     subprocess.run(entry + ["status", dev, *state], capture_output=True)  # fills the definition cache
     rows = {
         "python -c pass (baseline)": timed([sys.executable, "-c", "pass"], runs),
+        # what any CLI of this shape imports from the standard library, before any work of its own
+        "stdlib floor (imports only)": timed([sys.executable, "-c", "import argparse, json, socket, dataclasses, selectors, "
+                                              "subprocess, fcntl, hashlib, threading"], runs),
         "qemuspec --help": timed(entry + ["--help"], runs),
         "qemuspec up --help": timed(entry + ["up", "--help"], runs),
         "qemuspec completion bash": timed(entry + ["completion", "bash"], runs),
