@@ -257,9 +257,10 @@ def emit_json(value: Any) -> None:
     sys.stdout.flush()
 
 
-_WHERE = re.compile(r"^(?P<file>.+?)(?::(?P<line>\d+))?: (?P<rest>.*)$", re.S)
-_FIELD = re.compile(r"^(?P<field>(?:machines|networks|vars)(?:[.\[][^\s:]*)?): (?P<rest>.*)$", re.S)
-_COLUMN = re.compile(r"\(column (\d+)\)|column (\d+)")
+# patterns compiled on first use (re caches them): only error output needs them
+_WHERE = r"^(?P<file>.+?)(?::(?P<line>\d+))?: (?P<rest>.*)$"
+_FIELD = r"^(?P<field>(?:machines|networks|vars)(?:[.\[][^\s:]*)?): (?P<rest>.*)$"
+_COLUMN = r"\(column (\d+)\)|column (\d+)"
 
 
 def problem_object(text: str, source: str | None = None) -> dict[str, Any]:
@@ -272,14 +273,14 @@ def problem_object(text: str, source: str | None = None) -> dict[str, Any]:
         m = re.match(r"(\d+): (.*)$", after, re.S)
         obj["line"], rest = (int(m.group(1)), m.group(2)) if m else (None, after.lstrip())
     else:
-        m = _WHERE.match(text)
+        m = re.match(_WHERE, text, re.S)
         if m and (m.group("line") or os.path.splitext(m.group("file"))[1] in DEFINITION_SUFFIXES):
             obj["file"], rest = m.group("file"), m.group("rest")
             obj["line"] = int(m.group("line")) if m.group("line") else None
-    m = _FIELD.match(rest)
+    m = re.match(_FIELD, rest, re.S)
     if m:
         obj["field"], rest = m.group("field"), m.group("rest")
-    col = _COLUMN.search(rest)
+    col = re.search(_COLUMN, rest)
     if col:
         obj["column"] = int(col.group(1) or col.group(2))
         rest = rest.replace(col.group(0), "").replace("  ", " ").replace(" :", ":")
