@@ -4,8 +4,10 @@ model itself; and anything that changes what loading would give must miss."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import pickle
 import re
 import shlex
 import subprocess
@@ -78,6 +80,8 @@ def test_a_cached_definition_is_the_same_definition(tmp_path):
             assert render(record, name, lay) == render(machine, name, lay), f"{path}: {name}"
             assert records.definition_hash(record) == records.definition_hash(machine)
             assert record.model_dump(mode="json") == machine.model_dump(mode="json")
+            assert copy.deepcopy(record) == record and record.model_copy(deep=True) == record
+            assert pickle.loads(pickle.dumps(record)) == record
             changed = record.model_copy(update={"warm": True})
             assert changed.warm and not record.warm
             assert records.definition_hash(changed) == records.definition_hash(machine.model_copy(update={"warm": True}))

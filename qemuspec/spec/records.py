@@ -55,6 +55,10 @@ class Record:
 
     __hash__ = None  # type: ignore[assignment]  # like the models: mutable, so unhashable
 
+    def __reduce__(self) -> tuple:
+        """copy, deepcopy and pickle rebuild through __init__ (slots and __setattr__ would refuse otherwise)."""
+        return (Record, (self._kind, self._values, self._set, self._dump, self._hash))
+
     def __repr__(self) -> str:
         return f"{self._kind}({', '.join(f'{k}={v!r}' for k, v in self._values.items())})"
 
