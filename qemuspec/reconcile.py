@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from qemuspec.errors import QemuspecError
 from qemuspec.runtime import supervisor
-from qemuspec.runtime.instance import Instance, definition_hash, forget
+from qemuspec.runtime.instance import Instance, forget
 from qemuspec.spec import preflight
 from qemuspec.spec.order import order_machines
+from qemuspec.spec.records import definition_hash
 
 if TYPE_CHECKING:
     from qemuspec.spec.models import File

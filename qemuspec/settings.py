@@ -55,7 +55,7 @@ class Settings:
             no_color="NO_COLOR" in env,
             ci=env.get("CI", "").lower() in ("1", "true", "yes"),
             connect=env.get("QEMUSPEC_CONNECT") or None,
-            cache=None if env.get("QEMUSPEC_CACHE", "") == "0" else _cache_dir(env),
+            cache=None if env.get("QEMUSPEC_CACHE", "") == "0" else os.path.join(cache_base(env), "definitions"),
             variables={k[len(VAR_PREFIX):]: v for k, v in env.items() if k.startswith(VAR_PREFIX)},
         )
 
@@ -69,6 +69,7 @@ class Settings:
         return out
 
 
-def _cache_dir(env: Mapping[str, str]) -> str:
-    base = env.get("XDG_CACHE_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "qemuspec", "definitions")
+def cache_base(env: Mapping[str, str] | None = None) -> str:
+    """qemuspec's directory in the user's cache (qemu capabilities, validated definitions)."""
+    env = os.environ if env is None else env
+    return os.path.join(env.get("XDG_CACHE_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".cache"), "qemuspec")

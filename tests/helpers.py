@@ -18,15 +18,20 @@ def option_args(argv: list[str]) -> list[tuple[str, str]]:
     return [(argv[i], argv[i + 1]) for i in range(len(argv) - 1) if argv[i] in OPTION_SWITCHES]
 
 
+def _stat(pid) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def alive(pid) -> bool:
+    """The process exists and is not a zombie (read from /proc, not through qemuspec's own helpers)."""
+    stat = _stat(pid)
+    return stat is not None and stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def qemu_pids() -> set[int]:
-    pids = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            if "(qemu-system-x86" in stat and stat.rsplit(")", 1)[1].split()[0] != "Z":
-                pids.add(int(entry))
-    return pids
+    return {int(entry) for entry in os.listdir("/proc")
+            if entry.isdigit() and "(qemu-system-x86" in (_stat(entry) or "") and alive(entry)}

@@ -21,7 +21,7 @@ import time
 import pytest
 
 from conftest import IN_CI
-from helpers import qemu_pids
+from helpers import alive, qemu_pids
 
 PAUSED = """
 [machines.{name}]
@@ -62,14 +62,6 @@ def timing(row: str, **figures: float) -> None:
     if out:
         with open(out, "a") as f:
             f.write(json.dumps({"row": row, **{k: round(v, 3) for k, v in figures.items()}}) + "\n")
-
-
-def alive(pid) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from helpers import qemu_pids
+from helpers import alive, qemu_pids
 
 MACHINE = """
 [machines.{name}]
@@ -79,14 +79,6 @@ def stamp(event) -> float:
     return event["timestamp"]["seconds"] + event["timestamp"]["microseconds"] / 1e6
 
 
-def live(pid) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.fixture
 def lab(tmp_path, guest):
     """Definitions made in the test; whatever they started is brought down, then nothing may remain."""
@@ -104,7 +96,7 @@ def lab(tmp_path, guest):
         supervisors += [r["supervisor"] for r in status(path).values() if r["supervisor"]]
         cli("down", path, check=False)
     assert qemu_pids() == before, "no qemu left behind"
-    assert not any(live(pid) for pid in supervisors), "no supervisor left behind"
+    assert not any(alive(pid) for pid in supervisors), "no supervisor left behind"
     from qemuspec.runtime import paths
 
     for path in made:
@@ -140,7 +132,7 @@ def test_up_is_idempotent_and_recreates_only_what_changed(lab):
     third = {o["name"]: o for o in json.loads(cli("up", path, "--json").stdout)}
     assert third["a"]["action"] == "up to date" and third["a"]["pid"] == first["a"]["pid"]
     assert third["b"]["action"] == "recreated" and third["b"]["pid"] != first["b"]["pid"]
-    assert not live(first["b"]["pid"])
+    assert not alive(first["b"]["pid"])
 
 
 def test_on_failure_restarts_a_killed_qemu(lab):
@@ -187,10 +179,10 @@ def test_killed_supervisor_leaves_the_vm_running_and_up_adopts_it(lab):
     [started] = json.loads(cli("up", path, "--json").stdout)
     row = status(path)["web"]
     os.kill(row["supervisor"], signal.SIGKILL)
-    while live(row["supervisor"]):
+    while alive(row["supervisor"]):
         time.sleep(0.01)
     row = status(path)["web"]
-    assert row["state"] == "unsupervised" and row["pid"] == started["pid"] and live(started["pid"])
+    assert row["state"] == "unsupervised" and row["pid"] == started["pid"] and alive(started["pid"])
     [adopted] = json.loads(cli("up", path, "--json").stdout)
     assert adopted["action"] == "adopted" and adopted["pid"] == started["pid"]
     row = status(path)["web"]

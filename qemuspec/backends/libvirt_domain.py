@@ -25,7 +25,7 @@ from qemuspec.backends.libvirt_reach import Reach
 from qemuspec.errors import QemuspecError
 from qemuspec.libvirt import OWNER_NS, domain_xml
 from qemuspec.reconcile import Outcome
-from qemuspec.runtime.instance import definition_hash
+from qemuspec.spec.records import definition_hash
 from qemuspec.spec.models import File, Machine
 
 Report = Callable[[str, str], None]

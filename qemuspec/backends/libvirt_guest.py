@@ -11,7 +11,8 @@ import time
 from typing import Any
 
 from qemuspec.backends.libvirt_conn import binding, message
-from qemuspec.errors import QemuspecError, QMPError, QMPTimeout, ReadyTimeout
+from qemuspec.errors import QemuspecError, QMPTimeout, ReadyTimeout
+from qemuspec.qmp.protocol import Protocol
 from qemuspec.runtime.agent import GuestAgent
 
 
@@ -33,19 +34,13 @@ class LibvirtAgent(GuestAgent):
         import libvirt_qemu
 
         libvirt = binding()
-        request: dict[str, Any] = {"execute": name}
-        if arguments:
-            request["arguments"] = arguments
         try:
-            reply = libvirt_qemu.qemuAgentCommand(self.dom, json.dumps(request), max(1, int(timeout or self.timeout)), 0)
+            reply = libvirt_qemu.qemuAgentCommand(self.dom, Protocol.command_text(name, arguments), max(1, int(timeout or self.timeout)), 0)
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_AGENT_UNRESPONSIVE:
                 raise QMPTimeout(f"the guest agent of {self.dom.name()} did not answer: {message(exc)}") from None
             raise QemuspecError(f"guest agent {name} on {self.dom.name()}: {message(exc)}") from None
-        parsed = json.loads(reply) if reply else {}
-        if "error" in parsed:
-            raise QMPError(name, parsed["error"].get("class", "GenericError"), parsed["error"].get("desc", ""), source="guest agent")
-        return parsed.get("return")
+        return Protocol.result(name, json.loads(reply) if reply else {}, source="guest agent")
 
 
 class Monitor:
@@ -59,16 +54,11 @@ class Monitor:
         import libvirt_qemu
 
         libvirt = binding()
-        request: dict[str, Any] = {"execute": name}
-        if arguments:
-            request["arguments"] = arguments
         try:
-            reply = json.loads(libvirt_qemu.qemuMonitorCommand(self.dom, json.dumps(request), 0))
+            reply = json.loads(libvirt_qemu.qemuMonitorCommand(self.dom, Protocol.command_text(name, arguments), 0))
         except libvirt.libvirtError as exc:
             raise QemuspecError(f"QMP {name} on {self.dom.name()}: {message(exc)}") from None
-        if "error" in reply:
-            raise QMPError(name, reply["error"].get("class", "GenericError"), reply["error"].get("desc", ""))
-        return reply.get("return")
+        return Protocol.result(name, reply)
 
 
 def forwarded_ports(dom: Any) -> list[dict]:

@@ -59,12 +59,21 @@ class Protocol:
         return "reply"
 
     @staticmethod
-    def result(command: str, message: dict) -> Any:
-        """The return value of a reply, or the QMP error raised as :class:`QMPError`."""
+    def result(command: str, message: dict, source: str = "QMP") -> Any:
+        """The return value of a reply, or the error raised as :class:`QMPError` (``source`` names who
+        answered: QMP, or the guest agent, which speaks the same protocol)."""
         if "error" in message:
             error = message["error"]
-            raise QMPError(command, error.get("class", "GenericError"), error.get("desc", ""))
+            raise QMPError(command, error.get("class", "GenericError"), error.get("desc", ""), source=source)
         return message.get("return")
+
+    @staticmethod
+    def command_text(command: str, arguments: dict | None = None) -> str:
+        """One command as JSON text, without an id (for peers that pair replies themselves: libvirt)."""
+        message: dict[str, Any] = {"execute": command}
+        if arguments:
+            message["arguments"] = arguments
+        return json.dumps(message)
 
 
 def event_name_matches(pattern: str, name: str) -> bool:

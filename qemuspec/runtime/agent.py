@@ -13,7 +13,8 @@ import socket
 import time
 from typing import Any
 
-from qemuspec.errors import QMPConnectionError, QMPError, QMPTimeout
+from qemuspec.errors import QMPConnectionError, QMPTimeout
+from qemuspec.qmp.protocol import Protocol
 
 
 class GuestAgent:
@@ -82,14 +83,9 @@ class GuestAgent:
         if self._sock is None:
             self.sync()
         assert self._sock is not None
-        message: dict[str, Any] = {"execute": name}
-        if arguments:
-            message["arguments"] = arguments
-        self._sock.sendall(json.dumps(message).encode() + b"\n")
+        self._sock.sendall(Protocol.command_text(name, arguments).encode() + b"\n")
         reply = self._line(time.monotonic() + (timeout or self.timeout))
-        if "error" in reply:
-            raise QMPError(name, reply["error"].get("class", "GenericError"), reply["error"].get("desc", ""), source="guest agent")
-        return reply.get("return")
+        return Protocol.result(name, reply, source="guest agent")
 
     def exec(self, argv: list[str], stdin: bytes | None = None, timeout: float = 60.0) -> tuple[int, bytes, bytes]:
         """Run a command in the guest; returns (exit code, stdout, stderr)."""

@@ -44,8 +44,9 @@ class Capabilities:
 
 
 def cache_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "qemuspec", "capabilities")
+    from qemuspec.settings import cache_base
+
+    return os.path.join(cache_base(), "capabilities")
 
 
 def probe(binary: str) -> Capabilities:

@@ -20,6 +20,7 @@ from qemuspec.runtime import accel as accel_mod
 from qemuspec.runtime import paths, statedir
 from qemuspec.runtime.console import ConsoleReader, tail
 from qemuspec.runtime.process import Process, alive, cmdline, spawn, start_time
+from qemuspec.spec.records import definition_hash
 
 if TYPE_CHECKING:
     from qemuspec.spec.models import Machine
@@ -32,13 +33,6 @@ class StopResult:
     step: str  # "ACPI powerdown", "QMP quit", "SIGTERM", "SIGKILL", "already stopped"
     seconds: float
     returncode: int | None
-
-
-def definition_hash(machine: Machine) -> str:
-    """Identifies what a machine was started from (spec/records.py: a cached record carries it)."""
-    from qemuspec.spec.records import definition_hash as of
-
-    return of(machine)
 
 
 class Instance:

@@ -3,10 +3,12 @@ started before the first machine that uses it and stopped after the last one."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import time
+from typing import Iterator
 
 from qemuspec.errors import LaunchError
 from qemuspec.runtime.process import Process, alive, cmdline
@@ -28,17 +30,24 @@ def switch_pid(switch_dir: str) -> int | None:
     return pid if alive(pid) and switch_dir in cmdline(pid) else None
 
 
-def ensure_switch(switch_dir: str) -> int:
-    """Start the network's switch unless it runs; machines starting in parallel take turns here."""
+@contextlib.contextmanager
+def _locked(switch_dir: str) -> Iterator[None]:
+    """Starting and stopping one network's switch take turns (machines start and stop in parallel)."""
     import fcntl
 
     os.makedirs(os.path.dirname(switch_dir), mode=0o700, exist_ok=True)
     fd = os.open(switch_dir + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        return _start(switch_dir)
+        yield
     finally:
         os.close(fd)
+
+
+def ensure_switch(switch_dir: str) -> int:
+    """Start the network's switch unless it runs."""
+    with _locked(switch_dir):
+        return _start(switch_dir)
 
 
 def _start(switch_dir: str) -> int:
@@ -64,19 +73,11 @@ def _start(switch_dir: str) -> int:
 def stop_switch(switch_dir: str) -> None:
     """Stop the switch and remove what it leaves. vde_switch removes its own pidfile as it exits, so
     every removal here tolerates a file that is already gone."""
-    import fcntl
-
-    fd = os.open(switch_dir + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with _locked(switch_dir):
         pid = switch_pid(switch_dir)
         if pid:
             Process(pid).terminate_and_kill(2.0)
         shutil.rmtree(switch_dir, ignore_errors=True)
         for path in (_pidfile(switch_dir), switch_dir + ".lock"):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-            except FileNotFoundError:
-                pass
-    finally:
-        os.close(fd)

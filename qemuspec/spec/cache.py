@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import stat
-import tempfile
 from typing import Any, Mapping
 
 FORMAT = 1
@@ -82,6 +81,8 @@ def write(where: str, entry_key: str, entry: dict[str, Any]) -> None:
         os.makedirs(where, mode=0o700, exist_ok=True)
         if not _private_dir(where):
             return
+        import tempfile
+
         body = json.dumps({"format": FORMAT, "key": entry_key, **entry}, separators=(",", ":")).encode()
         fd, tmp = tempfile.mkstemp(dir=where, prefix=".entry-", suffix=".tmp")
         try:
@@ -116,12 +117,10 @@ def load(path: str, variables: Mapping[str, Any], environ: Mapping[str, str], wh
     from qemuspec.errors import QemuspecWarning
     from qemuspec.spec import limits, records
 
-    try:
-        text = limits.read_text(path)
-    except (OSError, UnicodeDecodeError):
-        text = None  # the loader words the error
-    entry_key = key(path, text.encode(), variables, environ) if text is not None else None
-    entry = read(where, entry_key) if entry_key else None
+    limits.format_of(path)  # a name that is no definition fails before any cache work
+    text = limits.read_definition(path)
+    entry_key = key(path, text.encode(), variables, environ)
+    entry = read(where, entry_key)
     if entry is not None:
         try:
             spec = records.decode(entry["file"])
@@ -137,16 +136,15 @@ def load(path: str, variables: Mapping[str, Any], environ: Mapping[str, str], wh
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", QemuspecWarning)
-        spec, lines = load_located(path, variables, environ)
+        spec, lines = load_located(path, variables, environ, text=text)
     said = []
     for w in caught:
         if issubclass(w.category, QemuspecWarning):
             said.append(str(w.message))
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    if entry_key is not None:
-        try:
-            encoded = records.encode(spec)
-        except records.NotCacheable:
-            return spec, lines
-        write(where, entry_key, {"file": encoded, "lines": [[list(k), v] for k, v in lines.items()], "warnings": said})
+    try:
+        encoded = records.encode(spec)
+    except records.NotCacheable:
+        return spec, lines
+    write(where, entry_key, {"file": encoded, "lines": [[list(k), v] for k, v in lines.items()], "warnings": said})
     return spec, lines

@@ -36,6 +36,27 @@ def check_text(source: str, text: str) -> None:
     check_size(source, size)
 
 
+def format_of(path: str | os.PathLike[str]) -> str:
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    if suffix == ".toml":
+        return "toml"
+    if suffix in (".yaml", ".yml"):
+        return "yaml"
+    raise SpecError(
+        f"{path}: cannot tell the format from the name: a definition file ends in .toml, .yaml or .yml"
+    )
+
+
+def read_definition(path: str | os.PathLike[str]) -> str:
+    """A definition file's text, or a :class:`SpecError` that says why it cannot be read."""
+    try:
+        return read_text(path)
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such file: check the path, or create one with `qemuspec init {path}`") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{path}: cannot read the file: {exc}") from None
+
+
 def read_text(path: str | os.PathLike[str]) -> str:
     """The file's text, refusing oversized files before reading them."""
     with open(path, "rb") as f:

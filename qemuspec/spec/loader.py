@@ -9,24 +9,13 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 from typing import Any, Mapping
 
 from qemuspec.errors import SpecError
 from qemuspec.spec import limits
+from qemuspec.spec.limits import format_of
 from qemuspec.spec.models import File
 
-
-
-def format_of(path: str | os.PathLike[str]) -> str:
-    suffix = Path(path).suffix.lower()
-    if suffix == ".toml":
-        return "toml"
-    if suffix in (".yaml", ".yml"):
-        return "yaml"
-    raise SpecError(
-        f"{path}: cannot tell the format from the name: a definition file ends in .toml, .yaml or .yml"
-    )
 
 
 def load(
@@ -42,15 +31,12 @@ def load_located(
     path: str | os.PathLike[str],
     variables: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
+    text: str | None = None,
 ) -> tuple[File, dict[tuple, int]]:
-    """Like :func:`load`, with the map from key paths to line numbers (for later checks' messages)."""
+    """Like :func:`load`, with the map from key paths to line numbers (for later checks' messages).
+    ``text``: the file's content when the caller has read it already (spec/cache.py)."""
     fmt = format_of(path)
-    try:
-        text = limits.read_text(path)
-    except FileNotFoundError:
-        raise SpecError(f"{path}: no such file: check the path, or create one with `qemuspec init {path}`") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(f"{path}: cannot read the file: {exc}") from None
+    text = limits.read_definition(path) if text is None else text
     base_dir = os.path.dirname(os.path.abspath(path))
     return _load_text(text, fmt, str(path), base_dir, variables, environ)
 
