@@ -127,14 +127,9 @@ class Target:
 
     def load(self) -> tuple["File", dict]:
         if self._loaded is None:
-            if self.settings.cache:
-                from qemuspec.spec import cache
+            from qemuspec.spec import cache
 
-                self._loaded = cache.load(self.path, self.variables, self.settings.var_environ(), self.settings.cache)
-            else:
-                from qemuspec.spec.loader import load_located
-
-                self._loaded = load_located(self.path, variables=self.variables, environ=self.settings.var_environ())
+            self._loaded = cache.load(self.path, self.variables, self.settings.var_environ(), self.settings.cache)
         return self._loaded
 
     @property

@@ -109,14 +109,19 @@ def _prune(where: str) -> None:
             pass
 
 
-def load(path: str, variables: Mapping[str, Any], environ: Mapping[str, str], where: str) -> tuple[Any, dict]:
-    """Like loader.load_located, from the cache when the key matches. Warnings the loader gave are
-    given again, so a cached read says everything a fresh one says."""
+def load(path: str, variables: Mapping[str, Any], environ: Mapping[str, str], where: str | None) -> tuple[Any, dict]:
+    """Like loader.load_located, from the cache in ``where`` when the key matches (``where`` None:
+    always afresh). Warnings the loader gave are given again, so a cached read says everything a
+    fresh one says."""
     import warnings
 
     from qemuspec.errors import QemuspecWarning
     from qemuspec.spec import limits, records
 
+    if where is None:
+        from qemuspec.spec.loader import load_located
+
+        return load_located(path, variables, environ)
     limits.format_of(path)  # a name that is no definition fails before any cache work
     text = limits.read_definition(path)
     entry_key = key(path, text.encode(), variables, environ)
