@@ -44,6 +44,8 @@ class Outcome:
     ports: list = field(default_factory=list)
     accel: list = field(default_factory=list)  # the accelerator qemu actually runs with
     qemu: str = ""  # the absolute binary started, so a user sees what a definition made them run
+    forced: bool = False  # stopped without the guest's own shutdown (quit or a signal): libvirt's destroy
+    warnings: list = field(default_factory=list)  # said on stderr, kept in --json: a failed warm save, a forced stop
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -214,6 +216,7 @@ def _collect(spec: File, pending: dict[int, tuple[str, str, float]], outcomes: d
     sel = selectors.DefaultSelector()
     buffers: dict[int, bytes] = {}
     deadlines: dict[int, float] = {}
+    discarded: dict[int, str] = {}  # fd -> why its saved state was not restored
     for fd, (name, _, _) in pending.items():
         sel.register(fd, selectors.EVENT_READ)
         buffers[fd] = b""
@@ -245,19 +248,34 @@ def _collect(spec: File, pending: dict[int, tuple[str, str, float]], outcomes: d
                         elif status == "saving":
                             report(name, "saving warm state")
                         elif status == "restore failed":
+                            discarded[fd] = message.get("detail", "")
                             report(name, "saved state did not load: booting cold")
                         elif status == "ready":
                             seconds = time.monotonic() - began
                             how = " (warm)" if message.get("boot") == "warm" else ""
                             report(name, f"ready in {seconds:.1f} s{how}" if not message.get("adopted") else "adopted")
                             detail = f"boot {message['boot']}" if message.get("boot") and spec.machines[name].warm else ""
+                            warnings = []
+                            if fd in discarded:
+                                warnings.append(f"the saved state was not restored: {discarded[fd]}")
+                                detail += f" (saved state discarded: {discarded[fd]})"
                             if message.get("kvm_failed"):  # said on up's line, not only in status --json
                                 detail += ("; " if detail else "") + f"kvm failed, fell back to tcg: {message['kvm_failed']}"
                             if message.get("saved"):
                                 saved = message["saved"]
                                 detail += f", state saved in {saved['seconds']:.2f} s ({saved['bytes'] / 2**20:.0f} MiB)"
+                            if message.get("save_failed"):  # running, its data safe: exit 0, said plainly
+                                detail += f", warm save failed: {message['save_failed']}"
+                                warnings.append(f"warm save failed, the next start is cold: {message['save_failed']}")
+                            if message.get("boot") and spec.machines[name].warm:
+                                from qemuspec.runtime.warm import disk_writes
+
+                                if (note := disk_writes(spec.machines[name])):
+                                    detail += f"; {note.split(':', 1)[0]}"
+                            if message.get("recovered"):
+                                detail += ("; " if detail else "") + message["recovered"]
                             done = Outcome(name, action, seconds, message.get("pid"), detail=detail, ports=message.get("ports", []), accel=message.get("accel", []),
-                                           qemu=preflight.qemu_path(spec.machines[name].qemu) or spec.machines[name].qemu)
+                                           qemu=preflight.qemu_path(spec.machines[name].qemu) or spec.machines[name].qemu, warnings=warnings)
                         elif status == "failed":
                             report(name, "failed")
                             done = Outcome(name, "failed", time.monotonic() - began, detail=message.get("detail", ""))
@@ -317,8 +335,20 @@ def _down_one(spec: File, root: str, name: str, timeout: float | None, report: R
     step = _stop_one(spec, root, name, timeout)
     seconds = time.monotonic() - began
     report(name, f"stopped ({step}, {seconds:.1f} s)")
-    supervisor.record(state_dir, "QEMUSPEC_DOWN", step=step)
-    return Outcome(name, "stopped", seconds, detail=step)
+    done = stopped(name, seconds, step)
+    supervisor.record(state_dir, "QEMUSPEC_DOWN", step=step, forced=done.forced)
+    return done
+
+
+def stopped(name: str, seconds: float, step: str) -> Outcome:
+    """A stop's outcome; a forced one (quit, a signal, libvirt's destroy: not the guest's own shutdown)
+    says so, as a field and a warning."""
+    from qemuspec.runtime.policy import forced
+
+    if not forced(step):
+        return Outcome(name, "stopped", seconds, detail=step)
+    return Outcome(name, "stopped", seconds, detail=step, forced=True, warnings=[
+        f"forced stop ({step}): the guest did not shut down by itself and was powered off; writes it had not synced are lost"])
 
 
 def _stop_one(spec: File, root: str, name: str, timeout: float | None) -> str:

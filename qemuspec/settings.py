@@ -23,6 +23,7 @@ VARIABLES = {
     "QEMUSPEC_ALLOW_LOCAL_QEMU": "allow a qemu binary inside the definition's own tree (as --allow-local-qemu)",
     "QEMUSPEC_DEBUG": "print tracebacks instead of one-paragraph errors",
     "QEMUSPEC_CACHE": "0: always validate definitions afresh (default: validated definitions are cached by content)",
+    "QEMUSPEC_TEST_HOLD_SAVE": "for fault tests: a supervisor stops itself (SIGSTOP) at this point of a warm save (snapshot, migrating)",
     "NO_COLOR": "no colour, even on a terminal",
     "CI": "line-based progress, never redrawn in place",
 }
@@ -41,6 +42,7 @@ class Settings:
     connect: str | None = None  # QEMUSPEC_CONNECT: libvirt URI for machines without their own host
     cache: str | None = None  # directory of validated definitions (spec/cache.py); None: QEMUSPEC_CACHE=0
     variables: dict[str, str] = field(default_factory=dict)
+    test_hold_save: str | None = None  # QEMUSPEC_TEST_HOLD_SAVE (runtime/warm.py; fault tests only)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -56,6 +58,7 @@ class Settings:
             ci=env.get("CI", "").lower() in ("1", "true", "yes"),
             connect=env.get("QEMUSPEC_CONNECT") or None,
             cache=None if env.get("QEMUSPEC_CACHE", "") == "0" else os.path.join(cache_base(env), "definitions"),
+            test_hold_save=env.get("QEMUSPEC_TEST_HOLD_SAVE") or None,
             variables={k[len(VAR_PREFIX):]: v for k, v in env.items() if k.startswith(VAR_PREFIX)},
         )
 

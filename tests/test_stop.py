@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -54,3 +55,32 @@ def test_a_guest_with_acpi_still_gets_the_power_button(guest, state_dir):
     finally:
         inst.kill()
     assert result.step == "ACPI powerdown"
+
+
+def test_down_of_a_guest_that_ignores_acpi_says_it_was_a_forced_stop(guest, tmp_path):
+    """Item 5 of issue 22: the power button is ignored, `down` quits qemu after stop_timeout: a warning
+    and "forced": true, as libvirt separates shutdown from destroy. A clean stop is not forced."""
+    before = qemu_pids()
+    path = tmp_path / "deaf.toml"
+    text = (f'[machines.g]\nkernel = "{guest["kernel"]}"\ninitrd = "{guest["initrd"]}"\nmemory = "256M"\n'
+            f'cmdline = "console=ttyS0 quiet CMDLINE"\nstop_timeout = "2s"\n'
+            f'[machines.g.ready]\nserial = "{guest["marker"]}"\ntimeout = "120s"\n')
+    path.write_text(text.replace("CMDLINE", "qemuspec.noacpi"))
+    try:
+        cli("up", str(path))
+        human = cli("down", str(path))
+        assert "g: stopped (QMP quit" in human.stdout
+        assert "warning: g: forced stop (QMP quit): the guest did not shut down by itself" in human.stderr, human.stderr
+        cli("up", str(path))
+        [down] = json.loads(cli("down", str(path), "--json").stdout)
+        assert down["forced"] is True and down["detail"] == "QMP quit" and "forced stop" in down["warnings"][0]
+        events = [json.loads(line) for line in open(tmp_path / ".qemuspec" / "g" / "events.jsonl")]
+        assert [e for e in events if e["event"] == "QEMUSPEC_DOWN"][-1]["data"]["forced"] is True
+
+        path.write_text(text.replace("CMDLINE", ""))
+        cli("up", str(path))
+        [clean] = json.loads(cli("down", str(path), "--json").stdout)
+        assert clean["detail"] == "ACPI powerdown" and clean["forced"] is False and clean["warnings"] == []
+    finally:
+        subprocess.run([sys.executable, "-m", "qemuspec.cli.main", "down", str(path)], capture_output=True, timeout=300)
+    assert qemu_pids() == before

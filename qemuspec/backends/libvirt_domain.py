@@ -24,7 +24,7 @@ from qemuspec.backends.libvirt_guest import Console, forwarded_ports, wait_agent
 from qemuspec.backends.libvirt_reach import Reach
 from qemuspec.errors import QemuspecError
 from qemuspec.libvirt import OWNER_NS, domain_xml
-from qemuspec.reconcile import Outcome
+from qemuspec.reconcile import Outcome, stopped
 from qemuspec.spec.records import definition_hash
 from qemuspec.spec.models import File, Machine
 
@@ -274,7 +274,7 @@ def _down_one(spec: File, source: str, uri: str, name: str, timeout: float | Non
         if step == "already stopped":
             return Outcome(name, "not running")
         report(name, f"stopped ({step}, {seconds:.1f} s)")
-        return Outcome(name, "stopped", seconds, detail=step)
+        return stopped(name, seconds, step)
     except (QemuspecError, libvirt.libvirtError) as exc:
         report(name, "failed")
         return Outcome(name, "failed", detail=f"machine {name} on {label(uri)}: {message(exc)}")

@@ -57,9 +57,12 @@ def validate(ctx: Context, *, files: list[str], probe: bool, allow_local_qemu: b
             preflight(spec, lines, path, list(spec.machines), allow_local_qemu=allow_local_qemu, settings=ctx.settings)
             if probe:
                 check_against_qemu(spec, lines, path, list(spec.machines))
-            results.append({"file": path, "valid": True, "machines": list(spec.machines), "errors": []})
+            from qemuspec.runtime.warm import disk_writes
+
+            notes = [f"machine {name} (warm = true): {note}" for name, m in spec.machines.items() if (note := disk_writes(m))]
+            results.append({"file": path, "valid": True, "machines": list(spec.machines), "errors": [], "notes": notes})
         except SpecError as exc:
-            results.append({"file": path, "valid": False, "machines": [], "errors": exc.problems})
+            results.append({"file": path, "valid": False, "machines": [], "errors": exc.problems, "notes": []})
     if ctx.out.json:
         emit_json([{**r, "errors": [problem_object(p, r["file"]) for p in r["errors"]]} for r in results])
     else:
@@ -67,6 +70,8 @@ def validate(ctx: Context, *, files: list[str], probe: bool, allow_local_qemu: b
             if result["valid"]:
                 count = len(result["machines"])
                 ctx.out.say(f"{result['file']}: valid ({count} machine{'s' if count != 1 else ''}: {', '.join(result['machines'])})")
+                for note in result.get("notes", ()):
+                    ctx.out.note(f"note: {result['file']}: {note}")
             else:
                 for problem in result["errors"]:
                     print(f"error: {problem}\n", file=sys.stderr)

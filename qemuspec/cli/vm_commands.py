@@ -45,6 +45,8 @@ def _print_outcomes(out: Output, outcomes: list["Outcome"]) -> None:
     for o in outcomes:
         if o.action == "failed":
             print(f"error: {o.detail}", file=sys.stderr)
+        for warning in getattr(o, "warnings", ()):
+            print(f"warning: {o.name}: {warning}", file=sys.stderr)
 
 
 def _warm_flag(warm: bool, spec: Any, names: list[str]) -> None:
@@ -161,6 +163,8 @@ def status(ctx: Context) -> int:
     for r in rows:  # warm machines: how the next start goes, and what a restore shares
         if r.get("next_boot"):
             print(f"{r['name']}: next start {r['next_boot']['boot']}: {r['next_boot']['why']}")
+            if r["next_boot"].get("disk_writes"):
+                print(f"{r['name']}: {r['next_boot']['disk_writes']}")
         if r.get("restored") and "reseeded" not in r["restored"].get("rng", ""):
             print(f"{r['name']}: RNG {r['restored']['rng']}")
     return 0
@@ -228,6 +232,8 @@ def plan(ctx: Context, *, warm: bool = False) -> int:
         boot = f" ({step['warm']['boot']}: {step['warm']['why']})" if step.get("warm") else ""
         detail = f" ({step['detail']})" if step.get("detail") else ""
         print(f"{step['name']}: {out.paint(step['action'], colour.get(step['action'], '0'))}{boot}{detail}")
+        if step.get("warm", {}).get("disk_writes"):
+            print(f"    {step['warm']['disk_writes']}")
         for change in step["changes"]:
             old, new = show_value(change["field"], change["old"]), show_value(change["field"], change["new"])
             print(f"    {change['field']}: {out.paint(old, '31')} -> {out.paint(new, '32')}")

@@ -130,6 +130,7 @@ class Instance:
 
                 run_machine = warm.restore_machine(machine, self.state_dir)
                 memory_fd = os.open(warm.memory_file(self.state_dir), os.O_RDONLY | os.O_CLOEXEC)
+                warm.verify(self.state_dir, memory_fd)  # the very bytes qemu will read
             launch_argv = render(run_machine, self.name, Layout(base.state_dir, base.run_dir, accels, qmp_port, fds))
             if memory_fd is not None:
                 launch_argv += ["-incoming", "defer"]

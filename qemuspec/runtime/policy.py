@@ -49,6 +49,12 @@ def escalate(target: Stoppable, acpi_timeout: float | None, quit_wait: float = Q
     return "SIGKILL"
 
 
+def forced(step: str) -> bool:
+    """Whether a stop ended the guest without its own shutdown (quit, SIGTERM, SIGKILL): what libvirt
+    calls destroy rather than shutdown. `down` says so, since unsynced guest writes are lost."""
+    return step not in ("ACPI powerdown", "already stopped")
+
+
 def worst_case(acpi_timeout: float | None, quit_wait: float = QUIT_WAIT) -> float:
     """The longest :func:`escalate` can take when every step times out."""
     acpi = 0.0 if acpi_timeout is None else QUERY_TIMEOUT + COMMAND_TIMEOUT + acpi_timeout

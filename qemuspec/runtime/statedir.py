@@ -46,6 +46,7 @@ SUPERVISOR_LOG = "supervisor.log"
 PIDFILE = "qemu.pid"
 TLS_DIR = "tls"
 DEFINITION = "definition.json"  # the resolved definition `up` last started (what `plan` diffs by field)
+SAVING = "saving.json"          # SaveRecord, in warm/: a warm save under way (its overlays may hold the newest writes)
 # -- file names (runtime directory) --------------------------------------------------------------
 MACHINE = "machine.json"        # QemuRecord, authoritative
 LOCK = "supervisor.lock"        # flock held by the live supervisor
@@ -154,6 +155,15 @@ class StopRequest(Record):
 class CreatedRecord(Record):
     files: list = field(default_factory=list)  # [{"path", "dev", "ino"}]: deleted by purge only if still the same file
     TYPES = {"files": (list,)}
+
+
+@dataclass
+class SaveRecord(Record):
+    """Written before a warm save moves any disk onto a live overlay, removed when the save is done or
+    undone: while it exists, the overlays it names may hold the disks' newest writes (runtime/warm.py)."""
+    overlays: list = field(default_factory=list)  # [{"index", "overlay", "file"}]
+    at: float | None = None
+    TYPES = {"overlays": (list,), "at": _NUM}
 
 
 # -- directories ---------------------------------------------------------------------------------

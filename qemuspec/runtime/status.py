@@ -49,6 +49,11 @@ def machine_status(name: str, machine: Machine | None, state_dir: str, ask_qemu:
                    uptime=round(time.time() - inst.started_at, 1) if inst.started_at else None)
         if sup is None:
             row["state"], row["reason"] = "unsupervised", "its supervisor is gone: `up` adopts it"
+            from qemuspec.runtime import warm
+
+            if warm.interrupted(state_dir) is not None:
+                row["reason"] = ("its supervisor died during a warm save (the guest is stopped, its disks on live overlays): "
+                                 "`up` adopts it, finishes or undoes the save and resumes it")
         elif sup.phase == "starting":
             row["state"] = "starting"
         else:

@@ -187,6 +187,7 @@ class Supervisor:
         self.last: Ending | None = None
         self.next_at: float | None = None
         self.current_phase = "starting"
+        self.restore_error: str | None = None  # why the last restore failed (the cold boot says it)
 
     @property
     def restarts(self) -> int:
@@ -300,17 +301,24 @@ class Supervisor:
             print(f"supervisor: cannot write its record in {self.run_dir}: {exc}", file=sys.stderr)
 
     def _start(self) -> bool:
-        verdict = None
-        if self.machine.warm:
-            from qemuspec.runtime import warm
+        from qemuspec.runtime import warm
 
-            verdict = warm.check(self.name, self.machine, self.state_dir)
+        try:  # qemu died in a warm save: its overlays hold the disks' newest writes, committed first
+            recovered = warm.recover(self.name, self.machine, self.state_dir)
+        except QemuspecError as exc:
+            self.event("QEMUSPEC_FAILED", error=str(exc))
+            self.last = Ending(True, f"failed to start: {exc}")
+            self.tell("failed", detail=str(exc))
+            return False
+        if recovered:
+            self.event("QEMUSPEC_SAVE_RECOVERED", done=recovered)
+        verdict = warm.check(self.name, self.machine, self.state_dir) if self.machine.warm else None
         cold_why = verdict.why if verdict is not None else None
         if verdict is not None and verdict.warm:
             if self._start_one(restore=True):
                 return True
             warm.discard(self.state_dir)  # a state that does not load is never tried again
-            cold_why = "the saved state did not load (see QEMUSPEC_RESTORE_FAILED)"
+            cold_why = f"the saved state was discarded: {self.restore_error}"
         return self._start_one(restore=False, cold_why=cold_why)
 
     def _start_one(self, restore: bool, cold_why: str | None = None) -> bool:
@@ -346,7 +354,7 @@ class Supervisor:
                 self.event("QEMUSPEC_RESTORED", pid=inst.process.pid, seconds=round(time.monotonic() - began, 3), **done)
         except Exception as exc:  # a bug must reach the user as a failure, not a silent exit
             if restore:
-                detail = str(exc).split("\n", 1)[0]
+                detail = self.restore_error = str(exc).split("\n", 1)[0]
                 self.event("QEMUSPEC_RESTORE_FAILED", error=detail, then="cold boot")
                 self.tell("restore failed", detail=detail)
                 inst.kill()
@@ -370,24 +378,34 @@ class Supervisor:
             inst.console.close()  # free the console socket for `qemuspec console`
             inst.console = None
         seconds = time.monotonic() - began
-        saved = None
+        saved = save_failed = None
         if self.machine.warm and not restore:
-            saved = self._save(inst)
-        self.phase("running")
+            saved, save_failed = self._save(inst)
         assert inst.process is not None
+        if not inst.running():  # died during the save: a failure, never "started"
+            code = inst.wait(5)
+            why = f"qemu exited during the warm save ({ending(code, None).reason})"
+            detail = f"machine {self.name}: {why}" + (f"; the save: {save_failed}" if save_failed else "")
+            self.event("QEMUSPEC_FAILED", error=detail)
+            self.last = Ending(True, why, code)
+            self.tell("failed", detail=detail)
+            return False
+        self.phase("running")
         self.event("QEMUSPEC_READY", pid=inst.process.pid, seconds=round(seconds, 3), restarts=self.restarts, boot=inst.boot)
         self.tell("ready", pid=inst.process.pid, seconds=seconds, ports=inst.ports, boot=inst.boot, saved=saved, accel=list(inst.layout.accel),
+                  **({"save_failed": save_failed} if save_failed else {}),
                   **({"kvm_failed": inst.kvm_failure.split("\n", 1)[0]} if inst.kvm_failure else {}))
         return True
 
-    def _save(self, inst: Instance) -> dict | None:
-        """Save a warm machine's state after its cold boot; a failure leaves it running, cold next time."""
+    def _save(self, inst: Instance) -> tuple[dict | None, str | None]:
+        """Save a warm machine's state after its cold boot: (what was saved, why it failed). A failure
+        leaves it running on its own disks (warm.save moves them back), cold next time."""
         from qemuspec.runtime import warm
 
         reason = warm.unsupported(self.machine)
         if reason:
             self.event("QEMUSPEC_SAVE_SKIPPED", reason=reason)
-            return None
+            return None, None
         self.tell("saving")
         try:
             saved = warm.save(inst)
@@ -396,11 +414,12 @@ class Supervisor:
                 import traceback
 
                 traceback.print_exc()
-            self.event("QEMUSPEC_SAVE_FAILED", error=str(exc).split("\n", 1)[0])
-            warm.discard(self.state_dir)
-            return None
+            error = str(exc).split("\n", 1)[0]
+            self.event("QEMUSPEC_SAVE_FAILED", error=error)
+            warm.discard(self.state_dir)  # keeps an interrupted save's overlays: they may be in use
+            return None, error
         self.event("QEMUSPEC_SAVED", **saved)
-        return saved
+        return saved, None
 
     def _adopt(self) -> bool:
         inst = Instance.find(self.name, self.machine, self.state_dir)
@@ -417,10 +436,19 @@ class Supervisor:
             inst.owner = self.owner
             with contextlib.suppress(OSError):
                 inst.write_state()
+        from qemuspec.runtime import warm
+
+        try:  # its last supervisor died in a warm save: the guest is stopped, the disks on overlays
+            finished = warm.finish_interrupted(inst)
+        except QemuspecError as exc:
+            finished = f"the interrupted save could not be finished or undone: {exc}"
+        if finished:
+            self.event("QEMUSPEC_SAVE_RECOVERED", done=[finished])
         self.phase("running")
         assert inst.process is not None
         self.event("QEMUSPEC_ADOPTED", pid=inst.process.pid)
-        self.tell("ready", pid=inst.process.pid, seconds=0.0, ports=inst.ports, adopted=True, accel=list(inst.layout.accel))
+        self.tell("ready", pid=inst.process.pid, seconds=0.0, ports=inst.ports, adopted=True, accel=list(inst.layout.accel),
+                  **({"recovered": finished} if finished else {}))
         return True
 
     def _on_panic(self, event: dict) -> None:

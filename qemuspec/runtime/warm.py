@@ -6,8 +6,15 @@ one. The state lives in the machine's state directory, under ``warm/``:
 - ``memory``: qemu's migration stream (RAM and device state). qemu writes it to a file descriptor
   handed over with ``getfd`` and reads it back from one it inherits (``-incoming fd:N``): no shell,
   no helper process, no path on qemu's command line.
-- ``key.json``: what the state is valid for, written last (no key, no saved state).
+- ``key.json``: what the state is valid for, with the sha256 of ``memory``; written last (no key, no
+  saved state). A restore checks the digest on the descriptor qemu then reads; a mismatch discards
+  the state and the machine boots cold.
 - ``live-diskN.qcow2``: the running machine's disk N, a fresh overlay on top of the frozen disk.
+- ``saving.json``: a save under way. Until the save is done or undone, the overlays it names may hold
+  the disks' newest writes, so nothing deletes them: a failed save commits them back into the disks
+  (active ``block-commit``) before the guest runs again, adopting a machine whose supervisor died in
+  the save finishes or undoes it the same way, and a start with the record still there (qemu died
+  too) commits them with ``qemu-img commit`` before qemu runs.
 
 Disk and memory must agree. The save stops the CPUs and puts a new overlay on every writable disk
 (``blockdev-snapshot-sync``), so each disk file is frozen at the instant the memory is saved and is
@@ -28,6 +35,7 @@ else host entropy is mixed into the guest's pool and the shared state is said pl
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -38,12 +46,15 @@ from typing import TYPE_CHECKING, Any
 from qemuspec.errors import QemuspecError, QMPError
 
 if TYPE_CHECKING:
+    from qemuspec.qmp.sync import QMPClient
+    from qemuspec.runtime import statedir
     from qemuspec.runtime.instance import Instance
     from qemuspec.spec.models import Machine
 
-FORMAT = 1
+FORMAT = 2  # 2: the key carries the memory file's sha256
 FD_NAME = "qemuspec-warm"
 SAVE_TIMEOUT = 300.0
+COMMIT_TIMEOUT = 120.0  # an active commit of a live overlay back into its disk
 VMGENID_BOUND = "/sys/bus/acpi/devices/QEMUVGID:00/driver"  # a directory only while the driver is bound
 
 
@@ -63,17 +74,37 @@ def live_disk(state_dir: str, index: int) -> str:
     return os.path.join(warm_dir(state_dir), f"live-disk{index}.qcow2")
 
 
+def interrupted(state_dir: str) -> "statedir.SaveRecord | None":
+    """The record of a save that was neither finished nor undone (its overlays may hold data)."""
+    from qemuspec.runtime import statedir
+
+    return statedir.read(warm_dir(state_dir), statedir.SAVING, statedir.SaveRecord)
+
+
+DISK_WRITES = ("writes to its disks last only until `down`: every start restores the disks as they were at the save "
+               "(keep data on a machine without warm = true)")
+
+
+def disk_writes(machine: "Machine") -> str | None:
+    """What a warm machine does with disk writes, said by validate, plan, up and status (None: no
+    writable disk, or not warm)."""
+    if not machine.warm or unsupported(machine) or not any(not d.readonly for d in machine.disks):
+        return None
+    return DISK_WRITES
+
+
 @dataclass
 class Verdict:
     warm: bool
     why: str
+    disk_writes: str | None = None
 
     @property
     def boot(self) -> str:
         return "warm" if self.warm else "cold"
 
     def as_dict(self) -> dict:
-        return {"boot": self.boot, "why": self.why}
+        return {"boot": self.boot, "why": self.why, **({"disk_writes": self.disk_writes} if self.disk_writes else {})}
 
 
 def _identity(path: str) -> list[int] | None:
@@ -125,11 +156,19 @@ def read(state_dir: str) -> dict | None:
 
 def check(name: str, machine: "Machine", state_dir: str, accels: tuple[str, ...] | None = None) -> Verdict:
     """Would the next start of this machine restore its saved state, and why (not)."""
+    verdict = _check(name, machine, state_dir, accels)
+    verdict.disk_writes = disk_writes(machine)
+    return verdict
+
+
+def _check(name: str, machine: "Machine", state_dir: str, accels: tuple[str, ...] | None) -> Verdict:
     if not machine.warm:
         return Verdict(False, "warm start is off (warm = true, or up --warm)")
     reason = unsupported(machine)
     if reason:
         return Verdict(False, reason)
+    if interrupted(state_dir) is not None:
+        return Verdict(False, "a save was interrupted: the next start commits its live overlays into the disks and boots cold")
     record = read(state_dir)
     if record is None:
         return Verdict(False, "no saved state yet: this start saves one once the machine is ready")
@@ -160,10 +199,38 @@ def _ago(seconds: float) -> str:
 
 
 def discard(state_dir: str) -> None:
-    """Forget the saved state (the key first, so a half-removed state is never taken for valid)."""
+    """Forget the saved state (the key first, so a half-removed state is never taken for valid). The
+    overlays of an interrupted save stay, with its record: they may hold the disks' newest writes and
+    may still be open in qemu (``recover`` or ``finish_interrupted`` deals with them)."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(key_file(state_dir))
-    shutil.rmtree(warm_dir(state_dir), ignore_errors=True)
+    if interrupted(state_dir) is None:
+        shutil.rmtree(warm_dir(state_dir), ignore_errors=True)
+        return
+    for path in (memory_file(state_dir), memory_file(state_dir) + ".tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def digest(fd: int) -> str:
+    """sha256 of a whole file, streamed with pread (the descriptor's offset is left alone)."""
+    h = hashlib.sha256()
+    offset = 0
+    while True:
+        chunk = os.pread(fd, 1 << 20, offset)
+        if not chunk:
+            return h.hexdigest()
+        h.update(chunk)
+        offset += len(chunk)
+
+
+def verify(state_dir: str, fd: int) -> None:
+    """The memory file open on ``fd`` (the descriptor qemu then reads) is the one the key was written
+    for; else the state is refused (the caller discards it and boots cold)."""
+    record = read(state_dir) or {}
+    if digest(fd) != record.get("memory_sha256"):
+        raise QemuspecError(f"{memory_file(state_dir)} does not match the sha256 digest saved with its key (changed or damaged "
+                            "since the save): the saved state is discarded")
 
 
 # -- save ---------------------------------------------------------------------------------------
@@ -182,23 +249,59 @@ def _monitor(inst: "Instance"):
         yield client
 
 
+def _hold(point: str) -> None:
+    """For fault tests only: stop this process (SIGSTOP) at a named point of the save when
+    QEMUSPEC_TEST_HOLD_SAVE names it, so a test can kill it, or qemu, at exactly that point."""
+    from qemuspec.settings import Settings
+
+    if Settings.from_env().test_hold_save == point:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def _drive(index: int, disk: Any) -> str:
+    from qemuspec.render import own
+
+    return disk.id or own(f"disk{index}")
+
+
+def _file_identity(path: str) -> list[int] | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return [st.st_dev, st.st_ino]
+
+
 def save(inst: "Instance") -> dict:
-    """Freeze a ready machine's disks and save its RAM and devices; resume it. Returns what was saved."""
+    """Freeze a ready machine's disks and save its RAM and devices; resume it. Returns what was saved.
+    On failure the disks are moved back onto their files before the guest runs again (the error says
+    so, or names the overlay that still holds a disk's writes), and nothing qemu has open is deleted."""
+    from qemuspec.runtime import statedir
+
     machine, state_dir = inst.machine, inst.state_dir
+    if interrupted(state_dir) is not None:  # its overlays may hold writes: a new snapshot would overwrite them
+        raise QemuspecError(f"machine {inst.name}: an earlier save was interrupted and its overlays were not committed yet "
+                            "(the next start does that); no state saved")
     discard(state_dir)
     os.makedirs(warm_dir(state_dir), mode=0o700, exist_ok=True)
     began = time.monotonic()
     tmp = memory_file(state_dir) + ".tmp"
+    saving = statedir.SaveRecord(overlays=[], at=time.time())
     with _monitor(inst) as qmp:
         version = qmp.command("query-version").get("qemu", {})
         qemu_version = f"{version.get('major')}.{version.get('minor')}.{version.get('micro')}"
+        statedir.write(warm_dir(state_dir), statedir.SAVING, saving)  # before any disk moves
         qmp.command("stop")
         try:
-            from qemuspec.render import own
-
             for index, disk in enumerate(machine.disks):
                 if not disk.readonly:
-                    qmp.command("blockdev-snapshot-sync", {"device": own(f"disk{index}"), "snapshot-file": live_disk(state_dir, index), "format": "qcow2"})
+                    overlay = live_disk(state_dir, index)
+                    qmp.command("blockdev-snapshot-sync", {"device": _drive(index, disk), "snapshot-file": overlay, "format": "qcow2"})
+                    saving.overlays.append({"index": index, "overlay": overlay, "file": os.path.abspath(disk.file), "id": _file_identity(overlay)})
+                    statedir.write(warm_dir(state_dir), statedir.SAVING, saving)
+            _hold("snapshot")
             qmp.command("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
             qmp.command("migrate-set-parameters", {"max-bandwidth": 1 << 40})
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -208,30 +311,165 @@ def save(inst: "Instance") -> dict:
                 os.close(fd)
             mark = qmp.event_count
             qmp.command("migrate", {"uri": f"fd:{FD_NAME}"})
+            _hold("migrating")
             event = qmp.wait_for("MIGRATION", SAVE_TIMEOUT, lambda e: e["data"].get("status") in ("completed", "failed", "cancelled"), since=mark)
             if event["data"]["status"] != "completed":
                 error = qmp.command("query-migrate").get("error-desc", event["data"]["status"])
                 raise QemuspecError(f"qemu could not save machine {inst.name}: {error}")
             os.replace(tmp, memory_file(state_dir))
             files = {path: _identity(path) for path in _inputs(machine)}  # disks are flushed and frozen now
-            size = os.path.getsize(memory_file(state_dir))
+            rfd = os.open(memory_file(state_dir), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                size, sha = os.fstat(rfd).st_size, digest(rfd)
+            finally:
+                os.close(rfd)
             record = {
                 "format": FORMAT, "saved_at": time.time(), "argv": key_argv(inst.name, machine, state_dir, inst.layout.accel),
                 "qemu": _qemu_identity(machine.qemu), "qemu_version": qemu_version, "files": files,
-                "memory_bytes": size, "memory_mib": machine.memory,
+                "memory_bytes": size, "memory_sha256": sha, "memory_mib": machine.memory,
             }
-            from qemuspec.runtime import statedir
-
             statedir.write(os.path.dirname(key_file(state_dir)), os.path.basename(key_file(state_dir)), record)
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(key_file(state_dir))
+            left = roll_back(qmp, machine, state_dir)  # before the guest runs again: no write lands in an overlay
+            if isinstance(exc, Exception):
+                where = ("; ".join(left) if left else "the disks are back on their own files")
+                raise QemuspecError(f"{str(exc).split(chr(10), 1)[0]} ({where})") from None
             raise
         finally:
             with contextlib.suppress(QemuspecError):
                 if not machine.paused:
                     qmp.command("cont")
+    statedir.remove(warm_dir(state_dir), statedir.SAVING)  # done: the overlays hold only what a restore discards
     return {"seconds": round(time.monotonic() - began, 3), "bytes": size}
+
+
+def roll_back(qmp: "QMPClient", machine: "Machine", state_dir: str) -> list[str]:
+    """Move every disk a save put on a live overlay back onto its own file (an active block-commit,
+    completed once in sync), then delete the overlays no drive uses any more and the save's record.
+    Returns what could not be undone (that overlay stays, with the record, and holds the disk's
+    writes until ``recover`` commits it at the next start). Never deletes a file qemu has open."""
+    from qemuspec.runtime import statedir
+
+    left: list[str] = []
+    try:
+        for index, disk in enumerate(machine.disks):
+            overlay = live_disk(state_dir, index)
+            if disk.readonly or _active_file(qmp, _drive(index, disk)) != overlay:
+                continue
+            try:
+                _commit_active(qmp, _drive(index, disk), os.path.abspath(disk.file), index)
+            except QemuspecError as exc:
+                left.append(f"disk {index} stays on {overlay} ({exc}); its writes are committed into {disk.file} at the next start")
+        in_use = _open_files(qmp)
+    except QemuspecError as exc:  # qemu is gone or does not answer: keep everything for recover()
+        return [f"the disks could not be moved back ({exc}); warm/live-disk*.qcow2 are committed into them at the next start"]
+    for index, disk in enumerate(machine.disks):
+        overlay = live_disk(state_dir, index)
+        if overlay not in in_use:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(overlay)
+    if not left:
+        statedir.remove(warm_dir(state_dir), statedir.SAVING)
+    return left
+
+
+def _active_file(qmp: "QMPClient", drive: str) -> str | None:
+    for block in qmp.command("query-block"):
+        if block.get("device") == drive or block.get("qdev") == drive:
+            return (block.get("inserted") or {}).get("file")
+    return None
+
+
+def _open_files(qmp: "QMPClient") -> set[str]:
+    """Every image file in qemu's block graph (active layers and their backing files)."""
+    return {node.get("file") for node in qmp.command("query-named-block-nodes", {"flat": True}) if node.get("file")}
+
+
+def _commit_active(qmp: "QMPClient", drive: str, base_file: str, index: int) -> None:
+    """Commit a drive's active layer into ``base_file`` (named by node, so nothing below it, such as a
+    declared base image, is ever written) and pivot the drive onto it."""
+    nodes = qmp.command("query-named-block-nodes", {"flat": True})
+    base = [n["node-name"] for n in nodes if n.get("file") == base_file and n.get("drv") not in ("file", "host_device")]
+    if not base:
+        raise QemuspecError(f"{base_file} is not in qemu's block graph")
+    job = f"qemuspec-commit{index}"
+    mark = qmp.event_count
+    qmp.command("block-commit", {"job-id": job, "device": drive, "base-node": base[0]})
+    ended = lambda e: e["data"].get("device") == job  # noqa: E731
+    ready = qmp.wait_for("*", COMMIT_TIMEOUT, lambda e: e["event"] in ("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED") and ended(e), since=mark)
+    if ready["event"] == "BLOCK_JOB_READY":
+        qmp.command("block-job-complete", {"device": job})
+        ready = qmp.wait_for("*", COMMIT_TIMEOUT, lambda e: e["event"] in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED") and ended(e), since=mark)
+    if ready["event"] != "BLOCK_JOB_COMPLETED" or ready["data"].get("error"):
+        raise QemuspecError(f"block-commit did not complete: {ready['data'].get('error') or ready['event']}")
+
+
+def finish_interrupted(inst: "Instance") -> str | None:
+    """An adopted machine whose supervisor died during a save (the guest stopped, disks on live
+    overlays): finish the save when its key was written, else undo it (cancel a migration still
+    running, commit the overlays back); resume the guest. Returns what was done, or None."""
+    if interrupted(inst.state_dir) is None or inst.qmp is None:
+        return None
+    from qemuspec.runtime import statedir
+
+    qmp, state_dir = inst.qmp, inst.state_dir
+    if qmp.command("query-migrate").get("status") in ("setup", "active", "pre-switchover", "device", "cancelling"):
+        mark = qmp.event_count
+        qmp.command("migrate_cancel")
+        with contextlib.suppress(QemuspecError):
+            qmp.wait_for("MIGRATION", SAVE_TIMEOUT, lambda e: e["data"].get("status") in ("completed", "failed", "cancelled"), since=mark)
+    record = read(state_dir)
+    if record is not None and (_identity(memory_file(state_dir)) or [0, 0, -1])[2] == record.get("memory_bytes"):
+        statedir.remove(warm_dir(state_dir), statedir.SAVING)
+        done = "the interrupted save had finished: kept"
+    else:
+        discard(state_dir)
+        left = roll_back(qmp, inst.machine, state_dir)
+        done = "the interrupted save was undone: " + ("; ".join(left) if left else "the disks are back on their own files")
+    if not inst.machine.paused:
+        qmp.command("cont")
+    return done
+
+
+def recover(name: str, machine: "Machine", state_dir: str) -> list[str]:
+    """Before qemu starts: an interrupted save's overlays (qemu died with it) hold the disks' newest
+    writes, so they are committed into the disks with ``qemu-img commit`` (which refuses an image
+    another qemu has open). Only overlays this save made are touched: the record must name the
+    machine's own disk and the overlay's device and inode, which a copied or planted record cannot
+    match. Returns what was done."""
+    record = interrupted(state_dir)
+    if record is None:
+        return []
+    from qemuspec import img
+    from qemuspec.runtime import statedir
+
+    done = []
+    for entry in record.overlays:
+        index = entry.get("index") if isinstance(entry, dict) else None
+        if not isinstance(index, int) or not 0 <= index < len(machine.disks):
+            continue
+        disk, overlay = machine.disks[index], live_disk(state_dir, index)
+        if entry.get("overlay") != overlay or entry.get("file") != os.path.abspath(disk.file) or disk.readonly:
+            continue
+        if _file_identity(overlay) is None:
+            continue
+        if entry.get("id") != _file_identity(overlay):
+            raise QemuspecError(f"machine {name}: {overlay} is not the overlay qemuspec made for an interrupted warm save: "
+                                f"check it, then delete {os.path.join(warm_dir(state_dir), statedir.SAVING)} to start without it")
+        try:
+            img.run("commit", "-q", "-b", os.path.abspath(disk.file), overlay)
+        except QemuspecError as exc:
+            raise QemuspecError(f"machine {name}: the writes of an interrupted warm save in {overlay} could not be committed into "
+                                f"{disk.file}: {exc}. Fix that, then run `qemu-img commit {overlay}`") from None
+        os.unlink(overlay)
+        done.append(f"committed {overlay} into {disk.file}")
+    statedir.remove(warm_dir(state_dir), statedir.SAVING)
+    discard(state_dir)
+    return done
 
 
 # -- restore ------------------------------------------------------------------------------------
