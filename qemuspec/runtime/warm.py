@@ -334,7 +334,9 @@ def save(inst: "Instance") -> dict:
                 os.unlink(tmp)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(key_file(state_dir))
-            left = roll_back(qmp, machine, state_dir)  # before the guest runs again: no write lands in an overlay
+            with contextlib.suppress(QemuspecError):
+                _reactivate(qmp, machine)
+            left = roll_back(qmp, machine, state_dir)  # before `cont` (unless reactivated): no write lands in an overlay
             if isinstance(exc, Exception):
                 where = ("; ".join(left) if left else "the disks are back on their own files")
                 raise QemuspecError(f"{str(exc).split(chr(10), 1)[0]} ({where})") from None
@@ -375,6 +377,16 @@ def roll_back(qmp: "QMPClient", machine: "Machine", state_dir: str) -> list[str]
     if not left:
         statedir.remove(warm_dir(state_dir), statedir.SAVING)
     return left
+
+
+def _reactivate(qmp: "QMPClient", machine: "Machine") -> None:
+    """After a completed migration qemu has let go of its images (for a destination to take them)
+    until `cont`, and a block job cannot run on them: resume (the active commit then carries the
+    guest's new writes along), or resume and stop again for a machine meant to stay paused."""
+    if qmp.command("query-migrate").get("status") == "completed":
+        qmp.command("cont")
+        if machine.paused:
+            qmp.command("stop")
 
 
 def _active_file(qmp: "QMPClient", drive: str) -> str | None:
@@ -428,6 +440,7 @@ def finish_interrupted(inst: "Instance") -> str | None:
         done = "the interrupted save had finished: kept"
     else:
         discard(state_dir)
+        _reactivate(qmp, inst.machine)
         left = roll_back(qmp, inst.machine, state_dir)
         done = "the interrupted save was undone: " + ("; ".join(left) if left else "the disks are back on their own files")
     if not inst.machine.paused:
