@@ -229,8 +229,8 @@ def verify(state_dir: str, fd: int) -> None:
     for; else the state is refused (the caller discards it and boots cold)."""
     record = read(state_dir) or {}
     if digest(fd) != record.get("memory_sha256"):
-        raise QemuspecError(f"{memory_file(state_dir)} does not match the sha256 digest saved with its key (changed or damaged "
-                            "since the save): the saved state is discarded")
+        raise QemuspecError(f"{memory_file(state_dir)} does not match the sha256 digest saved with its key "
+                            "(changed or damaged since the save)")
 
 
 # -- save ---------------------------------------------------------------------------------------
@@ -292,7 +292,10 @@ def save(inst: "Instance") -> dict:
     with _monitor(inst) as qmp:
         version = qmp.command("query-version").get("qemu", {})
         qemu_version = f"{version.get('major')}.{version.get('minor')}.{version.get('micro')}"
-        statedir.write(warm_dir(state_dir), statedir.SAVING, saving)  # before any disk moves
+        try:  # before any disk moves
+            statedir.write(warm_dir(state_dir), statedir.SAVING, saving)
+        except OSError as exc:
+            raise QemuspecError(f"cannot write {os.path.join(warm_dir(state_dir), statedir.SAVING)}: {exc.strerror or exc}") from None
         qmp.command("stop")
         try:
             for index, disk in enumerate(machine.disks):
