@@ -275,7 +275,8 @@ def _collect(spec: File, pending: dict[int, tuple[str, str, float]], outcomes: d
                             if message.get("recovered"):
                                 detail += ("; " if detail else "") + message["recovered"]
                             done = Outcome(name, action, seconds, message.get("pid"), detail=detail, ports=message.get("ports", []), accel=message.get("accel", []),
-                                           qemu=preflight.qemu_path(spec.machines[name].qemu) or spec.machines[name].qemu, warnings=warnings)
+                                           qemu=preflight.qemu_path(spec.machines[name].qemu) or spec.machines[name].qemu,
+                                           warnings=warnings)
                         elif status == "failed":
                             report(name, "failed")
                             done = Outcome(name, "failed", time.monotonic() - began, detail=message.get("detail", ""))
@@ -348,7 +349,8 @@ def stopped(name: str, seconds: float, step: str) -> Outcome:
     if not forced(step):
         return Outcome(name, "stopped", seconds, detail=step)
     return Outcome(name, "stopped", seconds, detail=step, forced=True, warnings=[
-        f"forced stop ({step}): the guest did not shut down by itself and was powered off; writes it had not synced are lost"])
+        f"forced stop ({step}): the guest did not shut down by itself and was powered off; "
+        "writes it had not synced are lost"])
 
 
 def _stop_one(spec: File, root: str, name: str, timeout: float | None) -> str:

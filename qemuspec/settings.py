@@ -23,7 +23,7 @@ VARIABLES = {
     "QEMUSPEC_ALLOW_LOCAL_QEMU": "allow a qemu binary inside the definition's own tree (as --allow-local-qemu)",
     "QEMUSPEC_DEBUG": "print tracebacks instead of one-paragraph errors",
     "QEMUSPEC_CACHE": "0: always validate definitions afresh (default: validated definitions are cached by content)",
-    "QEMUSPEC_TEST_HOLD_SAVE": "for fault tests: a supervisor stops itself (SIGSTOP) at this point of a warm save (snapshot, migrating)",
+    "QEMUSPEC_TEST_HOLD_SAVE": "fault tests: a supervisor stops (SIGSTOP) at this warm-save point (snapshot, migrating)",
     "NO_COLOR": "no colour, even on a terminal",
     "CI": "line-based progress, never redrawn in place",
 }

@@ -359,7 +359,7 @@ def test_a_supervisor_killed_in_the_save_is_adopted_and_no_write_is_lost(warm_la
     [cold] = json.loads(cli("up", path, "--json").stdout)
     assert "boot cold" in cold["detail"] and "state saved" in cold["detail"]
     cli("down", path)
-    assert on_host(tmp_path).startswith(b"written-after-the-adoption\n"), "the new save froze the disk with the write in it"
+    assert on_host(tmp_path).startswith(b"written-after-the-adoption\n"), "the new save froze the disk with the write"
 
 
 def test_writes_into_an_interrupted_saves_overlay_are_committed_before_the_next_boot(warm_lab, guest, tmp_path):
@@ -374,7 +374,7 @@ def test_writes_into_an_interrupted_saves_overlay_are_committed_before_the_next_
     cli("resume", path)
     write_data(path, b"written-into-the-overlay\n")
     cli("down", path)
-    assert (tmp_path / ".qemuspec" / "w" / "warm" / "live-disk0.qcow2").exists(), "the overlay holding the write is kept"
+    assert (tmp_path / ".qemuspec" / "w" / "warm" / "live-disk0.qcow2").exists(), "the overlay with the write is kept"
     assert not on_host(tmp_path).startswith(b"written-into-the-overlay"), "the write is only in the overlay so far"
     assert "interrupted" in plan(path)["why"]
     began = time.monotonic()
@@ -402,14 +402,15 @@ def test_qemu_dying_during_the_save_is_a_failure_and_the_next_start_recovers(war
     detected = time.monotonic() - killed
     assert first.returncode == 1, (out, err)
     [failed] = json.loads(out)
-    assert failed["action"] == "failed" and "qemu exited during the warm save (killed (signal 9))" in failed["detail"], failed
+    assert failed["action"] == "failed", failed
+    assert "qemu exited during the warm save (killed (signal 9))" in failed["detail"], failed
     row = status_row(path)
     assert row["state"] == "failed" and row["pid"] is None and row["supervisor"] is None
     assert not alive(qemu) and not alive(sup)
     serial = open(tmp_path / ".qemuspec" / "w" / "serial.log", errors="replace").read()
     [boot_stamp] = re.findall(r"qemuspec-guest: disk (stamp-warm-\S+)", serial)
     assert (tmp_path / ".qemuspec" / "w" / "warm" / "live-disk0.qcow2").exists(), "the overlay qemu died on is kept"
-    assert on_host(tmp_path, 0).startswith(boot_stamp.encode() + b"\n"), "what the guest wrote before the save is on the disk"
+    assert on_host(tmp_path, 0).startswith(boot_stamp.encode() + b"\n"), "what the guest wrote before the save is kept"
     began = time.monotonic()
     [again] = json.loads(cli("up", path, "--json").stdout)
     timing("qemu killed during the save", detection=detected, recovery=time.monotonic() - began)

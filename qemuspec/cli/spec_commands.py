@@ -59,7 +59,8 @@ def validate(ctx: Context, *, files: list[str], probe: bool, allow_local_qemu: b
                 check_against_qemu(spec, lines, path, list(spec.machines))
             from qemuspec.runtime.warm import disk_writes
 
-            notes = [f"machine {name} (warm = true): {note}" for name, m in spec.machines.items() if (note := disk_writes(m))]
+            notes = [f"machine {name} (warm = true): {note}"
+                     for name, m in spec.machines.items() if (note := disk_writes(m))]
             results.append({"file": path, "valid": True, "machines": list(spec.machines), "errors": [], "notes": notes})
         except SpecError as exc:
             results.append({"file": path, "valid": False, "machines": [], "errors": exc.problems, "notes": []})

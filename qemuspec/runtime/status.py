@@ -52,8 +52,8 @@ def machine_status(name: str, machine: Machine | None, state_dir: str, ask_qemu:
             from qemuspec.runtime import warm
 
             if warm.interrupted(state_dir) is not None:
-                row["reason"] = ("its supervisor died during a warm save (the guest is stopped, its disks on live overlays): "
-                                 "`up` adopts it, finishes or undoes the save and resumes it")
+                row["reason"] = ("its supervisor died during a warm save (the guest is stopped, its disks on live "
+                                 "overlays): `up` adopts it, finishes or undoes the save and resumes it")
         elif sup.phase == "starting":
             row["state"] = "starting"
         else:

@@ -447,8 +447,8 @@ class Supervisor:
         self.phase("running")
         assert inst.process is not None
         self.event("QEMUSPEC_ADOPTED", pid=inst.process.pid)
-        self.tell("ready", pid=inst.process.pid, seconds=0.0, ports=inst.ports, adopted=True, accel=list(inst.layout.accel),
-                  **({"recovered": finished} if finished else {}))
+        self.tell("ready", pid=inst.process.pid, seconds=0.0, ports=inst.ports, adopted=True,
+                  accel=list(inst.layout.accel), **({"recovered": finished} if finished else {}))
         return True
 
     def _on_panic(self, event: dict) -> None:

@@ -168,7 +168,8 @@ def _check(name: str, machine: "Machine", state_dir: str, accels: tuple[str, ...
     if reason:
         return Verdict(False, reason)
     if interrupted(state_dir) is not None:
-        return Verdict(False, "a save was interrupted: the next start commits its live overlays into the disks and boots cold")
+        return Verdict(False, "a save was interrupted: the next start commits its live overlays into the disks "
+                              "and boots cold")
     record = read(state_dir)
     if record is None:
         return Verdict(False, "no saved state yet: this start saves one once the machine is ready")
@@ -282,8 +283,8 @@ def save(inst: "Instance") -> dict:
 
     machine, state_dir = inst.machine, inst.state_dir
     if interrupted(state_dir) is not None:  # its overlays may hold writes: a new snapshot would overwrite them
-        raise QemuspecError(f"machine {inst.name}: an earlier save was interrupted and its overlays were not committed yet "
-                            "(the next start does that); no state saved")
+        raise QemuspecError(f"machine {inst.name}: an earlier save was interrupted and its overlays were not "
+                            "committed yet (the next start does that); no state saved")
     discard(state_dir)
     os.makedirs(warm_dir(state_dir), mode=0o700, exist_ok=True)
     began = time.monotonic()
@@ -295,14 +296,17 @@ def save(inst: "Instance") -> dict:
         try:  # before any disk moves
             statedir.write(warm_dir(state_dir), statedir.SAVING, saving)
         except OSError as exc:
-            raise QemuspecError(f"cannot write {os.path.join(warm_dir(state_dir), statedir.SAVING)}: {exc.strerror or exc}") from None
+            where = os.path.join(warm_dir(state_dir), statedir.SAVING)
+            raise QemuspecError(f"cannot write {where}: {exc.strerror or exc}") from None
         qmp.command("stop")
         try:
             for index, disk in enumerate(machine.disks):
                 if not disk.readonly:
                     overlay = live_disk(state_dir, index)
-                    qmp.command("blockdev-snapshot-sync", {"device": _drive(index, disk), "snapshot-file": overlay, "format": "qcow2"})
-                    saving.overlays.append({"index": index, "overlay": overlay, "file": os.path.abspath(disk.file), "id": _file_identity(overlay)})
+                    qmp.command("blockdev-snapshot-sync",
+                                {"device": _drive(index, disk), "snapshot-file": overlay, "format": "qcow2"})
+                    saving.overlays.append({"index": index, "overlay": overlay, "file": os.path.abspath(disk.file),
+                                            "id": _file_identity(overlay)})
                     statedir.write(warm_dir(state_dir), statedir.SAVING, saving)
             _hold("snapshot")
             qmp.command("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
@@ -339,7 +343,7 @@ def save(inst: "Instance") -> dict:
                 os.unlink(key_file(state_dir))
             with contextlib.suppress(QemuspecError):
                 _reactivate(qmp, machine)
-            left = roll_back(qmp, machine, state_dir)  # before `cont` (unless reactivated): no write lands in an overlay
+            left = roll_back(qmp, machine, state_dir)  # before `cont`, unless reactivated
             if isinstance(exc, Exception):
                 where = ("; ".join(left) if left else "the disks are back on their own files")
                 raise QemuspecError(f"{str(exc).split(chr(10), 1)[0]} ({where})") from None
@@ -368,10 +372,12 @@ def roll_back(qmp: "QMPClient", machine: "Machine", state_dir: str) -> list[str]
             try:
                 _commit_active(qmp, _drive(index, disk), os.path.abspath(disk.file), index)
             except QemuspecError as exc:
-                left.append(f"disk {index} stays on {overlay} ({exc}); its writes are committed into {disk.file} at the next start")
+                left.append(f"disk {index} stays on {overlay} ({exc}); its writes are committed into {disk.file} "
+                            "at the next start")
         in_use = _open_files(qmp)
     except QemuspecError as exc:  # qemu is gone or does not answer: keep everything for recover()
-        return [f"the disks could not be moved back ({exc}); warm/live-disk*.qcow2 are committed into them at the next start"]
+        return [f"the disks could not be moved back ({exc}); warm/live-disk*.qcow2 are committed into them "
+                "at the next start"]
     for index, disk in enumerate(machine.disks):
         overlay = live_disk(state_dir, index)
         if overlay not in in_use:
@@ -414,11 +420,14 @@ def _commit_active(qmp: "QMPClient", drive: str, base_file: str, index: int) -> 
     job = f"qemuspec-commit{index}"
     mark = qmp.event_count
     qmp.command("block-commit", {"job-id": job, "device": drive, "base-node": base[0]})
-    ended = lambda e: e["data"].get("device") == job  # noqa: E731
-    ready = qmp.wait_for("*", COMMIT_TIMEOUT, lambda e: e["event"] in ("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED") and ended(e), since=mark)
+    def job_event(*names: str) -> dict:
+        wanted = lambda e: e["event"] in names and e["data"].get("device") == job  # noqa: E731
+        return qmp.wait_for("*", COMMIT_TIMEOUT, wanted, since=mark)
+
+    ready = job_event("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
     if ready["event"] == "BLOCK_JOB_READY":
         qmp.command("block-job-complete", {"device": job})
-        ready = qmp.wait_for("*", COMMIT_TIMEOUT, lambda e: e["event"] in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED") and ended(e), since=mark)
+        ready = job_event("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
     if ready["event"] != "BLOCK_JOB_COMPLETED" or ready["data"].get("error"):
         raise QemuspecError(f"block-commit did not complete: {ready['data'].get('error') or ready['event']}")
 
@@ -436,7 +445,8 @@ def finish_interrupted(inst: "Instance") -> str | None:
         mark = qmp.event_count
         qmp.command("migrate_cancel")
         with contextlib.suppress(QemuspecError):
-            qmp.wait_for("MIGRATION", SAVE_TIMEOUT, lambda e: e["data"].get("status") in ("completed", "failed", "cancelled"), since=mark)
+            ended = lambda e: e["data"].get("status") in ("completed", "failed", "cancelled")  # noqa: E731
+            qmp.wait_for("MIGRATION", SAVE_TIMEOUT, ended, since=mark)
     record = read(state_dir)
     if record is not None and (_identity(memory_file(state_dir)) or [0, 0, -1])[2] == record.get("memory_bytes"):
         statedir.remove(warm_dir(state_dir), statedir.SAVING)
@@ -445,7 +455,7 @@ def finish_interrupted(inst: "Instance") -> str | None:
         discard(state_dir)
         _reactivate(qmp, inst.machine)
         left = roll_back(qmp, inst.machine, state_dir)
-        done = "the interrupted save was undone: " + ("; ".join(left) if left else "the disks are back on their own files")
+        done = "the interrupted save was undone: " + ("; ".join(left) or "the disks are back on their own files")
     if not inst.machine.paused:
         qmp.command("cont")
     return done
@@ -474,13 +484,15 @@ def recover(name: str, machine: "Machine", state_dir: str) -> list[str]:
         if _file_identity(overlay) is None:
             continue
         if entry.get("id") != _file_identity(overlay):
-            raise QemuspecError(f"machine {name}: {overlay} is not the overlay qemuspec made for an interrupted warm save: "
-                                f"check it, then delete {os.path.join(warm_dir(state_dir), statedir.SAVING)} to start without it")
+            record_file = os.path.join(warm_dir(state_dir), statedir.SAVING)
+            raise QemuspecError(f"machine {name}: {overlay} is not the overlay qemuspec made for an interrupted warm "
+                                f"save: check it, then delete {record_file} to start without it")
         try:
             img.run("commit", "-q", "-b", os.path.abspath(disk.file), overlay)
         except QemuspecError as exc:
-            raise QemuspecError(f"machine {name}: the writes of an interrupted warm save in {overlay} could not be committed into "
-                                f"{disk.file}: {exc}. Fix that, then run `qemu-img commit {overlay}`") from None
+            raise QemuspecError(f"machine {name}: the writes of an interrupted warm save in {overlay} could not be "
+                                f"committed into {disk.file}: {exc}. Fix that, then run "
+                                f"`qemu-img commit {overlay}`") from None
         os.unlink(overlay)
         done.append(f"committed {overlay} into {disk.file}")
     statedir.remove(warm_dir(state_dir), statedir.SAVING)
