@@ -267,7 +267,7 @@ def _collect(spec: File, pending: dict[int, tuple[str, str, float]], outcomes: d
                             if message.get("save_failed"):  # running, its data safe: exit 0, said plainly
                                 detail += f", warm save failed: {message['save_failed']}"
                                 warnings.append(f"warm save failed, the next start is cold: {message['save_failed']}")
-                            if message.get("boot") and spec.machines[name].warm:
+                            if message.get("boot") and spec.machines[name].warm and not message.get("save_failed"):
                                 from qemuspec.runtime.warm import disk_writes
 
                                 if (note := disk_writes(spec.machines[name])):
