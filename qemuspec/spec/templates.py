@@ -236,6 +236,7 @@ def _bounded(jobs: Sequence[tuple[str, str, tuple]], variables: Mapping[str, Any
             todo.append(index)
     if todo:
         env = _sandbox()  # jinja2 is imported here, once, not in every child
+        env.from_string("{{ x }}{% if x %}{% endif %}")  # builds the lexer and compiler state once, before the fork
         for index, value, names in _in_child(env, [jobs[i] for i in todo], variables):
             out[todo[index]] = (value, names)
     return out  # type: ignore[return-value]
