@@ -248,9 +248,15 @@ def _in_child(env: Any, jobs: Sequence[tuple[str, str, tuple]], variables: Mappi
     import signal
 
     read_end, write_end = os.pipe()
-    with warnings.catch_warnings():  # Python 3.12 warns about fork in a threaded process; the child runs no thread's code
-        warnings.simplefilter("ignore", DeprecationWarning)
-        pid = os.fork()
+    try:
+        with warnings.catch_warnings():  # Python 3.12 warns about fork in a threaded process; the child runs no thread's code
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+    except OSError as exc:
+        os.close(read_end)
+        os.close(write_end)
+        raise SpecError(f"{jobs[0][1]}: cannot start a process to render the templates in ({exc}): "
+                        "free memory or processes (ulimit -u) and try again") from None
     if pid == 0:  # pragma: no cover - the child; it never returns into the caller's code
         code = 1
         try:
@@ -264,10 +270,12 @@ def _in_child(env: Any, jobs: Sequence[tuple[str, str, tuple]], variables: Mappi
     buffer = bytearray()
     reaped = False
     timed_out = False
+    poller = select.poll()  # not select(): a library caller may hold more than 1024 descriptors
+    poller.register(read_end, select.POLLIN)
     try:
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([read_end], [], [], left)[0]:
+            if left <= 0 or not poller.poll(max(1, int(left * 1000))):
                 timed_out = True
                 break
             chunk = os.read(read_end, 1 << 16)
