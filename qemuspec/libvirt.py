@@ -157,7 +157,7 @@ def domain_xml(machine: Machine, name: str, state_dir: str = "/var/lib/qemuspec"
         _sub(devices, "controller", type="scsi", model="virtio-scsi")  # not libvirt's default lsilogic
     for index, nic in enumerate(machine.nics):
         typed = not nic.options and not nic.device_options and nic.model in _NIC_MODELS
-        if nic.type == "user" and not nic.forwards and typed:
+        if nic.type == "user" and nic.outbound and not nic.forwards and typed:  # libvirt's user NIC has no restrict=on
             el = _sub(devices, "interface", type="user")
             mac = nic_mac(name, index, nic)
             if mac:
@@ -174,7 +174,7 @@ def domain_xml(machine: Machine, name: str, state_dir: str = "/var/lib/qemuspec"
             _sub(el, "model", type=_NIC_MODELS[nic.model])
         elif nic.type == "network":
             _refuse(name, f"nics.{index}.network", "a private network is a vde switch on the machine's own host; through libvirt, use a bridge NIC on a libvirt network's bridge")
-        else:  # forwards, sockets: libvirt's user networking has no hostfwd
+        else:  # forwards, restrict=on, sockets: libvirt's user networking has neither hostfwd nor restrict
             from qemuspec.render import Layout, _nic
 
             netdev = _nic(index, nic, name, Layout(state_dir, f"/run/qemuspec/{name}"))[:2]
@@ -214,9 +214,16 @@ def domain_xml(machine: Machine, name: str, state_dir: str = "/var/lib/qemuspec"
     if display.type == "curses":
         _refuse(name, "display", 'libvirt has no curses display: use "vnc" or "spice"')
     if display.type in ("vnc", "spice"):
-        attrs = {"listen": display.listen}
-        attrs.update({"port": str(display.port)} if display.port else {"autoport": "yes"})
-        _sub(devices, "graphics", type=display.type, **attrs)
+        if display.listen is None and display.port is None:  # a unix socket in libvirt's private directory
+            graphics = _sub(devices, "graphics", type=display.type)
+            _sub(graphics, "listen", type="socket")
+        else:
+            if not display.unauthenticated:
+                _refuse(name, "display", "a TCP display through libvirt needs its password in the domain XML: use the default unix socket, "
+                        "or unauthenticated = true")
+            attrs = {"listen": display.listen or "127.0.0.1"}
+            attrs.update({"port": str(display.port)} if display.port else {"autoport": "yes"})
+            _sub(devices, "graphics", type=display.type, **attrs)
         if display.vga != "default":
             video = _sub(devices, "video")
             _sub(video, "model", type={"std": "vga", "virtio": "virtio", "qxl": "qxl", "cirrus": "cirrus"}.get(display.vga, "vga"))

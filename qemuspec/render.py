@@ -64,6 +64,11 @@ class Layout:
         return os.path.join(self.run_dir, "console.sock")
 
     @property
+    def display(self) -> str:
+        """A vnc/spice display's unix socket: only the owner can enter the runtime directory."""
+        return os.path.join(self.run_dir, "display.sock")
+
+    @property
     def qga(self) -> str:
         return os.path.join(self.run_dir, "qga.sock")
 
@@ -157,7 +162,7 @@ def render(machine: Machine, name: str, layout: Layout) -> list[str]:
         argv += ["-cpu", optlist(machine.cpu, [], machine.cpu_options), "-smp", str(machine.cpus)]
     argv += ["-m", f"{machine.memory}M"]
     argv += ["-no-user-config"] if machine.defaults else ["-nodefaults", "-no-user-config"]
-    argv += _display(machine)
+    argv += _display(machine, layout)
     argv += ["-pidfile", layout.pidfile]
     argv += _monitors(layout)
     if machine.paused:
@@ -235,20 +240,40 @@ def _accels(machine: Machine) -> list[str]:
     return out
 
 
-def _display(machine: Machine) -> list[str]:
+def display_endpoint(machine: Machine, layout: Layout) -> dict | None:
+    """Where a vnc/spice display listens and who may connect (``auth``): ``owner``, the private unix
+    socket in the runtime directory (the default); ``password``, TCP that refuses every client until a
+    password is set over QMP (``set_password``); ``none``, TCP open to every local user (opt-in)."""
+    display = machine.display
+    if display.type not in ("vnc", "spice"):
+        return None
+    if display.listen is None and display.port is None:
+        return {"type": display.type, "socket": layout.display, "auth": "owner"}
+    port = display.port or (5900 if display.type == "vnc" else 5930)
+    return {"type": display.type, "address": display.listen or "127.0.0.1", "port": port,
+            "auth": "none" if display.unauthenticated else "password"}
+
+
+def _display(machine: Machine, layout: Layout) -> list[str]:
     display = machine.display
     if display.type == "none":
         return ["-display", "none"]
     argv = ["-vga", display.vga] if display.vga != "default" else []
+    where = display_endpoint(machine, layout)
+    if where is None:
+        return argv + ["-display", optlist(display.type, [], display.options)]
     if display.type == "vnc":
-        number = (display.port or 5900) - 5900
-        host = f"[{display.listen}]" if ":" in display.listen else display.listen
-        argv += ["-display", "none", "-vnc", optlist(f"{escape(host)}:{number}", [], display.options)]
-    elif display.type == "spice":
-        argv += ["-display", "none", "-spice", optlist(None, [("addr", display.listen), ("port", display.port or 5930), ("disable-ticketing", True)], display.options)]
-    else:
-        argv += ["-display", optlist(display.type, [], display.options)]
-    return argv
+        if "socket" in where:
+            head, pairs = f"unix:{escape(where['socket'])}", []
+        else:  # password=on: qemu refuses every client until set_password gives one
+            host = f"[{where['address']}]" if ":" in where["address"] else where["address"]
+            head, pairs = f"{escape(host)}:{where['port'] - 5900}", [] if display.unauthenticated else [("password", True)]
+        return argv + ["-display", "none", "-vnc", optlist(head, pairs, display.options)]
+    if "socket" in where:  # the socket's directory is the authentication
+        pairs = [("unix", True), ("addr", where["socket"]), ("disable-ticketing", True)]
+    else:  # ticketing without a password: nobody connects until set_password
+        pairs = [("addr", where["address"]), ("port", where["port"])] + ([("disable-ticketing", True)] if display.unauthenticated else [])
+    return argv + ["-display", "none", "-spice", optlist(None, pairs, display.options)]
 
 
 def _socket_chardev(chardev_id: str, layout: Layout, role: str, path: str, extra: Iterable[tuple[str, OptionValue]] = ()) -> str:
@@ -336,6 +361,8 @@ def _nic(index: int, nic: NIC, name: str, layout: Layout) -> list[str]:
     net_id = own(f"net{index}")
     pairs: list[tuple[str, OptionValue]] = [("id", net_id)]
     if nic.type == "user":
+        if not nic.outbound:  # else the guest reaches the host's 127.0.0.1 as 10.0.2.2 (forwards still work)
+            pairs.append(("restrict", True))
         for fwd in nic.forwards:
             pairs.append(("hostfwd", f"{fwd.protocol}:{fwd.address}:{fwd.host}-:{fwd.guest}"))
     elif nic.type == "socket":

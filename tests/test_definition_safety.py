@@ -118,3 +118,81 @@ def test_templates_are_bounded_in_time_and_memory(tmp_path, template, expect):
         load(definition, environ={})
     assert expect in str(err.value)
     assert f"{definition}:3: machines.vm.cmdline" in str(err.value)
+
+
+# One value each, as a pull request could write it; every one once allocated gigabytes or ran for
+# minutes in a single C-level operation that no check between Python lines could stop.
+HOSTILE = {
+    "issue: nested power": "{{ (((((10**64)**64)**64)**64)**64) > 1 }}",
+    "nested power of 2**64": "{{ ((2**64)**64)**64 }}",
+    "str.replace amplification": "{{ ('a' * 1000000).replace('a', 'a' * 1000000) }}",
+    "replace filter": "{{ ('a' * 1000000)|replace('a', 'a' * 1000000) }}",
+    "str.join of a repeated list": "{{ ('x' * 1000000).join(['a' * 1000000] * 1000) }}",
+    "join filter": "{{ (['a' * 1000000] * 1000)|join('x' * 1000000) }}",
+    "batch fill": "{{ [1]|batch(1000000000, 0)|list }}",
+    "slice fill": "{{ [1]|slice(100000000, 0)|list }}",
+    "int.to_bytes": "{{ (1).to_bytes(2000000000, 'big') }}",
+    "bytes.center": "{{ 'x'.encode().center(2000000000) }}",
+    "bytes times N": "{{ 'x'.encode() * 2000000000 }}",
+    "'a'*N doubling chain": "{% set a = 'a' * 1000000 %}{% set b = a ~ a %}{% set c = b ~ b %}{% set d = c ~ c %}{% set e = d ~ d %}"
+                            "{% set f = e ~ e %}{% set g = f ~ f %}{% set h = g ~ g %}{% set i = h ~ h %}{% set j = i ~ i %}{{ j|length }}",
+    "doubling macro": "{% macro d(s, n) %}{% if n %}{{ d(s ~ s, n - 1) }}{% else %}{{ s|length }}{% endif %}{% endmacro %}{{ d('x', 40) }}",
+    "sum of repeated lists": "{{ ([[1] * 1000000] * 1000000)|sum(start=[]) }}",
+    "str.translate amplification": "{{ ('a' * 1000000).translate({97: 'b' * 1000000}) }}",
+    "huge range products": "{% for a in range(100000) %}{{ a * 10**1000 }}{% endfor %}",
+    "nested loops over strings": "{% for a in range(100000) %}{% for b in 'x' * 1000000 %}{% endfor %}{% endfor %}",
+}
+MAX_WALL_SECONDS = 5.0
+MAX_PEAK_MIB = 512
+
+
+def _validate_measured(definition) -> tuple[float, float, int, str]:
+    """(wall seconds, peak RSS in MiB of the validate process and what it waited for, exit code, stderr)."""
+    import select
+    import time
+
+    err = definition.with_suffix(".err")
+    began = time.monotonic()
+    with open(err, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "qemuspec.cli.main", "validate", str(definition)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=f)
+    pidfd = os.pidfd_open(proc.pid)
+    try:
+        if not select.select([pidfd], [], [], 60)[0]:  # far past the bar: stop it, and fail below
+            proc.kill()
+        _, status, usage = os.wait4(proc.pid, 0)
+    finally:
+        os.close(pidfd)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return time.monotonic() - began, usage.ru_maxrss / 1024, proc.returncode, err.read_text()
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_one_hostile_value_ends_within_5_s_and_512_mib(tmp_path, name):
+    definition = tmp_path / "m.toml"
+    template = HOSTILE[name].replace('"', '\\"')
+    definition.write_text(f'[machines.vm]\nkernel = "k"\ncmdline = "{template}"\n')
+    seconds, peak, code, stderr = _validate_measured(definition)
+    print(f"{name}: {seconds:.2f} s, peak RSS {peak:.0f} MiB")
+    assert seconds < MAX_WALL_SECONDS and peak < MAX_PEAK_MIB, (seconds, peak, stderr)
+    assert code == 2 and "Traceback" not in stderr and "internal error" not in stderr, stderr
+    assert f"{definition}:3: machines.vm.cmdline" in stderr, stderr
+
+
+def test_many_values_share_one_budget_per_file(tmp_path):
+    """Each value under the per-value cap, but thousands of them: the file's output is bounded too."""
+    definition = tmp_path / "m.toml"
+    lines = "".join(f'v{i} = "{{{{ \'x\' * 1000000 }}}}"\n' for i in range(2000))
+    definition.write_text(f'[machines.vm]\nkernel = "k"\n[machines.vm.cloud_init.meta_data]\n{lines}')
+    seconds, peak, code, stderr = _validate_measured(definition)
+    assert seconds < MAX_WALL_SECONDS and peak < MAX_PEAK_MIB, (seconds, peak, stderr)
+    assert code == 2 and "characters of rendered values in one file" in stderr, stderr
+
+
+def test_rendering_in_a_child_keeps_results_and_types(tmp_path):
+    """The bound changes nothing for a real file: values, types, line numbers and unused --var checks."""
+    definition = tmp_path / "m.toml"
+    definition.write_text('[vars]\ncpus = 2\nname = "web"\n[machines.vm]\nkernel = "k"\ncpus = "{{ cpus }}"\n'
+                          'cmdline = "console=ttyS0 host={{ name|upper }}-{{ 2**10 }} {% for i in range(3) %}{{ i }}{% endfor %}"\n')
+    machine = load(definition, environ={}).machines["vm"]
+    assert machine.cpus == 2 and machine.cmdline == "console=ttyS0 host=WEB-1024 012"

@@ -15,14 +15,15 @@ from qemuspec.spec import load, loads
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 VARIANTS = {
-    "uefi-vnc": '[machines.m]\nfirmware = "uefi"\ndisplay = { type = "vnc", port = 5901 }\nboot_order = "cd"\ncdrom = "/tmp/x.iso"\n'
+    "uefi-vnc": '[machines.m]\nfirmware = "uefi"\ndisplay = { type = "vnc", port = 5901, unauthenticated = true }\nboot_order = "cd"\ncdrom = "/tmp/x.iso"\n'
                 '[[machines.m.disks]]\nfile = "/tmp/a.qcow2"\nformat = "qcow2"\nreadonly = true\nserial = "S1"\n',
     "shares-agent-rng": '[machines.m]\nagent = true\nrng = true\ncpu = "Haswell"\ncpu_options = { pmu = false }\n'
                         'shares = [{ source = "/srv", tag = "srv", readonly = true }, { type = "virtiofs", source = "/data", tag = "data" }]\n',
-    "nics": '[machines.m]\nnics = [{ model = "e1000" }, { type = "bridge", bridge = "br0" }, { type = "socket", listen = "127.0.0.1:4000" }]\n'
+    "nics": '[machines.m]\nnics = [{ model = "e1000", outbound = true }, {}, { type = "bridge", bridge = "br0" }, { type = "socket", listen = "127.0.0.1:4000" }]\n'
             'devices = [{ driver = "virtio-balloon-pci", id = "b0" }]\nobjects = [{ type = "rng-random", id = "r0", options = { filename = "/dev/urandom" } }]\n'
             'machine_options = { kernel-irqchip = "split" }\n[[machines.m.disks]]\nfile = "/tmp/n.img"\ninterface = "nvme"\n'
             '[[machines.m.disks]]\nfile = "/tmp/s.img"\ninterface = "scsi"\n',
+    "spice-socket": '[machines.m]\ndisplay = "spice"\n',
     "host-kvm": '[machines.m]\naccel = "kvm"\ncpu = "host"\nserial = "none"\n',
 }
 
@@ -56,8 +57,12 @@ def test_variants_export_valid_xml(variant, tmp_path):
     xml = domain_xml(machine, "m")
     validates(xml, tmp_path)
     if variant == "nics":
-        assert "<qemu:arg value=\"socket,id=qemuspec-net2,listen=127.0.0.1:4000\" />" in xml, "untyped parts ride on qemu:commandline"
+        assert "<qemu:arg value=\"socket,id=qemuspec-net3,listen=127.0.0.1:4000\" />" in xml, "untyped parts ride on qemu:commandline"
+        assert "<qemu:arg value=\"user,id=qemuspec-net1,restrict=on\" />" in xml, "libvirt's own user NIC has no restrict=on"
+        assert xml.count('interface type="user"') == 1, "only the outbound NIC is libvirt's user networking"
         assert 'source bridge="br0"' in xml and 'model type="e1000"' in xml
+    if variant == "spice-socket":
+        assert '<listen type="socket" />' in xml, "a unix socket in libvirt's private directory, not TCP"
 
 
 def test_render_command_emits_libvirt_xml(tmp_path):

@@ -45,7 +45,7 @@ def test_example_argv_in_detail():
     assert "socket,id=qemuspec-qmp,path=/run/q/abc/qmp.sock,server=on,wait=off" in argv
     assert "socket,id=qemuspec-serial0,path=/run/q/abc/console.sock,server=on,wait=off,logfile=/state/web/serial.log,logappend=on" in argv
     assert f"if=none,id=qemuspec-disk0,file={ROOT}/machines/web.qcow2,format=qcow2,cache=unsafe" in argv
-    assert "user,id=qemuspec-net0,hostfwd=tcp:127.0.0.1:8080-:80,hostfwd=tcp:127.0.0.1:0-:22" in argv
+    assert "user,id=qemuspec-net0,restrict=on,hostfwd=tcp:127.0.0.1:8080-:80,hostfwd=tcp:127.0.0.1:0-:22" in argv
     assert argv[-2:] == ["-rtc", "base=utc"], "append goes last, verbatim"
 
 
@@ -97,9 +97,12 @@ TYPED = [
     ({"cdrom": "boot.iso", "boot_order": "dc"}, ["-boot", "order=dc", "-drive", "if=none,id=qemuspec-cd0,media=cdrom,readonly=on,format=raw,file=/defs/boot.iso", "-device", "ide-cd,drive=qemuspec-cd0"]),
     ({"shares": [{"source": "/srv", "tag": "srv", "readonly": True}]}, ["-fsdev", "local,id=qemuspec-fs0,path=/srv,security_model=mapped-xattr,readonly=on", "-device", "virtio-9p-pci,fsdev=qemuspec-fs0,mount_tag=srv"]),
     ({"shares": [{"type": "virtiofs", "source": "/srv", "tag": "srv"}], "memory": "1G"}, ["-machine", "type=q35,memory-backend=qemuspec-mem0", "-object", "memory-backend-memfd,id=qemuspec-mem0,size=1024M,share=on", "-chardev", "socket,id=qemuspec-vfs0,path=/run/q/abc/virtiofs0.sock", "-device", "vhost-user-fs-pci,chardev=qemuspec-vfs0,tag=srv"]),
-    ({"display": "vnc"}, ["-vga", "std", "-display", "none", "-vnc", "127.0.0.1:0"]),
-    ({"display": {"type": "vnc", "port": 5905, "options": {"password": True}}}, ["-vnc", "127.0.0.1:5,password=on"]),
-    ({"display": {"type": "spice"}}, ["-spice", "addr=127.0.0.1,port=5930,disable-ticketing=on"]),
+    ({"display": "vnc"}, ["-vga", "std", "-display", "none", "-vnc", "unix:/run/q/abc/display.sock"]),
+    ({"display": {"type": "vnc", "port": 5905, "options": {"lossy": True}}}, ["-vnc", "127.0.0.1:5,password=on,lossy=on"]),
+    ({"display": {"type": "vnc", "listen": "127.0.0.1", "unauthenticated": True}}, ["-vnc", "127.0.0.1:0"]),
+    ({"display": {"type": "spice"}}, ["-spice", "unix=on,addr=/run/q/abc/display.sock,disable-ticketing=on"]),
+    ({"display": {"type": "spice", "port": 5931}}, ["-spice", "addr=127.0.0.1,port=5931"]),
+    ({"display": {"type": "spice", "port": 5931, "unauthenticated": True}}, ["-spice", "addr=127.0.0.1,port=5931,disable-ticketing=on"]),
     ({"display": "gtk"}, ["-vga", "std", "-display", "gtk"]),
     ({"rng": True}, ["-object", "rng-random,id=qemuspec-rng0,filename=/dev/urandom", "-device", "virtio-rng-pci,rng=qemuspec-rng0"]),
     ({"devices": [{"driver": "virtio-balloon-pci", "id": "b0", "options": {"deflate-on-oom": True}}]}, ["-device", "virtio-balloon-pci,id=b0,deflate-on-oom=on"]),
@@ -111,7 +114,8 @@ TYPED = [
     ({"nics": [{"type": "stream", "listen": "/tmp/lan.sock"}]}, ["-netdev", "stream,id=qemuspec-net0,server=on,addr.type=unix,addr.path=/tmp/lan.sock"]),
     ({"nics": [{"type": "tap", "ifname": "tap0"}]}, ["-netdev", "tap,id=qemuspec-net0,ifname=tap0,script=no,downscript=no"]),
     ({"nics": [{"type": "bridge", "bridge": "br0", "model": "e1000"}]}, ["-netdev", "bridge,id=qemuspec-net0,br=br0", "-device", "e1000,netdev=qemuspec-net0"]),
-    ({"nics": [{"forwards": [{"host": 0, "guest": 53, "protocol": "udp"}]}]}, ["-netdev", "user,id=qemuspec-net0,hostfwd=udp:127.0.0.1:0-:53"]),
+    ({"nics": [{"forwards": [{"host": 0, "guest": 53, "protocol": "udp"}]}]}, ["-netdev", "user,id=qemuspec-net0,restrict=on,hostfwd=udp:127.0.0.1:0-:53"]),
+    ({"nics": [{"outbound": True}]}, ["-netdev", "user,id=qemuspec-net0", "-device", "virtio-net-pci,netdev=qemuspec-net0"]),
     ({"serial": "pty"}, ["-chardev", "pty,id=qemuspec-serial0,logfile=/state/web/serial.log,logappend=on", "-serial", "chardev:qemuspec-serial0"]),
     ({"serial": "none"}, ["-serial", "none"]),
     ({"paused": True, "cpu": "host", "cpu_options": {"pmu": False}}, ["-cpu", "host,pmu=off", "-S", "-chardev"]),

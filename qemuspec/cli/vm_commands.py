@@ -167,7 +167,22 @@ def status(ctx: Context) -> int:
                 print(f"{r['name']}: {r['next_boot']['disk_writes']}")
         if r.get("restored") and "reseeded" not in r["restored"].get("rng", ""):
             print(f"{r['name']}: RNG {r['restored']['rng']}")
+        if r.get("display") and r["state"] not in ("stopped", "crashed", "failed", "lost"):
+            print(f"{r['name']}: display {display_text(r['name'], r['display'])}")
     return 0
+
+
+def display_text(name: str, where: dict) -> str:
+    """Where a vnc/spice display is and how its owner connects (render.display_endpoint's record)."""
+    kind = where["type"]
+    if "socket" in where:
+        viewer = f"vncviewer {where['socket']}" if kind == "vnc" else f"remote-viewer spice+unix://{where['socket']}"
+        return f"{kind} on the unix socket {where['socket']} (only you can open it; connect: {viewer})"
+    text = f"{kind} on {where['address']}:{where['port']}"
+    if where["auth"] == "none":
+        return text + " with no authentication (unauthenticated = true: every local user can connect)"
+    return text + (f" (refuses every client until you set a password: qemuspec qmp {name} set_password "
+                   f"'{{\"protocol\": \"{kind}\", \"password\": \"...\"}}')")
 
 
 def _table(rows: list[dict], with_file: bool) -> None:
@@ -261,6 +276,8 @@ def inspect(ctx: Context) -> int:
         print(f"{key + ':':<12} {', '.join(value) if isinstance(value, list) else ('-' if value is None else value)}")
     for p in info["ports"]:
         print(f"{'port:':<12} {p['address']}:{p['host']} -> {p['guest']}/{p['protocol']}")
+    if info.get("display"):
+        print(f"{'display:':<12} {display_text(name, info['display'])}")
     for d in info["disks"]:
         print(f"{'disk:':<12} {d['file']} ({d['format'] or '?'}{', backing ' + d['backing'] if d['backing'] else ''}{'' if d['exists'] else ', not created yet'})")
     if "last_exit" in info:

@@ -19,9 +19,11 @@ KILL_WAIT = 10.0  # after SIGKILL: the kernel frees a large guest's memory befor
 
 def spawn(argv: list[str], log_fd: int, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
     """Start qemu with no shell, in its own session and process group (a Ctrl-C in the terminal does
-    not reach it, and whatever it forks can be signalled with it)."""
+    not reach it, and whatever it forks can be signalled with it). Its umask is 077: what qemu itself
+    creates (a display's unix socket, overlays, its pidfile) is the owner's alone."""
     try:
-        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, pass_fds=pass_fds, start_new_session=True, close_fds=True)
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, pass_fds=pass_fds, start_new_session=True,
+                                close_fds=True, umask=0o077)
     except FileNotFoundError:
         raise LaunchError(f"qemu binary {argv[0]!r} not found: install it (Debian: apt-get install qemu-system-x86) or set qemu = \"/path/to/qemu-system-x86_64\"") from None
     except PermissionError as exc:

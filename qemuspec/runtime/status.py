@@ -39,6 +39,10 @@ def machine_status(name: str, machine: Machine | None, state_dir: str, ask_qemu:
         "qmp": None, "ports": [], "accel": [], "file": (sup.owner if sup else None) or (rec.owner if rec else None),
         "state_dir": state_dir, "error": sup.error if sup else None, "boot": None,
     }
+    if machine is not None and machine.display.type in ("vnc", "spice"):
+        from qemuspec.render import display_endpoint
+
+        row["display"] = display_endpoint(machine, paths.layout(state_dir))
     if machine is not None and machine.warm:
         from qemuspec.runtime import warm
 

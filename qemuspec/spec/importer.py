@@ -515,9 +515,17 @@ def _netdev(imp: Import, option: str, value: str | None) -> None:
     nic: dict[str, Any] | None = None
     if kind == "user" and netdev_id:
         forwards = [_forward(v) for k, v in pairs if k == "hostfwd"]
+        # qemu's default is restrict=off (the guest reaches out, and the host's loopback as 10.0.2.2): the
+        # typed NIC says so with outbound = true; restrict=on is the model's default.
+        restrict = [v for k, v in pairs if k == "restrict"]
+        pairs = [(k, v) for k, v in pairs if k != "restrict"]
         rest = {k: value_of(v) for k, v in pairs if k not in ("hostfwd", "id", "type")}
-        if all(forwards) and len([k for k, _ in pairs if k != "hostfwd"]) == len(rest) + 1 + ("type" in dict(pairs)):
+        restricted = {"on": True, "yes": True, "off": False, "no": False}.get(restrict[-1] if restrict else "off")
+        if restricted is not None and len(restrict) <= 1 and all(forwards) \
+                and len([k for k, _ in pairs if k != "hostfwd"]) == len(rest) + 1 + ("type" in dict(pairs)):
             nic = {"type": "user"}
+            if not restricted:
+                nic["outbound"] = True
             if forwards:
                 nic["forwards"] = forwards
             if rest:
@@ -616,11 +624,13 @@ def _vnc(imp: Import, option: str, value: str | None) -> None:
     head, pairs = split_opts(value or "", implied="vnc")
     match = re.fullmatch(r"(\d+\.\d+\.\d+\.\d+|localhost)?:(\d{1,2})", head or "")
     options = {k: value_of(v) for k, v in pairs}
-    if not match or "display" in imp.machine or not fits(Display, "options", options):
+    password = options.pop("password", False)  # the typed display asks for one unless unauthenticated = true
+    if not match or "display" in imp.machine or not isinstance(password, bool) or not fits(Display, "options", options):
         imp.keep(option, value)
         return
     host = (match.group(1) or "0.0.0.0").replace("localhost", "127.0.0.1")  # qemu: no host = every address
-    imp.machine["display"] = {"type": "vnc", "listen": host, "port": 5900 + int(match.group(2)), "vga": "default", **({"options": options} if options else {})}
+    imp.machine["display"] = {"type": "vnc", "listen": host, "port": 5900 + int(match.group(2)), "vga": "default",
+                              **({} if password else {"unauthenticated": True}), **({"options": options} if options else {})}
 
 
 @handles("vga")

@@ -166,7 +166,7 @@ def _device(el: ET.Element, imp: Any, notes: list[str]) -> None:  # noqa: C901 -
     elif tag == "interface":
         kind = el.get("type")
         model = el.find("model")
-        nic: dict[str, Any] = {"type": "user"}
+        nic: dict[str, Any] = {"type": "user", "outbound": True}  # libvirt's user networking is not restricted
         if kind == "bridge" and el.find("source") is not None:
             nic = {"type": "bridge", "bridge": el.find("source").get("bridge")}  # type: ignore[union-attr]
         elif kind != "user":
@@ -201,9 +201,16 @@ def _device(el: ET.Element, imp: Any, notes: list[str]) -> None:  # noqa: C901 -
     elif tag == "graphics":
         kind = el.get("type")
         if kind in ("vnc", "spice"):
-            display: dict[str, Any] = {"type": kind, "listen": el.get("listen") or "127.0.0.1"}
-            if el.get("port") and el.get("port") != "-1" and el.get("autoport") != "yes":
-                display["port"] = int(el.get("port") or 0)
+            listen = el.find("listen")
+            display: dict[str, Any] = {"type": kind}
+            if el.get("socket") is None and (listen is None or listen.get("type") != "socket"):
+                # libvirt's TCP display without passwd= is open to every local user: the definition says so
+                address = el.get("listen") or (listen.get("address") if listen is not None else None) or "127.0.0.1"
+                display.update(listen=address, unauthenticated=el.get("passwd") is None)
+                if el.get("passwd") is not None:
+                    notes.append(f"<graphics type='{kind}' passwd=...>: the password is not imported; set one with `qemuspec qmp NAME set_password`")
+                if el.get("port") and el.get("port") != "-1" and el.get("autoport") != "yes":
+                    display["port"] = int(el.get("port") or 0)
             machine["display"] = {**machine.get("display", {}), **display}
         else:
             notes.append(f"<graphics type='{kind}'>: qemuspec runs machines headless")

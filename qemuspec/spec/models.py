@@ -218,6 +218,10 @@ class NIC(Model):
     model: Ident = "virtio-net-pci"
     mac: Annotated[str, Field(pattern=r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")] | None = None
     forwards: list[Forward] = Field(default_factory=list, description="Host-to-guest port forwards (type user)")
+    outbound: bool = Field(
+        False, description="type user: let the guest open connections out through user-mode NAT, to other hosts and to "
+        "this host's own services (10.0.2.2 is the host's 127.0.0.1: loopback services, other VMs' monitors). Off by "
+        "default (restrict=on): the guest reaches nothing, and forwards still work")
     listen: Endpoint | None = Field(None, description="socket/stream: address to listen on, host:port")
     connect: Endpoint | None = Field(None, description="socket/stream: address to connect to, host:port")
     mcast: Endpoint | None = Field(None, description="socket: multicast group, addr:port")
@@ -245,6 +249,11 @@ class NIC(Model):
             raise ValueError(f'a "{self.type}" NIC needs "listen" or "connect" (host:port)')
         if self.type == "bridge" and not self.bridge:
             raise ValueError('a "bridge" NIC needs "bridge" (the host bridge name, for example "br0")')
+        if self.outbound and self.type != "user":
+            raise ValueError(f'"outbound" only works with type = "user", not "{self.type}"')
+        if "restrict" in self.options:  # the one switch for host access is the named field
+            raise ValueError('options.restrict is not passed through: user-mode NICs are restricted unless outbound = true '
+                             "(which lets the guest reach other hosts and this host's loopback services)")
         for key in ("listen", "connect", "mcast"):
             if getattr(self, key) and self.type not in ("socket", "stream"):
                 raise ValueError(f'"{key}" only works with type = "socket" or "stream"')
@@ -265,9 +274,18 @@ class Share(Model):
 
 
 class Display(Model):
+    """A visible display. VNC and SPICE have no authentication of their own that qemuspec could rely on,
+    and any local user reaches a loopback port: by default they listen on a unix socket in the
+    machine's private runtime directory (0700, socket 0600), which only its owner can open."""
+
     type: Literal["none", "vnc", "spice", "gtk", "sdl", "curses", "egl-headless"] = "none"
-    listen: Annotated[str, AfterValidator(_listen_address)] = Field("127.0.0.1", description="vnc/spice: address to listen on; loopback by default")
-    port: Port | None = Field(None, description="vnc/spice: TCP port (vnc: 5900 + display number)")
+    listen: Annotated[str, AfterValidator(_listen_address)] | None = Field(
+        None, description="vnc/spice: serve on TCP at this address instead of the private unix socket (the default); "
+        "a TCP display refuses every client until a password is set over QMP, unless unauthenticated = true")
+    port: Port | None = Field(None, description="vnc/spice: TCP port (vnc: 5900 + display number); implies TCP on 127.0.0.1")
+    unauthenticated: bool = Field(
+        False, description="vnc/spice on TCP: no password at all. Every local user (and every host that reaches the "
+        "address) can then watch and type into the VM: an explicit opt-in, for a trusted single-user host only")
     vga: Ident = Field("std", description='Graphics card for a visible display (-vga); "default" leaves it to qemu')
     options: Options = Field(default_factory=dict)
 
@@ -280,6 +298,17 @@ class Display(Model):
     def _vnc_port(self) -> "Display":
         if self.type == "vnc" and self.port is not None and not 5900 <= self.port <= 5900 + 99:
             raise ValueError("a vnc port must be between 5900 and 5999 (display 0 to 99)")
+        tcp = self.listen is not None or self.port is not None
+        if (tcp or self.unauthenticated) and self.type not in ("vnc", "spice"):
+            key = "unauthenticated" if self.unauthenticated else ("listen" if self.listen is not None else "port")
+            raise ValueError(f'"{key}" only works with type = "vnc" or "spice"')
+        taken = sorted(set(self.options) & {"password", "disable-ticketing", "unix", "addr", "port"})
+        if taken and self.type in ("vnc", "spice"):  # where it listens and who may connect are the typed fields
+            raise ValueError(f"options.{taken[0]} is not passed through: the display's address and authentication are "
+                             "listen, port and unauthenticated (default: a unix socket only its owner can open)")
+        if self.unauthenticated and not tcp:
+            raise ValueError('"unauthenticated" is for a TCP display: add listen = "127.0.0.1" (or a port), or remove it '
+                             "(the default unix socket is reachable by its owner only)")
         return self
 
 
@@ -490,6 +519,7 @@ def _host_ports(machine: Machine) -> list[tuple[str, tuple]]:
         for number, fwd in enumerate(nic.forwards):
             if fwd.host:
                 out.append((f"nics.{index}.forwards.{number}.host", (fwd.protocol, fwd.host)))
-    if machine.display.type in ("vnc", "spice") and machine.display.port:
-        out.append(("display.port", ("tcp", machine.display.port)))
+    display = machine.display
+    if display.type in ("vnc", "spice") and (display.port or display.listen is not None):  # TCP (default: a unix socket)
+        out.append(("display.port", ("tcp", display.port or (5900 if display.type == "vnc" else 5930))))
     return out

@@ -3,20 +3,24 @@
 Definitions come from pull requests and other people's repositories, so templates are treated as
 hostile: the file is parsed *first* and only string values are rendered, so a variable is always a
 value and can never add a key (a ``--var`` holding ``"`` and a newline stays one string). Rendering
-uses Jinja2's immutable sandbox, with bounds on what one file may cost: operators that multiply sizes
-are checked before they run, ``range`` shares one budget per file, the output of each value is
-capped, and the whole file's rendering has a deadline enforced from a trace hook, which works in any
-thread. Every failure is a :class:`SpecError` naming the file, the line and the key.
+uses Jinja2's immutable sandbox, with bounds on what one file may cost. Checks in the sandbox give a
+clear message for the usual ways to blow up (``*`` and ``**`` are costed before they run, ``range``
+shares one budget per file, each value and the whole file's output are capped). They cannot be the
+bound itself: a single C-level operation (``(10**64)**64**...``, a string method building gigabytes)
+never returns to Python, so no trace hook or check in between can stop it. The bound is a process:
+one file's templates render in a forked child with an address-space and a CPU limit, killed at a
+wall-clock deadline; only the rendered strings come back. Every failure is a :class:`SpecError`
+naming the file, the line and the key.
 """
 
 from __future__ import annotations
 
 import difflib
+import os
 import re
-import sys
 import time
 import warnings
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 from qemuspec.errors import QemuspecWarning, SpecError
 
@@ -27,8 +31,11 @@ LATE_VARIABLES = ("ssh_public_key", "machine_name")
 _WHOLE = re.compile(r"^\s*\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}\s*$")
 
 MAX_VALUE_CHARS = 1 << 20  # one rendered value
+MAX_FILE_CHARS = 8 << 20  # every rendered value of one file together
 MAX_ITEMS = 100_000  # range() items, and the length of a sequence an operator may build
-MAX_SECONDS = 2.0  # the whole file
+MAX_INT_BITS = 4096  # the largest number an operator may build
+MAX_SECONDS = 2.0  # the whole file, wall clock (the rendering child is killed then)
+MAX_MEMORY = 256 << 20  # address space the rendering child may add to what it inherits
 
 
 _STR_BLOCKED = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs", "format", "format_map"})
@@ -47,15 +54,17 @@ def _sandbox() -> Any:
         intercepted_unops = frozenset()
 
         def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-            if operator == "**" and isinstance(right, (int, float)) and not isinstance(right, bool) and abs(right) > 64:
-                raise _Exhausted(f"an exponent of {right} (templates allow at most 64)")
+            if operator == "**" and isinstance(left, int) and isinstance(right, int) and left.bit_length() * right > MAX_INT_BITS:
+                # costed by the bits of the result before it is built: (10**64)**64 never starts
+                raise _Exhausted(f"an exponent of {right} on a {left.bit_length()}-bit number: a number of up to "
+                                 f"{left.bit_length() * right} bits (templates allow {MAX_INT_BITS})")
             if operator == "*":
                 for seq, count in ((left, right), (right, left)):
-                    if isinstance(seq, (str, list, tuple)) and isinstance(count, int) and len(seq) * count > MAX_VALUE_CHARS:
+                    if isinstance(seq, (str, bytes, list, tuple)) and isinstance(count, int) and len(seq) * count > MAX_VALUE_CHARS:
                         raise _Exhausted(f"a value of {len(seq) * count} items (at most {MAX_VALUE_CHARS})")
-                if isinstance(left, int) and isinstance(right, int) and (left.bit_length() + right.bit_length()) > 4096:
-                    raise _Exhausted("a number of more than 4096 bits")
-            if operator == "%" and isinstance(left, str):
+                if isinstance(left, int) and isinstance(right, int) and (left.bit_length() + right.bit_length()) > MAX_INT_BITS:
+                    raise _Exhausted(f"a number of more than {MAX_INT_BITS} bits")
+            if operator == "%" and isinstance(left, (str, bytes)):
                 raise _Exhausted('"%" formatting (use ~ to join text)')
             return super().call_binop(context, operator, left, right)
 
@@ -107,16 +116,10 @@ def render_values(data: dict[str, Any], lines: dict[tuple, int], source: str, gi
     merged, from_env, from_cli = variables_for(data.get("vars"), source, environ, given)
     strings = list(_template_strings(data, ()))
     used: set[str] = set()
-    if strings:
-        env = _sandbox()
-        from jinja2 import meta
-
-        with _deadline(MAX_SECONDS):
-            for path, text in strings:
-                where = _where(source, lines, path)
-                template, names = _compile(env, meta, text, where, path)
-                used |= names
-                _set(data, path, _render(template, text, names, merged, where, path))
+    jobs = [(text, _where(source, lines, path), path) for path, text in strings]
+    for (path, _), (value, names) in zip(strings, _bounded(jobs, merged)):
+        used |= names
+        _set(data, path, value)
     unused = sorted(from_cli - used)
     if unused:
         known = sorted(used | set(data.get("vars") or {}))
@@ -169,13 +172,10 @@ def _compile(env: Any, meta: Any, text: str, where: str, path: tuple) -> tuple[A
         raise SpecError(f"{where}: {_dotted(path)}: the template is too large or too deep ({exc}): simplify it") from None
 
 
-def _render(template: Any, text: str, names: set[str], variables: Mapping[str, Any], where: str, path: tuple) -> Any:
+def _render(template: Any, names: set[str], variables: Mapping[str, Any], where: str, path: tuple, budget: list[int]) -> str:
     import jinja2
     from jinja2.exceptions import SecurityError
 
-    whole = _WHOLE.match(text)
-    if whole and whole.group(1) in variables and not isinstance(variables[whole.group(1)], str):
-        return variables[whole.group(1)]  # "{{ cpus }}" with cpus = 2 stays the number 2
     field = _dotted(path)
     try:
         out: list[str] = []
@@ -185,6 +185,9 @@ def _render(template: Any, text: str, names: set[str], variables: Mapping[str, A
             if size > MAX_VALUE_CHARS:
                 raise _Exhausted(f"a value over {MAX_VALUE_CHARS} characters")
             out.append(chunk)
+        budget[0] -= size
+        if budget[0] < 0:
+            raise _Exhausted(f"more than {MAX_FILE_CHARS} characters of rendered values in one file")
         return "".join(out)
     except jinja2.UndefinedError as exc:
         missing = sorted(n for n in names if n not in variables)
@@ -213,34 +216,136 @@ def _set(data: Any, path: tuple, value: Any) -> None:
     data[path[-1]] = value
 
 
-class _deadline:
-    """Stop template code that runs longer than ``seconds``: a trace hook counts lines (any thread)."""
+def _bounded(jobs: Sequence[tuple[str, str, tuple]], variables: Mapping[str, Any]) -> list[tuple[Any, set[str]]]:
+    """(value, variable names) for each (text, where, key path) of one file, rendered within the bounds.
 
-    def __init__(self, seconds: float):
-        self.seconds = seconds
+    A whole-value ``"{{ cpus }}"`` of a non-string variable is that value (the number 2 stays 2) and
+    needs no rendering. The rest render in a forked child: RLIMIT_AS caps what it may allocate,
+    RLIMIT_CPU ends it if this process dies, and it is killed ``MAX_SECONDS`` after the fork. It sends
+    one JSON line per value (``{"at": i}`` first, so a timeout names the value); nothing else of the
+    child's comes back, and a child that dies or says anything malformed is a limit, not a result.
+    """
+    out: list[tuple[Any, set[str]] | None] = []
+    todo: list[int] = []
+    for index, (text, _, _) in enumerate(jobs):
+        whole = _WHOLE.match(text)
+        if whole and whole.group(1) in variables and not isinstance(variables[whole.group(1)], str):
+            out.append((variables[whole.group(1)], {whole.group(1)}))
+        else:
+            out.append(None)
+            todo.append(index)
+    if todo:
+        env = _sandbox()  # jinja2 is imported here, once, not in every child
+        env.from_string("{{ x }}{% if x %}{% endif %}")  # builds the lexer and compiler state once, before the fork
+        for index, value, names in _in_child(env, [jobs[i] for i in todo], variables):
+            out[todo[index]] = (value, names)
+    return out  # type: ignore[return-value]
 
-    def __enter__(self) -> None:
-        self.previous = sys.gettrace()
-        end = time.monotonic() + self.seconds
-        count = [0]
 
-        def tracer(frame: Any, event: str, arg: Any) -> Any:
-            count[0] += 1
-            if count[0] % 1000 == 0 and time.monotonic() > end:
-                raise _Exhausted(f"template rendering took more than {self.seconds:g} s")
-            return tracer if frame.f_code.co_filename == "<template>" else None
+def _in_child(env: Any, jobs: Sequence[tuple[str, str, tuple]], variables: Mapping[str, Any]) -> Iterator[tuple[int, str, set[str]]]:
+    import json
+    import select
+    import signal
 
-        sys.settrace(tracer)
+    read_end, write_end = os.pipe()
+    try:
+        with warnings.catch_warnings():  # Python 3.12 warns about fork in a threaded process; the child runs no thread's code
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+    except OSError as exc:
+        os.close(read_end)
+        os.close(write_end)
+        raise SpecError(f"{jobs[0][1]}: cannot start a process to render the templates in ({exc}): "
+                        "free memory or processes (ulimit -u) and try again") from None
+    if pid == 0:  # pragma: no cover - the child; it never returns into the caller's code
+        code = 1
+        try:
+            os.close(read_end)
+            _child(env, jobs, variables, write_end)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    deadline = time.monotonic() + MAX_SECONDS
+    buffer = bytearray()
+    reaped = False
+    timed_out = False
+    poller = select.poll()  # not select(): a library caller may hold more than 1024 descriptors
+    poller.register(read_end, select.POLLIN)
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(max(1, int(left * 1000))):
+                timed_out = True
+                break
+            chunk = os.read(read_end, 1 << 16)
+            if not chunk:
+                break
+            buffer += chunk
+            if len(buffer) > 8 * MAX_FILE_CHARS:  # more than the child may say: it is not ours any more
+                break
+        if timed_out or len(buffer) > 8 * MAX_FILE_CHARS:
+            os.kill(pid, signal.SIGKILL)
+        status = os.waitpid(pid, 0)[1]
+        reaped = True
+    finally:
+        os.close(read_end)
+        if not reaped:  # interrupted (Ctrl-C): the child goes too
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    current = 0
+    results: list[tuple[int, str, set[str]]] = []
+    for line in bytes(buffer).split(b"\n"):
+        try:
+            message = json.loads(line.decode("utf-8", "surrogatepass")) if line else None
+        except ValueError:
+            message = None
+        if isinstance(message, dict) and isinstance(message.get("at"), int) and 0 <= message["at"] < len(jobs):
+            current = message["at"]
+        elif isinstance(message, dict) and isinstance(message.get("value"), str) and isinstance(message.get("names"), list):
+            results.append((current, message["value"], {str(n) for n in message["names"]}))
+        elif isinstance(message, dict) and isinstance(message.get("error"), str):
+            raise SpecError(message["error"])
+    if len(results) == len(jobs) and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and not timed_out:
+        return iter(results)
+    _, where, path = jobs[current]
+    if timed_out:
+        raise SpecError(f"{where}: {_dotted(path)}: template rendering took more than {MAX_SECONDS:g} s: simplify the template")
+    raise SpecError(f"{where}: {_dotted(path)}: the template went over a limit ({MAX_MEMORY >> 20} MiB of memory, or CPU time): "
+                    "simplify the template")
 
-    def __exit__(self, *exc: Any) -> None:
-        sys.settrace(self.previous)
+
+def _child(env: Any, jobs: Sequence[tuple[str, str, tuple]], variables: Mapping[str, Any], write_end: int) -> None:
+    """The forked child's work: limits first, then each value; errors go back as their paragraph."""
+    import json
+    import math
+    import resource
+
+    os.closerange(3, write_end)  # the caller's files, sockets and locks are none of the templates' business
+    os.closerange(write_end + 1, 1 << 16)
+    with open("/proc/self/statm", "rb") as f:
+        inherited = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    resource.setrlimit(resource.RLIMIT_AS, (inherited + MAX_MEMORY, inherited + MAX_MEMORY))
+    seconds = math.ceil(MAX_SECONDS) + 1
+    resource.setrlimit(resource.RLIMIT_CPU, (seconds, seconds))
+    from jinja2 import meta
+
+    def send(message: dict) -> None:
+        data = (json.dumps(message, ensure_ascii=False) + "\n").encode("utf-8", "surrogatepass")
+        view = memoryview(data)
+        while view:
+            view = view[os.write(write_end, view):]
+
+    budget = [MAX_FILE_CHARS]
+    try:
+        for index, (text, where, path) in enumerate(jobs):
+            send({"at": index})
+            template, names = _compile(env, meta, text, where, path)
+            send({"value": _render(template, names, variables, where, path, budget), "names": sorted(names)})
+    except SpecError as exc:
+        send({"error": str(exc)})
 
 
 def render_text(text: str, variables: Mapping[str, Any], what: str) -> str:
     """One whole text (cloud-init data read at start) through the same sandbox and bounds."""
-    env = _sandbox()
-    with _deadline(MAX_SECONDS):
-        from jinja2 import meta
-
-        template, names = _compile(env, meta, text, what, ())
-        return _render(template, "", names, variables, what, ())
+    return str(_bounded([(text, what, ())], variables)[0][0])
