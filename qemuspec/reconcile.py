@@ -152,6 +152,8 @@ def plan(spec: File, root: str, names: list[str], owner: str | None = None) -> l
                 import difflib
 
                 diff = list(difflib.unified_diff(found.argv, wanted, "running", "definition", lineterm="", n=1))
+            if action == "wait":  # a supervisor is starting it (an `up` was interrupted): `up` waits for it
+                action = "starting"
             step: dict[str, Any] = {"name": name, "action": action, "diff": diff}
             machine = spec.machines[name]
             if machine.warm:

@@ -125,8 +125,8 @@ def request_stop(state_dir: str, timeout: float | None) -> None:
 def clear(state_dir: str) -> None:
     """Remove a dead supervisor's records (and the runtime directory if nothing else is in it)."""
     run = paths.run_dir(os.path.abspath(state_dir))
+    statedir.remove(state_dir, statedir.SUPERVISOR, statedir.STOP)  # first: a copy without a lock means "re-registering"
     statedir.remove(run, statedir.SUPERVISOR, statedir.STOP, statedir.LOCK)
-    statedir.remove(state_dir, statedir.SUPERVISOR, statedir.STOP)
     with contextlib.suppress(OSError):
         os.rmdir(run)
 
