@@ -201,9 +201,11 @@ def _up_level(spec: File, root: str, level: list[str], report: Report, owner: st
             assert found is not None and found.process is not None
             outcomes[name] = Outcome(name, "up to date", 0.0, found.process.pid, ports=found.ports, accel=list(found.layout.accel))
             continue
-        action, adopt = "started", False
+        action, adopt, restarts = "started", False, 0
         if decision == "adopt":
             action, adopt = "adopted", True
+            stale = supervisor.stale_supervisor(state_dir)
+            restarts = stale.restarts if stale else 0  # the count carries on
             report(name, "adopting the running machine")
         elif decision == "recreate":
             report(name, "definition changed: stopping" if found is not None else "replacing a restarting machine")
@@ -212,7 +214,7 @@ def _up_level(spec: File, root: str, level: list[str], report: Report, owner: st
         elif decision == "start":
             _clean_stale(state_dir)
         try:
-            _, fd = supervisor.spawn(name, machine, state_dir, adopt, owner)
+            _, fd = supervisor.spawn(name, machine, state_dir, adopt, owner, restarts)
         except (OSError, QemuspecError) as exc:
             outcomes[name] = Outcome(name, "failed", detail=f"cannot start the supervisor of {name}: {exc}")
             continue
