@@ -248,7 +248,8 @@ def readopt(spec: File, root: str, names: list[str], owner: str | None = None) -
                 continue
             stale = supervisor.stale_supervisor(_state(root, name))
             try:
-                _, progress = supervisor.spawn(name, spec.machines[name], _state(root, name), True, owner, stale.restarts if stale else 0)
+                _, progress = supervisor.spawn(name, spec.machines[name], _state(root, name), True, owner,
+                                               stale.restarts if stale else 0)
             except (OSError, QemuspecError) as exc:
                 outcomes[name] = Outcome(name, "failed", detail=f"cannot start the supervisor of {name}: {exc}")
                 continue
@@ -294,24 +295,26 @@ def _wait_started(spec: File, root: str, name: str, began: float) -> Outcome | N
                 end = statedir.read(state_dir, statedir.EXIT, statedir.ExitRecord)
                 if end is not None and end.phase in ("failed", "crashed"):
                     return Outcome(name, "failed", time.monotonic() - began,
-                                   detail=f"machine {name}: the start another `up` began failed: {end.reason or end.why}")
+                                   detail=f"machine {name}: the start another `up` began failed: "
+                                          f"{end.reason or end.why}")
                 return None
             if current.phase == "running":
                 found = Instance.find(name, machine, state_dir)
                 if found is not None and found.process is not None:
-                    return Outcome(name, "started", time.monotonic() - began, found.process.pid, detail="start begun by another `up`",
-                                   ports=found.ports, accel=list(found.layout.accel),
-                                   qemu=preflight.qemu_path(machine.qemu) or machine.qemu)
+                    return Outcome(name, "started", time.monotonic() - began, found.process.pid,
+                                   detail="start begun by another `up`", ports=found.ports,
+                                   accel=list(found.layout.accel), qemu=preflight.qemu_path(machine.qemu) or machine.qemu)
             if current.phase == "restarting" and current.last_exit and current.last_exit != seen_failure:
                 return Outcome(name, "failed", time.monotonic() - began,
                                detail=f"machine {name}: the start another `up` began failed: {current.last_exit} "
                                       f"(restart = \"{current.restart}\": attempt {current.attempt} follows)")
             if current.phase == "stopping":
-                return Outcome(name, "failed", time.monotonic() - began, detail=f"machine {name} is being stopped (`down` runs)")
+                return Outcome(name, "failed", time.monotonic() - began,
+                               detail=f"machine {name} is being stopped (`down` runs)")
             if time.monotonic() > deadline:
                 return Outcome(name, "failed", time.monotonic() - began,
-                               detail=f"machine {name} was not ready within {machine.ready.timeout:g} s of the start another `up` began "
-                                      f"(its supervisor, pid {current.pid}, says {current.phase})")
+                               detail=f"machine {name} was not ready within {machine.ready.timeout:g} s of the start "
+                                      f"another `up` began (its supervisor, pid {current.pid}, says {current.phase})")
             # the supervisor's record changes without a notification we can wait on; its exit wakes us at once
             select.select([pidfd] if pidfd is not None else [], [], [], 0.1)
     finally:

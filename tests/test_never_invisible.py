@@ -55,6 +55,18 @@ def own_qemu(tmp_path) -> set[int]:
     return found
 
 
+def background(*args, **kwargs) -> subprocess.Popen:
+    """A qemuspec command left running while the test goes on."""
+    return subprocess.Popen([sys.executable, "-m", "qemuspec.cli.main", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, **kwargs)
+
+
+def started_again(path, old_pid, what, timeout=120.0) -> dict:
+    """Wait until the machine runs a qemu other than ``old_pid``; its status row."""
+    return until(lambda: (r := status(path)["web"])["state"] == "running" and r["pid"] != old_pid and r,
+                 timeout=timeout, what=what)
+
+
 def status(path) -> dict[str, dict]:
     return {row["name"]: row for row in json.loads(cli("status", path, "--json").stdout)}
 
@@ -78,8 +90,9 @@ def lab(tmp_path, guest):
 
     def make(restart="no", cmdline="quiet", marker=None, timeout="90s", stop_timeout="5s", file="lab.toml"):
         path = tmp_path / file
-        path.write_text(MACHINE.format(name="web", kernel=guest["kernel"], initrd=guest["initrd"], cmdline=cmdline, restart=restart,
-                                       marker=marker or guest["marker"], timeout=timeout, stop_timeout=stop_timeout))
+        path.write_text(MACHINE.format(name="web", kernel=guest["kernel"], initrd=guest["initrd"], cmdline=cmdline,
+                                       restart=restart, marker=marker or guest["marker"], timeout=timeout,
+                                       stop_timeout=stop_timeout))
         made.append(str(path))
         return str(path)
 
@@ -125,7 +138,7 @@ def test_runtime_directory_removed_under_a_live_supervisor_is_made_again(lab, tm
     result = cli("down", path, "--json")
     [down] = json.loads(result.stdout)
     assert down["action"] == "stopped" and result.returncode == 0
-    assert not alive(sup) and not alive(started["pid"]), "one down stops it: the supervisor is gone, nothing restarts it"
+    assert not alive(sup) and not alive(started["pid"]), "one down stops it: no supervisor is left to restart it"
     assert own_qemu(tmp_path) == set()
     timing("6 runtime directory removed", detection=detected, down=time.monotonic() - began)
 
@@ -146,10 +159,11 @@ def test_down_right_after_the_runtime_directory_is_removed_still_stops_the_machi
 
 def _interrupted_up(lab, path, signum) -> int:
     """Start `up`, and once its supervisor has forked and is starting the machine, interrupt the CLI."""
-    first = subprocess.Popen([sys.executable, "-m", "qemuspec.cli.main", "up", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = background("up", path)
     from qemuspec.runtime import statedir
 
-    rec = until(lambda: statedir.read(run_dir(path), statedir.SUPERVISOR, statedir.SupervisorRecord), timeout=60, what="the supervisor")
+    rec = until(lambda: statedir.read(run_dir(path), statedir.SUPERVISOR, statedir.SupervisorRecord), timeout=60,
+                what="the supervisor")
     lab.supervisors.add(rec.pid)
     first.send_signal(signum)
     first.communicate(timeout=30)
@@ -191,7 +205,7 @@ def test_second_up_reports_the_failure_of_a_start_in_progress(lab, tmp_path):
 def test_status_says_stopping_while_a_stop_is_in_progress(lab, tmp_path):
     path = lab(cmdline="quiet qemuspec.noacpi", stop_timeout="8s")  # the guest ignores the power button
     started, sup = up(lab, path)
-    down = subprocess.Popen([sys.executable, "-m", "qemuspec.cli.main", "down", path, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    down = background("down", path, "--json")
     began = time.monotonic()
     row = until(lambda: (r := status(path)["web"])["state"] == "stopping" and r, timeout=20, what="stopping")
     timing("8 stop in progress", detection=time.monotonic() - began)
@@ -236,7 +250,8 @@ def test_a_supervisor_without_heartbeat_is_hung(tmp_path):
     paths.private_dir(run)
     try:
         fd = statedir.hold_lock(run)
-        statedir.write(run, statedir.SUPERVISOR, statedir.SupervisorRecord(pid=os.getpid(), started=start_time(os.getpid()), phase="running"))
+        me = statedir.SupervisorRecord(pid=os.getpid(), started=start_time(os.getpid()), phase="running")
+        statedir.write(run, statedir.SUPERVISOR, me)
         sup = read_supervisor(state_dir)
         assert sup is not None and hung(state_dir, sup) is None, "a fresh heartbeat"
         os.utime(os.path.join(run, statedir.LOCK), (time.time() - HUNG_AFTER - 3,) * 2)
@@ -257,14 +272,15 @@ def test_unsupervised_machine_with_a_restart_policy_is_adopted_again(lab, tmp_pa
     path = lab(restart="always")
     started, sup = up(lab, path)
     os.kill(started["pid"], signal.SIGKILL)  # one restart first, so there is a count to keep
-    row = until(lambda: (r := status(path)["web"])["state"] == "running" and r["pid"] != started["pid"] and r, timeout=120, what="restart 1")
+    row = started_again(path, started["pid"], "restart 1")
     assert row["restarts"] == 1
     qemu = row["pid"]
     os.kill(sup, signal.SIGKILL)
     killed = time.monotonic()
     until(lambda: not alive(sup), what="the supervisor gone")
     listed = [r for r in json.loads(cli("ls", "--json").stdout) if r["state_dir"] == state(path)]
-    assert listed and listed[0]["state"] == "unsupervised" and 'restart = "always" is not enforced' in listed[0]["reason"]
+    assert listed and listed[0]["state"] == "unsupervised"
+    assert 'restart = "always" is not enforced' in listed[0]["reason"]
     assert listed[0]["restarts"] == 1
     result = cli("status", path, "--json")  # a command with the definition adopts it again
     [row] = json.loads(result.stdout)
@@ -274,7 +290,7 @@ def test_unsupervised_machine_with_a_restart_policy_is_adopted_again(lab, tmp_pa
     assert "adopted again" in result.stderr
     lab.supervisors.add(row["supervisor"])
     os.kill(qemu, signal.SIGKILL)  # the new supervisor enforces the policy
-    row = until(lambda: (r := status(path)["web"])["state"] == "running" and r["pid"] != qemu and r, timeout=120, what="restart 2")
+    row = started_again(path, qemu, "restart 2")
     assert row["restarts"] == 2 and own_qemu(tmp_path) == {row["pid"]}
     timing("9 supervisor killed: re-adopted by status", recovery=recovered)
 
@@ -287,9 +303,7 @@ def test_serial_log_stays_under_the_cap_while_the_guest_floods_the_console(lab, 
     path = lab()
     started, sup = up(lab, path)
     log = os.path.join(state(path), "serial.log")
-    flood = subprocess.Popen([sys.executable, "-m", "qemuspec.cli.main", "exec", path, "--",
-                              "sh", "-c", "yes qemuspec-flood-line | head -c 6000000 > /dev/ttyS0"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    flood = background("exec", path, "--", "sh", "-c", "yes qemuspec-flood-line | head -c 6000000 > /dev/ttyS0")
     began = time.monotonic()
     largest = 0
 
@@ -317,16 +331,17 @@ def test_slow_console_reader_gets_what_serial_log_holds(lab, tmp_path, guest):
     """A non-quiet boot seen by a slow `qemuspec console`: qemu's own logfile= repeated bytes behind a
     slow reader; now the log is what the reader received (no byte twice, none missing)."""
     path = lab(cmdline="")  # not quiet: the whole kernel log
-    first = subprocess.Popen([sys.executable, "-m", "qemuspec.cli.main", "up", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = background("up", path)
     proxy = os.path.join(run_dir(path), "console-client.sock")
-    until(lambda: os.path.exists(proxy) and os.path.exists(os.path.join(run_dir(path), "machine.json")), timeout=60, what="the console proxy")
-    console = subprocess.Popen([sys.executable, "-m", "qemuspec.cli.main", "console", path], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    until(lambda: os.path.exists(proxy) and os.path.exists(os.path.join(run_dir(path), "machine.json")), timeout=60,
+          what="the console proxy")
+    console = background("console", path, stdin=subprocess.PIPE)
     assert console.stdout is not None
     received = console.stdout.read1(256)  # attached: the boot is streaming to it
     assert received, console.stderr.read() if console.stderr else ""
     second = cli("console", path, check=False)  # one console at a time
-    assert second.returncode == 1 and "in use by another `qemuspec console`" in second.stderr and "Traceback" not in second.stderr
+    assert second.returncode == 1 and "in use by another `qemuspec console`" in second.stderr
+    assert "Traceback" not in second.stderr
     while guest["marker"].encode() not in received:  # slowly, 256 bytes at a time, until the boot is done
         chunk = console.stdout.read1(256)
         assert chunk, console.stderr.read() if console.stderr else ""
@@ -352,7 +367,7 @@ def test_exec_poweroff_on_an_always_machine_says_the_guest_went_away(lab, tmp_pa
     result = cli("exec", path, "--", "poweroff", "-f", check=False)
     assert result.returncode == 255 and "the guest went away" in result.stderr, result.stderr
     assert "internal error" not in result.stderr and "Traceback" not in result.stderr
-    row = until(lambda: (r := status(path)["web"])["state"] == "running" and r["pid"] != started["pid"] and r, timeout=120, what="restarted")
+    row = started_again(path, started["pid"], "restarted")
     timing("11 exec poweroff -f under always", recovery=time.monotonic() - began)
     assert row["restarts"] == 1 and row["supervisor"] == sup and own_qemu(tmp_path) == {row["pid"]}
 
@@ -369,15 +384,17 @@ def test_read_only_state_directory_during_a_restart_is_a_clear_error(lab, tmp_pa
     try:
         subprocess.run(["mount", "-o", "remount,ro,bind", directory], check=True)
         os.kill(started["pid"], signal.SIGKILL)
-        row = until(lambda: (r := status(path)["web"])["state"] == "restarting" and "failed to start" in r["reason"] and r,
-                    timeout=60, what="a failed restart")
-        assert "known_hosts" in row["reason"] and "Read-only file system" in row["reason"] and "writable" in row["reason"], row
+        row = until(lambda: (r := status(path)["web"])["state"] == "restarting" and "failed to start" in r["reason"]
+                    and r, timeout=60, what="a failed restart")
+        assert "known_hosts" in row["reason"] and "Read-only file system" in row["reason"], row
+        assert "writable" in row["reason"]
         assert "internal error" not in row["reason"] and row["supervisor"] == sup
         log = open(os.path.join(directory, "supervisor.log")).read()
         assert "Traceback" not in log
     finally:
         subprocess.run(["umount", directory], check=False)
-    row = until(lambda: (r := status(path)["web"])["state"] == "running" and r, timeout=120, what="restarted once writable")
+    row = until(lambda: (r := status(path)["web"])["state"] == "running" and r, timeout=120,
+                what="running once writable")
     assert own_qemu(tmp_path) == {row["pid"]}
 
 

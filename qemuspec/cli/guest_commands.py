@@ -56,9 +56,9 @@ def exec_(ctx: Context, *, timeout: float) -> int:
         except QMPConnectionError as exc:
             from qemuspec.errors import GuestGone
 
-            raise GuestGone(f"machine {name}: the guest went away before `{shlex.join(command)}` finished ({exc}): it powered off "
-                            "or rebooted, or its qemu exited; `qemuspec status` says whether it was started again "
-                            "(exit 255: the command's own exit code is unknown)") from None
+            raise GuestGone(f"machine {name}: the guest went away before `{shlex.join(command)}` finished ({exc}): "
+                            "it powered off or rebooted, or its qemu exited; `qemuspec status` says whether it was "
+                            "started again (exit 255: the command's own exit code is unknown)") from None
     if ctx.out.json:
         emit_json({"machine": name, "exitcode": code, "stdout": out.decode(errors="replace"), "stderr": err.decode(errors="replace"),
                    "stdout_b64": base64.b64encode(out).decode() if b"\0" in out else None})

@@ -149,7 +149,8 @@ def status(ctx: Context) -> int:
         return libvirt_commands.status(ctx, spec, target.machines(), hosts)
     owner = _owner(target)
     rows = []
-    readopted = _readopt(ctx, target.machines(), lambda n: spec.machines[n].restart != "no" and _unsupervised(target.state_dir(n)))
+    readopted = _readopt(ctx, target.machines(),
+                         lambda n: spec.machines[n].restart != "no" and _unsupervised(target.state_dir(n)))
     for name in target.machines():
         row = machine_status(name, spec.machines[name], target.state_dir(name))
         if name in readopted:
@@ -189,7 +190,8 @@ def _readopt(ctx: Context, names: list[str], unsupervised: Any) -> set[str]:
     for o in reconcile.readopt(ctx.target.spec, ctx.target.root, names, owner=_owner(ctx.target)):
         if o.action == "adopted":
             done.add(o.name)
-            ctx.out.note(f"{o.name}: its supervisor was gone: adopted again (restart = \"{ctx.target.spec.machines[o.name].restart}\" is enforced again)")
+            policy = ctx.target.spec.machines[o.name].restart
+            ctx.out.note(f"{o.name}: its supervisor was gone: adopted again (restart = \"{policy}\" is enforced again)")
         else:
             ctx.out.note(f"{o.name}: could not be adopted again: {o.detail}")
     return done
@@ -489,8 +491,9 @@ def _console_session(name: str, path: str) -> Any:
         sock.settimeout(None)
     except OSError as exc:
         sock.close()
-        raise QemuspecError(f"the console of machine {name} is not served ({path}: {exc.strerror or exc}): its supervisor serves it; "
-                            "`qemuspec status` says whether it runs (an unsupervised machine is adopted by `qemuspec up`)") from None
+        raise QemuspecError(f"the console of machine {name} is not served ({path}: {exc.strerror or exc}): its "
+                            "supervisor serves it; `qemuspec status` says whether it runs (an unsupervised machine "
+                            "is adopted by `qemuspec up`)") from None
     if answer != b"ok\n":
         sock.close()
         why = answer.decode(errors="replace").strip().removeprefix("busy: ") or "the proxy closed the connection"

@@ -175,8 +175,8 @@ class ConsoleProxy:
             if self._holder is not None or not self.reader.attach(client):
                 who = f" (pid {self._holder})" if self._holder else ""
                 with contextlib.suppress(OSError):
-                    client.sendall(f"busy: the console of machine {self.name} is in use by another `qemuspec console`{who}; "
-                                   "detach that one first (Ctrl-])\n".encode())
+                    client.sendall(f"busy: the console of machine {self.name} is in use by another "
+                                   f"`qemuspec console`{who}; detach that one first (Ctrl-])\n".encode())
                 client.close()
                 continue
             try:

@@ -188,7 +188,8 @@ class Instance:
         log = statedir.CappedLog(self.state_dir, statedir.SERIAL_LOG)
         if log.errno in (errno.ELOOP, errno.EINVAL):
             log.close()
-            raise LaunchError(f"{self.layout.serial_log} is a symlink or not a regular file: qemuspec never writes through one; remove it")
+            raise LaunchError(f"{self.layout.serial_log} is a symlink or not a regular file: "
+                              "qemuspec never writes through one; remove it")
         return log
 
     def attach_console(self) -> None:
@@ -228,9 +229,9 @@ class Instance:
         except FileNotFoundError:
             pass
         except OSError as exc:  # a state directory made read-only (or another user's) under a restart
-            raise LaunchError(f"machine {self.name}: cannot remove {sshkeys.known_hosts(self.state_dir)} ({exc.strerror}), which a "
-                              f"relaunched guest's new host key needs: make {self.state_dir} writable, or choose another state "
-                              "directory with --state-dir") from None
+            raise LaunchError(f"machine {self.name}: cannot remove {sshkeys.known_hosts(self.state_dir)} "
+                              f"({exc.strerror}), which a relaunched guest's new host key needs: make {self.state_dir} "
+                              "writable, or choose another state directory with --state-dir") from None
         if wants_cidata(self.machine):
             from qemuspec.runtime.cloudinit import ensure_seed
 

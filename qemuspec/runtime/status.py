@@ -3,8 +3,9 @@
 States: starting, running, paused, unresponsive (qemu alive but its monitor does not answer, or the
 process is stopped), restarting (attempt n, next in s), stopping (a stop is in progress), hung (its
 supervisor does not answer: stopped, or no heartbeat), unsupervised (qemu runs, its supervisor is
-gone: a restart policy is not enforced until it is adopted again), stopped, crashed / failed (with the reason: never became ready, exited (code), killed
-(signal), guest panic), lost (supervisor and qemu both killed without a word).
+gone: a restart policy is not enforced until it is adopted again), stopped, crashed / failed (with
+the reason: never became ready, exited (code), killed (signal), guest panic), lost (supervisor and
+qemu both killed without a word).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def machine_status(name: str, machine: Machine | None, state_dir: str, ask_qemu:
             row["state"], row["reason"] = "stopping", "a stop is in progress"
         elif sup.phase == "starting":
             row["state"] = "starting"
-        elif not os.path.exists(inst.layout.qmp_client) and sup.error:  # its runtime directory was removed and made again
+        elif not os.path.exists(inst.layout.qmp_client) and sup.error:  # runtime directory removed and made again
             row["state"] = "running"
         else:
             row["state"], row["reason"] = run_state(inst) if ask_qemu else ("running", "")

@@ -101,7 +101,8 @@ def hung(state_dir: str, sup: statedir.SupervisorRecord) -> str | None:
     from qemuspec.runtime.process import state as process_state
 
     if (process_state(sup.pid) or "") in ("T", "t"):
-        return f"its supervisor (pid {sup.pid}) is stopped (SIGSTOP or a debugger): `kill -CONT {sup.pid}`, or `down` stops the machine itself"
+        return (f"its supervisor (pid {sup.pid}) is stopped (SIGSTOP or a debugger): `kill -CONT {sup.pid}`, "
+                "or `down` stops the machine itself")
     age = statedir.heartbeat_age(paths.run_dir(os.path.abspath(state_dir)))
     if age is not None and age > HUNG_AFTER:
         return f"its supervisor (pid {sup.pid}) has not answered for {age:.0f} s: `down` stops the machine itself"
@@ -125,13 +126,14 @@ def request_stop(state_dir: str, timeout: float | None) -> None:
 def clear(state_dir: str) -> None:
     """Remove a dead supervisor's records (and the runtime directory if nothing else is in it)."""
     run = paths.run_dir(os.path.abspath(state_dir))
-    statedir.remove(state_dir, statedir.SUPERVISOR, statedir.STOP)  # first: a copy without a lock means "re-registering"
+    statedir.remove(state_dir, statedir.SUPERVISOR, statedir.STOP)  # first: a copy without a lock is "re-registering"
     statedir.remove(run, statedir.SUPERVISOR, statedir.STOP, statedir.LOCK)
     with contextlib.suppress(OSError):
         os.rmdir(run)
 
 
-def spawn(name: str, machine: Machine, state_dir: str, adopt: bool, owner: str | None = None, restarts: int = 0) -> tuple[int, int]:
+def spawn(name: str, machine: Machine, state_dir: str, adopt: bool, owner: str | None = None,
+          restarts: int = 0) -> tuple[int, int]:
     """Fork a detached supervisor; returns (pid, fd of the progress pipe to read). ``restarts``: the
     count a re-adopting supervisor carries on from its dead predecessor's."""
     statedir.ensure_private(state_dir)
@@ -174,7 +176,8 @@ def _grandchild_pid(fd: int) -> int:
     return int(line)
 
 
-def _run(name: str, machine: Machine, state_dir: str, adopt: bool, progress_fd: int, owner: str | None, restarts: int = 0) -> int:
+def _run(name: str, machine: Machine, state_dir: str, adopt: bool, progress_fd: int, owner: str | None,
+         restarts: int = 0) -> int:
     """In the supervisor process."""
     devnull = os.open(os.devnull, os.O_RDWR)
     try:
@@ -367,8 +370,9 @@ class Supervisor:
                 inst.write_state()
             if self.proxy is not None:
                 self.proxy.rebind()
-            self.error = (f"its runtime directory {self.run_dir} was removed at {time.strftime('%H:%M:%S')} and made again; "
-                          "the tool monitor and agent sockets qemu had there are gone until it restarts (`qemuspec restart`)")
+            self.error = (f"its runtime directory {self.run_dir} was removed at {time.strftime('%H:%M:%S')} and made "
+                          "again; the tool monitor and agent sockets qemu had there are gone until it restarts "
+                          "(`qemuspec restart`)")
             print(f"supervisor: {self.error}", file=sys.stderr)
             self.phase(self.current_phase, self.attempt)
             self.event("QEMUSPEC_REREGISTERED", run_dir=self.run_dir)
@@ -472,8 +476,8 @@ class Supervisor:
                 detail = str(exc)
             elif isinstance(exc, OSError):  # a state directory made read-only or full under a restart
                 where = f" {exc.filename}" if exc.filename else ""
-                detail = (f"machine {self.name} cannot start: cannot write{where}: {exc.strerror or exc}: make {self.state_dir} "
-                          "writable (or choose another state directory with --state-dir)")
+                detail = (f"machine {self.name} cannot start: cannot write{where}: {exc.strerror or exc}: "
+                          f"make {self.state_dir} writable (or choose another state directory with --state-dir)")
             else:
                 detail = f"machine {self.name}: internal error: {type(exc).__name__}: {exc} (details in supervisor.log)"
             if not isinstance(exc, (QemuspecError, OSError)):
