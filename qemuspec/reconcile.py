@@ -303,7 +303,8 @@ def _wait_started(spec: File, root: str, name: str, began: float) -> Outcome | N
                 if found is not None and found.process is not None:
                     return Outcome(name, "started", time.monotonic() - began, found.process.pid,
                                    detail="start begun by another `up`", ports=found.ports,
-                                   accel=list(found.layout.accel), qemu=preflight.qemu_path(machine.qemu) or machine.qemu)
+                                   accel=list(found.layout.accel),
+                                   qemu=preflight.qemu_path(machine.qemu) or machine.qemu)
             if current.phase == "restarting" and current.last_exit and current.last_exit != seen_failure:
                 return Outcome(name, "failed", time.monotonic() - began,
                                detail=f"machine {name}: the start another `up` began failed: {current.last_exit} "
