@@ -395,7 +395,7 @@ class Supervisor:
             self.proxy = None
 
     def phase(self, phase: str, attempt: int = 0) -> None:
-        """What `status` shows while this supervisor lives: starting, running, restarting. The record
+        """What `status` shows while this supervisor lives: starting, running, restarting, stopping. The record
         goes to the runtime directory (tmpfs, private); the copy in the state directory may fail
         (disk full, read-only, deleted) without taking the supervisor down: the failure is kept
         and shown by status."""
