@@ -57,6 +57,13 @@ class ReadyTimeout(QemuspecError, TimeoutError):
     probe: str | None = None  # which probe, for status: "never became ready (probe ..., after ... s)"
 
 
+class GuestGone(QemuspecError):
+    """The guest went away (powered off, rebooted, its qemu exited) before a command in it finished:
+    exit 255, as ssh does when the connection is lost, so it is never taken for the command's own code."""
+
+    exit_code = 255
+
+
 class ImageError(QemuspecError):
     """qemu-img failed; the message is qemu-img's own."""
 

@@ -122,16 +122,19 @@ def _running(root: str, name: str) -> bool:
 
 def _decide(spec: File, root: str, name: str, owner: str | None = None) -> tuple[str, Instance | None]:
     """What `up` does with one machine: "start", "up to date", "adopt" (running, same definition, no
-    supervisor), "recreate" (changed, or a supervisor between restarts), or "foreign" (another
-    definition file runs it); and the running qemu."""
+    supervisor), "wait" (its supervisor is starting or restarting it: another `up`, interrupted, began
+    it), "recreate" (changed), or "foreign" (another definition file runs it); and the running qemu."""
     machine = spec.machines[name]
     if foreign(root, name, owner):
         return "foreign", None
     found = Instance.find(name, machine, _state(root, name))
-    supervised = supervisor.read_supervisor(_state(root, name)) is not None
-    if found is not None and found.recorded_hash == definition_hash(machine):
-        return ("up to date" if supervised else "adopt"), found
-    return ("recreate" if found is not None or supervised else "start"), found
+    sup = supervisor.read_supervisor(_state(root, name))
+    changed = found is not None and found.recorded_hash != definition_hash(machine)
+    if sup is not None and sup.phase in ("starting", "restarting") and not changed:
+        return "wait", found
+    if found is not None and not changed:
+        return ("up to date" if sup is not None else "adopt"), found
+    return ("recreate" if found is not None or sup is not None else "start"), found
 
 
 def plan(spec: File, root: str, names: list[str], owner: str | None = None) -> list[dict]:
@@ -151,6 +154,8 @@ def plan(spec: File, root: str, names: list[str], owner: str | None = None) -> l
                 import difflib
 
                 diff = list(difflib.unified_diff(found.argv, wanted, "running", "definition", lineterm="", n=1))
+            if action == "wait":  # a supervisor is starting it (an `up` was interrupted): `up` waits for it
+                action = "starting"
             step: dict[str, Any] = {"name": name, "action": action, "diff": diff}
             machine = spec.machines[name]
             if machine.warm:
@@ -185,14 +190,24 @@ def _up_level(spec: File, root: str, level: list[str], report: Report, owner: st
             report(name, "failed")
             outcomes[name] = Outcome(name, "failed", detail=foreign(root, name, owner) or "")
             continue
+        if decision == "wait":
+            report(name, "waiting for the start in progress")
+            waited = _wait_started(spec, root, name, began)
+            if waited is not None:
+                outcomes[name] = waited
+                report(name, "failed" if waited.action == "failed" else f"ready in {waited.seconds:.1f} s")
+                continue
+            decision, found = _decide(spec, root, name, owner)  # it ended on its own (stopped): decide again
         if decision == "up to date":
             report(name, "up to date")
             assert found is not None and found.process is not None
             outcomes[name] = Outcome(name, "up to date", 0.0, found.process.pid, ports=found.ports, accel=list(found.layout.accel))
             continue
-        action, adopt = "started", False
+        action, adopt, restarts = "started", False, 0
         if decision == "adopt":
             action, adopt = "adopted", True
+            stale = supervisor.stale_supervisor(state_dir)
+            restarts = stale.restarts if stale else 0  # the count carries on
             report(name, "adopting the running machine")
         elif decision == "recreate":
             report(name, "definition changed: stopping" if found is not None else "replacing a restarting machine")
@@ -201,7 +216,7 @@ def _up_level(spec: File, root: str, level: list[str], report: Report, owner: st
         elif decision == "start":
             _clean_stale(state_dir)
         try:
-            _, fd = supervisor.spawn(name, machine, state_dir, adopt, owner)
+            _, fd = supervisor.spawn(name, machine, state_dir, adopt, owner, restarts)
         except (OSError, QemuspecError) as exc:
             outcomes[name] = Outcome(name, "failed", detail=f"cannot start the supervisor of {name}: {exc}")
             continue
@@ -209,6 +224,105 @@ def _up_level(spec: File, root: str, level: list[str], report: Report, owner: st
         report(name, "starting")
     _collect(spec, pending, outcomes, report)
     return [outcomes[n] for n in level if n in outcomes]
+
+
+def readopt(spec: File, root: str, names: list[str], owner: str | None = None) -> list[Outcome]:
+    """Give unsupervised machines with a restart policy a supervisor again (libvirtd and PID 1 re-find
+    their children; so does any qemuspec command that sees one): only a machine this file started,
+    still of this definition (same hash), and only when no other qemuspec command holds the state
+    lock (it is acting on the machines; never wait for it). The restart count carries on."""
+    wanted = [n for n in names if spec.machines[n].restart != "no" and _unsupervised(spec, root, n, owner)]
+    if not wanted:
+        return []
+    from qemuspec.runtime.statedir import ensure_private
+
+    ensure_private(root)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return []
+        pending: dict[int, tuple[str, str, float]] = {}
+        outcomes: dict[str, Outcome] = {}
+        for name in wanted:
+            if not _unsupervised(spec, root, name, owner):  # checked again under the lock
+                continue
+            stale = supervisor.stale_supervisor(_state(root, name))
+            try:
+                _, progress = supervisor.spawn(name, spec.machines[name], _state(root, name), True, owner,
+                                               stale.restarts if stale else 0)
+            except (OSError, QemuspecError) as exc:
+                outcomes[name] = Outcome(name, "failed", detail=f"cannot start the supervisor of {name}: {exc}")
+                continue
+            pending[progress] = (name, "adopted", time.monotonic())
+        _collect(spec, pending, outcomes, lambda n, s: None)
+        return list(outcomes.values())
+    finally:
+        os.close(fd)
+
+
+def _unsupervised(spec: File, root: str, name: str, owner: str | None) -> bool:
+    machine = spec.machines[name]
+    state_dir = _state(root, name)
+    if supervisor.read_supervisor(state_dir) is not None or foreign(root, name, owner):
+        return False
+    found = Instance.find(name, machine, state_dir)
+    return found is not None and found.recorded_hash == definition_hash(machine)
+
+
+def _wait_started(spec: File, root: str, name: str, began: float) -> Outcome | None:
+    """Wait for a start another `up` began (the supervisor lives on when that `up` is interrupted):
+    its outcome is ours. Ready: "started"; failed, or a failed attempt of a restarting machine: "failed"
+    with the supervisor's reason; no answer within the readiness timeout (after a pending restart's
+    delay): "failed". None when the supervisor ended without a failure (then `up` decides again)."""
+    from qemuspec.runtime import statedir
+
+    machine = spec.machines[name]
+    state_dir = _state(root, name)
+    sup = supervisor.read_supervisor(state_dir)
+    if sup is None:
+        return None
+    delay = max(0.0, (sup.next_at or time.time()) - time.time()) if sup.phase == "restarting" else 0.0
+    deadline = time.monotonic() + delay + machine.ready.timeout + 10.0
+    seen_failure = sup.last_exit if sup.phase == "restarting" else None
+    try:
+        pidfd = os.pidfd_open(sup.pid)
+    except ProcessLookupError:
+        pidfd = None
+    try:
+        while True:
+            current = supervisor.read_supervisor(state_dir) if pidfd is not None else None
+            if current is None:  # the supervisor ended: how, its exit record says
+                end = statedir.read(state_dir, statedir.EXIT, statedir.ExitRecord)
+                if end is not None and end.phase in ("failed", "crashed"):
+                    return Outcome(name, "failed", time.monotonic() - began,
+                                   detail=f"machine {name}: the start another `up` began failed: "
+                                          f"{end.reason or end.why}")
+                return None
+            if current.phase == "running":
+                found = Instance.find(name, machine, state_dir)
+                if found is not None and found.process is not None:
+                    return Outcome(name, "started", time.monotonic() - began, found.process.pid,
+                                   detail="start begun by another `up`", ports=found.ports,
+                                   accel=list(found.layout.accel),
+                                   qemu=preflight.qemu_path(machine.qemu) or machine.qemu)
+            if current.phase == "restarting" and current.last_exit and current.last_exit != seen_failure:
+                return Outcome(name, "failed", time.monotonic() - began,
+                               detail=f"machine {name}: the start another `up` began failed: {current.last_exit} "
+                                      f"(restart = \"{current.restart}\": attempt {current.attempt} follows)")
+            if current.phase == "stopping":
+                return Outcome(name, "failed", time.monotonic() - began,
+                               detail=f"machine {name} is being stopped (`down` runs)")
+            if time.monotonic() > deadline:
+                return Outcome(name, "failed", time.monotonic() - began,
+                               detail=f"machine {name} was not ready within {machine.ready.timeout:g} s of the start "
+                                      f"another `up` began (its supervisor, pid {current.pid}, says {current.phase})")
+            # the supervisor's record changes without a notification we can wait on; its exit wakes us at once
+            select.select([pidfd] if pidfd is not None else [], [], [], 0.1)
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
 
 
 def _collect(spec: File, pending: dict[int, tuple[str, str, float]], outcomes: dict[str, Outcome], report: Report) -> None:
@@ -369,10 +483,10 @@ def _stop_one(spec: File, root: str, name: str, timeout: float | None) -> str:
     acpi = machine.stop_timeout if timeout is None else timeout
     if sup is not None:
         supervisor.request_stop(state_dir, timeout)
-        if _signal_and_wait(sup.pid, signal.SIGTERM, stop_budget(acpi)):
+        if _signal_and_wait(sup.pid, signal.SIGTERM, stop_budget(acpi), lambda: supervisor.hung(state_dir, sup)):
             end = statedir.read(state_dir, statedir.EXIT, statedir.ExitRecord)
             step = (end.step if end else None) or step
-        else:
+        else:  # hung (HUNG_GRACE without an answer) or over its budget: we act ourselves
             _signal_and_wait(sup.pid, signal.SIGKILL, 5)
     found = Instance.find(name, machine, state_dir)
     if found is not None:  # unsupervised, or its supervisor hung
@@ -393,15 +507,34 @@ def _clean_stale(state_dir: str) -> None:
         supervisor.clear(state_dir)
 
 
-def _signal_and_wait(pid: int, signum: int, timeout: float) -> bool:
+HUNG_GRACE = 3.0  # seconds a supervisor that does not answer gets to come back before `down` acts itself
+
+
+def _signal_and_wait(pid: int, signum: int, timeout: float, hung: Callable[[], str | None] | None = None) -> bool:
+    """Signal and wait for the exit (True) within ``timeout``; with ``hung``, give up (False) once the
+    process has not answered for HUNG_GRACE (a SIGSTOPped supervisor never handles the SIGTERM)."""
     try:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
         return True
     try:
         os.kill(pid, signum)
-        ready, _, _ = select.select([fd], [], [], timeout)
-        return bool(ready)
+        deadline = time.monotonic() + timeout
+        silent_since: float | None = None
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            if select.select([fd], [], [], min(remaining, 0.5) if hung else remaining)[0]:
+                return True
+            if hung is not None:
+                now = time.monotonic()
+                if hung() is None:
+                    silent_since = None
+                elif silent_since is None:
+                    silent_since = now
+                elif now - silent_since >= HUNG_GRACE:
+                    return False
     except ProcessLookupError:
         return True
     finally:

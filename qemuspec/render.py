@@ -69,6 +69,11 @@ class Layout:
         return os.path.join(self.run_dir, "display.sock")
 
     @property
+    def console_client(self) -> str:
+        """The supervisor's console proxy (`qemuspec console`); qemu's own console socket stays its reader's."""
+        return os.path.join(self.run_dir, "console-client.sock")
+
+    @property
     def qga(self) -> str:
         return os.path.join(self.run_dir, "qga.sock")
 
@@ -309,7 +314,9 @@ def _serial(machine: Machine, layout: Layout) -> list[str]:
     if machine.serial == "pty":
         chardev = optlist("pty", [("id", own("serial0")), ("logfile", layout.serial_log), ("logappend", True)])
     elif machine.serial == "log":
-        chardev = _socket_chardev(own("serial0"), layout, "console", layout.console, [("logfile", layout.serial_log), ("logappend", True)])
+        # serial.log is written by the console's reader (runtime/console.py), not by qemu: qemu's
+        # logfile= repeats bytes behind a slow socket reader and grows without bound while it runs
+        chardev = _socket_chardev(own("serial0"), layout, "console", layout.console)
     else:
         chardev = _socket_chardev(own("serial0"), layout, "console", layout.console)
     return ["-chardev", chardev, "-serial", f"chardev:{own('serial0')}"]

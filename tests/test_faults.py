@@ -266,8 +266,10 @@ def test_two_files_declaring_the_same_machine_do_not_touch_each_other(lab):
     [started] = json.loads(cli("up", first, "--json").stdout)
     result = cli("up", second, check=False)
     assert result.returncode == 1 and f"is run by {first}" in result.stderr
-    [down] = json.loads(cli("down", second, "--json").stdout)
+    refused = cli("down", second, "--json", check=False)
+    [down] = json.loads(refused.stdout)
     assert down["action"] == "belongs to another file" and alive(started["pid"])
+    assert refused.returncode == 1, "a refusal is a runtime failure (issue 22 item 11)"
     [step] = json.loads(cli("plan", second, "--json", check=False).stdout)
     assert step["action"] == "belongs to another file"
     assert f"run by {first}" in status(second)["web"]["reason"]

@@ -43,7 +43,7 @@ def test_example_argv_in_detail():
     assert "-nodefaults -no-user-config" in joined
     assert "-pidfile /state/web/qemu.pid" in joined
     assert "socket,id=qemuspec-qmp,path=/run/q/abc/qmp.sock,server=on,wait=off" in argv
-    assert "socket,id=qemuspec-serial0,path=/run/q/abc/console.sock,server=on,wait=off,logfile=/state/web/serial.log,logappend=on" in argv
+    assert "socket,id=qemuspec-serial0,path=/run/q/abc/console.sock,server=on,wait=off" in argv
     assert f"if=none,id=qemuspec-disk0,file={ROOT}/machines/web.qcow2,format=qcow2,cache=unsafe" in argv
     assert "user,id=qemuspec-net0,restrict=on,hostfwd=tcp:127.0.0.1:8080-:80,hostfwd=tcp:127.0.0.1:0-:22" in argv
     assert argv[-2:] == ["-rtc", "base=utc"], "append goes last, verbatim"
@@ -85,7 +85,7 @@ def test_pre_opened_sockets_render_as_fds_and_tcp_qmp_binds_loopback():
     assert "tls-creds-x509,id=qemuspec-qmp-tls,dir=/s/tls,endpoint=server,verify-peer=on" in argv
     assert "socket,id=qemuspec-qmp,path=/r/qmp.sock,server=on,wait=off" in argv, "the controller keeps its unix monitor"
     assert "socket,id=qemuspec-qmp-client,fd=9,server=on,wait=off" in argv
-    assert "socket,id=qemuspec-serial0,fd=7,server=on,wait=off,logfile=/s/serial.log,logappend=on" in argv
+    assert "socket,id=qemuspec-serial0,fd=7,server=on,wait=off" in argv
     assert "socket,id=qemuspec-qga0,fd=8,server=on,wait=off" in argv
     assert "virtserialport,bus=qemuspec-vser0.0,chardev=qemuspec-qga0,name=org.qemu.guest_agent.0" in argv
 

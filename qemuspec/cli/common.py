@@ -290,6 +290,15 @@ def problem_object(text: str, source: str | None = None) -> dict[str, Any]:
     return obj
 
 
+REFUSED = ("failed", "belongs to another file")  # machine outcomes that are a runtime failure (exit 1)
+
+
+def outcomes_exit_code(outcomes: list[Any]) -> int:
+    """The one rule for up, down and restart (local or libvirt): 1 when any machine failed or was
+    refused (another file's machine: a runtime conflict, not bad usage), else 0."""
+    return 1 if any(o.action in REFUSED for o in outcomes) else 0
+
+
 def report_error(exc: BaseException, json_output: bool = False, source: str | None = None) -> int:
     """Print an error as paragraphs on stderr (and, with --json, as an object on stdout); its exit code."""
     if isinstance(exc, QemuspecError):

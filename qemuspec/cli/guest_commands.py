@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import base64
 import os
+import shlex
 import sys
 from typing import TYPE_CHECKING
 
 from qemuspec.cli.common import Context, emit_json
 from qemuspec.cli import libvirt_commands
 from qemuspec.cli.vm_commands import _client, _running
-from qemuspec.errors import QemuspecError, UsageError
+from qemuspec.errors import QemuspecError, QMPConnectionError, UsageError
 
 if TYPE_CHECKING:
     from qemuspec.runtime.agent import GuestAgent
@@ -50,7 +51,14 @@ def exec_(ctx: Context, *, timeout: float) -> int:
     name = ctx.target.machine()
     stdin = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
     with agent_for(ctx, name) as agent:
-        code, out, err = agent.exec(command, stdin=stdin or None, timeout=timeout)
+        try:
+            code, out, err = agent.exec(command, stdin=stdin or None, timeout=timeout)
+        except QMPConnectionError as exc:
+            from qemuspec.errors import GuestGone
+
+            raise GuestGone(f"machine {name}: the guest went away before `{shlex.join(command)}` finished ({exc}): "
+                            "it powered off or rebooted, or its qemu exited; `qemuspec status` says whether it was "
+                            "started again (exit 255: the command's own exit code is unknown)") from None
     if ctx.out.json:
         emit_json({"machine": name, "exitcode": code, "stdout": out.decode(errors="replace"), "stderr": err.decode(errors="replace"),
                    "stdout_b64": base64.b64encode(out).decode() if b"\0" in out else None})

@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from qemuspec.cli.common import emit_json
+from qemuspec.cli.common import emit_json, outcomes_exit_code
 from qemuspec.errors import QemuspecError, UsageError
 
 
@@ -60,7 +60,7 @@ def up(ctx: Any, spec: Any, names: list[str], hosts: dict, attach: bool = False)
     finally:
         progress.close()
     _print_outcomes(ctx.out, outcomes)
-    return 1 if any(o.action == "failed" for o in outcomes) else 0
+    return outcomes_exit_code(outcomes)
 
 
 def _all_hosts(ctx: Any, spec: Any) -> dict:
@@ -91,7 +91,7 @@ def down(ctx: Any, spec: Any, names: list[str], hosts: dict, timeout: float | No
         if os.path.isdir(root) and not os.listdir(root):
             os.rmdir(root)
     _print_outcomes(ctx.out, outcomes)
-    return 1 if any(o.action == "failed" for o in outcomes) else 0
+    return outcomes_exit_code(outcomes)
 
 
 def status(ctx: Any, spec: Any, names: list[str], hosts: dict) -> int:

@@ -24,7 +24,8 @@ EXIT_CODES = """exit codes:
   1  runtime failure (qemu failed, a machine did not become ready, QMP error)
   2  invalid input or usage (bad definition file, unknown machine, bad arguments)
   3  plan only: changes are pending (`up` would start, recreate or stop something)
-  run, exec: the guest command's own exit code"""
+  run, exec: the guest command's own exit code; exec: 255 when the guest went away before the command
+     finished (powered off, rebooted, qemu exited), as ssh does"""
 
 PENDING = 3  # `plan` exit code when `up` would change something
 

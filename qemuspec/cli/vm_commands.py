@@ -10,7 +10,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from qemuspec.cli import libvirt_commands
-from qemuspec.cli.common import Context, Output, Target, emit_json
+from qemuspec.cli.common import REFUSED, Context, Output, Target, emit_json, outcomes_exit_code
 from qemuspec.cli.main import PENDING
 from qemuspec.errors import QemuspecError, UsageError
 
@@ -32,7 +32,7 @@ def _print_outcomes(out: Output, outcomes: list["Outcome"]) -> None:
         emit_json([o.as_dict() for o in outcomes])
         return
     for o in outcomes:
-        if o.action == "failed":
+        if o.action in REFUSED:
             continue
         ports = ", ".join(f"{p['address']}:{p['host']}->{p['guest']}/{p['protocol']}" for p in o.ports)
         extra = [f"pid {o.pid}"] if o.pid else []
@@ -43,7 +43,7 @@ def _print_outcomes(out: Output, outcomes: list["Outcome"]) -> None:
         extra += [f"{o.seconds:.1f} s"] if o.action == "stopped" else []
         out.say(f"{o.name}: {o.action}{' (' + ', '.join(extra) + ')' if extra else ''}")
     for o in outcomes:
-        if o.action == "failed":
+        if o.action in REFUSED:
             print(f"error: {o.detail}", file=sys.stderr)
         for warning in getattr(o, "warnings", ()):
             print(f"warning: {o.name}: {warning}", file=sys.stderr)
@@ -97,7 +97,7 @@ def up(ctx: Context, *, no_probe: bool, attach: bool, timeout: float | None, all
         progress.close()
     _record(target, outcomes, declared)
     _print_outcomes(ctx.out, outcomes)
-    if any(o.action == "failed" for o in outcomes):
+    if outcomes_exit_code(outcomes):
         return 1
     if attach:
         return _attach(ctx, spec, names)
@@ -139,7 +139,7 @@ def down(ctx: Context, *, timeout: float | None, purge: bool) -> int:
         for path in purge_files(spec, target.root, [n for n in names if n not in kept]):
             ctx.out.note(f"removed {path}")
     _print_outcomes(ctx.out, outcomes)
-    return 0
+    return outcomes_exit_code(outcomes)
 
 
 def status(ctx: Context) -> int:
@@ -151,8 +151,12 @@ def status(ctx: Context) -> int:
         return libvirt_commands.status(ctx, spec, target.machines(), hosts)
     owner = _owner(target)
     rows = []
+    readopted = _readopt(ctx, target.machines(),
+                         lambda n: spec.machines[n].restart != "no" and _unsupervised(target.state_dir(n)))
     for name in target.machines():
         row = machine_status(name, spec.machines[name], target.state_dir(name))
+        if name in readopted:
+            row["readopted"] = True
         if owner and row.get("file") and row["state"] != "stopped" and os.path.abspath(row["file"]) != owner:
             row["reason"] = f"run by {row['file']}" + (f"; {row['reason']}" if row["reason"] else "")
         rows.append(row)
@@ -183,6 +187,33 @@ def display_text(name: str, where: dict) -> str:
         return text + " with no authentication (unauthenticated = true: every local user can connect)"
     return text + (f" (refuses every client until you set a password: qemuspec qmp {name} set_password "
                    f"'{{\"protocol\": \"{kind}\", \"password\": \"...\"}}')")
+
+
+def _unsupervised(state_dir: str) -> bool:
+    """Cheap first look: a qemu is recorded and no supervisor lives (reconcile.readopt checks it all)."""
+    from qemuspec.runtime.instance import recorded
+    from qemuspec.runtime.supervisor import read_supervisor
+
+    return recorded(state_dir) is not None and read_supervisor(state_dir) is None
+
+
+def _readopt(ctx: Context, names: list[str], unsupervised: Any) -> set[str]:
+    """Machines with a restart policy whose supervisor is gone get one again (reconcile.readopt), said
+    on stderr: a command that sees such a machine does not leave its policy unenforced."""
+    names = [n for n in names if unsupervised(n)]
+    if not names:
+        return set()
+    from qemuspec import reconcile
+
+    done = set()
+    for o in reconcile.readopt(ctx.target.spec, ctx.target.root, names, owner=_owner(ctx.target)):
+        if o.action == "adopted":
+            done.add(o.name)
+            policy = ctx.target.spec.machines[o.name].restart
+            ctx.out.note(f"{o.name}: its supervisor was gone: adopted again (restart = \"{policy}\" is enforced again)")
+        else:
+            ctx.out.note(f"{o.name}: could not be adopted again: {o.detail}")
+    return done
 
 
 def _table(rows: list[dict], with_file: bool) -> None:
@@ -297,6 +328,8 @@ def _running(ctx: Context, name: str) -> "Instance":
     inst = Instance.find(name, spec.machines[name], target.state_dir(name))
     if inst is None:
         raise QemuspecError(f"machine {name} is not running: start it with `qemuspec up {target.path}`")
+    if spec.machines[name].restart != "no" and _unsupervised(target.state_dir(name)):
+        _readopt(ctx, [name], lambda n: True)
     return inst
 
 
@@ -376,7 +409,7 @@ def restart(ctx: Context) -> int:
     progress.close()
     _record(target, outcomes, spec.machines)
     _print_outcomes(ctx.out, outcomes)
-    return 1 if any(o.action == "failed" for o in outcomes) else 0
+    return outcomes_exit_code(outcomes)
 
 
 def logs(ctx: Context, *, follow: bool, events: bool, lines: int) -> int:
@@ -464,20 +497,45 @@ def _follow(sources: list[tuple[str, str, bool]], follow: bool, last: int = 0, e
         time.sleep(0.1)
 
 
+def _console_session(name: str, path: str) -> Any:
+    """A session on the supervisor's console proxy (runtime/console.py): it answers ``ok`` or why not."""
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(path)
+        sock.settimeout(5)
+        answer = b""
+        while not answer.endswith(b"\n") and len(answer) < 4096:
+            chunk = sock.recv(1)
+            if not chunk:
+                break
+            answer += chunk
+        sock.settimeout(None)
+    except OSError as exc:
+        sock.close()
+        raise QemuspecError(f"the console of machine {name} is not served ({path}: {exc.strerror or exc}): its "
+                            "supervisor serves it; `qemuspec status` says whether it runs (an unsupervised machine "
+                            "is adopted by `qemuspec up`)") from None
+    if answer != b"ok\n":
+        sock.close()
+        why = answer.decode(errors="replace").strip().removeprefix("busy: ") or "the proxy closed the connection"
+        raise QemuspecError(why)
+    return sock
+
+
 def console(ctx: Context) -> int:
     """Interactive serial console. Ctrl-] detaches; the machine keeps running. With --json, the
     console's output as JSON lines ({"machine", "data"}) until the console closes or input ends."""
     import select as select_mod
-    import socket
 
     name = ctx.target.machine()
     if (hosts := libvirt_commands.placed(ctx, ctx.target.spec, name)):  # libvirt backend
         return libvirt_commands.console(ctx, ctx.target.spec, hosts, name)
     inst = _running(ctx, name)
-    if not os.path.exists(inst.layout.console):
+    if inst.machine.serial not in ("log", "socket"):
         raise QemuspecError(f"machine {name} has no console socket: set serial = \"log\" or \"socket\"")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(inst.layout.console)
+    sock = _console_session(name, inst.layout.console_client)
     stdin = sys.stdin.fileno()
     interactive = os.isatty(stdin) and not ctx.out.json
     saved = None

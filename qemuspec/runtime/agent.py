@@ -68,6 +68,8 @@ class GuestAgent:
             data = self._sock.recv(65536)
         except socket.timeout:
             raise QMPTimeout("the guest agent did not answer in time") from None
+        except OSError as exc:  # reset: qemu exited or the guest went away under us
+            raise QMPConnectionError(f"the guest agent channel closed ({exc.strerror or exc})") from None
         if not data:
             raise QMPConnectionError("the guest agent channel closed")
         self._buffer += data
@@ -83,7 +85,10 @@ class GuestAgent:
         if self._sock is None:
             self.sync()
         assert self._sock is not None
-        self._sock.sendall(Protocol.command_text(name, arguments).encode() + b"\n")
+        try:
+            self._sock.sendall(Protocol.command_text(name, arguments).encode() + b"\n")
+        except OSError as exc:
+            raise QMPConnectionError(f"the guest agent channel closed ({exc.strerror or exc})") from None
         reply = self._line(time.monotonic() + (timeout or self.timeout))
         return Protocol.result(name, reply, source="guest agent")
 

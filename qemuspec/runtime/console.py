@@ -1,38 +1,54 @@
-"""The serial console, read live from qemu's console socket.
+"""The serial console: one reader per qemu, connected before qemu runs, for the machine's whole life.
 
-qemu also writes everything to serial.log (chardev ``logfile``), which keeps the history and covers
-anything printed before this reader connected; the reader is for waiting on a pattern the moment it
-appears, not a second later.
+Why one reader and not qemu's own ``logfile=``: qemu 7.2 repeats bytes in a socket chardev's log file
+when the socket's reader is slow (qemu-facts.md), and qemu's log grows without bound while it runs.
+So the reader writes serial.log itself from the bytes it receives (statedir.CappedLog: capped and
+rotated while running), matches readiness patterns as they appear, and passes the bytes on to one
+``qemuspec console`` at a time through a proxy socket in the private runtime directory
+(:class:`ConsoleProxy`): qemu's chardev serves a single client, and that client stays ours.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import socket
+import struct
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from qemuspec.errors import ReadyTimeout
 
+if TYPE_CHECKING:
+    from qemuspec.runtime.statedir import CappedLog
+
 KEEP = 1 << 20  # bytes of console kept in memory for matching
+CLIENT_SEND_TIMEOUT = 5.0  # a console client that takes no bytes for this long is dropped (it must not stall the guest)
 
 
 class ConsoleReader:
-    def __init__(self, sock: socket.socket, log_path: str | None = None, log_offset: int = 0):
+    def __init__(self, sock: socket.socket, log: CappedLog | None = None):
         self._sock = sock
         self._buffer = bytearray()
         self._cond = threading.Condition()
         self._eof = False
-        self._log_path = log_path
-        self._log_offset = log_offset
+        self.log = log
+        self._client: socket.socket | None = None  # the console proxy's attached client, if any
+        self._client_lock = threading.Lock()
         self._thread = threading.Thread(target=self._read, name="console-reader", daemon=True)
         self._thread.start()
 
     @classmethod
-    def connect(cls, path: str, log_path: str | None = None, log_offset: int = 0) -> "ConsoleReader":
+    def connect(cls, path: str, log: CappedLog | None = None) -> "ConsoleReader":
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.connect(path)
-        return cls(sock, log_path, log_offset)
+        return cls(sock, log)
+
+    @property
+    def closed(self) -> bool:
+        return self._eof
 
     def _read(self) -> None:
         try:
@@ -40,6 +56,9 @@ class ConsoleReader:
                 data = self._sock.recv(65536)
                 if not data:
                     break
+                if self.log is not None:
+                    self.log.write(data)  # first: the log holds every byte a client is shown
+                self._pass_on(data)
                 with self._cond:
                     self._buffer += data
                     if len(self._buffer) > KEEP:
@@ -50,25 +69,49 @@ class ConsoleReader:
         with self._cond:
             self._eof = True
             self._cond.notify_all()
+        self.detach()
+        if self.log is not None:
+            self.log.close()
 
-    def _logged(self) -> str:
-        """What qemu logged since this boot started (covers output before the socket connected)."""
-        if not self._log_path:
-            return ""
-        try:
-            with open(self._log_path, "rb") as f:
-                f.seek(self._log_offset)
-                return f.read().decode(errors="replace")
-        except OSError:
-            return ""
+    def _pass_on(self, data: bytes) -> None:
+        with self._client_lock:
+            client = self._client
+            if client is None:
+                return
+            try:
+                client.sendall(data)
+            except OSError:  # gone, or too slow (CLIENT_SEND_TIMEOUT): the guest is never held up by it
+                self._drop(client)
+
+    def attach(self, client: socket.socket) -> bool:
+        """Make ``client`` the one receiver of console output (False when another one is attached)."""
+        with self._client_lock:
+            if self._client is not None or self._eof:
+                return False
+            client.settimeout(CLIENT_SEND_TIMEOUT)
+            self._client = client
+            return True
+
+    def detach(self, client: socket.socket | None = None) -> None:
+        with self._client_lock:
+            if self._client is not None and (client is None or client is self._client):
+                self._drop(self._client)
+
+    def _drop(self, client: socket.socket) -> None:
+        if client is self._client:
+            self._client = None
+        with contextlib.suppress(OSError):
+            client.shutdown(socket.SHUT_RDWR)
+        client.close()
+
+    def send(self, data: bytes) -> None:
+        """Input for the guest's console."""
+        self._sock.sendall(data)
 
     def wait_for(self, pattern: str, timeout: float) -> re.Match:
         """Block until ``pattern`` (a regex) shows on the console; raises TimeoutError, or EOFError when
         qemu closes the console first."""
         regex = re.compile(pattern.encode() if isinstance(pattern, str) else pattern, re.M)
-        match = regex.search(self._logged().encode())
-        if match:
-            return match
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
@@ -89,6 +132,87 @@ class ConsoleReader:
             pass
         self._sock.close()
         self._thread.join(timeout=2)
+
+
+class ConsoleProxy:
+    """``qemuspec console``'s socket (0600, in the private runtime directory), served by whoever holds
+    the console reader (the supervisor). One client at a time: each connection first reads one line,
+    ``ok`` or ``busy: <why>``, then raw console bytes both ways. ``rebind`` makes the socket again
+    when the runtime directory was removed under us."""
+
+    def __init__(self, path: str, reader: ConsoleReader, name: str):
+        self.path, self.reader, self.name = path, reader, name
+        self._holder: int | None = None  # pid of the attached client, for the refusal
+        self._closed = False
+        self._sock = self._listen()
+        self._thread = threading.Thread(target=self._serve, name="console-proxy", daemon=True)
+        self._thread.start()
+
+    def _listen(self) -> socket.socket:
+        from qemuspec.runtime.sockets import listen_unix
+
+        sock = listen_unix(self.path)
+        sock.settimeout(0.5)  # so that close() and rebind() are noticed
+        return sock
+
+    def rebind(self) -> None:
+        old, self._sock = self._sock, self._listen()
+        old.close()
+
+    def _serve(self) -> None:
+        while not self._closed and not self.reader.closed:
+            sock = self._sock
+            try:
+                client, _ = sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                if self._closed:
+                    return
+                continue
+            client.settimeout(None)
+            pid = _peer_pid(client)
+            if self._holder is not None or not self.reader.attach(client):
+                who = f" (pid {self._holder})" if self._holder else ""
+                with contextlib.suppress(OSError):
+                    client.sendall(f"busy: the console of machine {self.name} is in use by another "
+                                   f"`qemuspec console`{who}; detach that one first (Ctrl-])\n".encode())
+                client.close()
+                continue
+            try:
+                client.sendall(b"ok\n")
+            except OSError:
+                self.reader.detach(client)
+                continue
+            self._holder = pid
+            threading.Thread(target=self._input, args=(client,), name="console-input", daemon=True).start()
+
+    def _input(self, client: socket.socket) -> None:
+        """What the client types goes to the guest, until it detaches."""
+        try:
+            while True:
+                data = client.recv(4096)
+                if not data:
+                    break
+                self.reader.send(data)
+        except OSError:
+            pass
+        self._holder = None
+        self.reader.detach(client)
+
+    def close(self) -> None:
+        self._closed = True
+        self._sock.close()
+        self.reader.detach()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+
+def _peer_pid(sock: socket.socket) -> int | None:
+    try:
+        return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+    except OSError:
+        return None
 
 
 def tail(path: str, lines: int = 20, offset: int = 0) -> str:

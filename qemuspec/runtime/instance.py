@@ -7,6 +7,7 @@ and one started from a file behave the same.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import time
@@ -136,7 +137,10 @@ class Instance:
                 launch_argv += ["-incoming", "defer"]
             self.qmp_address = f"tcp:127.0.0.1:{qmp_port}" if qmp_port else f"unix:{base.qmp}"  # for people and tools
             self.control_address = f"unix:{base.qmp}"  # ours
-            if machine.serial in ("log", "socket"):  # qemu opens it by path: make it ours (0600, no symlink) first
+            serial_log = None
+            if machine.serial == "log":  # written by the console reader from what it receives (capped while running)
+                serial_log = self._serial_log()
+            elif machine.serial == "pty":  # qemu opens it by path: make it ours (0600, no symlink) first
                 statedir.precreate(base.state_dir, statedir.SERIAL_LOG)
             self._log_offset = os.path.getsize(base.serial_log) if os.path.exists(base.serial_log) else 0
             log_fd = statedir.open_log(base.state_dir, statedir.QEMU_LOG)
@@ -153,7 +157,7 @@ class Instance:
             qmp_sock = socket.socket(listeners["qmp"].family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             qmp_sock.connect(listeners["qmp"].getsockname())
             if "console" in listeners:
-                self.console = ConsoleReader.connect(base.console, base.serial_log, self._log_offset)
+                self.console = ConsoleReader.connect(base.console, serial_log)
         finally:
             for sock in listeners.values():
                 sock.close()
@@ -181,6 +185,25 @@ class Instance:
             self.ports = _forwarded(self.qmp)
         self.write_state()
 
+    def _serial_log(self) -> statedir.CappedLog:
+        log = statedir.CappedLog(self.state_dir, statedir.SERIAL_LOG)
+        if log.errno in (errno.ELOOP, errno.EINVAL):
+            log.close()
+            raise LaunchError(f"{self.layout.serial_log} is a symlink or not a regular file: "
+                              "qemuspec never writes through one; remove it")
+        return log
+
+    def attach_console(self) -> None:
+        """Read the console of an adopted machine again (its last reader, a killed supervisor, is gone;
+        qemu's chardev waits for the next one): serial.log goes on from here."""
+        if self.console is None and self.machine.serial in ("log", "socket") and os.path.exists(self.layout.console):
+            log = self._serial_log() if self.machine.serial == "log" else None
+            try:
+                self.console = ConsoleReader.connect(self.layout.console, log)
+            except OSError:
+                if log is not None:
+                    log.close()
+
     def _listen(self, path: str) -> socket.socket:
         from qemuspec.runtime.sockets import listen_unix
 
@@ -202,8 +225,14 @@ class Instance:
         from qemuspec.render import wants_cidata
         from qemuspec.runtime import sshkeys
 
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(sshkeys.known_hosts(self.state_dir))  # a relaunched guest may have a new host key
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # a state directory made read-only (or another user's) under a restart
+            raise LaunchError(f"machine {self.name}: cannot remove {sshkeys.known_hosts(self.state_dir)} "
+                              f"({exc.strerror}), which a relaunched guest's new host key needs: make {self.state_dir} "
+                              "writable, or choose another state directory with --state-dir") from None
         if wants_cidata(self.machine):
             from qemuspec.runtime.cloudinit import ensure_seed
 
@@ -234,7 +263,7 @@ class Instance:
             argv=self.argv, hash=definition_hash(self.machine), qmp=self.qmp_address, control=self.control_address,
             tls=self.layout.tls_dir if self.layout.qmp_port else None,
             qmp_client=f"unix:{self.layout.qmp_client}",
-            console=self.layout.console if self.machine.serial in ("log", "socket") else None,
+            console=self.layout.console_client if self.machine.serial in ("log", "socket") else None,
             accel=list(self.layout.accel), started_at=self.started_at, ports=self.ports,
             state_dir=self.state_dir, owner=self.owner, boot=self.boot, restored=self.restored)
 
@@ -490,7 +519,7 @@ def recorded(state_dir: str) -> statedir.QemuRecord | None:
             or statedir.read(state_dir, statedir.STATE, statedir.QemuRecord))
 
 
-SOCKETS = ("qmp.sock", "qmp-client.sock", "console.sock", "qga.sock")
+SOCKETS = ("qmp.sock", "qmp-client.sock", "console.sock", statedir.CONSOLE_CLIENT, "qga.sock")
 
 
 def forget(state_dir: str) -> None:

@@ -49,7 +49,8 @@ DEFINITION = "definition.json"  # the resolved definition `up` last started (wha
 SAVING = "saving.json"          # SaveRecord, in warm/: a warm save under way (its overlays may hold the newest writes)
 # -- file names (runtime directory) --------------------------------------------------------------
 MACHINE = "machine.json"        # QemuRecord, authoritative
-LOCK = "supervisor.lock"        # flock held by the live supervisor
+LOCK = "supervisor.lock"        # flock held by the live supervisor; its mtime is the supervisor's heartbeat
+CONSOLE_CLIENT = "console-client.sock"  # the supervisor's console proxy (`qemuspec console`)
 
 LOG_LIMIT = 8 * 1024 * 1024     # a log larger than this is moved to NAME.1 (one generation kept)
 RECORD_LIMIT = 1024 * 1024      # a record larger than this is not ours
@@ -118,7 +119,7 @@ class QemuRecord(Record):
 class SupervisorRecord(Record):
     pid: int
     started: str | None = None      # kernel start time of the supervisor
-    phase: str = "starting"         # starting, running, restarting
+    phase: str = "starting"         # starting, running, restarting, stopping
     restarts: int = 0
     restart: str = "no"
     attempt: int = 0                # restart attempt being waited for (phase restarting)
@@ -302,6 +303,81 @@ def precreate(directory: str, name: str, limit: int = LOG_LIMIT) -> str:
     return path
 
 
+class CappedLog:
+    """A log qemuspec writes itself (serial.log, from the console bytes the supervisor receives), kept
+    under ``limit`` in total while the machine runs: the file moves to NAME.1 before it would pass
+    half the limit, so NAME plus NAME.1 never exceed it. Writes never raise (a full disk, a deleted or
+    read-only state directory lose log lines, not the machine); a failed open is retried at most once
+    a second."""
+
+    RETRY = 1.0
+
+    def __init__(self, directory: str, name: str, limit: int = LOG_LIMIT):
+        self.directory, self.name, self.half = directory, name, max(1, limit // 2)
+        self.error: str | None = None
+        self.errno: int | None = None
+        self._fd: int | None = None
+        self._size = 0
+        self._retry_at = 0.0
+        self._open(rotate_first=False)
+
+    def _open(self, rotate_first: bool) -> None:
+        import time
+
+        self._retry_at = time.monotonic() + self.RETRY
+        try:
+            with dirfd(self.directory) as dfd:
+                try:
+                    size = os.stat(self.name, dir_fd=dfd, follow_symlinks=False).st_size
+                except FileNotFoundError:
+                    size = 0
+                if rotate_first and size:
+                    os.replace(self.name, self.name + ".1", src_dir_fd=dfd, dst_dir_fd=dfd)
+                elif size > self.half:  # written by someone else (an older qemuspec's qemu): keep its end
+                    fd = os.open(self.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+                    try:
+                        os.lseek(fd, size - self.half, os.SEEK_SET)
+                        end = os.read(fd, self.half)
+                    finally:
+                        os.close(fd)
+                    write_bytes(self.directory, self.name + ".1", end)
+                    os.unlink(self.name, dir_fd=dfd)
+            self._fd = open_log(self.directory, self.name, limit=2**62)
+            self._size = os.fstat(self._fd).st_size
+            self.error = self.errno = None
+        except OSError as exc:
+            self._fd, self.errno = None, exc.errno
+            self.error = f"cannot write {os.path.join(self.directory, self.name)}: {exc.strerror or exc}"
+
+    def write(self, data: bytes) -> None:
+        import time
+
+        data = data[-self.half:]  # one chunk never holds more than half the limit
+        if self._fd is not None and self._size + len(data) > self.half:
+            self.close()
+            self._open(rotate_first=True)
+        elif self._fd is None:
+            if time.monotonic() < self._retry_at:
+                return
+            self._open(rotate_first=False)
+        if self._fd is None:
+            return
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
+            self._size += len(data)
+        except OSError as exc:
+            self.error = f"cannot write {os.path.join(self.directory, self.name)}: {exc.strerror or exc}"
+            self.close()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+
 # -- files qemuspec created ----------------------------------------------------------------------
 
 def record_definition(state_dir: str, definition: dict) -> None:
@@ -342,11 +418,41 @@ def created_files(state_dir: str) -> list[str]:
 
 # -- the supervisor's lock -----------------------------------------------------------------------
 
-def hold_lock(run_dir: str) -> int:
-    """Taken by the supervisor for its whole life (the fd is kept open; the kernel drops it at exit)."""
+def hold_lock(run_dir: str, wait: bool = True) -> int:
+    """Taken by the supervisor for its whole life (the fd is kept open; the kernel drops it at exit).
+    With ``wait`` False, a lock someone else holds raises BlockingIOError."""
     fd = os.open(os.path.join(run_dir, LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
+
+
+def beat(lock_fd: int) -> None:
+    """The supervisor's heartbeat: the lock file's mtime, set through the held fd (no fsync, no path)."""
+    with contextlib.suppress(OSError):
+        os.utime(lock_fd)
+
+
+def heartbeat_age(run_dir: str) -> float | None:
+    """Seconds since the supervisor's last heartbeat (None: no lock file)."""
+    import time
+
+    try:
+        return max(0.0, time.time() - os.stat(os.path.join(run_dir, LOCK), follow_symlinks=False).st_mtime)
+    except OSError:
+        return None
+
+
+def same_file(fd: int, directory: str, name: str) -> bool:
+    """Whether ``directory/name`` is still the file open as ``fd`` (False once it was removed)."""
+    try:
+        here, there = os.fstat(fd), os.stat(os.path.join(directory, name), follow_symlinks=False)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def lock_holders(run_dir: str) -> set[int]:

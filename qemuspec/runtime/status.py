@@ -1,9 +1,11 @@
 """What state a machine is in, and why: from its records and the live processes.
 
 States: starting, running, paused, unresponsive (qemu alive but its monitor does not answer, or the
-process is stopped), restarting (attempt n, next in s), unsupervised (qemu runs, its supervisor is
-gone), stopped, crashed / failed (with the reason: never became ready, exited (code), killed
-(signal), guest panic), lost (supervisor and qemu both killed without a word).
+process is stopped), restarting (attempt n, next in s), stopping (a stop is in progress), hung (its
+supervisor does not answer: stopped, or no heartbeat), unsupervised (qemu runs, its supervisor is
+gone: a restart policy is not enforced until it is adopted again), stopped, crashed / failed (with
+the reason: never became ready, exited (code), killed (signal), guest panic), lost (supervisor and
+qemu both killed without a word).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from qemuspec.errors import QemuspecError
 from qemuspec.runtime import paths, statedir
 from qemuspec.runtime.instance import Instance, recorded
 from qemuspec.runtime.process import state as process_state
-from qemuspec.runtime.supervisor import read_supervisor, stale_supervisor
+from qemuspec.runtime.supervisor import hung, read_supervisor, stale_supervisor
 
 if TYPE_CHECKING:
     from qemuspec.spec.models import Machine
@@ -51,23 +53,39 @@ def machine_status(name: str, machine: Machine | None, state_dir: str, ask_qemu:
         row.update(pid=inst.process.pid, qmp=inst.qmp_address, ports=inst.ports, accel=list(inst.layout.accel), boot=inst.boot,
                    **({"restored": inst.restored} if inst.restored else {}),
                    uptime=round(time.time() - inst.started_at, 1) if inst.started_at else None)
+        policy = row["restart"] or (stale.restart if (stale := stale_supervisor(state_dir)) else None)
         if sup is None:
             row["state"], row["reason"] = "unsupervised", "its supervisor is gone: `up` adopts it"
+            if policy and policy != "no":
+                row["reason"] = f"its supervisor is gone, so restart = \"{policy}\" is not enforced: `up` adopts it"
+                row["policy_enforced"] = False
+            if stale is not None:
+                row["restarts"] = stale.restarts
             from qemuspec.runtime import warm
 
             if warm.interrupted(state_dir) is not None:
                 row["reason"] = ("its supervisor died during a warm save (the guest is stopped, its disks on live "
                                  "overlays): `up` adopts it, finishes or undoes the save and resumes it")
+        elif (why := hung(state_dir, sup)) is not None:
+            row["state"], row["reason"] = "hung", why
+        elif sup.phase == "stopping":
+            row["state"], row["reason"] = "stopping", "a stop is in progress"
         elif sup.phase == "starting":
             row["state"] = "starting"
+        elif not os.path.exists(inst.layout.qmp_client) and sup.error:  # runtime directory removed and made again
+            row["state"] = "running"
         else:
             row["state"], row["reason"] = run_state(inst) if ask_qemu else ("running", "")
+    elif sup is not None and (why := hung(state_dir, sup)) is not None:
+        row["state"], row["reason"] = "hung", why
     elif sup is not None:
         if sup.phase == "restarting":
             wait = max(0.0, (sup.next_at or time.time()) - time.time())
             row["state"] = "restarting"
             row["reason"] = f"attempt {sup.attempt}, next in {wait:.1f} s" + (f"; last run: {sup.last_exit}" if sup.last_exit else "")
             row["attempt"], row["next_in"] = sup.attempt, round(wait, 1)
+        elif sup.phase == "stopping":
+            row["state"], row["reason"] = "stopping", "a stop is in progress"
         else:
             row["state"] = "starting"
     elif stale_supervisor(state_dir) is not None or (registry_rec is not None and last is None):

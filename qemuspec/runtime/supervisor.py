@@ -18,6 +18,7 @@ import os
 import select
 import signal
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,11 @@ from qemuspec.runtime.policy import Ending, Restarts, ending
 from qemuspec.runtime.process import start_time
 
 if TYPE_CHECKING:
+    from qemuspec.runtime.console import ConsoleProxy
     from qemuspec.spec.models import Machine
+
+HEARTBEAT = 1.0   # seconds between the supervisor's heartbeats (and checks that its runtime directory is still there)
+HUNG_AFTER = 5.0  # a supervisor whose heartbeat is older than this does not answer: status says hung
 
 
 def exit_file(state_dir: str) -> str:
@@ -53,12 +58,55 @@ def record(state_dir: str, event: str, **data: Any) -> str | None:
 def read_supervisor(state_dir: str) -> statedir.SupervisorRecord | None:
     """The live supervisor of this state directory, or None. Its record lives in the runtime
     directory (only this user writes there) and counts only while the recorded pid holds the
-    supervisor lock and has the recorded start time: a forged or stale record names nobody."""
-    run = paths.run_dir(os.path.abspath(state_dir))
+    supervisor lock and has the recorded start time: a forged or stale record names nobody.
+
+    When the runtime directory was removed under a live supervisor (tmpfiles, logind), the supervisor
+    makes it again within a heartbeat; if the state directory's copy names a live process of ours
+    with the recorded start time, this waits that long for it, trusting nothing the copy says."""
+    state_dir = os.path.abspath(state_dir)
+    run = paths.run_dir(state_dir)
+    info = _registered(run)
+    if info is None and _re_registering(state_dir, run):
+        deadline = time.monotonic() + 3 * HEARTBEAT
+        while info is None and time.monotonic() < deadline:
+            time.sleep(HEARTBEAT / 10)  # the supervisor makes a directory we cannot be told about
+            info = _registered(run)
+    return info
+
+
+def _registered(run: str) -> statedir.SupervisorRecord | None:
     info = statedir.read(run, statedir.SUPERVISOR, statedir.SupervisorRecord)
     if info is None or info.pid not in statedir.lock_holders(run) or start_time(info.pid) != info.started:
         return None
     return info
+
+
+def _re_registering(state_dir: str, run: str) -> bool:
+    """A supervisor whose runtime registry vanished may still live: its record's copy names a live
+    process of this user with the start time recorded, and the registry has no lock file."""
+    if os.path.exists(os.path.join(run, statedir.LOCK)):
+        return False
+    copy = statedir.read(state_dir, statedir.SUPERVISOR, statedir.SupervisorRecord)
+    if copy is None or not isinstance(copy.pid, int) or copy.pid <= 1 or start_time(copy.pid) != copy.started:
+        return False
+    try:
+        return os.stat(f"/proc/{copy.pid}").st_uid == os.getuid()
+    except OSError:
+        return False
+
+
+def hung(state_dir: str, sup: statedir.SupervisorRecord) -> str | None:
+    """Why a live supervisor does not answer (None: it does): stopped (SIGSTOP, a debugger), or no
+    heartbeat for HUNG_AFTER seconds."""
+    from qemuspec.runtime.process import state as process_state
+
+    if (process_state(sup.pid) or "") in ("T", "t"):
+        return (f"its supervisor (pid {sup.pid}) is stopped (SIGSTOP or a debugger): `kill -CONT {sup.pid}`, "
+                "or `down` stops the machine itself")
+    age = statedir.heartbeat_age(paths.run_dir(os.path.abspath(state_dir)))
+    if age is not None and age > HUNG_AFTER:
+        return f"its supervisor (pid {sup.pid}) has not answered for {age:.0f} s: `down` stops the machine itself"
+    return None
 
 
 def stale_supervisor(state_dir: str) -> statedir.SupervisorRecord | None:
@@ -78,14 +126,16 @@ def request_stop(state_dir: str, timeout: float | None) -> None:
 def clear(state_dir: str) -> None:
     """Remove a dead supervisor's records (and the runtime directory if nothing else is in it)."""
     run = paths.run_dir(os.path.abspath(state_dir))
+    statedir.remove(state_dir, statedir.SUPERVISOR, statedir.STOP)  # first: a copy without a lock is "re-registering"
     statedir.remove(run, statedir.SUPERVISOR, statedir.STOP, statedir.LOCK)
-    statedir.remove(state_dir, statedir.SUPERVISOR, statedir.STOP)
     with contextlib.suppress(OSError):
         os.rmdir(run)
 
 
-def spawn(name: str, machine: Machine, state_dir: str, adopt: bool, owner: str | None = None) -> tuple[int, int]:
-    """Fork a detached supervisor; returns (pid, fd of the progress pipe to read)."""
+def spawn(name: str, machine: Machine, state_dir: str, adopt: bool, owner: str | None = None,
+          restarts: int = 0) -> tuple[int, int]:
+    """Fork a detached supervisor; returns (pid, fd of the progress pipe to read). ``restarts``: the
+    count a re-adopting supervisor carries on from its dead predecessor's."""
     statedir.ensure_private(state_dir)
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -107,7 +157,7 @@ def spawn(name: str, machine: Machine, state_dir: str, adopt: bool, owner: str |
             os.write(write_end, f"{grandchild}\n".encode())
             code = 0
         else:
-            code = _run(name, machine, state_dir, adopt, write_end, owner)
+            code = _run(name, machine, state_dir, adopt, write_end, owner, restarts)
     except BaseException:
         import traceback
 
@@ -126,7 +176,8 @@ def _grandchild_pid(fd: int) -> int:
     return int(line)
 
 
-def _run(name: str, machine: Machine, state_dir: str, adopt: bool, progress_fd: int, owner: str | None) -> int:
+def _run(name: str, machine: Machine, state_dir: str, adopt: bool, progress_fd: int, owner: str | None,
+         restarts: int = 0) -> int:
     """In the supervisor process."""
     devnull = os.open(os.devnull, os.O_RDWR)
     try:
@@ -140,7 +191,9 @@ def _run(name: str, machine: Machine, state_dir: str, adopt: bool, progress_fd: 
     os.close(log)
     sys.stdout = _Tolerant(os.fdopen(1, "w", buffering=1))
     sys.stderr = _Tolerant(os.fdopen(2, "w", buffering=1))
-    return Supervisor(name, machine, state_dir, progress_fd, owner).run(adopt)
+    sup = Supervisor(name, machine, state_dir, progress_fd, owner)
+    sup.policy.count = restarts
+    return sup.run(adopt)
 
 
 class _Tolerant:
@@ -188,6 +241,10 @@ class Supervisor:
         self.next_at: float | None = None
         self.current_phase = "starting"
         self.restore_error: str | None = None  # why the last restore failed (the cold boot says it)
+        self.attempt = 0
+        self.proxy: ConsoleProxy | None = None
+        self._registry_lock = threading.Lock()
+        self.finishing = False  # set once _finish clears the registry: nothing is made again after that
 
     @property
     def restarts(self) -> int:
@@ -236,6 +293,7 @@ class Supervisor:
         paths.private_dir(self.run_dir)
         self.lock_fd = statedir.hold_lock(self.run_dir)  # held until this process ends, whatever ends it
         self.phase("starting")
+        threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
         statedir.remove(self.state_dir, statedir.EXIT)
         first = True
         while True:
@@ -276,12 +334,73 @@ class Supervisor:
         except (BlockingIOError, OSError):
             pass
 
+    # -- liveness and the runtime registry ---------------------------------------------------------
+
+    def _heartbeat(self) -> None:
+        """Every HEARTBEAT: touch the lock (status tells a hung supervisor by its age) and check that the
+        runtime directory still holds our lock; a thread, so it goes on while the main loop waits on a
+        probe or a stop. A SIGSTOPped supervisor stops beating with everything else."""
+        while True:
+            time.sleep(HEARTBEAT)  # a clock, not a synchronisation: nothing tells us of an unlink
+            if self.lock_fd is None or self.finishing:
+                continue
+            if not statedir.same_file(self.lock_fd, self.run_dir, statedir.LOCK):
+                try:
+                    self._re_register()
+                except Exception as exc:  # the next beat tries again
+                    print(f"supervisor: cannot make its runtime directory again: {exc}", file=sys.stderr)
+                    continue
+            statedir.beat(self.lock_fd)
+
+    def _re_register(self) -> None:
+        """The runtime directory was removed under us (tmpfiles cleaning /tmp, logind removing
+        /run/user/UID, a user): make it again with the lock, our record and qemu's, and the console
+        proxy, so status, down and up find this machine again. qemu's own listening sockets in it
+        (tool monitor, agent) are gone until qemu is started again: status says so."""
+        with self._registry_lock:
+            if self.finishing:
+                return
+            paths.private_dir(os.path.dirname(self.run_dir))
+            paths.private_dir(self.run_dir)
+            fd = statedir.hold_lock(self.run_dir, wait=False)  # BlockingIOError: another took it; retried
+            old, self.lock_fd = self.lock_fd, fd
+            if old is not None:
+                os.close(old)
+            inst = self.instance
+            if inst is not None and inst.running():
+                inst.write_state()
+            if self.proxy is not None:
+                self.proxy.rebind()
+            self.error = (f"its runtime directory {self.run_dir} was removed at {time.strftime('%H:%M:%S')} and made "
+                          "again; the tool monitor and agent sockets qemu had there are gone until it restarts "
+                          "(`qemuspec restart`)")
+            print(f"supervisor: {self.error}", file=sys.stderr)
+            self.phase(self.current_phase, self.attempt)
+            self.event("QEMUSPEC_REREGISTERED", run_dir=self.run_dir)
+
+    def _serve_console(self, inst: Instance) -> None:
+        """`qemuspec console` goes through us (runtime/console.py): the reader stays ours for qemu's life."""
+        self._unserve_console()
+        if inst.console is None:
+            return
+        from qemuspec.runtime.console import ConsoleProxy
+
+        try:
+            self.proxy = ConsoleProxy(inst.layout.console_client, inst.console, self.name)
+        except (OSError, QemuspecError) as exc:
+            print(f"supervisor: cannot serve the console: {exc}", file=sys.stderr)
+
+    def _unserve_console(self) -> None:
+        if self.proxy is not None:
+            self.proxy.close()
+            self.proxy = None
+
     def phase(self, phase: str, attempt: int = 0) -> None:
-        """What `status` shows while this supervisor lives: starting, running, restarting. The record
+        """What `status` shows while this supervisor lives: starting, running, restarting, stopping. The record
         goes to the runtime directory (tmpfs, private); the copy in the state directory may fail
         (disk full, read-only, deleted) without taking the supervisor down: the failure is kept
         and shown by status."""
-        self.current_phase = phase
+        self.current_phase, self.attempt = phase, attempt
         rec = statedir.SupervisorRecord(
             pid=os.getpid(), started=start_time(os.getpid()), phase=phase, restarts=self.restarts,
             restart=self.machine.restart, attempt=attempt, next_at=self.next_at,
@@ -336,6 +455,7 @@ class Supervisor:
             self.event("QEMUSPEC_LAUNCHED", pid=inst.process.pid, restarts=self.restarts, accel=list(inst.layout.accel),
                        boot=inst.boot, **({"why": cold_why} if cold_why else {}),
                        **({"kvm_failed": inst.kvm_failure.split("\n", 1)[0]} if inst.kvm_failure else {}))
+            self._serve_console(inst)
             self.tell("waiting", pid=inst.process.pid, boot=inst.boot, accel=list(inst.layout.accel))
             owning = None
             if restore:  # clock and RNG through the agent, while the probes run (ready waits for both)
@@ -357,10 +477,18 @@ class Supervisor:
                 detail = self.restore_error = str(exc).split("\n", 1)[0]
                 self.event("QEMUSPEC_RESTORE_FAILED", error=detail, then="cold boot")
                 self.tell("restore failed", detail=detail)
+                self._unserve_console()
                 inst.kill()
                 return False
-            detail = str(exc) if isinstance(exc, QemuspecError) else f"machine {self.name}: internal error: {type(exc).__name__}: {exc} (details in supervisor.log)"
-            if not isinstance(exc, QemuspecError):
+            if isinstance(exc, QemuspecError):
+                detail = str(exc)
+            elif isinstance(exc, OSError):  # a state directory made read-only or full under a restart
+                where = f" {exc.filename}" if exc.filename else ""
+                detail = (f"machine {self.name} cannot start: cannot write{where}: {exc.strerror or exc}: "
+                          f"make {self.state_dir} writable (or choose another state directory with --state-dir)")
+            else:
+                detail = f"machine {self.name}: internal error: {type(exc).__name__}: {exc} (details in supervisor.log)"
+            if not isinstance(exc, (QemuspecError, OSError)):
                 import traceback
 
                 traceback.print_exc()
@@ -370,13 +498,11 @@ class Supervisor:
             self.last = Ending(True, f"never became ready (probe {probe}, after {time.monotonic() - began:.1f} s)" if probe
                                else f"failed to start: {first_line}")
             self.tell("failed", detail=detail)
+            self._unserve_console()
             inst.kill()
             return False
         if inst.write_error:
             self.error = inst.write_error
-        if inst.console is not None:
-            inst.console.close()  # free the console socket for `qemuspec console`
-            inst.console = None
         seconds = time.monotonic() - began
         saved = save_failed = None
         if self.machine.warm and not restore:
@@ -432,6 +558,8 @@ class Supervisor:
         except QemuspecError as exc:
             self.tell("failed", detail=f"cannot adopt machine {self.name}: {exc}")
             raise SystemExit(1)
+        inst.attach_console()  # serial.log goes on from the adopted qemu's console
+        self._serve_console(inst)
         if self.owner and inst.owner != self.owner:
             inst.owner = self.owner
             with contextlib.suppress(OSError):
@@ -465,6 +593,7 @@ class Supervisor:
                 ready, _, _ = select.select([pidfd, self.wake_r], [], [])
                 self._drain()
                 if self.stop_requested:
+                    self.phase("stopping")
                     self.event("QEMUSPEC_STOPPING", pid=inst.process.pid)
                     result = inst.stop(self._requested_timeout())
                     self.stop_step = result.step
@@ -478,6 +607,8 @@ class Supervisor:
                     break
         finally:
             os.close(pidfd)
+            if inst.process.poll() is not None:
+                self._unserve_console()
         code = inst.wait(5)
         reason = self._shutdown_reason()
         end = ending(code, reason)
@@ -501,7 +632,9 @@ class Supervisor:
     def _finish(self, phase: str, end: Ending) -> int:
         inst = self.instance
         if inst is not None and inst.running():
+            self.phase("stopping")
             self.stop_step = inst.stop(self._requested_timeout()).step
+        self._unserve_console()
         try:
             statedir.ensure_private(self.state_dir)
             statedir.write(self.state_dir, statedir.EXIT, statedir.ExitRecord(
@@ -509,6 +642,8 @@ class Supervisor:
                 restarts=self.restarts, at=time.time()))
         except (OSError, QemuspecError) as exc:
             print(f"supervisor: cannot record how the machine ended: {exc}", file=sys.stderr)
+        with self._registry_lock:
+            self.finishing = True
         clear(self.state_dir)
         if self.progress_fd is not None:  # never became ready
             self.tell("failed", detail=end.reason)
