@@ -27,6 +27,7 @@ from pydantic import (
 
 from qemuspec.spec import units
 from qemuspec.spec.order import order_machines
+from qemuspec.spec.uris import check_libvirt_uri
 
 _IDENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
@@ -339,22 +340,10 @@ def _as_list(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
-_URI_PARAMS = ("keyfile", "no_verify", "no_tty", "pkipath", "known_hosts", "known_hosts_verify", "sshauth", "mode", "socket", "tls_priority")
-_LIBVIRT_URI = re.compile(
-    r"^qemu(\+(ssh|libssh|libssh2|tls|tcp|unix))?://"
-    r"(?:(?:[A-Za-z0-9_][A-Za-z0-9._-]*)@)?(?:[A-Za-z0-9][A-Za-z0-9.-]*|\[[0-9A-Fa-f:.]+\])?(?::\d{1,5})?"
-    r"/(system|session)"
-    r"(\?(" + "|".join(_URI_PARAMS) + r")=[^&\s]*(&(" + "|".join(_URI_PARAMS) + r")=[^&\s]*)*)?$")
-
-
 def _libvirt_uri(value: str) -> str:
-    """A libvirt connection URI for the QEMU driver: where the libvirt backend places the machine.
-    Strict on purpose: libvirt runs programs a URI names (``ext``, ``?command=``, ``?netcat=``) and
-    hands the host to ssh, so a definition may only name a host, a user, a port and inert options."""
-    if not _LIBVIRT_URI.match(value):
-        raise ValueError(f'"{value}" is not a libvirt QEMU URI qemuspec accepts: write for example "qemu:///system" or '
-                         f'"qemu+ssh://user@host/system" (transports ssh, libssh, tls, tcp, unix; options {", ".join(_URI_PARAMS)})')
-    return value
+    """A libvirt connection URI for the QEMU driver: where the libvirt backend places the machine
+    (spec/uris.py says why it is strict and how libvirt reads it)."""
+    return check_libvirt_uri(value)
 
 
 def _qemu_binary(value: str, info: ValidationInfo) -> str:
