@@ -95,3 +95,94 @@ def test_uri_parameters_users_write_still_pass():
                 "qemu+ssh://ci@h/system?keyfile=%2Fk&known_hosts_verify=ignore&sshauth=agent,privkey",
                 "qemu+tls://h/system?pkipath=/etc/pki/x&tls_priority=NORMAL:%25COMPAT", "qemu:///system?mode=direct"]:
         assert check_libvirt_uri(uri) == uri
+
+
+# ---- item 3: every purge keeps to created.json ------------------------------------------------
+
+UNREACHABLE = "qemu+ssh://nobody@127.0.0.1:1/system?no_tty=1&no_verify=1"  # refused at once: no libvirtd needed
+
+
+def _victims(tmp_path):
+    """A directory of someone else's files, a file named as a disk with a size, and one with a backing."""
+    victim = tmp_path / "victim"
+    (victim / "home" / "alice").mkdir(parents=True)
+    (victim / "home" / "alice" / "thesis.txt").write_text("years of work\n")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "data.img").write_text("the user's own image\n")
+    (project / "notes.qcow2").write_text("not an overlay at all\n")
+    return victim, project
+
+
+def _mixed(project, host: str) -> str:
+    """A file with one libvirt machine, so `down` takes the libvirt path, and a local machine named
+    like the victim's subdirectory, with disks qemuspec never made."""
+    path = project / "lab.toml"
+    path.write_text(f'[machines.far]\nhost = "{host}"\nmemory = "64M"\n\n'
+                    '[machines.home]\nmemory = "64M"\n'
+                    '[[machines.home.disks]]\nfile = "data.img"\nsize = "1M"\n'
+                    '[[machines.home.disks]]\nfile = "notes.qcow2"\nformat = "qcow2"\nbacking = "data.img"\nbacking_format = "raw"\n')
+    return str(path)
+
+
+def test_libvirt_path_purge_never_follows_a_planted_state_symlink(tmp_path):
+    victim, project = _victims(tmp_path)
+    os.symlink(victim, project / ".qemuspec")  # committed in the repository: .qemuspec -> /
+    path = project / "lab.toml"  # machines all on libvirt hosts: no local machine checks the state root first
+    path.write_text(f'[machines.home]\nhost = "{UNREACHABLE}"\nmemory = "64M"\n')
+    result = cli("down", str(path), "--purge", timeout=120)
+    assert result.returncode != 0 and "symlink" in result.stderr, result.stderr
+    _one_paragraph(result.stderr)
+    assert (victim / "home" / "alice" / "thesis.txt").read_text() == "years of work\n", "rm -rf through the symlink"
+    assert (project / "data.img").read_text() == "the user's own image\n"
+    assert (project / "notes.qcow2").read_text() == "not an overlay at all\n"
+
+
+def test_libvirt_path_purge_deletes_no_disk_qemuspec_did_not_create(tmp_path):
+    _victim, project = _victims(tmp_path)
+    state = project / ".qemuspec" / "home"
+    state.mkdir(parents=True)
+    (state / "known_hosts").write_text("h ssh-ed25519 AAAA\n")
+    cli("down", _mixed(project, UNREACHABLE), "--purge", timeout=120)
+    assert (project / "data.img").read_text() == "the user's own image\n", "a disk with a size qemuspec never made"
+    assert (project / "notes.qcow2").read_text() == "not an overlay at all\n", "a disk with a backing qemuspec never made"
+    assert not state.exists(), "the machine's own state directory goes"
+
+
+# ---- item 5: reset replaces only overlays qemuspec created -------------------------------------
+
+def _overlay_file(tmp_path, overlay: str) -> str:
+    from qemuspec import img
+
+    img.create(str(tmp_path / "base.qcow2"), "16M", "qcow2")
+    path = tmp_path / "m.toml"
+    path.write_text(f'[machines.m]\nmemory = "64M"\n[[machines.m.disks]]\nfile = "{overlay}"\nformat = "qcow2"\n'
+                    'backing = "base.qcow2"\nbacking_format = "qcow2"\n')
+    return str(path)
+
+
+def test_reset_never_replaces_a_file_it_did_not_create(tmp_path):
+    (tmp_path / "thesis.txt").write_text("years of work\n")
+    path = _overlay_file(tmp_path, "thesis.txt")
+    result = cli("reset", path)
+    assert result.returncode == 1, result.stderr
+    assert "m.toml" in result.stderr and "machines.m.disks.0.file" in result.stderr and "not an overlay qemuspec created" in result.stderr
+    _one_paragraph(result.stderr)
+    assert (tmp_path / "thesis.txt").read_text() == "years of work\n"
+
+
+def test_reset_replaces_its_own_overlay_and_not_one_put_in_its_place(tmp_path):
+    from qemuspec import img
+
+    path = _overlay_file(tmp_path, "overlay.qcow2")
+    overlay = tmp_path / "overlay.qcow2"
+    assert cli("reset", path).returncode == 0 and img.info(str(overlay)).backing == str(tmp_path / "base.qcow2")
+    subprocess.run(["qemu-io", "-c", "write -P 0x55 0 4096", str(overlay)], check=True, capture_output=True)
+    assert subprocess.run(["qemu-img", "compare", "-q", str(overlay), str(tmp_path / "base.qcow2")]).returncode == 1
+    assert cli("reset", path).returncode == 0, "an overlay qemuspec recorded is replaced"
+    assert subprocess.run(["qemu-img", "compare", "-q", str(overlay), str(tmp_path / "base.qcow2")]).returncode == 0
+    overlay.unlink()
+    overlay.write_text("the user's file, same name\n")
+    result = cli("reset", path)
+    assert result.returncode == 1 and "not an overlay qemuspec created" in result.stderr, result.stderr
+    assert overlay.read_text() == "the user's file, same name\n"
