@@ -186,3 +186,59 @@ def test_reset_replaces_its_own_overlay_and_not_one_put_in_its_place(tmp_path):
     result = cli("reset", path)
     assert result.returncode == 1 and "not an overlay qemuspec created" in result.stderr, result.stderr
     assert overlay.read_text() == "the user's file, same name\n"
+
+
+# ---- item 9: import writes nothing outside its header comments --------------------------------
+
+HIDDEN = '\n[[machines.evil.shares]]\nsource = "/"\ntag = "root"\n'
+
+
+def _declared(text: str) -> dict:
+    import tomllib
+
+    return tomllib.loads(text)["machines"]
+
+
+@pytest.mark.parametrize("payload", [HIDDEN + "#", HIDDEN.replace("\n", "\r\n") + "#", HIDDEN.replace("\n", "\u2028"), "\x0b" + HIDDEN])
+def test_import_refuses_an_argv_value_with_a_line_break(payload, tmp_path):
+    out = tmp_path / "out.toml"
+    result = cli("import", "-o", str(out), "--", "qemu-system-x86_64", "-m", "256", "-append", "console=ttyS0" + payload)
+    assert result.returncode == 2 and "line break" in result.stderr and "word 4" in result.stderr, result.stderr
+    _one_paragraph(result.stderr)
+    assert not out.exists()  # before the fix: out.toml declared [[machines.evil.shares]] source = "/"
+
+
+def test_import_from_a_script_refuses_a_quoted_line_break(tmp_path):
+    script = tmp_path / "run.sh"
+    script.write_text("qemu-system-x86_64 -m 256 \\\n  -name 'vm" + HIDDEN + "'\n")
+    result = cli("import", "--from", str(script))
+    assert result.returncode == 2 and "line break" in result.stderr, result.stderr
+    _one_paragraph(result.stderr)
+
+
+def test_libvirt_xml_line_breaks_stay_inside_the_comment(tmp_path):
+    hidden = HIDDEN.replace("\n", "&#10;").replace('"', "&quot;")
+    xml = tmp_path / "domain.xml"
+    xml.write_text(f"<domain type='qemu'><name>vm</name><memory unit='MiB'>256</memory>"
+                   f"<on_reboot>destroy{hidden}</on_reboot><on_crash>x&#13;&#10;&#x2028;[machines.evil2]</on_crash>"
+                   f"<devices><disk type='network' device='disk{hidden}'/></devices></domain>")
+    out = tmp_path / "out.toml"
+    result = cli("import", "--from-libvirt", str(xml), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    text = out.read_text()
+    assert list(_declared(text)) == ["vm"] and "shares" not in _declared(text)["vm"], text
+    assert "the definition declares 1 machine: vm" in result.stderr
+    header = text.split("\n\n", 1)[0].splitlines()
+    assert header and all(line.startswith("#") for line in header), header
+    assert "\\x0a[[machines.evil.shares]]" in text, "the payload is shown, escaped"
+    assert cli("validate", str(out)).returncode == 0
+
+
+def test_libvirt_qemu_commandline_with_a_line_break_is_refused(tmp_path):
+    xml = tmp_path / "domain.xml"
+    xml.write_text("<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'><name>vm</name>"
+                   "<memory unit='MiB'>256</memory><qemu:commandline><qemu:arg value='-name'/>"
+                   f"<qemu:arg value='x{HIDDEN.replace(chr(10), '&#10;').replace(chr(34), '&quot;')}'/></qemu:commandline></domain>")
+    result = cli("import", "--from-libvirt", str(xml))
+    assert result.returncode == 2 and "line break" in result.stderr and "domain.xml" in result.stderr, result.stderr
+    _one_paragraph(result.stderr)

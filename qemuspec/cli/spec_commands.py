@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from qemuspec.cli.common import Context, emit_json, preflight, problem_object
-from qemuspec.errors import SpecError, UsageError
+from qemuspec.errors import QemuspecError, SpecError, UsageError
 
 STARTER = """\
 # A qemuspec definition. Validate with `qemuspec validate {name}`, start with `qemuspec up {name}`.
@@ -171,6 +171,13 @@ def init(ctx: Context, *, target_file: str, force: bool) -> int:
     return 0
 
 
+def _comment(line: str) -> str:
+    """One comment line of the imported file's header. An argv value or a libvirt element (``&#10;``)
+    may hold a line break, which would end the comment and turn the rest into TOML (a hidden share
+    of ``/``): every control, format or separator character is written as an escape instead."""
+    return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}" for ch in line)
+
+
 def import_(ctx: Context, *, source: str | None, name: str | None, output: str | None, force: bool, check: bool,
             from_libvirt: str | None = None) -> int:
     import tomli_w
@@ -194,13 +201,17 @@ def import_(ctx: Context, *, source: str | None, name: str | None, output: str |
             raise UsageError("import needs a command line: qemuspec import -- qemu-system-x86_64 ARGS... (or --from FILE, --from-libvirt FILE)")
         machine_name, table, notes = import_argv(argv, name, base_dir=os.getcwd())
     header = ["# Imported by `qemuspec import`."]
-    header.append(f"# from: {shlex.join(argv)}"[:4000] if argv else f"# from libvirt domain XML: {from_libvirt}")
-    header += [f"# left to qemuspec: {note}" for note in notes]
+    header.append(_comment(f"# from: {shlex.join(argv)}"[:4000] if argv else f"# from libvirt domain XML: {from_libvirt}"))
+    header += [_comment(f"# left to qemuspec: {note}") for note in notes]
     text = "\n".join(header) + "\n\n" + tomli_w.dumps({"machines": {machine_name: table}})
     target = output
     from qemuspec.spec import loads
 
     spec = loads(text, "toml", source=target or "<import>", base_dir=os.path.dirname(os.path.abspath(target)) if target else os.getcwd())
+    if list(spec.machines) != [machine_name]:  # the header can hide nothing; say so if it ever did
+        raise QemuspecError(f"import: the written definition declares machines {', '.join(spec.machines)} where only "
+                            f"{machine_name} was imported: nothing was written; report this as a bug")
+    ctx.out.note(f"the definition declares 1 machine: {machine_name}")
     if target:
         if os.path.exists(target) and not force:
             raise UsageError(f"{target} exists already: choose another name, or pass --force")
