@@ -242,3 +242,41 @@ def test_libvirt_qemu_commandline_with_a_line_break_is_refused(tmp_path):
     result = cli("import", "--from-libvirt", str(xml))
     assert result.returncode == 2 and "line break" in result.stderr and "domain.xml" in result.stderr, result.stderr
     _one_paragraph(result.stderr)
+
+
+# ---- item 13: a definition-relative qemu needs the user's opt-in, git checkout or not ----------
+
+def _fake_qemu(directory) -> str:
+    directory.mkdir(parents=True, exist_ok=True)
+    marker = directory / "ran"
+    fake = directory / "qemu-system-x86_64"
+    fake.write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
+    fake.chmod(0o755)
+    return str(marker)
+
+
+@pytest.mark.parametrize("written", ["../tools/qemu-system-x86_64", "bin/qemu-system-x86_64", "./../tools/qemu-system-x86_64"])
+def test_a_qemu_reached_from_the_definition_needs_the_opt_in_outside_git(written, tmp_path):
+    """A tarball or CI artifact: no .git, so the tree is the definition's directory; `../` and a
+    committed symlink lead out of it."""
+    marker = _fake_qemu(tmp_path / "tools")
+    project = tmp_path / "defs"
+    project.mkdir()
+    os.symlink(tmp_path / "tools", project / "bin")
+    path = project / "m.toml"
+    path.write_text(f'[machines.vm]\nqemu = "{written}"\nmemory = "64M"\n')
+    for command in (["validate"], ["up", "--state-dir", str(tmp_path / "state")]):
+        result = cli(*command, str(path))
+        assert result.returncode == 2, result.stderr
+        assert "m.toml:2" in result.stderr and "machines.vm.qemu" in result.stderr and "--allow-local-qemu" in result.stderr
+        _one_paragraph(result.stderr)
+    assert not os.path.exists(marker), "the shipped qemu ran"
+    assert cli("validate", str(path), "--allow-local-qemu").returncode == 0, "the user may allow it"
+    assert cli("validate", str(path), env={"QEMUSPEC_ALLOW_LOCAL_QEMU": "1"}).returncode == 0
+
+
+def test_a_system_qemu_by_name_or_absolute_path_needs_no_opt_in(qemu_bin, tmp_path):
+    path = tmp_path / "m.toml"
+    path.write_text(f'[machines.a]\nmemory = "64M"\n[machines.b]\nqemu = "{qemu_bin}"\nmemory = "64M"\n')
+    result = cli("validate", str(path))
+    assert result.returncode == 0, result.stderr

@@ -348,10 +348,18 @@ def _libvirt_uri(value: str) -> str:
 
 def _qemu_binary(value: str, info: ValidationInfo) -> str:
     """A definition names a qemu, not any program: a shared file must not be able to run `sh`. A name
-    is looked up on PATH; a path, like every path in a definition, is relative to the file."""
+    is looked up on PATH; a path, like every path in a definition, is relative to the file (and is
+    kept un-normalised, so a `../` the file wrote stays visible to the local-qemu rule)."""
     if not re.match(r"^(qemu-system-[A-Za-z0-9_]+|qemu-kvm|kvm)$", os.path.basename(value)):
         raise ValueError(f'"{value}" is not a qemu system emulator: use a qemu-system-ARCH binary (or a wrapper with such a name)')
-    return _resolve_path(value, info) if os.sep in value else value
+    if os.sep not in value:
+        return value
+    base = (info.context or {}).get("base_dir")
+    if base and not os.path.isabs(value) and not value.startswith("~"):
+        # Joined as written, `..` kept: preflight sees that the file chose it (see _qemu_problems there).
+        _resolve_path(value, info)
+        return os.path.join(base, value)
+    return _resolve_path(value, info)
 
 
 class Machine(Model):

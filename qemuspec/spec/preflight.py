@@ -66,10 +66,15 @@ def _qemu_problems(qemu: str, root: str, allow_local: bool) -> Iterator[str]:
                'or set qemu = "/path/to/qemu-system-ARCH"')
         return
     inside = os.path.commonpath([path, os.path.realpath(root)]) == os.path.realpath(root)
-    if inside and not allow_local:
-        yield (f'"{qemu}" is {path}, inside the definition\'s own tree ({root}): a definition from someone else\'s '
-               f"repository could ship any program under that name. If you built it yourself, allow it for this run "
-               f"with --allow-local-qemu (or {ALLOW_LOCAL_QEMU_ENV}=1); otherwise use a system qemu")
+    # As written: a path relative to the definition (kept un-normalised by the model) or naming a
+    # place in its tree is the file's choice even when `../` or a committed symlink leads out of it.
+    written = qemu.startswith(os.path.join(root, "")) or qemu.startswith(os.path.join(os.path.realpath(root), ""))
+    if (inside or written) and not allow_local:
+        where = "inside" if inside else "written relative to"
+        yield (f'"{qemu}" is {path}, {where} the definition\'s own tree ({root}): a definition from someone else\'s '
+               f"repository could ship any program under that name (or reach one with ../ or a symlink). If you built "
+               f"it yourself, allow it for this run with --allow-local-qemu (or {ALLOW_LOCAL_QEMU_ENV}=1); otherwise "
+               "use a system qemu by name or absolute path")
 
 
 def _missing_files(machine: "Machine") -> Iterator[Problem]:
