@@ -181,7 +181,7 @@ def test_reset_replaces_its_own_overlay_and_not_one_put_in_its_place(tmp_path):
     assert subprocess.run(["qemu-img", "compare", "-q", str(overlay), str(tmp_path / "base.qcow2")]).returncode == 1
     assert cli("reset", path).returncode == 0, "an overlay qemuspec recorded is replaced"
     assert subprocess.run(["qemu-img", "compare", "-q", str(overlay), str(tmp_path / "base.qcow2")]).returncode == 0
-    overlay.unlink()
+    overlay.rename(tmp_path / "kept.qcow2")  # kept, so the new file cannot reuse its inode
     overlay.write_text("the user's file, same name\n")
     result = cli("reset", path)
     assert result.returncode == 1 and "not an overlay qemuspec created" in result.stderr, result.stderr
@@ -280,3 +280,100 @@ def test_a_system_qemu_by_name_or_absolute_path_needs_no_opt_in(qemu_bin, tmp_pa
     path.write_text(f'[machines.a]\nmemory = "64M"\n[machines.b]\nqemu = "{qemu_bin}"\nmemory = "64M"\n')
     result = cli("validate", str(path))
     assert result.returncode == 0, result.stderr
+
+
+# ---- item 14: host paths outside the tree are listed; shares, writable disks, devices opted in ---
+
+def _outside(tmp_path):
+    """A project directory and, beside it, host files the definition names: a secret, a directory."""
+    project = tmp_path / "project"
+    project.mkdir()
+    secret = tmp_path / "shadow"
+    secret.write_text("root:$6$hash\n")
+    (tmp_path / "home").mkdir()
+    return project, str(secret), str(tmp_path / "home")
+
+
+@pytest.mark.parametrize("table, field", [
+    ('[[machines.vm.disks]]\nfile = "{secret}"\nformat = "raw"\n', "machines.vm.disks[0].file"),
+    ('[[machines.vm.shares]]\nsource = "/"\ntag = "root"\n', "machines.vm.shares[0].source"),
+    ('[[machines.vm.shares]]\nsource = "{home}"\ntag = "home"\nreadonly = true\n', "machines.vm.shares[0].source"),
+    ('[[machines.vm.disks]]\nfile = "/dev/zero"\nformat = "raw"\nreadonly = true\n', "machines.vm.disks[0].file"),
+    ('[[machines.vm.disks]]\nfile = "link.img"\nformat = "raw"\n', "machines.vm.disks[0].file"),
+    ('[[machines.vm.disks]]\nfile = "../made-outside.qcow2"\nformat = "qcow2"\nsize = "16M"\n', "machines.vm.disks[0].file"),
+])
+def test_shares_writable_disks_and_devices_outside_the_tree_need_the_users_opt_in(table, field, tmp_path):
+    project, secret, home = _outside(tmp_path)
+    os.symlink(secret, project / "link.img")  # a committed symlink out of the tree
+    path = project / "m.toml"
+    path.write_text('[machines.vm]\nmemory = "64M"\n' + table.format(secret=secret, home=home))
+    for command in (["validate"], ["up", "--no-probe", "--state-dir", str(tmp_path / "state")]):
+        result = cli(*command, str(path))
+        assert result.returncode == 2, (command, result.stderr)
+        assert "m.toml" in result.stderr and f"{field}:" in result.stderr and "--allow-host-paths" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert open(secret).read() == "root:$6$hash\n" and not (tmp_path / "made-outside.qcow2").exists()
+    assert not (tmp_path / "state").exists(), "up started nothing"
+    assert cli("validate", str(path), "--allow-host-paths").returncode == 0, "the user may allow it"
+    assert cli("validate", str(path), env={"QEMUSPEC_ALLOW_HOST_PATHS": "1"}).returncode == 0
+
+
+def test_a_definition_cannot_opt_itself_in(tmp_path):
+    project, secret, _home = _outside(tmp_path)
+    path = project / "m.toml"
+    path.write_text('[vars]\nQEMUSPEC_ALLOW_HOST_PATHS = "1"\nallow_host_paths = true\n'
+                    f'[machines.vm]\nmemory = "64M"\n[[machines.vm.disks]]\nfile = "{secret}"\nformat = "raw"\n')
+    assert cli("validate", str(path)).returncode == 2
+
+
+def test_validate_render_and_up_list_every_host_path_outside_the_tree(qemu_bin, tmp_path):
+    project, secret, home = _outside(tmp_path)
+    (tmp_path / "user-data").write_text("#cloud-config\n")
+    (project / "inside.img").write_text("")
+    path = project / "m.toml"
+    path.write_text('[machines.vm]\nmemory = "64M"\n'
+                    f'kernel = "{secret}"\ninitrd = "../shadow"\ncdrom = ["{secret}"]\n'
+                    f'[[machines.vm.disks]]\nfile = "{secret}"\nformat = "raw"\nreadonly = true\n'
+                    '[[machines.vm.disks]]\nfile = "inside.img"\nformat = "raw"\n'
+                    f'[[machines.vm.shares]]\nsource = "{home}"\ntag = "h"\n'
+                    f'[machines.vm.cloud_init]\nuser_data_file = "../user-data"\n'
+                    f'[[machines.vm.objects]]\ntype = "memory-backend-file"\nid = "m0"\noptions = {{ mem-path = "{home}", size = "64M" }}\n')
+    for command in (["validate", "--allow-host-paths"], ["render"],
+                    ["up", "--allow-host-paths", "--state-dir", str(tmp_path / "state"), "--timeout", "1"]):
+        result = cli(*command, str(path), timeout=120)
+        listed = result.stderr
+        for field, where in [("kernel", secret), ("initrd", secret), ("cdrom.0", secret), ("disks.0.file", secret),
+                             ("shares.0.source", home), ("cloud_init.user_data_file", str(tmp_path / "user-data")),
+                             ("objects.0.options.mem-path", home)]:
+            assert any(field in line and where in line for line in listed.splitlines()), (command, field, listed)
+        assert "inside.img" not in listed, "paths inside the tree are not listed"
+        if command[0] == "up":
+            cli("down", str(path), "--state-dir", str(tmp_path / "state"))
+
+
+# ---- item 18: cloud-init source files are regular files of bounded size ------------------------
+
+@pytest.mark.parametrize("which", ["fifo", "/dev/zero", "big"])
+def test_a_cloud_init_file_that_is_no_regular_file_is_refused_at_validate(which, tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "big").write_bytes(b"#" * (1024 * 1024 + 1))
+    path = tmp_path / "m.toml"
+    path.write_text(f'[machines.vm]\nmemory = "64M"\n[machines.vm.cloud_init]\nuser_data_file = "{which}"\n')
+    for command in (["validate", "--allow-host-paths"], ["up", "--no-probe", "--state-dir", str(tmp_path / "state")]):
+        result = cli(*command, str(path), timeout=20)  # a FIFO read would hang: the deadline fails the test instead
+        assert result.returncode == 2, result.stderr
+        assert "machines.vm.cloud_init.user_data_file" in result.stderr and ("not a regular file" in result.stderr or "at most" in result.stderr)
+        _one_paragraph(result.stderr)
+
+
+def test_the_seed_builder_never_blocks_on_a_fifo_put_there_after_validate(tmp_path):
+    from qemuspec.spec.limits import read_source_text
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="FIFO"):
+        read_source_text(str(fifo))
+    with pytest.raises(ValueError, match="not a regular file"):
+        read_source_text("/dev/zero")
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)

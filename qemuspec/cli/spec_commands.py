@@ -45,7 +45,7 @@ forwards = [{{ host = 0, guest = 22 }}]   # host 0 picks a free port; `qemuspec 
 """
 
 
-def validate(ctx: Context, *, files: list[str], probe: bool, allow_local_qemu: bool) -> int:
+def validate(ctx: Context, *, files: list[str], probe: bool, allow_local_qemu: bool, allow_host_paths: bool = False) -> int:
     from qemuspec.cli.common import check_against_qemu
     from qemuspec.spec.loader import load_located
 
@@ -54,7 +54,8 @@ def validate(ctx: Context, *, files: list[str], probe: bool, allow_local_qemu: b
     for path in files:
         try:
             spec, lines = load_located(path, variables=variables, environ=ctx.settings.var_environ())
-            preflight(spec, lines, path, list(spec.machines), allow_local_qemu=allow_local_qemu, settings=ctx.settings)
+            preflight(spec, lines, path, list(spec.machines), allow_local_qemu=allow_local_qemu, settings=ctx.settings,
+                      allow_host_paths=allow_host_paths, out=ctx.out)
             if probe:
                 check_against_qemu(spec, lines, path, list(spec.machines))
             results.append({"file": path, "valid": True, "machines": list(spec.machines), "errors": []})
@@ -78,9 +79,12 @@ def render(ctx: Context, *, shell: bool, format: str) -> int:
     from qemuspec.render import render as render_argv
     from qemuspec.runtime import accel
 
+    from qemuspec.cli.common import list_host_paths
+
     target = ctx.target
     spec = target.spec
     names = target.machines()
+    list_host_paths(ctx.out, spec, target.path, names)
     if format == "libvirt":
         from qemuspec.libvirt import domain_xml
 

@@ -64,18 +64,24 @@ def _record(target: Target, outcomes: list["Outcome"], machines: dict[str, Any])
             statedir.record_definition(target.state_dir(o.name), machines[o.name].model_dump(mode="json"))
 
 
-def up(ctx: Context, *, no_probe: bool, attach: bool, timeout: float | None, allow_local_qemu: bool, warm: bool = False) -> int:
+def up(ctx: Context, *, no_probe: bool, attach: bool, timeout: float | None, allow_local_qemu: bool, warm: bool = False,
+       allow_host_paths: bool = False) -> int:
     from qemuspec import reconcile
 
     target = ctx.target
     spec, lines = target.load()
     names = target.machines()
-    if (hosts := libvirt_commands.placed(ctx, spec, reconcile.needed(spec, names))):  # libvirt backend
-        return libvirt_commands.up(ctx, spec, names, hosts, attach)
-    _warm_flag(warm, spec, names)
     from qemuspec.cli.common import preflight
 
-    preflight(spec, lines, target.path, reconcile.needed(spec, names), allow_local_qemu=allow_local_qemu, root=target.root, settings=ctx.settings)
+    hosts = libvirt_commands.placed(ctx, spec, reconcile.needed(spec, names)) or {}
+    # Local machines of a file that also places some on libvirt hosts get the same checks as any other.
+    local = [n for n in reconcile.needed(spec, names) if not hosts.get(n)]
+    remote = [n for n in reconcile.needed(spec, names) if hosts.get(n)]
+    preflight(spec, lines, target.path, local, allow_local_qemu=allow_local_qemu, root=None if hosts else target.root,
+              settings=ctx.settings, allow_host_paths=allow_host_paths, out=ctx.out, remote=remote)
+    if hosts:  # libvirt backend
+        return libvirt_commands.up(ctx, spec, names, hosts, attach)
+    _warm_flag(warm, spec, names)
     if not no_probe:
         from qemuspec.cli.common import check_against_qemu
 
