@@ -21,7 +21,8 @@ VARIABLES = {
     "QEMUSPEC_VAR_<name>": "value of template variable <name>",
     "QEMUSPEC_QEMU_IMG": "qemu-img binary",
     "QEMUSPEC_ALLOW_LOCAL_QEMU": "allow a qemu binary inside the definition's own tree (as --allow-local-qemu)",
-    "QEMUSPEC_ALLOW_HOST_PATHS": "allow shares and writable disks outside the definition's tree, and device nodes (as --allow-host-paths)",
+    "QEMUSPEC_ALLOW_HOST_PATHS": "allow shares and writable disks outside the definition's tree, and device nodes "
+                                 "(as --allow-host-paths)",
     "QEMUSPEC_DEBUG": "print tracebacks instead of one-paragraph errors",
     "QEMUSPEC_CACHE": "0: always validate definitions afresh (default: validated definitions are cached by content)",
     "NO_COLOR": "no colour, even on a terminal",

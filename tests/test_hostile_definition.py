@@ -71,7 +71,8 @@ def test_a_connect_uri_smuggling_a_program_runs_nothing(uri, tmp_path):
     path = tmp_path / "m.toml"
     path.write_text('[machines.m]\nmemory = "64M"\n')
     result = cli("status", str(path), "--connect", uri, cwd=tmp_path)
-    assert result.returncode == 2 and "--connect" in result.stderr and "not a libvirt QEMU URI" in result.stderr, result.stderr
+    assert result.returncode == 2, result.stderr
+    assert "--connect" in result.stderr and "not a libvirt QEMU URI" in result.stderr, result.stderr
     _one_paragraph(result.stderr)
     assert not os.path.exists(marker)
 
@@ -121,7 +122,8 @@ def _mixed(project, host: str) -> str:
     path.write_text(f'[machines.far]\nhost = "{host}"\nmemory = "64M"\n\n'
                     '[machines.home]\nmemory = "64M"\n'
                     '[[machines.home.disks]]\nfile = "data.img"\nsize = "1M"\n'
-                    '[[machines.home.disks]]\nfile = "notes.qcow2"\nformat = "qcow2"\nbacking = "data.img"\nbacking_format = "raw"\n')
+                    '[[machines.home.disks]]\nfile = "notes.qcow2"\nformat = "qcow2"\nbacking = "data.img"\n'
+                    'backing_format = "raw"\n')
     return str(path)
 
 
@@ -145,7 +147,7 @@ def test_libvirt_path_purge_deletes_no_disk_qemuspec_did_not_create(tmp_path):
     (state / "known_hosts").write_text("h ssh-ed25519 AAAA\n")
     cli("down", _mixed(project, UNREACHABLE), "--purge", timeout=120)
     assert (project / "data.img").read_text() == "the user's own image\n", "a disk with a size qemuspec never made"
-    assert (project / "notes.qcow2").read_text() == "not an overlay at all\n", "a disk with a backing qemuspec never made"
+    assert (project / "notes.qcow2").read_text() == "not an overlay at all\n", "a backing disk qemuspec never made"
     assert not state.exists(), "the machine's own state directory goes"
 
 
@@ -166,7 +168,8 @@ def test_reset_never_replaces_a_file_it_did_not_create(tmp_path):
     path = _overlay_file(tmp_path, "thesis.txt")
     result = cli("reset", path)
     assert result.returncode == 1, result.stderr
-    assert "m.toml" in result.stderr and "machines.m.disks.0.file" in result.stderr and "not an overlay qemuspec created" in result.stderr
+    assert "m.toml" in result.stderr and "machines.m.disks.0.file" in result.stderr
+    assert "not an overlay qemuspec created" in result.stderr
     _one_paragraph(result.stderr)
     assert (tmp_path / "thesis.txt").read_text() == "years of work\n"
 
@@ -199,10 +202,12 @@ def _declared(text: str) -> dict:
     return tomllib.loads(text)["machines"]
 
 
-@pytest.mark.parametrize("payload", [HIDDEN + "#", HIDDEN.replace("\n", "\r\n") + "#", HIDDEN.replace("\n", "\u2028"), "\x0b" + HIDDEN])
+@pytest.mark.parametrize("payload", [HIDDEN + "#", HIDDEN.replace("\n", "\r\n") + "#", HIDDEN.replace("\n", "\u2028"),
+                                     "\x0b" + HIDDEN])
 def test_import_refuses_an_argv_value_with_a_line_break(payload, tmp_path):
     out = tmp_path / "out.toml"
-    result = cli("import", "-o", str(out), "--", "qemu-system-x86_64", "-m", "256", "-append", "console=ttyS0" + payload)
+    result = cli("import", "-o", str(out), "--", "qemu-system-x86_64", "-m", "256", "-append",
+                 "console=ttyS0" + payload)
     assert result.returncode == 2 and "line break" in result.stderr and "word 4" in result.stderr, result.stderr
     _one_paragraph(result.stderr)
     assert not out.exists()  # before the fix: out.toml declared [[machines.evil.shares]] source = "/"
@@ -238,7 +243,8 @@ def test_libvirt_qemu_commandline_with_a_line_break_is_refused(tmp_path):
     xml = tmp_path / "domain.xml"
     xml.write_text("<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'><name>vm</name>"
                    "<memory unit='MiB'>256</memory><qemu:commandline><qemu:arg value='-name'/>"
-                   f"<qemu:arg value='x{HIDDEN.replace(chr(10), '&#10;').replace(chr(34), '&quot;')}'/></qemu:commandline></domain>")
+                   f"<qemu:arg value='x{HIDDEN.replace(chr(10), '&#10;').replace(chr(34), '&quot;')}'/>"
+                   "</qemu:commandline></domain>")
     result = cli("import", "--from-libvirt", str(xml))
     assert result.returncode == 2 and "line break" in result.stderr and "domain.xml" in result.stderr, result.stderr
     _one_paragraph(result.stderr)
@@ -255,7 +261,8 @@ def _fake_qemu(directory) -> str:
     return str(marker)
 
 
-@pytest.mark.parametrize("written", ["../tools/qemu-system-x86_64", "bin/qemu-system-x86_64", "./../tools/qemu-system-x86_64"])
+@pytest.mark.parametrize("written", ["../tools/qemu-system-x86_64", "bin/qemu-system-x86_64",
+                                     "./../tools/qemu-system-x86_64"])
 def test_a_qemu_reached_from_the_definition_needs_the_opt_in_outside_git(written, tmp_path):
     """A tarball or CI artifact: no .git, so the tree is the definition's directory; `../` and a
     committed symlink lead out of it."""
@@ -268,7 +275,8 @@ def test_a_qemu_reached_from_the_definition_needs_the_opt_in_outside_git(written
     for command in (["validate"], ["up", "--state-dir", str(tmp_path / "state")]):
         result = cli(*command, str(path))
         assert result.returncode == 2, result.stderr
-        assert "m.toml:2" in result.stderr and "machines.vm.qemu" in result.stderr and "--allow-local-qemu" in result.stderr
+        assert "m.toml:2" in result.stderr and "machines.vm.qemu" in result.stderr
+        assert "--allow-local-qemu" in result.stderr
         _one_paragraph(result.stderr)
     assert not os.path.exists(marker), "the shipped qemu ran"
     assert cli("validate", str(path), "--allow-local-qemu").returncode == 0, "the user may allow it"
@@ -300,7 +308,8 @@ def _outside(tmp_path):
     ('[[machines.vm.shares]]\nsource = "{home}"\ntag = "home"\nreadonly = true\n', "machines.vm.shares[0].source"),
     ('[[machines.vm.disks]]\nfile = "/dev/zero"\nformat = "raw"\nreadonly = true\n', "machines.vm.disks[0].file"),
     ('[[machines.vm.disks]]\nfile = "link.img"\nformat = "raw"\n', "machines.vm.disks[0].file"),
-    ('[[machines.vm.disks]]\nfile = "../made-outside.qcow2"\nformat = "qcow2"\nsize = "16M"\n', "machines.vm.disks[0].file"),
+    ('[[machines.vm.disks]]\nfile = "../made-outside.qcow2"\nformat = "qcow2"\nsize = "16M"\n',
+     "machines.vm.disks[0].file"),
 ])
 def test_shares_writable_disks_and_devices_outside_the_tree_need_the_users_opt_in(table, field, tmp_path):
     project, secret, home = _outside(tmp_path)
@@ -337,7 +346,8 @@ def test_validate_render_and_up_list_every_host_path_outside_the_tree(qemu_bin, 
                     '[[machines.vm.disks]]\nfile = "inside.img"\nformat = "raw"\n'
                     f'[[machines.vm.shares]]\nsource = "{home}"\ntag = "h"\n'
                     f'[machines.vm.cloud_init]\nuser_data_file = "../user-data"\n'
-                    f'[[machines.vm.objects]]\ntype = "memory-backend-file"\nid = "m0"\noptions = {{ mem-path = "{home}", size = "64M" }}\n')
+                    f'[[machines.vm.objects]]\ntype = "memory-backend-file"\nid = "m0"\n'
+                    f'options = {{ mem-path = "{home}", size = "64M" }}\n')
     for command in (["validate", "--allow-host-paths"], ["render"],
                     ["up", "--allow-host-paths", "--state-dir", str(tmp_path / "state"), "--timeout", "1"]):
         result = cli(*command, str(path), timeout=120)
@@ -363,7 +373,8 @@ def test_a_cloud_init_file_that_is_no_regular_file_is_refused_at_validate(which,
     for command in (["validate", "--allow-host-paths"], ["up", "--no-probe", "--state-dir", str(tmp_path / "state")]):
         result = cli(*command, str(path), timeout=20)  # a FIFO read would hang: the deadline fails the test instead
         assert result.returncode == 2, result.stderr
-        assert "machines.vm.cloud_init.user_data_file" in result.stderr and ("not a regular file" in result.stderr or "at most" in result.stderr)
+        assert "machines.vm.cloud_init.user_data_file" in result.stderr
+        assert "not a regular file" in result.stderr or "at most" in result.stderr
         _one_paragraph(result.stderr)
 
 

@@ -190,7 +190,8 @@ def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, d
         p[name].add_argument("--allow-local-qemu", action="store_true",
                              help="run a qemu binary that lives inside the definition's own tree (only for a qemu you built)")
         p[name].add_argument("--allow-host-paths", action="store_true",
-                             help="let the VM use shares and writable disks outside the definition's tree, and device nodes")
+                             help="let the VM use shares and writable disks outside the definition's tree, "
+                                  "and device nodes")
     p["down"].add_argument("--timeout", type=float, metavar="SECONDS", help="seconds for ACPI powerdown before escalating (default: each machine's stop_timeout)")
     p["down"].add_argument("--purge", action="store_true", help="also delete disks qemuspec created and the state directory")
     p["logs"].add_argument("--follow", "-f", action="store_true", help="keep printing as the log grows")

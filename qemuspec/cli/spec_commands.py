@@ -45,7 +45,8 @@ forwards = [{{ host = 0, guest = 22 }}]   # host 0 picks a free port; `qemuspec 
 """
 
 
-def validate(ctx: Context, *, files: list[str], probe: bool, allow_local_qemu: bool, allow_host_paths: bool = False) -> int:
+def validate(ctx: Context, *, files: list[str], probe: bool, allow_local_qemu: bool,
+             allow_host_paths: bool = False) -> int:
     from qemuspec.cli.common import check_against_qemu
     from qemuspec.spec.loader import load_located
 
@@ -179,7 +180,8 @@ def _comment(line: str) -> str:
     """One comment line of the imported file's header. An argv value or a libvirt element (``&#10;``)
     may hold a line break, which would end the comment and turn the rest into TOML (a hidden share
     of ``/``): every control, format or separator character is written as an escape instead."""
-    return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}" for ch in line)
+    return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}"
+                   for ch in line)
 
 
 def import_(ctx: Context, *, source: str | None, name: str | None, output: str | None, force: bool, check: bool,
@@ -205,7 +207,8 @@ def import_(ctx: Context, *, source: str | None, name: str | None, output: str |
             raise UsageError("import needs a command line: qemuspec import -- qemu-system-x86_64 ARGS... (or --from FILE, --from-libvirt FILE)")
         machine_name, table, notes = import_argv(argv, name, base_dir=os.getcwd())
     header = ["# Imported by `qemuspec import`."]
-    header.append(_comment(f"# from: {shlex.join(argv)}"[:4000] if argv else f"# from libvirt domain XML: {from_libvirt}"))
+    source_line = f"# from: {shlex.join(argv)}"[:4000] if argv else f"# from libvirt domain XML: {from_libvirt}"
+    header.append(_comment(source_line))
     header += [_comment(f"# left to qemuspec: {note}") for note in notes]
     text = "\n".join(header) + "\n\n" + tomli_w.dumps({"machines": {machine_name: table}})
     target = output

@@ -51,9 +51,10 @@ def reset_overlays(disks: list[Disk], state_dir: str, where: str) -> list[str]:
     ours = set(created_files(state_dir))
     for index, disk in overlays:
         if os.path.lexists(disk.file) and os.path.abspath(disk.file) not in ours:
-            raise LaunchError(f"{where}.disks.{index}.file: {disk.file} is not an overlay qemuspec created for this machine "
-                              "(created.json does not record this very file), so `reset` leaves it alone: if it really is a "
-                              "throwaway overlay, delete it yourself and `qemuspec up` makes a fresh one")
+            raise LaunchError(f"{where}.disks.{index}.file: {disk.file} is not an overlay qemuspec created for "
+                              "this machine (created.json does not record this very file), so `reset` leaves it "
+                              "alone: if it really is a throwaway overlay, delete it yourself and `qemuspec up` "
+                              "makes a fresh one")
     for _index, disk in overlays:
         if os.path.lexists(disk.file):
             os.unlink(disk.file)

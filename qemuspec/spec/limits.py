@@ -83,7 +83,8 @@ def source_file_problem(path: str) -> str | None:
 
 def _source_problem(path: str, info: os.stat_result) -> str | None:
     if not stat.S_ISREG(info.st_mode):
-        kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a directory" if stat.S_ISDIR(info.st_mode) else "a device or socket"
+        kind = ("a FIFO" if stat.S_ISFIFO(info.st_mode) else "a directory" if stat.S_ISDIR(info.st_mode)
+                else "a device or socket")
         return f"{path} is {kind}, not a regular file: name a file (its whole text is read)"
     if info.st_size > MAX_SOURCE_BYTES:
         return f"{path} is {info.st_size} bytes; such files may be at most {MAX_SOURCE_BYTES} bytes (1 MiB)"

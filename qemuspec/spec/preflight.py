@@ -69,10 +69,11 @@ class HostPath(NamedTuple):
 
     def refusal(self, root: str) -> str:
         what = {"device": "a device node", "directory": "a directory"}.get(self.kind, "a file")
-        return (f"{self.path} is {what} outside the definition's tree ({root}) that the guest can "
-                f"{'read and write' if self.access == 'read-write' else 'use'}: a definition from someone else's repository "
-                f"could hand the guest any host file, directory or device this way. If you mean it, allow it for this run "
-                f"with --allow-host-paths (or {ALLOW_HOST_PATHS_ENV}=1); otherwise use a path inside the tree"
+        can = "read and write" if self.access == "read-write" else "use"
+        return (f"{self.path} is {what} outside the definition's tree ({root}) that the guest can {can}: a definition "
+                "from someone else's repository could hand the guest any host file, directory or device this way. If "
+                f"you mean it, allow it for this run with --allow-host-paths (or {ALLOW_HOST_PATHS_ENV}=1); otherwise "
+                "use a path inside the tree"
                 + (" or readonly = true" if self.access == "read-write" and self.kind != "directory" else ""))
 
 
@@ -115,9 +116,9 @@ def host_paths(machine: "Machine", root: str) -> list[HostPath]:
     """Every host path outside ``root`` the machine's VM can read or write (``validate``, ``render`` and
     ``up`` list them). Shares and writable disks outside the tree, and device nodes, need the user's
     opt-in (``--allow-host-paths``): a definition cannot give it to itself."""
-    named: list[tuple[tuple, str | None, str]] = [(("kernel",), machine.kernel, "read"), (("initrd",), machine.initrd, "read"),
-                                                  (("firmware", "code"), machine.firmware.code, "read"),
-                                                  (("firmware", "vars"), machine.firmware.vars, "read")]
+    named: list[tuple[tuple, str | None, str]] = [
+        (("kernel",), machine.kernel, "read"), (("initrd",), machine.initrd, "read"),
+        (("firmware", "code"), machine.firmware.code, "read"), (("firmware", "vars"), machine.firmware.vars, "read")]
     for index, disk in enumerate(machine.disks):
         named.append((("disks", index, "file"), disk.file, "read" if disk.readonly else "read-write"))
         named.append((("disks", index, "backing"), disk.backing, "read"))
@@ -125,7 +126,8 @@ def host_paths(machine: "Machine", root: str) -> list[HostPath]:
     named += [(("shares", index, "source"), share.source, "read" if share.readonly else "read-write")
               for index, share in enumerate(machine.shares)]
     if machine.cloud_init is not None:
-        named += [(("cloud_init", key), getattr(machine.cloud_init, key), "read") for key in ("user_data_file", "network_config_file")]
+        named += [(("cloud_init", key), getattr(machine.cloud_init, key), "read")
+                  for key in ("user_data_file", "network_config_file")]
     named += [(key, path, "passed to qemu") for key, path in _passed_paths(machine)]
     out = []
     for key, path, access in named:

@@ -49,9 +49,9 @@ def check_libvirt_uri(value: str) -> str:
         name, decoded = _decode(raw_name), _decode(raw_value)
         if not eq or name not in PARAMS:
             shown = name if name is not None else raw_name
-            raise ValueError(f'"{value}" is not a libvirt QEMU URI qemuspec accepts: the parameter "{shown}" is not allowed '
-                             f"(libvirt splits on & and ;, decodes %XX and ignores case; command, netcat, proxy and socket "
-                             f"run or name programs): {EXAMPLE}")
+            raise ValueError(f'"{value}" is not a libvirt QEMU URI qemuspec accepts: the parameter "{shown}" is not '
+                             "allowed (libvirt splits on & and ;, decodes %XX and ignores case; command, netcat, proxy "
+                             f"and socket run or name programs): {EXAMPLE}")
         if decoded is None or not re.fullmatch(PARAMS[name], decoded):
             raise ValueError(f'"{value}" is not a libvirt QEMU URI qemuspec accepts: the value of "{name}" '
                              f'({decoded if decoded is not None else raw_value!r}) may hold only letters, digits and '
