@@ -388,3 +388,25 @@ def test_the_seed_builder_never_blocks_on_a_fifo_put_there_after_validate(tmp_pa
     with pytest.raises(ValueError, match="not a regular file"):
         read_source_text("/dev/zero")
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+def test_a_file_that_also_uses_libvirt_gets_the_same_checks_on_up(tmp_path):
+    """`up` handed a file with any `host =` machine to the libvirt path before any check: its local
+    machines ran a shipped qemu, and its machines got host paths, with no opt-in."""
+    marker = _fake_qemu(tmp_path / "tools")
+    secret = tmp_path / "shadow"
+    secret.write_text("root:$6$hash\n")
+    path = tmp_path / "m.toml"
+    path.write_text(f'[machines.far]\nhost = "{UNREACHABLE}"\nmemory = "64M"\n'
+                    f'[[machines.far.disks]]\nfile = "{secret}"\nformat = "raw"\n\n'
+                    '[machines.near]\nqemu = "tools/qemu-system-x86_64"\nmemory = "64M"\n')
+    project = tmp_path / "project"
+    project.mkdir()
+    moved = project / "m.toml"
+    os.symlink(tmp_path / "tools", project / "tools")
+    path.rename(moved)
+    result = cli("up", str(moved), "--no-probe", timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "machines.near.qemu" in result.stderr and "--allow-local-qemu" in result.stderr, result.stderr
+    assert "machines.far.disks[0].file" in result.stderr and "--allow-host-paths" in result.stderr, result.stderr
+    assert not os.path.exists(marker) and secret.read_text() == "root:$6$hash\n"
