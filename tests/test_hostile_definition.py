@@ -272,9 +272,11 @@ def test_a_qemu_reached_from_the_definition_needs_the_opt_in_outside_git(written
     os.symlink(tmp_path / "tools", project / "bin")
     path = project / "m.toml"
     path.write_text(f'[machines.vm]\nqemu = "{written}"\nmemory = "64M"\n')
-    for command in (["validate"], ["up", "--state-dir", str(tmp_path / "state")]):
-        result = cli(*command, str(path))
-        assert result.returncode == 2, result.stderr
+    state = ["--state-dir", str(tmp_path / "state")]
+    for command in (["validate", str(path)], ["up", str(path), *state], ["restart", str(path), *state],
+                    ["run", str(path), "--", "true"]):
+        result = cli(*command)
+        assert result.returncode == 2, (command, result.stderr)
         assert "m.toml:2" in result.stderr and "machines.vm.qemu" in result.stderr
         assert "--allow-local-qemu" in result.stderr
         _one_paragraph(result.stderr)
