@@ -412,3 +412,12 @@ def test_a_file_that_also_uses_libvirt_gets_the_same_checks_on_up(tmp_path):
     assert "machines.near.qemu" in result.stderr and "--allow-local-qemu" in result.stderr, result.stderr
     assert "machines.far.disks[0].file" in result.stderr and "--allow-host-paths" in result.stderr, result.stderr
     assert not os.path.exists(marker) and secret.read_text() == "root:$6$hash\n"
+
+
+def test_the_ssh_hop_reads_the_keyfile_as_libvirt_does():
+    """Probes and `qemuspec ssh` reach a libvirt host through ssh with the URI's keyfile: split on ;
+    too, so the hop gets the same key libvirt uses and never a value holding the rest of the query."""
+    from qemuspec.backends.libvirt_reach import Reach
+
+    hop = Reach("qemu+ssh://ci@h:2222/system?keyfile=%2Fk%2Fid;no_verify=1").hop
+    assert hop is not None and hop[hop.index("-i") + 1] == "/k/id" and hop[-1] == "ci@h"

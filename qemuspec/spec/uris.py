@@ -38,12 +38,19 @@ def _decode(part: str) -> str | None:
 
 def check_libvirt_uri(value: str) -> str:
     """``value`` when it is a libvirt QEMU URI that names no program; else ValueError saying what is refused."""
+    params(value)
+    return value
+
+
+def params(value: str) -> dict[str, str]:
+    """The URI's decoded query parameters, read as libvirt reads them (ValueError as for check_libvirt_uri)."""
     base = _BASE.match(value) if isinstance(value, str) else None
     if base is None:
         raise ValueError(f'"{value}" is not a libvirt QEMU URI qemuspec accepts: {EXAMPLE}')
     query = base.group("query")
+    found: dict[str, str] = {}
     if query is None:
-        return value
+        return found
     for part in re.split(r"[&;]", query):
         raw_name, eq, raw_value = part.partition("=")
         name, decoded = _decode(raw_name), _decode(raw_value)
@@ -56,4 +63,5 @@ def check_libvirt_uri(value: str) -> str:
             raise ValueError(f'"{value}" is not a libvirt QEMU URI qemuspec accepts: the value of "{name}" '
                              f'({decoded if decoded is not None else raw_value!r}) may hold only letters, digits and '
                              f'"_./~+-" (paths) or the documented words: {EXAMPLE}')
-    return value
+        found[name] = decoded  # libvirt keeps the last one too
+    return found
