@@ -21,6 +21,8 @@ VARIABLES = {
     "QEMUSPEC_VAR_<name>": "value of template variable <name>",
     "QEMUSPEC_QEMU_IMG": "qemu-img binary",
     "QEMUSPEC_ALLOW_LOCAL_QEMU": "allow a qemu binary inside the definition's own tree (as --allow-local-qemu)",
+    "QEMUSPEC_ALLOW_HOST_PATHS": "allow shares and writable disks outside the definition's tree, and device nodes "
+                                 "(as --allow-host-paths)",
     "QEMUSPEC_DEBUG": "print tracebacks instead of one-paragraph errors",
     "QEMUSPEC_CACHE": "0: always validate definitions afresh (default: validated definitions are cached by content)",
     "QEMUSPEC_TEST_HOLD_SAVE": "fault tests: a supervisor stops (SIGSTOP) at this warm-save point (snapshot, migrating)",
@@ -37,6 +39,7 @@ class Settings:
     qemu_img: str = "qemu-img"
     debug: bool = False
     allow_local_qemu: bool = False
+    allow_host_paths: bool = False
     no_color: bool = False
     ci: bool = False
     connect: str | None = None  # QEMUSPEC_CONNECT: libvirt URI for machines without their own host
@@ -54,6 +57,7 @@ class Settings:
             qemu_img=env.get("QEMUSPEC_QEMU_IMG") or "qemu-img",
             debug=bool(env.get("QEMUSPEC_DEBUG")),
             allow_local_qemu=env.get("QEMUSPEC_ALLOW_LOCAL_QEMU", "") not in ("", "0"),
+            allow_host_paths=env.get("QEMUSPEC_ALLOW_HOST_PATHS", "") not in ("", "0"),
             no_color="NO_COLOR" in env,
             ci=env.get("CI", "").lower() in ("1", "true", "yes"),
             connect=env.get("QEMUSPEC_CONNECT") or None,
@@ -69,6 +73,8 @@ class Settings:
             out["QEMUSPEC_ACCEL"] = self.accel
         if self.allow_local_qemu:
             out["QEMUSPEC_ALLOW_LOCAL_QEMU"] = "1"
+        if self.allow_host_paths:
+            out["QEMUSPEC_ALLOW_HOST_PATHS"] = "1"
         return out
 
 

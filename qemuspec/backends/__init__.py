@@ -12,10 +12,10 @@ def placement(spec, names: list[str], connect: str | None = None) -> dict[str, s
     the run's choice, so one file can place machines on several hosts."""
     default = connect or None
     if default:
-        from qemuspec.spec.models import _libvirt_uri
+        from qemuspec.spec.uris import check_libvirt_uri
 
         try:
-            _libvirt_uri(default)
+            check_libvirt_uri(default)
         except ValueError as exc:
             from qemuspec.errors import UsageError
 

@@ -41,6 +41,14 @@ def _start_loop(libvirt: Any) -> None:
 
 
 def connect(uri: str) -> Any:
+    """The open connection to ``uri``, checked again here (whatever record it came from): libvirt runs
+    programs a URI names."""
+    from qemuspec.spec.uris import check_libvirt_uri
+
+    try:
+        check_libvirt_uri(uri)
+    except ValueError as exc:
+        raise QemuspecError(f"libvirt host: {exc}") from None
     libvirt = binding()
     with _lock:
         _start_loop(libvirt)

@@ -30,9 +30,11 @@ class Reach:
             hop = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5"]
             if parts.port:
                 hop += ["-p", str(parts.port)]
-            keyfile = urllib.parse.parse_qs(parts.query).get("keyfile")
+            from qemuspec.spec.uris import params
+
+            keyfile = params(uri).get("keyfile")  # split on & and ; as libvirt does
             if keyfile:
-                hop += ["-i", keyfile[0]]
+                hop += ["-i", keyfile]
             self.hop = hop + [f"{parts.username}@{self.host}" if parts.username else self.host]
 
     def _target(self, forward: dict) -> tuple[str, int]:

@@ -207,13 +207,20 @@ def check_against_qemu(spec: Any, lines: dict, source: str, names: list[str]) ->
 
 
 def preflight(spec: Any, lines: dict, source: str, names: list[str], allow_local_qemu: bool = False, root: str | None = None,
-              settings: Settings | None = None) -> None:
-    """What `up` would fail on, found before anything starts (spec/preflight.py): exit 2 with file:line."""
+              settings: Settings | None = None, allow_host_paths: bool = False, out: Output | None = None,
+              remote: list[str] | None = None) -> None:
+    """What `up` would fail on, found before anything starts (spec/preflight.py): exit 2 with file:line.
+    With ``out``, first lists the host paths outside the tree the machines can use. ``remote``: machines
+    placed on libvirt hosts, checked only for the host paths they would be given (uploads)."""
     from qemuspec.errors import SpecError
     from qemuspec.spec import preflight as checks
 
+    if out is not None:
+        list_host_paths(out, spec, source, names + list(remote or []))
     environ = (settings or Settings.from_env()).var_environ()
-    problems = checks.host_problems(spec, source, names, allow_local_qemu=allow_local_qemu, environ=environ)
+    problems = checks.host_problems(spec, source, names, allow_local_qemu=allow_local_qemu, environ=environ,
+                                    allow_host_paths=allow_host_paths)
+    problems += checks.host_path_problems(spec, source, list(remote or []), allow_host_paths, environ)
     if root is not None and not problems:  # `up`: the ports of machines it would start must be free
         from qemuspec import reconcile
 
@@ -228,6 +235,22 @@ def preflight(spec: Any, lines: dict, source: str, names: list[str], allow_local
         from qemuspec.spec.messages import located
 
         raise SpecError(located(source, lines, problems))
+
+
+def list_host_paths(out: Output, spec: Any, source: str, names: list[str]) -> None:
+    """On stderr: every host path outside the definition's tree each machine's VM can read or write
+    (validate, render, up), so a file from someone else shows what it reaches before it runs."""
+    from qemuspec.spec.preflight import host_paths, project_root
+
+    root = project_root(source)
+    for name in names:
+        paths = host_paths(spec.machines[name], root)
+        if paths:
+            out.note(f"{name}: host paths outside {root} the VM can use:")
+            for p in paths:
+                field = ".".join(str(k) for k in p.key)
+                flag = ", needs --allow-host-paths" if p.needs_opt_in else ""
+                out.note(f"  {field:<28} {p.path} ({p.access}, {p.kind}{flag})")
 
 
 def select(spec: Any, names: list[str] | str | None, source: str) -> list[str]:

@@ -149,7 +149,7 @@ def ssh(ctx: Context) -> int:
 
 
 def reset(ctx: Context) -> int:
-    from qemuspec.runtime.images import reset_overlay
+    from qemuspec.runtime.images import reset_overlays
     from qemuspec.runtime.instance import Instance
 
     target = ctx.target
@@ -158,7 +158,7 @@ def reset(ctx: Context) -> int:
     for name in target.machines():
         if Instance.find(name, spec.machines[name], target.state_dir(name)) is not None:
             raise QemuspecError(f"machine {name} is running: `qemuspec down {target.path} {name}` first, then reset")
-        disks = [d.file for d in spec.machines[name].disks if reset_overlay(d)]
+        disks = reset_overlays(spec.machines[name].disks, target.state_dir(name), f"{target.path}: machines.{name}")
         results.append({"name": name, "reset": disks})
     if ctx.out.json:
         emit_json(results)

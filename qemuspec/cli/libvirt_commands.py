@@ -78,18 +78,12 @@ def down(ctx: Any, spec: Any, names: list[str], hosts: dict, timeout: float | No
         outcomes = ld.down(spec, ctx.target.path, _root(ctx), names, hosts, timeout, progress, purge=purge)
     finally:
         progress.close()
-    if purge:  # what this host keeps for them (known_hosts); local machines' disks as local down does
-        import shutil
+    if purge:  # this host's part (local machines' disks, every machine's known_hosts): the one rule local purge keeps
+        from qemuspec.api import purge as purge_files
 
-        root = _root(ctx)
-        for name in names:
-            if not hosts.get(name):
-                for disk in spec.machines[name].disks:
-                    if (disk.size is not None or disk.backing) and os.path.exists(disk.file):
-                        os.unlink(disk.file)
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-        if os.path.isdir(root) and not os.listdir(root):
-            os.rmdir(root)
+        kept = {o.name for o in outcomes if o.action == "belongs to another file"}
+        for path in purge_files(spec, _root(ctx), [n for n in names if n not in kept]):
+            ctx.out.note(f"removed {path}")
     _print_outcomes(ctx.out, outcomes)
     return outcomes_exit_code(outcomes)
 

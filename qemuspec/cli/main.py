@@ -187,9 +187,12 @@ def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, d
         p[name].add_argument("--warm", action="store_true", help="warm start for this run, as if the machines said warm = true")
     p["up"].add_argument("--attach", action="store_true", help="stay in the foreground streaming consoles and events; Ctrl-C brings the machines down")
     p["up"].add_argument("--timeout", type=float, metavar="SECONDS", help="readiness timeout for this run, instead of each machine's ready.timeout")
-    for name in ("up", "validate"):
+    for name in ("up", "validate", "restart", "run"):
         p[name].add_argument("--allow-local-qemu", action="store_true",
                              help="run a qemu binary that lives inside the definition's own tree (only for a qemu you built)")
+        p[name].add_argument("--allow-host-paths", action="store_true",
+                             help="let the VM use shares and writable disks outside the definition's tree, "
+                                  "and device nodes")
     p["down"].add_argument("--timeout", type=float, metavar="SECONDS", help="seconds for ACPI powerdown before escalating (default: each machine's stop_timeout)")
     p["down"].add_argument("--purge", action="store_true", help="also delete disks qemuspec created and the state directory")
     p["logs"].add_argument("--follow", "-f", action="store_true", help="keep printing as the log grows")

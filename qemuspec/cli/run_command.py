@@ -29,7 +29,8 @@ def _raise(signum: int, frame: FrameType | None) -> None:
     raise Stopped(signum)
 
 
-def run(ctx: Context, *, timeout: float | None, via: str) -> int:
+def run(ctx: Context, *, timeout: float | None, via: str, allow_local_qemu: bool = False,
+        allow_host_paths: bool = False) -> int:
     from qemuspec.api import run_in_guest
 
     command = ctx.tail or []
@@ -40,6 +41,11 @@ def run(ctx: Context, *, timeout: float | None, via: str) -> int:
     machine = target.spec.machines[name]
     if machine.depends_on:
         raise UsageError(f"machine {name} depends on {', '.join(machine.depends_on)}: run boots one machine; use `qemuspec up` for a group")
+    from qemuspec.cli.common import preflight
+
+    spec, lines = target.load()  # the same checks as `up`: the local-qemu rule, host paths outside the tree
+    preflight(spec, lines, target.path, [name], allow_local_qemu=allow_local_qemu, settings=ctx.settings,
+              allow_host_paths=allow_host_paths, out=ctx.out)
     writable = [d.file for d in machine.disks if not d.readonly and os.path.exists(d.file)]
     if writable:
         from qemuspec.runtime.instance import Instance

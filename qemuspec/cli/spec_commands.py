@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from qemuspec.cli.common import Context, emit_json, preflight, problem_object
-from qemuspec.errors import SpecError, UsageError
+from qemuspec.errors import QemuspecError, SpecError, UsageError
 
 STARTER = """\
 # A qemuspec definition. Validate with `qemuspec validate {name}`, start with `qemuspec up {name}`.
@@ -45,7 +45,8 @@ forwards = [{{ host = 0, guest = 22 }}]   # host 0 picks a free port; `qemuspec 
 """
 
 
-def validate(ctx: Context, *, files: list[str], probe: bool, allow_local_qemu: bool) -> int:
+def validate(ctx: Context, *, files: list[str], probe: bool, allow_local_qemu: bool,
+             allow_host_paths: bool = False) -> int:
     from qemuspec.cli.common import check_against_qemu
     from qemuspec.spec.loader import load_located
 
@@ -54,7 +55,8 @@ def validate(ctx: Context, *, files: list[str], probe: bool, allow_local_qemu: b
     for path in files:
         try:
             spec, lines = load_located(path, variables=variables, environ=ctx.settings.var_environ())
-            preflight(spec, lines, path, list(spec.machines), allow_local_qemu=allow_local_qemu, settings=ctx.settings)
+            preflight(spec, lines, path, list(spec.machines), allow_local_qemu=allow_local_qemu, settings=ctx.settings,
+                      allow_host_paths=allow_host_paths, out=ctx.out)
             if probe:
                 check_against_qemu(spec, lines, path, list(spec.machines))
             from qemuspec.runtime.warm import disk_writes
@@ -84,9 +86,12 @@ def render(ctx: Context, *, shell: bool, format: str) -> int:
     from qemuspec.render import render as render_argv
     from qemuspec.runtime import accel
 
+    from qemuspec.cli.common import list_host_paths
+
     target = ctx.target
     spec = target.spec
     names = target.machines()
+    list_host_paths(ctx.out, spec, target.path, names)
     if format == "libvirt":
         from qemuspec.libvirt import domain_xml
 
@@ -177,6 +182,14 @@ def init(ctx: Context, *, target_file: str, force: bool) -> int:
     return 0
 
 
+def _comment(line: str) -> str:
+    """One comment line of the imported file's header. An argv value or a libvirt element (``&#10;``)
+    may hold a line break, which would end the comment and turn the rest into TOML (a hidden share
+    of ``/``): every control, format or separator character is written as an escape instead."""
+    return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}"
+                   for ch in line)
+
+
 def import_(ctx: Context, *, source: str | None, name: str | None, output: str | None, force: bool, check: bool,
             from_libvirt: str | None = None) -> int:
     import tomli_w
@@ -200,13 +213,18 @@ def import_(ctx: Context, *, source: str | None, name: str | None, output: str |
             raise UsageError("import needs a command line: qemuspec import -- qemu-system-x86_64 ARGS... (or --from FILE, --from-libvirt FILE)")
         machine_name, table, notes = import_argv(argv, name, base_dir=os.getcwd())
     header = ["# Imported by `qemuspec import`."]
-    header.append(f"# from: {shlex.join(argv)}"[:4000] if argv else f"# from libvirt domain XML: {from_libvirt}")
-    header += [f"# left to qemuspec: {note}" for note in notes]
+    source_line = f"# from: {shlex.join(argv)}"[:4000] if argv else f"# from libvirt domain XML: {from_libvirt}"
+    header.append(_comment(source_line))
+    header += [_comment(f"# left to qemuspec: {note}") for note in notes]
     text = "\n".join(header) + "\n\n" + tomli_w.dumps({"machines": {machine_name: table}})
     target = output
     from qemuspec.spec import loads
 
     spec = loads(text, "toml", source=target or "<import>", base_dir=os.path.dirname(os.path.abspath(target)) if target else os.getcwd())
+    if list(spec.machines) != [machine_name]:  # the header can hide nothing; say so if it ever did
+        raise QemuspecError(f"import: the written definition declares machines {', '.join(spec.machines)} where only "
+                            f"{machine_name} was imported: nothing was written; report this as a bug")
+    ctx.out.note(f"the definition declares 1 machine: {machine_name}")
     if target:
         if os.path.exists(target) and not force:
             raise UsageError(f"{target} exists already: choose another name, or pass --force")

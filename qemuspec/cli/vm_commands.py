@@ -66,18 +66,33 @@ def _record(target: Target, outcomes: list["Outcome"], machines: dict[str, Any])
             statedir.record_definition(target.state_dir(o.name), machines[o.name].model_dump(mode="json"))
 
 
-def up(ctx: Context, *, no_probe: bool, attach: bool, timeout: float | None, allow_local_qemu: bool, warm: bool = False) -> int:
+def _checked(ctx: Context, names: list[str], allow_local_qemu: bool, allow_host_paths: bool, ports: bool) -> dict:
+    """Preflight before anything starts (up, restart): local machines get every check, also in a file
+    that places others on libvirt hosts, which get the host-path check; returns the libvirt placement."""
+    from qemuspec.cli.common import preflight
+
+    target = ctx.target
+    spec, lines = target.load()
+    hosts = libvirt_commands.placed(ctx, spec, names) or {}
+    local = [n for n in names if not hosts.get(n)]
+    remote = [n for n in names if hosts.get(n)]
+    preflight(spec, lines, target.path, local, allow_local_qemu=allow_local_qemu,
+              root=target.root if ports and not hosts else None, settings=ctx.settings,
+              allow_host_paths=allow_host_paths, out=ctx.out, remote=remote)
+    return hosts
+
+
+def up(ctx: Context, *, no_probe: bool, attach: bool, timeout: float | None, allow_local_qemu: bool, warm: bool = False,
+       allow_host_paths: bool = False) -> int:
     from qemuspec import reconcile
 
     target = ctx.target
     spec, lines = target.load()
     names = target.machines()
-    if (hosts := libvirt_commands.placed(ctx, spec, reconcile.needed(spec, names))):  # libvirt backend
+    hosts = _checked(ctx, reconcile.needed(spec, names), allow_local_qemu, allow_host_paths, ports=True)
+    if hosts:  # libvirt backend
         return libvirt_commands.up(ctx, spec, names, hosts, attach)
     _warm_flag(warm, spec, names)
-    from qemuspec.cli.common import preflight
-
-    preflight(spec, lines, target.path, reconcile.needed(spec, names), allow_local_qemu=allow_local_qemu, root=target.root, settings=ctx.settings)
     if not no_probe:
         from qemuspec.cli.common import check_against_qemu
 
@@ -394,13 +409,14 @@ def resume(ctx: Context) -> int:
     return _each(ctx, "cont", "running")
 
 
-def restart(ctx: Context) -> int:
+def restart(ctx: Context, *, allow_local_qemu: bool = False, allow_host_paths: bool = False) -> int:
     from qemuspec import reconcile
 
     target = ctx.target
     spec = target.spec
     names = target.machines()
-    if (hosts := libvirt_commands.placed(ctx, spec, names)):  # libvirt backend
+    # The machines are stopped first, so their own ports are not checked.
+    if (hosts := _checked(ctx, names, allow_local_qemu, allow_host_paths, ports=False)):  # libvirt backend
         libvirt_commands.down(ctx, spec, names, hosts, None, False)
         return libvirt_commands.up(ctx, spec, names, hosts)
     progress = ctx.out.progress(names)

@@ -46,10 +46,11 @@ def read_text(name: str, ci, key: str) -> str | None:
     path = getattr(ci, f"{key}_file")
     if path is None:
         return getattr(ci, key)
+    from qemuspec.spec.limits import read_source_text
+
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except OSError as exc:
+        return read_source_text(path)
+    except ValueError as exc:
         raise LaunchError(f"machine {name}: cloud_init.{key}_file: {exc}") from None
 
 

@@ -40,14 +40,26 @@ def ensure_disk(disk: Disk, state_dir: str | None = None) -> bool:
     return True
 
 
-def reset_overlay(disk: Disk, state_dir: str | None = None) -> bool:
-    """Throw away an overlay's changes: a new empty overlay on the same base (True when reset)."""
-    if not disk.backing:
-        return False
-    if os.path.exists(disk.file):
-        os.unlink(disk.file)
-    ensure_disk(disk, state_dir)
-    return True
+def reset_overlays(disks: list[Disk], state_dir: str, where: str) -> list[str]:
+    """Throw away overlays' changes: a new empty overlay on the same base for each disk with a
+    ``backing``. A definition can name any file as an overlay, so an existing one is replaced only if
+    qemuspec recorded creating that very file (created.json: path, device, inode); all are checked
+    before any is touched. ``where`` names the machine in errors ("FILE: machines.NAME")."""
+    from qemuspec.runtime.statedir import created_files
+
+    overlays = [(index, disk) for index, disk in enumerate(disks) if disk.backing]
+    ours = set(created_files(state_dir))
+    for index, disk in overlays:
+        if os.path.lexists(disk.file) and os.path.abspath(disk.file) not in ours:
+            raise LaunchError(f"{where}.disks.{index}.file: {disk.file} is not an overlay qemuspec created for "
+                              "this machine (created.json does not record this very file), so `reset` leaves it "
+                              "alone: if it really is a throwaway overlay, delete it yourself and `qemuspec up` "
+                              "makes a fresh one")
+    for _index, disk in overlays:
+        if os.path.lexists(disk.file):
+            os.unlink(disk.file)
+        ensure_disk(disk, state_dir)
+    return [disk.file for _index, disk in overlays]
 
 
 def ensure_efivars(template: str, target: str) -> None:

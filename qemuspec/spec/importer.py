@@ -651,6 +651,15 @@ for _name_ in ("global", "rtc", "numa", "smbios", "usb", "usbdevice", "chardev",
 
 # -- the whole line ------------------------------------------------------------------------------
 
+def refuse_line_breaks(words: list[str], where: str) -> None:
+    """qemu takes a value with a line break, but a definition written from it could hide lines (in its
+    header comments, a reader's view): qemu options never need one, so an import refuses them."""
+    for index, word in enumerate(words):
+        if "".join(word.splitlines()) != word:  # any line separator, \u2028 included
+            raise SpecError(f"word {index} of {where} ({word!r}) holds a line break: qemu options never need one; "
+                            "remove it and import again")
+
+
 def import_argv(argv: list[str], name: str | None = None, base_dir: str | None = None) -> tuple[str, dict, list[str]]:
     """(machine name, machine table, notes) for a qemu command line. With ``base_dir`` (the directory
     the command ran in), relative paths in typed fields become absolute, so the definition works from
@@ -659,6 +668,7 @@ def import_argv(argv: list[str], name: str | None = None, base_dir: str | None =
 
     if not argv:
         raise SpecError("the command line is empty: give qemu-system-ARCH and its options")
+    refuse_line_breaks(argv, "the command line")
     if not fits(Machine, "qemu", argv[0]):
         raise SpecError(f'"{argv[0]}" is not a qemu system emulator: the command line must start with qemu-system-ARCH')
     imp = Import(argv, name=name)

@@ -49,7 +49,7 @@ def _mib(el: ET.Element, source: str) -> int:
 
 def import_domain(text: str, name: str | None = None, source: str = "<domain>") -> tuple[str, dict, list[str]]:
     """(machine name, machine table, notes) for a libvirt domain XML document."""
-    from qemuspec.spec.importer import HANDLERS, Import, _finish, _keep, _safe_name, parse_argv
+    from qemuspec.spec.importer import HANDLERS, Import, _finish, _keep, _safe_name, parse_argv, refuse_line_breaks
 
     root = _parse(text, source)
     notes: list[str] = []
@@ -112,6 +112,7 @@ def import_domain(text: str, name: str | None = None, source: str = "<domain>") 
     machine["defaults"] = False  # libvirt always gives -nodefaults
     for arg_list in root.iter(f"{{{QEMU_NS}}}commandline"):
         words = [a.get("value", "") for a in arg_list.findall(f"{{{QEMU_NS}}}arg")]
+        refuse_line_breaks(words, f"{source}: <qemu:commandline>")
         for option, value in parse_argv([emulator, *words], strict=True):
             HANDLERS.get(option, _keep)(imp, option, value)
     for el in root:

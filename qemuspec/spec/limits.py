@@ -6,12 +6,15 @@ Documented limits (docs/architecture.md, "Loading limits"):
 * a definition file is at most ``MAX_FILE_BYTES`` (1 MiB);
 * YAML aliases may not expand the document beyond ``MAX_NODES`` nodes (a 600-byte "billion laughs"
   file otherwise becomes millions of nodes);
-* nesting is at most ``MAX_DEPTH`` levels (TOML and YAML).
+* nesting is at most ``MAX_DEPTH`` levels (TOML and YAML);
+* a file a definition names for its text (cloud-init ``user_data_file``, ``network_config_file``) is
+  a regular file of at most ``MAX_SOURCE_BYTES`` (a FIFO would hang ``up``, ``/dev/zero`` fill memory).
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from typing import Any
 
 from qemuspec.errors import SpecError
@@ -19,6 +22,7 @@ from qemuspec.errors import SpecError
 MAX_FILE_BYTES = 1024 * 1024
 MAX_NODES = 100_000
 MAX_DEPTH = 64
+MAX_SOURCE_BYTES = 1024 * 1024
 
 
 def check_size(source: str, size: int) -> None:
@@ -65,6 +69,47 @@ def read_text(path: str | os.PathLike[str]) -> str:
         data = f.read(MAX_FILE_BYTES + 1)
     check_size(str(path), len(data))
     return data.decode("utf-8")
+
+
+def source_file_problem(path: str) -> str | None:
+    """Why a file named for its text cannot be used (not a regular file, too large), or None. Only
+    ``stat``: checking never opens a FIFO or a device."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        return f"{path} cannot be read ({exc.strerror})"
+    return _source_problem(path, info)
+
+
+def _source_problem(path: str, info: os.stat_result) -> str | None:
+    if not stat.S_ISREG(info.st_mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(info.st_mode) else "a directory" if stat.S_ISDIR(info.st_mode)
+                else "a device or socket")
+        return f"{path} is {kind}, not a regular file: name a file (its whole text is read)"
+    if info.st_size > MAX_SOURCE_BYTES:
+        return f"{path} is {info.st_size} bytes; such files may be at most {MAX_SOURCE_BYTES} bytes (1 MiB)"
+    return None
+
+
+def read_source_text(path: str) -> str:
+    """The text of a file named for its text, checked again on the open file (it may have changed
+    since ``validate``): opened non-blocking (a FIFO put there since cannot hang), regular, capped.
+    ValueError says what is wrong."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ValueError(f"{path} cannot be read ({exc.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        problem = _source_problem(path, os.fstat(fd))
+        if problem:
+            raise ValueError(problem)
+        data = f.read(MAX_SOURCE_BYTES + 1)
+    if len(data) > MAX_SOURCE_BYTES:
+        raise ValueError(f"{path} grew past {MAX_SOURCE_BYTES} bytes (1 MiB) while being read")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text (byte {exc.start})") from None
 
 
 class NodeBudget:

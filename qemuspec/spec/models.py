@@ -27,6 +27,7 @@ from pydantic import (
 
 from qemuspec.spec import units
 from qemuspec.spec.order import order_machines
+from qemuspec.spec.uris import check_libvirt_uri
 
 _IDENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
@@ -368,30 +369,26 @@ def _as_list(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
-_URI_PARAMS = ("keyfile", "no_verify", "no_tty", "pkipath", "known_hosts", "known_hosts_verify", "sshauth", "mode", "socket", "tls_priority")
-_LIBVIRT_URI = re.compile(
-    r"^qemu(\+(ssh|libssh|libssh2|tls|tcp|unix))?://"
-    r"(?:(?:[A-Za-z0-9_][A-Za-z0-9._-]*)@)?(?:[A-Za-z0-9][A-Za-z0-9.-]*|\[[0-9A-Fa-f:.]+\])?(?::\d{1,5})?"
-    r"/(system|session)"
-    r"(\?(" + "|".join(_URI_PARAMS) + r")=[^&\s]*(&(" + "|".join(_URI_PARAMS) + r")=[^&\s]*)*)?$")
-
-
 def _libvirt_uri(value: str) -> str:
-    """A libvirt connection URI for the QEMU driver: where the libvirt backend places the machine.
-    Strict on purpose: libvirt runs programs a URI names (``ext``, ``?command=``, ``?netcat=``) and
-    hands the host to ssh, so a definition may only name a host, a user, a port and inert options."""
-    if not _LIBVIRT_URI.match(value):
-        raise ValueError(f'"{value}" is not a libvirt QEMU URI qemuspec accepts: write for example "qemu:///system" or '
-                         f'"qemu+ssh://user@host/system" (transports ssh, libssh, tls, tcp, unix; options {", ".join(_URI_PARAMS)})')
-    return value
+    """A libvirt connection URI for the QEMU driver: where the libvirt backend places the machine
+    (spec/uris.py says why it is strict and how libvirt reads it)."""
+    return check_libvirt_uri(value)
 
 
 def _qemu_binary(value: str, info: ValidationInfo) -> str:
     """A definition names a qemu, not any program: a shared file must not be able to run `sh`. A name
-    is looked up on PATH; a path, like every path in a definition, is relative to the file."""
+    is looked up on PATH; a path, like every path in a definition, is relative to the file (and is
+    kept un-normalised, so a `../` the file wrote stays visible to the local-qemu rule)."""
     if not re.match(r"^(qemu-system-[A-Za-z0-9_]+|qemu-kvm|kvm)$", os.path.basename(value)):
         raise ValueError(f'"{value}" is not a qemu system emulator: use a qemu-system-ARCH binary (or a wrapper with such a name)')
-    return _resolve_path(value, info) if os.sep in value else value
+    if os.sep not in value:
+        return value
+    base = (info.context or {}).get("base_dir")
+    if base and not os.path.isabs(value) and not value.startswith("~"):
+        # Joined as written, `..` kept: preflight sees that the file chose it (see _qemu_problems there).
+        _resolve_path(value, info)
+        return os.path.join(base, value)
+    return _resolve_path(value, info)
 
 
 class Machine(Model):

@@ -12,18 +12,24 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import TYPE_CHECKING, Iterator, Mapping
+import stat
+from typing import TYPE_CHECKING, Iterator, Mapping, NamedTuple
+
+from qemuspec.spec import limits
 
 if TYPE_CHECKING:
     from qemuspec.spec.models import File, Machine
 
 ALLOW_LOCAL_QEMU_ENV = "QEMUSPEC_ALLOW_LOCAL_QEMU"
+ALLOW_HOST_PATHS_ENV = "QEMUSPEC_ALLOW_HOST_PATHS"
+# Device nodes a VM may read without an opt-in: entropy and nothing.
+HARMLESS_DEVICES = frozenset({"/dev/urandom", "/dev/random", "/dev/null"})
 
 Problem = tuple[tuple, str]
 
 
 def host_problems(spec: "File", source: str, names: list[str], allow_local_qemu: bool = False,
-                  environ: Mapping[str, str] | None = None) -> list[Problem]:
+                  environ: Mapping[str, str] | None = None, allow_host_paths: bool = False) -> list[Problem]:
     env = os.environ if environ is None else environ
     allow_local_qemu = allow_local_qemu or env.get(ALLOW_LOCAL_QEMU_ENV, "") not in ("", "0")
     root = project_root(source)
@@ -37,7 +43,104 @@ def host_problems(spec: "File", source: str, names: list[str], allow_local_qemu:
             problems.append((at + ("accel",), 'accel = "kvm" but this host has no /dev/kvm: use accel = "auto" (kvm when '
                              'usable, else tcg) or "tcg", or run with QEMUSPEC_ACCEL=tcg'))
         problems += [(at + ("qemu",), m) for m in _qemu_problems(machine.qemu, root, allow_local_qemu)]
-    return problems
+    return problems + host_path_problems(spec, source, names, allow_host_paths, env)
+
+
+def host_path_problems(spec: "File", source: str, names: list[str], allow: bool = False,
+                       environ: Mapping[str, str] | None = None) -> list[Problem]:
+    """The host paths outside the tree that need the user's opt-in (see :func:`host_paths`), unless given."""
+    env = os.environ if environ is None else environ
+    if allow or env.get(ALLOW_HOST_PATHS_ENV, "") not in ("", "0"):
+        return []
+    root = project_root(source)
+    return [(("machines", name) + path.key, path.refusal(root)) for name in names
+            for path in host_paths(spec.machines[name], root) if path.needs_opt_in]
+
+
+class HostPath(NamedTuple):
+    """A host path outside the definition's tree that the VM can use: where the definition names it,
+    the path, what the guest can do with it, and whether the user must allow it."""
+
+    key: tuple
+    path: str
+    access: str  # "read", "read-write", "passed to qemu"
+    kind: str  # "file", "directory", "device", "missing"
+    needs_opt_in: bool
+
+    def refusal(self, root: str) -> str:
+        what = {"device": "a device node", "directory": "a directory"}.get(self.kind, "a file")
+        can = "read and write" if self.access == "read-write" else "use"
+        return (f"{self.path} is {what} outside the definition's tree ({root}) that the guest can {can}: a definition "
+                "from someone else's repository could hand the guest any host file, directory or device this way. If "
+                f"you mean it, allow it for this run with --allow-host-paths (or {ALLOW_HOST_PATHS_ENV}=1); otherwise "
+                "use a path inside the tree"
+                + (" or readonly = true" if self.access == "read-write" and self.kind != "directory" else ""))
+
+
+def _inside(path: str, root: str) -> bool:
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    return os.path.commonpath([real, top]) == top
+
+
+def _kind(path: str) -> str:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "missing"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    return "file" if stat.S_ISREG(mode) else "device"
+
+
+def _passed_paths(machine: "Machine") -> Iterator[tuple[tuple, str]]:
+    """Absolute paths in option maps and ``append`` (qemu reads what they name; best effort: a value
+    that starts with ``/``, or a ``key=/path`` part of a switch's argument)."""
+    maps: list[tuple[tuple, dict]] = [(("machine_options",), machine.machine_options)]
+    maps += [(("disks", i, "options"), d.options) for i, d in enumerate(machine.disks)]
+    maps += [(("nics", i, "options"), n.options) for i, n in enumerate(machine.nics)]
+    maps += [(("shares", i, "options"), s.options) for i, s in enumerate(machine.shares)]
+    maps += [(("devices", i, "options"), d.options) for i, d in enumerate(machine.devices)]
+    maps += [(("objects", i, "options"), o.options) for i, o in enumerate(machine.objects)]
+    for key, options in maps:
+        for name, value in options.items():
+            if isinstance(value, str) and value.startswith("/"):
+                yield key + (name,), value
+    for index, word in enumerate(machine.append):
+        for part in word.replace('"', ",").split(","):
+            value = part.partition("=")[2] if "=" in part else part
+            if value.startswith("/"):
+                yield ("append", index), value
+
+
+def host_paths(machine: "Machine", root: str) -> list[HostPath]:
+    """Every host path outside ``root`` the machine's VM can read or write (``validate``, ``render`` and
+    ``up`` list them). Shares and writable disks outside the tree, and device nodes, need the user's
+    opt-in (``--allow-host-paths``): a definition cannot give it to itself."""
+    named: list[tuple[tuple, str | None, str]] = [
+        (("kernel",), machine.kernel, "read"), (("initrd",), machine.initrd, "read"),
+        (("firmware", "code"), machine.firmware.code, "read"), (("firmware", "vars"), machine.firmware.vars, "read")]
+    for index, disk in enumerate(machine.disks):
+        named.append((("disks", index, "file"), disk.file, "read" if disk.readonly else "read-write"))
+        named.append((("disks", index, "backing"), disk.backing, "read"))
+    named += [(("cdrom", index), iso, "read") for index, iso in enumerate(machine.cdrom)]
+    named += [(("shares", index, "source"), share.source, "read" if share.readonly else "read-write")
+              for index, share in enumerate(machine.shares)]
+    if machine.cloud_init is not None:
+        named += [(("cloud_init", key), getattr(machine.cloud_init, key), "read")
+                  for key in ("user_data_file", "network_config_file")]
+    named += [(key, path, "passed to qemu") for key, path in _passed_paths(machine)]
+    out = []
+    for key, path, access in named:
+        if path is None or _inside(path, root):
+            continue
+        kind = _kind(path)
+        # A cloud-init file that is not a regular file is refused outright (_missing_files).
+        device = kind == "device" and os.path.realpath(path) not in HARMLESS_DEVICES and key[0] != "cloud_init"
+        typed = access != "passed to qemu"
+        share = key[0] == "shares" and typed
+        opt_in = device or (typed and (share or (key[0] == "disks" and access == "read-write")))
+        out.append(HostPath(key, path, access, kind, opt_in))
+    return out
 
 
 def qemu_path(qemu: str) -> str | None:
@@ -66,10 +169,15 @@ def _qemu_problems(qemu: str, root: str, allow_local: bool) -> Iterator[str]:
                'or set qemu = "/path/to/qemu-system-ARCH"')
         return
     inside = os.path.commonpath([path, os.path.realpath(root)]) == os.path.realpath(root)
-    if inside and not allow_local:
-        yield (f'"{qemu}" is {path}, inside the definition\'s own tree ({root}): a definition from someone else\'s '
-               f"repository could ship any program under that name. If you built it yourself, allow it for this run "
-               f"with --allow-local-qemu (or {ALLOW_LOCAL_QEMU_ENV}=1); otherwise use a system qemu")
+    # As written: a path relative to the definition (kept un-normalised by the model) or naming a
+    # place in its tree is the file's choice even when `../` or a committed symlink leads out of it.
+    written = qemu.startswith(os.path.join(root, "")) or qemu.startswith(os.path.join(os.path.realpath(root), ""))
+    if (inside or written) and not allow_local:
+        where = "inside" if inside else "written relative to"
+        yield (f'"{qemu}" is {path}, {where} the definition\'s own tree ({root}): a definition from someone else\'s '
+               f"repository could ship any program under that name (or reach one with ../ or a symlink). If you built "
+               f"it yourself, allow it for this run with --allow-local-qemu (or {ALLOW_LOCAL_QEMU_ENV}=1); otherwise "
+               "use a system qemu by name or absolute path")
 
 
 def _missing_files(machine: "Machine") -> Iterator[Problem]:
@@ -96,5 +204,8 @@ def _missing_files(machine: "Machine") -> Iterator[Problem]:
             yield ("shares", index, "source"), f"shared directory {share.source} does not exist: create it or fix the path"
     if machine.cloud_init is not None:
         for key in ("user_data_file", "network_config_file"):
-            if missing(getattr(machine.cloud_init, key)):
-                yield ("cloud_init", key), f"{key} {getattr(machine.cloud_init, key)} does not exist: fix the path"
+            path = getattr(machine.cloud_init, key)
+            if missing(path):
+                yield ("cloud_init", key), f"{key} {path} does not exist: fix the path"
+            elif path is not None and (problem := limits.source_file_problem(path)):
+                yield ("cloud_init", key), problem
