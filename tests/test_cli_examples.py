@@ -78,6 +78,21 @@ def test_every_readme_and_help_example_runs(project):
     assert qemu_pids(project) == before
 
 
+def test_ci_runs_the_readmes_two_set_up_commands_demo_first():
+    """README's Set-up has exactly two commands, and CI takes them from there: the demo (which leaves a
+    .qemuspec/ in machines/), the demo stopped, then the tests, so the suite meets what a new user's tree has."""
+    commands = subprocess.run([os.path.join(ROOT, ".ci", "readme-commands")], capture_output=True, text=True,
+                              check=True).stdout.splitlines()
+    assert len(commands) == 2, commands
+    demo, tests = commands
+    assert "guest/build.py" in demo and demo.endswith("qemuspec up machines/dev.toml")
+    assert "-m pytest" in tests
+    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    assert ".ci/readme-commands" in ci
+    order = [ci.index('-c "${commands[0]}"'), ci.index("\nstop_demo\n"), ci.index('-c "${commands[1]}"')]
+    assert order == sorted(order), "CI runs the demo, stops it, then runs the tests"
+
+
 def test_the_file_is_accepted_the_same_way_everywhere(tmp_path):
     path = tmp_path / "two.toml"
     path.write_text("[machines.a]\n[machines.b]\n")
