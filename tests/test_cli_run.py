@@ -35,7 +35,8 @@ def scope(tmp_path):
 
 def leftovers(env) -> set[str]:
     """Files a run could leave: its temporary directories and socket directories."""
-    return set(glob.glob(os.path.join(env["TMPDIR"], "*"))) | set(glob.glob(os.path.join(env["XDG_RUNTIME_DIR"], "qemuspec", "*")))
+    runtime = os.path.join(env["XDG_RUNTIME_DIR"], "qemuspec", "*")
+    return set(glob.glob(os.path.join(env["TMPDIR"], "*"))) | set(glob.glob(runtime))
 
 
 @pytest.fixture
@@ -68,7 +69,8 @@ def test_run_keeps_the_exit_code_streams_and_leaves_nothing(box, tmp_path, scope
     assert sha(disk) == disk_sum, "the definition's disk was not written"
     assert qemu_pids(tmp_path) == before_pids
     assert leftovers(scope) == before_files
-    ok = subprocess.run([*ENTRY, "run", box, "--", "uname", "-n"], capture_output=True, text=True, timeout=300, env=scope)
+    ok = subprocess.run([*ENTRY, "run", box, "--", "uname", "-n"], capture_output=True, text=True, timeout=300,
+                        env=scope)
     assert (ok.returncode, ok.stdout) == (0, "qemuspec-guest\n"), ok.stderr
     assert qemu_pids(tmp_path) == before_pids and leftovers(scope) == before_files
 

@@ -133,7 +133,8 @@ def test_warm_restore_has_the_saved_disk_the_host_clock_its_own_rng_and_forwards
     path = warm_lab(generic_guest)
     # The saved guest's clock is set years off (its hardware clock starts in 2001), so a restore that did
     # not set the clock from the host shows it at once, however little time passed since the save.
-    text = open(path).read().replace("\n[machines.w.ready]", '\nappend = ["-rtc", "base=2001-01-01T00:00:00"]\n\n[machines.w.ready]')
+    clock = 'append = ["-rtc", "base=2001-01-01T00:00:00"]\n'
+    text = open(path).read().replace("\n[machines.w.ready]", "\n" + clock + "\n[machines.w.ready]")
     open(path, "w").write(text)
     assert plan(path)["boot"] == "cold"
     first = cli("up", path)
