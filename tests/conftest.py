@@ -25,6 +25,23 @@ def need(tool: str) -> str:
     return path
 
 
+# Fixtures that boot the real test guest; a test using one (directly or through another fixture) is
+# marked `guest`, and a test that needs qemu-system-x86_64 at all is marked `qemu`, so that
+# `pytest -m "not guest"` is the fast lane that boots no guest.
+GUEST_FIXTURES = {"guest", "generic_guest"}
+QEMU_FIXTURES = {"qemu_bin", "system_libvirtd"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Apply the declared markers from the fixtures a test uses, so no test has to be marked by hand."""
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & GUEST_FIXTURES:
+            item.add_marker(pytest.mark.guest)
+        if used & (GUEST_FIXTURES | QEMU_FIXTURES) or item.get_closest_marker("guest"):
+            item.add_marker(pytest.mark.qemu)
+
+
 @pytest.fixture(scope="session")
 def qemu_bin() -> str:
     return need("qemu-system-x86_64")

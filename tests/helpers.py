@@ -32,6 +32,32 @@ def alive(pid) -> bool:
     return stat is not None and stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def qemu_pids() -> set[int]:
+def _cmdline(pid) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def qemu_pids(scope) -> set[int]:
+    """The live qemu processes whose command line names a path inside ``scope`` (the test's tmp_path or
+    project directory: every qemu qemuspec starts gets ``-pidfile`` under its state directory), so a
+    test counts its own qemu and never the demo's or another run's on the same host."""
+    root = os.path.abspath(os.fspath(scope)).rstrip(os.sep)
+    inside = root + os.sep
+
+    def names_scope(arg: str) -> bool:
+        return inside in arg or arg == root or arg.endswith("=" + root)
+
     return {int(entry) for entry in os.listdir("/proc")
-            if entry.isdigit() and "(qemu-system-x86" in (_stat(entry) or "") and alive(entry)}
+            if entry.isdigit() and "(qemu-system-x86" in (_stat(entry) or "") and alive(entry)
+            and any(names_scope(arg) for arg in _cmdline(entry))}
+
+
+def shipped_definitions() -> list[str]:
+    """The definition files shipped in machines/ (not what running them leaves there, such as the
+    demo's .qemuspec/ state directory)."""
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "machines")
+    return [os.path.join(root, name) for name in sorted(os.listdir(root))
+            if name.endswith((".toml", ".yaml", ".yml")) and os.path.isfile(os.path.join(root, name))]

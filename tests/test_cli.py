@@ -12,6 +12,8 @@ import pytest
 
 from qemuspec.spec.schema import schema_text
 
+from helpers import shipped_definitions
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "machines", "example.toml")
 
@@ -32,10 +34,8 @@ def test_schema_command_prints_it():
 
 
 def test_example_files_carry_editor_schema_hints():
-    for name in os.listdir(os.path.join(ROOT, "machines")):
-        if not name.endswith((".toml", ".yaml", ".yml")):
-            continue
-        first = open(os.path.join(ROOT, "machines", name)).readline()
+    for name in shipped_definitions():
+        first = open(name).readline()
         if name.endswith(".toml"):
             assert first.startswith("#:schema ../schemas/qemuspec.schema.json"), name
         elif name.endswith((".yaml", ".yml")):

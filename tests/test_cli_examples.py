@@ -44,9 +44,12 @@ PHASES = {"up": 1, "status": 2, "ps": 2, "qmp": 2, "inspect": 2, "logs": 2, "eve
 
 @pytest.fixture
 def project(tmp_path, guest):
-    """A directory laid out like the repository: machines/dev.toml, README.md, the built guest."""
+    """A directory laid out like the repository: machines/dev.toml, README.md, the built guest. The demo's
+    fixed forward (host port 8080) becomes a free port, so the examples run while the demo itself is up."""
     (tmp_path / "machines").mkdir()
-    shutil.copy(os.path.join(ROOT, "machines", "dev.toml"), tmp_path / "machines")
+    demo = open(os.path.join(ROOT, "machines", "dev.toml")).read()
+    assert "host = 8080," in demo
+    (tmp_path / "machines" / "dev.toml").write_text(demo.replace("host = 8080,", "host = 0,"))
     shutil.copy(os.path.join(ROOT, "machines", "example.yaml"), tmp_path / "machines")
     shutil.copy(os.path.join(ROOT, "README.md"), tmp_path)
     (tmp_path / "guest").mkdir()
@@ -61,7 +64,7 @@ def test_every_readme_and_help_example_runs(project):
     examples = list(dict.fromkeys(readme + helps))
     examples.sort(key=lambda line: PHASES.get(line.split()[1], 0))
     env = {**os.environ, "PATH": BIN + os.pathsep + os.environ["PATH"], "HOME": str(project)}
-    before = qemu_pids()
+    before = qemu_pids(project)
     failures = []
     try:
         for line in examples:
@@ -72,7 +75,22 @@ def test_every_readme_and_help_example_runs(project):
     finally:
         subprocess.run([*ENTRY, "down", "machines/dev.toml", "--quiet"], cwd=project, env=env, capture_output=True, timeout=120)
     assert not failures, "\n\n".join(failures)
-    assert qemu_pids() == before
+    assert qemu_pids(project) == before
+
+
+def test_ci_runs_the_readmes_two_set_up_commands_demo_first():
+    """README's Set-up has exactly two commands, and CI takes them from there: the demo (which leaves a
+    .qemuspec/ in machines/), the demo stopped, then the tests, so the suite meets what a new user's tree has."""
+    commands = subprocess.run([os.path.join(ROOT, ".ci", "readme-commands")], capture_output=True, text=True,
+                              check=True).stdout.splitlines()
+    assert len(commands) == 2, commands
+    demo, tests = commands
+    assert "guest/build.py" in demo and demo.endswith("qemuspec up machines/dev.toml")
+    assert "-m pytest" in tests
+    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    assert ".ci/readme-commands" in ci
+    order = [ci.index('-c "${commands[0]}"'), ci.index("\nstop_demo\n"), ci.index('-c "${commands[1]}"')]
+    assert order == sorted(order), "CI runs the demo, stops it, then runs the tests"
 
 
 def test_the_file_is_accepted_the_same_way_everywhere(tmp_path):

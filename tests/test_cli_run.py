@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,10 +22,21 @@ from test_lifecycle import definition
 ENTRY = [sys.executable, "-m", "qemuspec"]
 
 
-def leftovers() -> set[str]:
+@pytest.fixture
+def scope(tmp_path):
+    """The environment of this test's runs: temporary files in tmp_path and a runtime directory of its
+    own (short, for socket paths), so what is left is counted among this test's files only, never those
+    of the demo or of other runs on the host."""
+    (tmp_path / "tmp").mkdir()
+    runtime = tempfile.mkdtemp(prefix="qs-run-", dir="/tmp")
+    yield {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "XDG_RUNTIME_DIR": runtime}
+    shutil.rmtree(runtime, ignore_errors=True)
+
+
+def leftovers(env) -> set[str]:
     """Files a run could leave: its temporary directories and socket directories."""
-    return set(glob.glob(os.path.join(tempfile.gettempdir(), "qemuspec-run-*"))) | set(
-        glob.glob(f"/tmp/qemuspec-{os.getuid()}/*")) | set(glob.glob(os.path.join(os.environ.get("XDG_RUNTIME_DIR", "/nonexistent"), "qemuspec", "*")))
+    runtime = os.path.join(env["XDG_RUNTIME_DIR"], "qemuspec", "*")
+    return set(glob.glob(os.path.join(env["TMPDIR"], "*"))) | set(glob.glob(runtime))
 
 
 @pytest.fixture
@@ -34,13 +46,13 @@ def box(tmp_path, guest):
     return definition(tmp_path, guest, {"box": {"extra": f'agent = true\n[[machines.box.disks]]\nfile = "{disk}"\nformat = "raw"\n'}})
 
 
-def test_run_keeps_the_exit_code_streams_and_leaves_nothing(box, tmp_path):
-    before_pids, before_files = qemu_pids(), leftovers()
+def test_run_keeps_the_exit_code_streams_and_leaves_nothing(box, tmp_path, scope):
+    before_pids, before_files = qemu_pids(tmp_path), leftovers(scope)
     disk = open(box).read().split('file = "')[1].split('"')[0]
     disk_sum = sha(disk)
     proc = subprocess.Popen([*ENTRY, "run", box, "--", "/bin/sh", "-c",
                              "echo first; sleep 3; dd if=/dev/urandom of=/dev/vda bs=4k count=16 2>/dev/null; read line; echo second $line; exit 7"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=scope)
     try:
         proc.stdin.write(b"from-stdin\n")
         proc.stdin.close()
@@ -55,21 +67,23 @@ def test_run_keeps_the_exit_code_streams_and_leaves_nothing(box, tmp_path):
     assert code == 7, err
     assert rest == b"second from-stdin\n"
     assert sha(disk) == disk_sum, "the definition's disk was not written"
-    assert qemu_pids() == before_pids
-    assert leftovers() == before_files
-    ok = subprocess.run([*ENTRY, "run", box, "--", "uname", "-n"], capture_output=True, text=True, timeout=300)
+    assert qemu_pids(tmp_path) == before_pids
+    assert leftovers(scope) == before_files
+    ok = subprocess.run([*ENTRY, "run", box, "--", "uname", "-n"], capture_output=True, text=True, timeout=300,
+                        env=scope)
     assert (ok.returncode, ok.stdout) == (0, "qemuspec-guest\n"), ok.stderr
-    assert qemu_pids() == before_pids and leftovers() == before_files
+    assert qemu_pids(tmp_path) == before_pids and leftovers(scope) == before_files
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_run_interrupted_leaves_nothing(box, signum):
-    before_pids, before_files = qemu_pids(), leftovers()
+def test_run_interrupted_leaves_nothing(box, signum, tmp_path, scope):
+    before_pids, before_files = qemu_pids(tmp_path), leftovers(scope)
     proc = subprocess.Popen([*ENTRY, "run", box, "--", "/bin/sh", "-c", "echo started; sleep 600"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=scope)
     try:
         assert proc.stdout.readline() == b"started\n"
-        assert qemu_pids() - before_pids, "the run's qemu is up"
+        assert qemu_pids(tmp_path) - before_pids, "the run's qemu is up"
+        assert len(leftovers(scope) - before_files) == 2, "its work and socket directories are where this test looks"
         proc.send_signal(signum)
         code = proc.wait(timeout=60)
     finally:
@@ -77,8 +91,8 @@ def test_run_interrupted_leaves_nothing(box, signum):
             proc.kill()
             proc.wait()
     assert code == 128 + signum
-    assert qemu_pids() == before_pids
-    assert leftovers() == before_files
+    assert qemu_pids(tmp_path) == before_pids
+    assert leftovers(scope) == before_files
 
 
 def test_run_json_lines(box):
@@ -90,12 +104,12 @@ def test_run_json_lines(box):
     assert records[-1] == {"machine": "box", "exitcode": 4}
 
 
-def test_up_timeout_overrides_readiness_for_one_run(box):
-    before = qemu_pids()
+def test_up_timeout_overrides_readiness_for_one_run(box, tmp_path):
+    before = qemu_pids(tmp_path)
     result = subprocess.run([*ENTRY, "up", box, "--timeout", "0.5"], capture_output=True, text=True, timeout=300)
     try:
         assert result.returncode == 1
         assert "was not ready within 0.5 s" in result.stderr
     finally:
         subprocess.run([*ENTRY, "down", box, "--quiet"], capture_output=True, timeout=120)
-    assert qemu_pids() == before
+    assert qemu_pids(tmp_path) == before

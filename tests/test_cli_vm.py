@@ -62,7 +62,7 @@ def test_unknown_machine_is_a_usage_error(running):
 
 def test_up_attach_streams_and_ctrl_c_brings_machines_down(tmp_path, guest):
     path = definition(tmp_path, guest, {"att": {}})
-    before = qemu_pids()
+    before = qemu_pids(tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "qemuspec.cli.main", "up", path, "--attach"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -79,7 +79,7 @@ def test_up_attach_streams_and_ctrl_c_brings_machines_down(tmp_path, guest):
     assert proc.returncode == 0, err
     assert "att: stopped" in out
     assert status(path)["att"]["state"] == "stopped"
-    assert qemu_pids() == before
+    assert qemu_pids(tmp_path) == before
 
 
 class FakeTerminal(io.StringIO):

@@ -23,13 +23,15 @@ from qemuspec.spec import cache, records
 from qemuspec.spec.importer import import_argv
 from qemuspec.spec.loader import load_located
 
+from helpers import shipped_definitions
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = os.path.join(ROOT, "tests", "data", "import_corpus.txt")
 
 
 def _definitions(tmp_path) -> list[str]:
     """Every shipped definition, and one file per line of the import corpus (rich in devices and options)."""
-    out = [os.path.join(ROOT, "machines", n) for n in sorted(os.listdir(os.path.join(ROOT, "machines")))]
+    out = shipped_definitions()
     placeholder = re.compile(r"\{(\w+)\}")
     for index, raw in enumerate(open(CORPUS, encoding="utf-8").read().splitlines()):
         if not raw.strip() or raw.startswith("#"):

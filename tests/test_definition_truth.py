@@ -191,14 +191,14 @@ def test_up_checks_host_ports_before_starting_any_machine(qemu_bin, tmp_path):
     port = holder.getsockname()[1]
     path = write(tmp_path, f'[machines.first]\npaused = true\n[machines.second]\npaused = true\ndepends_on = ["first"]\n'
                            f'nics = [{{ forwards = [{{ host = {port}, guest = 22 }}] }}]\n')
-    before = qemu_pids()
+    before = qemu_pids(tmp_path)
     try:
         result = cli("up", path, "--no-probe")
     finally:
         holder.close()
     assert result.returncode == 2, result.stderr
     assert f"{path}:6: machines.second.nics[0].forwards[0].host: host port 127.0.0.1:{port}/tcp is in use by pid {os.getpid()}" in result.stderr
-    assert qemu_pids() == before
+    assert qemu_pids(tmp_path) == before
     assert not (tmp_path / ".qemuspec" / "first" / "state.json").exists()
 
 

@@ -66,7 +66,7 @@ def timing(row: str, **figures: float) -> None:
 
 @pytest.fixture
 def lab(tmp_path, qemu_bin):
-    before = qemu_pids()
+    before = qemu_pids(tmp_path)
     made = []
 
     def make(name="web", restart="no", extra="", file="lab.toml"):
@@ -78,7 +78,7 @@ def lab(tmp_path, qemu_bin):
     yield make
     for path in made:
         cli("down", path, check=False)
-    assert qemu_pids() == before, "no qemu left behind"
+    assert qemu_pids(tmp_path) == before, "no qemu left behind"
     from qemuspec.runtime import paths
 
     for path in made:
@@ -99,9 +99,9 @@ def test_state_directory_deleted_under_a_running_machine(lab):
     row = status(path)["web"]
     assert row["state"] == "paused" and row["pid"] == started["pid"], "still found through the runtime registry"
     assert any(r["pid"] == started["pid"] and r["file"] == path for r in json.loads(cli("ls", "--json").stdout))
-    before = qemu_pids()
+    before = qemu_pids(os.path.dirname(path))
     [again] = json.loads(cli("up", path, "--json").stdout)
-    assert again["action"] == "up to date" and qemu_pids() == before, "no second qemu"
+    assert again["action"] == "up to date" and qemu_pids(os.path.dirname(path)) == before, "no second qemu"
     began = time.monotonic()
     [down] = json.loads(cli("down", path, "--json").stdout)
     assert down["action"] == "stopped" and not alive(started["pid"])

@@ -12,12 +12,13 @@ from hypothesis import strategies as st
 from qemuspec.errors import SpecError
 from qemuspec.spec.loader import loads
 
+from helpers import shipped_definitions
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEEDS = {}
-for name in sorted(os.listdir(os.path.join(ROOT, "machines"))):
-    if name.endswith((".toml", ".yaml", ".yml")):
-        with open(os.path.join(ROOT, "machines", name), encoding="utf-8") as f:
-            SEEDS[name] = ("toml" if name.endswith(".toml") else "yaml", f.read())
+for path in shipped_definitions():
+    with open(path, encoding="utf-8") as f:
+        SEEDS[os.path.basename(path)] = ("toml" if path.endswith(".toml") else "yaml", f.read())
 
 # Fragments that broke the loader before (issue 9) or are classic parser edge cases.
 NASTY = [

@@ -51,15 +51,17 @@ def test_seed_script_verbatim(guest, tmp_path):
         vm.quit()
         ''')
     (tmp_path / "seed.py").write_text(script)
-    before = qemu_pids()
-    result = subprocess.run([sys.executable, "seed.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    (tmp_path / "tmp").mkdir()  # the builder's state directory goes here, so its qemu names tmp_path
+    before = qemu_pids(tmp_path)
+    result = subprocess.run([sys.executable, "seed.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert "'status': 'running'" in lines[0]
     qmp_port = int(lines[1].rsplit(":", 1)[1])
     assert qmp_port > 2000, "stepped up past the taken port"
     assert "'event': 'SHUTDOWN'" in lines[2] and "host-qmp-quit" in lines[2]
-    assert qemu_pids() == before
+    assert qemu_pids(tmp_path) == before
 
 
 def test_boot_probes_agent_and_acpi_stop(guest, state_dir):
@@ -171,7 +173,7 @@ def test_cli_up_status_qmp_down(guest, tmp_path):
     text = open(os.path.join(ROOT, "machines", "dev.toml")).read().replace("host = 8080", "host = 0")
     path = tmp_path / "dev.toml"
     path.write_text(text.replace("../guest/out/vmlinuz", guest["kernel"]).replace("../guest/out/initrd.gz", guest["initrd"]))
-    before = qemu_pids()
+    before = qemu_pids(tmp_path)
     try:
         first = cli("up", str(path), "--json")
         assert first.returncode == 0, first.stderr
@@ -182,7 +184,7 @@ def test_cli_up_status_qmp_down(guest, tmp_path):
         assert {p["guest"] for p in status[0]["ports"]} == {80, 22} and all(p["host"] > 0 for p in status[0]["ports"])
         again = json.loads(cli("up", str(path), "--json").stdout)
         assert again[0]["action"] == "up to date" and again[0]["pid"] == started["pid"]
-        assert qemu_pids() - before == {started["pid"]}, "one qemu for the machine"
+        assert qemu_pids(tmp_path) - before == {started["pid"]}, "one qemu for the machine"
         answer = cli("qmp", "dev", "query-status", "--file", str(path))
         assert json.loads(answer.stdout)["status"] == "running"
         bad = cli("qmp", "dev", "no-such-command", "--file", str(path))
@@ -191,5 +193,5 @@ def test_cli_up_status_qmp_down(guest, tmp_path):
     finally:
         down = cli("down", str(path))
     assert down.returncode == 0 and "ACPI powerdown" in down.stdout
-    assert qemu_pids() == before
+    assert qemu_pids(tmp_path) == before
     assert json.loads(cli("status", str(path), "--json").stdout)[0]["state"] == "stopped"

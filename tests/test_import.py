@@ -207,7 +207,7 @@ def test_a_renamed_backend_is_the_same_machine(files):
     assert judge.check(one, two).same
 
 
-def test_qemu_refusing_the_line_is_a_clear_error():
+def test_qemu_refusing_the_line_is_a_clear_error(qemu_bin):
     with pytest.raises(QemuspecError, match="Invalid CPU topology|refused"):
         judge.observe(["qemu-system-x86_64", "-M", "pc", "-smp", "1,sockets=2,cores=2", "-display", "none"])
 
@@ -282,7 +282,7 @@ def test_import_check_runs_both_lines_under_qemu(tmp_path, files):
     assert again.returncode == 2 and "--force" in again.stderr
 
 
-def test_import_check_reports_a_line_qemu_refuses(tmp_path):
+def test_import_check_reports_a_line_qemu_refuses(qemu_bin):
     result = cli("import", "--check", "--", "qemu-system-x86_64", "-m", "256", "-device", "no-such-device", "-display", "none")
     assert result.returncode == 1 and "qemu refused the line" in result.stderr and "no-such-device" in result.stderr
     assert "Traceback" not in result.stderr

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import fail_or_skip, pids, terminate
+from conftest import fail_or_skip
 from qemuspec.errors import SpecError
 from qemuspec.libvirt import BACKEND_FIELDS, domain_xml
 from qemuspec.spec.models import Machine

@@ -82,7 +82,7 @@ def stamp(event) -> float:
 @pytest.fixture
 def lab(tmp_path, guest):
     """Definitions made in the test; whatever they started is brought down, then nothing may remain."""
-    before = qemu_pids()
+    before = qemu_pids(tmp_path)
     made = []
 
     def make(machines, name="lab.toml"):
@@ -95,7 +95,7 @@ def lab(tmp_path, guest):
     for path in made:
         supervisors += [r["supervisor"] for r in status(path).values() if r["supervisor"]]
         cli("down", path, check=False)
-    assert qemu_pids() == before, "no qemu left behind"
+    assert qemu_pids(tmp_path) == before, "no qemu left behind"
     assert not any(alive(pid) for pid in supervisors), "no supervisor left behind"
     from qemuspec.runtime import paths
 
@@ -116,7 +116,7 @@ def test_up_is_idempotent_and_recreates_only_what_changed(lab):
     assert {o["action"] for o in second.values()} == {"up to date"}
     assert {n: o["pid"] for n, o in second.items()} == {n: o["pid"] for n, o in first.items()}
     ours = {first["a"]["pid"], first["b"]["pid"]}
-    assert ours <= qemu_pids()
+    assert ours <= qemu_pids(os.path.dirname(path))
 
     text = open(path).read()
     start = text.index("[machines.b]")
@@ -189,7 +189,7 @@ def test_killed_supervisor_leaves_the_vm_running_and_up_adopts_it(lab):
     assert adopted["action"] == "adopted" and adopted["pid"] == started["pid"]
     row = status(path)["web"]
     assert row["state"] == "running" and row["supervisor"] is not None
-    assert len([p for p in qemu_pids() if p == started["pid"]]) == 1
+    assert len([p for p in qemu_pids(os.path.dirname(path)) if p == started["pid"]]) == 1
     # the new supervisor really supervises: a crash is restarted
     os.kill(started["pid"], signal.SIGKILL)
     wait_event(path, "web", lambda e: e["event"] == "QEMUSPEC_READY" and e["data"].get("restarts") == 1)
@@ -217,12 +217,12 @@ def test_stale_state_never_touches_an_unrelated_process(lab):
 
 def test_two_concurrent_ups_start_one_qemu(lab):
     path = lab({"web": {}})
-    before = qemu_pids()
+    before = qemu_pids(os.path.dirname(path))
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda _: json.loads(cli("up", path, "--json").stdout)[0], range(2)))
     assert sorted(r["action"] for r in results) == ["started", "up to date"]
     assert results[0]["pid"] == results[1]["pid"]
-    assert len(qemu_pids() - before) == 1
+    assert len(qemu_pids(os.path.dirname(path)) - before) == 1
 
 
 def test_dependency_order_up_and_reverse_down(lab):

@@ -119,11 +119,11 @@ def test_unix_sockets_are_private_even_in_a_deep_directory(qemu_bin, tmp_path):
 
 
 def test_a_bad_switch_fails_with_qemus_own_message_and_leaves_nothing(qemu_bin, state_dir):
-    before = qemu_pids()
+    before = qemu_pids(state_dir)
     inst = Instance("bad", Machine(machine="none", append=["-no-such-option"]), state_dir)
     with pytest.raises(LaunchError, match="no-such-option"):
         inst.launch()
-    assert qemu_pids() == before
+    assert qemu_pids(state_dir) == before
     assert not os.path.exists(inst.layout.run_dir)
 
 

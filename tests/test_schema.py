@@ -20,6 +20,8 @@ import yaml
 
 from qemuspec.spec.schema import schema
 
+from helpers import shipped_definitions
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VALIDATOR = jsonschema.Draft202012Validator(schema())
 
@@ -45,8 +47,7 @@ def test_the_schema_is_a_valid_draft_2020_12_schema():
 
 
 def test_every_shipped_definition_is_valid_for_an_editor():
-    files = [os.path.join(ROOT, "machines", n) for n in sorted(os.listdir(os.path.join(ROOT, "machines")))
-             if n.endswith((".toml", ".yaml", ".yml"))]
+    files = shipped_definitions()
     assert len(files) >= 3
     for path in files:
         assert schema_errors(read(path)) == [], path

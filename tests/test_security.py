@@ -35,13 +35,13 @@ def project(qemu_bin):
     must show that qemuspec's own modes protect the files, not the test's temporary directory."""
     path = tempfile.mkdtemp(prefix="qemuspec-sec-", dir="/tmp")
     os.chmod(path, 0o755)
-    before = qemu_pids()
+    before = qemu_pids(path)
     yield path
     for name in os.listdir(path):
         if name.endswith((".toml", ".yaml")):
             cli("down", os.path.join(path, name), check=False)
     shutil.rmtree(path, ignore_errors=True)
-    assert qemu_pids() == before, "no qemu left behind"
+    assert qemu_pids(path) == before, "no qemu left behind"
 
 
 PAUSED = """

@@ -10,6 +10,8 @@ from qemuspec.errors import SpecError
 from qemuspec.spec import load, loads
 from qemuspec.spec.models import Machine
 
+from helpers import shipped_definitions
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE_TOML = os.path.join(ROOT, "machines", "example.toml")
 EXAMPLE_YAML = os.path.join(ROOT, "machines", "example.yaml")
@@ -29,9 +31,8 @@ def test_example_toml_and_yaml_give_the_same_model():
 
 
 def test_every_shipped_definition_validates():
-    for name in os.listdir(os.path.join(ROOT, "machines")):
-        if name.endswith((".toml", ".yaml", ".yml")):
-            assert load(os.path.join(ROOT, "machines", name)).machines
+    for name in shipped_definitions():
+        assert load(name).machines
 
 
 def test_equivalent_spellings_are_equal_models():

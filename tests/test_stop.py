@@ -19,7 +19,7 @@ def cli(*args):
 
 
 def test_down_of_a_machine_without_acpi_quits_at_once_and_says_why(qemu_bin, tmp_path):
-    before = qemu_pids()
+    before = qemu_pids(tmp_path)
     path = tmp_path / "none.toml"
     path.write_text('[machines.empty]\nmachine = "none"\nmemory = "64M"\nserial = "none"\nstop_timeout = "300s"\n')
     cli("up", str(path))
@@ -27,7 +27,7 @@ def test_down_of_a_machine_without_acpi_quits_at_once_and_says_why(qemu_bin, tmp
     assert "QMP quit: the machine has no ACPI" in out, out
     seconds = float(out.rsplit(", ", 1)[1].split(" s)")[0])  # "empty: stopped (STEP, N.N s)"
     assert seconds < 300, "the stop timeout was not waited out"
-    assert qemu_pids() == before
+    assert qemu_pids(tmp_path) == before
 
 
 def test_a_guest_that_never_enabled_acpi_is_quit_without_waiting(guest, state_dir):

@@ -34,7 +34,7 @@ def schema() -> dict:
     machine = defs["Machine"]["properties"]
     for field, model in (("display", Display), ("firmware", Firmware)):
         kinds = list(get_args(model.model_fields["type"].annotation))
-        machine[field]["anyOf"].insert(1, {"enum": kinds, "description": f'Shorthand for {{ type = "..." }}'})
+        machine[field]["anyOf"].insert(1, {"enum": kinds, "description": 'Shorthand for { type = "..." }'})
     machine["cdrom"]["anyOf"].insert(1, {"type": "string", "description": "One image"})
     props = doc["properties"]
     props["machines"]["additionalProperties"] = False
