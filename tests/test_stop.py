@@ -60,7 +60,7 @@ def test_a_guest_with_acpi_still_gets_the_power_button(guest, state_dir):
 def test_down_of_a_guest_that_ignores_acpi_says_it_was_a_forced_stop(guest, tmp_path):
     """Item 5 of issue 22: the power button is ignored, `down` quits qemu after stop_timeout: a warning
     and "forced": true, as libvirt separates shutdown from destroy. A clean stop is not forced."""
-    before = qemu_pids()
+    before = qemu_pids(tmp_path)
     path = tmp_path / "deaf.toml"
     text = (f'[machines.g]\nkernel = "{guest["kernel"]}"\ninitrd = "{guest["initrd"]}"\nmemory = "256M"\n'
             f'cmdline = "console=ttyS0 quiet CMDLINE"\nstop_timeout = "2s"\n'
@@ -83,4 +83,4 @@ def test_down_of_a_guest_that_ignores_acpi_says_it_was_a_forced_stop(guest, tmp_
         assert clean["detail"] == "ACPI powerdown" and clean["forced"] is False and clean["warnings"] == []
     finally:
         subprocess.run([sys.executable, "-m", "qemuspec.cli.main", "down", str(path)], capture_output=True, timeout=300)
-    assert qemu_pids() == before
+    assert qemu_pids(tmp_path) == before
