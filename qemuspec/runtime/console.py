@@ -55,12 +55,9 @@ class ConsoleReader:
         """What qemu logged since this boot started (covers output before the socket connected)."""
         if not self._log_path:
             return ""
-        try:
-            with open(self._log_path, "rb") as f:
-                f.seek(self._log_offset)
-                return f.read().decode(errors="replace")
-        except OSError:
-            return ""
+        from qemuspec.runtime.statedir import read_from
+
+        return (read_from(self._log_path, self._log_offset) or b"").decode(errors="replace")
 
     def wait_for(self, pattern: str, timeout: float) -> re.Match:
         """Block until ``pattern`` (a regex) shows on the console; raises TimeoutError, or EOFError when
@@ -92,11 +89,11 @@ class ConsoleReader:
 
 
 def tail(path: str, lines: int = 20, offset: int = 0) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read()
-    except OSError:
+    """The last lines of a state file (through the state owner: never through a symlink)."""
+    from qemuspec.runtime.statedir import read_from
+
+    data = read_from(path, offset)
+    if data is None:
         return ""
     text = data.decode(errors="replace").replace("\r", "")
     return "\n".join(text.rstrip("\n").split("\n")[-lines:]) if text.strip() else ""

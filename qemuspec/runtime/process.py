@@ -21,7 +21,9 @@ def spawn(argv: list[str], log_fd: int, pass_fds: tuple[int, ...] = ()) -> subpr
     """Start qemu with no shell, in its own session and process group (a Ctrl-C in the terminal does
     not reach it, and whatever it forks can be signalled with it)."""
     try:
-        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, pass_fds=pass_fds, start_new_session=True, close_fds=True)
+        # umask 077: what qemu creates (warm save's live overlays, snapshot files) is the user's alone
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, pass_fds=pass_fds,
+                                start_new_session=True, close_fds=True, umask=0o077)
     except FileNotFoundError:
         raise LaunchError(f"qemu binary {argv[0]!r} not found: install it (Debian: apt-get install qemu-system-x86) or set qemu = \"/path/to/qemu-system-x86_64\"") from None
     except PermissionError as exc:

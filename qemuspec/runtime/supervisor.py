@@ -86,7 +86,7 @@ def clear(state_dir: str) -> None:
 
 def spawn(name: str, machine: Machine, state_dir: str, adopt: bool, owner: str | None = None) -> tuple[int, int]:
     """Fork a detached supervisor; returns (pid, fd of the progress pipe to read)."""
-    statedir.ensure_private(state_dir)
+    statedir.claim(state_dir)  # proven ours before anything is written there
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid:

@@ -115,10 +115,14 @@ def unsupported(machine: "Machine") -> str | None:
 
 
 def read(state_dir: str) -> dict | None:
+    """The key, from a state directory proven qemuspec's and never through a symlink (a committed
+    `warm/` is not saved state of ours)."""
+    from qemuspec.runtime import statedir
+
+    data = statedir.read_bytes(warm_dir(state_dir), "key.json", statedir.RECORD_LIMIT) if statedir.proven(state_dir) else None
     try:
-        with open(key_file(state_dir), encoding="utf-8") as f:
-            record = json.load(f)
-    except (OSError, ValueError):
+        record = json.loads(data) if data is not None else None
+    except (ValueError, RecursionError):
         return None
     return record if isinstance(record, dict) and record.get("format") == FORMAT else None
 
@@ -161,9 +165,10 @@ def _ago(seconds: float) -> str:
 
 def discard(state_dir: str) -> None:
     """Forget the saved state (the key first, so a half-removed state is never taken for valid)."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(key_file(state_dir))
-    shutil.rmtree(warm_dir(state_dir), ignore_errors=True)
+    from qemuspec.runtime import statedir
+
+    statedir.remove(warm_dir(state_dir), "key.json")  # relative to the directory: never through a symlink
+    shutil.rmtree(warm_dir(state_dir), ignore_errors=True)  # refuses a symlink; fd-based inside
 
 
 # -- save ---------------------------------------------------------------------------------------
@@ -186,7 +191,9 @@ def save(inst: "Instance") -> dict:
     """Freeze a ready machine's disks and save its RAM and devices; resume it. Returns what was saved."""
     machine, state_dir = inst.machine, inst.state_dir
     discard(state_dir)
-    os.makedirs(warm_dir(state_dir), mode=0o700, exist_ok=True)
+    from qemuspec.runtime import statedir
+
+    statedir.ensure_private(warm_dir(state_dir))  # a planted `warm -> elsewhere` is refused, not written through
     began = time.monotonic()
     tmp = memory_file(state_dir) + ".tmp"
     with _monitor(inst) as qmp:
@@ -201,7 +208,7 @@ def save(inst: "Instance") -> dict:
                     qmp.command("blockdev-snapshot-sync", {"device": own(f"disk{index}"), "snapshot-file": live_disk(state_dir, index), "format": "qcow2"})
             qmp.command("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
             qmp.command("migrate-set-parameters", {"max-bandwidth": 1 << 40})
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
             try:
                 qmp.command("getfd", {"fdname": FD_NAME}, fds=(fd,))
             finally:
@@ -220,8 +227,6 @@ def save(inst: "Instance") -> dict:
                 "qemu": _qemu_identity(machine.qemu), "qemu_version": qemu_version, "files": files,
                 "memory_bytes": size, "memory_mib": machine.memory,
             }
-            from qemuspec.runtime import statedir
-
             statedir.write(os.path.dirname(key_file(state_dir)), os.path.basename(key_file(state_dir)), record)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -240,6 +245,7 @@ def save(inst: "Instance") -> dict:
 def restore_machine(machine: "Machine", state_dir: str) -> "Machine":
     """The machine as a restore runs it: every writable disk on a fresh overlay of its frozen file."""
     from qemuspec import img
+    from qemuspec.runtime import statedir
 
     disks = []
     for index, disk in enumerate(machine.disks):
@@ -247,8 +253,7 @@ def restore_machine(machine: "Machine", state_dir: str) -> "Machine":
             disks.append(disk)
             continue
         live = live_disk(state_dir, index)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(live)
+        statedir.remove(warm_dir(state_dir), os.path.basename(live))
         img.create(live, format="qcow2", backing=os.path.abspath(disk.file), backing_format=disk.format)
         disks.append(disk.model_copy(update={"file": live, "format": "qcow2", "backing": None, "backing_format": None, "size": None}))
     return machine.model_copy(update={"disks": disks}) if disks else machine

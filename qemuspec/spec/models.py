@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from qemuspec.spec import units
+from qemuspec.spec.limits import QEMU_NAME
 from qemuspec.spec.order import order_machines
 
 _IDENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -360,7 +361,7 @@ def _libvirt_uri(value: str) -> str:
 def _qemu_binary(value: str, info: ValidationInfo) -> str:
     """A definition names a qemu, not any program: a shared file must not be able to run `sh`. A name
     is looked up on PATH; a path, like every path in a definition, is relative to the file."""
-    if not re.match(r"^(qemu-system-[A-Za-z0-9_]+|qemu-kvm|kvm)$", os.path.basename(value)):
+    if not re.match(QEMU_NAME, os.path.basename(value)):
         raise ValueError(f'"{value}" is not a qemu system emulator: use a qemu-system-ARCH binary (or a wrapper with such a name)')
     return _resolve_path(value, info) if os.sep in value else value
 
