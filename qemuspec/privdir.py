@@ -57,7 +57,7 @@ def open_private(path: str, create: bool = True) -> int | None:
             os.close(fd)
             fd = child
         info = os.fstat(fd)
-        if info.st_uid != uid:
+        if info.st_uid != uid or info.st_mode & 0o022:  # others could have put or swapped entries in it
             return None
         if stat.S_IMODE(info.st_mode) & 0o077:
             os.fchmod(fd, 0o700)
