@@ -283,18 +283,20 @@ def test_caches_in_a_home_another_user_controls_are_neither_used_nor_written(pro
     planted.write_text(f"#!/bin/sh\ntouch {marker}\nexec {qemu_bin} \"$@\"\n")
     planted.chmod(0o755)
     path = _write(project, UNIX_PAUSED.format(name="m"))
-    # the entry root would look up, made honestly in a private cache, then given the other user's qemu
+    # The definitions entry root would look up, made honestly in a private cache, then given the
+    # other user's qemu and put where the check-then-open race leaves root reading: a root-owned 0700
+    # `definitions` directory under the other user's ~/.cache/qemuspec (which they can swap at will).
     private = tmp_path / "private-cache"
-    env = dict(os.environ, HOME=home, XDG_CACHE_HOME=str(private))
-    cli("status", path, env=env)
+    cli("status", path, env=dict(os.environ, HOME=home, XDG_CACHE_HOME=str(private)))
     [entry] = glob.glob(str(private / "qemuspec" / "definitions" / "*.json"))
     body = open(entry).read().replace('"qemu-system-x86_64"', json.dumps(str(planted)))
     assert str(planted) in body
-    target = os.path.join(home, ".cache", "qemuspec", "definitions", os.path.basename(entry))
-    with open(target, "w") as f:
+    definitions = os.path.join(home, ".cache", "qemuspec", "definitions")
+    os.chown(definitions, 0, 0)
+    os.chmod(definitions, 0o700)
+    with open(os.path.join(definitions, os.path.basename(entry)), "w") as f:
         f.write(body)
-    os.chown(target, other.pw_uid, other.pw_gid)
-    # a capabilities entry for the real qemu that says it has no q35
+    # the predictable temporary names of the old capabilities cache, pointing at a root-owned file
     from qemuspec.runtime import capabilities
 
     real = os.path.realpath(qemu_bin)
@@ -302,29 +304,34 @@ def test_caches_in_a_home_another_user_controls_are_neither_used_nor_written(pro
     import hashlib
 
     key = hashlib.sha256(f"{capabilities.CACHE_VERSION}:{real}:{st.st_mtime_ns}:{st.st_size}".encode()).hexdigest()[:24]
-    fake = {"binary": real, "version": "0.0.0", "machines": ["evil"], "cpus": [], "devices": {}, "objects": [], "accels": ["tcg"],
-            "options": [], "parameters": {}}
     caps_dir = os.path.join(home, ".cache", "qemuspec", "capabilities")
-    with open(os.path.join(caps_dir, f"{key}.json"), "w") as f:
-        json.dump(fake, f)
-    # the predictable temporary names of the old capabilities cache, pointing at a root-owned file
     victim = tmp_path / "root-owned"
     victim.write_text("root's file\n")
-    for pid in range(os.getpid(), os.getpid() + 400):
+    for pid in range(os.getpid(), os.getpid() + 2000):
         os.symlink(victim, os.path.join(caps_dir, f"{key}.json.{pid}.tmp"))
-    for base, dirs, files in os.walk(os.path.join(home, ".cache")):
-        for name in dirs + files:
-            os.lchown(os.path.join(base, name), other.pw_uid, other.pw_gid)
+    for name in os.listdir(caps_dir):
+        os.lchown(os.path.join(caps_dir, name), other.pw_uid, other.pw_gid)
     before = _tree(home)
     root_env = {k: v for k, v in os.environ.items() if k not in ("XDG_CACHE_HOME", "XDG_STATE_HOME")}
     root_env["HOME"] = home
-    probe = cli("validate", path, "--probe", env=root_env, check=False)
-    assert probe.returncode == 0, probe.stdout + probe.stderr  # the planted "no q35" was not believed
+    cli("validate", path, "--probe", env=root_env)  # a miss: the probe's answer is not written through the links
+    assert victim.read_text() == "root's file\n"
     cli("up", path, env=root_env)
     assert not marker.exists(), "root ran the other user's qemu"
     [row] = json.loads(cli("status", path, "--json", env=root_env).stdout)
     assert row["state"] == "paused"
+    assert _tree(home) == before, "nothing was written into the other user's tree"
+    # a capabilities entry for the real qemu that says it has no q35: not believed
+    fake = {"binary": real, "version": "0.0.0", "machines": ["evil"], "cpus": [], "devices": {}, "objects": [], "accels": ["tcg"],
+            "options": [], "parameters": {}}
+    with open(os.path.join(caps_dir, f"{key}.json"), "w") as f:
+        json.dump(fake, f)
+    os.chown(os.path.join(caps_dir, f"{key}.json"), other.pw_uid, other.pw_gid)
+    before = _tree(home)
+    probe = cli("validate", path, "--probe", env=root_env, check=False)
+    assert probe.returncode == 0, probe.stdout + probe.stderr
     cli("down", path, env=root_env)
+    assert not marker.exists()
     assert victim.read_text() == "root's file\n"
     assert _tree(home) == before, "nothing of root's was written into the other user's tree"
 
@@ -356,17 +363,21 @@ def _victim() -> pwd.struct_passwd:
 
 
 @pytest.fixture
-def squatted(tmp_path, qemu_bin):
+def squatted(qemu_bin):
     """A user whose /tmp/qemuspec-UID another user made first."""
+    import pathlib
+    import tempfile
+
     other, victim = _other_user(), _victim()
     squat = f"/tmp/qemuspec-{victim.pw_uid}"
     if os.path.lexists(squat):
         subprocess.run(["rm", "-rf", squat], check=True)
     os.mkdir(squat, 0o777)
     os.chown(squat, other.pw_uid, other.pw_gid)
-    os.chmod(tmp_path, 0o755)
-    home = tmp_path / "victim-home"
-    project_dir = tmp_path / "victim-project"
+    top = pathlib.Path(tempfile.mkdtemp(prefix="qemuspec-squat-", dir="/tmp"))  # the user can reach it
+    os.chmod(top, 0o755)
+    home = top / "victim-home"
+    project_dir = top / "victim-project"
     for d in (home, project_dir):
         d.mkdir()
         os.chown(d, victim.pw_uid, victim.pw_gid)
@@ -387,7 +398,7 @@ def squatted(tmp_path, qemu_bin):
     yield {"run": run, "path": str(path), "squat": squat, "home": str(home)}
     run("down", str(path))
     assert qemu_pids() == before, "no qemu left behind"
-    subprocess.run(["rm", "-rf", squat], check=True)
+    subprocess.run(["rm", "-rf", squat, str(top)], check=True)
 
 
 def test_a_squatted_runtime_base_falls_back_to_a_private_one(squatted):
@@ -398,7 +409,7 @@ def test_a_squatted_runtime_base_falls_back_to_a_private_one(squatted):
     status = run("status", path, "--json")
     assert status.returncode == 0 and json.loads(status.stdout)[0]["state"] == "paused", status.stdout + status.stderr
     listed = run("ls", "--json")
-    assert listed.returncode == 0 and path in listed.stdout, listed.stdout + listed.stderr
+    assert listed.returncode == 0 and [r["name"] for r in json.loads(listed.stdout)] == ["m"], listed.stdout + listed.stderr
     sockets = glob.glob(os.path.join(squatted["home"], ".local", "state", "qemuspec", "run", "*", "qmp.sock"))
     assert sockets and all(_mode(s) == 0o600 for s in sockets)
     down = run("down", path)

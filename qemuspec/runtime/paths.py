@@ -114,7 +114,12 @@ def prepare(lay: Layout) -> None:
     from qemuspec.runtime.statedir import claim
 
     claim(lay.state_dir)
-    private_dir(os.path.dirname(lay.run_dir))
+    base = os.path.dirname(lay.run_dir)
+    try:
+        private_dir(base)
+    except LaunchError:  # made by another user between run_base's look and ours
+        raise LaunchError(f"{base} is not a directory of yours (another user created it, or it is a symlink): set "
+                          f"XDG_RUNTIME_DIR to a directory of your own with mode 0700 and run the command again") from None
     private_dir(lay.run_dir)
 
 
