@@ -224,14 +224,14 @@ def test_images_qemuspec_makes_are_private(project, guest, tmp_path):
     box = definition(tmp_path, guest, {"box": {"extra": 'agent = true\n[[machines.box.disks]]\nfile = "data.qcow2"\nformat = "qcow2"\nsize = "8M"\n'}})
     runs = tmp_path / "tmp"
     runs.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "qemuspec", "run", box, "--", "/bin/sh", "-c", "echo go; read line"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, umask=0o022,
+    # the guest command keeps the machine up after "go" (run reads all of stdin first, so no `read`)
+    proc = subprocess.Popen([sys.executable, "-m", "qemuspec", "run", box, "--", "/bin/sh", "-c", "echo go; sleep 20"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, umask=0o022,
                             env=dict(os.environ, TMPDIR=str(runs)))
     try:
-        assert proc.stdout.readline() == b"go\n", proc.stderr.read1(4096) if proc.poll() is not None else "no output"
+        assert proc.stdout.readline() == b"go\n", proc.stderr.read() if proc.poll() is not None else "no output"
         overlays = glob.glob(str(runs / "qemuspec-run-*" / "*.qcow2"))
         assert overlays and all(_mode(o) == 0o600 for o in overlays), {o: oct(_mode(o)) for o in overlays}
-        proc.stdin.close()
         assert proc.wait(timeout=120) == 0
     finally:
         if proc.poll() is None:
