@@ -14,7 +14,6 @@ import os
 import stat
 
 from qemuspec.errors import LaunchError
-
 from qemuspec.render import Layout
 
 STATE_ENV = "QEMUSPEC_STATE_DIR"

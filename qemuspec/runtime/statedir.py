@@ -17,6 +17,9 @@ Two places hold records:
   lock it holds for as long as it lives. Deleting the state directory cannot lose a running machine,
   and only this user can write there, so a forged file in a project tree can never make qemuspec
   signal a process.
+
+A state directory is trusted only once proven qemuspec's (:func:`proven`, :func:`claim`: a token
+matched by a record in the user's keep base), because a repository can commit a `.qemuspec/`.
 """
 
 from __future__ import annotations
