@@ -413,7 +413,9 @@ def recorded_definition(state_dir: str) -> dict | None:
 
     from qemuspec.runtime import statedir
 
-    data = statedir.read_bytes(state_dir, statedir.DEFINITION, statedir.RECORD_LIMIT) if statedir.proven(state_dir) else None
+    if not statedir.proven(state_dir):
+        return None
+    data = statedir.read_bytes(state_dir, statedir.DEFINITION, statedir.RECORD_LIMIT)
     try:
         found = json.loads(data) if data is not None else None
     except (ValueError, RecursionError):

@@ -88,7 +88,7 @@ def test_tcp_monitor_needs_a_client_certificate(project):
     assert host == "127.0.0.1"
     from qemuspec.runtime import paths
 
-    tls_dir = os.path.join(paths.run_dir(os.path.join(project, ".qemuspec", "m")), "tls")  # private, never the state directory
+    tls_dir = os.path.join(paths.run_dir(os.path.join(project, ".qemuspec", "m")), "tls")  # never the state directory
     # a plain client: reset or silence, never a greeting
     with socket.create_connection((host, int(port)), timeout=5) as plain:
         plain.sendall(b'{"execute": "qmp_capabilities"}\n')

@@ -108,13 +108,14 @@ def test_planted_public_key_symlink_never_reaches_the_seed(project, tmp_path):
     secret.write_text("HOST-SECRET-4711 do not leak\n")
     root = os.path.join(project, ".qemuspec")
     os.makedirs(os.path.join(root, "ssh"))
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "attacker", "-f", os.path.join(root, "ssh", "id_ed25519")],
-                   check=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "attacker",
+                    "-f", os.path.join(root, "ssh", "id_ed25519")], check=True)
     os.unlink(os.path.join(root, "ssh", "id_ed25519.pub"))
     os.symlink(secret, os.path.join(root, "ssh", "id_ed25519.pub"))
     os.makedirs(os.path.join(root, "m"))
     os.symlink(secret, os.path.join(root, "m", "id_ed25519.pub"))
-    text = UNIX_PAUSED.format(name="m") + '[machines.m.cloud_init]\nuser_data = "#cloud-config\\nssh_authorized_keys: [\\"{{ ssh_public_key }}\\"]\\n"\n'
+    keys = 'ssh_authorized_keys: [\\"{{ ssh_public_key }}\\"]'
+    text = UNIX_PAUSED.format(name="m") + f'[machines.m.cloud_init]\nuser_data = "#cloud-config\\n{keys}\\n"\n'
     path = _write(project, text)
     cli("up", path)
     with open(os.path.join(root, "m", "cidata.iso"), "rb") as f:
@@ -135,7 +136,7 @@ def test_planted_warm_symlink_is_never_written_or_deleted_through(warm_lab, gues
         state.mkdir(parents=True)
         os.symlink(elsewhere, state / "warm")
         cli("up", path)
-        assert (state / "warm").is_dir() and not (state / "warm").is_symlink(), "the state was saved in a directory of ours"
+        assert (state / "warm").is_dir() and not (state / "warm").is_symlink(), "saved in a directory of ours"
         assert os.path.islink(_untrusted(str(state))[0] + "/warm"), "the planted link was moved aside, not followed"
     else:  # a pull adds the link to a directory qemuspec already owns
         cli("up", path)
@@ -214,14 +215,16 @@ def test_images_qemuspec_makes_are_private(project, guest, tmp_path):
         user_data = "#cloud-config\\n"
         ''')
     path = _write(project, text)
-    subprocess.run([sys.executable, "-m", "qemuspec.cli.main", "up", path], check=True, capture_output=True, timeout=300, umask=0o022)
+    subprocess.run([sys.executable, "-m", "qemuspec.cli.main", "up", path], check=True, capture_output=True,
+                   timeout=300, umask=0o022)
     for name in ("fresh.qcow2", "raw.img", "overlay.qcow2", ".qemuspec/m/cidata.iso"):
         assert _mode(os.path.join(project, name)) == 0o600, name
     cli("down", path)
     # `run`: its throwaway overlays, looked at while the guest command waits
     from test_lifecycle import definition
 
-    box = definition(tmp_path, guest, {"box": {"extra": 'agent = true\n[[machines.box.disks]]\nfile = "data.qcow2"\nformat = "qcow2"\nsize = "8M"\n'}})
+    extra = 'agent = true\n[[machines.box.disks]]\nfile = "data.qcow2"\nformat = "qcow2"\nsize = "8M"\n'
+    box = definition(tmp_path, guest, {"box": {"extra": extra}})
     runs = tmp_path / "tmp"
     runs.mkdir()
     # the guest command keeps the machine up after "go" (run reads all of stdin first, so no `read`)
@@ -322,8 +325,8 @@ def test_caches_in_a_home_another_user_controls_are_neither_used_nor_written(pro
     assert row["state"] == "paused"
     assert _tree(home) == before, "nothing was written into the other user's tree"
     # a capabilities entry for the real qemu that says it has no q35: not believed
-    fake = {"binary": real, "version": "0.0.0", "machines": ["evil"], "cpus": [], "devices": {}, "objects": [], "accels": ["tcg"],
-            "options": [], "parameters": {}}
+    fake = {"binary": real, "version": "0.0.0", "machines": ["evil"], "cpus": [], "devices": {}, "objects": [],
+            "accels": ["tcg"], "options": [], "parameters": {}}
     with open(os.path.join(caps_dir, f"{key}.json"), "w") as f:
         json.dump(fake, f)
     os.chown(os.path.join(caps_dir, f"{key}.json"), other.pw_uid, other.pw_gid)
@@ -358,7 +361,8 @@ def _victim() -> pwd.struct_passwd:
     try:
         return pwd.getpwnam(VICTIM_USER)
     except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", VICTIM_USER], check=True)
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", VICTIM_USER],
+                       check=True)
         return pwd.getpwnam(VICTIM_USER)
 
 
@@ -409,7 +413,8 @@ def test_a_squatted_runtime_base_falls_back_to_a_private_one(squatted):
     status = run("status", path, "--json")
     assert status.returncode == 0 and json.loads(status.stdout)[0]["state"] == "paused", status.stdout + status.stderr
     listed = run("ls", "--json")
-    assert listed.returncode == 0 and [r["name"] for r in json.loads(listed.stdout)] == ["m"], listed.stdout + listed.stderr
+    assert listed.returncode == 0, listed.stderr
+    assert [r["name"] for r in json.loads(listed.stdout)] == ["m"], listed.stdout
     sockets = glob.glob(os.path.join(squatted["home"], ".local", "state", "qemuspec", "run", "*", "qmp.sock"))
     assert sockets and all(_mode(s) == 0o600 for s in sockets)
     down = run("down", path)

@@ -87,7 +87,8 @@ ENTRY_LIMIT = 64 * 1024 * 1024
 def _well_formed(caps: Capabilities) -> bool:
     """A decoded entry has the shapes check() relies on (lists and maps of names)."""
     names = lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)
-    return (isinstance(caps.version, str) and all(names(v) for v in (caps.machines, caps.cpus, caps.objects, caps.accels, caps.options))
+    lists = (caps.machines, caps.cpus, caps.objects, caps.accels, caps.options)
+    return (isinstance(caps.version, str) and all(names(v) for v in lists)
             and all(isinstance(d, dict) and all(isinstance(k, str) and names(x) for k, x in d.items())
                     for d in (caps.devices, caps.parameters)))
 

@@ -90,7 +90,8 @@ def ensure_seed(name: str, machine: Machine, layout: Layout, ssh_public_key: str
     from qemuspec.runtime import statedir
 
     directory = os.path.dirname(layout.cidata)
-    if (statedir.read_bytes(directory, os.path.basename(stamp), 4096) or b"").strip() == digest.encode() and os.path.exists(layout.cidata):
+    recorded = statedir.read_bytes(directory, os.path.basename(stamp), 4096) or b""
+    if recorded.strip() == digest.encode() and os.path.exists(layout.cidata):
         return False
 
     data = build_iso(files)  # the seed carries user data (secrets, keys): 0600, atomic, no symlinks

@@ -74,9 +74,9 @@ def run_base() -> str:
         return tmp
     if fallback:
         return fallback
-    raise LaunchError(f"{tmp} is not a directory of yours (another user created it, or it is a symlink) and HOME has no "
-                      f"private directory to use instead: set XDG_RUNTIME_DIR to a directory of your own with mode 0700 "
-                      f"(for example /run/user/{os.getuid()})")
+    raise LaunchError(f"{tmp} is not a directory of yours (another user created it, or it is a symlink) and HOME "
+                      f"has no private directory to use instead: set XDG_RUNTIME_DIR to a directory of your own "
+                      f"with mode 0700 (for example /run/user/{os.getuid()})")
 
 
 def keep_dir(kind: str) -> str:
@@ -117,8 +117,9 @@ def prepare(lay: Layout) -> None:
     try:
         private_dir(base)
     except LaunchError:  # made by another user between run_base's look and ours
-        raise LaunchError(f"{base} is not a directory of yours (another user created it, or it is a symlink): set "
-                          f"XDG_RUNTIME_DIR to a directory of your own with mode 0700 and run the command again") from None
+        raise LaunchError(f"{base} is not a directory of yours (another user created it, or it is a symlink): "
+                          f"set XDG_RUNTIME_DIR to a directory of your own with mode 0700 and run the command "
+                          f"again") from None
     private_dir(lay.run_dir)
 
 

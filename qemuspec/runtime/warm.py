@@ -119,7 +119,8 @@ def read(state_dir: str) -> dict | None:
     `warm/` is not saved state of ours)."""
     from qemuspec.runtime import statedir
 
-    data = statedir.read_bytes(warm_dir(state_dir), "key.json", statedir.RECORD_LIMIT) if statedir.proven(state_dir) else None
+    proven = statedir.proven(state_dir)
+    data = statedir.read_bytes(warm_dir(state_dir), "key.json", statedir.RECORD_LIMIT) if proven else None
     try:
         record = json.loads(data) if data is not None else None
     except (ValueError, RecursionError):
