@@ -318,6 +318,9 @@ class VM:
 
     def _finish(self, result: Any) -> Any:
         if self._own_state_dir and self._state_dir and not self.running():
+            from qemuspec.runtime.statedir import disown
+
+            disown(self._state_dir)
             shutil.rmtree(self._state_dir, ignore_errors=True)
             self._state_dir = None
             self._own_state_dir = False
@@ -405,13 +408,19 @@ def record_definition(machine: Machine, state_dir: str) -> None:
 
 
 def recorded_definition(state_dir: str) -> dict | None:
+    """What the machine was last started from, when a directory proven qemuspec's says so."""
     import json
 
-    try:
-        with open(definition_record(state_dir), encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
+    from qemuspec.runtime import statedir
+
+    if not statedir.proven(state_dir):
         return None
+    data = statedir.read_bytes(state_dir, statedir.DEFINITION, statedir.RECORD_LIMIT)
+    try:
+        found = json.loads(data) if data is not None else None
+    except (ValueError, RecursionError):
+        return None
+    return found if isinstance(found, dict) else None
 
 
 def field_changes(old: Any, new: Any, path: str = "") -> list[tuple[str, Any, Any]]:

@@ -70,12 +70,17 @@ class ImageInfo:
         return out
 
 
+# Images hold the guest's data: qemu-img creates them with the process umask, so every image
+# qemuspec makes (declared disks, overlays, `run`'s and warm restores' overlays, converts) is 0600.
+IMAGE_UMASK = 0o077
+
+
 def run(*args: str, progress: Callable[[float], None] | None = None) -> str:
     """Run qemu-img; its stdout, or :class:`ImageError` with qemu-img's own message."""
     argv = [qemu_img(), *args]
     try:
         if progress is None:
-            result = subprocess.run(argv, capture_output=True, text=True)
+            result = subprocess.run(argv, capture_output=True, text=True, umask=IMAGE_UMASK)
             out, err, code = result.stdout, result.stderr, result.returncode
         else:
             out, err, code = _with_progress(argv, progress)
@@ -89,7 +94,7 @@ def run(*args: str, progress: Callable[[float], None] | None = None) -> str:
 
 def _with_progress(argv: list[str], progress: Callable[[float], None]) -> tuple[str, str, int]:
     """qemu-img -p writes "(12.34/100%)" with carriage returns; report each new percentage."""
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, umask=IMAGE_UMASK)
     assert proc.stdout is not None and proc.stderr is not None
     buffer = b""
     while True:

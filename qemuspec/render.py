@@ -52,8 +52,9 @@ class Layout:
 
     @property
     def tls_dir(self) -> str:
-        """The TCP monitor's TLS credentials (runtime/tls.py makes them)."""
-        return os.path.join(self.state_dir, "tls")
+        """The TCP monitor's TLS credentials (runtime/tls.py makes them), in the private runtime
+        directory: a repository can plant files in a state directory, never here."""
+        return os.path.join(self.run_dir, "tls")
 
     @property
     def qmp_client(self) -> str:

@@ -192,7 +192,9 @@ def lan(tmp_path_factory, guest):
 def test_guest_reads_the_cloud_init_seed(lan):
     log = open(os.path.join(os.path.dirname(lan), ".qemuspec", "a", "serial.log")).read()
     assert "ci| hostname: a" in log
-    public = open(os.path.join(os.path.dirname(lan), ".qemuspec", "ssh", "id_ed25519.pub")).read().split()[1]
+    from qemuspec.runtime import sshkeys
+
+    public = open(sshkeys.key_path(os.path.join(os.path.dirname(lan), ".qemuspec")) + ".pub").read().split()[1]
     assert public in log, "the generated key went into the user-data the guest read"
 
 
@@ -216,7 +218,9 @@ def test_cp_round_trips_a_mebibyte(lan, tmp_path):
 
 
 def test_ssh_runs_a_command_with_the_generated_key(lan):
-    key = os.path.join(os.path.dirname(lan), ".qemuspec", "ssh", "id_ed25519")
+    from qemuspec.runtime import sshkeys
+
+    key = sshkeys.key_path(os.path.join(os.path.dirname(lan), ".qemuspec"))  # outside the state directory
     assert oct(os.stat(key).st_mode & 0o777) == "0o600"
     result = cli("ssh", "a", "--file", lan, "--", "echo", "over-ssh", "$(uname -n)")
     assert result.stdout.strip() == "over-ssh qemuspec-guest"

@@ -86,7 +86,9 @@ def test_tcp_monitor_needs_a_client_certificate(project):
     assert row["state"] == "paused"
     host, port = row["qmp"].removeprefix("tcp:").rsplit(":", 1)
     assert host == "127.0.0.1"
-    tls_dir = os.path.join(project, ".qemuspec", "m", "tls")
+    from qemuspec.runtime import paths
+
+    tls_dir = os.path.join(paths.run_dir(os.path.join(project, ".qemuspec", "m")), "tls")  # never the state directory
     # a plain client: reset or silence, never a greeting
     with socket.create_connection((host, int(port)), timeout=5) as plain:
         plain.sendall(b'{"execute": "qmp_capabilities"}\n')

@@ -78,6 +78,9 @@ def run(ctx: Context, *, timeout: float | None, via: str, allow_local_qemu: bool
         return 128 + stop.signum
     finally:
         # signals stay on a raising handler until the directory is gone, so a second one cannot cut this short
+        from qemuspec.runtime.statedir import disown
+
+        disown(os.path.join(workdir, name))
         shutil.rmtree(workdir, ignore_errors=True)
         for sig, handler in previous.items():
             signal.signal(sig, handler)

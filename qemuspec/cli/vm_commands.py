@@ -488,14 +488,11 @@ def _follow(sources: list[tuple[str, str, bool]], follow: bool, last: int = 0, e
             for line in text.split("\n") if text else []:
                 write(prefix, path, line)
             offsets[path] = os.path.getsize(path)
+    from qemuspec.runtime.statedir import read_from
+
     while True:
         for prefix, path, _ in sources:
-            try:
-                with open(path, "rb") as f:
-                    f.seek(offsets[path])
-                    data = f.read()
-            except FileNotFoundError:
-                continue
+            data = read_from(path, offsets[path])  # never through a planted symlink
             if not data:
                 continue
             offsets[path] += len(data)

@@ -57,19 +57,40 @@ def probe(binary: str) -> Capabilities:
         raise LaunchError(f"qemu binary {binary!r} not found: install it (Debian: apt-get install qemu-system-x86)") from None
     real = os.path.realpath(path)
     key = hashlib.sha256(f"{CACHE_VERSION}:{real}:{info.st_mtime_ns}:{info.st_size}".encode()).hexdigest()[:24]
-    cached = os.path.join(cache_dir(), f"{key}.json")
-    try:
-        with open(cached, encoding="utf-8") as f:
-            return Capabilities.from_dict(json.load(f))
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    from qemuspec import privdir
+
+    # The cache directory only when it and its ancestors are closed to other users (privdir), the
+    # entry opened relative to it without following links, written under an O_EXCL random name:
+    # a HOME another user controls means no cache, never their file or their symlink.
+    with privdir.private(cache_dir(), create=False) as dfd:
+        body = privdir.read(dfd, f"{key}.json", ENTRY_LIMIT) if dfd is not None else None
+    if body is not None:
+        try:
+            cached = Capabilities.from_dict(json.loads(body))
+            if cached.binary == real and _well_formed(cached):
+                return cached
+        except (ValueError, KeyError, TypeError, RecursionError):
+            pass
     caps = _ask(real)
-    os.makedirs(cache_dir(), exist_ok=True)
-    tmp = f"{cached}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(caps.__dict__, f)
-    os.replace(tmp, cached)
+    try:
+        with privdir.private(cache_dir()) as dfd:
+            if dfd is not None:
+                privdir.write(dfd, f"{key}.json", json.dumps(caps.__dict__).encode(), sync=False)
+    except OSError:
+        pass  # no cache costs the next probe its speed only
     return caps
+
+
+ENTRY_LIMIT = 64 * 1024 * 1024
+
+
+def _well_formed(caps: Capabilities) -> bool:
+    """A decoded entry has the shapes check() relies on (lists and maps of names)."""
+    names = lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)
+    lists = (caps.machines, caps.cpus, caps.objects, caps.accels, caps.options)
+    return (isinstance(caps.version, str) and all(names(v) for v in lists)
+            and all(isinstance(d, dict) and all(isinstance(k, str) and names(x) for k, x in d.items())
+                    for d in (caps.devices, caps.parameters)))
 
 
 def _ask(binary: str) -> Capabilities:

@@ -88,16 +88,14 @@ def ensure_seed(name: str, machine: Machine, layout: Layout, ssh_public_key: str
     files = seed_files(name, machine, ssh_public_key)
     digest = hashlib.sha256(b"".join(k.encode() + b"\0" + v + b"\0" for k, v in sorted(files.items()))).hexdigest()
     stamp = layout.cidata + ".sha256"
-    try:
-        with open(stamp) as f:
-            if f.read().strip() == digest and os.path.exists(layout.cidata):
-                return False
-    except FileNotFoundError:
-        pass
     from qemuspec.runtime import statedir
 
-    data = build_iso(files)  # the seed carries user data (secrets, keys): 0600, atomic, no symlinks
     directory = os.path.dirname(layout.cidata)
+    recorded = statedir.read_bytes(directory, os.path.basename(stamp), 4096) or b""
+    if recorded.strip() == digest.encode() and os.path.exists(layout.cidata):
+        return False
+
+    data = build_iso(files)  # the seed carries user data (secrets, keys): 0600, atomic, no symlinks
     statedir.write_bytes(directory, os.path.basename(layout.cidata), data)
     statedir.write_bytes(directory, os.path.basename(stamp), (digest + "\n").encode())
     return True

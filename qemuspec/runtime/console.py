@@ -216,11 +216,11 @@ def _peer_pid(sock: socket.socket) -> int | None:
 
 
 def tail(path: str, lines: int = 20, offset: int = 0) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read()
-    except OSError:
+    """The last lines of a state file (through the state owner: never through a symlink)."""
+    from qemuspec.runtime.statedir import read_from
+
+    data = read_from(path, offset)
+    if data is None:
         return ""
     text = data.decode(errors="replace").replace("\r", "")
     return "\n".join(text.rstrip("\n").split("\n")[-lines:]) if text.strip() else ""

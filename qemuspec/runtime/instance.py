@@ -114,7 +114,7 @@ class Instance:
                 from qemuspec.runtime import tls
                 from qemuspec.runtime.sockets import listen_tcp
 
-                tls.ensure(base.state_dir)
+                tls.ensure(base.tls_dir)
                 listeners["qmp-tcp"], qmp_port = listen_tcp(machine.qmp.port)
             listeners["qmp"] = self._listen(base.qmp)
             listeners["qmp-client"] = self._listen(base.qmp_client)
@@ -130,7 +130,7 @@ class Instance:
                 from qemuspec.runtime import warm
 
                 run_machine = warm.restore_machine(machine, self.state_dir)
-                memory_fd = os.open(warm.memory_file(self.state_dir), os.O_RDONLY | os.O_CLOEXEC)
+                memory_fd = os.open(warm.memory_file(self.state_dir), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
                 warm.verify(self.state_dir, memory_fd)  # the very bytes qemu will read
             launch_argv = render(run_machine, self.name, Layout(base.state_dir, base.run_dir, accels, qmp_port, fds))
             if memory_fd is not None:
@@ -528,6 +528,10 @@ def forget(state_dir: str) -> None:
     state_dir = os.path.abspath(state_dir)
     run = paths.run_dir(state_dir)
     statedir.remove(run, statedir.MACHINE, *SOCKETS, *[n for n in _listdir(run) if n.startswith("virtiofs") and n.endswith(".sock")])
+    tls = os.path.join(run, statedir.TLS_DIR)  # the TCP monitor's credentials live as long as its qemu
+    statedir.remove(tls, *_listdir(tls))
+    with contextlib.suppress(OSError):
+        os.rmdir(tls)
     statedir.remove(state_dir, statedir.STATE, statedir.PIDFILE)
     with contextlib.suppress(OSError):
         os.rmdir(run)

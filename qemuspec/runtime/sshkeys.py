@@ -1,12 +1,17 @@
 """The ssh identity of a state directory and each machine's known_hosts.
 
-One ed25519 key per state directory, made once with ssh-keygen (0600). Host keys are pinned per
-machine in its own known_hosts, which is emptied whenever the machine is (re)launched: a recreated
-guest has a new host key, and that must not break `qemuspec ssh`.
+One ed25519 key per state directory (``.qemuspec``), made once with ssh-keygen (0600). The key does
+not live in the state directory: a repository can commit anything there (an ``id_ed25519.pub``
+symlink to a host file would go into the guest's cloud-init seed, a planted key pair would let its
+author log in), so it lives in the user's keep base (runtime/paths.keep_dir), named by a hash of
+the state directory, and is read through the state owner without following symlinks. Host keys
+are pinned per machine in its own known_hosts, which is emptied whenever the machine is
+(re)launched: a recreated guest has a new host key, and that must not break `qemuspec ssh`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 
@@ -16,28 +21,34 @@ KEY_NAME = "id_ed25519"
 
 
 def key_path(state_root: str) -> str:
-    return os.path.join(state_root, "ssh", KEY_NAME)
+    from qemuspec.runtime import paths
+
+    digest = hashlib.sha256(os.path.abspath(state_root).encode()).hexdigest()[:16]
+    return os.path.join(paths.keep_dir("ssh"), digest, KEY_NAME)
 
 
 def ensure_key(state_root: str) -> tuple[str, str]:
     """(private key path, public key text); generated on first use."""
+    from qemuspec.runtime import statedir
+
     path = key_path(state_root)
-    if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    directory = os.path.dirname(path)
+    statedir.ensure_private(directory)
+    public = statedir.read_bytes(directory, KEY_NAME + ".pub", 4096)
+    if public is None or statedir.read_bytes(directory, KEY_NAME, 65536) is None:
         tmp = path + ".tmp"
-        for stale in (tmp, tmp + ".pub"):
-            if os.path.exists(stale):
-                os.unlink(stale)
+        statedir.remove(directory, KEY_NAME + ".tmp", KEY_NAME + ".tmp.pub")
         try:
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "qemuspec", "-f", tmp], check=True, capture_output=True)
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "qemuspec", "-f", tmp], check=True,
+                           capture_output=True, stdin=subprocess.DEVNULL, umask=0o077)
         except FileNotFoundError:
             raise QemuspecError("ssh-keygen not found: install it (Debian: apt-get install openssh-client)") from None
-        os.chmod(tmp, 0o600)
-        os.chmod(tmp + ".pub", 0o600)  # nothing in a state directory is for other users
         os.replace(tmp + ".pub", path + ".pub")
         os.replace(tmp, path)
-    with open(path + ".pub", encoding="utf-8") as f:
-        return path, f.read().strip()
+        public = statedir.read_bytes(directory, KEY_NAME + ".pub", 4096)
+        if public is None:
+            raise QemuspecError(f"cannot read the ssh key qemuspec just made in {directory}")
+    return path, public.decode(errors="replace").strip()
 
 
 def known_hosts(state_dir: str) -> str:

@@ -17,6 +17,9 @@ Two places hold records:
   lock it holds for as long as it lives. Deleting the state directory cannot lose a running machine,
   and only this user can write there, so a forged file in a project tree can never make qemuspec
   signal a process.
+
+A state directory is trusted only once proven qemuspec's (:func:`proven`, :func:`claim`: a token
+matched by a record in the user's keep base), because a repository can commit a `.qemuspec/`.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import stat
 from dataclasses import dataclass, field
 from typing import Any, Iterator, TypeVar
 
+from qemuspec import privdir
 from qemuspec.errors import LaunchError
 
 # -- file names (state directory) ----------------------------------------------------------------
@@ -44,13 +48,18 @@ SERIAL_LOG = "serial.log"
 QEMU_LOG = "qemu.log"
 SUPERVISOR_LOG = "supervisor.log"
 PIDFILE = "qemu.pid"
-TLS_DIR = "tls"
 DEFINITION = "definition.json"  # the resolved definition `up` last started (what `plan` diffs by field)
 SAVING = "saving.json"          # SaveRecord, in warm/: a warm save under way (its overlays may hold the newest writes)
+OWNER = ".owner"                # a random token: with the keep base's record, the proof the directory is ours
+# What qemuspec would take for its own in a state directory: moved aside, never used, when the
+# directory is not proven ours (a committed `.qemuspec/`, or one from before the proof existed).
+UNTRUSTED = (STATE, SUPERVISOR, EXIT, STOP, CREATED, DEFINITION, PIDFILE, "tls", "warm", "cidata.iso",
+             "cidata.iso.sha256", "known_hosts")
 # -- file names (runtime directory) --------------------------------------------------------------
 MACHINE = "machine.json"        # QemuRecord, authoritative
 LOCK = "supervisor.lock"        # flock held by the live supervisor; its mtime is the supervisor's heartbeat
 CONSOLE_CLIENT = "console-client.sock"  # the supervisor's console proxy (`qemuspec console`)
+TLS_DIR = "tls"                 # the TCP monitor's credentials (runtime/tls.py), for the life of its qemu
 
 LOG_LIMIT = 8 * 1024 * 1024     # a log larger than this is moved to NAME.1 (one generation kept)
 RECORD_LIMIT = 1024 * 1024      # a record larger than this is not ours
@@ -153,6 +162,15 @@ class StopRequest(Record):
 
 
 @dataclass
+class OwnerRecord(Record):
+    token: str
+    dev: int
+    ino: int
+    path: str = ""
+    TYPES = {"token": (str,), "dev": (int,), "ino": (int,), "path": (str,)}
+
+
+@dataclass
 class CreatedRecord(Record):
     files: list = field(default_factory=list)  # [{"path", "dev", "ino"}]: deleted by purge only if still the same file
     TYPES = {"files": (list,)}
@@ -186,6 +204,93 @@ def ensure_private(path: str) -> None:
         os.chmod(path, 0o700)
 
 
+# -- proof of ownership --------------------------------------------------------------------------
+#
+# A state directory is qemuspec's only when proven so: its `.owner` holds a random token, and the
+# keep base (runtime/paths.keep_dir: private to the user, persistent when HOME is private) holds a
+# record of the same token with the directory's device and inode. A repository can commit a
+# `.qemuspec/NAME/` with any files, but not that record; a new checkout is a new inode. Records,
+# saved state, seeds and known hosts are read only from a proven directory; `up` claims an
+# unproven one by moving those names aside into `untrusted-TIME/` (never deleted: qemuspec deletes
+# only what it recorded creating) before it writes its own token. Logs and disks stay where they
+# are: logs are read without following symlinks, disks are the definition's.
+
+
+def _proof_name(state_dir: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(os.path.abspath(state_dir).encode()).hexdigest()[:32] + ".json"
+
+
+def proven(state_dir: str) -> bool:
+    """True when ``state_dir`` is the very directory qemuspec claimed (token and identity match)."""
+    import hmac
+
+    from qemuspec.errors import QemuspecError
+    from qemuspec.runtime import paths
+
+    try:
+        info = os.lstat(state_dir)
+    except OSError:
+        return False
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        return False
+    token = read_bytes(state_dir, OWNER, 256)
+    if not token:
+        return False
+    try:
+        record = read(paths.keep_dir("owners"), _proof_name(state_dir), OwnerRecord)
+    except (OSError, QemuspecError):
+        return False
+    return (record is not None and record.dev == info.st_dev and record.ino == info.st_ino
+            and hmac.compare_digest(record.token.encode(), token.strip()))
+
+
+def claim(state_dir: str) -> list[str]:
+    """Make ``state_dir`` (0700, ours) proven qemuspec's; an unproven one first has what qemuspec
+    would trust moved aside. Returns the names moved (empty for a new or proven directory)."""
+    import secrets
+    import time
+
+    from qemuspec.runtime import paths
+
+    ensure_private(state_dir)
+    if proven(state_dir):
+        return []
+    moved = []
+    with dirfd(state_dir) as dfd:
+        present = [n for n in UNTRUSTED if _lexists(dfd, n)]
+        if present:
+            aside = f"untrusted-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
+            os.mkdir(aside, 0o700, dir_fd=dfd)
+            for name in present:
+                os.rename(name, f"{aside}/{name}", src_dir_fd=dfd, dst_dir_fd=dfd)  # a symlink moves as itself
+                moved.append(name)
+        token = secrets.token_hex(16)
+        privdir.write(dfd, OWNER, (token + "\n").encode())
+        info = os.fstat(dfd)
+    write(paths.keep_dir("owners"), _proof_name(state_dir),
+          OwnerRecord(token=token, dev=info.st_dev, ino=info.st_ino, path=os.path.abspath(state_dir)))
+    return moved
+
+
+def disown(state_dir: str) -> None:
+    """Forget the proof of a state directory about to be deleted (throwaway ones of `run` and the library)."""
+    from qemuspec.errors import QemuspecError
+    from qemuspec.runtime import paths
+
+    with contextlib.suppress(OSError, QemuspecError):
+        remove(paths.keep_dir("owners"), _proof_name(state_dir))
+
+
+def _lexists(dfd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def dirfd(path: str) -> Iterator[int]:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -212,43 +317,53 @@ def write(directory: str, name: str, record: Record | dict) -> None:
 def write_bytes(directory: str, name: str, payload: bytes) -> None:
     """Replace ``directory/name`` atomically (O_EXCL temp file, fsync, rename, fsync the directory; 0600)."""
     with dirfd(directory) as dfd:
-        tmp = f".{name}.{os.urandom(6).hex()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
-        try:
-            try:
-                view = memoryview(payload)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=dfd)
-            raise
-        with contextlib.suppress(OSError):
-            os.fsync(dfd)
+        privdir.write(dfd, name, payload)
 
 
 def read(directory: str, name: str, kind: type[R]) -> R | None:
     """The record, or None when it is missing, torn, too large, a symlink or of the wrong shape."""
-    try:
-        with dirfd(directory) as dfd:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dfd)
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return None
-            data = os.read(fd, RECORD_LIMIT + 1)
-        finally:
-            os.close(fd)
-    except OSError:
-        return None
-    if len(data) > RECORD_LIMIT:
+    data = read_bytes(directory, name, RECORD_LIMIT)
+    if data is None:
         return None
     try:
         return kind.from_dict(json.loads(data))
     except (ValueError, RecursionError):
+        return None
+
+
+def read_bytes(directory: str, name: str, limit: int) -> bytes | None:
+    """A file's bytes, or None when missing, a symlink (the directory too), not a regular file of
+    this user's, or over ``limit``."""
+    try:
+        with dirfd(directory) as dfd:
+            return privdir.read(dfd, name, limit)
+    except OSError:
+        return None
+
+
+def read_from(path: str, offset: int = 0, limit: int = 2 * LOG_LIMIT) -> bytes | None:
+    """A state file's bytes from ``offset`` (logs, events: `qemuspec logs`, console tails in error
+    messages), or None when it is missing, a symlink (``serial.log -> /proc/self/environ`` prints
+    nothing), in a symlinked directory or not a regular file of this user's."""
+    try:
+        with dirfd(os.path.dirname(path) or ".") as dfd:
+            fd = os.open(os.path.basename(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dfd)
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+                return None
+            if offset:
+                os.lseek(fd, offset, os.SEEK_SET)
+            out = bytearray()
+            while len(out) < limit:
+                chunk = os.read(fd, min(limit - len(out), 1 << 20))
+                if not chunk:
+                    break
+                out += chunk
+            return bytes(out)
+        finally:
+            os.close(fd)
+    except OSError:
         return None
 
 
@@ -393,7 +508,7 @@ def note_created(state_dir: str, path: str) -> None:
     except OSError:
         return
     ensure_private(state_dir)
-    record = read(state_dir, CREATED, CreatedRecord) or CreatedRecord()
+    record = (read(state_dir, CREATED, CreatedRecord) if proven(state_dir) else None) or CreatedRecord()
     entry = {"path": os.path.abspath(path), "dev": info.st_dev, "ino": info.st_ino}
     record.files = [f for f in record.files if isinstance(f, dict) and f.get("path") != entry["path"]] + [entry]
     write(state_dir, CREATED, record)
@@ -401,8 +516,8 @@ def note_created(state_dir: str, path: str) -> None:
 
 def created_files(state_dir: str) -> list[str]:
     """The files qemuspec made that are still the very files it made (same device and inode, not a
-    symlink): nothing else is ever deleted by purge."""
-    record = read(state_dir, CREATED, CreatedRecord)
+    symlink), recorded in a directory proven ours: nothing else is ever deleted by purge."""
+    record = read(state_dir, CREATED, CreatedRecord) if proven(state_dir) else None
     out = []
     for entry in record.files if record else []:
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):

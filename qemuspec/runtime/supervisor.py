@@ -136,7 +136,7 @@ def spawn(name: str, machine: Machine, state_dir: str, adopt: bool, owner: str |
           restarts: int = 0) -> tuple[int, int]:
     """Fork a detached supervisor; returns (pid, fd of the progress pipe to read). ``restarts``: the
     count a re-adopting supervisor carries on from its dead predecessor's."""
-    statedir.ensure_private(state_dir)
+    statedir.claim(state_dir)  # proven ours before anything is written there
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid:

@@ -1,11 +1,14 @@
 """Credentials for the TCP monitor: a private CA, a server certificate for qemu and a client
-certificate for the user's tools, generated once per state directory.
+certificate for the user's tools, generated for each run of a machine.
 
 Why: QMP has no authentication of its own, and whoever reaches a monitor can run host commands as
 qemu's user (`migrate exec:...`). A TCP port on 127.0.0.1 is reachable by every local user, so the
 TCP monitor is served only with TLS and `verify-peer=on`: a client must present a certificate signed
-by this state directory's CA, whose files are 0600 in a 0700 directory. The CA's key is deleted once
-both certificates are signed, so even a later reader of the directory cannot mint new ones.
+by this machine's CA, whose files are 0600 in a 0700 directory. The CA's key is deleted once
+both certificates are signed, so even a later reader of the directory cannot mint new ones. The
+directory is the machine's runtime directory (``tls/``), never the state directory: a repository
+can commit a ``.qemuspec/NAME/tls/`` with credentials its author holds, and those must never be
+what qemu verifies clients against. The credentials go when the machine stops (runtime/instance.forget).
 
 Why the `openssl` command (argv, never a shell) rather than a Python library: it is on every Debian
 system qemu runs on (installed by scripts/bootstrap), costs no compiled dependency, and this is a
@@ -33,13 +36,8 @@ EXTENSIONS = {
 }
 
 
-def directory(state_dir: str) -> str:
-    return os.path.join(state_dir, statedir.TLS_DIR)
-
-
-def ensure(state_dir: str) -> str:
-    """The credentials directory of a state directory, made when missing; returns its path."""
-    path = directory(state_dir)
+def ensure(path: str) -> str:
+    """The credentials in ``path`` (a machine's runtime directory's ``tls/``), made when missing."""
     if all(os.path.isfile(os.path.join(path, f)) for f in FILES):
         return path
     openssl = shutil.which("openssl")

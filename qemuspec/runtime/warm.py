@@ -146,10 +146,15 @@ def unsupported(machine: "Machine") -> str | None:
 
 
 def read(state_dir: str) -> dict | None:
+    """The key, from a state directory proven qemuspec's and never through a symlink (a committed
+    `warm/` is not saved state of ours)."""
+    from qemuspec.runtime import statedir
+
+    proven = statedir.proven(state_dir)
+    data = statedir.read_bytes(warm_dir(state_dir), "key.json", statedir.RECORD_LIMIT) if proven else None
     try:
-        with open(key_file(state_dir), encoding="utf-8") as f:
-            record = json.load(f)
-    except (OSError, ValueError):
+        record = json.loads(data) if data is not None else None
+    except (ValueError, RecursionError):
         return None
     return record if isinstance(record, dict) and record.get("format") == FORMAT else None
 
@@ -202,15 +207,16 @@ def _ago(seconds: float) -> str:
 def discard(state_dir: str) -> None:
     """Forget the saved state (the key first, so a half-removed state is never taken for valid). The
     overlays of an interrupted save stay, with its record: they may hold the disks' newest writes and
-    may still be open in qemu (``recover`` or ``finish_interrupted`` deals with them)."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(key_file(state_dir))
+    may still be open in qemu (``recover`` or ``finish_interrupted`` deals with them). Every removal is
+    relative to the directory, never through a symlink."""
+    from qemuspec.runtime import statedir
+
+    statedir.remove(warm_dir(state_dir), "key.json")
     if interrupted(state_dir) is None:
-        shutil.rmtree(warm_dir(state_dir), ignore_errors=True)
+        shutil.rmtree(warm_dir(state_dir), ignore_errors=True)  # refuses a symlink; fd-based inside
         return
-    for path in (memory_file(state_dir), memory_file(state_dir) + ".tmp"):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+    for name in (os.path.basename(memory_file(state_dir)), os.path.basename(memory_file(state_dir)) + ".tmp"):
+        statedir.remove(warm_dir(state_dir), name)
 
 
 def digest(fd: int) -> str:
@@ -286,7 +292,7 @@ def save(inst: "Instance") -> dict:
         raise QemuspecError(f"machine {inst.name}: an earlier save was interrupted and its overlays were not "
                             "committed yet (the next start does that); no state saved")
     discard(state_dir)
-    os.makedirs(warm_dir(state_dir), mode=0o700, exist_ok=True)
+    statedir.ensure_private(warm_dir(state_dir))  # a planted `warm -> elsewhere` is refused, not written through
     began = time.monotonic()
     tmp = memory_file(state_dir) + ".tmp"
     saving = statedir.SaveRecord(overlays=[], at=time.time())
@@ -311,7 +317,7 @@ def save(inst: "Instance") -> dict:
             _hold("snapshot")
             qmp.command("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
             qmp.command("migrate-set-parameters", {"max-bandwidth": 1 << 40})
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
             try:
                 qmp.command("getfd", {"fdname": FD_NAME}, fds=(fd,))
             finally:
@@ -506,6 +512,7 @@ def recover(name: str, machine: "Machine", state_dir: str) -> list[str]:
 def restore_machine(machine: "Machine", state_dir: str) -> "Machine":
     """The machine as a restore runs it: every writable disk on a fresh overlay of its frozen file."""
     from qemuspec import img
+    from qemuspec.runtime import statedir
 
     disks = []
     for index, disk in enumerate(machine.disks):
@@ -513,8 +520,7 @@ def restore_machine(machine: "Machine", state_dir: str) -> "Machine":
             disks.append(disk)
             continue
         live = live_disk(state_dir, index)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(live)
+        statedir.remove(warm_dir(state_dir), os.path.basename(live))
         img.create(live, format="qcow2", backing=os.path.abspath(disk.file), backing_format=disk.format)
         disks.append(disk.model_copy(update={"file": live, "format": "qcow2", "backing": None, "backing_format": None, "size": None}))
     return machine.model_copy(update={"disks": disks}) if disks else machine

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 from typing import Any, Mapping
 
 FORMAT = 1
@@ -48,27 +47,23 @@ def key(path: str, text: bytes, variables: Mapping[str, Any], environ: Mapping[s
     return hashlib.sha256(material.encode()).hexdigest()
 
 
-def _private_dir(path: str) -> bool:
-    """Ours alone: a directory owned by this user that nobody else can write or read."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return False
-    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
+ENTRY_LIMIT = 64 * 1024 * 1024  # an entry larger than this is not ours
 
 
 def read(where: str, entry_key: str) -> dict[str, Any] | None:
-    """The entry for this key, or None (absent, damaged, or in a directory that is not private)."""
-    if not _private_dir(where):
+    """The entry for this key, or None: absent, damaged, not a regular file of ours, or in a
+    directory that is not private (it, or an ancestor, writable by another user: privdir)."""
+    from qemuspec import privdir
+
+    with privdir.private(where, create=False) as dfd:
+        if dfd is None:
+            return None
+        body = privdir.read(dfd, entry_key + ".json", ENTRY_LIMIT)
+    if body is None:
         return None
     try:
-        fd = os.open(os.path.join(where, entry_key + ".json"), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        with os.fdopen(fd, "rb") as f:
-            data = json.loads(f.read())
-    except (OSError, ValueError):
+        data = json.loads(body)
+    except (ValueError, RecursionError):
         return None
     if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("key") != entry_key:
         return None
@@ -76,37 +71,45 @@ def read(where: str, entry_key: str) -> dict[str, Any] | None:
 
 
 def write(where: str, entry_key: str, entry: dict[str, Any]) -> None:
-    """Best effort: a cache that cannot be written only costs the next run its speed."""
-    try:
-        os.makedirs(where, mode=0o700, exist_ok=True)
-        if not _private_dir(where):
-            return
-        import tempfile
+    """Best effort: a cache that cannot be written (or is not private) only costs the next run its speed."""
+    from qemuspec import privdir
 
-        body = json.dumps({"format": FORMAT, "key": entry_key, **entry}, separators=(",", ":")).encode()
-        fd, tmp = tempfile.mkstemp(dir=where, prefix=".entry-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(body)
-            os.replace(tmp, os.path.join(where, entry_key + ".json"))
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        _prune(where)
+    body = json.dumps({"format": FORMAT, "key": entry_key, **entry}, separators=(",", ":")).encode()
+    try:
+        with privdir.private(where) as dfd:
+            if dfd is None:
+                return
+            privdir.write(dfd, entry_key + ".json", body, sync=False)
+            _prune(dfd)
     except OSError:
         pass
 
 
-def _prune(where: str) -> None:
-    names = [n for n in os.listdir(where) if n.endswith(".json")]
+def _prune(dfd: int) -> None:
+    names = [n for n in os.listdir(dfd) if n.endswith(".json")]
     if len(names) <= KEEP:
         return
-    aged = sorted(names, key=lambda n: os.stat(os.path.join(where, n)).st_mtime)
+    aged = sorted(names, key=lambda n: os.stat(n, dir_fd=dfd, follow_symlinks=False).st_mtime)
     for name in aged[: len(names) - KEEP]:
         try:
-            os.unlink(os.path.join(where, name))
+            os.unlink(name, dir_fd=dfd)
         except OSError:
             pass
+
+
+def _plausible(spec: Any, lines: dict, text: str) -> None:
+    """A decoded entry still passes the cheap rules the loader enforces, so even an entry that got
+    past the directory checks cannot name another program as qemu or point errors off the file."""
+    import re
+
+    from qemuspec.spec.limits import QEMU_NAME
+
+    for machine in spec.machines.values():
+        if not isinstance(machine.qemu, str) or not re.match(QEMU_NAME, os.path.basename(machine.qemu)):
+            raise ValueError("cached qemu binary breaks the name rule")
+    last = text.count("\n") + 1
+    if any(not 1 <= line <= last for line in lines.values()):
+        raise ValueError("cached line numbers outside the file")
 
 
 def load(path: str, variables: Mapping[str, Any], environ: Mapping[str, str], where: str | None) -> tuple[Any, dict]:
@@ -131,7 +134,8 @@ def load(path: str, variables: Mapping[str, Any], environ: Mapping[str, str], wh
             spec = records.decode(entry["file"])
             lines = {tuple(k): int(v) for k, v in entry["lines"]}
             said = [str(w) for w in entry["warnings"]]
-        except (KeyError, TypeError, ValueError):
+            _plausible(spec, lines, text)
+        except (KeyError, TypeError, ValueError, AttributeError):
             entry = None
         else:
             for message in said:

@@ -19,6 +19,8 @@ from typing import Any
 
 from qemuspec.errors import SpecError
 
+QEMU_NAME = r"^(qemu-system-[A-Za-z0-9_]+|qemu-kvm|kvm)$"  # the binaries a definition may name (basename)
+
 MAX_FILE_BYTES = 1024 * 1024
 MAX_NODES = 100_000
 MAX_DEPTH = 64

@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from qemuspec.spec import units
+from qemuspec.spec.limits import QEMU_NAME
 from qemuspec.spec.order import order_machines
 from qemuspec.spec.uris import check_libvirt_uri
 
@@ -379,7 +380,7 @@ def _qemu_binary(value: str, info: ValidationInfo) -> str:
     """A definition names a qemu, not any program: a shared file must not be able to run `sh`. A name
     is looked up on PATH; a path, like every path in a definition, is relative to the file (and is
     kept un-normalised, so a `../` the file wrote stays visible to the local-qemu rule)."""
-    if not re.match(r"^(qemu-system-[A-Za-z0-9_]+|qemu-kvm|kvm)$", os.path.basename(value)):
+    if not re.match(QEMU_NAME, os.path.basename(value)):
         raise ValueError(f'"{value}" is not a qemu system emulator: use a qemu-system-ARCH binary (or a wrapper with such a name)')
     if os.sep not in value:
         return value
