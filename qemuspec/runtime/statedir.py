@@ -507,8 +507,8 @@ def note_created(state_dir: str, path: str) -> None:
         info = os.lstat(path)
     except OSError:
         return
-    ensure_private(state_dir)
-    record = (read(state_dir, CREATED, CreatedRecord) if proven(state_dir) else None) or CreatedRecord()
+    claim(state_dir)  # a record in a directory not proven ours would count for nothing (reset, purge)
+    record = read(state_dir, CREATED, CreatedRecord) or CreatedRecord()
     entry = {"path": os.path.abspath(path), "dev": info.st_dev, "ino": info.st_ino}
     record.files = [f for f in record.files if isinstance(f, dict) and f.get("path") != entry["path"]] + [entry]
     write(state_dir, CREATED, record)
