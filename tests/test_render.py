@@ -82,7 +82,7 @@ def test_pre_opened_sockets_render_as_fds_and_tcp_qmp_binds_loopback():
     machine = Machine(qmp={"transport": "tcp", "port": 5000}, agent=True)
     argv = render(machine, "x", Layout("/s", "/r", ("tcg",), qmp_port=5001, fds={"console": 7, "qga": 8, "qmp-client": 9}))
     assert "socket,id=qemuspec-qmp-tcp,host=127.0.0.1,port=5001,server=on,wait=off,tls-creds=qemuspec-qmp-tls" in argv
-    assert "tls-creds-x509,id=qemuspec-qmp-tls,dir=/s/tls,endpoint=server,verify-peer=on" in argv
+    assert "tls-creds-x509,id=qemuspec-qmp-tls,dir=/r/tls,endpoint=server,verify-peer=on" in argv
     assert "socket,id=qemuspec-qmp,path=/r/qmp.sock,server=on,wait=off" in argv, "the controller keeps its unix monitor"
     assert "socket,id=qemuspec-qmp-client,fd=9,server=on,wait=off" in argv
     assert "socket,id=qemuspec-serial0,fd=7,server=on,wait=off" in argv
