@@ -12,7 +12,7 @@ from typing import Any
 
 from qemuspec.backends.libvirt_conn import binding, message
 from qemuspec.errors import QemuspecError, QMPTimeout, ReadyTimeout
-from qemuspec.qmp.protocol import Protocol
+from qemuspec.qmp.protocol import Protocol, decode
 from qemuspec.runtime.agent import GuestAgent
 
 
@@ -40,7 +40,7 @@ class LibvirtAgent(GuestAgent):
             if exc.get_error_code() == libvirt.VIR_ERR_AGENT_UNRESPONSIVE:
                 raise QMPTimeout(f"the guest agent of {self.dom.name()} did not answer: {message(exc)}") from None
             raise QemuspecError(f"guest agent {name} on {self.dom.name()}: {message(exc)}") from None
-        return Protocol.result(name, json.loads(reply) if reply else {}, source="guest agent")
+        return Protocol.result(name, decode(reply.encode(), "guest agent") if reply else {}, source="guest agent")
 
 
 class Monitor:

@@ -70,9 +70,10 @@ def split_guest_path(spec: str) -> tuple[str | None, str]:
     return None, spec
 
 
-def cp(ctx: Context, *, recursive: bool) -> int:
+def cp(ctx: Context, *, recursive: bool, dereference: bool = False) -> int:
     """``cp [FILE] SOURCE TARGET``: one side is NAME:/guest/path. Streams in fixed-size chunks, so
-    memory stays flat whatever the file size; keeps modes; -r for directories."""
+    memory stays flat whatever the file size; keeps modes; -r for directories (host symlinks stay
+    symlinks unless -L)."""
     from qemuspec.guestfiles import copy_from_guest, copy_to_guest
 
     target = ctx.target
@@ -89,7 +90,7 @@ def cp(ctx: Context, *, recursive: bool) -> int:
         if dst_machine is not None:
             if os.path.isdir(src) and not recursive:
                 raise UsageError(f"{src} is a directory: add -r to copy it")
-            copied = copy_to_guest(agent, src, dst, recursive=recursive, progress=show)
+            copied = copy_to_guest(agent, src, dst, recursive=recursive, progress=show, dereference=dereference)
         else:
             copied = copy_from_guest(agent, src, dst, recursive=recursive, progress=show)
     total = sum(c["bytes"] for c in copied)

@@ -204,6 +204,8 @@ def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, d
     p["run"].add_argument("--via", choices=["auto", "agent", "ssh"], default="auto", help="how to reach the guest (auto: ssh when the machine forwards its ssh port, else the agent)")
     _target(p["cp"], "[FILE] SOURCE TARGET", machine_flag=False)
     p["cp"].add_argument("--recursive", "-r", action="store_true", help="copy directories")
+    p["cp"].add_argument("--dereference", "-L", action="store_true",
+                         help="into the guest: copy what host symlinks point to (default: symlinks stay symlinks)")
     p["snapshot"].add_argument("action", choices=["save", "load", "list", "delete"])
     _target(p["snapshot"], "[FILE] [MACHINE] [TAG]")
 
