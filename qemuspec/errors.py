@@ -63,6 +63,10 @@ class ReadyTimeout(QemuspecError, TimeoutError):
     probe: str | None = None  # which probe, for status: "never became ready (probe ..., after ... s)"
 
 
+class StopRequested(QemuspecError):
+    """A stop (``down``, SIGTERM) arrived while a machine was still starting: the wait ends at once."""
+
+
 class ImageError(QemuspecError):
     """qemu-img failed; the message is qemu-img's own."""
 

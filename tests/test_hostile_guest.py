@@ -171,6 +171,212 @@ def test_host_symlinks_travel_as_symlinks_not_as_their_targets(vm, tmp_path):
     assert guest_sh(vm, "cat /tmp/deref/leak /tmp/deref/dirleak/key") == f"CI_TOKEN={token}\n{token}"
 
 
+# -- item 15: a guest's terminal escapes reach no terminal -------------------------------------------
+
+ESCAPES = "\\033[6n\\033]0;pwned-title\\007\\033[2J"  # ask the cursor position, retitle, clear the screen
+SHOWN = b"\\x1b[6n\\x1b]0;pwned-title\\x07\\x1b[2J"
+
+
+def on_pty(argv, which="stdout", env=None, timeout=300) -> tuple[int, bytes]:
+    """Run ``argv`` with its stdout (or stderr) on a real pty, as a person's terminal; what arrived."""
+    import pty  # noqa: F401  (the pty module's os.openpty is the terminal under test)
+
+    master, slave = os.openpty()
+    streams = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, which: slave}
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env={**os.environ, "TERM": "dumb", "NO_COLOR": "1", **(env or {})},
+                            **streams)
+    os.close(slave)
+    data = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: every writer of the pty has gone
+                break
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(master)
+    proc.communicate(timeout=timeout)
+    return proc.returncode, data
+
+
+def test_console_escapes_from_the_guest_arrive_escaped_on_a_terminal(vm):
+    guest_sh(vm, f"printf 'hostile:{ESCAPES}:end\\n' > /dev/console")
+    log = os.path.join(os.path.dirname(vm), ".qemuspec", "evil", "serial.log")
+    from test_guest_access import wait_console
+
+    wait_console(vm, "evil", ":end")
+    assert b"\x1b[6n" in open(log, "rb").read(), "the guest really sent the raw sequence"
+    code, shown = on_pty([*ENTRY, "logs", vm])
+    assert code == 0 and b"hostile:" + SHOWN + b":end" in shown, shown[-300:]
+    assert b"\x1b" not in shown and b"\x07" not in shown
+    code, raw = on_pty([*ENTRY, "logs", vm, "--raw"])
+    assert code == 0 and b"\x1b[6n" in raw and b"\x1b]0;pwned-title\x07" in raw, "--raw opts out"
+    code, as_json = on_pty([*ENTRY, "logs", vm, "--json"])
+    records = [json.loads(line) for line in as_json.decode().replace("\r", "").splitlines() if line]
+    assert any("\x1b[6n" in r["line"] for r in records), "JSON carries the bytes, escaped the JSON way"
+    code, events = on_pty([*ENTRY, "events", vm])
+    assert code == 0 and b"QEMUSPEC_READY" in events and b"\x1b" not in events
+
+
+def test_ready_failure_tail_is_escaped_on_a_terminal(guest, tmp_path):
+    """`up` of a machine that never becomes ready prints the console's last lines: the guest (through
+    its agent, while `up` waits) puts escapes there; stderr is a pty."""
+    import threading
+
+    from qemuspec.runtime import paths, probes
+    from qemuspec.runtime.agent import GuestAgent
+
+    path = tmp_path / "tail.toml"
+    path.write_text(f'''[machines.tail]
+kernel = "{guest['kernel']}"
+initrd = "{guest['initrd']}"
+cmdline = "console=ttyS0 quiet"
+memory = "256M"
+rng = true
+agent = true
+stop_timeout = "5s"
+[machines.tail.ready]
+serial = "qemuspec-never-printed"
+timeout = "30s"
+''')
+    before = qemu_pids()
+    qga = paths.layout(str(tmp_path / ".qemuspec" / "tail")).qga
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(zip(("code", "stderr"), on_pty([*ENTRY, "up", str(path)], "stderr"))))
+    runner.start()
+    try:
+        deadline = __import__("time").monotonic() + 30
+        while not os.path.exists(qga):  # the runtime directory appears once the supervisor launches qemu
+            assert __import__("time").monotonic() < deadline and runner.is_alive(), "qemu never launched"
+            threading.Event().wait(0.05)
+        probes.wait_agent(qga, deadline, lambda: True)
+        with GuestAgent(qga, timeout=10) as agent:
+            agent.exec(["/bin/sh", "-c", f"printf 'tail:{ESCAPES}:end\\n' > /dev/console"])
+        runner.join(timeout=120)
+    finally:
+        cli("down", str(path), check=False)
+    assert result["code"] == 1, result
+    assert b"was not ready within 30 s" in result["stderr"] and b"tail:" + SHOWN + b":end" in result["stderr"], result["stderr"][-600:]
+    assert b"\x1b" not in result["stderr"] and b"\x07" not in result["stderr"]
+    assert qemu_pids() == before
+
+
+# -- item 16: a backtracking ready.serial pattern against guest output ------------------------------
+
+BACKTRACKING = "(a+)+qemuspec-never$"  # exponential in a run of a's for a backtracking engine
+
+
+def test_backtracking_pattern_on_console_bytes_ends_at_its_deadline():
+    """Fed from a socket, no qemu: Python's re would take 2**3000 steps here."""
+    import socket
+    import time
+
+    from qemuspec.errors import ReadyTimeout
+    from qemuspec.runtime.console import ConsoleReader
+
+    ours, guest_side = socket.socketpair()
+    reader = ConsoleReader(ours)
+    try:
+        guest_side.sendall((b"a" * 3000 + b"!\r\n") * 50 + b"a" * 100_000)  # lines and a line that never ends
+        began = time.monotonic()
+        with pytest.raises(ReadyTimeout):
+            reader.wait_for(BACKTRACKING, 1.5)
+        assert time.monotonic() - began < 3.0
+        guest_side.sendall(b"\nlogin: ")
+        assert reader.wait_for(r"^login: $", 5).group(0) == b"login: ", "a prompt without a newline still matches"
+    finally:
+        guest_side.close()
+        reader.close()
+
+
+def test_a_signal_ends_a_console_wait_at_once():
+    """The supervisor's SIGTERM handler interrupts the console wait: here SIGALRM stands in for it."""
+    import signal
+    import socket
+    import time
+
+    from qemuspec.errors import StopRequested
+    from qemuspec.runtime.console import ConsoleReader
+
+    ours, guest_side = socket.socketpair()
+    reader = ConsoleReader(ours)
+    asked = []
+
+    def on_alarm(*_):
+        asked.append(True)
+        reader.interrupt()
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        guest_side.sendall(b"a" * 5000 + b"!\n")
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        began = time.monotonic()
+        with pytest.raises(StopRequested):
+            reader.wait_for(BACKTRACKING, 60, stopping=lambda: bool(asked))
+        assert time.monotonic() - began < 3.0
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        guest_side.close()
+        reader.close()
+
+
+def test_validate_names_the_engine_for_lookaround(tmp_path):
+    path = tmp_path / "look.toml"
+    path.write_text('[machines.m]\n[machines.m.ready]\nserial = "(?<=x)ready"\n')
+    result = cli("validate", str(path), check=False)
+    assert result.returncode == 2 and "machines.m.ready.serial" in result.stderr and "lookaround" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_backtracking_ready_serial_with_real_qemu_times_out_and_stops_on_down(guest, tmp_path):
+    """The kernel echoes its command line (a run of a's ending in "!") on the console; the pattern
+    backtracks on it. `up` fails at its timeout; a second `up`, interrupted by `down`, ends at once."""
+    import time
+
+    from test_guest_access import wait_console
+
+    path = tmp_path / "slow.toml"
+    path.write_text(f'''[machines.slow]
+kernel = "{guest['kernel']}"
+initrd = "{guest['initrd']}"
+cmdline = "console=ttyS0 loglevel=7 {'a' * 80}!"
+memory = "256M"
+rng = true
+stop_timeout = "5s"
+[machines.slow.ready]
+serial = "{BACKTRACKING}"
+timeout = "12s"
+''')
+    before = qemu_pids()
+    try:
+        began = time.monotonic()
+        failed = cli("up", str(path), check=False)
+        took = time.monotonic() - began
+        assert failed.returncode == 1 and "was not ready within 12 s" in failed.stderr, failed.stderr
+        assert "a" * 80 + "!" in failed.stderr, "the guest printed the line the pattern was matched against"
+        assert took < 12 + 20, f"up took {took:.1f} s"
+        assert qemu_pids() == before
+        up = subprocess.Popen([*ENTRY, "up", str(path), "--timeout", "300"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_console(str(path), "slow", "a" * 80 + "!")  # the supervisor is matching now
+            began = time.monotonic()
+            cli("down", str(path))
+            assert time.monotonic() - began < 15, "down stopped the waiting supervisor at once"
+            _, err = up.communicate(timeout=30)
+            assert up.returncode == 1 and "stopped while waiting" in err, err
+        finally:
+            if up.poll() is None:
+                up.kill()
+                up.wait()
+    finally:
+        cli("down", str(path), check=False)
+    assert qemu_pids() == before
+
+
 # -- item 17: malformed guest-agent replies are protocol errors --------------------------------------
 
 
@@ -261,3 +467,23 @@ def test_a_reply_the_size_of_the_cap_still_passes(tmp_path):
             assert agent.file_read(1, len(payload)) == (payload, True)
     finally:
         fake.close()
+
+
+def test_an_impostor_agent_in_the_guest_ends_as_a_paragraph_through_the_cli(vm):
+    """The guest replaces its qemu-ga with a script that answers `[1,2,3]` once, then brings the real
+    agent back: `qemuspec exec` exits 1 with one paragraph, no traceback, no internal error."""
+    from test_guest_access import wait_console
+
+    port = "/dev/virtio-ports/org.qemu.guest_agent.0"
+    # the guest's own delay before it strikes: the exec that starts it must get its exit status first
+    impostor = (f"sleep 2; kill $(pidof qemu-ga); while pidof qemu-ga >/dev/null; do usleep 10000; done; exec 3<>{port}; "
+                "echo impostor-listening > /dev/console; read -r line <&3; printf '\\377[1,2,3]\\n' >&3; exec 3>&-; "
+                f"qemu-ga -m virtio-serial -p {port} -t /run >/dev/null 2>&1 & echo impostor-gone > /dev/console")
+    cli("exec", vm, "--", "/bin/sh", "-c", 'setsid sh -c "$0" </dev/null >/dev/null 2>&1 &', impostor)
+    wait_console(vm, "evil", "impostor-listening")
+    result = subprocess.run([*ENTRY, "exec", vm, "--", "/bin/true"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result
+    assert result.stderr.startswith("error: the guest agent of evil broke the protocol") and "not an object" in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr and "internal error" not in result.stderr
+    wait_console(vm, "evil", "impostor-gone")
+    assert cli("exec", vm, "--", "/bin/echo", "back").stdout == "back\n", "the real agent answers again"

@@ -5,7 +5,6 @@ nothing here needs a socket on the machine's host."""
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
 from typing import Any
@@ -117,9 +116,21 @@ class Console:
             raise QemuspecError(f"console write failed: {message(exc)}") from None
 
     def wait_for(self, pattern: str, deadline: float, alive) -> None:
-        regex = re.compile(pattern.encode())
-        with self._cond:
-            while not regex.search(bytes(self.data)):
+        """Each console line matched once, outside the lock, with the linear-time matcher of
+        ``spec/patterns.py`` (the guest's output is hostile, the pattern is the definition's)."""
+        from qemuspec.spec.patterns import LineMatcher
+
+        matcher = LineMatcher(pattern)
+        seen = 0
+        while True:
+            with self._cond:
+                data = bytes(self.data[seen:])
+                seen += len(data)
+            if matcher.feed(data):
+                return
+            with self._cond:
+                if len(self.data) > seen:
+                    continue
                 if self.closed or not alive():
                     raise QemuspecError("the machine stopped while waiting for its console")
                 remaining = deadline - time.monotonic()

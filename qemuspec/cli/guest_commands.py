@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 def agent_for(ctx: Context, name: str, timeout: float = 30.0) -> "GuestAgent":
     """A synced guest-agent session, or an error that says why not: no channel, machine paused, agent silent."""
-    from qemuspec.errors import QMPConnectionError, QMPTimeout
+    from qemuspec.errors import QMPConnectionError, QMPProtocolError, QMPTimeout
     from qemuspec.runtime.agent import GuestAgent
 
     if (hosts := libvirt_commands.placed(ctx, ctx.target.spec, name)):  # libvirt backend
@@ -35,6 +35,9 @@ def agent_for(ctx: Context, name: str, timeout: float = 30.0) -> "GuestAgent":
     agent = GuestAgent(inst.layout.qga, timeout=timeout)
     try:
         agent.sync(timeout=min(timeout, 10.0))
+    except QMPProtocolError as exc:  # the guest answers, but not as an agent: say so, not "is it running?"
+        agent.close()
+        raise QMPProtocolError(f"the guest agent of {name} broke the protocol, so nothing it says is used: {exc}") from None
     except (QMPTimeout, QMPConnectionError) as exc:
         agent.close()
         raise QemuspecError(f"the guest agent of {name} does not answer ({exc}): is qemu-guest-agent running in the guest "

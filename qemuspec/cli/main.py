@@ -113,6 +113,8 @@ def _commands_help() -> str:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output: JSON (JSON lines for streams)")
     parser.add_argument("--quiet", "-q", action="store_true", help="print only errors and the data asked for; no progress")
+    parser.add_argument("--raw", action="store_true", help="print what guests sent (consoles, events, error tails) as it is, "
+                        "terminal control characters included (default: escaped on a terminal)")
 
 
 def _target(parser: argparse.ArgumentParser, operands: str, machine_flag: bool = True) -> None:
@@ -310,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if settings.debug:
             raise
-        return report_error(exc, json_output=getattr(args, "json", False))
+        return report_error(exc, json_output=getattr(args, "json", False), raw=getattr(args, "raw", False))
 
 
 def run() -> None:

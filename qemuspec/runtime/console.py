@@ -2,17 +2,19 @@
 
 qemu also writes everything to serial.log (chardev ``logfile``), which keeps the history and covers
 anything printed before this reader connected; the reader is for waiting on a pattern the moment it
-appears, not a second later.
+appears, not a second later. Matching (``spec/patterns.py``: RE2, line by line) runs outside the
+reader's lock, and a waiter can be interrupted (a stop request) without waiting for its deadline.
 """
 
 from __future__ import annotations
 
-import re
 import socket
 import threading
 import time
+from typing import Any, Callable
 
-from qemuspec.errors import ReadyTimeout
+from qemuspec.errors import ReadyTimeout, StopRequested
+from qemuspec.spec.patterns import LineMatcher
 
 KEEP = 1 << 20  # bytes of console kept in memory for matching
 
@@ -21,8 +23,10 @@ class ConsoleReader:
     def __init__(self, sock: socket.socket, log_path: str | None = None, log_offset: int = 0):
         self._sock = sock
         self._buffer = bytearray()
+        self._dropped = 0  # bytes cut from the front of the buffer: positions stay absolute
         self._cond = threading.Condition()
         self._eof = False
+        self._interrupted = False
         self._log_path = log_path
         self._log_offset = log_offset
         self._thread = threading.Thread(target=self._read, name="console-reader", daemon=True)
@@ -43,6 +47,7 @@ class ConsoleReader:
                 with self._cond:
                     self._buffer += data
                     if len(self._buffer) > KEEP:
+                        self._dropped += len(self._buffer) - KEEP
                         del self._buffer[: len(self._buffer) - KEEP]
                     self._cond.notify_all()
         except OSError:
@@ -51,36 +56,53 @@ class ConsoleReader:
             self._eof = True
             self._cond.notify_all()
 
-    def _logged(self) -> str:
+    def _logged(self) -> bytes:
         """What qemu logged since this boot started (covers output before the socket connected)."""
         if not self._log_path:
-            return ""
+            return b""
         try:
             with open(self._log_path, "rb") as f:
                 f.seek(self._log_offset)
-                return f.read().decode(errors="replace")
+                return f.read()
         except OSError:
-            return ""
+            return b""
 
-    def wait_for(self, pattern: str, timeout: float) -> re.Match:
-        """Block until ``pattern`` (a regex) shows on the console; raises TimeoutError, or EOFError when
-        qemu closes the console first."""
-        regex = re.compile(pattern.encode() if isinstance(pattern, str) else pattern, re.M)
-        match = regex.search(self._logged().encode())
+    def interrupt(self) -> None:
+        """Wake a waiter at once (a stop was requested); it raises StopRequested if ``stopping`` says so.
+        Safe from a signal handler: the waiter holds the lock only between its waits."""
+        with self._cond:
+            self._interrupted = True
+            self._cond.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float, stopping: Callable[[], bool] | None = None) -> Any:
+        """Block until ``pattern`` (a regex, RE2) shows in a console line; raises ReadyTimeout, EOFError
+        when qemu closes the console first, or StopRequested when ``stopping()`` turns true."""
+        history = LineMatcher(pattern)
+        match = history.feed(self._logged())
         if match:
             return match
+        live = LineMatcher(pattern)
         deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                match = regex.search(self._buffer)
-                if match:
-                    return match
-                if self._eof:
-                    raise EOFError("the console closed (qemu exited)")
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise ReadyTimeout(f"no {pattern!r} on the console within {timeout:g} s")
-                self._cond.wait(remaining)
+        seen = 0
+        while True:
+            with self._cond:
+                while self._dropped + len(self._buffer) == seen and not self._eof and not self._interrupted:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise ReadyTimeout(f"no {pattern!r} on the console within {timeout:g} s")
+                    self._cond.wait(remaining)
+                data = bytes(self._buffer[max(0, seen - self._dropped):])
+                seen = self._dropped + len(self._buffer)
+                eof, self._interrupted = self._eof, False
+            if stopping is not None and stopping():
+                raise StopRequested("a stop was requested while waiting for the console")
+            match = live.feed(data)  # outside the lock: the reader keeps reading meanwhile
+            if match:
+                return match
+            if eof:
+                raise EOFError("the console closed (qemu exited)")
+            if time.monotonic() >= deadline:
+                raise ReadyTimeout(f"no {pattern!r} on the console within {timeout:g} s")
 
     def close(self) -> None:
         try:
