@@ -58,7 +58,8 @@ def _warn(text: str) -> None:
 # -- host -> guest ---------------------------------------------------------------------------------
 
 
-def write_stream(agent: "GuestAgent", local: str, guest: str, progress: Progress | None = None, follow: bool = True) -> tuple[int, int]:
+def write_stream(agent: "GuestAgent", local: str, guest: str, progress: Progress | None = None,
+                 follow: bool = True) -> tuple[int, int]:
     """Stream one local regular file into ``guest`` (created or replaced); returns (bytes written, its
     mode). Without ``follow`` a symlink is refused (O_NOFOLLOW); a FIFO or device never is read."""
     flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW)
@@ -107,8 +108,8 @@ def _walk(top: str, dereference: bool, seen: set[tuple[int, int]]) -> Iterator[t
             yield "?", entry.path, entry.name
 
 
-def copy_to_guest(agent: "GuestAgent", source: str, dest: str, recursive: bool = False, progress: Progress | None = None,
-                  dereference: bool = False) -> list[dict]:
+def copy_to_guest(agent: "GuestAgent", source: str, dest: str, recursive: bool = False,
+                  progress: Progress | None = None, dereference: bool = False) -> list[dict]:
     """Copy a local file (or, with ``recursive``, a directory tree) to ``dest`` in the guest, modes kept.
     Like cp: into ``dest`` when it is a directory in the guest. In a tree, symlinks are made as
     symlinks in the guest; ``dereference`` copies what they point to instead (like ``cp -L``)."""
@@ -169,8 +170,9 @@ def _guest_stats(agent: "GuestAgent", paths: list[str]) -> list[tuple[str, int, 
         if lines[-1:] == [b""]:
             lines.pop()
         if len(lines) != len(batch) or not all(_STAT_LINE.fullmatch(line) for line in lines):
-            raise QemuspecError(f"the guest's stat answered {len(lines)} lines for {len(batch)} files, or lines that are "
-                                f"not \"MODE SIZE\" (first: {lines[0][:80] if lines else b''!r}): refusing the copy")
+            first = lines[0][:80] if lines else b""
+            raise QemuspecError(f"the guest's stat answered {len(lines)} lines for {len(batch)} files, or lines "
+                                f"that are not \"MODE SIZE\" (first: {first!r}): refusing the copy")
         for line in lines:
             raw_mode, raw_size = line.split(b" ")
             mode = int(raw_mode, 16)
@@ -190,7 +192,8 @@ def _guest_tree(agent: "GuestAgent", root: str) -> list[tuple[str, ...]]:
     for raw in out.split(b"\0")[:-1]:
         rel = raw[len(prefix):].split(b"/") if raw.startswith(prefix) else []
         if not rel or any(part in (b"", b".", b"..") for part in rel):
-            raise QemuspecError(f"the guest listed {raw[:200]!r}, which is not a plain path below {root}: refusing the copy")
+            raise QemuspecError(f"the guest listed {raw[:200]!r}, which is not a plain path below {root}: "
+                                "refusing the copy")
         try:
             names.append(tuple(part.decode() for part in rel))
         except UnicodeDecodeError:  # the agent takes paths as JSON text: such a name cannot be read
@@ -261,7 +264,8 @@ def _enter(parent_fd: int, name: str, shown: str) -> tuple[int, bool]:
         raise
 
 
-def copy_from_guest(agent: "GuestAgent", source: str, dest: str, recursive: bool = False, progress: Progress | None = None) -> list[dict]:
+def copy_from_guest(agent: "GuestAgent", source: str, dest: str, recursive: bool = False,
+                    progress: Progress | None = None) -> list[dict]:
     """Copy a guest file (or, with ``recursive``, a directory tree) to ``dest`` here, modes kept (less
     setuid, setgid and sticky). The guest's listing is hostile input (see the module's doc)."""
     if not source.startswith("/"):
@@ -295,7 +299,8 @@ def copy_from_guest(agent: "GuestAgent", source: str, dest: str, recursive: bool
         os.close(root_fd)
 
 
-def _copy_tree(agent: "GuestAgent", src: str, root_fd: int, real: str, name: str, mode: int, progress: Progress | None) -> list[dict]:
+def _copy_tree(agent: "GuestAgent", src: str, root_fd: int, real: str, name: str, mode: int,
+               progress: Progress | None) -> list[dict]:
     names = sorted(_guest_tree(agent, src))  # tuples sort parents first, then their children
     stats = _guest_stats(agent, [src + "/" + "/".join(rel) for rel in names])
     top = os.path.join(real, name)
@@ -310,7 +315,8 @@ def _copy_tree(agent: "GuestAgent", src: str, root_fd: int, real: str, name: str
         for rel, (kind, entry_mode, size) in zip(names, stats):
             while stack[-1][0] != rel[:-1]:
                 if len(stack) == 1:
-                    raise QemuspecError(f"the guest listed {src}/{'/'.join(rel)} but not its directory: refusing the copy")
+                    raise QemuspecError(f"the guest listed {src}/{'/'.join(rel)} but not its directory: "
+                                        "refusing the copy")
                 os.close(stack.pop()[1])
             parent_fd = stack[-1][1]
             target = os.path.join(top, *rel)
@@ -331,7 +337,8 @@ def _copy_tree(agent: "GuestAgent", src: str, root_fd: int, real: str, name: str
     finally:
         for _, fd in stack:
             os.close(fd)
-    for rel, device, inode, dir_mode in reversed(made):  # modes last, deepest first: a read-only one would refuse its files
+    # modes last, deepest first: a read-only directory would refuse its files
+    for rel, device, inode, dir_mode in reversed(made):
         _chmod_made(root_fd, (name, *rel), device, inode, dir_mode)
     return copied
 

@@ -65,7 +65,8 @@ class Protocol:
         answered: QMP, or the guest agent, which speaks the same protocol)."""
         if "error" in message:
             error = message["error"]
-            if not (isinstance(error, dict) and isinstance(error.get("class", ""), str) and isinstance(error.get("desc", ""), str)):
+            if not (isinstance(error, dict) and isinstance(error.get("class", ""), str)
+                    and isinstance(error.get("desc", ""), str)):
                 raise QMPProtocolError(f"the {source} answered {command} with a malformed error: {_show(error)}")
             raise QMPError(command, error.get("class", "GenericError"), error.get("desc", ""), source=source)
         return message.get("return")

@@ -122,7 +122,8 @@ class GuestAgent:
         try:
             return base64.b64decode(self.field(command, result, key, str, ""), validate=True)
         except binascii.Error:
-            raise self._broke(QMPProtocolError(f"the {SOURCE} answered {command} with {key} that is not base64")) from None
+            error = QMPProtocolError(f"the {SOURCE} answered {command} with {key} that is not base64")
+            raise self._broke(error) from None
 
     def spawn(self, argv: list[str], stdin: bytes | None = None) -> int:
         """Start a command in the guest (output captured); its pid for :meth:`poll`."""
@@ -167,12 +168,14 @@ class GuestAgent:
         result = self.command("guest-file-read", {"handle": handle, "count": count}, timeout=timeout)
         data = self.data("guest-file-read", result, "buf-b64")
         if len(data) > count:
-            raise self._broke(QMPProtocolError(f"the {SOURCE} answered guest-file-read with {len(data)} bytes for a read of {count}"))
+            raise self._broke(QMPProtocolError(f"the {SOURCE} answered guest-file-read with {len(data)} bytes "
+                                               f"for a read of {count}"))
         eof = self.field("guest-file-read", result, "eof", bool, False)
         return data, eof or not data
 
     def file_write(self, handle: int, data: bytes, timeout: float | None = None) -> None:
-        self.command("guest-file-write", {"handle": handle, "buf-b64": base64.b64encode(data).decode()}, timeout=timeout)
+        arguments = {"handle": handle, "buf-b64": base64.b64encode(data).decode()}
+        self.command("guest-file-write", arguments, timeout=timeout)
 
     def file_close(self, handle: int) -> None:
         """Close a guest file handle; nothing to close once the session broke (the error says why)."""
