@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
 
 import pytest
 
-from helpers import qemu_pids
+from helpers import alive, qemu_pids
 from test_lifecycle import cli, definition
 
 ENTRY = [sys.executable, "-m", "qemuspec"]
@@ -334,7 +335,8 @@ def test_validate_names_the_engine_for_lookaround(tmp_path):
 
 def test_backtracking_ready_serial_with_real_qemu_times_out_and_stops_on_down(guest, tmp_path):
     """The kernel echoes its command line (a run of a's ending in "!") on the console; the pattern
-    backtracks on it. `up` fails at its timeout; a second `up`, interrupted by `down`, ends at once."""
+    backtracks on it. `up` fails at its timeout; a second `up`, its supervisor sent SIGTERM while it
+    matches, ends at once."""
     import time
 
     from test_guest_access import wait_console
@@ -361,14 +363,23 @@ timeout = "12s"
         assert b"a" * 80 + b"!" in log, "the guest printed the line the pattern was matched against"
         assert took < 12 + 20, f"up took {took:.1f} s"
         assert qemu_pids() == before
-        up = subprocess.Popen([*ENTRY, "up", str(path), "--timeout", "300"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # SIGTERM, as `down` sends it (`down` itself waits for the state lock a starting `up` holds)
+        up = subprocess.Popen([*ENTRY, "up", str(path), "--timeout", "300"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
         try:
-            wait_console(str(path), "slow", "a" * 80 + "!")  # the supervisor is matching now
+            deadline = time.monotonic() + 120
+            while log.count(b"a" * 80 + b"!") < 2:  # the second boot printed the line: the supervisor is matching
+                assert time.monotonic() < deadline and up.poll() is None, "the second boot never printed its line"
+                time.sleep(0.05)
+                log = open(os.path.join(tmp_path, ".qemuspec", "slow", "serial.log"), "rb").read()
+            supervisor = json.loads(cli("status", str(path), "--json").stdout)[0]["supervisor"]
+            assert supervisor and alive(supervisor)
             began = time.monotonic()
-            cli("down", str(path))
-            assert time.monotonic() - began < 15, "down stopped the waiting supervisor at once"
+            os.kill(supervisor, signal.SIGTERM)
             _, err = up.communicate(timeout=30)
+            assert time.monotonic() - began < 15, "SIGTERM stopped the waiting supervisor at once"
             assert up.returncode == 1 and "stopped while waiting" in err, err
+            assert json.loads(cli("status", str(path), "--json").stdout)[0]["state"] == "stopped"
         finally:
             if up.poll() is None:
                 up.kill()

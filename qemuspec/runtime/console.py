@@ -17,6 +17,7 @@ from qemuspec.errors import ReadyTimeout, StopRequested
 from qemuspec.spec.patterns import LineMatcher
 
 KEEP = 1 << 20  # bytes of console kept in memory for matching
+SLICE = 0.5  # seconds a waiter sleeps at most before it looks at pending signals and stop requests
 
 
 class ConsoleReader:
@@ -90,7 +91,9 @@ class ConsoleReader:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise ReadyTimeout(f"no {pattern!r} on the console within {timeout:g} s")
-                    self._cond.wait(remaining)
+                    # bounded: a signal that lands on another thread runs its Python handler (the
+                    # supervisor's SIGTERM) only once this thread runs bytecode again
+                    self._cond.wait(min(remaining, SLICE))
                 data = bytes(self._buffer[max(0, seen - self._dropped):])
                 seen = self._dropped + len(self._buffer)
                 eof, self._interrupted = self._eof, False
