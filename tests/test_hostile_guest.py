@@ -438,6 +438,8 @@ MALFORMED = [
     (b"{\"return\": 5}\n", "read", "where an object belongs"),
     (b"{\"return\": {\"buf-b64\": \"%%%\", \"eof\": true}}\n", "read", "not base64"),
     (b"{\"return\": {\"buf-b64\": 1}}\n", "read", "buf-b64 = 1: expected str"),
+    (b"{\"return\": {\"buf-b64\": \"" + __import__("base64").b64encode(b"x" * 5000) + b"\", \"count\": 10}}\n", "read",
+     "5000 bytes for a read of 4096"),
     (b"x" * (33 << 20), "guest-ping", "over 32 MiB"),
 ]
 
