@@ -296,8 +296,8 @@ class Instance:
             if ready.agent:
                 probe = "guest agent"
                 probes.wait_agent(self.layout.qga, deadline, running)
-        except StopRequested:
-            raise
+        except StopRequested:  # one message whichever probe was waiting
+            raise StopRequested(f"machine {self.name}: stopped while waiting for it to become ready (probe: {probe})") from None
         except QemuspecError as exc:
             error = ReadyTimeout(self._not_ready(probe, timeout, exc))
             error.probe = probe  # for status: "never became ready (probe ..., after ... s)"
