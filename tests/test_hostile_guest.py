@@ -333,7 +333,7 @@ def test_validate_names_the_engine_for_lookaround(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_backtracking_ready_serial_with_real_qemu_times_out_and_stops_on_down(guest, tmp_path):
+def test_backtracking_ready_serial_with_real_qemu_times_out_and_stops_on_sigterm(guest, tmp_path):
     """The kernel echoes its command line (a run of a's ending in "!") on the console; the pattern
     backtracks on it. `up` fails at its timeout; a second `up`, its supervisor sent SIGTERM while it
     matches, ends at once."""
