@@ -616,7 +616,6 @@ def run_in_guest(machine: Machine, name: str, argv: list[str], workdir: str, *,
 def _run_agent(instance: Any, argv: list[str], on_output: Callable[[str, bytes], Any], stdin: bytes | None) -> int:
     """Through the guest agent, streamed: the command writes to two files in the guest that are read
     as they grow (guest-exec alone returns output only once the command has exited)."""
-    import base64
     import time
     import uuid
 
@@ -626,19 +625,15 @@ def _run_agent(instance: Any, argv: list[str], on_output: Callable[[str, bytes],
     with GuestAgent(instance.layout.qga, timeout=30) as agent:
         handles = {}
         for stream in ("out", "err"):
-            agent.command("guest-file-close", {"handle": agent.command("guest-file-open", {"path": f"{stem}.{stream}", "mode": "w"})})
-            handles[stream] = agent.command("guest-file-open", {"path": f"{stem}.{stream}", "mode": "r"})
+            agent.file_close(agent.file_open(f"{stem}.{stream}", "w"))
+            handles[stream] = agent.file_open(f"{stem}.{stream}", "r")
         script = 'o=$1; e=$2; shift 2; exec "$@" >>"$o" 2>>"$e"'
-        args: dict[str, Any] = {"path": "/bin/sh", "arg": ["-c", script, "sh", f"{stem}.out", f"{stem}.err", *argv], "capture-output": True}
-        if stdin:
-            args["input-data"] = base64.b64encode(stdin).decode()
-        pid = agent.command("guest-exec", args)["pid"]
+        pid = agent.spawn(["/bin/sh", "-c", script, "sh", f"{stem}.out", f"{stem}.err", *argv], stdin or None)
 
         def drain() -> None:
             for stream, handle in handles.items():
                 while True:
-                    result = agent.command("guest-file-read", {"handle": handle, "count": 65536})
-                    data = base64.b64decode(result.get("buf-b64", ""))
+                    data, _ = agent.file_read(handle, 65536)
                     if data:
                         on_output("stdout" if stream == "out" else "stderr", data)
                     if len(data) < 65536:
@@ -646,18 +641,18 @@ def _run_agent(instance: Any, argv: list[str], on_output: Callable[[str, bytes],
 
         delay = 0.02
         while True:
-            status = agent.command("guest-exec-status", {"pid": pid})
+            done = agent.poll(pid)
             drain()
-            if status.get("exited"):
+            if done is not None:
                 drain()
                 for handle in handles.values():
-                    agent.command("guest-file-close", {"handle": handle})
-                err = base64.b64decode(status.get("err-data", ""))
+                    agent.file_close(handle)
+                code, signal, _, err = done
                 if err:  # the shell itself failed (no such command): its message, as stderr
                     on_output("stderr", err)
-                if "signal" in status:
-                    return 128 + int(status["signal"])
-                return int(status.get("exitcode", 1))
+                if signal is not None:
+                    return 128 + signal
+                return code if code is not None else 1
             time.sleep(delay)  # the agent has no completion event: guest-exec-status is the protocol
             delay = min(delay * 2, 0.2)
 

@@ -43,6 +43,12 @@ class QMPConnectionError(QemuspecError):
     """The QMP peer could not be reached, went away (EOF), or spoke something that is not QMP."""
 
 
+class QMPProtocolError(QMPConnectionError):
+    """The peer (qemu, or a guest agent the guest controls) sent a message that breaks the protocol: not
+    JSON, not an object, nested or sized past the limits, or a reply of the wrong shape. The connection
+    cannot be trusted after it, so it is a connection error."""
+
+
 class QMPTimeout(QemuspecError, TimeoutError):
     """A QMP wait (reply, event, greeting) ran past its deadline."""
 
@@ -62,6 +68,10 @@ class GuestGone(QemuspecError):
     exit 255, as ssh does when the connection is lost, so it is never taken for the command's own code."""
 
     exit_code = 255
+
+
+class StopRequested(QemuspecError):
+    """A stop (``down``, SIGTERM) arrived while a machine was still starting: the wait ends at once."""
 
 
 class ImageError(QemuspecError):

@@ -389,7 +389,7 @@ def squatted(qemu_bin):
     path = project_dir / "lab.toml"
     path.write_text(UNIX_PAUSED.format(name="m"))
     os.chown(path, victim.pw_uid, victim.pw_gid)
-    before = qemu_pids()
+    before = qemu_pids(project_dir)
 
     def run(*args, home_dir=str(home), xdg=None):
         env = {"PATH": os.environ["PATH"], "HOME": home_dir, "PYTHONPATH": ROOT, "QEMUSPEC_ACCEL": "tcg"}
@@ -401,7 +401,7 @@ def squatted(qemu_bin):
 
     yield {"run": run, "path": str(path), "squat": squat, "home": str(home)}
     run("down", str(path))
-    assert qemu_pids() == before, "no qemu left behind"
+    assert qemu_pids(project_dir) == before, "no qemu left behind"
     subprocess.run(["rm", "-rf", squat, str(top)], check=True)
 
 

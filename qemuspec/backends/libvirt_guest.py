@@ -5,14 +5,13 @@ nothing here needs a socket on the machine's host."""
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
 from typing import Any
 
 from qemuspec.backends.libvirt_conn import binding, message
 from qemuspec.errors import QemuspecError, QMPTimeout, ReadyTimeout
-from qemuspec.qmp.protocol import Protocol
+from qemuspec.qmp.protocol import Protocol, decode
 from qemuspec.runtime.agent import GuestAgent
 
 
@@ -40,7 +39,7 @@ class LibvirtAgent(GuestAgent):
             if exc.get_error_code() == libvirt.VIR_ERR_AGENT_UNRESPONSIVE:
                 raise QMPTimeout(f"the guest agent of {self.dom.name()} did not answer: {message(exc)}") from None
             raise QemuspecError(f"guest agent {name} on {self.dom.name()}: {message(exc)}") from None
-        return Protocol.result(name, json.loads(reply) if reply else {}, source="guest agent")
+        return Protocol.result(name, decode(reply.encode(), "guest agent") if reply else {}, source="guest agent")
 
 
 class Monitor:
@@ -117,9 +116,21 @@ class Console:
             raise QemuspecError(f"console write failed: {message(exc)}") from None
 
     def wait_for(self, pattern: str, deadline: float, alive) -> None:
-        regex = re.compile(pattern.encode())
-        with self._cond:
-            while not regex.search(bytes(self.data)):
+        """Each console line matched once, outside the lock, with the linear-time matcher of
+        ``spec/patterns.py`` (the guest's output is hostile, the pattern is the definition's)."""
+        from qemuspec.spec.patterns import LineMatcher
+
+        matcher = LineMatcher(pattern)
+        seen = 0
+        while True:
+            with self._cond:
+                data = bytes(self.data[seen:])
+                seen += len(data)
+            if matcher.feed(data):
+                return
+            with self._cond:
+                if len(self.data) > seen:
+                    continue
                 if self.closed or not alive():
                     raise QemuspecError("the machine stopped while waiting for its console")
                 remaining = deadline - time.monotonic()

@@ -52,14 +52,39 @@ def looks_like_file(operand: str) -> bool:
     return operand.endswith(DEFINITION_SUFFIXES) or os.sep in operand or os.path.isfile(operand)
 
 
+# C0 controls but tab and newline, DEL, and C1 controls (CSI, OSC... as single characters)
+_CONTROLS = r"[\x00-\x08\x0b-\x1f\x7f-\x9f]"
+
+
+def printable(text: str) -> str:
+    """Guest-controlled text made inert for a terminal: every control character but tab and newline
+    (ESC of ``ESC[2J``, BEL ending an OSC title, C1 CSI) as ``\\xNN``, so a guest can neither query,
+    retitle nor clear the terminal of whoever reads its console."""
+    return re.sub(_CONTROLS, lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def escaping(stream: Any, raw: bool = False) -> bool:
+    """Whether guest text bound for ``stream`` is escaped: on a terminal, unless --raw."""
+    try:
+        return not raw and stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 @dataclass
 class Output:
-    """How a command prints: JSON, quiet, colour and live progress only on a terminal."""
+    """How a command prints: JSON, quiet, colour and live progress only on a terminal; guest text
+    (consoles, events, error tails) escaped on a terminal unless ``raw``."""
 
     json: bool = False
     quiet: bool = False
     colour: bool = False
     live: bool = False
+    raw: bool = False
+
+    def guest(self, text: str, stream: Any = None) -> str:
+        """``text`` that came from a guest, ready for ``stream`` (stdout by default)."""
+        return printable(text) if escaping(stream or sys.stdout, self.raw) else text
 
     def say(self, text: str) -> None:
         """A confirmation or summary for people: nothing with --json or --quiet."""
@@ -183,7 +208,7 @@ class Context:
 
         terminal = sys.stderr.isatty() and os.environ.get("TERM") != "dumb" and not settings.ci
         out = Output(json=getattr(args, "json", False), quiet=getattr(args, "quiet", False),
-                     colour=sys.stdout.isatty() and not settings.no_color, live=terminal)
+                     colour=sys.stdout.isatty() and not settings.no_color, live=terminal, raw=getattr(args, "raw", False))
         variables = parse_vars(getattr(args, "var", []) or [])
         target = Target(getattr(args, "operands", []) or [], getattr(args, "file_option", None),
                         getattr(args, "machine_option", None), variables, getattr(args, "state_dir", None), settings,
@@ -322,16 +347,18 @@ def outcomes_exit_code(outcomes: list[Any]) -> int:
     return 1 if any(o.action in REFUSED for o in outcomes) else 0
 
 
-def report_error(exc: BaseException, json_output: bool = False, source: str | None = None) -> int:
-    """Print an error as paragraphs on stderr (and, with --json, as an object on stdout); its exit code."""
+def report_error(exc: BaseException, json_output: bool = False, source: str | None = None, raw: bool = False) -> int:
+    """Print an error as paragraphs on stderr (and, with --json, as an object on stdout); its exit code.
+    Paragraphs may quote a guest (console tails, agent replies): escaped on a terminal unless ``raw``."""
     if isinstance(exc, QemuspecError):
         problems = getattr(exc, "problems", None) or [str(exc)]
         code = exc.exit_code
     else:
         problems = [f"internal error: {type(exc).__name__}: {exc} (set QEMUSPEC_DEBUG=1 for the traceback)"]
         code = 1
+    escape = escaping(sys.stderr, raw)
     for number, problem in enumerate(problems):
-        print(("\n" if number else "") + f"error: {problem}", file=sys.stderr)
+        print(("\n" if number else "") + f"error: {printable(problem) if escape else problem}", file=sys.stderr)
     if json_output:
         emit_json({"error": problems[0], "exit_code": code, "problems": [problem_object(p, source) for p in problems]})
     return code

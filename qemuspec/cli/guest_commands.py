@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 def agent_for(ctx: Context, name: str, timeout: float = 30.0) -> "GuestAgent":
     """A synced guest-agent session, or an error that says why not: no channel, machine paused, agent silent."""
-    from qemuspec.errors import QMPConnectionError, QMPTimeout
+    from qemuspec.errors import QMPConnectionError, QMPProtocolError, QMPTimeout
     from qemuspec.runtime.agent import GuestAgent
 
     if (hosts := libvirt_commands.placed(ctx, ctx.target.spec, name)):  # libvirt backend
@@ -36,6 +36,9 @@ def agent_for(ctx: Context, name: str, timeout: float = 30.0) -> "GuestAgent":
     agent = GuestAgent(inst.layout.qga, timeout=timeout)
     try:
         agent.sync(timeout=min(timeout, 10.0))
+    except QMPProtocolError as exc:  # the guest answers, but not as an agent: say so, not "is it running?"
+        agent.close()
+        raise QMPProtocolError(f"the guest agent of {name} broke the protocol, so nothing it says is used: {exc}") from None
     except (QMPTimeout, QMPConnectionError) as exc:
         agent.close()
         raise QemuspecError(f"the guest agent of {name} does not answer ({exc}): is qemu-guest-agent running in the guest "
@@ -78,9 +81,10 @@ def split_guest_path(spec: str) -> tuple[str | None, str]:
     return None, spec
 
 
-def cp(ctx: Context, *, recursive: bool) -> int:
+def cp(ctx: Context, *, recursive: bool, dereference: bool = False) -> int:
     """``cp [FILE] SOURCE TARGET``: one side is NAME:/guest/path. Streams in fixed-size chunks, so
-    memory stays flat whatever the file size; keeps modes; -r for directories."""
+    memory stays flat whatever the file size; keeps modes; -r for directories (host symlinks stay
+    symlinks unless -L)."""
     from qemuspec.guestfiles import copy_from_guest, copy_to_guest
 
     target = ctx.target
@@ -97,7 +101,7 @@ def cp(ctx: Context, *, recursive: bool) -> int:
         if dst_machine is not None:
             if os.path.isdir(src) and not recursive:
                 raise UsageError(f"{src} is a directory: add -r to copy it")
-            copied = copy_to_guest(agent, src, dst, recursive=recursive, progress=show)
+            copied = copy_to_guest(agent, src, dst, recursive=recursive, progress=show, dereference=dereference)
         else:
             copied = copy_from_guest(agent, src, dst, recursive=recursive, progress=show)
     total = sum(c["bytes"] for c in copied)

@@ -197,7 +197,7 @@ def logs(ctx: Any, spec: Any, names: list[str], hosts: dict, follow: bool, lines
             if ctx.out.json:
                 ctx.out.line({"machine": name, "line": line})
             else:
-                print((f"{name} | " if prefix else "") + line)
+                print((f"{name} | " if prefix else "") + ctx.out.guest(line))
     if not follow:
         if not found:
             raise QemuspecError(f"no console log yet for {', '.join(names)}: start with `qemuspec up {ctx.target.path}`")
@@ -221,8 +221,8 @@ def _stream(ctx: Any, spec: Any, name: str, hosts: dict, interactive: bool) -> i
     dom = _domain(ctx, spec, name, hosts)
     out = sys.stdout.buffer
 
-    def write(chunk: bytes) -> None:
-        out.write(chunk if interactive else chunk.replace(b"\r", b""))
+    def write(chunk: bytes) -> None:  # `logs -f`: the guest's bytes escaped on a terminal (the console is raw by nature)
+        out.write(chunk if interactive else ctx.out.guest(chunk.replace(b"\r", b"").decode(errors="replace")).encode())
         out.flush()
 
     stream = Console(connect(hosts[name]), dom, force=interactive, on_data=write)

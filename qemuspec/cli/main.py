@@ -114,6 +114,8 @@ def _commands_help() -> str:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output: JSON (JSON lines for streams)")
     parser.add_argument("--quiet", "-q", action="store_true", help="print only errors and the data asked for; no progress")
+    parser.add_argument("--raw", action="store_true", help="print what guests sent (consoles, events, error tails) as it is, "
+                        "terminal control characters included (default: escaped on a terminal)")
 
 
 def _target(parser: argparse.ArgumentParser, operands: str, machine_flag: bool = True) -> None:
@@ -208,6 +210,8 @@ def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, d
     p["run"].add_argument("--via", choices=["auto", "agent", "ssh"], default="auto", help="how to reach the guest (auto: ssh when the machine forwards its ssh port, else the agent)")
     _target(p["cp"], "[FILE] SOURCE TARGET", machine_flag=False)
     p["cp"].add_argument("--recursive", "-r", action="store_true", help="copy directories")
+    p["cp"].add_argument("--dereference", "-L", action="store_true",
+                         help="into the guest: copy what host symlinks point to (default: symlinks stay symlinks)")
     p["snapshot"].add_argument("action", choices=["save", "load", "list", "delete"])
     _target(p["snapshot"], "[FILE] [MACHINE] [TAG]")
 
@@ -312,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if settings.debug:
             raise
-        return report_error(exc, json_output=getattr(args, "json", False))
+        return report_error(exc, json_output=getattr(args, "json", False), raw=getattr(args, "raw", False))
 
 
 def run() -> None:

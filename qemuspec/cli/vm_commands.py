@@ -43,10 +43,10 @@ def _print_outcomes(out: Output, outcomes: list["Outcome"]) -> None:
         extra += [f"{o.seconds:.1f} s"] if o.action == "stopped" else []
         out.say(f"{o.name}: {o.action}{' (' + ', '.join(extra) + ')' if extra else ''}")
     for o in outcomes:
-        if o.action in REFUSED:
-            print(f"error: {o.detail}", file=sys.stderr)
+        if o.action in REFUSED:  # the detail may quote the guest's console: escaped on a terminal
+            print(f"error: {out.guest(o.detail or '', sys.stderr)}", file=sys.stderr)
         for warning in getattr(o, "warnings", ()):
-            print(f"warning: {o.name}: {warning}", file=sys.stderr)
+            print(f"warning: {o.name}: {out.guest(warning, sys.stderr)}", file=sys.stderr)
 
 
 def _warm_flag(warm: bool, spec: Any, names: list[str]) -> None:
@@ -130,7 +130,7 @@ def _attach(ctx: Context, spec: Any, names: list[str]) -> int:
         sources.append((f"{name} * ", os.path.join(root, name, "events.jsonl"), True))
     print("attached: Ctrl-C stops the machines", file=sys.stderr, flush=True)
     try:
-        _follow(sources, follow=True)
+        _follow(sources, follow=True, clean=ctx.out.guest)
     except KeyboardInterrupt:
         pass
     print("\nstopping...", file=sys.stderr)
@@ -443,7 +443,7 @@ def logs(ctx: Context, *, follow: bool, events: bool, lines: int) -> int:
         _follow([("", path, False) for _, path in json_sources], follow=follow, last=lines,
                 emit=lambda path, line: ctx.out.line(_log_record(dict((p, n) for n, p in json_sources)[path], line, events)))
         return 0
-    _follow(sources, follow=follow, last=lines)
+    _follow(sources, follow=follow, last=lines, clean=ctx.out.guest)
     return 0
 
 
@@ -463,18 +463,20 @@ def events(ctx: Context, *, follow: bool) -> int:
     path = os.path.join(target.state_dir(name), "events.jsonl")
     if not follow and not os.path.exists(path):
         raise QemuspecError(f"machine {name} has no events yet")
-    _follow([("", path, False)], follow=follow)  # already JSON lines, with or without --json
+    _follow([("", path, False)], follow=follow, clean=ctx.out.guest)  # already JSON lines, with or without --json
     return 0
 
 
-def _follow(sources: list[tuple[str, str, bool]], follow: bool, last: int = 0, emit: Any = None) -> None:
-    """Print files line by line with a prefix; with ``follow``, keep printing what is appended.
+def _follow(sources: list[tuple[str, str, bool]], follow: bool, last: int = 0, emit: Any = None,
+            clean: Any = lambda line: line) -> None:
+    """Print files line by line with a prefix; with ``follow``, keep printing what is appended; each
+    line through ``clean`` (Output.guest: the guest's bytes escaped on a terminal).
     (A log file has no change notification short of inotify; a 0.1 s re-read is what tail -f does.)"""
     def write(prefix: str, path: str, line: str) -> None:
         if emit is not None:
             emit(path, line)
         else:
-            sys.stdout.write(prefix + line + "\n")
+            sys.stdout.write(prefix + clean(line) + "\n")
 
     offsets: dict[str, int] = {}
     partial: dict[str, str] = {}

@@ -11,9 +11,13 @@ import json
 import os
 from typing import Any
 
-from qemuspec.errors import QMPConnectionError, QMPError
+from qemuspec.errors import QMPError, QMPProtocolError
 
 NEGOTIATE = "qmp_capabilities"
+# One message at most: qemu-ga's largest reply (guest-exec-status with its 16 MiB output cap, as
+# base64) fits; a peer that sends more without a newline is not speaking QMP, and memory stays bounded.
+MAX_MESSAGE = 32 * 1024 * 1024
+MISSING = object()
 
 
 class Protocol:
@@ -26,18 +30,15 @@ class Protocol:
         """Complete messages in ``data`` (plus what was buffered). QMP frames are JSON objects per line."""
         self._buffer += data
         if b"\n" not in data:
+            check_size(self._buffer)
             return []
         *lines, self._buffer = self._buffer.split(b"\n")
+        check_size(self._buffer)
         out = []
         for line in lines:
             if not line.strip():
                 continue
-            try:
-                message = json.loads(line)
-            except ValueError:
-                raise QMPConnectionError(f"the peer sent something that is not QMP: {line[:200]!r}") from None
-            if not isinstance(message, dict):
-                raise QMPConnectionError(f"the peer sent something that is not QMP: {line[:200]!r}")
+            message = decode(line)
             if "QMP" in message and self.greeting is None:
                 self.greeting = message["QMP"]
             out.append(message)
@@ -64,8 +65,27 @@ class Protocol:
         answered: QMP, or the guest agent, which speaks the same protocol)."""
         if "error" in message:
             error = message["error"]
+            if not (isinstance(error, dict) and isinstance(error.get("class", ""), str)
+                    and isinstance(error.get("desc", ""), str)):
+                raise QMPProtocolError(f"the {source} answered {command} with a malformed error: {_show(error)}")
             raise QMPError(command, error.get("class", "GenericError"), error.get("desc", ""), source=source)
         return message.get("return")
+
+    @staticmethod
+    def field(command: str, result: Any, key: str, kind: type | tuple[type, ...], default: Any = MISSING,
+              source: str = "guest agent") -> Any:
+        """``result[key]`` checked to be a ``kind`` (a bool is no int): a reply of another shape is a
+        :class:`QMPProtocolError` naming the command, never a KeyError or TypeError later."""
+        if not isinstance(result, dict):
+            raise QMPProtocolError(f"the {source} answered {command} with {_show(result)} where an object belongs")
+        if key not in result and default is not MISSING:
+            return default
+        value = result.get(key)
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise QMPProtocolError(f"the {source} answered {command} with {key} = {_show(value)}: "
+                                   f"expected {' or '.join(k.__name__ for k in kinds)}")
+        return value
 
     @staticmethod
     def command_text(command: str, arguments: dict | None = None) -> str:
@@ -74,6 +94,32 @@ class Protocol:
         if arguments:
             message["arguments"] = arguments
         return json.dumps(message)
+
+
+def check_size(buffered: bytes, source: str = "peer") -> None:
+    """Refuse a message still growing past :data:`MAX_MESSAGE` (the caller keeps it buffered)."""
+    if len(buffered) > MAX_MESSAGE:
+        raise QMPProtocolError(f"the {source} sent a message over {MAX_MESSAGE >> 20} MiB without ending it: "
+                               "not QMP, or not a peer to trust")
+
+
+def decode(line: bytes, source: str = "peer") -> dict:
+    """One QMP message: a JSON object, or :class:`QMPProtocolError` (bad JSON, nesting past Python's
+    recursion limit, an array or number where an object belongs)."""
+    try:
+        message = json.loads(line)
+    except (ValueError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else "not JSON"
+        raise QMPProtocolError(f"the {source} sent something that is not QMP ({why}): {line[:200]!r}") from None
+    if not isinstance(message, dict):
+        raise QMPProtocolError(f"the {source} sent something that is not QMP (not an object): {line[:200]!r}")
+    return message
+
+
+def _show(value: Any) -> str:
+    """A short, printable account of a value a peer sent."""
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def event_name_matches(pattern: str, name: str) -> bool:

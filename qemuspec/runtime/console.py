@@ -6,34 +6,39 @@ So the reader writes serial.log itself from the bytes it receives (statedir.Capp
 rotated while running), matches readiness patterns as they appear, and passes the bytes on to one
 ``qemuspec console`` at a time through a proxy socket in the private runtime directory
 (:class:`ConsoleProxy`): qemu's chardev serves a single client, and that client stays ours.
+Matching (``spec/patterns.py``: RE2, line by line) runs outside the reader's lock, and a waiter can be
+interrupted (a stop request) without waiting for its deadline.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import re
 import socket
 import struct
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
-from qemuspec.errors import ReadyTimeout
+from qemuspec.errors import ReadyTimeout, StopRequested
+from qemuspec.spec.patterns import LineMatcher
 
 if TYPE_CHECKING:
     from qemuspec.runtime.statedir import CappedLog
 
 KEEP = 1 << 20  # bytes of console kept in memory for matching
 CLIENT_SEND_TIMEOUT = 5.0  # a console client that takes no bytes for this long is dropped (it must not stall the guest)
+SLICE = 0.5  # seconds a waiter sleeps at most before it looks at pending signals and stop requests
 
 
 class ConsoleReader:
     def __init__(self, sock: socket.socket, log: CappedLog | None = None):
         self._sock = sock
         self._buffer = bytearray()
+        self._dropped = 0  # bytes cut from the front of the buffer: positions stay absolute
         self._cond = threading.Condition()
         self._eof = False
+        self._interrupted = False
         self.log = log
         self._client: socket.socket | None = None  # the console proxy's attached client, if any
         self._client_lock = threading.Lock()
@@ -62,6 +67,7 @@ class ConsoleReader:
                 with self._cond:
                     self._buffer += data
                     if len(self._buffer) > KEEP:
+                        self._dropped += len(self._buffer) - KEEP
                         del self._buffer[: len(self._buffer) - KEEP]
                     self._cond.notify_all()
         except OSError:
@@ -108,22 +114,41 @@ class ConsoleReader:
         """Input for the guest's console."""
         self._sock.sendall(data)
 
-    def wait_for(self, pattern: str, timeout: float) -> re.Match:
-        """Block until ``pattern`` (a regex) shows on the console; raises TimeoutError, or EOFError when
-        qemu closes the console first."""
-        regex = re.compile(pattern.encode() if isinstance(pattern, str) else pattern, re.M)
-        deadline = time.monotonic() + timeout
+    def interrupt(self) -> None:
+        """Wake a waiter at once (a stop was requested); it raises StopRequested if ``stopping`` says so.
+        Safe from a signal handler: the waiter holds the lock only between its waits."""
         with self._cond:
-            while True:
-                match = regex.search(self._buffer)
-                if match:
-                    return match
-                if self._eof:
-                    raise EOFError("the console closed (qemu exited)")
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise ReadyTimeout(f"no {pattern!r} on the console within {timeout:g} s")
-                self._cond.wait(remaining)
+            self._interrupted = True
+            self._cond.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float, stopping: Callable[[], bool] | None = None) -> Any:
+        """Block until ``pattern`` (a regex, RE2) shows in a console line since this reader connected
+        (before qemu ran, for a launch); raises ReadyTimeout, EOFError when qemu closes the console
+        first, or StopRequested when ``stopping()`` turns true."""
+        live = LineMatcher(pattern)
+        deadline = time.monotonic() + timeout
+        seen = -1  # nothing fed yet: the first round feeds what the buffer holds
+        while True:
+            with self._cond:
+                while self._dropped + len(self._buffer) == seen and not self._eof and not self._interrupted:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise ReadyTimeout(f"no {pattern!r} on the console within {timeout:g} s")
+                    # bounded: a signal that lands on another thread runs its Python handler (the
+                    # supervisor's SIGTERM) only once this thread runs bytecode again
+                    self._cond.wait(min(remaining, SLICE))
+                data = bytes(self._buffer[max(0, seen - self._dropped):])
+                seen = self._dropped + len(self._buffer)
+                eof, self._interrupted = self._eof, False
+            if stopping is not None and stopping():
+                raise StopRequested("a stop was requested while waiting for the console")
+            match = live.feed(data)  # outside the lock: the reader keeps reading meanwhile
+            if match:
+                return match
+            if eof:
+                raise EOFError("the console closed (qemu exited)")
+            if time.monotonic() >= deadline:
+                raise ReadyTimeout(f"no {pattern!r} on the console within {timeout:g} s")
 
     def close(self) -> None:
         try:

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from qemuspec.errors import LaunchError, QemuspecError, QMPConnectionError, QMPError, ReadyTimeout
+from qemuspec.errors import LaunchError, QemuspecError, QMPConnectionError, QMPError, ReadyTimeout, StopRequested
 from qemuspec.qmp.sync import QMPClient
 from qemuspec.render import OVMF_VARS, Layout, render
 from qemuspec.runtime import accel as accel_mod
@@ -58,6 +58,7 @@ class Instance:
         self.control_address: str | None = None  # the controller's monitor (always a unix socket)
         self.exec_argv: list[str] = []  # exactly what qemu runs with (its identity in /proc)
         self.write_error: str | None = None  # the copy in the state directory could not be written
+        self.stopping: Callable[[], bool] = lambda: False  # the supervisor's "stop requested": ends ready waits
         self._listeners: list[tuple[str, Callable[[dict], Any]]] = []
         self._log_offset = 0
 
@@ -289,7 +290,12 @@ class Instance:
         ready = self.machine.ready
         timeout = ready.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        running = lambda: self.process is not None and self.process.poll() is None
+
+        def running() -> bool:  # every probe asks this between attempts: a stop request ends the wait there
+            if self.stopping():
+                raise StopRequested(f"machine {self.name}: stopped while waiting for it to become ready")
+            return self.process is not None and self.process.poll() is None
+
         probe = "QMP"
         try:
             if self.boot == "warm":
@@ -302,7 +308,7 @@ class Instance:
                 if self.console is None:
                     raise LaunchError(f'ready.serial needs serial = "log" or "socket" (machine {self.name} has "{self.machine.serial}")')
                 try:
-                    self.console.wait_for(ready.serial, max(0.0, deadline - time.monotonic()))
+                    self.console.wait_for(ready.serial, max(0.0, deadline - time.monotonic()), self.stopping)
                 except EOFError:
                     raise QemuspecError("qemu exited before the console showed it") from None
             for guest, expect, label in ((ready.tcp, None, "tcp"), (self.machine.ssh.port if ready.ssh else None, b"SSH-", "ssh")):
@@ -320,6 +326,8 @@ class Instance:
             if ready.agent:
                 probe = "guest agent"
                 probes.wait_agent(self.layout.qga, deadline, running)
+        except StopRequested:  # one message whichever probe was waiting
+            raise StopRequested(f"machine {self.name}: stopped while waiting for it to become ready (probe: {probe})") from None
         except QemuspecError as exc:
             error = ReadyTimeout(self._not_ready(probe, timeout, exc))
             error.probe = probe  # for status: "never became ready (probe ..., after ... s)"

@@ -272,6 +272,9 @@ class Supervisor:
     def _on_term(self, *_: Any) -> None:
         self.stop_requested = True
         self._wake()
+        inst = self.instance
+        if inst is not None and inst.console is not None:
+            inst.console.interrupt()  # a readiness wait on the console ends now, not at its deadline
 
     def event(self, name: str, **data: Any) -> None:
         failed = record(self.state_dir, name, **data)
@@ -299,6 +302,8 @@ class Supervisor:
         while True:
             began = time.monotonic()
             started = self._adopt() if (first and adopt) else self._start()
+            if not started and self.stop_requested:  # `down` during the start: a stop, not a failure
+                return self._finish("stopped", ending(None, None, stopped=True))
             if not started and first:
                 return self._finish("failed", self.last or Ending(True, "never became ready"))  # `up` reports it; no retry loop
             first = False
@@ -443,6 +448,7 @@ class Supervisor:
     def _start_one(self, restore: bool, cold_why: str | None = None) -> bool:
         inst = Instance(self.name, self.machine, self.state_dir)
         inst.owner = self.owner
+        inst.stopping = lambda: self.stop_requested
         self.phase("starting")
         self.instance = inst
         self.panicked = False

@@ -583,8 +583,8 @@ def _set_clock(agent: Any) -> str:
 
 def _exists(agent: Any, path: str) -> bool:
     try:
-        handle = agent.command("guest-file-open", {"path": path, "mode": "r"})
+        handle = agent.file_open(path, "r")
     except QMPError:
         return False
-    agent.command("guest-file-close", {"handle": handle})
+    agent.file_close(handle)
     return True
