@@ -206,6 +206,8 @@ def on_pty(argv, which="stdout", env=None, timeout=300) -> tuple[int, bytes]:
 def test_console_escapes_from_the_guest_arrive_escaped_on_a_terminal(vm):
     guest_sh(vm, f"printf 'hostile:{ESCAPES}:end\\n' > /dev/console")
     log = os.path.join(os.path.dirname(vm), ".qemuspec", "evil", "serial.log")
+    from test_guest_access import wait_console
+
     wait_console(vm, "evil", ":end")
     assert b"\x1b[6n" in open(log, "rb").read(), "the guest really sent the raw sequence"
     code, shown = on_pty([*ENTRY, "logs", vm])
@@ -484,6 +486,8 @@ def test_a_reply_the_size_of_the_cap_still_passes(tmp_path):
 def test_an_impostor_agent_in_the_guest_ends_as_a_paragraph_through_the_cli(vm):
     """The guest replaces its qemu-ga with a script that answers `[1,2,3]` once, then brings the real
     agent back: `qemuspec exec` exits 1 with one paragraph, no traceback, no internal error."""
+    from test_guest_access import wait_console
+
     port = "/dev/virtio-ports/org.qemu.guest_agent.0"
     # the guest's own delay before it strikes: the exec that starts it must get its exit status first
     impostor = (f"sleep 2; kill $(pidof qemu-ga); while pidof qemu-ga >/dev/null; do usleep 10000; done; exec 3<>{port}; "
