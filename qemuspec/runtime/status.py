@@ -53,8 +53,9 @@ def machine_status(name: str, machine: Machine | None, state_dir: str, ask_qemu:
         row.update(pid=inst.process.pid, qmp=inst.qmp_address, ports=inst.ports, accel=list(inst.layout.accel), boot=inst.boot,
                    **({"restored": inst.restored} if inst.restored else {}),
                    uptime=round(time.time() - inst.started_at, 1) if inst.started_at else None)
-        policy = row["restart"] or (stale.restart if (stale := stale_supervisor(state_dir)) else None)
         if sup is None:
+            stale = stale_supervisor(state_dir)
+            policy = row["restart"] or (stale.restart if stale else None)
             row["state"], row["reason"] = "unsupervised", "its supervisor is gone: `up` adopts it"
             if policy and policy != "no":
                 row["reason"] = f"its supervisor is gone, so restart = \"{policy}\" is not enforced: `up` adopts it"
