@@ -166,8 +166,7 @@ def status(ctx: Context) -> int:
         return libvirt_commands.status(ctx, spec, target.machines(), hosts)
     owner = _owner(target)
     rows = []
-    readopted = _readopt(ctx, target.machines(),
-                         lambda n: spec.machines[n].restart != "no" and _unsupervised(target.state_dir(n)))
+    readopted = _readopt(ctx, target.machines())
     for name in target.machines():
         row = machine_status(name, spec.machines[name], target.state_dir(name))
         if name in readopted:
@@ -212,10 +211,12 @@ def _unsupervised(state_dir: str) -> bool:
     return recorded(state_dir) is not None and read_supervisor(state_dir) is None
 
 
-def _readopt(ctx: Context, names: list[str], unsupervised: Any) -> set[str]:
+def _readopt(ctx: Context, names: list[str]) -> set[str]:
     """Machines with a restart policy whose supervisor is gone get one again (reconcile.readopt), said
-    on stderr: a command that sees such a machine does not leave its policy unenforced."""
-    names = [n for n in names if unsupervised(n)]
+    on stderr: a command that sees such a machine does not leave its policy unenforced. The cheap
+    look first, so a command with nothing to adopt never imports reconcile."""
+    machines = ctx.target.spec.machines
+    names = [n for n in names if machines[n].restart != "no" and _unsupervised(ctx.target.state_dir(n))]
     if not names:
         return set()
     from qemuspec import reconcile
@@ -343,8 +344,7 @@ def _running(ctx: Context, name: str) -> "Instance":
     inst = Instance.find(name, spec.machines[name], target.state_dir(name))
     if inst is None:
         raise QemuspecError(f"machine {name} is not running: start it with `qemuspec up {target.path}`")
-    if spec.machines[name].restart != "no" and _unsupervised(target.state_dir(name)):
-        _readopt(ctx, [name], lambda n: True)
+    _readopt(ctx, [name])
     return inst
 
 
