@@ -448,11 +448,16 @@ def show_value(field: str, value: Any) -> str:
     return json.dumps(value)
 
 
-def plan(spec: Any, root: str, names: list[str], owner: str | None = None) -> list[dict]:
-    """What `up` would do per machine, with the changed definition fields and the argv diff."""
+def plan(spec: Any, root: str, names: list[str], owner: str | None = None, backends: Any = None) -> list[dict]:
+    """What `up` would do per machine, with the changed definition fields and the argv (or domain XML)
+    diff; ``backends``: each machine's (backends.chosen; by default, where the definition places it)."""
     from qemuspec import reconcile
 
-    steps = reconcile.plan(spec, root, names, owner=owner)
+    if backends is None:
+        from qemuspec.backends import chosen
+
+        backends = chosen(spec, root, owner or "the definition file", None, owner)
+    steps = reconcile.plan(spec, backends, names, owner=owner)
     for step in steps:
         old = recorded_definition(os.path.join(root, step["name"]))
         changes = []

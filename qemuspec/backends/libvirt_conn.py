@@ -25,6 +25,14 @@ def binding() -> Any:
     return libvirt
 
 
+class Unreachable(QemuspecError):
+    """A libvirt host that did not answer; ``reason`` is libvirt's own words, for status's row."""
+
+    def __init__(self, text: str, reason: str):
+        super().__init__(text)
+        self.reason = reason
+
+
 def _start_loop(libvirt: Any) -> None:
     global _loop
     if _loop is not None:
@@ -58,8 +66,9 @@ def connect(uri: str) -> Any:
         try:
             conn = libvirt.open(uri)
         except libvirt.libvirtError as exc:
-            raise QemuspecError(f"cannot connect to libvirt at {uri}: {exc.get_error_message()}: check that libvirtd runs there "
-                                "and that you may use it (for qemu+ssh://, that `ssh` to the host works without a password)") from None
+            reason = exc.get_error_message() or str(exc)
+            raise Unreachable(f"cannot connect to libvirt at {uri}: {reason}: check that libvirtd runs there and that you "
+                              "may use it (for qemu+ssh://, that `ssh` to the host works without a password)", reason) from None
         if "://" in uri and not uri.split("://", 1)[1].startswith("/"):
             conn.setKeepAlive(5, 3)  # a remote host that vanishes is noticed in ~20 s, not never
         _connections[uri] = conn

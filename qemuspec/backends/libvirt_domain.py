@@ -1,5 +1,5 @@
-"""up, down, status and plan for machines placed on libvirt hosts: the reconciler's job, with
-libvirt's domain state as the record.
+"""The libvirt backend (backends/base.py): one machine's look, start, stop, status and plan diff on a
+libvirt host, with libvirt's domain state as the record; reconcile does the rest above it.
 
 A domain qemuspec defines carries ``<metadata><qemuspec:owner file=… file_sha256=… hash=…/>``: the
 definition file, its content hash, and the machine's definition hash (the one the local supervisor
@@ -13,22 +13,21 @@ import difflib
 import hashlib
 import os
 import re
+import socket
+import threading
 import time
 import xml.etree.ElementTree as ET
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from qemuspec.backends import libvirt_storage as storage
-from qemuspec.backends.libvirt_conn import binding, connect, label, message
-from qemuspec.backends.libvirt_guest import Console, forwarded_ports, wait_agent
+from qemuspec.backends.base import Outcome, Problem, Report, Seen, unsupported
+from qemuspec.backends.libvirt_conn import Unreachable, binding, connect, label, message
+from qemuspec.backends.libvirt_guest import Console, LibvirtAgent, Monitor, forwarded_ports, wait_agent
 from qemuspec.backends.libvirt_reach import Reach
 from qemuspec.errors import QemuspecError
 from qemuspec.libvirt import OWNER_NS, domain_xml
-from qemuspec.reconcile import Outcome, stopped
 from qemuspec.spec.records import definition_hash
 from qemuspec.spec.models import File, Machine
-
-Report = Callable[[str, str], None]
 
 
 def _file_sha(path: str) -> str:
@@ -172,114 +171,6 @@ def ssh_argv(uri: str, name: str, machine: Machine, state_root: str, command: li
     return Reach(uri).ssh_argv(argv, forward)
 
 
-def _up_one(spec: File, source: str, state_root: str, uri: str, name: str, report: Report) -> Outcome:
-    libvirt = binding()
-    machine = spec.machines[name]
-    began = time.monotonic()
-    try:
-        conn = connect(uri)
-        dom = lookup(conn, name)
-        action = "started"
-        if dom is not None:
-            record = _ours(dom, uri, name, source)
-            if dom.isActive() and record.get("hash") == definition_hash(machine):
-                report(name, "up to date")
-                return Outcome(name, "up to date", 0.0, ports=forwarded_ports(dom))
-            if dom.isActive():
-                report(name, "definition changed: stopping")
-                stop(dom, machine.stop_timeout)
-                action = "recreated"
-            _undefine(dom)
-        media, volumes = storage.prepare(conn, name, machine, _seed(name, machine, state_root))
-        pool = storage.pool(conn)
-        try:
-            dom = conn.defineXML(_wanted_xml(conn, name, machine, source, media, volumes, pool))
-        except libvirt.libvirtError as exc:
-            raise QemuspecError(f"machine {name}: libvirt at {uri} refused the domain: {message(exc)}") from None
-        report(name, "starting")
-        console = None
-        try:
-            dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
-            if machine.serial != "none":
-                console = Console(conn, dom)
-            if not machine.paused:
-                dom.resume()
-                report(name, "waiting for ready")
-                _wait_ready(dom, uri, name, machine, console, began, state_root)
-        except (QemuspecError, libvirt.libvirtError) as exc:
-            detail = f"machine {name} on {label(uri)}: {message(exc)}"
-            if console is not None and console.tail():
-                detail += "\nlast console lines:\n" + console.tail()
-            report(name, "failed")
-            if dom.isActive():
-                dom.destroy()
-            _undefine(dom)
-            return Outcome(name, "failed", time.monotonic() - began, detail=detail)
-        finally:
-            if console is not None:
-                console.close()
-        seconds = time.monotonic() - began
-        report(name, f"ready in {seconds:.1f} s")
-        return Outcome(name, action, seconds, ports=forwarded_ports(dom))
-    except (QemuspecError, libvirt.libvirtError) as exc:
-        report(name, "failed")
-        return Outcome(name, "failed", time.monotonic() - began, detail=f"machine {name} on {label(uri)}: {message(exc)}")
-
-
-def _levels(spec: File, names: list[str]) -> list[list[str]]:
-    from qemuspec.reconcile import with_dependencies
-
-    return with_dependencies(spec, names)
-
-
-def up(spec: File, source: str, state_root: str, names: list[str], hosts: dict[str, str | None], report: Report) -> list[Outcome]:
-    """Level by level in depends_on order, a level's machines in parallel; local machines of a mixed
-    file go to the local reconciler, level by level too."""
-    from qemuspec import reconcile
-
-    outcomes: list[Outcome] = []
-    for level in _levels(spec, names):
-        remote = [n for n in level if hosts.get(n) or spec.machines[n].host]
-        local = [n for n in level if n not in remote]
-        with ThreadPoolExecutor(max_workers=max(1, len(remote))) as pool:
-            futures = [pool.submit(_up_one, spec, source, state_root, str(hosts.get(n) or spec.machines[n].host), n, report) for n in remote]
-            if local:
-                with reconcile.locked(state_root):
-                    outcomes += reconcile._up_level(spec, state_root, local, report)
-            outcomes += [f.result() for f in futures]
-        if any(o.action == "failed" for o in outcomes):
-            break
-    return outcomes
-
-
-def _down_one(spec: File, source: str, uri: str, name: str, timeout: float | None, report: Report, purge: bool) -> Outcome:
-    libvirt = binding()
-    try:
-        conn = connect(uri)
-        dom = lookup(conn, name)
-        if dom is None:
-            if purge:
-                storage.purge(conn, name, _media_in_use(conn, name))
-            return Outcome(name, "not running")
-        _ours(dom, uri, name, source)
-        began = time.monotonic()
-        step = "already stopped"
-        if dom.isActive():
-            report(name, "stopping")
-            step = stop(dom, spec.machines[name].stop_timeout if timeout is None else timeout)
-        _undefine(dom)
-        if purge:
-            storage.purge(conn, name, _media_in_use(conn, name))
-        seconds = time.monotonic() - began
-        if step == "already stopped":
-            return Outcome(name, "not running")
-        report(name, f"stopped ({step}, {seconds:.1f} s)")
-        return stopped(name, seconds, step)
-    except (QemuspecError, libvirt.libvirtError) as exc:
-        report(name, "failed")
-        return Outcome(name, "failed", detail=f"machine {name} on {label(uri)}: {message(exc)}")
-
-
 def _media_in_use(conn: Any, leaving: str) -> set[str]:
     used: set[str] = set()
     for dom in conn.listAllDomains(0):
@@ -288,43 +179,6 @@ def _media_in_use(conn: Any, leaving: str) -> set[str]:
             used.update(record.get("volumes", "").split())
     return used
 
-
-def down(spec: File, source: str, state_root: str, names: list[str], hosts: dict[str, str | None], timeout: float | None,
-         report: Report, purge: bool = False) -> list[Outcome]:
-    from qemuspec import reconcile
-    from qemuspec.spec.order import order_machines
-
-    outcomes: list[Outcome] = []
-    selected = set(names)
-    for level in reversed(order_machines(spec.machines)):
-        level = [n for n in level if n in selected]
-        remote = [n for n in level if hosts.get(n)]
-        local = [n for n in level if not hosts.get(n)]
-        with ThreadPoolExecutor(max_workers=max(1, len(remote))) as pool:
-            futures = [pool.submit(_down_one, spec, source, str(hosts[n]), n, timeout, report, purge) for n in remote]
-            if local:
-                outcomes += reconcile.down(spec, state_root, local, timeout, report)
-            outcomes += [f.result() for f in futures]
-    return outcomes
-
-
-def status(spec: File, source: str, name: str, uri: str) -> dict:
-    machine = spec.machines[name]
-    row: dict[str, Any] = {"name": name, "state": "stopped", "pid": None, "supervisor": None, "uptime": None, "restarts": 0,
-                           "restart": machine.restart, "qmp": None, "ports": [], "accel": [], "host": uri}
-    conn = connect(uri)
-    dom = lookup(conn, name)
-    if dom is None:
-        return row
-    record = owner(dom)
-    if record is None or record.get("file") != os.path.abspath(source):
-        row["state"] = "not ours"
-        return row
-    row["state"] = _state(dom)
-    if dom.isActive():
-        row["ports"] = forwarded_ports(dom)
-        row["accel"] = ["kvm" if ET.fromstring(dom.XMLDesc(0)).get("type") == "kvm" else "tcg"]
-    return row
 
 
 # What plan compares: the parts of libvirt's domain XML that qemuspec writes, one line each, so a
@@ -369,26 +223,115 @@ def project(xml: str) -> list[str]:
     return lines
 
 
-def plan(spec: File, source: str, state_root: str, names: list[str], hosts: dict[str, str | None]) -> list[dict]:
-    from qemuspec import reconcile
+class LibvirtBackend:
+    """Machines on the libvirt host at ``uri``, one domain each (named after the machine), the domain's
+    metadata as the record. ``root``: this host's state root (the ssh key, known_hosts, definition.json);
+    ``source``: the definition file, recorded as the domain's owner."""
 
-    out = []
-    for level in _levels(spec, names):
-        for name in level:
-            uri = hosts.get(name)
-            if not uri:
-                out += [step for step in reconcile.plan(spec, state_root, [name]) if step["name"] == name]
-                continue
-            machine = spec.machines[name]
-            conn = connect(uri)
-            dom = lookup(conn, name)
+    kind = "libvirt"
+
+    def __init__(self, uri: str, root: str, source: str):
+        self.uri, self.root, self.source = uri, root, source
+        self.where = label(uri)
+
+    def _call(self, name: str, what: Callable[[], Any]) -> Any:
+        libvirt = binding()
+        try:
+            return what()
+        except libvirt.libvirtError as exc:
+            raise QemuspecError(f"machine {name} on {self.where}: {message(exc)}") from None
+
+    def look(self, name: str, machine: Machine) -> Seen:
+        def look() -> Seen:
+            dom = lookup(connect(self.uri), name)
             if dom is None:
-                out.append({"name": name, "action": "start", "diff": [], "host": uri})
-                continue
-            record = _ours(dom, uri, name, source)
-            if record.get("hash") == definition_hash(machine) and dom.isActive():
-                out.append({"name": name, "action": "up to date", "diff": [], "host": uri})
-                continue
+                return Seen()
+            record = owner(dom)
+            if record is None:
+                return Seen(claimed=True, refusal=f"machine {name}: a domain named {name} exists on {self.uri} and qemuspec "
+                                                  "did not define it: qemuspec leaves it alone; rename the machine, or "
+                                                  "remove that domain yourself")
+            running = bool(dom.isActive())
+            if record.get("machine") != name and record.get("file") == os.path.abspath(self.source):
+                return Seen(claimed=True, refusal=f"machine {name}: the domain {name} on {self.uri} was defined for machine "
+                                                  f"{record.get('machine')}: rename one of them")
+            return Seen(running=running, hash=record.get("hash"), owner=record.get("file"), claimed=True,
+                        ports=forwarded_ports(dom) if running else [])
+        return self._call(name, look)
+
+    def start(self, name: str, machine: Machine, action: str, report: Report) -> Callable[[], Outcome]:
+        return lambda: self._start(name, machine, action, report)
+
+    def _start(self, name: str, machine: Machine, action: str, report: Report) -> Outcome:
+        libvirt = binding()
+        began = time.monotonic()
+        try:
+            conn = connect(self.uri)
+            dom = lookup(conn, name)
+            if dom is not None:  # a leftover of ours, stopped (reconcile checked whose it is)
+                _undefine(dom)
+            media, volumes = storage.prepare(conn, name, machine, _seed(name, machine, self.root))
+            pool = storage.pool(conn)
+            try:
+                dom = conn.defineXML(_wanted_xml(conn, name, machine, self.source, media, volumes, pool))
+            except libvirt.libvirtError as exc:
+                raise QemuspecError(f"libvirt at {self.uri} refused the domain: {message(exc)}") from None
+            report(name, "starting")
+            console = None
+            try:
+                dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
+                if machine.serial != "none":
+                    console = Console(conn, dom)
+                if not machine.paused:
+                    dom.resume()
+                    report(name, "waiting for ready")
+                    _wait_ready(dom, self.uri, name, machine, console, began, self.root)
+            except (QemuspecError, libvirt.libvirtError) as exc:
+                detail = f"machine {name} on {self.where}: {message(exc)}"
+                if console is not None and console.tail():
+                    detail += "\nlast console lines:\n" + console.tail()
+                report(name, "failed")
+                if dom.isActive():
+                    dom.destroy()
+                _undefine(dom)
+                return Outcome(name, "failed", time.monotonic() - began, detail=detail)
+            finally:
+                if console is not None:
+                    console.close()
+            seconds = time.monotonic() - began
+            report(name, f"ready in {seconds:.1f} s")
+            return Outcome(name, action, seconds, ports=forwarded_ports(dom))
+        except (QemuspecError, libvirt.libvirtError) as exc:
+            report(name, "failed")
+            return Outcome(name, "failed", time.monotonic() - began, detail=f"machine {name} on {self.where}: {message(exc)}")
+
+    def join(self, name: str, machine: Machine, began: float) -> Outcome | None:
+        return None  # libvirt starts a domain in one call: there is no start in progress to wait for
+
+    def stop(self, name: str, machine: Machine, timeout: float | None) -> str:
+        def down() -> str:
+            dom = lookup(connect(self.uri), name)
+            if dom is None:
+                return "already stopped"
+            step = stop(dom, machine.stop_timeout if timeout is None else timeout)
+            _undefine(dom)
+            return step
+        return self._call(name, down)
+
+    def clean(self, name: str) -> None:
+        def clean() -> None:
+            dom = lookup(connect(self.uri), name)
+            if dom is not None and not dom.isActive():
+                _undefine(dom)
+        self._call(name, clean)
+
+    def plan_step(self, name: str, machine: Machine, seen: Seen, action: str) -> dict:
+        """The diff of the domain XML libvirt holds against the XML the definition gives now."""
+        def diff() -> list[str]:
+            conn = connect(self.uri)
+            dom = lookup(conn, name)
+            if dom is None or action not in ("start", "recreate"):
+                return []
             pool = storage.pool(conn, create=False)
             media = {p: storage.predicted(pool, p) for p in storage.media_paths(machine)}
             for index, disk in enumerate(machine.disks):
@@ -396,7 +339,124 @@ def plan(spec: File, source: str, state_root: str, names: list[str], hosts: dict
                     media[disk.file] = os.path.join(storage.pool_dir(pool) if pool else storage.SYSTEM_POOL_DIR,
                                                     storage.disk_volume(name, index, disk.format))
             held = dom.XMLDesc(binding().VIR_DOMAIN_XML_INACTIVE)
-            wanted = _wanted_xml(conn, name, machine, source, media, [], pool)
-            diff = list(difflib.unified_diff(project(held), project(wanted), "libvirt", "definition", lineterm="", n=1))
-            out.append({"name": name, "action": "recreate" if dom.isActive() else "start", "diff": diff, "host": uri})
-    return out
+            wanted = _wanted_xml(conn, name, machine, self.source, media, [], pool)
+            return list(difflib.unified_diff(project(held), project(wanted), "libvirt", "definition", lineterm="", n=1))
+        return {"diff": self._call(name, diff), "host": self.uri}
+
+    def status(self, name: str, machine: Machine) -> dict:
+        row: dict[str, Any] = {"name": name, "state": "stopped", "reason": "", "pid": None, "supervisor": None, "uptime": None,
+                               "restarts": 0, "restart": machine.restart, "qmp": None, "ports": [], "accel": [],
+                               "host": self.uri}
+        try:
+            conn = connect(self.uri)
+        except Unreachable as exc:  # the row stays: a host that is down is a state, not an error
+            row["state"], row["reason"] = f"unreachable: {exc.reason}", str(exc)
+            return row
+
+        def look() -> None:
+            dom = lookup(conn, name)
+            if dom is None:
+                return
+            record = owner(dom)
+            if record is None or record.get("file") != os.path.abspath(self.source):
+                row["state"] = "not ours"
+                return
+            row["state"] = _state(dom)
+            if dom.isActive():
+                row["ports"] = forwarded_ports(dom)
+                row["accel"] = ["kvm" if ET.fromstring(dom.XMLDesc(0)).get("type") == "kvm" else "tcg"]
+        self._call(name, look)
+        return row
+
+    def preflight(self, spec: File, source: str, names: list[str], allow_local_qemu: bool, allow_host_paths: bool,
+                  environ: dict[str, str], ports: bool = False, probe: bool = False) -> list[Problem]:
+        """The files `up` uploads from this host must exist, and host paths outside the tree need the
+        user's opt-in; the qemu binary, kvm, ports and capabilities are the libvirt host's, not ours."""
+        from qemuspec.spec import preflight as checks
+
+        return checks.missing_files(spec, names) + checks.host_path_problems(spec, source, names, allow_host_paths, environ)
+
+    def refusal(self, name: str, machine: Machine, command: str) -> str | None:
+        if command in ("events", "snapshot", "reset", "up --attach", "inspect"):
+            return unsupported(name, self.where, command)
+        if machine.warm and command in ("up", "restart", "plan"):
+            return (f"machine {name} runs through libvirt at {self.where}: warm start (warm = true, --warm) restores "
+                    "qemuspec's own saved state, which libvirt does not keep: drop it for this machine "
+                    "(through libvirt, `virsh managedsave` saves a running domain)")
+        return None
+
+    def purge(self, name: str) -> list[str]:
+        """The machine's volumes and uploaded media no other qemuspec domain uses; then this host's part."""
+        from qemuspec.runtime.purge import purge
+
+        def volumes() -> list[str]:
+            conn = connect(self.uri)
+            return storage.purge(conn, name, _media_in_use(conn, name)) or []
+        return self._call(name, volumes) + purge(self.root, name)
+
+    def _domain(self, name: str) -> Any:
+        dom = self._call(name, lambda: lookup(connect(self.uri), name))
+        if dom is None or not dom.isActive():
+            raise QemuspecError(f"machine {name} is not running on {self.uri}: start it with `qemuspec up {self.source}`")
+        _ours(dom, self.uri, name, self.source)
+        return dom
+
+    def monitor(self, name: str, machine: Machine) -> Monitor:
+        return Monitor(self._domain(name))
+
+    def agent(self, name: str, machine: Machine, timeout: float) -> LibvirtAgent:
+        return LibvirtAgent(self._domain(name), timeout=timeout)
+
+    def pause(self, name: str, machine: Machine, paused: bool) -> None:
+        dom = self._domain(name)
+        self._call(name, dom.suspend if paused else dom.resume)
+
+    def console(self, name: str, machine: Machine, interactive: bool) -> socket.socket:
+        """libvirt's console stream (like `virsh console --force` when interactive), bridged to a socket
+        so the CLI reads every backend's console the same way; the socket ends when the stream does."""
+        ours, theirs = socket.socketpair()
+
+        def arrived(chunk: bytes) -> None:
+            try:
+                ours.sendall(chunk)
+            except OSError:
+                pass
+
+        stream = Console(connect(self.uri), self._domain(name), force=interactive, on_data=arrived)
+
+        def pump() -> None:  # keystrokes to the guest; the caller closing its end closes the stream
+            try:
+                while (data := ours.recv(4096)):
+                    stream.send(data)
+            except (OSError, QemuspecError):
+                pass
+            stream.close()
+
+        def ended() -> None:  # the machine stopped: the caller reads the end of its console
+            stream.wait_closed(None)
+            try:
+                ours.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+        threading.Thread(target=pump, name=f"console-{name}", daemon=True).start()
+        threading.Thread(target=ended, name=f"console-end-{name}", daemon=True).start()
+        return theirs
+
+    def serial_log(self, name: str, lines: int) -> str | None:
+        """The serial log libvirt keeps in the pool, downloaded (so remote hosts work)."""
+        data = self._call(name, lambda: storage.download(connect(self.uri), f"{name}-serial.log"))
+        if data is None:
+            return None
+        text = data.decode(errors="replace").replace("\r", "")
+        return "\n".join(text.split("\n")[-lines - 1:]) if lines else text
+
+    def ssh(self, name: str, machine: Machine, command: list[str]) -> dict:
+        return {"machine": name, "host": self.uri,
+                "argv": ssh_argv(self.uri, name, machine, self.root, command, dom=self._domain(name))}
+
+    def settle(self, spec: File, names: list[str]) -> None:
+        return None  # private networks are local only (the export refuses them)
+
+    def readopt(self, spec: File, names: list[str]) -> list[Outcome]:
+        return []  # libvirtd supervises its domains itself

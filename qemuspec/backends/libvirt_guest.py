@@ -49,6 +49,12 @@ class Monitor:
     def __init__(self, dom: Any):
         self.dom = dom
 
+    def __enter__(self) -> "Monitor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None  # libvirt owns the monitor connection
+
     def command(self, name: str, arguments: dict | None = None, timeout: float | None = None) -> Any:
         import libvirt_qemu
 

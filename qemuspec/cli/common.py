@@ -231,31 +231,19 @@ def check_against_qemu(spec: Any, lines: dict, source: str, names: list[str]) ->
         raise SpecError(located(source, lines, problems))
 
 
-def preflight(spec: Any, lines: dict, source: str, names: list[str], allow_local_qemu: bool = False, root: str | None = None,
-              settings: Settings | None = None, allow_host_paths: bool = False, out: Output | None = None,
-              remote: list[str] | None = None) -> None:
-    """What `up` would fail on, found before anything starts (spec/preflight.py): exit 2 with file:line.
-    With ``out``, first lists the host paths outside the tree the machines can use. ``remote``: machines
-    placed on libvirt hosts, checked only for the host paths they would be given (uploads)."""
+def preflight(spec: Any, lines: dict, source: str, names: list[str], allow_local_qemu: bool = False,
+              settings: Settings | None = None, allow_host_paths: bool = False, out: Output | None = None) -> None:
+    """What starting these machines here would fail on (validate, run; `up` asks each machine's backend:
+    reconcile.preflight): exit 2 with file:line. With ``out``, first lists the host paths outside the
+    tree the machines can use."""
     from qemuspec.errors import SpecError
     from qemuspec.spec import preflight as checks
 
     if out is not None:
-        list_host_paths(out, spec, source, names + list(remote or []))
+        list_host_paths(out, spec, source, names)
     environ = (settings or Settings.from_env()).var_environ()
     problems = checks.host_problems(spec, source, names, allow_local_qemu=allow_local_qemu, environ=environ,
                                     allow_host_paths=allow_host_paths)
-    problems += checks.host_path_problems(spec, source, list(remote or []), allow_host_paths, environ)
-    if root is not None and not problems:  # `up`: the ports of machines it would start must be free
-        from qemuspec import reconcile
-
-        starting = [step["name"] for step in reconcile.plan(spec, root, names) if step["action"] == "start"]
-        from qemuspec.runtime.sockets import busy_forwards
-
-        problems = [(("machines", name, "nics", index, "forwards", number, "host"),
-                     f"host port {fwd.address}:{fwd.host}/{fwd.protocol} is {why}: stop what holds it, "
-                     "or choose another port (host = 0 picks a free one)")
-                    for name in starting for index, number, fwd, why in busy_forwards(spec.machines[name].nics)]
     if problems:
         from qemuspec.spec.messages import located
 

@@ -9,8 +9,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from qemuspec.cli.common import Context, emit_json
-from qemuspec.cli import libvirt_commands
-from qemuspec.cli.vm_commands import _client, _running
+from qemuspec.cli.vm_commands import _machine, monitor, refuse
 from qemuspec.errors import QemuspecError, QMPConnectionError, UsageError
 
 if TYPE_CHECKING:
@@ -18,32 +17,13 @@ if TYPE_CHECKING:
 
 
 def agent_for(ctx: Context, name: str, timeout: float = 30.0) -> "GuestAgent":
-    """A synced guest-agent session, or an error that says why not: no channel, machine paused, agent silent."""
-    from qemuspec.errors import QMPConnectionError, QMPProtocolError, QMPTimeout
-    from qemuspec.runtime.agent import GuestAgent
-
-    if (hosts := libvirt_commands.placed(ctx, ctx.target.spec, name)):  # libvirt backend
-        return libvirt_commands.agent(ctx, ctx.target.spec, name, hosts, timeout)
-    inst = _running(ctx, name)
-    if not inst.machine.agent:
+    """A guest-agent session through the machine's backend, or an error that says why not: no channel,
+    machine paused, agent silent."""
+    backend, machine = _machine(ctx, name)
+    if not machine.agent:
         raise QemuspecError(f"machine {name} has no guest-agent channel: add agent = true to [machines.{name}] "
                             "(and run qemu-guest-agent in the guest), or use `qemuspec ssh`")
-    from qemuspec.runtime.status import run_state
-
-    if run_state(inst)[0] == "paused":
-        raise QemuspecError(f"machine {name} is paused, so its guest agent cannot answer: "
-                            f"`qemuspec resume {ctx.target.path} {name}` first")
-    agent = GuestAgent(inst.layout.qga, timeout=timeout)
-    try:
-        agent.sync(timeout=min(timeout, 10.0))
-    except QMPProtocolError as exc:  # the guest answers, but not as an agent: say so, not "is it running?"
-        agent.close()
-        raise QMPProtocolError(f"the guest agent of {name} broke the protocol, so nothing it says is used: {exc}") from None
-    except (QMPTimeout, QMPConnectionError) as exc:
-        agent.close()
-        raise QemuspecError(f"the guest agent of {name} does not answer ({exc}): is qemu-guest-agent running in the guest "
-                            "on the virtio-serial port org.qemu.guest_agent.0?") from None
-    return agent
+    return backend.agent(name, machine, timeout)
 
 
 def exec_(ctx: Context, *, timeout: float) -> int:
@@ -130,23 +110,15 @@ def _bar():
 
 
 def ssh(ctx: Context) -> int:
-    from qemuspec.runtime import sshkeys
-
     name = ctx.target.machine()
-    if (hosts := libvirt_commands.placed(ctx, ctx.target.spec, name)):  # libvirt backend
-        argv = libvirt_commands.ssh_argv(ctx, ctx.target.spec, hosts, name, list(ctx.tail or []))
-        sys.stdout.flush()
-        os.execvp(argv[0], argv)
-    inst = _running(ctx, name)
-    key, _ = sshkeys.ensure_key(os.path.dirname(inst.state_dir))
-    port = inst.host_port(inst.machine.ssh.port)
-    argv = sshkeys.ssh_argv(key, inst.state_dir, inst.machine.ssh.user, port, list(ctx.tail or []))
+    backend, machine = _machine(ctx, name)
+    reach = backend.ssh(name, machine, list(ctx.tail or []))
     if ctx.out.json:  # nothing to run interactively: say how to reach the guest
-        emit_json({"machine": name, "host": "127.0.0.1", "port": port, "user": inst.machine.ssh.user, "key": key, "argv": argv})
+        emit_json(reach)
         return 0
     sys.stdout.flush()
     try:
-        os.execvp(argv[0], argv)
+        os.execvp(reach["argv"][0], reach["argv"])
     except FileNotFoundError:
         raise QemuspecError("ssh not found: install it (Debian: apt-get install openssh-client)") from None
     return 1
@@ -158,6 +130,7 @@ def reset(ctx: Context) -> int:
 
     target = ctx.target
     spec = target.spec
+    refuse(ctx, target.machines(), "reset")
     results = []
     for name in target.machines():
         if Instance.find(name, spec.machines[name], target.state_dir(name)) is not None:
@@ -188,7 +161,8 @@ def snapshot(ctx: Context, *, action: str) -> int:
         if len(rest) > 1:
             raise UsageError(f"snapshot {action} takes [MACHINE] TAG, got {', '.join(rest + [tag])}")
         name = target.machine(rest[0] if rest else None, operands=False)
-    with _client(_running(ctx, name)) as client:
+    refuse(ctx, [name], "snapshot")
+    with monitor(ctx, name) as client:
         tags = vm_snapshot(client, action, tag)
     if action == "list":
         if ctx.out.json:

@@ -9,15 +9,12 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from qemuspec.cli import libvirt_commands
 from qemuspec.cli.common import REFUSED, Context, Output, Target, emit_json, outcomes_exit_code
 from qemuspec.cli.main import PENDING
 from qemuspec.errors import QemuspecError, UsageError
 
 if TYPE_CHECKING:
-    from qemuspec.qmp.sync import QMPClient
-    from qemuspec.reconcile import Outcome
-    from qemuspec.runtime.instance import Instance
+    from qemuspec.backends.base import Backend, Outcome
 
 DETACH = b"\x1d"  # Ctrl-]
 
@@ -25,6 +22,26 @@ DETACH = b"\x1d"  # Ctrl-]
 def _owner(target: Target) -> str | None:
     """The definition file, recorded as the owner of the machines it starts."""
     return os.path.abspath(target.path) if getattr(target, "path", None) else None
+
+
+def backends(ctx: Context) -> dict[str, "Backend"]:
+    """Each machine's backend, chosen once for the command (backends.chosen)."""
+    if "backends" not in ctx.extra:
+        from qemuspec.backends import chosen
+
+        target = ctx.target
+        connect = getattr(ctx.extra.get("namespace"), "connect", None) or ctx.settings.connect
+        ctx.extra["backends"] = chosen(target.spec, target.root, target.path, connect, _owner(target))
+    return ctx.extra["backends"]
+
+
+def refuse(ctx: Context, names: list[str], command: str) -> None:
+    """One UsageError paragraph when a machine's backend cannot run ``command``."""
+    chosen = backends(ctx)
+    for name in names:
+        why = chosen[name].refusal(name, ctx.target.spec.machines[name], command)
+        if why:
+            raise UsageError(why)
 
 
 def _print_outcomes(out: Output, outcomes: list["Outcome"]) -> None:
@@ -49,37 +66,24 @@ def _print_outcomes(out: Output, outcomes: list["Outcome"]) -> None:
             print(f"warning: {o.name}: {out.guest(warning, sys.stderr)}", file=sys.stderr)
 
 
-def _warm_flag(warm: bool, spec: Any, names: list[str]) -> None:
-    """`--warm`: this run treats the selected machines (and what they depend on) as warm = true."""
-    if warm:
-        from qemuspec import reconcile
-
-        for name in reconcile.needed(spec, names):
-            spec.machines[name] = spec.machines[name].model_copy(update={"warm": True})
-
-
-def _record(target: Target, outcomes: list["Outcome"], machines: dict[str, Any]) -> None:
-    from qemuspec.runtime import statedir
-
-    for o in outcomes:
-        if o.action in ("started", "recreated", "adopted"):
-            statedir.record_definition(target.state_dir(o.name), machines[o.name].model_dump(mode="json"))
-
-
-def _checked(ctx: Context, names: list[str], allow_local_qemu: bool, allow_host_paths: bool, ports: bool) -> dict:
-    """Preflight before anything starts (up, restart): local machines get every check, also in a file
-    that places others on libvirt hosts, which get the host-path check; returns the libvirt placement."""
-    from qemuspec.cli.common import preflight
+def _checked(ctx: Context, names: list[str], allow_local_qemu: bool, allow_host_paths: bool, ports: bool,
+             probe: bool = False, command: str = "up") -> None:
+    """Preflight before anything starts (up, restart), each machine by its backend (reconcile.preflight):
+    exit 2 with file:line. First lists the host paths outside the tree the machines can use."""
+    from qemuspec import reconcile
+    from qemuspec.cli.common import list_host_paths
 
     target = ctx.target
     spec, lines = target.load()
-    hosts = libvirt_commands.placed(ctx, spec, names) or {}
-    local = [n for n in names if not hosts.get(n)]
-    remote = [n for n in names if hosts.get(n)]
-    preflight(spec, lines, target.path, local, allow_local_qemu=allow_local_qemu,
-              root=target.root if ports and not hosts else None, settings=ctx.settings,
-              allow_host_paths=allow_host_paths, out=ctx.out, remote=remote)
-    return hosts
+    list_host_paths(ctx.out, spec, target.path, names)
+    problems = reconcile.preflight(spec, target.path, names, backends(ctx), command=command, allow_local_qemu=allow_local_qemu,
+                                   allow_host_paths=allow_host_paths, environ=ctx.settings.var_environ(), ports=ports,
+                                   probe=probe)
+    if problems:
+        from qemuspec.errors import SpecError
+        from qemuspec.spec.messages import located
+
+        raise SpecError(located(target.path, lines, problems))
 
 
 def up(ctx: Context, *, no_probe: bool, attach: bool, timeout: float | None, allow_local_qemu: bool, warm: bool = False,
@@ -87,30 +91,19 @@ def up(ctx: Context, *, no_probe: bool, attach: bool, timeout: float | None, all
     from qemuspec import reconcile
 
     target = ctx.target
-    spec, lines = target.load()
+    spec = target.spec
     names = target.machines()
-    hosts = _checked(ctx, reconcile.needed(spec, names), allow_local_qemu, allow_host_paths, ports=True)
-    if hosts:  # libvirt backend
-        return libvirt_commands.up(ctx, spec, names, hosts, attach)
-    _warm_flag(warm, spec, names)
-    if not no_probe:
-        from qemuspec.cli.common import check_against_qemu
-
-        check_against_qemu(spec, lines, target.path, reconcile.needed(spec, names))
-    declared = dict(spec.machines)
-    if timeout is not None:
-        if timeout <= 0:
-            raise UsageError(f"--timeout {timeout:g}: give a number of seconds above 0")
-        for name in reconcile.needed(spec, names):  # readiness timeout for this run only (not in the definition hash)
-            machine = spec.machines[name]
-            spec.machines[name] = machine.model_copy(update={"ready": machine.ready.model_copy(update={"timeout": timeout})})
-    deadline = max((spec.machines[n].ready.timeout for n in reconcile.needed(spec, names)), default=None)
+    started = reconcile.needed(spec, names)
+    if attach:
+        refuse(ctx, names, "up --attach")
+    declared = reconcile.overridden(spec, started, timeout, warm)
+    _checked(ctx, started, allow_local_qemu, allow_host_paths, ports=True, probe=not no_probe)
+    deadline = max((spec.machines[n].ready.timeout for n in started), default=None)
     progress = ctx.out.progress(names, deadline)
     try:
-        outcomes = reconcile.up(spec, target.root, names, progress, owner=_owner(target))
+        outcomes = reconcile.up(spec, target.root, names, backends(ctx), progress, owner=_owner(target), record=declared)
     finally:
         progress.close()
-    _record(target, outcomes, declared)
     _print_outcomes(ctx.out, outcomes)
     if outcomes_exit_code(outcomes):
         return 1
@@ -134,7 +127,8 @@ def _attach(ctx: Context, spec: Any, names: list[str]) -> int:
     except KeyboardInterrupt:
         pass
     print("\nstopping...", file=sys.stderr)
-    _print_outcomes(ctx.out, reconcile.down(spec, root, names, None, ctx.out.progress(names), owner=_owner(ctx.target)))
+    _print_outcomes(ctx.out, reconcile.down(spec, root, names, backends(ctx), None, ctx.out.progress(names),
+                                            owner=_owner(ctx.target)))
     return 0
 
 
@@ -144,31 +138,25 @@ def down(ctx: Context, *, timeout: float | None, purge: bool) -> int:
     target = ctx.target
     spec = target.spec
     names = target.machines()
-    if (hosts := libvirt_commands.placed(ctx, spec, names)):  # libvirt backend
-        return libvirt_commands.down(ctx, spec, names, hosts, timeout, purge)
-    outcomes = reconcile.down(spec, target.root, names, timeout, ctx.out.progress(names), owner=_owner(target))
-    if purge:
-        from qemuspec.api import purge as purge_files
-
-        kept = {o.name for o in outcomes if o.action == "belongs to another file"}
-        for path in purge_files(spec, target.root, [n for n in names if n not in kept]):
-            ctx.out.note(f"removed {path}")
+    outcomes = reconcile.down(spec, target.root, names, backends(ctx), timeout, ctx.out.progress(names), owner=_owner(target))
+    if purge:  # what qemuspec made for each stopped machine, by its backend (a host's volumes; this host's files)
+        kept = {o.name for o in outcomes if o.action in REFUSED}
+        for name in [n for n in names if n not in kept]:
+            for path in backends(ctx)[name].purge(name):
+                ctx.out.note(f"removed {path}")
     _print_outcomes(ctx.out, outcomes)
     return outcomes_exit_code(outcomes)
 
 
 def status(ctx: Context) -> int:
-    from qemuspec.runtime.status import machine_status
-
     target = ctx.target
     spec = target.spec
-    if (hosts := libvirt_commands.placed(ctx, spec, target.machines())):  # libvirt backend
-        return libvirt_commands.status(ctx, spec, target.machines(), hosts)
     owner = _owner(target)
     rows = []
     readopted = _readopt(ctx, target.machines())
+    chosen = backends(ctx)
     for name in target.machines():
-        row = machine_status(name, spec.machines[name], target.state_dir(name))
+        row = chosen[name].status(name, spec.machines[name])
         if name in readopted:
             row["readopted"] = True
         if owner and row.get("file") and row["state"] != "stopped" and os.path.abspath(row["file"]) != owner:
@@ -177,7 +165,7 @@ def status(ctx: Context) -> int:
     if ctx.out.json:
         emit_json(rows)
         return 0
-    _table(rows, with_file=False)
+    _table(rows, with_file=False, with_host=any(r.get("host") for r in rows))
     for r in rows:  # warm machines: how the next start goes, and what a restore shares
         if r.get("next_boot"):
             print(f"{r['name']}: next start {r['next_boot']['boot']}: {r['next_boot']['why']}")
@@ -216,13 +204,13 @@ def _readopt(ctx: Context, names: list[str]) -> set[str]:
     on stderr: a command that sees such a machine does not leave its policy unenforced. The cheap
     look first, so a command with nothing to adopt never imports reconcile."""
     machines = ctx.target.spec.machines
-    names = [n for n in names if machines[n].restart != "no" and _unsupervised(ctx.target.state_dir(n))]
+    chosen = backends(ctx)
+    names = [n for n in names if machines[n].restart != "no" and chosen[n].kind == "local"
+             and _unsupervised(ctx.target.state_dir(n))]
     if not names:
         return set()
-    from qemuspec import reconcile
-
     done = set()
-    for o in reconcile.readopt(ctx.target.spec, ctx.target.root, names, owner=_owner(ctx.target)):
+    for o in [o for n in names for o in chosen[n].readopt(ctx.target.spec, [n])]:
         if o.action == "adopted":
             done.add(o.name)
             policy = ctx.target.spec.machines[o.name].restart
@@ -232,8 +220,10 @@ def _readopt(ctx: Context, names: list[str]) -> set[str]:
     return done
 
 
-def _table(rows: list[dict], with_file: bool) -> None:
-    head = ["NAME", "STATE", "PID", "UPTIME", "RESTARTS", "BOOT", "ACCEL", "PORTS"] + (["FILE"] if with_file else []) + ["REASON"]
+def _table(rows: list[dict], with_file: bool, with_host: bool = False) -> None:
+    """The one status table; HOST (where each machine runs) when a machine runs through libvirt."""
+    head = ["NAME", "STATE", "PID", "UPTIME", "RESTARTS", "BOOT", "ACCEL", "PORTS"] + (["FILE"] if with_file else [])
+    head += (["HOST"] if with_host else []) + ["REASON"]
     table = [head]
     for r in rows:
         ports = " ".join(f"{p['host']}->{p['guest']}" for p in r["ports"])
@@ -241,9 +231,18 @@ def _table(rows: list[dict], with_file: bool) -> None:
         cells = [r["name"], r["state"], str(r["pid"] or "-"), uptime, str(r["restarts"]), r.get("boot") or "-",
                  ",".join(r["accel"]) or "-", ports or "-"]
         cells += [str(r.get("file") or r.get("state_dir"))] if with_file else []
+        cells += [_host_label(r.get("host"))] if with_host else []
         table.append(cells + [r["reason"] or ""])
     for line in format_table(table, right={2, 3, 4}):
         print(line)
+
+
+def _host_label(uri: str | None) -> str:
+    if not uri:
+        return "local"
+    from qemuspec.backends.libvirt_conn import label
+
+    return label(uri)
 
 
 def ls(ctx: Context) -> int:
@@ -277,13 +276,15 @@ def plan(ctx: Context, *, warm: bool = False) -> int:
     """What `up` would do; exit 3 (PENDING) when it would change anything, so CI can gate on drift."""
     from qemuspec.api import plan as plan_steps, show_value
 
+    from qemuspec import reconcile
+
     target = ctx.target
     spec = target.spec
-    if (hosts := libvirt_commands.placed(ctx, spec, target.machines())):  # libvirt backend
-        return libvirt_commands.plan(ctx, spec, target.machines(), hosts)
     names = target.machines()
-    _warm_flag(warm, spec, names)
-    steps = plan_steps(spec, target.root, names, owner=_owner(target))
+    reconcile.overridden(spec, reconcile.needed(spec, names), warm=warm)
+    if warm:
+        refuse(ctx, reconcile.needed(spec, names), "plan")
+    steps = plan_steps(spec, target.root, names, owner=_owner(target), backends=backends(ctx))
     pending = any(step["action"] != "up to date" for step in steps)
     if ctx.out.json:
         emit_json(steps)
@@ -312,6 +313,7 @@ def inspect(ctx: Context) -> int:
 
     target = ctx.target
     name = target.machine()
+    refuse(ctx, [name], "inspect")
     info = machine_info(target.spec, target.root, name)
     if ctx.out.json:
         emit_json(info)
@@ -335,24 +337,18 @@ def inspect(ctx: Context) -> int:
     return 0
 
 
-def _running(ctx: Context, name: str) -> "Instance":
-    from qemuspec.runtime.instance import Instance
-
-    target = ctx.target
-    spec = target.spec
-    libvirt_commands.local_only(ctx, spec, name)  # libvirt backend: commands without a libvirt path
-    inst = Instance.find(name, spec.machines[name], target.state_dir(name))
-    if inst is None:
-        raise QemuspecError(f"machine {name} is not running: start it with `qemuspec up {target.path}`")
+def _machine(ctx: Context, name: str) -> tuple["Backend", Any]:
+    """The backend and model of a machine a command acts on while it runs; an unsupervised local
+    machine gets its supervisor again first (_readopt)."""
     _readopt(ctx, [name])
-    return inst
+    return backends(ctx)[name], ctx.target.spec.machines[name]
 
 
-def _client(inst: "Instance") -> "QMPClient":
-    """A connection on the client monitor, which stays free while the supervisor holds the main one."""
-    from qemuspec.qmp.sync import QMPClient
-
-    return QMPClient.connect(f"unix:{inst.layout.qmp_client}", timeout=5)
+def monitor(ctx: Context, name: str) -> Any:
+    """A QMP connection to a running machine, through its backend (local: the client monitor, free
+    while the supervisor holds the main one; libvirt: its monitor passthrough)."""
+    backend, machine = _machine(ctx, name)
+    return backend.monitor(name, machine)
 
 
 def qmp(ctx: Context) -> int:
@@ -378,9 +374,7 @@ def qmp(ctx: Context) -> int:
             raise UsageError(f"arguments must be a JSON object, for example '{{\"device\": \"disk0\"}}': {exc}") from None
         if not isinstance(arguments, dict):
             raise UsageError("arguments must be a JSON object, for example '{\"device\": \"disk0\"}'")
-    if (hosts := libvirt_commands.placed(ctx, target.spec, name)):  # libvirt backend
-        return libvirt_commands.qmp(ctx, target.spec, hosts, name, command, arguments)
-    with _client(_running(ctx, name)) as client:
+    with monitor(ctx, name) as client:
         result = client.command(command, arguments)
     if isinstance(result, str) and not ctx.out.json:
         sys.stdout.write(result if result.endswith("\n") else result + "\n")
@@ -389,24 +383,22 @@ def qmp(ctx: Context) -> int:
     return 0
 
 
-def _each(ctx: Context, command: str, done: str) -> int:
-    if (hosts := libvirt_commands.placed(ctx, ctx.target.spec, ctx.target.machines())):  # libvirt backend
-        return libvirt_commands.each(ctx, ctx.target.spec, hosts, command, done)
+def _each(ctx: Context, paused: bool) -> int:
     results = []
     for name in ctx.target.machines():
-        with _client(_running(ctx, name)) as client:
-            client.command(command)
-            results.append({"name": name, "state": done})
+        backend, machine = _machine(ctx, name)
+        backend.pause(name, machine, paused)
+        results.append({"name": name, "state": "paused" if paused else "running"})
     ctx.out.states(results)
     return 0
 
 
 def pause(ctx: Context) -> int:
-    return _each(ctx, "stop", "paused")
+    return _each(ctx, True)
 
 
 def resume(ctx: Context) -> int:
-    return _each(ctx, "cont", "running")
+    return _each(ctx, False)
 
 
 def restart(ctx: Context, *, allow_local_qemu: bool = False, allow_host_paths: bool = False) -> int:
@@ -416,14 +408,14 @@ def restart(ctx: Context, *, allow_local_qemu: bool = False, allow_host_paths: b
     spec = target.spec
     names = target.machines()
     # The machines are stopped first, so their own ports are not checked.
-    if (hosts := _checked(ctx, names, allow_local_qemu, allow_host_paths, ports=False)):  # libvirt backend
-        libvirt_commands.down(ctx, spec, names, hosts, None, False)
-        return libvirt_commands.up(ctx, spec, names, hosts)
+    _checked(ctx, names, allow_local_qemu, allow_host_paths, ports=False, command="restart")
     progress = ctx.out.progress(names)
-    reconcile.down(spec, target.root, names, None, progress, owner=_owner(target))
-    outcomes = reconcile.up(spec, target.root, names, progress, owner=_owner(target))
-    progress.close()
-    _record(target, outcomes, spec.machines)
+    try:
+        down = reconcile.down(spec, target.root, names, backends(ctx), None, progress, owner=_owner(target))
+        refused = [o for o in down if o.action in REFUSED]
+        outcomes = refused or reconcile.up(spec, target.root, names, backends(ctx), progress, owner=_owner(target))
+    finally:
+        progress.close()
     _print_outcomes(ctx.out, outcomes)
     return outcomes_exit_code(outcomes)
 
@@ -431,8 +423,11 @@ def restart(ctx: Context, *, allow_local_qemu: bool = False, allow_host_paths: b
 def logs(ctx: Context, *, follow: bool, events: bool, lines: int) -> int:
     target = ctx.target
     names = target.machines()
-    if not events and (hosts := libvirt_commands.placed(ctx, target.spec, names)):  # libvirt backend
-        return libvirt_commands.logs(ctx, target.spec, names, hosts, follow, lines)
+    chosen = backends(ctx)
+    if any(chosen[n].kind != "local" for n in names):
+        if events:
+            refuse(ctx, names, "logs --events")
+        return _logs_through(ctx, names, follow, lines)
     filename = "events.jsonl" if events else "serial.log"
     many = len(names) > 1
     sources = [((f"{n} | " if many else ""), target.state_dir(n) + "/" + filename, False) for n in names]
@@ -444,6 +439,35 @@ def logs(ctx: Context, *, follow: bool, events: bool, lines: int) -> int:
                 emit=lambda path, line: ctx.out.line(_log_record(dict((p, n) for n, p in json_sources)[path], line, events)))
         return 0
     _follow(sources, follow=follow, last=lines, clean=ctx.out.guest)
+    return 0
+
+
+def _logs_through(ctx: Context, names: list[str], follow: bool, lines: int) -> int:
+    """The console log a backend keeps for a machine (libvirt: in the host's pool, downloaded); with
+    --follow, the live console after it, until the machine stops."""
+    chosen = backends(ctx)
+    if len({id(chosen[n]) for n in names}) > 1:
+        raise UsageError("logs of machines in different places (local, libvirt hosts) at once: name one machine")
+    prefix = len(names) > 1
+    found = False
+    for name in names:
+        text = chosen[name].serial_log(name, lines)
+        if text is None:
+            continue
+        found = True
+        for line in text.removesuffix("\n").split("\n") if text else []:
+            ctx.out.line({"machine": name, "line": line}) if ctx.out.json else print((f"{name} | " if prefix else "") + ctx.out.guest(line))
+    if not follow:
+        if not found:
+            raise QemuspecError(f"no console log yet for {', '.join(names)}: start with `qemuspec up {ctx.target.path}`")
+        return 0
+    if len(names) != 1:
+        raise UsageError("logs --follow of machines on libvirt hosts follows one machine: name it")
+    backend, machine = _machine(ctx, names[0])
+    with backend.console(names[0], machine, interactive=False) as sock:
+        while (data := sock.recv(65536)):
+            sys.stdout.write(ctx.out.guest(data.decode(errors="replace").replace("\r", "")))
+            sys.stdout.flush()
     return 0
 
 
@@ -459,7 +483,7 @@ def _log_record(name: str, line: str, events: bool) -> dict:
 def events(ctx: Context, *, follow: bool) -> int:
     target = ctx.target
     name = target.machine()
-    libvirt_commands.local_only(ctx, target.spec, name)  # libvirt backend
+    refuse(ctx, [name], "events")
     path = os.path.join(target.state_dir(name), "events.jsonl")
     if not follow and not os.path.exists(path):
         raise QemuspecError(f"machine {name} has no events yet")
@@ -512,45 +536,14 @@ def _follow(sources: list[tuple[str, str, bool]], follow: bool, last: int = 0, e
         time.sleep(0.1)
 
 
-def _console_session(name: str, path: str) -> Any:
-    """A session on the supervisor's console proxy (runtime/console.py): it answers ``ok`` or why not."""
-    import socket
-
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.connect(path)
-        sock.settimeout(5)
-        answer = b""
-        while not answer.endswith(b"\n") and len(answer) < 4096:
-            chunk = sock.recv(1)
-            if not chunk:
-                break
-            answer += chunk
-        sock.settimeout(None)
-    except OSError as exc:
-        sock.close()
-        raise QemuspecError(f"the console of machine {name} is not served ({path}: {exc.strerror or exc}): its "
-                            "supervisor serves it; `qemuspec status` says whether it runs (an unsupervised machine "
-                            "is adopted by `qemuspec up`)") from None
-    if answer != b"ok\n":
-        sock.close()
-        why = answer.decode(errors="replace").strip().removeprefix("busy: ") or "the proxy closed the connection"
-        raise QemuspecError(why)
-    return sock
-
-
 def console(ctx: Context) -> int:
     """Interactive serial console. Ctrl-] detaches; the machine keeps running. With --json, the
     console's output as JSON lines ({"machine", "data"}) until the console closes or input ends."""
     import select as select_mod
 
     name = ctx.target.machine()
-    if (hosts := libvirt_commands.placed(ctx, ctx.target.spec, name)):  # libvirt backend
-        return libvirt_commands.console(ctx, ctx.target.spec, hosts, name)
-    inst = _running(ctx, name)
-    if inst.machine.serial not in ("log", "socket"):
-        raise QemuspecError(f"machine {name} has no console socket: set serial = \"log\" or \"socket\"")
-    sock = _console_session(name, inst.layout.console_client)
+    backend, machine = _machine(ctx, name)
+    sock = backend.console(name, machine, interactive=True)
     stdin = sys.stdin.fileno()
     interactive = os.isatty(stdin) and not ctx.out.json
     saved = None

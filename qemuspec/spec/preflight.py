@@ -46,6 +46,11 @@ def host_problems(spec: "File", source: str, names: list[str], allow_local_qemu:
     return problems + host_path_problems(spec, source, names, allow_host_paths, env)
 
 
+def missing_files(spec: "File", names: list[str]) -> list[Problem]:
+    """The files a machine reads from this host that do not exist (also for a libvirt host, which gets uploads)."""
+    return [(("machines", name) + path, message) for name in names for path, message in _missing_files(spec.machines[name])]
+
+
 def host_path_problems(spec: "File", source: str, names: list[str], allow: bool = False,
                        environ: Mapping[str, str] | None = None) -> list[Problem]:
     """The host paths outside the tree that need the user's opt-in (see :func:`host_paths`), unless given."""
