@@ -153,7 +153,8 @@ def up(spec: File, root: str, names: list[str], backends: Backends, report: Repo
         for level in with_dependencies(spec, names):
             results = _up_level(spec, level, backends, report, owner)
             for o in results:
-                if o.action in ("started", "recreated", "adopted"):
+                if o.action in ("started", "recreated", "adopted"):  # claimed, so plan trusts the record
+                    statedir.claim(os.path.join(root, o.name))
                     statedir.record_definition(os.path.join(root, o.name),
                                                (record or spec.machines)[o.name].model_dump(mode="json"))
             outcomes += results

@@ -217,6 +217,12 @@ device_options = {{ romfile = "" }}
 """
 
 
+def never_ready(guest: dict, name: str, timeout: str) -> str:
+    """A machine whose readiness pattern the guest never prints, within ``timeout``."""
+    return machine_toml(guest, name).replace(f'serial = "{guest["marker"]}"\nagent = true\ntimeout = "120s"',
+                                             f'serial = "a line this guest never prints"\ntimeout = "{timeout}"')
+
+
 def _cleanup(uri: str, names: list[str], env: dict | None = None) -> None:
     """Whatever a failed test left: destroy and undefine its domains (by their test-unique names)."""
     for name in names:
@@ -467,8 +473,7 @@ def test_a_machine_that_never_gets_ready_fails_with_its_console_and_is_removed(s
     uri = system_libvirtd
     name = f"qsnever{os.getpid()}"
     path = tmp_path / "never.toml"
-    path.write_text(machine_toml(guest, name).replace(f'serial = "{guest["marker"]}"\nagent = true\ntimeout = "120s"',
-                                                      'serial = "a line this guest never prints"\ntimeout = "15s"'))
+    path.write_text(never_ready(guest, name, "15s"))
     try:
         began = time.monotonic()
         up = run("up", str(path), "--connect", uri)
@@ -479,3 +484,106 @@ def test_a_machine_that_never_gets_ready_fails_with_its_console_and_is_removed(s
     finally:
         _cleanup(uri, [name])
         run("down", str(path), "--purge", "--connect", uri)
+
+
+# ---- one file, both backends: what reconcile does above them (issue 21) ---------------------------
+
+def test_a_mixed_file_gives_every_machine_an_owner_and_a_definition_record(system_libvirtd, guest, tmp_path):
+    """A libvirt machine beside a local one: the local machine is owned by the file (another file's
+    plan leaves it alone) and both get definition.json, so plan says which fields changed."""
+    uri = system_libvirtd
+    tag = os.getpid()
+    remote, local = f"qsmixl{tag}", f"qsmixh{tag}"
+    path = tmp_path / "mixed.toml"
+    path.write_text(machine_toml(guest, remote, host=uri) + machine_toml(guest, local))
+    other = tmp_path / "other.toml"
+    other.write_text(machine_toml(guest, local).replace('memory = "192M"', 'memory = "160M"'))
+    try:
+        up = run("up", str(path), "--json")
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert {o["name"]: o["action"] for o in json.loads(up.stdout)} == {remote: "started", local: "started"}
+        rows = {r["name"]: r for r in json.loads(run("status", str(path), "--json").stdout)}
+        assert rows[local]["state"] == "running" and rows[local]["file"] == str(path), rows[local]
+        assert rows[remote]["state"] == "running" and rows[remote]["host"] == uri, rows[remote]
+        for name in (remote, local):
+            recorded = json.loads((tmp_path / ".qemuspec" / name / "definition.json").read_text())
+            assert recorded["memory"] == 192, recorded
+        step = json.loads(run("plan", str(other), "--json").stdout)[0]
+        assert step["action"] == "belongs to another file" and str(path) in step["detail"], step
+        path.write_text(machine_toml(guest, remote, host=uri).replace('memory = "192M"', 'memory = "224M"')
+                        + machine_toml(guest, local))
+        steps = {s["name"]: s for s in json.loads(run("plan", str(path), "--json").stdout)}
+        assert steps[remote]["changes"] == [{"field": "memory", "old": 192, "new": 224}], steps[remote]
+        assert steps[local]["action"] == "up to date", steps[local]
+        down = run("down", str(path), "--purge", "--json")
+        assert down.returncode == 0 and {o["action"] for o in json.loads(down.stdout)} == {"stopped"}, down.stderr
+    finally:
+        _cleanup(uri, [remote])
+        run("down", str(path), "--purge")
+
+
+def test_status_shows_a_row_for_a_machine_whose_host_cannot_be_reached(tmp_path):
+    try:
+        import libvirt  # noqa: F401
+    except ImportError:
+        fail_or_skip("libvirt-python is missing: pip install -e '.[libvirt]'")
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on: libvirt's tcp transport is refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = tmp_path / "gone.toml"
+    path.write_text(f'[machines.here]\nmemory = "64M"\n[machines.there]\nmemory = "64M"\n'
+                    f'host = "qemu+tcp://127.0.0.1:{port}/system"\n')
+    status = run("status", str(path), "--json")
+    assert status.returncode == 0, status.stderr
+    rows = {r["name"]: r for r in json.loads(status.stdout)}
+    assert rows["here"]["state"] == "stopped" and rows["here"]["host"] is None, rows
+    assert rows["there"]["state"].startswith("unreachable: ") and len(rows["there"]["state"]) > len("unreachable: "), rows
+    table = run("status", str(path))
+    assert table.returncode == 0 and "unreachable: " in table.stdout and "HOST" in table.stdout, table.stdout + table.stderr
+
+
+def test_the_libvirt_path_runs_preflight(system_libvirtd, guest, tmp_path):
+    """A file `up` would upload that does not exist is found before anything is defined: exit 2, file:line."""
+    name = f"qspre{os.getpid()}"
+    path = tmp_path / "pre.toml"
+    path.write_text(machine_toml(guest, name).replace(f'kernel = "{guest["kernel"]}"', 'kernel = "/nonexistent/vmlinuz"'))
+    try:
+        up = run("up", str(path), "--connect", system_libvirtd)
+        assert up.returncode == 2, up.stdout + up.stderr
+        assert f"machines.{name}.kernel" in up.stderr and "does not exist" in up.stderr and "Traceback" not in up.stderr
+        assert name not in _domains(system_libvirtd)
+    finally:
+        _cleanup(system_libvirtd, [name])
+
+
+def test_up_warm_through_libvirt_is_refused_before_anything_starts(system_libvirtd, guest, tmp_path):
+    """--warm restores qemuspec's own saved state, which libvirt does not keep: one clear paragraph, exit 2."""
+    name = f"qswarm{os.getpid()}"
+    path = tmp_path / "warm.toml"
+    path.write_text(machine_toml(guest, name))
+    try:
+        up = run("up", str(path), "--warm", "--connect", system_libvirtd)
+        assert up.returncode == 2 and "warm start" in up.stderr and name in up.stderr, up.stdout + up.stderr
+        assert name not in _domains(system_libvirtd), "nothing was defined"
+        plan = run("plan", str(path), "--warm", "--connect", system_libvirtd)
+        assert plan.returncode == 2 and "warm start" in plan.stderr, plan.stdout + plan.stderr
+    finally:
+        _cleanup(system_libvirtd, [name])
+        run("down", str(path), "--purge", "--connect", system_libvirtd)
+
+
+def test_up_timeout_bounds_readiness_through_libvirt(system_libvirtd, guest, tmp_path):
+    name = f"qstime{os.getpid()}"
+    path = tmp_path / "slow.toml"
+    path.write_text(never_ready(guest, name, "600s"))
+    try:
+        began = time.monotonic()
+        up = run("up", str(path), "--timeout", "10", "--connect", system_libvirtd, timeout=200)
+        assert up.returncode == 1 and "did not show" in up.stderr, up.stdout + up.stderr
+        assert time.monotonic() - began < 90, "--timeout 10, not the definition's 600 s, bounds the wait"
+        assert name not in _domains(system_libvirtd)
+    finally:
+        _cleanup(system_libvirtd, [name])
+        run("down", str(path), "--purge", "--connect", system_libvirtd)

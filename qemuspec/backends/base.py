@@ -77,6 +77,17 @@ class Seen:
     accel: list = field(default_factory=list)
 
 
+class Monitor(Protocol):
+    """A QMP connection to one machine, as a context manager (local: the client monitor socket;
+    libvirt: its monitor passthrough)."""
+
+    def command(self, name: str, arguments: dict | None = None, timeout: float = 30.0) -> object: ...
+
+    def __enter__(self) -> Monitor: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
 class Backend(Protocol):
     """One machine's runtime: the local supervisor (``backends/local.py``) or a libvirt host
     (``backends/libvirt_domain.py``). Methods take the machine's name and its model; a command that
@@ -145,7 +156,7 @@ class Backend(Protocol):
 
     def purge(self, name: str) -> list[str]: ...
 
-    def monitor(self, name: str, machine: Machine) -> contextlib.AbstractContextManager: ...
+    def monitor(self, name: str, machine: Machine) -> Monitor: ...
 
     def agent(self, name: str, machine: Machine, timeout: float) -> GuestAgent: ...
 
@@ -155,8 +166,8 @@ class Backend(Protocol):
         """The serial console as a socket: bytes from the guest to read, keystrokes to send."""
         ...
 
-    def serial_log(self, name: str, lines: int) -> str | None:
-        """The console log so far (its last ``lines``; 0: all), or None when there is none yet."""
+    def serial_log(self, name: str) -> str | None:
+        """The console log so far, or None when there is none yet."""
         ...
 
     def ssh(self, name: str, machine: Machine, command: list[str]) -> dict:

@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 import xml.etree.ElementTree as ET
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from qemuspec.backends import libvirt_storage as storage
 from qemuspec.backends.base import Outcome, Problem, Report, Seen, unsupported
@@ -223,6 +223,9 @@ def project(xml: str) -> list[str]:
     return lines
 
 
+T = TypeVar("T")
+
+
 class LibvirtBackend:
     """Machines on the libvirt host at ``uri``, one domain each (named after the machine), the domain's
     metadata as the record. ``root``: this host's state root (the ssh key, known_hosts, definition.json);
@@ -234,7 +237,7 @@ class LibvirtBackend:
         self.uri, self.root, self.source = uri, root, source
         self.where = label(uri)
 
-    def _call(self, name: str, what: Callable[[], Any]) -> Any:
+    def _call(self, name: str, what: Callable[[], T]) -> T:
         libvirt = binding()
         try:
             return what()
@@ -377,7 +380,7 @@ class LibvirtBackend:
         return checks.missing_files(spec, names) + checks.host_path_problems(spec, source, names, allow_host_paths, environ)
 
     def refusal(self, name: str, machine: Machine, command: str) -> str | None:
-        if command in ("events", "snapshot", "reset", "up --attach", "inspect"):
+        if command in ("events", "logs --events", "snapshot", "reset", "up --attach", "inspect"):
             return unsupported(name, self.where, command)
         if machine.warm and command in ("up", "restart", "plan"):
             return (f"machine {name} runs through libvirt at {self.where}: warm start (warm = true, --warm) restores "
@@ -443,13 +446,10 @@ class LibvirtBackend:
         threading.Thread(target=ended, name=f"console-end-{name}", daemon=True).start()
         return theirs
 
-    def serial_log(self, name: str, lines: int) -> str | None:
+    def serial_log(self, name: str) -> str | None:
         """The serial log libvirt keeps in the pool, downloaded (so remote hosts work)."""
         data = self._call(name, lambda: storage.download(connect(self.uri), f"{name}-serial.log"))
-        if data is None:
-            return None
-        text = data.decode(errors="replace").replace("\r", "")
-        return "\n".join(text.split("\n")[-lines - 1:]) if lines else text
+        return None if data is None else data.decode(errors="replace").replace("\r", "")
 
     def ssh(self, name: str, machine: Machine, command: list[str]) -> dict:
         return {"machine": name, "host": self.uri,

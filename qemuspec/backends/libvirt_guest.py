@@ -55,7 +55,7 @@ class Monitor:
     def __exit__(self, *exc: object) -> None:
         return None  # libvirt owns the monitor connection
 
-    def command(self, name: str, arguments: dict | None = None, timeout: float | None = None) -> Any:
+    def command(self, name: str, arguments: dict | None = None, timeout: float = 30.0) -> Any:
         import libvirt_qemu
 
         libvirt = binding()

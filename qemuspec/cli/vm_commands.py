@@ -14,7 +14,8 @@ from qemuspec.cli.main import PENDING
 from qemuspec.errors import QemuspecError, UsageError
 
 if TYPE_CHECKING:
-    from qemuspec.backends.base import Backend, Outcome
+    from qemuspec.backends.base import Backend, Monitor, Outcome
+    from qemuspec.spec.models import File, Machine
 
 DETACH = b"\x1d"  # Ctrl-]
 
@@ -112,7 +113,7 @@ def up(ctx: Context, *, no_probe: bool, attach: bool, timeout: float | None, all
     return 0
 
 
-def _attach(ctx: Context, spec: Any, names: list[str]) -> int:
+def _attach(ctx: Context, spec: "File", names: list[str]) -> int:
     """Stream every machine's console and events until Ctrl-C, then bring the machines down."""
     from qemuspec import reconcile
 
@@ -337,14 +338,14 @@ def inspect(ctx: Context) -> int:
     return 0
 
 
-def _machine(ctx: Context, name: str) -> tuple["Backend", Any]:
+def _machine(ctx: Context, name: str) -> tuple["Backend", "Machine"]:
     """The backend and model of a machine a command acts on while it runs; an unsupervised local
     machine gets its supervisor again first (_readopt)."""
     _readopt(ctx, [name])
     return backends(ctx)[name], ctx.target.spec.machines[name]
 
 
-def monitor(ctx: Context, name: str) -> Any:
+def monitor(ctx: Context, name: str) -> "Monitor":
     """A QMP connection to a running machine, through its backend (local: the client monitor, free
     while the supervisor holds the main one; libvirt: its monitor passthrough)."""
     backend, machine = _machine(ctx, name)
@@ -424,15 +425,17 @@ def logs(ctx: Context, *, follow: bool, events: bool, lines: int) -> int:
     target = ctx.target
     names = target.machines()
     chosen = backends(ctx)
+    if not follow and not events:  # every backend's console log, printed one way
+        return _print_logs(ctx, names, lines)
     if any(chosen[n].kind != "local" for n in names):
         if events:
             refuse(ctx, names, "logs --events")
-        return _logs_through(ctx, names, follow, lines)
+        return _follow_console(ctx, names)
     filename = "events.jsonl" if events else "serial.log"
     many = len(names) > 1
     sources = [((f"{n} | " if many else ""), target.state_dir(n) + "/" + filename, False) for n in names]
     if not follow and not any(os.path.exists(path) for _, path, _ in sources):
-        raise QemuspecError(f"no {'events' if events else 'console log'} yet for {', '.join(names)}: start with `qemuspec up {target.path}`")
+        raise QemuspecError(f"no events yet for {', '.join(names)}: start with `qemuspec up {target.path}`")
     if ctx.out.json:  # JSON lines: {"machine", "line"} for the console, {"machine", "event"} for events
         json_sources = [(n, path) for n, (_, path, _) in zip(names, sources)]
         _follow([("", path, False) for _, path in json_sources], follow=follow, last=lines,
@@ -442,27 +445,34 @@ def logs(ctx: Context, *, follow: bool, events: bool, lines: int) -> int:
     return 0
 
 
-def _logs_through(ctx: Context, names: list[str], follow: bool, lines: int) -> int:
-    """The console log a backend keeps for a machine (libvirt: in the host's pool, downloaded); with
-    --follow, the live console after it, until the machine stops."""
+def _print_logs(ctx: Context, names: list[str], lines: int) -> int:
+    """The console log each machine's backend keeps (local: serial.log; libvirt: the host's pool,
+    downloaded), the last ``lines`` of it (0: all), prefixed by the machine when there are several."""
     chosen = backends(ctx)
-    if len({id(chosen[n]) for n in names}) > 1:
-        raise UsageError("logs of machines in different places (local, libvirt hosts) at once: name one machine")
-    prefix = len(names) > 1
     found = False
     for name in names:
-        text = chosen[name].serial_log(name, lines)
+        text = chosen[name].serial_log(name)
         if text is None:
             continue
         found = True
-        for line in text.removesuffix("\n").split("\n") if text else []:
-            ctx.out.line({"machine": name, "line": line}) if ctx.out.json else print((f"{name} | " if prefix else "") + ctx.out.guest(line))
-    if not follow:
-        if not found:
-            raise QemuspecError(f"no console log yet for {', '.join(names)}: start with `qemuspec up {ctx.target.path}`")
-        return 0
+        shown = text.removesuffix("\n").split("\n") if text else []
+        for line in shown[-lines:] if lines else shown:
+            if ctx.out.json:
+                ctx.out.line({"machine": name, "line": line})
+            else:
+                print((f"{name} | " if len(names) > 1 else "") + ctx.out.guest(line))
+    sys.stdout.flush()
+    if not found:
+        raise QemuspecError(f"no console log yet for {', '.join(names)}: start with `qemuspec up {ctx.target.path}`")
+    return 0
+
+
+def _follow_console(ctx: Context, names: list[str]) -> int:
+    """`logs -f` of a machine whose backend keeps no log file here: the log so far, then the live
+    console, until the machine stops."""
     if len(names) != 1:
         raise UsageError("logs --follow of machines on libvirt hosts follows one machine: name it")
+    _print_logs(ctx, names, 0)
     backend, machine = _machine(ctx, names[0])
     with backend.console(names[0], machine, interactive=False) as sock:
         while (data := sock.recv(65536)):
