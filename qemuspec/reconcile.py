@@ -55,11 +55,9 @@ def foreign(seen: Seen, name: str, backend: Backend, owner: str | None) -> str |
         return seen.refusal
     if owner is None or seen.owner is None or not seen.claimed or os.path.abspath(seen.owner) == os.path.abspath(owner):
         return None
-    if backend.kind == "local":
-        return (f"machine {name} in {os.path.join(getattr(backend, 'root', ''), name)} is run by {seen.owner}, not {owner}: "
-                f"stop it with `qemuspec down {seen.owner}`, or give this file its own state directory (--state-dir)")
-    return (f"machine {name}: the domain {name} on {backend.uri} is run by {seen.owner}, not {owner}: "
-            f"bring it down with `qemuspec down {seen.owner}`, or rename the machine")
+    fix = "give this file its own state directory (--state-dir)" if backend.kind == "local" else "rename the machine"
+    return (f"machine {name} {seen.place} is run by {seen.owner}, not {owner}: stop it with "
+            f"`qemuspec down {seen.owner}`, or {fix}")
 
 
 def decide(seen: Seen, machine: Machine) -> str:

@@ -72,6 +72,7 @@ class Seen:
     busy: bool = False  # something acts on it (a local supervisor, maybe restarting it): a change recreates it
     starting: bool = False  # a start another `up` began is in progress (local: a supervisor starting it)
     refusal: str | None = None
+    place: str = ""  # where it is, for messages: "in STATE_DIR", "on URI"
     pid: int | None = None
     ports: list = field(default_factory=list)
     accel: list = field(default_factory=list)

@@ -259,7 +259,7 @@ class LibvirtBackend:
                 return Seen(claimed=True, refusal=f"machine {name}: the domain {name} on {self.uri} was defined for machine "
                                                   f"{record.get('machine')}: rename one of them")
             return Seen(running=running, hash=record.get("hash"), owner=record.get("file"), claimed=True,
-                        ports=forwarded_ports(dom) if running else [])
+                        place=f"on {self.uri}", ports=forwarded_ports(dom) if running else [])
         return self._call(name, look)
 
     def start(self, name: str, machine: Machine, action: str, report: Report) -> Callable[[], Outcome]:

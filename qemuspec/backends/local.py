@@ -52,7 +52,7 @@ class LocalBackend:
         seen = Seen(running=found is not None, hash=found.recorded_hash if found is not None else None,
                     owner=(sup.owner if sup is not None and sup.owner else None) or (record.owner if record else None),
                     claimed=live, adoptable=found is not None and sup is None, busy=sup is not None,
-                    starting=sup is not None and sup.phase in ("starting", "restarting"))
+                    starting=sup is not None and sup.phase in ("starting", "restarting"), place=f"in {state_dir}")
         if found is not None and found.process is not None:
             seen.pid, seen.ports, seen.accel = found.process.pid, found.ports, list(found.layout.accel)
         return seen
