@@ -4,7 +4,6 @@ nothing with --json or --quiet. Colour only on a terminal and never with NO_COLO
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
@@ -19,9 +18,14 @@ class Progress:
                  live: bool | None = None, colour: bool | None = None, deadline: float | None = None):
         self.stream = stream
         self.enabled = enabled
-        detected = stream.isatty() and os.environ.get("TERM") != "dumb"
-        self.live = enabled and (detected if live is None else live)
-        self.colour = self.live and ("NO_COLOR" not in os.environ if colour is None else colour)
+        if live is None or colour is None:
+            from qemuspec.settings import current
+
+            settings = current()
+            live = stream.isatty() and settings.term != "dumb" if live is None else live
+            colour = not settings.no_color if colour is None else colour
+        self.live = enabled and live
+        self.colour = self.live and colour
         self.deadline = deadline
         self.names = list(names)
         self.status = {name: "pending" for name in names}
