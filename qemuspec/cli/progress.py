@@ -7,7 +7,10 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from qemuspec.settings import Settings
 
 _COLOURS = {"ready": "32", "up to date": "32", "adopted": "32", "stopped": "32", "failed": "31"}
 _DONE = ("ready", "up to date", "adopted", "stopped", "failed", "not running", "started", "recreated")
@@ -15,13 +18,16 @@ _DONE = ("ready", "up to date", "adopted", "stopped", "failed", "not running", "
 
 class Progress:
     def __init__(self, names: list[str], enabled: bool = True, stream: TextIO = sys.stderr,
-                 live: bool | None = None, colour: bool | None = None, deadline: float | None = None):
+                 live: bool | None = None, colour: bool | None = None, deadline: float | None = None,
+                 settings: Settings | None = None):
+        """``live``/``colour`` unset: decided from the stream and ``settings`` (TERM, NO_COLOR; by
+        default the process's)."""
         self.stream = stream
         self.enabled = enabled
         if live is None or colour is None:
             from qemuspec.settings import current
 
-            settings = current()
+            settings = settings or current()
             live = stream.isatty() and settings.term != "dumb" if live is None else live
             colour = not settings.no_color if colour is None else colour
         self.live = enabled and live

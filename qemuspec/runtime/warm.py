@@ -44,10 +44,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from qemuspec.errors import QemuspecError, QMPError
+from qemuspec.runtime import statedir
 
 if TYPE_CHECKING:
     from qemuspec.qmp.sync import QMPClient
-    from qemuspec.runtime import statedir
     from qemuspec.runtime.instance import Instance
     from qemuspec.spec.models import Machine
 
