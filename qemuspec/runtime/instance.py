@@ -40,12 +40,12 @@ class StopResult:
 class Instance:
     def __init__(self, name: str, machine: Machine, state_dir: str, layout: Layout | None = None):
         """``layout``: the machine's (paths.machine_layout, with the caller's settings); by default
-        built from the process's settings."""
+        built from the process's settings when first needed (``ls`` finds machines without one)."""
         self.name = name
         self.machine = machine
         self.state_dir = os.path.abspath(state_dir)
-        self.planned: Layout = layout or paths.machine_layout(machine, self.state_dir)
-        self.layout: Layout = self.planned  # what the running qemu was started on (its bound port, accelerators)
+        self._planned = layout
+        self.layout: Layout = layout or paths.layout(self.state_dir)  # where the running qemu's files are
         self.process: Process | None = None
         self.qmp: QMPClient | None = None
         self.console: ConsoleReader | None = None
@@ -65,6 +65,13 @@ class Instance:
         self.stopping: Callable[[], bool] = lambda: False  # the supervisor's "stop requested": ends ready waits
         self._listeners: list[tuple[str, Callable[[dict], Any]]] = []
         self._log_offset = 0
+
+    @property
+    def planned(self) -> Layout:
+        """The layout a launch starts from: accelerators and monitor resolved once."""
+        if self._planned is None:
+            self._planned = paths.machine_layout(self.machine, self.state_dir)
+        return self._planned
 
     @property
     def state_file(self) -> str:
@@ -429,9 +436,11 @@ class Instance:
             record = statedir.read(inst.state_dir, statedir.STATE, statedir.QemuRecord)
         if record is None or record.name != name:
             return None
-        recorded_accel = tuple(a for a in record.accel if isinstance(a, str)) or inst.planned.accel
+        recorded_accel = tuple(a for a in record.accel if isinstance(a, str))
+        if not recorded_accel and machine is not None:
+            recorded_accel = inst.planned.accel
         port = record.qmp.rsplit(":", 1)[-1] if record.qmp and record.qmp.startswith("tcp:") else None
-        lay = dataclasses.replace(paths.with_accel(inst.planned, recorded_accel),
+        lay = dataclasses.replace(paths.with_accel(inst.layout, recorded_accel),
                                   qmp_port=int(port) if port and port.isdigit() else None)
         if not is_our_qemu(record, lay.pidfile) or (not trusted and not _runs_qemu(record.pid)):
             return None
