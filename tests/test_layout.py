@@ -172,7 +172,8 @@ def test_inspect_does_not_follow_symlinks_planted_in_a_state_directory(tmp_path)
     (state / statedir.EVENTS).write_text('{"event": "OURS"}\n')
     statedir.write(str(state), statedir.EXIT, statedir.ExitRecord(phase="stopped", why="ours"))
     info = api.machine_info(spec, str(root), "m")
-    assert [e["event"] for e in info["events"]] == ["OURS"] and info["last_exit"]["why"] == "ours", "real files are read"
+    assert [e["event"] for e in info["events"]] == ["OURS"], "a real file is read"
+    assert info["last_exit"]["why"] == "ours"
     secret_events, secret_exit = tmp_path / "secret.jsonl", tmp_path / "secret.json"
     secret_events.write_text('{"event": "SECRET"}\n')
     secret_exit.write_text('{"phase": "stopped", "why": "SECRET"}\n')

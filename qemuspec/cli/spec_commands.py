@@ -110,8 +110,8 @@ def render(ctx: Context, *, shell: bool, format: str) -> int:
         lay = paths.machine_layout(machine, target.state_dir(name), ctx.settings)
         argvs[name] = render_argv(machine, name, lay)
         if lay.fallback:
-            ctx.out.note(f'{name}: accel = {machine.accel!r} renders {",".join(lay.accel)}; if qemu cannot start on kvm, '
-                         f"up starts it again on {','.join(lay.fallback)} (and says so)")
+            ctx.out.note(f'{name}: accel = {machine.accel!r} renders {",".join(lay.accel)}; if qemu cannot start '
+                         f"on kvm, up starts it again on {','.join(lay.fallback)} (and says so)")
     if ctx.out.json and shell:
         raise UsageError("--json and --shell are alternatives: choose one")
     if ctx.out.json:

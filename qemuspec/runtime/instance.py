@@ -545,7 +545,8 @@ def forget(state_dir: str) -> None:
     directory too once nothing else (a supervisor between restarts) uses it. Logs and disks stay."""
     state_dir = os.path.abspath(state_dir)
     run = paths.run_dir(state_dir)
-    statedir.remove(run, statedir.MACHINE, *statedir.RUN_SOCKETS, *[n for n in _listdir(run) if statedir.is_virtiofs_sock(n)])
+    statedir.remove(run, statedir.MACHINE, *statedir.RUN_SOCKETS,
+                    *[n for n in _listdir(run) if statedir.is_virtiofs_sock(n)])
     tls = os.path.join(run, statedir.TLS_DIR)  # the TCP monitor's credentials live as long as its qemu
     statedir.remove(tls, *_listdir(tls))
     with contextlib.suppress(OSError):

@@ -28,9 +28,6 @@ if TYPE_CHECKING:
     from qemuspec.settings import Settings
     from qemuspec.spec.models import Machine
 
-STATE_ENV = "QEMUSPEC_STATE_DIR"
-
-
 @dataclass(frozen=True)
 class Layout:
     """Where one machine's runtime files are. Sockets go in a short ``run_dir`` (0700) so their paths stay
@@ -110,7 +107,8 @@ class Layout:
         import hashlib
 
         root = os.path.dirname(self.state_dir)
-        return os.path.join(os.path.dirname(self.run_dir), statedir.NETWORK_PREFIX + hashlib.sha256(f"{root}\0{name}".encode()).hexdigest()[:12])
+        digest = hashlib.sha256(f"{root}\0{name}".encode()).hexdigest()[:12]
+        return os.path.join(os.path.dirname(self.run_dir), statedir.NETWORK_PREFIX + digest)
 
 
 def machine_layout(machine: Machine, state_dir: str, settings: Settings | None = None,

@@ -61,8 +61,8 @@ def ensure(path: str) -> str:
             _run(openssl, path, "req", "-new", *CURVE, "-keyout", statedir.tls_key(kind), "-out", csr, "-subj", subject,
                  "-config", "/dev/null")
             _run(openssl, path, "x509", "-req", "-in", csr, "-CA", CA_CERT, "-CAkey", CA_KEY,
-                 "-set_serial", str(int.from_bytes(os.urandom(8), "big")), "-days", DAYS, "-out", statedir.tls_cert(kind),
-                 "-extfile", ext)
+                 "-set_serial", str(int.from_bytes(os.urandom(8), "big")), "-days", DAYS,
+                 "-out", statedir.tls_cert(kind), "-extfile", ext)
     finally:
         os.umask(old)
         for name in (CA_KEY, *(n for kind in EXTENSIONS for n in statedir.tls_scratch(kind))):
@@ -85,5 +85,6 @@ def client_context(tls_dir: str):
 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.load_verify_locations(os.path.join(tls_dir, CA_CERT))
-    ctx.load_cert_chain(os.path.join(tls_dir, statedir.tls_cert("client")), os.path.join(tls_dir, statedir.tls_key("client")))
+    ctx.load_cert_chain(os.path.join(tls_dir, statedir.tls_cert("client")),
+                        os.path.join(tls_dir, statedir.tls_key("client")))
     return ctx
