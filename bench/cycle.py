@@ -80,7 +80,8 @@ def free_port() -> int:
 
 
 def hand_argv(path: str, tmp: str) -> tuple[list[str], str]:
-    from qemuspec.render import Layout, render
+    from qemuspec.render import render
+    from qemuspec.runtime.paths import Layout
     from qemuspec.spec.loader import load
 
     machine = load(path).machines["cycle"]

@@ -47,7 +47,8 @@ def definition(directory: str, count: int) -> str:
 
 
 def raw_argv(directory: str) -> tuple[list[str], str]:
-    from qemuspec.render import Layout, render
+    from qemuspec.render import render
+    from qemuspec.runtime.paths import Layout
     from qemuspec.spec.models import Machine
 
     machine = Machine(accel="tcg", memory="128M", paused=True, serial="none")

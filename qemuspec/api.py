@@ -22,20 +22,28 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 from qemuspec.errors import QemuspecError, SpecError
 
 if TYPE_CHECKING:
+    from qemuspec.settings import Settings
     from qemuspec.spec.models import Machine
 
 Callback = Callable[[dict], Any]
 
 
 class Qemu:
-    """Settings shared by the machines it makes: the qemu binary, QMP transport, where state goes."""
+    """Settings shared by the machines it makes: the qemu binary, QMP transport, where state goes.
+
+    ``settings`` (a qemuspec.settings.Settings) are passed down to every machine, so a program runs
+    with choices of its own (``Settings(accel="tcg")``) without touching the process environment;
+    by default the process's (read from the environment once)."""
 
     def __init__(self, qemu: str = "qemu-system-x86_64", tcp: bool = False, port: int = 4444,
-                 state_dir: str | None = None, accel: str | list[str] | None = None):
+                 state_dir: str | None = None, accel: str | list[str] | None = None, settings: Settings | None = None):
+        from qemuspec.settings import current
+
         self.qemu = qemu
         self.tcp = tcp
         self.port = port
-        self.state_dir = state_dir
+        self.settings = settings or current()
+        self.state_dir = state_dir or self.settings.state_dir
         self.accel = accel
         self._count = 0
 
@@ -46,14 +54,18 @@ class Qemu:
             defaults["accel"] = self.accel
         name = name or f"vm{self._count}"
         state = os.path.join(self.state_dir, name) if self.state_dir else None
-        return VM(name, {**defaults, **fields}, state_dir=state)
+        return VM(name, {**defaults, **fields}, state_dir=state, settings=self.settings)
 
 
 class VM:
     """One machine: builder while stopped, controller while running."""
 
-    def __init__(self, name: str = "vm", fields: dict | Machine | None = None, state_dir: str | None = None):
+    def __init__(self, name: str = "vm", fields: dict | Machine | None = None, state_dir: str | None = None,
+                 settings: Settings | None = None):
+        from qemuspec.settings import current
+
         self.name = name
+        self.settings = settings or current()
         self._fields: dict[str, Any] = {}
         self._model: Machine | None = None
         self._instance: Any = None  # the runtime Instance once started
@@ -223,11 +235,17 @@ class VM:
         return yaml.safe_dump(self.definition(), sort_keys=False)
 
     def argv(self) -> list[str]:
-        """The qemu command line (paths point into the state directory)."""
+        """The qemu command line (paths point into the state directory): the one ``qemuspec render``
+        prints for the same machine, from the same Layout constructor."""
         from qemuspec.render import render
-        from qemuspec.runtime import accel, paths
 
-        return render(self.model, self.name, paths.layout(self.state_dir, accel=accel.resolve(self.model.accel)))
+        return render(self.model, self.name, self.layout())
+
+    def layout(self) -> Any:
+        """Where the machine's files go, accelerators and monitor resolved (runtime/paths.machine_layout)."""
+        from qemuspec.runtime import paths
+
+        return paths.machine_layout(self.model, self.state_dir, self.settings)
 
     # -- running ----------------------------------------------------------------------------------
 
@@ -249,7 +267,7 @@ class VM:
         """Launch; return once QMP answers and, when the machine has readiness probes, they pass."""
         from qemuspec.runtime.instance import Instance
 
-        instance = Instance(self.name, self.model, self.state_dir)
+        instance = Instance(self.name, self.model, self.state_dir, self.layout())
         for event, cb in self._listeners:
             instance.on(event, cb)
         self._instance = instance
@@ -366,15 +384,19 @@ class VM:
         return f"<VM {self.name} {state}>"
 
 
-def load(path: str, variables: dict | None = None, state_dir: str | None = None) -> dict[str, VM]:
-    """The machines of a definition file, ready to ``start()``, in dependency order."""
+def load(path: str, variables: dict | None = None, state_dir: str | None = None,
+         settings: Settings | None = None) -> dict[str, VM]:
+    """The machines of a definition file, ready to ``start()``, in dependency order. ``settings``
+    (default: the process's) give QEMUSPEC_VAR_* values, the state directory and the accelerator."""
     from qemuspec.runtime import paths
+    from qemuspec.settings import current
     from qemuspec.spec import load as load_spec
     from qemuspec.spec.order import order_machines
 
-    spec = load_spec(path, variables=variables)
-    root = paths.state_root(path, state_dir)
-    return {name: VM(name, spec.machines[name], state_dir=os.path.join(root, name))
+    settings = settings or current()
+    spec = load_spec(path, variables=variables, environ=settings.var_environ())
+    root = paths.state_root(path, state_dir or settings.state_dir)
+    return {name: VM(name, spec.machines[name], state_dir=os.path.join(root, name), settings=settings)
             for level in order_machines(spec.machines) for name in level}
 
 
@@ -383,14 +405,6 @@ def load(path: str, variables: dict | None = None, state_dir: str | None = None)
 # The CLI is a thin layer over these: each takes plain values (a loaded definition, a state root,
 # machine names) and returns data; printing is the caller's business.
 
-
-
-def machine_layout(machine: Machine, state_dir: str) -> Any:
-    """Where a machine's files go, with its accelerators resolved and its TCP QMP port (the render input)."""
-    from qemuspec.runtime import accel, paths
-
-    port = machine.qmp.port if machine.qmp.transport == "tcp" else None
-    return paths.layout(state_dir, accel=accel.resolve(machine.accel), qmp_port=port)
 
 
 def definition_record(state_dir: str) -> str:
@@ -549,30 +563,27 @@ def machine_info(spec: Any, root: str, name: str, events: int = 20) -> dict:
         info["argv"] = inst.argv
     else:
         from qemuspec.render import render
+        from qemuspec.runtime import paths
 
-        info["argv"] = render(machine, name, machine_layout(machine, state_dir))
+        info["argv"] = render(machine, name, paths.machine_layout(machine, state_dir))
     info["state_dir"] = state_dir
     info["disks"] = [{"file": d.file, "format": d.format, "backing": d.backing, "exists": os.path.exists(d.file)} for d in machine.disks]
     info["definition"] = machine.model_dump(mode="json")
-    last: list[dict] = []
-    try:
-        with open(os.path.join(state_dir, "events.jsonl"), encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    last.append(json.loads(line))
-                    del last[:-events]
-    except (OSError, ValueError):
-        pass
-    info["events"] = last
-    from qemuspec.runtime.supervisor import exit_file
+    from qemuspec.runtime import statedir
 
-    exit_record = exit_file(state_dir)
-    if os.path.exists(exit_record):
+    last: list[dict] = []  # never through a symlink: a planted `events.jsonl -> secret` shows nothing
+    for line in (statedir.read_from(os.path.join(state_dir, statedir.EVENTS)) or b"").splitlines():
         try:
-            with open(exit_record, encoding="utf-8") as f:
-                info["last_exit"] = json.load(f)
-        except (OSError, ValueError):
-            pass
+            event = json.loads(line) if line.strip() else None
+        except ValueError:
+            continue
+        if isinstance(event, dict):
+            last.append(event)
+            del last[:-events]
+    info["events"] = last
+    exit_record = statedir.read(state_dir, statedir.EXIT, statedir.ExitRecord)
+    if exit_record is not None:
+        info["last_exit"] = exit_record.as_dict()
     return info
 
 

@@ -22,10 +22,10 @@ from typing import Callable, Iterator
 from qemuspec.errors import ImageError
 
 def qemu_img() -> str:
-    """The qemu-img binary ($QEMUSPEC_QEMU_IMG, read through qemuspec.settings)."""
-    from qemuspec.settings import Settings
+    """The qemu-img binary ($QEMUSPEC_QEMU_IMG, read once by qemuspec.settings)."""
+    from qemuspec.settings import current
 
-    return Settings.from_env().qemu_img
+    return current().qemu_img
 _PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 
 

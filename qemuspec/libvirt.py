@@ -53,10 +53,21 @@ def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) ->
     return el
 
 
+def kvm_offered(capabilities: str, arch: str = "x86_64") -> bool:
+    """Whether a libvirt host's capabilities (``virConnectGetCapabilities``) offer KVM domains for
+    ``arch``: what "auto" needs to mean kvm there (render.accelerators)."""
+    try:
+        root = ET.fromstring(capabilities)
+    except ET.ParseError:
+        return False
+    return any(guest.find(f"arch[@name='{arch}']/domain[@type='kvm']") is not None for guest in root.iter("guest"))
+
+
 def domain_xml(machine: Machine, name: str, state_dir: str = "/var/lib/qemuspec", media: Mapping[str, str] = {},
-               owner: Mapping[str, str] | None = None, serial_log: str | None = None) -> str:
+               owner: Mapping[str, str] | None = None, serial_log: str | None = None, kvm: bool = False) -> str:
     """``media`` maps a path on this host to the same file on the libvirt host; ``owner`` becomes
-    the ``<metadata>`` record that marks the domain as qemuspec's."""
+    the ``<metadata>`` record that marks the domain as qemuspec's. ``kvm``: the target host offers
+    KVM (:func:`kvm_offered`), so "auto" is ``<domain type="kvm">`` there, as it is locally."""
     ET.register_namespace("qemu", QEMU_NS)
     ET.register_namespace("qemuspec", OWNER_NS)
     at = lambda path: media.get(path, path)  # noqa: E731
@@ -68,7 +79,9 @@ def domain_xml(machine: Machine, name: str, state_dir: str = "/var/lib/qemuspec"
         _refuse(name, "overrides", "libvirt renders those switches from the domain XML itself and cannot leave them out for append's")
     if machine.accel_options:
         _refuse(name, "accel_options", "libvirt passes -accel itself and has no per-accelerator properties")
-    accels = [machine.accel] if isinstance(machine.accel, str) else list(machine.accel)
+    from qemuspec.render import accelerators
+
+    accels = accelerators(machine.accel, kvm)  # the one meaning of accel, against the target host
     dom = ET.Element("domain", {"type": "kvm" if accels[0] == "kvm" else "qemu"})
     passthrough: list[str] = []
     _sub(dom, "name", name)
@@ -175,9 +188,9 @@ def domain_xml(machine: Machine, name: str, state_dir: str = "/var/lib/qemuspec"
         elif nic.type == "network":
             _refuse(name, f"nics.{index}.network", "a private network is a vde switch on the machine's own host; through libvirt, use a bridge NIC on a libvirt network's bridge")
         else:  # forwards, restrict=on, sockets: libvirt's user networking has neither hostfwd nor restrict
-            from qemuspec.render import Layout, _nic
+            from qemuspec.render import _nic
 
-            netdev = _nic(index, nic, name, Layout(state_dir, f"/run/qemuspec/{name}"))[:2]
+            netdev = _nic(index, nic, name, None)[:2]
             passthrough += netdev
             mac = nic_mac(name, index, nic)
             passthrough += _json_device(nic.model, {"netdev": f"{OWN_ID_PREFIX}net{index}", **({"mac": mac} if mac else {}), **nic.device_options})

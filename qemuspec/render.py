@@ -5,17 +5,18 @@ Every value that lands inside a qemu option list is escaped the way qemu's optio
 so nothing in a definition can add an option of its own. The one exception is ``append``, which is
 passthrough by design and goes last.
 
-Where a VM's files live (sockets, logs, pidfile) is the :class:`Layout`'s business; the runtime builds
-one per machine, and may hand over pre-opened listening sockets (``fds``) in place of paths.
+Where a VM's files live (sockets, logs, pidfile) is the :class:`Layout`'s business; one function
+builds it for a machine (``runtime/paths.machine_layout``: accelerators and monitor resolved once), and
+the runtime may hand over pre-opened listening sockets (``fds``) in place of paths. What ``accel``
+means is decided here once (:func:`accelerators`), for qemu's argv and libvirt's ``<domain type>``.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 if TYPE_CHECKING:
+    from qemuspec.runtime.paths import Layout
     from qemuspec.spec.models import Disk, Machine, NIC, OptionValue
 
 
@@ -33,84 +34,6 @@ def own(name: str) -> str:
 
 
 DISK_DEVICE = {"virtio": "virtio-blk-pci", "ide": "ide-hd", "scsi": "scsi-hd", "nvme": "nvme"}
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where one machine's runtime files are. Sockets go in a short ``run_dir`` (0700) so their paths stay
-    under the 108-byte limit wherever the project lives; logs and state go in ``state_dir``."""
-
-    state_dir: str
-    run_dir: str
-    accel: tuple[str, ...] = ()
-    qmp_port: int | None = None
-    fds: Mapping[str, int] = field(default_factory=dict)
-
-    @property
-    def qmp(self) -> str:
-        return os.path.join(self.run_dir, "qmp.sock")
-
-    @property
-    def tls_dir(self) -> str:
-        """The TCP monitor's TLS credentials (runtime/tls.py makes them), in the private runtime
-        directory: a repository can plant files in a state directory, never here."""
-        return os.path.join(self.run_dir, "tls")
-
-    @property
-    def qmp_client(self) -> str:
-        return os.path.join(self.run_dir, "qmp-client.sock")
-
-    @property
-    def console(self) -> str:
-        return os.path.join(self.run_dir, "console.sock")
-
-    @property
-    def display(self) -> str:
-        """A vnc/spice display's unix socket: only the owner can enter the runtime directory."""
-        return os.path.join(self.run_dir, "display.sock")
-
-    @property
-    def console_client(self) -> str:
-        """The supervisor's console proxy (`qemuspec console`); qemu's own console socket stays its reader's."""
-        return os.path.join(self.run_dir, "console-client.sock")
-
-    @property
-    def qga(self) -> str:
-        return os.path.join(self.run_dir, "qga.sock")
-
-    def virtiofs(self, index: int) -> str:
-        return os.path.join(self.run_dir, f"virtiofs{index}.sock")
-
-    @property
-    def serial_log(self) -> str:
-        return os.path.join(self.state_dir, "serial.log")
-
-    @property
-    def qemu_log(self) -> str:
-        return os.path.join(self.state_dir, "qemu.log")
-
-    @property
-    def events_log(self) -> str:
-        return os.path.join(self.state_dir, "events.jsonl")
-
-    @property
-    def pidfile(self) -> str:
-        return os.path.join(self.state_dir, "qemu.pid")
-
-    @property
-    def efivars(self) -> str:
-        return os.path.join(self.state_dir, "efivars.fd")
-
-    @property
-    def cidata(self) -> str:
-        return os.path.join(self.state_dir, "cidata.iso")
-
-    def network(self, name: str) -> str:
-        """The vde_switch directory of a private network: shared by the machines of one state root."""
-        import hashlib
-
-        root = os.path.dirname(self.state_dir)
-        return os.path.join(os.path.dirname(self.run_dir), "net-" + hashlib.sha256(f"{root}\0{name}".encode()).hexdigest()[:12])
 
 
 def mac_address(name: str, index: int) -> str:
@@ -162,7 +85,9 @@ def render(machine: Machine, name: str, layout: Layout) -> list[str]:
     if virtiofs:
         machine_pairs.append(("memory-backend", own("mem0")))
     argv += ["-machine", optlist(None, machine_pairs, machine.machine_options)]
-    for index, accel in enumerate(layout.accel or _accels(machine)):
+    if not layout.accel:
+        raise ValueError("a Layout without resolved accelerators: build it with runtime.paths.machine_layout")
+    for index, accel in enumerate(layout.accel):
         argv += ["-accel", optlist(accel, [], machine.accel_options if index == 0 else {})]
     if machine.machine != "none":  # the empty machine has no CPUs to configure
         argv += ["-cpu", optlist(machine.cpu, [], machine.cpu_options), "-smp", str(machine.cpus)]
@@ -236,14 +161,29 @@ def _without(argv: list[str], overrides: list[str]) -> list[str]:
     return out
 
 
-def _accels(machine: Machine) -> list[str]:
-    wanted = [machine.accel] if isinstance(machine.accel, str) else list(machine.accel)
+def accelerators(wanted: str | Sequence[str], kvm: bool) -> tuple[str, ...]:
+    """The one meaning of ``accel``: "auto" is kvm when the host offers a KVM that answers (``kvm``:
+    this host's probe for a local machine, the target's capabilities for libvirt), else tcg; a list
+    is kept in order (qemu takes the first that starts), duplicates dropped."""
     out: list[str] = []
-    for accel in wanted:
-        for one in ("kvm", "tcg") if accel == "auto" else (accel,):
-            if one not in out:
-                out.append(one)
-    return out
+    for one in [wanted] if isinstance(wanted, str) else list(wanted):
+        one = one.strip()
+        if one == "auto":
+            one = "kvm" if kvm else "tcg"
+        if one and one not in out:
+            out.append(one)
+    return tuple(out)
+
+
+def accel_fallback(wanted: str | Sequence[str], chosen: tuple[str, ...]) -> tuple[str, ...]:
+    """What to start again on when qemu cannot start on ``chosen``: tcg after a KVM that "auto" chose
+    (it exists but fails: nested hosts, bad MSRs), never against an explicit kvm; () for none."""
+    listed = [wanted] if isinstance(wanted, str) else list(wanted)
+    if "kvm" not in chosen or "tcg" in chosen:
+        return ()
+    if "auto" in listed or ("tcg" in listed and listed.index("tcg") > listed.index("kvm")):
+        return ("tcg",)
+    return ()
 
 
 def display_endpoint(machine: Machine, layout: Layout) -> dict | None:
@@ -365,7 +305,7 @@ def _address(value: str) -> list[tuple[str, OptionValue]]:
     return [("addr.type", "inet"), ("addr.host", host or "127.0.0.1"), ("addr.port", port)]
 
 
-def _nic(index: int, nic: NIC, name: str, layout: Layout) -> list[str]:
+def _nic(index: int, nic: NIC, name: str, layout: Layout | None) -> list[str]:
     net_id = own(f"net{index}")
     pairs: list[tuple[str, OptionValue]] = [("id", net_id)]
     if nic.type == "user":
@@ -388,7 +328,7 @@ def _nic(index: int, nic: NIC, name: str, layout: Layout) -> list[str]:
         pairs += [("script", "no"), ("downscript", "no")]
     elif nic.type == "bridge":
         pairs.append(("br", nic.bridge or ""))
-    elif nic.type == "network":
+    elif nic.type == "network" and layout is not None:  # None: libvirt's export, which refuses private networks
         pairs.append(("sock", layout.network(nic.network or "")))
     dev: list[tuple[str, OptionValue]] = [("netdev", net_id)]
     mac = nic_mac(name, index, nic)

@@ -1,8 +1,14 @@
 """Everything qemuspec reads from the environment, read in one place.
 
-The CLI builds one :class:`Settings` from ``os.environ`` at start and passes the values down as
-arguments; library code takes them as parameters, so a test or an embedding program can run with
-settings of its own without touching the process environment.
+The CLI builds one :class:`Settings` from ``os.environ`` at start and passes it down as an argument
+(like black's ``Mode``); the library takes one as ``Qemu(settings=...)`` (like httpx's
+``trust_env``), so a test or an embedding program can run with settings of its own without touching
+the process environment. No other module reads the environment (tests/test_layout.py checks it).
+
+Where the chain of calls to a point of use belongs to code that has no settings parameter (the
+supervisor forked by reconcile, the user's directories under statedir's proofs), :func:`current` is
+the Settings the CLI installed with :func:`install` (or, for a library caller who made none, one
+read from the environment once and kept): read once, never again at the point of use.
 """
 
 from __future__ import annotations
@@ -46,6 +52,12 @@ class Settings:
     cache: str | None = None  # directory of validated definitions (spec/cache.py); None: QEMUSPEC_CACHE=0
     variables: dict[str, str] = field(default_factory=dict)
     test_hold_save: str | None = None  # QEMUSPEC_TEST_HOLD_SAVE (runtime/warm.py; fault tests only)
+    # where the user's own directories are (runtime/paths.py: the runtime base, the keep base)
+    home: str = ""                      # HOME, else the password database's home
+    state_home: str | None = None       # XDG_STATE_HOME
+    runtime_dir: str | None = None      # XDG_RUNTIME_DIR
+    term: str | None = None             # TERM ("dumb": no redrawn progress lines)
+    cache_dir: str = ""                 # qemuspec's directory in the user's cache (capabilities, definitions)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -62,8 +74,13 @@ class Settings:
             ci=env.get("CI", "").lower() in ("1", "true", "yes"),
             connect=env.get("QEMUSPEC_CONNECT") or None,
             cache=None if env.get("QEMUSPEC_CACHE", "") == "0" else os.path.join(cache_base(env), "definitions"),
+            cache_dir=cache_base(env),
             test_hold_save=env.get("QEMUSPEC_TEST_HOLD_SAVE") or None,
             variables={k[len(VAR_PREFIX):]: v for k, v in env.items() if k.startswith(VAR_PREFIX)},
+            home=env.get("HOME") or os.path.expanduser("~"),
+            state_home=env.get("XDG_STATE_HOME") or None,
+            runtime_dir=env.get("XDG_RUNTIME_DIR") or None,
+            term=env.get("TERM"),
         )
 
     def var_environ(self) -> dict[str, str]:
@@ -78,7 +95,21 @@ class Settings:
         return out
 
 
-def cache_base(env: Mapping[str, str] | None = None) -> str:
+_current: Settings | None = None
+
+
+def install(settings: Settings) -> Settings:
+    """Make ``settings`` the process's own (the CLI does this once, at start); returns it."""
+    global _current
+    _current = settings
+    return settings
+
+
+def current() -> Settings:
+    """The Settings installed by the CLI, else the environment's, read on first use and kept."""
+    return _current if _current is not None else install(Settings.from_env())
+
+
+def cache_base(env: Mapping[str, str]) -> str:
     """qemuspec's directory in the user's cache (qemu capabilities, validated definitions)."""
-    env = os.environ if env is None else env
     return os.path.join(env.get("XDG_CACHE_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".cache"), "qemuspec")

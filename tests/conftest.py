@@ -12,7 +12,13 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
-os.environ["QEMUSPEC_ACCEL"] = "tcg"
+# In-process qemuspec (the library, Instance, paths) gets its settings passed, not read from the
+# environment: installed once here as the process's settings. The qemuspec commands that tests run as
+# child processes read their environment (the CLI's interface), so it says TCG for them too.
+from qemuspec import settings as _settings  # noqa: E402
+
+TEST_SETTINGS = _settings.install(_settings.Settings.from_env({**os.environ, "QEMUSPEC_ACCEL": "tcg"}))
+os.environ["QEMUSPEC_ACCEL"] = "tcg"  # for child processes only
 
 
 def need(tool: str) -> str:

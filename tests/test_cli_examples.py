@@ -158,18 +158,18 @@ def test_status_columns_fit_long_names(tmp_path):
     assert lines[1].startswith(long_name + "  ")
 
 
-def test_progress_shows_elapsed_time_and_deadline_on_a_terminal(monkeypatch):
+def test_progress_shows_elapsed_time_and_deadline_on_a_terminal():
     import io
 
     from qemuspec.cli.progress import Progress
+    from qemuspec.settings import Settings
 
     class Terminal(io.StringIO):
         def isatty(self):
             return True
 
-    monkeypatch.setenv("TERM", "xterm")
     term = Terminal()
-    progress = Progress(["vm"], stream=term, deadline=120)
+    progress = Progress(["vm"], stream=term, deadline=120, settings=Settings(term="xterm"))
     progress("vm", "waiting for ready")
     progress.close()
     assert "waiting for ready  [0 s of 120 s]" in term.getvalue()

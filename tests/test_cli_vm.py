@@ -87,22 +87,24 @@ class FakeTerminal(io.StringIO):
         return True
 
 
-def test_progress_live_lines_and_no_color(monkeypatch):
+def test_progress_live_lines_and_no_color():
     from qemuspec.cli.progress import Progress
+    from qemuspec.settings import Settings
 
-    monkeypatch.delenv("NO_COLOR", raising=False)
-    monkeypatch.setenv("TERM", "xterm")
+    xterm = Settings(term="xterm")
     term = FakeTerminal()
-    progress = Progress(["a", "bb"], stream=term)
+    progress = Progress(["a", "bb"], stream=term, settings=xterm)
     progress("a", "starting")
     progress("a", "ready in 3.2 s")
     text = term.getvalue()
     assert "\x1b[2A" in text, "redraws the lines in place"
     assert "\x1b[32mready in 3.2 s\x1b[0m" in text
-    monkeypatch.setenv("NO_COLOR", "1")
     term = FakeTerminal()
-    Progress(["a"], stream=term)("a", "ready in 1.0 s")
+    Progress(["a"], stream=term, settings=Settings(term="xterm", no_color=True))("a", "ready in 1.0 s")
     assert "\x1b[32m" not in term.getvalue()
+    term = FakeTerminal()
+    Progress(["a"], stream=term, settings=Settings(term="dumb"))("a", "ready in 1.0 s")
+    assert "\x1b[2K" not in term.getvalue(), "TERM=dumb: plain lines, never redrawn"
     plain = io.StringIO()
-    Progress(["a"], stream=plain)("a", "failed")
+    Progress(["a"], stream=plain, settings=xterm)("a", "failed")
     assert plain.getvalue() == "a: failed\n"

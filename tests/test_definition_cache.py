@@ -78,7 +78,7 @@ def test_a_cached_definition_is_the_same_definition(tmp_path):
         for name, machine in fresh.machines.items():
             record = again.machines[name]
             assert isinstance(record, records.Record)
-            lay = paths.layout(str(tmp_path / "state" / name), accel=("tcg",))
+            lay = paths.with_accel(paths.layout(str(tmp_path / "state" / name)), ("tcg",))
             assert render(record, name, lay) == render(machine, name, lay), f"{path}: {name}"
             assert records.definition_hash(record) == records.definition_hash(machine)
             assert record.model_dump(mode="json") == machine.model_dump(mode="json")

@@ -13,7 +13,8 @@ import pytest
 
 from helpers import qemu_pids
 from qemuspec.errors import SpecError
-from qemuspec.render import Layout, render
+from qemuspec.render import render
+from qemuspec.runtime.paths import Layout
 from qemuspec.spec import load, preflight
 from test_qemu_real import run_rendered, stop_rendered
 

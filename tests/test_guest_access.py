@@ -13,7 +13,7 @@ import time
 import pytest
 
 from qemuspec import img
-from qemuspec.render import Layout
+from qemuspec.runtime.paths import Layout
 from qemuspec.runtime.cloudinit import ensure_seed
 from qemuspec.spec import loads
 from test_lifecycle import cli, status

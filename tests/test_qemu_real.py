@@ -13,7 +13,8 @@ import pytest
 from helpers import qemu_pids
 from qemuspec.errors import LaunchError
 from qemuspec.qmp.sync import QMPClient
-from qemuspec.render import Layout, render
+from qemuspec.render import render
+from qemuspec.runtime.paths import Layout
 from qemuspec import img
 from qemuspec.runtime import images
 from qemuspec.runtime.instance import Instance
@@ -146,22 +147,24 @@ def test_stale_state_pointing_at_an_unrelated_process_is_never_adopted(state_dir
         sleeper.wait()
 
 
-def test_auto_falls_back_to_tcg_only_when_kvm_cannot_start(monkeypatch):
+def test_auto_falls_back_to_tcg_only_when_kvm_cannot_start():
+    from qemuspec.render import accel_fallback
     from qemuspec.runtime import accel
 
-    monkeypatch.delenv("QEMUSPEC_ACCEL", raising=False)
-    assert accel.fallback("auto", ("kvm",)) == ("tcg",)
-    assert accel.fallback(["kvm", "tcg"], ("kvm", "tcg")) is None, "qemu already tries tcg after kvm"
-    assert accel.fallback("kvm", ("kvm",)) is None, "an explicit kvm is never silently replaced"
-    assert accel.fallback("auto", ("tcg",)) is None
-    monkeypatch.setenv("QEMUSPEC_ACCEL", "kvm")
-    assert accel.fallback("auto", ("kvm",)) is None, "QEMUSPEC_ACCEL is obeyed as given"
+    assert accel_fallback("auto", ("kvm",)) == ("tcg",)
+    assert accel_fallback(["kvm", "tcg"], ("kvm", "tcg")) == (), "qemu already tries tcg after kvm"
+    assert accel_fallback("kvm", ("kvm",)) == (), "an explicit kvm is never silently replaced"
+    assert accel_fallback("auto", ("tcg",)) == ()
+    assert accel.choose("auto", forced="kvm") == (("kvm",), ()), "QEMUSPEC_ACCEL is obeyed as given"
 
 
-def test_auto_accelerator_starts_whatever_kvm_does_here(qemu_bin, state_dir, monkeypatch):
+def test_auto_accelerator_starts_whatever_kvm_does_here(qemu_bin, state_dir):
     """On hosts where /dev/kvm exists but qemu cannot run on it, "auto" must still start (on TCG)."""
-    monkeypatch.delenv("QEMUSPEC_ACCEL", raising=False)
-    inst = Instance("auto", Machine(accel="auto", paused=True), state_dir)
+    from qemuspec.runtime import paths
+    from qemuspec.settings import Settings
+
+    machine = Machine(accel="auto", paused=True)
+    inst = Instance("auto", machine, state_dir, paths.machine_layout(machine, state_dir, Settings()))
     inst.launch()
     try:
         assert inst.qmp.command("query-status")["status"] == "prelaunch"

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from helpers import option_args, qemu_options
 from qemuspec.errors import SpecError
-from qemuspec.render import Layout, escape, render
+from qemuspec.render import escape, render
+from qemuspec.runtime.paths import Layout
 from qemuspec.spec import load, loads
 from qemuspec.spec.models import Machine
 
@@ -69,10 +70,10 @@ def test_options_maps_pass_through_and_override_typed_keys():
     assert dict(pairs) == {"if": "none", "id": "qemuspec-disk0", "file": "/defs/d.img", "format": "qcow2", "cache": "none", "aio": "native"}
 
 
-def test_accel_auto_without_resolution_falls_back_in_order():
-    machine = Machine(accel="auto")
-    argv = render(machine, "x", Layout("/s", "/r"))
-    assert [argv[i + 1] for i, a in enumerate(argv) if a == "-accel"] == ["kvm", "tcg"]
+def test_a_layout_without_resolved_accelerators_is_refused():
+    """"auto" is resolved once (runtime/paths.machine_layout), never guessed by the renderer."""
+    with pytest.raises(ValueError, match="machine_layout"):
+        render(Machine(accel="auto"), "x", Layout("/s", "/r"))
     machine = Machine(accel=["kvm", "tcg"])
     argv = render(machine, "x", Layout("/s", "/r", ("tcg",)))
     assert [argv[i + 1] for i, a in enumerate(argv) if a == "-accel"] == ["tcg"]

@@ -25,7 +25,7 @@ from qemuspec.backends.libvirt_conn import Unreachable, binding, connect, label,
 from qemuspec.backends.libvirt_guest import Console, LibvirtAgent, Monitor, forwarded_ports, wait_agent
 from qemuspec.backends.libvirt_reach import Reach
 from qemuspec.errors import QemuspecError
-from qemuspec.libvirt import OWNER_NS, domain_xml
+from qemuspec.libvirt import OWNER_NS, domain_xml, kvm_offered
 from qemuspec.spec.records import definition_hash
 from qemuspec.spec.models import File, Machine
 
@@ -89,7 +89,8 @@ def _seed(name: str, machine: Machine, state_root: str) -> bytes | None:
 def _wanted_xml(conn: Any, name: str, machine: Machine, source: str, media: dict, volumes: list[str], pool: Any | None) -> str:
     record = {"file": os.path.abspath(source), "file_sha256": _file_sha(source), "hash": definition_hash(machine),
               "machine": name, "volumes": " ".join(sorted(set(volumes + [os.path.basename(p) for p in media.values()])))}
-    return domain_xml(machine, name, media=media, owner=record, serial_log=storage.serial_log(pool, name))
+    return domain_xml(machine, name, media=media, owner=record, serial_log=storage.serial_log(pool, name),
+                      kvm=kvm_offered(conn.getCapabilities()))  # "auto" is kvm where the host offers it
 
 
 def stop(dom: Any, timeout: float) -> str:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from qemuspec.errors import QemuspecError, UsageError
-from qemuspec.settings import Settings
+from qemuspec.settings import Settings, current
 
 if TYPE_CHECKING:
     import argparse
@@ -37,7 +37,7 @@ def resolve_file(given: str | None, settings: Settings | None = None) -> str:
     """The definition file: as given, else $QEMUSPEC_FILE, else the first default that exists."""
     if given:
         return given
-    env_file = (settings or Settings.from_env()).file
+    env_file = (settings or current()).file
     if env_file:
         return env_file
     for candidate in DEFAULT_FILES:
@@ -128,7 +128,7 @@ class Target:
     def __init__(self, operands: list[str], file_option: str | None = None, machine_option: list[str] | None = None,
                  variables: dict[str, str] | None = None, state_dir: str | None = None, settings: Settings | None = None,
                  kind: str = "machines"):
-        self.settings = settings or Settings.from_env()
+        self.settings = settings or current()
         self.variables = variables or {}
         self.state_dir_option = state_dir
         self.machine_option = list(machine_option or [])
@@ -206,7 +206,7 @@ class Context:
     def from_args(cls, args: "argparse.Namespace", tail: list[str] | None, settings: Settings) -> "Context":
         from qemuspec.cli.main import FILE_COMMANDS
 
-        terminal = sys.stderr.isatty() and os.environ.get("TERM") != "dumb" and not settings.ci
+        terminal = sys.stderr.isatty() and settings.term != "dumb" and not settings.ci
         out = Output(json=getattr(args, "json", False), quiet=getattr(args, "quiet", False),
                      colour=sys.stdout.isatty() and not settings.no_color, live=terminal, raw=getattr(args, "raw", False))
         variables = parse_vars(getattr(args, "var", []) or [])
@@ -241,7 +241,7 @@ def preflight(spec: Any, lines: dict, source: str, names: list[str], allow_local
 
     if out is not None:
         list_host_paths(out, spec, source, names)
-    environ = (settings or Settings.from_env()).var_environ()
+    environ = (settings or current()).var_environ()
     problems = checks.host_problems(spec, source, names, allow_local_qemu=allow_local_qemu, environ=environ,
                                     allow_host_paths=allow_host_paths)
     if problems:

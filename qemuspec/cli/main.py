@@ -292,10 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     module_name, func_name, _ = COMMANDS[args.command]
     import warnings
 
-    from qemuspec.settings import Settings
+    from qemuspec.settings import Settings, install
 
     warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)
-    settings = Settings.from_env()
+    settings = install(Settings.from_env())  # the one read of the environment; passed down from here
     try:
         import importlib
 

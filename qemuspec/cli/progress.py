@@ -4,11 +4,13 @@ nothing with --json or --quiet. Colour only on a terminal and never with NO_COLO
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from qemuspec.settings import Settings
 
 _COLOURS = {"ready": "32", "up to date": "32", "adopted": "32", "stopped": "32", "failed": "31"}
 _DONE = ("ready", "up to date", "adopted", "stopped", "failed", "not running", "started", "recreated")
@@ -16,12 +18,20 @@ _DONE = ("ready", "up to date", "adopted", "stopped", "failed", "not running", "
 
 class Progress:
     def __init__(self, names: list[str], enabled: bool = True, stream: TextIO = sys.stderr,
-                 live: bool | None = None, colour: bool | None = None, deadline: float | None = None):
+                 live: bool | None = None, colour: bool | None = None, deadline: float | None = None,
+                 settings: Settings | None = None):
+        """``live``/``colour`` unset: decided from the stream and ``settings`` (TERM, NO_COLOR; by
+        default the process's)."""
         self.stream = stream
         self.enabled = enabled
-        detected = stream.isatty() and os.environ.get("TERM") != "dumb"
-        self.live = enabled and (detected if live is None else live)
-        self.colour = self.live and ("NO_COLOR" not in os.environ if colour is None else colour)
+        if live is None or colour is None:
+            from qemuspec.settings import current
+
+            settings = settings or current()
+            live = stream.isatty() and settings.term != "dumb" if live is None else live
+            colour = not settings.no_color if colour is None else colour
+        self.live = enabled and live
+        self.colour = self.live and colour
         self.deadline = deadline
         self.names = list(names)
         self.status = {name: "pending" for name in names}

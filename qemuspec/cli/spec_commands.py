@@ -82,9 +82,8 @@ def validate(ctx: Context, *, files: list[str], probe: bool, allow_local_qemu: b
 
 
 def render(ctx: Context, *, shell: bool, format: str) -> int:
-    from qemuspec.api import machine_layout
     from qemuspec.render import render as render_argv
-    from qemuspec.runtime import accel
+    from qemuspec.runtime import paths
 
     from qemuspec.cli.common import list_host_paths
 
@@ -97,7 +96,9 @@ def render(ctx: Context, *, shell: bool, format: str) -> int:
 
         if len(names) != 1:
             raise UsageError(f"{target.path} declares {len(names)} machines: name one after the file for libvirt XML")
-        xml = domain_xml(spec.machines[names[0]], names[0], target.state_dir(names[0]))
+        # "auto" as the argv would have it on this host (the libvirt backend asks the target host instead)
+        lay = paths.machine_layout(spec.machines[names[0]], target.state_dir(names[0]), ctx.settings)
+        xml = domain_xml(spec.machines[names[0]], names[0], target.state_dir(names[0]), kvm=lay.accel[0] == "kvm")
         if ctx.out.json:
             emit_json({names[0]: xml})
         else:
@@ -106,11 +107,11 @@ def render(ctx: Context, *, shell: bool, format: str) -> int:
     argvs = {}
     for name in names:
         machine = spec.machines[name]
-        argvs[name] = render_argv(machine, name, machine_layout(machine, target.state_dir(name)))
-        lay_accel = [a for i, a in enumerate(argvs[name]) if i and argvs[name][i - 1] == "-accel"]
-        if lay_accel and accel.fallback(machine.accel, tuple(a.split(",")[0] for a in lay_accel)):
-            ctx.out.note(f'{name}: accel = {machine.accel!r} renders {",".join(lay_accel)}; if qemu cannot start on kvm, '
-                         "up starts it again on tcg (and says so)")
+        lay = paths.machine_layout(machine, target.state_dir(name), ctx.settings)
+        argvs[name] = render_argv(machine, name, lay)
+        if lay.fallback:
+            ctx.out.note(f'{name}: accel = {machine.accel!r} renders {",".join(lay.accel)}; if qemu cannot start '
+                         f"on kvm, up starts it again on {','.join(lay.fallback)} (and says so)")
     if ctx.out.json and shell:
         raise UsageError("--json and --shell are alternatives: choose one")
     if ctx.out.json:

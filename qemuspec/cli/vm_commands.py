@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from qemuspec.cli.common import REFUSED, Context, Output, Target, emit_json, outcomes_exit_code
 from qemuspec.cli.main import PENDING
 from qemuspec.errors import QemuspecError, UsageError
+from qemuspec.runtime import statedir
 
 if TYPE_CHECKING:
     from qemuspec.backends.base import Backend, Monitor, Outcome
@@ -120,8 +121,8 @@ def _attach(ctx: Context, spec: "File", names: list[str]) -> int:
     root = ctx.target.root
     sources = []
     for name in names:
-        sources.append((f"{name} | ", os.path.join(root, name, "serial.log"), True))
-        sources.append((f"{name} * ", os.path.join(root, name, "events.jsonl"), True))
+        sources.append((f"{name} | ", os.path.join(root, name, statedir.SERIAL_LOG), True))
+        sources.append((f"{name} * ", os.path.join(root, name, statedir.EVENTS), True))
     print("attached: Ctrl-C stops the machines", file=sys.stderr, flush=True)
     try:
         _follow(sources, follow=True, clean=ctx.out.guest)
@@ -431,7 +432,7 @@ def logs(ctx: Context, *, follow: bool, events: bool, lines: int) -> int:
         if events:
             refuse(ctx, names, "logs --events")
         return _follow_console(ctx, names)
-    filename = "events.jsonl" if events else "serial.log"
+    filename = statedir.EVENTS if events else statedir.SERIAL_LOG
     many = len(names) > 1
     sources = [((f"{n} | " if many else ""), target.state_dir(n) + "/" + filename, False) for n in names]
     if not follow and not any(os.path.exists(path) for _, path, _ in sources):
@@ -494,7 +495,7 @@ def events(ctx: Context, *, follow: bool) -> int:
     target = ctx.target
     name = target.machine()
     refuse(ctx, [name], "events")
-    path = os.path.join(target.state_dir(name), "events.jsonl")
+    path = os.path.join(target.state_dir(name), statedir.EVENTS)
     if not follow and not os.path.exists(path):
         raise QemuspecError(f"machine {name} has no events yet")
     _follow([("", path, False)], follow=follow, clean=ctx.out.guest)  # already JSON lines, with or without --json

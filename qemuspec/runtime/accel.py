@@ -1,11 +1,12 @@
-"""Which accelerator a machine gets. "auto" means KVM only when /dev/kvm really answers."""
+"""Which accelerator a machine gets on this host: "auto" means KVM only when /dev/kvm really answers.
+
+Called once per machine, by runtime/paths.machine_layout; the meaning of the values is render.accelerators'."""
 
 from __future__ import annotations
 
 import os
 from typing import Sequence
 
-ACCEL_ENV = "QEMUSPEC_ACCEL"
 _KVM_GET_API_VERSION = 0xAE00
 
 
@@ -24,29 +25,14 @@ def kvm_usable() -> bool:
         os.close(fd)
 
 
-def resolve(accel: str | Sequence[str]) -> tuple[str, ...]:
-    """The -accel list for qemu. ``QEMUSPEC_ACCEL`` (e.g. "tcg") overrides every machine of a run."""
-    from qemuspec.settings import Settings
+def choose(wanted: str | Sequence[str], forced: str | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A machine's accelerators on this host and what to retry with when qemu cannot start on them
+    (render.accelerators says what the values mean; this host's probe answers "is there a KVM").
+    ``forced`` (Settings.accel, from QEMUSPEC_ACCEL, e.g. "tcg") replaces every machine's choice
+    for a run, and is obeyed as given: no fallback."""
+    from qemuspec.render import accel_fallback, accelerators
 
-    override = Settings.from_env().accel
-    wanted = [a.strip() for a in override.split(",") if a.strip()] if override else ([accel] if isinstance(accel, str) else list(accel))
-    out: list[str] = []
-    for one in wanted:
-        if one == "auto":
-            one = "kvm" if kvm_usable() else "tcg"
-        if one not in out:
-            out.append(one)
-    return tuple(out)
-
-
-def fallback(wanted: str | Sequence[str], tried: tuple[str, ...]) -> tuple[str, ...] | None:
-    """TCG to retry with when KVM was chosen but qemu could not start on it: only for "auto" (or a
-    list that names tcg after kvm), never against an explicit choice or QEMUSPEC_ACCEL."""
-    from qemuspec.settings import Settings
-
-    if Settings.from_env().accel or "kvm" not in tried or "tcg" in tried:
-        return None
-    listed = [wanted] if isinstance(wanted, str) else list(wanted)
-    if "auto" in listed or ("tcg" in listed and listed.index("tcg") > listed.index("kvm")):
-        return ("tcg",)
-    return None
+    listed = forced.split(",") if forced else wanted
+    names = [listed] if isinstance(listed, str) else list(listed)
+    chosen = accelerators(listed, kvm="auto" in names and kvm_usable())
+    return chosen, () if forced else accel_fallback(wanted, chosen)

@@ -44,9 +44,9 @@ class Capabilities:
 
 
 def cache_dir() -> str:
-    from qemuspec.settings import cache_base
+    from qemuspec.settings import current
 
-    return os.path.join(cache_base(), "capabilities")
+    return os.path.join(current().cache_dir, "capabilities")
 
 
 def probe(binary: str) -> Capabilities:

@@ -15,9 +15,10 @@ import json
 import os
 
 from qemuspec.errors import LaunchError
-from qemuspec.render import Layout, nic_mac
+from qemuspec.render import nic_mac
 
 if TYPE_CHECKING:
+    from qemuspec.runtime.paths import Layout
     from qemuspec.spec.models import Machine
 
 
@@ -87,15 +88,14 @@ def ensure_seed(name: str, machine: Machine, layout: Layout, ssh_public_key: str
     """Write the cidata ISO if its inputs changed; True when it was (re)built."""
     files = seed_files(name, machine, ssh_public_key)
     digest = hashlib.sha256(b"".join(k.encode() + b"\0" + v + b"\0" for k, v in sorted(files.items()))).hexdigest()
-    stamp = layout.cidata + ".sha256"
     from qemuspec.runtime import statedir
 
     directory = os.path.dirname(layout.cidata)
-    recorded = statedir.read_bytes(directory, os.path.basename(stamp), 4096) or b""
+    recorded = statedir.read_bytes(directory, statedir.CIDATA_STAMP, 4096) or b""
     if recorded.strip() == digest.encode() and os.path.exists(layout.cidata):
         return False
 
     data = build_iso(files)  # the seed carries user data (secrets, keys): 0600, atomic, no symlinks
     statedir.write_bytes(directory, os.path.basename(layout.cidata), data)
-    statedir.write_bytes(directory, os.path.basename(stamp), (digest + "\n").encode())
+    statedir.write_bytes(directory, statedir.CIDATA_STAMP, (digest + "\n").encode())
     return True

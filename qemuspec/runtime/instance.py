@@ -7,6 +7,7 @@ and one started from a file behave the same.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import socket
@@ -16,9 +17,9 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from qemuspec.errors import LaunchError, QemuspecError, QMPConnectionError, QMPError, ReadyTimeout, StopRequested
 from qemuspec.qmp.sync import QMPClient
-from qemuspec.render import OVMF_VARS, Layout, render
-from qemuspec.runtime import accel as accel_mod
+from qemuspec.render import OVMF_VARS, render
 from qemuspec.runtime import paths, statedir
+from qemuspec.runtime.paths import Layout
 from qemuspec.runtime.console import ConsoleReader, tail
 from qemuspec.runtime.process import Process, alive, cmdline, spawn, start_time
 from qemuspec.spec.records import definition_hash
@@ -37,11 +38,14 @@ class StopResult:
 
 
 class Instance:
-    def __init__(self, name: str, machine: Machine, state_dir: str):
+    def __init__(self, name: str, machine: Machine, state_dir: str, layout: Layout | None = None):
+        """``layout``: the machine's (paths.machine_layout, with the caller's settings); by default
+        built from the process's settings when first needed (``ls`` finds machines without one)."""
         self.name = name
         self.machine = machine
         self.state_dir = os.path.abspath(state_dir)
-        self.layout: Layout = paths.layout(self.state_dir)
+        self._planned = layout
+        self.layout: Layout = layout or paths.layout(self.state_dir)  # where the running qemu's files are
         self.process: Process | None = None
         self.qmp: QMPClient | None = None
         self.console: ConsoleReader | None = None
@@ -63,6 +67,13 @@ class Instance:
         self._log_offset = 0
 
     @property
+    def planned(self) -> Layout:
+        """The layout a launch starts from: accelerators and monitor resolved once."""
+        if self._planned is None:
+            self._planned = paths.machine_layout(self.machine, self.state_dir)
+        return self._planned
+
+    @property
     def state_file(self) -> str:
         return os.path.join(self.state_dir, statedir.STATE)
 
@@ -80,43 +91,40 @@ class Instance:
         ``restore``, qemu loads the machine's saved state (see runtime/warm.py) instead of booting."""
         if self.process is not None and self.process.poll() is None:
             raise LaunchError(f"machine {self.name} is already running (pid {self.process.pid})")
-        machine = self.machine
-        accels = accel_mod.resolve(machine.accel)
-        base = paths.layout(self.state_dir, accel=accels)
+        base = self.planned
         paths.prepare(base)
         self.process = None
         self.boot = "warm" if restore else "cold"
         try:
             try:
-                self._launch(base, accels)
+                self._launch(base)
             except LaunchError as exc:
-                fallback = accel_mod.fallback(machine.accel, accels)
-                if restore or not fallback or self.process is None or self.process.poll() is None:
+                if restore or not base.fallback or self.process is None or self.process.poll() is None:
                     raise
                 # KVM that exists but fails (nested hosts: bad MSRs, no VMX) must not stop "auto"
                 self.kvm_failure = str(exc)
                 self.process = None
-                base = paths.layout(self.state_dir, accel=fallback)
+                base = paths.with_accel(base, base.fallback)
                 paths.prepare(base)
-                self._launch(base, fallback)
+                self._launch(base)
         except BaseException:
             if self.process is None:  # nothing started: leave no socket behind
                 forget(self.state_dir)
             raise
 
-    def _launch(self, base: Layout, accels: tuple[str, ...]) -> None:
+    def _launch(self, base: Layout) -> None:
         machine = self.machine
         self._prepare_files(base)
         listeners: dict[str, socket.socket] = {}
         memory_fd = None
         try:
             qmp_port = None
-            if machine.qmp.transport == "tcp":
+            if base.qmp_port is not None:
                 from qemuspec.runtime import tls
                 from qemuspec.runtime.sockets import listen_tcp
 
                 tls.ensure(base.tls_dir)
-                listeners["qmp-tcp"], qmp_port = listen_tcp(machine.qmp.port)
+                listeners["qmp-tcp"], qmp_port = listen_tcp(base.qmp_port)  # may step up past a taken port
             listeners["qmp"] = self._listen(base.qmp)
             listeners["qmp-client"] = self._listen(base.qmp_client)
             if machine.serial in ("log", "socket"):
@@ -124,7 +132,7 @@ class Instance:
             if machine.agent:
                 listeners["qga"] = self._listen(base.qga)
             fds = {role: sock.fileno() for role, sock in listeners.items()}
-            self.layout = Layout(base.state_dir, base.run_dir, accels, qmp_port, {})
+            self.layout = dataclasses.replace(base, qmp_port=qmp_port, fds={})
             self.argv = render(machine, self.name, self.layout)
             run_machine = machine
             if self.boot == "warm":
@@ -133,7 +141,7 @@ class Instance:
                 run_machine = warm.restore_machine(machine, self.state_dir)
                 memory_fd = os.open(warm.memory_file(self.state_dir), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
                 warm.verify(self.state_dir, memory_fd)  # the very bytes qemu will read
-            launch_argv = render(run_machine, self.name, Layout(base.state_dir, base.run_dir, accels, qmp_port, fds))
+            launch_argv = render(run_machine, self.name, dataclasses.replace(self.layout, fds=fds))
             if memory_fd is not None:
                 launch_argv += ["-incoming", "defer"]
             self.qmp_address = f"tcp:127.0.0.1:{qmp_port}" if qmp_port else f"unix:{base.qmp}"  # for people and tools
@@ -428,7 +436,12 @@ class Instance:
             record = statedir.read(inst.state_dir, statedir.STATE, statedir.QemuRecord)
         if record is None or record.name != name:
             return None
-        lay = paths.layout(inst.state_dir, accel=tuple(a for a in record.accel if isinstance(a, str)))
+        recorded_accel = tuple(a for a in record.accel if isinstance(a, str))
+        if not recorded_accel and machine is not None:
+            recorded_accel = inst.planned.accel
+        port = record.qmp.rsplit(":", 1)[-1] if record.qmp and record.qmp.startswith("tcp:") else None
+        lay = dataclasses.replace(paths.with_accel(inst.layout, recorded_accel),
+                                  qmp_port=int(port) if port and port.isdigit() else None)
         if not is_our_qemu(record, lay.pidfile) or (not trusted and not _runs_qemu(record.pid)):
             return None
         inst.process = Process(record.pid)
@@ -527,15 +540,13 @@ def recorded(state_dir: str) -> statedir.QemuRecord | None:
             or statedir.read(state_dir, statedir.STATE, statedir.QemuRecord))
 
 
-SOCKETS = ("qmp.sock", "qmp-client.sock", "console.sock", statedir.CONSOLE_CLIENT, "qga.sock")
-
-
 def forget(state_dir: str) -> None:
     """Remove what a stopped qemu leaves behind: its records, pidfile and sockets; the runtime
     directory too once nothing else (a supervisor between restarts) uses it. Logs and disks stay."""
     state_dir = os.path.abspath(state_dir)
     run = paths.run_dir(state_dir)
-    statedir.remove(run, statedir.MACHINE, *SOCKETS, *[n for n in _listdir(run) if n.startswith("virtiofs") and n.endswith(".sock")])
+    statedir.remove(run, statedir.MACHINE, *statedir.RUN_SOCKETS,
+                    *[n for n in _listdir(run) if statedir.is_virtiofs_sock(n)])
     tls = os.path.join(run, statedir.TLS_DIR)  # the TCP monitor's credentials live as long as its qemu
     statedir.remove(tls, *_listdir(tls))
     with contextlib.suppress(OSError):

@@ -13,6 +13,7 @@ channel, its pidfile and the process name; :class:`Verdict` lists those in words
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import socket
@@ -372,11 +373,16 @@ def check(original: list[str], rendered: list[str], timeout: float = 30.0, befor
 
 
 def _render_scratch(machine: Any, name: str, scratch: str, index: int) -> list[str]:
-    """The machine's argv with its own files (sockets, pidfile, UEFI variables) in a scratch directory."""
-    from qemuspec.render import OVMF_VARS, Layout, render
-    from qemuspec.runtime import images
+    """The machine's argv with its own files (sockets, pidfile, UEFI variables) in a scratch directory,
+    built by the one Layout constructor on TCG (the judge never runs KVM: it can exist and hang)."""
+    from qemuspec.render import OVMF_VARS, render
+    from qemuspec.runtime import images, paths
+    from qemuspec.settings import Settings
 
-    layout = Layout(state_dir=os.path.join(scratch, f"state{index}"), run_dir=os.path.join(scratch, f"run{index}"), accel=("tcg",))
+    layout = paths.machine_layout(machine, os.path.join(scratch, f"state{index}"), Settings(accel="tcg"),
+                                  run_dir=os.path.join(scratch, f"run{index}"))
+    # qemuspec's own monitors are not compared; a TCP one would need the per-run TLS credentials
+    layout = dataclasses.replace(layout, qmp_port=None)
     os.makedirs(layout.state_dir, mode=0o700, exist_ok=True)
     os.makedirs(layout.run_dir, mode=0o700, exist_ok=True)
     if machine.firmware.type == "uefi":

@@ -11,21 +11,22 @@ import time
 from typing import Iterator
 
 from qemuspec.errors import LaunchError
+from qemuspec.runtime import statedir
 from qemuspec.runtime.process import Process, alive, cmdline
 
 VDE_SWITCH = "vde_switch"
 
 
 def _pidfile(switch_dir: str) -> str:
-    return switch_dir + ".pid"
+    return switch_dir + statedir.SWITCH_PID
 
 
 def switch_pid(switch_dir: str) -> int | None:
     """The running switch of this directory (checked by its command line, not just the pid)."""
+    data = statedir.read_bytes(os.path.dirname(switch_dir), os.path.basename(_pidfile(switch_dir)), 64)
     try:
-        with open(_pidfile(switch_dir)) as f:
-            pid = int(f.read().strip())
-    except (OSError, ValueError):
+        pid = int((data or b"").strip())
+    except ValueError:
         return None
     return pid if alive(pid) and switch_dir in cmdline(pid) else None
 
@@ -36,7 +37,7 @@ def _locked(switch_dir: str) -> Iterator[None]:
     import fcntl
 
     os.makedirs(os.path.dirname(switch_dir), mode=0o700, exist_ok=True)
-    fd = os.open(switch_dir + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(switch_dir + statedir.SWITCH_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -78,6 +79,6 @@ def stop_switch(switch_dir: str) -> None:
         if pid:
             Process(pid).terminate_and_kill(2.0)
         shutil.rmtree(switch_dir, ignore_errors=True)
-        for path in (_pidfile(switch_dir), switch_dir + ".lock"):
+        for path in (_pidfile(switch_dir), switch_dir + statedir.SWITCH_LOCK):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)

@@ -16,43 +16,42 @@ import os
 import subprocess
 
 from qemuspec.errors import QemuspecError
+from qemuspec.runtime import statedir
 
-KEY_NAME = "id_ed25519"
+KEY_NAME = statedir.SSH_KEY
 
 
 def key_path(state_root: str) -> str:
     from qemuspec.runtime import paths
 
     digest = hashlib.sha256(os.path.abspath(state_root).encode()).hexdigest()[:16]
-    return os.path.join(paths.keep_dir("ssh"), digest, KEY_NAME)
+    return os.path.join(paths.keep_dir(statedir.KEEP_SSH), digest, KEY_NAME)
 
 
 def ensure_key(state_root: str) -> tuple[str, str]:
     """(private key path, public key text); generated on first use."""
-    from qemuspec.runtime import statedir
-
     path = key_path(state_root)
     directory = os.path.dirname(path)
     statedir.ensure_private(directory)
-    public = statedir.read_bytes(directory, KEY_NAME + ".pub", 4096)
+    public = statedir.read_bytes(directory, KEY_NAME + statedir.PUB_SUFFIX, 4096)
     if public is None or statedir.read_bytes(directory, KEY_NAME, 65536) is None:
-        tmp = path + ".tmp"
-        statedir.remove(directory, KEY_NAME + ".tmp", KEY_NAME + ".tmp.pub")
+        tmp = path + statedir.TMP_SUFFIX
+        statedir.remove(directory, KEY_NAME + statedir.TMP_SUFFIX, KEY_NAME + statedir.TMP_SUFFIX + statedir.PUB_SUFFIX)
         try:
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "qemuspec", "-f", tmp], check=True,
                            capture_output=True, stdin=subprocess.DEVNULL, umask=0o077)
         except FileNotFoundError:
             raise QemuspecError("ssh-keygen not found: install it (Debian: apt-get install openssh-client)") from None
-        os.replace(tmp + ".pub", path + ".pub")
+        os.replace(tmp + statedir.PUB_SUFFIX, path + statedir.PUB_SUFFIX)
         os.replace(tmp, path)
-        public = statedir.read_bytes(directory, KEY_NAME + ".pub", 4096)
+        public = statedir.read_bytes(directory, KEY_NAME + statedir.PUB_SUFFIX, 4096)
         if public is None:
             raise QemuspecError(f"cannot read the ssh key qemuspec just made in {directory}")
     return path, public.decode(errors="replace").strip()
 
 
 def known_hosts(state_dir: str) -> str:
-    return os.path.join(state_dir, "known_hosts")
+    return os.path.join(state_dir, statedir.KNOWN_HOSTS)
 
 
 def ssh_argv(key: str, state_dir: str, user: str, port: int, command: list[str], batch: bool = False) -> list[str]:

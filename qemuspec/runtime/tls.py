@@ -24,7 +24,8 @@ import subprocess
 from qemuspec.errors import LaunchError
 from qemuspec.runtime import statedir
 
-FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem", "client-cert.pem", "client-key.pem")
+FILES = statedir.TLS_FILES
+CA_CERT, CA_KEY = statedir.TLS_CA_CERT, statedir.TLS_CA_KEY
 CURVE = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
 DAYS = "3650"
 EXTENSIONS = {
@@ -50,20 +51,21 @@ def ensure(path: str) -> str:
         for name in os.listdir(path):  # a half-made set from an interrupted run
             os.unlink(os.path.join(path, name))
         for kind, text in EXTENSIONS.items():
-            with open(os.path.join(path, f"{kind}.ext"), "x") as f:
+            with open(os.path.join(path, statedir.tls_scratch(kind)[1]), "x") as f:
                 f.write(text)
-        _run(openssl, path, "req", "-x509", *CURVE, "-keyout", "ca-key.pem", "-out", "ca-cert.pem", "-days", DAYS,
+        _run(openssl, path, "req", "-x509", *CURVE, "-keyout", CA_KEY, "-out", CA_CERT, "-days", DAYS,
              "-subj", "/CN=qemuspec monitor CA", "-config", "/dev/null",
              "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
         for kind, subject in (("server", "/CN=127.0.0.1"), ("client", "/CN=qemuspec client")):
-            _run(openssl, path, "req", "-new", *CURVE, "-keyout", f"{kind}-key.pem", "-out", f"{kind}.csr", "-subj", subject,
+            csr, ext = statedir.tls_scratch(kind)
+            _run(openssl, path, "req", "-new", *CURVE, "-keyout", statedir.tls_key(kind), "-out", csr, "-subj", subject,
                  "-config", "/dev/null")
-            _run(openssl, path, "x509", "-req", "-in", f"{kind}.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
-                 "-set_serial", str(int.from_bytes(os.urandom(8), "big")), "-days", DAYS, "-out", f"{kind}-cert.pem",
-                 "-extfile", f"{kind}.ext")
+            _run(openssl, path, "x509", "-req", "-in", csr, "-CA", CA_CERT, "-CAkey", CA_KEY,
+                 "-set_serial", str(int.from_bytes(os.urandom(8), "big")), "-days", DAYS,
+                 "-out", statedir.tls_cert(kind), "-extfile", ext)
     finally:
         os.umask(old)
-        for name in ("ca-key.pem", "server.csr", "client.csr", "ca.ext", "server.ext", "client.ext"):
+        for name in (CA_KEY, *(n for kind in EXTENSIONS for n in statedir.tls_scratch(kind))):
             try:
                 os.unlink(os.path.join(path, name))
             except FileNotFoundError:
@@ -82,6 +84,7 @@ def client_context(tls_dir: str):
     import ssl
 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.load_verify_locations(os.path.join(tls_dir, "ca-cert.pem"))
-    ctx.load_cert_chain(os.path.join(tls_dir, "client-cert.pem"), os.path.join(tls_dir, "client-key.pem"))
+    ctx.load_verify_locations(os.path.join(tls_dir, CA_CERT))
+    ctx.load_cert_chain(os.path.join(tls_dir, statedir.tls_cert("client")),
+                        os.path.join(tls_dir, statedir.tls_key("client")))
     return ctx

@@ -44,10 +44,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from qemuspec.errors import QemuspecError, QMPError
+from qemuspec.runtime import statedir
 
 if TYPE_CHECKING:
     from qemuspec.qmp.sync import QMPClient
-    from qemuspec.runtime import statedir
     from qemuspec.runtime.instance import Instance
     from qemuspec.spec.models import Machine
 
@@ -59,19 +59,19 @@ VMGENID_BOUND = "/sys/bus/acpi/devices/QEMUVGID:00/driver"  # a directory only w
 
 
 def warm_dir(state_dir: str) -> str:
-    return os.path.join(state_dir, "warm")
+    return os.path.join(state_dir, statedir.WARM_DIR)
 
 
 def memory_file(state_dir: str) -> str:
-    return os.path.join(warm_dir(state_dir), "memory")
+    return os.path.join(warm_dir(state_dir), statedir.WARM_MEMORY)
 
 
 def key_file(state_dir: str) -> str:
-    return os.path.join(warm_dir(state_dir), "key.json")
+    return os.path.join(warm_dir(state_dir), statedir.WARM_KEY)
 
 
 def live_disk(state_dir: str, index: int) -> str:
-    return os.path.join(warm_dir(state_dir), f"live-disk{index}.qcow2")
+    return os.path.join(warm_dir(state_dir), statedir.live_disk(index))
 
 
 def interrupted(state_dir: str) -> "statedir.SaveRecord | None":
@@ -129,11 +129,14 @@ def _inputs(machine: "Machine") -> list[str]:
     return [os.path.abspath(f) for f in files if f]
 
 
-def key_argv(name: str, machine: "Machine", state_dir: str, accels: tuple[str, ...]) -> list[str]:
+def key_argv(name: str, machine: "Machine", state_dir: str, accels: tuple[str, ...] | None = None) -> list[str]:
+    """The command line saved state is valid for: the machine's own layout (paths.machine_layout), on
+    the accelerators it ran with (``accels``) or would start with now (None)."""
     from qemuspec.render import render
     from qemuspec.runtime import paths
 
-    return render(machine, name, paths.layout(state_dir, accel=accels))
+    lay = paths.machine_layout(machine, state_dir)
+    return render(machine, name, paths.with_accel(lay, accels) if accels else lay)
 
 
 def unsupported(machine: "Machine") -> str | None:
@@ -151,7 +154,7 @@ def read(state_dir: str) -> dict | None:
     from qemuspec.runtime import statedir
 
     proven = statedir.proven(state_dir)
-    data = statedir.read_bytes(warm_dir(state_dir), "key.json", statedir.RECORD_LIMIT) if proven else None
+    data = statedir.read_bytes(warm_dir(state_dir), statedir.WARM_KEY, statedir.RECORD_LIMIT) if proven else None
     try:
         record = json.loads(data) if data is not None else None
     except (ValueError, RecursionError):
@@ -178,10 +181,6 @@ def _check(name: str, machine: "Machine", state_dir: str, accels: tuple[str, ...
     record = read(state_dir)
     if record is None:
         return Verdict(False, "no saved state yet: this start saves one once the machine is ready")
-    if accels is None:
-        from qemuspec.runtime import accel as accel_mod
-
-        accels = accel_mod.resolve(machine.accel)
     if record.get("argv") != key_argv(name, machine, state_dir, accels):
         return Verdict(False, "the definition changed since the save (rendered command line differs)")
     if record.get("qemu") != _qemu_identity(machine.qemu):
@@ -211,12 +210,11 @@ def discard(state_dir: str) -> None:
     relative to the directory, never through a symlink."""
     from qemuspec.runtime import statedir
 
-    statedir.remove(warm_dir(state_dir), "key.json")
+    statedir.remove(warm_dir(state_dir), statedir.WARM_KEY)
     if interrupted(state_dir) is None:
         shutil.rmtree(warm_dir(state_dir), ignore_errors=True)  # refuses a symlink; fd-based inside
         return
-    for name in (os.path.basename(memory_file(state_dir)), os.path.basename(memory_file(state_dir)) + ".tmp"):
-        statedir.remove(warm_dir(state_dir), name)
+    statedir.remove(warm_dir(state_dir), statedir.WARM_MEMORY, statedir.WARM_MEMORY + statedir.TMP_SUFFIX)
 
 
 def digest(fd: int) -> str:
@@ -259,9 +257,9 @@ def _monitor(inst: "Instance"):
 def _hold(point: str) -> None:
     """For fault tests only: stop this process (SIGSTOP) at a named point of the save when
     QEMUSPEC_TEST_HOLD_SAVE names it, so a test can kill it, or qemu, at exactly that point."""
-    from qemuspec.settings import Settings
+    from qemuspec.settings import current
 
-    if Settings.from_env().test_hold_save == point:
+    if current().test_hold_save == point:
         import signal
 
         os.kill(os.getpid(), signal.SIGSTOP)
@@ -294,7 +292,7 @@ def save(inst: "Instance") -> dict:
     discard(state_dir)
     statedir.ensure_private(warm_dir(state_dir))  # a planted `warm -> elsewhere` is refused, not written through
     began = time.monotonic()
-    tmp = memory_file(state_dir) + ".tmp"
+    tmp = memory_file(state_dir) + statedir.TMP_SUFFIX
     saving = statedir.SaveRecord(overlays=[], at=time.time())
     with _monitor(inst) as qmp:
         version = qmp.command("query-version").get("qemu", {})
@@ -331,7 +329,7 @@ def save(inst: "Instance") -> dict:
                 raise QemuspecError(f"qemu could not save machine {inst.name}: {error}")
             os.replace(tmp, memory_file(state_dir))
             files = {path: _identity(path) for path in _inputs(machine)}  # disks are flushed and frozen now
-            rfd = os.open(memory_file(state_dir), os.O_RDONLY | os.O_CLOEXEC)
+            rfd = os.open(memory_file(state_dir), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
             try:
                 size, sha = os.fstat(rfd).st_size, digest(rfd)
             finally:

@@ -43,7 +43,7 @@ def key(path: str, text: bytes, variables: Mapping[str, Any], environ: Mapping[s
     material = json.dumps([FORMAT, os.path.abspath(path), hashlib.sha256(text).hexdigest(),
                            sorted((str(k), str(v)) for k, v in variables.items()),
                            sorted((str(k), str(v)) for k, v in environ.items()),
-                           os.environ.get("HOME", ""), _code_identity()])
+                           os.path.expanduser("~"), _code_identity()])  # what the models' `~` expands to
     return hashlib.sha256(material.encode()).hexdigest()
 
 

@@ -74,7 +74,7 @@ def _load_text(
         raise SpecError(f"{source}: the file must be a table of settings with a [machines.NAME] section, not {type(data).__name__}")
     from qemuspec.spec.templates import render_values
 
-    data = render_values(data, lines, source, variables or {}, os.environ if environ is None else environ)
+    data = render_values(data, lines, source, variables or {}, environ or {})
     from pydantic import ValidationError
 
     try:

@@ -30,7 +30,8 @@ Problem = tuple[tuple, str]
 
 def host_problems(spec: "File", source: str, names: list[str], allow_local_qemu: bool = False,
                   environ: Mapping[str, str] | None = None, allow_host_paths: bool = False) -> list[Problem]:
-    env = os.environ if environ is None else environ
+    """``environ``: the settings' environment form (Settings.var_environ; the caller's, never the process's)."""
+    env = environ or {}
     allow_local_qemu = allow_local_qemu or env.get(ALLOW_LOCAL_QEMU_ENV, "") not in ("", "0")
     root = project_root(source)
     problems: list[Problem] = []
@@ -54,7 +55,7 @@ def missing_files(spec: "File", names: list[str]) -> list[Problem]:
 def host_path_problems(spec: "File", source: str, names: list[str], allow: bool = False,
                        environ: Mapping[str, str] | None = None) -> list[Problem]:
     """The host paths outside the tree that need the user's opt-in (see :func:`host_paths`), unless given."""
-    env = os.environ if environ is None else environ
+    env = environ or {}
     if allow or env.get(ALLOW_HOST_PATHS_ENV, "") not in ("", "0"):
         return []
     root = project_root(source)
