@@ -521,9 +521,9 @@ def throwaway(machine: Machine, workdir: str) -> Machine:
                 from qemuspec import img
 
                 base_format = img.info(disk.file).format
-            disks.append(disk.model_copy(update={"file": overlay, "format": "qcow2", "size": None,
+            disks.append(disk.model_copy(update={"file": overlay, "format": "qcow2", "size": None, "image": None,
                                                  "backing": os.path.abspath(disk.file), "backing_format": base_format}))
-        else:  # made fresh by `up`: make it in the throwaway directory instead
+        else:  # made fresh by `up` (an image's overlay too): make it in the throwaway directory instead
             disks.append(disk.model_copy(update={"file": overlay if disk.backing or (disk.format or "raw") == "qcow2" else overlay[:-6] + ".img"}))
     return machine.model_copy(update={"disks": disks, "restart": "no"})
 

@@ -26,6 +26,9 @@ VARIABLES = {
     "QEMUSPEC_DEBUG": "print tracebacks instead of one-paragraph errors",
     "QEMUSPEC_CACHE": "0: always validate definitions afresh (default: validated definitions are cached by content)",
     "QEMUSPEC_TEST_HOLD_SAVE": "fault tests: a supervisor stops (SIGSTOP) at this warm-save point (snapshot, migrating)",
+    "QEMUSPEC_OFFLINE": "1: never download a base image; one missing from the cache is an error (as --offline)",
+    "XDG_CACHE_HOME": "the user's cache: base images, validated definitions and qemu capabilities under qemuspec/",
+    "http_proxy, https_proxy, no_proxy": "proxies for image downloads (upper-case names too)",
     "NO_COLOR": "no colour, even on a terminal",
     "CI": "line-based progress, never redrawn in place",
 }
@@ -46,6 +49,9 @@ class Settings:
     cache: str | None = None  # directory of validated definitions (spec/cache.py); None: QEMUSPEC_CACHE=0
     variables: dict[str, str] = field(default_factory=dict)
     test_hold_save: str | None = None  # QEMUSPEC_TEST_HOLD_SAVE (runtime/warm.py; fault tests only)
+    images: str = field(default_factory=lambda: os.path.join(cache_base(), "images"))  # base images (imagecache.py)
+    offline: bool = False  # QEMUSPEC_OFFLINE: a base image missing from the cache is an error, never a download
+    proxies: dict[str, str] = field(default_factory=dict)  # http/https/no -> value of the *_proxy variables
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -63,6 +69,9 @@ class Settings:
             connect=env.get("QEMUSPEC_CONNECT") or None,
             cache=None if env.get("QEMUSPEC_CACHE", "") == "0" else os.path.join(cache_base(env), "definitions"),
             test_hold_save=env.get("QEMUSPEC_TEST_HOLD_SAVE") or None,
+            images=os.path.join(cache_base(env), "images"),
+            offline=env.get("QEMUSPEC_OFFLINE", "") not in ("", "0"),
+            proxies=_proxies(env),
             variables={k[len(VAR_PREFIX):]: v for k, v in env.items() if k.startswith(VAR_PREFIX)},
         )
 
@@ -78,7 +87,17 @@ class Settings:
         return out
 
 
+def _proxies(env: Mapping[str, str]) -> dict[str, str]:
+    """The proxy variables curl and urllib honour (lower case first), for image downloads."""
+    out = {}
+    for scheme in ("http", "https", "no"):
+        value = env.get(f"{scheme}_proxy") or env.get(f"{scheme.upper()}_PROXY")
+        if value:
+            out[scheme] = value
+    return out
+
+
 def cache_base(env: Mapping[str, str] | None = None) -> str:
-    """qemuspec's directory in the user's cache (qemu capabilities, validated definitions)."""
+    """qemuspec's directory in the user's cache (qemu capabilities, validated definitions, base images)."""
     env = os.environ if env is None else env
     return os.path.join(env.get("XDG_CACHE_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".cache"), "qemuspec")

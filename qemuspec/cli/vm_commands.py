@@ -93,6 +93,9 @@ def up(ctx: Context, *, no_probe: bool, attach: bool, timeout: float | None, all
     if hosts:  # libvirt backend
         return libvirt_commands.up(ctx, spec, names, hosts, attach)
     _warm_flag(warm, spec, names)
+    from qemuspec.cli.img_commands import ensure_images
+
+    ensure_images(ctx, spec, reconcile.needed(spec, names))  # base images cached and checked before any qemu runs
     if not no_probe:
         from qemuspec.cli.common import check_against_qemu
 

@@ -1,0 +1,557 @@
+"""Base images by URL and digest: one content-addressed cache per user, shared by every definition.
+
+Why this shape: a distribution's cloud image is hundreds of MiB that every machine built on it shares,
+and the only thing that says it is the right file is its digest. So an entry is named by the digest
+(``sha256-HEX``), filled only through a temporary ``.part`` file whose digest is computed while the
+bytes arrive, and renamed into place only when it matches; a mismatch deletes the partial file and is
+an error (exit 2) naming the URL and both digests, before any qemu starts. Nothing touches the
+network when the digest is in the cache; a checksum-file lookup (``digest_url``) is recorded too, so
+a cached image needs no request either (and a base never changes under an overlay made on it).
+
+- Resume: an interrupted download keeps its ``.part`` file; the next pull hashes what is there and
+  asks for the rest with an HTTP ``Range`` (a server answering 200 instead restarts it from 0).
+- One download per image: a flock per digest, held for the download; a second pull waits for it and
+  then finds the entry.
+- Compressed images (``.xz``, ``.gz`` URLs): the digest is of the file as published (what checksum
+  files list), checked on the compressed bytes; the entry holds the unpacked image.
+- A base must stand alone: raw or qcow2 only (vmdk descriptors name host files), and a qcow2 with a
+  backing or external data file is refused, so a downloaded header cannot make qemu open a host file.
+  Entries are 0400; overlays name them as their backing file, which qemu opens read-only.
+- HTTP client: the standard library (``urllib.request``: https with the system CA store through
+  ``ssl.create_default_context``, proxies passed in from settings, redirects); ``Range`` is one header,
+  so a library would buy nothing here. Imported only when a download happens (``_open``).
+
+Everything is relative to the cache directory's descriptor (``privdir``): a cache another user could
+change is not used at all (an error naming XDG_CACHE_HOME).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import stat
+import time
+from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, Any, Callable, Iterator, Mapping, Protocol
+
+from qemuspec import privdir
+from qemuspec.errors import QemuspecError
+
+if TYPE_CHECKING:
+    from urllib.request import OpenerDirector
+
+    from qemuspec.settings import Settings
+
+DIGEST = re.compile(r"^(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$")
+SCHEMES = ("http", "https", "file")
+CHUNK = 1 << 20
+CHECKSUM_LIMIT = 4 << 20  # a checksum file is text; more than this is not one
+_HEX_ALGO = {64: "sha256", 128: "sha512"}
+_FORMATS = ("qcow2", "raw")
+_ZERO = bytes(CHUNK)
+
+Report = Callable[[dict], Any]
+
+
+class ImageSource(Protocol):
+    """What a definition says about a base image (the model's ``Image``, or a cached record)."""
+
+    url: str
+    digest: str | None
+    digest_url: str | None
+
+
+class FetchError(QemuspecError):
+    """An image could not be fetched (network, server, offline, cache unusable): a runtime failure."""
+
+
+class DigestMismatch(QemuspecError):
+    """The bytes fetched are not what the definition's digest says: bad input, exit 2."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A base image in the cache."""
+
+    digest: str
+    path: str
+    format: str
+    size: int
+    url: str
+    compressed: str | None
+    pulled: float
+    used: float
+
+
+def entry_name(digest: str) -> str:
+    algo, _, hexdigest = digest.partition(":")
+    return f"{algo}-{hexdigest}"
+
+
+def compression(url: str) -> str | None:
+    """"xz" or "gz" when the URL names a compressed file (by its suffix), else None."""
+    path = url.split("?", 1)[0].split("#", 1)[0].lower()
+    for suffix, kind in ((".xz", "xz"), (".gz", "gz")):
+        if path.endswith(suffix):
+            return kind
+    return None
+
+
+def basename(url: str) -> str:
+    from urllib.parse import unquote, urlsplit
+
+    return unquote(urlsplit(url).path.rsplit("/", 1)[-1])
+
+
+def parse_checksums(text: str, name: str) -> str | None:
+    """The digest ``name`` has in a checksum file, as ``algo:hex``: GNU coreutils lines (``HEX  name``,
+    ``HEX *name``: Debian's SHA512SUMS, Ubuntu's SHA256SUMS, Alpine's .sha512) and BSD lines
+    (``SHA256 (name) = HEX``: Fedora's CHECKSUM). The algorithm follows from the length of the hex."""
+    for raw in text.splitlines():
+        line = raw.strip()
+        bsd = re.match(r"^(SHA256|SHA512) \((.+)\) = ([0-9A-Fa-f]+)$", line)
+        if bsd:
+            algo, found, hexdigest = bsd.group(1).lower(), bsd.group(2), bsd.group(3).lower()
+        else:
+            gnu = re.match(r"^([0-9A-Fa-f]{64}|[0-9A-Fa-f]{128}) [ *](.+)$", line)
+            if not gnu:
+                continue
+            hexdigest, found = gnu.group(1).lower(), gnu.group(2)
+            algo = _HEX_ALGO[len(hexdigest)]
+        if os.path.basename(found.strip()) == name and _HEX_ALGO.get(len(hexdigest)) == algo:
+            return f"{algo}:{hexdigest}"
+    return None
+
+
+def from_settings(settings: "Settings", offline: bool = False, report: Report | None = None) -> "ImageCache":
+    """The user's cache as settings say (directory, QEMUSPEC_OFFLINE or ``offline``, proxies)."""
+    return ImageCache(settings.images, offline=offline or settings.offline, proxies=settings.proxies, report=report)
+
+
+class ImageCache:
+    """The user's image cache: ``ensure`` an image (pull it when missing), ``entries``, ``prune``."""
+
+    def __init__(self, directory: str, *, offline: bool = False, proxies: Mapping[str, str] | None = None,
+                 report: Report | None = None, interval: float = 0.25):
+        self.directory = directory
+        self.offline = offline
+        self.proxies = dict(proxies or {})
+        self.report = report or (lambda event: None)
+        self.interval = interval
+
+    # -- the directory ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _dir(self, create: bool = True) -> Iterator[int]:
+        fd = privdir.open_private(self.directory, create)
+        if fd is None:
+            if not create and not os.path.lexists(self.directory):
+                raise FileNotFoundError(self.directory)
+            raise FetchError(f"the image cache {self.directory} (or a directory above it) can be changed by another "
+                             "user or is not this user's, so qemuspec does not use it: set XDG_CACHE_HOME to a "
+                             "directory of yours that only you can write")
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def path(self, digest: str) -> str:
+        return os.path.join(self.directory, entry_name(digest))
+
+    def _meta(self, dfd: int, digest: str) -> dict | None:
+        data = privdir.read(dfd, entry_name(digest) + ".json", 1 << 16)
+        try:
+            meta = json.loads(data) if data else None
+        except ValueError:
+            return None
+        if not isinstance(meta, dict) or meta.get("digest") != digest or meta.get("format") not in _FORMATS:
+            return None
+        try:
+            info = os.stat(entry_name(digest), dir_fd=dfd, follow_symlinks=False)
+        except OSError:
+            return None
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+            return None
+        return meta
+
+    def _entry(self, dfd: int, digest: str, meta: dict) -> Entry:
+        used = os.stat(entry_name(digest) + ".json", dir_fd=dfd, follow_symlinks=False).st_mtime
+        size = os.stat(entry_name(digest), dir_fd=dfd, follow_symlinks=False).st_size
+        return Entry(digest, self.path(digest), meta["format"], size, str(meta.get("url", "")),
+                     meta.get("compressed"), float(meta.get("pulled", 0)), used)
+
+    # -- looking digests up ---------------------------------------------------------------------------
+
+    def resolve(self, image: ImageSource) -> str:
+        """The image's digest: as written, or looked up in its checksum file (once; recorded)."""
+        if image.digest:
+            return image.digest.lower()
+        assert image.digest_url, "the model requires digest or digest_url"
+        name = basename(image.url)
+        key = "lookup-" + hashlib.sha256(f"{image.digest_url}\n{name}".encode()).hexdigest()[:32] + ".json"
+        with self._dir() as dfd:
+            data = privdir.read(dfd, key, 1 << 16)
+            with contextlib.suppress(ValueError, TypeError):
+                found = json.loads(data or b"").get("digest")
+                if isinstance(found, str) and DIGEST.match(found):
+                    return found
+            if self.offline:
+                raise FetchError(f"{image.digest_url}: --offline, and the digest of {name} has not been looked up "
+                                 "yet: run `qemuspec img pull` once with network, or write digest = \"sha256:...\"")
+            text = self._small(image.digest_url)
+            digest = parse_checksums(text, name)
+            if digest is None:
+                raise FetchError(f"{image.digest_url} lists no sha256/sha512 digest for {name}: check that digest_url "
+                                 "is the checksum file of the directory the url points into, or write digest = "
+                                 "\"sha256:...\" yourself")
+            privdir.write(dfd, key, json.dumps({"digest": digest, "digest_url": image.digest_url, "name": name,
+                                                "looked_up": time.time()}).encode())
+            return digest
+
+    def _small(self, url: str) -> str:
+        with self._open(url, 0) as (response, _status, _total):
+            data = response.read(CHECKSUM_LIMIT + 1)
+        if len(data) > CHECKSUM_LIMIT:
+            raise FetchError(f"{url} is larger than {CHECKSUM_LIMIT >> 20} MiB: that is not a checksum file")
+        return data.decode("utf-8", errors="replace")
+
+    # -- the cache ------------------------------------------------------------------------------------
+
+    def lookup(self, image: ImageSource) -> Entry | None:
+        """The cached entry for ``image`` without any download (None when missing); a checksum-file
+        lookup not made yet is made, unless offline."""
+        digest = self.resolve(image)
+        with self._dir() as dfd:
+            meta = self._meta(dfd, digest)
+            return self._entry(dfd, digest, meta) if meta else None
+
+    def ensure(self, image: ImageSource) -> Entry:
+        """The cached base of ``image``, downloaded, checked and unpacked first when missing."""
+        digest = self.resolve(image)
+        with self._dir() as dfd:
+            meta = self._meta(dfd, digest)
+            if meta is None:
+                if self.offline:
+                    raise FetchError(f"{image.url} ({digest}) is not in the image cache {self.directory} and --offline "
+                                     "forbids downloading it: run `qemuspec img pull FILE` with network first")
+                with self._locked(dfd, digest, image.url):
+                    meta = self._meta(dfd, digest)  # another pull may have finished while we waited
+                    if meta is None:
+                        meta = self._pull(dfd, image.url, digest)
+                    else:
+                        self.report({"event": "image-cached", "url": image.url, "digest": digest})
+            else:
+                self.report({"event": "image-cached", "url": image.url, "digest": digest})
+            with contextlib.suppress(OSError):  # last use, for `img prune --older-than`
+                os.utime(entry_name(digest) + ".json", dir_fd=dfd, follow_symlinks=False)
+            return self._entry(dfd, digest, meta)
+
+    @contextlib.contextmanager
+    def _locked(self, dfd: int, digest: str, url: str) -> Iterator[None]:
+        import fcntl
+
+        fd = os.open(entry_name(digest) + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=dfd)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.report({"event": "image-waiting", "url": url, "digest": digest})
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _pull(self, dfd: int, url: str, digest: str) -> dict:
+        algo, _, want = digest.partition(":")
+        part = entry_name(digest) + ".part"
+        fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+                raise FetchError(f"{self.directory}/{part} is not a regular file of this user's: remove it")
+            hasher = hashlib.new(algo)
+            have = _hash_existing(fd, hasher)
+            got = self._download(url, digest, fd, hasher, have)
+            if got != want:
+                os.ftruncate(fd, 0)
+                os.unlink(part, dir_fd=dfd)
+                raise DigestMismatch(
+                    f"{url}: the downloaded file's digest is {algo}:{got}, but the definition expects {digest}: "
+                    "nothing was kept and no machine was started; if the image was updated upstream, put its new "
+                    "digest in the definition (or use digest_url), otherwise the download was tampered with")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        kind = compression(url)
+        name = entry_name(digest)
+        if kind:
+            tmp = f".{name}.{os.urandom(6).hex()}.unpack"
+            try:
+                self.report({"event": "image-unpack", "url": url, "digest": digest, "compression": kind})
+                _unpack(dfd, part, tmp, kind, url)
+                fmt = self._check_base(dfd, tmp, url)
+                os.chmod(tmp, 0o400, dir_fd=dfd, follow_symlinks=False)
+                os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dfd)
+                raise
+            os.unlink(part, dir_fd=dfd)
+        else:
+            try:
+                fmt = self._check_base(dfd, part, url)
+            except BaseException:
+                os.unlink(part, dir_fd=dfd)
+                raise
+            os.chmod(part, 0o400, dir_fd=dfd, follow_symlinks=False)
+            os.replace(part, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        meta = {"digest": digest, "url": url, "format": fmt, "compressed": kind, "pulled": time.time()}
+        privdir.write(dfd, name + ".json", json.dumps(meta).encode())
+        self.report({"event": "image-done", "url": url, "digest": digest,
+                     "size": os.stat(name, dir_fd=dfd, follow_symlinks=False).st_size})
+        return meta
+
+    def _check_base(self, dfd: int, name: str, url: str) -> str:
+        """The verified file's format; refused unless it is raw or a qcow2 standing alone."""
+        from qemuspec import img
+
+        found = img.info(os.path.join(self.directory, name))
+        if found.format not in _FORMATS:
+            raise FetchError(f"{url} is a {found.format} image: qemuspec takes raw or qcow2 bases only (other formats "
+                             "can name host files); convert it with `qemuspec img convert` and serve that")
+        specific = (found.raw.get("format-specific") or {}).get("data") or {}
+        if found.backing or specific.get("data-file"):
+            raise FetchError(f"{url} is a qcow2 image with a backing or data file ({found.backing or specific.get('data-file')}): "
+                             "a base image must stand alone, or its header could make qemu open a host file")
+        return found.format
+
+    def _download(self, url: str, digest: str, fd: int, hasher: Any, have: int) -> str:
+        """Append the rest of ``url`` from offset ``have`` to ``fd`` (zero chunks as holes), hashing as
+        the bytes arrive; the hex digest of the whole file."""
+        with self._open(url, have) as (response, status, total):
+            if have and status != 206:  # the server sent the whole file: start again
+                os.ftruncate(fd, 0)
+                hasher = hashlib.new(hasher.name)
+                have = 0
+            offset = have
+            started = last = time.monotonic()
+            event = {"event": "image-download", "url": url, "digest": digest, "bytes": offset, "total": total,
+                     "resumed_at": have or None}
+            self.report(dict(event, rate=0.0))
+            from http.client import HTTPException
+
+            buffer = bytearray(CHUNK)
+            view = memoryview(buffer)
+            while True:
+                try:
+                    count = _fill(response, view)
+                except (OSError, HTTPException) as exc:
+                    os.ftruncate(fd, offset)  # what arrived stays for the resume
+                    raise FetchError(f"{url}: the download broke off after {offset} bytes ({exc}): run the command "
+                                     "again to resume it") from None
+                if not count:
+                    break
+                data = view[:count]
+                hasher.update(data)
+                if count == CHUNK and data == _ZERO:
+                    offset += count  # a hole: sparse images stay sparse in the cache
+                else:
+                    written = 0
+                    while written < count:
+                        written += os.pwrite(fd, data[written:], offset + written)
+                    offset += count
+                now = time.monotonic()
+                if now - last >= self.interval:
+                    last = now
+                    rate = (offset - have) / max(now - started, 1e-6)
+                    self.report(dict(event, bytes=offset, rate=rate))
+            if total is not None and offset < total:
+                os.ftruncate(fd, offset)
+                raise FetchError(f"{url}: the server closed the connection after {offset} of {total} bytes: run the "
+                                 "command again to resume the download")
+            os.ftruncate(fd, offset)
+            elapsed = max(time.monotonic() - started, 1e-6)
+            self.report(dict(event, bytes=offset, total=offset, rate=(offset - have) / elapsed, finished=True))
+        return hasher.hexdigest()
+
+    @contextlib.contextmanager
+    def _open(self, url: str, offset: int) -> Iterator[tuple[IO[bytes], int, int | None]]:
+        """(response, status, total size or None) for ``url`` from byte ``offset``; 206 when resumed."""
+        scheme = url.split(":", 1)[0].lower()
+        if scheme == "file":
+            from urllib.parse import unquote, urlsplit
+
+            path = unquote(urlsplit(url).path)
+            try:
+                f = open(path, "rb")
+            except OSError as exc:
+                raise FetchError(f"{url}: cannot open {path} ({exc.strerror})") from None
+            with f:
+                size = os.fstat(f.fileno()).st_size
+                f.seek(min(offset, size))
+                yield f, 206 if offset else 200, size
+            return
+        if self.offline:
+            raise FetchError(f"{url}: --offline forbids downloading")
+        import urllib.error
+        import urllib.request
+
+        request = urllib.request.Request(url, headers={"User-Agent": "qemuspec", "Accept-Encoding": "identity"})
+        if offset:
+            request.add_header("Range", f"bytes={offset}-")
+        try:
+            response = self._opener(url).open(request, timeout=60)
+        except urllib.error.HTTPError as exc:
+            if exc.code == 416 and offset:  # nothing left past the partial file: it is complete (or wrong)
+                import io
+
+                yield io.BytesIO(b""), 206, offset
+                return
+            raise FetchError(f"{url}: the server answered {exc.code} {exc.reason}: check the URL") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise FetchError(f"{url}: cannot download ({reason}): check the URL and the network (proxy variables: "
+                             "http_proxy, https_proxy, no_proxy), or use an image already in the cache") from None
+        with response:
+            status = response.status
+            length = response.headers.get("Content-Length")
+            total = int(length) + (offset if status == 206 else 0) if length and length.isdigit() else None
+            if status == 206:
+                match = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
+                if not match or int(match.group(1)) != offset:
+                    raise FetchError(f"{url}: the server resumed at the wrong offset "
+                                     f"({response.headers.get('Content-Range')!r} for byte {offset})")
+            yield response, status, total
+
+    def _opener(self, url: str) -> "OpenerDirector":
+        import ssl
+        import urllib.request
+        from urllib.parse import urlsplit
+
+        host = urlsplit(url).hostname or ""
+        proxies = {k: v for k, v in self.proxies.items() if k != "no"}
+        if proxies and _bypass(host, self.proxies.get("no", "")):
+            proxies = {}
+        return urllib.request.build_opener(urllib.request.ProxyHandler(proxies),
+                                           urllib.request.HTTPSHandler(context=ssl.create_default_context()))
+
+    # -- ls and prune ---------------------------------------------------------------------------------
+
+    def entries(self) -> list[Entry]:
+        try:
+            with self._dir(create=False) as dfd:
+                out = []
+                for name in sorted(os.listdir(dfd)):
+                    m = re.match(r"^(sha256|sha512)-([0-9a-f]+)\.json$", name)
+                    if m:
+                        digest = f"{m.group(1)}:{m.group(2)}"
+                        meta = self._meta(dfd, digest)
+                        if meta:
+                            out.append(self._entry(dfd, digest, meta))
+                return out
+        except FileNotFoundError:
+            return []
+
+    def partial(self) -> list[tuple[str, int]]:
+        """Interrupted downloads: (name, bytes so far)."""
+        try:
+            with self._dir(create=False) as dfd:
+                return [(n, os.stat(n, dir_fd=dfd, follow_symlinks=False).st_size) for n in sorted(os.listdir(dfd))
+                        if n.endswith(".part")]
+        except FileNotFoundError:
+            return []
+
+    def prune(self, older_than: float | None = None, everything: bool = False) -> list[str]:
+        """Remove entries not used for ``older_than`` seconds (all with ``everything``), interrupted
+        downloads and stale lookups; what was removed. An overlay on a removed base needs it again:
+        the next `up` pulls it back to the same path (entries are named by digest)."""
+        removed = []
+        now = time.time()
+        try:
+            with self._dir(create=False) as dfd:
+                for entry in self.entries():
+                    if everything or (older_than is not None and now - entry.used > older_than):
+                        name = entry_name(entry.digest)
+                        for suffix in ("", ".json", ".lock"):
+                            with contextlib.suppress(FileNotFoundError):
+                                os.unlink(name + suffix, dir_fd=dfd)
+                        removed.append(entry.digest)
+                for name in os.listdir(dfd):
+                    if name.endswith((".part", ".unpack")) or (everything and name.startswith("lookup-")):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(name, dir_fd=dfd)
+                        removed.append(name)
+        except FileNotFoundError:
+            pass
+        return removed
+
+
+def _bypass(host: str, no_proxy: str) -> bool:
+    """Whether ``no_proxy`` (curl's rules: "*", names, ".domain" suffixes, optional :port) exempts ``host``."""
+    host = host.lower().strip("[]")
+    for item in no_proxy.lower().split(","):
+        entry = item.strip().rsplit(":", 1)[0] if item.count(":") == 1 else item.strip()
+        entry = entry.strip("[]").lstrip(".")
+        if entry == "*" or (entry and (host == entry or host.endswith("." + entry))):
+            return True
+    return False
+
+
+def _fill(response: Any, view: memoryview) -> int:
+    """Read until ``view`` is full or the stream ends (fewer, larger hash and write calls)."""
+    count = 0
+    while count < len(view):
+        got = response.readinto(view[count:])
+        if not got:
+            break
+        count += got
+    return count
+
+
+def _hash_existing(fd: int, hasher: Any) -> int:
+    """Feed the bytes already in a partial file to ``hasher``; their count."""
+    size = os.fstat(fd).st_size
+    offset = 0
+    while offset < size:
+        chunk = os.pread(fd, min(CHUNK, size - offset), offset)
+        if not chunk:
+            break
+        hasher.update(chunk)
+        offset += len(chunk)
+    return offset
+
+
+def _unpack(dfd: int, source: str, target: str, kind: str, url: str) -> None:
+    """Decompress ``source`` into a new ``target`` (O_EXCL, 0600), zero chunks as holes."""
+    import gzip
+    import lzma
+
+    src = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+    try:
+        with os.fdopen(src, "rb") as raw:
+            stream: IO[bytes] = lzma.open(raw) if kind == "xz" else gzip.open(raw)  # type: ignore[assignment]
+            offset = 0
+            try:
+                while True:
+                    chunk = stream.read(CHUNK)
+                    if not chunk:
+                        break
+                    if len(chunk) != CHUNK or chunk != _ZERO:
+                        view = memoryview(chunk)
+                        while view:
+                            view = view[os.pwrite(out, view, offset + len(chunk) - len(view)):]
+                    offset += len(chunk)
+            except (OSError, EOFError, lzma.LZMAError) as exc:
+                raise FetchError(f"{url}: the file matches its digest but does not unpack as {kind} ({exc}): "
+                                 "check that the URL names the compressed image") from None
+        os.ftruncate(out, offset)
+        os.fsync(out)
+    finally:
+        os.close(out)

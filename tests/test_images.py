@@ -1,0 +1,324 @@
+"""Base images by URL and digest (issue 23): the content-addressed cache, checked while the bytes
+arrive, against a real HTTP server on 127.0.0.1 (tests/helpers.py ImageServer) that logs every
+request, cuts responses short and serves Range; a real guest booted on an overlay of a served image."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import lzma
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from helpers import qemu_pids
+from test_lifecycle import MACHINE
+
+CLI = [sys.executable, "-m", "qemuspec.cli.main"]
+
+
+@pytest.fixture
+def env(tmp_path) -> dict:
+    """The CLI's environment with a cache of this test's own (XDG_CACHE_HOME) and no proxies."""
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    out = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    out.update(XDG_CACHE_HOME=str(cache), QEMUSPEC_CACHE="0")
+    out.pop("QEMUSPEC_OFFLINE", None)
+    return out
+
+
+def images_dir(env: dict) -> str:
+    return os.path.join(env["XDG_CACHE_HOME"], "qemuspec", "images")
+
+
+def run(env: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300, env=env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"qemuspec {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def disk_file(tmp_path, url: str, digest: str | None = None, digest_url: str | None = None, name: str = "lab.toml",
+              machines: tuple[str, ...] = ("box",)) -> str:
+    """A definition whose machines each have one disk on the image (no kernel: nothing boots)."""
+    image = f'url = "{url}", ' + (f'digest = "{digest}"' if digest else f'digest_url = "{digest_url}"')
+    text = "".join(f'[machines.{m}]\nmemory = "64M"\n[[machines.{m}.disks]]\nfile = "{m}.qcow2"\nimage = {{ {image} }}\n\n'
+                   for m in machines)
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def qcow2(tmp_path, content: bytes, size: str = "16M") -> bytes:
+    """A small real qcow2 whose first bytes are ``content`` (made by qemu-img from a raw file)."""
+    raw = tmp_path / "src.raw"
+    raw.write_bytes(content.ljust(1 << 20, b"\0"))
+    out = tmp_path / "src.qcow2"
+    subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(out)], check=True)
+    subprocess.run(["qemu-img", "resize", "-q", str(out), size], check=True)
+    data = out.read_bytes()
+    out.unlink()
+    raw.unlink()
+    return data
+
+
+def cached(env: dict) -> list[str]:
+    try:
+        return sorted(os.listdir(images_dir(env)))
+    except FileNotFoundError:
+        return []
+
+
+# -- the model ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("image, field, words", [
+    ('{ url = "ftp://host/x.qcow2", digest = "sha256:' + "a" * 64 + '" }', "image.url", "http://, https:// or file:///"),
+    ('{ url = "https://host/x.qcow2", digest = "sha256:abc" }', "image.digest", "64 hex digits"),
+    ('{ url = "https://host/x.qcow2" }', "image", "exactly one of digest"),
+    ('{ url = "https://host/x.qcow2", digest = "sha256:' + "a" * 64 + '", digest_url = "https://host/SUMS" }', "image",
+     "exactly one of digest"),
+    ('{ url = "file://relative/x.qcow2", digest = "sha256:' + "a" * 64 + '" }', "image.url", "absolute path"),
+])
+def test_validate_names_file_line_field_and_fix(tmp_path, env, image, field, words):
+    path = tmp_path / "bad.toml"
+    path.write_text(f'[machines.box]\n[[machines.box.disks]]\nfile = "box.qcow2"\nimage = {image}\n')
+    result = run(env, "validate", str(path), check=False)
+    assert result.returncode == 2
+    assert f"{path}:4: machines.box.disks[0].{field}" in result.stderr and words in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_image_with_backing_or_raw_format_is_refused(tmp_path, env):
+    digest = "sha256:" + "b" * 64
+    for extra, words in (('backing = "base.qcow2"', 'give "image" or "backing"'), ('format = "raw"', "qcow2 overlay")):
+        path = tmp_path / "bad.toml"
+        path.write_text(f'[machines.box]\n[[machines.box.disks]]\nfile = "box.qcow2"\n{extra}\n'
+                        f'image = {{ url = "https://h/x.qcow2", digest = "{digest}" }}\n')
+        result = run(env, "validate", str(path), check=False)
+        assert result.returncode == 2 and words in result.stderr, result.stderr
+
+
+def test_checksum_file_formats():
+    from qemuspec.imagecache import parse_checksums
+
+    a, b = "ab" * 32, "cd" * 64
+    gnu = f"{b}  debian-12-genericcloud-amd64.qcow2\n{'ef' * 64}  other.qcow2\n"
+    assert parse_checksums(gnu, "debian-12-genericcloud-amd64.qcow2") == f"sha512:{b}"
+    assert parse_checksums(f"{a} *ubuntu.img\n", "ubuntu.img") == f"sha256:{a}"
+    bsd = f"-----BEGIN PGP SIGNED MESSAGE-----\n# Fedora.qcow2: 1 bytes\nSHA256 (Fedora.qcow2) = {a.upper()}\n"
+    assert parse_checksums(bsd, "Fedora.qcow2") == f"sha256:{a}"
+    assert parse_checksums(gnu, "missing.qcow2") is None
+    assert parse_checksums(f"SHA256 (x.img) = {b}\n", "x.img") is None  # the length must fit the algorithm
+
+
+# -- the cache ------------------------------------------------------------------------------------------
+
+def test_wrong_digest_fails_before_any_qemu_starts(tmp_path, env, image_server, qemu_bin):
+    data = qcow2(tmp_path, b"right bytes")
+    image_server.files["disk.qcow2"] = data
+    wrong = sha256(b"other bytes")
+    path = disk_file(tmp_path, image_server.url("disk.qcow2"), wrong)
+    result = run(env, "up", path, check=False)
+    assert result.returncode == 2, result.stderr
+    assert image_server.url("disk.qcow2") in result.stderr
+    assert wrong in result.stderr and sha256(data) in result.stderr  # both digests
+    assert qemu_pids(tmp_path) == set()
+    assert [n for n in cached(env) if not n.endswith(".lock")] == []  # nothing kept, no partial file either
+    assert not os.path.exists(tmp_path / "box.qcow2")
+
+
+def test_interrupted_download_resumes_with_a_range_request(tmp_path, env, image_server):
+    data = os.urandom(3 << 20)
+    image_server.files["disk.raw"] = data
+    image_server.cut["disk.raw"] = 1_234_567
+    path = disk_file(tmp_path, image_server.url("disk.raw"), sha256(data))
+    first = run(env, "img", "pull", path, check=False)
+    assert first.returncode == 1 and "resume" in first.stderr, first.stderr
+    listing = json.loads(run(env, "img", "ls", "--json").stdout)
+    assert listing["images"] == [] and listing["partial"][0]["bytes"] == 1_234_567
+    run(env, "img", "pull", path)
+    assert image_server.gets("disk.raw") == [None, "bytes=1234567-"]  # the second GET fetched only the rest
+    [entry] = json.loads(run(env, "img", "ls", "--json").stdout)["images"]
+    with open(entry["path"], "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == hashlib.sha256(data).hexdigest()
+    assert entry["format"] == "raw"
+
+
+def test_two_pulls_at_once_download_once(tmp_path, env, image_server):
+    data = os.urandom(2 << 20)
+    held = threading.Event()
+    image_server.files["shared.raw"] = data
+    image_server.hold["shared.raw"] = (1 << 20, held)  # the first download stays in flight
+    first = disk_file(tmp_path, image_server.url("shared.raw"), sha256(data), name="one.toml")
+    second = disk_file(tmp_path, image_server.url("shared.raw"), sha256(data), name="two.toml")
+    a = subprocess.Popen([*CLI, "img", "pull", first], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    b = None
+    try:
+        deadline = time.monotonic() + 60
+        while not image_server.gets("shared.raw"):
+            assert time.monotonic() < deadline and a.poll() is None, "the first pull never asked the server"
+            time.sleep(0.02)
+        b = subprocess.Popen([*CLI, "img", "pull", second], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+        assert b.stderr is not None
+        waiting = b.stderr.readline()  # the second pull says it waits for the first (it holds the lock)
+        assert "waiting for another qemuspec" in waiting, waiting
+        held.set()
+        assert a.wait(60) == 0 and b.wait(60) == 0, (a.stderr.read() if a.stderr else "", b.stderr.read())
+    finally:
+        held.set()
+        for proc in (a, b):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert image_server.gets("shared.raw") == [None]  # one GET in all
+
+
+def test_two_machines_of_one_file_share_one_download(tmp_path, env, image_server):
+    data = os.urandom(1 << 20)
+    image_server.files["pair.raw"] = data
+    path = disk_file(tmp_path, image_server.url("pair.raw"), sha256(data), machines=("a", "b"))
+    pulled = json.loads(run(env, "img", "pull", path, "--json").stdout)
+    assert [p["machine"] for p in pulled] == ["a", "b"] and pulled[0]["path"] == pulled[1]["path"]
+    assert image_server.gets("pair.raw") == [None]
+
+
+def test_cached_image_makes_no_request_and_offline_needs_the_cache(tmp_path, env, image_server):
+    data = os.urandom(1 << 20)
+    image_server.files["disk.raw"] = data
+    image_server.files["SHA256SUMS"] = f"{hashlib.sha256(data).hexdigest()} *disk.raw\n".encode()
+    path = disk_file(tmp_path, image_server.url("disk.raw"), digest_url=image_server.url("SHA256SUMS"))
+    offline = run(env, "img", "pull", path, "--offline", check=False)
+    assert offline.returncode == 1 and "--offline" in offline.stderr
+    assert image_server.log == []  # --offline asked nothing, not even the checksum file
+    run(env, "img", "pull", path)
+    assert [p for _, p, _ in image_server.log] == ["/SHA256SUMS", "/disk.raw"]
+    image_server.log.clear()
+    run(env, "img", "pull", path)
+    run(env, "img", "pull", path, "--offline")
+    assert image_server.log == []  # the digest (and its lookup) were in the cache: no network at all
+
+
+@pytest.mark.parametrize("kind", ["xz", "gz"])
+def test_compressed_image_is_checked_as_published_and_unpacked(tmp_path, env, image_server, kind):
+    raw = os.urandom(1 << 20) + bytes(8 << 20) + b"tail"
+    packed = lzma.compress(raw) if kind == "xz" else gzip.compress(raw)
+    image_server.files[f"disk.raw.{kind}"] = packed
+    path = disk_file(tmp_path, image_server.url(f"disk.raw.{kind}"), sha256(packed))
+    [entry] = json.loads(run(env, "img", "pull", path, "--json").stdout)
+    with open(entry["path"], "rb") as f:
+        assert f.read() == raw
+    assert entry["digest"] == sha256(packed) and entry["format"] == "raw"
+    assert os.stat(entry["path"]).st_blocks * 512 < len(raw) // 2  # the zeros stayed holes
+
+
+def test_prune_removes_unused_images(tmp_path, env, image_server):
+    data = os.urandom(1 << 20)
+    image_server.files["old.raw"] = data
+    path = disk_file(tmp_path, image_server.url("old.raw"), sha256(data))
+    run(env, "img", "pull", path)
+    assert json.loads(run(env, "img", "prune", "--json").stdout)["removed"] == []  # used just now
+    assert json.loads(run(env, "img", "prune", "--older-than", "0d", "--json").stdout)["removed"] == [sha256(data)]
+    assert json.loads(run(env, "img", "ls", "--json").stdout)["images"] == []
+
+
+def test_progress_json_events_and_quiet(tmp_path, env, image_server):
+    data = os.urandom(2 << 20)
+    image_server.files["p.raw"] = data
+    path = disk_file(tmp_path, image_server.url("p.raw"), sha256(data))
+    result = run(env, "img", "pull", path, "--json")
+    events = [json.loads(line) for line in result.stderr.splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "image-download" and kinds[-1] == "image-done"
+    finished = [e for e in events if e.get("finished")]
+    assert finished[0]["bytes"] == len(data) and finished[0]["rate"] > 0
+    quiet = run(env, "img", "pull", path, "--quiet")
+    assert quiet.stderr == "" and quiet.stdout == ""
+
+
+# -- templates ------------------------------------------------------------------------------------------
+
+TEMPLATE_FORMATS = {"debian-12": "gnu", "ubuntu-24.04": "gnu", "fedora": "bsd", "alpine": "gnu"}
+
+
+def test_init_list_names_the_templates(env):
+    listing = run(env, "init", "--list").stdout
+    for name in TEMPLATE_FORMATS:
+        assert name in listing
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATE_FORMATS))
+def test_template_validates_and_pulls_from_a_local_mirror(tmp_path, env, image_server, name):
+    """The written definition as is validates; the same definition with its two URLs pointed at a
+    local server (same file names, a checksum file in the distribution's own format) pulls."""
+    import tomllib
+
+    target = tmp_path / f"{name}.toml"
+    run(env, "init", "--template", name, str(target))
+    run(env, "validate", str(target))
+    text = target.read_text()
+    [machine] = tomllib.loads(text)["machines"].values()
+    image_url, sums_url = machine["disks"][0]["image"]["url"], machine["disks"][0]["image"]["digest_url"]
+    assert image_url.startswith("https://") and sums_url.startswith("https://")
+    image_name, sums_name = image_url.rsplit("/", 1)[1], sums_url.rsplit("/", 1)[1]
+    data = qcow2(tmp_path, name.encode())
+    hexdigest = hashlib.sha512(data).hexdigest() if name in ("debian-12", "alpine") else hashlib.sha256(data).hexdigest()
+    line = (f"SHA256 ({image_name}) = {hexdigest}\n" if TEMPLATE_FORMATS[name] == "bsd" else f"{hexdigest}  {image_name}\n")
+    image_server.files[image_name] = data
+    image_server.files[sums_name] = ("# other files\n" + "0" * len(hexdigest) + "  unrelated.qcow2\n" + line).encode()
+    target.write_text(text.replace(image_url, image_server.url(image_name)).replace(sums_url, image_server.url(sums_name)))
+    [entry] = json.loads(run(env, "img", "pull", str(target), "--json").stdout)
+    assert entry["format"] == "qcow2" and entry["digest"].endswith(hexdigest)
+    assert "ssh_public_key" in text and "cloud-init status --wait" in text
+
+
+def test_readme_boot_a_distribution_section():
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
+    section = readme.split("## Boot a distribution", 1)[1].split("\n## ", 1)[0]
+    assert "qemuspec init --template" in section and "qemuspec up" in section
+
+
+# -- a real guest on an overlay of a served image -------------------------------------------------------
+
+def test_guest_reads_a_served_image_and_the_base_stays_unchanged(tmp_path, env, image_server, guest):
+    marker = b"qemuspec-image-content-7f3a"
+    data = qcow2(tmp_path, marker)
+    image_server.files["data.qcow2"] = data
+    extra = ("agent = true\n[[machines.box.disks]]\nfile = \"data.qcow2\"\n"
+             f'image = {{ url = "{image_server.url("data.qcow2")}", digest = "{sha256(data)}" }}\n')
+    values = {"name": "box", "kernel": guest["kernel"], "initrd": guest["initrd"], "marker": guest["marker"],
+              "cmdline": "", "memory": "256M", "restart": "no", "depends": "[]", "extra": extra}
+    path = tmp_path / "lab.toml"
+    path.write_text(MACHINE.format(**values))
+    run(env, "up", str(path))
+    try:
+        [entry] = json.loads(run(env, "img", "ls", "--json").stdout)["images"]
+        base = entry["path"]
+        seen = run(env, "exec", str(path), "--", "/bin/sh", "-c", f"head -c {len(marker)} /dev/vda").stdout
+        assert seen.encode() == marker
+        run(env, "exec", str(path), "--", "/bin/sh", "-c",
+            "echo guest-wrote-this | dd of=/dev/vda conv=notrunc,fsync 2>/dev/null; sync")
+        assert run(env, "exec", str(path), "--", "/bin/sh", "-c", "head -c 16 /dev/vda").stdout == "guest-wrote-this"
+        nodes = json.loads(run(env, "qmp", str(path), "box", "query-named-block-nodes", "--json").stdout)
+        ro = {n["file"]: n["ro"] for n in nodes if n.get("drv") == "qcow2"}
+        assert ro.get(base) is True, ro  # qemu holds the cached base read-only
+        assert ro.get(str(tmp_path / "data.qcow2")) is False
+    finally:
+        run(env, "down", str(path))
+    assert qemu_pids(tmp_path) == set()
+    with open(base, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == sha256(data).split(":")[1]  # the base never changed
+    overlay = subprocess.run(["qemu-img", "info", "--output=json", str(tmp_path / "data.qcow2")], capture_output=True,
+                             text=True, check=True)
+    assert json.loads(overlay.stdout)["full-backing-filename"] == base
+    assert image_server.gets("data.qcow2") == [None]
