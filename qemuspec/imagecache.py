@@ -346,31 +346,27 @@ class ImageCache:
             self.report(dict(event, rate=0.0))
             from http.client import HTTPException
 
-            buffer = bytearray(CHUNK)
-            view = memoryview(buffer)
-            while True:
-                try:
-                    count = _fill(response, view)
-                except (OSError, HTTPException) as exc:
-                    os.ftruncate(fd, offset)  # what arrived stays for the resume
-                    raise FetchError(f"{url}: the download broke off after {offset} bytes ({exc}): run the command "
-                                     "again to resume it") from None
-                if not count:
-                    break
-                data = view[:count]
-                hasher.update(data)
-                if count == CHUNK and data == _ZERO:
-                    offset += count  # a hole: sparse images stay sparse in the cache
-                else:
-                    written = 0
-                    while written < count:
-                        written += os.pwrite(fd, data[written:], offset + written)
+            sink = _Sink(fd, hasher, offset)
+            try:
+                while True:
+                    buffer = sink.buffer()
+                    try:
+                        count = _fill(response, memoryview(buffer))
+                    except (OSError, HTTPException) as exc:
+                        sink.close()
+                        os.ftruncate(fd, sink.offset)  # what arrived stays for the resume
+                        raise FetchError(f"{url}: the download broke off after {sink.offset} bytes ({exc}): run the "
+                                         "command again to resume it") from None
+                    if not count:
+                        break
+                    sink.put(buffer, count)
                     offset += count
-                now = time.monotonic()
-                if now - last >= self.interval:
-                    last = now
-                    rate = (offset - have) / max(now - started, 1e-6)
-                    self.report(dict(event, bytes=offset, rate=rate))
+                    now = time.monotonic()
+                    if now - last >= self.interval:
+                        last = now
+                        self.report(dict(event, bytes=offset, rate=(offset - have) / max(now - started, 1e-6)))
+            finally:
+                sink.close()
             if total is not None and offset < total:
                 os.ftruncate(fd, offset)
                 raise FetchError(f"{url}: the server closed the connection after {offset} of {total} bytes: run the "
@@ -501,6 +497,66 @@ def _bypass(host: str, no_proxy: str) -> bool:
         if entry == "*" or (entry and (host == entry or host.endswith("." + entry))):
             return True
     return False
+
+
+class _Sink:
+    """Hashes and writes the chunks the network thread reads, in a thread of its own: recv, sha256 and
+    pwrite all release the GIL, so receiving the next chunk overlaps hashing and writing this one
+    (bench/pull.py). A few fixed buffers circulate, so memory stays flat whatever the image's size.
+    All-zero chunks become holes: sparse images stay sparse in the cache."""
+
+    def __init__(self, fd: int, hasher: Any, offset: int, buffers: int = 4):
+        import queue
+        import threading
+
+        self.fd, self.hasher, self.offset = fd, hasher, offset
+        self.error: BaseException | None = None
+        self._free: queue.Queue[bytearray] = queue.Queue()
+        self._full: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
+        for _ in range(buffers):
+            self._free.put(bytearray(CHUNK))
+        self._thread = threading.Thread(target=self._run, name="qemuspec-image-sink", daemon=True)
+        self._thread.start()
+        self._closed = False
+
+    def buffer(self) -> bytearray:
+        self._raise()
+        return self._free.get()
+
+    def put(self, buffer: bytearray, count: int) -> None:
+        self._full.put((buffer, count))
+
+    def close(self) -> None:
+        """Wait until every chunk put is hashed and written (then ``offset`` is the file's length)."""
+        if not self._closed:
+            self._closed = True
+            self._full.put(None)
+            self._thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            if isinstance(error, OSError):
+                raise FetchError(f"cannot write the image cache: {error.strerror or error} (free some space, or "
+                                 "`qemuspec img prune`)") from None
+            raise error
+
+    def _run(self) -> None:
+        while (item := self._full.get()) is not None:
+            buffer, count = item
+            if self.error is None:
+                try:
+                    data = memoryview(buffer)[:count]
+                    self.hasher.update(data)
+                    if count != CHUNK or buffer != _ZERO:
+                        written = 0
+                        while written < count:
+                            written += os.pwrite(self.fd, data[written:], self.offset + written)
+                    self.offset += count
+                except BaseException as exc:  # ENOSPC, EIO: raised in the network thread at its next chunk
+                    self.error = exc
+            self._free.put(buffer)
 
 
 def _fill(response: Any, view: memoryview) -> int:
