@@ -246,6 +246,56 @@ def test_progress_json_events_and_quiet(tmp_path, env, image_server):
     assert quiet.stderr == "" and quiet.stdout == ""
 
 
+def test_progress_bar_on_a_terminal(tmp_path, env, image_server):
+    import pty
+
+    data = os.urandom(4 << 20)
+    image_server.files["t.raw"] = data
+    path = disk_file(tmp_path, image_server.url("t.raw"), sha256(data))
+    leader, follower = pty.openpty()
+    terminal = {k: v for k, v in env.items() if k != "CI"}
+    terminal["TERM"] = "xterm"
+    proc = subprocess.Popen([*CLI, "img", "pull", path], env=terminal, stdout=subprocess.PIPE, stderr=follower)
+    os.close(follower)
+    seen = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the process closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(leader)
+        assert proc.wait(60) == 0
+    text = seen.decode(errors="replace")
+    assert "\r\x1b[2Kt.raw  [" in text and "4.0 MiB / 4.0 MiB" in text and "/s" in text, text
+    assert "ETA" in text or "in the cache" in text
+
+
+def test_file_url_outside_the_tree_needs_the_users_opt_in(tmp_path, env):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    image = outside / "base.raw"
+    data = os.urandom(1 << 20)
+    image.write_bytes(data)
+    tree = tmp_path / "project"
+    tree.mkdir()
+    (tree / ".git").mkdir()  # the definition's tree is its checkout
+    path = disk_file(tree, f"file://{image}", sha256(data))
+    refused = run(env, "img", "pull", path, check=False)
+    assert refused.returncode == 2 and "--allow-host-paths" in refused.stderr and cached(env) == []
+    [entry] = json.loads(run(env, "img", "pull", path, "--allow-host-paths", "--json").stdout)
+    with open(entry["path"], "rb") as f:
+        assert f.read() == data
+    assert image.read_bytes() == data
+    inside = tree / "base.raw"
+    inside.write_bytes(data[::-1])
+    run(env, "img", "pull", disk_file(tree, f"file://{inside}", sha256(data[::-1]), name="inside.toml"))
+
+
 # -- templates ------------------------------------------------------------------------------------------
 
 TEMPLATE_FORMATS = {"debian-12": "gnu", "ubuntu-24.04": "gnu", "fedora": "bsd", "alpine": "gnu"}

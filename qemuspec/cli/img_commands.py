@@ -134,10 +134,19 @@ def ensure_images(ctx: Context, spec: "File", names: list[str]) -> list[tuple[st
     return out
 
 
-def pull(ctx: Context) -> int:
+def pull(ctx: Context, *, allow_host_paths: bool = False) -> int:
+    from qemuspec.spec.preflight import host_path_problems
+
     target = ctx.target
-    spec = target.spec
-    pulled = ensure_images(ctx, spec, target.machines())
+    spec, lines = target.load()
+    names = target.machines()
+    problems = host_path_problems(spec, target.path, names, allow_host_paths, ctx.settings.var_environ())
+    if problems:  # a file:// image outside the tree: the user's opt-in, as for `up`
+        from qemuspec.errors import SpecError
+        from qemuspec.spec.messages import located
+
+        raise SpecError(located(target.path, lines, problems))
+    pulled = ensure_images(ctx, spec, names)
     if ctx.out.json:
         emit_json([{"machine": name, "disk": index, "digest": e.digest, "path": e.path, "format": e.format,
                     "size": e.size, "url": e.url} for name, index, e in pulled])

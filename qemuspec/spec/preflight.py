@@ -142,7 +142,9 @@ def host_paths(machine: "Machine", root: str) -> list[HostPath]:
         device = kind == "device" and os.path.realpath(path) not in HARMLESS_DEVICES and key[0] != "cloud_init"
         typed = access != "passed to qemu"
         share = key[0] == "shares" and typed
-        opt_in = device or (typed and (share or (key[0] == "disks" and access == "read-write")))
+        # a file:// image outside the tree is copied into the cache, and a mismatch prints its digest
+        image = key[0] == "disks" and "image" in key
+        opt_in = device or image or (typed and (share or (key[0] == "disks" and access == "read-write")))
         out.append(HostPath(key, path, access, kind, opt_in))
     return out
 
