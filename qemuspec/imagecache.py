@@ -214,7 +214,7 @@ class ImageCache:
             return digest
 
     def _small(self, url: str) -> str:
-        with self._open(url, 0) as (response, _status, _total):
+        with self._open(url, 0) as (response, _status, _total, _validator):
             data = response.read(CHECKSUM_LIMIT + 1)
         if len(data) > CHECKSUM_LIMIT:
             raise FetchError(f"{url} is larger than {CHECKSUM_LIMIT >> 20} MiB: that is not a checksum file")
@@ -277,7 +277,9 @@ class ImageCache:
                 raise FetchError(f"{self.directory}/{part} is not a regular file of this user's: remove it")
             hasher = hashlib.new(algo)
             have = _hash_existing(fd, hasher)
-            got = self._download(url, digest, fd, hasher, have)
+            got = self._download(dfd, url, digest, fd, hasher, have)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(part + ".json", dir_fd=dfd)
             if got != want:
                 os.ftruncate(fd, 0)
                 os.unlink(part, dir_fd=dfd)
@@ -331,14 +333,22 @@ class ImageCache:
                              "a base image must stand alone, or its header could make qemu open a host file")
         return found.format
 
-    def _download(self, url: str, digest: str, fd: int, hasher: Any, have: int) -> str:
+    def _download(self, dfd: int, url: str, digest: str, fd: int, hasher: Any, have: int) -> str:
         """Append the rest of ``url`` from offset ``have`` to ``fd`` (zero chunks as holes), hashing as
-        the bytes arrive; the hex digest of the whole file."""
-        with self._open(url, have) as (response, status, total):
+        the bytes arrive; the hex digest of the whole file. A resume sends ``If-Range`` with the
+        validator (ETag, else Last-Modified) the first response had, so a file changed upstream in
+        between comes whole (200) instead of as a tail glued to the old head."""
+        part = entry_name(digest) + ".part.json"
+        validator = None
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            validator = json.loads(privdir.read(dfd, part, 1 << 14) or b"").get("validator")
+        with self._open(url, have, validator if isinstance(validator, str) else None) as (response, status, total, new):
             if have and status != 206:  # the server sent the whole file: start again
                 os.ftruncate(fd, 0)
                 hasher = hashlib.new(hasher.name)
                 have = 0
+            if status != 206 and new:
+                privdir.write(dfd, part, json.dumps({"url": url, "validator": new}).encode(), sync=False)
             offset = have
             started = last = time.monotonic()
             event = {"event": "image-download", "url": url, "digest": digest, "bytes": offset, "total": total,
@@ -377,8 +387,10 @@ class ImageCache:
         return hasher.hexdigest()
 
     @contextlib.contextmanager
-    def _open(self, url: str, offset: int) -> Iterator[tuple[IO[bytes], int, int | None]]:
-        """(response, status, total size or None) for ``url`` from byte ``offset``; 206 when resumed."""
+    def _open(self, url: str, offset: int, validator: str | None = None
+              ) -> Iterator[tuple[IO[bytes], int, int | None, str | None]]:
+        """(response, status, total size or None, validator) for ``url`` from byte ``offset``; 206 when
+        resumed."""
         scheme = url.split(":", 1)[0].lower()
         if scheme == "file":
             from urllib.parse import unquote, urlsplit
@@ -391,7 +403,7 @@ class ImageCache:
             with f:
                 size = os.fstat(f.fileno()).st_size
                 f.seek(min(offset, size))
-                yield f, 206 if offset else 200, size
+                yield f, 206 if offset else 200, size, None
             return
         if self.offline:
             raise FetchError(f"{url}: --offline forbids downloading")
@@ -401,13 +413,15 @@ class ImageCache:
         request = urllib.request.Request(url, headers={"User-Agent": "qemuspec", "Accept-Encoding": "identity"})
         if offset:
             request.add_header("Range", f"bytes={offset}-")
+            if validator:
+                request.add_header("If-Range", validator)
         try:
             response = self._opener(url).open(request, timeout=60)
         except urllib.error.HTTPError as exc:
             if exc.code == 416 and offset:  # nothing left past the partial file: it is complete (or wrong)
                 import io
 
-                yield io.BytesIO(b""), 206, offset
+                yield io.BytesIO(b""), 206, offset, None
                 return
             raise FetchError(f"{url}: the server answered {exc.code} {exc.reason}: check the URL") from None
         except (urllib.error.URLError, OSError) as exc:
@@ -423,7 +437,9 @@ class ImageCache:
                 if not match or int(match.group(1)) != offset:
                     raise FetchError(f"{url}: the server resumed at the wrong offset "
                                      f"({response.headers.get('Content-Range')!r} for byte {offset})")
-            yield response, status, total
+            etag = response.headers.get("ETag")
+            yield response, status, total, etag if etag and not etag.startswith("W/") else response.headers.get(
+                "Last-Modified")
 
     def _opener(self, url: str) -> "OpenerDirector":
         import ssl
@@ -479,7 +495,7 @@ class ImageCache:
                                 os.unlink(name + suffix, dir_fd=dfd)
                         removed.append(entry.digest)
                 for name in os.listdir(dfd):
-                    if name.endswith((".part", ".unpack")) or (everything and name.startswith("lookup-")):
+                    if name.endswith((".part", ".part.json", ".unpack")) or (everything and name.startswith("lookup-")):
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(name, dir_fd=dfd)
                         removed.append(name)

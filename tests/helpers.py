@@ -66,7 +66,10 @@ def shipped_definitions() -> list[str]:
 class ImageServer:
     """A real HTTP server on 127.0.0.1 (http.server in a thread) for base images: serves ``files``
     (name -> bytes or a path on disk), honours ``Range: bytes=N-`` with 206, logs every request as
-    (method, path, Range header), and can misbehave on purpose: ``cut[name] = N`` sends N bytes of
+    (method, path, Range header), sends an ETag and honours ``If-Range`` (a stale validator gets the
+    whole file, 200), acts as an HTTP proxy for absolute-form requests (``GET http://any.host/NAME``,
+    logged with the full URL), serves TLS with ``tls=(certfile, keyfile)``, and can misbehave on
+    purpose: ``cut[name] = N`` sends N bytes of
     the body then closes the connection (once), ``hold[name] = (N, event)`` sends N bytes and waits
     for the event before the rest (to keep a download in flight while a test looks at it).
 
@@ -75,9 +78,10 @@ class ImageServer:
             url = server.url("disk.qcow2")
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tls: tuple[str, str] | None = None) -> None:
         import threading
 
+        self.tls = tls
         self.files: dict[str, bytes | str] = {}
         self.log: list[tuple[str, str, str | None]] = []
         self.cut: dict[str, int] = {}
@@ -88,7 +92,7 @@ class ImageServer:
 
     def url(self, name: str) -> str:
         assert self._server is not None
-        return f"http://127.0.0.1:{self._server.server_address[1]}/{name}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self._server.server_address[1]}/{name}"
 
     def gets(self, name: str) -> list[str | None]:
         """The Range header (None: a whole-file GET) of each GET of ``name``."""
@@ -108,18 +112,27 @@ class ImageServer:
                 pass
 
             def do_GET(self) -> None:
-                name = self.path.lstrip("/").split("?", 1)[0]
+                from urllib.parse import urlsplit
+
+                name = urlsplit(self.path).path.lstrip("/")
                 with server_self._lock:
-                    server_self.log.append(("GET", "/" + name, self.headers.get("Range")))
+                    shown = self.path if "://" in self.path else "/" + name  # a proxied request keeps its URL
+                    server_self.log.append(("GET", shown, self.headers.get("Range")))
                     source = server_self.files.get(name)
                     cut = server_self.cut.pop(name, None)
                     hold = server_self.hold.get(name)
                 if source is None:
                     self.send_error(404)
                     return
+                import hashlib
+
                 size = len(source) if isinstance(source, bytes) else os.path.getsize(source)
+                identity = source if isinstance(source, bytes) else f"{source}:{os.stat(source).st_mtime_ns}".encode()
+                etag = '"' + hashlib.sha256(identity).hexdigest()[:16] + '"'
                 start = 0
                 rng = self.headers.get("Range")
+                if self.headers.get("If-Range") not in (None, etag):
+                    rng = None  # changed since the part the client has: the whole file
                 if rng and rng.startswith("bytes=") and rng.endswith("-"):
                     start = int(rng[6:-1])
                     if start >= size:
@@ -134,6 +147,7 @@ class ImageServer:
                     self.send_response(200)
                 self.send_header("Content-Length", str(size - start))
                 self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("ETag", etag)
                 self.end_headers()
                 limit = size if cut is None else min(size, start + cut)
                 try:
@@ -158,6 +172,12 @@ class ImageServer:
 
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
+        if self.tls:
+            import ssl
+
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*self.tls)
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
         return self

@@ -154,6 +154,51 @@ def test_interrupted_download_resumes_with_a_range_request(tmp_path, env, image_
     assert entry["format"] == "raw"
 
 
+def test_a_file_changed_upstream_between_attempts_comes_whole(tmp_path, env, image_server):
+    """The resume carries If-Range: a file replaced upstream is sent whole (200), never glued to the
+    old head, so the mismatch names the digest the server's file really has."""
+    old, new = os.urandom(2 << 20), os.urandom(2 << 20)
+    image_server.files["moving.raw"] = old
+    image_server.cut["moving.raw"] = 1 << 20
+    path = disk_file(tmp_path, image_server.url("moving.raw"), sha256(old))
+    assert run(env, "img", "pull", path, check=False).returncode == 1
+    image_server.files["moving.raw"] = new
+    result = run(env, "img", "pull", path, check=False)
+    assert result.returncode == 2 and sha256(new) in result.stderr, result.stderr
+    assert image_server.gets("moving.raw") == [None, f"bytes={1 << 20}-"]
+    assert [n for n in cached(env) if not n.endswith(".lock")] == []
+
+
+def test_https_checks_the_certificate(tmp_path, env):
+    from helpers import ImageServer
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-days", "1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    data = os.urandom(1 << 20)
+    with ImageServer(tls=(str(cert), str(key))) as server:
+        server.files["tls.raw"] = data
+        path = disk_file(tmp_path, server.url("tls.raw"), sha256(data))
+        refused = run(env, "img", "pull", path, check=False)
+        assert refused.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in refused.stderr, refused.stderr
+        trusted = run({**env, "SSL_CERT_FILE": str(cert)}, "img", "pull", path)  # OpenSSL's own variable
+        assert trusted.returncode == 0 and server.gets("tls.raw") == [None]
+
+
+def test_proxy_variables_are_honoured(tmp_path, env, image_server):
+    data = os.urandom(1 << 20)
+    image_server.files["via.raw"] = data
+    proxied = disk_file(tmp_path, "http://images.example.invalid/via.raw", sha256(data), name="proxied.toml")
+    proxy = image_server.url("").rstrip("/")
+    run({**env, "http_proxy": proxy}, "img", "pull", proxied)
+    assert [p for _, p, _ in image_server.log] == ["http://images.example.invalid/via.raw"]
+    direct = disk_file(tmp_path, image_server.url("via.raw"), sha256(os.urandom(8)), name="direct.toml")
+    dead = {**env, "http_proxy": "http://127.0.0.1:9", "no_proxy": "localhost,127.0.0.1"}
+    assert run(dead, "img", "pull", direct, check=False).returncode == 2  # reached the server, not the dead proxy
+    assert image_server.log[-1][1] == "/via.raw"
+
+
 def test_two_pulls_at_once_download_once(tmp_path, env, image_server):
     data = os.urandom(2 << 20)
     held = threading.Event()
@@ -206,7 +251,10 @@ def test_cached_image_makes_no_request_and_offline_needs_the_cache(tmp_path, env
     image_server.log.clear()
     run(env, "img", "pull", path)
     run(env, "img", "pull", path, "--offline")
+    run({**env, "QEMUSPEC_OFFLINE": "1"}, "img", "pull", path)
     assert image_server.log == []  # the digest (and its lookup) were in the cache: no network at all
+    fresh = {**env, "XDG_CACHE_HOME": str(tmp_path / "empty"), "QEMUSPEC_OFFLINE": "1"}
+    assert run(fresh, "img", "pull", path, check=False).returncode == 1 and image_server.log == []
 
 
 @pytest.mark.parametrize("kind", ["xz", "gz"])
@@ -372,3 +420,23 @@ def test_guest_reads_a_served_image_and_the_base_stays_unchanged(tmp_path, env, 
                              text=True, check=True)
     assert json.loads(overlay.stdout)["full-backing-filename"] == base
     assert image_server.gets("data.qcow2") == [None]
+
+
+def test_run_boots_a_throwaway_overlay_of_the_image(tmp_path, env, image_server, guest):
+    marker = b"qemuspec-run-image-91c2"
+    data = qcow2(tmp_path, marker)
+    image_server.files["run.qcow2"] = data
+    extra = ("agent = true\n[[machines.box.disks]]\nfile = \"run.qcow2\"\n"
+             f'image = {{ url = "{image_server.url("run.qcow2")}", digest = "{sha256(data)}" }}\n')
+    values = {"name": "box", "kernel": guest["kernel"], "initrd": guest["initrd"], "marker": guest["marker"],
+              "cmdline": "", "memory": "256M", "restart": "no", "depends": "[]", "extra": extra}
+    path = tmp_path / "lab.toml"
+    path.write_text(MACHINE.format(**values))
+    result = run(env, "run", str(path), "--", "/bin/sh", "-c",
+                 f"head -c {len(marker)} /dev/vda; echo scribble | dd of=/dev/vda conv=notrunc 2>/dev/null")
+    assert result.stdout.startswith(marker.decode()), result.stderr
+    assert not os.path.exists(tmp_path / "run.qcow2")  # the machine's own overlay was never made
+    [entry] = json.loads(run(env, "img", "ls", "--json").stdout)["images"]
+    with open(entry["path"], "rb") as f:
+        assert "sha256:" + hashlib.sha256(f.read()).hexdigest() == sha256(data)
+    assert qemu_pids(tmp_path) == set()
