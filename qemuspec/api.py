@@ -111,9 +111,13 @@ class VM:
         return self.drive(file, format=format, interface="ide")
 
     def drive(self, file: str, format: str | None = None, interface: str = "virtio", size: str | int | None = None,
-              backing: str | None = None, readonly: bool = False, **options: Any) -> "VM":
+              backing: str | None = None, readonly: bool = False, image: dict[str, str] | None = None,
+              **options: Any) -> "VM":
+        """A disk; ``image={"url": ..., "digest": "sha256:..."}`` makes ``file`` an overlay on that base
+        image, fetched into the user's image cache on start."""
         disk = {"file": file, "interface": interface, "readonly": readonly, "options": options}
-        disk.update({k: v for k, v in (("format", format), ("size", size), ("backing", backing)) if v is not None})
+        disk.update({k: v for k, v in (("format", format), ("size", size), ("backing", backing), ("image", image))
+                     if v is not None})
         return self._add("disks", disk)
 
     def cdrom(self, iso: str) -> "VM":

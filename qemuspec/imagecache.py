@@ -286,7 +286,7 @@ class ImageCache:
                 raise DigestMismatch(
                     f"{url}: the downloaded file's digest is {algo}:{got}, but the definition expects {digest}: "
                     "nothing was kept and no machine was started; if the image was updated upstream, put its new "
-                    "digest in the definition (or use digest_url), otherwise the download was tampered with")
+                    "digest in the definition (or use digest_url); otherwise do not trust what that URL serves")
             os.fsync(fd)
         finally:
             os.close(fd)
