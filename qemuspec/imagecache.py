@@ -52,6 +52,8 @@ CHECKSUM_LIMIT = 4 << 20  # a checksum file is text; more than this is not one
 _HEX_ALGO = {64: "sha256", 128: "sha512"}
 _FORMATS = ("qcow2", "raw")
 _ZERO = bytes(CHUNK)
+RESERVE = 1 << 30  # a download or unpack stops before it leaves less than this free (a bomb, an endless body)
+_ROOM_EVERY = 256  # chunks between free-space checks
 
 Report = Callable[[dict], Any]
 
@@ -526,6 +528,7 @@ class _Sink:
         import threading
 
         self.fd, self.hasher, self.offset = fd, hasher, offset
+        self._chunks = 0
         self.error: BaseException | None = None
         self._free: queue.Queue[bytearray] = queue.Queue()
         self._full: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
@@ -570,9 +573,22 @@ class _Sink:
                         while written < count:
                             written += os.pwrite(self.fd, data[written:], self.offset + written)
                     self.offset += count
+                    self._chunks += 1
+                    if self._chunks % _ROOM_EVERY == 0:
+                        _room(self.fd)
                 except BaseException as exc:  # ENOSPC, EIO: raised in the network thread at its next chunk
                     self.error = exc
             self._free.put(buffer)
+
+
+def _room(fd: int) -> None:
+    """Refuse to go on when the cache's file system is nearly full: a compressed image can unpack to
+    far more than it says, and a server can send without end before the digest is known."""
+    info = os.fstatvfs(fd)
+    if info.f_bavail * info.f_frsize < RESERVE:
+        raise FetchError(f"the image cache's file system has less than {RESERVE >> 30} GiB left: the image was not "
+                         "kept (a compressed image may unpack to far more than its size); free some space, or "
+                         "`qemuspec img prune`")
 
 
 def _fill(response: Any, view: memoryview) -> int:
@@ -620,6 +636,8 @@ def _unpack(dfd: int, source: str, target: str, kind: str, url: str) -> None:
                         while view:
                             view = view[os.pwrite(out, view, offset + len(chunk) - len(view)):]
                     offset += len(chunk)
+                    if offset % (_ROOM_EVERY * CHUNK) == 0:
+                        _room(out)
             except (OSError, EOFError, lzma.LZMAError) as exc:
                 raise FetchError(f"{url}: the file matches its digest but does not unpack as {kind} ({exc}): "
                                  "check that the URL names the compressed image") from None

@@ -440,3 +440,31 @@ def test_run_boots_a_throwaway_overlay_of_the_image(tmp_path, env, image_server,
     with open(entry["path"], "rb") as f:
         assert "sha256:" + hashlib.sha256(f.read()).hexdigest() == sha256(data)
     assert qemu_pids(tmp_path) == set()
+
+
+def test_a_nearly_full_file_system_stops_the_download(tmp_path, image_server, monkeypatch):
+    """In-process, with the reserve raised past any disk: the check that stops an xz bomb or an
+    endless body before the cache's file system fills."""
+    from types import SimpleNamespace
+
+    from qemuspec import imagecache
+
+    data = os.urandom(4 << 20)
+    image_server.files["big.raw"] = data
+    monkeypatch.setattr(imagecache, "RESERVE", 1 << 62)
+    monkeypatch.setattr(imagecache, "_ROOM_EVERY", 1)  # check after every chunk
+    cache = imagecache.ImageCache(str(tmp_path / "cache"))
+    with pytest.raises(imagecache.FetchError, match="less than"):
+        cache.ensure(SimpleNamespace(url=image_server.url("big.raw"), digest=sha256(data), digest_url=None))
+    assert cache.entries() == []
+
+
+def test_a_cache_others_can_write_is_not_used(tmp_path, env, image_server):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)  # any local user could swap entries in it
+    data = os.urandom(1 << 20)
+    image_server.files["x.raw"] = data
+    path = disk_file(tmp_path, image_server.url("x.raw"), sha256(data))
+    result = run({**env, "XDG_CACHE_HOME": str(shared)}, "img", "pull", path, check=False)
+    assert result.returncode == 1 and "XDG_CACHE_HOME" in result.stderr and image_server.log == []
