@@ -551,7 +551,8 @@ def machine_info(spec: Any, root: str, name: str, events: int = 20) -> dict:
 
         info["argv"] = render(machine, name, machine_layout(machine, state_dir))
     info["state_dir"] = state_dir
-    info["disks"] = [{"file": d.file, "format": d.format, "backing": d.backing, "exists": os.path.exists(d.file)} for d in machine.disks]
+    info["disks"] = [{"file": d.file, "format": d.format, "backing": d.backing, "exists": os.path.exists(d.file),
+                      "image": d.image.url if d.image is not None else None} for d in machine.disks]
     info["definition"] = machine.model_dump(mode="json")
     last: list[dict] = []
     try:

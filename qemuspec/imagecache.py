@@ -54,6 +54,7 @@ _FORMATS = ("qcow2", "raw")
 _ZERO = bytes(CHUNK)
 RESERVE = 1 << 30  # a download or unpack stops before it leaves less than this free (a bomb, an endless body)
 _ROOM_EVERY = 256  # chunks between free-space checks
+_FLUSH_EVERY = 64  # chunks between early write-backs
 
 Report = Callable[[dict], Any]
 
@@ -528,7 +529,11 @@ class _Sink:
         import threading
 
         self.fd, self.hasher, self.offset = fd, hasher, offset
+        self._closed = False
         self._chunks = 0
+        self._dirty = threading.Event()
+        self._flusher = threading.Thread(target=self._flush, name="qemuspec-image-flush", daemon=True)
+        self._flusher.start()
         self.error: BaseException | None = None
         self._free: queue.Queue[bytearray] = queue.Queue()
         self._full: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
@@ -536,7 +541,6 @@ class _Sink:
             self._free.put(bytearray(CHUNK))
         self._thread = threading.Thread(target=self._run, name="qemuspec-image-sink", daemon=True)
         self._thread.start()
-        self._closed = False
 
     def buffer(self) -> bytearray:
         self._raise()
@@ -551,6 +555,8 @@ class _Sink:
             self._closed = True
             self._full.put(None)
             self._thread.join()
+            self._dirty.set()
+            self._flusher.join()
         self._raise()
 
     def _raise(self) -> None:
@@ -560,6 +566,18 @@ class _Sink:
                 raise FetchError(f"cannot write the image cache: {error.strerror or error} (free some space, or "
                                  "`qemuspec img prune`)") from None
             raise error
+
+    def _flush(self) -> None:
+        """Write back what is written so far while the download goes on (fdatasync here blocks only
+        this thread), so the fsync before the rename finds little left: the disk works in parallel
+        with the network instead of after it."""
+        while not self._closed:
+            self._dirty.wait()
+            self._dirty.clear()
+            if self._closed:
+                return
+            with contextlib.suppress(OSError):  # the final fsync reports what matters
+                os.fdatasync(self.fd)
 
     def _run(self) -> None:
         while (item := self._full.get()) is not None:
@@ -574,6 +592,8 @@ class _Sink:
                             written += os.pwrite(self.fd, data[written:], self.offset + written)
                     self.offset += count
                     self._chunks += 1
+                    if self._chunks % _FLUSH_EVERY == 0:
+                        self._dirty.set()
                     if self._chunks % _ROOM_EVERY == 0:
                         _room(self.fd)
                 except BaseException as exc:  # ENOSPC, EIO: raised in the network thread at its next chunk
