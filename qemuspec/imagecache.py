@@ -196,10 +196,10 @@ class ImageCache:
             return image.digest.lower()
         assert image.digest_url, "the model requires digest or digest_url"
         name = basename(image.url)
-        key = "lookup-" + hashlib.sha256(f"{image.digest_url}\n{name}".encode()).hexdigest()[:32] + ".json"
+        key = _lookup_name(image)
         with self._dir() as dfd:
             data = privdir.read(dfd, key, 1 << 16)
-            with contextlib.suppress(ValueError, TypeError):
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
                 found = json.loads(data or b"").get("digest")
                 if isinstance(found, str) and DIGEST.match(found):
                     return found
@@ -225,14 +225,6 @@ class ImageCache:
 
     # -- the cache ------------------------------------------------------------------------------------
 
-    def lookup(self, image: ImageSource) -> Entry | None:
-        """The cached entry for ``image`` without any download (None when missing); a checksum-file
-        lookup not made yet is made, unless offline."""
-        digest = self.resolve(image)
-        with self._dir() as dfd:
-            meta = self._meta(dfd, digest)
-            return self._entry(dfd, digest, meta) if meta else None
-
     def ensure(self, image: ImageSource) -> Entry:
         """The cached base of ``image``, downloaded, checked and unpacked first when missing."""
         digest = self.resolve(image)
@@ -245,7 +237,16 @@ class ImageCache:
                 with self._locked(dfd, digest, image.url):
                     meta = self._meta(dfd, digest)  # another pull may have finished while we waited
                     if meta is None:
-                        meta = self._pull(dfd, image.url, digest)
+                        try:
+                            meta = self._pull(dfd, image.url, digest)
+                        except DigestMismatch as exc:
+                            if image.digest is not None:
+                                raise
+                            with contextlib.suppress(FileNotFoundError):  # the next pull reads the file again
+                                os.unlink(_lookup_name(image), dir_fd=dfd)
+                            raise DigestMismatch(f"{exc} (the digest came from {image.digest_url} when it was "
+                                                 "first read; that record is dropped, so the next pull reads the "
+                                                 "checksum file again)") from None
                     else:
                         self.report({"event": "image-cached", "url": image.url, "digest": digest})
             else:
@@ -599,6 +600,12 @@ class _Sink:
                 except BaseException as exc:  # ENOSPC, EIO: raised in the network thread at its next chunk
                     self.error = exc
             self._free.put(buffer)
+
+
+def _lookup_name(image: ImageSource) -> str:
+    """The cache's record of a digest_url lookup for this image's file name."""
+    key = f"{image.digest_url}\n{basename(image.url)}".encode()
+    return "lookup-" + hashlib.sha256(key).hexdigest()[:32] + ".json"
 
 
 def _room(fd: int) -> None:

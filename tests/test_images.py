@@ -468,3 +468,24 @@ def test_a_cache_others_can_write_is_not_used(tmp_path, env, image_server):
     path = disk_file(tmp_path, image_server.url("x.raw"), sha256(data))
     result = run({**env, "XDG_CACHE_HOME": str(shared)}, "img", "pull", path, check=False)
     assert result.returncode == 1 and "XDG_CACHE_HOME" in result.stderr and image_server.log == []
+
+
+def test_a_checksum_file_lookup_is_kept_until_the_image_stops_matching_it(tmp_path, env, image_server):
+    """digest_url is read once (a base never changes under an overlay); when the URL's file no longer
+    matches the recorded digest, the pull fails (exit 2) and drops the record, so the next one reads
+    the checksum file again and takes the new image."""
+    old, new = os.urandom(1 << 20), os.urandom(1 << 20)
+    image_server.files["rolling.raw"] = old
+    image_server.files["SHA256SUMS"] = f"{hashlib.sha256(old).hexdigest()}  rolling.raw\n".encode()
+    path = disk_file(tmp_path, image_server.url("rolling.raw"), digest_url=image_server.url("SHA256SUMS"))
+    run(env, "img", "pull", path)
+    image_server.files["rolling.raw"] = new  # upstream publishes a new "latest"
+    image_server.files["SHA256SUMS"] = f"{hashlib.sha256(new).hexdigest()}  rolling.raw\n".encode()
+    run(env, "img", "pull", path)
+    assert [p for _, p, _ in image_server.log] == ["/SHA256SUMS", "/rolling.raw"]  # cached: the old one stays
+    run(env, "img", "prune", "--older-than", "0d")
+    stale = run(env, "img", "pull", path, check=False)
+    assert stale.returncode == 2 and "record is dropped" in stale.stderr and sha256(new) in stale.stderr
+    [entry] = json.loads(run(env, "img", "pull", path, "--json").stdout)
+    assert entry["digest"] == sha256(new)
+    assert [p for _, p, _ in image_server.log].count("/SHA256SUMS") == 2
