@@ -52,6 +52,11 @@ CHECKSUM_LIMIT = 4 << 20  # a checksum file is text; more than this is not one
 _HEX_ALGO = {64: "sha256", 128: "sha512"}
 _FORMATS = ("qcow2", "raw")
 _ZERO = bytes(CHUNK)
+# magic bytes of image formats refused as bases (qemu's own probes look for the same)
+_OTHER_FORMATS = ((b"KDMV", "vmdk"), (b"# Disk DescriptorFile", "vmdk"), (b"COWD", "vmdk"), (b"QED\x00", "qed"),
+                  (b"vhdxfile", "vhdx"), (b"conectix", "vpc"), (b"<<< Oracle VM VirtualBox Disk Image >>>", "vdi"),
+                  (b"WithoutFreeSpace", "parallels"), (b"WithouFreSpacExt", "parallels"), (b"LUKS\xba\xbe", "luks"),
+                  (b"OOOM", "cow"), (b"Bochs Virtual HD Image", "bochs"), (b"#!/bin/sh\n#V2.0 Format", "cloop"))
 RESERVE = 1 << 30  # a download or unpack stops before it leaves less than this free (a bomb, an endless body)
 _ROOM_EVERY = 256  # chunks between free-space checks
 _FLUSH_EVERY = 64  # chunks between early write-backs
@@ -304,9 +309,12 @@ class ImageCache:
                 fmt = self._check_base(dfd, tmp, url)
                 os.chmod(tmp, 0o400, dir_fd=dfd, follow_symlinks=False)
                 os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-            except BaseException:
+            except BaseException as exc:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp, dir_fd=dfd)
+                if isinstance(exc, FetchError):  # verified but unusable: nothing is kept (an interrupt keeps it)
+                    with contextlib.suppress(OSError):
+                        os.unlink(part, dir_fd=dfd)
                 raise
             os.unlink(part, dir_fd=dfd)
         else:
@@ -324,18 +332,30 @@ class ImageCache:
         return meta
 
     def _check_base(self, dfd: int, name: str, url: str) -> str:
-        """The verified file's format; refused unless it is raw or a qcow2 standing alone."""
+        """The verified file's format; refused unless it is raw or a qcow2 standing alone. The format
+        is read from the magic bytes here, never probed by qemu-img (a vmdk descriptor names host files
+        that probing would open); only a qcow2 goes to ``qemu-img info -f qcow2`` for its header."""
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        try:
+            head = os.pread(fd, 512, 0)
+        finally:
+            os.close(fd)
+        other = next((kind for magic, kind in _OTHER_FORMATS if head.startswith(magic)), None)
+        if other:
+            raise FetchError(f"{url} is a {other} image: qemuspec takes raw or qcow2 bases only (other formats can "
+                             "name host files); convert it with `qemuspec img convert -O qcow2` and serve that")
+        if not head.startswith(b"QFI\xfb"):
+            return "raw"
         from qemuspec import img
 
-        found = img.info(os.path.join(self.directory, name))
-        if found.format not in _FORMATS:
-            raise FetchError(f"{url} is a {found.format} image: qemuspec takes raw or qcow2 bases only (other formats "
-                             "can name host files); convert it with `qemuspec img convert` and serve that")
+        found = img.ImageInfo.from_json(json.loads(img.run("info", "--output=json", "-U", "-f", "qcow2",
+                                                           os.path.join(self.directory, name))))
         specific = (found.raw.get("format-specific") or {}).get("data") or {}
         if found.backing or specific.get("data-file"):
-            raise FetchError(f"{url} is a qcow2 image with a backing or data file ({found.backing or specific.get('data-file')}): "
-                             "a base image must stand alone, or its header could make qemu open a host file")
-        return found.format
+            raise FetchError(f"{url} is a qcow2 image with a backing or data file "
+                             f"({found.backing or specific.get('data-file')}): a base image must stand alone, or its "
+                             "header could make qemu open a host file")
+        return "qcow2"
 
     def _download(self, dfd: int, url: str, digest: str, fd: int, hasher: Any, have: int) -> str:
         """Append the rest of ``url`` from offset ``have`` to ``fd`` (zero chunks as holes), hashing as

@@ -489,3 +489,23 @@ def test_a_checksum_file_lookup_is_kept_until_the_image_stops_matching_it(tmp_pa
     [entry] = json.loads(run(env, "img", "pull", path, "--json").stdout)
     assert entry["digest"] == sha256(new)
     assert [p for _, p, _ in image_server.log].count("/SHA256SUMS") == 2
+
+
+@pytest.mark.parametrize("kind", ["backing", "vmdk"])
+def test_a_base_that_would_open_host_files_is_refused(tmp_path, env, image_server, kind):
+    """A qcow2 naming a backing file, or a vmdk descriptor naming an extent, would make qemu (or
+    qemu-img probing it) open a host file: refused after the digest check, nothing kept."""
+    secret = tmp_path / "host-secret"
+    secret.write_bytes(b"not for the guest".ljust(1 << 16, b"\0"))
+    if kind == "backing":
+        made = tmp_path / "evil.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(secret), "-F", "raw", str(made)], check=True)
+        data = made.read_bytes()
+    else:
+        data = (f'# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType="monolithicFlat"\n'
+                f'RW 128 FLAT "{secret}" 0\n').encode()
+    image_server.files["evil.img"] = data
+    path = disk_file(tmp_path, image_server.url("evil.img"), sha256(data))
+    result = run(env, "img", "pull", path, check=False)
+    assert result.returncode == 1 and ("backing or data file" in result.stderr or "vmdk image" in result.stderr)
+    assert [n for n in cached(env) if not n.endswith(".lock")] == []
