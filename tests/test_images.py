@@ -128,6 +128,8 @@ def test_wrong_digest_fails_before_any_qemu_starts(tmp_path, env, image_server, 
     image_server.files["disk.qcow2"] = data
     wrong = sha256(b"other bytes")
     path = disk_file(tmp_path, image_server.url("disk.qcow2"), wrong)
+    offline = run(env, "up", path, "--offline", check=False)
+    assert offline.returncode == 1 and "--offline" in offline.stderr and image_server.log == []
     result = run(env, "up", path, check=False)
     assert result.returncode == 2, result.stderr
     assert image_server.url("disk.qcow2") in result.stderr

@@ -30,7 +30,8 @@ DISTROS: dict[str, tuple[str, str, str, str, str]] = {
         "    sudo: \"ALL=(ALL) NOPASSWD:ALL\"\n    shell: /bin/bash\n"),
     "alpine": (
         "Alpine 3.20, NoCloud BIOS image with cloud-init", "alpine",
-        "https://dl-cdn.alpinelinux.org/alpine/v3.20/releases/cloud/nocloud_alpine-3.20.3-x86_64-bios-cloudinit-r0.qcow2",
+        "https://dl-cdn.alpinelinux.org/alpine/v3.20/releases/cloud/"
+        "nocloud_alpine-3.20.3-x86_64-bios-cloudinit-r0.qcow2",
         "https://dl-cdn.alpinelinux.org/alpine/v3.20/releases/cloud/"
         "nocloud_alpine-3.20.3-x86_64-bios-cloudinit-r0.qcow2.sha512",
         "    doas: [\"permit nopass qemuspec\"]\n    shell: /bin/ash\n"),

@@ -239,9 +239,12 @@ def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, d
         ("ls", "list the base images in the cache (digest, format, size, last use, URL)"),
         ("prune", "remove cached base images not used for a while (--older-than, default 30d), or --all"))}
     _target(i["pull"], "[FILE] [MACHINE...]")
-    i["pull"].add_argument("--offline", action="store_true", help="never download: an image missing from the cache is an error")
-    i["pull"].add_argument("--allow-host-paths", action="store_true", help="allow file:// images outside the definition's tree")
-    i["prune"].add_argument("--older-than", metavar="AGE", help="remove images not used for this long: 30d (default), 12h, 90m")
+    i["pull"].add_argument("--offline", action="store_true",
+                           help="never download: an image missing from the cache is an error")
+    i["pull"].add_argument("--allow-host-paths", action="store_true",
+                           help="allow file:// images outside the definition's tree")
+    i["prune"].add_argument("--older-than", metavar="AGE",
+                            help="remove images not used for this long: 30d (default), 12h, 90m")
     i["prune"].add_argument("--all", dest="everything", action="store_true", help="remove every cached image")
     i["create"].add_argument("file")
     i["create"].add_argument("size", nargs="?", help="e.g. 10G (optional with --backing)")

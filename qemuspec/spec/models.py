@@ -174,7 +174,8 @@ class Image(Model):
     """Where a disk's base comes from: downloaded once into the user's content-addressed cache, checked
     against its digest, never written (the disk's file is this machine's own qcow2 overlay on it)."""
 
-    url: ImageURL = Field(description="http(s):// or file:/// URL of a raw or qcow2 image (.xz/.gz: unpacked into the cache)")
+    url: ImageURL = Field(
+        description="http(s):// or file:/// URL of a raw or qcow2 image (.xz/.gz: unpacked into the cache)")
     digest: Annotated[str, AfterValidator(_digest)] | None = Field(
         None, description='"sha256:HEX" or "sha512:HEX" of the file as published (the compressed file for .xz/.gz)')
     digest_url: ImageURL | None = Field(
