@@ -28,7 +28,7 @@ def env(tmp_path) -> dict:
     cache = tmp_path / "cache"
     cache.mkdir(mode=0o700)
     out = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
-    out.update(XDG_CACHE_HOME=str(cache), QEMUSPEC_CACHE="0")
+    out.update(XDG_CACHE_HOME=str(cache))
     out.pop("QEMUSPEC_OFFLINE", None)
     return out
 
@@ -37,8 +37,31 @@ def images_dir(env: dict) -> str:
     return os.path.join(env["XDG_CACHE_HOME"], "qemuspec", "images")
 
 
+IN_PROCESS = ("validate", "init", "img")  # commands that fork nothing: run in this process (the fast lane)
+
+
 def run(env: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300, env=env)
+    """The CLI with ``env`` as its whole environment: in this process for commands that fork nothing
+    (main() is what the entry point runs; output captured), a subprocess for the rest."""
+    if args[0] in IN_PROCESS:
+        import contextlib
+        import io
+
+        from qemuspec.cli.main import main
+
+        saved = dict(os.environ)
+        out, err = io.StringIO(), io.StringIO()
+        try:
+            os.environ.clear()
+            os.environ.update(env)
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = main(list(args))
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        result = subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+    else:
+        result = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300, env=env)
     if check and result.returncode != 0:
         raise AssertionError(f"qemuspec {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result

@@ -93,9 +93,9 @@ class DownloadProgress:
     place on stderr; elsewhere one line when a download starts and one when it ends; with --json one
     JSON object per event on stderr (stdout keeps the command's own result); nothing with --quiet."""
 
-    def __init__(self, mode: str, stream: TextIO = sys.stderr, width: int = 30):
+    def __init__(self, mode: str, stream: TextIO | None = None, width: int = 30):
         self.mode = mode  # "live", "lines", "json" or "quiet"
-        self.stream = stream
+        self.stream = stream or sys.stderr
         self.width = width
         self._open = False
 
