@@ -420,11 +420,14 @@ class ImageCache:
             from urllib.parse import unquote, urlsplit
 
             path = unquote(urlsplit(url).path)
-            try:
-                f = open(path, "rb")
+            try:  # non-blocking: a FIFO must not hang the pull; only a regular file is an image
+                raw = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             except OSError as exc:
                 raise FetchError(f"{url}: cannot open {path} ({exc.strerror})") from None
-            with f:
+            if not stat.S_ISREG(os.fstat(raw).st_mode):
+                os.close(raw)
+                raise FetchError(f"{url}: {path} is not a regular file: a file URL names an image file")
+            with os.fdopen(raw, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 f.seek(min(offset, size))
                 yield f, 206 if offset else 200, size, None

@@ -367,6 +367,10 @@ def test_file_url_outside_the_tree_needs_the_users_opt_in(tmp_path, env):
     inside = tree / "base.raw"
     inside.write_bytes(data[::-1])
     run(env, "img", "pull", disk_file(tree, f"file://{inside}", sha256(data[::-1]), name="inside.toml"))
+    fifo = tree / "pipe.raw"
+    os.mkfifo(fifo)  # nobody writes it: opening it for reading must not hang the pull
+    refused = run(env, "img", "pull", disk_file(tree, f"file://{fifo}", sha256(b"fifo"), name="fifo.toml"), check=False)
+    assert refused.returncode == 1 and "not a regular file" in refused.stderr
 
 
 # -- templates ------------------------------------------------------------------------------------------
