@@ -75,8 +75,8 @@ def disk_file(tmp_path, url: str, digest: str | None = None, digest_url: str | N
               machines: tuple[str, ...] = ("box",)) -> str:
     """A definition whose machines each have one disk on the image (no kernel: nothing boots)."""
     image = f'url = "{url}", ' + (f'digest = "{digest}"' if digest else f'digest_url = "{digest_url}"')
-    text = "".join(f'[machines.{m}]\nmemory = "64M"\n[[machines.{m}.disks]]\nfile = "{m}.qcow2"\nimage = {{ {image} }}\n\n'
-                   for m in machines)
+    text = "".join(f'[machines.{m}]\nmemory = "64M"\n[[machines.{m}.disks]]\nfile = "{m}.qcow2"\n'
+                   f'image = {{ {image} }}\n\n' for m in machines)
     path = tmp_path / name
     path.write_text(text)
     return str(path)
@@ -105,7 +105,8 @@ def cached(env: dict) -> list[str]:
 # -- the model ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("image, field, words", [
-    ('{ url = "ftp://host/x.qcow2", digest = "sha256:' + "a" * 64 + '" }', "image.url", "http://, https:// or file:///"),
+    ('{ url = "ftp://host/x.qcow2", digest = "sha256:' + "a" * 64 + '" }', "image.url",
+     "http://, https:// or file:///"),
     ('{ url = "https://host/x.qcow2", digest = "sha256:abc" }', "image.digest", "64 hex digits"),
     ('{ url = "https://host/x.qcow2" }', "image", "exactly one of digest"),
     ('{ url = "https://host/x.qcow2", digest = "sha256:' + "a" * 64 + '", digest_url = "https://host/SUMS" }', "image",
@@ -231,7 +232,8 @@ def test_two_pulls_at_once_download_once(tmp_path, env, image_server):
     image_server.hold["shared.raw"] = (1 << 20, held)  # the first download stays in flight
     first = disk_file(tmp_path, image_server.url("shared.raw"), sha256(data), name="one.toml")
     second = disk_file(tmp_path, image_server.url("shared.raw"), sha256(data), name="two.toml")
-    a = subprocess.Popen([*CLI, "img", "pull", first], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    a = subprocess.Popen([*CLI, "img", "pull", first], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
     b = None
     try:
         deadline = time.monotonic() + 60
@@ -399,11 +401,14 @@ def test_template_validates_and_pulls_from_a_local_mirror(tmp_path, env, image_s
     assert image_url.startswith("https://") and sums_url.startswith("https://")
     image_name, sums_name = image_url.rsplit("/", 1)[1], sums_url.rsplit("/", 1)[1]
     data = qcow2(tmp_path, name.encode())
-    hexdigest = hashlib.sha512(data).hexdigest() if name in ("debian-12", "alpine") else hashlib.sha256(data).hexdigest()
-    line = (f"SHA256 ({image_name}) = {hexdigest}\n" if TEMPLATE_FORMATS[name] == "bsd" else f"{hexdigest}  {image_name}\n")
+    algo = hashlib.sha512 if name in ("debian-12", "alpine") else hashlib.sha256
+    hexdigest = algo(data).hexdigest()
+    bsd = TEMPLATE_FORMATS[name] == "bsd"
+    line = f"SHA256 ({image_name}) = {hexdigest}\n" if bsd else f"{hexdigest}  {image_name}\n"
     image_server.files[image_name] = data
     image_server.files[sums_name] = ("# other files\n" + "0" * len(hexdigest) + "  unrelated.qcow2\n" + line).encode()
-    target.write_text(text.replace(image_url, image_server.url(image_name)).replace(sums_url, image_server.url(sums_name)))
+    mirrored = text.replace(image_url, image_server.url(image_name)).replace(sums_url, image_server.url(sums_name))
+    target.write_text(mirrored)
     [entry] = json.loads(run(env, "img", "pull", str(target), "--json").stdout)
     assert entry["format"] == "qcow2" and entry["digest"].endswith(hexdigest)
     assert "ssh_public_key" in text and "cloud-init status --wait" in text
@@ -528,7 +533,8 @@ def test_a_base_that_would_open_host_files_is_refused(tmp_path, env, image_serve
     secret.write_bytes(b"not for the guest".ljust(1 << 16, b"\0"))
     if kind == "backing":
         made = tmp_path / "evil.qcow2"
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(secret), "-F", "raw", str(made)], check=True)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(secret), "-F", "raw", str(made)],
+                       check=True)
         data = made.read_bytes()
     else:
         data = (f'# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType="monolithicFlat"\n'
