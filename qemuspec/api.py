@@ -123,9 +123,13 @@ class VM:
         return self.drive(file, format=format, interface="ide")
 
     def drive(self, file: str, format: str | None = None, interface: str = "virtio", size: str | int | None = None,
-              backing: str | None = None, readonly: bool = False, **options: Any) -> "VM":
+              backing: str | None = None, readonly: bool = False, image: dict[str, str] | None = None,
+              **options: Any) -> "VM":
+        """A disk; ``image={"url": ..., "digest": "sha256:..."}`` makes ``file`` an overlay on that base
+        image, fetched into the user's image cache on start."""
         disk = {"file": file, "interface": interface, "readonly": readonly, "options": options}
-        disk.update({k: v for k, v in (("format", format), ("size", size), ("backing", backing)) if v is not None})
+        disk.update({k: v for k, v in (("format", format), ("size", size), ("backing", backing), ("image", image))
+                     if v is not None})
         return self._add("disks", disk)
 
     def cdrom(self, iso: str) -> "VM":
@@ -540,9 +544,9 @@ def throwaway(machine: Machine, workdir: str) -> Machine:
                 from qemuspec import img
 
                 base_format = img.info(disk.file).format
-            disks.append(disk.model_copy(update={"file": overlay, "format": "qcow2", "size": None,
+            disks.append(disk.model_copy(update={"file": overlay, "format": "qcow2", "size": None, "image": None,
                                                  "backing": os.path.abspath(disk.file), "backing_format": base_format}))
-        else:  # made fresh by `up`: make it in the throwaway directory instead
+        else:  # made fresh by `up` (an image's overlay too): make it in the throwaway directory instead
             disks.append(disk.model_copy(update={"file": overlay if disk.backing or (disk.format or "raw") == "qcow2" else overlay[:-6] + ".img"}))
     return machine.model_copy(update={"disks": disks, "restart": "no"})
 
@@ -567,7 +571,8 @@ def machine_info(spec: Any, root: str, name: str, events: int = 20) -> dict:
 
         info["argv"] = render(machine, name, paths.machine_layout(machine, state_dir))
     info["state_dir"] = state_dir
-    info["disks"] = [{"file": d.file, "format": d.format, "backing": d.backing, "exists": os.path.exists(d.file)} for d in machine.disks]
+    info["disks"] = [{"file": d.file, "format": d.format, "backing": d.backing, "exists": os.path.exists(d.file),
+                      "image": d.image.url if d.image is not None else None} for d in machine.disks]
     info["definition"] = machine.model_dump(mode="json")
     from qemuspec.runtime import statedir
 

@@ -32,6 +32,9 @@ VARIABLES = {
     "QEMUSPEC_DEBUG": "print tracebacks instead of one-paragraph errors",
     "QEMUSPEC_CACHE": "0: always validate definitions afresh (default: validated definitions are cached by content)",
     "QEMUSPEC_TEST_HOLD_SAVE": "fault tests: a supervisor stops (SIGSTOP) at this warm-save point (snapshot, migrating)",
+    "QEMUSPEC_OFFLINE": "1: never download a base image; one missing from the cache is an error (as --offline)",
+    "XDG_CACHE_HOME": "the user's cache: base images, validated definitions and qemu capabilities under qemuspec/",
+    "http_proxy, https_proxy, no_proxy": "proxies for image downloads (upper-case names too)",
     "NO_COLOR": "no colour, even on a terminal",
     "CI": "line-based progress, never redrawn in place",
 }
@@ -58,6 +61,8 @@ class Settings:
     runtime_dir: str | None = None      # XDG_RUNTIME_DIR
     term: str | None = None             # TERM ("dumb": no redrawn progress lines)
     cache_dir: str = ""                 # qemuspec's directory in the user's cache (capabilities, definitions)
+    offline: bool = False  # QEMUSPEC_OFFLINE: a base image missing from the cache is an error, never a download
+    proxies: dict[str, str] = field(default_factory=dict)  # http/https/no -> value of the *_proxy variables
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -76,12 +81,19 @@ class Settings:
             cache=None if env.get("QEMUSPEC_CACHE", "") == "0" else os.path.join(cache_base(env), "definitions"),
             cache_dir=cache_base(env),
             test_hold_save=env.get("QEMUSPEC_TEST_HOLD_SAVE") or None,
+            offline=env.get("QEMUSPEC_OFFLINE", "") not in ("", "0"),
+            proxies=_proxies(env),
             variables={k[len(VAR_PREFIX):]: v for k, v in env.items() if k.startswith(VAR_PREFIX)},
             home=env.get("HOME") or os.path.expanduser("~"),
             state_home=env.get("XDG_STATE_HOME") or None,
             runtime_dir=env.get("XDG_RUNTIME_DIR") or None,
             term=env.get("TERM"),
         )
+
+    @property
+    def images(self) -> str:
+        """The base-image cache (imagecache.py), beside the other caches in the user's cache."""
+        return os.path.join(self.cache_dir, "images")
 
     def var_environ(self) -> dict[str, str]:
         """These settings in the environment form that the loader and preflight take (``environ=``)."""
@@ -110,6 +122,16 @@ def current() -> Settings:
     return _current if _current is not None else install(Settings.from_env())
 
 
+def _proxies(env: Mapping[str, str]) -> dict[str, str]:
+    """The proxy variables curl and urllib honour (lower case first), for image downloads."""
+    out = {}
+    for scheme in ("http", "https", "no"):
+        value = env.get(f"{scheme}_proxy") or env.get(f"{scheme.upper()}_PROXY")
+        if value:
+            out[scheme] = value
+    return out
+
+
 def cache_base(env: Mapping[str, str]) -> str:
-    """qemuspec's directory in the user's cache (qemu capabilities, validated definitions)."""
+    """qemuspec's directory in the user's cache (qemu capabilities, validated definitions, base images)."""
     return os.path.join(env.get("XDG_CACHE_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".cache"), "qemuspec")

@@ -72,6 +72,15 @@ def guest(qemu_bin) -> dict:
 
 
 @pytest.fixture
+def image_server():
+    """A real HTTP server on 127.0.0.1 serving base images (tests/helpers.py ImageServer)."""
+    from helpers import ImageServer
+
+    with ImageServer() as server:
+        yield server
+
+
+@pytest.fixture
 def state_dir(tmp_path) -> str:
     path = tmp_path / "state"
     path.mkdir()

@@ -61,3 +61,130 @@ def shipped_definitions() -> list[str]:
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "machines")
     return [os.path.join(root, name) for name in sorted(os.listdir(root))
             if name.endswith((".toml", ".yaml", ".yml")) and os.path.isfile(os.path.join(root, name))]
+
+
+class ImageServer:
+    """A real HTTP server on 127.0.0.1 (http.server in a thread) for base images: serves ``files``
+    (name -> bytes or a path on disk), honours ``Range: bytes=N-`` with 206, logs every request as
+    (method, path, Range header), sends an ETag and honours ``If-Range`` (a stale validator gets the
+    whole file, 200), acts as an HTTP proxy for absolute-form requests (``GET http://any.host/NAME``,
+    logged with the full URL), serves TLS with ``tls=(certfile, keyfile)``, and can misbehave on
+    purpose: ``cut[name] = N`` sends N bytes of
+    the body then closes the connection (once), ``hold[name] = (N, event)`` sends N bytes and waits
+    for the event before the rest (to keep a download in flight while a test looks at it).
+
+        with ImageServer() as server:
+            server.files["disk.qcow2"] = data
+            url = server.url("disk.qcow2")
+    """
+
+    def __init__(self, tls: tuple[str, str] | None = None) -> None:
+        import threading
+
+        self.tls = tls
+        self.files: dict[str, bytes | str] = {}
+        self.log: list[tuple[str, str, str | None]] = []
+        self.cut: dict[str, int] = {}
+        self.hold: dict[str, tuple[int, threading.Event]] = {}
+        self._lock = threading.Lock()
+        self._server = None
+        self._thread: threading.Thread | None = None
+
+    def url(self, name: str) -> str:
+        assert self._server is not None
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self._server.server_address[1]}/{name}"
+
+    def gets(self, name: str) -> list[str | None]:
+        """The Range header (None: a whole-file GET) of each GET of ``name``."""
+        with self._lock:
+            return [rng for method, path, rng in self.log if method == "GET" and path == "/" + name]
+
+    def __enter__(self) -> "ImageServer":
+        import http.server
+        import threading
+
+        server_self = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                from urllib.parse import urlsplit
+
+                name = urlsplit(self.path).path.lstrip("/")
+                with server_self._lock:
+                    shown = self.path if "://" in self.path else "/" + name  # a proxied request keeps its URL
+                    server_self.log.append(("GET", shown, self.headers.get("Range")))
+                    source = server_self.files.get(name)
+                    cut = server_self.cut.pop(name, None)
+                    hold = server_self.hold.get(name)
+                if source is None:
+                    self.send_error(404)
+                    return
+                import hashlib
+
+                size = len(source) if isinstance(source, bytes) else os.path.getsize(source)
+                identity = source if isinstance(source, bytes) else f"{source}:{os.stat(source).st_mtime_ns}".encode()
+                etag = '"' + hashlib.sha256(identity).hexdigest()[:16] + '"'
+                start = 0
+                rng = self.headers.get("Range")
+                if self.headers.get("If-Range") not in (None, etag):
+                    rng = None  # changed since the part the client has: the whole file
+                if rng and rng.startswith("bytes=") and rng.endswith("-"):
+                    start = int(rng[6:-1])
+                    if start >= size:
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{size}")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(size - start))
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("ETag", etag)
+                self.end_headers()
+                limit = size if cut is None else min(size, start + cut)
+                try:
+                    if hold is not None:
+                        self._send(source, start, min(limit, start + hold[0]))
+                        hold[1].wait(60)
+                        start = min(limit, start + hold[0])
+                    self._send(source, start, limit)
+                except (BrokenPipeError, ConnectionResetError):
+                    return
+                if cut is not None:
+                    self.close_connection = True
+
+            def _send(self, source: bytes | str, start: int, end: int) -> None:
+                if isinstance(source, bytes):
+                    self.wfile.write(source[start:end])
+                    return
+                with open(source, "rb") as f:
+                    offset = start
+                    while offset < end:
+                        offset += self.connection.sendfile(f, offset, end - offset) or (end - offset)
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        if self.tls:
+            import ssl
+
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*self.tls)
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for _, event in self.hold.values():
+            event.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()

@@ -16,7 +16,7 @@ from qemuspec.settings import Settings, current
 if TYPE_CHECKING:
     import argparse
 
-    from qemuspec.cli.progress import Progress
+    from qemuspec.cli.progress import DownloadProgress, Progress
     from qemuspec.spec.models import File
 
 DEFAULT_FILES = ("qemuspec.toml", "qemuspec.yaml", "qemuspec.yml", "machines/dev.toml")
@@ -114,6 +114,12 @@ class Output:
 
     def paint(self, text: str, code: str) -> str:
         return f"\x1b[{code}m{text}\x1b[0m" if self.colour else text
+
+    def downloads(self) -> "DownloadProgress":
+        """Progress of image downloads: a bar on a terminal, lines elsewhere, JSON events with --json."""
+        from qemuspec.cli.progress import DownloadProgress
+
+        return DownloadProgress("quiet" if self.quiet else "json" if self.json else "live" if self.live else "lines")
 
     def progress(self, names: list[str], deadline: float | None = None) -> "Progress":
         from qemuspec.cli.progress import Progress

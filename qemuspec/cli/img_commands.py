@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from qemuspec import img as qemu_img
 from qemuspec.cli.common import Context, emit_json
 from qemuspec.errors import UsageError
+
+if TYPE_CHECKING:
+    from qemuspec.imagecache import Entry, ImageCache
+    from qemuspec.spec.models import File
 
 
 def _bar(ctx: Context, stream=sys.stderr) -> Callable[[float], None] | None:
@@ -103,5 +107,107 @@ def rebase(ctx: Context, *, file: str, backing: str, backing_format: str | None,
     return _done(ctx, f"{file} now backed by {os.path.abspath(backing)}", file=file, backing=os.path.abspath(backing))
 
 
+def image_cache(ctx: Context) -> "ImageCache":
+    """The user's image cache with this command's progress and --offline (or QEMUSPEC_OFFLINE)."""
+    from qemuspec.imagecache import from_settings
+
+    offline = bool(getattr(ctx.extra.get("namespace"), "offline", False))
+    return from_settings(ctx.settings, offline=offline, report=ctx.out.downloads())
+
+
+def ensure_images(ctx: Context, spec: "File", names: list[str]) -> list[tuple[str, int, "Entry"]]:
+    """Every base image the named machines' disks need, in the cache (pulled first when missing, each
+    digest once): `up`, `run` and `img pull` call this before anything starts, so a wrong digest or a
+    missing image under --offline stops them before any qemu runs. (machine, disk index, entry) each."""
+    cache = None
+    done: dict[tuple, "Entry"] = {}
+    out = []
+    for name in names:
+        for index, disk in enumerate(spec.machines[name].disks):
+            if disk.image is None:
+                continue
+            cache = cache or image_cache(ctx)
+            key = (disk.image.url, disk.image.digest, disk.image.digest_url)
+            if key not in done:
+                done[key] = cache.ensure(disk.image)
+            out.append((name, index, done[key]))
+    return out
+
+
+def pull(ctx: Context, *, allow_host_paths: bool = False) -> int:
+    from qemuspec.spec.preflight import host_path_problems
+
+    target = ctx.target
+    spec, lines = target.load()
+    names = target.machines()
+    problems = host_path_problems(spec, target.path, names, allow_host_paths, ctx.settings.var_environ())
+    if problems:  # a file:// image outside the tree: the user's opt-in, as for `up`
+        from qemuspec.errors import SpecError
+        from qemuspec.spec.messages import located
+
+        raise SpecError(located(target.path, lines, problems))
+    pulled = ensure_images(ctx, spec, names)
+    if ctx.out.json:
+        emit_json([{"machine": name, "disk": index, "digest": e.digest, "path": e.path, "format": e.format,
+                    "size": e.size, "url": e.url} for name, index, e in pulled])
+    elif not pulled:
+        ctx.out.say(f"{target.path}: no disk of these machines names an image")
+    else:
+        for name, index, e in pulled:
+            ctx.out.say(f"{name}: disks.{index}: {e.digest[:19]}... {_human(e.size)} {e.path}")
+    return 0
+
+
+def _human(n: float) -> str:
+    from qemuspec.cli.progress import _size
+
+    return _size(n)
+
+
+def ls(ctx: Context) -> int:
+    cache = image_cache(ctx)
+    entries = cache.entries()
+    if ctx.out.json:
+        emit_json({"directory": cache.directory,
+                   "images": [{"digest": e.digest, "path": e.path, "format": e.format, "size": e.size, "url": e.url,
+                               "compressed": e.compressed, "pulled": e.pulled, "used": e.used} for e in entries],
+                   "partial": [{"name": n, "bytes": b} for n, b in cache.partial()]})
+        return 0
+    if not entries:
+        ctx.out.say(f"no images in {cache.directory}")
+    import time
+
+    for e in entries:
+        days = (time.time() - e.used) / 86400
+        print(f"{e.digest[:19]}...  {e.format:<5}  {_human(e.size):>10}  used {days:.0f} d ago  {e.url}")
+    for name, count in cache.partial():
+        print(f"{name}: interrupted download, {_human(count)} so far (resumed by the next pull)")
+    return 0
+
+
+def prune(ctx: Context, *, older_than: str | None, everything: bool) -> int:
+    from qemuspec.spec.units import parse_seconds
+
+    if older_than is None and not everything:
+        older_than = "30d"
+    seconds = None
+    if older_than is not None:
+        text = older_than.strip()
+        try:
+            seconds = float(text[:-1]) * 86400 if text.endswith("d") else parse_seconds(text)
+        except (ValueError, TypeError):
+            raise UsageError(f"--older-than {older_than}: give a duration such as 30d, 12h or 90m") from None
+    removed = image_cache(ctx).prune(seconds, everything=everything)
+    if ctx.out.json:
+        emit_json({"removed": removed})
+    else:
+        for name in removed:
+            ctx.out.say(f"removed {name}")
+        if not removed:
+            ctx.out.say("nothing to prune")
+    return 0
+
+
 ACTIONS: dict[str, Callable[..., int]] = {"create": create, "info": info, "convert": convert, "resize": resize,
-                                          "snapshot": snapshot, "check": check, "rebase": rebase}
+                                          "snapshot": snapshot, "check": check, "rebase": rebase,
+                                          "pull": pull, "ls": ls, "prune": prune}

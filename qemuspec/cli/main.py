@@ -66,7 +66,8 @@ COMMANDS = {
     "reset": ("guest_commands", "reset", "recreate a stopped machine's overlay disks from their base"),
     "snapshot": ("guest_commands", "snapshot", "save, load, list or delete snapshots of a running machine"),
     "import": ("spec_commands", "import_", "turn a qemu command line into a definition (nothing dropped)"),
-    "img": ("img_commands", "img", "disk images: create, info, convert, resize, snapshot, check, rebase"),
+    "img": ("img_commands", "img", "disk images: create, info, convert, resize, snapshot, check, rebase; "
+                                           "pull, ls, prune (the base-image cache)"),
     "completion": ("completion", "completion", "print a shell completion script: bash, zsh or fish"),
 }
 
@@ -181,6 +182,9 @@ def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, d
     p["schema"].add_argument("-o", "--output", help="write to this file instead of standard output")
     p["init"].add_argument("target_file", nargs="?", default="qemuspec.toml", metavar="FILE", help="file to write (default: qemuspec.toml)")
     p["init"].add_argument("--force", action="store_true", help="overwrite an existing file")
+    p["init"].add_argument("--template", metavar="NAME", help="a distribution's cloud image with cloud-init, ssh and "
+                           "provisioning readiness (see --list)")
+    p["init"].add_argument("--list", dest="list_templates", action="store_true", help="name the templates and exit")
 
     for name in ("up", "down", "status", "ps", "plan", "restart", "pause", "resume", "reset", "logs"):
         _target(p[name], "[FILE] [MACHINE...]")
@@ -189,6 +193,9 @@ def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, d
         p[name].add_argument("--warm", action="store_true", help="warm start for this run, as if the machines said warm = true")
     p["up"].add_argument("--attach", action="store_true", help="stay in the foreground streaming consoles and events; Ctrl-C brings the machines down")
     p["up"].add_argument("--timeout", type=float, metavar="SECONDS", help="readiness timeout for this run, instead of each machine's ready.timeout")
+    for name in ("up", "run"):
+        p[name].add_argument("--offline", action="store_true", help="never download a base image: one missing from the "
+                             "cache is an error (env QEMUSPEC_OFFLINE=1)")
     for name in ("up", "validate", "restart", "run"):
         p[name].add_argument("--allow-local-qemu", action="store_true",
                              help="run a qemu binary that lives inside the definition's own tree (only for a qemu you built)")
@@ -227,7 +234,18 @@ def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, d
         ("create", "create an image (never overwrites)"), ("info", "show an image's format, sizes, backing, snapshots"),
         ("convert", "convert an image to another format (progress on a terminal)"), ("resize", "grow (or --shrink) an image"),
         ("snapshot", "internal snapshots of an image not in use: list, create, apply, delete"),
-        ("check", "check an image for errors"), ("rebase", "point an overlay at another backing file"))}
+        ("check", "check an image for errors"), ("rebase", "point an overlay at another backing file"),
+        ("pull", "download the base images a definition's disks name into the cache (checked against their digests)"),
+        ("ls", "list the base images in the cache (digest, format, size, last use, URL)"),
+        ("prune", "remove cached base images not used for a while (--older-than, default 30d), or --all"))}
+    _target(i["pull"], "[FILE] [MACHINE...]")
+    i["pull"].add_argument("--offline", action="store_true",
+                           help="never download: an image missing from the cache is an error")
+    i["pull"].add_argument("--allow-host-paths", action="store_true",
+                           help="allow file:// images outside the definition's tree")
+    i["prune"].add_argument("--older-than", metavar="AGE",
+                            help="remove images not used for this long: 30d (default), 12h, 90m")
+    i["prune"].add_argument("--all", dest="everything", action="store_true", help="remove every cached image")
     i["create"].add_argument("file")
     i["create"].add_argument("size", nargs="?", help="e.g. 10G (optional with --backing)")
     i["create"].add_argument("-f", "--format", default="qcow2")

@@ -88,3 +88,73 @@ class Progress:
         self.stream.write("".join(out))
         self.stream.flush()
         self._drawn = len(self.names)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+class DownloadProgress:
+    """Image downloads (imagecache events): on a terminal a bar with bytes, rate and ETA redrawn in
+    place on stderr; elsewhere one line when a download starts and one when it ends; with --json one
+    JSON object per event on stderr (stdout keeps the command's own result); nothing with --quiet."""
+
+    def __init__(self, mode: str, stream: TextIO | None = None, width: int = 30):
+        self.mode = mode  # "live", "lines", "json" or "quiet"
+        self.stream = stream or sys.stderr
+        self.width = width
+        self._open = False
+
+    def __call__(self, event: dict) -> None:
+        if self.mode == "quiet":
+            return
+        if self.mode == "json":
+            import json
+
+            self.stream.write(json.dumps(event) + "\n")
+            self.stream.flush()
+            return
+        kind = event["event"]
+        name = event["url"].rsplit("/", 1)[-1] or event["url"]
+        if kind == "image-download":
+            if self.mode == "live":
+                self._bar(name, event)
+            elif event["bytes"] == (event.get("resumed_at") or 0) and not event.get("finished"):
+                total = f" ({_size(event['total'])})" if event.get("total") else ""
+                resumed = f", resuming at {_size(event['resumed_at'])}" if event.get("resumed_at") else ""
+                self._line(f"downloading {event['url']}{total}{resumed}")
+            elif event.get("finished"):
+                self._line(f"downloaded {name}: {_size(event['bytes'])} at {_size(event['rate'])}/s")
+        elif kind == "image-waiting":
+            self._line(f"{name}: waiting for another qemuspec downloading it")
+        elif kind == "image-unpack":
+            self._line(f"unpacking {name} ({event['compression']})")
+        elif kind == "image-done":
+            self._line(f"{name}: in the cache ({event['digest'][:19]}...)")
+
+    def _line(self, text: str) -> None:
+        if self._open:
+            self.stream.write("\n")
+            self._open = False
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def _bar(self, name: str, event: dict) -> None:
+        done, total, rate = event["bytes"], event.get("total"), event.get("rate") or 0.0
+        if total:
+            filled = int(self.width * min(done / total, 1.0))
+            bar = f"[{'#' * filled}{'.' * (self.width - filled)}] {_size(done)} / {_size(total)}"
+            left = (total - done) / rate if rate > 0 else None
+            eta = "" if event.get("finished") else f"  ETA {left:.0f} s" if left is not None else "  ETA ?"
+        else:
+            bar, eta = _size(done), ""
+        self.stream.write(f"\r\x1b[2K{name}  {bar}  {_size(rate)}/s{eta}")
+        self.stream.flush()
+        self._open = True
+        if event.get("finished"):
+            self.stream.write("\n")
+            self._open = False

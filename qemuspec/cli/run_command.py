@@ -46,6 +46,9 @@ def run(ctx: Context, *, timeout: float | None, via: str, allow_local_qemu: bool
     spec, lines = target.load()  # the same checks as `up`: the local-qemu rule, host paths outside the tree
     preflight(spec, lines, target.path, [name], allow_local_qemu=allow_local_qemu, settings=ctx.settings,
               allow_host_paths=allow_host_paths, out=ctx.out)
+    from qemuspec.cli.img_commands import ensure_images
+
+    ensure_images(ctx, spec, [name])  # base images cached and checked before qemu starts
     writable = [d.file for d in machine.disks if not d.readonly and os.path.exists(d.file)]
     if writable:
         from qemuspec.runtime.instance import Instance

@@ -168,16 +168,32 @@ def schema(ctx: Context, *, output: str | None) -> int:
     return 0
 
 
-def init(ctx: Context, *, target_file: str, force: bool) -> int:
+def init(ctx: Context, *, target_file: str, force: bool, template: str | None = None,
+         list_templates: bool = False) -> int:
+    from qemuspec.cli import distros
+
+    if list_templates:
+        if ctx.out.json:
+            emit_json([{"name": n, "title": d[0], "url": d[2], "digest_url": d[3]} for n, d in distros.DISTROS.items()])
+        else:
+            for name, found in distros.DISTROS.items():
+                print(f"{name:<14} {found[0]}")
+        return 0
+    if template is not None and template not in distros.DISTROS:
+        raise UsageError(f"--template {template}: no such template; these exist: {', '.join(distros.DISTROS)} "
+                         "(`qemuspec init --list`)")
     path = target_file
     if os.path.exists(path) and not force:
         raise UsageError(f"{path} exists already: choose another name, or pass --force to overwrite it")
     if not path.endswith(".toml"):
         raise UsageError(f"{path}: init writes TOML; name the file with .toml")
     with open(path, "w", encoding="utf-8") as out:
-        out.write(STARTER.format(name=path))
+        out.write(distros.render(template, path) if template else STARTER.format(name=path))
     if ctx.out.json:
-        emit_json({"wrote": path})
+        emit_json({"wrote": path, "template": template})
+    elif template:
+        ctx.out.say(f"wrote {path} ({distros.DISTROS[template][0]}): `qemuspec up {path}` downloads the image once, "
+                    "boots it and waits for cloud-init")
     else:
         ctx.out.say(f"wrote {path}: edit kernel/initrd (or add a disk), then `qemuspec up {path}`")
     return 0

@@ -99,7 +99,14 @@ def up(ctx: Context, *, no_probe: bool, attach: bool, timeout: float | None, all
     if attach:
         refuse(ctx, names, "up --attach")
     declared = reconcile.overridden(spec, started, timeout, warm)
-    _checked(ctx, started, allow_local_qemu, allow_host_paths, ports=True, probe=not no_probe)
+    pulls = any(disk.image is not None for n in started for disk in spec.machines[n].disks)
+    _checked(ctx, started, allow_local_qemu, allow_host_paths, ports=True, probe=not no_probe and not pulls)
+    if pulls:  # base images cached and checked after the definition's checks, before any qemu runs (the probe too)
+        from qemuspec.cli.img_commands import ensure_images
+
+        ensure_images(ctx, spec, started)
+        if not no_probe:
+            _checked(ctx, started, allow_local_qemu, allow_host_paths, ports=True, probe=True)
     deadline = max((spec.machines[n].ready.timeout for n in started), default=None)
     progress = ctx.out.progress(names, deadline)
     try:

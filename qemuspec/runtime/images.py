@@ -13,12 +13,39 @@ from qemuspec import img
 from qemuspec.errors import ImageError, LaunchError
 
 if TYPE_CHECKING:
+    from qemuspec.imagecache import ImageCache
     from qemuspec.spec.models import Disk
 
 
-def ensure_disk(disk: Disk, state_dir: str | None = None) -> bool:
+def ensure_disk(disk: Disk, state_dir: str | None = None, images: ImageCache | None = None) -> bool:
     """Create the disk's image if it is missing (True then). An existing image smaller than the
-    declared size is an error that names the fix, not a silent resize."""
+    declared size is an error that names the fix, not a silent resize. A disk with an ``image`` gets
+    its base from the image cache first (no network when it is there; `up` pulls it before anything
+    starts, with progress) and is a new qcow2 overlay on it: the cached base is only ever a backing
+    file, which qemu opens read-only."""
+    if disk.image is not None:
+        if images is None:
+            from qemuspec.imagecache import from_settings
+            from qemuspec.settings import current
+
+            images = from_settings(current())
+        base = images.ensure(disk.image)
+        if not os.path.exists(disk.file):
+            size = disk.size
+            if size is not None:
+                virtual = img.info(base.path).virtual_size
+                if size < virtual:
+                    raise LaunchError(f"disk {disk.file}: size {size} is smaller than its base image ({virtual} bytes, "
+                                      f"{disk.image.url}): remove size, or give at least {virtual}")
+            try:
+                img.create(disk.file, size, "qcow2", backing=base.path, backing_format=base.format)
+            except ImageError as exc:
+                raise LaunchError(f"cannot create the overlay {disk.file} on {base.path}: {exc}") from None
+            if state_dir is not None:
+                from qemuspec.runtime.statedir import note_created
+
+                note_created(state_dir, disk.file)
+            return True
     if os.path.exists(disk.file):
         if disk.size is not None:
             have = img.info(disk.file).virtual_size
@@ -47,7 +74,7 @@ def reset_overlays(disks: list[Disk], state_dir: str, where: str) -> list[str]:
     before any is touched. ``where`` names the machine in errors ("FILE: machines.NAME")."""
     from qemuspec.runtime.statedir import created_files
 
-    overlays = [(index, disk) for index, disk in enumerate(disks) if disk.backing]
+    overlays = [(index, disk) for index, disk in enumerate(disks) if disk.backing or disk.image is not None]
     ours = set(created_files(state_dir))
     for index, disk in overlays:
         if os.path.lexists(disk.file) and os.path.abspath(disk.file) not in ours:

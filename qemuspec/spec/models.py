@@ -133,6 +133,8 @@ class Ready(Model):
     tcp: Port | None = Field(None, description="Guest port, reached through a user-mode forward; must send data")
     agent: bool = Field(False, description="The guest agent answers guest-ping")
     ssh: bool = Field(False, description="An ssh server answers on the forwarded guest port 22")
+    command: Text | list[Text] | None = Field(
+        None, description='A guest command retried until it exits 0, e.g. "cloud-init status --wait"')
     timeout: Seconds = 60.0
 
     @field_validator("serial")
@@ -145,8 +147,53 @@ class Ready(Model):
         return value
 
 
+def _image_url(value: str) -> str:
+    """Where a base image (or its checksum file) comes from: http, https or file, nothing else."""
+    _line(value)
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme.lower() not in ("http", "https", "file") or not rest:
+        raise ValueError(f'"{value}" is not an http://, https:// or file:/// URL: write the full address, for example '
+                         '"https://cloud.debian.org/images/cloud/bookworm/latest/debian-12-genericcloud-amd64.qcow2"')
+    if scheme.lower() == "file" and not rest.startswith("/"):
+        raise ValueError(f'"{value}": a file URL names an absolute path, file:///path/to/image.qcow2')
+    return value
+
+
+def _digest(value: str) -> str:
+    text = value.strip().lower()
+    if not re.match(r"^(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$", text):
+        raise ValueError(f'"{value}" is not a digest: write "sha256:" and 64 hex digits, or "sha512:" and 128 '
+                         '(sha256sum IMAGE prints them), or give digest_url = ".../SHA256SUMS" instead')
+    return text
+
+
+ImageURL = Annotated[str, AfterValidator(_image_url)]
+
+
+class Image(Model):
+    """Where a disk's base comes from: downloaded once into the user's content-addressed cache, checked
+    against its digest, never written (the disk's file is this machine's own qcow2 overlay on it)."""
+
+    url: ImageURL = Field(
+        description="http(s):// or file:/// URL of a raw or qcow2 image (.xz/.gz: unpacked into the cache)")
+    digest: Annotated[str, AfterValidator(_digest)] | None = Field(
+        None, description='"sha256:HEX" or "sha512:HEX" of the file as published (the compressed file for .xz/.gz)')
+    digest_url: ImageURL | None = Field(
+        None, description="A checksum file (SHA256SUMS, SHA512SUMS, CHECKSUM) listing the url's file name: looked up "
+                          "once and recorded in the cache")
+
+    @model_validator(mode="after")
+    def _one_digest(self) -> "Image":
+        if (self.digest is None) == (self.digest_url is None):
+            raise ValueError('an image needs exactly one of digest = "sha256:HEX" and digest_url = ".../SHA256SUMS", '
+                             "so the download can be checked")
+        return self
+
+
 class Disk(Model):
     file: FilePath
+    image: Image | None = Field(None, description="Base image by URL and digest: file is then this machine's qcow2 "
+                                                  "overlay on the cached base, made on `up`")
     id: Ident | None = Field(None, description="The drive's qemu id, for a device in devices or append that refers to it (default: qemuspec-diskN)")
     format: Ident | None = Field(None, description="Image format: qcow2, raw, ... (required with backing or size)")
     size: Bytes | None = Field(None, description="Created with this size on `up` when the file is missing")
@@ -158,8 +205,22 @@ class Disk(Model):
     options: Options = Field(default_factory=dict, description="Extra -drive properties, passed through")
     device_options: Options = Field(default_factory=dict, description="Extra -device properties, passed through")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _image_overlay(cls, value: Any) -> Any:
+        if isinstance(value, dict) and value.get("image") is not None and value.get("format") is None:
+            return {**value, "format": "qcow2"}  # the overlay on a base image is a qcow2
+        return value
+
     @model_validator(mode="after")
     def _format_needed(self) -> "Disk":
+        if self.image is not None:
+            if self.backing:
+                raise ValueError('give "image" or "backing", not both: with image, qemuspec makes file an overlay on '
+                                 "the cached base itself")
+            if self.format != "qcow2":
+                raise ValueError(f'a disk with "image" is a qcow2 overlay on the cached base: remove format = '
+                                 f'"{self.format}" (or write format = "qcow2")')
         if self.backing and not self.format:
             raise ValueError('a disk with "backing" needs "format" (an overlay is a "qcow2" image): add format = "qcow2"')
         if self.backing and self.format not in ("qcow2", "qed"):

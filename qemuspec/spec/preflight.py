@@ -128,6 +128,10 @@ def host_paths(machine: "Machine", root: str) -> list[HostPath]:
     for index, disk in enumerate(machine.disks):
         named.append((("disks", index, "file"), disk.file, "read" if disk.readonly else "read-write"))
         named.append((("disks", index, "backing"), disk.backing, "read"))
+        if disk.image is not None and disk.image.url.lower().startswith("file://"):  # copied into the image cache
+            from urllib.parse import unquote, urlsplit
+
+            named.append((("disks", index, "image", "url"), unquote(urlsplit(disk.image.url).path), "read"))
     named += [(("cdrom", index), iso, "read") for index, iso in enumerate(machine.cdrom)]
     named += [(("shares", index, "source"), share.source, "read" if share.readonly else "read-write")
               for index, share in enumerate(machine.shares)]
@@ -144,7 +148,9 @@ def host_paths(machine: "Machine", root: str) -> list[HostPath]:
         device = kind == "device" and os.path.realpath(path) not in HARMLESS_DEVICES and key[0] != "cloud_init"
         typed = access != "passed to qemu"
         share = key[0] == "shares" and typed
-        opt_in = device or (typed and (share or (key[0] == "disks" and access == "read-write")))
+        # a file:// image outside the tree is copied into the cache, and a mismatch prints its digest
+        image = key[0] == "disks" and "image" in key
+        opt_in = device or image or (typed and (share or (key[0] == "disks" and access == "read-write")))
         out.append(HostPath(key, path, access, kind, opt_in))
     return out
 
@@ -199,7 +205,7 @@ def _missing_files(machine: "Machine") -> Iterator[Problem]:
     for index, disk in enumerate(machine.disks):
         if missing(disk.backing):
             yield ("disks", index, "backing"), f"backing image {disk.backing} does not exist: fix the path"
-        if missing(disk.file) and disk.size is None and disk.backing is None:
+        if missing(disk.file) and disk.size is None and disk.backing is None and disk.image is None:
             yield ("disks", index, "file"), (f"disk image {disk.file} does not exist and has no size to create it with: "
                                              'fix the path, or add size = "10G" (and format = "qcow2") so up creates it')
     for index, iso in enumerate(machine.cdrom):
