@@ -221,9 +221,9 @@ class LocalBackend:
         return sock
 
     def serial_log(self, name: str) -> str | None:
-        from qemuspec.runtime.statedir import read_from
+        from qemuspec.runtime.statedir import SERIAL_LOG, read_from
 
-        data = read_from(os.path.join(self._dir(name), "serial.log"), 0)  # never through a planted symlink
+        data = read_from(os.path.join(self._dir(name), SERIAL_LOG), 0)  # never through a planted symlink
         return None if data is None else data.decode(errors="replace").replace("\r", "")
 
     def ssh(self, name: str, machine: Machine, command: list[str]) -> dict:
