@@ -204,7 +204,7 @@ class Context:
 
     @classmethod
     def from_args(cls, args: "argparse.Namespace", tail: list[str] | None, settings: Settings) -> "Context":
-        from qemuspec.cli.main import FILE_COMMANDS
+        from qemuspec.cli.commands import FILE_COMMANDS
 
         terminal = sys.stderr.isatty() and os.environ.get("TERM") != "dumb" and not settings.ci
         out = Output(json=getattr(args, "json", False), quiet=getattr(args, "quiet", False),

@@ -83,7 +83,7 @@ class Instance:
         machine = self.machine
         accels = accel_mod.resolve(machine.accel)
         base = paths.layout(self.state_dir, accel=accels)
-        paths.prepare(base)
+        statedir.prepare(base)
         self.process = None
         self.boot = "warm" if restore else "cold"
         try:
@@ -97,7 +97,7 @@ class Instance:
                 self.kvm_failure = str(exc)
                 self.process = None
                 base = paths.layout(self.state_dir, accel=fallback)
-                paths.prepare(base)
+                statedir.prepare(base)
                 self._launch(base, fallback)
         except BaseException:
             if self.process is None:  # nothing started: leave no socket behind

@@ -100,27 +100,20 @@ def run_dir(state_dir: str) -> str:
 
 
 def private_dir(path: str) -> None:
-    """Create ``path`` 0700 and refuse one that another user owns, or a symlink."""
-    from qemuspec.runtime.statedir import ensure_private
-
-    ensure_private(path)
-
-
-def prepare(lay: Layout) -> None:
-    """The state directory and the runtime directory: both 0700 and ours (the parent of a state
-    directory may be the user's project: left as it is); the state directory proven ours
-    (statedir.claim: what a repository planted there is moved aside, never used)."""
-    from qemuspec.runtime.statedir import claim
-
-    claim(lay.state_dir)
-    base = os.path.dirname(lay.run_dir)
+    """Create ``path`` 0700 (parents as usual) and refuse a symlink, a non-directory or another
+    user's directory; tighten one we own that others can enter."""
     try:
-        private_dir(base)
-    except LaunchError:  # made by another user between run_base's look and ours
-        raise LaunchError(f"{base} is not a directory of yours (another user created it, or it is a symlink): "
-                          f"set XDG_RUNTIME_DIR to a directory of your own with mode 0700 and run the command "
-                          f"again") from None
-    private_dir(lay.run_dir)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise LaunchError(f"cannot create {path}: {exc.strerror}") from None
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise LaunchError(f"{path} is not a directory owned by you (a symlink or another user's): remove it, or choose another state directory with --state-dir")
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        os.chmod(path, 0o700)
 
 
 def registry() -> list[str]:

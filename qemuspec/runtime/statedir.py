@@ -32,10 +32,14 @@ import json
 import os
 import stat
 from dataclasses import dataclass, field
-from typing import Any, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Iterator, TypeVar
 
 from qemuspec import privdir
 from qemuspec.errors import LaunchError
+from qemuspec.runtime.paths import private_dir as ensure_private  # the one rule for a private directory
+
+if TYPE_CHECKING:
+    from qemuspec.render import Layout
 
 # -- file names (state directory) ----------------------------------------------------------------
 STATE = "state.json"            # QemuRecord: a copy for people; the runtime directory's is authoritative
@@ -187,23 +191,6 @@ class SaveRecord(Record):
 
 # -- directories ---------------------------------------------------------------------------------
 
-def ensure_private(path: str) -> None:
-    """Create ``path`` 0700 (parents as usual) and refuse a symlink, a non-directory or another
-    user's directory; tighten one we own that others can enter."""
-    try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise LaunchError(f"cannot create {path}: {exc.strerror}") from None
-    info = os.lstat(path)
-    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-        raise LaunchError(f"{path} is not a directory owned by you (a symlink or another user's): remove it, or choose another state directory with --state-dir")
-    if stat.S_IMODE(info.st_mode) != 0o700:
-        os.chmod(path, 0o700)
-
-
 # -- proof of ownership --------------------------------------------------------------------------
 #
 # A state directory is qemuspec's only when proven so: its `.owner` holds a random token, and the
@@ -272,6 +259,21 @@ def claim(state_dir: str) -> list[str]:
     write(paths.keep_dir("owners"), _proof_name(state_dir),
           OwnerRecord(token=token, dev=info.st_dev, ino=info.st_ino, path=os.path.abspath(state_dir)))
     return moved
+
+
+def prepare(lay: Layout) -> None:
+    """The state directory and the runtime directory: both 0700 and ours (the parent of a state
+    directory may be the user's project: left as it is); the state directory proven ours
+    (:func:`claim`: what a repository planted there is moved aside, never used)."""
+    claim(lay.state_dir)
+    base = os.path.dirname(lay.run_dir)
+    try:
+        ensure_private(base)
+    except LaunchError:  # made by another user between run_base's look and ours
+        raise LaunchError(f"{base} is not a directory of yours (another user created it, or it is a symlink): "
+                          f"set XDG_RUNTIME_DIR to a directory of your own with mode 0700 and run the command "
+                          f"again") from None
+    ensure_private(lay.run_dir)
 
 
 def disown(state_dir: str) -> None:

@@ -49,7 +49,8 @@ def _mib(el: ET.Element, source: str) -> int:
 
 def import_domain(text: str, name: str | None = None, source: str = "<domain>") -> tuple[str, dict, list[str]]:
     """(machine name, machine table, notes) for a libvirt domain XML document."""
-    from qemuspec.spec.importer import HANDLERS, Import, _finish, _keep, _safe_name, parse_argv, refuse_line_breaks
+    from qemuspec.spec.importer import HANDLERS, Import, _finish, _keep, _safe_name, refuse_line_breaks
+    from qemuspec.spec.qemuopts import parse_argv
 
     root = _parse(text, source)
     notes: list[str] = []

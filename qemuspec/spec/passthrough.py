@@ -63,7 +63,7 @@ def switch(token: str) -> str:
 
 def switches(append: list[str]) -> Iterator[tuple[int, str, str | None]]:
     """(index in append, canonical switch, its argument) for each switch of an append list."""
-    from qemuspec.spec.importer import parse_argv
+    from qemuspec.spec.qemuopts import parse_argv
 
     index = 0
     for name, value in parse_argv(["qemu", *append]):
@@ -141,6 +141,6 @@ def _option_values(value: str, key: str) -> list[str]:
             return []
         found = data.get(key) if isinstance(data, dict) else None
         return [found] if isinstance(found, str) else []
-    from qemuspec.spec.importer import split_opts
+    from qemuspec.spec.qemuopts import split_opts
 
     return [v for k, v in split_opts(value, implied="")[1] if k == key]
