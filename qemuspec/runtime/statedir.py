@@ -32,7 +32,7 @@ import json
 import os
 import stat
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, TypeVar
+from typing import TYPE_CHECKING, Iterator, TypeVar
 
 from qemuspec import privdir
 from qemuspec.errors import LaunchError
@@ -78,7 +78,7 @@ class Record:
     """A JSON file's fields with their types; anything else read from disk is rejected (None)."""
 
     @classmethod
-    def from_dict(cls: type[R], data: Any) -> R | None:
+    def from_dict(cls: type[R], data: object) -> R | None:
         if not isinstance(data, dict):
             return None
         values = {}

@@ -20,7 +20,7 @@ import signal
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from qemuspec.errors import QemuspecError
 from qemuspec.qmp.protocol import EventLog
@@ -45,7 +45,7 @@ def supervisor_file(state_dir: str) -> str:
     return os.path.join(paths.run_dir(state_dir), statedir.SUPERVISOR)
 
 
-def record(state_dir: str, event: str, **data: Any) -> str | None:
+def record(state_dir: str, event: str, **data: object) -> str | None:
     """A qemuspec lifecycle event in the machine's events.jsonl, in QMP's own event format. A failed
     write is returned (not raised): a full disk must not take the supervisor down."""
     now = time.time()
@@ -200,7 +200,7 @@ class _Tolerant:
     """The supervisor's stdout/stderr (supervisor.log): a full disk or a deleted directory makes a
     log line fail, never the supervisor."""
 
-    def __init__(self, stream: Any):
+    def __init__(self, stream: TextIO):
         self._stream = stream
 
     def write(self, text: str) -> int:
@@ -252,7 +252,7 @@ class Supervisor:
 
     # -- progress to the CLI ----------------------------------------------------------------------
 
-    def tell(self, status: str, **data: Any) -> None:
+    def tell(self, status: str, **data: object) -> None:
         if self.progress_fd is None:
             return
         try:
@@ -263,20 +263,20 @@ class Supervisor:
             os.close(self.progress_fd)  # the CLI may exit now; the machine is ours
             self.progress_fd = None
 
-    def _wake(self, *_: Any) -> None:
+    def _wake(self, *_: object) -> None:
         try:
             os.write(self.wake_w, b"x")
         except OSError:
             pass
 
-    def _on_term(self, *_: Any) -> None:
+    def _on_term(self, *_: object) -> None:
         self.stop_requested = True
         self._wake()
         inst = self.instance
         if inst is not None and inst.console is not None:
             inst.console.interrupt()  # a readiness wait on the console ends now, not at its deadline
 
-    def event(self, name: str, **data: Any) -> None:
+    def event(self, name: str, **data: object) -> None:
         failed = record(self.state_dir, name, **data)
         if failed and failed != self.error:
             self.error = failed
