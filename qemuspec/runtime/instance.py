@@ -12,7 +12,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from qemuspec.errors import LaunchError, QemuspecError, QMPConnectionError, QMPError, ReadyTimeout, StopRequested
 from qemuspec.qmp.sync import QMPClient
@@ -59,7 +59,7 @@ class Instance:
         self.exec_argv: list[str] = []  # exactly what qemu runs with (its identity in /proc)
         self.write_error: str | None = None  # the copy in the state directory could not be written
         self.stopping: Callable[[], bool] = lambda: False  # the supervisor's "stop requested": ends ready waits
-        self._listeners: list[tuple[str, Callable[[dict], Any]]] = []
+        self._listeners: list[tuple[str, Callable[[dict], object]]] = []
         self._log_offset = 0
 
     @property
@@ -68,7 +68,7 @@ class Instance:
 
     # -- events -----------------------------------------------------------------------------------
 
-    def on(self, event: str, callback: Callable[[dict], Any]) -> None:
+    def on(self, event: str, callback: Callable[[dict], object]) -> None:
         self._listeners.append((event, callback))
         if self.qmp is not None:
             self.qmp.on(event, callback)

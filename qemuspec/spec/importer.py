@@ -32,7 +32,7 @@ MANAGED_NOTE = "qemuspec manages this itself"
 Options = dict[str, Any]
 
 
-def value_of(text: str) -> Any:
+def value_of(text: str) -> int | bool | str:
     """An option value as the model stores it; rendered back it is the same text. Only the spellings
     the renderer writes back unchanged become numbers or booleans ("yes" stays "yes": for a string
     property it is not "on")."""
@@ -44,7 +44,7 @@ def value_of(text: str) -> Any:
 _ADAPTERS: dict[tuple[type, str], Any] = {}
 
 
-def fits(model: type, name: str, value: Any) -> bool:
+def fits(model: type, name: str, value: object) -> bool:
     """Whether the model accepts ``value`` for its field ``name``: one source of truth for what may
     become typed (MAC patterns, boot letters, identifiers, paths...)."""
     from typing import Annotated
@@ -790,7 +790,7 @@ def _overrides(imp: Import) -> None:
     machine["overrides"] = sorted({sw for _, sw in kept})
 
 
-def _escape(value: Any) -> str:
+def _escape(value: object) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
     return str(value).replace(",", ",,")

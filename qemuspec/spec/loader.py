@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from qemuspec.errors import SpecError
 from qemuspec.spec import limits
 from qemuspec.spec.limits import format_of
 from qemuspec.spec.models import File
+
+if TYPE_CHECKING:
+    import yaml
 
 
 
@@ -192,7 +195,7 @@ def _yaml(text: str, source: str) -> tuple[object, dict[tuple, int]]:
     return data, lines
 
 
-def _yaml_walk(node: Any, path: tuple, lines: dict[tuple, int], source: str, budget: "limits.NodeBudget") -> None:
+def _yaml_walk(node: yaml.Node, path: tuple, lines: dict[tuple, int], source: str, budget: "limits.NodeBudget") -> None:
     import yaml
 
     budget.visit(node, len(path))

@@ -10,7 +10,7 @@ visibly. Ids are checked here too: a definition's ids are unique and never use q
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 if TYPE_CHECKING:
     from qemuspec.spec.models import Machine
@@ -114,7 +114,7 @@ def user_ids(machine: "Machine") -> Iterator[tuple[str, str, str]]:
 
 def id_problems(machine: "Machine") -> list[tuple[str, str]]:
     problems = []
-    typed_options: list[tuple[str, list[Any], tuple[str, ...]]] = [("disks", machine.disks, ("options", "device_options")), ("nics", machine.nics, ("options", "device_options")),
+    typed_options: list[tuple[str, Sequence[object], tuple[str, ...]]] = [("disks", machine.disks, ("options", "device_options")), ("nics", machine.nics, ("options", "device_options")),
                      ("shares", machine.shares, ("options",)), ("devices", machine.devices, ("options",)),
                      ("objects", machine.objects, ("options",))]
     for field, items, maps in typed_options:
