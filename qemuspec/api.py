@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, TypeVar
 
-from qemuspec.errors import QemuspecError, SpecError
+from qemuspec.errors import QemuspecError, QMPTimeout, SpecError
 
 if TYPE_CHECKING:
     from qemuspec.qmp.sync import QMPClient
@@ -72,6 +72,7 @@ class VM:
         self._state_dir = state_dir
         self._own_state_dir = False
         self._listeners: list[tuple[str, Callback]] = []
+        self._async_turn: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
 
     # -- building ---------------------------------------------------------------------------------
 
@@ -358,7 +359,28 @@ class VM:
         return await asyncio.to_thread(self.start, None, ready)
 
     async def qmp_async(self, command: str, arguments: dict | None = None, timeout: float = 30.0) -> Any:
-        return await asyncio.to_thread(self.qmp, command, arguments, timeout)
+        """A QMP command from asyncio without a thread: the asyncio client (qmp/aio.py) on the machine's
+        tools monitor, connected for this one command. The controller's monitor belongs to the blocking
+        client, and a monitor serves one client at a time (qemu drops a second one), so this machine's
+        calls take turns on a lock and ``timeout`` covers the wait; cancelling one cancels a wait, never
+        a command left running in a thread."""
+        from qemuspec.qmp.aio import AsyncQMPClient
+
+        address = f"unix:{self.instance.layout.qmp_client}"
+        try:
+            async with asyncio.timeout(timeout), self._turn():
+                async with await AsyncQMPClient.connect(address, timeout=timeout) as client:
+                    return await client.command(command, arguments, timeout=timeout)
+        except TimeoutError:
+            raise QMPTimeout(f"QMP {command}: no reply within {timeout:g} s (another client holds the machine's "
+                             "tools monitor, or qemu does not answer)") from None
+
+    def _turn(self) -> asyncio.Lock:
+        """The tools monitor's lock for the running event loop (an asyncio lock belongs to one loop)."""
+        loop = asyncio.get_running_loop()
+        if self._async_turn is None or self._async_turn[0] is not loop:
+            self._async_turn = (loop, asyncio.Lock())
+        return self._async_turn[1]
 
     async def stop_async(self, timeout: float | None = None):
         return await asyncio.to_thread(self.stop, timeout)
