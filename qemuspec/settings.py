@@ -25,6 +25,8 @@ VARIABLES = {
                                  "(as --allow-host-paths)",
     "QEMUSPEC_DEBUG": "print tracebacks instead of one-paragraph errors",
     "QEMUSPEC_CACHE": "0: always validate definitions afresh (default: validated definitions are cached by content)",
+    "QEMUSPEC_GREETING_TIMEOUT": "seconds a starting qemu has to answer on QMP before it counts as hung (up, run: 15; "
+                                 "validate --probe: 10)",
     "QEMUSPEC_TEST_HOLD_SAVE": "fault tests: a supervisor stops (SIGSTOP) at this warm-save point (snapshot, migrating)",
     "NO_COLOR": "no colour, even on a terminal",
     "CI": "line-based progress, never redrawn in place",
@@ -46,6 +48,7 @@ class Settings:
     cache: str | None = None  # directory of validated definitions (spec/cache.py); None: QEMUSPEC_CACHE=0
     variables: dict[str, str] = field(default_factory=dict)
     test_hold_save: str | None = None  # QEMUSPEC_TEST_HOLD_SAVE (runtime/warm.py; fault tests only)
+    greeting_timeout: float | None = None  # QEMUSPEC_GREETING_TIMEOUT; None: each caller's default
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -63,6 +66,7 @@ class Settings:
             connect=env.get("QEMUSPEC_CONNECT") or None,
             cache=None if env.get("QEMUSPEC_CACHE", "") == "0" else os.path.join(cache_base(env), "definitions"),
             test_hold_save=env.get("QEMUSPEC_TEST_HOLD_SAVE") or None,
+            greeting_timeout=_seconds(env.get("QEMUSPEC_GREETING_TIMEOUT")),
             variables={k[len(VAR_PREFIX):]: v for k, v in env.items() if k.startswith(VAR_PREFIX)},
         )
 
@@ -76,6 +80,15 @@ class Settings:
         if self.allow_host_paths:
             out["QEMUSPEC_ALLOW_HOST_PATHS"] = "1"
         return out
+
+
+def _seconds(text: str | None) -> float | None:
+    """A positive number of seconds, or None (unset or not a positive number: the default applies)."""
+    try:
+        value = float(text or "")
+    except ValueError:
+        return None
+    return value if 0 < value < float("inf") else None
 
 
 def cache_base(env: Mapping[str, str] | None = None) -> str:

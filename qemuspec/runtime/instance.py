@@ -165,7 +165,10 @@ class Instance:
             if memory_fd is not None:
                 os.close(memory_fd)  # qemu has its own copy, under the same number
         try:
-            self.qmp = QMPClient.connect(qmp_sock, timeout=GREETING_TIMEOUT, event_log=base.events_log)
+            from qemuspec.settings import Settings
+
+            greeting = Settings.from_env().greeting_timeout or GREETING_TIMEOUT
+            self.qmp = QMPClient.connect(qmp_sock, timeout=greeting, event_log=base.events_log)
             if memory_fd is not None:
                 # qemu inherited the saved state's fd: load it from there, with events to wait on
                 self.qmp.command("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})

@@ -66,12 +66,18 @@ def read_supervisor(state_dir: str) -> statedir.SupervisorRecord | None:
     state_dir = os.path.abspath(state_dir)
     run = paths.run_dir(state_dir)
     info = _registered(run)
-    if info is None and _re_registering(state_dir, run):
+    copy = _re_registering(state_dir, run) if info is None else None
+    if copy is not None and copy not in _WAITED:
         deadline = time.monotonic() + 3 * HEARTBEAT
         while info is None and time.monotonic() < deadline:
             time.sleep(HEARTBEAT / 10)  # the supervisor makes a directory we cannot be told about
             info = _registered(run)
+        if info is None:  # that copy named no supervisor: a command looks again, but waits for it once
+            _WAITED.add(copy)
     return info
+
+
+_WAITED: set[tuple[str, int, str | None]] = set()  # (runtime directory, pid, start time) waited for in vain
 
 
 def _registered(run: str) -> statedir.SupervisorRecord | None:
@@ -81,18 +87,19 @@ def _registered(run: str) -> statedir.SupervisorRecord | None:
     return info
 
 
-def _re_registering(state_dir: str, run: str) -> bool:
+def _re_registering(state_dir: str, run: str) -> tuple[str, int, str | None] | None:
     """A supervisor whose runtime registry vanished may still live: its record's copy names a live
-    process of this user with the start time recorded, and the registry has no lock file."""
+    process of this user with the start time recorded, and the registry has no lock file. That copy
+    as (runtime directory, pid, start time), or None."""
     if os.path.exists(os.path.join(run, statedir.LOCK)):
-        return False
+        return None
     copy = statedir.read(state_dir, statedir.SUPERVISOR, statedir.SupervisorRecord)
     if copy is None or not isinstance(copy.pid, int) or copy.pid <= 1 or start_time(copy.pid) != copy.started:
-        return False
+        return None
     try:
-        return os.stat(f"/proc/{copy.pid}").st_uid == os.getuid()
+        return (run, copy.pid, copy.started) if os.stat(f"/proc/{copy.pid}").st_uid == os.getuid() else None
     except OSError:
-        return False
+        return None
 
 
 def hung(state_dir: str, sup: statedir.SupervisorRecord) -> str | None:
