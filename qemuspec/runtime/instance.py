@@ -490,6 +490,12 @@ class _Escalation:
         except (QMPError, QemuspecError):
             return False
 
+    def frozen(self) -> bool:
+        """qemu is stopped (SIGSTOP, a debugger): the kernel's process state says so."""
+        from qemuspec.runtime.process import state
+
+        return self.inst.process is not None and (state(self.inst.process.pid) or "") in ("T", "t")
+
     def acpi_unanswered(self) -> str | None:
         """Why a power-button press cannot be answered, when qemu can tell: the machine has no ACPI,
         or the guest has not taken ACPI over yet (SCI_EN, bit 0 of PM1 control, is set by the OS; an
