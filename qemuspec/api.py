@@ -14,18 +14,23 @@ holds; :func:`load` turns a definition file into machines that start the same wa
 from __future__ import annotations
 
 import asyncio
+import builtins
 import os
 import shutil
 import tempfile
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, TypeVar
 
-from qemuspec.errors import QemuspecError, SpecError
+from qemuspec.errors import QemuspecError, QMPTimeout, SpecError
 
 if TYPE_CHECKING:
+    from qemuspec.backends.base import Backend, Monitor
+    from qemuspec.qmp.sync import QMPClient
+    from qemuspec.runtime.instance import Instance
     from qemuspec.settings import Settings
-    from qemuspec.spec.models import Machine
+    from qemuspec.spec.models import File, Machine
 
-Callback = Callable[[dict], Any]
+Callback = Callable[[dict], object]
+T = TypeVar("T")
 
 
 class Qemu:
@@ -47,9 +52,9 @@ class Qemu:
         self.accel = accel
         self._count = 0
 
-    def vm(self, name: str | None = None, **fields: Any) -> "VM":
+    def vm(self, name: str | None = None, **fields: object) -> "VM":
         self._count += 1
-        defaults: dict[str, Any] = {"qemu": self.qemu, "qmp": {"transport": "tcp" if self.tcp else "unix", "port": self.port}}
+        defaults: dict[str, object] = {"qemu": self.qemu, "qmp": {"transport": "tcp" if self.tcp else "unix", "port": self.port}}
         if self.accel is not None:
             defaults["accel"] = self.accel
         name = name or f"vm{self._count}"
@@ -66,9 +71,9 @@ class VM:
 
         self.name = name
         self.settings = settings or current()
-        self._fields: dict[str, Any] = {}
+        self._fields: dict[str, object] = {}
         self._model: Machine | None = None
-        self._instance: Any = None  # the runtime Instance once started
+        self._instance: Instance | None = None  # the runtime Instance once started
         from qemuspec.spec.models import Machine
 
         if isinstance(fields, Machine):
@@ -79,6 +84,7 @@ class VM:
         self._state_dir = state_dir
         self._own_state_dir = False
         self._listeners: list[tuple[str, Callback]] = []
+        self._async_turn: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
 
     # -- building ---------------------------------------------------------------------------------
 
@@ -101,7 +107,7 @@ class VM:
 
             raise SpecError(explain(exc, fields, f"machine {self.name}", {}, root=Machine)) from None
 
-    def _set(self, **fields: Any) -> "VM":
+    def _set(self, **fields: builtins.object) -> "VM":
         """Each value is checked as it is set; rules between fields (ready.agent needs agent) wait for
         ``model``, so setters can come in any order."""
         if self._instance is not None and self._instance.running():
@@ -112,8 +118,12 @@ class VM:
         self._model = None
         return self
 
-    def _add(self, key: str, item: Any) -> "VM":
-        return self._set(**{key: [*self._fields.get(key, []), item]})
+    def _list(self, key: str) -> list[builtins.object]:
+        value = self._fields.get(key)
+        return list(value) if isinstance(value, list) else []
+
+    def _add(self, key: str, item: builtins.object) -> "VM":
+        return self._set(**{key: [*self._list(key), item]})
 
     def hda(self, file: str, format: str | None = None) -> "VM":
         """The first IDE disk, as qemu's -hda."""
@@ -124,7 +134,7 @@ class VM:
 
     def drive(self, file: str, format: str | None = None, interface: str = "virtio", size: str | int | None = None,
               backing: str | None = None, readonly: bool = False, image: dict[str, str] | None = None,
-              **options: Any) -> "VM":
+              **options: builtins.object) -> "VM":
         """A disk; ``image={"url": ..., "digest": "sha256:..."}`` makes ``file`` an overlay on that base
         image, fetched into the user's image cache on start."""
         disk = {"file": file, "interface": interface, "readonly": readonly, "options": options}
@@ -147,7 +157,7 @@ class VM:
 
     def append(self, *switches: str) -> "VM":
         """Raw qemu switches, passed through verbatim (``append("-rtc", "base=utc")``)."""
-        return self._set(append=[*self._fields.get("append", []), *switches])
+        return self._set(append=[*self._list("append"), *switches])
 
     def memory(self, size: str | int) -> "VM":
         return self._set(memory=size)
@@ -155,10 +165,10 @@ class VM:
     def cpus(self, count: int) -> "VM":
         return self._set(cpus=count)
 
-    def cpu(self, model: str, **options: Any) -> "VM":
+    def cpu(self, model: str, **options: builtins.object) -> "VM":
         return self._set(cpu=model, cpu_options=options)
 
-    def machine(self, type: str, **options: Any) -> "VM":
+    def machine(self, type: str, **options: builtins.object) -> "VM":
         return self._set(machine=type, machine_options=options)
 
     def accel(self, accel: str | list[str]) -> "VM":
@@ -170,12 +180,12 @@ class VM:
     def boot(self, order: str) -> "VM":
         return self._set(boot_order=order)
 
-    def nic(self, type: str = "user", model: str = "virtio-net-pci", **fields: Any) -> "VM":
+    def nic(self, type: str = "user", model: str = "virtio-net-pci", **fields: builtins.object) -> "VM":
         return self._add("nics", {"type": type, "model": model, **fields})
 
     def forward(self, host: int, guest: int, protocol: str = "tcp") -> "VM":
         """Forward a host port (0: a free one) to a guest port, on the first user-mode NIC (made if none)."""
-        nics = [dict(n) for n in self._fields.get("nics", [])]
+        nics = [dict(n) for n in self._list("nics") if isinstance(n, dict)]
         user = next((n for n in nics if n.get("type", "user") == "user"), None)
         if user is None:
             user = {"type": "user"}
@@ -189,7 +199,7 @@ class VM:
     def serial(self, mode: str) -> "VM":
         return self._set(serial=mode)
 
-    def display(self, type: str = "none", **fields: Any) -> "VM":
+    def display(self, type: str = "none", **fields: builtins.object) -> "VM":
         return self._set(display={"type": type, **fields})
 
     def ready(self, serial: str | None = None, tcp: int | None = None, agent: bool = False, ssh: bool = False, timeout: float | str = 60) -> "VM":
@@ -201,10 +211,10 @@ class VM:
     def rng(self, on: bool = True) -> "VM":
         return self._set(rng=on)
 
-    def device(self, driver: str, id: str | None = None, **options: Any) -> "VM":
+    def device(self, driver: str, id: str | None = None, **options: builtins.object) -> "VM":
         return self._add("devices", {"driver": driver, "id": id, "options": options})
 
-    def object(self, type: str, id: str, **options: Any) -> "VM":
+    def object(self, type: str, id: str, **options: builtins.object) -> "VM":
         return self._add("objects", {"type": type, "id": id, "options": options})
 
     def paused(self, on: bool = True) -> "VM":
@@ -219,7 +229,7 @@ class VM:
     def qmp_over(self, transport: str, port: int = 4444) -> "VM":
         return self._set(qmp={"transport": transport, "port": port})
 
-    def set(self, **fields: Any) -> "VM":
+    def set(self, **fields: builtins.object) -> "VM":
         """Any field of the model by its definition-file name (``vm.set(stop_timeout="5s")``)."""
         return self._set(**fields)
 
@@ -267,7 +277,7 @@ class VM:
             self._instance.on(event, callback)
         return self
 
-    def start(self, callback: Callable[["VM"], Any] | None = None, ready: bool = True) -> "VM":
+    def start(self, callback: Callable[["VM"], builtins.object] | None = None, ready: bool = True) -> "VM":
         """Launch; return once QMP answers and, when the machine has readiness probes, they pass."""
         from qemuspec.runtime.instance import Instance
 
@@ -287,17 +297,25 @@ class VM:
         return self
 
     @property
-    def instance(self):
+    def instance(self) -> Instance:
         if self._instance is None or self._instance.process is None:
             raise QemuspecError(f"machine {self.name} has not been started: call start() first")
         return self._instance
 
+    @property
+    def _client(self) -> QMPClient:
+        """The controller's QMP connection of the running machine."""
+        client = self.instance.qmp
+        if client is None:
+            raise QemuspecError(f"machine {self.name} has no QMP connection (it is starting or stopping)")
+        return client
+
     def qmp(self, command: str, arguments: dict | None = None, timeout: float = 30.0, **kwargs: Any) -> Any:
         """Run a QMP command on the running machine; returns its value."""
-        return self.instance.qmp.command(command, arguments, timeout=timeout, **kwargs)
+        return self._client.command(command, arguments, timeout=timeout, **kwargs)
 
     def wait_for(self, event: str, timeout: float) -> dict:
-        return self.instance.qmp.wait_for(event, timeout)
+        return self._client.wait_for(event, timeout)
 
     def wait_console(self, pattern: str, timeout: float) -> str:
         """Wait for a regex on the serial console; returns the matched text."""
@@ -317,7 +335,9 @@ class VM:
 
     @property
     def pid(self) -> int:
-        return self.instance.process.pid
+        process = self.instance.process
+        assert process is not None  # instance says so
+        return process.pid
 
     def running(self) -> bool:
         return self._instance is not None and self._instance.running()
@@ -338,7 +358,7 @@ class VM:
         self.instance.kill()
         self._finish(None)
 
-    def _finish(self, result: Any) -> Any:
+    def _finish(self, result: T) -> T:
         if self._own_state_dir and self._state_dir and not self.running():
             from qemuspec.runtime.statedir import disown
 
@@ -351,7 +371,7 @@ class VM:
     def __enter__(self) -> "VM":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: builtins.object) -> None:
         if self.running():
             self.stop()
 
@@ -361,7 +381,28 @@ class VM:
         return await asyncio.to_thread(self.start, None, ready)
 
     async def qmp_async(self, command: str, arguments: dict | None = None, timeout: float = 30.0) -> Any:
-        return await asyncio.to_thread(self.qmp, command, arguments, timeout)
+        """A QMP command from asyncio without a thread: the asyncio client (qmp/aio.py) on the machine's
+        tools monitor, connected for this one command. The controller's monitor belongs to the blocking
+        client, and a monitor serves one client at a time (qemu drops a second one), so this machine's
+        calls take turns on a lock and ``timeout`` covers the wait; cancelling one cancels a wait, never
+        a command left running in a thread."""
+        from qemuspec.qmp.aio import AsyncQMPClient
+
+        address = f"unix:{self.instance.layout.qmp_client}"
+        try:
+            async with asyncio.timeout(timeout), self._turn():
+                async with await AsyncQMPClient.connect(address, timeout=timeout) as client:
+                    return await client.command(command, arguments, timeout=timeout)
+        except TimeoutError:
+            raise QMPTimeout(f"QMP {command}: no reply within {timeout:g} s (another client holds the machine's "
+                             "tools monitor, or qemu does not answer)") from None
+
+    def _turn(self) -> asyncio.Lock:
+        """The tools monitor's lock for the running event loop (an asyncio lock belongs to one loop)."""
+        loop = asyncio.get_running_loop()
+        if self._async_turn is None or self._async_turn[0] is not loop:
+            self._async_turn = (loop, asyncio.Lock())
+        return self._async_turn[1]
 
     async def stop_async(self, timeout: float | None = None):
         return await asyncio.to_thread(self.stop, timeout)
@@ -373,7 +414,7 @@ class VM:
         """QMP events as an async iterator; ends when the machine's QMP connection closes."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        client = self.instance.qmp
+        client = self._client
         off = client.on("*", lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
         off_close = client.on_close(lambda: loop.call_soon_threadsafe(queue.put_nowait, None))
         try:
@@ -441,10 +482,10 @@ def recorded_definition(state_dir: str) -> dict | None:
     return found if isinstance(found, dict) else None
 
 
-def field_changes(old: Any, new: Any, path: str = "") -> list[tuple[str, Any, Any]]:
+def field_changes(old: object, new: object, path: str = "") -> list[tuple[str, object, object]]:
     """(dotted field, old value, new value) for every leaf that differs between two definitions."""
     if isinstance(old, dict) and isinstance(new, dict):
-        out: list[tuple[str, Any, Any]] = []
+        out: list[tuple[str, object, object]] = []
         for key in list(old) + [k for k in new if k not in old]:
             out += field_changes(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
         return out
@@ -453,7 +494,7 @@ def field_changes(old: Any, new: Any, path: str = "") -> list[tuple[str, Any, An
     return [] if old == new else [(path, old, new)]
 
 
-def show_value(field: str, value: Any) -> str:
+def show_value(field: str, value: object) -> str:
     """A definition value as the user writes it (memory in MiB shows as 256M)."""
     if value is None:
         return "(unset)"
@@ -466,7 +507,7 @@ def show_value(field: str, value: Any) -> str:
     return json.dumps(value)
 
 
-def plan(spec: Any, root: str, names: list[str], owner: str | None = None, backends: Any = None) -> list[dict]:
+def plan(spec: File, root: str, names: list[str], owner: str | None = None, backends: dict[str, Backend] | None = None) -> list[dict]:
     """What `up` would do per machine, with the changed definition fields and the argv (or domain XML)
     diff; ``backends``: each machine's (backends.chosen; by default, where the definition places it)."""
     from qemuspec import reconcile
@@ -486,7 +527,7 @@ def plan(spec: Any, root: str, names: list[str], owner: str | None = None, backe
     return steps
 
 
-def purge(spec: Any, root: str, names: list[str]) -> list[str]:
+def purge(spec: File, root: str, names: list[str]) -> list[str]:
     """Delete what qemuspec made for stopped machines: disks it recorded creating (never a user's own
     image, nor one that existed before), and their state directories (never through a symlink); the
     state root too once empty. Returns the paths removed (runtime/purge.py)."""
@@ -498,7 +539,7 @@ def purge(spec: Any, root: str, names: list[str]) -> list[str]:
     return removed
 
 
-def snapshot(client: Any, action: str, tag: str | None = None) -> list[str]:
+def snapshot(client: QMPClient | Monitor, action: str, tag: str | None = None) -> list[str]:
     """VM snapshots (disks and memory, in the machine's qcow2 images) through a QMP client: save,
     load, delete a tag, or list the tags. QMP has no snapshot listing in 7.2, so this parses the
     monitor's `info snapshots` table; errors come back as monitor text and are raised."""
@@ -507,7 +548,7 @@ def snapshot(client: Any, action: str, tag: str | None = None) -> list[str]:
     if action != "list" and not tag:
         raise QemuspecError(f"snapshot {action} needs a tag")
     command = {"save": f"savevm {tag}", "load": f"loadvm {tag}", "delete": f"delvm {tag}", "list": "info snapshots"}[action]
-    out = client.command("human-monitor-command", {"command-line": command}, timeout=600)
+    out = str(client.command("human-monitor-command", {"command-line": command}, timeout=600) or "")  # HMP: text
     if action != "list":
         if out.strip():
             raise QemuspecError(f"snapshot {action} {tag}: {out.strip()}")
@@ -520,7 +561,7 @@ def snapshot(client: Any, action: str, tag: str | None = None) -> list[str]:
     return tags
 
 
-def resolved(spec: Any, names: list[str] | None = None) -> dict:
+def resolved(spec: File, names: list[str] | None = None) -> dict:
     """The definition after templates and defaults: what `up` would start."""
     data = spec.model_dump(mode="json")
     if names:
@@ -551,7 +592,7 @@ def throwaway(machine: Machine, workdir: str) -> Machine:
     return machine.model_copy(update={"disks": disks, "restart": "no"})
 
 
-def machine_info(spec: Any, root: str, name: str, events: int = 20) -> dict:
+def machine_info(spec: File, root: str, name: str, events: int = 20) -> dict:
     """Everything known about one machine: definition, argv, state, ports, disks, accel, QMP address,
     last events."""
     import json
@@ -561,7 +602,7 @@ def machine_info(spec: Any, root: str, name: str, events: int = 20) -> dict:
 
     machine = spec.machines[name]
     state_dir = os.path.join(root, name)
-    info: dict[str, Any] = dict(machine_status(name, machine, state_dir))
+    info: dict[str, object] = dict(machine_status(name, machine, state_dir))
     inst = Instance.find(name, machine, state_dir)
     if inst is not None:
         info["argv"] = inst.argv
@@ -593,8 +634,8 @@ def machine_info(spec: Any, root: str, name: str, events: int = 20) -> dict:
 
 
 def run_in_guest(machine: Machine, name: str, argv: list[str], workdir: str, *,
-                 on_output: Callable[[str, bytes], Any], via: str = "auto", ready_timeout: float | None = None,
-                 report: Callable[[str], Any] = lambda message: None, stdin: bytes | None = None) -> int:
+                 on_output: Callable[[str, bytes], object], via: str = "auto", ready_timeout: float | None = None,
+                 report: Callable[[str], object] = lambda message: None, stdin: bytes | None = None) -> int:
     """Boot ``machine`` on throwaway disks in ``workdir``, run ``argv`` in the guest, stream its output
     to ``on_output("stdout"|"stderr", data)``, stop qemu; return the command's exit code (128+N for a
     signal). The caller removes ``workdir``; qemu is stopped however this returns or raises."""
@@ -634,7 +675,7 @@ def run_in_guest(machine: Machine, name: str, argv: list[str], workdir: str, *,
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
-def _run_agent(instance: Any, argv: list[str], on_output: Callable[[str, bytes], Any], stdin: bytes | None) -> int:
+def _run_agent(instance: Instance, argv: list[str], on_output: Callable[[str, bytes], object], stdin: bytes | None) -> int:
     """Through the guest agent, streamed: the command writes to two files in the guest that are read
     as they grow (guest-exec alone returns output only once the command has exited)."""
     import time
@@ -678,7 +719,7 @@ def _run_agent(instance: Any, argv: list[str], on_output: Callable[[str, bytes],
             delay = min(delay * 2, 0.2)
 
 
-def _run_ssh(instance: Any, argv: list[str], on_output: Callable[[str, bytes], Any], stdin: bytes | None) -> int:
+def _run_ssh(instance: Instance, argv: list[str], on_output: Callable[[str, bytes], object], stdin: bytes | None) -> int:
     import selectors
     import subprocess
 

@@ -127,6 +127,9 @@ def domain_xml(machine: Machine, name: str, state_dir: str = "/var/lib/qemuspec"
     _sub(devices, "emulator", machine.qemu if machine.qemu.startswith("/") else f"/usr/bin/{machine.qemu}")
     counters = {"vd": 0, "sd": 0}
     for index, disk in enumerate(machine.disks):
+        if disk.image is not None:  # the base lives in this host's image cache, the overlay is made by `up` here
+            _refuse(name, f"disks.{index}.image", "a base image by URL is pulled into this host's image cache; for a libvirt "
+                    "host, `qemuspec img pull` it and give the cached file as backing")
         if disk.interface in ("none", "nvme"):  # libvirt 9 has no nvme disk bus: qemu's own options carry it
             drive = [("if", "none"), ("id", disk.id or f"{OWN_ID_PREFIX}disk{index}"), ("file", at(disk.file))] + ([("format", disk.format)] if disk.format else [])
             passthrough += ["-drive", optlist(None, drive + ([("readonly", True)] if disk.readonly else []), disk.options)]

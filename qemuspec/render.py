@@ -150,7 +150,7 @@ def _wants_pvpanic(machine: Machine) -> bool:
 
 def _without(argv: list[str], overrides: list[str]) -> list[str]:
     """The rendered argv less the switches the definition overrides on purpose (its append has them)."""
-    from qemuspec.spec.importer import parse_argv
+    from qemuspec.spec.qemuopts import parse_argv
     from qemuspec.spec.passthrough import switch
 
     dropped = {switch(name) for name in overrides}

@@ -31,6 +31,8 @@ VARIABLES = {
                                  "(as --allow-host-paths)",
     "QEMUSPEC_DEBUG": "print tracebacks instead of one-paragraph errors",
     "QEMUSPEC_CACHE": "0: always validate definitions afresh (default: validated definitions are cached by content)",
+    "QEMUSPEC_GREETING_TIMEOUT": "seconds a starting qemu has to answer on QMP before it counts as hung (up, run: 15; "
+                                 "validate --probe: 10)",
     "QEMUSPEC_TEST_HOLD_SAVE": "fault tests: a supervisor stops (SIGSTOP) at this warm-save point (snapshot, migrating)",
     "QEMUSPEC_OFFLINE": "1: never download a base image; one missing from the cache is an error (as --offline)",
     "XDG_CACHE_HOME": "the user's cache: base images, validated definitions and qemu capabilities under qemuspec/",
@@ -63,6 +65,7 @@ class Settings:
     cache_dir: str = ""                 # qemuspec's directory in the user's cache (capabilities, definitions)
     offline: bool = False  # QEMUSPEC_OFFLINE: a base image missing from the cache is an error, never a download
     proxies: dict[str, str] = field(default_factory=dict)  # http/https/no -> value of the *_proxy variables
+    greeting_timeout: float | None = None  # QEMUSPEC_GREETING_TIMEOUT; None: each caller's default
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -83,6 +86,7 @@ class Settings:
             test_hold_save=env.get("QEMUSPEC_TEST_HOLD_SAVE") or None,
             offline=env.get("QEMUSPEC_OFFLINE", "") not in ("", "0"),
             proxies=_proxies(env),
+            greeting_timeout=_seconds(env.get("QEMUSPEC_GREETING_TIMEOUT")),
             variables={k[len(VAR_PREFIX):]: v for k, v in env.items() if k.startswith(VAR_PREFIX)},
             home=env.get("HOME") or os.path.expanduser("~"),
             state_home=env.get("XDG_STATE_HOME") or None,
@@ -130,6 +134,15 @@ def _proxies(env: Mapping[str, str]) -> dict[str, str]:
         if value:
             out[scheme] = value
     return out
+
+
+def _seconds(text: str | None) -> float | None:
+    """A positive number of seconds, or None (unset or not a positive number: the default applies)."""
+    try:
+        value = float(text or "")
+    except ValueError:
+        return None
+    return value if 0 < value < float("inf") else None
 
 
 def cache_base(env: Mapping[str, str]) -> str:

@@ -9,7 +9,7 @@ OPTION_SWITCHES = {"-drive", "-device", "-netdev", "-chardev", "-fsdev", "-objec
 
 def qemu_options(text: str) -> tuple[str | None, list[tuple[str, str]]]:
     """(implied head, [(key, value)]) for an option list, parsed the way qemu parses it."""
-    from qemuspec.spec.importer import split_opts
+    from qemuspec.spec.qemuopts import split_opts
 
     return split_opts(text, implied="")
 

@@ -52,7 +52,7 @@ def as_json_lines(*args, code=0, **kw):
 
 def test_every_command_prints_json(box, tmp_path):
     """Each command of the parser, with --json: one JSON document (or JSON lines for streams)."""
-    from qemuspec.cli.main import COMMANDS
+    from qemuspec.cli.commands import COMMANDS
 
     seen = set()
 

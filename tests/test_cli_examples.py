@@ -27,7 +27,7 @@ def readme_examples() -> list[str]:
 
 
 def help_examples() -> list[str]:
-    from qemuspec.cli.main import COMMANDS
+    from qemuspec.cli.commands import COMMANDS
 
     out = []
     for command in ["", *COMMANDS]:

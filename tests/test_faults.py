@@ -34,8 +34,9 @@ stop_timeout = "5s"
 """
 
 
-def cli(*args, check=True):
-    result = subprocess.run([sys.executable, "-m", "qemuspec.cli.main", *args], capture_output=True, text=True, timeout=300)
+def cli(*args, check=True, env=None):
+    result = subprocess.run([sys.executable, "-m", "qemuspec.cli.main", *args], capture_output=True, text=True, timeout=300,
+                            env=None if env is None else {**os.environ, **env})
     if check and result.returncode != 0:
         raise AssertionError(f"qemuspec {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
@@ -247,15 +248,18 @@ def test_a_qemu_that_forks_and_hangs_is_killed_with_its_children(lab, tmp_path):
     wrapper.write_text(WRAPPER.format(marker=marker))
     wrapper.chmod(0o755)
     path = lab(extra=f'qemu = "{wrapper}"')
+    # a short greeting timeout (not the 10 s of the probe and 15 s of up): what is asserted is the same
+    short = {"QEMUSPEC_GREETING_TIMEOUT": "2"}
     began = time.monotonic()
-    probe = cli("validate", "--probe", "--allow-local-qemu", path, check=False)
+    probe = cli("validate", "--probe", "--allow-local-qemu", path, check=False, env=short)
     probe_seconds = time.monotonic() - began
     assert probe.returncode != 0 and "Traceback" not in probe.stderr
     assert _marked(marker) == [], "the probe left nothing behind"
     began = time.monotonic()
-    result = cli("up", "--no-probe", "--allow-local-qemu", path, check=False)
+    result = cli("up", "--no-probe", "--allow-local-qemu", path, check=False, env=short)
     up_seconds = time.monotonic() - began
     timing("qemu forks and hangs", probe=probe_seconds, up=up_seconds)
+    assert probe_seconds < 10 and up_seconds < 15, "QEMUSPEC_GREETING_TIMEOUT shortens the probe's 10 s and up's 15 s"
     assert result.returncode == 1 and "did not answer on QMP" in result.stderr
     assert _marked(marker) == [], "the wrapper's child is gone too"
 

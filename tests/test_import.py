@@ -20,7 +20,8 @@ from qemuspec.errors import QemuspecError
 from qemuspec.runtime import judge
 from qemuspec.runtime.cloudinit import build_iso
 from qemuspec.spec import loads
-from qemuspec.spec.importer import import_argv, split_command
+from qemuspec.spec.importer import import_argv
+from qemuspec.spec.qemuopts import split_command
 from test_cli import cli
 
 CORPUS = os.path.join(os.path.dirname(__file__), "data", "import_corpus.txt")

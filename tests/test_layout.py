@@ -57,8 +57,8 @@ def _state_names() -> set[str]:
     return {n for n in names if "." in n or n.endswith("-")} | {statedir.SSH_KEY}
 
 
-# statedir, and privdir below it: the atomic write's temporary names (``.NAME.RANDOM.tmp``) are its own
-OWNERS = ("qemuspec/runtime/statedir.py", "qemuspec/privdir.py")
+# filenames (the names; statedir re-exports them), statedir, and privdir below it: the atomic write's temporary names (``.NAME.RANDOM.tmp``) are its own
+OWNERS = ("qemuspec/runtime/filenames.py", "qemuspec/runtime/statedir.py", "qemuspec/privdir.py")
 # the same spelling for a file that is no state or runtime file: the image cache's per-digest locks
 # live in the user's cache (imagecache.py owns that directory)
 ELSEWHERE = {("qemuspec/imagecache.py", ".lock")}

@@ -55,7 +55,7 @@ NESTED = {
 PARTS = {
     "Disk": {"file": "source/upload", "format": "driver type", "size": "volume", "backing": "volume backingStore",
              "backing_format": "volume backingStore", "interface": "target bus / commandline", "readonly": "readonly",
-             "serial": "serial", "options": "NESTED", "device_options": "NESTED", "id": "NESTED"},
+             "serial": "serial", "options": "NESTED", "device_options": "NESTED", "id": "NESTED", "image": "refused"},
     "NIC": {"type": "interface type / commandline", "network": "refused", "address": "cloud-init seed", "model": "model",
             "mac": "NESTED", "forwards": "commandline", "listen": "commandline", "connect": "commandline", "mcast": "commandline",
             "ifname": "commandline", "bridge": "source bridge", "options": "NESTED", "device_options": "NESTED",

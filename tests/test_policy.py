@@ -76,6 +76,15 @@ def test_escalation_steps(kwargs, step, sent):
     assert clock.now <= worst_case(30.0)
 
 
+def test_a_stopped_process_gets_sigkill_at_once():
+    """SIGSTOPped: no QMP answers and SIGTERM stays pending, so waiting out each step gains nothing."""
+    clock = Clock()
+    qemu = FakeQemu(clock, exits_on=None, answers=False, ignores_term=True)
+    qemu.frozen = lambda: True
+    assert escalate(qemu, acpi_timeout=30.0) == "SIGKILL"
+    assert qemu.sent == ["SIGKILL"] and qemu.dead and clock.now < 1
+
+
 def test_no_acpi_when_quitting_at_once():
     qemu = FakeQemu(Clock(), exits_on="quit")
     assert escalate(qemu, acpi_timeout=None) == "QMP quit"

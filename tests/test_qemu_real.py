@@ -173,3 +173,34 @@ def test_auto_accelerator_starts_whatever_kvm_does_here(qemu_bin, state_dir):
             assert inst.layout.accel == ("tcg",)
     finally:
         inst.quit()
+
+
+def test_qmp_async_is_an_asyncio_client_on_the_tools_monitor(qemu_bin, state_dir):
+    """The library's qmp_async runs through qmp/aio.py on the tools monitor, not in a thread over the
+    controller's client: while another client holds that monitor it waits (and times out), and calls
+    made together queue there and all get their replies."""
+    import asyncio
+
+    from qemuspec.api import VM
+    from qemuspec.errors import QMPTimeout
+
+    vm = VM("box", {"machine": "q35", "memory": "64M", "paused": True}, state_dir=state_dir)
+    vm.start()
+    try:
+        holder = QMPClient.connect(f"unix:{vm.instance.layout.qmp_client}", timeout=10)
+        try:
+            with pytest.raises(QMPTimeout):
+                asyncio.run(vm.qmp_async("query-status", timeout=1))
+            assert vm.qmp("query-status")["status"] == "prelaunch", "the controller's monitor stays free"
+        finally:
+            holder.close()
+
+        async def together():
+            return await asyncio.gather(*(vm.qmp_async("query-status", timeout=20) for _ in range(4)),
+                                        vm.qmp_async("query-name", timeout=20))
+
+        *states, name = asyncio.run(together())
+        assert [s["status"] for s in states] == ["prelaunch"] * 4 and name == {"name": "box"}
+    finally:
+        vm.quit()
+    assert not vm.running()

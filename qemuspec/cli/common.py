@@ -8,7 +8,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol, Sequence, TextIO
 
 from qemuspec.errors import QemuspecError, UsageError
 from qemuspec.settings import Settings, current
@@ -63,7 +63,7 @@ def printable(text: str) -> str:
     return re.sub(_CONTROLS, lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
-def escaping(stream: Any, raw: bool = False) -> bool:
+def escaping(stream: TextIO, raw: bool = False) -> bool:
     """Whether guest text bound for ``stream`` is escaped: on a terminal, unless --raw."""
     try:
         return not raw and stream.isatty()
@@ -82,7 +82,7 @@ class Output:
     live: bool = False
     raw: bool = False
 
-    def guest(self, text: str, stream: Any = None) -> str:
+    def guest(self, text: str, stream: TextIO | None = None) -> str:
         """``text`` that came from a guest, ready for ``stream`` (stdout by default)."""
         return printable(text) if escaping(stream or sys.stdout, self.raw) else text
 
@@ -96,7 +96,7 @@ class Output:
         if not self.quiet:
             print(text, file=sys.stderr, flush=True)
 
-    def data(self, value: Any) -> None:
+    def data(self, value: object) -> None:
         emit_json(value)
 
     def states(self, results: list[dict]) -> None:
@@ -107,7 +107,7 @@ class Output:
             for r in results:
                 self.say(f"{r['name']}: {r['state']}")
 
-    def line(self, value: Any) -> None:
+    def line(self, value: object) -> None:
         """One JSON line of a stream (logs, events)."""
         sys.stdout.write(json.dumps(value, default=str) + "\n")
         sys.stdout.flush()
@@ -206,11 +206,11 @@ class Context:
     target: Target
     settings: Settings
     tail: list[str] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, object] = field(default_factory=dict)  # the namespace, backends chosen once
 
     @classmethod
     def from_args(cls, args: "argparse.Namespace", tail: list[str] | None, settings: Settings) -> "Context":
-        from qemuspec.cli.main import FILE_COMMANDS
+        from qemuspec.cli.commands import FILE_COMMANDS
 
         terminal = sys.stderr.isatty() and settings.term != "dumb" and not settings.ci
         out = Output(json=getattr(args, "json", False), quiet=getattr(args, "quiet", False),
@@ -222,7 +222,7 @@ class Context:
         return cls(out, target, settings, tail, {"namespace": args})
 
 
-def check_against_qemu(spec: Any, lines: dict, source: str, names: list[str]) -> None:
+def check_against_qemu(spec: File, lines: dict, source: str, names: list[str]) -> None:
     """Ask each machine's qemu binary (cached) whether it supports what the machine uses."""
     from qemuspec.errors import SpecError
     from qemuspec.runtime import capabilities
@@ -237,7 +237,7 @@ def check_against_qemu(spec: Any, lines: dict, source: str, names: list[str]) ->
         raise SpecError(located(source, lines, problems))
 
 
-def preflight(spec: Any, lines: dict, source: str, names: list[str], allow_local_qemu: bool = False,
+def preflight(spec: File, lines: dict, source: str, names: list[str], allow_local_qemu: bool = False,
               settings: Settings | None = None, allow_host_paths: bool = False, out: Output | None = None) -> None:
     """What starting these machines here would fail on (validate, run; `up` asks each machine's backend:
     reconcile.preflight): exit 2 with file:line. With ``out``, first lists the host paths outside the
@@ -256,7 +256,7 @@ def preflight(spec: Any, lines: dict, source: str, names: list[str], allow_local
         raise SpecError(located(source, lines, problems))
 
 
-def list_host_paths(out: Output, spec: Any, source: str, names: list[str]) -> None:
+def list_host_paths(out: Output, spec: File, source: str, names: list[str]) -> None:
     """On stderr: every host path outside the definition's tree each machine's VM can read or write
     (validate, render, up), so a file from someone else shows what it reaches before it runs."""
     from qemuspec.spec.preflight import host_paths, project_root
@@ -272,7 +272,7 @@ def list_host_paths(out: Output, spec: Any, source: str, names: list[str]) -> No
                 out.note(f"  {field:<28} {p.path} ({p.access}, {p.kind}{flag})")
 
 
-def select(spec: Any, names: list[str] | str | None, source: str) -> list[str]:
+def select(spec: File, names: list[str] | str | None, source: str) -> list[str]:
     """Machine names to act on, in dependency order; unknown names are usage errors with a suggestion."""
     from qemuspec.spec.order import order_machines
 
@@ -288,7 +288,7 @@ def select(spec: Any, names: list[str] | str | None, source: str) -> list[str]:
     return [n for n in ordered if not wanted or n in wanted]
 
 
-def emit_json(value: Any) -> None:
+def emit_json(value: object) -> None:
     json.dump(value, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")
     sys.stdout.flush()
@@ -300,9 +300,9 @@ _FIELD = r"^(?P<field>(?:machines|networks|vars)(?:[.\[][^\s:]*)?): (?P<rest>.*)
 _COLUMN = r"\(column (\d+)\)|column (\d+)"
 
 
-def problem_object(text: str, source: str | None = None) -> dict[str, Any]:
+def problem_object(text: str, source: str | None = None) -> dict[str, str | int | None]:
     """A problem paragraph ("FILE:LINE: FIELD: what: fix") as {file, line, column, field, message, fix}."""
-    obj: dict[str, Any] = {"file": None, "line": None, "column": None, "field": None, "message": text, "fix": None}
+    obj: dict[str, str | int | None] = {"file": None, "line": None, "column": None, "field": None, "message": text, "fix": None}
     rest = text
     if source and text.startswith(source + ":"):
         obj["file"] = source
@@ -332,10 +332,16 @@ def problem_object(text: str, source: str | None = None) -> dict[str, Any]:
     return obj
 
 
+class Outcome(Protocol):
+    """What the exit code rule reads of an outcome (reconcile's, or the libvirt path's)."""
+
+    action: str
+
+
 REFUSED = ("failed", "belongs to another file")  # machine outcomes that are a runtime failure (exit 1)
 
 
-def outcomes_exit_code(outcomes: list[Any]) -> int:
+def outcomes_exit_code(outcomes: Sequence[Outcome]) -> int:
     """The one rule for up, down and restart (local or libvirt): 1 when any machine failed or was
     refused (another file's machine: a runtime conflict, not bad usage), else 0."""
     return 1 if any(o.action in REFUSED for o in outcomes) else 0

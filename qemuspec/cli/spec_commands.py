@@ -211,7 +211,8 @@ def import_(ctx: Context, *, source: str | None, name: str | None, output: str |
             from_libvirt: str | None = None) -> int:
     import tomli_w
 
-    from qemuspec.spec.importer import import_argv, split_command
+    from qemuspec.spec.importer import import_argv
+    from qemuspec.spec.qemuopts import split_command
 
     argv: list[str] | None
     if from_libvirt:

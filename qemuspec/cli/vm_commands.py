@@ -7,10 +7,10 @@ import json
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from qemuspec.cli.common import REFUSED, Context, Output, Target, emit_json, outcomes_exit_code
-from qemuspec.cli.main import PENDING
+from qemuspec.cli.commands import PENDING
 from qemuspec.errors import QemuspecError, UsageError
 from qemuspec.runtime import statedir
 
@@ -34,7 +34,7 @@ def backends(ctx: Context) -> dict[str, "Backend"]:
         target = ctx.target
         connect = getattr(ctx.extra.get("namespace"), "connect", None) or ctx.settings.connect
         ctx.extra["backends"] = chosen(target.spec, target.root, target.path, connect, _owner(target))
-    return ctx.extra["backends"]
+    return cast("dict[str, Backend]", ctx.extra["backends"])
 
 
 def refuse(ctx: Context, names: list[str], command: str) -> None:

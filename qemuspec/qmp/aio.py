@@ -20,7 +20,7 @@ class AsyncQMPClient:
         self._writer = writer
         self._protocol = Protocol()
         self._pending: dict[str, asyncio.Future] = {}
-        self._listeners: list[tuple[str, Callable[[dict], Any]]] = []
+        self._listeners: list[tuple[str, Callable[[dict], object]]] = []
         self._events: collections.deque[dict] = collections.deque(maxlen=history)
         self._event_count = 0
         self._changed = asyncio.Condition()
@@ -109,7 +109,7 @@ class AsyncQMPClient:
             self._pending.pop(msg_id, None)
         return Protocol.result(name, message)
 
-    def on(self, name: str, callback: Callable[[dict], Any]) -> Callable[[], None]:
+    def on(self, name: str, callback: Callable[[dict], object]) -> Callable[[], None]:
         """Call ``callback(event)`` (a function or a coroutine function) for each ``name`` event."""
         entry = (name, callback)
         self._listeners.append(entry)

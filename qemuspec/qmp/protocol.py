@@ -46,7 +46,7 @@ class Protocol:
 
     def request(self, command: str, arguments: dict | None = None, oob: bool = False) -> tuple[str, bytes]:
         msg_id = f"q{next(self._ids)}"
-        message: dict[str, Any] = {("exec-oob" if oob else "execute"): command, "id": msg_id}
+        message: dict[str, object] = {("exec-oob" if oob else "execute"): command, "id": msg_id}
         if arguments:
             message["arguments"] = arguments
         return msg_id, json.dumps(message, separators=(",", ":")).encode() + b"\n"
@@ -90,7 +90,7 @@ class Protocol:
     @staticmethod
     def command_text(command: str, arguments: dict | None = None) -> str:
         """One command as JSON text, without an id (for peers that pair replies themselves: libvirt)."""
-        message: dict[str, Any] = {"execute": command}
+        message: dict[str, object] = {"execute": command}
         if arguments:
             message["arguments"] = arguments
         return json.dumps(message)
@@ -116,7 +116,7 @@ def decode(line: bytes, source: str = "peer") -> dict:
     return message
 
 
-def _show(value: Any) -> str:
+def _show(value: object) -> str:
     """A short, printable account of a value a peer sent."""
     text = repr(value)
     return text if len(text) <= 200 else text[:200] + "..."

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 from qemuspec.errors import QMPConnectionError, QMPTimeout
 from qemuspec.qmp.protocol import NEGOTIATE, EventLog, Protocol, event_name_matches, parse_address
 
-Listener = Callable[[dict], Any]
+Listener = Callable[[dict], object]
 
 
 class _Pending:
@@ -48,7 +48,7 @@ class QMPClient:
         self._send_lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._listeners: list[tuple[str, Listener]] = []
-        self._close_callbacks: list[Callable[[], Any]] = []
+        self._close_callbacks: list[Callable[[], object]] = []
         self._events: collections.deque[dict] = collections.deque(maxlen=history)
         self._event_count = 0
         self._log = EventLog(event_log)
@@ -153,7 +153,7 @@ class QMPClient:
 
         return off
 
-    def on_close(self, callback: Callable[[], Any]) -> Callable[[], None]:
+    def on_close(self, callback: Callable[[], object]) -> Callable[[], None]:
         """Call ``callback()`` once when the connection ends (EOF, error, or close())."""
         with self._lock:
             if self._closed is None or self._reader.is_alive():

@@ -132,7 +132,7 @@ class GuestAgent:
 
     def spawn(self, argv: list[str], stdin: bytes | None = None) -> int:
         """Start a command in the guest (output captured); its pid for :meth:`poll`."""
-        args: dict[str, Any] = {"path": argv[0], "arg": argv[1:], "capture-output": True}
+        args: dict[str, object] = {"path": argv[0], "arg": argv[1:], "capture-output": True}
         if stdin is not None:
             args["input-data"] = base64.b64encode(stdin).decode()
         return self.field("guest-exec", self.command("guest-exec", args), "pid", int)

@@ -108,7 +108,9 @@ def _ask(binary: str) -> Capabilities:
                             start_new_session=True)
     theirs.close()
     try:
-        client = QMPClient.connect(ours, timeout=PROBE_TIMEOUT)
+        from qemuspec.settings import current
+
+        client = QMPClient.connect(ours, timeout=current().greeting_timeout or PROBE_TIMEOUT)
         try:
             version = (client.greeting or {})["version"]["qemu"]
             types = lambda implements: sorted(t["name"] for t in client.command("qom-list-types", {"implements": implements, "abstract": False}))

@@ -13,7 +13,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from qemuspec.errors import LaunchError, QemuspecError, QMPConnectionError, QMPError, ReadyTimeout, StopRequested
 from qemuspec.qmp.sync import QMPClient
@@ -63,7 +63,7 @@ class Instance:
         self.exec_argv: list[str] = []  # exactly what qemu runs with (its identity in /proc)
         self.write_error: str | None = None  # the copy in the state directory could not be written
         self.stopping: Callable[[], bool] = lambda: False  # the supervisor's "stop requested": ends ready waits
-        self._listeners: list[tuple[str, Callable[[dict], Any]]] = []
+        self._listeners: list[tuple[str, Callable[[dict], object]]] = []
         self._log_offset = 0
 
     @property
@@ -79,7 +79,7 @@ class Instance:
 
     # -- events -----------------------------------------------------------------------------------
 
-    def on(self, event: str, callback: Callable[[dict], Any]) -> None:
+    def on(self, event: str, callback: Callable[[dict], object]) -> None:
         self._listeners.append((event, callback))
         if self.qmp is not None:
             self.qmp.on(event, callback)
@@ -92,7 +92,7 @@ class Instance:
         if self.process is not None and self.process.poll() is None:
             raise LaunchError(f"machine {self.name} is already running (pid {self.process.pid})")
         base = self.planned
-        paths.prepare(base)
+        statedir.prepare(base)
         self.process = None
         self.boot = "warm" if restore else "cold"
         try:
@@ -105,7 +105,7 @@ class Instance:
                 self.kvm_failure = str(exc)
                 self.process = None
                 base = paths.with_accel(base, base.fallback)
-                paths.prepare(base)
+                statedir.prepare(base)
                 self._launch(base)
         except BaseException:
             if self.process is None:  # nothing started: leave no socket behind
@@ -173,7 +173,10 @@ class Instance:
             if memory_fd is not None:
                 os.close(memory_fd)  # qemu has its own copy, under the same number
         try:
-            self.qmp = QMPClient.connect(qmp_sock, timeout=GREETING_TIMEOUT, event_log=base.events_log)
+            from qemuspec.settings import current
+
+            greeting = current().greeting_timeout or GREETING_TIMEOUT
+            self.qmp = QMPClient.connect(qmp_sock, timeout=greeting, event_log=base.events_log)
             if memory_fd is not None:
                 # qemu inherited the saved state's fd: load it from there, with events to wait on
                 self.qmp.command("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
@@ -499,6 +502,12 @@ class _Escalation:
             return command == "quit"  # the reply can lose the race with qemu closing the socket
         except (QMPError, QemuspecError):
             return False
+
+    def frozen(self) -> bool:
+        """qemu is stopped (SIGSTOP, a debugger): the kernel's process state says so."""
+        from qemuspec.runtime.process import state
+
+        return self.inst.process is not None and (state(self.inst.process.pid) or "") in ("T", "t")
 
     def acpi_unanswered(self) -> str | None:
         """Why a power-button press cannot be answered, when qemu can tell: the machine has no ACPI,

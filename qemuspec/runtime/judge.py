@@ -21,13 +21,19 @@ import subprocess
 import tempfile
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
 from qemuspec.errors import LaunchError, QemuspecError
+
+if TYPE_CHECKING:
+    from qemuspec.qmp.sync import QMPClient
+    from qemuspec.spec.models import Machine
 
 # Chardevs qemuspec creates for its own plumbing, and those qemu creates for the options qemuspec
 # manages (-serial, -monitor, -qmp, -nographic) in an original line.
 _OWNED_CHARDEV = re.compile(r"^(qemuspec-.*|serial0|serial0-base|compat_monitor\d+|judge-\d+)$")
+# What qemu built, by section: a repr, a sorted list of descriptions, or a map of name -> description.
+Observation = dict[str, "str | None | list[str] | Mapping[str, object]"]
 _BACKEND_REFS = ("drive", "netdev", "chardev")
 _SKIP_MACHINE_PROPS = {"rtc-time", "type", "unattached", "peripheral", "peripheral-anon", "fw_cfg", "q35", "i440fx"}
 
@@ -101,7 +107,7 @@ def runnable(argv: list[str]) -> list[str]:
     return out + ["-accel", "tcg"] + ([] if headless else ["-display", "none"])
 
 
-def observe(argv: list[str], timeout: float = 30.0) -> dict[str, Any]:
+def observe(argv: list[str], timeout: float = 30.0) -> Observation:
     """Start ``argv`` stopped (-S), read what qemu built, and quit. Raises LaunchError with qemu's
     own message when qemu refuses the line."""
     from qemuspec.qmp.sync import QMPClient
@@ -154,7 +160,7 @@ def observe(argv: list[str], timeout: float = 30.0) -> dict[str, Any]:
             ours.close()
 
 
-def _collect(qmp, label: str) -> dict[str, Any]:
+def _collect(qmp: QMPClient, label: str) -> Observation:
     hmp = lambda line: qmp.command("human-monitor-command", {"command-line": line})
     blocks = qmp.command("query-block")
     backends: dict[str, str] = {}
@@ -317,17 +323,19 @@ _DESCRIBE = {
 }
 
 
-def compare(original: dict[str, Any], rendered: dict[str, Any]) -> Verdict:
+def compare(original: Observation, rendered: Observation) -> Verdict:
     verdict = Verdict()
     for section, words in _DESCRIBE.items():
         a, b = original.get(section), rendered.get(section)
         owned = section in ("owned-chardevs", "name")
         if isinstance(a, dict):
-            for key in sorted(set(a) | set(b or {})):
-                if a.get(key) != (b or {}).get(key):
-                    verdict.differences.append(Difference(section, f"{words} {key}: {_shown(a.get(key))} in the original, {_shown((b or {}).get(key))} rendered", owned))
+            b_map = b if isinstance(b, dict) else {}
+            for key in sorted(set(a) | set(b_map)):
+                if a.get(key) != b_map.get(key):
+                    verdict.differences.append(Difference(section, f"{words} {key}: {_shown(a.get(key))} in the original, {_shown(b_map.get(key))} rendered", owned))
         elif isinstance(a, list):
-            missing, extra = _multiset_minus(a, b or []), _multiset_minus(b or [], a)
+            b_list = b if isinstance(b, list) else []
+            missing, extra = _multiset_minus(a, b_list), _multiset_minus(b_list, a)
             for item in missing:
                 verdict.differences.append(Difference(section, f"{words} only in the original: {item}", owned or _owned_device(item)))
             for item in extra:
@@ -337,7 +345,7 @@ def compare(original: dict[str, Any], rendered: dict[str, Any]) -> Verdict:
     return verdict
 
 
-def _shown(value: Any) -> str:
+def _shown(value: object) -> str:
     return "absent" if value is None else str(value)
 
 
@@ -357,7 +365,7 @@ def _multiset_minus(a: Iterable[str], b: Iterable[str]) -> list[str]:
     return out
 
 
-def check(original: list[str], rendered: list[str], timeout: float = 30.0, before: Callable[[], Callable[[], Any]] | None = None) -> Verdict:
+def check(original: list[str], rendered: list[str], timeout: float = 30.0, before: Callable[[], Callable[[], object]] | None = None) -> Verdict:
     """Start both lines (one after the other: they may bind the same sockets and ports) and compare.
     ``before`` starts what a line needs outside qemu (a swtpm, a virtiofsd) and returns its cleanup;
     it runs before each of the two starts, since such helpers serve one qemu and exit."""
@@ -372,7 +380,7 @@ def check(original: list[str], rendered: list[str], timeout: float = 30.0, befor
     return compare(*seen)
 
 
-def _render_scratch(machine: Any, name: str, scratch: str, index: int) -> list[str]:
+def _render_scratch(machine: Machine, name: str, scratch: str, index: int) -> list[str]:
     """The machine's argv with its own files (sockets, pidfile, UEFI variables) in a scratch directory,
     built by the one Layout constructor on TCG (the judge never runs KVM: it can exist and hang)."""
     from qemuspec.render import OVMF_VARS, render
@@ -390,7 +398,7 @@ def _render_scratch(machine: Any, name: str, scratch: str, index: int) -> list[s
     return render(machine, name, layout)
 
 
-def check_definition(argv: list[str], machine: Any, name: str, timeout: float = 30.0, before: Callable[[], Callable[[], Any]] | None = None) -> Verdict:
+def check_definition(argv: list[str], machine: Machine, name: str, timeout: float = 30.0, before: Callable[[], Callable[[], object]] | None = None) -> Verdict:
     """Whether ``machine`` (a model), rendered, is the machine ``argv`` asks for. The rendered line's
     own files go to a scratch directory that is removed afterwards."""
     import shutil
@@ -402,7 +410,7 @@ def check_definition(argv: list[str], machine: Any, name: str, timeout: float = 
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def check_models(first: Any, second: Any, name: str, timeout: float = 30.0) -> Verdict:
+def check_models(first: Machine, second: Machine, name: str, timeout: float = 30.0) -> Verdict:
     """Whether two definitions (models) render to the same machine, qemu judging: the libvirt round
     trip (definition -> domain XML -> definition) is checked this way."""
     import shutil

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Mapping
 
 from qemuspec.errors import LaunchError
-from qemuspec.runtime import statedir
+from qemuspec.runtime import filenames
 
 if TYPE_CHECKING:
     from qemuspec.settings import Settings
@@ -45,62 +45,62 @@ class Layout:
 
     @property
     def qmp(self) -> str:
-        return os.path.join(self.run_dir, statedir.QMP_SOCK)
+        return os.path.join(self.run_dir, filenames.QMP_SOCK)
 
     @property
     def tls_dir(self) -> str:
         """The TCP monitor's TLS credentials (runtime/tls.py makes them), in the private runtime
         directory: a repository can plant files in a state directory, never here."""
-        return os.path.join(self.run_dir, statedir.TLS_DIR)
+        return os.path.join(self.run_dir, filenames.TLS_DIR)
 
     @property
     def qmp_client(self) -> str:
-        return os.path.join(self.run_dir, statedir.QMP_CLIENT_SOCK)
+        return os.path.join(self.run_dir, filenames.QMP_CLIENT_SOCK)
 
     @property
     def console(self) -> str:
-        return os.path.join(self.run_dir, statedir.CONSOLE_SOCK)
+        return os.path.join(self.run_dir, filenames.CONSOLE_SOCK)
 
     @property
     def display(self) -> str:
         """A vnc/spice display's unix socket: only the owner can enter the runtime directory."""
-        return os.path.join(self.run_dir, statedir.DISPLAY_SOCK)
+        return os.path.join(self.run_dir, filenames.DISPLAY_SOCK)
 
     @property
     def console_client(self) -> str:
         """The supervisor's console proxy (`qemuspec console`); qemu's own console socket stays its reader's."""
-        return os.path.join(self.run_dir, statedir.CONSOLE_CLIENT)
+        return os.path.join(self.run_dir, filenames.CONSOLE_CLIENT)
 
     @property
     def qga(self) -> str:
-        return os.path.join(self.run_dir, statedir.QGA_SOCK)
+        return os.path.join(self.run_dir, filenames.QGA_SOCK)
 
     def virtiofs(self, index: int) -> str:
-        return os.path.join(self.run_dir, statedir.virtiofs_sock(index))
+        return os.path.join(self.run_dir, filenames.virtiofs_sock(index))
 
     @property
     def serial_log(self) -> str:
-        return os.path.join(self.state_dir, statedir.SERIAL_LOG)
+        return os.path.join(self.state_dir, filenames.SERIAL_LOG)
 
     @property
     def qemu_log(self) -> str:
-        return os.path.join(self.state_dir, statedir.QEMU_LOG)
+        return os.path.join(self.state_dir, filenames.QEMU_LOG)
 
     @property
     def events_log(self) -> str:
-        return os.path.join(self.state_dir, statedir.EVENTS)
+        return os.path.join(self.state_dir, filenames.EVENTS)
 
     @property
     def pidfile(self) -> str:
-        return os.path.join(self.state_dir, statedir.PIDFILE)
+        return os.path.join(self.state_dir, filenames.PIDFILE)
 
     @property
     def efivars(self) -> str:
-        return os.path.join(self.state_dir, statedir.EFIVARS)
+        return os.path.join(self.state_dir, filenames.EFIVARS)
 
     @property
     def cidata(self) -> str:
-        return os.path.join(self.state_dir, statedir.CIDATA)
+        return os.path.join(self.state_dir, filenames.CIDATA)
 
     def network(self, name: str) -> str:
         """The vde_switch directory of a private network: shared by the machines of one state root."""
@@ -108,7 +108,7 @@ class Layout:
 
         root = os.path.dirname(self.state_dir)
         digest = hashlib.sha256(f"{root}\0{name}".encode()).hexdigest()[:12]
-        return os.path.join(os.path.dirname(self.run_dir), statedir.NETWORK_PREFIX + digest)
+        return os.path.join(os.path.dirname(self.run_dir), filenames.NETWORK_PREFIX + digest)
 
 
 def machine_layout(machine: Machine, state_dir: str, settings: Settings | None = None,
@@ -203,7 +203,7 @@ def keep_dir(kind: str) -> str:
     """``kind`` (ssh keys, owner proofs) in the keep base, or in the runtime base when the keep base
     is not private (then it lasts until reboot); made 0700 and ours."""
     keep = keep_base()
-    path = os.path.join(keep, kind) if keep else os.path.join(run_base(), statedir.KEEP_PREFIX + kind)
+    path = os.path.join(keep, kind) if keep else os.path.join(run_base(), filenames.KEEP_PREFIX + kind)
     private_dir(path)
     return path
 
@@ -219,23 +219,22 @@ def _run_dir(state_dir: str, settings: Settings) -> str:
 
 
 def private_dir(path: str) -> None:
-    """Create ``path`` 0700 and refuse one that another user owns, or a symlink."""
-    statedir.ensure_private(path)
-
-
-def prepare(lay: Layout) -> None:
-    """The state directory and the runtime directory: both 0700 and ours (the parent of a state
-    directory may be the user's project: left as it is); the state directory proven ours
-    (statedir.claim: what a repository planted there is moved aside, never used)."""
-    statedir.claim(lay.state_dir)
-    base = os.path.dirname(lay.run_dir)
+    """Create ``path`` 0700 (parents as usual) and refuse a symlink, a non-directory or another
+    user's directory; tighten one we own that others can enter. The one rule for a private
+    directory (statedir.ensure_private is this function)."""
     try:
-        private_dir(base)
-    except LaunchError:  # made by another user between run_base's look and ours
-        raise LaunchError(f"{base} is not a directory of yours (another user created it, or it is a symlink): "
-                          f"set XDG_RUNTIME_DIR to a directory of your own with mode 0700 and run the command "
-                          f"again") from None
-    private_dir(lay.run_dir)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise LaunchError(f"cannot create {path}: {exc.strerror}") from None
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise LaunchError(f"{path} is not a directory owned by you (a symlink or another user's): remove it, "
+                          "or choose another state directory with --state-dir")
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        os.chmod(path, 0o700)
 
 
 def registry() -> list[str]:
@@ -245,4 +244,4 @@ def registry() -> list[str]:
         names = os.listdir(base)
     except OSError:
         return []
-    return [os.path.join(base, n) for n in sorted(names) if len(n) == 16 and not n.startswith(statedir.NETWORK_PREFIX)]
+    return [os.path.join(base, n) for n in sorted(names) if len(n) == 16 and not n.startswith(filenames.NETWORK_PREFIX)]

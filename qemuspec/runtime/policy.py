@@ -32,7 +32,13 @@ class Stoppable(Protocol):
 
 def escalate(target: Stoppable, acpi_timeout: float | None, quit_wait: float = QUIT_WAIT) -> str:
     """ACPI powerdown (running guests only; ``acpi_timeout`` None skips it), QMP quit, SIGTERM,
-    SIGKILL. Returns the step that ended the process."""
+    SIGKILL. Returns the step that ended the process. A stopped process (SIGSTOP, a debugger) answers
+    no QMP and acts on no SIGTERM until continued, so every earlier step would only wait out its
+    timeout: it gets SIGKILL at once."""
+    if getattr(target, "frozen", lambda: False)():
+        target.signal(signal.SIGKILL)
+        target.wait(KILL_WAIT)
+        return "SIGKILL"
     skipped = None
     if acpi_timeout is not None and target.guest_running():
         # qemu can tell when nothing will answer the power button (no ACPI, or not enabled yet)

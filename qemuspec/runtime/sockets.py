@@ -10,7 +10,10 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+if TYPE_CHECKING:
+    from qemuspec.spec.models import NIC, Forward
 
 from qemuspec.errors import LaunchError
 
@@ -49,7 +52,7 @@ def listen_tcp(first_port: int, tries: int = 200) -> tuple[socket.socket, int]:
     raise LaunchError(f"no free TCP port for QMP in {first_port}..{first_port + tries - 1}: choose another qmp.port")
 
 
-def busy_forwards(nics) -> Iterator[tuple[int, int, Any, str]]:
+def busy_forwards(nics: Sequence[NIC]) -> Iterator[tuple[int, int, Forward, str]]:
     """(nic index, forward index, forward, who holds it) for each fixed host port of a forward that is
     taken now (a bind test; the socket is released at once)."""
     for index, nic in enumerate(nics):

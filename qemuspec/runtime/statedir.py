@@ -37,93 +37,17 @@ import json
 import os
 import stat
 from dataclasses import dataclass, field
-from typing import Any, Iterator, TypeVar
+from typing import TYPE_CHECKING, Iterator, TypeVar
 
 from qemuspec import privdir
 from qemuspec.errors import LaunchError
+from qemuspec.runtime.paths import private_dir as ensure_private  # the one rule for a private directory
 
-# -- file names (state directory) ----------------------------------------------------------------
-STATE = "state.json"            # QemuRecord: a copy for people; the runtime directory's is authoritative
-SUPERVISOR = "supervisor.json"  # SupervisorRecord (copy)
-EXIT = "exit.json"              # ExitRecord: how the last run ended
-STOP = "stop.json"              # StopRequest: what `down` asked for
-CREATED = "created.json"        # CreatedRecord: files qemuspec made (what `down --purge` may delete)
-EVENTS = "events.jsonl"
-SERIAL_LOG = "serial.log"
-QEMU_LOG = "qemu.log"
-SUPERVISOR_LOG = "supervisor.log"
-PIDFILE = "qemu.pid"
-DEFINITION = "definition.json"  # the resolved definition `up` last started (what `plan` diffs by field)
-SAVING = "saving.json"          # SaveRecord, in warm/: a warm save under way (its overlays may hold the newest writes)
-OWNER = ".owner"                # a random token: with the keep base's record, the proof the directory is ours
-EFIVARS = "efivars.fd"          # a UEFI machine's variable store (copied from the firmware's template)
-CIDATA = "cidata.iso"           # the cloud-init NoCloud seed (runtime/cloudinit.py)
-CIDATA_STAMP = CIDATA + ".sha256"  # the hash of the seed's inputs: rebuilt only when they change
-KNOWN_HOSTS = "known_hosts"     # the machine's pinned ssh host key (runtime/sshkeys.py)
-WARM_DIR = "warm"               # saved machine state (runtime/warm.py), with the names below in it
-WARM_MEMORY = "memory"          # qemu's migration stream
-WARM_KEY = "key.json"           # what the saved state is valid for; written last
-TMP_SUFFIX = ".tmp"             # a file being written under its final name plus this
+if TYPE_CHECKING:
+    from qemuspec.runtime.paths import Layout
 
-
-def live_disk(index: int) -> str:
-    """In ``warm/``: the running machine's disk ``index``, an overlay on the frozen disk."""
-    return f"live-disk{index}.qcow2"
-
-
-# What qemuspec would take for its own in a state directory: moved aside, never used, when the
-# directory is not proven ours (a committed `.qemuspec/`, or one from before the proof existed).
-TLS_DIR = "tls"                 # the TCP monitor's credentials (runtime/tls.py), in the runtime directory
-UNTRUSTED = (STATE, SUPERVISOR, EXIT, STOP, CREATED, DEFINITION, PIDFILE, TLS_DIR, WARM_DIR, CIDATA,
-             CIDATA_STAMP, KNOWN_HOSTS)
-# -- file names (runtime directory) --------------------------------------------------------------
-MACHINE = "machine.json"        # QemuRecord, authoritative
-LOCK = "supervisor.lock"        # flock held by the live supervisor; its mtime is the supervisor's heartbeat
-QMP_SOCK = "qmp.sock"           # the controller's monitor
-QMP_CLIENT_SOCK = "qmp-client.sock"  # the tools' monitor (`qemuspec qmp`, status, pause)
-CONSOLE_SOCK = "console.sock"   # the serial console; its one reader is the supervisor's
-CONSOLE_CLIENT = "console-client.sock"  # the supervisor's console proxy (`qemuspec console`)
-DISPLAY_SOCK = "display.sock"   # a vnc/spice display (the directory is 0700: the owner's alone)
-QGA_SOCK = "qga.sock"           # the guest agent's channel
-RUN_SOCKETS = (QMP_SOCK, QMP_CLIENT_SOCK, CONSOLE_SOCK, CONSOLE_CLIENT, QGA_SOCK)  # removed when qemu is gone
-# in tls/: the credentials qemu and the client read; the CA key and the requests live only while made
-TLS_CA_CERT = "ca-cert.pem"
-TLS_CA_KEY = "ca-key.pem"
-
-
-def virtiofs_sock(index: int) -> str:
-    """The vhost-user socket of a machine's virtiofs share ``index``."""
-    return f"virtiofs{index}.sock"
-
-
-def is_virtiofs_sock(name: str) -> bool:
-    return name.startswith("virtiofs") and name.endswith(".sock")
-
-
-def tls_cert(kind: str) -> str:
-    """``kind``: "server" (qemu's) or "client" (ours)."""
-    return f"{kind}-cert.pem"
-
-
-def tls_key(kind: str) -> str:
-    return f"{kind}-key.pem"
-
-
-def tls_scratch(kind: str) -> tuple[str, str]:
-    """The request and the extensions file openssl makes ``kind``'s certificate from (then removed)."""
-    return f"{kind}.csr", f"{kind}.ext"
-
-
-TLS_FILES = (TLS_CA_CERT, tls_cert("server"), tls_key("server"), tls_cert("client"), tls_key("client"))
-# -- names in the runtime base and the keep base -------------------------------------------------
-NETWORK_PREFIX = "net-"         # a private network's vde_switch directory, NAME.pid and NAME.lock beside it
-SWITCH_PID = ".pid"             # suffixes of the switch directory's pidfile and its start/stop lock
-SWITCH_LOCK = ".lock"
-KEEP_PREFIX = "keep-"           # the keep base's kinds in the runtime base when HOME is not private
-KEEP_OWNERS = "owners"          # in the keep base: proofs that state directories are ours
-KEEP_SSH = "ssh"                # in the keep base: one ssh identity per state root
-SSH_KEY = "id_ed25519"          # that identity, with SSH_KEY + PUB_SUFFIX beside it
-PUB_SUFFIX = ".pub"
+# -- file names: runtime/filenames.py, re-exported here ---------------------------------------
+from qemuspec.runtime.filenames import *  # noqa: F403
 
 LOG_LIMIT = 8 * 1024 * 1024     # a log larger than this is moved to NAME.1 (one generation kept)
 RECORD_LIMIT = 1024 * 1024      # a record larger than this is not ours
@@ -138,7 +62,7 @@ class Record:
     """A JSON file's fields with their types; anything else read from disk is rejected (None)."""
 
     @classmethod
-    def from_dict(cls: type[R], data: Any) -> R | None:
+    def from_dict(cls: type[R], data: object) -> R | None:
         if not isinstance(data, dict):
             return None
         values = {}
@@ -251,23 +175,6 @@ class SaveRecord(Record):
 
 # -- directories ---------------------------------------------------------------------------------
 
-def ensure_private(path: str) -> None:
-    """Create ``path`` 0700 (parents as usual) and refuse a symlink, a non-directory or another
-    user's directory; tighten one we own that others can enter."""
-    try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise LaunchError(f"cannot create {path}: {exc.strerror}") from None
-    info = os.lstat(path)
-    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-        raise LaunchError(f"{path} is not a directory owned by you (a symlink or another user's): remove it, or choose another state directory with --state-dir")
-    if stat.S_IMODE(info.st_mode) != 0o700:
-        os.chmod(path, 0o700)
-
-
 # -- proof of ownership --------------------------------------------------------------------------
 #
 # A state directory is qemuspec's only when proven so: its `.owner` holds a random token, and the
@@ -336,6 +243,21 @@ def claim(state_dir: str) -> list[str]:
     write(paths.keep_dir(KEEP_OWNERS), _proof_name(state_dir),
           OwnerRecord(token=token, dev=info.st_dev, ino=info.st_ino, path=os.path.abspath(state_dir)))
     return moved
+
+
+def prepare(lay: Layout) -> None:
+    """The state directory and the runtime directory: both 0700 and ours (the parent of a state
+    directory may be the user's project: left as it is); the state directory proven ours
+    (:func:`claim`: what a repository planted there is moved aside, never used)."""
+    claim(lay.state_dir)
+    base = os.path.dirname(lay.run_dir)
+    try:
+        ensure_private(base)
+    except LaunchError:  # made by another user between run_base's look and ours
+        raise LaunchError(f"{base} is not a directory of yours (another user created it, or it is a symlink): "
+                          f"set XDG_RUNTIME_DIR to a directory of your own with mode 0700 and run the command "
+                          f"again") from None
+    ensure_private(lay.run_dir)
 
 
 def disown(state_dir: str) -> None:

@@ -20,7 +20,7 @@ import signal
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from qemuspec.errors import QemuspecError
 from qemuspec.qmp.protocol import EventLog
@@ -45,7 +45,7 @@ def supervisor_file(state_dir: str) -> str:
     return os.path.join(paths.run_dir(state_dir), statedir.SUPERVISOR)
 
 
-def record(state_dir: str, event: str, **data: Any) -> str | None:
+def record(state_dir: str, event: str, **data: object) -> str | None:
     """A qemuspec lifecycle event in the machine's events.jsonl, in QMP's own event format. A failed
     write is returned (not raised): a full disk must not take the supervisor down."""
     now = time.time()
@@ -66,12 +66,18 @@ def read_supervisor(state_dir: str) -> statedir.SupervisorRecord | None:
     state_dir = os.path.abspath(state_dir)
     run = paths.run_dir(state_dir)
     info = _registered(run)
-    if info is None and _re_registering(state_dir, run):
+    copy = _re_registering(state_dir, run) if info is None else None
+    if copy is not None and copy not in _WAITED:
         deadline = time.monotonic() + 3 * HEARTBEAT
         while info is None and time.monotonic() < deadline:
             time.sleep(HEARTBEAT / 10)  # the supervisor makes a directory we cannot be told about
             info = _registered(run)
+        if info is None:  # that copy named no supervisor: a command looks again, but waits for it once
+            _WAITED.add(copy)
     return info
+
+
+_WAITED: set[tuple[str, int, str | None]] = set()  # (runtime directory, pid, start time) waited for in vain
 
 
 def _registered(run: str) -> statedir.SupervisorRecord | None:
@@ -81,18 +87,19 @@ def _registered(run: str) -> statedir.SupervisorRecord | None:
     return info
 
 
-def _re_registering(state_dir: str, run: str) -> bool:
+def _re_registering(state_dir: str, run: str) -> tuple[str, int, str | None] | None:
     """A supervisor whose runtime registry vanished may still live: its record's copy names a live
-    process of this user with the start time recorded, and the registry has no lock file."""
+    process of this user with the start time recorded, and the registry has no lock file. That copy
+    as (runtime directory, pid, start time), or None."""
     if os.path.exists(os.path.join(run, statedir.LOCK)):
-        return False
+        return None
     copy = statedir.read(state_dir, statedir.SUPERVISOR, statedir.SupervisorRecord)
     if copy is None or not isinstance(copy.pid, int) or copy.pid <= 1 or start_time(copy.pid) != copy.started:
-        return False
+        return None
     try:
-        return os.stat(f"/proc/{copy.pid}").st_uid == os.getuid()
+        return (run, copy.pid, copy.started) if os.stat(f"/proc/{copy.pid}").st_uid == os.getuid() else None
     except OSError:
-        return False
+        return None
 
 
 def hung(state_dir: str, sup: statedir.SupervisorRecord) -> str | None:
@@ -200,7 +207,7 @@ class _Tolerant:
     """The supervisor's stdout/stderr (supervisor.log): a full disk or a deleted directory makes a
     log line fail, never the supervisor."""
 
-    def __init__(self, stream: Any):
+    def __init__(self, stream: TextIO):
         self._stream = stream
 
     def write(self, text: str) -> int:
@@ -252,7 +259,7 @@ class Supervisor:
 
     # -- progress to the CLI ----------------------------------------------------------------------
 
-    def tell(self, status: str, **data: Any) -> None:
+    def tell(self, status: str, **data: object) -> None:
         if self.progress_fd is None:
             return
         try:
@@ -263,20 +270,20 @@ class Supervisor:
             os.close(self.progress_fd)  # the CLI may exit now; the machine is ours
             self.progress_fd = None
 
-    def _wake(self, *_: Any) -> None:
+    def _wake(self, *_: object) -> None:
         try:
             os.write(self.wake_w, b"x")
         except OSError:
             pass
 
-    def _on_term(self, *_: Any) -> None:
+    def _on_term(self, *_: object) -> None:
         self.stop_requested = True
         self._wake()
         inst = self.instance
         if inst is not None and inst.console is not None:
             inst.console.interrupt()  # a readiness wait on the console ends now, not at its deadline
 
-    def event(self, name: str, **data: Any) -> None:
+    def event(self, name: str, **data: object) -> None:
         failed = record(self.state_dir, name, **data)
         if failed and failed != self.error:
             self.error = failed

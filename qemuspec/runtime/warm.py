@@ -41,15 +41,16 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from qemuspec.errors import QemuspecError, QMPError
 from qemuspec.runtime import statedir
 
 if TYPE_CHECKING:
     from qemuspec.qmp.sync import QMPClient
+    from qemuspec.runtime.agent import GuestAgent
     from qemuspec.runtime.instance import Instance
-    from qemuspec.spec.models import Machine
+    from qemuspec.spec.models import Disk, Machine
 
 FORMAT = 2  # 2: the key carries the memory file's sha256
 FD_NAME = "qemuspec-warm"
@@ -265,7 +266,7 @@ def _hold(point: str) -> None:
         os.kill(os.getpid(), signal.SIGSTOP)
 
 
-def _drive(index: int, disk: Any) -> str:
+def _drive(index: int, disk: Disk) -> str:
     from qemuspec.render import own
 
     return disk.id or own(f"disk{index}")
@@ -537,13 +538,13 @@ def wait_restored(inst: "Instance", mark: int, timeout: float) -> None:
         inst.qmp.command("cont")  # the state was saved with the CPUs stopped, so it loads paused
 
 
-def after_restore(inst: "Instance") -> dict[str, Any]:
+def after_restore(inst: "Instance") -> dict[str, object]:
     """Make a restored guest its own: clock from the host, RNG reseeded. Returns what was done."""
     from qemuspec.render import wants_vmgenid
 
     machine = inst.machine
     vmgenid = wants_vmgenid(machine) or any(d.driver == "vmgenid" for d in machine.devices)
-    info: dict[str, Any] = {}
+    info: dict[str, object] = {}
     if not machine.agent:
         info["clock"] = "not set (no guest agent): the guest clock runs from the time of the save"
         info["rng"] = ("new vmgenid: reseeded if the guest has a vmgenid driver (Linux CONFIG_VMGENID), "
@@ -569,7 +570,7 @@ def after_restore(inst: "Instance") -> dict[str, Any]:
     return info
 
 
-def _set_clock(agent: Any) -> str:
+def _set_clock(agent: GuestAgent) -> str:
     try:
         agent.command("guest-set-time", {"time": time.time_ns()})
     except QMPError as exc:
@@ -579,7 +580,7 @@ def _set_clock(agent: Any) -> str:
     return "set from the host"
 
 
-def _exists(agent: Any, path: str) -> bool:
+def _exists(agent: GuestAgent, path: str) -> bool:
     try:
         handle = agent.file_open(path, "r")
     except QMPError:

@@ -15,13 +15,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, cast
+
+if TYPE_CHECKING:
+    from qemuspec.spec.models import File
 
 FORMAT = 1
 KEEP = 256  # entries kept; the oldest go when a write finds more
 
 
-def _code_identity() -> list[Any]:
+def _code_identity() -> list[object]:
     """What validates: qemuspec's spec package and the installed pydantic, by file identity."""
     here = os.path.dirname(os.path.abspath(__file__))
     files = [os.path.join(here, n) for n in sorted(os.listdir(here)) if n.endswith(".py")]
@@ -32,14 +35,14 @@ def _code_identity() -> list[Any]:
         found = importlib.util.find_spec(package)
         if found is not None and found.origin:
             files.append(found.origin)
-    out: list[Any] = []
+    out: list[object] = []
     for path in files:
         st = os.stat(path)
         out.append([path, st.st_size, st.st_mtime_ns])
     return out
 
 
-def key(path: str, text: bytes, variables: Mapping[str, Any], environ: Mapping[str, str]) -> str:
+def key(path: str, text: bytes, variables: Mapping[str, object], environ: Mapping[str, str]) -> str:
     material = json.dumps([FORMAT, os.path.abspath(path), hashlib.sha256(text).hexdigest(),
                            sorted((str(k), str(v)) for k, v in variables.items()),
                            sorted((str(k), str(v)) for k, v in environ.items()),
@@ -70,7 +73,7 @@ def read(where: str, entry_key: str) -> dict[str, Any] | None:
     return data
 
 
-def write(where: str, entry_key: str, entry: dict[str, Any]) -> None:
+def write(where: str, entry_key: str, entry: dict[str, object]) -> None:
     """Best effort: a cache that cannot be written (or is not private) only costs the next run its speed."""
     from qemuspec import privdir
 
@@ -97,7 +100,7 @@ def _prune(dfd: int) -> None:
             pass
 
 
-def _plausible(spec: Any, lines: dict, text: str) -> None:
+def _plausible(spec: File, lines: dict, text: str) -> None:
     """A decoded entry still passes the cheap rules the loader enforces, so even an entry that got
     past the directory checks cannot name another program as qemu or point errors off the file."""
     import re
@@ -112,7 +115,7 @@ def _plausible(spec: Any, lines: dict, text: str) -> None:
         raise ValueError("cached line numbers outside the file")
 
 
-def load(path: str, variables: Mapping[str, Any], environ: Mapping[str, str], where: str | None) -> tuple[Any, dict]:
+def load(path: str, variables: Mapping[str, object], environ: Mapping[str, str], where: str | None) -> tuple[File, dict]:
     """Like loader.load_located, from the cache in ``where`` when the key matches (``where`` None:
     always afresh). Warnings the loader gave are given again, so a cached read says everything a
     fresh one says."""
@@ -131,7 +134,8 @@ def load(path: str, variables: Mapping[str, Any], environ: Mapping[str, str], wh
     entry = read(where, entry_key)
     if entry is not None:
         try:
-            spec = records.decode(entry["file"])
+            # the one place a record stands for the model: records answer like File (spec/records.py)
+            spec = cast("File", records.decode(entry["file"]))
             lines = {tuple(k): int(v) for k, v in entry["lines"]}
             said = [str(w) for w in entry["warnings"]]
             _plausible(spec, lines, text)

@@ -10,9 +10,12 @@ is refused: the parser runs without DTDs or entities.
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from typing import Any
+from typing import TYPE_CHECKING
 
 from qemuspec.errors import SpecError
+
+if TYPE_CHECKING:
+    from qemuspec.spec.importer import Import
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 _BOOT = {"hd": "c", "cdrom": "d", "network": "n", "fd": "a"}
@@ -49,7 +52,8 @@ def _mib(el: ET.Element, source: str) -> int:
 
 def import_domain(text: str, name: str | None = None, source: str = "<domain>") -> tuple[str, dict, list[str]]:
     """(machine name, machine table, notes) for a libvirt domain XML document."""
-    from qemuspec.spec.importer import HANDLERS, Import, _finish, _keep, _safe_name, parse_argv, refuse_line_breaks
+    from qemuspec.spec.importer import HANDLERS, Import, _finish, _keep, _safe_name, refuse_line_breaks
+    from qemuspec.spec.qemuopts import parse_argv
 
     root = _parse(text, source)
     notes: list[str] = []
@@ -67,7 +71,7 @@ def import_domain(text: str, name: str | None = None, source: str = "<domain>") 
         loader = os_el.find("loader")
         if loader is not None and (loader.text or "").strip():
             if loader.get("type") == "pflash":
-                firmware: dict[str, Any] = {"type": "uefi", "code": (loader.text or "").strip()}
+                firmware: dict[str, object] = {"type": "uefi", "code": (loader.text or "").strip()}
                 nvram = os_el.find("nvram")
                 if nvram is not None and nvram.get("template"):
                     firmware["vars"] = nvram.get("template")
@@ -130,7 +134,7 @@ def import_domain(text: str, name: str | None = None, source: str = "<domain>") 
     return _safe_name(got_name), table, notes + more
 
 
-def _device(el: ET.Element, imp: Any, notes: list[str]) -> None:  # noqa: C901 - one branch per libvirt element
+def _device(el: ET.Element, imp: Import, notes: list[str]) -> None:  # noqa: C901 - one branch per libvirt element
     machine = imp.machine
     tag = el.tag
     if tag == "emulator":
@@ -151,7 +155,7 @@ def _device(el: ET.Element, imp: Any, notes: list[str]) -> None:  # noqa: C901 -
         if bus not in _DISK_BUS or el.get("type", "file") != "file":
             notes.append(f"<disk type='{el.get('type')}' bus='{bus}'>: not imported (qemuspec disks are files on virtio, ide/sata or scsi)")
             return
-        disk: dict[str, Any] = {"file": path, "interface": _DISK_BUS[bus]}
+        disk: dict[str, object] = {"file": path, "interface": _DISK_BUS[bus]}
         if driver is not None and driver.get("type"):
             disk["format"] = driver.get("type")
         options = {k: driver.get(k) for k in ("cache", "discard") if driver is not None and driver.get(k)}
@@ -167,7 +171,7 @@ def _device(el: ET.Element, imp: Any, notes: list[str]) -> None:  # noqa: C901 -
     elif tag == "interface":
         kind = el.get("type")
         model = el.find("model")
-        nic: dict[str, Any] = {"type": "user", "outbound": True}  # libvirt's user networking is not restricted
+        nic: dict[str, object] = {"type": "user", "outbound": True}  # libvirt's user networking is not restricted
         if kind == "bridge" and el.find("source") is not None:
             nic = {"type": "bridge", "bridge": el.find("source").get("bridge")}  # type: ignore[union-attr]
         elif kind != "user":
@@ -182,7 +186,7 @@ def _device(el: ET.Element, imp: Any, notes: list[str]) -> None:  # noqa: C901 -
         if source is None or target is None:
             notes.append("<filesystem> without source or target: not imported")
             return
-        share: dict[str, Any] = {"source": source.get("dir"), "tag": target.get("dir")}
+        share: dict[str, object] = {"source": source.get("dir"), "tag": target.get("dir")}
         if driver is not None and driver.get("type") == "virtiofs":
             share["type"] = "virtiofs"
         else:
@@ -203,7 +207,7 @@ def _device(el: ET.Element, imp: Any, notes: list[str]) -> None:  # noqa: C901 -
         kind = el.get("type")
         if kind in ("vnc", "spice"):
             listen = el.find("listen")
-            display: dict[str, Any] = {"type": kind}
+            display: dict[str, object] = {"type": kind}
             if el.get("socket") is None and (listen is None or listen.get("type") != "socket"):
                 # libvirt's TCP display without passwd= is open to every local user: the definition says so
                 address = el.get("listen") or (listen.get("address") if listen is not None else None) or "127.0.0.1"

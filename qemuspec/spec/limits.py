@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Any
+from typing import TYPE_CHECKING
 
 from qemuspec.errors import SpecError
+
+if TYPE_CHECKING:
+    import yaml
 
 QEMU_NAME = r"^(qemu-system-[A-Za-z0-9_]+|qemu-kvm|kvm)$"  # the binaries a definition may name (basename)
 
@@ -121,7 +124,7 @@ class NodeBudget:
         self.source = source
         self.nodes = 0
 
-    def visit(self, node: Any, depth: int) -> None:
+    def visit(self, node: yaml.Node, depth: int) -> None:
         self.nodes += 1
         if self.nodes > MAX_NODES:
             raise SpecError(f"{self.source}:{node.start_mark.line + 1}: the document expands to more than {MAX_NODES} values "
@@ -131,7 +134,7 @@ class NodeBudget:
                             "a definition needs only a few levels; check the brackets and indentation")
 
 
-def check_depth(data: Any, source: str) -> None:
+def check_depth(data: object, source: str) -> None:
     """Nesting of parsed data (TOML): iterative, so a deep document cannot exhaust the stack here."""
     stack = [(data, 0)]
     while stack:

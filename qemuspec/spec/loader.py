@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from qemuspec.errors import SpecError
 from qemuspec.spec import limits
 from qemuspec.spec.limits import format_of
 from qemuspec.spec.models import File
 
+if TYPE_CHECKING:
+    import yaml
+
 
 
 def load(
     path: str | os.PathLike[str],
-    variables: Mapping[str, Any] | None = None,
+    variables: Mapping[str, object] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> File:
     """Load and validate one definition file. ``variables`` are the command line's --var values."""
@@ -29,7 +32,7 @@ def load(
 
 def load_located(
     path: str | os.PathLike[str],
-    variables: Mapping[str, Any] | None = None,
+    variables: Mapping[str, object] | None = None,
     environ: Mapping[str, str] | None = None,
     text: str | None = None,
 ) -> tuple[File, dict[tuple, int]]:
@@ -46,7 +49,7 @@ def loads(
     fmt: str,
     source: str = "<string>",
     base_dir: str | None = None,
-    variables: Mapping[str, Any] | None = None,
+    variables: Mapping[str, object] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> File:
     return _load_text(text, fmt, source, base_dir, variables, environ)[0]
@@ -57,7 +60,7 @@ def _load_text(
     fmt: str,
     source: str,
     base_dir: str | None,
-    variables: Mapping[str, Any] | None,
+    variables: Mapping[str, object] | None,
     environ: Mapping[str, str] | None,
 ) -> tuple[File, dict[tuple, int]]:
     limits.check_text(source, text)
@@ -96,7 +99,7 @@ def _load_text(
     return spec, lines
 
 
-def parse(text: str, fmt: str, source: str) -> tuple[Any, dict[tuple, int]]:
+def parse(text: str, fmt: str, source: str) -> tuple[object, dict[tuple, int]]:
     """Parse text; return the data and a map from key paths to 1-based line numbers."""
     if fmt == "toml":
         import tomllib
@@ -159,7 +162,7 @@ def _toml_key(raw: str) -> tuple:
     return tuple(next(p for p in part if p) if any(part) else "" for part in parts)
 
 
-def _yaml(text: str, source: str) -> tuple[Any, dict[tuple, int]]:
+def _yaml(text: str, source: str) -> tuple[object, dict[tuple, int]]:
     import yaml
 
     try:
@@ -192,13 +195,13 @@ def _yaml(text: str, source: str) -> tuple[Any, dict[tuple, int]]:
     return data, lines
 
 
-def _yaml_walk(node: Any, path: tuple, lines: dict[tuple, int], source: str, budget: "limits.NodeBudget") -> None:
+def _yaml_walk(node: yaml.Node, path: tuple, lines: dict[tuple, int], source: str, budget: "limits.NodeBudget") -> None:
     import yaml
 
     budget.visit(node, len(path))
     lines.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
-        seen: dict[Any, int] = {}
+        seen: dict[object, int] = {}
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
                 raise SpecError(f"{source}:{key_node.start_mark.line + 1}: a key must be a plain name, not a list or table")

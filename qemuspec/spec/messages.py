@@ -10,18 +10,21 @@ from __future__ import annotations
 import difflib
 import re
 import typing
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ValidationError
 
 from qemuspec.spec.models import File
+
+if TYPE_CHECKING:
+    from pydantic_core import ErrorDetails
 
 _PATH_IN_MESSAGE = re.compile(r"^(machines\.[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_]+)*): ")
 # A machine-level check that points inside the machine: "append.3: ...", "disks.0.options.id: ..."
 _SUBPATH_IN_MESSAGE = re.compile(r"^((?:append|overrides|devices|objects|disks|nics|shares)(?:\.[A-Za-z0-9_-]+)*): ")
 
 
-def explain(exc: ValidationError, data: Any, source: str, lines: dict[tuple, int], root: type[BaseModel] = File) -> list[str]:
+def explain(exc: ValidationError, data: object, source: str, lines: dict[tuple, int], root: type[BaseModel] = File) -> list[str]:
     problems: list[tuple[int, str]] = []
     seen: set[tuple] = set()
     # Of a union's branches, a value error is the one that says what is wrong with the text as given.
@@ -51,7 +54,7 @@ def explain(exc: ValidationError, data: Any, source: str, lines: dict[tuple, int
     return [text for _, text in sorted(problems, key=lambda p: p[0])]
 
 
-def _misspelt(errors: list, data: Any, root: type[BaseModel]) -> set[tuple]:
+def _misspelt(errors: list, data: object, root: type[BaseModel]) -> set[tuple]:
     """Locations of required keys that an unknown key beside them probably meant."""
     out = set()
     for error in errors:
@@ -80,7 +83,7 @@ def dotted(loc: tuple) -> str:
     return out
 
 
-def _user_loc(loc: tuple, data: Any) -> tuple:
+def _user_loc(loc: tuple, data: object) -> tuple:
     """Keep only the parts of pydantic's location that exist in the user's data (drop union tags)."""
     out: list = []
     current = data
@@ -117,7 +120,7 @@ def _model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     return current
 
 
-def _submodel(annotation: Any) -> type[BaseModel] | None:
+def _submodel(annotation: object) -> type[BaseModel] | None:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in typing.get_args(annotation):
@@ -127,7 +130,7 @@ def _submodel(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _describe(error: Any, message: str, loc: tuple, root: type[BaseModel]) -> str:
+def _describe(error: ErrorDetails, message: str, loc: tuple, root: type[BaseModel]) -> str:
     kind = error["type"]
     value = error.get("input")
     ctx = error.get("ctx") or {}
@@ -168,7 +171,7 @@ def _describe(error: Any, message: str, loc: tuple, root: type[BaseModel]) -> st
     return message[0].lower() + message[1:] if message else kind
 
 
-def _show(value: Any) -> str:
+def _show(value: object) -> str:
     if isinstance(value, str):
         return f'"{value}"'
     if isinstance(value, bool):

@@ -294,7 +294,7 @@ class NIC(Model):
 
     @model_validator(mode="before")
     @classmethod
-    def _network_type(cls, value: Any) -> Any:
+    def _network_type(cls, value: object) -> object:
         if isinstance(value, dict) and value.get("network") and "type" not in value:
             return {**value, "type": "network"}
         return value
@@ -353,7 +353,7 @@ class Display(Model):
 
     @model_validator(mode="before")
     @classmethod
-    def _from_name(cls, value: Any) -> Any:
+    def _from_name(cls, value: object) -> object:
         return {"type": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
@@ -381,7 +381,7 @@ class Firmware(Model):
 
     @model_validator(mode="before")
     @classmethod
-    def _from_name(cls, value: Any) -> Any:
+    def _from_name(cls, value: object) -> object:
         return {"type": value} if isinstance(value, str) else value
 
 
@@ -426,7 +426,7 @@ class Network(Model):
     type: Literal["vde"] = "vde"
 
 
-def _as_list(value: Any) -> Any:
+def _as_list(value: object) -> object:
     return [value] if isinstance(value, str) else value
 
 

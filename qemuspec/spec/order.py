@@ -3,10 +3,13 @@ served from the definition cache use it too)."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Mapping
+
+if TYPE_CHECKING:
+    from qemuspec.spec.models import Machine
 
 
-def order_machines(machines: Mapping[str, Any]) -> list[list[str]]:
+def order_machines(machines: Mapping[str, Machine]) -> list[list[str]]:
     """Dependency levels: every machine of a level depends only on earlier levels (start in parallel)."""
     remaining = {name: set(m.depends_on) for name, m in machines.items()}
     levels: list[list[str]] = []

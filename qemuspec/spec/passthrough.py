@@ -10,7 +10,7 @@ visibly. Ids are checked here too: a definition's ids are unique and never use q
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 if TYPE_CHECKING:
     from qemuspec.spec.models import Machine
@@ -63,7 +63,7 @@ def switch(token: str) -> str:
 
 def switches(append: list[str]) -> Iterator[tuple[int, str, str | None]]:
     """(index in append, canonical switch, its argument) for each switch of an append list."""
-    from qemuspec.spec.importer import parse_argv
+    from qemuspec.spec.qemuopts import parse_argv
 
     index = 0
     for name, value in parse_argv(["qemu", *append]):
@@ -114,7 +114,7 @@ def user_ids(machine: "Machine") -> Iterator[tuple[str, str, str]]:
 
 def id_problems(machine: "Machine") -> list[tuple[str, str]]:
     problems = []
-    typed_options: list[tuple[str, list[Any], tuple[str, ...]]] = [("disks", machine.disks, ("options", "device_options")), ("nics", machine.nics, ("options", "device_options")),
+    typed_options: list[tuple[str, Sequence[object], tuple[str, ...]]] = [("disks", machine.disks, ("options", "device_options")), ("nics", machine.nics, ("options", "device_options")),
                      ("shares", machine.shares, ("options",)), ("devices", machine.devices, ("options",)),
                      ("objects", machine.objects, ("options",))]
     for field, items, maps in typed_options:
@@ -141,6 +141,6 @@ def _option_values(value: str, key: str) -> list[str]:
             return []
         found = data.get(key) if isinstance(data, dict) else None
         return [found] if isinstance(found, str) else []
-    from qemuspec.spec.importer import split_opts
+    from qemuspec.spec.qemuopts import split_opts
 
     return [v for k, v in split_opts(value, implied="")[1] if k == key]

@@ -13,7 +13,15 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union, cast
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from qemuspec.spec.models import Machine
+
+# What encode() makes and decode() reads: JSON data
+Encoded = Union[None, bool, int, float, str, list["Encoded"], dict[str, "Encoded"]]
 
 # The model classes a record may name (spec/models.py): an entry naming anything else is not ours.
 KINDS = frozenset({"QMP", "Ready", "Disk", "Image", "Forward", "NIC", "Share", "Display", "Firmware", "Device",
@@ -25,8 +33,8 @@ class Record:
 
     __slots__ = ("_kind", "_values", "_set", "_dump", "_hash")
 
-    def __init__(self, kind: str, values: dict[str, Any], fields_set: frozenset[str] | set[str],
-                 dump: dict[str, Any] | None = None, definition_hash: str | None = None):
+    def __init__(self, kind: str, values: dict[str, object], fields_set: frozenset[str] | set[str],
+                 dump: dict[str, object] | None = None, definition_hash: str | None = None):
         object.__setattr__(self, "_kind", kind)
         object.__setattr__(self, "_values", values)
         object.__setattr__(self, "_set", frozenset(fields_set))
@@ -41,7 +49,7 @@ class Record:
             return getattr(self.materialize(), name)
         raise AttributeError(f"{object.__getattribute__(self, '_kind')} has no field {name!r}")
 
-    def __setattr__(self, name: str, value: Any) -> None:
+    def __setattr__(self, name: str, value: object) -> None:
         if name not in self._values:
             raise AttributeError(f"{self._kind} has no field {name!r}")
         self._values[name] = value
@@ -71,12 +79,12 @@ class Record:
             return copy.deepcopy(self._dump)
         return self.materialize().model_dump(**options)
 
-    def model_copy(self, update: dict[str, Any] | None = None, deep: bool = False) -> "Record":
+    def model_copy(self, update: dict[str, object] | None = None, deep: bool = False) -> "Record":
         values = copy.deepcopy(self._values) if deep else dict(self._values)
         values.update(update or {})
         return Record(self._kind, values, self._set | set(update or {}))
 
-    def materialize(self) -> Any:
+    def materialize(self) -> BaseModel:
         """The pydantic model with these values (imports pydantic: only for what records cannot answer)."""
         from qemuspec.spec import models
 
@@ -85,7 +93,7 @@ class Record:
         return cls.model_construct(_fields_set=set(self._set), **values)
 
 
-def _real(value: Any) -> Any:
+def _real(value: object) -> object:
     if isinstance(value, Record):
         return value.materialize()
     if isinstance(value, list):
@@ -97,7 +105,7 @@ def _real(value: Any) -> Any:
     return value
 
 
-def definition_hash(machine: Any) -> str:
+def definition_hash(machine: Machine | Record) -> str:
     """Identifies what a machine was started from, so `up` can tell "unchanged" from "changed".
     The readiness timeout is left out: it says how long to wait, not what runs (`up --timeout`)."""
     if isinstance(machine, Record) and machine._hash is not None:
@@ -109,20 +117,22 @@ class NotCacheable(Exception):
     """A value the encoding does not know; the definition is simply not cached."""
 
 
-def encode(value: Any) -> Any:
+def encode(value: object) -> Encoded:
     """A validated model tree as JSON-safe data that :func:`decode` turns back into records.
     Containers are tagged, so a model, a list, a tuple and a dict never read as one another."""
-    fields = getattr(type(value), "model_fields", None)
-    if fields is not None:
+    from pydantic import BaseModel  # imported already: only freshly validated models are encoded
+
+    if isinstance(value, BaseModel):
+        fields = type(value).model_fields
         kind = type(value).__name__
         if kind not in KINDS:
             raise NotCacheable(kind)
-        node: dict[str, Any] = {"m": kind, "v": {name: encode(getattr(value, name)) for name in fields},
-                                "s": sorted(value.model_fields_set)}
+        node: dict[str, Encoded] = {"m": kind, "v": {name: encode(getattr(value, name)) for name in fields},
+                                "s": [name for name in sorted(value.model_fields_set)]}
         if kind in ("Machine", "File"):
             node["j"] = value.model_dump(mode="json")
         if kind == "Machine":
-            node["h"] = definition_hash(value)
+            node["h"] = definition_hash(cast("Machine", value))
         return node
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
@@ -135,7 +145,7 @@ def encode(value: Any) -> Any:
     raise NotCacheable(type(value).__name__)
 
 
-def decode(data: Any) -> Any:
+def decode(data: object) -> object:
     if not isinstance(data, dict):
         if data is None or isinstance(data, (bool, int, float, str)):
             return data

@@ -20,9 +20,15 @@ import os
 import re
 import time
 import warnings
-from typing import Any, Iterator, Mapping, Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from qemuspec.errors import QemuspecWarning, SpecError
+
+if TYPE_CHECKING:
+    from jinja2 import Template
+    from jinja2.runtime import Context
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 TEMPLATE_MARK = re.compile(r"\{\{|\{%|\{#")
 ENV_PREFIX = "QEMUSPEC_VAR_"
@@ -45,7 +51,7 @@ class _Exhausted(Exception):
     """A template went over one of the bounds above."""
 
 
-def _sandbox() -> Any:
+def _sandbox() -> ImmutableSandboxedEnvironment:
     from jinja2 import StrictUndefined
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -53,7 +59,7 @@ def _sandbox() -> Any:
         intercepted_binops = frozenset({"*", "**", "%"})
         intercepted_unops = frozenset()
 
-        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        def call_binop(self, context: Context, operator: str, left: object, right: object) -> object:
             if operator == "**" and isinstance(left, int) and isinstance(right, int) and left.bit_length() * right > MAX_INT_BITS:
                 # costed by the bits of the result before it is built: (10**64)**64 never starts
                 raise _Exhausted(f"an exponent of {right} on a {left.bit_length()}-bit number: a number of up to "
@@ -68,14 +74,14 @@ def _sandbox() -> Any:
                 raise _Exhausted('"%" formatting (use ~ to join text)')
             return super().call_binop(context, operator, left, right)
 
-        def getattr(self, obj: Any, attribute: str) -> Any:
+        def getattr(self, obj: object, attribute: str) -> object:
             # String methods that pad or format to a size the template chooses (the sandbox would
             # otherwise hand out a "safe" str.format that still builds a string of any width).
             if isinstance(obj, str) and attribute in _STR_BLOCKED:
                 return self.unsafe_undefined(obj, attribute)
             return super().getattr(obj, attribute)
 
-        def getitem(self, obj: Any, argument: Any) -> Any:
+        def getitem(self, obj: object, argument: object) -> object:
             if isinstance(obj, str) and argument in _STR_BLOCKED:
                 return self.unsafe_undefined(obj, argument)
             return super().getitem(obj, argument)
@@ -96,13 +102,13 @@ def _sandbox() -> Any:
     return env
 
 
-def variables_for(file_vars: Any, source: str, environ: Mapping[str, str], given: Mapping[str, Any]) -> tuple[dict[str, Any], set[str], set[str]]:
+def variables_for(file_vars: object, source: str, environ: Mapping[str, str], given: Mapping[str, object]) -> tuple[dict[str, object], set[str], set[str]]:
     """Merged variables ([vars] < QEMUSPEC_VAR_* < --var) and the names that came from env and --var."""
     if file_vars is None:
         file_vars = {}
     if not isinstance(file_vars, dict):
         raise SpecError(f'{source}: vars must be a table of names and values, for example [vars] memory = "256M"')
-    merged: dict[str, Any] = dict(file_vars)
+    merged: dict[str, object] = dict(file_vars)
     from_env = {k[len(ENV_PREFIX):]: v for k, v in environ.items() if k.startswith(ENV_PREFIX)}
     merged.update(from_env)
     merged.update(given)
@@ -111,7 +117,7 @@ def variables_for(file_vars: Any, source: str, environ: Mapping[str, str], given
     return merged, set(from_env), set(given)
 
 
-def render_values(data: dict[str, Any], lines: dict[tuple, int], source: str, given: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+def render_values(data: dict[str, Any], lines: dict[tuple, int], source: str, given: Mapping[str, object], environ: Mapping[str, str]) -> dict[str, Any]:
     """Render every template string in ``data`` (but ``vars`` itself); check every --var is used."""
     merged, from_env, from_cli = variables_for(data.get("vars"), source, environ, given)
     strings = list(_template_strings(data, ()))
@@ -133,7 +139,7 @@ def render_values(data: dict[str, Any], lines: dict[tuple, int], source: str, gi
     return data
 
 
-def _template_strings(value: Any, path: tuple) -> Iterator[tuple[tuple, str]]:
+def _template_strings(value: object, path: tuple) -> Iterator[tuple[tuple, str]]:
     if isinstance(value, dict):
         for key, item in value.items():
             if path == () and key == "vars":
@@ -160,7 +166,7 @@ def _dotted(path: tuple) -> str:
     return out
 
 
-def _compile(env: Any, meta: Any, text: str, where: str, path: tuple) -> tuple[Any, set[str]]:
+def _compile(env: ImmutableSandboxedEnvironment, meta: ModuleType, text: str, where: str, path: tuple) -> tuple[Template, set[str]]:
     import jinja2
 
     try:
@@ -172,7 +178,7 @@ def _compile(env: Any, meta: Any, text: str, where: str, path: tuple) -> tuple[A
         raise SpecError(f"{where}: {_dotted(path)}: the template is too large or too deep ({exc}): simplify it") from None
 
 
-def _render(template: Any, names: set[str], variables: Mapping[str, Any], where: str, path: tuple, budget: list[int]) -> str:
+def _render(template: Template, names: set[str], variables: Mapping[str, object], where: str, path: tuple, budget: list[int]) -> str:
     import jinja2
     from jinja2.exceptions import SecurityError
 
@@ -210,13 +216,13 @@ def _render(template: Any, names: set[str], variables: Mapping[str, Any], where:
         raise SpecError(f"{where}: {field}: template error: {type(exc).__name__}: {exc}. Fix the expression in this value") from None
 
 
-def _set(data: Any, path: tuple, value: Any) -> None:
+def _set(data: dict | list, path: tuple, value: object) -> None:
     for part in path[:-1]:
         data = data[part]
     data[path[-1]] = value
 
 
-def _bounded(jobs: Sequence[tuple[str, str, tuple]], variables: Mapping[str, Any]) -> list[tuple[Any, set[str]]]:
+def _bounded(jobs: Sequence[tuple[str, str, tuple]], variables: Mapping[str, object]) -> list[tuple[object, set[str]]]:
     """(value, variable names) for each (text, where, key path) of one file, rendered within the bounds.
 
     A whole-value ``"{{ cpus }}"`` of a non-string variable is that value (the number 2 stays 2) and
@@ -225,7 +231,7 @@ def _bounded(jobs: Sequence[tuple[str, str, tuple]], variables: Mapping[str, Any
     one JSON line per value (``{"at": i}`` first, so a timeout names the value); nothing else of the
     child's comes back, and a child that dies or says anything malformed is a limit, not a result.
     """
-    out: list[tuple[Any, set[str]] | None] = []
+    out: list[tuple[object, set[str]] | None] = []
     todo: list[int] = []
     for index, (text, _, _) in enumerate(jobs):
         whole = _WHOLE.match(text)
@@ -242,7 +248,7 @@ def _bounded(jobs: Sequence[tuple[str, str, tuple]], variables: Mapping[str, Any
     return out  # type: ignore[return-value]
 
 
-def _in_child(env: Any, jobs: Sequence[tuple[str, str, tuple]], variables: Mapping[str, Any]) -> Iterator[tuple[int, str, set[str]]]:
+def _in_child(env: ImmutableSandboxedEnvironment, jobs: Sequence[tuple[str, str, tuple]], variables: Mapping[str, object]) -> Iterator[tuple[int, str, set[str]]]:
     import json
     import select
     import signal
@@ -315,7 +321,7 @@ def _in_child(env: Any, jobs: Sequence[tuple[str, str, tuple]], variables: Mappi
                     "simplify the template")
 
 
-def _child(env: Any, jobs: Sequence[tuple[str, str, tuple]], variables: Mapping[str, Any], write_end: int) -> None:
+def _child(env: ImmutableSandboxedEnvironment, jobs: Sequence[tuple[str, str, tuple]], variables: Mapping[str, object], write_end: int) -> None:
     """The forked child's work: limits first, then each value; errors go back as their paragraph."""
     import json
     import math
@@ -346,6 +352,6 @@ def _child(env: Any, jobs: Sequence[tuple[str, str, tuple]], variables: Mapping[
         send({"error": str(exc)})
 
 
-def render_text(text: str, variables: Mapping[str, Any], what: str) -> str:
+def render_text(text: str, variables: Mapping[str, object], what: str) -> str:
     """One whole text (cloud-init data read at start) through the same sandbox and bounds."""
     return str(_bounded([(text, what, ())], variables)[0][0])

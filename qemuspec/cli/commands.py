@@ -1,0 +1,83 @@
+"""The command table: every command's name, module, function and help, its operands and examples.
+
+A leaf module (it imports nothing), like pip's ``commands_dict``: the parser, the dispatcher, the
+completion scripts and the grammar in cli/common.py all read it, and none of them has to import
+another to learn what the commands are.
+"""
+
+from __future__ import annotations
+
+EXIT_CODES = """exit codes:
+  0  success (plan: nothing to change)
+  1  runtime failure (qemu failed, a machine did not become ready, QMP error)
+  2  invalid input or usage (bad definition file, unknown machine, bad arguments)
+  3  plan only: changes are pending (`up` would start, recreate or stop something)
+  run, exec: the guest command's own exit code; exec: 255 when the guest went away before the command
+     finished (powered off, rebooted, qemu exited), as ssh does"""
+
+PENDING = 3  # `plan` exit code when `up` would change something
+
+# What operands a command takes after the optional FILE: "machines" (any number), "machine" (at most
+# one), "files" (only files), or a name of its own grammar.
+FILE_COMMANDS = {
+    "render": "machines", "config": "machines", "up": "machines", "down": "machines", "status": "machines",
+    "ps": "machines", "plan": "machines", "restart": "machines", "pause": "machines", "resume": "machines",
+    "reset": "machines", "logs": "machines", "events": "machine", "console": "machine", "inspect": "machine",
+    "exec": "machine", "ssh": "machine", "run": "machine", "qmp": "qmp", "cp": "cp", "snapshot": "snapshot",
+}
+
+# command -> (module in qemuspec.cli, function, help)
+COMMANDS = {
+    "validate": ("spec_commands", "validate", "check definition files; exit 2 with the errors when one is invalid"),
+    "render": ("spec_commands", "render", "print the qemu command line of machines"),
+    "config": ("spec_commands", "config", "print the resolved definition (templates and defaults applied)"),
+    "schema": ("spec_commands", "schema", "print the JSON Schema of definition files"),
+    "init": ("spec_commands", "init", "write a commented starter definition"),
+    "up": ("vm_commands", "up", "start what is missing or changed, wait until every machine is ready"),
+    "down": ("vm_commands", "down", "stop machines in reverse dependency order"),
+    "status": ("vm_commands", "status", "show each machine's state, pid, uptime, restarts and ports"),
+    "ps": ("vm_commands", "status", "same as status"),
+    "ls": ("vm_commands", "ls", "list every machine qemuspec runs on this host, whatever its definition file"),
+    "plan": ("vm_commands", "plan", "show what `up` would change, by field and argv; exit 3 when something would"),
+    "inspect": ("vm_commands", "inspect", "everything known about one machine: argv, state, ports, disks, events"),
+    "logs": ("vm_commands", "logs", "print serial console logs (or events with --events)"),
+    "events": ("vm_commands", "events", "print a machine's QMP and lifecycle events (JSON lines)"),
+    "console": ("vm_commands", "console", "attach to a machine's serial console (detach: Ctrl-])"),
+    "qmp": ("vm_commands", "qmp", "send one QMP command to a running machine"),
+    "pause": ("vm_commands", "pause", "pause machines' CPUs"),
+    "resume": ("vm_commands", "resume", "resume paused machines"),
+    "restart": ("vm_commands", "restart", "stop and start machines again"),
+    "run": ("run_command", "run", "boot on throwaway disks, run one command in the guest, tear down; exit with its code"),
+    "exec": ("guest_commands", "exec_", "run a command in a guest through its guest agent (stdin passed through)"),
+    "cp": ("guest_commands", "cp", "copy files to or from a guest (NAME:/path, or :/path) through its guest agent"),
+    "ssh": ("guest_commands", "ssh", "ssh into a guest with the state directory's key"),
+    "reset": ("guest_commands", "reset", "recreate a stopped machine's overlay disks from their base"),
+    "snapshot": ("guest_commands", "snapshot", "save, load, list or delete snapshots of a running machine"),
+    "import": ("spec_commands", "import_", "turn a qemu command line into a definition (nothing dropped)"),
+    "img": ("img_commands", "img", "disk images: create, info, convert, resize, snapshot, check, rebase; "
+                                   "pull, ls, prune (the base-image cache)"),
+    "completion": ("completion", "completion", "print a shell completion script: bash, zsh or fish"),
+}
+
+EXAMPLES = {
+    "": ["qemuspec up machines/dev.toml", "qemuspec status machines/dev.toml --json",
+         "qemuspec qmp machines/dev.toml query-status", "qemuspec down machines/dev.toml"],
+    "validate": ["qemuspec validate machines/dev.toml machines/example.yaml"],
+    "render": ["qemuspec render machines/dev.toml --shell"],
+    "config": ["qemuspec config machines/dev.toml --format yaml"],
+    "schema": ["qemuspec schema -o qemuspec.schema.json"],
+    "init": ["qemuspec init qemuspec.toml"],
+    "up": ["qemuspec up machines/dev.toml --timeout 300"],
+    "down": ["qemuspec down machines/dev.toml --purge"],
+    "status": ["qemuspec status machines/dev.toml"],
+    "plan": ["qemuspec plan machines/dev.toml --var memory=384M"],
+    "inspect": ["qemuspec inspect machines/dev.toml dev"],
+    "logs": ["qemuspec logs machines/dev.toml dev -n 20"],
+    "events": ["qemuspec events machines/dev.toml dev"],
+    "qmp": ["qemuspec qmp machines/dev.toml query-status", "qemuspec qmp machines/dev.toml dev query-block"],
+    "run": ["qemuspec run machines/dev.toml -- uname -a"],
+    "exec": ["qemuspec exec machines/dev.toml dev -- cat /proc/version"],
+    "cp": ["qemuspec cp machines/dev.toml ./README.md dev:/tmp/README.md"],
+    "snapshot": ["qemuspec snapshot list machines/dev.toml dev"],
+    "completion": ["qemuspec completion bash > qemuspec.bash"],
+}
