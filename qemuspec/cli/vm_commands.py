@@ -105,9 +105,15 @@ def up(ctx: Context, *, no_probe: bool, attach: bool, timeout: float | None, all
             machine = spec.machines[name]
             spec.machines[name] = machine.model_copy(update={"ready": machine.ready.model_copy(update={"timeout": timeout})})
     deadline = max((spec.machines[n].ready.timeout for n in reconcile.needed(spec, names)), default=None)
+    # what this `up` starts: a Ctrl-C stops these again (compose does for a foreground up), not the others
+    starting = [s["name"] for s in reconcile.plan(spec, target.root, names, _owner(target))
+                if s["action"] in ("start", "recreate", "starting")]
     progress = ctx.out.progress(names, deadline)
     try:
         outcomes = reconcile.up(spec, target.root, names, progress, owner=_owner(target))
+    except KeyboardInterrupt:
+        progress.close()
+        return _interrupted(ctx, spec, starting)
     finally:
         progress.close()
     _record(target, outcomes, declared)
@@ -117,6 +123,20 @@ def up(ctx: Context, *, no_probe: bool, attach: bool, timeout: float | None, all
     if attach:
         return _attach(ctx, spec, names)
     return 0
+
+
+def _interrupted(ctx: Context, spec: Any, starting: list[str]) -> int:
+    """Ctrl-C during `up`: stop the machines it was starting (their supervisors would boot them on
+    without anyone waiting), say so, and leave machines that were running before alone."""
+    from qemuspec import reconcile
+
+    others = [n for n in ctx.target.machines() if n not in starting]
+    print(f"qemuspec up: interrupted: stopping {', '.join(starting) or 'nothing'}"
+          + (f" (left running as before: {', '.join(others)})" if others else ""), file=sys.stderr, flush=True)
+    if starting:
+        _print_outcomes(ctx.out, reconcile.down(spec, ctx.target.root, starting, None, ctx.out.progress(starting),
+                                                owner=_owner(ctx.target)))
+    return 130
 
 
 def _attach(ctx: Context, spec: Any, names: list[str]) -> int:
