@@ -156,6 +156,44 @@ def _ask(binary: str) -> Capabilities:
 PROBE_TIMEOUT = 10.0
 
 
+def kvm_failure(binary: str, machine_type: str, cpu: str) -> str | None:
+    """Why ``binary`` cannot run this machine type and CPU model on KVM, or None when it can: qemu is
+    started stopped (``-S``, no guest) and asked for its status. KVM that exists but fails (nested hosts:
+    "failed to set MSR 0x10a" with -cpu max) aborts qemu while it sets the vCPUs up, before it answers;
+    a KVM on which the guest then hangs is not found this way (the readiness failure names it)."""
+    from qemuspec.qmp.sync import QMPClient
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    argv = [binary, "-accel", "kvm", "-machine", machine_type, "-cpu", cpu, "-m", "64", "-S", "-nodefaults",
+            "-no-user-config", "-display", "none", "-chardev", f"socket,id=qmp,fd={theirs.fileno()}",
+            "-mon", "chardev=qmp,mode=control"]
+    import tempfile
+
+    errors = tempfile.TemporaryFile()
+    proc = subprocess.Popen(argv, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=errors, start_new_session=True)
+    theirs.close()
+    try:
+        try:
+            with QMPClient.connect(ours, timeout=PROBE_TIMEOUT) as client:
+                client.command("query-status", timeout=PROBE_TIMEOUT)
+                client.command("quit")
+            return None
+        except QemuspecError as exc:
+            _kill_group(proc)
+            errors.seek(0)
+            said = [line for line in errors.read(4096).decode(errors="replace").splitlines() if line.strip()]
+            return "; ".join(said[:2]) or str(exc)
+    finally:
+        try:
+            proc.wait(PROBE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pass
+        _kill_group(proc)
+        errors.close()
+        ours.close()
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     """SIGKILL the probe's process group (it leads its own session) and reap it."""
     import signal
