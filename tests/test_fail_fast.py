@@ -27,7 +27,8 @@ TIMEOUT = 120.0
 # (id, kernel command line, extra definition lines, a readiness probe the guest never passes on its own)
 PANICS = [
     ("kernel-panics-before-init", "rdinit=/nope", "", "Kernel panic - not syncing: VFS: Unable to mount root fs"),
-    ("init-panics-through-sysrq", "qemuspec.panic=0", "[[machines.{name}.nics]]\nforwards = [{{ host = 0, guest = 7778 }}]\n",
+    ("init-panics-through-sysrq", "qemuspec.panic=0",
+     "[[machines.{name}.nics]]\nforwards = [{{ host = 0, guest = 7778 }}]\n",
      "Kernel panic - not syncing: sysrq triggered crash"),
 ]
 

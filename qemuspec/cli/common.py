@@ -226,12 +226,13 @@ def check_against_qemu(spec: Any, lines: dict, source: str, names: list[str]) ->
         machine = spec.machines[name]
         problems += capabilities.check(name, machine, capabilities.probe(machine.qemu))
         accels = [machine.accel] if isinstance(machine.accel, str) else list(machine.accel)
-        if accels[:1] == ["kvm"] and "tcg" not in accels and not Settings.from_env().accel and os.path.exists("/dev/kvm"):
+        demanded = accels[:1] == ["kvm"] and "tcg" not in accels and not Settings.from_env().accel
+        if demanded and os.path.exists("/dev/kvm"):
             why = capabilities.kvm_failure(machine.qemu, machine.machine, machine.cpu)  # explicit kvm: no fallback
             if why:
-                problems.append((("machines", name, "accel"), f'accel = "kvm" but qemu cannot start this machine on KVM '
-                                 f"here ({why}): use accel = \"auto\" (kvm when it works, else tcg) or \"tcg\", or run "
-                                 "with QEMUSPEC_ACCEL=tcg"))
+                problems.append((("machines", name, "accel"), 'accel = "kvm" but qemu cannot start this machine '
+                                 f'on KVM here ({why}): use accel = "auto" (kvm when it works, else tcg) or "tcg", '
+                                 "or run with QEMUSPEC_ACCEL=tcg"))
     if problems:
         from qemuspec.spec.messages import located
 

@@ -33,8 +33,8 @@ SLICE = 0.5  # seconds a waiter sleeps at most before it looks at pending signal
 # Console lines that mean the guest kernel died or broke: a readiness wait ends on them at once instead
 # of waiting out its timeout. Lockup and stall warnings are left out on purpose: under TCG on a loaded
 # host a healthy guest prints them, and it goes on booting.
-PANIC = re.compile(rb"Kernel panic - not syncing|\bOops: |\bBUG: (?!soft lockup|workqueue lockup)|general protection fault"
-                   rb"|kernel BUG at|Unable to handle (?:kernel|page fault)")
+PANIC = re.compile(rb"Kernel panic - not syncing|\bOops: |\bBUG: (?!soft lockup|workqueue lockup)"
+                   rb"|general protection fault|kernel BUG at|Unable to handle (?:kernel|page fault)")
 MAX_PANIC_LINES = 20
 
 

@@ -18,7 +18,8 @@ from qemuspec.spec.models import File
 
 _PATH_IN_MESSAGE = re.compile(r"^(machines\.[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_]+)*): ")
 # A machine-level check that points inside the machine: "append.3: ...", "disks.0.options.id: ..."
-_SUBPATH_IN_MESSAGE = re.compile(r"^((?:append|overrides|devices|objects|disks|nics|shares|ready)(?:\.[A-Za-z0-9_-]+)*): ")
+_SUBPATH_IN_MESSAGE = re.compile(r"^((?:append|overrides|devices|objects|disks|nics|shares|ready)"
+                                 r"(?:\.[A-Za-z0-9_-]+)*): ")
 
 
 def explain(exc: ValidationError, data: Any, source: str, lines: dict[tuple, int], root: type[BaseModel] = File) -> list[str]:
@@ -221,8 +222,10 @@ def _habit(error: Any, loc: tuple, data: Any, source: str, yaml11: dict) -> str 
                         fields["address"] = f'"{parts[0]}"'
                     forwards.append(table(**fields))
             listed = ", ".join(forwards) or table(host=8080, guest=80)
-            fix = f"nics: [{{forwards: [{listed}]}}]" if yaml else f"[[machines.{name}.nics]] with forwards = [{listed}]"
-            return (f'unknown key "ports" (docker compose\'s): qemuspec forwards host ports on a user-mode NIC: write {fix} '
+            fix = (f"nics: [{{forwards: [{listed}]}}]" if yaml
+                   else f"[[machines.{name}.nics]] with forwards = [{listed}]")
+            return (f'unknown key "ports" (docker compose\'s): qemuspec forwards host ports on a user-mode NIC: '
+                    f"write {fix} "
                     '(host 0 picks a free port; a forward binds 127.0.0.1 unless its address says otherwise)')
         if key in ("image", "images"):
             url = value if isinstance(value, str) else "https://..."

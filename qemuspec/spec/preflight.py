@@ -230,7 +230,8 @@ def _unbootable(machine: "Machine", name: str) -> Iterator[Problem]:
     what = (f"its only disk{'s' if len(blank) > 1 else ''} ({', '.join(blank)}) would be created blank by up"
             if blank else "it has no kernel, disk or cdrom")
     yield (), (f"machine {name} has nothing to boot: {what}, so the guest can never pass its readiness probe. Fill in "
-               'kernel = "path/to/vmlinuz" (with initrd and cmdline), or cdrom = "installer.iso" with boot_order = "dc", '
+               'kernel = "path/to/vmlinuz" (with initrd and cmdline), or cdrom = "installer.iso" with '
+               'boot_order = "dc", '
                "or point disks[0].file at an image that has an OS")
 
 
@@ -241,9 +242,11 @@ def _missing_files(machine: "Machine") -> Iterator[Problem]:
     for key in ("kernel", "initrd"):
         path = getattr(machine, key)
         if missing(path):
-            yield (key,), f'{key} file {path} does not exist: fix the path (relative paths are relative to the definition file)'
+            yield (key,), (f"{key} file {path} does not exist: fix the path (relative paths are relative to the "
+                           "definition file)")
         elif path is not None and os.path.isdir(path):
-            yield (key,), f"{key} {path} is a directory: name the {key} file in it (for example {os.path.join(path, 'vmlinuz' if key == 'kernel' else 'initrd.img')})"
+            inside = os.path.join(path, "vmlinuz" if key == "kernel" else "initrd.img")
+            yield (key,), f"{key} {path} is a directory: name the {key} file in it (for example {inside})"
         elif key == "kernel" and path is not None and _empty(path):
             yield (key,), f"kernel file {path} is empty: a build or download did not finish; rebuild it or fix the path"
     for key in ("code", "vars"):
