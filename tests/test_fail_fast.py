@@ -110,3 +110,24 @@ def test_ctrl_c_during_up_stops_the_machine_it_was_starting(tmp_path, guest):
     assert not qemu_pids(tmp_path), "no qemu of this test is left"
     rows = json.loads(subprocess.run([*ENTRY, "status", path, "--json"], capture_output=True, text=True).stdout)
     assert rows[0]["state"] == "stopped", rows
+
+
+def test_the_console_reader_keeps_panic_lines_and_not_lockup_warnings():
+    """A panic line split across reads still counts; a soft-lockup warning (a slow TCG guest prints one and
+    boots on) does not. A real socket pair stands in for qemu's chardev."""
+    import socket
+
+    from qemuspec.runtime.console import ConsoleReader
+
+    ours, guest_side = socket.socketpair()
+    reader = ConsoleReader(ours)
+    try:
+        guest_side.sendall(b"[    3.1] watchdog: BUG: soft lockup - CPU#0 stuck for 22s! [swapper/0:1]\r\n[    4.0] Kernel pa")
+        guest_side.sendall(b"nic - not syncing: Attempted to kill init! exitcode=0x00000100\r\n")
+        guest_side.sendall(b"[    4.1] BUG: kernel NULL pointer dereference, address: 0000000000000000\r\nready\n")
+        assert reader.wait_for("^ready$", 10)
+        assert reader.panics == ["[    4.0] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100",
+                                 "[    4.1] BUG: kernel NULL pointer dereference, address: 0000000000000000"]
+    finally:
+        guest_side.close()
+        reader.close()
