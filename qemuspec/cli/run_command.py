@@ -69,9 +69,9 @@ def run(ctx: Context, *, timeout: float | None, via: str, allow_local_qemu: bool
     from qemuspec.cli.common import preflight
 
     spec, lines = target.load()  # the same checks as `up`: the local-qemu rule, host paths outside the tree
-    _reachable(machine, name, via, target.path, lines)
     preflight(spec, lines, target.path, [name], allow_local_qemu=allow_local_qemu, settings=ctx.settings,
               allow_host_paths=allow_host_paths, out=ctx.out)
+    _reachable(machine, name, via, target.path, lines)
     from qemuspec.cli.common import check_against_qemu
 
     check_against_qemu(spec, lines, target.path, [name])  # as `up` does: qemu supports it, KVM works if demanded

@@ -396,7 +396,7 @@ class Instance:
         why = self._failure(events)
         if why is not None and self.process is not None and self.process.poll() is None and why != "qemu exited":
             self.process.wait(2.0)  # after GUEST_PANICKED or SHUTDOWN qemu goes on its own: say what it did
-        elif why is None and not isinstance(exc, ReadyTimeout) and self.process is not None:
+        elif why is None and not isinstance(exc, (ReadyTimeout, LaunchError)) and self.process is not None:
             self.process.wait(2.0)  # the console closed or a probe saw qemu go: its exit follows
             why = self._failure(events)
         code = self.process.poll() if self.process else None
@@ -412,8 +412,11 @@ class Instance:
         if why is None and "kvm" in self.layout.accel:
             hint = (" KVM can exist and still hang guests (nested virtualisation): try accel = \"tcg\" in the "
                     "definition, or QEMUSPEC_ACCEL=tcg for the whole run.")
-        if why is None:
+        if why is None and isinstance(exc, ReadyTimeout):
             head = f"machine {self.name} was not ready within {timeout:g} s"
+            detail = f"{exc}."
+        elif why is None:  # the wait could not go on (no forward for the probe, no console)
+            head = f"machine {self.name} failed{after}, before it was ready"
             detail = f"{exc}."
         else:
             head = f"machine {self.name} failed{after}, before it was ready"
