@@ -70,7 +70,7 @@ def test_up_of_a_panicking_guest_fails_at_once(tmp_path, guest, case, cmdline, e
         assert "qemu is still running (a panicked guest hangs)" in err, err
     assert not qemu_pids(tmp_path), "the failed machine is stopped"
     rows = json.loads(subprocess.run([*ENTRY, "status", path, "--json"], capture_output=True, text=True).stdout)
-    assert rows[0]["state"] != "running"
+    assert rows[0]["state"] == "failed" and "never became ready (the guest kernel panicked" in rows[0]["reason"], rows
 
 
 @pytest.mark.parametrize("case,cmdline,extra,panic_line", PANICS, ids=[p[0] for p in PANICS])

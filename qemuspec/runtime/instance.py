@@ -359,6 +359,7 @@ class Instance:
         except QemuspecError as exc:
             error = ReadyTimeout(self._not_ready(probe, timeout, exc, events))
             error.probe = probe  # for status: "never became ready (probe ..., after ... s)"
+            error.why = self._failure(events)
             raise error from None
         finally:
             for off in unsubscribe:
