@@ -35,7 +35,7 @@ KERNEL_PACKAGE = "linux-image-cloud-amd64"
 # Variants: the cloud kernel boots fastest; the generic one has CONFIG_VMGENID (warm-start tests need it)
 KERNELS = {"cloud": "linux-image-cloud-amd64", "generic": "linux-image-amd64"}
 MODULES = ["virtio_pci", "virtio_net", "virtio_console", "virtio_blk", "virtio-rng", "button", "evdev", "virtio_scsi",
-           "sr_mod", "isofs", "pvpanic-pci"]
+           "sr_mod", "isofs", "pvpanic-pci", "pvpanic-mmio"]
 MARKER = "qemuspec-guest ready"
 BINARIES = ["/usr/sbin/dropbear", "/usr/bin/dropbearkey", "/usr/sbin/qemu-ga"]
 

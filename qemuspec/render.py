@@ -131,7 +131,7 @@ def render(machine: Machine, name: str, layout: Layout) -> list[str]:
     if wants_vmgenid(machine):
         argv += ["-device", "vmgenid,id=qemuspec-vmgenid"]
     if _wants_pvpanic(machine):
-        argv += ["-device", "pvpanic-pci"]
+        argv += ["-device", f"pvpanic,id={own('pvpanic')}"]
     if machine.overrides:
         argv = _without(argv, machine.overrides)
     argv += machine.append
@@ -139,9 +139,11 @@ def render(machine: Machine, name: str, layout: Layout) -> list[str]:
 
 
 def _wants_pvpanic(machine: Machine) -> bool:
-    """A restart policy that counts guest panics needs qemu to hear of them: without a pvpanic device
-    a panicked Linux just hangs. Added on PCI machines unless the definition has one already."""
-    if machine.restart == "no" or not (machine.machine.startswith(("q35", "pc")) or "-q35-" in machine.machine or "-i440fx-" in machine.machine):
+    """qemu must hear of a guest panic: without a pvpanic device a panicked Linux just hangs, so a
+    readiness wait would sit out its timeout and a restart policy would never see the failure. The ISA
+    device (port 0x505, found through ACPI) takes no PCI slot, so the devices the definition declares keep
+    their addresses. Added on pc/q35 machines unless the definition has one already."""
+    if not (machine.machine.startswith(("q35", "pc")) or "-q35-" in machine.machine or "-i440fx-" in machine.machine):
         return False
     if any(dev.driver.startswith("pvpanic") for dev in machine.devices):
         return False

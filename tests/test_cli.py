@@ -84,10 +84,15 @@ def test_usage_errors_exit_2(tmp_path):
     assert cli("validate", str(tmp_path / "missing.toml")).returncode == 2
 
 
-def test_init_writes_a_definition_that_validates_and_never_overwrites(tmp_path):
+def test_init_writes_a_definition_that_says_what_to_fill_in_and_never_overwrites(tmp_path):
     path = tmp_path / "new.toml"
     assert cli("init", str(path)).returncode == 0
-    assert cli("validate", str(path)).returncode == 0
+    blank = cli("validate", str(path))  # its disk is created blank: nothing boots until a boot source is filled in
+    assert blank.returncode == 2 and "nothing to boot" in blank.stderr and 'kernel = "path/to/vmlinuz"' in blank.stderr
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"\x7fELF")
+    path.write_text(path.read_text().replace('# kernel = "vmlinuz"', 'kernel = "vmlinuz"'))
+    assert cli("validate", str(path)).returncode == 0, "filled in, it validates"
     path.write_text("# mine\n")
     again = cli("init", str(path))
     assert again.returncode == 2 and "--force" in again.stderr

@@ -118,6 +118,7 @@ def test_python_dash_m_and_quiet(tmp_path):
     path = tmp_path / "q.toml"
     quiet = subprocess.run([*ENTRY, "init", str(path), "--quiet"], capture_output=True, text=True)
     assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
+    path.write_text(path.read_text().replace('# kernel = "vmlinuz"', 'kernel = "q.toml"'))  # something to boot
     valid = subprocess.run([*ENTRY, "validate", str(path), "-q"], capture_output=True, text=True)
     assert valid.returncode == 0 and valid.stdout == ""
 

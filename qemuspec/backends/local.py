@@ -140,8 +140,7 @@ class LocalBackend:
             from qemuspec.runtime import capabilities
 
             for name in names:
-                machine = spec.machines[name]
-                problems += capabilities.check(name, machine, capabilities.probe(machine.qemu))
+                problems += capabilities.machine_problems(name, spec.machines[name])
         return problems
 
     def refusal(self, name: str, machine: Machine, command: str) -> str | None:

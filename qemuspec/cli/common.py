@@ -227,10 +227,7 @@ def check_against_qemu(spec: File, lines: dict, source: str, names: list[str]) -
     from qemuspec.errors import SpecError
     from qemuspec.runtime import capabilities
 
-    problems = []
-    for name in names:
-        machine = spec.machines[name]
-        problems += capabilities.check(name, machine, capabilities.probe(machine.qemu))
+    problems = [p for name in names for p in capabilities.machine_problems(name, spec.machines[name])]
     if problems:
         from qemuspec.spec.messages import located
 

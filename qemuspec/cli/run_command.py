@@ -13,9 +13,13 @@ import signal
 import sys
 import tempfile
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from qemuspec.cli.common import Context
 from qemuspec.errors import QemuspecError, UsageError
+
+if TYPE_CHECKING:
+    from qemuspec.spec.models import Machine
 
 
 class Stopped(BaseException):
@@ -27,6 +31,27 @@ class Stopped(BaseException):
 
 def _raise(signum: int, frame: FrameType | None) -> None:
     raise Stopped(signum)
+
+
+def _reachable(machine: Machine, name: str, via: str, source: str, lines: dict) -> None:
+    """`run` needs a way into the guest: the agent channel, or a user-mode forward to its ssh port. Said
+    before anything boots, not after the guest is up."""
+    ssh = any(n.type == "user" and any(f.guest == machine.ssh.port for f in n.forwards) for n in machine.nics)
+    if via == "agent" and not machine.agent:
+        why = "--via agent needs the guest-agent channel: add agent = true (the guest runs qemu-guest-agent)"
+    elif via == "ssh" and not ssh:
+        why = (f"--via ssh needs a user NIC with a forward to the guest's ssh port {machine.ssh.port}: add "
+               f"forwards = [{{ host = 0, guest = {machine.ssh.port} }}] (the guest runs an ssh server)")
+    elif via == "auto" and not (machine.agent or ssh):
+        why = (f"run cannot reach machine {name}: it has no guest agent and no forward to its ssh port "
+               f"{machine.ssh.port}: add agent = true (the guest runs qemu-guest-agent), or a user NIC with "
+               f"forwards = [{{ host = 0, guest = {machine.ssh.port} }}] (the guest runs an ssh server)")
+    else:
+        return
+    from qemuspec.errors import SpecError
+    from qemuspec.spec.messages import located
+
+    raise SpecError(located(source, lines, [(("machines", name), why)]))
 
 
 def run(ctx: Context, *, timeout: float | None, via: str, allow_local_qemu: bool = False,
@@ -46,9 +71,13 @@ def run(ctx: Context, *, timeout: float | None, via: str, allow_local_qemu: bool
     spec, lines = target.load()  # the same checks as `up`: the local-qemu rule, host paths outside the tree
     preflight(spec, lines, target.path, [name], allow_local_qemu=allow_local_qemu, settings=ctx.settings,
               allow_host_paths=allow_host_paths, out=ctx.out)
+    _reachable(machine, name, via, target.path, lines)
     from qemuspec.cli.img_commands import ensure_images
 
-    ensure_images(ctx, spec, [name])  # base images cached and checked before qemu starts
+    ensure_images(ctx, spec, [name])  # base images cached and checked before qemu starts (the probe's too)
+    from qemuspec.cli.common import check_against_qemu
+
+    check_against_qemu(spec, lines, target.path, [name])  # as `up` does: qemu supports it, KVM works if demanded
     writable = [d.file for d in machine.disks if not d.readonly and os.path.exists(d.file)]
     if writable:
         from qemuspec.runtime.instance import Instance

@@ -14,6 +14,8 @@ STARTER = """\
 # A qemuspec definition. Validate with `qemuspec validate {name}`, start with `qemuspec up {name}`.
 # Every key is in the JSON Schema: `qemuspec schema -o qemuspec.schema.json`, then put the line
 # `#:schema qemuspec.schema.json` at the top of this file and your editor completes and checks keys.
+# Fill in what the machine boots before `up` (a kernel, an installer cdrom, or a disk image with an OS):
+# the disk below is created blank, and validate says so until something can boot.
 
 [vars]                       # template variables, used below in double braces;
 memory = "512M"              # override with QEMUSPEC_VAR_memory=1G or --var memory=1G
@@ -195,7 +197,8 @@ def init(ctx: Context, *, target_file: str, force: bool, template: str | None = 
         ctx.out.say(f"wrote {path} ({distros.DISTROS[template][0]}): `qemuspec up {path}` downloads the image once, "
                     "boots it and waits for cloud-init")
     else:
-        ctx.out.say(f"wrote {path}: edit kernel/initrd (or add a disk), then `qemuspec up {path}`")
+        ctx.out.say(f"wrote {path}: fill in what it boots (kernel/initrd, a cdrom, or a disk image with an OS), "
+                    f"then `qemuspec validate {path}` and `qemuspec up {path}`")
     return 0
 
 

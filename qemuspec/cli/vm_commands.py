@@ -108,9 +108,16 @@ def up(ctx: Context, *, no_probe: bool, attach: bool, timeout: float | None, all
         if not no_probe:
             _checked(ctx, started, allow_local_qemu, allow_host_paths, ports=True, probe=True)
     deadline = max((spec.machines[n].ready.timeout for n in started), default=None)
+    chosen = backends(ctx)
+    # what this `up` starts: a Ctrl-C stops these again (compose does for a foreground up), not the others
+    starting = [s["name"] for s in reconcile.plan(spec, chosen, names, _owner(target))
+                if s["action"] in ("start", "recreate", "starting")]
     progress = ctx.out.progress(names, deadline)
     try:
-        outcomes = reconcile.up(spec, target.root, names, backends(ctx), progress, owner=_owner(target), record=declared)
+        outcomes = reconcile.up(spec, target.root, names, chosen, progress, owner=_owner(target), record=declared)
+    except KeyboardInterrupt:
+        progress.close()
+        return _interrupted(ctx, spec, starting)
     finally:
         progress.close()
     _print_outcomes(ctx.out, outcomes)
@@ -119,6 +126,20 @@ def up(ctx: Context, *, no_probe: bool, attach: bool, timeout: float | None, all
     if attach:
         return _attach(ctx, spec, names)
     return 0
+
+
+def _interrupted(ctx: Context, spec: "File", starting: list[str]) -> int:
+    """Ctrl-C during `up`: stop the machines it was starting (their supervisors would boot them on
+    without anyone waiting), say so, and leave machines that were running before alone."""
+    from qemuspec import reconcile
+
+    others = [n for n in ctx.target.machines() if n not in starting]
+    print(f"qemuspec up: interrupted: stopping {', '.join(starting) or 'nothing'}"
+          + (f" (left running as before: {', '.join(others)})" if others else ""), file=sys.stderr, flush=True)
+    if starting:
+        _print_outcomes(ctx.out, reconcile.down(spec, ctx.target.root, starting, backends(ctx), None, ctx.out.progress(starting),
+                                                owner=_owner(ctx.target)))
+    return 130
 
 
 def _attach(ctx: Context, spec: "File", names: list[str]) -> int:

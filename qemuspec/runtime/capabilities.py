@@ -158,6 +158,44 @@ def _ask(binary: str) -> Capabilities:
 PROBE_TIMEOUT = 10.0
 
 
+def kvm_failure(binary: str, machine_type: str, cpu: str) -> str | None:
+    """Why ``binary`` cannot run this machine type and CPU model on KVM, or None when it can: qemu is
+    started stopped (``-S``, no guest) and asked for its status. KVM that exists but fails (nested hosts:
+    "failed to set MSR 0x10a" with -cpu max) aborts qemu while it sets the vCPUs up, before it answers;
+    a KVM on which the guest then hangs is not found this way (the readiness failure names it)."""
+    from qemuspec.qmp.sync import QMPClient
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    argv = [binary, "-accel", "kvm", "-machine", machine_type, "-cpu", cpu, "-m", "64", "-S", "-nodefaults",
+            "-no-user-config", "-display", "none", "-chardev", f"socket,id=qmp,fd={theirs.fileno()}",
+            "-mon", "chardev=qmp,mode=control"]
+    import tempfile
+
+    errors = tempfile.TemporaryFile()
+    proc = subprocess.Popen(argv, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=errors, start_new_session=True)
+    theirs.close()
+    try:
+        try:
+            with QMPClient.connect(ours, timeout=PROBE_TIMEOUT) as client:
+                client.command("query-status", timeout=PROBE_TIMEOUT)
+                client.command("quit")
+            return None
+        except QemuspecError as exc:
+            _kill_group(proc)
+            errors.seek(0)
+            said = [line for line in errors.read(4096).decode(errors="replace").splitlines() if line.strip()]
+            return "; ".join(said[:2]) or str(exc)
+    finally:
+        try:
+            proc.wait(PROBE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pass
+        _kill_group(proc)
+        errors.close()
+        ours.close()
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     """SIGKILL the probe's process group (it leads its own session) and reap it."""
     import signal
@@ -191,6 +229,24 @@ def _help_options(binary: str) -> list[str]:
 def _closest(word: str, choices, what: str) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f'did you mean "{close[0]}"?' if close else f"see `{what}`"
+
+
+def machine_problems(name: str, machine, forced_accel: str | None = None) -> list[tuple[tuple, str]]:
+    """What the machine's qemu binary says against the machine (cached), and, when the machine
+    demands KVM alone, whether qemu can start it on KVM here (explicit kvm has no fallback). The one
+    probe of a definition against qemu: `up`'s local preflight, `run` and `validate --probe`."""
+    from qemuspec.settings import current
+
+    problems = check(name, machine, probe(machine.qemu))
+    accels = [machine.accel] if isinstance(machine.accel, str) else list(machine.accel)
+    demanded = accels[:1] == ["kvm"] and "tcg" not in accels and not (forced_accel or current().accel)
+    if demanded and os.path.exists("/dev/kvm"):
+        why = kvm_failure(machine.qemu, machine.machine, machine.cpu)
+        if why:
+            problems.append((("machines", name, "accel"), 'accel = "kvm" but qemu cannot start this machine '
+                             f'on KVM here ({why}): use accel = "auto" (kvm when it works, else tcg) or "tcg", '
+                             "or run with QEMUSPEC_ACCEL=tcg"))
+    return problems
 
 
 def check(name: str, machine, caps: Capabilities) -> list[tuple[tuple, str]]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import struct
 import threading
@@ -29,6 +30,12 @@ if TYPE_CHECKING:
 KEEP = 1 << 20  # bytes of console kept in memory for matching
 CLIENT_SEND_TIMEOUT = 5.0  # a console client that takes no bytes for this long is dropped (it must not stall the guest)
 SLICE = 0.5  # seconds a waiter sleeps at most before it looks at pending signals and stop requests
+# Console lines that mean the guest kernel died or broke: a readiness wait ends on them at once instead
+# of waiting out its timeout. Lockup and stall warnings are left out on purpose: under TCG on a loaded
+# host a healthy guest prints them, and it goes on booting.
+PANIC = re.compile(rb"Kernel panic - not syncing|\bOops: |\bBUG: (?!soft lockup|workqueue lockup)"
+                   rb"|general protection fault|kernel BUG at|Unable to handle (?:kernel|page fault)")
+MAX_PANIC_LINES = 20
 
 
 class ConsoleReader:
@@ -42,6 +49,8 @@ class ConsoleReader:
         self.log = log
         self._client: socket.socket | None = None  # the console proxy's attached client, if any
         self._client_lock = threading.Lock()
+        self.panics: list[str] = []  # console lines that say the guest kernel panicked or oopsed (PANIC)
+        self._partial = b""  # the console line being received, for PANIC
         self._thread = threading.Thread(target=self._read, name="console-reader", daemon=True)
         self._thread.start()
 
@@ -64,6 +73,7 @@ class ConsoleReader:
                 if self.log is not None:
                     self.log.write(data)  # first: the log holds every byte a client is shown
                 self._pass_on(data)
+                self._scan(data)
                 with self._cond:
                     self._buffer += data
                     if len(self._buffer) > KEEP:
@@ -78,6 +88,14 @@ class ConsoleReader:
         self.detach()
         if self.log is not None:
             self.log.close()
+
+    def _scan(self, data: bytes) -> None:
+        """Keep the console lines that match PANIC (the waiter is woken with the data right after)."""
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()[-4096:]
+        for line in lines:
+            if len(self.panics) < MAX_PANIC_LINES and PANIC.search(line):
+                self.panics.append(line.decode(errors="replace").strip())
 
     def _pass_on(self, data: bytes) -> None:
         with self._client_lock:

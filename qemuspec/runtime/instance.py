@@ -28,6 +28,11 @@ if TYPE_CHECKING:
     from qemuspec.spec.models import Machine
 
 GREETING_TIMEOUT = 15.0
+FATAL_EVENTS = ("GUEST_PANICKED", "SHUTDOWN")  # during readiness: the guest will not become ready
+
+
+class _GuestFailed(QemuspecError):
+    """Raised from a probe's hook when the guest died (Instance._failure says how): ends the wait."""
 
 
 @dataclass
@@ -65,6 +70,7 @@ class Instance:
         self.stopping: Callable[[], bool] = lambda: False  # the supervisor's "stop requested": ends ready waits
         self._listeners: list[tuple[str, Callable[[dict], object]]] = []
         self._log_offset = 0
+        self._qemu_log_offset = 0  # where this qemu's stderr begins in qemu.log
 
     @property
     def planned(self) -> Layout:
@@ -154,7 +160,7 @@ class Instance:
             self._log_offset = os.path.getsize(base.serial_log) if os.path.exists(base.serial_log) else 0
             log_fd = statedir.open_log(base.state_dir, statedir.QEMU_LOG)
             try:
-                qemu_log_offset = os.fstat(log_fd).st_size
+                qemu_log_offset = self._qemu_log_offset = os.fstat(log_fd).st_size
                 popen = spawn(launch_argv, log_fd, pass_fds=tuple(fds.values()) + ((memory_fd,) if memory_fd is not None else ()))
             finally:
                 os.close(log_fd)
@@ -294,16 +300,38 @@ class Instance:
     # -- readiness --------------------------------------------------------------------------------
 
     def wait_ready(self, timeout: float | None = None) -> float:
-        """Run the machine's readiness probes; returns the seconds it took since launch."""
+        """Run the machine's readiness probes; returns the seconds it took since launch. A guest that dies
+        first (a panic line on the console, QMP GUEST_PANICKED or SHUTDOWN, qemu exiting) ends the wait at
+        once: the timeout is there for slow guests, and a dead one would only wait it out."""
         from qemuspec.runtime import probes
 
         assert self.process is not None and self.qmp is not None
         ready = self.machine.ready
         timeout = ready.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
+        events: list[dict] = []  # GUEST_PANICKED and SHUTDOWN of this qemu
+
+        def heard(event: dict) -> None:  # on the QMP reader thread: note it and wake the console wait
+            events.append(event)
+            if self.console is not None:
+                self.console.interrupt()
+
+        unsubscribe = [self.qmp.on(name, heard) for name in FATAL_EVENTS]
+        for name in FATAL_EVENTS:  # sent before the wait began (the supervisor serves the console first)
+            with contextlib.suppress(QemuspecError):
+                event = self.qmp.wait_for(name, 0, since=0)
+                if event not in events:
+                    events.append(event)
+
+        def stopping() -> bool:  # the console wait's hook: a stop request, or a guest that died
+            if self.stopping():
+                return True
+            if self._failure(events):
+                raise _GuestFailed()
+            return False
 
         def running() -> bool:  # every probe asks this between attempts: a stop request ends the wait there
-            if self.stopping():
+            if stopping():
                 raise StopRequested(f"machine {self.name}: stopped while waiting for it to become ready")
             return self.process is not None and self.process.poll() is None
 
@@ -319,7 +347,7 @@ class Instance:
                 if self.console is None:
                     raise LaunchError(f'ready.serial needs serial = "log" or "socket" (machine {self.name} has "{self.machine.serial}")')
                 try:
-                    self.console.wait_for(ready.serial, max(0.0, deadline - time.monotonic()), self.stopping)
+                    self.console.wait_for(ready.serial, max(0.0, deadline - time.monotonic()), stopping)
                 except EOFError:
                     raise QemuspecError("qemu exited before the console showed it") from None
             for guest, expect, label in ((ready.tcp, None, "tcp"), (self.machine.ssh.port if ready.ssh else None, b"SSH-", "ssh")):
@@ -340,10 +368,32 @@ class Instance:
         except StopRequested:  # one message whichever probe was waiting
             raise StopRequested(f"machine {self.name}: stopped while waiting for it to become ready (probe: {probe})") from None
         except QemuspecError as exc:
-            error = ReadyTimeout(self._not_ready(probe, timeout, exc))
+            error = ReadyTimeout(self._not_ready(probe, timeout, exc, events))
             error.probe = probe  # for status: "never became ready (probe ..., after ... s)"
+            error.why = self._failure(events)
             raise error from None
+        finally:
+            for off in unsubscribe:
+                off()
         return time.time() - (self.started_at or time.time())
+
+    def _failure(self, events: list[dict]) -> str | None:
+        """Why the guest can no longer become ready (its kernel panicked, it shut down, qemu exited), or
+        None while it still may."""
+        panics = self.console.panics if self.console is not None else []
+        names = [event.get("event") for event in events]
+        if panics:
+            return f"the guest kernel panicked: {panics[0]}"
+        if "GUEST_PANICKED" in names:
+            return "the guest kernel panicked (QMP GUEST_PANICKED from the pvpanic device)"
+        for event in events:
+            reason = (event.get("data") or {}).get("reason")
+            if event.get("event") == "SHUTDOWN":
+                return "the guest kernel panicked (QMP SHUTDOWN, reason guest-panic)" if reason == "guest-panic" \
+                    else f"the machine shut down (QMP SHUTDOWN, reason {reason})"
+        if self.process is not None and self.process.poll() is not None:
+            return "qemu exited"
+        return None
 
     def host_port(self, guest: int, protocol: str = "tcp") -> int:
         for port in self.ports:
@@ -351,18 +401,41 @@ class Instance:
                 return port["host"]
         raise LaunchError(f"machine {self.name} has no {protocol} forward to guest port {guest}: add forwards = [{{ host = 0, guest = {guest} }}] to a user NIC")
 
-    def _not_ready(self, probe: str, timeout: float, exc: Exception) -> str:
+    def _not_ready(self, probe: str, timeout: float, exc: Exception, events: list[dict]) -> str:
+        """The ready failure as it was: after how long, why (timeout, panic, shutdown, exit), qemu's real
+        state, the guest's panic lines, the last console lines and qemu's stderr."""
         accels = ",".join(self.layout.accel) or "?"
+        why = self._failure(events)
+        if why is not None and self.process is not None and self.process.poll() is None and why != "qemu exited":
+            self.process.wait(2.0)  # after GUEST_PANICKED or SHUTDOWN qemu goes on its own: say what it did
+        elif why is None and not isinstance(exc, (ReadyTimeout, LaunchError)) and self.process is not None:
+            self.process.wait(2.0)  # the console closed or a probe saw qemu go: its exit follows
+            why = self._failure(events)
         code = self.process.poll() if self.process else None
         state = f"qemu exited with code {code}" if code is not None else "qemu is still running"
+        if code is None and why is not None and "panicked" in why:
+            state += " (a panicked guest hangs)"
+        elapsed = time.time() - self.started_at if self.started_at else None
+        after = f" {elapsed:.1f} s after launch" if elapsed is not None else ""
         console = tail(self.layout.serial_log, 20, self._log_offset) or "(nothing)"
-        stderr = tail(self.layout.qemu_log, 20) or "(nothing)"
+        stderr = tail(self.layout.qemu_log, 20, self._qemu_log_offset) or "(nothing)"
+        panics = self.console.panics if self.console is not None else []
         hint = ""
-        if "kvm" in self.layout.accel:
+        if why is None and "kvm" in self.layout.accel:
             hint = (" KVM can exist and still hang guests (nested virtualisation): try accel = \"tcg\" in the "
                     "definition, or QEMUSPEC_ACCEL=tcg for the whole run.")
-        return (f"machine {self.name} was not ready within {timeout:g} s (probe: {probe}; accelerator: {accels}; {state}): {exc}.{hint}\n"
-                f"--- last console lines ---\n{console}\n--- qemu stderr ---\n{stderr}")
+        if why is None and isinstance(exc, ReadyTimeout):
+            head = f"machine {self.name} was not ready within {timeout:g} s"
+            detail = f"{exc}."
+        elif why is None:  # the wait could not go on (no forward for the probe, no console)
+            head = f"machine {self.name} failed{after}, before it was ready"
+            detail = f"{exc}."
+        else:
+            head = f"machine {self.name} failed{after}, before it was ready"
+            detail = f"{why}." if why != "qemu exited" else f"{exc}."
+        return (f"{head} (probe: {probe}; accelerator: {accels}; {state}): {detail}{hint}\n"
+                + ("--- guest panic lines ---\n" + "\n".join(panics) + "\n" if panics else "")
+                + f"--- last console lines ---\n{console}\n--- qemu stderr ---\n{stderr}")
 
     # -- control ----------------------------------------------------------------------------------
 

@@ -350,8 +350,9 @@ def _shown(value: object) -> str:
 
 
 def _owned_device(item: str) -> bool:
-    """The devices of qemuspec's own channels: its agent port and the console's serial port wiring."""
-    return "org.qemu.guest_agent.0" in item and "<qemuspec's own chardev>" in item
+    """The devices of qemuspec's own channels: its agent port and the console's serial port wiring, and
+    the panic device it adds (render.py, _wants_pvpanic)."""
+    return ("org.qemu.guest_agent.0" in item and "<qemuspec's own chardev>" in item) or "id='qemuspec-pvpanic'" in item
 
 
 def _multiset_minus(a: Iterable[str], b: Iterable[str]) -> list[str]:

@@ -507,9 +507,9 @@ class Supervisor:
                 traceback.print_exc()
             first_line = detail.split("\n", 1)[0]
             self.event("QEMUSPEC_FAILED", error=first_line)
-            probe = getattr(exc, "probe", None)
-            self.last = Ending(True, f"never became ready (probe {probe}, after {time.monotonic() - began:.1f} s)" if probe
-                               else f"failed to start: {first_line}")
+            probe, why = getattr(exc, "probe", None), getattr(exc, "why", None)
+            self.last = Ending(True, f"never became ready ({why + '; ' if why else ''}probe {probe}, after "
+                               f"{time.monotonic() - began:.1f} s)" if probe else f"failed to start: {first_line}")
             self.tell("failed", detail=detail)
             self._unserve_console()
             inst.kill()

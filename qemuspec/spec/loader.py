@@ -162,6 +162,29 @@ def _toml_key(raw: str) -> tuple:
     return tuple(next(p for p in part if p) if any(part) else "" for part in parts)
 
 
+class Lines(dict):
+    """Key paths to 1-based line numbers; for YAML also ``yaml11``: the plain values YAML 1.1 reads as
+    something other than what was typed (``no`` as false, ``22:22`` as the base-60 number 1342, ``010``
+    as 8), path -> the text as written, so an error about such a value can say what happened."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.yaml11: dict[tuple, str] = {}
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_NUMBERS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+
+
+def _yaml11_trap(node: yaml.ScalarNode) -> bool:
+    """A plain scalar that YAML 1.1 (PyYAML) turns into a bool or a number people rarely mean by it."""
+    if node.style is not None:
+        return False
+    if node.tag == _BOOL:
+        return node.value.lower() not in ("true", "false")
+    return node.tag in _NUMBERS and (":" in node.value or re.match(r"^[-+]?0[0-7_]+$", node.value) is not None)
+
+
 def _yaml(text: str, source: str) -> tuple[object, dict[tuple, int]]:
     import yaml
 
@@ -173,7 +196,7 @@ def _yaml(text: str, source: str) -> tuple[object, dict[tuple, int]]:
         node = loader.get_single_node()
         if node is None:
             return {}, {}
-        lines: dict[tuple, int] = {}
+        lines = Lines()
         _yaml_walk(node, (), lines, source, limits.NodeBudget(source))
         data = loader.construct_document(node)
     except yaml.MarkedYAMLError as exc:
@@ -220,3 +243,5 @@ def _yaml_walk(node: yaml.Node, path: tuple, lines: dict[tuple, int], source: st
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
             _yaml_walk(item, path + (index,), lines, source, budget)
+    elif isinstance(node, yaml.ScalarNode) and isinstance(lines, Lines) and _yaml11_trap(node):
+        lines.yaml11[path] = node.value

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 _PATH_IN_MESSAGE = re.compile(r"^(machines\.[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_]+)*): ")
 # A machine-level check that points inside the machine: "append.3: ...", "disks.0.options.id: ..."
-_SUBPATH_IN_MESSAGE = re.compile(r"^((?:append|overrides|devices|objects|disks|nics|shares)(?:\.[A-Za-z0-9_-]+)*): ")
+_SUBPATH_IN_MESSAGE = re.compile(r"^((?:append|overrides|devices|objects|disks|nics|shares|ready)"
+                                 r"(?:\.[A-Za-z0-9_-]+)*): ")
 
 
 def explain(exc: ValidationError, data: object, source: str, lines: dict[tuple, int], root: type[BaseModel] = File) -> list[str]:
@@ -47,6 +48,11 @@ def explain(exc: ValidationError, data: object, source: str, lines: dict[tuple, 
             continue  # another branch of a union: the first says it
         seen.add(loc)
         what = _describe(error, message, loc, root)
+        yaml11 = getattr(lines, "yaml11", {})
+        if loc in yaml11:
+            what = _yaml11(yaml11[loc], error, loc)
+        elif (habit := _habit(error, loc, data, source, yaml11)) is not None:
+            what = habit
         path = dotted(loc)
         where = _line(lines, loc)
         head = f"{source}:{where}" if where else source
@@ -169,6 +175,79 @@ def _describe(error: ErrorDetails, message: str, loc: tuple, root: type[BaseMode
     if kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
         return f"{_show(value)} is out of range: {message[0].lower() + message[1:]}"
     return message[0].lower() + message[1:] if message else kind
+
+
+def _yaml11(raw: str, error: ErrorDetails, loc: tuple) -> str:
+    """A YAML 1.1 trap: say what the unquoted text became and how to write what was meant."""
+    value = error.get("input")
+    key = loc[-1] if loc and isinstance(loc[-1], str) else None
+    quoted = f'{key}: "{raw}"' if key else f'"{raw}"'
+    if isinstance(value, bool):
+        became = f"the boolean {'true' if value else 'false'}"
+    elif ":" in raw:
+        became = f"the base-60 number {value}"
+    else:
+        became = f"the octal number {value}"
+    fix = f"write it in quotes ({quoted})"
+    if error["type"] in ("dict_type", "model_type", "model_attributes_type") and ":" in raw:
+        host, _, guest = raw.rpartition(":")
+        fix = f"a forward is a table here: write {{host: {host}, guest: {guest}}}"
+    return f"YAML 1.1 reads the unquoted {raw} as {became}, not as the text you wrote: {fix}"
+
+
+_COMPOSE_RESTART = {"unless-stopped": "always", "on_failure": "on-failure", "never": "no", "false": "no"}
+
+
+def _habit(error: ErrorDetails, loc: tuple, data: object, source: str, yaml11: dict) -> str | None:
+    """What a docker compose, Lima or Vagrant habit is called here, with the fix written out (in the
+    file's own syntax)."""
+    yaml = source.endswith((".yaml", ".yml"))
+    value = error.get("input")
+
+    def table(**fields: object) -> str:
+        if yaml:
+            return "{" + ", ".join(f"{k}: {v}" for k, v in fields.items()) + "}"
+        return "{ " + ", ".join(f"{k} = {v}" for k, v in fields.items()) + " }"
+
+    if len(loc) == 3 and loc[0] == "machines" and error["type"] == "extra_forbidden":
+        key, name = loc[2], loc[1]
+        if key == "ports":
+            forwards = []
+            for index, item in enumerate(value if isinstance(value, list) else [value]):
+                text = yaml11.get(loc + (index,), str(item))
+                spec, _, proto = text.partition("/")
+                parts = spec.split(":")
+                if len(parts) >= 2 and parts[-1].isdigit() and parts[-2].isdigit():
+                    fields: dict[str, object] = {"host": parts[-2], "guest": parts[-1]}
+                    if proto:
+                        fields["protocol"] = f'"{proto}"'
+                    if len(parts) == 3 and parts[0] not in ("", "127.0.0.1"):
+                        fields["address"] = f'"{parts[0]}"'
+                    forwards.append(table(**fields))
+            listed = ", ".join(forwards) or table(host=8080, guest=80)
+            fix = (f"nics: [{{forwards: [{listed}]}}]" if yaml
+                   else f"[[machines.{name}.nics]] with forwards = [{listed}]")
+            return (f'unknown key "ports" (docker compose\'s): qemuspec forwards host ports on a user-mode NIC: '
+                    f"write {fix} "
+                    '(host 0 picks a free port; a forward binds 127.0.0.1 unless its address says otherwise)')
+        if key in ("image", "images"):
+            url = value if isinstance(value, str) else "https://..."
+            image = table(url=f'"{url}"', digest='"sha256:..."')
+            fix = f"disks: [{{image: {image}}}]" if yaml else f"[[machines.{name}.disks]] with image = {image}"
+            return (f'unknown key "{key}" (Lima\'s and compose\'s): a machine boots from its disks: write {fix} '
+                    '(downloaded and checked once, then cached), or give the disk the file of a downloaded image')
+        if key in ("mounts", "volumes"):
+            fix = table(source='"path"', tag='"NAME"')
+            return (f'unknown key "{key}" (Lima\'s and compose\'s): host directories are shares here: write '
+                    + (f"shares: [{fix}]" if yaml else f"[[machines.{name}.shares]] with {fix[2:-2]}")
+                    + " (mounted in the guest by its tag)")
+    if loc[-1:] == ("cmdline",) and isinstance(value, list):
+        joined = " ".join(str(v) for v in value)
+        return f'the kernel command line is one text, not a list: write cmdline{":" if yaml else " ="} "{joined}"'
+    if loc[-1:] == ("restart",) and str(value) in _COMPOSE_RESTART:
+        return (f'"{value}" is not a restart policy here (docker\'s words): use "{_COMPOSE_RESTART[str(value)]}" '
+                '(one of "no", "on-failure", "always")')
+    return None
 
 
 def _show(value: object) -> str:

@@ -513,6 +513,10 @@ class Machine(Model):
         if (self.initrd or self.cmdline) and not self.kernel:
             field = "initrd" if self.initrd else "cmdline"
             raise ValueError(f'"{field}" needs "kernel": set kernel = "path/to/vmlinuz" or remove {field}')
+        if self.ready.serial is not None and self.serial not in ("log", "socket"):
+            raise ValueError(f'ready.serial: this probe reads the serial console, which serial = "{self.serial}" '
+                             'does not give qemuspec: set serial = "log" (the default), or use another probe '
+                             "(ready.tcp, ready.agent, ready.ssh)")
         if self.ready.agent and not self.agent:
             raise ValueError('ready.agent needs the guest-agent channel: add agent = true')
         if (self.ready.tcp or self.ready.ssh) and not any(n.type == "user" for n in self.nics):

@@ -39,9 +39,11 @@ def host_problems(spec: "File", source: str, names: list[str], allow_local_qemu:
         machine = spec.machines[name]
         at = ("machines", name)
         problems += [(at + path, message) for path, message in _missing_files(machine)]
+        problems += [(at + path, message) for path, message in _unbootable(machine, name)]
+        problems += [(at + path, message) for path, message in _memory(machine)]
         accels = [machine.accel] if isinstance(machine.accel, str) else list(machine.accel)
-        if accels == ["kvm"] and not env.get("QEMUSPEC_ACCEL") and not os.path.exists("/dev/kvm"):
-            problems.append((at + ("accel",), 'accel = "kvm" but this host has no /dev/kvm: use accel = "auto" (kvm when '
+        if accels == ["kvm"] and not env.get("QEMUSPEC_ACCEL") and (why := _kvm_missing()):
+            problems.append((at + ("accel",), f'accel = "kvm" but {why}: use accel = "auto" (kvm when '
                              'usable, else tcg) or "tcg", or run with QEMUSPEC_ACCEL=tcg'))
         problems += [(at + ("qemu",), m) for m in _qemu_problems(machine.qemu, root, allow_local_qemu)]
     return problems + host_path_problems(spec, source, names, allow_host_paths, env)
@@ -192,13 +194,73 @@ def _qemu_problems(qemu: str, root: str, allow_local: bool) -> Iterator[str]:
                "use a system qemu by name or absolute path")
 
 
+def _empty(path: str) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_size == 0
+
+
+def _kvm_missing() -> str | None:
+    """Why this host has no KVM for us, from the device alone (``up`` and ``validate --probe`` also start
+    qemu on it without a guest: runtime/capabilities.py kvm_failure)."""
+    if not os.path.exists("/dev/kvm"):
+        return "this host has no /dev/kvm"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "this user cannot open /dev/kvm (join the kvm group)"
+    return None
+
+
+def _memory(machine: "Machine") -> Iterator[Problem]:
+    """More memory than the host has: qemu would fail to allocate it or the host would swap to a halt."""
+    try:
+        host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20
+    except (ValueError, OSError):
+        return
+    if host and machine.memory > host:
+        from qemuspec.spec.units import format_bytes
+
+        yield ("memory",), (f"memory = {format_bytes(machine.memory << 20)} is more than this host has "
+                            f"({host} MiB of RAM): lower it, for example memory = \"{max(64, host // 4)}M\"")
+
+
+def _unbootable(machine: "Machine", name: str) -> Iterator[Problem]:
+    """A machine that waits for a sign of life from a guest it cannot boot: no kernel, no cdrom, no disk
+    holding anything yet (a disk ``up`` creates is blank), no network boot and nothing in ``append`` or
+    ``devices`` that could carry a boot image. It would only wait out its readiness timeout."""
+    ready = machine.ready
+    if not (ready.serial or ready.tcp or ready.ssh or ready.agent) or machine.paused or machine.machine == "none":
+        return
+    if machine.kernel or machine.cdrom or machine.firmware.code or machine.append or machine.devices:
+        return
+    if any(os.path.exists(d.file) or d.backing for d in machine.disks):
+        return
+    if machine.boot_order and "n" in machine.boot_order and machine.nics:
+        return
+    blank = [d.file for d in machine.disks]
+    what = (f"its only disk{'s' if len(blank) > 1 else ''} ({', '.join(blank)}) would be created blank by up"
+            if blank else "it has no kernel, disk or cdrom")
+    yield (), (f"machine {name} has nothing to boot: {what}, so the guest can never pass its readiness probe. Fill in "
+               'kernel = "path/to/vmlinuz" (with initrd and cmdline), or cdrom = "installer.iso" with '
+               'boot_order = "dc", '
+               "or point disks[0].file at an image that has an OS")
+
+
 def _missing_files(machine: "Machine") -> Iterator[Problem]:
     def missing(path: str | None) -> bool:
         return path is not None and not os.path.exists(path)
 
     for key in ("kernel", "initrd"):
-        if missing(getattr(machine, key)):
-            yield (key,), f'{key} file {getattr(machine, key)} does not exist: fix the path (relative paths are relative to the definition file)'
+        path = getattr(machine, key)
+        if missing(path):
+            yield (key,), (f"{key} file {path} does not exist: fix the path (relative paths are relative to the "
+                           "definition file)")
+        elif path is not None and os.path.isdir(path):
+            inside = os.path.join(path, "vmlinuz" if key == "kernel" else "initrd.img")
+            yield (key,), f"{key} {path} is a directory: name the {key} file in it (for example {inside})"
+        elif key == "kernel" and path is not None and _empty(path):
+            yield (key,), f"kernel file {path} is empty: a build or download did not finish; rebuild it or fix the path"
     for key in ("code", "vars"):
         if missing(getattr(machine.firmware, key)):
             yield ("firmware", key), f"firmware {key} {getattr(machine.firmware, key)} does not exist: fix the path, or install ovmf for UEFI"

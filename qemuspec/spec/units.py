@@ -43,8 +43,16 @@ def parse_bytes(value: object, bare_unit: str = "") -> int:
     return size
 
 
+BARE_MIB_LIMIT = 1 << 20  # a bare memory number this large (1 TiB in MiB) is a size in bytes written without a unit
+
+
 def parse_mib(value: object) -> int:
-    """Memory: a bare number means MiB, as it does for qemu's -m."""
+    """Memory: a bare number means MiB, as it does for qemu's -m. One of a TiB or more is almost surely
+    bytes (536870912 would be 512 TiB), so it is refused with the spelling that was probably meant."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= BARE_MIB_LIMIT:
+        meant = format_bytes(value) if value % (1 << 20) == 0 else f"{value >> 20}M"
+        raise ValueError(f"memory = {value} is a number of MiB, {format_bytes(value << 20)}iB: did you mean bytes? "
+                         f'write memory = "{meant}" (a bare number is MiB; add a unit K, M, G or T to be sure)')
     size = parse_bytes(value, bare_unit="M")
     if size % (1 << 20):
         raise ValueError(f'memory "{value}" is not a whole number of MiB: use for example "256M" or "1G"')
