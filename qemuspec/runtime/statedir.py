@@ -50,10 +50,11 @@ SUPERVISOR_LOG = "supervisor.log"
 PIDFILE = "qemu.pid"
 DEFINITION = "definition.json"  # the resolved definition `up` last started (what `plan` diffs by field)
 SAVING = "saving.json"          # SaveRecord, in warm/: a warm save under way (its overlays may hold the newest writes)
+PROVISIONED = "provisioned.json"  # ProvisionRecord: the machine life the provision steps ran for
 OWNER = ".owner"                # a random token: with the keep base's record, the proof the directory is ours
 # What qemuspec would take for its own in a state directory: moved aside, never used, when the
 # directory is not proven ours (a committed `.qemuspec/`, or one from before the proof existed).
-UNTRUSTED = (STATE, SUPERVISOR, EXIT, STOP, CREATED, DEFINITION, PIDFILE, "tls", "warm", "cidata.iso",
+UNTRUSTED = (STATE, SUPERVISOR, EXIT, STOP, CREATED, DEFINITION, PIDFILE, PROVISIONED, "tls", "warm", "cidata.iso",
              "cidata.iso.sha256", "known_hosts")
 # -- file names (runtime directory) --------------------------------------------------------------
 MACHINE = "machine.json"        # QemuRecord, authoritative
@@ -183,6 +184,15 @@ class SaveRecord(Record):
     overlays: list = field(default_factory=list)  # [{"index", "overlay", "file"}]
     at: float | None = None
     TYPES = {"overlays": (list,), "at": _NUM}
+
+
+@dataclass
+class ProvisionRecord(Record):
+    """The provision steps ran for this machine life (runtime/provision.py: its disks, or its qemu)."""
+    life: str
+    steps: str = ""                 # digest of the steps that ran
+    at: float | None = None
+    TYPES = {"life": (str,), "steps": (str,), "at": _NUM}
 
 
 # -- directories ---------------------------------------------------------------------------------

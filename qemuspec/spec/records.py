@@ -17,7 +17,7 @@ from typing import Any
 
 # The model classes a record may name (spec/models.py): an entry naming anything else is not ours.
 KINDS = frozenset({"QMP", "Ready", "Disk", "Forward", "NIC", "Share", "Display", "Firmware", "Device", "QomObject",
-                   "CloudInit", "SSH", "Network", "Machine", "File"})
+                   "CloudInit", "SSH", "Network", "Machine", "File", "ProvisionScript"})
 
 
 class Record:
@@ -102,7 +102,7 @@ def definition_hash(machine: Any) -> str:
     The readiness timeout is left out: it says how long to wait, not what runs (`up --timeout`)."""
     if isinstance(machine, Record) and machine._hash is not None:
         return machine._hash
-    return hashlib.sha256(machine.model_dump_json(exclude={"ready": {"timeout"}}).encode()).hexdigest()[:16]
+    return hashlib.sha256(machine.model_dump_json(exclude={"ready": {"timeout", "command"}, "provision": True}).encode()).hexdigest()[:16]
 
 
 class NotCacheable(Exception):
