@@ -48,6 +48,7 @@ def _agent(instance: Instance, argv: list[str], on_output: Output, stdin: bytes 
     stem = f"/tmp/.qemuspec-run-{uuid.uuid4().hex[:8]}"
     timeout = 30.0 if deadline is None else max(1.0, min(30.0, deadline - time.monotonic()))
     with GuestAgent(instance.layout.qga, timeout=timeout) as agent:
+        agent.sync(timeout=min(timeout, 5.0))  # an agent not up yet: fail soon (ready.command tries again)
         handles = {}
         for stream in ("out", "err"):
             agent.file_close(agent.file_open(f"{stem}.{stream}", "w"))
