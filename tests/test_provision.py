@@ -16,11 +16,11 @@ from test_lifecycle import cli
 ENTRY = [sys.executable, "-m", "qemuspec"]
 
 
-def machine(guest, tmp_path, body: str, cmdline: str = "", name: str = "lab.toml", ready: str = "") -> str:
+def machine(guest, tmp_path, body: str, cmdline: str = "", name: str = "lab.toml", ready: str = "", timeout: str = "90s") -> str:
     path = tmp_path / name
     path.write_text('[vars]\nextra = ""\n' f'[machines.g]\nkernel = "{guest["kernel"]}"\ninitrd = "{guest["initrd"]}"\nmemory = "256M"\n'
                     f'cmdline = "console=ttyS0 quiet {cmdline}"\nrng = true\nagent = true\nstop_timeout = "4s"\n{body}\n'
-                    f'[machines.g.ready]\nserial = "{guest["marker"]}"\ntimeout = "90s"\n{ready}\n')
+                    f'[machines.g.ready]\nserial = "{guest["marker"]}"\ntimeout = "{timeout}"\n{ready}\n')
     return str(path)
 
 
@@ -43,7 +43,7 @@ def test_bad_ready_command_and_provision_values_are_one_paragraph(tmp_path, body
 
 def test_ready_command_timeout_shows_its_last_output(guest, tmp_path):
     """A command that never exits 0: `up` fails at the deadline with the command, its exit code and output."""
-    path = machine(guest, tmp_path, "", ready='command = "echo not-ready-yet; exit 3"\ntimeout = "15s"')
+    path = machine(guest, tmp_path, "", ready='command = "echo not-ready-yet; exit 3"', timeout="15s")
     before = qemu_pids(tmp_path)
     try:
         result = cli("up", path, check=False)
@@ -55,12 +55,12 @@ def test_ready_command_timeout_shows_its_last_output(guest, tmp_path):
 
 
 def test_ready_command_passes_once_the_guest_says_so(guest, tmp_path):
-    """Retried until it exits 0: the first command fails until the guest has been up 4 s."""
-    path = machine(guest, tmp_path, "", ready='command = ["test $(cut -d. -f1 /proc/uptime) -ge 4", "true"]')
+    """Retried until it exits 0: the first command fails until the guest has been up 10 s."""
+    path = machine(guest, tmp_path, "", ready='command = ["test $(cut -d. -f1 /proc/uptime) -ge 10", "true"]')
     try:
         cli("up", path)
         code = json.loads(cli("exec", path, "--json", "--", "cut", "-d.", "-f1", "/proc/uptime").stdout)
-        assert int(code["stdout"]) >= 4, "up returned only after the command succeeded"
+        assert int(code["stdout"]) >= 10, "up returned only after the command succeeded"
     finally:
         cli("down", path)
 

@@ -566,7 +566,9 @@ class _Escalation:
                     if isinstance(frozen, int) and not isinstance(frozen, bool) and frozen > 0:
                         return f"{frozen} guest file system{'s' if frozen != 1 else ''} frozen through the guest agent"
                 except QMPError:
-                    pass  # no freezable file system, or freezing disabled: a sync still writes the caches out
+                    pass  # freezing disabled, or refused: a sync still writes the caches out
+                with contextlib.suppress(QemuspecError):  # nothing frozen: the agent must not stay in its frozen state
+                    agent.command("guest-fsfreeze-thaw", timeout=3.0)
                 code, _, _ = agent.exec(["sync"], timeout=AGENT_SYNC - 3.0)
                 return "guest file systems synced through the guest agent" if code == 0 else None
         except QemuspecError:
