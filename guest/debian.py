@@ -61,7 +61,8 @@ cloud_final_modules: [ scripts-per-once, scripts-per-boot, scripts-per-instance,
 }
 # Services a VM test never needs (timers that would start apt or e2scrub mid-test).
 # A login prompt on the serial console is not needed either.
-MASK = ["serial-getty@ttyS0.service", "e2scrub_reap.service", "apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer", "fstrim.timer", "systemd-timesyncd.service"]
+MASK = ["serial-getty@ttyS0.service", "e2scrub_reap.service", "apt-daily.timer", "apt-daily-upgrade.timer",
+        "e2scrub_all.timer", "fstrim.timer", "systemd-timesyncd.service"]
 RECIPE_VERSION = 1
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -130,7 +130,8 @@ def deb(debian_image, debian_disk) -> dict:
     tmp = debian_disk["dir"]
     path = tmp / "debian.toml"
     overlay = debian_disk["overlay"]
-    path.write_text(DEFINITION.format(kernel=debian_image["kernel"], initrd=debian_image["initrd"], disk=debian_disk["table"]))
+    path.write_text(DEFINITION.format(kernel=debian_image["kernel"], initrd=debian_image["initrd"],
+                                      disk=debian_disk["table"]))
     before = qemu_pids(str(tmp))
     began = time.monotonic()
     up = q("up", str(path))
@@ -193,7 +194,8 @@ def test_down_is_acpi_and_keeps_what_was_written(deb):
 
 def test_run_boots_throwaway_disks_and_exits_with_the_command(deb):
     began = time.monotonic()
-    result = q("run", deb["path"], "--", "sh", "-c", "cat /etc/debian_version; touch /root/throwaway; exit 7", check=False)
+    command = "cat /etc/debian_version; touch /root/throwaway; exit 7"
+    result = q("run", deb["path"], "--", "sh", "-c", command, check=False)
     FIGURES["run_s"] = round(time.monotonic() - began, 1)
     assert result.returncode == 7, result.stderr
     assert result.stdout.strip().startswith("12."), result.stdout
@@ -211,7 +213,8 @@ def test_without_dbus_the_agent_stops_it_and_the_data_is_kept(deb):
     FIGURES["second_up_no_dbus_s"] = round(time.monotonic() - began, 1)
     assert "provision" not in up.stdout, "the disk still holds the provisioned change: not run again"
     assert guest_exec(deb["path"], "cat", "/root/kept") == "written-before-acpi-down\n"
-    active = q("exec", deb["path"], "--", "systemctl", "is-active", "systemd-logind", "dbus", check=False).stdout.split()
+    active = q("exec", deb["path"], "--", "systemctl", "is-active", "systemd-logind", "dbus", check=False)
+    active = active.stdout.split()
     assert active == ["inactive", "inactive"], active
     guest_exec(deb["path"], "sh", "-c", "echo written-before-agent-down > /root/agent-kept")
     began = time.monotonic()

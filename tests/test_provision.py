@@ -16,10 +16,12 @@ from test_lifecycle import cli
 ENTRY = [sys.executable, "-m", "qemuspec"]
 
 
-def machine(guest, tmp_path, body: str, cmdline: str = "", name: str = "lab.toml", ready: str = "", timeout: str = "90s") -> str:
-    path = tmp_path / name
-    path.write_text('[vars]\nextra = ""\n' f'[machines.g]\nkernel = "{guest["kernel"]}"\ninitrd = "{guest["initrd"]}"\nmemory = "256M"\n'
-                    f'cmdline = "console=ttyS0 quiet {cmdline}"\nrng = true\nagent = true\nstop_timeout = "4s"\n{body}\n'
+def machine(guest, tmp_path, body: str, cmdline: str = "", ready: str = "", timeout: str = "90s") -> str:
+    path = tmp_path / "lab.toml"
+    path.write_text('[vars]\nextra = ""\n'
+                    f'[machines.g]\nkernel = "{guest["kernel"]}"\ninitrd = "{guest["initrd"]}"\nmemory = "256M"\n'
+                    f'cmdline = "console=ttyS0 quiet {cmdline}"\nrng = true\nagent = true\nstop_timeout = "4s"\n'
+                    f'{body}\n'
                     f'[machines.g.ready]\nserial = "{guest["marker"]}"\ntimeout = "{timeout}"\n{ready}\n')
     return str(path)
 
@@ -89,7 +91,8 @@ def test_provision_once_per_life_rerun_on_demand_and_a_failing_step_fails_up(gue
             failed = subprocess.run([*ENTRY, "up", path], capture_output=True, text=True, env=failing, timeout=300)
             assert failed.returncode == 1, failed.stdout + failed.stderr
             assert "provision step 3/3" in failed.stderr and "exited 4" in failed.stderr, failed.stderr
-            assert "the-reason-it-failed" in failed.stderr and "the-reason-it-failed" in failed.stdout, "streamed, and in the error"
+            assert "the-reason-it-failed" in failed.stdout, "streamed"
+            assert "the-reason-it-failed" in failed.stderr, "and in the error"
         assert cli("exec", path, "--", "cat", "/tmp/count").stdout == "run\nrun\n", "running, not provisioned"
     finally:
         subprocess.run([*ENTRY, "down", path], capture_output=True, env=failing, timeout=300)
@@ -102,7 +105,8 @@ def test_forced_quit_syncs_the_guests_writes_through_the_agent(guest, tmp_path):
     guest's page cache (write-back put off for an hour) is on the disk afterwards."""
     disk = tmp_path / "data.raw"
     disk.write_bytes(b"\0" * (1 << 20))
-    path = machine(guest, tmp_path, f'[[machines.g.disks]]\nfile = "{disk}"\nformat = "raw"\n', cmdline="qemuspec.noacpi")
+    path = machine(guest, tmp_path, f'[[machines.g.disks]]\nfile = "{disk}"\nformat = "raw"\n',
+                   cmdline="qemuspec.noacpi")
     before = qemu_pids(tmp_path)
     try:
         cli("up", path)

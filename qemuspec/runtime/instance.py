@@ -327,7 +327,8 @@ class Instance:
                 probe = "guest agent"
                 probes.wait_agent(self.layout.qga, deadline, running)
             if ready.command:
-                probe = f"command `{ready.command[0]}`" + (f" (and {len(ready.command) - 1} more)" if len(ready.command) > 1 else "")
+                more = f" (and {len(ready.command) - 1} more)" if len(ready.command) > 1 else ""
+                probe = f"command `{ready.command[0]}`{more}"
                 probes.wait_command(self, list(ready.command), deadline, running)
         except StopRequested:  # one message whichever probe was waiting
             raise StopRequested(f"machine {self.name}: stopped while waiting for it to become ready (probe: {probe})") from None

@@ -168,8 +168,8 @@ class Ready(Model):
     agent: bool = Field(False, description="The guest agent answers guest-ping")
     ssh: bool = Field(False, description="An ssh server answers on the forwarded guest port 22")
     command: Annotated[list[GuestCommand], BeforeValidator(_as_list)] = Field(
-        default_factory=list, description='Guest commands that must exit 0, e.g. "cloud-init status --wait" (or a list, '
-        "run in order): run through the guest agent (or ssh without one), retried until they succeed")
+        default_factory=list, description='Guest commands that must exit 0, e.g. "cloud-init status --wait" '
+        "(or a list, run in order): run through the guest agent (or ssh without one), retried until they succeed")
     timeout: Seconds = 60.0
 
     @field_validator("serial")
@@ -491,11 +491,12 @@ class Machine(Model):
         if self.ready.agent and not self.agent:
             raise ValueError('ready.agent needs the guest-agent channel: add agent = true')
         for field, used in (("ready.command", bool(self.ready.command)), ("provision", bool(self.provision))):
-            if used and not self.agent and not any(n.type == "user" and any(f.guest == self.ssh.port for f in n.forwards)
-                                                   for n in self.nics):
-                raise ValueError(f"{field} runs in the guest through the guest agent or ssh, and this machine has neither: "
-                                 f"add agent = true (with qemu-guest-agent in the guest), or a user NIC forwarding guest "
-                                 f"port {self.ssh.port} (forwards = [{{ host = 0, guest = {self.ssh.port} }}])")
+            ssh = any(n.type == "user" and any(f.guest == self.ssh.port for f in n.forwards) for n in self.nics)
+            if used and not self.agent and not ssh:
+                raise ValueError(f"{field} runs in the guest through the guest agent or ssh, and this machine has "
+                                 "neither: add agent = true (with qemu-guest-agent in the guest), or a user NIC "
+                                 f"forwarding guest port {self.ssh.port} "
+                                 f"(forwards = [{{ host = 0, guest = {self.ssh.port} }}])")
         if (self.ready.tcp or self.ready.ssh) and not any(n.type == "user" for n in self.nics):
             raise ValueError("ready.tcp and ready.ssh reach the guest through a user-mode NIC: add one to nics")
         if any(s.type == "virtiofs" for s in self.shares) and "memory-backend" in self.machine_options:

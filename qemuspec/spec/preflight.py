@@ -137,7 +137,8 @@ def host_paths(machine: "Machine", root: str) -> list[HostPath]:
             continue
         kind = _kind(path)
         # A cloud-init file that is not a regular file is refused outright (_missing_files).
-        device = kind == "device" and os.path.realpath(path) not in HARMLESS_DEVICES and key[0] not in ("cloud_init", "provision")
+        device = (kind == "device" and os.path.realpath(path) not in HARMLESS_DEVICES
+                  and key[0] not in ("cloud_init", "provision"))
         typed = access != "passed to qemu"
         share = key[0] == "shares" and typed
         opt_in = device or (typed and (share or (key[0] == "disks" and access == "read-write")))

@@ -99,10 +99,12 @@ def _real(value: Any) -> Any:
 
 def definition_hash(machine: Any) -> str:
     """Identifies what a machine was started from, so `up` can tell "unchanged" from "changed".
-    The readiness timeout is left out: it says how long to wait, not what runs (`up --timeout`)."""
+    The readiness timeout and command and the provision steps are left out: they say how long to wait and
+    what to do in a ready guest, not what runs (`up --timeout`)."""
     if isinstance(machine, Record) and machine._hash is not None:
         return machine._hash
-    return hashlib.sha256(machine.model_dump_json(exclude={"ready": {"timeout", "command"}, "provision": True}).encode()).hexdigest()[:16]
+    dump = machine.model_dump_json(exclude={"ready": {"timeout", "command"}, "provision": True})
+    return hashlib.sha256(dump.encode()).hexdigest()[:16]
 
 
 class NotCacheable(Exception):
