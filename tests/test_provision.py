@@ -113,7 +113,8 @@ def test_forced_quit_syncs_the_guests_writes_through_the_agent(guest, tmp_path):
         cli("exec", path, "--", "sh", "-c",
             "echo 360000 > /proc/sys/vm/dirty_expire_centisecs; echo 360000 > /proc/sys/vm/dirty_writeback_centisecs; "
             "rm -f /sbin/poweroff /bin/poweroff /usr/sbin/poweroff /usr/bin/poweroff /sbin/shutdown; "
-            "printf written-before-down | dd of=/dev/vda bs=512 count=1 conv=notrunc 2>/dev/null")
+            # held open: the last close of a block device would write its cache out by itself
+            "(exec 3<>/dev/vda; printf written-before-down >&3; exec sleep 3600) </dev/null >/dev/null 2>&1 &")
         with open(disk, "rb") as f:
             assert not f.read(64).startswith(b"written"), "still only in the guest's cache"
         [down] = json.loads(cli("down", path, "--json").stdout)

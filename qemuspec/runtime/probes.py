@@ -114,7 +114,7 @@ def wait_command(instance, commands: list[str], deadline: float, alive) -> None:
                 lines = output.strip().splitlines()[-10:]
                 last = f"exit {code}" + (": " + "\n".join(lines) if lines else " (no output)")
             except QemuspecError as exc:  # the agent or sshd not up yet, or still running at the deadline
-                if "still running" in str(exc) or not last.startswith("exit"):
+                if not last.startswith("exit"):  # an earlier attempt's exit code and output say more
                     last = str(exc)
             if not alive():
                 raise QemuspecError(f"qemu exited while waiting for `{command}` to succeed")
