@@ -114,7 +114,8 @@ def test_forced_quit_syncs_the_guests_writes_through_the_agent(guest, tmp_path):
             "echo 360000 > /proc/sys/vm/dirty_expire_centisecs; echo 360000 > /proc/sys/vm/dirty_writeback_centisecs; "
             "rm -f /sbin/poweroff /bin/poweroff /usr/sbin/poweroff /usr/bin/poweroff /sbin/shutdown; "
             # held open: the last close of a block device would write its cache out by itself
-            "(exec 3<>/dev/vda; printf written-before-down >&3; : > /tmp/written; exec sleep 3600) </dev/null >/dev/null 2>&1 &")
+            "(exec 3<>/dev/vda; printf written-before-down >&3; : > /tmp/written; exec sleep 3600) "
+            "</dev/null >/dev/null 2>&1 &")
         cli("exec", path, "--timeout", "30", "--", "sh", "-c", "while [ ! -e /tmp/written ]; do sleep 0.1; done")
         with open(disk, "rb") as f:
             assert not f.read(64).startswith(b"written"), "still only in the guest's cache"
