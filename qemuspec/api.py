@@ -658,10 +658,10 @@ def run_in_guest(machine: Machine, name: str, argv: list[str], workdir: str, *,
             from qemuspec.runtime import probes
 
             probes.wait_agent(instance.layout.qga, deadline, instance.running)
-            report(f"{name}: ready in {time.monotonic() - began:.1f} s")
-            return _run_agent(instance, argv, on_output, stdin)
         report(f"{name}: ready in {time.monotonic() - began:.1f} s")
-        return _run_ssh(instance, argv, on_output, stdin)
+        from qemuspec.runtime import guestrun
+
+        return guestrun.run(instance, argv, on_output, stdin, how=via)
     finally:
         import signal
 
@@ -673,82 +673,3 @@ def run_in_guest(machine: Machine, name: str, argv: list[str], workdir: str, *,
             instance.kill()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
-
-
-def _run_agent(instance: Instance, argv: list[str], on_output: Callable[[str, bytes], object], stdin: bytes | None) -> int:
-    """Through the guest agent, streamed: the command writes to two files in the guest that are read
-    as they grow (guest-exec alone returns output only once the command has exited)."""
-    import time
-    import uuid
-
-    from qemuspec.runtime.agent import GuestAgent
-
-    stem = f"/tmp/.qemuspec-run-{uuid.uuid4().hex[:8]}"
-    with GuestAgent(instance.layout.qga, timeout=30) as agent:
-        handles = {}
-        for stream in ("out", "err"):
-            agent.file_close(agent.file_open(f"{stem}.{stream}", "w"))
-            handles[stream] = agent.file_open(f"{stem}.{stream}", "r")
-        script = 'o=$1; e=$2; shift 2; exec "$@" >>"$o" 2>>"$e"'
-        pid = agent.spawn(["/bin/sh", "-c", script, "sh", f"{stem}.out", f"{stem}.err", *argv], stdin or None)
-
-        def drain() -> None:
-            for stream, handle in handles.items():
-                while True:
-                    data, _ = agent.file_read(handle, 65536)
-                    if data:
-                        on_output("stdout" if stream == "out" else "stderr", data)
-                    if len(data) < 65536:
-                        break
-
-        delay = 0.02
-        while True:
-            done = agent.poll(pid)
-            drain()
-            if done is not None:
-                drain()
-                for handle in handles.values():
-                    agent.file_close(handle)
-                code, signal, _, err = done
-                if err:  # the shell itself failed (no such command): its message, as stderr
-                    on_output("stderr", err)
-                if signal is not None:
-                    return 128 + signal
-                return code if code is not None else 1
-            time.sleep(delay)  # the agent has no completion event: guest-exec-status is the protocol
-            delay = min(delay * 2, 0.2)
-
-
-def _run_ssh(instance: Instance, argv: list[str], on_output: Callable[[str, bytes], object], stdin: bytes | None) -> int:
-    import selectors
-    import subprocess
-
-    from qemuspec.runtime import sshkeys
-
-    key, _ = sshkeys.ensure_key(os.path.dirname(instance.state_dir))
-    port = instance.host_port(instance.machine.ssh.port)
-    ssh = sshkeys.ssh_argv(key, instance.state_dir, instance.machine.ssh.user, port, argv, batch=True)
-    proc = subprocess.Popen(ssh, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        if stdin and proc.stdin is not None:
-            proc.stdin.write(stdin)
-            proc.stdin.close()
-        assert proc.stdout is not None and proc.stderr is not None
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ, "stdout")
-        sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
-        open_streams = 2
-        while open_streams:
-            for key_, _ in sel.select():
-                data = os.read(key_.fileobj.fileno(), 65536)  # type: ignore[union-attr]
-                if data:
-                    on_output(key_.data, data)
-                else:
-                    sel.unregister(key_.fileobj)
-                    open_streams -= 1
-        code = proc.wait()
-        return code if code >= 0 else 128 - code
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()

@@ -31,7 +31,7 @@ def box(tmp_path_factory, guest):
     tmp = tmp_path_factory.mktemp("box")
     disk = tmp / "data.img"
     disk.write_bytes(b"\0" * (4 << 20))
-    path = definition(tmp, guest, {"box": {"memory": "768M", "extra": f'agent = true\n[[machines.box.disks]]\nfile = "{disk}"\nformat = "raw"\n'
+    path = definition(tmp, guest, {"box": {"memory": "768M", "extra": f'agent = true\nprovision = ["echo box-provisioned"]\n[[machines.box.disks]]\nfile = "{disk}"\nformat = "raw"\n'
                                                                    '[[machines.box.nics]]\ntype = "user"\nforwards = [{ host = 0, guest = 22 }]\n'}})
     cli("up", path)
     yield path
@@ -82,6 +82,7 @@ def test_every_command_prints_json(box, tmp_path):
     blob.write_bytes(b"x" * 1000)
     assert check("cp", box, str(blob), "box:/tmp/blob")["bytes"] == 1000
     assert check("snapshot", "list", box) == []
+    assert check("provision", box) == [{"name": "box", "provisioned": True, "seconds": pytest.approx(0.5, abs=30)}]
     assert "port" in check("ssh", box)
     assert check("completion", "bash")["script"].startswith("# qemuspec completion")
     imported = check("import", "--", "qemu-system-x86_64", "-m", "512")

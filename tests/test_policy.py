@@ -139,3 +139,60 @@ def test_a_machine_that_cannot_start_is_retried_with_backoff_not_in_a_tight_loop
     failed = Ending(True, "failed to start: port 2222 is in use")
     total = sum(r.decide(failed, uptime=0.0).delay for _ in range(6))
     assert total == 1 + 2 + 4 + 8 + 16 + 30
+
+
+class FakeAgentQemu(FakeQemu):
+    """A guest with an agent: ``takes_shutdown`` says whether the agent can power it off; what was
+    asked of the agent is in ``sent`` too."""
+
+    def __init__(self, clock: Clock, exits_on: str | None, takes_shutdown: bool, agent_answers: bool = True):
+        super().__init__(clock, exits_on)
+        self.takes_shutdown = takes_shutdown
+        self.agent_answers = agent_answers
+
+    def has_agent(self) -> bool:
+        return True
+
+    def agent_shutdown(self) -> bool:
+        self.sent.append("guest-shutdown")
+        if not self.agent_answers:
+            self.clock.now += policy.AGENT_REPLY
+            return False
+        if self.takes_shutdown:
+            self.pending = "guest-shutdown"
+        return self.takes_shutdown
+
+    def agent_sync(self) -> str | None:
+        self.sent.append("guest-fsfreeze-freeze")
+        if not self.agent_answers:
+            self.clock.now += policy.AGENT_SYNC
+            return None
+        return "1 guest file system frozen through the guest agent"
+
+
+@pytest.mark.parametrize("kwargs, step, sent", [
+    ({"exits_on": "system_powerdown", "takes_shutdown": True}, "ACPI powerdown", ["system_powerdown"]),
+    ({"exits_on": None, "takes_shutdown": True}, "guest-agent shutdown", ["system_powerdown", "guest-shutdown"]),
+    ({"exits_on": "quit", "takes_shutdown": False}, "QMP quit: after 1 guest file system frozen through the guest agent",
+     ["system_powerdown", "guest-shutdown", "guest-fsfreeze-freeze", "quit"]),
+    ({"exits_on": "quit", "takes_shutdown": False, "agent_answers": False}, "QMP quit",
+     ["system_powerdown", "guest-shutdown", "guest-fsfreeze-freeze", "quit"]),
+])
+def test_agent_steps_come_after_half_the_acpi_wait_and_sync_before_quit(kwargs, step, sent):
+    """libvirt's acpi,agent: the power button first, the agent's shutdown after half the ACPI wait; a
+    forced quit only after the guest's file systems were frozen. The guest's total wait stays the timeout."""
+    clock = Clock()
+    qemu = FakeAgentQemu(clock, **kwargs)
+    assert escalate(qemu, acpi_timeout=30.0) == step
+    assert qemu.sent == sent
+    assert clock.now <= worst_case(30.0)
+    if "guest-shutdown" in sent:
+        assert clock.now >= 15.0, "the power button had half the stop timeout first"
+    assert policy.forced(step) == step.startswith("QMP quit")
+    assert policy.synced(step) == ("frozen" in step)
+
+
+def test_quit_at_once_never_asks_the_agent():
+    qemu = FakeAgentQemu(Clock(), exits_on="quit", takes_shutdown=True)
+    assert escalate(qemu, acpi_timeout=None) == "QMP quit"
+    assert qemu.sent == ["quit"]

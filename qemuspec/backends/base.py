@@ -47,13 +47,14 @@ class Outcome:
 def stopped(name: str, seconds: float, step: str) -> Outcome:
     """A stop's outcome; a forced one (quit, a signal, libvirt's destroy: not the guest's own shutdown)
     says so, as a field and a warning."""
-    from qemuspec.runtime.policy import forced
+    from qemuspec.runtime.policy import forced, synced
 
     if not forced(step):
         return Outcome(name, "stopped", seconds, detail=step)
     return Outcome(name, "stopped", seconds, detail=step, forced=True, warnings=[
         f"forced stop ({step}): the guest did not shut down by itself and was powered off; "
-        "writes it had not synced are lost"])
+        + ("its file systems were written out through the guest agent first" if synced(step) else
+           "writes it had not synced are lost")])
 
 
 @dataclass

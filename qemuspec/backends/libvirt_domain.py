@@ -381,7 +381,7 @@ class LibvirtBackend:
         return checks.missing_files(spec, names) + checks.host_path_problems(spec, source, names, allow_host_paths, environ)
 
     def refusal(self, name: str, machine: Machine, command: str) -> str | None:
-        if command in ("events", "logs --events", "snapshot", "reset", "up --attach", "inspect"):
+        if command in ("events", "logs --events", "snapshot", "reset", "up --attach", "inspect", "provision"):
             return unsupported(name, self.where, command)
         if machine.warm and command in ("up", "restart", "plan"):
             return (f"machine {name} runs through libvirt at {self.where}: warm start (warm = true, --warm) restores "

@@ -24,6 +24,7 @@ FILE_COMMANDS = {
     "ps": "machines", "plan": "machines", "restart": "machines", "pause": "machines", "resume": "machines",
     "reset": "machines", "logs": "machines", "events": "machine", "console": "machine", "inspect": "machine",
     "exec": "machine", "ssh": "machine", "run": "machine", "qmp": "qmp", "cp": "cp", "snapshot": "snapshot",
+    "provision": "machines",
 }
 
 # command -> (module in qemuspec.cli, function, help)
@@ -51,6 +52,7 @@ COMMANDS = {
     "exec": ("guest_commands", "exec_", "run a command in a guest through its guest agent (stdin passed through)"),
     "cp": ("guest_commands", "cp", "copy files to or from a guest (NAME:/path, or :/path) through its guest agent"),
     "ssh": ("guest_commands", "ssh", "ssh into a guest with the state directory's key"),
+    "provision": ("provision_command", "provision", "run machines' provision steps again in their running guests"),
     "reset": ("guest_commands", "reset", "recreate a stopped machine's overlay disks from their base"),
     "snapshot": ("guest_commands", "snapshot", "save, load, list or delete snapshots of a running machine"),
     "import": ("spec_commands", "import_", "turn a qemu command line into a definition (nothing dropped)"),
@@ -79,5 +81,6 @@ EXAMPLES = {
     "exec": ["qemuspec exec machines/dev.toml dev -- cat /proc/version"],
     "cp": ["qemuspec cp machines/dev.toml ./README.md dev:/tmp/README.md"],
     "snapshot": ["qemuspec snapshot list machines/dev.toml dev"],
+    "provision": ["qemuspec provision machines/web.toml web"],
     "completion": ["qemuspec completion bash > qemuspec.bash"],
 }

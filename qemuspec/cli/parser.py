@@ -102,7 +102,7 @@ def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, d
                            "provisioning readiness (see --list)")
     p["init"].add_argument("--list", dest="list_templates", action="store_true", help="name the templates and exit")
 
-    for name in ("up", "down", "status", "ps", "plan", "restart", "pause", "resume", "reset", "logs"):
+    for name in ("up", "down", "status", "ps", "plan", "restart", "pause", "resume", "reset", "logs", "provision"):
         _target(p[name], "[FILE] [MACHINE...]")
     p["up"].add_argument("--no-probe", action="store_true", help="skip checking the definition against the qemu binary")
     for name in ("up", "plan"):

@@ -123,6 +123,9 @@ def up(ctx: Context, *, no_probe: bool, attach: bool, timeout: float | None, all
     _print_outcomes(ctx.out, outcomes)
     if outcomes_exit_code(outcomes):
         return 1
+    from qemuspec.cli.provision_command import after_up  # once per machine life (runtime/provision.py)
+
+    after_up(ctx, spec, outcomes)
     if attach:
         return _attach(ctx, spec, names)
     return 0

@@ -16,6 +16,7 @@ QEMU_LOG = "qemu.log"
 SUPERVISOR_LOG = "supervisor.log"
 PIDFILE = "qemu.pid"
 DEFINITION = "definition.json"  # the resolved definition `up` last started (what `plan` diffs by field)
+PROVISIONED = "provisioned.json"  # ProvisionRecord: the machine life the provision steps ran for
 SAVING = "saving.json"          # SaveRecord, in warm/: a warm save under way (its overlays may hold the newest writes)
 OWNER = ".owner"                # a random token: with the keep base's record, the proof the directory is ours
 EFIVARS = "efivars.fd"          # a UEFI machine's variable store (copied from the firmware's template)
@@ -36,7 +37,7 @@ def live_disk(index: int) -> str:
 # What qemuspec would take for its own in a state directory: moved aside, never used, when the
 # directory is not proven ours (a committed `.qemuspec/`, or one from before the proof existed).
 TLS_DIR = "tls"                 # the TCP monitor's credentials (runtime/tls.py), in the runtime directory
-UNTRUSTED = (STATE, SUPERVISOR, EXIT, STOP, CREATED, DEFINITION, PIDFILE, TLS_DIR, WARM_DIR, CIDATA,
+UNTRUSTED = (STATE, SUPERVISOR, EXIT, STOP, CREATED, DEFINITION, PIDFILE, PROVISIONED, TLS_DIR, WARM_DIR, CIDATA,
              CIDATA_STAMP, KNOWN_HOSTS)
 # -- file names (runtime directory) --------------------------------------------------------------
 MACHINE = "machine.json"        # QemuRecord, authoritative

@@ -25,6 +25,7 @@ from qemuspec.runtime.process import Process, alive, cmdline, spawn, start_time
 from qemuspec.spec.records import definition_hash
 
 if TYPE_CHECKING:
+    from qemuspec.runtime.agent import GuestAgent
     from qemuspec.spec.models import Machine
 
 GREETING_TIMEOUT = 15.0
@@ -37,7 +38,7 @@ class _GuestFailed(QemuspecError):
 
 @dataclass
 class StopResult:
-    step: str  # "ACPI powerdown", "QMP quit", "SIGTERM", "SIGKILL", "already stopped"
+    step: str  # "ACPI powerdown", "guest-agent shutdown", "QMP quit[: why]", "SIGTERM", "SIGKILL", "already stopped"
     seconds: float
     returncode: int | None
 
@@ -365,6 +366,10 @@ class Instance:
             if ready.agent:
                 probe = "guest agent"
                 probes.wait_agent(self.layout.qga, deadline, running)
+            if ready.command:
+                more = f" (and {len(ready.command) - 1} more)" if len(ready.command) > 1 else ""
+                probe = f"command `{ready.command[0]}`{more}"
+                probes.wait_command(self, list(ready.command), deadline, running)
         except StopRequested:  # one message whichever probe was waiting
             raise StopRequested(f"machine {self.name}: stopped while waiting for it to become ready (probe: {probe})") from None
         except QemuspecError as exc:
@@ -605,6 +610,66 @@ class _Escalation:
         if pm1_control == 0xFFFF or not pm1_control & 1:
             return "the guest has not enabled ACPI yet"
         return None
+
+    def has_agent(self) -> bool:
+        return bool(self.inst.machine.agent) and os.path.exists(self.inst.layout.qga)
+
+    def _agent(self, timeout: float) -> GuestAgent:
+        from qemuspec.runtime.agent import GuestAgent
+
+        agent = GuestAgent(self.inst.layout.qga, timeout=timeout)
+        agent.sync(timeout=timeout)
+        return agent
+
+    def agent_shutdown(self) -> bool:
+        """`guest-shutdown` through the agent. The agent sends no reply when it took the request, an
+        error when it could not: silence within the wait counts as taken. Its `shutdown -P +0` is a
+        *scheduled* shutdown for systemd, which needs logind -- exactly what a guest whose power button
+        nothing handles lacks (seen on Debian 12 without dbus: "child process has failed to shutdown") --
+        so after an error the agent runs `poweroff` instead (systemd's works without logind)."""
+        from qemuspec.errors import QMPTimeout
+        from qemuspec.runtime.policy import AGENT_REPLY
+
+        try:
+            agent = self._agent(AGENT_REPLY / 2)
+        except QemuspecError:
+            return False  # the agent does not answer at all
+        with agent:
+            try:
+                agent.command("guest-shutdown", {"mode": "powerdown"}, timeout=AGENT_REPLY / 2)
+            except QMPTimeout:
+                return True  # silence: the agent took it (and the guest may be going down already)
+            except QMPConnectionError:
+                return True  # the guest went down while we waited
+            except QemuspecError:
+                pass  # an error reply: its shutdown command failed
+            try:
+                agent.spawn(["poweroff"])
+            except QMPConnectionError:
+                return True  # gone while we asked
+            except QemuspecError:
+                return False
+        return True
+
+    def agent_sync(self) -> str | None:
+        """Before a forced quit: freeze the guest's file systems through the agent (their caches
+        written and journals committed), else have it run `sync`; what was done, or None."""
+        from qemuspec.runtime.policy import AGENT_SYNC
+
+        try:
+            with self._agent(min(3.0, AGENT_SYNC)) as agent:
+                try:
+                    frozen = agent.command("guest-fsfreeze-freeze", timeout=AGENT_SYNC - 3.0)
+                    if isinstance(frozen, int) and not isinstance(frozen, bool) and frozen > 0:
+                        return f"{frozen} guest file system{'s' if frozen != 1 else ''} frozen through the guest agent"
+                except QMPError:
+                    pass  # freezing disabled, or refused: a sync still writes the caches out
+                with contextlib.suppress(QemuspecError):  # nothing frozen: the agent must not stay in its frozen state
+                    agent.command("guest-fsfreeze-thaw", timeout=3.0)
+                code, _, _ = agent.exec(["sync"], timeout=AGENT_SYNC - 3.0)
+                return "guest file systems synced through the guest agent" if code == 0 else None
+        except QemuspecError:
+            return None
 
     def wait(self, timeout: float) -> bool:
         assert self.inst.process is not None

@@ -19,6 +19,8 @@ QUIT_WAIT = 5.0         # qemu's exit after quit was answered
 TERM_GRACE = 3.0        # after SIGTERM
 KILL_WAIT = 10.0        # after SIGKILL (a large guest's memory is freed before the process goes)
 SUPERVISOR_SLACK = 5.0  # the supervisor's bookkeeping around a stop (records, clean-up)
+AGENT_REPLY = 5.0       # the guest agent's answer to guest-shutdown (an error, or silence: it was taken)
+AGENT_SYNC = 15.0       # guest-fsfreeze-freeze (or guest-exec sync) before a forced quit, sync included
 
 
 class Stoppable(Protocol):
@@ -28,25 +30,50 @@ class Stoppable(Protocol):
     def send(self, command: str) -> bool: ...     # within COMMAND_TIMEOUT; True when answered
     def wait(self, timeout: float) -> bool: ...   # True when the process ended
     def signal(self, signum: int) -> None: ...
+    # Optional, for a machine with a guest agent (found with getattr, so a target may lack them):
+    #   has_agent() -> bool; agent_shutdown() -> bool (within AGENT_REPLY; True when the agent took it);
+    #   agent_sync() -> str | None (within AGENT_SYNC; what was done to the guest's file systems).
+
+
+AGENT_SHUTDOWN = "guest-agent shutdown"
 
 
 def escalate(target: Stoppable, acpi_timeout: float | None, quit_wait: float = QUIT_WAIT) -> str:
     """ACPI powerdown (running guests only; ``acpi_timeout`` None skips it), QMP quit, SIGTERM,
-    SIGKILL. Returns the step that ended the process. A stopped process (SIGSTOP, a debugger) answers
-    no QMP and acts on no SIGTERM until continued, so every earlier step would only wait out its
-    timeout: it gets SIGKILL at once."""
+    SIGKILL. Returns the step that ended the process.
+
+    With a guest agent (libvirt's `shutdown --mode acpi,agent`): half the ACPI wait, then
+    `guest-shutdown` through the agent for a guest whose power button nothing handles (no logind),
+    then the other half; and before a forced quit the guest's file systems are frozen (or synced)
+    through the agent, so what the guest wrote before the stop is on its disks. The total wait for
+    the guest stays ``acpi_timeout``: a second shutdown request to a guest already shutting down is
+    harmless.
+
+    A stopped process (SIGSTOP, a debugger) answers no QMP and acts on no SIGTERM until continued, so
+    every earlier step would only wait out its timeout: it gets SIGKILL at once."""
     if getattr(target, "frozen", lambda: False)():
         target.signal(signal.SIGKILL)
         target.wait(KILL_WAIT)
         return "SIGKILL"
     skipped = None
-    if acpi_timeout is not None and target.guest_running():
+    running = acpi_timeout is not None and target.guest_running()
+    agent = running and getattr(target, "has_agent", lambda: False)()
+    if running:
+        assert acpi_timeout is not None
         # qemu can tell when nothing will answer the power button (no ACPI, or not enabled yet)
         skipped = getattr(target, "acpi_unanswered", lambda: None)()
-        if skipped is None and target.send("system_powerdown") and target.wait(acpi_timeout):
-            return "ACPI powerdown"
+        if skipped is None and target.send("system_powerdown"):
+            first = acpi_timeout / 2 if agent else acpi_timeout
+            if target.wait(first):
+                return "ACPI powerdown"
+            if agent:
+                asked = target.agent_shutdown()  # type: ignore[attr-defined]
+                if target.wait(acpi_timeout - first):
+                    return AGENT_SHUTDOWN if asked else "ACPI powerdown"
+    synced = target.agent_sync() if agent else None  # type: ignore[attr-defined]
     if target.send("quit") and target.wait(quit_wait):
-        return f"QMP quit: {skipped}" if skipped else "QMP quit"
+        why = "; ".join(w for w in (skipped, synced and f"after {synced}") if w)
+        return f"QMP quit: {why}" if why else "QMP quit"
     target.signal(signal.SIGTERM)
     if target.wait(TERM_GRACE):
         return "SIGTERM"
@@ -58,12 +85,17 @@ def escalate(target: Stoppable, acpi_timeout: float | None, quit_wait: float = Q
 def forced(step: str) -> bool:
     """Whether a stop ended the guest without its own shutdown (quit, SIGTERM, SIGKILL): what libvirt
     calls destroy rather than shutdown. `down` says so, since unsynced guest writes are lost."""
-    return step not in ("ACPI powerdown", "already stopped")
+    return step not in ("ACPI powerdown", AGENT_SHUTDOWN, "already stopped")
+
+
+def synced(step: str) -> bool:
+    """Whether a forced stop wrote the guest's file systems out through its agent first."""
+    return "through the guest agent" in step
 
 
 def worst_case(acpi_timeout: float | None, quit_wait: float = QUIT_WAIT) -> float:
-    """The longest :func:`escalate` can take when every step times out."""
-    acpi = 0.0 if acpi_timeout is None else QUERY_TIMEOUT + COMMAND_TIMEOUT + acpi_timeout
+    """The longest :func:`escalate` can take when every step times out (the agent's steps included)."""
+    acpi = 0.0 if acpi_timeout is None else QUERY_TIMEOUT + COMMAND_TIMEOUT + acpi_timeout + AGENT_REPLY + AGENT_SYNC
     return acpi + COMMAND_TIMEOUT + quit_wait + TERM_GRACE + KILL_WAIT
 
 

@@ -95,3 +95,30 @@ def wait_ssh_login(argv: list[str], deadline: float, alive) -> None:
             raise QemuspecError("qemu exited while waiting for ssh")
         time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
         delay = min(delay * 2, 1.0)
+
+
+def wait_command(instance, commands: list[str], deadline: float, alive) -> None:
+    """ready.command: each guest command in order, retried until it exits 0 (through the agent, or ssh
+    without one). A command such as `cloud-init status --wait` may itself block: it gets what is left
+    of the deadline. On timeout the error carries the command's last exit code and output."""
+    from qemuspec.runtime import guestrun
+
+    for command in commands:
+        delay = 0.5
+        last = "it never ran: the guest did not answer"
+        while True:
+            try:
+                code, output = guestrun.capture(instance, command, deadline)
+                if code == 0:
+                    break
+                lines = output.strip().splitlines()[-10:]
+                last = f"exit {code}" + (": " + "\n".join(lines) if lines else " (no output)")
+            except QemuspecError as exc:  # the agent or sshd not up yet, or still running at the deadline
+                if not last.startswith("exit"):  # an earlier attempt's exit code and output say more
+                    last = str(exc)
+            if not alive():
+                raise QemuspecError(f"qemu exited while waiting for `{command}` to succeed")
+            if time.monotonic() >= deadline:
+                raise ReadyTimeout(f"`{command}` did not exit 0 in the guest; last: {last}")
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 2.0)

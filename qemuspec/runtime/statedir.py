@@ -173,6 +173,15 @@ class SaveRecord(Record):
     TYPES = {"overlays": (list,), "at": _NUM}
 
 
+@dataclass
+class ProvisionRecord(Record):
+    """The provision steps ran for this machine life (runtime/provision.py: its disks, or its qemu)."""
+    life: str
+    steps: str = ""                 # digest of the steps that ran
+    at: float | None = None
+    TYPES = {"life": (str,), "steps": (str,), "at": _NUM}
+
+
 # -- directories ---------------------------------------------------------------------------------
 
 # -- proof of ownership --------------------------------------------------------------------------

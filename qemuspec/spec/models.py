@@ -17,8 +17,10 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     PlainSerializer,
+    Tag,
     ValidationInfo,
     WithJsonSchema,
     field_validator,
@@ -38,6 +40,10 @@ def _text(value: str) -> str:
     if "\x00" in value:
         raise ValueError("text must not contain a NUL character")
     return value
+
+
+def _as_list(value: object) -> object:
+    return [value] if isinstance(value, str) else value
 
 
 def _line(value: str) -> str:
@@ -126,6 +132,34 @@ class QMP(Model):
     port: Port = Field(4444, description="First TCP port tried; the next free one upward is used")
 
 
+def _guest_command(value: str) -> str:
+    """One shell command line for the guest (run with /bin/sh -c)."""
+    _text(value)
+    if not value.strip():
+        raise ValueError('a guest command must not be empty: write the command line, e.g. "cloud-init status --wait"')
+    return value
+
+
+GuestCommand = Annotated[str, AfterValidator(_guest_command)]
+
+
+class ProvisionScript(Model):
+    """A provisioning script on the host, sent to the guest's /bin/sh on its standard input."""
+
+    script: FilePath = Field(description="Script file (relative to the definition), at most 1 MiB")
+
+
+def _provision_kind(value: Any) -> str:
+    return "script" if isinstance(value, (dict, ProvisionScript)) or hasattr(value, "script") else "steps"
+
+
+# One error for one mistake: a list (or one string) is steps, a table is a script, never "either".
+Provision = Annotated[
+    Union[Annotated[Annotated[list[GuestCommand], BeforeValidator(_as_list)], Tag("steps")],
+          Annotated[ProvisionScript, Tag("script")]],
+    Discriminator(_provision_kind)]
+
+
 class Ready(Model):
     """What "ready" means for this machine. With no probe set, ready means QMP answered."""
 
@@ -133,8 +167,9 @@ class Ready(Model):
     tcp: Port | None = Field(None, description="Guest port, reached through a user-mode forward; must send data")
     agent: bool = Field(False, description="The guest agent answers guest-ping")
     ssh: bool = Field(False, description="An ssh server answers on the forwarded guest port 22")
-    command: Text | list[Text] | None = Field(
-        None, description='A guest command retried until it exits 0, e.g. "cloud-init status --wait"')
+    command: Annotated[list[GuestCommand], BeforeValidator(_as_list)] = Field(
+        default_factory=list, description='Guest commands that must exit 0, e.g. "cloud-init status --wait" '
+        "(or a list, run in order): run through the guest agent (or ssh without one), retried until they succeed")
     timeout: Seconds = 60.0
 
     @field_validator("serial")
@@ -426,10 +461,6 @@ class Network(Model):
     type: Literal["vde"] = "vde"
 
 
-def _as_list(value: object) -> object:
-    return [value] if isinstance(value, str) else value
-
-
 def _libvirt_uri(value: str) -> str:
     """A libvirt connection URI for the QEMU driver: where the libvirt backend places the machine
     (spec/uris.py says why it is strict and how libvirt reads it)."""
@@ -497,6 +528,9 @@ class Machine(Model):
     rng: bool = Field(False, description="A virtio-rng device fed from /dev/urandom")
     agent: bool = Field(False, description="A virtio-serial channel for qemu-guest-agent")
     cloud_init: CloudInit | None = None
+    provision: Provision = Field(
+        default_factory=list, description='Run in the guest once it is ready, once per machine life: shell commands '
+        '(["apt-get install -y nginx", ...]) or { script = "path" }; `qemuspec provision` runs them again')
     ssh: SSH = Field(default_factory=SSH)
     devices: list[Device] = Field(default_factory=list)
     objects: list[QomObject] = Field(default_factory=list)
@@ -519,6 +553,13 @@ class Machine(Model):
                              "(ready.tcp, ready.agent, ready.ssh)")
         if self.ready.agent and not self.agent:
             raise ValueError('ready.agent needs the guest-agent channel: add agent = true')
+        for field, used in (("ready.command", bool(self.ready.command)), ("provision", bool(self.provision))):
+            ssh = any(n.type == "user" and any(f.guest == self.ssh.port for f in n.forwards) for n in self.nics)
+            if used and not self.agent and not ssh:
+                raise ValueError(f"{field} runs in the guest through the guest agent or ssh, and this machine has "
+                                 "neither: add agent = true (with qemu-guest-agent in the guest), or a user NIC "
+                                 f"forwarding guest port {self.ssh.port} "
+                                 f"(forwards = [{{ host = 0, guest = {self.ssh.port} }}])")
         if (self.ready.tcp or self.ready.ssh) and not any(n.type == "user" for n in self.nics):
             raise ValueError("ready.tcp and ready.ssh reach the guest through a user-mode NIC: add one to nics")
         if any(s.type == "virtiofs" for s in self.shares) and "memory-backend" in self.machine_options:

@@ -140,6 +140,8 @@ def host_paths(machine: "Machine", root: str) -> list[HostPath]:
     if machine.cloud_init is not None:
         named += [(("cloud_init", key), getattr(machine.cloud_init, key), "read")
                   for key in ("user_data_file", "network_config_file")]
+    if (script := getattr(machine.provision, "script", None)) is not None:
+        named.append((("provision", "script"), script, "read"))
     named += [(key, path, "passed to qemu") for key, path in _passed_paths(machine)]
     out = []
     for key, path, access in named:
@@ -147,7 +149,8 @@ def host_paths(machine: "Machine", root: str) -> list[HostPath]:
             continue
         kind = _kind(path)
         # A cloud-init file that is not a regular file is refused outright (_missing_files).
-        device = kind == "device" and os.path.realpath(path) not in HARMLESS_DEVICES and key[0] != "cloud_init"
+        device = (kind == "device" and os.path.realpath(path) not in HARMLESS_DEVICES
+                  and key[0] not in ("cloud_init", "provision"))
         typed = access != "passed to qemu"
         share = key[0] == "shares" and typed
         # a file:// image outside the tree is copied into the cache, and a mismatch prints its digest
@@ -283,3 +286,8 @@ def _missing_files(machine: "Machine") -> Iterator[Problem]:
                 yield ("cloud_init", key), f"{key} {path} does not exist: fix the path"
             elif path is not None and (problem := limits.source_file_problem(path)):
                 yield ("cloud_init", key), problem
+    if (script := getattr(machine.provision, "script", None)) is not None:
+        if missing(script):
+            yield ("provision", "script"), f"provisioning script {script} does not exist: fix the path"
+        elif (problem := limits.source_file_problem(script)):
+            yield ("provision", "script"), problem

@@ -24,8 +24,8 @@ if TYPE_CHECKING:
 Encoded = Union[None, bool, int, float, str, list["Encoded"], dict[str, "Encoded"]]
 
 # The model classes a record may name (spec/models.py): an entry naming anything else is not ours.
-KINDS = frozenset({"QMP", "Ready", "Disk", "Image", "Forward", "NIC", "Share", "Display", "Firmware", "Device",
-                   "QomObject", "CloudInit", "SSH", "Network", "Machine", "File"})
+KINDS = frozenset({"QMP", "Ready", "Disk", "Forward", "NIC", "Share", "Display", "Firmware", "Device", "QomObject",
+                   "CloudInit", "SSH", "Network", "Machine", "File", "ProvisionScript", "Image"})
 
 
 class Record:
@@ -107,10 +107,12 @@ def _real(value: object) -> object:
 
 def definition_hash(machine: Machine | Record) -> str:
     """Identifies what a machine was started from, so `up` can tell "unchanged" from "changed".
-    The readiness timeout is left out: it says how long to wait, not what runs (`up --timeout`)."""
+    The readiness timeout and command and the provision steps are left out: they say how long to wait and
+    what to do in a ready guest, not what runs (`up --timeout`)."""
     if isinstance(machine, Record) and machine._hash is not None:
         return machine._hash
-    return hashlib.sha256(machine.model_dump_json(exclude={"ready": {"timeout"}}).encode()).hexdigest()[:16]
+    dump = machine.model_dump_json(exclude={"ready": {"timeout", "command"}, "provision": True})
+    return hashlib.sha256(dump.encode()).hexdigest()[:16]
 
 
 class NotCacheable(Exception):
