@@ -52,7 +52,7 @@ COMMANDS = {
     "exec": ("guest_commands", "exec_", "run a command in a guest through its guest agent (stdin passed through)"),
     "cp": ("guest_commands", "cp", "copy files to or from a guest (NAME:/path, or :/path) through its guest agent"),
     "ssh": ("guest_commands", "ssh", "ssh into a guest with the state directory's key"),
-    "provision": ("provision_command", "provision", "run machines' provision steps again in their running guests"),
+    "provision": ("guest_commands", "provision", "run machines' provision steps again in their running guests"),
     "reset": ("guest_commands", "reset", "recreate a stopped machine's overlay disks from their base"),
     "snapshot": ("guest_commands", "snapshot", "save, load, list or delete snapshots of a running machine"),
     "import": ("spec_commands", "import_", "turn a qemu command line into a definition (nothing dropped)"),

@@ -174,3 +174,32 @@ def snapshot(ctx: Context, *, action: str) -> int:
     else:
         ctx.out.say(f"{name}: snapshot {tag} {dict(save='saved', load='loaded', delete='deleted')[action]}")
     return 0
+
+
+def provision(ctx: Context) -> int:
+    """``provision [FILE] [MACHINE...]``: run the provision steps again on running machines."""
+    from qemuspec.cli.provision_command import run_steps
+    from qemuspec.cli.vm_commands import _readopt
+    from qemuspec.runtime.instance import Instance
+
+    def _running(ctx: Context, name: str) -> Instance:
+        refuse(ctx, [name], "provision")
+        inst = Instance.find(name, ctx.target.spec.machines[name], ctx.target.state_dir(name))
+        if inst is None:
+            raise QemuspecError(f"machine {name} is not running: start it with `qemuspec up {ctx.target.path}`")
+        _readopt(ctx, [name])
+        return inst
+
+    target = ctx.target
+    names = [n for n in target.machines() if target.spec.machines[n].provision]
+    if not names:
+        raise QemuspecError(f"{target.path}: no machine named has provision steps: add provision = [\"COMMAND\", ...] "
+                            "(or provision = { script = \"path\" }) to the machine")
+    results = []
+    for name in names:
+        seconds = run_steps(ctx, _running(ctx, name))
+        results.append({"name": name, "provisioned": True, "seconds": round(seconds, 3)})
+        ctx.out.say(f"{name}: provisioned in {seconds:.1f} s")
+    if ctx.out.json:
+        ctx.out.data(results)
+    return 0

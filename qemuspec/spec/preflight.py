@@ -233,11 +233,11 @@ def _unbootable(machine: "Machine", name: str) -> Iterator[Problem]:
     holding anything yet (a disk ``up`` creates is blank), no network boot and nothing in ``append`` or
     ``devices`` that could carry a boot image. It would only wait out its readiness timeout."""
     ready = machine.ready
-    if not (ready.serial or ready.tcp or ready.ssh or ready.agent) or machine.paused or machine.machine == "none":
+    if not (ready.serial or ready.tcp or ready.ssh or ready.agent or ready.command) or machine.paused or machine.machine == "none":
         return
     if machine.kernel or machine.cdrom or machine.firmware.code or machine.append or machine.devices:
         return
-    if any(os.path.exists(d.file) or d.backing for d in machine.disks):
+    if any(os.path.exists(d.file) or d.backing or d.image for d in machine.disks):  # an image: a base with an OS
         return
     if machine.boot_order and "n" in machine.boot_order and machine.nics:
         return
