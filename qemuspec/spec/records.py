@@ -97,12 +97,26 @@ def _real(value: Any) -> Any:
     return value
 
 
+HASH_PREFIX = "d2-"  # hashes of what the user wrote; older qemuspec hashed every default too
+
+
 def definition_hash(machine: Any) -> str:
     """Identifies what a machine was started from, so `up` can tell "unchanged" from "changed".
-    The readiness timeout is left out: it says how long to wait, not what runs (`up --timeout`)."""
+
+    It hashes what the definition says, not what qemuspec fills in: values equal to their default
+    are left out, so a qemuspec that gains a field with a default (an upgrade) keeps every machine's
+    hash, and `plan` does not offer to recreate a machine whose command line is the same. The
+    readiness timeout is left out too: it says how long to wait, not what runs (`up --timeout`)."""
     if isinstance(machine, Record) and machine._hash is not None:
         return machine._hash
-    return hashlib.sha256(machine.model_dump_json(exclude={"ready": {"timeout"}}).encode()).hexdigest()[:16]
+    text = machine.model_dump_json(exclude_defaults=True, exclude={"ready": {"timeout"}})
+    return HASH_PREFIX + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def older_hash(recorded: str | None) -> bool:
+    """A hash an older qemuspec recorded (every default included): it cannot be compared with
+    :func:`definition_hash`, so the runtime compares the recorded command line instead."""
+    return recorded is not None and not recorded.startswith(HASH_PREFIX)
 
 
 class NotCacheable(Exception):
