@@ -223,6 +223,18 @@ def _managed(imp: Import, option: str, value: str | None) -> None:
     imp.note(option, value)
 
 
+@handles("chardev")
+def _chardev(imp: Import, option: str, value: str | None) -> None:
+    """A chardev under qemuspec's id prefix is the plumbing of a line qemuspec rendered (its monitors,
+    its console): qemuspec makes it again. Every other chardev is the machine's, kept as written."""
+    from qemuspec.spec.passthrough import OWN_ID_PREFIX
+
+    if dict(split_opts(value or "", implied="backend")[1]).get("id", "").startswith(OWN_ID_PREFIX):
+        imp.note(option, value)
+    else:
+        imp.keep(option, value)
+
+
 @handles("nographic")
 def _nographic(imp: Import, option: str, value: str | None) -> None:
     imp.nographic = True
@@ -655,7 +667,7 @@ def _vga(imp: Import, option: str, value: str | None) -> None:
 
 
 # Everything else is part of the machine and has no typed form: kept as written, in order.
-for _name_ in ("global", "rtc", "numa", "smbios", "usb", "usbdevice", "chardev", "tpmdev", "incoming", "blockdev", "fw_cfg",
+for _name_ in ("global", "rtc", "numa", "smbios", "usb", "usbdevice", "tpmdev", "incoming", "blockdev", "fw_cfg",
                "loadvm", "mem-path", "mem-prealloc", "no-hpet", "k", "msg", "overcommit", "sandbox", "watchdog",
                "watchdog-action", "action", "snapshot", "no-reboot", "no-shutdown", "L", "option-rom", "acpitable", "set",
                "iscsi", "net", "nic", "spice", "audiodev", "audio", "soundhw", "uuid", "add-fd", "fsdev", "icount",
@@ -751,6 +763,7 @@ def _finish(imp: Import, base_dir: str | None) -> tuple[str, dict, list[str]]:
                 rank = 1
                 continue
         rank = 2
+    _device_options(imp)
     generic: list[dict] = []
     generic_json: list[dict] = []  # qemu creates JSON devices after every keyval one
     late: list[_Device] = []  # stay verbatim in append
@@ -830,6 +843,28 @@ def _finish(imp: Import, base_dir: str | None) -> tuple[str, dict, list[str]]:
             machine["firmware"]["code"] = absolute(machine["firmware"]["code"])
     name = imp.name or os.path.basename(imp.argv[0])
     return _safe_name(name), machine, imp.notes
+
+
+def _device_options(imp: Import) -> None:
+    """Devices that are an option of their own (spec/devices.py) become that option while the
+    renderer's order keeps the original one: it writes them last among the devices, in field order,
+    so only the line's last devices can be typed, and only in that order."""
+    from qemuspec.spec.devices import declared
+    from qemuspec.spec.models import DeviceOption
+    from qemuspec.spec.passthrough import OWN_ID_PREFIX
+
+    options = declared()
+    limit = len(options)
+    for dev in reversed(imp.devices):
+        found = next((i for i, (_, decl) in enumerate(options[:limit]) if decl.driver == dev.driver), None)
+        if found is None or dev.typed or dev.json or "_verbatim" in dev.props or dev.after_ordered:
+            return
+        field, decl = options[found]
+        props = {k: value_of(v) for k, v in dev.props.items() if k != "id"}
+        if dev.props.get("id", OWN_ID_PREFIX + decl.id) != OWN_ID_PREFIX + decl.id or not fits(DeviceOption, "options", props):
+            return  # another id may be referred to; properties the model cannot hold stay with the device
+        imp.machine[field] = {"options": props} if props else True
+        dev.typed, limit = field, found
 
 
 def _order_late(imp: Import, late: list[_Device]) -> None:

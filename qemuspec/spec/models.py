@@ -330,6 +330,19 @@ class Device(Model):
     options: Options = Field(default_factory=dict)
 
 
+class DeviceOption(Model):
+    """A device qemuspec adds for an option (spec/devices.py declares which): `true`, or a table."""
+
+    options: Options = Field(default_factory=dict, description="Extra -device properties, passed through")
+
+
+def _device_option(value: Any) -> Any:
+    """`true` is the device with no extra properties, `false` no device."""
+    if isinstance(value, bool):
+        return {} if value else None
+    return value
+
+
 class QomObject(Model):
     type: Ident
     id: Ident

@@ -17,7 +17,7 @@ from typing import Any
 
 # The model classes a record may name (spec/models.py): an entry naming anything else is not ours.
 KINDS = frozenset({"QMP", "Ready", "Disk", "Forward", "NIC", "Share", "Display", "Firmware", "Device", "QomObject",
-                   "CloudInit", "SSH", "Network", "Machine", "File"})
+                   "DeviceOption", "CloudInit", "SSH", "Network", "Machine", "File"})
 
 
 class Record:

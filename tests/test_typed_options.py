@@ -1,0 +1,109 @@
+"""Every field of a machine goes through every layer: the renderer, the libvirt export and the
+projection libvirt's `plan` compares, both importers, plan's field diff and the definition hash, and
+the library's builder. The table is tests/samples.py; a new field without an entry, or a layer that
+forgot a field, fails here. (qemu itself judges the renderer and the importers elsewhere: tests/
+test_import.py, tests/test_render.py; this is the guard that no layer is left out.)"""
+
+from __future__ import annotations
+
+import pytest
+
+from qemuspec.api import VM, field_changes
+from qemuspec.errors import SpecError
+from qemuspec.libvirt import BACKEND_FIELDS, domain_xml
+from qemuspec.render import Layout, render
+from qemuspec.spec.importer import import_argv
+from qemuspec.spec.libvirt_import import import_domain
+from qemuspec.spec.models import Machine
+from qemuspec.spec.records import definition_hash
+from samples import SAMPLES, TYPED
+
+BASE = {"kernel": "/k"}
+LAYOUT = Layout("/state/m", "/run/m")
+
+
+def fields(name: str) -> dict:
+    sample = SAMPLES[name]
+    value = sample.value
+    if value is None:
+        value = "/x" if name == "initrd" else "quiet"
+    return {**BASE, name: value, **sample.needs}
+
+
+def machine(values: dict) -> Machine:
+    return Machine.model_validate(values)
+
+
+def xml_or_refusal(values: dict) -> str:
+    try:
+        return domain_xml(machine(values), "m")
+    except SpecError as exc:
+        return f"REFUSED {exc}"
+
+
+def test_every_field_of_the_model_has_a_sample():
+    missing = sorted(set(Machine.model_fields) - set(SAMPLES))
+    assert not missing, f"give these fields an entry in tests/samples.py: {missing}"
+    assert not set(SAMPLES) - set(Machine.model_fields), "samples of fields the model no longer has"
+
+
+@pytest.mark.parametrize("name", list(SAMPLES))
+def test_the_renderer_renders_each_field(name):
+    base = render(machine(BASE), "m", LAYOUT)
+    argv = render(machine(fields(name)), "m", LAYOUT)
+    if SAMPLES[name].argv:
+        assert argv != base, f"{name}: the sample changed nothing on the command line"
+    else:
+        assert argv == base, f"{name}: marked runtime-only, but the command line changed"
+
+
+@pytest.mark.parametrize("name", [n for n in SAMPLES if n not in BACKEND_FIELDS])
+def test_the_libvirt_export_and_plan_projection_carry_each_field(name):
+    from qemuspec.backends.libvirt_domain import project
+
+    base = xml_or_refusal(BASE)
+    xml = xml_or_refusal(fields(name))
+    assert xml != base, f"{name}: changed nothing in the domain XML and was not refused"
+    if xml.startswith("REFUSED"):
+        assert f"machines.m.{name}" in xml, xml
+        return
+    assert project(xml) != project(base), f"{name}: in the domain XML, but libvirt's plan does not compare it"
+
+
+def _back(table: dict, name: str):
+    return machine(table).model_dump(mode="json")[name]
+
+
+@pytest.mark.parametrize("name", [n for n in SAMPLES if SAMPLES[n].from_argv == TYPED])
+def test_the_argv_importer_gives_each_typed_field_back(name):
+    wanted = machine(fields(name))
+    _, table, _ = import_argv(render(wanted, "m", LAYOUT))
+    assert _back(table, name) == wanted.model_dump(mode="json")[name], table
+
+
+@pytest.mark.parametrize("name", [n for n in SAMPLES if SAMPLES[n].from_libvirt == TYPED and n not in BACKEND_FIELDS
+                                  and not xml_or_refusal(fields(n)).startswith("REFUSED")])
+def test_the_libvirt_importer_gives_each_typed_field_back(name):
+    wanted = machine(fields(name))
+    _, table, _ = import_domain(domain_xml(wanted, "m"))
+    assert _back(table, name) == wanted.model_dump(mode="json")[name], table
+
+
+@pytest.mark.parametrize("name", list(SAMPLES))
+def test_plan_and_the_definition_hash_see_each_field(name):
+    base, changed = machine(BASE), machine(fields(name))
+    named = {path.split(".")[0].split("[")[0] for path, _, _ in field_changes(base.model_dump(mode="json"),
+                                                                             changed.model_dump(mode="json"))}
+    assert name in named, f"{name}: plan's field diff does not name it"
+    assert definition_hash(changed) != definition_hash(base), f"{name}: the definition hash does not see it"
+
+
+@pytest.mark.parametrize("name", list(SAMPLES))
+def test_the_builder_sets_each_field(name):
+    vm = VM("m", dict(BASE, **SAMPLES[name].needs))
+    assert callable(getattr(vm, name, None)), f"VM has no builder method {name}()"
+    if name in vars(VM):  # a method of its own, with its own arguments (vm.cpu("max", pmu=False))
+        vm.set(**{name: fields(name)[name]})
+    else:  # the setter the model's field gives
+        assert getattr(vm, name)(fields(name)[name]) is vm
+    assert vm.model == machine(fields(name))
