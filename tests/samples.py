@@ -60,6 +60,7 @@ SAMPLES: dict[str, Sample] = {
     "shares": Sample([{"source": "/s", "tag": "s"}], from_argv=QEMUSPEC_OWN),
     "rng": Sample(True, from_argv=QEMUSPEC_OWN),
     "agent": Sample(True, from_argv=QEMUSPEC_OWN),
+    "balloon": Sample(True),
     "cloud_init": Sample({"user_data": "#cloud-config\n"}, from_argv="a seed qemuspec builds", from_libvirt="a seed qemuspec builds"),
     "ssh": Sample({"user": "ci"}, argv=False, from_argv=RUNTIME, from_libvirt=RUNTIME),
     "devices": Sample([{"driver": "virtio-tablet-pci"}]),

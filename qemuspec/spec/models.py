@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from qemuspec.spec import units
+from qemuspec.spec.devices import QemuDevice
 from qemuspec.spec.limits import QEMU_NAME
 from qemuspec.spec.order import order_machines
 from qemuspec.spec.uris import check_libvirt_uri
@@ -448,6 +449,11 @@ class Machine(Model):
     shares: list[Share] = Field(default_factory=list)
     rng: bool = Field(False, description="A virtio-rng device fed from /dev/urandom")
     agent: bool = Field(False, description="A virtio-serial channel for qemu-guest-agent")
+    balloon: Annotated[DeviceOption | None, BeforeValidator(_device_option), QemuDevice(
+        "virtio-balloon-pci", "balloon0", libvirt="memballoon", model="virtio", off="none",
+        attributes=(("deflate-on-oom", "autodeflate"), ("free-page-reporting", "freePageReporting")))] = Field(
+        None, description="A virtio memory balloon: true, or { options = { deflate-on-oom = true } }. The host can then "
+        "take memory back from the running guest (QMP balloon) and read its use (query-balloon)")
     cloud_init: CloudInit | None = None
     ssh: SSH = Field(default_factory=SSH)
     devices: list[Device] = Field(default_factory=list)
