@@ -107,3 +107,51 @@ def test_the_builder_sets_each_field(name):
     else:  # the setter the model's field gives
         assert getattr(vm, name)(fields(name)[name]) is vm
     assert vm.model == machine(fields(name))
+
+
+# ---- qemu and libvirt judge the balloon, the option added through the table alone ----------------
+
+def _layout(tmp_path) -> Layout:
+    import os
+
+    lay = Layout(str(tmp_path / "state"), str(tmp_path / "run"), ("tcg",))
+    os.makedirs(lay.state_dir)
+    os.makedirs(lay.run_dir)
+    return lay
+
+
+@pytest.mark.parametrize("balloon", [True, False])
+def test_qemu_has_a_balloon_exactly_when_the_definition_says_so(qemu_bin, tmp_path, balloon):
+    from qemuspec.errors import QMPError
+    from test_qemu_real import run_rendered, stop_rendered
+
+    lay = _layout(tmp_path)
+    wanted = machine({"paused": True, "memory": "96M", "balloon": {"options": {"deflate-on-oom": True}} if balloon else False})
+    proc, client = run_rendered(render(wanted, "m", lay), lay.qmp)
+    try:
+        if balloon:
+            assert client.command("query-balloon")["actual"] == 96 << 20
+            kinds = {d["name"]: d["type"] for d in client.command("qom-list", {"path": "/machine/peripheral"})}
+            assert kinds["qemuspec-balloon0"] == "child<virtio-balloon-pci>"
+            backend = "/machine/peripheral/qemuspec-balloon0/virtio-backend"
+            assert client.command("qom-get", {"path": backend, "property": "deflate-on-oom"}) is True
+        else:
+            with pytest.raises(QMPError, match="[Nn]o balloon"):
+                client.command("query-balloon")
+    finally:
+        stop_rendered(proc, client)
+
+
+def test_libvirt_gets_no_balloon_unless_the_definition_has_one(tmp_path):
+    """libvirt adds a virtio balloon to a domain without <memballoon>: the export says none, so the
+    domain has what the local command line has (virt-xml-validate: tests/test_libvirt.py)."""
+    from test_libvirt import validates
+
+    off = domain_xml(machine({}), "m")
+    assert '<memballoon model="none" />' in off and "virtio-balloon" not in off
+    on = domain_xml(machine({"balloon": True}), "m")
+    assert '<memballoon model="virtio" />' in on and 'model="none"' not in on
+    for xml in (off, on):
+        validates(xml, tmp_path)
+    with pytest.raises(SpecError, match="machines.m.balloon.options"):
+        domain_xml(machine({"balloon": {"options": {"guest-stats-polling-interval": 2}}}), "m")
