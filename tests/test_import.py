@@ -258,7 +258,8 @@ def test_a_typed_disk_or_nic_never_changes_qemus_device_order():
     assert "disks" not in table and table["append"] == ["-drive", "file=x.img,if=none,id=d0"]
     assert [d["driver"] for d in table["devices"]] == ["virtio-balloon-pci", "virtio-blk-pci"]
     table = _table("-drive", "file=x.img,if=none,id=d0", "-device", "virtio-blk-pci,drive=d0", "-device", "virtio-balloon-pci")
-    assert table["disks"][0]["interface"] == "virtio" and table["devices"] == [{"driver": "virtio-balloon-pci", "options": {}}]
+    assert table["disks"][0]["interface"] == "virtio" and "devices" not in table
+    assert table["balloon"] is True, "the last device, rendered last: the typed option"
 
 
 def test_the_mac_rule_is_the_models():
