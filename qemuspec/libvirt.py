@@ -254,10 +254,10 @@ def domain_xml(machine: Machine, name: str, state_dir: str = "/var/lib/qemuspec"
     if machine.agent:
         channel = _sub(devices, "channel", type="unix")
         _sub(channel, "target", type="virtio", name=AGENT_PORT)
+    _device_options(machine, name, devices)  # before <rng>: libvirt keeps <memballoon> there, and plan compares in order
     if machine.rng:
         rng = _sub(devices, "rng", model="virtio")
         _sub(rng, "backend", "/dev/urandom", model="random")
-    _device_options(machine, name, devices)
     display = machine.display
     if display.options:
         _refuse(name, "display.options", "libvirt builds -vnc/-spice itself")
