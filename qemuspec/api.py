@@ -233,6 +233,21 @@ class VM:
         """Any field of the model by its definition-file name (``vm.set(stop_timeout="5s")``)."""
         return self._set(**fields)
 
+    def __getattr__(self, name: str) -> Callable[..., "VM"]:
+        """A setter for each field of the model without a method of its own (``vm.balloon()``,
+        ``vm.warm(True)``, ``vm.disks([...])``): every option the model declares is reachable, with
+        no builder code per option. Called with no value, a setter turns the option on."""
+        from qemuspec.spec.models import Machine
+
+        if name.startswith("_") or name not in Machine.model_fields:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+        def setter(value: Any = True) -> "VM":
+            return self._set(**{name: value})
+
+        setter.__name__, setter.__doc__ = name, Machine.model_fields[name].description
+        return setter
+
     # -- definitions ------------------------------------------------------------------------------
 
     def definition(self) -> dict:

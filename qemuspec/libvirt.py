@@ -46,6 +46,55 @@ def _json_device(driver: str, props: dict) -> list[str]:
     return ["-device", json.dumps({"driver": driver, **props}, separators=(",", ":"))]
 
 
+def _device_options(machine: Machine, name: str, devices: ET.Element) -> None:
+    """The element of each option the model declares as one device (spec/devices.py); when the option
+    is off and libvirt would add such a device by default, the element that says none."""
+    from qemuspec.spec.models import declared
+
+    for field, decl in declared():
+        value = getattr(machine, field)
+        if value is None:
+            if decl.off is not None:
+                _sub(devices, decl.libvirt, model=decl.off)
+            continue
+        attributes = dict(decl.attributes)
+        attrs = {"model": decl.model}
+        for prop, setting in value.options.items():
+            if prop not in attributes or not isinstance(setting, bool):
+                _refuse(name, f"{field}.options", f"{prop} is not an on/off attribute of <{decl.libvirt}> "
+                        f"(those are: {', '.join(attributes) or 'none'})")
+            attrs[attributes[prop]] = escape(setting)
+        _sub(devices, decl.libvirt, **attrs)
+
+
+# What libvirt's `plan` compares (backends/libvirt_domain.project): the elements and attributes this
+# export writes, one line each, so that what is written is what is compared, and libvirt's own
+# additions (PCI addresses, controllers, uuid) are not noise. Device options add their element.
+PROJECTED = ("memory", "vcpu", "os/type", "os/kernel", "os/initrd", "os/cmdline", "os/loader", "os/boot", "cpu", "cpu/model",
+             "on_poweroff", "on_crash", "devices/emulator", "devices/disk", "devices/disk/source", "devices/disk/target",
+             "devices/disk/driver", "devices/interface", "devices/interface/source", "devices/interface/model",
+             "devices/filesystem", "devices/filesystem/source", "devices/filesystem/target", "devices/serial", "devices/channel/target",
+             "devices/rng", "devices/graphics", "devices/video/model")
+PROJECTED_ATTRS = {
+    "os/type": ("machine",), "cpu": ("mode",), "devices/disk": ("device",), "devices/disk/source": ("file",),
+    "devices/disk/target": ("bus",), "devices/disk/driver": ("type", "cache", "io", "discard"), "devices/interface": ("type",),
+    "devices/interface/source": ("bridge",), "devices/interface/model": ("type",), "devices/filesystem/source": ("dir",),
+    "devices/filesystem/target": ("dir",), "devices/serial": ("type",), "devices/channel/target": ("name",),
+    "devices/rng": ("model",), "devices/graphics": ("type", "listen", "port"), "devices/video/model": ("type",),
+    "devices/filesystem": ("accessmode",), "os/boot": ("dev",), "os/loader": ("type", "readonly")}
+
+
+def projected() -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
+    """(element paths, their attributes) that libvirt's `plan` compares."""
+    from qemuspec.spec.models import declared
+
+    paths, attrs = list(PROJECTED), dict(PROJECTED_ATTRS)
+    for _, decl in declared():
+        paths.append(f"devices/{decl.libvirt}")
+        attrs[f"devices/{decl.libvirt}"] = ("model", *(attr for _, attr in decl.attributes))
+    return tuple(paths), attrs
+
+
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
     el = ET.SubElement(parent, tag, attrs)
     if text is not None:
@@ -73,6 +122,12 @@ def domain_xml(machine: Machine, name: str, state_dir: str = "/var/lib/qemuspec"
     at = lambda path: media.get(path, path)  # noqa: E731
     if machine.defaults:
         _refuse(name, "defaults", "libvirt always starts qemu with -nodefaults")
+    if machine.provision:  # runtime/provision.py runs on the local guest channels only
+        _refuse(name, "provision", "provisioning runs through the local guest agent or ssh forward; through libvirt, "
+                "provision the guest with cloud-init (cloud_init.user_data)")
+    if machine.ready.command:
+        _refuse(name, "ready.command", "a guest-command probe runs through the local guest agent; through libvirt, "
+                "wait with ready.ssh or ready.tcp")
     if getattr(machine, "warm", False):
         _refuse(name, "warm", "warm start restores qemuspec's own saved state; through libvirt, use virsh managedsave")
     if machine.overrides:
@@ -221,6 +276,7 @@ def domain_xml(machine: Machine, name: str, state_dir: str = "/var/lib/qemuspec"
     if machine.agent:
         channel = _sub(devices, "channel", type="unix")
         _sub(channel, "target", type="virtio", name=AGENT_PORT)
+    _device_options(machine, name, devices)  # before <rng>: libvirt keeps <memballoon> there, and plan compares in order
     if machine.rng:
         rng = _sub(devices, "rng", model="virtio")
         _sub(rng, "backend", "/dev/urandom", model="random")

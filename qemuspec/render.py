@@ -128,6 +128,7 @@ def render(machine: Machine, name: str, layout: Layout) -> list[str]:
         argv += ["-object", optlist(obj.type, [("id", obj.id)], obj.options)]
     for dev in machine.devices:
         argv += ["-device", optlist(dev.driver, [("id", dev.id)] if dev.id else [], dev.options)]
+    argv += _device_options(machine)
     if wants_vmgenid(machine):
         argv += ["-device", "vmgenid,id=qemuspec-vmgenid"]
     if _wants_pvpanic(machine):
@@ -135,6 +136,18 @@ def render(machine: Machine, name: str, layout: Layout) -> list[str]:
     if machine.overrides:
         argv = _without(argv, machine.overrides)
     argv += machine.append
+    return argv
+
+
+def _device_options(machine: Machine) -> list[str]:
+    """The devices of options the model declares as one device each (spec/devices.py), in field order."""
+    from qemuspec.spec.models import declared
+
+    argv: list[str] = []
+    for name, decl in declared():
+        value = getattr(machine, name)
+        if value is not None:
+            argv += ["-device", optlist(decl.driver, [("id", own(decl.id))], value.options)]
     return argv
 
 

@@ -41,7 +41,14 @@ def _corpus() -> list[tuple[str, str]]:
 
 ENTRIES = _corpus()
 LINES = [line for _, line in ENTRIES]
-PLACEHOLDER = re.compile(r"\{(kernel|initrd|disk|disk2|raw|iso|code|securecode|vars|ovmf|floppy|overlay|dir|tpm|vfs)\}")
+PLACEHOLDER = re.compile(r"\{(kernel|initrd|disk|disk2|raw|iso|code|securecode|vars|ovmf|floppy|overlay|dir|tpm|vfs|ehcicfg)\}")
+
+
+# qemu's docs/config/ich9-ehci-uhci.cfg (its [device] sections, as shipped): a bus made by -readconfig
+EHCI_CONFIG = "".join(f'[device "{name}"]\n  driver = "{driver}"\n  addr = "{addr}"\n  multifunction = "on"\n' + (
+    f'  masterbus = "ehci.0"\n  firstport = "{port}"\n' if port is not None else "") + "\n" for name, driver, addr, port in (
+    ("ehci", "ich9-usb-ehci1", "1d.7", None), ("uhci-1", "ich9-usb-uhci1", "1d.0", 0), ("uhci-2", "ich9-usb-uhci2", "1d.1", 2),
+    ("uhci-3", "ich9-usb-uhci3", "1d.2", 4)))
 
 
 def fill(line: str, files: dict) -> str:
@@ -53,11 +60,12 @@ def shared(tmp_path_factory, guest):
     """What lines may share (read-only): kernel, initrd, ISO, firmware code."""
     tmp = tmp_path_factory.mktemp("import")
     (tmp / "boot.iso").write_bytes(build_iso({"readme": b"hello\n"}))
+    (tmp / "ich9-ehci-uhci.cfg").write_text(EHCI_CONFIG)
     for path in ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd", "/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"):
         if not os.path.exists(path):
             pytest.fail(f"{path} is missing: apt-get install ovmf")
     return {"kernel": guest["kernel"], "initrd": guest["initrd"], "iso": str(tmp / "boot.iso"), "code": "/usr/share/OVMF/OVMF_CODE_4M.fd",
-            "securecode": "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd", "tmp": str(tmp)}
+            "securecode": "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd", "tmp": str(tmp), "ehcicfg": str(tmp / "ich9-ehci-uhci.cfg")}
 
 
 def line_files(shared: dict, index: int) -> dict:
@@ -251,7 +259,8 @@ def test_a_typed_disk_or_nic_never_changes_qemus_device_order():
     assert "disks" not in table and table["append"] == ["-drive", "file=x.img,if=none,id=d0"]
     assert [d["driver"] for d in table["devices"]] == ["virtio-balloon-pci", "virtio-blk-pci"]
     table = _table("-drive", "file=x.img,if=none,id=d0", "-device", "virtio-blk-pci,drive=d0", "-device", "virtio-balloon-pci")
-    assert table["disks"][0]["interface"] == "virtio" and table["devices"] == [{"driver": "virtio-balloon-pci", "options": {}}]
+    assert table["disks"][0]["interface"] == "virtio" and "devices" not in table
+    assert table["balloon"] is True, "the last device, rendered last: the typed option"
 
 
 def test_the_mac_rule_is_the_models():
@@ -301,7 +310,7 @@ def test_import_from_a_shell_script_file(tmp_path):
 # -- no internal errors, whatever the line --------------------------------------------------------
 
 def _hypothesis_lines() -> list[list[str]]:
-    fake = {k: f"/tmp/x/{k}" for k in ("kernel", "initrd", "disk", "disk2", "raw", "iso", "code", "securecode", "vars", "ovmf", "floppy", "overlay", "dir", "tpm", "vfs")}
+    fake = {k: f"/tmp/x/{k}" for k in ("kernel", "initrd", "disk", "disk2", "raw", "iso", "code", "securecode", "vars", "ovmf", "floppy", "overlay", "dir", "tpm", "vfs", "ehcicfg")}
     return [split_command(fill(line, fake)) for line in LINES]
 
 
@@ -418,3 +427,13 @@ def test_restrict_and_vnc_passwords_map_to_the_typed_fields():
     assert "nics" not in _table("-netdev", "user,id=n,restrict=maybe", "-device", "virtio-net-pci,netdev=n")
     assert _table("-vnc", "127.0.0.1:7")["display"]["unauthenticated"] is True
     assert "unauthenticated" not in _table("-vnc", "127.0.0.1:7,password=on")["display"]
+
+
+def test_devices_after_a_readconfig_keep_their_place():
+    """A config file's [device] sections join qemu's device list where -readconfig stands: devices
+    after it stay after it (qemu judges the corpus line; this pins where the words go)."""
+    argv = ["qemu-system-x86_64", "-device", "virtio-rng-pci", "-rtc", "base=utc", "-readconfig", "/x.cfg",
+            "-device", "usb-tablet,bus=ehci.0", "-no-reboot", "-device", "{\"driver\":\"usb-kbd\",\"bus\":\"ehci.0\"}"]
+    _, table, _ = import_argv(argv)
+    assert table["devices"] == [{"driver": "virtio-rng-pci", "options": {}}, {"driver": "usb-kbd", "options": {"bus": "ehci.0"}}]
+    assert table["append"] == ["-rtc", "base=utc", "-readconfig", "/x.cfg", "-device", "usb-tablet,bus=ehci.0", "-no-reboot"]

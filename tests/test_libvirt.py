@@ -93,6 +93,8 @@ def test_libvirtd_defines_and_starts_an_exported_machine(system_libvirtd, guest,
         assert "running" in status
         cmdline = subprocess.run(virsh + ["qemu-monitor-command", name, "--hmp", "info usernet"], capture_output=True, text=True).stdout
         assert "HOST_FORWARD" in cmdline, "the forwards rode through qemu:commandline"
+        balloon = subprocess.run(virsh + ["qemu-monitor-command", name, "--hmp", "info balloon"], capture_output=True, text=True)
+        assert "No balloon device" in balloon.stdout + balloon.stderr, "no balloon the local argv lacks (<memballoon model=none>)"
     finally:
         subprocess.run(virsh + ["destroy", name], capture_output=True)
         subprocess.run(virsh + ["undefine", name, "--nvram"], capture_output=True)

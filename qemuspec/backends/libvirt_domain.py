@@ -182,25 +182,16 @@ def _media_in_use(conn: Any, leaving: str) -> set[str]:
 
 
 
-# What plan compares: the parts of libvirt's domain XML that qemuspec writes, one line each, so a
-# change reads as a diff and libvirt's own additions (PCI addresses, controllers, uuid) are not noise.
-_PROJECT = ("memory", "vcpu", "os/type", "os/kernel", "os/initrd", "os/cmdline", "os/loader", "os/boot", "cpu", "cpu/model",
-            "on_poweroff", "on_crash", "devices/emulator", "devices/disk", "devices/disk/source", "devices/disk/target",
-            "devices/disk/driver", "devices/interface", "devices/interface/source", "devices/interface/model",
-            "devices/filesystem", "devices/filesystem/source", "devices/filesystem/target", "devices/serial", "devices/channel/target",
-            "devices/rng", "devices/graphics", "devices/video/model")
-_ATTRS = {"os/type": ("machine",), "cpu": ("mode",), "devices/disk": ("device",), "devices/disk/source": ("file",),
-          "devices/disk/target": ("bus",), "devices/disk/driver": ("type", "cache", "io", "discard"), "devices/interface": ("type",),
-          "devices/interface/source": ("bridge",), "devices/interface/model": ("type",), "devices/filesystem/source": ("dir",),
-          "devices/filesystem/target": ("dir",), "devices/serial": ("type",), "devices/channel/target": ("name",),
-          "devices/rng": ("model",), "devices/graphics": ("type", "listen", "port"), "devices/video/model": ("type",),
-          "devices/filesystem": ("accessmode",), "os/boot": ("dev",), "os/loader": ("type", "readonly")}
 _KIB = {"KiB": 1, "k": 1, "K": 1, "MiB": 1024, "M": 1024, "GiB": 1 << 20, "G": 1 << 20, "b": 1 / 1024, "bytes": 1 / 1024}
 
 
 def project(xml: str) -> list[str]:
+    """The parts of libvirt's domain XML that qemuspec writes (libvirt.projected), one line each."""
+    from qemuspec.libvirt import projected
+
+    _PROJECT, _ATTRS = projected()
     root = ET.fromstring(xml)
-    lines: list[str] = []
+    lines: list[str] = [f"domain: type={root.get('type')}"]
 
     def walk(el: ET.Element, path: str) -> None:
         for child in el:

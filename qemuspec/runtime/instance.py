@@ -22,7 +22,7 @@ from qemuspec.runtime import paths, statedir
 from qemuspec.runtime.paths import Layout
 from qemuspec.runtime.console import ConsoleReader, tail
 from qemuspec.runtime.process import Process, alive, cmdline, spawn, start_time
-from qemuspec.spec.records import definition_hash
+from qemuspec.spec.records import definition_hash, older_hash
 
 if TYPE_CHECKING:
     from qemuspec.runtime.agent import GuestAgent
@@ -534,6 +534,8 @@ class Instance:
         inst.ports = record.ports
         inst.started_at = record.started_at
         inst.recorded_hash = record.hash
+        if older_hash(record.hash) and record.argv == render(machine, name, lay):  # started by an older qemuspec
+            inst.recorded_hash = definition_hash(machine)
         inst.owner = record.owner
         inst.boot = record.boot or "cold"
         inst.restored = record.restored

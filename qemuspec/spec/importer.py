@@ -14,6 +14,10 @@ Two rules come from how qemu builds a machine, and qemu itself checks them (``im
 - ``-hda``, ``-cdrom``, ``-drive if=ide`` and friends are qemu shorthands whose place and defaults
   only qemu knows; they become disks that keep their ``if=``/``index=`` as drive options, so qemu
   places them exactly where the original line had them.
+- A kept switch that adds devices to qemu's device list where it stands (``-readconfig``, see
+  :data:`ORDERED`) keeps its place among the devices: the devices after it stay in ``append`` too,
+  each at its original place relative to the kept switches (``-device usb-tablet,bus=ehci.0`` after
+  the config file that makes ``ehci``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ from typing import Any, Callable
 from qemuspec.errors import SpecError
 from qemuspec.spec.qemuopts import parse_argv, split_opts
 
+# Kept switches whose place among the -device switches matters to qemu: a config file's [device]
+# sections join qemu's device list where -readconfig stands (buses they make are used by later devices).
+ORDERED = frozenset({"readconfig"})
 # The chardev ids and monitors qemuspec's renderer creates for itself.
 MANAGED_NOTE = "qemuspec manages this itself"
 Options = dict[str, Any]
@@ -75,6 +82,8 @@ class _Device:
     props: dict[str, Any]
     json: bool
     typed: str | None = None  # "disk" or "nic" once it became one
+    at: int = 0  # how many words of append were kept before it: where it goes if it stays verbatim
+    after_ordered: bool = False  # an ORDERED switch came before it: it stays after that switch
 
 
 @dataclass
@@ -97,8 +106,15 @@ class Import:
     has_virtio_drive: bool = False
     parallel_seen: bool = False
 
+    ordered_seen: bool = False
+
     def keep(self, option: str, value: str | None) -> None:
         self.append += [f"-{option}"] + ([value] if value is not None else [])
+        self.ordered_seen = self.ordered_seen or option in ORDERED
+
+    def add_device(self, device: _Device) -> None:
+        device.at, device.after_ordered = len(self.append), self.ordered_seen
+        self.devices.append(device)
 
     def note(self, option: str, value: str | None, why: str = MANAGED_NOTE) -> None:
         self.notes.append(f"-{option}{' ' + value if value is not None else ''}: {why}")
@@ -134,6 +150,18 @@ def _managed(imp: Import, option: str, value: str | None) -> None:
         imp.note(option, value, "qemuspec runs machines headless; a window is not part of the machine")
         return
     imp.note(option, value)
+
+
+@handles("chardev")
+def _chardev(imp: Import, option: str, value: str | None) -> None:
+    """A chardev under qemuspec's id prefix is the plumbing of a line qemuspec rendered (its monitors,
+    its console): qemuspec makes it again. Every other chardev is the machine's, kept as written."""
+    from qemuspec.spec.passthrough import OWN_ID_PREFIX
+
+    if dict(split_opts(value or "", implied="backend")[1]).get("id", "").startswith(OWN_ID_PREFIX):
+        imp.note(option, value)
+    else:
+        imp.keep(option, value)
 
 
 @handles("nographic")
@@ -490,15 +518,20 @@ def _device(imp: Import, option: str, value: str | None) -> None:
         if not isinstance(data, dict) or not isinstance(data.get("driver"), str):
             raise SpecError(f'-device {text[:80]}: a JSON -device needs "driver": add it')
         driver = data.pop("driver")
-        imp.devices.append(_Device(driver, data, True))
+        imp.add_device(_Device(driver, data, True))
         return
     head, pairs = split_opts(text, implied="driver")
     props = dict(pairs)
     driver = head if head is not None else props.pop("driver", "")
     if len(props) != len(pairs) - (head is None and "driver" in dict(pairs)):
-        imp.devices.append(_Device("", {"_verbatim": text}, False))  # a property given twice: qemu's business
+        imp.add_device(_Device("", {"_verbatim": text}, False))  # a property given twice: qemu's business
         return
-    imp.devices.append(_Device(driver, {k: v for k, v in props.items()}, False))
+    from qemuspec.spec.passthrough import OWN_ID_PREFIX
+
+    if driver == "pvpanic" and props.get("id") == OWN_ID_PREFIX + "pvpanic":  # render.py adds it to every machine
+        imp.note(option, value, "qemuspec gives every machine its panic device")
+        return
+    imp.add_device(_Device(driver, {k: v for k, v in props.items()}, False))
 
 
 @handles("object")
@@ -543,7 +576,7 @@ def _virtfs(imp: Import, option: str, value: str | None) -> None:
         return
     fsdev_id = props.pop("id", tag)
     imp.keep("fsdev", ",".join([driver, f"id={fsdev_id}".replace(",", ",,")] + [f"{k}={v.replace(',', ',,')}" for k, v in props.items()]))
-    imp.devices.append(_Device("virtio-9p-pci", {"fsdev": fsdev_id, "mount_tag": tag}, False))
+    imp.add_device(_Device("virtio-9p-pci", {"fsdev": fsdev_id, "mount_tag": tag}, False))
 
 
 @handles("vnc")
@@ -568,7 +601,7 @@ def _vga(imp: Import, option: str, value: str | None) -> None:
 
 
 # Everything else is part of the machine and has no typed form: kept as written, in order.
-for _name_ in ("global", "rtc", "numa", "smbios", "usb", "usbdevice", "chardev", "tpmdev", "incoming", "blockdev", "fw_cfg",
+for _name_ in ("global", "rtc", "numa", "smbios", "usb", "usbdevice", "tpmdev", "incoming", "blockdev", "fw_cfg",
                "loadvm", "mem-path", "mem-prealloc", "no-hpet", "k", "msg", "overcommit", "sandbox", "watchdog",
                "watchdog-action", "action", "snapshot", "no-reboot", "no-shutdown", "L", "option-rom", "acpitable", "set",
                "iscsi", "net", "nic", "spice", "audiodev", "audio", "soundhw", "uuid", "add-fd", "fsdev", "icount",
@@ -624,6 +657,9 @@ def _finish(imp: Import, base_dir: str | None) -> tuple[str, dict, list[str]]:
         props = dev.props
         if dev.json or "_verbatim" in props:
             continue
+        if dev.after_ordered:  # it must stay after a kept switch: not typed, not before append
+            rank = 2
+            continue
         disk = imp.drive_ids.get(props.get("drive", "")) if dev.driver in _DISK_DEVICES else None
         if disk is not None and rank <= 0 and "id" not in props and disk.get("_if") == "none" and not disk.get("_claimed"):
             rest = {k: value_of(v) for k, v in props.items() if k not in ("drive", "id")}
@@ -661,6 +697,35 @@ def _finish(imp: Import, base_dir: str | None) -> tuple[str, dict, list[str]]:
                 rank = 1
                 continue
         rank = 2
+    _device_options(imp)
+    generic: list[dict] = []
+    generic_json: list[dict] = []  # qemu creates JSON devices after every keyval one
+    late: list[_Device] = []  # stay verbatim in append
+    convert_json = not imp.has_virtio_drive  # qemu creates -drive if=virtio devices between keyval and JSON ones
+    for dev in imp.devices:
+        if dev.typed:
+            continue
+        if "_verbatim" in dev.props or (dev.after_ordered and not dev.json):
+            entry = None
+        elif dev.json:
+            entry = {"driver": dev.driver, "options": {k: v for k, v in dev.props.items() if k != "id"}}
+            if "id" in dev.props:
+                entry["id"] = dev.props["id"]
+            if not convert_json:
+                entry = None
+        else:
+            entry = {"driver": dev.driver, "options": {k: value_of(v) for k, v in dev.props.items() if k != "id"}}
+            if "id" in dev.props:
+                entry["id"] = dev.props["id"]
+        if entry is not None and all(fits(Device, k, v) for k, v in entry.items()):
+            (generic_json if dev.json else generic).append(entry)
+        else:
+            late.append(dev)
+    generic += generic_json
+    if generic:
+        machine["devices"] = machine.get("devices", []) + generic
+    if late:  # placed among the kept switches before anything else changes append
+        _order_late(imp, late)
     # Typed disks go first, in their device order; drives no device claimed keep their place after them.
     disks = typed_disks
     for disk in imp.disks:
@@ -677,40 +742,10 @@ def _finish(imp: Import, base_dir: str | None) -> tuple[str, dict, list[str]]:
     for netdev_id, (nic, words) in imp.netdevs.items():
         if netdev_id not in used_netdevs:
             imp.append[:0] = words  # no device took it: the netdev stays as written (before its users)
-    generic: list[dict] = []
-    generic_json: list[dict] = []  # qemu creates JSON devices after every keyval one
-    late: list[str] = []
-    convert_json = not imp.has_virtio_drive  # qemu creates -drive if=virtio devices between keyval and JSON ones
-    for dev in imp.devices:
-        if dev.typed:
-            continue
-        if "_verbatim" in dev.props:
-            entry = None
-        elif dev.json:
-            entry = {"driver": dev.driver, "options": {k: v for k, v in dev.props.items() if k != "id"}}
-            if "id" in dev.props:
-                entry["id"] = dev.props["id"]
-            if not convert_json:
-                entry = None
-        else:
-            entry = {"driver": dev.driver, "options": {k: value_of(v) for k, v in dev.props.items() if k != "id"}}
-            if "id" in dev.props:
-                entry["id"] = dev.props["id"]
-        if entry is not None and all(fits(Device, k, v) for k, v in entry.items()):
-            (generic_json if dev.json else generic).append(entry)
-        elif dev.json:
-            late += ["-device", json.dumps({"driver": dev.driver, **dev.props}, separators=(",", ":"))]
-        else:
-            late += ["-device", dev.props.get("_verbatim") or _keyval(dev.driver, dev.props)]
-    generic += generic_json
     if disks:
         machine["disks"] = disks
     if nics:
         machine["nics"] = machine.get("nics", []) + nics
-    if generic:
-        machine["devices"] = machine.get("devices", []) + generic
-    if late:
-        _order_late(imp, generic, late)
     if imp.vga is not None:
         if machine.get("display", {}).get("type") == "vnc":
             machine["display"]["vga"] = imp.vga
@@ -744,24 +779,58 @@ def _finish(imp: Import, base_dir: str | None) -> tuple[str, dict, list[str]]:
     return _safe_name(name), machine, imp.notes
 
 
-def _order_late(imp: Import, generic: list[dict], late: list[str]) -> None:
-    """Devices that could not be typed go to append, which the renderer writes after the generic
-    devices; if any keyval device is among them while later ones are generic, qemu would create
-    them in another order, so then every generic device goes to append too, in the original order."""
-    keyval_late = any(not late[i + 1].lstrip().startswith("{") for i in range(0, len(late), 2))
-    if keyval_late and generic:
-        words: list[str] = []
-        for dev in imp.devices:
-            if dev.typed:
-                continue
-            if dev.json:
-                continue
-            words += ["-device", dev.props.get("_verbatim") or _keyval(dev.driver, dev.props)]
-        words += [w for i in range(0, len(late), 2) if late[i + 1].lstrip().startswith("{") for w in late[i : i + 2]]
+def _device_options(imp: Import) -> None:
+    """Devices that are an option of their own (spec/devices.py) become that option while the
+    renderer's order keeps the original one: it writes them last among the devices, in field order,
+    so only the line's last devices can be typed, and only in that order."""
+    from qemuspec.spec.models import declared
+    from qemuspec.spec.models import DeviceOption
+    from qemuspec.spec.passthrough import OWN_ID_PREFIX
+
+    options = declared()
+    limit = len(options)
+    for dev in reversed(imp.devices):
+        found = next((i for i, (_, decl) in enumerate(options[:limit]) if decl.driver == dev.driver), None)
+        if found is None or dev.typed or dev.json or "_verbatim" in dev.props or dev.after_ordered:
+            return
+        field, decl = options[found]
+        props = {k: value_of(v) for k, v in dev.props.items() if k != "id"}
+        if dev.props.get("id", OWN_ID_PREFIX + decl.id) != OWN_ID_PREFIX + decl.id or not fits(DeviceOption, "options", props):
+            return  # another id may be referred to; properties the model cannot hold stay with the device
+        imp.machine[field] = {"options": props} if props else True
+        dev.typed, limit = field, found
+
+
+def _order_late(imp: Import, late: list[_Device]) -> None:
+    """Devices that could not be typed stay in append, each at its place among the kept switches
+    (where it stood relative to a -readconfig matters). The renderer writes the generic devices
+    before append; if a generic keyval device came after a late keyval one, qemu would create them
+    in another order, so then every device that is not typed goes to append, at its place."""
+    keyval = [dev for dev in imp.devices if not dev.typed and not dev.json]
+    first = next((i for i, dev in enumerate(keyval) if dev in late), None)
+    if first is not None and any(dev not in late for dev in keyval[first:]):
+        late = [dev for dev in imp.devices if not dev.typed]
         imp.machine.pop("devices", None)
-        imp.append += words
-    else:
-        imp.append += late
+    _place(imp, [(dev.at, _words(dev)) for dev in late])
+
+
+def _words(dev: _Device) -> list[str]:
+    if dev.json:
+        return ["-device", json.dumps({"driver": dev.driver, **dev.props}, separators=(",", ":"))]
+    return ["-device", dev.props.get("_verbatim") or _keyval(dev.driver, dev.props)]
+
+
+def _place(imp: Import, placed: list[tuple[int, list[str]]]) -> None:
+    """Insert each word group before the kept word it preceded in the original line (stable)."""
+    out: list[str] = []
+    pending = sorted(placed, key=lambda item: item[0])
+    for index, word in enumerate(imp.append):
+        while pending and pending[0][0] <= index:
+            out += pending.pop(0)[1]
+        out.append(word)
+    for _, words in pending:
+        out += words
+    imp.append = out
 
 
 def _overrides(imp: Import) -> None:

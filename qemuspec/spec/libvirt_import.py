@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from qemuspec.errors import SpecError
 
 if TYPE_CHECKING:
+    from qemuspec.spec.devices import QemuDevice
     from qemuspec.spec.importer import Import
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
@@ -134,6 +135,13 @@ def import_domain(text: str, name: str | None = None, source: str = "<domain>") 
     return _safe_name(got_name), table, notes + more
 
 
+def _device_options() -> dict[str, tuple[str, QemuDevice]]:
+    """libvirt element -> (field, declaration) of the options that are one device (spec/devices.py)."""
+    from qemuspec.spec.models import declared
+
+    return {decl.libvirt: (field, decl) for field, decl in declared()}
+
+
 def _device(el: ET.Element, imp: Import, notes: list[str]) -> None:  # noqa: C901 - one branch per libvirt element
     machine = imp.machine
     tag = el.tag
@@ -225,9 +233,13 @@ def _device(el: ET.Element, imp: Import, notes: list[str]) -> None:  # noqa: C90
         machine["display"] = {**machine.get("display", {"type": "none"}), "vga": vga}
     elif tag in ("serial", "console"):
         notes.append(f"<{tag}>: the first serial port is qemuspec's console")
-    elif tag == "memballoon":
-        if el.get("model") == "virtio":
-            machine.setdefault("devices", []).append({"driver": "virtio-balloon-pci", "options": {}})
+    elif tag in _device_options():
+        field, decl = _device_options()[tag]
+        if el.get("model") == decl.model:
+            props: dict[str, object] = {prop: el.get(attr) == "on" for prop, attr in decl.attributes if el.get(attr) in ("on", "off")}
+            machine[field] = {"options": props} if props else True
+        elif el.get("model") != decl.off:
+            notes.append(f"<{tag} model='{el.get('model')}'>: not imported (qemuspec's {field} is model {decl.model})")
     elif tag == "input":
         if el.get("bus") == "usb":
             machine.setdefault("devices", []).append({"driver": f"usb-{el.get('type', 'tablet')}", "options": {}})

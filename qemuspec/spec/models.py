@@ -28,6 +28,9 @@ from pydantic import (
 )
 
 from qemuspec.spec import units
+from functools import cache
+
+from qemuspec.spec.devices import QemuDevice
 from qemuspec.spec.limits import QEMU_NAME
 from qemuspec.spec.order import order_machines
 from qemuspec.spec.uris import check_libvirt_uri
@@ -426,6 +429,19 @@ class Device(Model):
     options: Options = Field(default_factory=dict)
 
 
+class DeviceOption(Model):
+    """A device qemuspec adds for an option (spec/devices.py declares which): `true`, or a table."""
+
+    options: Options = Field(default_factory=dict, description="Extra -device properties, passed through")
+
+
+def _device_option(value: Any) -> Any:
+    """`true` is the device with no extra properties, `false` no device."""
+    if isinstance(value, bool):
+        return {} if value else None
+    return value
+
+
 class QomObject(Model):
     type: Ident
     id: Ident
@@ -527,6 +543,11 @@ class Machine(Model):
     shares: list[Share] = Field(default_factory=list)
     rng: bool = Field(False, description="A virtio-rng device fed from /dev/urandom")
     agent: bool = Field(False, description="A virtio-serial channel for qemu-guest-agent")
+    balloon: Annotated[DeviceOption | None, BeforeValidator(_device_option), QemuDevice(
+        "virtio-balloon-pci", "balloon0", libvirt="memballoon", model="virtio", off="none",
+        attributes=(("deflate-on-oom", "autodeflate"), ("free-page-reporting", "freePageReporting")))] = Field(
+        None, description="A virtio memory balloon: true, or { options = { deflate-on-oom = true } }. The host can then "
+        "take memory back from the running guest (QMP balloon) and read its use (query-balloon)")
     cloud_init: CloudInit | None = None
     provision: Provision = Field(
         default_factory=list, description='Run in the guest once it is ready, once per machine life: shell commands '
@@ -626,3 +647,11 @@ def _host_ports(machine: Machine) -> list[tuple[str, tuple]]:
     if display.type in ("vnc", "spice") and (display.port or display.listen is not None):  # TCP (default: a unix socket)
         out.append(("display.port", ("tcp", display.port or (5900 if display.type == "vnc" else 5930))))
     return out
+
+
+@cache
+def declared() -> tuple[tuple[str, QemuDevice], ...]:
+    """(field, declaration) of each option of a machine that is one qemu device (spec/devices.py), in
+    the model's field order (the order the renderer writes them in, after the generic devices)."""
+    return tuple((name, meta) for name, info in Machine.model_fields.items() for meta in info.metadata
+                 if isinstance(meta, QemuDevice))

@@ -25,7 +25,7 @@ Encoded = Union[None, bool, int, float, str, list["Encoded"], dict[str, "Encoded
 
 # The model classes a record may name (spec/models.py): an entry naming anything else is not ours.
 KINDS = frozenset({"QMP", "Ready", "Disk", "Forward", "NIC", "Share", "Display", "Firmware", "Device", "QomObject",
-                   "CloudInit", "SSH", "Network", "Machine", "File", "ProvisionScript", "Image"})
+                   "DeviceOption", "CloudInit", "SSH", "Network", "Machine", "File", "ProvisionScript", "Image"})
 
 
 class Record:
@@ -105,14 +105,27 @@ def _real(value: object) -> object:
     return value
 
 
+HASH_PREFIX = "d2-"  # hashes of what the user wrote; older qemuspec hashed every default too
+
+
 def definition_hash(machine: Machine | Record) -> str:
     """Identifies what a machine was started from, so `up` can tell "unchanged" from "changed".
-    The readiness timeout and command and the provision steps are left out: they say how long to wait and
-    what to do in a ready guest, not what runs (`up --timeout`)."""
+
+    It hashes what the definition says, not what qemuspec fills in: values equal to their default
+    are left out, so a qemuspec that gains a field with a default (an upgrade) keeps every machine's
+    hash, and `plan` does not offer to recreate a machine whose command line is the same. The
+    readiness timeout and command and the provision steps are left out too: they say how long to wait
+    and what to do in a ready guest, not what runs (`up --timeout`)."""
     if isinstance(machine, Record) and machine._hash is not None:
         return machine._hash
-    dump = machine.model_dump_json(exclude={"ready": {"timeout", "command"}, "provision": True})
-    return hashlib.sha256(dump.encode()).hexdigest()[:16]
+    text = machine.model_dump_json(exclude_defaults=True, exclude={"ready": {"timeout", "command"}, "provision": True})
+    return HASH_PREFIX + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def older_hash(recorded: str | None) -> bool:
+    """A hash an older qemuspec recorded (every default included): it cannot be compared with
+    :func:`definition_hash`, so the runtime compares the recorded command line instead."""
+    return recorded is not None and not recorded.startswith(HASH_PREFIX)
 
 
 class NotCacheable(Exception):

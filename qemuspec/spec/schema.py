@@ -22,6 +22,7 @@ _ANNOTATIONS = ("title", "description", "default", "examples")
 def schema() -> dict:
     from typing import get_args
 
+    from qemuspec.spec.models import declared
     from qemuspec.spec.models import _IDENT, Display, File, Firmware
 
     doc = File.model_json_schema(mode="validation")
@@ -36,6 +37,8 @@ def schema() -> dict:
         kinds = list(get_args(model.model_fields["type"].annotation))
         machine[field]["anyOf"].insert(1, {"enum": kinds, "description": 'Shorthand for { type = "..." }'})
     machine["cdrom"]["anyOf"].insert(1, {"type": "string", "description": "One image"})
+    for field, _ in declared():
+        machine[field]["anyOf"].insert(1, {"type": "boolean", "description": "true: the device with no extra properties"})
     props = doc["properties"]
     props["machines"]["additionalProperties"] = False
     props["networks"]["propertyNames"] = {"pattern": r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"}
