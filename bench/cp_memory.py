@@ -15,5 +15,20 @@ if __name__ == "__main__":
     size = sys.argv[1] if len(sys.argv) > 1 else "256"
     env = {**os.environ, "CP_TEST_MIB": size}
     print(f"file size: {size} MiB")
-    sys.exit(subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
-                             os.path.join(ROOT, "tests", "test_cli_commands.py"), "-k", "cp_streams"], env=env).returncode)
+    sys.exit(
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-s",
+                "-p",
+                "no:cacheprovider",
+                os.path.join(ROOT, "tests", "test_cli_commands.py"),
+                "-k",
+                "cp_streams",
+            ],
+            env=env,
+        ).returncode
+    )

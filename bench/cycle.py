@@ -40,7 +40,7 @@ nics = [{{ forwards = [{{ host = {port}, guest = 80 }}], device_options = {{ rom
 ready = {{ tcp = 80, timeout = "120s" }}
 """
 
-LAUNCHER = r'''
+LAUNCHER = r"""
 import json, socket, subprocess, sys, time
 port, qmp_path, argv = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -70,7 +70,7 @@ try:
 except subprocess.TimeoutExpired:
     ask("quit")
     proc.wait(10)
-'''
+"""
 
 
 def free_port() -> int:
@@ -105,22 +105,37 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     os.environ["QEMUSPEC_ACCEL"] = "tcg"
-    subprocess.run([sys.executable, os.path.join(ROOT, "guest", "build.py")], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, os.path.join(ROOT, "guest", "build.py")], check=True, capture_output=True
+    )
     kernel, initrd = (os.path.join(ROOT, "guest", "out", f) for f in ("vmlinuz", "initrd.gz"))
-    subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(ROOT, "qemuspec")], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", os.path.join(ROOT, "qemuspec")], check=True
+    )
     with tempfile.TemporaryDirectory(prefix="qemuspec-cycle-") as tmp:
         port = free_port()
         path = os.path.join(tmp, "cycle.toml")
         with open(path, "w") as f:
             f.write(DEFINITION.format(kernel=kernel, initrd=initrd, port=port))
         argv, qmp = hand_argv(path, tmp)
-        figures: dict[str, list[float]] = {"hand": [], "qemuspec": [], "up": [], "down": [], "status": [], "python": []}
+        figures: dict[str, list[float]] = {
+            "hand": [],
+            "qemuspec": [],
+            "up": [],
+            "down": [],
+            "status": [],
+            "python": [],
+        }
         try:
-            timed([*CLI, "validate", path])  # fills the definition cache, as any earlier command would
+            timed(
+                [*CLI, "validate", path]
+            )  # fills the definition cache, as any earlier command would
             for _ in range(args.runs):
                 if os.path.exists(qmp):
                     os.unlink(qmp)
-                figures["hand"].append(timed([sys.executable, "-c", LAUNCHER, str(port), qmp, *argv]))
+                figures["hand"].append(
+                    timed([sys.executable, "-c", LAUNCHER, str(port), qmp, *argv])
+                )
                 up = timed([*CLI, "up", path])
                 figures["status"].append(timed([*CLI, "status", path]))
                 figures["python"].append(timed([sys.executable, "-c", "pass"]))
@@ -132,10 +147,14 @@ def main() -> int:
             subprocess.run([*CLI, "down", path], capture_output=True)
             shutil.rmtree(os.path.join(tmp, ".qemuspec"), ignore_errors=True)
     med = {k: statistics.median(v) for k, v in figures.items()}
-    print(f"medians of {args.runs} runs, 256 MiB test guest, TCG, ready = HTTP through a forward; seconds")
+    print(
+        f"medians of {args.runs} runs, 256 MiB test guest, TCG, ready = HTTP through a forward; seconds"
+    )
     for name in ("hand", "qemuspec", "up", "down"):
         print(f"{name:<10} {med[name]:7.3f}")
-    print(f"status     {med['status'] * 1000:7.1f} ms   (python -c pass {med['python'] * 1000:.1f} ms, {med['status'] / med['python']:.2f}x)")
+    print(
+        f"status     {med['status'] * 1000:7.1f} ms   (python -c pass {med['python'] * 1000:.1f} ms, {med['status'] / med['python']:.2f}x)"
+    )
     ratio = med["qemuspec"] / med["hand"]
     print(f"qemuspec / hand = {ratio:.3f}x (bar 1.15x: {'met' if ratio <= 1.15 else 'NOT met'})")
     return 0

@@ -54,8 +54,14 @@ def timed(argv: list[str], env: dict | None = None) -> tuple[float, int, int]:
 
 def main() -> None:
     valued = ("--runs", "--dir")
-    opts = {sys.argv[i]: sys.argv[i + 1] for i in range(1, len(sys.argv) - 1) if sys.argv[i] in valued}
-    args = [a for i, a in enumerate(sys.argv[1:], 1) if not a.startswith("--") and sys.argv[i - 1] not in valued]
+    opts = {
+        sys.argv[i]: sys.argv[i + 1] for i in range(1, len(sys.argv) - 1) if sys.argv[i] in valued
+    }
+    args = [
+        a
+        for i, a in enumerate(sys.argv[1:], 1)
+        if not a.startswith("--") and sys.argv[i - 1] not in valued
+    ]
     gib = float(args[0]) if args else 3.0
     runs = int(opts.get("--runs", 3))
     work = tempfile.mkdtemp(prefix="qemuspec-bench-pull-", dir=opts.get("--dir"))
@@ -73,14 +79,20 @@ def main() -> None:
         hole = bytes(1 << 20)
         for _ in range((size - dense) >> 20):
             digest.update(hole)
-        server = subprocess.Popen([sys.executable, "-c", SERVE.format(tests=os.path.join(ROOT, "tests"), path=image)],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        server = subprocess.Popen(
+            [sys.executable, "-c", SERVE.format(tests=os.path.join(ROOT, "tests"), path=image)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert server.stdout is not None
         url = server.stdout.readline().strip()
         definition = os.path.join(work, "bench.toml")
         with open(definition, "w") as f:
-            f.write(f'[machines.bench]\n[[machines.bench.disks]]\nfile = "bench.qcow2"\n'
-                    f'image = {{ url = "{url}", digest = "sha256:{digest.hexdigest()}" }}\n')
+            f.write(
+                f'[machines.bench]\n[[machines.bench.disks]]\nfile = "bench.qcow2"\n'
+                f'image = {{ url = "{url}", digest = "sha256:{digest.hexdigest()}" }}\n'
+            )
         qemuspec = [sys.executable, "-m", "qemuspec", "img", "pull", definition, "--quiet"]
         curls, durable, pulls, rss, cached_all = [], [], [], [], []
         try:
@@ -88,14 +100,18 @@ def main() -> None:
                 out = os.path.join(work, "curl.out")
                 cache = os.path.join(work, f"cache{run}")
                 os.mkdir(cache, 0o700)
-                env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}  # as users run it
+                env = {
+                    k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"
+                }  # as users run it
                 env["XDG_CACHE_HOME"] = cache
 
                 def curl() -> None:
                     elapsed = timed(["curl", "-sS", "--fail", "-o", out, url])[0]
                     start = time.perf_counter()
                     fd = os.open(out, os.O_RDONLY)
-                    os.fsync(fd)  # what qemuspec does before the rename: the cache entry survives a power cut
+                    os.fsync(
+                        fd
+                    )  # what qemuspec does before the rename: the cache entry survives a power cut
                     os.close(fd)
                     curls.append(elapsed)
                     durable.append(elapsed + time.perf_counter() - start)
@@ -108,15 +124,19 @@ def main() -> None:
                     pulls.append(elapsed)
                     rss.append(peak)
 
-                for step in ((curl, pull) if run % 2 == 0 else (pull, curl)):  # alternate who goes first
+                for step in (
+                    (curl, pull) if run % 2 == 0 else (pull, curl)
+                ):  # alternate who goes first
                     step()
                     os.sync()
                 cached = [timed(qemuspec, env)[0] for _ in range(5)]
                 cached_all += cached
                 shutil.rmtree(cache)
-                print(f"run {run + 1}: curl {curls[-1]:.2f} s (+fsync {durable[-1]:.2f} s), qemuspec {pulls[-1]:.2f} s "
-                      f"(peak RSS {rss[-1] / 1024:.1f} MiB), cached pull {statistics.median(cached) * 1000:.0f} ms",
-                      flush=True)
+                print(
+                    f"run {run + 1}: curl {curls[-1]:.2f} s (+fsync {durable[-1]:.2f} s), qemuspec {pulls[-1]:.2f} s "
+                    f"(peak RSS {rss[-1] / 1024:.1f} MiB), cached pull {statistics.median(cached) * 1000:.0f} ms",
+                    flush=True,
+                )
         finally:
             assert server.stdin is not None
             server.stdin.close()
@@ -125,11 +145,17 @@ def main() -> None:
         kind = "random" if dense == size else "half random, half sparse"
         print(f"\nimage {gib:g} GiB ({kind}) in {work}, {runs} runs, medians:")
         print(f"  curl -o FILE        {curl_rate / (1 << 20):8.0f} MiB/s")
-        print(f"  qemuspec img pull   {pull_rate / (1 << 20):8.0f} MiB/s  (sha256 on the fly, rename into the cache)")
+        print(
+            f"  qemuspec img pull   {pull_rate / (1 << 20):8.0f} MiB/s  (sha256 on the fly, rename into the cache)"
+        )
         durable_rate = size / statistics.median(durable)
-        print(f"  curl, then fsync    {durable_rate / (1 << 20):8.0f} MiB/s  (the file on disk, as qemuspec leaves it)")
-        print(f"  ratio               {pull_rate / curl_rate:8.2f}x curl (goal >= 0.9x), "
-              f"{pull_rate / durable_rate:.2f}x curl + fsync")
+        print(
+            f"  curl, then fsync    {durable_rate / (1 << 20):8.0f} MiB/s  (the file on disk, as qemuspec leaves it)"
+        )
+        print(
+            f"  ratio               {pull_rate / curl_rate:8.2f}x curl (goal >= 0.9x), "
+            f"{pull_rate / durable_rate:.2f}x curl + fsync"
+        )
         print(f"  peak RSS            {max(rss) / 1024:8.1f} MiB (goal < 64 MiB)")
         cached_ms = statistics.median(cached_all) * 1000
         print(f"  cached pull         {cached_ms:8.0f} ms (goal < 200 ms; the whole CLI process)")

@@ -107,7 +107,9 @@ def main() -> int:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 10
-            while not all(os.path.exists(p) for p in socks.values()) and time.monotonic() < deadline:
+            while (
+                not all(os.path.exists(p) for p in socks.values()) and time.monotonic() < deadline
+            ):
                 time.sleep(0.005)
             runners = {"floor": floor, "sync": ours_sync, "async": ours_async, "qemu.qmp": qemu_qmp}
             for name in names:  # warm-up, then measure
@@ -117,7 +119,9 @@ def main() -> int:
             proc.kill()
             proc.wait()
     base = statistics.median(results["floor"])
-    print(f"query-status round trip over a unix socket, {args.rounds} rounds each, qemu -machine none")
+    print(
+        f"query-status round trip over a unix socket, {args.rounds} rounds each, qemu -machine none"
+    )
     print(f"{'client':<10} {'median µs':>10} {'p99 µs':>10} {'x floor':>8}")
     for name in names:
         if results[name] is None:

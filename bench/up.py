@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 CLI = [sys.executable, "-m", "qemuspec.cli.main"]
-LAUNCH = r'''
+LAUNCH = r"""
 import socket, subprocess, sys
 path, argv = sys.argv[1], sys.argv[2:]
 s = socket.socket(socket.AF_UNIX); s.bind(path); s.listen()
@@ -35,14 +35,16 @@ argv = [a.replace("path=" + path, "fd=%d" % s.fileno()) for a in argv]
 p = subprocess.Popen(argv, pass_fds=[s.fileno()], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 c = socket.socket(socket.AF_UNIX); c.connect(path); c.recv(4096)
 print(p.pid)
-'''
+"""
 
 
 def definition(directory: str, count: int) -> str:
     path = os.path.join(directory, f"bench{count}.toml")
     with open(path, "w") as f:
         for i in range(count):
-            f.write(f'[machines.m{i}]\naccel = "tcg"\nmemory = "128M"\npaused = true\nserial = "none"\n\n')
+            f.write(
+                f'[machines.m{i}]\naccel = "tcg"\nmemory = "128M"\npaused = true\nserial = "none"\n\n'
+            )
     return path
 
 
@@ -66,7 +68,9 @@ def time_raw(directory: str) -> float:
     server.listen()
     argv = [a.replace(f"path={qmp}", f"fd={server.fileno()}") for a in argv]
     began = time.perf_counter()
-    proc = subprocess.Popen(argv, pass_fds=[server.fileno()], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        argv, pass_fds=[server.fileno()], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     client = socket.socket(socket.AF_UNIX)
     client.connect(qmp)
     client.recv(4096)
@@ -84,7 +88,9 @@ def time_raw_python(directory: str) -> float:
         if os.path.exists(path):
             os.unlink(path)
     began = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", LAUNCH, qmp, *argv], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", LAUNCH, qmp, *argv], capture_output=True, text=True, check=True
+    ).stdout
     took = time.perf_counter() - began
     os.kill(int(out), 9)
     return took
@@ -98,7 +104,11 @@ def time_up(path: str, state: str) -> float:
 
 
 def down(path: str, state: str) -> None:
-    subprocess.run(CLI + ["down", path, "--state-dir", state, "--timeout", "0.1"], check=True, capture_output=True)
+    subprocess.run(
+        CLI + ["down", path, "--state-dir", state, "--timeout", "0.1"],
+        check=True,
+        capture_output=True,
+    )
     shutil.rmtree(state, ignore_errors=True)
 
 
@@ -110,7 +120,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="qemuspec-bench-") as tmp:
         one, ten = definition(tmp, 1), definition(tmp, 10)
         state = os.path.join(tmp, "state")
-        results: dict[str, list[float]] = {k: [] for k in ("raw", "raw+python", "up 1", "up 10", "status 10")}
+        results: dict[str, list[float]] = {
+            k: [] for k in ("raw", "raw+python", "up 1", "up 10", "status 10")
+        }
         for _ in range(args.runs):
             results["raw"].append(time_raw(tmp))
             results["raw+python"].append(time_raw_python(tmp))
@@ -118,7 +130,11 @@ def main() -> int:
             down(one, state)
             results["up 10"].append(time_up(ten, state))
             began = time.perf_counter()
-            subprocess.run(CLI + ["status", ten, "--json", "--state-dir", state], check=True, capture_output=True)
+            subprocess.run(
+                CLI + ["status", ten, "--json", "--state-dir", state],
+                check=True,
+                capture_output=True,
+            )
             results["status 10"].append(time.perf_counter() - began)
             down(ten, state)
     med = {k: statistics.median(v) * 1000 for k, v in results.items()}

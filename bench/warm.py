@@ -62,7 +62,14 @@ def last_event(state: str, name: str) -> dict:
 
 def measure(path: str, machine: str, runs: int, extra: list[str]) -> dict:
     state = os.path.join(os.path.dirname(path), ".qemuspec", machine)
-    figures: dict[str, list[float]] = {"cold up": [], "cold ready": [], "save": [], "state MiB": [], "warm up": [], "warm ready": []}
+    figures: dict[str, list[float]] = {
+        "cold up": [],
+        "cold ready": [],
+        "save": [],
+        "state MiB": [],
+        "warm up": [],
+        "warm ready": [],
+    }
     for _ in range(runs):
         shutil.rmtree(os.path.join(state, "warm"), ignore_errors=True)
         figures["cold up"].append(run("up", path, "--no-probe", *extra))
@@ -99,12 +106,18 @@ def by_hand(exec_argv: list[str], memory: str) -> float:
         argv = []
         for arg in exec_argv:
             arg = re.sub(r"\bfd=(\d+)", lambda m: f"path={tmp}/{m.group(1)}.sock", arg)
-            arg = re.sub(r"hostfwd=tcp:127\.0\.0\.1:\d+-:80\b", f"hostfwd=tcp:127.0.0.1:{port}-:80", arg)
+            arg = re.sub(
+                r"hostfwd=tcp:127\.0\.0\.1:\d+-:80\b", f"hostfwd=tcp:127.0.0.1:{port}-:80", arg
+            )
             arg = re.sub(r"\blogfile=[^,]*", f"logfile={tmp}/serial.log", arg)
             argv.append(arg)
-        argv[argv.index("-incoming") + 1] = f"exec:cat {memory}"  # was "defer" (qemuspec passes an fd)
+        argv[argv.index("-incoming") + 1] = (
+            f"exec:cat {memory}"  # was "defer" (qemuspec passes an fd)
+        )
         argv[argv.index("-pidfile") + 1] = os.path.join(tmp, "qemu.pid")
-        qmp = os.path.join(tmp, exec_argv[exec_argv.index("-mon") - 1].split("fd=")[1].split(",")[0] + ".sock")
+        qmp = os.path.join(
+            tmp, exec_argv[exec_argv.index("-mon") - 1].split("fd=")[1].split(",")[0] + ".sock"
+        )
         began = time.perf_counter()
         deadline = time.monotonic() + 60
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -152,31 +165,48 @@ def main() -> int:
     args = parser.parse_args()
     os.environ.setdefault("QEMUSPEC_ACCEL", "tcg")
     os.environ["PYTHONPATH"] = ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
-    subprocess.run([sys.executable, os.path.join(ROOT, "guest", "build.py")], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, os.path.join(ROOT, "guest", "build.py")], check=True, capture_output=True
+    )
     kernel, initrd = (os.path.join(ROOT, "guest", "out", f) for f in ("vmlinuz", "initrd.gz"))
     with tempfile.TemporaryDirectory(prefix="qemuspec-warm-") as tmp:
         demo = os.path.join(tmp, "dev.toml")
         text = open(os.path.join(ROOT, "machines", "dev.toml")).read()
-        text = text.replace("../guest/out/vmlinuz", kernel).replace("../guest/out/initrd.gz", initrd).replace("host = 8080", "host = 0")
+        text = (
+            text.replace("../guest/out/vmlinuz", kernel)
+            .replace("../guest/out/initrd.gz", initrd)
+            .replace("host = 8080", "host = 0")
+        )
         open(demo, "w").write(text)
         small = os.path.join(tmp, "small.toml")
         open(small, "w").write(SMALL.format(kernel=kernel, initrd=initrd))
         try:
-            results = {"demo": measure(demo, "dev", args.runs, ["--warm"]), "256M": measure(small, "small", args.runs, [])}
+            results = {
+                "demo": measure(demo, "dev", args.runs, ["--warm"]),
+                "256M": measure(small, "small", args.runs, []),
+            }
         finally:
             for path in (demo, small):
                 subprocess.run([*CLI, "down", path], capture_output=True)
     accel = os.environ["QEMUSPEC_ACCEL"]
     print(f"medians of {args.runs} runs, accel {accel}, 2-core box; seconds unless noted")
-    print(f"{'guest':<6} {'cold up':>8} {'cold ready':>10} {'save':>6} {'state':>8} {'warm up':>8} {'warm ready':>10} {'hand':>6} {'up ratio':>8} {'ready ratio':>11} {'hand ratio':>10}")
+    print(
+        f"{'guest':<6} {'cold up':>8} {'cold ready':>10} {'save':>6} {'state':>8} {'warm up':>8} {'warm ready':>10} {'hand':>6} {'up ratio':>8} {'ready ratio':>11} {'hand ratio':>10}"
+    )
     for name, r in results.items():
-        print(f"{name:<6} {r['cold up']:8.2f} {r['cold ready']:10.2f} {r['save']:6.2f} {r['state MiB']:6.0f}Mi {r['warm up']:8.2f} {r['warm ready']:10.3f}"
-              f" {r['hand']:6.3f} {r['warm up'] / r['cold up']:8.1%} {r['warm ready'] / r['cold ready']:11.1%} {r['hand'] / r['cold up']:10.1%}")
+        print(
+            f"{name:<6} {r['cold up']:8.2f} {r['cold ready']:10.2f} {r['save']:6.2f} {r['state MiB']:6.0f}Mi {r['warm up']:8.2f} {r['warm ready']:10.3f}"
+            f" {r['hand']:6.3f} {r['warm up'] / r['cold up']:8.1%} {r['warm ready'] / r['cold ready']:11.1%} {r['hand'] / r['cold up']:10.1%}"
+        )
     demo_r, small_r = results["demo"], results["256M"]
-    print(f"bar: demo warm up <= 10% of cold up: {demo_r['warm up'] / demo_r['cold up']:.1%} "
-          f"({'met' if demo_r['warm up'] <= 0.1 * demo_r['cold up'] else 'NOT met'})")
-    print(f"bar: 256M warm ready < 0.3 s: {small_r['warm ready']:.3f} s ({'met' if small_r['warm ready'] < 0.3 else 'NOT met'});"
-          f" with the CLI's own start-up (`up` wall time): {small_r['warm up']:.3f} s ({'met' if small_r['warm up'] < 0.3 else 'NOT met'})")
+    print(
+        f"bar: demo warm up <= 10% of cold up: {demo_r['warm up'] / demo_r['cold up']:.1%} "
+        f"({'met' if demo_r['warm up'] <= 0.1 * demo_r['cold up'] else 'NOT met'})"
+    )
+    print(
+        f"bar: 256M warm ready < 0.3 s: {small_r['warm ready']:.3f} s ({'met' if small_r['warm ready'] < 0.3 else 'NOT met'});"
+        f" with the CLI's own start-up (`up` wall time): {small_r['warm up']:.3f} s ({'met' if small_r['warm up'] < 0.3 else 'NOT met'})"
+    )
     return 0
 
 

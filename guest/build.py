@@ -34,8 +34,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
 # Variants: the cloud kernel boots fastest; the generic one has CONFIG_VMGENID (warm-start tests need it)
 KERNELS = {"cloud": "linux-image-cloud-amd64", "generic": "linux-image-amd64"}
-MODULES = ["virtio_pci", "virtio_net", "virtio_console", "virtio_blk", "virtio-rng", "button", "evdev", "virtio_scsi",
-           "sr_mod", "isofs", "pvpanic-pci", "pvpanic-mmio"]
+MODULES = [
+    "virtio_pci",
+    "virtio_net",
+    "virtio_console",
+    "virtio_blk",
+    "virtio-rng",
+    "button",
+    "evdev",
+    "virtio_scsi",
+    "sr_mod",
+    "isofs",
+    "pvpanic-pci",
+    "pvpanic-mmio",
+]
 MARKER = "qemuspec-guest ready"
 BINARIES = ["/usr/sbin/dropbear", "/usr/bin/dropbearkey", "/usr/sbin/qemu-ga"]
 
@@ -122,10 +134,33 @@ class Cpio:
         self.ino = 1
         self.names: set[str] = set()
 
-    def _entry(self, name: str, mode: int, body: bytes = b"", rdev: tuple[int, int] = (0, 0), nlink: int = 1) -> None:
+    def _entry(
+        self,
+        name: str,
+        mode: int,
+        body: bytes = b"",
+        rdev: tuple[int, int] = (0, 0),
+        nlink: int = 1,
+    ) -> None:
         self.names.add(name)
-        header = "070701" + "".join(f"{v:08x}" for v in (
-            self.ino, mode, 0, 0, nlink, 0, len(body), 0, 0, rdev[0], rdev[1], len(name) + 1, 0))
+        header = "070701" + "".join(
+            f"{v:08x}"
+            for v in (
+                self.ino,
+                mode,
+                0,
+                0,
+                nlink,
+                0,
+                len(body),
+                0,
+                0,
+                rdev[0],
+                rdev[1],
+                len(name) + 1,
+                0,
+            )
+        )
         self.ino += 1
         self.data.write(header.encode() + name.encode() + b"\0")
         self._pad()
@@ -176,8 +211,11 @@ def kernel_package(meta: str = KERNEL_PACKAGE) -> str:
 def cached_tree(cache: str, meta: str) -> str | None:
     """An already unpacked kernel of this flavour, so a build works offline once it has run."""
     flavour = "-cloud-amd64" if "cloud" in meta else "-amd64"
-    trees = sorted(t for t in glob.glob(os.path.join(cache, "linux-image-*" + flavour))
-                   if os.path.isdir(os.path.join(t, "boot")) and ("cloud" in meta) == ("-cloud-" in t))
+    trees = sorted(
+        t
+        for t in glob.glob(os.path.join(cache, "linux-image-*" + flavour))
+        if os.path.isdir(os.path.join(t, "boot")) and ("cloud" in meta) == ("-cloud-" in t)
+    )
     return trees[-1] if trees else None
 
 
@@ -255,7 +293,9 @@ def libraries(binary: str) -> list[str]:
 
 
 def inputs_digest(tree: str) -> str:
-    digest = hashlib.sha256(INIT.encode() + json.dumps(MODULES).encode() + os.path.basename(tree).encode())
+    digest = hashlib.sha256(
+        INIT.encode() + json.dumps(MODULES).encode() + os.path.basename(tree).encode()
+    )
     digest.update(open(__file__, "rb").read())
     for binary in ["/bin/busybox", *BINARIES]:
         if os.path.exists(binary):
@@ -269,13 +309,29 @@ def build(out: str, cache: str, force: bool = False, kernel: str = "cloud") -> d
     digest = inputs_digest(tree)
     if not force and os.path.exists(stamp_path):
         stamp = json.load(open(stamp_path))
-        if stamp.get("digest") == digest and all(os.path.exists(os.path.join(out, f)) for f in ("vmlinuz", "initrd.gz")):
+        if stamp.get("digest") == digest and all(
+            os.path.exists(os.path.join(out, f)) for f in ("vmlinuz", "initrd.gz")
+        ):
             return stamp
     if not os.path.exists("/bin/busybox"):
         sys.exit("guest/build.py needs a static busybox: apt-get install busybox-static")
 
     cpio = Cpio()
-    for d in ("bin", "sbin", "etc", "proc", "sys", "dev", "tmp", "run", "root", "www", "lib/modules", "usr/bin", "usr/sbin"):
+    for d in (
+        "bin",
+        "sbin",
+        "etc",
+        "proc",
+        "sys",
+        "dev",
+        "tmp",
+        "run",
+        "root",
+        "www",
+        "lib/modules",
+        "usr/bin",
+        "usr/sbin",
+    ):
         cpio.dir(d)
     cpio.chardev("dev/console", 5, 1)
     cpio.chardev("dev/null", 1, 3)
@@ -298,7 +354,10 @@ def build(out: str, cache: str, force: bool = False, kernel: str = "cloud") -> d
     copied: set[str] = set()
     for binary in BINARIES:
         if not os.path.exists(binary):
-            print(f"note: {binary} not found on this host; the guest is built without it", file=sys.stderr)
+            print(
+                f"note: {binary} not found on this host; the guest is built without it",
+                file=sys.stderr,
+            )
             continue
         extras.append(binary)
         for path in [binary, *libraries(binary)]:
@@ -315,7 +374,13 @@ def build(out: str, cache: str, force: bool = False, kernel: str = "cloud") -> d
     with open(os.path.join(out, "initrd.gz.tmp"), "wb") as f:
         f.write(gzip.compress(cpio.finish(), compresslevel=6, mtime=0))
     os.replace(os.path.join(out, "initrd.gz.tmp"), os.path.join(out, "initrd.gz"))
-    stamp = {"digest": digest, "kernel": os.path.basename(vmlinuz), "modules": order, "extras": extras, "marker": MARKER}
+    stamp = {
+        "digest": digest,
+        "kernel": os.path.basename(vmlinuz),
+        "modules": order,
+        "extras": extras,
+        "marker": MARKER,
+    }
     with open(stamp_path, "w") as f:
         json.dump(stamp, f, indent=2)
     return stamp
@@ -326,13 +391,19 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(HERE, "out"))
     parser.add_argument("--cache", default=os.path.join(HERE, "cache"))
     parser.add_argument("--force", action="store_true")
-    parser.add_argument("--kernel", choices=sorted(KERNELS), default="cloud",
-                        help="cloud (default, fastest boot) or generic (has CONFIG_VMGENID; default --out guest/out-generic)")
+    parser.add_argument(
+        "--kernel",
+        choices=sorted(KERNELS),
+        default="cloud",
+        help="cloud (default, fastest boot) or generic (has CONFIG_VMGENID; default --out guest/out-generic)",
+    )
     args = parser.parse_args()
     if args.kernel != "cloud" and args.out == os.path.join(HERE, "out"):
         args.out = os.path.join(HERE, f"out-{args.kernel}")
     stamp = build(args.out, args.cache, args.force, args.kernel)
-    print(f"guest ready in {args.out}: {stamp['kernel']}, modules {' '.join(stamp['modules'])}, extras {' '.join(os.path.basename(e) for e in stamp['extras']) or 'none'}")
+    print(
+        f"guest ready in {args.out}: {stamp['kernel']}, modules {' '.join(stamp['modules'])}, extras {' '.join(os.path.basename(e) for e in stamp['extras']) or 'none'}"
+    )
 
 
 if __name__ == "__main__":

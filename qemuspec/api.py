@@ -40,8 +40,15 @@ class Qemu:
     with choices of its own (``Settings(accel="tcg")``) without touching the process environment;
     by default the process's (read from the environment once)."""
 
-    def __init__(self, qemu: str = "qemu-system-x86_64", tcp: bool = False, port: int = 4444,
-                 state_dir: str | None = None, accel: str | list[str] | None = None, settings: Settings | None = None):
+    def __init__(
+        self,
+        qemu: str = "qemu-system-x86_64",
+        tcp: bool = False,
+        port: int = 4444,
+        state_dir: str | None = None,
+        accel: str | list[str] | None = None,
+        settings: Settings | None = None,
+    ):
         from qemuspec.settings import current
 
         self.qemu = qemu
@@ -54,7 +61,10 @@ class Qemu:
 
     def vm(self, name: str | None = None, **fields: object) -> "VM":
         self._count += 1
-        defaults: dict[str, object] = {"qemu": self.qemu, "qmp": {"transport": "tcp" if self.tcp else "unix", "port": self.port}}
+        defaults: dict[str, object] = {
+            "qemu": self.qemu,
+            "qmp": {"transport": "tcp" if self.tcp else "unix", "port": self.port},
+        }
         if self.accel is not None:
             defaults["accel"] = self.accel
         name = name or f"vm{self._count}"
@@ -65,8 +75,13 @@ class Qemu:
 class VM:
     """One machine: builder while stopped, controller while running."""
 
-    def __init__(self, name: str = "vm", fields: dict | Machine | None = None, state_dir: str | None = None,
-                 settings: Settings | None = None):
+    def __init__(
+        self,
+        name: str = "vm",
+        fields: dict | Machine | None = None,
+        state_dir: str | None = None,
+        settings: Settings | None = None,
+    ):
         from qemuspec.settings import current
 
         self.name = name
@@ -101,17 +116,23 @@ class VM:
         from qemuspec.spec.models import Machine
 
         try:
-            return Machine.model_validate(fields, context={"base_dir": os.getcwd(), "partial": partial})
+            return Machine.model_validate(
+                fields, context={"base_dir": os.getcwd(), "partial": partial}
+            )
         except ValidationError as exc:
             from qemuspec.spec.messages import explain
 
-            raise SpecError(explain(exc, fields, f"machine {self.name}", {}, root=Machine)) from None
+            raise SpecError(
+                explain(exc, fields, f"machine {self.name}", {}, root=Machine)
+            ) from None
 
     def _set(self, **fields: builtins.object) -> "VM":
         """Each value is checked as it is set; rules between fields (ready.agent needs agent) wait for
         ``model``, so setters can come in any order."""
         if self._instance is not None and self._instance.running():
-            raise QemuspecError(f"machine {self.name} is running: change it after stop(), or use qmp() on the live machine")
+            raise QemuspecError(
+                f"machine {self.name} is running: change it after stop(), or use qmp() on the live machine"
+            )
         merged = {**self._fields, **fields}
         self._validate(merged, partial=True)
         self._fields = merged
@@ -132,14 +153,32 @@ class VM:
     def hdb(self, file: str, format: str | None = None) -> "VM":
         return self.drive(file, format=format, interface="ide")
 
-    def drive(self, file: str, format: str | None = None, interface: str = "virtio", size: str | int | None = None,
-              backing: str | None = None, readonly: bool = False, image: dict[str, str] | None = None,
-              **options: builtins.object) -> "VM":
+    def drive(
+        self,
+        file: str,
+        format: str | None = None,
+        interface: str = "virtio",
+        size: str | int | None = None,
+        backing: str | None = None,
+        readonly: bool = False,
+        image: dict[str, str] | None = None,
+        **options: builtins.object,
+    ) -> "VM":
         """A disk; ``image={"url": ..., "digest": "sha256:..."}`` makes ``file`` an overlay on that base
         image, fetched into the user's image cache on start."""
         disk = {"file": file, "interface": interface, "readonly": readonly, "options": options}
-        disk.update({k: v for k, v in (("format", format), ("size", size), ("backing", backing), ("image", image))
-                     if v is not None})
+        disk.update(
+            {
+                k: v
+                for k, v in (
+                    ("format", format),
+                    ("size", size),
+                    ("backing", backing),
+                    ("image", image),
+                )
+                if v is not None
+            }
+        )
         return self._add("disks", disk)
 
     def cdrom(self, iso: str) -> "VM":
@@ -174,13 +213,21 @@ class VM:
     def accel(self, accel: str | list[str]) -> "VM":
         return self._set(accel=accel)
 
-    def firmware(self, type: str = "bios", code: str | None = None, vars: str | None = None) -> "VM":
-        return self._set(firmware={k: v for k, v in (("type", type), ("code", code), ("vars", vars)) if v is not None})
+    def firmware(
+        self, type: str = "bios", code: str | None = None, vars: str | None = None
+    ) -> "VM":
+        return self._set(
+            firmware={
+                k: v for k, v in (("type", type), ("code", code), ("vars", vars)) if v is not None
+            }
+        )
 
     def boot(self, order: str) -> "VM":
         return self._set(boot_order=order)
 
-    def nic(self, type: str = "user", model: str = "virtio-net-pci", **fields: builtins.object) -> "VM":
+    def nic(
+        self, type: str = "user", model: str = "virtio-net-pci", **fields: builtins.object
+    ) -> "VM":
         return self._add("nics", {"type": type, "model": model, **fields})
 
     def forward(self, host: int, guest: int, protocol: str = "tcp") -> "VM":
@@ -190,11 +237,16 @@ class VM:
         if user is None:
             user = {"type": "user"}
             nics.append(user)
-        user["forwards"] = [*user.get("forwards", []), {"host": host, "guest": guest, "protocol": protocol}]
+        user["forwards"] = [
+            *user.get("forwards", []),
+            {"host": host, "guest": guest, "protocol": protocol},
+        ]
         return self._set(nics=nics)
 
     def share(self, source: str, tag: str, type: str = "9p", readonly: bool = False) -> "VM":
-        return self._add("shares", {"source": source, "tag": tag, "type": type, "readonly": readonly})
+        return self._add(
+            "shares", {"source": source, "tag": tag, "type": type, "readonly": readonly}
+        )
 
     def serial(self, mode: str) -> "VM":
         return self._set(serial=mode)
@@ -202,8 +254,17 @@ class VM:
     def display(self, type: str = "none", **fields: builtins.object) -> "VM":
         return self._set(display={"type": type, **fields})
 
-    def ready(self, serial: str | None = None, tcp: int | None = None, agent: bool = False, ssh: bool = False, timeout: float | str = 60) -> "VM":
-        return self._set(ready={"serial": serial, "tcp": tcp, "agent": agent, "ssh": ssh, "timeout": timeout})
+    def ready(
+        self,
+        serial: str | None = None,
+        tcp: int | None = None,
+        agent: bool = False,
+        ssh: bool = False,
+        timeout: float | str = 60,
+    ) -> "VM":
+        return self._set(
+            ready={"serial": serial, "tcp": tcp, "agent": agent, "ssh": ssh, "timeout": timeout}
+        )
 
     def agent(self, on: bool = True) -> "VM":
         return self._set(agent=on)
@@ -251,7 +312,13 @@ class VM:
     # -- definitions ------------------------------------------------------------------------------
 
     def definition(self) -> dict:
-        return {"machines": {self.name: self.model.model_dump(mode="json", exclude_defaults=True, exclude_none=True)}}
+        return {
+            "machines": {
+                self.name: self.model.model_dump(
+                    mode="json", exclude_defaults=True, exclude_none=True
+                )
+            }
+        }
 
     def to_toml(self) -> str:
         import tomli_w
@@ -292,7 +359,9 @@ class VM:
             self._instance.on(event, callback)
         return self
 
-    def start(self, callback: Callable[["VM"], builtins.object] | None = None, ready: bool = True) -> "VM":
+    def start(
+        self, callback: Callable[["VM"], builtins.object] | None = None, ready: bool = True
+    ) -> "VM":
         """Launch; return once QMP answers and, when the machine has readiness probes, they pass."""
         from qemuspec.runtime.instance import Instance
 
@@ -322,10 +391,14 @@ class VM:
         """The controller's QMP connection of the running machine."""
         client = self.instance.qmp
         if client is None:
-            raise QemuspecError(f"machine {self.name} has no QMP connection (it is starting or stopping)")
+            raise QemuspecError(
+                f"machine {self.name} has no QMP connection (it is starting or stopping)"
+            )
         return client
 
-    def qmp(self, command: str, arguments: dict | None = None, timeout: float = 30.0, **kwargs: Any) -> Any:
+    def qmp(
+        self, command: str, arguments: dict | None = None, timeout: float = 30.0, **kwargs: Any
+    ) -> Any:
         """Run a QMP command on the running machine; returns its value."""
         return self._client.command(command, arguments, timeout=timeout, **kwargs)
 
@@ -335,7 +408,9 @@ class VM:
     def wait_console(self, pattern: str, timeout: float) -> str:
         """Wait for a regex on the serial console; returns the matched text."""
         if self.instance.console is None:
-            raise QemuspecError(f'machine {self.name} has serial = "{self.model.serial}": the console is readable with "log" or "socket"')
+            raise QemuspecError(
+                f'machine {self.name} has serial = "{self.model.serial}": the console is readable with "log" or "socket"'
+            )
         return self.instance.console.wait_for(pattern, timeout).group(0).decode(errors="replace")
 
     def exec(self, *argv: str, timeout: float = 60.0) -> tuple[int, bytes, bytes]:
@@ -395,7 +470,9 @@ class VM:
     async def start_async(self, ready: bool = True) -> "VM":
         return await asyncio.to_thread(self.start, None, ready)
 
-    async def qmp_async(self, command: str, arguments: dict | None = None, timeout: float = 30.0) -> Any:
+    async def qmp_async(
+        self, command: str, arguments: dict | None = None, timeout: float = 30.0
+    ) -> Any:
         """A QMP command from asyncio without a thread: the asyncio client (qmp/aio.py) on the machine's
         tools monitor, connected for this one command. The controller's monitor belongs to the blocking
         client, and a monitor serves one client at a time (qemu drops a second one), so this machine's
@@ -409,8 +486,10 @@ class VM:
                 async with await AsyncQMPClient.connect(address, timeout=timeout) as client:
                     return await client.command(command, arguments, timeout=timeout)
         except TimeoutError:
-            raise QMPTimeout(f"QMP {command}: no reply within {timeout:g} s (another client holds the machine's "
-                             "tools monitor, or qemu does not answer)") from None
+            raise QMPTimeout(
+                f"QMP {command}: no reply within {timeout:g} s (another client holds the machine's "
+                "tools monitor, or qemu does not answer)"
+            ) from None
 
     def _turn(self) -> asyncio.Lock:
         """The tools monitor's lock for the running event loop (an asyncio lock belongs to one loop)."""
@@ -444,8 +523,12 @@ class VM:
         return f"<VM {self.name} {state}>"
 
 
-def load(path: str, variables: dict | None = None, state_dir: str | None = None,
-         settings: Settings | None = None) -> dict[str, VM]:
+def load(
+    path: str,
+    variables: dict | None = None,
+    state_dir: str | None = None,
+    settings: Settings | None = None,
+) -> dict[str, VM]:
     """The machines of a definition file, ready to ``start()``, in dependency order. ``settings``
     (default: the process's) give QEMUSPEC_VAR_* values, the state directory and the accelerator."""
     from qemuspec.runtime import paths
@@ -456,15 +539,17 @@ def load(path: str, variables: dict | None = None, state_dir: str | None = None,
     settings = settings or current()
     spec = load_spec(path, variables=variables, environ=settings.var_environ())
     root = paths.state_root(path, state_dir or settings.state_dir)
-    return {name: VM(name, spec.machines[name], state_dir=os.path.join(root, name), settings=settings)
-            for level in order_machines(spec.machines) for name in level}
+    return {
+        name: VM(name, spec.machines[name], state_dir=os.path.join(root, name), settings=settings)
+        for level in order_machines(spec.machines)
+        for name in level
+    }
 
 
 # -- what the command line does, for programs too ------------------------------------------------
 #
 # The CLI is a thin layer over these: each takes plain values (a loaded definition, a state root,
 # machine names) and returns data; printing is the caller's business.
-
 
 
 def definition_record(state_dir: str) -> str:
@@ -505,7 +590,9 @@ def field_changes(old: object, new: object, path: str = "") -> list[tuple[str, o
             out += field_changes(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
         return out
     if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-        return [c for i, (a, b) in enumerate(zip(old, new)) for c in field_changes(a, b, f"{path}[{i}]")]
+        return [
+            c for i, (a, b) in enumerate(zip(old, new)) for c in field_changes(a, b, f"{path}[{i}]")
+        ]
     return [] if old == new else [(path, old, new)]
 
 
@@ -522,7 +609,13 @@ def show_value(field: str, value: object) -> str:
     return json.dumps(value)
 
 
-def plan(spec: File, root: str, names: list[str], owner: str | None = None, backends: dict[str, Backend] | None = None) -> list[dict]:
+def plan(
+    spec: File,
+    root: str,
+    names: list[str],
+    owner: str | None = None,
+    backends: dict[str, Backend] | None = None,
+) -> list[dict]:
     """What `up` would do per machine, with the changed definition fields and the argv (or domain XML)
     diff; ``backends``: each machine's (backends.chosen; by default, where the definition places it)."""
     from qemuspec import reconcile
@@ -562,8 +655,15 @@ def snapshot(client: QMPClient | Monitor, action: str, tag: str | None = None) -
         raise QemuspecError(f'snapshot action "{action}": use save, load, delete or list')
     if action != "list" and not tag:
         raise QemuspecError(f"snapshot {action} needs a tag")
-    command = {"save": f"savevm {tag}", "load": f"loadvm {tag}", "delete": f"delvm {tag}", "list": "info snapshots"}[action]
-    out = str(client.command("human-monitor-command", {"command-line": command}, timeout=600) or "")  # HMP: text
+    command = {
+        "save": f"savevm {tag}",
+        "load": f"loadvm {tag}",
+        "delete": f"delvm {tag}",
+        "list": "info snapshots",
+    }[action]
+    out = str(
+        client.command("human-monitor-command", {"command-line": command}, timeout=600) or ""
+    )  # HMP: text
     if action != "list":
         if out.strip():
             raise QemuspecError(f"snapshot {action} {tag}: {out.strip()}")
@@ -600,10 +700,28 @@ def throwaway(machine: Machine, workdir: str) -> Machine:
                 from qemuspec import img
 
                 base_format = img.info(disk.file).format
-            disks.append(disk.model_copy(update={"file": overlay, "format": "qcow2", "size": None, "image": None,
-                                                 "backing": os.path.abspath(disk.file), "backing_format": base_format}))
+            disks.append(
+                disk.model_copy(
+                    update={
+                        "file": overlay,
+                        "format": "qcow2",
+                        "size": None,
+                        "image": None,
+                        "backing": os.path.abspath(disk.file),
+                        "backing_format": base_format,
+                    }
+                )
+            )
         else:  # made fresh by `up` (an image's overlay too): make it in the throwaway directory instead
-            disks.append(disk.model_copy(update={"file": overlay if disk.backing or (disk.format or "raw") == "qcow2" else overlay[:-6] + ".img"}))
+            disks.append(
+                disk.model_copy(
+                    update={
+                        "file": overlay
+                        if disk.backing or (disk.format or "raw") == "qcow2"
+                        else overlay[:-6] + ".img"
+                    }
+                )
+            )
     return machine.model_copy(update={"disks": disks, "restart": "no"})
 
 
@@ -627,12 +745,22 @@ def machine_info(spec: File, root: str, name: str, events: int = 20) -> dict:
 
         info["argv"] = render(machine, name, paths.machine_layout(machine, state_dir))
     info["state_dir"] = state_dir
-    info["disks"] = [{"file": d.file, "format": d.format, "backing": d.backing, "exists": os.path.exists(d.file),
-                      "image": d.image.url if d.image is not None else None} for d in machine.disks]
+    info["disks"] = [
+        {
+            "file": d.file,
+            "format": d.format,
+            "backing": d.backing,
+            "exists": os.path.exists(d.file),
+            "image": d.image.url if d.image is not None else None,
+        }
+        for d in machine.disks
+    ]
     info["definition"] = machine.model_dump(mode="json")
     from qemuspec.runtime import statedir
 
-    last: list[dict] = []  # never through a symlink: a planted `events.jsonl -> secret` shows nothing
+    last: list[
+        dict
+    ] = []  # never through a symlink: a planted `events.jsonl -> secret` shows nothing
     for line in (statedir.read_from(os.path.join(state_dir, statedir.EVENTS)) or b"").splitlines():
         try:
             event = json.loads(line) if line.strip() else None
@@ -648,9 +776,18 @@ def machine_info(spec: File, root: str, name: str, events: int = 20) -> dict:
     return info
 
 
-def run_in_guest(machine: Machine, name: str, argv: list[str], workdir: str, *,
-                 on_output: Callable[[str, bytes], object], via: str = "auto", ready_timeout: float | None = None,
-                 report: Callable[[str], object] = lambda message: None, stdin: bytes | None = None) -> int:
+def run_in_guest(
+    machine: Machine,
+    name: str,
+    argv: list[str],
+    workdir: str,
+    *,
+    on_output: Callable[[str, bytes], object],
+    via: str = "auto",
+    ready_timeout: float | None = None,
+    report: Callable[[str], object] = lambda message: None,
+    stdin: bytes | None = None,
+) -> int:
     """Boot ``machine`` on throwaway disks in ``workdir``, run ``argv`` in the guest, stream its output
     to ``on_output("stdout"|"stderr", data)``, stop qemu; return the command's exit code (128+N for a
     signal). The caller removes ``workdir``; qemu is stopped however this returns or raises."""
@@ -661,13 +798,17 @@ def run_in_guest(machine: Machine, name: str, argv: list[str], workdir: str, *,
     if via == "auto":
         via = "agent" if machine.agent else "ssh"
     if via == "agent" and not machine.agent:
-        raise QemuspecError(f"machine {name} has no guest-agent channel: add agent = true, or use --via ssh")
+        raise QemuspecError(
+            f"machine {name} has no guest-agent channel: add agent = true, or use --via ssh"
+        )
     instance = Instance(name, throwaway(machine, workdir), os.path.join(workdir, name))
     began = time.monotonic()
     report(f"{name}: booting on throwaway disks")
     instance.launch()
     try:
-        deadline = time.monotonic() + (ready_timeout if ready_timeout is not None else machine.ready.timeout)
+        deadline = time.monotonic() + (
+            ready_timeout if ready_timeout is not None else machine.ready.timeout
+        )
         instance.wait_ready(max(0.1, deadline - time.monotonic()))
         if via == "agent":
             from qemuspec.runtime import probes
@@ -681,7 +822,9 @@ def run_in_guest(machine: Machine, name: str, argv: list[str], workdir: str, *,
         import signal
 
         # a second Ctrl-C or SIGTERM must not cut the teardown short: hold them until qemu is gone
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+        held = signal.pthread_sigmask(
+            signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+        )
         try:
             instance.quit(5.0)
         except QemuspecError:

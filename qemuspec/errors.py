@@ -60,8 +60,12 @@ class LaunchError(QemuspecError):
 class ReadyTimeout(QemuspecError, TimeoutError):
     """A readiness probe did not pass in time; the message holds the console and qemu's stderr."""
 
-    probe: str | None = None  # which probe, for status: "never became ready (probe ..., after ... s)"
-    why: str | None = None  # the guest died first (a panic, a shutdown, qemu exited): status says so
+    probe: str | None = (
+        None  # which probe, for status: "never became ready (probe ..., after ... s)"
+    )
+    why: str | None = (
+        None  # the guest died first (a panic, a shutdown, qemu exited): status says so
+    )
 
 
 class GuestGone(QemuspecError):

@@ -41,8 +41,10 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 def _run(agent: "GuestAgent", argv: list[str]) -> bytes:
     code, out, err = agent.exec(argv, timeout=60)
     if code != 0:
-        raise QemuspecError(f"in the guest, {' '.join(argv[:4])}{' ...' if len(argv) > 4 else ''} failed ({code}): "
-                            f"{err.decode(errors='replace').strip()[:500]!r}")
+        raise QemuspecError(
+            f"in the guest, {' '.join(argv[:4])}{' ...' if len(argv) > 4 else ''} failed ({code}): "
+            f"{err.decode(errors='replace').strip()[:500]!r}"
+        )
     return out
 
 
@@ -58,8 +60,13 @@ def _warn(text: str) -> None:
 # -- host -> guest ---------------------------------------------------------------------------------
 
 
-def write_stream(agent: "GuestAgent", local: str, guest: str, progress: Progress | None = None,
-                 follow: bool = True) -> tuple[int, int]:
+def write_stream(
+    agent: "GuestAgent",
+    local: str,
+    guest: str,
+    progress: Progress | None = None,
+    follow: bool = True,
+) -> tuple[int, int]:
     """Stream one local regular file into ``guest`` (created or replaced); returns (bytes written, its
     mode). Without ``follow`` a symlink is refused (O_NOFOLLOW); a FIFO or device never is read."""
     flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW)
@@ -70,7 +77,9 @@ def write_stream(agent: "GuestAgent", local: str, guest: str, progress: Progress
     with open(fd, "rb") as f:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise QemuspecError(f"{local} is not a regular file: only files, directories and symlinks are copied")
+            raise QemuspecError(
+                f"{local} is not a regular file: only files, directories and symlinks are copied"
+            )
         handle = agent.file_open(guest, "w")
         done = 0
         try:
@@ -84,7 +93,9 @@ def write_stream(agent: "GuestAgent", local: str, guest: str, progress: Progress
     return done, stat.S_IMODE(info.st_mode)
 
 
-def _walk(top: str, dereference: bool, seen: set[tuple[int, int]]) -> Iterator[tuple[str, str, str]]:
+def _walk(
+    top: str, dereference: bool, seen: set[tuple[int, int]]
+) -> Iterator[tuple[str, str, str]]:
     """(kind, host path, path relative to ``top``) below ``top``, parents first: kind "d", "f", "l"
     (a symlink, not followed unless ``dereference``) or "?" (anything else). A directory met twice
     through symlinks (a loop) is not entered again."""
@@ -108,8 +119,14 @@ def _walk(top: str, dereference: bool, seen: set[tuple[int, int]]) -> Iterator[t
             yield "?", entry.path, entry.name
 
 
-def copy_to_guest(agent: "GuestAgent", source: str, dest: str, recursive: bool = False,
-                  progress: Progress | None = None, dereference: bool = False) -> list[dict]:
+def copy_to_guest(
+    agent: "GuestAgent",
+    source: str,
+    dest: str,
+    recursive: bool = False,
+    progress: Progress | None = None,
+    dereference: bool = False,
+) -> list[dict]:
     """Copy a local file (or, with ``recursive``, a directory tree) to ``dest`` in the guest, modes kept.
     Like cp: into ``dest`` when it is a directory in the guest. In a tree, symlinks are made as
     symlinks in the guest; ``dereference`` copies what they point to instead (like ``cp -L``)."""
@@ -144,7 +161,9 @@ def _mkdir(agent: "GuestAgent", guest: str, mode: int) -> None:
     _run(agent, ["chmod", f"{mode:o}", "--", guest])
 
 
-def _put(agent: "GuestAgent", local: str, guest: str, progress: Progress | None, follow: bool) -> dict:
+def _put(
+    agent: "GuestAgent", local: str, guest: str, progress: Progress | None, follow: bool
+) -> dict:
     size, mode = write_stream(agent, local, guest, progress, follow=follow)
     _run(agent, ["chmod", f"{mode:o}", "--", guest])
     return {"source": local, "target": guest, "bytes": size, "mode": f"{mode:o}"}
@@ -171,12 +190,22 @@ def _guest_stats(agent: "GuestAgent", paths: list[str]) -> list[tuple[str, int, 
             lines.pop()
         if len(lines) != len(batch) or not all(_STAT_LINE.fullmatch(line) for line in lines):
             first = lines[0][:80] if lines else b""
-            raise QemuspecError(f"the guest's stat answered {len(lines)} lines for {len(batch)} files, or lines "
-                                f"that are not \"MODE SIZE\" (first: {first!r}): refusing the copy")
+            raise QemuspecError(
+                f"the guest's stat answered {len(lines)} lines for {len(batch)} files, or lines "
+                f'that are not "MODE SIZE" (first: {first!r}): refusing the copy'
+            )
         for line in lines:
             raw_mode, raw_size = line.split(b" ")
             mode = int(raw_mode, 16)
-            kind = "d" if stat.S_ISDIR(mode) else "f" if stat.S_ISREG(mode) else "l" if stat.S_ISLNK(mode) else "?"
+            kind = (
+                "d"
+                if stat.S_ISDIR(mode)
+                else "f"
+                if stat.S_ISREG(mode)
+                else "l"
+                if stat.S_ISLNK(mode)
+                else "?"
+            )
             out.append((kind, stat.S_IMODE(mode), int(raw_size)))
     return out
 
@@ -186,14 +215,18 @@ def _guest_tree(agent: "GuestAgent", root: str) -> list[tuple[str, ...]]:
     (non-empty, no ``/``, not ``.`` or ``..``); a name outside ``root`` refuses the whole copy."""
     out = _run(agent, ["find", root, "-mindepth", "1", "-print0"])
     if out and not out.endswith(b"\0"):
-        raise QemuspecError(f"the guest's find listing of {root} does not end with NUL: refusing the copy")
+        raise QemuspecError(
+            f"the guest's find listing of {root} does not end with NUL: refusing the copy"
+        )
     prefix = root.encode() + b"/"
     names = []
     for raw in out.split(b"\0")[:-1]:
-        rel = raw[len(prefix):].split(b"/") if raw.startswith(prefix) else []
+        rel = raw[len(prefix) :].split(b"/") if raw.startswith(prefix) else []
         if not rel or any(part in (b"", b".", b"..") for part in rel):
-            raise QemuspecError(f"the guest listed {raw[:200]!r}, which is not a plain path below {root}: "
-                                "refusing the copy")
+            raise QemuspecError(
+                f"the guest listed {raw[:200]!r}, which is not a plain path below {root}: "
+                "refusing the copy"
+            )
         try:
             names.append(tuple(part.decode() for part in rel))
         except UnicodeDecodeError:  # the agent takes paths as JSON text: such a name cannot be read
@@ -207,14 +240,27 @@ def _component(name: str, what: str) -> str:
     return name
 
 
-def read_stream(agent: "GuestAgent", guest: str, dir_fd: int, name: str, mode: int, progress: Progress | None = None,
-                total: int | None = None, shown: str | None = None) -> int:
+def read_stream(
+    agent: "GuestAgent",
+    guest: str,
+    dir_fd: int,
+    name: str,
+    mode: int,
+    progress: Progress | None = None,
+    total: int | None = None,
+    shown: str | None = None,
+) -> int:
     """Stream ``guest`` into ``name`` in the directory ``dir_fd``: written under a fresh temporary
     name (O_CREAT|O_EXCL|O_NOFOLLOW, 0600), given ``mode`` without setuid/setgid/sticky, renamed over
     ``name`` when complete. More bytes than ``total`` (the size the guest's stat gave) is an error."""
     shown = shown or name
     tmp = f".{name[:32]}.{secrets.token_hex(6)}.qemuspec-tmp"  # within NAME_MAX whatever the name
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    fd = os.open(
+        tmp,
+        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+        0o600,
+        dir_fd=dir_fd,
+    )
     done = 0
     try:
         handle = agent.file_open(guest, "r")
@@ -224,8 +270,10 @@ def read_stream(agent: "GuestAgent", guest: str, dir_fd: int, name: str, mode: i
                     data, eof = agent.file_read(handle, CHUNK, timeout=60)
                     done += len(data)
                     if total and done > total:
-                        raise QemuspecError(f"{guest}: the guest sent more than the {total} bytes its stat reported "
-                                            "(the file grew during the copy, or the guest lies): nothing was kept")
+                        raise QemuspecError(
+                            f"{guest}: the guest sent more than the {total} bytes its stat reported "
+                            "(the file grew during the copy, or the guest lies): nothing was kept"
+                        )
                     f.write(data)
                     if progress and (total or 0) >= PROGRESS_FROM:
                         progress(shown, done, total)
@@ -259,13 +307,20 @@ def _enter(parent_fd: int, name: str, shown: str) -> tuple[int, bool]:
         return os.open(name, _DIR_FLAGS, dir_fd=parent_fd), created
     except (NotADirectoryError, OSError) as exc:
         if isinstance(exc, NotADirectoryError) or exc.errno == errno.ELOOP:
-            raise QemuspecError(f"{shown} exists and is not a directory (a symlink there is never followed): "
-                                "move it away, or copy somewhere else") from None
+            raise QemuspecError(
+                f"{shown} exists and is not a directory (a symlink there is never followed): "
+                "move it away, or copy somewhere else"
+            ) from None
         raise
 
 
-def copy_from_guest(agent: "GuestAgent", source: str, dest: str, recursive: bool = False,
-                    progress: Progress | None = None) -> list[dict]:
+def copy_from_guest(
+    agent: "GuestAgent",
+    source: str,
+    dest: str,
+    recursive: bool = False,
+    progress: Progress | None = None,
+) -> list[dict]:
     """Copy a guest file (or, with ``recursive``, a directory tree) to ``dest`` here, modes kept (less
     setuid, setgid and sticky). The guest's listing is hostile input (see the module's doc)."""
     if not source.startswith("/"):
@@ -291,21 +346,39 @@ def copy_from_guest(agent: "GuestAgent", source: str, dest: str, recursive: bool
     try:
         if kind == "f":
             done = read_stream(agent, src, root_fd, name, mode, progress, size, shown=dest)
-            return [{"source": src, "target": os.path.join(real, name), "bytes": done, "mode": f"{mode & 0o777:o}"}]
+            return [
+                {
+                    "source": src,
+                    "target": os.path.join(real, name),
+                    "bytes": done,
+                    "mode": f"{mode & 0o777:o}",
+                }
+            ]
         return _copy_tree(agent, src, root_fd, real, name, mode, progress)
     except OSError as exc:
-        raise QemuspecError(f"copying {source} to {dest}: {exc.filename or ''}: {exc.strerror}") from None
+        raise QemuspecError(
+            f"copying {source} to {dest}: {exc.filename or ''}: {exc.strerror}"
+        ) from None
     finally:
         os.close(root_fd)
 
 
-def _copy_tree(agent: "GuestAgent", src: str, root_fd: int, real: str, name: str, mode: int,
-               progress: Progress | None) -> list[dict]:
+def _copy_tree(
+    agent: "GuestAgent",
+    src: str,
+    root_fd: int,
+    real: str,
+    name: str,
+    mode: int,
+    progress: Progress | None,
+) -> list[dict]:
     names = sorted(_guest_tree(agent, src))  # tuples sort parents first, then their children
     stats = _guest_stats(agent, [src + "/" + "/".join(rel) for rel in names])
     top = os.path.join(real, name)
     fd, created = _enter(root_fd, name, top)
-    made: list[tuple[tuple[str, ...], int, int, int]] = []  # (components, device, inode, mode) of directories made here
+    made: list[
+        tuple[tuple[str, ...], int, int, int]
+    ] = []  # (components, device, inode, mode) of directories made here
     if created:
         info = os.fstat(fd)
         made.append(((), info.st_dev, info.st_ino, mode))
@@ -315,12 +388,16 @@ def _copy_tree(agent: "GuestAgent", src: str, root_fd: int, real: str, name: str
         for rel, (kind, entry_mode, size) in zip(names, stats):
             while stack[-1][0] != rel[:-1]:
                 if len(stack) == 1:
-                    raise QemuspecError(f"the guest listed {src}/{'/'.join(rel)} but not its directory: "
-                                        "refusing the copy")
+                    raise QemuspecError(
+                        f"the guest listed {src}/{'/'.join(rel)} but not its directory: "
+                        "refusing the copy"
+                    )
                 os.close(stack.pop()[1])
             parent_fd = stack[-1][1]
             target = os.path.join(top, *rel)
-            if os.path.commonpath([top, target]) != top:  # proven by the components; kept as the rule itself
+            if (
+                os.path.commonpath([top, target]) != top
+            ):  # proven by the components; kept as the rule itself
                 raise QemuspecError(f"{target} is outside {top}: refusing the copy")
             if kind == "d":
                 fd, created = _enter(parent_fd, rel[-1], target)
@@ -330,10 +407,21 @@ def _copy_tree(agent: "GuestAgent", src: str, root_fd: int, real: str, name: str
                 stack.append((rel, fd))
             elif kind == "f":
                 guest = src + "/" + "/".join(rel)
-                done = read_stream(agent, guest, parent_fd, rel[-1], entry_mode, progress, size, shown=target)
-                copied.append({"source": guest, "target": target, "bytes": done, "mode": f"{entry_mode & 0o777:o}"})
+                done = read_stream(
+                    agent, guest, parent_fd, rel[-1], entry_mode, progress, size, shown=target
+                )
+                copied.append(
+                    {
+                        "source": guest,
+                        "target": target,
+                        "bytes": done,
+                        "mode": f"{entry_mode & 0o777:o}",
+                    }
+                )
             else:
-                _warn(f"{src}/{'/'.join(rel)} in the guest: skipped, not a regular file or directory")
+                _warn(
+                    f"{src}/{'/'.join(rel)} in the guest: skipped, not a regular file or directory"
+                )
     finally:
         for _, fd in stack:
             os.close(fd)

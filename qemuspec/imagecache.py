@@ -53,11 +53,24 @@ _HEX_ALGO = {64: "sha256", 128: "sha512"}
 _FORMATS = ("qcow2", "raw")
 _ZERO = bytes(CHUNK)
 # magic bytes of image formats refused as bases (qemu's own probes look for the same)
-_OTHER_FORMATS = ((b"KDMV", "vmdk"), (b"# Disk DescriptorFile", "vmdk"), (b"COWD", "vmdk"), (b"QED\x00", "qed"),
-                  (b"vhdxfile", "vhdx"), (b"conectix", "vpc"), (b"<<< Oracle VM VirtualBox Disk Image >>>", "vdi"),
-                  (b"WithoutFreeSpace", "parallels"), (b"WithouFreSpacExt", "parallels"), (b"LUKS\xba\xbe", "luks"),
-                  (b"OOOM", "cow"), (b"Bochs Virtual HD Image", "bochs"), (b"#!/bin/sh\n#V2.0 Format", "cloop"))
-RESERVE = 1 << 30  # a download or unpack stops before it leaves less than this free (a bomb, an endless body)
+_OTHER_FORMATS = (
+    (b"KDMV", "vmdk"),
+    (b"# Disk DescriptorFile", "vmdk"),
+    (b"COWD", "vmdk"),
+    (b"QED\x00", "qed"),
+    (b"vhdxfile", "vhdx"),
+    (b"conectix", "vpc"),
+    (b"<<< Oracle VM VirtualBox Disk Image >>>", "vdi"),
+    (b"WithoutFreeSpace", "parallels"),
+    (b"WithouFreSpacExt", "parallels"),
+    (b"LUKS\xba\xbe", "luks"),
+    (b"OOOM", "cow"),
+    (b"Bochs Virtual HD Image", "bochs"),
+    (b"#!/bin/sh\n#V2.0 Format", "cloop"),
+)
+RESERVE = (
+    1 << 30
+)  # a download or unpack stops before it leaves less than this free (a bomb, an endless body)
 _ROOM_EVERY = 256  # chunks between free-space checks
 _FLUSH_EVERY = 64  # chunks between early write-backs
 
@@ -102,7 +115,7 @@ def entry_name(digest: str) -> str:
 
 
 def compression(url: str) -> str | None:
-    """"xz" or "gz" when the URL names a compressed file (by its suffix), else None."""
+    """ "xz" or "gz" when the URL names a compressed file (by its suffix), else None."""
     path = url.split("?", 1)[0].split("#", 1)[0].lower()
     for suffix, kind in ((".xz", "xz"), (".gz", "gz")):
         if path.endswith(suffix):
@@ -136,16 +149,30 @@ def parse_checksums(text: str, name: str) -> str | None:
     return None
 
 
-def from_settings(settings: "Settings", offline: bool = False, report: Report | None = None) -> "ImageCache":
+def from_settings(
+    settings: "Settings", offline: bool = False, report: Report | None = None
+) -> "ImageCache":
     """The user's cache as settings say (directory, QEMUSPEC_OFFLINE or ``offline``, proxies)."""
-    return ImageCache(settings.images, offline=offline or settings.offline, proxies=settings.proxies, report=report)
+    return ImageCache(
+        settings.images,
+        offline=offline or settings.offline,
+        proxies=settings.proxies,
+        report=report,
+    )
 
 
 class ImageCache:
     """The user's image cache: ``ensure`` an image (pull it when missing), ``entries``, ``prune``."""
 
-    def __init__(self, directory: str, *, offline: bool = False, proxies: Mapping[str, str] | None = None,
-                 report: Report | None = None, interval: float = 0.25):
+    def __init__(
+        self,
+        directory: str,
+        *,
+        offline: bool = False,
+        proxies: Mapping[str, str] | None = None,
+        report: Report | None = None,
+        interval: float = 0.25,
+    ):
         self.directory = directory
         self.offline = offline
         self.proxies = dict(proxies or {})
@@ -160,9 +187,11 @@ class ImageCache:
         if fd is None:
             if not create and not os.path.lexists(self.directory):
                 raise FileNotFoundError(self.directory)
-            raise FetchError(f"the image cache {self.directory} (or a directory above it) can be changed by another "
-                             "user or is not this user's, so qemuspec does not use it: set XDG_CACHE_HOME to a "
-                             "directory of yours that only you can write")
+            raise FetchError(
+                f"the image cache {self.directory} (or a directory above it) can be changed by another "
+                "user or is not this user's, so qemuspec does not use it: set XDG_CACHE_HOME to a "
+                "directory of yours that only you can write"
+            )
         try:
             yield fd
         finally:
@@ -177,7 +206,11 @@ class ImageCache:
             meta = json.loads(data) if data else None
         except ValueError:
             return None
-        if not isinstance(meta, dict) or meta.get("digest") != digest or meta.get("format") not in _FORMATS:
+        if (
+            not isinstance(meta, dict)
+            or meta.get("digest") != digest
+            or meta.get("format") not in _FORMATS
+        ):
             return None
         try:
             info = os.stat(entry_name(digest), dir_fd=dfd, follow_symlinks=False)
@@ -190,8 +223,16 @@ class ImageCache:
     def _entry(self, dfd: int, digest: str, meta: dict) -> Entry:
         used = os.stat(entry_name(digest) + ".json", dir_fd=dfd, follow_symlinks=False).st_mtime
         size = os.stat(entry_name(digest), dir_fd=dfd, follow_symlinks=False).st_size
-        return Entry(digest, self.path(digest), meta["format"], size, str(meta.get("url", "")),
-                     meta.get("compressed"), float(meta.get("pulled", 0)), used)
+        return Entry(
+            digest,
+            self.path(digest),
+            meta["format"],
+            size,
+            str(meta.get("url", "")),
+            meta.get("compressed"),
+            float(meta.get("pulled", 0)),
+            used,
+        )
 
     # -- looking digests up ---------------------------------------------------------------------------
 
@@ -209,23 +250,39 @@ class ImageCache:
                 if isinstance(found, str) and DIGEST.match(found):
                     return found
             if self.offline:
-                raise FetchError(f"{image.digest_url}: --offline, and the digest of {name} has not been looked up "
-                                 "yet: run `qemuspec img pull` once with network, or write digest = \"sha256:...\"")
+                raise FetchError(
+                    f"{image.digest_url}: --offline, and the digest of {name} has not been looked up "
+                    'yet: run `qemuspec img pull` once with network, or write digest = "sha256:..."'
+                )
             text = self._small(image.digest_url)
             digest = parse_checksums(text, name)
             if digest is None:
-                raise FetchError(f"{image.digest_url} lists no sha256/sha512 digest for {name}: check that digest_url "
-                                 "is the checksum file of the directory the url points into, or write digest = "
-                                 "\"sha256:...\" yourself")
-            privdir.write(dfd, key, json.dumps({"digest": digest, "digest_url": image.digest_url, "name": name,
-                                                "looked_up": time.time()}).encode())
+                raise FetchError(
+                    f"{image.digest_url} lists no sha256/sha512 digest for {name}: check that digest_url "
+                    "is the checksum file of the directory the url points into, or write digest = "
+                    '"sha256:..." yourself'
+                )
+            privdir.write(
+                dfd,
+                key,
+                json.dumps(
+                    {
+                        "digest": digest,
+                        "digest_url": image.digest_url,
+                        "name": name,
+                        "looked_up": time.time(),
+                    }
+                ).encode(),
+            )
             return digest
 
     def _small(self, url: str) -> str:
         with self._open(url, 0) as (response, _status, _total, _validator):
             data = response.read(CHECKSUM_LIMIT + 1)
         if len(data) > CHECKSUM_LIMIT:
-            raise FetchError(f"{url} is larger than {CHECKSUM_LIMIT >> 20} MiB: that is not a checksum file")
+            raise FetchError(
+                f"{url} is larger than {CHECKSUM_LIMIT >> 20} MiB: that is not a checksum file"
+            )
         return data.decode("utf-8", errors="replace")
 
     # -- the cache ------------------------------------------------------------------------------------
@@ -237,8 +294,10 @@ class ImageCache:
             meta = self._meta(dfd, digest)
             if meta is None:
                 if self.offline:
-                    raise FetchError(f"{image.url} ({digest}) is not in the image cache {self.directory} and --offline "
-                                     "forbids downloading it: run `qemuspec img pull FILE` with network first")
+                    raise FetchError(
+                        f"{image.url} ({digest}) is not in the image cache {self.directory} and --offline "
+                        "forbids downloading it: run `qemuspec img pull FILE` with network first"
+                    )
                 with self._locked(dfd, digest, image.url):
                     meta = self._meta(dfd, digest)  # another pull may have finished while we waited
                     if meta is None:
@@ -247,11 +306,15 @@ class ImageCache:
                         except DigestMismatch as exc:
                             if image.digest is not None:
                                 raise
-                            with contextlib.suppress(FileNotFoundError):  # the next pull reads the file again
+                            with contextlib.suppress(
+                                FileNotFoundError
+                            ):  # the next pull reads the file again
                                 os.unlink(_lookup_name(image), dir_fd=dfd)
-                            raise DigestMismatch(f"{exc} (the digest came from {image.digest_url} when it was "
-                                                 "first read; that record is dropped, so the next pull reads the "
-                                                 "checksum file again)") from None
+                            raise DigestMismatch(
+                                f"{exc} (the digest came from {image.digest_url} when it was "
+                                "first read; that record is dropped, so the next pull reads the "
+                                "checksum file again)"
+                            ) from None
                     else:
                         self.report({"event": "image-cached", "url": image.url, "digest": digest})
             else:
@@ -264,8 +327,12 @@ class ImageCache:
     def _locked(self, dfd: int, digest: str, url: str) -> Iterator[None]:
         import fcntl
 
-        fd = os.open(entry_name(digest) + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                     dir_fd=dfd)
+        fd = os.open(
+            entry_name(digest) + ".lock",
+            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+            dir_fd=dfd,
+        )
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -283,7 +350,9 @@ class ImageCache:
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
-                raise FetchError(f"{self.directory}/{part} is not a regular file of this user's: remove it")
+                raise FetchError(
+                    f"{self.directory}/{part} is not a regular file of this user's: remove it"
+                )
             hasher = hashlib.new(algo)
             have = _hash_existing(fd, hasher)
             got = self._download(dfd, url, digest, fd, hasher, have)
@@ -295,7 +364,8 @@ class ImageCache:
                 raise DigestMismatch(
                     f"{url}: the downloaded file's digest is {algo}:{got}, but the definition expects {digest}: "
                     "nothing was kept and no machine was started; if the image was updated upstream, put its new "
-                    "digest in the definition (or use digest_url); otherwise do not trust what that URL serves")
+                    "digest in the definition (or use digest_url); otherwise do not trust what that URL serves"
+                )
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -304,7 +374,9 @@ class ImageCache:
         if kind:
             tmp = f".{name}.{os.urandom(6).hex()}.unpack"
             try:
-                self.report({"event": "image-unpack", "url": url, "digest": digest, "compression": kind})
+                self.report(
+                    {"event": "image-unpack", "url": url, "digest": digest, "compression": kind}
+                )
                 _unpack(dfd, part, tmp, kind, url)
                 fmt = self._check_base(dfd, tmp, url)
                 os.chmod(tmp, 0o400, dir_fd=dfd, follow_symlinks=False)
@@ -312,7 +384,9 @@ class ImageCache:
             except BaseException as exc:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp, dir_fd=dfd)
-                if isinstance(exc, FetchError):  # verified but unusable: nothing is kept (an interrupt keeps it)
+                if isinstance(
+                    exc, FetchError
+                ):  # verified but unusable: nothing is kept (an interrupt keeps it)
                     with contextlib.suppress(OSError):
                         os.unlink(part, dir_fd=dfd)
                 raise
@@ -325,10 +399,22 @@ class ImageCache:
                 raise
             os.chmod(part, 0o400, dir_fd=dfd, follow_symlinks=False)
             os.replace(part, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-        meta = {"digest": digest, "url": url, "format": fmt, "compressed": kind, "pulled": time.time()}
+        meta = {
+            "digest": digest,
+            "url": url,
+            "format": fmt,
+            "compressed": kind,
+            "pulled": time.time(),
+        }
         privdir.write(dfd, name + ".json", json.dumps(meta).encode())
-        self.report({"event": "image-done", "url": url, "digest": digest,
-                     "size": os.stat(name, dir_fd=dfd, follow_symlinks=False).st_size})
+        self.report(
+            {
+                "event": "image-done",
+                "url": url,
+                "digest": digest,
+                "size": os.stat(name, dir_fd=dfd, follow_symlinks=False).st_size,
+            }
+        )
         return meta
 
     def _check_base(self, dfd: int, name: str, url: str) -> str:
@@ -342,19 +428,28 @@ class ImageCache:
             os.close(fd)
         other = next((kind for magic, kind in _OTHER_FORMATS if head.startswith(magic)), None)
         if other:
-            raise FetchError(f"{url} is a {other} image: qemuspec takes raw or qcow2 bases only (other formats can "
-                             "name host files); convert it with `qemuspec img convert -O qcow2` and serve that")
+            raise FetchError(
+                f"{url} is a {other} image: qemuspec takes raw or qcow2 bases only (other formats can "
+                "name host files); convert it with `qemuspec img convert -O qcow2` and serve that"
+            )
         if not head.startswith(b"QFI\xfb"):
             return "raw"
         from qemuspec import img
 
-        found = img.ImageInfo.from_json(json.loads(img.run("info", "--output=json", "-U", "-f", "qcow2",
-                                                           os.path.join(self.directory, name))))
+        found = img.ImageInfo.from_json(
+            json.loads(
+                img.run(
+                    "info", "--output=json", "-U", "-f", "qcow2", os.path.join(self.directory, name)
+                )
+            )
+        )
         specific = (found.raw.get("format-specific") or {}).get("data") or {}
         if found.backing or specific.get("data-file"):
-            raise FetchError(f"{url} is a qcow2 image with a backing or data file "
-                             f"({found.backing or specific.get('data-file')}): a base image must stand alone, or its "
-                             "header could make qemu open a host file")
+            raise FetchError(
+                f"{url} is a qcow2 image with a backing or data file "
+                f"({found.backing or specific.get('data-file')}): a base image must stand alone, or its "
+                "header could make qemu open a host file"
+            )
         return "qcow2"
 
     def _download(self, dfd: int, url: str, digest: str, fd: int, hasher: Any, have: int) -> str:
@@ -366,17 +461,30 @@ class ImageCache:
         validator = None
         with contextlib.suppress(ValueError, TypeError, AttributeError):
             validator = json.loads(privdir.read(dfd, part, 1 << 14) or b"").get("validator")
-        with self._open(url, have, validator if isinstance(validator, str) else None) as (response, status, total, new):
+        with self._open(url, have, validator if isinstance(validator, str) else None) as (
+            response,
+            status,
+            total,
+            new,
+        ):
             if have and status != 206:  # the server sent the whole file: start again
                 os.ftruncate(fd, 0)
                 hasher = hashlib.new(hasher.name)
                 have = 0
             if status != 206 and new:
-                privdir.write(dfd, part, json.dumps({"url": url, "validator": new}).encode(), sync=False)
+                privdir.write(
+                    dfd, part, json.dumps({"url": url, "validator": new}).encode(), sync=False
+                )
             offset = have
             started = last = time.monotonic()
-            event = {"event": "image-download", "url": url, "digest": digest, "bytes": offset, "total": total,
-                     "resumed_at": have or None}
+            event = {
+                "event": "image-download",
+                "url": url,
+                "digest": digest,
+                "bytes": offset,
+                "total": total,
+                "resumed_at": have or None,
+            }
             self.report(dict(event, rate=0.0))
             from http.client import HTTPException
 
@@ -389,8 +497,10 @@ class ImageCache:
                     except (OSError, HTTPException) as exc:
                         sink.close()
                         os.ftruncate(fd, sink.offset)  # what arrived stays for the resume
-                        raise FetchError(f"{url}: the download broke off after {sink.offset} bytes ({exc}): run the "
-                                         "command again to resume it") from None
+                        raise FetchError(
+                            f"{url}: the download broke off after {sink.offset} bytes ({exc}): run the "
+                            "command again to resume it"
+                        ) from None
                     if not count:
                         break
                     sink.put(buffer, count)
@@ -398,21 +508,32 @@ class ImageCache:
                     now = time.monotonic()
                     if now - last >= self.interval:
                         last = now
-                        self.report(dict(event, bytes=offset, rate=(offset - have) / max(now - started, 1e-6)))
+                        self.report(
+                            dict(
+                                event, bytes=offset, rate=(offset - have) / max(now - started, 1e-6)
+                            )
+                        )
             finally:
                 sink.close()
             if total is not None and offset < total:
                 os.ftruncate(fd, offset)
-                raise FetchError(f"{url}: the server closed the connection after {offset} of {total} bytes: run the "
-                                 "command again to resume the download")
+                raise FetchError(
+                    f"{url}: the server closed the connection after {offset} of {total} bytes: run the "
+                    "command again to resume the download"
+                )
             os.ftruncate(fd, offset)
             elapsed = max(time.monotonic() - started, 1e-6)
-            self.report(dict(event, bytes=offset, total=offset, rate=(offset - have) / elapsed, finished=True))
+            self.report(
+                dict(
+                    event, bytes=offset, total=offset, rate=(offset - have) / elapsed, finished=True
+                )
+            )
         return hasher.hexdigest()
 
     @contextlib.contextmanager
-    def _open(self, url: str, offset: int, validator: str | None = None
-              ) -> Iterator[tuple[IO[bytes], int, int | None, str | None]]:
+    def _open(
+        self, url: str, offset: int, validator: str | None = None
+    ) -> Iterator[tuple[IO[bytes], int, int | None, str | None]]:
         """(response, status, total size or None, validator) for ``url`` from byte ``offset``; 206 when
         resumed."""
         scheme = url.split(":", 1)[0].lower()
@@ -426,7 +547,9 @@ class ImageCache:
                 raise FetchError(f"{url}: cannot open {path} ({exc.strerror})") from None
             if not stat.S_ISREG(os.fstat(raw).st_mode):
                 os.close(raw)
-                raise FetchError(f"{url}: {path} is not a regular file: a file URL names an image file")
+                raise FetchError(
+                    f"{url}: {path} is not a regular file: a file URL names an image file"
+                )
             with os.fdopen(raw, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 f.seek(min(offset, size))
@@ -437,7 +560,9 @@ class ImageCache:
         import urllib.error
         import urllib.request
 
-        request = urllib.request.Request(url, headers={"User-Agent": "qemuspec", "Accept-Encoding": "identity"})
+        request = urllib.request.Request(
+            url, headers={"User-Agent": "qemuspec", "Accept-Encoding": "identity"}
+        )
         if offset:
             request.add_header("Range", f"bytes={offset}-")
             if validator:
@@ -445,28 +570,46 @@ class ImageCache:
         try:
             response = self._opener(url).open(request, timeout=60)
         except urllib.error.HTTPError as exc:
-            if exc.code == 416 and offset:  # nothing left past the partial file: it is complete (or wrong)
+            if (
+                exc.code == 416 and offset
+            ):  # nothing left past the partial file: it is complete (or wrong)
                 import io
 
                 yield io.BytesIO(b""), 206, offset, None
                 return
-            raise FetchError(f"{url}: the server answered {exc.code} {exc.reason}: check the URL") from None
+            raise FetchError(
+                f"{url}: the server answered {exc.code} {exc.reason}: check the URL"
+            ) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise FetchError(f"{url}: cannot download ({reason}): check the URL and the network (proxy variables: "
-                             "http_proxy, https_proxy, no_proxy), or use an image already in the cache") from None
+            raise FetchError(
+                f"{url}: cannot download ({reason}): check the URL and the network (proxy variables: "
+                "http_proxy, https_proxy, no_proxy), or use an image already in the cache"
+            ) from None
         with response:
             status = response.status
             length = response.headers.get("Content-Length")
-            total = int(length) + (offset if status == 206 else 0) if length and length.isdigit() else None
+            total = (
+                int(length) + (offset if status == 206 else 0)
+                if length and length.isdigit()
+                else None
+            )
             if status == 206:
                 match = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
                 if not match or int(match.group(1)) != offset:
-                    raise FetchError(f"{url}: the server resumed at the wrong offset "
-                                     f"({response.headers.get('Content-Range')!r} for byte {offset})")
+                    raise FetchError(
+                        f"{url}: the server resumed at the wrong offset "
+                        f"({response.headers.get('Content-Range')!r} for byte {offset})"
+                    )
             etag = response.headers.get("ETag")
-            yield response, status, total, etag if etag and not etag.startswith("W/") else response.headers.get(
-                "Last-Modified")
+            yield (
+                response,
+                status,
+                total,
+                etag
+                if etag and not etag.startswith("W/")
+                else response.headers.get("Last-Modified"),
+            )
 
     def _opener(self, url: str) -> "OpenerDirector":
         import ssl
@@ -477,8 +620,10 @@ class ImageCache:
         proxies = {k: v for k, v in self.proxies.items() if k != "no"}
         if proxies and _bypass(host, self.proxies.get("no", "")):
             proxies = {}
-        return urllib.request.build_opener(urllib.request.ProxyHandler(proxies),
-                                           urllib.request.HTTPSHandler(context=ssl.create_default_context()))
+        return urllib.request.build_opener(
+            urllib.request.ProxyHandler(proxies),
+            urllib.request.HTTPSHandler(context=ssl.create_default_context()),
+        )
 
     # -- ls and prune ---------------------------------------------------------------------------------
 
@@ -501,8 +646,11 @@ class ImageCache:
         """Interrupted downloads: (name, bytes so far)."""
         try:
             with self._dir(create=False) as dfd:
-                return [(n, os.stat(n, dir_fd=dfd, follow_symlinks=False).st_size) for n in sorted(os.listdir(dfd))
-                        if n.endswith(".part")]
+                return [
+                    (n, os.stat(n, dir_fd=dfd, follow_symlinks=False).st_size)
+                    for n in sorted(os.listdir(dfd))
+                    if n.endswith(".part")
+                ]
         except FileNotFoundError:
             return []
 
@@ -522,7 +670,9 @@ class ImageCache:
                                 os.unlink(name + suffix, dir_fd=dfd)
                         removed.append(entry.digest)
                 for name in os.listdir(dfd):
-                    if name.endswith((".part", ".part.json", ".unpack")) or (everything and name.startswith("lookup-")):
+                    if name.endswith((".part", ".part.json", ".unpack")) or (
+                        everything and name.startswith("lookup-")
+                    ):
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(name, dir_fd=dfd)
                         removed.append(name)
@@ -556,7 +706,9 @@ class _Sink:
         self._closed = False
         self._chunks = 0
         self._dirty = threading.Event()
-        self._flusher = threading.Thread(target=self._flush, name="qemuspec-image-flush", daemon=True)
+        self._flusher = threading.Thread(
+            target=self._flush, name="qemuspec-image-flush", daemon=True
+        )
         self._flusher.start()
         self.error: BaseException | None = None
         self._free: queue.Queue[bytearray] = queue.Queue()
@@ -587,8 +739,10 @@ class _Sink:
         if self.error is not None:
             error, self.error = self.error, None
             if isinstance(error, OSError):
-                raise FetchError(f"cannot write the image cache: {error.strerror or error} (free some space, or "
-                                 "`qemuspec img prune`)") from None
+                raise FetchError(
+                    f"cannot write the image cache: {error.strerror or error} (free some space, or "
+                    "`qemuspec img prune`)"
+                ) from None
             raise error
 
     def _flush(self) -> None:
@@ -620,7 +774,9 @@ class _Sink:
                         self._dirty.set()
                     if self._chunks % _ROOM_EVERY == 0:
                         _room(self.fd)
-                except BaseException as exc:  # ENOSPC, EIO: raised in the network thread at its next chunk
+                except (
+                    BaseException
+                ) as exc:  # ENOSPC, EIO: raised in the network thread at its next chunk
                     self.error = exc
             self._free.put(buffer)
 
@@ -636,9 +792,11 @@ def _room(fd: int) -> None:
     far more than it says, and a server can send without end before the digest is known."""
     info = os.fstatvfs(fd)
     if info.f_bavail * info.f_frsize < RESERVE:
-        raise FetchError(f"the image cache's file system has less than {RESERVE >> 30} GiB left: the image was not "
-                         "kept (a compressed image may unpack to far more than its size); free some space, or "
-                         "`qemuspec img prune`")
+        raise FetchError(
+            f"the image cache's file system has less than {RESERVE >> 30} GiB left: the image was not "
+            "kept (a compressed image may unpack to far more than its size); free some space, or "
+            "`qemuspec img prune`"
+        )
 
 
 def _fill(response: Any, view: memoryview) -> int:
@@ -671,7 +829,12 @@ def _unpack(dfd: int, source: str, target: str, kind: str, url: str) -> None:
     import lzma
 
     src = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-    out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+    out = os.open(
+        target,
+        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+        0o600,
+        dir_fd=dfd,
+    )
     try:
         with os.fdopen(src, "rb") as raw:
             stream: IO[bytes] = lzma.open(raw) if kind == "xz" else gzip.open(raw)  # type: ignore[assignment]
@@ -684,13 +847,15 @@ def _unpack(dfd: int, source: str, target: str, kind: str, url: str) -> None:
                     if len(chunk) != CHUNK or chunk != _ZERO:
                         view = memoryview(chunk)
                         while view:
-                            view = view[os.pwrite(out, view, offset + len(chunk) - len(view)):]
+                            view = view[os.pwrite(out, view, offset + len(chunk) - len(view)) :]
                     offset += len(chunk)
                     if offset % (_ROOM_EVERY * CHUNK) == 0:
                         _room(out)
             except (OSError, EOFError, lzma.LZMAError) as exc:
-                raise FetchError(f"{url}: the file matches its digest but does not unpack as {kind} ({exc}): "
-                                 "check that the URL names the compressed image") from None
+                raise FetchError(
+                    f"{url}: the file matches its digest but does not unpack as {kind} ({exc}): "
+                    "check that the URL names the compressed image"
+                ) from None
         os.ftruncate(out, offset)
         os.fsync(out)
     finally:

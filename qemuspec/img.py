@@ -21,11 +21,14 @@ from typing import Callable, Iterator
 
 from qemuspec.errors import ImageError
 
+
 def qemu_img() -> str:
     """The qemu-img binary ($QEMUSPEC_QEMU_IMG, read once by qemuspec.settings)."""
     from qemuspec.settings import current
 
     return current().qemu_img
+
+
 _PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 
 
@@ -59,8 +62,15 @@ class ImageInfo:
             backing=data.get("full-backing-filename") or data.get("backing-filename"),
             backing_format=data.get("backing-filename-format"),
             dirty=bool(data.get("dirty-flag", False)),
-            snapshots=[Snapshot(s.get("id", ""), s.get("name", ""), int(s.get("vm-state-size", 0)), int(s.get("date-sec", 0)))
-                       for s in data.get("snapshots", [])],
+            snapshots=[
+                Snapshot(
+                    s.get("id", ""),
+                    s.get("name", ""),
+                    int(s.get("vm-state-size", 0)),
+                    int(s.get("date-sec", 0)),
+                )
+                for s in data.get("snapshots", [])
+            ],
             raw=data,
         )
 
@@ -85,7 +95,9 @@ def run(*args: str, progress: Callable[[float], None] | None = None) -> str:
         else:
             out, err, code = _with_progress(argv, progress)
     except FileNotFoundError:
-        raise ImageError("qemu-img not found: install it (Debian: apt-get install qemu-utils)") from None
+        raise ImageError(
+            "qemu-img not found: install it (Debian: apt-get install qemu-utils)"
+        ) from None
     if code != 0:
         message = (err or out).strip().removeprefix("qemu-img: ")
         raise ImageError(f"qemu-img {args[0]} failed: {message}")
@@ -109,12 +121,20 @@ def _with_progress(argv: list[str], progress: Callable[[float], None]) -> tuple[
     return "", err, proc.wait()
 
 
-def create(path: str, size: int | str | None = None, format: str = "qcow2", backing: str | None = None,
-           backing_format: str | None = None, options: dict[str, str] | None = None) -> None:
+def create(
+    path: str,
+    size: int | str | None = None,
+    format: str = "qcow2",
+    backing: str | None = None,
+    backing_format: str | None = None,
+    options: dict[str, str] | None = None,
+) -> None:
     """A new image, written under a temporary name and renamed: never a half-made file at ``path``.
     An existing ``path`` is an error, never overwritten."""
     if os.path.exists(path):
-        raise ImageError(f"{path} exists already: qemuspec never overwrites an image (delete it first, or use resize)")
+        raise ImageError(
+            f"{path} exists already: qemuspec never overwrites an image (delete it first, or use resize)"
+        )
     args = ["create", "-q", "-f", format]
     if backing:
         if not os.path.exists(backing):
@@ -151,7 +171,9 @@ def _publish(tmp: str, path: str) -> None:
     try:
         os.link(tmp, path)
     except FileExistsError:
-        raise ImageError(f"{path} exists already: qemuspec never overwrites an image (delete it first, or use resize)") from None
+        raise ImageError(
+            f"{path} exists already: qemuspec never overwrites an image (delete it first, or use resize)"
+        ) from None
     except OSError:
         os.rename(tmp, path)  # a filesystem without hard links
 
@@ -163,17 +185,26 @@ def info(path: str) -> ImageInfo:
 
 def check(path: str) -> dict:
     """``qemu-img check``'s JSON report; raises when the image has errors."""
-    result = subprocess.run([qemu_img(), "check", "--output=json", path], capture_output=True, text=True)
+    result = subprocess.run(
+        [qemu_img(), "check", "--output=json", path], capture_output=True, text=True
+    )
     if result.returncode not in (0, 1, 2, 3) or not result.stdout.strip():
         raise ImageError(f"qemu-img check failed: {result.stderr.strip()}")
     report = json.loads(result.stdout)
     if result.returncode in (1, 2):
-        raise ImageError(f"{path} has errors: {report.get('corruptions', 0)} corruptions, {report.get('leaks', 0)} leaks")
+        raise ImageError(
+            f"{path} has errors: {report.get('corruptions', 0)} corruptions, {report.get('leaks', 0)} leaks"
+        )
     return report
 
 
-def convert(source: str, target: str, format: str, progress: Callable[[float], None] | None = None,
-            compress: bool = False) -> None:
+def convert(
+    source: str,
+    target: str,
+    format: str,
+    progress: Callable[[float], None] | None = None,
+    compress: bool = False,
+) -> None:
     if os.path.exists(target):
         raise ImageError(f"{target} exists already: qemuspec never overwrites an image")
     args = ["convert", "-O", format]
@@ -192,8 +223,17 @@ def resize(path: str, size: int | str, shrink: bool = False) -> None:
     run(*args)
 
 
-def rebase(path: str, backing: str, backing_format: str | None = None, unsafe: bool = False) -> None:
-    args = ["rebase", "-q", "-b", os.path.abspath(backing), "-F", backing_format or info(backing).format]
+def rebase(
+    path: str, backing: str, backing_format: str | None = None, unsafe: bool = False
+) -> None:
+    args = [
+        "rebase",
+        "-q",
+        "-b",
+        os.path.abspath(backing),
+        "-F",
+        backing_format or info(backing).format,
+    ]
     if unsafe:
         args.append("-u")
     run(*args, path)

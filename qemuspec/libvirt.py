@@ -14,7 +14,16 @@ import xml.etree.ElementTree as ET
 from typing import TYPE_CHECKING, Mapping
 
 from qemuspec.errors import SpecError
-from qemuspec.render import AGENT_PORT, OVMF_CODE, OVMF_VARS, OWN_ID_PREFIX, escape, nic_mac, optlist, wants_cidata
+from qemuspec.render import (
+    AGENT_PORT,
+    OVMF_CODE,
+    OVMF_VARS,
+    OWN_ID_PREFIX,
+    escape,
+    nic_mac,
+    optlist,
+    wants_cidata,
+)
 
 if TYPE_CHECKING:
     from qemuspec.spec.models import Machine
@@ -23,18 +32,47 @@ QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 OWNER_NS = "https://qemuspec.dev/xmlns/libvirt/1"
 # Machine fields that are not part of the domain: the libvirt backend acts on them at run time
 # (readiness, stop timeout, ordering, placement, start paused, ssh login); the monitor is libvirt's.
-BACKEND_FIELDS = {"ready": "probes", "stop_timeout": "down", "depends_on": "ordering", "host": "placement",
-                  "paused": "started paused", "ssh": "ssh probe and login", "qmp": "libvirt owns the monitor"}
+BACKEND_FIELDS = {
+    "ready": "probes",
+    "stop_timeout": "down",
+    "depends_on": "ordering",
+    "host": "placement",
+    "paused": "started paused",
+    "ssh": "ssh probe and login",
+    "qmp": "libvirt owns the monitor",
+}
 _DRIVER_OPTIONS = ("cache", "io", "discard")
 _ON_POWEROFF = {"no": "destroy", "on-failure": "destroy", "always": "restart"}
 _ON_CRASH = {"no": "destroy", "on-failure": "restart", "always": "restart"}
 
 
 def _refuse(name: str, field: str, why: str) -> None:
-    raise SpecError(f"machines.{name}.{field}: {why}; libvirt cannot carry it: remove it, or run this machine locally (no host, no --connect)")
-_BOOT = {"a": "fd", "b": "fd", "c": "hd", "d": "cdrom", "n": "network", "o": "network", "p": "network"}
-_BUS = {"virtio": ("vd", "virtio"), "ide": ("sd", "sata"), "scsi": ("sd", "scsi"), "nvme": ("sd", "sata")}
-_NIC_MODELS = {"virtio-net-pci": "virtio", "e1000": "e1000", "e1000e": "e1000e", "rtl8139": "rtl8139"}
+    raise SpecError(
+        f"machines.{name}.{field}: {why}; libvirt cannot carry it: remove it, or run this machine locally (no host, no --connect)"
+    )
+
+
+_BOOT = {
+    "a": "fd",
+    "b": "fd",
+    "c": "hd",
+    "d": "cdrom",
+    "n": "network",
+    "o": "network",
+    "p": "network",
+}
+_BUS = {
+    "virtio": ("vd", "virtio"),
+    "ide": ("sd", "sata"),
+    "scsi": ("sd", "scsi"),
+    "nvme": ("sd", "sata"),
+}
+_NIC_MODELS = {
+    "virtio-net-pci": "virtio",
+    "e1000": "e1000",
+    "e1000e": "e1000e",
+    "rtl8139": "rtl8139",
+}
 
 
 def _json_device(driver: str, props: dict) -> list[str]:
@@ -61,8 +99,12 @@ def _device_options(machine: Machine, name: str, devices: ET.Element) -> None:
         attrs = {"model": decl.model}
         for prop, setting in value.options.items():
             if prop not in attributes or not isinstance(setting, bool):
-                _refuse(name, f"{field}.options", f"{prop} is not an on/off attribute of <{decl.libvirt}> "
-                        f"(those are: {', '.join(attributes) or 'none'})")
+                _refuse(
+                    name,
+                    f"{field}.options",
+                    f"{prop} is not an on/off attribute of <{decl.libvirt}> "
+                    f"(those are: {', '.join(attributes) or 'none'})",
+                )
             attrs[attributes[prop]] = escape(setting)
         _sub(devices, decl.libvirt, **attrs)
 
@@ -70,18 +112,57 @@ def _device_options(machine: Machine, name: str, devices: ET.Element) -> None:
 # What libvirt's `plan` compares (backends/libvirt_domain.project): the elements and attributes this
 # export writes, one line each, so that what is written is what is compared, and libvirt's own
 # additions (PCI addresses, controllers, uuid) are not noise. Device options add their element.
-PROJECTED = ("memory", "vcpu", "os/type", "os/kernel", "os/initrd", "os/cmdline", "os/loader", "os/boot", "cpu", "cpu/model",
-             "on_poweroff", "on_crash", "devices/emulator", "devices/disk", "devices/disk/source", "devices/disk/target",
-             "devices/disk/driver", "devices/interface", "devices/interface/source", "devices/interface/model",
-             "devices/filesystem", "devices/filesystem/source", "devices/filesystem/target", "devices/serial", "devices/channel/target",
-             "devices/rng", "devices/graphics", "devices/video/model")
+PROJECTED = (
+    "memory",
+    "vcpu",
+    "os/type",
+    "os/kernel",
+    "os/initrd",
+    "os/cmdline",
+    "os/loader",
+    "os/boot",
+    "cpu",
+    "cpu/model",
+    "on_poweroff",
+    "on_crash",
+    "devices/emulator",
+    "devices/disk",
+    "devices/disk/source",
+    "devices/disk/target",
+    "devices/disk/driver",
+    "devices/interface",
+    "devices/interface/source",
+    "devices/interface/model",
+    "devices/filesystem",
+    "devices/filesystem/source",
+    "devices/filesystem/target",
+    "devices/serial",
+    "devices/channel/target",
+    "devices/rng",
+    "devices/graphics",
+    "devices/video/model",
+)
 PROJECTED_ATTRS = {
-    "os/type": ("machine",), "cpu": ("mode",), "devices/disk": ("device",), "devices/disk/source": ("file",),
-    "devices/disk/target": ("bus",), "devices/disk/driver": ("type", "cache", "io", "discard"), "devices/interface": ("type",),
-    "devices/interface/source": ("bridge",), "devices/interface/model": ("type",), "devices/filesystem/source": ("dir",),
-    "devices/filesystem/target": ("dir",), "devices/serial": ("type",), "devices/channel/target": ("name",),
-    "devices/rng": ("model",), "devices/graphics": ("type", "listen", "port"), "devices/video/model": ("type",),
-    "devices/filesystem": ("accessmode",), "os/boot": ("dev",), "os/loader": ("type", "readonly")}
+    "os/type": ("machine",),
+    "cpu": ("mode",),
+    "devices/disk": ("device",),
+    "devices/disk/source": ("file",),
+    "devices/disk/target": ("bus",),
+    "devices/disk/driver": ("type", "cache", "io", "discard"),
+    "devices/interface": ("type",),
+    "devices/interface/source": ("bridge",),
+    "devices/interface/model": ("type",),
+    "devices/filesystem/source": ("dir",),
+    "devices/filesystem/target": ("dir",),
+    "devices/serial": ("type",),
+    "devices/channel/target": ("name",),
+    "devices/rng": ("model",),
+    "devices/graphics": ("type", "listen", "port"),
+    "devices/video/model": ("type",),
+    "devices/filesystem": ("accessmode",),
+    "os/boot": ("dev",),
+    "os/loader": ("type", "readonly"),
+}
 
 
 def projected() -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
@@ -109,11 +190,21 @@ def kvm_offered(capabilities: str, arch: str = "x86_64") -> bool:
         root = ET.fromstring(capabilities)
     except ET.ParseError:
         return False
-    return any(guest.find(f"arch[@name='{arch}']/domain[@type='kvm']") is not None for guest in root.iter("guest"))
+    return any(
+        guest.find(f"arch[@name='{arch}']/domain[@type='kvm']") is not None
+        for guest in root.iter("guest")
+    )
 
 
-def domain_xml(machine: Machine, name: str, state_dir: str = "/var/lib/qemuspec", media: Mapping[str, str] = {},
-               owner: Mapping[str, str] | None = None, serial_log: str | None = None, kvm: bool = False) -> str:
+def domain_xml(
+    machine: Machine,
+    name: str,
+    state_dir: str = "/var/lib/qemuspec",
+    media: Mapping[str, str] = {},
+    owner: Mapping[str, str] | None = None,
+    serial_log: str | None = None,
+    kvm: bool = False,
+) -> str:
     """``media`` maps a path on this host to the same file on the libvirt host; ``owner`` becomes
     the ``<metadata>`` record that marks the domain as qemuspec's. ``kvm``: the target host offers
     KVM (:func:`kvm_offered`), so "auto" is ``<domain type="kvm">`` there, as it is locally."""
@@ -123,17 +214,37 @@ def domain_xml(machine: Machine, name: str, state_dir: str = "/var/lib/qemuspec"
     if machine.defaults:
         _refuse(name, "defaults", "libvirt always starts qemu with -nodefaults")
     if machine.provision:  # runtime/provision.py runs on the local guest channels only
-        _refuse(name, "provision", "provisioning runs through the local guest agent or ssh forward; through libvirt, "
-                "provision the guest with cloud-init (cloud_init.user_data)")
+        _refuse(
+            name,
+            "provision",
+            "provisioning runs through the local guest agent or ssh forward; through libvirt, "
+            "provision the guest with cloud-init (cloud_init.user_data)",
+        )
     if machine.ready.command:
-        _refuse(name, "ready.command", "a guest-command probe runs through the local guest agent; through libvirt, "
-                "wait with ready.ssh or ready.tcp")
+        _refuse(
+            name,
+            "ready.command",
+            "a guest-command probe runs through the local guest agent; through libvirt, "
+            "wait with ready.ssh or ready.tcp",
+        )
     if getattr(machine, "warm", False):
-        _refuse(name, "warm", "warm start restores qemuspec's own saved state; through libvirt, use virsh managedsave")
+        _refuse(
+            name,
+            "warm",
+            "warm start restores qemuspec's own saved state; through libvirt, use virsh managedsave",
+        )
     if machine.overrides:
-        _refuse(name, "overrides", "libvirt renders those switches from the domain XML itself and cannot leave them out for append's")
+        _refuse(
+            name,
+            "overrides",
+            "libvirt renders those switches from the domain XML itself and cannot leave them out for append's",
+        )
     if machine.accel_options:
-        _refuse(name, "accel_options", "libvirt passes -accel itself and has no per-accelerator properties")
+        _refuse(
+            name,
+            "accel_options",
+            "libvirt passes -accel itself and has no per-accelerator properties",
+        )
     from qemuspec.render import accelerators
 
     accels = accelerators(machine.accel, kvm)  # the one meaning of accel, against the target host
@@ -151,11 +262,17 @@ def domain_xml(machine: Machine, name: str, state_dir: str = "/var/lib/qemuspec"
     if machine.firmware.type == "uefi":
         _sub(os_el, "loader", machine.firmware.code or OVMF_CODE, readonly="yes", type="pflash")
         nvram = _sub(os_el, "nvram", template=machine.firmware.vars or OVMF_VARS)
-        if owner is None:  # the backend lets libvirt choose (and remove, on undefine) the NVRAM file
+        if (
+            owner is None
+        ):  # the backend lets libvirt choose (and remove, on undefine) the NVRAM file
             nvram.text = f"{state_dir}/{name}_VARS.fd"
     elif machine.firmware.code:
         _sub(os_el, "loader", machine.firmware.code, type="rom")
-    for tag, value in (("kernel", machine.kernel), ("initrd", machine.initrd), ("cmdline", machine.cmdline)):
+    for tag, value in (
+        ("kernel", machine.kernel),
+        ("initrd", machine.initrd),
+        ("cmdline", machine.cmdline),
+    ):
         if value is not None:
             _sub(os_el, tag, at(value) if tag != "cmdline" else value)
     for letter in machine.boot_order or "":
@@ -171,7 +288,10 @@ def domain_xml(machine: Machine, name: str, state_dir: str = "/var/lib/qemuspec"
         cpu = _sub(dom, "cpu", mode="custom", match="exact")
         _sub(cpu, "model", machine.cpu, fallback="forbid")
     if machine.cpu_options:
-        passthrough += ["-cpu", optlist(machine.cpu if machine.cpu != "max" else "max", [], machine.cpu_options)]
+        passthrough += [
+            "-cpu",
+            optlist(machine.cpu if machine.cpu != "max" else "max", [], machine.cpu_options),
+        ]
     if machine.machine_options:
         passthrough += ["-machine", optlist(None, [], machine.machine_options)]
     _sub(dom, "on_poweroff", _ON_POWEROFF[machine.restart])
@@ -179,30 +299,79 @@ def domain_xml(machine: Machine, name: str, state_dir: str = "/var/lib/qemuspec"
     _sub(dom, "on_crash", _ON_CRASH[machine.restart])
 
     devices = _sub(dom, "devices")
-    _sub(devices, "emulator", machine.qemu if machine.qemu.startswith("/") else f"/usr/bin/{machine.qemu}")
+    _sub(
+        devices,
+        "emulator",
+        machine.qemu if machine.qemu.startswith("/") else f"/usr/bin/{machine.qemu}",
+    )
     counters = {"vd": 0, "sd": 0}
     for index, disk in enumerate(machine.disks):
-        if disk.image is not None:  # the base lives in this host's image cache, the overlay is made by `up` here
-            _refuse(name, f"disks.{index}.image", "a base image by URL is pulled into this host's image cache; for a libvirt "
-                    "host, `qemuspec img pull` it and give the cached file as backing")
-        if disk.interface in ("none", "nvme"):  # libvirt 9 has no nvme disk bus: qemu's own options carry it
-            drive = [("if", "none"), ("id", disk.id or f"{OWN_ID_PREFIX}disk{index}"), ("file", at(disk.file))] + ([("format", disk.format)] if disk.format else [])
-            passthrough += ["-drive", optlist(None, drive + ([("readonly", True)] if disk.readonly else []), disk.options)]
+        if (
+            disk.image is not None
+        ):  # the base lives in this host's image cache, the overlay is made by `up` here
+            _refuse(
+                name,
+                f"disks.{index}.image",
+                "a base image by URL is pulled into this host's image cache; for a libvirt "
+                "host, `qemuspec img pull` it and give the cached file as backing",
+            )
+        if disk.interface in (
+            "none",
+            "nvme",
+        ):  # libvirt 9 has no nvme disk bus: qemu's own options carry it
+            drive = [
+                ("if", "none"),
+                ("id", disk.id or f"{OWN_ID_PREFIX}disk{index}"),
+                ("file", at(disk.file)),
+            ] + ([("format", disk.format)] if disk.format else [])
+            passthrough += [
+                "-drive",
+                optlist(
+                    None, drive + ([("readonly", True)] if disk.readonly else []), disk.options
+                ),
+            ]
             if disk.interface == "nvme":
-                passthrough += _json_device("nvme", {"drive": disk.id or f"{OWN_ID_PREFIX}disk{index}", "serial": disk.serial or f"disk{index}", **disk.device_options})
+                passthrough += _json_device(
+                    "nvme",
+                    {
+                        "drive": disk.id or f"{OWN_ID_PREFIX}disk{index}",
+                        "serial": disk.serial or f"disk{index}",
+                        **disk.device_options,
+                    },
+                )
             elif disk.device_options:
-                _refuse(name, f"disks.{index}.device_options", 'a disk with interface = "none" has no device')
+                _refuse(
+                    name,
+                    f"disks.{index}.device_options",
+                    'a disk with interface = "none" has no device',
+                )
             continue
         if disk.id:
-            _refuse(name, f"disks.{index}.id", 'libvirt names the drives of its disks itself: use interface = "none" to give this drive to your own device')
+            _refuse(
+                name,
+                f"disks.{index}.id",
+                'libvirt names the drives of its disks itself: use interface = "none" to give this drive to your own device',
+            )
         other = sorted(set(disk.options) - set(_DRIVER_OPTIONS))
         if other:
-            _refuse(name, f"disks.{index}.options", f"{', '.join(other)} has no libvirt <driver> attribute (only {', '.join(_DRIVER_OPTIONS)})")
+            _refuse(
+                name,
+                f"disks.{index}.options",
+                f"{', '.join(other)} has no libvirt <driver> attribute (only {', '.join(_DRIVER_OPTIONS)})",
+            )
         if disk.device_options:
-            _refuse(name, f"disks.{index}.device_options", "libvirt builds the disk's -device itself")
+            _refuse(
+                name, f"disks.{index}.device_options", "libvirt builds the disk's -device itself"
+            )
         prefix, bus = _BUS[disk.interface]
         el = _sub(devices, "disk", type="file", device="disk")
-        _sub(el, "driver", name="qemu", type=disk.format or "raw", **{k: escape(v) for k, v in disk.options.items()})
+        _sub(
+            el,
+            "driver",
+            name="qemu",
+            type=disk.format or "raw",
+            **{k: escape(v) for k, v in disk.options.items()},
+        )
         _sub(el, "source", file=at(disk.file))
         _sub(el, "target", dev=f"{prefix}{chr(ord('a') + counters[prefix])}", bus=bus)
         counters[prefix] += 1
@@ -221,14 +390,20 @@ def domain_xml(machine: Machine, name: str, state_dir: str = "/var/lib/qemuspec"
         el = _sub(devices, "disk", type="file", device="cdrom")
         _sub(el, "driver", name="qemu", type="raw")
         _sub(el, "source", file=media.get("cidata", f"{state_dir}/{name}/cidata.iso"))
-        _sub(el, "target", dev=f"sd{chr(ord('a') + counters['sd'])}", bus="scsi")  # virtio-scsi, as qemuspec's own argv has it
+        _sub(
+            el, "target", dev=f"sd{chr(ord('a') + counters['sd'])}", bus="scsi"
+        )  # virtio-scsi, as qemuspec's own argv has it
         counters["sd"] += 1
         _sub(el, "readonly")
     if any(d.get("bus") == "scsi" for d in devices.iter("target")):
-        _sub(devices, "controller", type="scsi", model="virtio-scsi")  # not libvirt's default lsilogic
+        _sub(
+            devices, "controller", type="scsi", model="virtio-scsi"
+        )  # not libvirt's default lsilogic
     for index, nic in enumerate(machine.nics):
         typed = not nic.options and not nic.device_options and nic.model in _NIC_MODELS
-        if nic.type == "user" and nic.outbound and not nic.forwards and typed:  # libvirt's user NIC has no restrict=on
+        if (
+            nic.type == "user" and nic.outbound and not nic.forwards and typed
+        ):  # libvirt's user NIC has no restrict=on
             el = _sub(devices, "interface", type="user")
             mac = nic_mac(name, index, nic)
             if mac:
@@ -236,7 +411,11 @@ def domain_xml(machine: Machine, name: str, state_dir: str = "/var/lib/qemuspec"
             _sub(el, "model", type=_NIC_MODELS[nic.model])
         elif nic.type == "bridge":
             if not typed:
-                _refuse(name, f"nics.{index}", f"a bridge NIC through libvirt takes a model of {', '.join(_NIC_MODELS)} and no options")
+                _refuse(
+                    name,
+                    f"nics.{index}",
+                    f"a bridge NIC through libvirt takes a model of {', '.join(_NIC_MODELS)} and no options",
+                )
             el = _sub(devices, "interface", type="bridge")
             mac = nic_mac(name, index, nic)
             if mac:
@@ -244,19 +423,42 @@ def domain_xml(machine: Machine, name: str, state_dir: str = "/var/lib/qemuspec"
             _sub(el, "source", bridge=nic.bridge or "")
             _sub(el, "model", type=_NIC_MODELS[nic.model])
         elif nic.type == "network":
-            _refuse(name, f"nics.{index}.network", "a private network is a vde switch on the machine's own host; through libvirt, use a bridge NIC on a libvirt network's bridge")
+            _refuse(
+                name,
+                f"nics.{index}.network",
+                "a private network is a vde switch on the machine's own host; through libvirt, use a bridge NIC on a libvirt network's bridge",
+            )
         else:  # forwards, restrict=on, sockets: libvirt's user networking has neither hostfwd nor restrict
             from qemuspec.render import _nic
 
             netdev = _nic(index, nic, name, None)[:2]
             passthrough += netdev
             mac = nic_mac(name, index, nic)
-            passthrough += _json_device(nic.model, {"netdev": f"{OWN_ID_PREFIX}net{index}", **({"mac": mac} if mac else {}), **nic.device_options})
+            passthrough += _json_device(
+                nic.model,
+                {
+                    "netdev": f"{OWN_ID_PREFIX}net{index}",
+                    **({"mac": mac} if mac else {}),
+                    **nic.device_options,
+                },
+            )
     for index, share in enumerate(machine.shares):
         if share.options:
-            _refuse(name, f"shares.{index}.options", "libvirt builds the share's -fsdev/-device itself")
+            _refuse(
+                name, f"shares.{index}.options", "libvirt builds the share's -fsdev/-device itself"
+            )
         if share.type == "9p":
-            el = _sub(devices, "filesystem", type="mount", accessmode={"mapped-xattr": "mapped", "mapped-file": "mapped", "passthrough": "passthrough", "none": "squash"}[share.security_model])
+            el = _sub(
+                devices,
+                "filesystem",
+                type="mount",
+                accessmode={
+                    "mapped-xattr": "mapped",
+                    "mapped-file": "mapped",
+                    "passthrough": "passthrough",
+                    "none": "squash",
+                }[share.security_model],
+            )
             _sub(el, "source", dir=share.source)
             _sub(el, "target", dir=share.tag)
             if share.readonly:
@@ -276,7 +478,9 @@ def domain_xml(machine: Machine, name: str, state_dir: str = "/var/lib/qemuspec"
     if machine.agent:
         channel = _sub(devices, "channel", type="unix")
         _sub(channel, "target", type="virtio", name=AGENT_PORT)
-    _device_options(machine, name, devices)  # before <rng>: libvirt keeps <memballoon> there, and plan compares in order
+    _device_options(
+        machine, name, devices
+    )  # before <rng>: libvirt keeps <memballoon> there, and plan compares in order
     if machine.rng:
         rng = _sub(devices, "rng", model="virtio")
         _sub(rng, "backend", "/dev/urandom", model="random")
@@ -286,19 +490,31 @@ def domain_xml(machine: Machine, name: str, state_dir: str = "/var/lib/qemuspec"
     if display.type == "curses":
         _refuse(name, "display", 'libvirt has no curses display: use "vnc" or "spice"')
     if display.type in ("vnc", "spice"):
-        if display.listen is None and display.port is None:  # a unix socket in libvirt's private directory
+        if (
+            display.listen is None and display.port is None
+        ):  # a unix socket in libvirt's private directory
             graphics = _sub(devices, "graphics", type=display.type)
             _sub(graphics, "listen", type="socket")
         else:
             if not display.unauthenticated:
-                _refuse(name, "display", "a TCP display through libvirt needs its password in the domain XML: use the default unix socket, "
-                        "or unauthenticated = true")
+                _refuse(
+                    name,
+                    "display",
+                    "a TCP display through libvirt needs its password in the domain XML: use the default unix socket, "
+                    "or unauthenticated = true",
+                )
             attrs = {"listen": display.listen or "127.0.0.1"}
             attrs.update({"port": str(display.port)} if display.port else {"autoport": "yes"})
             _sub(devices, "graphics", type=display.type, **attrs)
         if display.vga != "default":
             video = _sub(devices, "video")
-            _sub(video, "model", type={"std": "vga", "virtio": "virtio", "qxl": "qxl", "cirrus": "cirrus"}.get(display.vga, "vga"))
+            _sub(
+                video,
+                "model",
+                type={"std": "vga", "virtio": "virtio", "qxl": "qxl", "cirrus": "cirrus"}.get(
+                    display.vga, "vga"
+                ),
+            )
     elif display.type in ("gtk", "sdl"):
         _sub(devices, "graphics", type="sdl" if display.type == "sdl" else "egl-headless")
     elif display.type == "egl-headless":
@@ -306,7 +522,9 @@ def domain_xml(machine: Machine, name: str, state_dir: str = "/var/lib/qemuspec"
     for obj in machine.objects:
         passthrough += ["-object", optlist(obj.type, [("id", obj.id)], obj.options)]
     for dev in machine.devices:
-        passthrough += _json_device(dev.driver, {**({"id": dev.id} if dev.id else {}), **dev.options})
+        passthrough += _json_device(
+            dev.driver, {**({"id": dev.id} if dev.id else {}), **dev.options}
+        )
     passthrough += machine.append
     if passthrough:
         cmd = ET.SubElement(dom, f"{{{QEMU_NS}}}commandline")
@@ -314,4 +532,3 @@ def domain_xml(machine: Machine, name: str, state_dir: str = "/var/lib/qemuspec"
             ET.SubElement(cmd, f"{{{QEMU_NS}}}arg", {"value": arg})
     ET.indent(dom)
     return ET.tostring(dom, encoding="unicode") + "\n"
-

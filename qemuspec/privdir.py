@@ -57,7 +57,9 @@ def open_private(path: str, create: bool = True) -> int | None:
             os.close(fd)
             fd = child
         info = os.fstat(fd)
-        if info.st_uid != uid or info.st_mode & 0o022:  # others could have put or swapped entries in it
+        if (
+            info.st_uid != uid or info.st_mode & 0o022
+        ):  # others could have put or swapped entries in it
             return None
         if stat.S_IMODE(info.st_mode) & 0o077:
             os.fchmod(fd, 0o700)
@@ -112,12 +114,14 @@ def write(dfd: int, name: str, payload: bytes, sync: bool = True) -> None:
     """Replace ``name`` atomically: an O_EXCL|O_NOFOLLOW temporary of random name (0600), fsync'd,
     renamed over ``name`` relative to the directory, then the directory fsync'd."""
     tmp = f".{name}.{os.urandom(6).hex()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+    fd = os.open(
+        tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd
+    )
     try:
         try:
             view = memoryview(payload)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             if sync:
                 os.fsync(fd)
         finally:

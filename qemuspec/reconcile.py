@@ -24,7 +24,17 @@ if TYPE_CHECKING:
     from qemuspec.backends.base import Backend
     from qemuspec.spec.models import File, Machine
 
-__all__ = ["Outcome", "stopped", "up", "down", "plan", "preflight", "overridden", "decide", "needed"]
+__all__ = [
+    "Outcome",
+    "stopped",
+    "up",
+    "down",
+    "plan",
+    "preflight",
+    "overridden",
+    "decide",
+    "needed",
+]
 
 Backends = Mapping[str, "Backend"]
 
@@ -38,7 +48,11 @@ def with_dependencies(spec: File, names: list[str]) -> list[list[str]]:
         if name not in wanted:
             wanted.add(name)
             stack.extend(spec.machines[name].depends_on)
-    return [[n for n in level if n in wanted] for level in order_machines(spec.machines) if any(n in wanted for n in level)]
+    return [
+        [n for n in level if n in wanted]
+        for level in order_machines(spec.machines)
+        if any(n in wanted for n in level)
+    ]
 
 
 def needed(spec: File, names: list[str]) -> list[str]:
@@ -53,11 +67,22 @@ def foreign(seen: Seen, name: str, backend: Backend, owner: str | None) -> str |
     one's machine."""
     if seen.refusal:
         return seen.refusal
-    if owner is None or seen.owner is None or not seen.claimed or os.path.abspath(seen.owner) == os.path.abspath(owner):
+    if (
+        owner is None
+        or seen.owner is None
+        or not seen.claimed
+        or os.path.abspath(seen.owner) == os.path.abspath(owner)
+    ):
         return None
-    fix = "give this file its own state directory (--state-dir)" if backend.kind == "local" else "rename the machine"
-    return (f"machine {name} {seen.place} is run by {seen.owner}, not {owner}: stop it with "
-            f"`qemuspec down {seen.owner}`, or {fix}")
+    fix = (
+        "give this file its own state directory (--state-dir)"
+        if backend.kind == "local"
+        else "rename the machine"
+    )
+    return (
+        f"machine {name} {seen.place} is run by {seen.owner}, not {owner}: stop it with "
+        f"`qemuspec down {seen.owner}`, or {fix}"
+    )
 
 
 def decide(seen: Seen, machine: Machine) -> str:
@@ -74,7 +99,9 @@ def decide(seen: Seen, machine: Machine) -> str:
     return "recreate" if seen.running or seen.busy else "start"
 
 
-def overridden(spec: File, names: list[str], timeout: float | None = None, warm: bool = False) -> dict[str, Machine]:
+def overridden(
+    spec: File, names: list[str], timeout: float | None = None, warm: bool = False
+) -> dict[str, Machine]:
     """This run's options on ``names`` (the machines `up` starts): ``--warm`` (warm = true, hashed and
     recorded like the file's own) and ``--timeout`` (readiness for this run only: neither in the
     definition hash nor recorded). ``spec.machines`` gets the machines to run; returned: the ones to record."""
@@ -89,13 +116,25 @@ def overridden(spec: File, names: list[str], timeout: float | None = None, warm:
     if timeout is not None:
         for name in names:
             machine = spec.machines[name]
-            spec.machines[name] = machine.model_copy(update={"ready": machine.ready.model_copy(update={"timeout": timeout})})
+            spec.machines[name] = machine.model_copy(
+                update={"ready": machine.ready.model_copy(update={"timeout": timeout})}
+            )
     return declared
 
 
-def preflight(spec: File, source: str, names: list[str], backends: Backends, *, command: str = "up",
-              allow_local_qemu: bool = False, allow_host_paths: bool = False, environ: dict[str, str] | None = None,
-              ports: bool = False, probe: bool = False) -> list[Problem]:
+def preflight(
+    spec: File,
+    source: str,
+    names: list[str],
+    backends: Backends,
+    *,
+    command: str = "up",
+    allow_local_qemu: bool = False,
+    allow_host_paths: bool = False,
+    environ: dict[str, str] | None = None,
+    ports: bool = False,
+    probe: bool = False,
+) -> list[Problem]:
     """What `up` would fail on, found before anything starts, each backend checking its own machines
     (the local one: files, kvm, the qemu binary, free ports, qemu's capabilities; libvirt: the files it
     would upload and the host paths). A backend that cannot run a machine at all (a field it refuses,
@@ -109,8 +148,16 @@ def preflight(spec: File, source: str, names: list[str], backends: Backends, *, 
     problems: list[Problem] = []
     for backend in _distinct(backends, names):
         mine = [n for n in names if backends[n] is backend]
-        problems += backend.preflight(spec, source, mine, allow_local_qemu, allow_host_paths, dict(environ or {}),
-                                      ports=ports, probe=probe)
+        problems += backend.preflight(
+            spec,
+            source,
+            mine,
+            allow_local_qemu,
+            allow_host_paths,
+            dict(environ or {}),
+            ports=ports,
+            probe=probe,
+        )
     return problems
 
 
@@ -131,7 +178,9 @@ def plan(spec: File, backends: Backends, names: list[str], owner: str | None = N
             seen = backend.look(name, machine)
             why = foreign(seen, name, backend, owner)
             if why:
-                out.append({"name": name, "action": "belongs to another file", "diff": [], "detail": why})
+                out.append(
+                    {"name": name, "action": "belongs to another file", "diff": [], "detail": why}
+                )
                 continue
             action = decide(seen, machine)
             step = {"name": name, "action": "starting" if action == "wait" else action, "diff": []}
@@ -140,8 +189,15 @@ def plan(spec: File, backends: Backends, names: list[str], owner: str | None = N
     return out
 
 
-def up(spec: File, root: str, names: list[str], backends: Backends, report: Report = lambda n, s: None,
-       owner: str | None = None, record: Mapping[str, Machine] | None = None) -> list[Outcome]:
+def up(
+    spec: File,
+    root: str,
+    names: list[str],
+    backends: Backends,
+    report: Report = lambda n, s: None,
+    owner: str | None = None,
+    record: Mapping[str, Machine] | None = None,
+) -> list[Outcome]:
     """Start what is missing or changed, level by level; ``record``: the machines as this run records
     them (``overridden``), written as each machine's ``definition.json`` once it started."""
     from qemuspec.runtime import statedir
@@ -151,17 +207,25 @@ def up(spec: File, root: str, names: list[str], backends: Backends, report: Repo
         for level in with_dependencies(spec, names):
             results = _up_level(spec, level, backends, report, owner)
             for o in results:
-                if o.action in ("started", "recreated", "adopted"):  # claimed, so plan trusts the record
+                if o.action in (
+                    "started",
+                    "recreated",
+                    "adopted",
+                ):  # claimed, so plan trusts the record
                     statedir.claim(os.path.join(root, o.name))
-                    statedir.record_definition(os.path.join(root, o.name),
-                                               (record or spec.machines)[o.name].model_dump(mode="json"))
+                    statedir.record_definition(
+                        os.path.join(root, o.name),
+                        (record or spec.machines)[o.name].model_dump(mode="json"),
+                    )
             outcomes += results
             if any(r.action == "failed" for r in results):
                 break
     return outcomes
 
 
-def _up_level(spec: File, level: list[str], backends: Backends, report: Report, owner: str | None) -> list[Outcome]:
+def _up_level(
+    spec: File, level: list[str], backends: Backends, report: Report, owner: str | None
+) -> list[Outcome]:
     outcomes: dict[str, Outcome] = {}
     waits: dict[str, Callable[[], Outcome]] = {}
     for name in level:
@@ -182,19 +246,29 @@ def _up_level(spec: File, level: list[str], backends: Backends, report: Report, 
             waited = backend.join(name, machine, began)
             if waited is not None:
                 outcomes[name] = waited
-                report(name, "failed" if waited.action == "failed" else f"ready in {waited.seconds:.1f} s")
+                report(
+                    name,
+                    "failed" if waited.action == "failed" else f"ready in {waited.seconds:.1f} s",
+                )
                 continue
             seen = backend.look(name, machine)  # it ended on its own (stopped): decide again
             decision = decide(seen, machine)
         if decision == "up to date":
             report(name, "up to date")
-            outcomes[name] = Outcome(name, "up to date", 0.0, seen.pid, ports=seen.ports, accel=seen.accel)
+            outcomes[name] = Outcome(
+                name, "up to date", 0.0, seen.pid, ports=seen.ports, accel=seen.accel
+            )
             continue
         action = {"adopt": "adopted", "recreate": "recreated"}.get(decision, "started")
         if decision == "adopt":
             report(name, "adopting the running machine")
         elif decision == "recreate":
-            report(name, "definition changed: stopping" if seen.running else "replacing a restarting machine")
+            report(
+                name,
+                "definition changed: stopping"
+                if seen.running
+                else "replacing a restarting machine",
+            )
             backend.stop(name, machine, None)
         waits[name] = backend.start(name, machine, action, report)
     outcomes.update(_parallel(waits))
@@ -212,27 +286,49 @@ def _parallel(calls: Mapping[str, Callable[[], Outcome]]) -> dict[str, Outcome]:
         return {name: future.result() for name, future in futures.items()}
 
 
-def down(spec: File, root: str, names: list[str], backends: Backends, timeout: float | None = None,
-         report: Report = lambda n, s: None, owner: str | None = None) -> list[Outcome]:
+def down(
+    spec: File,
+    root: str,
+    names: list[str],
+    backends: Backends,
+    timeout: float | None = None,
+    report: Report = lambda n, s: None,
+    owner: str | None = None,
+) -> list[Outcome]:
     """Stop in reverse dependency order, a level's machines in parallel."""
     outcomes: list[Outcome] = []
     selected = set(names)
     with locked(root):
         for level in reversed(order_machines(spec.machines)):
             level = [n for n in level if n in selected]
-            done = _parallel({n: _stopping(spec, n, backends[n], timeout, report, owner) for n in level})
+            done = _parallel(
+                {n: _stopping(spec, n, backends[n], timeout, report, owner) for n in level}
+            )
             outcomes += [done[n] for n in level]
         for backend in _distinct(backends, names):
             backend.settle(spec, names)
     return outcomes
 
 
-def _stopping(spec: File, name: str, backend: Backend, timeout: float | None, report: Report,
-              owner: str | None) -> Callable[[], Outcome]:
+def _stopping(
+    spec: File,
+    name: str,
+    backend: Backend,
+    timeout: float | None,
+    report: Report,
+    owner: str | None,
+) -> Callable[[], Outcome]:
     return lambda: _down_one(spec, name, backend, timeout, report, owner)
 
 
-def _down_one(spec: File, name: str, backend: Backend, timeout: float | None, report: Report, owner: str | None) -> Outcome:
+def _down_one(
+    spec: File,
+    name: str,
+    backend: Backend,
+    timeout: float | None,
+    report: Report,
+    owner: str | None,
+) -> Outcome:
     machine = spec.machines[name]
     try:
         seen = backend.look(name, machine)
@@ -245,7 +341,9 @@ def _down_one(spec: File, name: str, backend: Backend, timeout: float | None, re
         report(name, "stopping")
         began = time.monotonic()
         step = backend.stop(name, machine, timeout)
-    except QemuspecError as exc:  # a host that cannot be reached: this machine failed, the others go on
+    except (
+        QemuspecError
+    ) as exc:  # a host that cannot be reached: this machine failed, the others go on
         report(name, "failed")
         return Outcome(name, "failed", detail=str(exc))
     seconds = time.monotonic() - began

@@ -57,8 +57,11 @@ def wants_vmgenid(machine: Machine) -> bool:
     """A warm machine gets a VM generation ID: qemu gives it a new GUID on every start (restores
     included), and a Linux guest with CONFIG_VMGENID reseeds its RNG when it changes. It needs ACPI
     (pc/q35 machine types)."""
-    return (machine.warm and machine.machine.startswith(("pc", "q35"))
-            and not any(d.driver == "vmgenid" for d in machine.devices))
+    return (
+        machine.warm
+        and machine.machine.startswith(("pc", "q35"))
+        and not any(d.driver == "vmgenid" for d in machine.devices)
+    )
 
 
 def escape(value: OptionValue) -> str:
@@ -70,7 +73,11 @@ def escape(value: OptionValue) -> str:
     return value.replace(",", ",,")
 
 
-def optlist(head: str | None, pairs: Iterable[tuple[str, OptionValue]], options: Mapping[str, OptionValue] = {}) -> str:
+def optlist(
+    head: str | None,
+    pairs: Iterable[tuple[str, OptionValue]],
+    options: Mapping[str, OptionValue] = {},
+) -> str:
     """``head,key=value,...``; keys from ``options`` replace typed keys of the same name."""
     merged = [(k, v) for k, v in pairs if k not in options] + list(options.items())
     parts = [head] if head else []
@@ -86,7 +93,9 @@ def render(machine: Machine, name: str, layout: Layout) -> list[str]:
         machine_pairs.append(("memory-backend", own("mem0")))
     argv += ["-machine", optlist(None, machine_pairs, machine.machine_options)]
     if not layout.accel:
-        raise ValueError("a Layout without resolved accelerators: build it with runtime.paths.machine_layout")
+        raise ValueError(
+            "a Layout without resolved accelerators: build it with runtime.paths.machine_layout"
+        )
     for index, accel in enumerate(layout.accel):
         argv += ["-accel", optlist(accel, [], machine.accel_options if index == 0 else {})]
     if machine.machine != "none":  # the empty machine has no CPUs to configure
@@ -110,20 +119,59 @@ def render(machine: Machine, name: str, layout: Layout) -> list[str]:
         argv += ["-boot", optlist(None, [("order", machine.boot_order)])]
     argv += _disks(machine.disks)
     for index, iso in enumerate(machine.cdrom):
-        argv += ["-drive", optlist(None, [("if", "none"), ("id", own(f"cd{index}")), ("media", "cdrom"), ("readonly", True), ("format", "raw"), ("file", iso)])]
+        argv += [
+            "-drive",
+            optlist(
+                None,
+                [
+                    ("if", "none"),
+                    ("id", own(f"cd{index}")),
+                    ("media", "cdrom"),
+                    ("readonly", True),
+                    ("format", "raw"),
+                    ("file", iso),
+                ],
+            ),
+        ]
         argv += ["-device", optlist("ide-cd", [("drive", own(f"cd{index}"))])]
     if wants_cidata(machine):
-        argv += ["-drive", optlist(None, [("if", "none"), ("id", own("cidata")), ("media", "cdrom"), ("readonly", True), ("format", "raw"), ("file", layout.cidata)])]
-        argv += ["-device", f"virtio-scsi-pci,id={own('cidata-scsi')}", "-device", f"scsi-cd,drive={own('cidata')},bus={own('cidata-scsi')}.0"]
+        argv += [
+            "-drive",
+            optlist(
+                None,
+                [
+                    ("if", "none"),
+                    ("id", own("cidata")),
+                    ("media", "cdrom"),
+                    ("readonly", True),
+                    ("format", "raw"),
+                    ("file", layout.cidata),
+                ],
+            ),
+        ]
+        argv += [
+            "-device",
+            f"virtio-scsi-pci,id={own('cidata-scsi')}",
+            "-device",
+            f"scsi-cd,drive={own('cidata')},bus={own('cidata-scsi')}.0",
+        ]
     for index, nic in enumerate(machine.nics):
         argv += _nic(index, nic, name, layout)
     argv += _shares(machine, layout)
     if machine.rng:
-        argv += ["-object", f"rng-random,id={own('rng0')},filename=/dev/urandom", "-device", f"virtio-rng-pci,rng={own('rng0')}"]
+        argv += [
+            "-object",
+            f"rng-random,id={own('rng0')},filename=/dev/urandom",
+            "-device",
+            f"virtio-rng-pci,rng={own('rng0')}",
+        ]
     if machine.agent:
         argv += ["-chardev", _socket_chardev(own("qga0"), layout, "qga", layout.qga)]
         argv += ["-device", f"virtio-serial-pci,id={own('vser0')}"]
-        argv += ["-device", f"virtserialport,bus={own('vser0')}.0,chardev={own('qga0')},name={AGENT_PORT}"]
+        argv += [
+            "-device",
+            f"virtserialport,bus={own('vser0')}.0,chardev={own('qga0')},name={AGENT_PORT}",
+        ]
     for obj in machine.objects:
         argv += ["-object", optlist(obj.type, [("id", obj.id)], obj.options)]
     for dev in machine.devices:
@@ -156,7 +204,11 @@ def _wants_pvpanic(machine: Machine) -> bool:
     readiness wait would sit out its timeout and a restart policy would never see the failure. The ISA
     device (port 0x505, found through ACPI) takes no PCI slot, so the devices the definition declares keep
     their addresses. Added on pc/q35 machines unless the definition has one already."""
-    if not (machine.machine.startswith(("q35", "pc")) or "-q35-" in machine.machine or "-i440fx-" in machine.machine):
+    if not (
+        machine.machine.startswith(("q35", "pc"))
+        or "-q35-" in machine.machine
+        or "-i440fx-" in machine.machine
+    ):
         return False
     if any(dev.driver.startswith("pvpanic") for dev in machine.devices):
         return False
@@ -211,8 +263,12 @@ def display_endpoint(machine: Machine, layout: Layout) -> dict | None:
     if display.listen is None and display.port is None:
         return {"type": display.type, "socket": layout.display, "auth": "owner"}
     port = display.port or (5900 if display.type == "vnc" else 5930)
-    return {"type": display.type, "address": display.listen or "127.0.0.1", "port": port,
-            "auth": "none" if display.unauthenticated else "password"}
+    return {
+        "type": display.type,
+        "address": display.listen or "127.0.0.1",
+        "port": port,
+        "auth": "none" if display.unauthenticated else "password",
+    }
 
 
 def _display(machine: Machine, layout: Layout) -> list[str]:
@@ -228,19 +284,32 @@ def _display(machine: Machine, layout: Layout) -> list[str]:
             head, pairs = f"unix:{escape(where['socket'])}", []
         else:  # password=on: qemu refuses every client until set_password gives one
             host = f"[{where['address']}]" if ":" in where["address"] else where["address"]
-            head, pairs = f"{escape(host)}:{where['port'] - 5900}", [] if display.unauthenticated else [("password", True)]
+            head, pairs = (
+                f"{escape(host)}:{where['port'] - 5900}",
+                [] if display.unauthenticated else [("password", True)],
+            )
         return argv + ["-display", "none", "-vnc", optlist(head, pairs, display.options)]
     if "socket" in where:  # the socket's directory is the authentication
         pairs = [("unix", True), ("addr", where["socket"]), ("disable-ticketing", True)]
     else:  # ticketing without a password: nobody connects until set_password
-        pairs = [("addr", where["address"]), ("port", where["port"])] + ([("disable-ticketing", True)] if display.unauthenticated else [])
+        pairs = [("addr", where["address"]), ("port", where["port"])] + (
+            [("disable-ticketing", True)] if display.unauthenticated else []
+        )
     return argv + ["-display", "none", "-spice", optlist(None, pairs, display.options)]
 
 
-def _socket_chardev(chardev_id: str, layout: Layout, role: str, path: str, extra: Iterable[tuple[str, OptionValue]] = ()) -> str:
+def _socket_chardev(
+    chardev_id: str,
+    layout: Layout,
+    role: str,
+    path: str,
+    extra: Iterable[tuple[str, OptionValue]] = (),
+) -> str:
     fd = layout.fds.get(role)
     where: list[tuple[str, OptionValue]] = [("fd", fd)] if fd is not None else [("path", path)]
-    return optlist("socket", [("id", chardev_id), *where, ("server", True), ("wait", False), *extra])
+    return optlist(
+        "socket", [("id", chardev_id), *where, ("server", True), ("wait", False), *extra]
+    )
 
 
 def _monitors(layout: Layout) -> list[str]:
@@ -250,16 +319,44 @@ def _monitors(layout: Layout) -> list[str]:
     main = _socket_chardev(own("qmp"), layout, "qmp", layout.qmp)
     client = _socket_chardev(own("qmp-client"), layout, "qmp-client", layout.qmp_client)
     argv = [
-        "-chardev", main, "-mon", f"chardev={own('qmp')},mode=control",
-        "-chardev", client, "-mon", f"chardev={own('qmp-client')},mode=control",
+        "-chardev",
+        main,
+        "-mon",
+        f"chardev={own('qmp')},mode=control",
+        "-chardev",
+        client,
+        "-mon",
+        f"chardev={own('qmp-client')},mode=control",
     ]
     if layout.qmp_port is not None:
         fd = layout.fds.get("qmp-tcp")
-        where: list[tuple[str, OptionValue]] = [("fd", fd)] if fd is not None else [("host", "127.0.0.1"), ("port", layout.qmp_port)]
+        where: list[tuple[str, OptionValue]] = (
+            [("fd", fd)] if fd is not None else [("host", "127.0.0.1"), ("port", layout.qmp_port)]
+        )
         argv += [
-            "-object", optlist("tls-creds-x509", [("id", own("qmp-tls")), ("dir", layout.tls_dir), ("endpoint", "server"), ("verify-peer", True)]),
-            "-chardev", optlist("socket", [("id", own("qmp-tcp")), *where, ("server", True), ("wait", False), ("tls-creds", own("qmp-tls"))]),
-            "-mon", f"chardev={own('qmp-tcp')},mode=control",
+            "-object",
+            optlist(
+                "tls-creds-x509",
+                [
+                    ("id", own("qmp-tls")),
+                    ("dir", layout.tls_dir),
+                    ("endpoint", "server"),
+                    ("verify-peer", True),
+                ],
+            ),
+            "-chardev",
+            optlist(
+                "socket",
+                [
+                    ("id", own("qmp-tcp")),
+                    *where,
+                    ("server", True),
+                    ("wait", False),
+                    ("tls-creds", own("qmp-tls")),
+                ],
+            ),
+            "-mon",
+            f"chardev={own('qmp-tcp')},mode=control",
         ]
     return argv
 
@@ -268,7 +365,9 @@ def _serial(machine: Machine, layout: Layout) -> list[str]:
     if machine.serial == "none":
         return ["-serial", "none"]
     if machine.serial == "pty":
-        chardev = optlist("pty", [("id", own("serial0")), ("logfile", layout.serial_log), ("logappend", True)])
+        chardev = optlist(
+            "pty", [("id", own("serial0")), ("logfile", layout.serial_log), ("logappend", True)]
+        )
     elif machine.serial == "log":
         # serial.log is written by the console's reader (runtime/console.py), not by qemu: qemu's
         # logfile= repeats bytes behind a slow socket reader and grows without bound while it runs
@@ -284,8 +383,13 @@ def _firmware(machine: Machine, layout: Layout) -> list[str]:
         return ["-bios", fw.code] if fw.code else []
     code = fw.code or OVMF_CODE
     return [
-        "-drive", optlist(None, [("if", "pflash"), ("format", "raw"), ("unit", 0), ("readonly", True), ("file", code)]),
-        "-drive", optlist(None, [("if", "pflash"), ("format", "raw"), ("unit", 1), ("file", layout.efivars)]),
+        "-drive",
+        optlist(
+            None,
+            [("if", "pflash"), ("format", "raw"), ("unit", 0), ("readonly", True), ("file", code)],
+        ),
+        "-drive",
+        optlist(None, [("if", "pflash"), ("format", "raw"), ("unit", 1), ("file", layout.efivars)]),
     ]
 
 
@@ -295,7 +399,11 @@ def _disks(disks: list[Disk]) -> list[str]:
         argv += ["-device", f"virtio-scsi-pci,id={own('scsi0')}"]
     for index, disk in enumerate(disks):
         drive_id = disk.id or own(f"disk{index}")
-        pairs: list[tuple[str, OptionValue]] = [("if", "none"), ("id", drive_id), ("file", disk.file)]
+        pairs: list[tuple[str, OptionValue]] = [
+            ("if", "none"),
+            ("id", drive_id),
+            ("file", disk.file),
+        ]
         if disk.format:
             pairs.append(("format", disk.format))
         if disk.readonly:
@@ -324,7 +432,9 @@ def _nic(index: int, nic: NIC, name: str, layout: Layout | None) -> list[str]:
     net_id = own(f"net{index}")
     pairs: list[tuple[str, OptionValue]] = [("id", net_id)]
     if nic.type == "user":
-        if not nic.outbound:  # else the guest reaches the host's 127.0.0.1 as 10.0.2.2 (forwards still work)
+        if (
+            not nic.outbound
+        ):  # else the guest reaches the host's 127.0.0.1 as 10.0.2.2 (forwards still work)
             pairs.append(("restrict", True))
         for fwd in nic.forwards:
             pairs.append(("hostfwd", f"{fwd.protocol}:{fwd.address}:{fwd.host}-:{fwd.guest}"))
@@ -343,28 +453,55 @@ def _nic(index: int, nic: NIC, name: str, layout: Layout | None) -> list[str]:
         pairs += [("script", "no"), ("downscript", "no")]
     elif nic.type == "bridge":
         pairs.append(("br", nic.bridge or ""))
-    elif nic.type == "network" and layout is not None:  # None: libvirt's export, which refuses private networks
+    elif (
+        nic.type == "network" and layout is not None
+    ):  # None: libvirt's export, which refuses private networks
         pairs.append(("sock", layout.network(nic.network or "")))
     dev: list[tuple[str, OptionValue]] = [("netdev", net_id)]
     mac = nic_mac(name, index, nic)
     if mac:
         dev.append(("mac", mac))
     backend = "vde" if nic.type == "network" else nic.type
-    return ["-netdev", optlist(backend, pairs, nic.options), "-device", optlist(nic.model, dev, nic.device_options)]
+    return [
+        "-netdev",
+        optlist(backend, pairs, nic.options),
+        "-device",
+        optlist(nic.model, dev, nic.device_options),
+    ]
 
 
 def _shares(machine: Machine, layout: Layout) -> list[str]:
     argv: list[str] = []
     if any(s.type == "virtiofs" for s in machine.shares):
-        argv += ["-object", f"memory-backend-memfd,id={own('mem0')},size={machine.memory}M,share=on"]
+        argv += [
+            "-object",
+            f"memory-backend-memfd,id={own('mem0')},size={machine.memory}M,share=on",
+        ]
     for index, share in enumerate(machine.shares):
         if share.type == "9p":
-            pairs: list[tuple[str, OptionValue]] = [("id", own(f"fs{index}")), ("path", share.source), ("security_model", share.security_model)]
+            pairs: list[tuple[str, OptionValue]] = [
+                ("id", own(f"fs{index}")),
+                ("path", share.source),
+                ("security_model", share.security_model),
+            ]
             if share.readonly:
                 pairs.append(("readonly", True))
             argv += ["-fsdev", optlist("local", pairs, share.options)]
-            argv += ["-device", optlist("virtio-9p-pci", [("fsdev", own(f"fs{index}")), ("mount_tag", share.tag)])]
+            argv += [
+                "-device",
+                optlist("virtio-9p-pci", [("fsdev", own(f"fs{index}")), ("mount_tag", share.tag)]),
+            ]
         else:
-            argv += ["-chardev", optlist("socket", [("id", own(f"vfs{index}")), ("path", layout.virtiofs(index))])]
-            argv += ["-device", optlist("vhost-user-fs-pci", [("chardev", own(f"vfs{index}")), ("tag", share.tag)], share.options)]
+            argv += [
+                "-chardev",
+                optlist("socket", [("id", own(f"vfs{index}")), ("path", layout.virtiofs(index))]),
+            ]
+            argv += [
+                "-device",
+                optlist(
+                    "vhost-user-fs-pci",
+                    [("chardev", own(f"vfs{index}")), ("tag", share.tag)],
+                    share.options,
+                ),
+            ]
     return argv

@@ -28,11 +28,11 @@ VARIABLES = {
     "QEMUSPEC_QEMU_IMG": "qemu-img binary",
     "QEMUSPEC_ALLOW_LOCAL_QEMU": "allow a qemu binary inside the definition's own tree (as --allow-local-qemu)",
     "QEMUSPEC_ALLOW_HOST_PATHS": "allow shares and writable disks outside the definition's tree, and device nodes "
-                                 "(as --allow-host-paths)",
+    "(as --allow-host-paths)",
     "QEMUSPEC_DEBUG": "print tracebacks instead of one-paragraph errors",
     "QEMUSPEC_CACHE": "0: always validate definitions afresh (default: validated definitions are cached by content)",
     "QEMUSPEC_GREETING_TIMEOUT": "seconds a starting qemu has to answer on QMP before it counts as hung (up, run: 15; "
-                                 "validate --probe: 10)",
+    "validate --probe: 10)",
     "QEMUSPEC_TEST_HOLD_SAVE": "fault tests: a supervisor stops (SIGSTOP) at this warm-save point (snapshot, migrating)",
     "QEMUSPEC_OFFLINE": "1: never download a base image; one missing from the cache is an error (as --offline)",
     "XDG_CACHE_HOME": "the user's cache: base images, validated definitions and qemu capabilities under qemuspec/",
@@ -54,17 +54,23 @@ class Settings:
     no_color: bool = False
     ci: bool = False
     connect: str | None = None  # QEMUSPEC_CONNECT: libvirt URI for machines without their own host
-    cache: str | None = None  # directory of validated definitions (spec/cache.py); None: QEMUSPEC_CACHE=0
+    cache: str | None = (
+        None  # directory of validated definitions (spec/cache.py); None: QEMUSPEC_CACHE=0
+    )
     variables: dict[str, str] = field(default_factory=dict)
     test_hold_save: str | None = None  # QEMUSPEC_TEST_HOLD_SAVE (runtime/warm.py; fault tests only)
     # where the user's own directories are (runtime/paths.py: the runtime base, the keep base)
-    home: str = ""                      # HOME, else the password database's home
-    state_home: str | None = None       # XDG_STATE_HOME
-    runtime_dir: str | None = None      # XDG_RUNTIME_DIR
-    term: str | None = None             # TERM ("dumb": no redrawn progress lines)
-    cache_dir: str = ""                 # qemuspec's directory in the user's cache (capabilities, definitions)
-    offline: bool = False  # QEMUSPEC_OFFLINE: a base image missing from the cache is an error, never a download
-    proxies: dict[str, str] = field(default_factory=dict)  # http/https/no -> value of the *_proxy variables
+    home: str = ""  # HOME, else the password database's home
+    state_home: str | None = None  # XDG_STATE_HOME
+    runtime_dir: str | None = None  # XDG_RUNTIME_DIR
+    term: str | None = None  # TERM ("dumb": no redrawn progress lines)
+    cache_dir: str = ""  # qemuspec's directory in the user's cache (capabilities, definitions)
+    offline: bool = (
+        False  # QEMUSPEC_OFFLINE: a base image missing from the cache is an error, never a download
+    )
+    proxies: dict[str, str] = field(
+        default_factory=dict
+    )  # http/https/no -> value of the *_proxy variables
     greeting_timeout: float | None = None  # QEMUSPEC_GREETING_TIMEOUT; None: each caller's default
 
     @classmethod
@@ -81,13 +87,15 @@ class Settings:
             no_color="NO_COLOR" in env,
             ci=env.get("CI", "").lower() in ("1", "true", "yes"),
             connect=env.get("QEMUSPEC_CONNECT") or None,
-            cache=None if env.get("QEMUSPEC_CACHE", "") == "0" else os.path.join(cache_base(env), "definitions"),
+            cache=None
+            if env.get("QEMUSPEC_CACHE", "") == "0"
+            else os.path.join(cache_base(env), "definitions"),
             cache_dir=cache_base(env),
             test_hold_save=env.get("QEMUSPEC_TEST_HOLD_SAVE") or None,
             offline=env.get("QEMUSPEC_OFFLINE", "") not in ("", "0"),
             proxies=_proxies(env),
             greeting_timeout=_seconds(env.get("QEMUSPEC_GREETING_TIMEOUT")),
-            variables={k[len(VAR_PREFIX):]: v for k, v in env.items() if k.startswith(VAR_PREFIX)},
+            variables={k[len(VAR_PREFIX) :]: v for k, v in env.items() if k.startswith(VAR_PREFIX)},
             home=env.get("HOME") or os.path.expanduser("~"),
             state_home=env.get("XDG_STATE_HOME") or None,
             runtime_dir=env.get("XDG_RUNTIME_DIR") or None,
@@ -147,4 +155,8 @@ def _seconds(text: str | None) -> float | None:
 
 def cache_base(env: Mapping[str, str]) -> str:
     """qemuspec's directory in the user's cache (qemu capabilities, validated definitions, base images)."""
-    return os.path.join(env.get("XDG_CACHE_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".cache"), "qemuspec")
+    return os.path.join(
+        env.get("XDG_CACHE_HOME")
+        or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".cache"),
+        "qemuspec",
+    )

@@ -17,7 +17,9 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # child processes read their environment (the CLI's interface), so it says TCG for them too.
 from qemuspec import settings as _settings  # noqa: E402
 
-TEST_SETTINGS = _settings.install(_settings.Settings.from_env({**os.environ, "QEMUSPEC_ACCEL": "tcg"}))
+TEST_SETTINGS = _settings.install(
+    _settings.Settings.from_env({**os.environ, "QEMUSPEC_ACCEL": "tcg"})
+)
 os.environ["QEMUSPEC_ACCEL"] = "tcg"  # for child processes only
 
 
@@ -62,13 +64,20 @@ def guest(qemu_bin) -> dict:
     finally:
         sys.path.pop(0)
     try:
-        stamp = build.build(os.path.join(ROOT, "guest", "out"), os.path.join(ROOT, "guest", "cache"))
+        stamp = build.build(
+            os.path.join(ROOT, "guest", "out"), os.path.join(ROOT, "guest", "cache")
+        )
     except (SystemExit, Exception) as exc:  # no apt, no network to the Debian archive
         if IN_CI:
             pytest.fail(f"cannot build the test guest: {exc}")
         pytest.skip(f"cannot build the test guest: {exc}")
     out = os.path.join(ROOT, "guest", "out")
-    return {"kernel": os.path.join(out, "vmlinuz"), "initrd": os.path.join(out, "initrd.gz"), "marker": stamp["marker"], "extras": stamp["extras"]}
+    return {
+        "kernel": os.path.join(out, "vmlinuz"),
+        "initrd": os.path.join(out, "initrd.gz"),
+        "marker": stamp["marker"],
+        "extras": stamp["extras"],
+    }
 
 
 @pytest.fixture
@@ -97,7 +106,12 @@ def fail_or_skip(reason: str) -> None:
 def pids(name: str) -> list[int]:
     import subprocess
 
-    return [int(p) for p in subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout.split()]
+    return [
+        int(p)
+        for p in subprocess.run(
+            ["pgrep", "-x", name], capture_output=True, text=True
+        ).stdout.split()
+    ]
 
 
 def terminate(pid: int) -> None:
@@ -137,7 +151,10 @@ def system_libvirtd():
             subprocess.run([daemon, "-d"], check=True)
             started.append(daemon)
     deadline = time.monotonic() + 30
-    while subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True).returncode != 0:
+    while (
+        subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True).returncode
+        != 0
+    ):
         if time.monotonic() > deadline:
             pytest.fail("libvirtd did not answer within 30 s")
         time.sleep(0.1)  # the daemon's socket appears with no notification we can wait on

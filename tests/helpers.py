@@ -4,7 +4,20 @@ from __future__ import annotations
 
 import os
 
-OPTION_SWITCHES = {"-drive", "-device", "-netdev", "-chardev", "-fsdev", "-object", "-machine", "-name", "-mon", "-boot", "-spice", "-cpu"}
+OPTION_SWITCHES = {
+    "-drive",
+    "-device",
+    "-netdev",
+    "-chardev",
+    "-fsdev",
+    "-object",
+    "-machine",
+    "-name",
+    "-mon",
+    "-boot",
+    "-spice",
+    "-cpu",
+}
 
 
 def qemu_options(text: str) -> tuple[str | None, list[tuple[str, str]]]:
@@ -50,17 +63,25 @@ def qemu_pids(scope) -> set[int]:
     def names_scope(arg: str) -> bool:
         return inside in arg or arg == root or arg.endswith("=" + root)
 
-    return {int(entry) for entry in os.listdir("/proc")
-            if entry.isdigit() and "(qemu-system-x86" in (_stat(entry) or "") and alive(entry)
-            and any(names_scope(arg) for arg in _cmdline(entry))}
+    return {
+        int(entry)
+        for entry in os.listdir("/proc")
+        if entry.isdigit()
+        and "(qemu-system-x86" in (_stat(entry) or "")
+        and alive(entry)
+        and any(names_scope(arg) for arg in _cmdline(entry))
+    }
 
 
 def shipped_definitions() -> list[str]:
     """The definition files shipped in machines/ (not what running them leaves there, such as the
     demo's .qemuspec/ state directory)."""
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "machines")
-    return [os.path.join(root, name) for name in sorted(os.listdir(root))
-            if name.endswith((".toml", ".yaml", ".yml")) and os.path.isfile(os.path.join(root, name))]
+    return [
+        os.path.join(root, name)
+        for name in sorted(os.listdir(root))
+        if name.endswith((".toml", ".yaml", ".yml")) and os.path.isfile(os.path.join(root, name))
+    ]
 
 
 class ImageServer:
@@ -92,7 +113,9 @@ class ImageServer:
 
     def url(self, name: str) -> str:
         assert self._server is not None
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self._server.server_address[1]}/{name}"
+        return (
+            f"{'https' if self.tls else 'http'}://127.0.0.1:{self._server.server_address[1]}/{name}"
+        )
 
     def gets(self, name: str) -> list[str | None]:
         """The Range header (None: a whole-file GET) of each GET of ``name``."""
@@ -116,7 +139,9 @@ class ImageServer:
 
                 name = urlsplit(self.path).path.lstrip("/")
                 with server_self._lock:
-                    shown = self.path if "://" in self.path else "/" + name  # a proxied request keeps its URL
+                    shown = (
+                        self.path if "://" in self.path else "/" + name
+                    )  # a proxied request keeps its URL
                     server_self.log.append(("GET", shown, self.headers.get("Range")))
                     source = server_self.files.get(name)
                     cut = server_self.cut.pop(name, None)
@@ -127,7 +152,11 @@ class ImageServer:
                 import hashlib
 
                 size = len(source) if isinstance(source, bytes) else os.path.getsize(source)
-                identity = source if isinstance(source, bytes) else f"{source}:{os.stat(source).st_mtime_ns}".encode()
+                identity = (
+                    source
+                    if isinstance(source, bytes)
+                    else f"{source}:{os.stat(source).st_mtime_ns}".encode()
+                )
                 etag = '"' + hashlib.sha256(identity).hexdigest()[:16] + '"'
                 start = 0
                 rng = self.headers.get("Range")
@@ -168,7 +197,9 @@ class ImageServer:
                 with open(source, "rb") as f:
                     offset = start
                     while offset < end:
-                        offset += self.connection.sendfile(f, offset, end - offset) or (end - offset)
+                        offset += self.connection.sendfile(f, offset, end - offset) or (
+                            end - offset
+                        )
 
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True

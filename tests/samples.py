@@ -16,14 +16,16 @@ TYPED = "typed"  # the importer gives the field back with the sample's value
 
 @dataclass(frozen=True)
 class Sample:
-    value: Any                                   # a non-default value (None: the test picks a path or a text)
-    needs: dict = field(default_factory=dict)    # what the sample needs beside it to be valid
-    argv: bool = True                            # changes the rendered command line (False: a runtime-only field)
-    from_argv: str = TYPED                       # TYPED, or why the argv importer does not give it back
-    from_libvirt: str = TYPED                    # TYPED, or why the libvirt importer does not (refused: not asked)
+    value: Any  # a non-default value (None: the test picks a path or a text)
+    needs: dict = field(default_factory=dict)  # what the sample needs beside it to be valid
+    argv: bool = True  # changes the rendered command line (False: a runtime-only field)
+    from_argv: str = TYPED  # TYPED, or why the argv importer does not give it back
+    from_libvirt: str = TYPED  # TYPED, or why the libvirt importer does not (refused: not asked)
 
 
-QEMUSPEC_OWN = "rendered as qemuspec's own pieces (ids under its prefix), which an import does not type"
+QEMUSPEC_OWN = (
+    "rendered as qemuspec's own pieces (ids under its prefix), which an import does not type"
+)
 RUNTIME = "not on the command line: the runtime acts on it"
 
 SAMPLES: dict[str, Sample] = {
@@ -40,33 +42,56 @@ SAMPLES: dict[str, Sample] = {
     "kernel": Sample("/k2"),
     "initrd": Sample(None),
     "cmdline": Sample(None),
-    "firmware": Sample("uefi", from_argv="pflash drives: kept as qemu wrote them", from_libvirt="the code path is written out"),
+    "firmware": Sample(
+        "uefi",
+        from_argv="pflash drives: kept as qemu wrote them",
+        from_libvirt="the code path is written out",
+    ),
     "boot_order": Sample("n"),
     "serial": Sample("none"),
-    "display": Sample({"type": "vnc"}, from_argv="a unix-socket -vnc stays in append",
-                      from_libvirt="libvirt's socket display has no path of qemuspec's"),
+    "display": Sample(
+        {"type": "vnc"},
+        from_argv="a unix-socket -vnc stays in append",
+        from_libvirt="libvirt's socket display has no path of qemuspec's",
+    ),
     "paused": Sample(True, from_libvirt=RUNTIME),
     "defaults": Sample(True),
-    "restart": Sample("always", argv=False, from_argv=RUNTIME, from_libvirt="lifecycle actions are noted"),  # every machine has the panic device
+    "restart": Sample(
+        "always", argv=False, from_argv=RUNTIME, from_libvirt="lifecycle actions are noted"
+    ),  # every machine has the panic device
     "stop_timeout": Sample("5s", argv=False, from_argv=RUNTIME, from_libvirt=RUNTIME),
     "warm": Sample(True, from_argv=QEMUSPEC_OWN),
     "depends_on": Sample(["db"], argv=False, from_argv=RUNTIME, from_libvirt=RUNTIME),
     "qmp": Sample({"transport": "tcp"}, argv=False, from_argv=RUNTIME, from_libvirt=RUNTIME),
     "ready": Sample({"serial": "login:"}, argv=False, from_argv=RUNTIME, from_libvirt=RUNTIME),
-    "provision": Sample(["true"], needs={"agent": True}, argv=False, from_argv=RUNTIME, from_libvirt="refused"),
-    "disks": Sample([{"file": "/d.img"}], from_argv="the drive gets qemu's format default",
-                    from_libvirt="the drive gets libvirt's format default"),
+    "provision": Sample(
+        ["true"], needs={"agent": True}, argv=False, from_argv=RUNTIME, from_libvirt="refused"
+    ),
+    "disks": Sample(
+        [{"file": "/d.img"}],
+        from_argv="the drive gets qemu's format default",
+        from_libvirt="the drive gets libvirt's format default",
+    ),
     "cdrom": Sample(["/c.iso"], from_argv=QEMUSPEC_OWN),
-    "nics": Sample([{"type": "user"}], from_libvirt="the netdev rides in qemu:commandline under qemuspec's id"),
+    "nics": Sample(
+        [{"type": "user"}], from_libvirt="the netdev rides in qemu:commandline under qemuspec's id"
+    ),
     "shares": Sample([{"source": "/s", "tag": "s"}], from_argv=QEMUSPEC_OWN),
     "rng": Sample(True, from_argv=QEMUSPEC_OWN),
     "agent": Sample(True, from_argv=QEMUSPEC_OWN),
     "balloon": Sample(True),
-    "cloud_init": Sample({"user_data": "#cloud-config\n"}, from_argv="a seed qemuspec builds", from_libvirt="a seed qemuspec builds"),
+    "cloud_init": Sample(
+        {"user_data": "#cloud-config\n"},
+        from_argv="a seed qemuspec builds",
+        from_libvirt="a seed qemuspec builds",
+    ),
     "ssh": Sample({"user": "ci"}, argv=False, from_argv=RUNTIME, from_libvirt=RUNTIME),
     "devices": Sample([{"driver": "virtio-tablet-pci"}]),
     "objects": Sample([{"type": "rng-random", "id": "r", "options": {"filename": "/dev/urandom"}}]),
     "append": Sample(["-no-reboot"]),
-    "overrides": Sample(["-cpu"], needs={"append": ["-cpu", "host"]},
-                        from_argv="the overriding switch is the only one rendered: it imports as the typed field"),
+    "overrides": Sample(
+        ["-cpu"],
+        needs={"append": ["-cpu", "host"]},
+        from_argv="the overriding switch is the only one rendered: it imports as the typed field",
+    ),
 }

@@ -19,7 +19,13 @@ EXAMPLE = os.path.join(ROOT, "machines", "example.toml")
 
 
 def cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "qemuspec.cli.main", *args], capture_output=True, text=True, timeout=60, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "qemuspec.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        **kw,
+    )
 
 
 def test_schema_file_is_in_sync_with_the_models():
@@ -39,17 +45,24 @@ def test_example_files_carry_editor_schema_hints():
         if name.endswith(".toml"):
             assert first.startswith("#:schema ../schemas/qemuspec.schema.json"), name
         elif name.endswith((".yaml", ".yml")):
-            assert first.startswith("# yaml-language-server: $schema=../schemas/qemuspec.schema.json"), name
+            assert first.startswith(
+                "# yaml-language-server: $schema=../schemas/qemuspec.schema.json"
+            ), name
 
 
-def test_validate_ok_and_bad(tmp_path, guest):  # the examples boot the test guest: validate checks it exists
+def test_validate_ok_and_bad(
+    tmp_path, guest
+):  # the examples boot the test guest: validate checks it exists
     ok = cli("validate", EXAMPLE, os.path.join(ROOT, "machines", "example.yaml"))
     assert ok.returncode == 0 and "valid (1 machine: web)" in ok.stdout
     bad = tmp_path / "bad.toml"
     bad.write_text('[machines.web]\nmemroy = "1G"\n')
     result = cli("validate", str(bad))
     assert result.returncode == 2
-    assert f'error: {bad}:2: machines.web.memroy: unknown key "memroy": did you mean "memory"?' in result.stderr
+    assert (
+        f'error: {bad}:2: machines.web.memroy: unknown key "memroy": did you mean "memory"?'
+        in result.stderr
+    )
     assert "Traceback" not in result.stderr
     as_json = json.loads(cli("validate", "--json", str(bad), EXAMPLE).stdout)
     assert [r["valid"] for r in as_json] == [False, True]
@@ -87,8 +100,14 @@ def test_usage_errors_exit_2(tmp_path):
 def test_init_writes_a_definition_that_says_what_to_fill_in_and_never_overwrites(tmp_path):
     path = tmp_path / "new.toml"
     assert cli("init", str(path)).returncode == 0
-    blank = cli("validate", str(path))  # its disk is created blank: nothing boots until a boot source is filled in
-    assert blank.returncode == 2 and "nothing to boot" in blank.stderr and 'kernel = "path/to/vmlinuz"' in blank.stderr
+    blank = cli(
+        "validate", str(path)
+    )  # its disk is created blank: nothing boots until a boot source is filled in
+    assert (
+        blank.returncode == 2
+        and "nothing to boot" in blank.stderr
+        and 'kernel = "path/to/vmlinuz"' in blank.stderr
+    )
     kernel = tmp_path / "vmlinuz"
     kernel.write_bytes(b"\x7fELF")
     path.write_text(path.read_text().replace('# kernel = "vmlinuz"', 'kernel = "vmlinuz"'))
@@ -99,7 +118,9 @@ def test_init_writes_a_definition_that_says_what_to_fill_in_and_never_overwrites
     assert path.read_text() == "# mine\n"
 
 
-@pytest.mark.parametrize("args", [["--help"], ["up", "--help"], ["render", "--help"], ["validate", "--help"]])
+@pytest.mark.parametrize(
+    "args", [["--help"], ["up", "--help"], ["render", "--help"], ["validate", "--help"]]
+)
 def test_help_imports_nothing_heavy(args):
     code = (
         "import sys\nfrom qemuspec.cli.main import main\n"

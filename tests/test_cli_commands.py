@@ -31,8 +31,17 @@ def box(tmp_path_factory, guest):
     tmp = tmp_path_factory.mktemp("box")
     disk = tmp / "data.img"
     disk.write_bytes(b"\0" * (4 << 20))
-    path = definition(tmp, guest, {"box": {"memory": "768M", "extra": f'agent = true\nprovision = ["echo box-provisioned"]\n[[machines.box.disks]]\nfile = "{disk}"\nformat = "raw"\n'
-                                                                   '[[machines.box.nics]]\ntype = "user"\nforwards = [{ host = 0, guest = 22 }]\n'}})
+    path = definition(
+        tmp,
+        guest,
+        {
+            "box": {
+                "memory": "768M",
+                "extra": f'agent = true\nprovision = ["echo box-provisioned"]\n[[machines.box.disks]]\nfile = "{disk}"\nformat = "raw"\n'
+                '[[machines.box.nics]]\ntype = "user"\nforwards = [{ host = 0, guest = 22 }]\n',
+            }
+        },
+    )
     cli("up", path)
     yield path
     cli("down", path)
@@ -40,13 +49,17 @@ def box(tmp_path_factory, guest):
 
 def as_json(*args, code=0, **kw):
     result = subprocess.run([*ENTRY, *args], capture_output=True, text=True, timeout=300, **kw)
-    assert result.returncode == code, f"{args}: exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    assert result.returncode == code, (
+        f"{args}: exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    )
     return json.loads(result.stdout)
 
 
 def as_json_lines(*args, code=0, **kw):
     result = subprocess.run([*ENTRY, *args], capture_output=True, text=True, timeout=300, **kw)
-    assert result.returncode == code, f"{args}: exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    assert result.returncode == code, (
+        f"{args}: exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    )
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
@@ -82,17 +95,24 @@ def test_every_command_prints_json(box, tmp_path):
     blob.write_bytes(b"x" * 1000)
     assert check("cp", box, str(blob), "box:/tmp/blob")["bytes"] == 1000
     assert check("snapshot", "list", box) == []
-    assert check("provision", box) == [{"name": "box", "provisioned": True, "seconds": pytest.approx(0.5, abs=30)}]
+    assert check("provision", box) == [
+        {"name": "box", "provisioned": True, "seconds": pytest.approx(0.5, abs=30)}
+    ]
     assert "port" in check("ssh", box)
     assert check("completion", "bash")["script"].startswith("# qemuspec completion")
     imported = check("import", "--", "qemu-system-x86_64", "-m", "512")
     assert imported["definition"]["machines"]
     image = tmp_path / "i.qcow2"
     assert as_json("img", "create", str(image), "16M", "--json")["created"] == str(image)
-    for action, args in (("info", [str(image)]), ("check", [str(image)]), ("resize", [str(image), "32M"]),
-                         ("snapshot", ["list", str(image)]), ("convert", [str(image), str(tmp_path / "i.raw"), "-O", "raw"]),
-                         ("create", [str(tmp_path / "o.qcow2"), "-b", str(image), "-F", "qcow2"]),
-                         ("rebase", [str(tmp_path / "o.qcow2"), "-b", str(image), "-F", "qcow2", "-u"])):
+    for action, args in (
+        ("info", [str(image)]),
+        ("check", [str(image)]),
+        ("resize", [str(image), "32M"]),
+        ("snapshot", ["list", str(image)]),
+        ("convert", [str(image), str(tmp_path / "i.raw"), "-O", "raw"]),
+        ("create", [str(tmp_path / "o.qcow2"), "-b", str(image), "-F", "qcow2"]),
+        ("rebase", [str(tmp_path / "o.qcow2"), "-b", str(image), "-F", "qcow2", "-u"]),
+    ):
         as_json("img", action, *args, "--json")
     seen.add("img")
     stopped = tmp_path / "stopped.toml"
@@ -100,7 +120,9 @@ def test_every_command_prints_json(box, tmp_path):
     assert check("reset", str(stopped))[0]["name"] == "other"
     assert check("down", str(stopped))[0]["action"] == "not running"
     assert check("restart", box)[0]["action"] in ("started", "recreated")
-    busy = check("run", box, "--", "/bin/true", code=1)  # the JSON-lines success case is in test_cli_run.py
+    busy = check(
+        "run", box, "--", "/bin/true", code=1
+    )  # the JSON-lines success case is in test_cli_run.py
     assert "is running" in busy["error"] and "qemuspec down" in busy["error"]
     assert seen == set(COMMANDS), f"not checked: {set(COMMANDS) - seen}"
 
@@ -109,8 +131,16 @@ def test_validation_errors_in_json_are_objects(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('[machines.web]\nmemroy = "1G"\n')
     result = as_json("validate", str(bad), "--json", code=2)
-    assert result[0]["errors"] == [{"file": str(bad), "line": 2, "column": None, "field": "machines.web.memroy",
-                                    "message": 'unknown key "memroy"', "fix": 'did you mean "memory"?'}]
+    assert result[0]["errors"] == [
+        {
+            "file": str(bad),
+            "line": 2,
+            "column": None,
+            "field": "machines.web.memroy",
+            "message": 'unknown key "memroy"',
+            "fix": 'did you mean "memory"?',
+        }
+    ]
     syntax = tmp_path / "syntax.toml"
     syntax.write_text("[machines.web\n")
     error = as_json("render", str(syntax), "--json", code=2)
@@ -128,12 +158,19 @@ def test_cp_streams_large_files_in_flat_memory(box, tmp_path):
     with open(big, "wb") as f:
         for _ in range(size_mib):
             f.write(os.urandom(1 << 20))
-    measure = ("import resource, subprocess, sys\n"
-               "code = subprocess.run(sys.argv[1:]).returncode\n"
-               "print(code, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n")
+    measure = (
+        "import resource, subprocess, sys\n"
+        "code = subprocess.run(sys.argv[1:]).returncode\n"
+        "print(code, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    )
     peaks = []
     for args in ([str(big), "box:/tmp/big"], ["box:/tmp/big", str(tmp_path / "back")]):
-        result = subprocess.run([sys.executable, "-c", measure, *ENTRY, "cp", "--quiet", box, *args], capture_output=True, text=True, timeout=600)
+        result = subprocess.run(
+            [sys.executable, "-c", measure, *ENTRY, "cp", "--quiet", box, *args],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         code, peak_kib = result.stdout.split()
         assert code == "0", result.stderr
         peaks.append(int(peak_kib))
@@ -154,7 +191,9 @@ def test_cp_recursive_keeps_modes(box, tmp_path):
     refused = cli("cp", box, str(tree), "box:/tmp/tree", check=False)
     assert refused.returncode == 2 and "-r" in refused.stderr
     cli("cp", box, "-r", str(tree), "box:/tmp/tree")
-    modes = cli("exec", box, "--", "stat", "-c", "%a %n", "/tmp/tree/run.sh", "/tmp/tree/sub/data").stdout.split("\n")
+    modes = cli(
+        "exec", box, "--", "stat", "-c", "%a %n", "/tmp/tree/run.sh", "/tmp/tree/sub/data"
+    ).stdout.split("\n")
     assert modes[:2] == ["751 /tmp/tree/run.sh", "640 /tmp/tree/sub/data"]
     back = tmp_path / "back"
     cli("cp", box, "-r", "box:/tmp/tree", str(back))
@@ -164,7 +203,12 @@ def test_cp_recursive_keeps_modes(box, tmp_path):
 
 
 def test_exec_passes_stdin_through(box):
-    result = subprocess.run([*ENTRY, "exec", box, "--", "/bin/sh", "-c", "tr a-z A-Z"], input=b"shout\n", capture_output=True, timeout=120)
+    result = subprocess.run(
+        [*ENTRY, "exec", box, "--", "/bin/sh", "-c", "tr a-z A-Z"],
+        input=b"shout\n",
+        capture_output=True,
+        timeout=120,
+    )
     assert result.stdout == b"SHOUT\n", result.stderr
 
 
@@ -174,18 +218,32 @@ def test_paused_machine_and_missing_agent_are_clear(box, tmp_path):
         paused = cli("exec", box, "--", "/bin/true", check=False)
     finally:
         cli("resume", box)
-    assert paused.returncode == 1 and "is paused" in paused.stderr and "qemuspec resume" in paused.stderr
+    assert (
+        paused.returncode == 1
+        and "is paused" in paused.stderr
+        and "qemuspec resume" in paused.stderr
+    )
     no_agent = tmp_path / "noagent.toml"
     no_agent.write_text(open(box).read().replace("agent = true", "agent = false"))
     # same machine, definition without the agent: the check is made before reaching the guest
-    result = cli("exec", str(no_agent), "--state-dir", os.path.join(os.path.dirname(box), ".qemuspec"), "--", "/bin/true", check=False)
+    result = cli(
+        "exec",
+        str(no_agent),
+        "--state-dir",
+        os.path.join(os.path.dirname(box), ".qemuspec"),
+        "--",
+        "/bin/true",
+        check=False,
+    )
     assert "has no guest-agent channel" in result.stderr, result.stderr
 
 
 def test_plan_names_changed_fields_and_exits_3(box, tmp_path):
     assert cli("plan", box).returncode == 0
     again = as_json("up", box, "--timeout", "45", "--json")
-    assert again[0]["action"] == "up to date", "a readiness timeout for one run does not change the machine"
+    assert again[0]["action"] == "up to date", (
+        "a readiness timeout for one run does not change the machine"
+    )
     original = open(box).read()
     try:  # the same file, edited: another file naming the same state would be told whose the machine is
         with open(box, "w") as f:

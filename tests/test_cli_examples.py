@@ -22,8 +22,12 @@ ENTRY = [sys.executable, "-m", "qemuspec"]
 
 def readme_examples() -> list[str]:
     text = open(os.path.join(ROOT, "README.md")).read()
-    return [line[2:].strip() for block in re.findall(r"```console\n(.*?)```", text, re.S)
-            for line in block.splitlines() if line.startswith("$ qemuspec")]
+    return [
+        line[2:].strip()
+        for block in re.findall(r"```console\n(.*?)```", text, re.S)
+        for line in block.splitlines()
+        if line.startswith("$ qemuspec")
+    ]
 
 
 def help_examples() -> list[str]:
@@ -31,15 +35,32 @@ def help_examples() -> list[str]:
 
     out = []
     for command in ["", *COMMANDS]:
-        text = subprocess.run([*ENTRY, *([command] if command else []), "--help"], capture_output=True, text=True).stdout
+        text = subprocess.run(
+            [*ENTRY, *([command] if command else []), "--help"], capture_output=True, text=True
+        ).stdout
         if "examples:\n" in text:
             block = text.split("examples:\n", 1)[1].split("\n\n", 1)[0]
-            out += [line.strip() for line in block.splitlines() if line.strip().startswith("qemuspec")]
+            out += [
+                line.strip() for line in block.splitlines() if line.strip().startswith("qemuspec")
+            ]
     return out
 
 
-PHASES = {"up": 1, "status": 2, "ps": 2, "qmp": 2, "inspect": 2, "logs": 2, "events": 2, "exec": 2, "cp": 2,
-          "snapshot": 2, "plan": 2, "down": 3, "run": 4}
+PHASES = {
+    "up": 1,
+    "status": 2,
+    "ps": 2,
+    "qmp": 2,
+    "inspect": 2,
+    "logs": 2,
+    "events": 2,
+    "exec": 2,
+    "cp": 2,
+    "snapshot": 2,
+    "plan": 2,
+    "down": 3,
+    "run": 4,
+}
 
 
 @pytest.fixture
@@ -68,12 +89,27 @@ def test_every_readme_and_help_example_runs(project):
     failures = []
     try:
         for line in examples:
-            result = subprocess.run(["bash", "-c", line], cwd=project, env=env, capture_output=True, text=True, timeout=300)
+            result = subprocess.run(
+                ["bash", "-c", line],
+                cwd=project,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             allowed = {0, 3} if line.split()[1] == "plan" else {0}
             if result.returncode not in allowed:
-                failures.append(f"$ {line}\nexit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+                failures.append(
+                    f"$ {line}\nexit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+                )
     finally:
-        subprocess.run([*ENTRY, "down", "machines/dev.toml", "--quiet"], cwd=project, env=env, capture_output=True, timeout=120)
+        subprocess.run(
+            [*ENTRY, "down", "machines/dev.toml", "--quiet"],
+            cwd=project,
+            env=env,
+            capture_output=True,
+            timeout=120,
+        )
     assert not failures, "\n\n".join(failures)
     assert qemu_pids(project) == before
 
@@ -81,27 +117,42 @@ def test_every_readme_and_help_example_runs(project):
 def test_ci_runs_the_readmes_two_set_up_commands_demo_first():
     """README's Set-up has exactly two commands, and CI takes them from there: the demo (which leaves a
     .qemuspec/ in machines/), the demo stopped, then the tests, so the suite meets what a new user's tree has."""
-    commands = subprocess.run([os.path.join(ROOT, ".ci", "readme-commands")], capture_output=True, text=True,
-                              check=True).stdout.splitlines()
+    commands = subprocess.run(
+        [os.path.join(ROOT, ".ci", "readme-commands")], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     assert len(commands) == 2, commands
     demo, tests = commands
     assert "guest/build.py" in demo and demo.endswith("qemuspec up machines/dev.toml")
     assert "-m pytest" in tests
     ci = open(os.path.join(ROOT, ".ci", "run")).read()
     assert ".ci/readme-commands" in ci
-    order = [ci.index('-c "${commands[0]}"'), ci.index("\nstop_demo\n"), ci.index('-c "${commands[1]}"')]
+    order = [
+        ci.index('-c "${commands[0]}"'),
+        ci.index("\nstop_demo\n"),
+        ci.index('-c "${commands[1]}"'),
+    ]
     assert order == sorted(order), "CI runs the demo, stops it, then runs the tests"
 
 
 def test_the_file_is_accepted_the_same_way_everywhere(tmp_path):
     path = tmp_path / "two.toml"
     path.write_text("[machines.a]\n[machines.b]\n")
-    forms = [["render", str(path), "a", "--json"], ["render", "a", "--file", str(path), "--json"],
-             ["render", "--machine", "a", "-F", str(path), "--json"], ["render", "a", "--json"]]
+    forms = [
+        ["render", str(path), "a", "--json"],
+        ["render", "a", "--file", str(path), "--json"],
+        ["render", "--machine", "a", "-F", str(path), "--json"],
+        ["render", "a", "--json"],
+    ]
     outputs = set()
     for form in forms:
-        env = {**os.environ, "QEMUSPEC_FILE": str(path)} if "--file" not in form and "-F" not in form and str(path) not in form else None
-        result = subprocess.run([*ENTRY, *form], capture_output=True, text=True, env=env, timeout=60)
+        env = (
+            {**os.environ, "QEMUSPEC_FILE": str(path)}
+            if "--file" not in form and "-F" not in form and str(path) not in form
+            else None
+        )
+        result = subprocess.run(
+            [*ENTRY, *form], capture_output=True, text=True, env=env, timeout=60
+        )
         assert result.returncode == 0, (form, result.stderr)
         outputs.add(result.stdout)
     assert len(outputs) == 1
@@ -113,12 +164,16 @@ def test_the_file_is_accepted_the_same_way_everywhere(tmp_path):
 
 
 def test_python_dash_m_and_quiet(tmp_path):
-    version = subprocess.run([sys.executable, "-m", "qemuspec", "--version"], capture_output=True, text=True)
+    version = subprocess.run(
+        [sys.executable, "-m", "qemuspec", "--version"], capture_output=True, text=True
+    )
     assert version.returncode == 0 and version.stdout.startswith("qemuspec ")
     path = tmp_path / "q.toml"
     quiet = subprocess.run([*ENTRY, "init", str(path), "--quiet"], capture_output=True, text=True)
     assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
-    path.write_text(path.read_text().replace('# kernel = "vmlinuz"', 'kernel = "q.toml"'))  # something to boot
+    path.write_text(
+        path.read_text().replace('# kernel = "vmlinuz"', 'kernel = "q.toml"')
+    )  # something to boot
     valid = subprocess.run([*ENTRY, "validate", str(path), "-q"], capture_output=True, text=True)
     assert valid.returncode == 0 and valid.stdout == ""
 
@@ -131,10 +186,19 @@ def test_bash_completes_commands_flags_and_machine_names(tmp_path):
 
     def complete(*words: str) -> list[str]:
         line = " ".join(f"'{w}'" for w in words)
-        program = (f"source {tmp_path / 'completion.bash'}\nCOMP_WORDS=(qemuspec {line})\nCOMP_CWORD={len(words)}\n"
-                   "_qemuspec\nprintf '%s\\n' \"${COMPREPLY[@]}\"\n")
+        program = (
+            f"source {tmp_path / 'completion.bash'}\nCOMP_WORDS=(qemuspec {line})\nCOMP_CWORD={len(words)}\n"
+            "_qemuspec\nprintf '%s\\n' \"${COMPREPLY[@]}\"\n"
+        )
         env = {**os.environ, "PATH": BIN + os.pathsep + os.environ["PATH"]}
-        result = subprocess.run(["bash", "-c", program], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
+        result = subprocess.run(
+            ["bash", "-c", program],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=env,
+            timeout=60,
+        )
         assert result.returncode == 0, result.stderr
         return result.stdout.split()
 
@@ -152,7 +216,9 @@ def test_status_columns_fit_long_names(tmp_path):
     path = tmp_path / "long.toml"
     long_name = "a-machine-name-well-over-sixteen-characters"
     path.write_text(f"[machines.{long_name}]\n[machines.b]\n")
-    lines = subprocess.run([*ENTRY, "status", str(path)], capture_output=True, text=True, timeout=60).stdout.splitlines()
+    lines = subprocess.run(
+        [*ENTRY, "status", str(path)], capture_output=True, text=True, timeout=60
+    ).stdout.splitlines()
     assert len(lines) == 3
     starts = {line.index("stopped") if "stopped" in line else line.index("STATE") for line in lines}
     assert len(starts) == 1, lines
@@ -176,7 +242,9 @@ def test_progress_shows_elapsed_time_and_deadline_on_a_terminal():
     assert "waiting for ready  [0 s of 120 s]" in term.getvalue()
     plain = io.StringIO()
     Progress(["vm"], stream=plain, deadline=120)("vm", "waiting for ready")
-    assert plain.getvalue() == "vm: waiting for ready\n", "line-based and without clocks off a terminal (CI logs)"
+    assert plain.getvalue() == "vm: waiting for ready\n", (
+        "line-based and without clocks off a terminal (CI logs)"
+    )
 
 
 @pytest.mark.parametrize("no_color", [False, True])
@@ -190,7 +258,9 @@ def test_plan_colours_only_on_a_terminal_without_no_color(tmp_path, no_color):
         env["NO_COLOR"] = "1"
     master, slave = pty.openpty()
     try:
-        result = subprocess.run([*ENTRY, "plan", str(path)], stdout=slave, stderr=subprocess.PIPE, env=env, timeout=60)
+        result = subprocess.run(
+            [*ENTRY, "plan", str(path)], stdout=slave, stderr=subprocess.PIPE, env=env, timeout=60
+        )
         os.close(slave)
         text = b""
         while True:

@@ -43,16 +43,36 @@ def leftovers(env) -> set[str]:
 def box(tmp_path, guest):
     disk = tmp_path / "data.img"
     disk.write_bytes(b"\0" * (4 << 20))
-    return definition(tmp_path, guest, {"box": {"extra": f'agent = true\n[[machines.box.disks]]\nfile = "{disk}"\nformat = "raw"\n'}})
+    return definition(
+        tmp_path,
+        guest,
+        {
+            "box": {
+                "extra": f'agent = true\n[[machines.box.disks]]\nfile = "{disk}"\nformat = "raw"\n'
+            }
+        },
+    )
 
 
 def test_run_keeps_the_exit_code_streams_and_leaves_nothing(box, tmp_path, scope):
     before_pids, before_files = qemu_pids(tmp_path), leftovers(scope)
     disk = open(box).read().split('file = "')[1].split('"')[0]
     disk_sum = sha(disk)
-    proc = subprocess.Popen([*ENTRY, "run", box, "--", "/bin/sh", "-c",
-                             "echo first; sleep 3; dd if=/dev/urandom of=/dev/vda bs=4k count=16 2>/dev/null; read line; echo second $line; exit 7"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=scope)
+    proc = subprocess.Popen(
+        [
+            *ENTRY,
+            "run",
+            box,
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo first; sleep 3; dd if=/dev/urandom of=/dev/vda bs=4k count=16 2>/dev/null; read line; echo second $line; exit 7",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=scope,
+    )
     try:
         proc.stdin.write(b"from-stdin\n")
         proc.stdin.close()
@@ -69,8 +89,13 @@ def test_run_keeps_the_exit_code_streams_and_leaves_nothing(box, tmp_path, scope
     assert sha(disk) == disk_sum, "the definition's disk was not written"
     assert qemu_pids(tmp_path) == before_pids
     assert leftovers(scope) == before_files
-    ok = subprocess.run([*ENTRY, "run", box, "--", "uname", "-n"], capture_output=True, text=True, timeout=300,
-                        env=scope)
+    ok = subprocess.run(
+        [*ENTRY, "run", box, "--", "uname", "-n"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=scope,
+    )
     assert (ok.returncode, ok.stdout) == (0, "qemuspec-guest\n"), ok.stderr
     assert qemu_pids(tmp_path) == before_pids and leftovers(scope) == before_files
 
@@ -78,12 +103,19 @@ def test_run_keeps_the_exit_code_streams_and_leaves_nothing(box, tmp_path, scope
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_run_interrupted_leaves_nothing(box, signum, tmp_path, scope):
     before_pids, before_files = qemu_pids(tmp_path), leftovers(scope)
-    proc = subprocess.Popen([*ENTRY, "run", box, "--", "/bin/sh", "-c", "echo started; sleep 600"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=scope)
+    proc = subprocess.Popen(
+        [*ENTRY, "run", box, "--", "/bin/sh", "-c", "echo started; sleep 600"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=scope,
+    )
     try:
         assert proc.stdout.readline() == b"started\n"
         assert qemu_pids(tmp_path) - before_pids, "the run's qemu is up"
-        assert len(leftovers(scope) - before_files) == 2, "its work and socket directories are where this test looks"
+        assert len(leftovers(scope) - before_files) == 2, (
+            "its work and socket directories are where this test looks"
+        )
         proc.send_signal(signum)
         code = proc.wait(timeout=60)
     finally:
@@ -96,17 +128,26 @@ def test_run_interrupted_leaves_nothing(box, signum, tmp_path, scope):
 
 
 def test_run_json_lines(box):
-    result = subprocess.run([*ENTRY, "run", box, "--json", "--", "/bin/sh", "-c", "echo hi; echo oops >&2; exit 4"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [*ENTRY, "run", box, "--json", "--", "/bin/sh", "-c", "echo hi; echo oops >&2; exit 4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 4, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
-    assert {"stream": "stdout", "data": "hi\n"} in records and {"stream": "stderr", "data": "oops\n"} in records
+    assert {"stream": "stdout", "data": "hi\n"} in records and {
+        "stream": "stderr",
+        "data": "oops\n",
+    } in records
     assert records[-1] == {"machine": "box", "exitcode": 4}
 
 
 def test_up_timeout_overrides_readiness_for_one_run(box, tmp_path):
     before = qemu_pids(tmp_path)
-    result = subprocess.run([*ENTRY, "up", box, "--timeout", "0.5"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [*ENTRY, "up", box, "--timeout", "0.5"], capture_output=True, text=True, timeout=300
+    )
     try:
         assert result.returncode == 1
         assert "was not ready within 0.5 s" in result.stderr

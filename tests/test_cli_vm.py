@@ -25,21 +25,33 @@ def running(tmp_path_factory, guest):
 
 
 def test_console_attach_sends_input_and_shows_output(running):
-    result = subprocess.run([sys.executable, "-m", "qemuspec.cli.main", "console", "box", "--file", running],
-                            input="echo console-$((6*7))\n", capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "qemuspec.cli.main", "console", "box", "--file", running],
+        input="echo console-$((6*7))\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert "console-42" in result.stdout
 
 
 def test_console_detach_key_leaves_the_machine_running(running):
-    result = subprocess.run([sys.executable, "-m", "qemuspec.cli.main", "console", "box", "--file", running],
-                            input="\x1d", capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "qemuspec.cli.main", "console", "box", "--file", running],
+        input="\x1d",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0
     assert status(running)["box"]["state"] == "running"
 
 
 def test_pause_and_resume(running):
-    assert json.loads(cli("pause", "box", "--file", running, "--json").stdout) == [{"name": "box", "state": "paused"}]
+    assert json.loads(cli("pause", "box", "--file", running, "--json").stdout) == [
+        {"name": "box", "state": "paused"}
+    ]
     assert status(running)["box"]["state"] == "paused"
     wait_event(running, "box", lambda e: e["event"] == "STOP")
     cli("resume", "box", "--file", running)
@@ -50,7 +62,10 @@ def test_logs_and_events(running, guest):
     assert guest["marker"] in cli("logs", "--file", running).stdout
     last = cli("logs", "box", "-n", "3", "--file", running).stdout
     assert len(last.strip().splitlines()) <= 3
-    kinds = [json.loads(line)["event"] for line in cli("events", "box", "--file", running).stdout.splitlines()]
+    kinds = [
+        json.loads(line)["event"]
+        for line in cli("events", "box", "--file", running).stdout.splitlines()
+    ]
     assert "QEMUSPEC_LAUNCHED" in kinds and "QEMUSPEC_READY" in kinds
     assert "QEMUSPEC_READY" in cli("logs", "--events", "--file", running).stdout
 
@@ -63,8 +78,12 @@ def test_unknown_machine_is_a_usage_error(running):
 def test_up_attach_streams_and_ctrl_c_brings_machines_down(tmp_path, guest):
     path = definition(tmp_path, guest, {"att": {}})
     before = qemu_pids(tmp_path)
-    proc = subprocess.Popen([sys.executable, "-m", "qemuspec.cli.main", "up", path, "--attach"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qemuspec.cli.main", "up", path, "--attach"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         for line in proc.stderr:
             if line.startswith("attached"):
@@ -100,7 +119,9 @@ def test_progress_live_lines_and_no_color():
     assert "\x1b[2A" in text, "redraws the lines in place"
     assert "\x1b[32mready in 3.2 s\x1b[0m" in text
     term = FakeTerminal()
-    Progress(["a"], stream=term, settings=Settings(term="xterm", no_color=True))("a", "ready in 1.0 s")
+    Progress(["a"], stream=term, settings=Settings(term="xterm", no_color=True))(
+        "a", "ready in 1.0 s"
+    )
     assert "\x1b[32m" not in term.getvalue()
     term = FakeTerminal()
     Progress(["a"], stream=term, settings=Settings(term="dumb"))("a", "ready in 1.0 s")

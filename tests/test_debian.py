@@ -37,20 +37,34 @@ def debian_image() -> dict:
         import debian
     finally:
         sys.path.pop(0)
-    missing = debian.missing_tools() + [t for t in ("qemu-system-x86_64", "debugfs") if shutil.which(t) is None
-                                        and not os.path.exists(f"/usr/sbin/{t}") and not os.path.exists(f"/sbin/{t}")]
+    missing = debian.missing_tools() + [
+        t
+        for t in ("qemu-system-x86_64", "debugfs")
+        if shutil.which(t) is None
+        and not os.path.exists(f"/usr/sbin/{t}")
+        and not os.path.exists(f"/sbin/{t}")
+    ]
     if missing:
-        fail_or_skip(f"{', '.join(missing)} not installed (Debian: apt-get install mmdebstrap e2fsprogs qemu-utils "
-                     "qemu-system-x86; scripts/bootstrap does)")
+        fail_or_skip(
+            f"{', '.join(missing)} not installed (Debian: apt-get install mmdebstrap e2fsprogs qemu-utils "
+            "qemu-system-x86; scripts/bootstrap does)"
+        )
     began = time.monotonic()
     try:
         path = debian.ensure(log=print)
-    except (SystemExit, subprocess.CalledProcessError, OSError) as exc:  # no route to Debian's archive
+    except (
+        SystemExit,
+        subprocess.CalledProcessError,
+        OSError,
+    ) as exc:  # no route to Debian's archive
         fail_or_skip(f"cannot build the Debian guest: {exc}")
     with open(os.path.join(path, "build.json")) as f:
         FIGURES["build_s"] = json.load(f)["total_s"] if time.monotonic() - began > 5 else 0.0
-    return {"kernel": os.path.join(path, "vmlinuz"), "initrd": os.path.join(path, "initrd.img"),
-            "base": os.path.join(path, "root.qcow2")}
+    return {
+        "kernel": os.path.join(path, "vmlinuz"),
+        "initrd": os.path.join(path, "initrd.img"),
+        "base": os.path.join(path, "root.qcow2"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +72,10 @@ def debian_disk(debian_image, tmp_path_factory) -> dict:
     """The machine's root disk table, in the directory its definition is to be written to: the machine's
     own qcow2 overlay (``overlay``, the file qemu writes) on the built image, which stays unwritten."""
     tmp = tmp_path_factory.mktemp("debian")
-    table = (f'[[machines.deb.disks]]\nfile = "root.qcow2"\nformat = "qcow2"\nbacking = "{debian_image["base"]}"\n'
-             'backing_format = "qcow2"\n')
+    table = (
+        f'[[machines.deb.disks]]\nfile = "root.qcow2"\nformat = "qcow2"\nbacking = "{debian_image["base"]}"\n'
+        'backing_format = "qcow2"\n'
+    )
     return {"dir": tmp, "table": table, "overlay": str(tmp / "root.qcow2")}
 
 
@@ -102,10 +118,17 @@ forwards = [{{ host = 0, guest = 22 }}]
 
 
 def q(*args, env=None, check=True, timeout=600) -> subprocess.CompletedProcess:
-    result = subprocess.run([*ENTRY, *args], capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, **(env or {})})
+    result = subprocess.run(
+        [*ENTRY, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"qemuspec {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(
+            f"qemuspec {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+        )
     return result
 
 
@@ -119,7 +142,9 @@ def guest_disk(image: str, command: str, tmp: str) -> str:
     subprocess.run(["qemu-img", "convert", "-S", "4k", "-O", "raw", image, raw], check=True)
     try:
         debugfs = shutil.which("debugfs") or "/usr/sbin/debugfs"
-        return subprocess.run([debugfs, "-R", command, raw], capture_output=True, text=True, check=True).stdout
+        return subprocess.run(
+            [debugfs, "-R", command, raw], capture_output=True, text=True, check=True
+        ).stdout
     finally:
         os.unlink(raw)
 
@@ -130,8 +155,11 @@ def deb(debian_image, debian_disk) -> dict:
     tmp = debian_disk["dir"]
     path = tmp / "debian.toml"
     overlay = debian_disk["overlay"]
-    path.write_text(DEFINITION.format(kernel=debian_image["kernel"], initrd=debian_image["initrd"],
-                                      disk=debian_disk["table"]))
+    path.write_text(
+        DEFINITION.format(
+            kernel=debian_image["kernel"], initrd=debian_image["initrd"], disk=debian_disk["table"]
+        )
+    )
     before = qemu_pids(str(tmp))
     began = time.monotonic()
     up = q("up", str(path))
@@ -139,7 +167,12 @@ def deb(debian_image, debian_disk) -> dict:
     state = {"path": str(path), "tmp": str(tmp), "overlay": overlay, "up": up}
     yield state
     q("down", str(path), check=False)
-    q("down", str(path), env={"QEMUSPEC_VAR_extra": NO_DBUS, "QEMUSPEC_VAR_stop": "16s"}, check=False)
+    q(
+        "down",
+        str(path),
+        env={"QEMUSPEC_VAR_extra": NO_DBUS, "QEMUSPEC_VAR_stop": "16s"},
+        check=False,
+    )
     assert qemu_pids(str(tmp)) == before
     print(f"\ndebian figures: {json.dumps(FIGURES)}")
 
@@ -184,11 +217,17 @@ def test_plain_up_does_not_provision_again_and_provision_does(deb):
 
 
 def test_down_is_acpi_and_keeps_what_was_written(deb):
-    guest_exec(deb["path"], "sh", "-c", "echo written-before-acpi-down > /root/kept")  # no sync of its own
+    guest_exec(
+        deb["path"], "sh", "-c", "echo written-before-acpi-down > /root/kept"
+    )  # no sync of its own
     began = time.monotonic()
     down = json.loads(q("down", deb["path"], "--json").stdout)
     FIGURES["acpi_down_s"] = round(time.monotonic() - began, 1)
-    assert down[0]["action"] == "stopped" and down[0]["detail"] == "ACPI powerdown" and not down[0]["forced"], down
+    assert (
+        down[0]["action"] == "stopped"
+        and down[0]["detail"] == "ACPI powerdown"
+        and not down[0]["forced"]
+    ), down
     assert guest_disk(deb["overlay"], "cat /root/kept", deb["tmp"]) == "written-before-acpi-down\n"
 
 
@@ -200,7 +239,9 @@ def test_run_boots_throwaway_disks_and_exits_with_the_command(deb):
     assert result.returncode == 7, result.stderr
     assert result.stdout.strip().startswith("12."), result.stdout
     listing = guest_disk(deb["overlay"], "ls -l /root", deb["tmp"])
-    assert "kept" in listing and "throwaway" not in listing, "run wrote to throwaway overlays, never to the disk"
+    assert "kept" in listing and "throwaway" not in listing, (
+        "run wrote to throwaway overlays, never to the disk"
+    )
 
 
 def test_without_dbus_the_agent_stops_it_and_the_data_is_kept(deb):
@@ -211,9 +252,13 @@ def test_without_dbus_the_agent_stops_it_and_the_data_is_kept(deb):
     began = time.monotonic()
     up = q("up", deb["path"], env=env)
     FIGURES["second_up_no_dbus_s"] = round(time.monotonic() - began, 1)
-    assert "provision" not in up.stdout, "the disk still holds the provisioned change: not run again"
+    assert "provision" not in up.stdout, (
+        "the disk still holds the provisioned change: not run again"
+    )
     assert guest_exec(deb["path"], "cat", "/root/kept") == "written-before-acpi-down\n"
-    active = q("exec", deb["path"], "--", "systemctl", "is-active", "systemd-logind", "dbus", check=False)
+    active = q(
+        "exec", deb["path"], "--", "systemctl", "is-active", "systemd-logind", "dbus", check=False
+    )
     active = active.stdout.split()
     assert active == ["inactive", "inactive"], active
     guest_exec(deb["path"], "sh", "-c", "echo written-before-agent-down > /root/agent-kept")
@@ -221,5 +266,7 @@ def test_without_dbus_the_agent_stops_it_and_the_data_is_kept(deb):
     down = json.loads(q("down", deb["path"], "--json", env=env).stdout)
     FIGURES["agent_down_s"] = round(time.monotonic() - began, 1)
     assert down[0]["detail"] == "guest-agent shutdown" and not down[0]["forced"], down
-    assert guest_disk(deb["overlay"], "cat /root/agent-kept", deb["tmp"]) == "written-before-agent-down\n"
-
+    assert (
+        guest_disk(deb["overlay"], "cat /root/agent-kept", deb["tmp"])
+        == "written-before-agent-down\n"
+    )

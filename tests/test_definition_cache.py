@@ -86,7 +86,9 @@ def test_a_cached_definition_is_the_same_definition(tmp_path):
             assert pickle.loads(pickle.dumps(record)) == record
             changed = record.model_copy(update={"warm": True})
             assert changed.warm and not record.warm
-            assert records.definition_hash(changed) == records.definition_hash(machine.model_copy(update={"warm": True}))
+            assert records.definition_hash(changed) == records.definition_hash(
+                machine.model_copy(update={"warm": True})
+            )
 
 
 def test_what_loading_reads_changes_the_key(tmp_path):
@@ -96,7 +98,10 @@ def test_what_loading_reads_changes_the_key(tmp_path):
     _cached(str(path), where)
     assert _cached(str(path), where)[0].machines["m"].memory == 256
     assert _cached(str(path), where, variables={"mem": "512M"})[0].machines["m"].memory == 512
-    assert _cached(str(path), where, environ={"QEMUSPEC_VAR_mem": "1G"})[0].machines["m"].memory == 1024
+    assert (
+        _cached(str(path), where, environ={"QEMUSPEC_VAR_mem": "1G"})[0].machines["m"].memory
+        == 1024
+    )
     path.write_text('[machines.m]\nmemory = "384M"\n')
     assert _cached(str(path), where)[0].machines["m"].memory == 384
     moved = tmp_path / "other"
@@ -104,7 +109,9 @@ def test_what_loading_reads_changes_the_key(tmp_path):
     (moved / "m.toml").write_text('[machines.m]\nkernel = "vmlinuz"\n')
     (tmp_path / "m.toml").write_text('[machines.m]\nkernel = "vmlinuz"\n')
     _cached(str(tmp_path / "m.toml"), where)
-    assert _cached(str(moved / "m.toml"), where)[0].machines["m"].kernel == str(moved / "vmlinuz")  # paths resolve per file
+    assert _cached(str(moved / "m.toml"), where)[0].machines["m"].kernel == str(
+        moved / "vmlinuz"
+    )  # paths resolve per file
 
 
 def test_a_damaged_or_foreign_entry_is_a_miss(tmp_path):
@@ -116,7 +123,9 @@ def test_a_damaged_or_foreign_entry_is_a_miss(tmp_path):
     data = json.loads(entry.read_text())
     data["file"]["v"]["machines"]["d"]["m"]["m"] = "os.system"  # not a model kind
     entry.write_text(json.dumps(data))
-    assert not isinstance(_cached(str(path), str(where))[0], records.Record)  # read afresh (and rewritten)
+    assert not isinstance(
+        _cached(str(path), str(where))[0], records.Record
+    )  # read afresh (and rewritten)
     entry.write_text("{torn")
     assert not isinstance(_cached(str(path), str(where))[0], records.Record)
     assert isinstance(_cached(str(path), str(where))[0], records.Record)
@@ -149,14 +158,21 @@ def test_status_and_down_of_a_cached_definition_do_not_import_pydantic(tmp_path)
     path = tmp_path / "m.toml"
     path.write_text('[machines.m]\nmemory = "128M"\n')
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
-    probe = ("import runpy, sys; sys.argv = ['qemuspec'] + sys.argv[1:]\n"
-             "try:\n    runpy.run_module('qemuspec.cli.main', run_name='__main__')\n"
-             "except SystemExit:\n    pass\n"
-             "print('PYDANTIC' if 'pydantic' in sys.modules else 'CLEAN', file=sys.stderr)")
+    probe = (
+        "import runpy, sys; sys.argv = ['qemuspec'] + sys.argv[1:]\n"
+        "try:\n    runpy.run_module('qemuspec.cli.main', run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "print('PYDANTIC' if 'pydantic' in sys.modules else 'CLEAN', file=sys.stderr)"
+    )
     seen = []
     for command in ("status", "status", "down", "plan"):
-        result = subprocess.run([sys.executable, "-c", probe, command, str(path), "--state-dir", str(tmp_path / "st")],
-                                capture_output=True, text=True, env=env, timeout=60)
+        result = subprocess.run(
+            [sys.executable, "-c", probe, command, str(path), "--state-dir", str(tmp_path / "st")],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
         seen.append(result.stderr.strip().splitlines()[-1])
     assert seen[0] == "PYDANTIC"  # the first read validates and fills the cache
     assert seen[1:] == ["CLEAN", "CLEAN", "CLEAN"], seen

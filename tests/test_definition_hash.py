@@ -24,22 +24,35 @@ class Upgraded(Machine):
 
 def _older_hash(machine: Machine) -> str:
     """What qemuspec before this change recorded: every field, defaults included."""
-    return hashlib.sha256(machine.model_dump_json(exclude={"ready": {"timeout"}}).encode()).hexdigest()[:16]
+    return hashlib.sha256(
+        machine.model_dump_json(exclude={"ready": {"timeout"}}).encode()
+    ).hexdigest()[:16]
 
 
 def test_a_defaulted_new_field_keeps_the_hash():
-    machine = Machine.model_validate({"memory": "256M", "nics": [{"forwards": [{"host": 0, "guest": 22}]}], "rng": True})
+    machine = Machine.model_validate(
+        {"memory": "256M", "nics": [{"forwards": [{"host": 0, "guest": 22}]}], "rng": True}
+    )
     upgraded = Upgraded.model_validate(machine.model_dump())
     assert records.definition_hash(upgraded) == records.definition_hash(machine)
-    assert records.definition_hash(Machine.model_validate({"memory": "256M", "cpus": 1})) == \
-        records.definition_hash(Machine.model_validate({"memory": 256})), "writing a default changes nothing"
+    assert records.definition_hash(
+        Machine.model_validate({"memory": "256M", "cpus": 1})
+    ) == records.definition_hash(Machine.model_validate({"memory": 256})), (
+        "writing a default changes nothing"
+    )
     changed = Upgraded.model_validate({**machine.model_dump(), "future_option": True})
-    assert records.definition_hash(changed) != records.definition_hash(machine), "a value the user wrote counts"
-    assert records.definition_hash(machine.model_copy(update={"cpus": 2})) != records.definition_hash(machine)
+    assert records.definition_hash(changed) != records.definition_hash(machine), (
+        "a value the user wrote counts"
+    )
+    assert records.definition_hash(
+        machine.model_copy(update={"cpus": 2})
+    ) != records.definition_hash(machine)
 
 
 def test_a_cached_record_hashes_like_the_model(tmp_path):
-    record = records.decode(records.encode(Machine.model_validate({"memory": "128M", "agent": True})))
+    record = records.decode(
+        records.encode(Machine.model_validate({"memory": "128M", "agent": True}))
+    )
     assert records.definition_hash(record) == records.definition_hash(record.materialize())
     assert not records.older_hash(records.definition_hash(record))
 
@@ -59,16 +72,22 @@ def test_plan_of_a_running_machine_is_empty_after_the_model_gains_a_field(qemu_b
     try:
         spec = load(str(path))
         old = spec.machines["m"]
-        spec.machines["m"] = Upgraded.model_validate(old.model_dump())  # the same file, read by a later qemuspec
+        spec.machines["m"] = Upgraded.model_validate(
+            old.model_dump()
+        )  # the same file, read by a later qemuspec
         [step] = reconcile.plan(spec, chosen(spec, root, str(path)), ["m"])
         assert step["action"] == "up to date", step
 
-        _record_hash(os.path.join(root, "m"), _older_hash(old))  # started by the qemuspec before this change
+        _record_hash(
+            os.path.join(root, "m"), _older_hash(old)
+        )  # started by the qemuspec before this change
         [step] = reconcile.plan(spec, chosen(spec, root, str(path)), ["m"])
         assert step["action"] == "up to date" and step["diff"] == [], step
 
         spec.machines["m"] = Upgraded.model_validate({**old.model_dump(), "memory": 96})
         [step] = reconcile.plan(spec, chosen(spec, root, str(path)), ["m"])
-        assert step["action"] == "recreate" and "+96M" in step["diff"], "an older record still sees a real change"
+        assert step["action"] == "recreate" and "+96M" in step["diff"], (
+            "an older record still sees a real change"
+        )
     finally:
         cli("down", str(path))

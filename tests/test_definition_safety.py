@@ -37,8 +37,13 @@ PAYLOADS = [
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qemuspec.cli.main", *args], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "qemuspec.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
 
 
 @pytest.mark.parametrize("index", range(len(PAYLOADS)))
@@ -57,10 +62,14 @@ def test_template_injection_is_refused_without_side_effect(tmp_path, index, comm
 
 def test_a_variable_is_one_value_and_cannot_add_keys(tmp_path):
     definition = tmp_path / "m.toml"
-    definition.write_text('[vars]\nbranch = "main"\n[machines.vm]\nkernel = "k"\ncmdline = "console=ttyS0 branch={{ branch }}"\n'
-                          '[machines.vm.cloud_init]\nuser_data = "#cloud-config\\n# {{ branch }}"\n')
+    definition.write_text(
+        '[vars]\nbranch = "main"\n[machines.vm]\nkernel = "k"\ncmdline = "console=ttyS0 branch={{ branch }}"\n'
+        '[machines.vm.cloud_init]\nuser_data = "#cloud-config\\n# {{ branch }}"\n'
+    )
     hostile = 'x"\nqemu = "/bin/sh'
-    with pytest.raises(SpecError, match="machines.vm.cmdline: a line break cannot be passed to qemu"):
+    with pytest.raises(
+        SpecError, match="machines.vm.cmdline: a line break cannot be passed to qemu"
+    ):
         load(definition, variables={"branch": hostile}, environ={})
     definition.write_text(definition.read_text().replace("cmdline = ", "# cmdline = "))
     machine = load(definition, variables={"branch": hostile}, environ={}).machines["vm"]
@@ -69,13 +78,17 @@ def test_a_variable_is_one_value_and_cannot_add_keys(tmp_path):
     machine = load(definition, environ={"QEMUSPEC_VAR_branch": hostile}).machines["vm"]
     assert machine.cloud_init.user_data.endswith(hostile) and machine.qemu == "qemu-system-x86_64"
     quoted = 'feature/"quoted" branch'
-    machine = load(definition.with_name("m.toml"), variables={"branch": quoted}, environ={}).machines["vm"]
+    machine = load(
+        definition.with_name("m.toml"), variables={"branch": quoted}, environ={}
+    ).machines["vm"]
     assert machine.cloud_init.user_data.endswith(quoted)
 
 
 def test_error_lines_stay_right_after_templating(tmp_path):
     definition = tmp_path / "m.toml"
-    definition.write_text('[vars]\nlong = "a\\nb\\nc\\nd"\n[machines.vm]\nkernel = "k"\ncmdline = "{{ long }}"\nmemory = "lots"\n')
+    definition.write_text(
+        '[vars]\nlong = "a\\nb\\nc\\nd"\n[machines.vm]\nkernel = "k"\ncmdline = "{{ long }}"\nmemory = "lots"\n'
+    )
     with pytest.raises(SpecError) as err:
         load(definition, environ={})
     assert f"{definition}:6: machines.vm.memory" in str(err.value)
@@ -92,25 +105,38 @@ def test_an_unused_var_is_an_error_with_a_suggestion(tmp_path):
 def test_an_unused_environment_variable_only_warns(tmp_path):
     definition = tmp_path / "m.toml"
     definition.write_text('[vars]\nmemory = "256M"\n[machines.vm]\nmemory = "{{ memory }}"\n')
-    result = cli("validate", str(definition), env={"QEMUSPEC_VAR_memroy": "1G", "QEMUSPEC_VAR_unrelated": "x"})
+    result = cli(
+        "validate",
+        str(definition),
+        env={"QEMUSPEC_VAR_memroy": "1G", "QEMUSPEC_VAR_unrelated": "x"},
+    )
     assert result.returncode == 0, result.stderr
     assert "QEMUSPEC_VAR_memroy is set but not used" in result.stderr
     assert "unrelated" not in result.stderr
 
 
-@pytest.mark.parametrize("template, expect", [
-    ("{{ 'x' * 10**9 }}", "went over a limit"),
-    ("{{ 10**100000 }}", "exponent"),
-    ("{{ 'x' * 1000000000 }}", "went over a limit"),
-    ("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}", "range()"),
-    ("{% for a in 'x' * 1000 %}{% for b in 'x' * 1000 %}{% for c in 'x' * 1000 %}{% for d in 'x' * 1000 %}{% endfor %}{% endfor %}{% endfor %}{% endfor %}", "took more than"),
-    ("{{ 'x'|center(1000000000) }}", "No filter named 'center'"),
-    ("{{ 'x'.ljust(1000000000) }}", "may not do"),
-    ("{{ '{:>1000000000}'.format(1) }}", "may not do"),
-    ("{{ 1/0 }}", "ZeroDivisionError"),
-    ("{{ '%1000000000d' % 1 }}", "formatting"),
-    ("{{ undefined_thing.attr }}", 'template variable "undefined_thing" is not defined'),
-])
+@pytest.mark.parametrize(
+    "template, expect",
+    [
+        ("{{ 'x' * 10**9 }}", "went over a limit"),
+        ("{{ 10**100000 }}", "exponent"),
+        ("{{ 'x' * 1000000000 }}", "went over a limit"),
+        (
+            "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+            "range()",
+        ),
+        (
+            "{% for a in 'x' * 1000 %}{% for b in 'x' * 1000 %}{% for c in 'x' * 1000 %}{% for d in 'x' * 1000 %}{% endfor %}{% endfor %}{% endfor %}{% endfor %}",
+            "took more than",
+        ),
+        ("{{ 'x'|center(1000000000) }}", "No filter named 'center'"),
+        ("{{ 'x'.ljust(1000000000) }}", "may not do"),
+        ("{{ '{:>1000000000}'.format(1) }}", "may not do"),
+        ("{{ 1/0 }}", "ZeroDivisionError"),
+        ("{{ '%1000000000d' % 1 }}", "formatting"),
+        ("{{ undefined_thing.attr }}", 'template variable "undefined_thing" is not defined'),
+    ],
+)
 def test_templates_are_bounded_in_time_and_memory(tmp_path, template, expect):
     definition = tmp_path / "m.toml"
     definition.write_text(f'[machines.vm]\nkernel = "k"\ncmdline = "{template}"\n')
@@ -135,7 +161,7 @@ HOSTILE = {
     "bytes.center": "{{ 'x'.encode().center(2000000000) }}",
     "bytes times N": "{{ 'x'.encode() * 2000000000 }}",
     "'a'*N doubling chain": "{% set a = 'a' * 1000000 %}{% set b = a ~ a %}{% set c = b ~ b %}{% set d = c ~ c %}{% set e = d ~ d %}"
-                            "{% set f = e ~ e %}{% set g = f ~ f %}{% set h = g ~ g %}{% set i = h ~ h %}{% set j = i ~ i %}{{ j|length }}",
+    "{% set f = e ~ e %}{% set g = f ~ f %}{% set h = g ~ g %}{% set i = h ~ h %}{% set j = i ~ i %}{{ j|length }}",
     "doubling macro": "{% macro d(s, n) %}{% if n %}{{ d(s ~ s, n - 1) }}{% else %}{{ s|length }}{% endif %}{% endmacro %}{{ d('x', 40) }}",
     "sum of repeated lists": "{{ ([[1] * 1000000] * 1000000)|sum(start=[]) }}",
     "str.translate amplification": "{{ ('a' * 1000000).translate({97: 'b' * 1000000}) }}",
@@ -154,8 +180,12 @@ def _validate_measured(definition) -> tuple[float, float, int, str]:
     err = definition.with_suffix(".err")
     began = time.monotonic()
     with open(err, "wb") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "qemuspec.cli.main", "validate", str(definition)],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=f)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "qemuspec.cli.main", "validate", str(definition)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=f,
+        )
     pidfd = os.pidfd_open(proc.pid)
     try:
         if not select.select([pidfd], [], [], 60)[0]:  # far past the bar: stop it, and fail below
@@ -182,8 +212,10 @@ def test_one_hostile_value_ends_within_5_s_and_512_mib(tmp_path, name):
 def test_many_values_share_one_budget_per_file(tmp_path):
     """Each value under the per-value cap, but thousands of them: the file's output is bounded too."""
     definition = tmp_path / "m.toml"
-    lines = "".join(f'v{i} = "{{{{ \'x\' * 1000000 }}}}"\n' for i in range(2000))
-    definition.write_text(f'[machines.vm]\nkernel = "k"\n[machines.vm.cloud_init.meta_data]\n{lines}')
+    lines = "".join(f"v{i} = \"{{{{ 'x' * 1000000 }}}}\"\n" for i in range(2000))
+    definition.write_text(
+        f'[machines.vm]\nkernel = "k"\n[machines.vm.cloud_init.meta_data]\n{lines}'
+    )
     seconds, peak, code, stderr = _validate_measured(definition)
     assert seconds < MAX_WALL_SECONDS and peak < MAX_PEAK_MIB, (seconds, peak, stderr)
     assert code == 2 and "characters of rendered values in one file" in stderr, stderr
@@ -192,7 +224,9 @@ def test_many_values_share_one_budget_per_file(tmp_path):
 def test_rendering_in_a_child_keeps_results_and_types(tmp_path):
     """The bound changes nothing for a real file: values, types, line numbers and unused --var checks."""
     definition = tmp_path / "m.toml"
-    definition.write_text('[vars]\ncpus = 2\nname = "web"\n[machines.vm]\nkernel = "k"\ncpus = "{{ cpus }}"\n'
-                          'cmdline = "console=ttyS0 host={{ name|upper }}-{{ 2**10 }} {% for i in range(3) %}{{ i }}{% endfor %}"\n')
+    definition.write_text(
+        '[vars]\ncpus = 2\nname = "web"\n[machines.vm]\nkernel = "k"\ncpus = "{{ cpus }}"\n'
+        'cmdline = "console=ttyS0 host={{ name|upper }}-{{ 2**10 }} {% for i in range(3) %}{{ i }}{% endfor %}"\n'
+    )
     machine = load(definition, environ={}).machines["vm"]
     assert machine.cpus == 2 and machine.cmdline == "console=ttyS0 host=WEB-1024 012"

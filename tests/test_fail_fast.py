@@ -26,15 +26,25 @@ ENTRY = [sys.executable, "-m", "qemuspec"]
 TIMEOUT = 120.0
 # (id, kernel command line, extra definition lines, a readiness probe the guest never passes on its own)
 PANICS = [
-    ("kernel-panics-before-init", "rdinit=/nope", "", "Kernel panic - not syncing: VFS: Unable to mount root fs"),
-    ("init-panics-through-sysrq", "qemuspec.panic=0",
-     "[[machines.{name}.nics]]\nforwards = [{{ host = 0, guest = 7778 }}]\n",
-     "Kernel panic - not syncing: sysrq triggered crash"),
+    (
+        "kernel-panics-before-init",
+        "rdinit=/nope",
+        "",
+        "Kernel panic - not syncing: VFS: Unable to mount root fs",
+    ),
+    (
+        "init-panics-through-sysrq",
+        "qemuspec.panic=0",
+        "[[machines.{name}.nics]]\nforwards = [{{ host = 0, guest = 7778 }}]\n",
+        "Kernel panic - not syncing: sysrq triggered crash",
+    ),
 ]
 
 
 def panicking(tmp_path, guest, name: str, cmdline: str, extra: str) -> str:
-    path = definition(tmp_path, guest, {name: {"cmdline": cmdline, "extra": extra.format(name=name)}})
+    path = definition(
+        tmp_path, guest, {name: {"cmdline": cmdline, "extra": extra.format(name=name)}}
+    )
     text = open(path).read().replace('timeout = "90s"', f'timeout = "{TIMEOUT:g}s"')
     if "7778" in extra:  # ready when guest port 7778 answers: nothing there ever listens
         text = re.sub(r'serial = ".*"', "tcp = 7778", text)
@@ -46,7 +56,9 @@ def assert_fails_fast(result, elapsed: float, panic_line: str) -> str:
     err = result.stderr
     assert result.returncode == 1, err
     assert elapsed < TIMEOUT / 4, f"took {elapsed:.1f} s of a {TIMEOUT:g} s timeout:\n{err}"
-    assert panic_line in err.split("--- guest panic lines ---", 1)[0], "the panic is named in the message itself"
+    assert panic_line in err.split("--- guest panic lines ---", 1)[0], (
+        "the panic is named in the message itself"
+    )
     assert "--- guest panic lines ---" in err
     assert "before it was ready" in err and f"within {TIMEOUT:g} s" not in err, err
     said = float(re.search(r"failed (\d+\.\d) s after launch", err).group(1))
@@ -58,7 +70,9 @@ def assert_fails_fast(result, elapsed: float, panic_line: str) -> str:
 def test_up_of_a_panicking_guest_fails_at_once(tmp_path, guest, case, cmdline, extra, panic_line):
     path = panicking(tmp_path, guest, "crash", cmdline, extra)
     began = time.monotonic()
-    result = subprocess.run([*ENTRY, "up", path], capture_output=True, text=True, timeout=TIMEOUT + 60)
+    result = subprocess.run(
+        [*ENTRY, "up", path], capture_output=True, text=True, timeout=TIMEOUT + 60
+    )
     elapsed = time.monotonic() - began
     err = assert_fails_fast(result, elapsed, panic_line)
     print(f"{case}: up failed after {elapsed:.1f} s")
@@ -69,8 +83,13 @@ def test_up_of_a_panicking_guest_fails_at_once(tmp_path, guest, case, cmdline, e
     else:
         assert "qemu is still running (a panicked guest hangs)" in err, err
     assert not qemu_pids(tmp_path), "the failed machine is stopped"
-    rows = json.loads(subprocess.run([*ENTRY, "status", path, "--json"], capture_output=True, text=True).stdout)
-    assert rows[0]["state"] == "failed" and "never became ready (the guest kernel panicked" in rows[0]["reason"], rows
+    rows = json.loads(
+        subprocess.run([*ENTRY, "status", path, "--json"], capture_output=True, text=True).stdout
+    )
+    assert (
+        rows[0]["state"] == "failed"
+        and "never became ready (the guest kernel panicked" in rows[0]["reason"]
+    ), rows
 
 
 @pytest.mark.parametrize("case,cmdline,extra,panic_line", PANICS, ids=[p[0] for p in PANICS])
@@ -78,8 +97,13 @@ def test_run_of_a_panicking_guest_fails_at_once(tmp_path, guest, case, cmdline, 
     path = panicking(tmp_path, guest, "crash", cmdline, "agent = true\n" + extra)
     (tmp_path / "tmp").mkdir()
     began = time.monotonic()
-    result = subprocess.run([*ENTRY, "run", path, "--", "true"], capture_output=True, text=True,
-                            timeout=TIMEOUT + 60, env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
+    result = subprocess.run(
+        [*ENTRY, "run", path, "--", "true"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT + 60,
+        env={**os.environ, "TMPDIR": str(tmp_path / "tmp")},
+    )
     elapsed = time.monotonic() - began
     assert_fails_fast(result, elapsed, panic_line)
     print(f"{case}: run failed after {elapsed:.1f} s")
@@ -89,8 +113,12 @@ def test_run_of_a_panicking_guest_fails_at_once(tmp_path, guest, case, cmdline, 
 def test_ctrl_c_during_up_stops_the_machine_it_was_starting(tmp_path, guest):
     path = definition(tmp_path, guest, {"slow": {}})
     text = open(path).read()
-    open(path, "w").write(re.sub(r'serial = ".*"', 'serial = "never printed"', text))  # boots, never ready
-    proc = subprocess.Popen([*ENTRY, "up", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    open(path, "w").write(
+        re.sub(r'serial = ".*"', 'serial = "never printed"', text)
+    )  # boots, never ready
+    proc = subprocess.Popen(
+        [*ENTRY, "up", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         seen = ""
         while "waiting for ready" not in seen:  # progress lines on a non-terminal, one per step
@@ -108,7 +136,9 @@ def test_ctrl_c_during_up_stops_the_machine_it_was_starting(tmp_path, guest):
     assert "interrupted: stopping slow" in err, err
     assert "slow: stopped" in out, out
     assert not qemu_pids(tmp_path), "no qemu of this test is left"
-    rows = json.loads(subprocess.run([*ENTRY, "status", path, "--json"], capture_output=True, text=True).stdout)
+    rows = json.loads(
+        subprocess.run([*ENTRY, "status", path, "--json"], capture_output=True, text=True).stdout
+    )
     assert rows[0]["state"] == "stopped", rows
 
 
@@ -122,12 +152,18 @@ def test_the_console_reader_keeps_panic_lines_and_not_lockup_warnings():
     ours, guest_side = socket.socketpair()
     reader = ConsoleReader(ours)
     try:
-        guest_side.sendall(b"[    3.1] watchdog: BUG: soft lockup - CPU#0 stuck for 22s! [swapper/0:1]\r\n[    4.0] Kernel pa")
+        guest_side.sendall(
+            b"[    3.1] watchdog: BUG: soft lockup - CPU#0 stuck for 22s! [swapper/0:1]\r\n[    4.0] Kernel pa"
+        )
         guest_side.sendall(b"nic - not syncing: Attempted to kill init! exitcode=0x00000100\r\n")
-        guest_side.sendall(b"[    4.1] BUG: kernel NULL pointer dereference, address: 0000000000000000\r\nready\n")
+        guest_side.sendall(
+            b"[    4.1] BUG: kernel NULL pointer dereference, address: 0000000000000000\r\nready\n"
+        )
         assert reader.wait_for("^ready$", 10)
-        assert reader.panics == ["[    4.0] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100",
-                                 "[    4.1] BUG: kernel NULL pointer dereference, address: 0000000000000000"]
+        assert reader.panics == [
+            "[    4.0] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100",
+            "[    4.1] BUG: kernel NULL pointer dereference, address: 0000000000000000",
+        ]
     finally:
         guest_side.close()
         reader.close()

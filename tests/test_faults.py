@@ -35,10 +35,17 @@ stop_timeout = "5s"
 
 
 def cli(*args, check=True, env=None):
-    result = subprocess.run([sys.executable, "-m", "qemuspec.cli.main", *args], capture_output=True, text=True, timeout=300,
-                            env=None if env is None else {**os.environ, **env})
+    result = subprocess.run(
+        [sys.executable, "-m", "qemuspec.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=None if env is None else {**os.environ, **env},
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"qemuspec {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(
+            f"qemuspec {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+        )
     return result
 
 
@@ -98,11 +105,18 @@ def test_state_directory_deleted_under_a_running_machine(lab):
     [started] = json.loads(cli("up", path, "--json").stdout)
     shutil.rmtree(os.path.join(os.path.dirname(path), ".qemuspec"))  # what `git clean -fdx` does
     row = status(path)["web"]
-    assert row["state"] == "paused" and row["pid"] == started["pid"], "still found through the runtime registry"
-    assert any(r["pid"] == started["pid"] and r["file"] == path for r in json.loads(cli("ls", "--json").stdout))
+    assert row["state"] == "paused" and row["pid"] == started["pid"], (
+        "still found through the runtime registry"
+    )
+    assert any(
+        r["pid"] == started["pid"] and r["file"] == path
+        for r in json.loads(cli("ls", "--json").stdout)
+    )
     before = qemu_pids(os.path.dirname(path))
     [again] = json.loads(cli("up", path, "--json").stdout)
-    assert again["action"] == "up to date" and qemu_pids(os.path.dirname(path)) == before, "no second qemu"
+    assert again["action"] == "up to date" and qemu_pids(os.path.dirname(path)) == before, (
+        "no second qemu"
+    )
     began = time.monotonic()
     [down] = json.loads(cli("down", path, "--json").stdout)
     assert down["action"] == "stopped" and not alive(started["pid"])
@@ -157,12 +171,23 @@ def test_status_during_restart_backoff_counts_attempts(lab):
     for attempt, delay in ((1, 1.0), (2, 2.0)):
         killed = time.monotonic()
         os.kill(pid, signal.SIGKILL)
-        row = until(lambda: (r := status(path)["web"])["state"] == "restarting" and r, what="restarting")
+        row = until(
+            lambda: (r := status(path)["web"])["state"] == "restarting" and r, what="restarting"
+        )
         detect = time.monotonic() - killed
         assert row["attempt"] == attempt and 0 <= row["next_in"] <= delay
-        assert f"attempt {attempt}, next in" in row["reason"] and "killed (signal 9)" in row["reason"]
-        row = until(lambda: (r := status(path)["web"])["state"] == "paused" and r["pid"] != pid and r, what="restarted")
-        timing(f"qemu killed, restart attempt {attempt}", detection=detect, recovery=time.monotonic() - killed)
+        assert (
+            f"attempt {attempt}, next in" in row["reason"] and "killed (signal 9)" in row["reason"]
+        )
+        row = until(
+            lambda: (r := status(path)["web"])["state"] == "paused" and r["pid"] != pid and r,
+            what="restarted",
+        )
+        timing(
+            f"qemu killed, restart attempt {attempt}",
+            detection=detect,
+            recovery=time.monotonic() - killed,
+        )
         assert row["restarts"] == attempt
         pid = row["pid"]
 
@@ -173,14 +198,22 @@ def test_busy_forward_port_names_the_holder_and_does_not_loop(lab):
     holder.listen()
     port = holder.getsockname()[1]
     try:
-        path = lab(restart="always", extra=f"[[machines.web.nics]]\nforwards = [{{ host = {port}, guest = 22 }}]\n")
+        path = lab(
+            restart="always",
+            extra=f"[[machines.web.nics]]\nforwards = [{{ host = {port}, guest = 22 }}]\n",
+        )
         began = time.monotonic()
         result = cli("up", path, check=False)
         timing("busy forward port", detection=time.monotonic() - began)
-        assert result.returncode in (1, 2)  # main's preflight refuses it before any supervisor exists
+        assert result.returncode in (
+            1,
+            2,
+        )  # main's preflight refuses it before any supervisor exists
         assert str(port) in result.stderr and f"pid {os.getpid()}" in result.stderr
         row = status(path)["web"]
-        assert row["state"] in ("stopped", "failed") and row["supervisor"] is None, "no supervisor left retrying in a loop"
+        assert row["state"] in ("stopped", "failed") and row["supervisor"] is None, (
+            "no supervisor left retrying in a loop"
+        )
         assert not os.path.exists(_run_dir(path))
     finally:
         holder.close()
@@ -195,7 +228,9 @@ def test_full_state_directory_while_running(lab, tmp_path):
     path = lab(restart="on-failure")
     state = os.path.join(os.path.dirname(path), ".qemuspec")
     os.makedirs(state, mode=0o700)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", state], check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", state], check=True
+    )
     try:
         [started] = json.loads(cli("up", path, "--json").stdout)
         with open(os.path.join(state, "filler"), "wb") as f:
@@ -208,7 +243,15 @@ def test_full_state_directory_while_running(lab, tmp_path):
         killed = time.monotonic()
         os.kill(started["pid"], signal.SIGKILL)
         try:
-            row = until(lambda: (r := status(path)["web"])["state"] == "paused" and r["pid"] != started["pid"] and r, what="restart on a full disk", timeout=20)
+            row = until(
+                lambda: (
+                    (r := status(path)["web"])["state"] == "paused"
+                    and r["pid"] != started["pid"]
+                    and r
+                ),
+                what="restart on a full disk",
+                timeout=20,
+            )
         except AssertionError:
             print(status(path), open(os.path.join(state, "web", "supervisor.log")).read()[-3000:])
             raise
@@ -259,7 +302,9 @@ def test_a_qemu_that_forks_and_hangs_is_killed_with_its_children(lab, tmp_path):
     result = cli("up", "--no-probe", "--allow-local-qemu", path, check=False, env=short)
     up_seconds = time.monotonic() - began
     timing("qemu forks and hangs", probe=probe_seconds, up=up_seconds)
-    assert probe_seconds < 10 and up_seconds < 15, "QEMUSPEC_GREETING_TIMEOUT shortens the probe's 10 s and up's 15 s"
+    assert probe_seconds < 10 and up_seconds < 15, (
+        "QEMUSPEC_GREETING_TIMEOUT shortens the probe's 10 s and up's 15 s"
+    )
     assert result.returncode == 1 and "did not answer on QMP" in result.stderr
     assert _marked(marker) == [], "the wrapper's child is gone too"
 
@@ -285,7 +330,11 @@ def test_huge_values_are_validation_errors(tmp_path):
     for line in ("stop_timeout = 1e300", 'memory = "' + "9" * 400 + 'G"', "stop_timeout = nan"):
         path.write_text(f"[machines.a]\n{line}\n")
         result = cli("validate", str(path), check=False)
-        assert result.returncode == 2 and "a.toml:2" in result.stderr and "Traceback" not in result.stderr
+        assert (
+            result.returncode == 2
+            and "a.toml:2" in result.stderr
+            and "Traceback" not in result.stderr
+        )
 
 
 def test_logs_are_size_bounded(tmp_path):
@@ -296,10 +345,16 @@ def test_logs_are_size_bounded(tmp_path):
     for i in range(100):
         log.write({"event": "X", "data": {"i": i}})
     log.close()
-    assert os.path.getsize(tmp_path / "events.jsonl") <= 1000 and os.path.getsize(tmp_path / "events.jsonl.1") <= 1000
+    assert (
+        os.path.getsize(tmp_path / "events.jsonl") <= 1000
+        and os.path.getsize(tmp_path / "events.jsonl.1") <= 1000
+    )
     (tmp_path / "qemu.log").write_bytes(b"x" * 2000)
     os.close(statedir.open_log(str(tmp_path), "qemu.log", limit=1000))
-    assert os.path.getsize(tmp_path / "qemu.log") == 0 and os.path.getsize(tmp_path / "qemu.log.1") == 2000
+    assert (
+        os.path.getsize(tmp_path / "qemu.log") == 0
+        and os.path.getsize(tmp_path / "qemu.log.1") == 2000
+    )
 
 
 def test_logs_are_size_bounded_and_rotated(tmp_path):
@@ -312,11 +367,16 @@ def test_logs_are_size_bounded_and_rotated(tmp_path):
         fd = statedir.open_log(directory, "qemu.log", limit=1000)
         os.write(fd, b"x" * 900)
         os.close(fd)
-    assert os.path.getsize(tmp_path / "qemu.log") <= 1800 and os.path.getsize(tmp_path / "qemu.log.1") <= 1800
+    assert (
+        os.path.getsize(tmp_path / "qemu.log") <= 1800
+        and os.path.getsize(tmp_path / "qemu.log.1") <= 1800
+    )
     assert oct(os.stat(tmp_path / "qemu.log").st_mode & 0o777) == "0o600"
     log = EventLog(str(tmp_path / "events.jsonl"), limit=500)
     for n in range(100):
-        log.write({"event": "TICK", "data": {"n": n}, "timestamp": {"seconds": n, "microseconds": 0}})
+        log.write(
+            {"event": "TICK", "data": {"n": n}, "timestamp": {"seconds": n, "microseconds": 0}}
+        )
     assert os.path.getsize(tmp_path / "events.jsonl") <= 500
     assert os.path.exists(tmp_path / "events.jsonl.1")
     assert '"n":99' in (tmp_path / "events.jsonl").read_text()  # the newest events are kept

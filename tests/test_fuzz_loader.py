@@ -22,13 +22,71 @@ for path in shipped_definitions():
 
 # Fragments that broke the loader before (issue 9) or are classic parser edge cases.
 NASTY = [
-    "9" * 400, "1e300", "-1", "0", "nan", "inf", "-inf", "\x00", "\\U7fffffff", '"\\U7fffffff"', "\\x00",
-    "? [a, b]\n: c\n", "? {a: 1}\n: 2\n", "!!timestamp 2001-12-14", "2001-12-14t21:59:43.10-05:00", "!!binary aGVsbG8=",
-    "!!python/object:os.system", "&a [*a]", "*a", "&x", "{{ 1/0 }}", "{{ [][0] }}", "{{ 'a' + 1 }}", "{{ x.y.z }}",
-    "{% for i in range(3) %}{% endfor %}", "{{", "}}", "{%", "[[", "]]", "[a.b.c]", "= ", '"""', "'''", "\t", "\r\n",
-    "\ufeff", "\udcff", "é", "🙂", "[" * 200, "{" * 200, "- " * 200, "a: &a [1]\nb: *a\n", "<<: *a", "~", "null",
-    "true", "yes", "0x10", "0o7", "1_000", "256M", "1G", "99999999999999999999T", "30s", "1e400s", "machines", "[machines.x]",
-    "memory = ", "cpus = ", "stop_timeout = ", "ready.timeout = 1e300", "port = 70000", "port = -5",
+    "9" * 400,
+    "1e300",
+    "-1",
+    "0",
+    "nan",
+    "inf",
+    "-inf",
+    "\x00",
+    "\\U7fffffff",
+    '"\\U7fffffff"',
+    "\\x00",
+    "? [a, b]\n: c\n",
+    "? {a: 1}\n: 2\n",
+    "!!timestamp 2001-12-14",
+    "2001-12-14t21:59:43.10-05:00",
+    "!!binary aGVsbG8=",
+    "!!python/object:os.system",
+    "&a [*a]",
+    "*a",
+    "&x",
+    "{{ 1/0 }}",
+    "{{ [][0] }}",
+    "{{ 'a' + 1 }}",
+    "{{ x.y.z }}",
+    "{% for i in range(3) %}{% endfor %}",
+    "{{",
+    "}}",
+    "{%",
+    "[[",
+    "]]",
+    "[a.b.c]",
+    "= ",
+    '"""',
+    "'''",
+    "\t",
+    "\r\n",
+    "\ufeff",
+    "\udcff",
+    "é",
+    "🙂",
+    "[" * 200,
+    "{" * 200,
+    "- " * 200,
+    "a: &a [1]\nb: *a\n",
+    "<<: *a",
+    "~",
+    "null",
+    "true",
+    "yes",
+    "0x10",
+    "0o7",
+    "1_000",
+    "256M",
+    "1G",
+    "99999999999999999999T",
+    "30s",
+    "1e400s",
+    "machines",
+    "[machines.x]",
+    "memory = ",
+    "cpus = ",
+    "stop_timeout = ",
+    "ready.timeout = 1e300",
+    "port = 70000",
+    "port = -5",
 ]
 
 
@@ -50,10 +108,16 @@ def _mutate(text: str, ops: list[tuple[int, int, int, str]]) -> str:
 
 
 fragments = st.one_of(st.sampled_from(NASTY), st.text(max_size=12))
-ops = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 10**6), st.integers(0, 10**6), fragments), min_size=1, max_size=4)
+ops = st.lists(
+    st.tuples(st.integers(0, 3), st.integers(0, 10**6), st.integers(0, 10**6), fragments),
+    min_size=1,
+    max_size=4,
+)
 
 
-@settings(max_examples=5000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
+@settings(
+    max_examples=5000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False
+)
 @given(seed=st.sampled_from(sorted(SEEDS)), mutations=ops)
 def test_mutated_definitions_load_or_fail_with_a_spec_error(seed, mutations):
     fmt, text = SEEDS[seed]
@@ -76,7 +140,8 @@ def test_bare_nasty_fragments(fragment, fmt):
 def test_alias_bomb_is_refused_quickly():
     bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
         f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
-        for i in range(8))
+        for i in range(8)
+    )
     assert len(bomb) < 1000
     try:
         loads(bomb, "yaml", source="bomb.yaml")
@@ -100,7 +165,10 @@ def test_oversized_file_is_refused(tmp_path):
 
 
 def test_deep_nesting_is_a_clean_error():
-    for fmt, text in (("toml", "x = " + "[" * 5000 + "]" * 5000), ("yaml", "x: " + "[" * 5000 + "]" * 5000)):
+    for fmt, text in (
+        ("toml", "x = " + "[" * 5000 + "]" * 5000),
+        ("yaml", "x: " + "[" * 5000 + "]" * 5000),
+    ):
         try:
             loads(text, fmt, source="deep")
         except SpecError as exc:

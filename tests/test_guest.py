@@ -26,8 +26,12 @@ READY_TIMEOUT = 90  # generous: two guests booting under TCG on 2 cores take ~7 
 def booted(guest, state_dir, name="g", cmdline="", **fields):
     """A builder for the test guest, with a console marker probe."""
     vm = Qemu(state_dir=state_dir).vm(name)
-    vm.kernel(guest["kernel"]).initrd(guest["initrd"]).cmdline(f"console=ttyS0 quiet {cmdline}".strip())
-    vm.memory("256M").rng().ready(serial=guest["marker"], timeout=READY_TIMEOUT, **fields.pop("ready", {}))
+    vm.kernel(guest["kernel"]).initrd(guest["initrd"]).cmdline(
+        f"console=ttyS0 quiet {cmdline}".strip()
+    )
+    vm.memory("256M").rng().ready(
+        serial=guest["marker"], timeout=READY_TIMEOUT, **fields.pop("ready", {})
+    )
     return vm.set(**fields) if fields else vm
 
 
@@ -36,8 +40,10 @@ def test_seed_script_verbatim(guest, tmp_path):
     data.mkdir()
     os.symlink(guest["kernel"], data / "vmlinuz")
     os.symlink(guest["initrd"], data / "initrd")
-    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(data / "disk.img"), "8M"], check=True)
-    script = textwrap.dedent('''\
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "raw", str(data / "disk.img"), "8M"], check=True
+    )
+    script = textwrap.dedent("""\
         import socket
         held = socket.socket(); held.bind(("127.0.0.1", 2000)); held.listen()   # port 2000 is taken
         from qemuspec import Qemu
@@ -49,12 +55,20 @@ def test_seed_script_verbatim(guest, tmp_path):
         print(vm.qmp("query-status"))
         print("QMP", vm.instance.qmp_address)
         vm.quit()
-        ''')
+        """)
     (tmp_path / "seed.py").write_text(script)
-    (tmp_path / "tmp").mkdir()  # the builder's state directory goes here, so its qemu names tmp_path
+    (
+        tmp_path / "tmp"
+    ).mkdir()  # the builder's state directory goes here, so its qemu names tmp_path
     before = qemu_pids(tmp_path)
-    result = subprocess.run([sys.executable, "seed.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
+    result = subprocess.run(
+        [sys.executable, "seed.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TMPDIR": str(tmp_path / "tmp")},
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert "'status': 'running'" in lines[0]
@@ -146,15 +160,25 @@ def test_async_face_and_event_iterator(guest, state_dir):
 
 
 def test_builder_round_trips_through_toml_and_yaml(guest, tmp_path):
-    vm = booted(guest, str(tmp_path), agent=True).drive(str(tmp_path / "d.qcow2"), format="qcow2", size="64M").forward(0, 22)
+    vm = (
+        booted(guest, str(tmp_path), agent=True)
+        .drive(str(tmp_path / "d.qcow2"), format="qcow2", size="64M")
+        .forward(0, 22)
+    )
     for text, fmt in ((vm.to_toml(), "toml"), (vm.to_yaml(), "yaml")):
         assert loads(text, fmt).machines["g"] == vm.model
 
 
 def test_load_gives_machines_that_start_like_the_file(guest, tmp_path):
-    text = open(os.path.join(ROOT, "machines", "dev.toml")).read().replace("host = 8080", "host = 0")
+    text = (
+        open(os.path.join(ROOT, "machines", "dev.toml")).read().replace("host = 8080", "host = 0")
+    )
     path = tmp_path / "dev.toml"
-    path.write_text(text.replace("../guest/out/vmlinuz", guest["kernel"]).replace("../guest/out/initrd.gz", guest["initrd"]))
+    path.write_text(
+        text.replace("../guest/out/vmlinuz", guest["kernel"]).replace(
+            "../guest/out/initrd.gz", guest["initrd"]
+        )
+    )
     machines = load(str(path), state_dir=str(tmp_path / "state"))
     vm = machines["dev"]
     vm.start()
@@ -166,13 +190,25 @@ def test_load_gives_machines_that_start_like_the_file(guest, tmp_path):
 
 
 def cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "qemuspec.cli.main", *args], capture_output=True, text=True, timeout=300, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "qemuspec.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kw,
+    )
 
 
 def test_cli_up_status_qmp_down(guest, tmp_path):
-    text = open(os.path.join(ROOT, "machines", "dev.toml")).read().replace("host = 8080", "host = 0")
+    text = (
+        open(os.path.join(ROOT, "machines", "dev.toml")).read().replace("host = 8080", "host = 0")
+    )
     path = tmp_path / "dev.toml"
-    path.write_text(text.replace("../guest/out/vmlinuz", guest["kernel"]).replace("../guest/out/initrd.gz", guest["initrd"]))
+    path.write_text(
+        text.replace("../guest/out/vmlinuz", guest["kernel"]).replace(
+            "../guest/out/initrd.gz", guest["initrd"]
+        )
+    )
     before = qemu_pids(tmp_path)
     try:
         first = cli("up", str(path), "--json")
@@ -181,14 +217,20 @@ def test_cli_up_status_qmp_down(guest, tmp_path):
         assert started["action"] == "started"
         status = json.loads(cli("status", str(path), "--json").stdout)
         assert status[0]["state"] == "running" and status[0]["pid"] == started["pid"]
-        assert {p["guest"] for p in status[0]["ports"]} == {80, 22} and all(p["host"] > 0 for p in status[0]["ports"])
+        assert {p["guest"] for p in status[0]["ports"]} == {80, 22} and all(
+            p["host"] > 0 for p in status[0]["ports"]
+        )
         again = json.loads(cli("up", str(path), "--json").stdout)
         assert again[0]["action"] == "up to date" and again[0]["pid"] == started["pid"]
         assert qemu_pids(tmp_path) - before == {started["pid"]}, "one qemu for the machine"
         answer = cli("qmp", "dev", "query-status", "--file", str(path))
         assert json.loads(answer.stdout)["status"] == "running"
         bad = cli("qmp", "dev", "no-such-command", "--file", str(path))
-        assert bad.returncode == 1 and "CommandNotFound" in bad.stderr and "Traceback" not in bad.stderr
+        assert (
+            bad.returncode == 1
+            and "CommandNotFound" in bad.stderr
+            and "Traceback" not in bad.stderr
+        )
         assert guest["marker"] in cli("logs", "--file", str(path)).stdout
     finally:
         down = cli("down", str(path))

@@ -53,34 +53,65 @@ def test_overlay_keeps_the_base_and_reset_gives_a_clean_one(guest, tmp_path):
     img.create(str(base), "32M")
     before = sha(base)
     path = tmp_path / "disk.toml"
-    path.write_text(machine(guest, "d", f"""
+    path.write_text(
+        machine(
+            guest,
+            "d",
+            f"""
 [machines.d.ready]
-serial = "{guest['marker']}"
+serial = "{guest["marker"]}"
 agent = true
 [[machines.d.disks]]
 file = "overlay.qcow2"
 format = "qcow2"
 backing = "base.qcow2"
-"""))
+""",
+        )
+    )
     try:
         cli("up", str(path))
         assert img.info(str(tmp_path / "overlay.qcow2")).backing == str(base)
-        written = cli("exec", "d", "--file", str(path), "--", "/bin/sh", "-c",
-                      "echo written-by-the-guest | dd of=/dev/vda bs=512 seek=64 conv=fsync 2>/dev/null; "
-                      "dd if=/dev/vda bs=512 skip=64 count=1 2>/dev/null | head -c 21")
+        written = cli(
+            "exec",
+            "d",
+            "--file",
+            str(path),
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo written-by-the-guest | dd of=/dev/vda bs=512 seek=64 conv=fsync 2>/dev/null; "
+            "dd if=/dev/vda bs=512 skip=64 count=1 2>/dev/null | head -c 21",
+        )
         assert written.stdout == "written-by-the-guest\n"
         cli("snapshot", "save", "d", "before", "--file", str(path))
-        assert json.loads(cli("snapshot", "list", "d", "--file", str(path), "--json").stdout) == ["before"]
-        cli("exec", "d", "--file", str(path), "--", "/bin/sh", "-c", "echo after-the-snapshot > /tmp/mark")
+        assert json.loads(cli("snapshot", "list", "d", "--file", str(path), "--json").stdout) == [
+            "before"
+        ]
+        cli(
+            "exec",
+            "d",
+            "--file",
+            str(path),
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo after-the-snapshot > /tmp/mark",
+        )
         cli("snapshot", "load", "d", "before", "--file", str(path))
-        gone = cli("exec", "d", "--file", str(path), "--", "/bin/sh", "-c", "cat /tmp/mark", check=False)
-        assert gone.returncode == 1 and "No such file" in gone.stderr, "loading the snapshot brought back the earlier guest memory"
+        gone = cli(
+            "exec", "d", "--file", str(path), "--", "/bin/sh", "-c", "cat /tmp/mark", check=False
+        )
+        assert gone.returncode == 1 and "No such file" in gone.stderr, (
+            "loading the snapshot brought back the earlier guest memory"
+        )
         cli("snapshot", "delete", "d", "before", "--file", str(path))
         assert json.loads(cli("snapshot", "list", "d", "--file", str(path), "--json").stdout) == []
     finally:
         cli("down", str(path))
     assert sha(base) == before, "the base image is untouched"
-    differs = subprocess.run(["qemu-img", "compare", "-q", str(tmp_path / "overlay.qcow2"), str(base)])
+    differs = subprocess.run(
+        ["qemu-img", "compare", "-q", str(tmp_path / "overlay.qcow2"), str(base)]
+    )
     assert differs.returncode == 1, "the overlay holds the guest's write"
     cli("reset", "d", "--file", str(path))
     same = subprocess.run(["qemu-img", "compare", "-q", str(tmp_path / "overlay.qcow2"), str(base)])
@@ -91,9 +122,19 @@ backing = "base.qcow2"
 def test_up_never_resizes_an_existing_image_silently(guest, tmp_path):
     img.create(str(tmp_path / "small.qcow2"), "16M")
     path = tmp_path / "grow.toml"
-    path.write_text(machine(guest, "g", '[[machines.g.disks]]\nfile = "small.qcow2"\nformat = "qcow2"\nsize = "32M"\n'))
+    path.write_text(
+        machine(
+            guest,
+            "g",
+            '[[machines.g.disks]]\nfile = "small.qcow2"\nformat = "qcow2"\nsize = "32M"\n',
+        )
+    )
     result = cli("up", str(path), check=False)
-    assert result.returncode == 1 and "never resizes silently" in result.stderr and "img resize" in result.stderr
+    assert (
+        result.returncode == 1
+        and "never resizes silently" in result.stderr
+        and "img resize" in result.stderr
+    )
     assert img.info(str(tmp_path / "small.qcow2")).virtual_size == 16 << 20
 
 
@@ -103,8 +144,21 @@ def test_img_info_json_and_convert_with_progress_only_on_a_terminal(tmp_path):
     info = json.loads(cli("img", "info", str(src), "--json").stdout)
     assert info["format"] == "qcow2" and info["virtual_size"] == 64 << 20
     primary, secondary = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "qemuspec.cli.main", "img", "convert", str(src), str(tmp_path / "a.raw"), "-O", "raw"],
-                            stdout=subprocess.PIPE, stderr=secondary)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "qemuspec.cli.main",
+            "img",
+            "convert",
+            str(src),
+            str(tmp_path / "a.raw"),
+            "-O",
+            "raw",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=secondary,
+    )
     os.close(secondary)
     out, _ = proc.communicate(timeout=60)
     shown = b""
@@ -127,20 +181,33 @@ def test_img_info_json_and_convert_with_progress_only_on_a_terminal(tmp_path):
 
 
 def test_cloud_init_seed_is_rebuilt_only_when_its_inputs_change(tmp_path):
-    spec = loads('[machines.m.cloud_init]\nuser_data = "#cloud-config\\nhostname: {{ machine_name }}\\n"\n', "toml")
+    spec = loads(
+        '[machines.m.cloud_init]\nuser_data = "#cloud-config\\nhostname: {{ machine_name }}\\n"\n',
+        "toml",
+    )
     lay = Layout(str(tmp_path), str(tmp_path))
     m = spec.machines["m"]
     assert ensure_seed("m", m, lay, "") is True
     first = sha(lay.cidata)
     assert ensure_seed("m", m, lay, "") is False
     assert sha(lay.cidata) == first
-    changed = m.model_copy(update={"cloud_init": m.cloud_init.model_copy(update={"user_data": "#cloud-config\nhostname: other\n"})})
+    changed = m.model_copy(
+        update={
+            "cloud_init": m.cloud_init.model_copy(
+                update={"user_data": "#cloud-config\nhostname: other\n"}
+            )
+        }
+    )
     assert ensure_seed("m", changed, lay, "") is True
     import pycdlib
 
     iso = pycdlib.PyCdlib()
     iso.open(lay.cidata)
-    names = sorted(c.rock_ridge.name().decode() for c in iso.list_children(rr_path="/") if c.rock_ridge and c.rock_ridge.name() not in (b".", b".."))
+    names = sorted(
+        c.rock_ridge.name().decode()
+        for c in iso.list_children(rr_path="/")
+        if c.rock_ridge and c.rock_ridge.name() not in (b".", b"..")
+    )
     assert iso.pvd.volume_identifier.decode().strip() == "cidata"
     iso.close()
     assert names == ["meta-data", "user-data"]
@@ -180,7 +247,9 @@ def lan(tmp_path_factory, guest):
         pytest.fail("the test guest has no dropbear: install dropbear-bin and rebuild it")
     tmp = tmp_path_factory.mktemp("lan")
     path = tmp / "lan.toml"
-    path.write_text(LAN.format(a=machine(guest, "a"), b=machine(guest, "b"), marker=guest["marker"]))
+    path.write_text(
+        LAN.format(a=machine(guest, "a"), b=machine(guest, "b"), marker=guest["marker"])
+    )
     try:
         cli("up", str(path))
         yield str(path)
@@ -194,16 +263,24 @@ def test_guest_reads_the_cloud_init_seed(lan):
     assert "ci| hostname: a" in log
     from qemuspec.runtime import sshkeys
 
-    public = open(sshkeys.key_path(os.path.join(os.path.dirname(lan), ".qemuspec")) + ".pub").read().split()[1]
+    public = (
+        open(sshkeys.key_path(os.path.join(os.path.dirname(lan), ".qemuspec")) + ".pub")
+        .read()
+        .split()[1]
+    )
     assert public in log, "the generated key went into the user-data the guest read"
 
 
 def test_exec_keeps_output_and_exit_codes(lan):
     ok = cli("exec", "a", "--file", lan, "--", "/bin/uname", "-a")
     assert ok.stdout.startswith("Linux qemuspec-guest")
-    failing = cli("exec", "a", "--file", lan, "--", "/bin/sh", "-c", "echo to-stderr >&2; exit 7", check=False)
+    failing = cli(
+        "exec", "a", "--file", lan, "--", "/bin/sh", "-c", "echo to-stderr >&2; exit 7", check=False
+    )
     assert failing.returncode == 7 and failing.stderr == "to-stderr\n"
-    as_json = json.loads(cli("exec", "a", "--file", lan, "--json", "--", "/bin/sh", "-c", "exit 3").stdout)
+    as_json = json.loads(
+        cli("exec", "a", "--file", lan, "--json", "--", "/bin/sh", "-c", "exit 3").stdout
+    )
     assert as_json["exitcode"] == 3
 
 
@@ -211,7 +288,9 @@ def test_cp_round_trips_a_mebibyte(lan, tmp_path):
     blob = tmp_path / "blob"
     blob.write_bytes(os.urandom(1 << 20))
     cli("cp", "--file", lan, str(blob), "b:/tmp/blob")
-    inside = cli("exec", "b", "--file", lan, "--", "/bin/sh", "-c", "sha256sum /tmp/blob").stdout.split()[0]
+    inside = cli(
+        "exec", "b", "--file", lan, "--", "/bin/sh", "-c", "sha256sum /tmp/blob"
+    ).stdout.split()[0]
     assert inside == sha(blob)
     cli("cp", "--file", lan, "b:/tmp/blob", str(tmp_path / "back"))
     assert sha(tmp_path / "back") == sha(blob)
@@ -220,7 +299,9 @@ def test_cp_round_trips_a_mebibyte(lan, tmp_path):
 def test_ssh_runs_a_command_with_the_generated_key(lan):
     from qemuspec.runtime import sshkeys
 
-    key = sshkeys.key_path(os.path.join(os.path.dirname(lan), ".qemuspec"))  # outside the state directory
+    key = sshkeys.key_path(
+        os.path.join(os.path.dirname(lan), ".qemuspec")
+    )  # outside the state directory
     assert oct(os.stat(key).st_mode & 0o777) == "0o600"
     result = cli("ssh", "a", "--file", lan, "--", "echo", "over-ssh", "$(uname -n)")
     assert result.stdout.strip() == "over-ssh qemuspec-guest"
@@ -229,13 +310,32 @@ def test_ssh_runs_a_command_with_the_generated_key(lan):
 
 
 def test_two_machines_talk_over_the_private_network(lan):
-    cli("exec", "a", "--file", lan, "--", "/bin/sh", "-c",
-        "(echo served-over-lan | nc -l -p 9000 >/dev/null && echo 'qemuspec-lan: served a client') </dev/null >/dev/console 2>&1 &")
+    cli(
+        "exec",
+        "a",
+        "--file",
+        lan,
+        "--",
+        "/bin/sh",
+        "-c",
+        "(echo served-over-lan | nc -l -p 9000 >/dev/null && echo 'qemuspec-lan: served a client') </dev/null >/dev/console 2>&1 &",
+    )
     fetched = ""
     deadline = time.monotonic() + 30
-    while "served-over-lan" not in fetched and time.monotonic() < deadline:  # until the listener is up
-        fetched = cli("exec", "b", "--file", lan, "--", "/bin/sh", "-c",
-                      "nc -w 3 10.10.0.1 9000 </dev/null | tee /dev/console", check=False).stdout
+    while (
+        "served-over-lan" not in fetched and time.monotonic() < deadline
+    ):  # until the listener is up
+        fetched = cli(
+            "exec",
+            "b",
+            "--file",
+            lan,
+            "--",
+            "/bin/sh",
+            "-c",
+            "nc -w 3 10.10.0.1 9000 </dev/null | tee /dev/console",
+            check=False,
+        ).stdout
     assert "served-over-lan" in fetched
     wait_console(lan, "a", "qemuspec-lan: served a client")
     wait_console(lan, "b", "served-over-lan")

@@ -46,7 +46,7 @@ display = {{ type = "vnc", port = {port} }}
 """
 
 # As the other user: try every display; print what each attempt got.
-KNOCK = textwrap.dedent('''
+KNOCK = textwrap.dedent("""
     import json, socket, sys
     sockets, tcp_port = json.loads(sys.argv[1])
     got = {}
@@ -65,7 +65,7 @@ KNOCK = textwrap.dedent('''
     count = s.recv(1)[0]
     got["tcp"] = [version.decode(), list(s.recv(count))]
     print(json.dumps(got))
-''')
+""")
 
 
 def _rfb_security_types(sock: socket.socket) -> tuple[bytes, list[int]]:
@@ -96,9 +96,15 @@ def test_another_local_user_cannot_reach_a_display_and_the_owner_can(project):  
     vnc_sock, spice_sock = rows["vnc"]["display"]["socket"], rows["spice"]["display"]["socket"]
     tcp = rows["tcp"]["display"]
     assert tcp["address"] == "127.0.0.1" and tcp["auth"] == "password"
-    assert rows["vnc"]["display"]["auth"] == "owner" and "vnc on the unix socket" in cli("status", path).stdout
+    assert (
+        rows["vnc"]["display"]["auth"] == "owner"
+        and "vnc on the unix socket" in cli("status", path).stdout
+    )
     for sock_path in (vnc_sock, spice_sock):
-        assert stat.S_ISSOCK(os.stat(sock_path).st_mode) and stat.S_IMODE(os.stat(sock_path).st_mode) & 0o077 == 0, "owner only"
+        assert (
+            stat.S_ISSOCK(os.stat(sock_path).st_mode)
+            and stat.S_IMODE(os.stat(sock_path).st_mode) & 0o077 == 0
+        ), "owner only"
         assert stat.S_IMODE(os.stat(os.path.dirname(sock_path)).st_mode) == 0o700
 
     # the owner: the VNC server offers "no authentication" on the private socket; SPICE accepts
@@ -114,16 +120,30 @@ def test_another_local_user_cannot_reach_a_display_and_the_owner_can(project):  
         with open(script, "w") as f:
             f.write(KNOCK)
         os.chmod(script, 0o644)
-        result = subprocess.run(["setpriv", f"--reuid={other.pw_uid}", f"--regid={other.pw_gid}", "--clear-groups",
-                                 sys.executable, script, json.dumps([[vnc_sock, spice_sock], tcp["port"]])],
-                                capture_output=True, text=True, timeout=60, cwd="/")
+        result = subprocess.run(
+            [
+                "setpriv",
+                f"--reuid={other.pw_uid}",
+                f"--regid={other.pw_gid}",
+                "--clear-groups",
+                sys.executable,
+                script,
+                json.dumps([[vnc_sock, spice_sock], tcp["port"]]),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd="/",
+        )
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout)
 
     got = knock()
     assert got[vnc_sock] == got[spice_sock] == "PermissionError"
     version, types = got["tcp"]
-    assert version.startswith("RFB ") and types == [2], "TCP offers only VNC password auth, and no password is set"
+    assert version.startswith("RFB ") and types == [2], (
+        "TCP offers only VNC password auth, and no password is set"
+    )
     # a chmod of the runtime directory still leaves the sockets the owner's alone (qemu runs with umask 077)
     run_dir = os.path.dirname(vnc_sock)
     os.chmod(os.path.dirname(run_dir), 0o755)
@@ -172,8 +192,12 @@ def _guest_reaches_host_loopback(guest, state_dir, outbound: bool) -> tuple[byte
     try:
         assert ("restrict=on" in " ".join(vm.instance.argv)) is not outbound
         page = urllib.request.urlopen(f"http://127.0.0.1:{vm.host_port(80)}/", timeout=10).read()
-        assert page == b"qemuspec-guest http ok\n", "the forward serves HTTP with or without restrict=on"
-        code, out, err = vm.exec("/bin/sh", "-c", f"nc -w 5 10.0.2.2 {service.port} </dev/null", timeout=30)
+        assert page == b"qemuspec-guest http ok\n", (
+            "the forward serves HTTP with or without restrict=on"
+        )
+        code, out, err = vm.exec(
+            "/bin/sh", "-c", f"nc -w 5 10.0.2.2 {service.port} </dev/null", timeout=30
+        )
         return out, service.accepted
     finally:
         vm.stop(timeout=2)

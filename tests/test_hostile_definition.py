@@ -13,8 +13,14 @@ import pytest
 
 
 def cli(*args, cwd=None, env=None, timeout=60):
-    return subprocess.run([sys.executable, "-m", "qemuspec.cli.main", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "qemuspec.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def _one_paragraph(stderr: str) -> None:
@@ -92,9 +98,12 @@ def test_the_connection_itself_refuses_a_uri_that_names_a_program(tmp_path):
 def test_uri_parameters_users_write_still_pass():
     from qemuspec.spec.uris import check_libvirt_uri
 
-    for uri in ["qemu+ssh://ci@h/system?keyfile=/home/ci/.ssh/id_ed25519;no_verify=1",
-                "qemu+ssh://ci@h/system?keyfile=%2Fk&known_hosts_verify=ignore&sshauth=agent,privkey",
-                "qemu+tls://h/system?pkipath=/etc/pki/x&tls_priority=NORMAL:%25COMPAT", "qemu:///system?mode=direct"]:
+    for uri in [
+        "qemu+ssh://ci@h/system?keyfile=/home/ci/.ssh/id_ed25519;no_verify=1",
+        "qemu+ssh://ci@h/system?keyfile=%2Fk&known_hosts_verify=ignore&sshauth=agent,privkey",
+        "qemu+tls://h/system?pkipath=/etc/pki/x&tls_priority=NORMAL:%25COMPAT",
+        "qemu:///system?mode=direct",
+    ]:
         assert check_libvirt_uri(uri) == uri
 
 
@@ -119,23 +128,29 @@ def _mixed(project, host: str) -> str:
     """A file with one libvirt machine, so `down` takes the libvirt path, and a local machine named
     like the victim's subdirectory, with disks qemuspec never made."""
     path = project / "lab.toml"
-    path.write_text(f'[machines.far]\nhost = "{host}"\nmemory = "64M"\n\n'
-                    '[machines.home]\nmemory = "64M"\n'
-                    '[[machines.home.disks]]\nfile = "data.img"\nsize = "1M"\n'
-                    '[[machines.home.disks]]\nfile = "notes.qcow2"\nformat = "qcow2"\nbacking = "data.img"\n'
-                    'backing_format = "raw"\n')
+    path.write_text(
+        f'[machines.far]\nhost = "{host}"\nmemory = "64M"\n\n'
+        '[machines.home]\nmemory = "64M"\n'
+        '[[machines.home.disks]]\nfile = "data.img"\nsize = "1M"\n'
+        '[[machines.home.disks]]\nfile = "notes.qcow2"\nformat = "qcow2"\nbacking = "data.img"\n'
+        'backing_format = "raw"\n'
+    )
     return str(path)
 
 
 def test_libvirt_path_purge_never_follows_a_planted_state_symlink(tmp_path):
     victim, project = _victims(tmp_path)
     os.symlink(victim, project / ".qemuspec")  # committed in the repository: .qemuspec -> /
-    path = project / "lab.toml"  # machines all on libvirt hosts: no local machine checks the state root first
+    path = (
+        project / "lab.toml"
+    )  # machines all on libvirt hosts: no local machine checks the state root first
     path.write_text(f'[machines.home]\nhost = "{UNREACHABLE}"\nmemory = "64M"\n')
     result = cli("down", str(path), "--purge", timeout=120)
     assert result.returncode != 0 and "symlink" in result.stderr, result.stderr
     _one_paragraph(result.stderr)
-    assert (victim / "home" / "alice" / "thesis.txt").read_text() == "years of work\n", "rm -rf through the symlink"
+    assert (victim / "home" / "alice" / "thesis.txt").read_text() == "years of work\n", (
+        "rm -rf through the symlink"
+    )
     assert (project / "data.img").read_text() == "the user's own image\n"
     assert (project / "notes.qcow2").read_text() == "not an overlay at all\n"
 
@@ -146,20 +161,27 @@ def test_libvirt_path_purge_deletes_no_disk_qemuspec_did_not_create(tmp_path):
     state.mkdir(parents=True)
     (state / "known_hosts").write_text("h ssh-ed25519 AAAA\n")
     cli("down", _mixed(project, UNREACHABLE), "--purge", timeout=120)
-    assert (project / "data.img").read_text() == "the user's own image\n", "a disk with a size qemuspec never made"
-    assert (project / "notes.qcow2").read_text() == "not an overlay at all\n", "a backing disk qemuspec never made"
+    assert (project / "data.img").read_text() == "the user's own image\n", (
+        "a disk with a size qemuspec never made"
+    )
+    assert (project / "notes.qcow2").read_text() == "not an overlay at all\n", (
+        "a backing disk qemuspec never made"
+    )
     assert not state.exists(), "the machine's own state directory goes"
 
 
 # ---- item 5: reset replaces only overlays qemuspec created -------------------------------------
+
 
 def _overlay_file(tmp_path, overlay: str) -> str:
     from qemuspec import img
 
     img.create(str(tmp_path / "base.qcow2"), "16M", "qcow2")
     path = tmp_path / "m.toml"
-    path.write_text(f'[machines.m]\nmemory = "64M"\n[[machines.m.disks]]\nfile = "{overlay}"\nformat = "qcow2"\n'
-                    'backing = "base.qcow2"\nbacking_format = "qcow2"\n')
+    path.write_text(
+        f'[machines.m]\nmemory = "64M"\n[[machines.m.disks]]\nfile = "{overlay}"\nformat = "qcow2"\n'
+        'backing = "base.qcow2"\nbacking_format = "qcow2"\n'
+    )
     return str(path)
 
 
@@ -179,15 +201,31 @@ def test_reset_replaces_its_own_overlay_and_not_one_put_in_its_place(tmp_path):
 
     path = _overlay_file(tmp_path, "overlay.qcow2")
     overlay = tmp_path / "overlay.qcow2"
-    assert cli("reset", path).returncode == 0 and img.info(str(overlay)).backing == str(tmp_path / "base.qcow2")
-    subprocess.run(["qemu-io", "-c", "write -P 0x55 0 4096", str(overlay)], check=True, capture_output=True)
-    assert subprocess.run(["qemu-img", "compare", "-q", str(overlay), str(tmp_path / "base.qcow2")]).returncode == 1
+    assert cli("reset", path).returncode == 0 and img.info(str(overlay)).backing == str(
+        tmp_path / "base.qcow2"
+    )
+    subprocess.run(
+        ["qemu-io", "-c", "write -P 0x55 0 4096", str(overlay)], check=True, capture_output=True
+    )
+    assert (
+        subprocess.run(
+            ["qemu-img", "compare", "-q", str(overlay), str(tmp_path / "base.qcow2")]
+        ).returncode
+        == 1
+    )
     assert cli("reset", path).returncode == 0, "an overlay qemuspec recorded is replaced"
-    assert subprocess.run(["qemu-img", "compare", "-q", str(overlay), str(tmp_path / "base.qcow2")]).returncode == 0
+    assert (
+        subprocess.run(
+            ["qemu-img", "compare", "-q", str(overlay), str(tmp_path / "base.qcow2")]
+        ).returncode
+        == 0
+    )
     overlay.rename(tmp_path / "kept.qcow2")  # kept, so the new file cannot reuse its inode
     overlay.write_text("the user's file, same name\n")
     result = cli("reset", path)
-    assert result.returncode == 1 and "not an overlay qemuspec created" in result.stderr, result.stderr
+    assert result.returncode == 1 and "not an overlay qemuspec created" in result.stderr, (
+        result.stderr
+    )
     assert overlay.read_text() == "the user's file, same name\n"
 
 
@@ -202,15 +240,35 @@ def _declared(text: str) -> dict:
     return tomllib.loads(text)["machines"]
 
 
-@pytest.mark.parametrize("payload", [HIDDEN + "#", HIDDEN.replace("\n", "\r\n") + "#", HIDDEN.replace("\n", "\u2028"),
-                                     "\x0b" + HIDDEN])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        HIDDEN + "#",
+        HIDDEN.replace("\n", "\r\n") + "#",
+        HIDDEN.replace("\n", "\u2028"),
+        "\x0b" + HIDDEN,
+    ],
+)
 def test_import_refuses_an_argv_value_with_a_line_break(payload, tmp_path):
     out = tmp_path / "out.toml"
-    result = cli("import", "-o", str(out), "--", "qemu-system-x86_64", "-m", "256", "-append",
-                 "console=ttyS0" + payload)
-    assert result.returncode == 2 and "line break" in result.stderr and "word 4" in result.stderr, result.stderr
+    result = cli(
+        "import",
+        "-o",
+        str(out),
+        "--",
+        "qemu-system-x86_64",
+        "-m",
+        "256",
+        "-append",
+        "console=ttyS0" + payload,
+    )
+    assert result.returncode == 2 and "line break" in result.stderr and "word 4" in result.stderr, (
+        result.stderr
+    )
     _one_paragraph(result.stderr)
-    assert not out.exists()  # before the fix: out.toml declared [[machines.evil.shares]] source = "/"
+    assert (
+        not out.exists()
+    )  # before the fix: out.toml declared [[machines.evil.shares]] source = "/"
 
 
 def test_import_from_a_script_refuses_a_quoted_line_break(tmp_path):
@@ -224,9 +282,11 @@ def test_import_from_a_script_refuses_a_quoted_line_break(tmp_path):
 def test_libvirt_xml_line_breaks_stay_inside_the_comment(tmp_path):
     hidden = HIDDEN.replace("\n", "&#10;").replace('"', "&quot;")
     xml = tmp_path / "domain.xml"
-    xml.write_text(f"<domain type='qemu'><name>vm</name><memory unit='MiB'>256</memory>"
-                   f"<on_reboot>destroy{hidden}</on_reboot><on_crash>x&#13;&#10;&#x2028;[machines.evil2]</on_crash>"
-                   f"<devices><disk type='network' device='disk{hidden}'/></devices></domain>")
+    xml.write_text(
+        f"<domain type='qemu'><name>vm</name><memory unit='MiB'>256</memory>"
+        f"<on_reboot>destroy{hidden}</on_reboot><on_crash>x&#13;&#10;&#x2028;[machines.evil2]</on_crash>"
+        f"<devices><disk type='network' device='disk{hidden}'/></devices></domain>"
+    )
     out = tmp_path / "out.toml"
     result = cli("import", "--from-libvirt", str(xml), "-o", str(out))
     assert result.returncode == 0, result.stderr
@@ -241,16 +301,21 @@ def test_libvirt_xml_line_breaks_stay_inside_the_comment(tmp_path):
 
 def test_libvirt_qemu_commandline_with_a_line_break_is_refused(tmp_path):
     xml = tmp_path / "domain.xml"
-    xml.write_text("<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'><name>vm</name>"
-                   "<memory unit='MiB'>256</memory><qemu:commandline><qemu:arg value='-name'/>"
-                   f"<qemu:arg value='x{HIDDEN.replace(chr(10), '&#10;').replace(chr(34), '&quot;')}'/>"
-                   "</qemu:commandline></domain>")
+    xml.write_text(
+        "<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'><name>vm</name>"
+        "<memory unit='MiB'>256</memory><qemu:commandline><qemu:arg value='-name'/>"
+        f"<qemu:arg value='x{HIDDEN.replace(chr(10), '&#10;').replace(chr(34), '&quot;')}'/>"
+        "</qemu:commandline></domain>"
+    )
     result = cli("import", "--from-libvirt", str(xml))
-    assert result.returncode == 2 and "line break" in result.stderr and "domain.xml" in result.stderr, result.stderr
+    assert (
+        result.returncode == 2 and "line break" in result.stderr and "domain.xml" in result.stderr
+    ), result.stderr
     _one_paragraph(result.stderr)
 
 
 # ---- item 13: a definition-relative qemu needs the user's opt-in, git checkout or not ----------
+
 
 def _fake_qemu(directory) -> str:
     directory.mkdir(parents=True, exist_ok=True)
@@ -261,8 +326,10 @@ def _fake_qemu(directory) -> str:
     return str(marker)
 
 
-@pytest.mark.parametrize("written", ["../tools/qemu-system-x86_64", "bin/qemu-system-x86_64",
-                                     "./../tools/qemu-system-x86_64"])
+@pytest.mark.parametrize(
+    "written",
+    ["../tools/qemu-system-x86_64", "bin/qemu-system-x86_64", "./../tools/qemu-system-x86_64"],
+)
 def test_a_qemu_reached_from_the_definition_needs_the_opt_in_outside_git(written, tmp_path):
     """A tarball or CI artifact: no .git, so the tree is the definition's directory; `../` and a
     committed symlink lead out of it."""
@@ -273,8 +340,12 @@ def test_a_qemu_reached_from_the_definition_needs_the_opt_in_outside_git(written
     path = project / "m.toml"
     path.write_text(f'[machines.vm]\nqemu = "{written}"\nmemory = "64M"\n')
     state = ["--state-dir", str(tmp_path / "state")]
-    for command in (["validate", str(path)], ["up", str(path), *state], ["restart", str(path), *state],
-                    ["run", str(path), "--", "true"]):
+    for command in (
+        ["validate", str(path)],
+        ["up", str(path), *state],
+        ["restart", str(path), *state],
+        ["run", str(path), "--", "true"],
+    ):
         result = cli(*command)
         assert result.returncode == 2, (command, result.stderr)
         assert "m.toml:2" in result.stderr and "machines.vm.qemu" in result.stderr
@@ -287,12 +358,15 @@ def test_a_qemu_reached_from_the_definition_needs_the_opt_in_outside_git(written
 
 def test_a_system_qemu_by_name_or_absolute_path_needs_no_opt_in(qemu_bin, tmp_path):
     path = tmp_path / "m.toml"
-    path.write_text(f'[machines.a]\nmemory = "64M"\n[machines.b]\nqemu = "{qemu_bin}"\nmemory = "64M"\n')
+    path.write_text(
+        f'[machines.a]\nmemory = "64M"\n[machines.b]\nqemu = "{qemu_bin}"\nmemory = "64M"\n'
+    )
     result = cli("validate", str(path))
     assert result.returncode == 0, result.stderr
 
 
 # ---- item 14: host paths outside the tree are listed; shares, writable disks, devices opted in ---
+
 
 def _outside(tmp_path):
     """A project directory and, beside it, host files the definition names: a secret, a directory."""
@@ -304,16 +378,29 @@ def _outside(tmp_path):
     return project, str(secret), str(tmp_path / "home")
 
 
-@pytest.mark.parametrize("table, field", [
-    ('[[machines.vm.disks]]\nfile = "{secret}"\nformat = "raw"\n', "machines.vm.disks[0].file"),
-    ('[[machines.vm.shares]]\nsource = "/"\ntag = "root"\n', "machines.vm.shares[0].source"),
-    ('[[machines.vm.shares]]\nsource = "{home}"\ntag = "home"\nreadonly = true\n', "machines.vm.shares[0].source"),
-    ('[[machines.vm.disks]]\nfile = "/dev/zero"\nformat = "raw"\nreadonly = true\n', "machines.vm.disks[0].file"),
-    ('[[machines.vm.disks]]\nfile = "link.img"\nformat = "raw"\n', "machines.vm.disks[0].file"),
-    ('[[machines.vm.disks]]\nfile = "../made-outside.qcow2"\nformat = "qcow2"\nsize = "16M"\n',
-     "machines.vm.disks[0].file"),
-])
-def test_shares_writable_disks_and_devices_outside_the_tree_need_the_users_opt_in(table, field, tmp_path):
+@pytest.mark.parametrize(
+    "table, field",
+    [
+        ('[[machines.vm.disks]]\nfile = "{secret}"\nformat = "raw"\n', "machines.vm.disks[0].file"),
+        ('[[machines.vm.shares]]\nsource = "/"\ntag = "root"\n', "machines.vm.shares[0].source"),
+        (
+            '[[machines.vm.shares]]\nsource = "{home}"\ntag = "home"\nreadonly = true\n',
+            "machines.vm.shares[0].source",
+        ),
+        (
+            '[[machines.vm.disks]]\nfile = "/dev/zero"\nformat = "raw"\nreadonly = true\n',
+            "machines.vm.disks[0].file",
+        ),
+        ('[[machines.vm.disks]]\nfile = "link.img"\nformat = "raw"\n', "machines.vm.disks[0].file"),
+        (
+            '[[machines.vm.disks]]\nfile = "../made-outside.qcow2"\nformat = "qcow2"\nsize = "16M"\n',
+            "machines.vm.disks[0].file",
+        ),
+    ],
+)
+def test_shares_writable_disks_and_devices_outside_the_tree_need_the_users_opt_in(
+    table, field, tmp_path
+):
     project, secret, home = _outside(tmp_path)
     os.symlink(secret, project / "link.img")  # a committed symlink out of the tree
     path = project / "m.toml"
@@ -321,9 +408,15 @@ def test_shares_writable_disks_and_devices_outside_the_tree_need_the_users_opt_i
     for command in (["validate"], ["up", "--no-probe", "--state-dir", str(tmp_path / "state")]):
         result = cli(*command, str(path))
         assert result.returncode == 2, (command, result.stderr)
-        assert "m.toml" in result.stderr and f"{field}:" in result.stderr and "--allow-host-paths" in result.stderr
+        assert (
+            "m.toml" in result.stderr
+            and f"{field}:" in result.stderr
+            and "--allow-host-paths" in result.stderr
+        )
         assert "Traceback" not in result.stderr
-    assert open(secret).read() == "root:$6$hash\n" and not (tmp_path / "made-outside.qcow2").exists()
+    assert (
+        open(secret).read() == "root:$6$hash\n" and not (tmp_path / "made-outside.qcow2").exists()
+    )
     assert not (tmp_path / "state").exists(), "up started nothing"
     assert cli("validate", str(path), "--allow-host-paths").returncode == 0, "the user may allow it"
     assert cli("validate", str(path), env={"QEMUSPEC_ALLOW_HOST_PATHS": "1"}).returncode == 0
@@ -332,8 +425,10 @@ def test_shares_writable_disks_and_devices_outside_the_tree_need_the_users_opt_i
 def test_a_definition_cannot_opt_itself_in(tmp_path):
     project, secret, _home = _outside(tmp_path)
     path = project / "m.toml"
-    path.write_text('[vars]\nQEMUSPEC_ALLOW_HOST_PATHS = "1"\nallow_host_paths = true\n'
-                    f'[machines.vm]\nmemory = "64M"\n[[machines.vm.disks]]\nfile = "{secret}"\nformat = "raw"\n')
+    path.write_text(
+        '[vars]\nQEMUSPEC_ALLOW_HOST_PATHS = "1"\nallow_host_paths = true\n'
+        f'[machines.vm]\nmemory = "64M"\n[[machines.vm.disks]]\nfile = "{secret}"\nformat = "raw"\n'
+    )
     assert cli("validate", str(path)).returncode == 2
 
 
@@ -342,22 +437,37 @@ def test_validate_render_and_up_list_every_host_path_outside_the_tree(qemu_bin, 
     (tmp_path / "user-data").write_text("#cloud-config\n")
     (project / "inside.img").write_text("")
     path = project / "m.toml"
-    path.write_text('[machines.vm]\nmemory = "64M"\n'
-                    f'kernel = "{secret}"\ninitrd = "../shadow"\ncdrom = ["{secret}"]\n'
-                    f'[[machines.vm.disks]]\nfile = "{secret}"\nformat = "raw"\nreadonly = true\n'
-                    '[[machines.vm.disks]]\nfile = "inside.img"\nformat = "raw"\n'
-                    f'[[machines.vm.shares]]\nsource = "{home}"\ntag = "h"\n'
-                    f'[machines.vm.cloud_init]\nuser_data_file = "../user-data"\n'
-                    f'[[machines.vm.objects]]\ntype = "memory-backend-file"\nid = "m0"\n'
-                    f'options = {{ mem-path = "{home}", size = "64M" }}\n')
-    for command in (["validate", "--allow-host-paths"], ["render"],
-                    ["up", "--allow-host-paths", "--state-dir", str(tmp_path / "state"), "--timeout", "1"]):
+    path.write_text(
+        '[machines.vm]\nmemory = "64M"\n'
+        f'kernel = "{secret}"\ninitrd = "../shadow"\ncdrom = ["{secret}"]\n'
+        f'[[machines.vm.disks]]\nfile = "{secret}"\nformat = "raw"\nreadonly = true\n'
+        '[[machines.vm.disks]]\nfile = "inside.img"\nformat = "raw"\n'
+        f'[[machines.vm.shares]]\nsource = "{home}"\ntag = "h"\n'
+        f'[machines.vm.cloud_init]\nuser_data_file = "../user-data"\n'
+        f'[[machines.vm.objects]]\ntype = "memory-backend-file"\nid = "m0"\n'
+        f'options = {{ mem-path = "{home}", size = "64M" }}\n'
+    )
+    for command in (
+        ["validate", "--allow-host-paths"],
+        ["render"],
+        ["up", "--allow-host-paths", "--state-dir", str(tmp_path / "state"), "--timeout", "1"],
+    ):
         result = cli(*command, str(path), timeout=120)
         listed = result.stderr
-        for field, where in [("kernel", secret), ("initrd", secret), ("cdrom.0", secret), ("disks.0.file", secret),
-                             ("shares.0.source", home), ("cloud_init.user_data_file", str(tmp_path / "user-data")),
-                             ("objects.0.options.mem-path", home)]:
-            assert any(field in line and where in line for line in listed.splitlines()), (command, field, listed)
+        for field, where in [
+            ("kernel", secret),
+            ("initrd", secret),
+            ("cdrom.0", secret),
+            ("disks.0.file", secret),
+            ("shares.0.source", home),
+            ("cloud_init.user_data_file", str(tmp_path / "user-data")),
+            ("objects.0.options.mem-path", home),
+        ]:
+            assert any(field in line and where in line for line in listed.splitlines()), (
+                command,
+                field,
+                listed,
+            )
         assert "inside.img" not in listed, "paths inside the tree are not listed"
         if command[0] == "up":
             cli("down", str(path), "--state-dir", str(tmp_path / "state"))
@@ -365,15 +475,23 @@ def test_validate_render_and_up_list_every_host_path_outside_the_tree(qemu_bin, 
 
 # ---- item 18: cloud-init source files are regular files of bounded size ------------------------
 
+
 @pytest.mark.parametrize("which", ["fifo", "/dev/zero", "big"])
 def test_a_cloud_init_file_that_is_no_regular_file_is_refused_at_validate(which, tmp_path):
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     (tmp_path / "big").write_bytes(b"#" * (1024 * 1024 + 1))
     path = tmp_path / "m.toml"
-    path.write_text(f'[machines.vm]\nmemory = "64M"\n[machines.vm.cloud_init]\nuser_data_file = "{which}"\n')
-    for command in (["validate", "--allow-host-paths"], ["up", "--no-probe", "--state-dir", str(tmp_path / "state")]):
-        result = cli(*command, str(path), timeout=20)  # a FIFO read would hang: the deadline fails the test instead
+    path.write_text(
+        f'[machines.vm]\nmemory = "64M"\n[machines.vm.cloud_init]\nuser_data_file = "{which}"\n'
+    )
+    for command in (
+        ["validate", "--allow-host-paths"],
+        ["up", "--no-probe", "--state-dir", str(tmp_path / "state")],
+    ):
+        result = cli(
+            *command, str(path), timeout=20
+        )  # a FIFO read would hang: the deadline fails the test instead
         assert result.returncode == 2, result.stderr
         assert "machines.vm.cloud_init.user_data_file" in result.stderr
         assert "not a regular file" in result.stderr or "at most" in result.stderr
@@ -399,9 +517,11 @@ def test_a_file_that_also_uses_libvirt_gets_the_same_checks_on_up(tmp_path):
     secret = tmp_path / "shadow"
     secret.write_text("root:$6$hash\n")
     path = tmp_path / "m.toml"
-    path.write_text(f'[machines.far]\nhost = "{UNREACHABLE}"\nmemory = "64M"\n'
-                    f'[[machines.far.disks]]\nfile = "{secret}"\nformat = "raw"\n\n'
-                    '[machines.near]\nqemu = "tools/qemu-system-x86_64"\nmemory = "64M"\n')
+    path.write_text(
+        f'[machines.far]\nhost = "{UNREACHABLE}"\nmemory = "64M"\n'
+        f'[[machines.far.disks]]\nfile = "{secret}"\nformat = "raw"\n\n'
+        '[machines.near]\nqemu = "tools/qemu-system-x86_64"\nmemory = "64M"\n'
+    )
     project = tmp_path / "project"
     project.mkdir()
     moved = project / "m.toml"
@@ -409,8 +529,12 @@ def test_a_file_that_also_uses_libvirt_gets_the_same_checks_on_up(tmp_path):
     path.rename(moved)
     result = cli("up", str(moved), "--no-probe", timeout=120)
     assert result.returncode == 2, result.stderr
-    assert "machines.near.qemu" in result.stderr and "--allow-local-qemu" in result.stderr, result.stderr
-    assert "machines.far.disks[0].file" in result.stderr and "--allow-host-paths" in result.stderr, result.stderr
+    assert "machines.near.qemu" in result.stderr and "--allow-local-qemu" in result.stderr, (
+        result.stderr
+    )
+    assert (
+        "machines.far.disks[0].file" in result.stderr and "--allow-host-paths" in result.stderr
+    ), result.stderr
     assert not os.path.exists(marker) and secret.read_text() == "root:$6$hash\n"
 
 

@@ -57,7 +57,10 @@ def replaced(vm):
     def replace(program: str, script: str) -> None:
         where = guest_sh(vm, f"which {program}").strip()
         assert where.startswith("/"), where
-        guest_sh(vm, f"rm -f {where} && cat > {where} <<'EOF'\n#!/bin/sh\n{script}\nEOF\nchmod 755 {where}")
+        guest_sh(
+            vm,
+            f"rm -f {where} && cat > {where} <<'EOF'\n#!/bin/sh\n{script}\nEOF\nchmod 755 {where}",
+        )
         done.append(where)
 
     yield replace
@@ -71,19 +74,33 @@ def replaced(vm):
 def test_guest_file_names_with_newlines_stay_inside_dest(vm, tmp_path):
     """A newline in a name used to forge a second `stat` line ("81a4 4 pwned") that the old parser
     placed outside DEST (relative to the CLI's working directory); setuid bits came along too."""
-    guest_sh(vm, "rm -rf /tmp/nl && mkdir -p /tmp/nl/sub && printf secret > \"/tmp/nl/$(printf 'x\\n81a4 6 pwned')\" && "
-                 "printf root > /tmp/nl/suid && chmod 4755 /tmp/nl/suid && chmod 2775 /tmp/nl/sub && "
-                 "printf deep > /tmp/nl/sub/file && chmod 1777 /tmp/nl")
+    guest_sh(
+        vm,
+        "rm -rf /tmp/nl && mkdir -p /tmp/nl/sub && printf secret > \"/tmp/nl/$(printf 'x\\n81a4 6 pwned')\" && "
+        "printf root > /tmp/nl/suid && chmod 4755 /tmp/nl/suid && chmod 2775 /tmp/nl/sub && "
+        "printf deep > /tmp/nl/sub/file && chmod 1777 /tmp/nl",
+    )
     work = tmp_path / "work"
     (work / "deep" / "er").mkdir(parents=True)
     dest = tmp_path / "dest"
     dest.mkdir()
     before = everything_under(tmp_path)
-    result = subprocess.run([*ENTRY, "cp", "-r", vm, "evil:/tmp/nl", str(dest)], cwd=work / "deep" / "er",
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [*ENTRY, "cp", "-r", vm, "evil:/tmp/nl", str(dest)],
+        cwd=work / "deep" / "er",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     created = everything_under(tmp_path) - before
-    assert created == {"dest/nl", "dest/nl/x\n81a4 6 pwned", "dest/nl/suid", "dest/nl/sub", "dest/nl/sub/file"}, created
+    assert created == {
+        "dest/nl",
+        "dest/nl/x\n81a4 6 pwned",
+        "dest/nl/suid",
+        "dest/nl/sub",
+        "dest/nl/sub/file",
+    }, created
     assert (dest / "nl" / "x\n81a4 6 pwned").read_bytes() == b"secret"
     assert stat.S_IMODE(os.stat(dest / "nl" / "suid").st_mode) == 0o755, "setuid dropped"
     assert stat.S_IMODE(os.stat(dest / "nl" / "sub").st_mode) == 0o775, "setgid dropped"
@@ -98,12 +115,24 @@ def test_a_lying_find_cannot_name_host_paths(vm, tmp_path, replaced):
     dest = tmp_path / "dest"
     dest.mkdir()
     guest_sh(vm, "rm -rf /tmp/lie && mkdir -p /tmp/lie/a && printf owned > /tmp/lie/a/f")
-    for listing in (f"/tmp/lie/../../../../../..{victim}/f", f"{victim}/f", "/tmp/lie/a/../../../f", "/tmp/lie//f",
-                    "/tmp/lie/a/f"):  # the last one: a file whose directory was never listed
+    for listing in (
+        f"/tmp/lie/../../../../../..{victim}/f",
+        f"{victim}/f",
+        "/tmp/lie/a/../../../f",
+        "/tmp/lie//f",
+        "/tmp/lie/a/f",
+    ):  # the last one: a file whose directory was never listed
         replaced("find", f"printf '%s\\0' '{listing}'")
-        result = subprocess.run([*ENTRY, "cp", "-r", vm, "evil:/tmp/lie", str(dest)], capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            [*ENTRY, "cp", "-r", vm, "evil:/tmp/lie", str(dest)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert result.returncode == 1, (listing, result.stderr)
-        assert "refusing the copy" in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert "refusing the copy" in result.stderr and "Traceback" not in result.stderr, (
+            result.stderr
+        )
         assert os.listdir(victim) == [], listing
         assert everything_under(dest) <= {"lie"}, everything_under(dest)
 
@@ -118,13 +147,25 @@ def test_host_directories_not_made_by_the_copy_are_never_chmodded(vm, tmp_path):
     (dest / "tree").mkdir(parents=True)
     os.chmod(dest / "tree", 0o750)
     os.symlink(outside, dest / "tree" / "sub")
-    guest_sh(vm, "rm -rf /tmp/tree && mkdir -p /tmp/tree/sub && printf x > /tmp/tree/sub/planted && chmod -R 777 /tmp/tree")
-    result = subprocess.run([*ENTRY, "cp", "-r", vm, "evil:/tmp/tree", str(dest)], capture_output=True, text=True, timeout=300)
+    guest_sh(
+        vm,
+        "rm -rf /tmp/tree && mkdir -p /tmp/tree/sub && printf x > /tmp/tree/sub/planted && chmod -R 777 /tmp/tree",
+    )
+    result = subprocess.run(
+        [*ENTRY, "cp", "-r", vm, "evil:/tmp/tree", str(dest)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.startswith("error: ") and "sub exists and is not a directory" in result.stderr, result.stderr
+    assert (
+        result.stderr.startswith("error: ") and "sub exists and is not a directory" in result.stderr
+    ), result.stderr
     assert os.listdir(outside) == []
     assert stat.S_IMODE(os.stat(outside).st_mode) == 0o700
-    assert stat.S_IMODE(os.stat(dest / "tree").st_mode) == 0o750, "an existing directory keeps its mode"
+    assert stat.S_IMODE(os.stat(dest / "tree").st_mode) == 0o750, (
+        "an existing directory keeps its mode"
+    )
 
 
 def test_single_file_from_a_lying_guest_fails_cleanly(vm, tmp_path, replaced):
@@ -133,12 +174,24 @@ def test_single_file_from_a_lying_guest_fails_cleanly(vm, tmp_path, replaced):
     guest_sh(vm, "printf 0123456789 > /tmp/ten")
     dest = tmp_path / "dest"
     dest.mkdir()
-    for script, expect in (("echo hello", "not \"MODE SIZE\""), ("printf '81a4 3\\n'", "more than the 3 bytes"),
-                           ("printf '81a4 3\\n81a4 3\\n'", "answered 2 lines for 1")):
+    for script, expect in (
+        ("echo hello", 'not "MODE SIZE"'),
+        ("printf '81a4 3\\n'", "more than the 3 bytes"),
+        ("printf '81a4 3\\n81a4 3\\n'", "answered 2 lines for 1"),
+    ):
         replaced("stat", script)
-        result = subprocess.run([*ENTRY, "cp", vm, "evil:/tmp/ten", str(dest / "ten")], capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            [*ENTRY, "cp", vm, "evil:/tmp/ten", str(dest / "ten")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert result.returncode == 1, result.stderr
-        assert expect in result.stderr and result.stderr.startswith("error: ") and "internal error" not in result.stderr, result.stderr
+        assert (
+            expect in result.stderr
+            and result.stderr.startswith("error: ")
+            and "internal error" not in result.stderr
+        ), result.stderr
         assert os.listdir(dest) == [], os.listdir(dest)
 
 
@@ -161,20 +214,30 @@ def test_host_symlinks_travel_as_symlinks_not_as_their_targets(vm, tmp_path):
     guest_sh(vm, "rm -rf /tmp/in /tmp/deref")
     result = cli("cp", "-r", vm, str(src), "evil:/tmp/in")
     assert "pipe: skipped" in result.stderr, result.stderr
-    assert guest_sh(vm, "readlink /tmp/in/leak; readlink /tmp/in/dirleak; cat /tmp/in/plain").split("\n")[:3] == [
-        str(secret), str(secret_dir), "kept"]
+    assert guest_sh(vm, "readlink /tmp/in/leak; readlink /tmp/in/dirleak; cat /tmp/in/plain").split(
+        "\n"
+    )[:3] == [str(secret), str(secret_dir), "kept"]
     found = guest_sh(vm, f"grep -rl {token} /tmp/in 2>/dev/null; echo end")
     assert found == "end\n", "no secret bytes in the guest"
     copied = json.loads(cli("cp", "-r", "--json", vm, str(src), "evil:/tmp/in2").stdout)["files"]
-    assert {f["target"]: f.get("link") for f in copied} == {"/tmp/in2/dirleak": str(secret_dir), "/tmp/in2/leak": str(secret),
-                                                            "/tmp/in2/plain": None}
-    cli("cp", "-r", "--dereference", vm, str(src), "evil:/tmp/deref")  # the documented opt-in follows them
-    assert guest_sh(vm, "cat /tmp/deref/leak /tmp/deref/dirleak/key") == f"CI_TOKEN={token}\n{token}"
+    assert {f["target"]: f.get("link") for f in copied} == {
+        "/tmp/in2/dirleak": str(secret_dir),
+        "/tmp/in2/leak": str(secret),
+        "/tmp/in2/plain": None,
+    }
+    cli(
+        "cp", "-r", "--dereference", vm, str(src), "evil:/tmp/deref"
+    )  # the documented opt-in follows them
+    assert (
+        guest_sh(vm, "cat /tmp/deref/leak /tmp/deref/dirleak/key") == f"CI_TOKEN={token}\n{token}"
+    )
 
 
 # -- item 15: a guest's terminal escapes reach no terminal -------------------------------------------
 
-ESCAPES = "\\033[6n\\033]0;pwned-title\\007\\033[2J"  # ask the cursor position, retitle, clear the screen
+ESCAPES = (
+    "\\033[6n\\033]0;pwned-title\\007\\033[2J"  # ask the cursor position, retitle, clear the screen
+)
 SHOWN = b"\\x1b[6n\\x1b]0;pwned-title\\x07\\x1b[2J"
 
 
@@ -184,8 +247,12 @@ def on_pty(argv, which="stdout", env=None, timeout=300) -> tuple[int, bytes]:
 
     master, slave = os.openpty()
     streams = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, which: slave}
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env={**os.environ, "TERM": "dumb", "NO_COLOR": "1", **(env or {})},
-                            **streams)
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "TERM": "dumb", "NO_COLOR": "1", **(env or {})},
+        **streams,
+    )
     os.close(slave)
     data = b""
     try:
@@ -217,7 +284,9 @@ def test_console_escapes_from_the_guest_arrive_escaped_on_a_terminal(vm):
     assert code == 0 and b"\x1b[6n" in raw and b"\x1b]0;pwned-title\x07" in raw, "--raw opts out"
     code, as_json = on_pty([*ENTRY, "logs", vm, "--json"])
     records = [json.loads(line) for line in as_json.decode().replace("\r", "").splitlines() if line]
-    assert any("\x1b[6n" in r["line"] for r in records), "JSON carries the bytes, escaped the JSON way"
+    assert any("\x1b[6n" in r["line"] for r in records), (
+        "JSON carries the bytes, escaped the JSON way"
+    )
     code, events = on_pty([*ENTRY, "events", vm])
     assert code == 0 and b"QEMUSPEC_READY" in events and b"\x1b" not in events
 
@@ -232,8 +301,8 @@ def test_ready_failure_tail_is_escaped_on_a_terminal(guest, tmp_path):
 
     path = tmp_path / "tail.toml"
     path.write_text(f'''[machines.tail]
-kernel = "{guest['kernel']}"
-initrd = "{guest['initrd']}"
+kernel = "{guest["kernel"]}"
+initrd = "{guest["initrd"]}"
 cmdline = "console=ttyS0 quiet"
 memory = "256M"
 rng = true
@@ -246,12 +315,20 @@ timeout = "30s"
     before = qemu_pids(tmp_path)
     qga = paths.layout(str(tmp_path / ".qemuspec" / "tail")).qga
     result: dict = {}
-    runner = threading.Thread(target=lambda: result.update(zip(("code", "stderr"), on_pty([*ENTRY, "up", str(path)], "stderr"))))
+    runner = threading.Thread(
+        target=lambda: result.update(
+            zip(("code", "stderr"), on_pty([*ENTRY, "up", str(path)], "stderr"))
+        )
+    )
     runner.start()
     try:
         deadline = __import__("time").monotonic() + 30
-        while not os.path.exists(qga):  # the runtime directory appears once the supervisor launches qemu
-            assert __import__("time").monotonic() < deadline and runner.is_alive(), "qemu never launched"
+        while not os.path.exists(
+            qga
+        ):  # the runtime directory appears once the supervisor launches qemu
+            assert __import__("time").monotonic() < deadline and runner.is_alive(), (
+                "qemu never launched"
+            )
             threading.Event().wait(0.05)
         probes.wait_agent(qga, deadline, lambda: True)
         with GuestAgent(qga, timeout=10) as agent:
@@ -260,7 +337,10 @@ timeout = "30s"
     finally:
         cli("down", str(path), check=False)
     assert result["code"] == 1, result
-    assert b"was not ready within 30 s" in result["stderr"] and b"tail:" + SHOWN + b":end" in result["stderr"], result["stderr"][-600:]
+    assert (
+        b"was not ready within 30 s" in result["stderr"]
+        and b"tail:" + SHOWN + b":end" in result["stderr"]
+    ), result["stderr"][-600:]
     assert b"\x1b" not in result["stderr"] and b"\x07" not in result["stderr"]
     assert qemu_pids(tmp_path) == before
 
@@ -281,13 +361,17 @@ def test_backtracking_pattern_on_console_bytes_ends_at_its_deadline():
     ours, guest_side = socket.socketpair()
     reader = ConsoleReader(ours)
     try:
-        guest_side.sendall((b"a" * 3000 + b"!\r\n") * 50 + b"a" * 100_000)  # lines and a line that never ends
+        guest_side.sendall(
+            (b"a" * 3000 + b"!\r\n") * 50 + b"a" * 100_000
+        )  # lines and a line that never ends
         began = time.monotonic()
         with pytest.raises(ReadyTimeout):
             reader.wait_for(BACKTRACKING, 1.5)
         assert time.monotonic() - began < 3.0
         guest_side.sendall(b"\nlogin: ")
-        assert reader.wait_for(r"^login: $", 5).group(0) == b"login: ", "a prompt without a newline still matches"
+        assert reader.wait_for(r"^login: $", 5).group(0) == b"login: ", (
+            "a prompt without a newline still matches"
+        )
     finally:
         guest_side.close()
         reader.close()
@@ -329,7 +413,11 @@ def test_validate_names_the_engine_for_lookaround(tmp_path):
     path = tmp_path / "look.toml"
     path.write_text('[machines.m]\n[machines.m.ready]\nserial = "(?<=x)ready"\n')
     result = cli("validate", str(path), check=False)
-    assert result.returncode == 2 and "machines.m.ready.serial" in result.stderr and "lookaround" in result.stderr, result.stderr
+    assert (
+        result.returncode == 2
+        and "machines.m.ready.serial" in result.stderr
+        and "lookaround" in result.stderr
+    ), result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -341,9 +429,9 @@ def test_backtracking_ready_serial_with_real_qemu_times_out_and_stops_on_sigterm
 
     path = tmp_path / "slow.toml"
     path.write_text(f'''[machines.slow]
-kernel = "{guest['kernel']}"
-initrd = "{guest['initrd']}"
-cmdline = "console=ttyS0 loglevel=7 {'a' * 80}!"
+kernel = "{guest["kernel"]}"
+initrd = "{guest["initrd"]}"
+cmdline = "console=ttyS0 loglevel=7 {"a" * 80}!"
 memory = "256M"
 rng = true
 stop_timeout = "5s"
@@ -356,20 +444,32 @@ timeout = "12s"
         began = time.monotonic()
         failed = cli("up", str(path), check=False)
         took = time.monotonic() - began
-        assert failed.returncode == 1 and "was not ready within 12 s" in failed.stderr, failed.stderr
+        assert failed.returncode == 1 and "was not ready within 12 s" in failed.stderr, (
+            failed.stderr
+        )
         log = open(os.path.join(tmp_path, ".qemuspec", "slow", "serial.log"), "rb").read()
         assert b"a" * 80 + b"!" in log, "the guest printed the line the pattern was matched against"
         assert took < 12 + 20, f"up took {took:.1f} s"
         assert qemu_pids(tmp_path) == before
         # SIGTERM, as `down` sends it (`down` itself waits for the state lock a starting `up` holds)
-        up = subprocess.Popen([*ENTRY, "up", str(path), "--timeout", "300"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
+        up = subprocess.Popen(
+            [*ENTRY, "up", str(path), "--timeout", "300"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
-            first_boot = log.count(b"a" * 80 + b"!")  # the kernel shows the line more than once per boot
+            first_boot = log.count(
+                b"a" * 80 + b"!"
+            )  # the kernel shows the line more than once per boot
             deadline = time.monotonic() + 120
             supervisor = None
-            while log.count(b"a" * 80 + b"!") <= first_boot or not supervisor:  # the second boot is being matched
-                assert time.monotonic() < deadline and up.poll() is None, "the second boot never printed its line"
+            while (
+                log.count(b"a" * 80 + b"!") <= first_boot or not supervisor
+            ):  # the second boot is being matched
+                assert time.monotonic() < deadline and up.poll() is None, (
+                    "the second boot never printed its line"
+                )
                 time.sleep(0.05)
                 log = open(os.path.join(tmp_path, ".qemuspec", "slow", "serial.log"), "rb").read()
                 supervisor = json.loads(cli("status", str(path), "--json").stdout)[0]["supervisor"]
@@ -413,7 +513,11 @@ class FakeAgent:
             for line in lines:
                 request = json.loads(line.lstrip(b"\xff"))
                 if request["execute"] == "guest-sync-delimited":
-                    conn.sendall(b"\xff" + json.dumps({"return": request["arguments"]["id"]}).encode() + b"\n")
+                    conn.sendall(
+                        b"\xff"
+                        + json.dumps({"return": request["arguments"]["id"]}).encode()
+                        + b"\n"
+                    )
                 else:
                     try:
                         conn.sendall(self.reply)
@@ -427,24 +531,31 @@ class FakeAgent:
 
 MALFORMED = [
     (b"[1,2,3]\n", "guest-ping", "not an object"),
-    (b"{\"return\": \n", "guest-ping", "not JSON"),
+    (b'{"return": \n', "guest-ping", "not JSON"),
     (b"[" * 200_000 + b"]" * 200_000 + b"\n", "guest-ping", "nested too deeply"),
-    (b"{" + b"\"a\":{" * 100_000 + b"}" * 100_001 + b"\n", "guest-ping", "nested too deeply"),
-    (b"{\"error\": \"x\"}\n", "guest-ping", "malformed error"),
-    (b"{\"error\": {\"class\": 7}}\n", "guest-ping", "malformed error"),
-    (b"{\"return\": [1]}\n", "exec", "where an object belongs"),
-    (b"{\"return\": {\"pid\": \"1\"}}\n", "exec", "pid = '1': expected int"),
-    (b"{\"return\": {\"pid\": true}}\n", "exec", "pid = True: expected int"),
-    (b"{\"return\": 5}\n", "read", "where an object belongs"),
-    (b"{\"return\": {\"buf-b64\": \"%%%\", \"eof\": true}}\n", "read", "not base64"),
-    (b"{\"return\": {\"buf-b64\": 1}}\n", "read", "buf-b64 = 1: expected str"),
-    (b"{\"return\": {\"buf-b64\": \"" + __import__("base64").b64encode(b"x" * 5000) + b"\", \"count\": 10}}\n", "read",
-     "5000 bytes for a read of 4096"),
+    (b"{" + b'"a":{' * 100_000 + b"}" * 100_001 + b"\n", "guest-ping", "nested too deeply"),
+    (b'{"error": "x"}\n', "guest-ping", "malformed error"),
+    (b'{"error": {"class": 7}}\n', "guest-ping", "malformed error"),
+    (b'{"return": [1]}\n', "exec", "where an object belongs"),
+    (b'{"return": {"pid": "1"}}\n', "exec", "pid = '1': expected int"),
+    (b'{"return": {"pid": true}}\n', "exec", "pid = True: expected int"),
+    (b'{"return": 5}\n', "read", "where an object belongs"),
+    (b'{"return": {"buf-b64": "%%%", "eof": true}}\n', "read", "not base64"),
+    (b'{"return": {"buf-b64": 1}}\n', "read", "buf-b64 = 1: expected str"),
+    (
+        b'{"return": {"buf-b64": "'
+        + __import__("base64").b64encode(b"x" * 5000)
+        + b'", "count": 10}}\n',
+        "read",
+        "5000 bytes for a read of 4096",
+    ),
     (b"x" * (33 << 20), "guest-ping", "over 32 MiB"),
 ]
 
 
-@pytest.mark.parametrize("reply,call,expect", MALFORMED, ids=[m[2] + f"-{i}" for i, m in enumerate(MALFORMED)])
+@pytest.mark.parametrize(
+    "reply,call,expect", MALFORMED, ids=[m[2] + f"-{i}" for i, m in enumerate(MALFORMED)]
+)
 def test_malformed_agent_replies_are_protocol_errors(tmp_path, reply, call, expect):
     from qemuspec.errors import QemuspecError, QMPProtocolError
     from qemuspec.runtime.agent import GuestAgent
@@ -459,9 +570,13 @@ def test_malformed_agent_replies_are_protocol_errors(tmp_path, reply, call, expe
                     agent.file_read(3, 4096)
                 else:
                     agent.command(call)
-            assert isinstance(caught.value, QemuspecError) and expect in str(caught.value), str(caught.value)
+            assert isinstance(caught.value, QemuspecError) and expect in str(caught.value), str(
+                caught.value
+            )
             assert len(str(caught.value)) < 600, "the message quotes the reply, briefly"
-            with pytest.raises(QMPProtocolError):  # the session is over: nothing more is read from it
+            with pytest.raises(
+                QMPProtocolError
+            ):  # the session is over: nothing more is read from it
                 agent.command("guest-ping")
     finally:
         fake.close()
@@ -474,7 +589,15 @@ def test_a_reply_the_size_of_the_cap_still_passes(tmp_path):
     from qemuspec.runtime.agent import GuestAgent
 
     payload = os.urandom(16 << 20)
-    reply = json.dumps({"return": {"buf-b64": base64.b64encode(payload).decode(), "count": len(payload), "eof": True}}).encode()
+    reply = json.dumps(
+        {
+            "return": {
+                "buf-b64": base64.b64encode(payload).decode(),
+                "count": len(payload),
+                "eof": True,
+            }
+        }
+    ).encode()
     fake = FakeAgent(str(tmp_path / "qga.sock"), reply + b"\n")
     try:
         with GuestAgent(str(tmp_path / "qga.sock"), timeout=20) as agent:
@@ -490,14 +613,35 @@ def test_an_impostor_agent_in_the_guest_ends_as_a_paragraph_through_the_cli(vm):
 
     port = "/dev/virtio-ports/org.qemu.guest_agent.0"
     # the guest's own delay before it strikes: the exec that starts it must get its exit status first
-    impostor = (f"sleep 2; kill $(pidof qemu-ga); while pidof qemu-ga >/dev/null; do usleep 10000; done; exec 3<>{port}; "
-                "echo impostor-listening > /dev/console; read -r line <&3; printf '\\377[1,2,3]\\n' >&3; exec 3>&-; "
-                f"qemu-ga -m virtio-serial -p {port} -t /run >/dev/null 2>&1 & echo impostor-gone > /dev/console")
-    cli("exec", vm, "--", "/bin/sh", "-c", 'setsid sh -c "$0" </dev/null >/dev/null 2>&1 &', impostor)
+    impostor = (
+        f"sleep 2; kill $(pidof qemu-ga); while pidof qemu-ga >/dev/null; do usleep 10000; done; exec 3<>{port}; "
+        "echo impostor-listening > /dev/console; read -r line <&3; printf '\\377[1,2,3]\\n' >&3; exec 3>&-; "
+        f"qemu-ga -m virtio-serial -p {port} -t /run >/dev/null 2>&1 & echo impostor-gone > /dev/console"
+    )
+    cli(
+        "exec",
+        vm,
+        "--",
+        "/bin/sh",
+        "-c",
+        'setsid sh -c "$0" </dev/null >/dev/null 2>&1 &',
+        impostor,
+    )
     wait_console(vm, "evil", "impostor-listening")
-    result = subprocess.run([*ENTRY, "exec", vm, "--", "/bin/true"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [*ENTRY, "exec", vm, "--", "/bin/true"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 1, result
-    assert result.stderr.startswith("error: the guest agent of evil broke the protocol") and "not an object" in result.stderr, result.stderr
-    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr and "internal error" not in result.stderr
+    assert (
+        result.stderr.startswith("error: the guest agent of evil broke the protocol")
+        and "not an object" in result.stderr
+    ), result.stderr
+    assert (
+        result.stderr.count("\n") == 1
+        and "Traceback" not in result.stderr
+        and "internal error" not in result.stderr
+    )
     wait_console(vm, "evil", "impostor-gone")
-    assert cli("exec", vm, "--", "/bin/echo", "back").stdout == "back\n", "the real agent answers again"
+    assert cli("exec", vm, "--", "/bin/echo", "back").stdout == "back\n", (
+        "the real agent answers again"
+    )

@@ -37,7 +37,11 @@ def images_dir(env: dict) -> str:
     return os.path.join(env["XDG_CACHE_HOME"], "qemuspec", "images")
 
 
-IN_PROCESS = ("validate", "init", "img")  # commands that fork nothing: run in this process (the fast lane)
+IN_PROCESS = (
+    "validate",
+    "init",
+    "img",
+)  # commands that fork nothing: run in this process (the fast lane)
 
 
 def run(env: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -63,7 +67,9 @@ def run(env: dict, *args: str, check: bool = True) -> subprocess.CompletedProces
     else:
         result = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300, env=env)
     if check and result.returncode != 0:
-        raise AssertionError(f"qemuspec {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(
+            f"qemuspec {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+        )
     return result
 
 
@@ -71,12 +77,23 @@ def sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def disk_file(tmp_path, url: str, digest: str | None = None, digest_url: str | None = None, name: str = "lab.toml",
-              machines: tuple[str, ...] = ("box",)) -> str:
+def disk_file(
+    tmp_path,
+    url: str,
+    digest: str | None = None,
+    digest_url: str | None = None,
+    name: str = "lab.toml",
+    machines: tuple[str, ...] = ("box",),
+) -> str:
     """A definition whose machines each have one disk on the image (no kernel: nothing boots)."""
-    image = f'url = "{url}", ' + (f'digest = "{digest}"' if digest else f'digest_url = "{digest_url}"')
-    text = "".join(f'[machines.{m}]\nmemory = "64M"\n[[machines.{m}.disks]]\nfile = "{m}.qcow2"\n'
-                   f'image = {{ {image} }}\n\n' for m in machines)
+    image = f'url = "{url}", ' + (
+        f'digest = "{digest}"' if digest else f'digest_url = "{digest_url}"'
+    )
+    text = "".join(
+        f'[machines.{m}]\nmemory = "64M"\n[[machines.{m}.disks]]\nfile = "{m}.qcow2"\n'
+        f"image = {{ {image} }}\n\n"
+        for m in machines
+    )
     path = tmp_path / name
     path.write_text(text)
     return str(path)
@@ -87,7 +104,9 @@ def qcow2(tmp_path, content: bytes, size: str = "16M") -> bytes:
     raw = tmp_path / "src.raw"
     raw.write_bytes(content.ljust(1 << 20, b"\0"))
     out = tmp_path / "src.qcow2"
-    subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(out)], check=True)
+    subprocess.run(
+        ["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(out)], check=True
+    )
     subprocess.run(["qemu-img", "resize", "-q", str(out), size], check=True)
     data = out.read_bytes()
     out.unlink()
@@ -104,18 +123,40 @@ def cached(env: dict) -> list[str]:
 
 # -- the model ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("image, field, words", [
-    ('{ url = "ftp://host/x.qcow2", digest = "sha256:' + "a" * 64 + '" }', "image.url",
-     "http://, https:// or file:///"),
-    ('{ url = "https://host/x.qcow2", digest = "sha256:abc" }', "image.digest", "64 hex digits"),
-    ('{ url = "https://host/x.qcow2" }', "image", "exactly one of digest"),
-    ('{ url = "https://host/x.qcow2", digest = "sha256:' + "a" * 64 + '", digest_url = "https://host/SUMS" }', "image",
-     "exactly one of digest"),
-    ('{ url = "file://relative/x.qcow2", digest = "sha256:' + "a" * 64 + '" }', "image.url", "absolute path"),
-])
+
+@pytest.mark.parametrize(
+    "image, field, words",
+    [
+        (
+            '{ url = "ftp://host/x.qcow2", digest = "sha256:' + "a" * 64 + '" }',
+            "image.url",
+            "http://, https:// or file:///",
+        ),
+        (
+            '{ url = "https://host/x.qcow2", digest = "sha256:abc" }',
+            "image.digest",
+            "64 hex digits",
+        ),
+        ('{ url = "https://host/x.qcow2" }', "image", "exactly one of digest"),
+        (
+            '{ url = "https://host/x.qcow2", digest = "sha256:'
+            + "a" * 64
+            + '", digest_url = "https://host/SUMS" }',
+            "image",
+            "exactly one of digest",
+        ),
+        (
+            '{ url = "file://relative/x.qcow2", digest = "sha256:' + "a" * 64 + '" }',
+            "image.url",
+            "absolute path",
+        ),
+    ],
+)
 def test_validate_names_file_line_field_and_fix(tmp_path, env, image, field, words):
     path = tmp_path / "bad.toml"
-    path.write_text(f'[machines.box]\n[[machines.box.disks]]\nfile = "box.qcow2"\nimage = {image}\n')
+    path.write_text(
+        f'[machines.box]\n[[machines.box.disks]]\nfile = "box.qcow2"\nimage = {image}\n'
+    )
     result = run(env, "validate", str(path), check=False)
     assert result.returncode == 2
     assert f"{path}:4: machines.box.disks[0].{field}" in result.stderr and words in result.stderr
@@ -124,10 +165,15 @@ def test_validate_names_file_line_field_and_fix(tmp_path, env, image, field, wor
 
 def test_image_with_backing_or_raw_format_is_refused(tmp_path, env):
     digest = "sha256:" + "b" * 64
-    for extra, words in (('backing = "base.qcow2"', 'give "image" or "backing"'), ('format = "raw"', "qcow2 overlay")):
+    for extra, words in (
+        ('backing = "base.qcow2"', 'give "image" or "backing"'),
+        ('format = "raw"', "qcow2 overlay"),
+    ):
         path = tmp_path / "bad.toml"
-        path.write_text(f'[machines.box]\n[[machines.box.disks]]\nfile = "box.qcow2"\n{extra}\n'
-                        f'image = {{ url = "https://h/x.qcow2", digest = "{digest}" }}\n')
+        path.write_text(
+            f'[machines.box]\n[[machines.box.disks]]\nfile = "box.qcow2"\n{extra}\n'
+            f'image = {{ url = "https://h/x.qcow2", digest = "{digest}" }}\n'
+        )
         result = run(env, "validate", str(path), check=False)
         assert result.returncode == 2 and words in result.stderr, result.stderr
 
@@ -142,10 +188,13 @@ def test_checksum_file_formats():
     bsd = f"-----BEGIN PGP SIGNED MESSAGE-----\n# Fedora.qcow2: 1 bytes\nSHA256 (Fedora.qcow2) = {a.upper()}\n"
     assert parse_checksums(bsd, "Fedora.qcow2") == f"sha256:{a}"
     assert parse_checksums(gnu, "missing.qcow2") is None
-    assert parse_checksums(f"SHA256 (x.img) = {b}\n", "x.img") is None  # the length must fit the algorithm
+    assert (
+        parse_checksums(f"SHA256 (x.img) = {b}\n", "x.img") is None
+    )  # the length must fit the algorithm
 
 
 # -- the cache ------------------------------------------------------------------------------------------
+
 
 def test_wrong_digest_fails_before_any_qemu_starts(tmp_path, env, image_server, qemu_bin):
     data = qcow2(tmp_path, b"right bytes")
@@ -159,7 +208,9 @@ def test_wrong_digest_fails_before_any_qemu_starts(tmp_path, env, image_server, 
     assert image_server.url("disk.qcow2") in result.stderr
     assert wrong in result.stderr and sha256(data) in result.stderr  # both digests
     assert qemu_pids(tmp_path) == set()
-    assert [n for n in cached(env) if not n.endswith(".lock")] == []  # nothing kept, no partial file either
+    assert [
+        n for n in cached(env) if not n.endswith(".lock")
+    ] == []  # nothing kept, no partial file either
     assert not os.path.exists(tmp_path / "box.qcow2")
 
 
@@ -173,7 +224,10 @@ def test_interrupted_download_resumes_with_a_range_request(tmp_path, env, image_
     listing = json.loads(run(env, "img", "ls", "--json").stdout)
     assert listing["images"] == [] and listing["partial"][0]["bytes"] == 1_234_567
     run(env, "img", "pull", path)
-    assert image_server.gets("disk.raw") == [None, "bytes=1234567-"]  # the second GET fetched only the rest
+    assert image_server.gets("disk.raw") == [
+        None,
+        "bytes=1234567-",
+    ]  # the second GET fetched only the rest
     [entry] = json.loads(run(env, "img", "ls", "--json").stdout)["images"]
     with open(entry["path"], "rb") as f:
         assert hashlib.sha256(f.read()).hexdigest() == hashlib.sha256(data).hexdigest()
@@ -199,29 +253,58 @@ def test_https_checks_the_certificate(tmp_path, env):
     from helpers import ImageServer
 
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-days", "1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-days",
+            "1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     data = os.urandom(1 << 20)
     with ImageServer(tls=(str(cert), str(key))) as server:
         server.files["tls.raw"] = data
         path = disk_file(tmp_path, server.url("tls.raw"), sha256(data))
         refused = run(env, "img", "pull", path, check=False)
-        assert refused.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in refused.stderr, refused.stderr
-        trusted = run({**env, "SSL_CERT_FILE": str(cert)}, "img", "pull", path)  # OpenSSL's own variable
+        assert refused.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in refused.stderr, (
+            refused.stderr
+        )
+        trusted = run(
+            {**env, "SSL_CERT_FILE": str(cert)}, "img", "pull", path
+        )  # OpenSSL's own variable
         assert trusted.returncode == 0 and server.gets("tls.raw") == [None]
 
 
 def test_proxy_variables_are_honoured(tmp_path, env, image_server):
     data = os.urandom(1 << 20)
     image_server.files["via.raw"] = data
-    proxied = disk_file(tmp_path, "http://images.example.invalid/via.raw", sha256(data), name="proxied.toml")
+    proxied = disk_file(
+        tmp_path, "http://images.example.invalid/via.raw", sha256(data), name="proxied.toml"
+    )
     proxy = image_server.url("").rstrip("/")
     run({**env, "http_proxy": proxy}, "img", "pull", proxied)
     assert [p for _, p, _ in image_server.log] == ["http://images.example.invalid/via.raw"]
-    direct = disk_file(tmp_path, image_server.url("via.raw"), sha256(os.urandom(8)), name="direct.toml")
+    direct = disk_file(
+        tmp_path, image_server.url("via.raw"), sha256(os.urandom(8)), name="direct.toml"
+    )
     dead = {**env, "http_proxy": "http://127.0.0.1:9", "no_proxy": "localhost,127.0.0.1"}
-    assert run(dead, "img", "pull", direct, check=False).returncode == 2  # reached the server, not the dead proxy
+    assert (
+        run(dead, "img", "pull", direct, check=False).returncode == 2
+    )  # reached the server, not the dead proxy
     assert image_server.log[-1][1] == "/via.raw"
 
 
@@ -232,21 +315,38 @@ def test_two_pulls_at_once_download_once(tmp_path, env, image_server):
     image_server.hold["shared.raw"] = (1 << 20, held)  # the first download stays in flight
     first = disk_file(tmp_path, image_server.url("shared.raw"), sha256(data), name="one.toml")
     second = disk_file(tmp_path, image_server.url("shared.raw"), sha256(data), name="two.toml")
-    a = subprocess.Popen([*CLI, "img", "pull", first], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+    a = subprocess.Popen(
+        [*CLI, "img", "pull", first],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     b = None
     try:
         deadline = time.monotonic() + 60
         while not image_server.gets("shared.raw"):
-            assert time.monotonic() < deadline and a.poll() is None, "the first pull never asked the server"
+            assert time.monotonic() < deadline and a.poll() is None, (
+                "the first pull never asked the server"
+            )
             time.sleep(0.02)
-        b = subprocess.Popen([*CLI, "img", "pull", second], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+        b = subprocess.Popen(
+            [*CLI, "img", "pull", second],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert b.stderr is not None
-        waiting = b.stderr.readline()  # the second pull says it waits for the first (it holds the lock)
+        waiting = (
+            b.stderr.readline()
+        )  # the second pull says it waits for the first (it holds the lock)
         assert "waiting for another qemuspec" in waiting, waiting
         held.set()
-        assert a.wait(60) == 0 and b.wait(60) == 0, (a.stderr.read() if a.stderr else "", b.stderr.read())
+        assert a.wait(60) == 0 and b.wait(60) == 0, (
+            a.stderr.read() if a.stderr else "",
+            b.stderr.read(),
+        )
     finally:
         held.set()
         for proc in (a, b):
@@ -269,7 +369,9 @@ def test_cached_image_makes_no_request_and_offline_needs_the_cache(tmp_path, env
     data = os.urandom(1 << 20)
     image_server.files["disk.raw"] = data
     image_server.files["SHA256SUMS"] = f"{hashlib.sha256(data).hexdigest()} *disk.raw\n".encode()
-    path = disk_file(tmp_path, image_server.url("disk.raw"), digest_url=image_server.url("SHA256SUMS"))
+    path = disk_file(
+        tmp_path, image_server.url("disk.raw"), digest_url=image_server.url("SHA256SUMS")
+    )
     offline = run(env, "img", "pull", path, "--offline", check=False)
     assert offline.returncode == 1 and "--offline" in offline.stderr
     assert image_server.log == []  # --offline asked nothing, not even the checksum file
@@ -279,7 +381,9 @@ def test_cached_image_makes_no_request_and_offline_needs_the_cache(tmp_path, env
     run(env, "img", "pull", path)
     run(env, "img", "pull", path, "--offline")
     run({**env, "QEMUSPEC_OFFLINE": "1"}, "img", "pull", path)
-    assert image_server.log == []  # the digest (and its lookup) were in the cache: no network at all
+    assert (
+        image_server.log == []
+    )  # the digest (and its lookup) were in the cache: no network at all
     fresh = {**env, "XDG_CACHE_HOME": str(tmp_path / "empty"), "QEMUSPEC_OFFLINE": "1"}
     assert run(fresh, "img", "pull", path, check=False).returncode == 1 and image_server.log == []
 
@@ -303,7 +407,9 @@ def test_prune_removes_unused_images(tmp_path, env, image_server):
     path = disk_file(tmp_path, image_server.url("old.raw"), sha256(data))
     run(env, "img", "pull", path)
     assert json.loads(run(env, "img", "prune", "--json").stdout)["removed"] == []  # used just now
-    assert json.loads(run(env, "img", "prune", "--older-than", "0d", "--json").stdout)["removed"] == [sha256(data)]
+    assert json.loads(run(env, "img", "prune", "--older-than", "0d", "--json").stdout)[
+        "removed"
+    ] == [sha256(data)]
     assert json.loads(run(env, "img", "ls", "--json").stdout)["images"] == []
 
 
@@ -330,7 +436,9 @@ def test_progress_bar_on_a_terminal(tmp_path, env, image_server):
     leader, follower = pty.openpty()
     terminal = {k: v for k, v in env.items() if k != "CI"}
     terminal["TERM"] = "xterm"
-    proc = subprocess.Popen([*CLI, "img", "pull", path], env=terminal, stdout=subprocess.PIPE, stderr=follower)
+    proc = subprocess.Popen(
+        [*CLI, "img", "pull", path], env=terminal, stdout=subprocess.PIPE, stderr=follower
+    )
     os.close(follower)
     seen = b""
     try:
@@ -368,10 +476,21 @@ def test_file_url_outside_the_tree_needs_the_users_opt_in(tmp_path, env):
     assert image.read_bytes() == data
     inside = tree / "base.raw"
     inside.write_bytes(data[::-1])
-    run(env, "img", "pull", disk_file(tree, f"file://{inside}", sha256(data[::-1]), name="inside.toml"))
+    run(
+        env,
+        "img",
+        "pull",
+        disk_file(tree, f"file://{inside}", sha256(data[::-1]), name="inside.toml"),
+    )
     fifo = tree / "pipe.raw"
     os.mkfifo(fifo)  # nobody writes it: opening it for reading must not hang the pull
-    refused = run(env, "img", "pull", disk_file(tree, f"file://{fifo}", sha256(b"fifo"), name="fifo.toml"), check=False)
+    refused = run(
+        env,
+        "img",
+        "pull",
+        disk_file(tree, f"file://{fifo}", sha256(b"fifo"), name="fifo.toml"),
+        check=False,
+    )
     assert refused.returncode == 1 and "not a regular file" in refused.stderr
 
 
@@ -397,7 +516,10 @@ def test_template_validates_and_pulls_from_a_local_mirror(tmp_path, env, image_s
     run(env, "validate", str(target))
     text = target.read_text()
     [machine] = tomllib.loads(text)["machines"].values()
-    image_url, sums_url = machine["disks"][0]["image"]["url"], machine["disks"][0]["image"]["digest_url"]
+    image_url, sums_url = (
+        machine["disks"][0]["image"]["url"],
+        machine["disks"][0]["image"]["digest_url"],
+    )
     assert image_url.startswith("https://") and sums_url.startswith("https://")
     image_name, sums_name = image_url.rsplit("/", 1)[1], sums_url.rsplit("/", 1)[1]
     data = qcow2(tmp_path, name.encode())
@@ -406,8 +528,12 @@ def test_template_validates_and_pulls_from_a_local_mirror(tmp_path, env, image_s
     bsd = TEMPLATE_FORMATS[name] == "bsd"
     line = f"SHA256 ({image_name}) = {hexdigest}\n" if bsd else f"{hexdigest}  {image_name}\n"
     image_server.files[image_name] = data
-    image_server.files[sums_name] = ("# other files\n" + "0" * len(hexdigest) + "  unrelated.qcow2\n" + line).encode()
-    mirrored = text.replace(image_url, image_server.url(image_name)).replace(sums_url, image_server.url(sums_name))
+    image_server.files[sums_name] = (
+        "# other files\n" + "0" * len(hexdigest) + "  unrelated.qcow2\n" + line
+    ).encode()
+    mirrored = text.replace(image_url, image_server.url(image_name)).replace(
+        sums_url, image_server.url(sums_name)
+    )
     target.write_text(mirrored)
     [entry] = json.loads(run(env, "img", "pull", str(target), "--json").stdout)
     assert entry["format"] == "qcow2" and entry["digest"].endswith(hexdigest)
@@ -422,26 +548,54 @@ def test_readme_boot_a_distribution_section():
 
 # -- a real guest on an overlay of a served image -------------------------------------------------------
 
-def test_guest_reads_a_served_image_and_the_base_stays_unchanged(tmp_path, env, image_server, guest):
+
+def test_guest_reads_a_served_image_and_the_base_stays_unchanged(
+    tmp_path, env, image_server, guest
+):
     marker = b"qemuspec-image-content-7f3a"
     data = qcow2(tmp_path, marker)
     image_server.files["data.qcow2"] = data
-    extra = ("agent = true\n[[machines.box.disks]]\nfile = \"data.qcow2\"\n"
-             f'image = {{ url = "{image_server.url("data.qcow2")}", digest = "{sha256(data)}" }}\n')
-    values = {"name": "box", "kernel": guest["kernel"], "initrd": guest["initrd"], "marker": guest["marker"],
-              "cmdline": "", "memory": "256M", "restart": "no", "depends": "[]", "extra": extra}
+    extra = (
+        'agent = true\n[[machines.box.disks]]\nfile = "data.qcow2"\n'
+        f'image = {{ url = "{image_server.url("data.qcow2")}", digest = "{sha256(data)}" }}\n'
+    )
+    values = {
+        "name": "box",
+        "kernel": guest["kernel"],
+        "initrd": guest["initrd"],
+        "marker": guest["marker"],
+        "cmdline": "",
+        "memory": "256M",
+        "restart": "no",
+        "depends": "[]",
+        "extra": extra,
+    }
     path = tmp_path / "lab.toml"
     path.write_text(MACHINE.format(**values))
     run(env, "up", str(path))
     try:
         [entry] = json.loads(run(env, "img", "ls", "--json").stdout)["images"]
         base = entry["path"]
-        seen = run(env, "exec", str(path), "--", "/bin/sh", "-c", f"head -c {len(marker)} /dev/vda").stdout
+        seen = run(
+            env, "exec", str(path), "--", "/bin/sh", "-c", f"head -c {len(marker)} /dev/vda"
+        ).stdout
         assert seen.encode() == marker
-        run(env, "exec", str(path), "--", "/bin/sh", "-c",
-            "echo guest-wrote-this | dd of=/dev/vda conv=notrunc,fsync 2>/dev/null; sync")
-        assert run(env, "exec", str(path), "--", "/bin/sh", "-c", "head -c 16 /dev/vda").stdout == "guest-wrote-this"
-        nodes = json.loads(run(env, "qmp", str(path), "box", "query-named-block-nodes", "--json").stdout)
+        run(
+            env,
+            "exec",
+            str(path),
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo guest-wrote-this | dd of=/dev/vda conv=notrunc,fsync 2>/dev/null; sync",
+        )
+        assert (
+            run(env, "exec", str(path), "--", "/bin/sh", "-c", "head -c 16 /dev/vda").stdout
+            == "guest-wrote-this"
+        )
+        nodes = json.loads(
+            run(env, "qmp", str(path), "box", "query-named-block-nodes", "--json").stdout
+        )
         ro = {n["file"]: n["ro"] for n in nodes if n.get("drv") == "qcow2"}
         assert ro.get(base) is True, ro  # qemu holds the cached base read-only
         assert ro.get(str(tmp_path / "data.qcow2")) is False
@@ -449,9 +603,15 @@ def test_guest_reads_a_served_image_and_the_base_stays_unchanged(tmp_path, env, 
         run(env, "down", str(path))
     assert qemu_pids(tmp_path) == set()
     with open(base, "rb") as f:
-        assert hashlib.sha256(f.read()).hexdigest() == sha256(data).split(":")[1]  # the base never changed
-    overlay = subprocess.run(["qemu-img", "info", "--output=json", str(tmp_path / "data.qcow2")], capture_output=True,
-                             text=True, check=True)
+        assert (
+            hashlib.sha256(f.read()).hexdigest() == sha256(data).split(":")[1]
+        )  # the base never changed
+    overlay = subprocess.run(
+        ["qemu-img", "info", "--output=json", str(tmp_path / "data.qcow2")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert json.loads(overlay.stdout)["full-backing-filename"] == base
     assert image_server.gets("data.qcow2") == [None]
 
@@ -460,14 +620,32 @@ def test_run_boots_a_throwaway_overlay_of_the_image(tmp_path, env, image_server,
     marker = b"qemuspec-run-image-91c2"
     data = qcow2(tmp_path, marker)
     image_server.files["run.qcow2"] = data
-    extra = ("agent = true\n[[machines.box.disks]]\nfile = \"run.qcow2\"\n"
-             f'image = {{ url = "{image_server.url("run.qcow2")}", digest = "{sha256(data)}" }}\n')
-    values = {"name": "box", "kernel": guest["kernel"], "initrd": guest["initrd"], "marker": guest["marker"],
-              "cmdline": "", "memory": "256M", "restart": "no", "depends": "[]", "extra": extra}
+    extra = (
+        'agent = true\n[[machines.box.disks]]\nfile = "run.qcow2"\n'
+        f'image = {{ url = "{image_server.url("run.qcow2")}", digest = "{sha256(data)}" }}\n'
+    )
+    values = {
+        "name": "box",
+        "kernel": guest["kernel"],
+        "initrd": guest["initrd"],
+        "marker": guest["marker"],
+        "cmdline": "",
+        "memory": "256M",
+        "restart": "no",
+        "depends": "[]",
+        "extra": extra,
+    }
     path = tmp_path / "lab.toml"
     path.write_text(MACHINE.format(**values))
-    result = run(env, "run", str(path), "--", "/bin/sh", "-c",
-                 f"head -c {len(marker)} /dev/vda; echo scribble | dd of=/dev/vda conv=notrunc 2>/dev/null")
+    result = run(
+        env,
+        "run",
+        str(path),
+        "--",
+        "/bin/sh",
+        "-c",
+        f"head -c {len(marker)} /dev/vda; echo scribble | dd of=/dev/vda conv=notrunc 2>/dev/null",
+    )
     assert result.stdout.startswith(marker.decode()), result.stderr
     assert not os.path.exists(tmp_path / "run.qcow2")  # the machine's own overlay was never made
     [entry] = json.loads(run(env, "img", "ls", "--json").stdout)["images"]
@@ -489,7 +667,9 @@ def test_a_nearly_full_file_system_stops_the_download(tmp_path, image_server, mo
     monkeypatch.setattr(imagecache, "_ROOM_EVERY", 1)  # check after every chunk
     cache = imagecache.ImageCache(str(tmp_path / "cache"))
     with pytest.raises(imagecache.FetchError, match="less than"):
-        cache.ensure(SimpleNamespace(url=image_server.url("big.raw"), digest=sha256(data), digest_url=None))
+        cache.ensure(
+            SimpleNamespace(url=image_server.url("big.raw"), digest=sha256(data), digest_url=None)
+        )
     assert cache.entries() == []
 
 
@@ -504,22 +684,33 @@ def test_a_cache_others_can_write_is_not_used(tmp_path, env, image_server):
     assert result.returncode == 1 and "XDG_CACHE_HOME" in result.stderr and image_server.log == []
 
 
-def test_a_checksum_file_lookup_is_kept_until_the_image_stops_matching_it(tmp_path, env, image_server):
+def test_a_checksum_file_lookup_is_kept_until_the_image_stops_matching_it(
+    tmp_path, env, image_server
+):
     """digest_url is read once (a base never changes under an overlay); when the URL's file no longer
     matches the recorded digest, the pull fails (exit 2) and drops the record, so the next one reads
     the checksum file again and takes the new image."""
     old, new = os.urandom(1 << 20), os.urandom(1 << 20)
     image_server.files["rolling.raw"] = old
     image_server.files["SHA256SUMS"] = f"{hashlib.sha256(old).hexdigest()}  rolling.raw\n".encode()
-    path = disk_file(tmp_path, image_server.url("rolling.raw"), digest_url=image_server.url("SHA256SUMS"))
+    path = disk_file(
+        tmp_path, image_server.url("rolling.raw"), digest_url=image_server.url("SHA256SUMS")
+    )
     run(env, "img", "pull", path)
     image_server.files["rolling.raw"] = new  # upstream publishes a new "latest"
     image_server.files["SHA256SUMS"] = f"{hashlib.sha256(new).hexdigest()}  rolling.raw\n".encode()
     run(env, "img", "pull", path)
-    assert [p for _, p, _ in image_server.log] == ["/SHA256SUMS", "/rolling.raw"]  # cached: the old one stays
+    assert [p for _, p, _ in image_server.log] == [
+        "/SHA256SUMS",
+        "/rolling.raw",
+    ]  # cached: the old one stays
     run(env, "img", "prune", "--older-than", "0d")
     stale = run(env, "img", "pull", path, check=False)
-    assert stale.returncode == 2 and "record is dropped" in stale.stderr and sha256(new) in stale.stderr
+    assert (
+        stale.returncode == 2
+        and "record is dropped" in stale.stderr
+        and sha256(new) in stale.stderr
+    )
     [entry] = json.loads(run(env, "img", "pull", path, "--json").stdout)
     assert entry["digest"] == sha256(new)
     assert [p for _, p, _ in image_server.log].count("/SHA256SUMS") == 2
@@ -533,14 +724,20 @@ def test_a_base_that_would_open_host_files_is_refused(tmp_path, env, image_serve
     secret.write_bytes(b"not for the guest".ljust(1 << 16, b"\0"))
     if kind == "backing":
         made = tmp_path / "evil.qcow2"
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(secret), "-F", "raw", str(made)],
-                       check=True)
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(secret), "-F", "raw", str(made)],
+            check=True,
+        )
         data = made.read_bytes()
     else:
-        data = (f'# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType="monolithicFlat"\n'
-                f'RW 128 FLAT "{secret}" 0\n').encode()
+        data = (
+            f'# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType="monolithicFlat"\n'
+            f'RW 128 FLAT "{secret}" 0\n'
+        ).encode()
     image_server.files["evil.img"] = data
     path = disk_file(tmp_path, image_server.url("evil.img"), sha256(data))
     result = run(env, "img", "pull", path, check=False)
-    assert result.returncode == 1 and ("backing or data file" in result.stderr or "vmdk image" in result.stderr)
+    assert result.returncode == 1 and (
+        "backing or data file" in result.stderr or "vmdk image" in result.stderr
+    )
     assert [n for n in cached(env) if not n.endswith(".lock")] == []

@@ -15,7 +15,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "qemuspec")
 
 
-
 def _modules() -> dict[str, str]:
     found = {}
     for directory, _, files in os.walk(PACKAGE):
@@ -29,7 +28,8 @@ def _modules() -> dict[str, str]:
 
 def _type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _imported(module: str, path: str, modules: dict[str, str]) -> set[str]:
@@ -47,8 +47,10 @@ def _imported(module: str, path: str, modules: dict[str, str]) -> set[str]:
             elif isinstance(child, ast.ImportFrom):
                 base = package[: len(package) - child.level + 1] if child.level else []
                 target = ".".join(base + ([child.module] if child.module else []))
-                names.extend(f"{target}.{alias.name}" if f"{target}.{alias.name}" in modules else target
-                             for alias in child.names)
+                names.extend(
+                    f"{target}.{alias.name}" if f"{target}.{alias.name}" in modules else target
+                    for alias in child.names
+                )
             else:
                 walk(child)
 
@@ -111,7 +113,7 @@ def _path(graph: dict[str, set[str]], component: list[str]) -> str:
         nxt = sorted(graph[trail[-1]] & members)
         back = [n for n in nxt if n in seen]
         if back:
-            return " -> ".join(trail[trail.index(back[0]):] + [back[0]])
+            return " -> ".join(trail[trail.index(back[0]) :] + [back[0]])
         trail.append(nxt[0])
         seen.add(nxt[0])
 
@@ -120,7 +122,8 @@ def test_the_package_imports_without_a_cycle():
     graph = import_graph()
     found = cycles(graph)
     assert not found, "import cycles (move what both sides need into a leaf module):\n" + "\n".join(
-        _path(graph, c) for c in found)
+        _path(graph, c) for c in found
+    )
 
 
 def test_the_walker_sees_lazy_imports_and_skips_type_checking():
@@ -130,7 +133,10 @@ def test_the_walker_sees_lazy_imports_and_skips_type_checking():
     assert "qemuspec.spec.models" in graph["qemuspec.spec.loader"]  # module level
     assert "qemuspec.spec.passthrough" in graph["qemuspec.spec.models"]  # inside a validator
     assert "qemuspec.runtime.instance" not in graph["qemuspec.runtime.warm"]  # TYPE_CHECKING only
-    planted = {**graph, "qemuspec.spec.qemuopts": graph["qemuspec.spec.qemuopts"] | {"qemuspec.spec.models"}}
+    planted = {
+        **graph,
+        "qemuspec.spec.qemuopts": graph["qemuspec.spec.qemuopts"] | {"qemuspec.spec.models"},
+    }
     assert any("qemuspec.spec.qemuopts" in c for c in cycles(planted))
 
 

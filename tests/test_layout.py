@@ -42,8 +42,11 @@ def _modules() -> dict[str, ast.Module]:
 
 def _strings(tree: ast.Module) -> list[tuple[int, str]]:
     """Every string constant, f-string parts included, with its line."""
-    return [(node.lineno, node.value) for node in ast.walk(tree)
-            if isinstance(node, ast.Constant) and isinstance(node.value, str)]
+    return [
+        (node.lineno, node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+    ]
 
 
 def _state_names() -> set[str]:
@@ -52,8 +55,15 @@ def _state_names() -> set[str]:
     ``tls``, ``memory``, ``known_hosts``, ``owners``, ``ssh``) are also field, transport and
     command names elsewhere, so the scan cannot tell them apart and leaves them to review."""
     names = {v for k, v in vars(statedir).items() if k.isupper() and isinstance(v, str)}
-    names |= {n for v in vars(statedir).values() if isinstance(v, tuple) for n in v if isinstance(n, str)}
-    names |= {statedir.live_disk(0), statedir.virtiofs_sock(0), statedir.tls_cert("client"), statedir.tls_key("client")}
+    names |= {
+        n for v in vars(statedir).values() if isinstance(v, tuple) for n in v if isinstance(n, str)
+    }
+    names |= {
+        statedir.live_disk(0),
+        statedir.virtiofs_sock(0),
+        statedir.tls_cert("client"),
+        statedir.tls_key("client"),
+    }
     return {n for n in names if "." in n or n.endswith("-")} | {statedir.SSH_KEY}
 
 
@@ -66,20 +76,42 @@ ELSEWHERE = {("qemuspec/imagecache.py", ".lock")}
 
 def test_only_statedir_spells_a_state_file_name():
     names = _state_names()
-    assert {"qmp.sock", "serial.log", "events.jsonl", "cidata.iso", "key.json", "ca-cert.pem", ".pid"} <= names
-    spelled = [f"{path}:{line}: {value!r}" for path, tree in _modules().items() if path not in OWNERS
-               for line, value in _strings(tree) if value in names and (path, value) not in ELSEWHERE]
-    assert not spelled, "state file names belong in qemuspec/runtime/statedir.py:\n" + "\n".join(spelled)
+    assert {
+        "qmp.sock",
+        "serial.log",
+        "events.jsonl",
+        "cidata.iso",
+        "key.json",
+        "ca-cert.pem",
+        ".pid",
+    } <= names
+    spelled = [
+        f"{path}:{line}: {value!r}"
+        for path, tree in _modules().items()
+        if path not in OWNERS
+        for line, value in _strings(tree)
+        if value in names and (path, value) not in ELSEWHERE
+    ]
+    assert not spelled, "state file names belong in qemuspec/runtime/statedir.py:\n" + "\n".join(
+        spelled
+    )
 
 
 def _environment_reads(tree: ast.Module) -> list[int]:
     found = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "os" \
-                and node.attr in ("environ", "environb", "getenv", "getenvb", "putenv", "unsetenv"):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "os"
+            and node.attr in ("environ", "environb", "getenv", "getenvb", "putenv", "unsetenv")
+        ):
             found.append(node.lineno)
-        elif isinstance(node, ast.ImportFrom) and node.module == "os" \
-                and any(a.name in ("environ", "environb", "getenv", "getenvb") for a in node.names):
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.module == "os"
+            and any(a.name in ("environ", "environb", "getenv", "getenvb") for a in node.names)
+        ):
             found.append(node.lineno)
     return found
 
@@ -87,16 +119,31 @@ def _environment_reads(tree: ast.Module) -> list[int]:
 def test_the_environment_is_read_in_settings_only():
     """A child process that needs an environment of its own would get one built from Settings
     (none does today: qemu, qemu-img, openssl and ssh inherit qemuspec's as it is)."""
-    reads = [f"{path}:{line}" for path, tree in _modules().items() if path != "qemuspec/settings.py"
-             for line in _environment_reads(tree)]
-    assert not reads, "read the environment in qemuspec/settings.py and pass Settings down:\n" + "\n".join(reads)
+    reads = [
+        f"{path}:{line}"
+        for path, tree in _modules().items()
+        if path != "qemuspec/settings.py"
+        for line in _environment_reads(tree)
+    ]
+    assert not reads, (
+        "read the environment in qemuspec/settings.py and pass Settings down:\n" + "\n".join(reads)
+    )
 
 
 def test_settings_are_built_from_the_environment_once():
     """Only the CLI's start (and settings.current, for a library caller who passed none) build them."""
-    calls = [f"{path}:{node.lineno}" for path, tree in _modules().items() for node in ast.walk(tree)
-             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "from_env"]
-    assert sorted(c.split(":")[0] for c in calls) == ["qemuspec/cli/main.py", "qemuspec/settings.py"], calls
+    calls = [
+        f"{path}:{node.lineno}"
+        for path, tree in _modules().items()
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "from_env"
+    ]
+    assert sorted(c.split(":")[0] for c in calls) == [
+        "qemuspec/cli/main.py",
+        "qemuspec/settings.py",
+    ], calls
 
 
 def test_library_settings_are_passed_not_read_from_the_environment(monkeypatch, tmp_path):
@@ -106,7 +153,9 @@ def test_library_settings_are_passed_not_read_from_the_environment(monkeypatch, 
     argv = vm.argv()
     assert argv[argv.index("-accel") + 1] == "tcg"
     assert str(tmp_path / "state" / "box") in argv[argv.index("-pidfile") + 1]
-    lay = paths.machine_layout(Machine(accel="auto"), str(tmp_path / "m"))  # the process's settings: installed once
+    lay = paths.machine_layout(
+        Machine(accel="auto"), str(tmp_path / "m")
+    )  # the process's settings: installed once
     assert lay.accel == ("tcg",), "an environment changed after start is not read again"
 
 
@@ -123,8 +172,13 @@ port = 4555
 
 
 def _render_cli(path: str) -> list[str]:
-    result = subprocess.run([sys.executable, "-m", "qemuspec", "render", path, "--json"], capture_output=True,
-                            text=True, timeout=60, env={**os.environ, "QEMUSPEC_ACCEL": "tcg"})
+    result = subprocess.run(
+        [sys.executable, "-m", "qemuspec", "render", path, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "QEMUSPEC_ACCEL": "tcg"},
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -134,12 +188,17 @@ def test_vm_argv_and_render_give_one_command_line_for_a_tcp_monitor(tmp_path):
     path.write_text(TCP_MACHINE)
     rendered = _render_cli(str(path))
     assert any("tls-creds=qemuspec-qmp-tls" in a and "port=4555" in a for a in rendered), rendered
-    assert api.load(str(path), settings=TCG)["vm"].argv() == rendered, "the library loads the same machine"
+    assert api.load(str(path), settings=TCG)["vm"].argv() == rendered, (
+        "the library loads the same machine"
+    )
     built = api.Qemu(tcp=True, port=4555, state_dir=str(tmp_path / ".qemuspec"), settings=TCG).vm(
-        "vm", machine="none", paused=True, agent=True)
+        "vm", machine="none", paused=True, agent=True
+    )
     other = tmp_path / "built.toml"
     other.write_text(built.to_toml())
-    assert built.argv() == _render_cli(str(other)), "the builder's machine renders as its own definition does"
+    assert built.argv() == _render_cli(str(other)), (
+        "the builder's machine renders as its own definition does"
+    )
 
 
 CAPABILITIES = """<capabilities><host><cpu><arch>x86_64</arch></cpu></host>
@@ -149,7 +208,7 @@ CAPABILITIES = """<capabilities><host><cpu><arch>x86_64</arch></cpu></host>
 
 @pytest.mark.parametrize("kvm", [True, False])
 def test_accel_auto_means_one_thing_for_the_argv_and_the_libvirt_export(kvm, monkeypatch, tmp_path):
-    """"auto" is kvm where the host offers a KVM (this host's probe; a libvirt host's capabilities),
+    """ "auto" is kvm where the host offers a KVM (this host's probe; a libvirt host's capabilities),
     else tcg, in the argv and in <domain type>; only a KVM chosen by "auto" may fall back to tcg.
     No real KVM is used: the probe and the capabilities answer are fakes."""
     monkeypatch.setattr(accel, "kvm_usable", lambda: kvm)
@@ -162,8 +221,12 @@ def test_accel_auto_means_one_thing_for_the_argv_and_the_libvirt_export(kvm, mon
     assert offered is kvm
     xml = domain_xml(machine, "x", kvm=offered)
     assert f'<domain type="{"kvm" if kvm else "qemu"}"' in xml
-    assert '<domain type="kvm"' in domain_xml(Machine(accel="kvm"), "x"), "an explicit kvm stays kvm"
-    assert paths.machine_layout(machine, str(tmp_path / "s"), TCG).accel == ("tcg",), "QEMUSPEC_ACCEL forces a run"
+    assert '<domain type="kvm"' in domain_xml(Machine(accel="kvm"), "x"), (
+        "an explicit kvm stays kvm"
+    )
+    assert paths.machine_layout(machine, str(tmp_path / "s"), TCG).accel == ("tcg",), (
+        "QEMUSPEC_ACCEL forces a run"
+    )
 
 
 def test_inspect_does_not_follow_symlinks_planted_in_a_state_directory(tmp_path):

@@ -16,13 +16,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 VARIANTS = {
     "uefi-vnc": '[machines.m]\nfirmware = "uefi"\ndisplay = { type = "vnc", port = 5901, unauthenticated = true }\nboot_order = "cd"\ncdrom = "/tmp/x.iso"\n'
-                '[[machines.m.disks]]\nfile = "/tmp/a.qcow2"\nformat = "qcow2"\nreadonly = true\nserial = "S1"\n',
+    '[[machines.m.disks]]\nfile = "/tmp/a.qcow2"\nformat = "qcow2"\nreadonly = true\nserial = "S1"\n',
     "shares-agent-rng": '[machines.m]\nagent = true\nrng = true\ncpu = "Haswell"\ncpu_options = { pmu = false }\n'
-                        'shares = [{ source = "/srv", tag = "srv", readonly = true }, { type = "virtiofs", source = "/data", tag = "data" }]\n',
+    'shares = [{ source = "/srv", tag = "srv", readonly = true }, { type = "virtiofs", source = "/data", tag = "data" }]\n',
     "nics": '[machines.m]\nnics = [{ model = "e1000", outbound = true }, {}, { type = "bridge", bridge = "br0" }, { type = "socket", listen = "127.0.0.1:4000" }]\n'
-            'devices = [{ driver = "virtio-balloon-pci", id = "b0" }]\nobjects = [{ type = "rng-random", id = "r0", options = { filename = "/dev/urandom" } }]\n'
-            'machine_options = { kernel-irqchip = "split" }\n[[machines.m.disks]]\nfile = "/tmp/n.img"\ninterface = "nvme"\n'
-            '[[machines.m.disks]]\nfile = "/tmp/s.img"\ninterface = "scsi"\n',
+    'devices = [{ driver = "virtio-balloon-pci", id = "b0" }]\nobjects = [{ type = "rng-random", id = "r0", options = { filename = "/dev/urandom" } }]\n'
+    'machine_options = { kernel-irqchip = "split" }\n[[machines.m.disks]]\nfile = "/tmp/n.img"\ninterface = "nvme"\n'
+    '[[machines.m.disks]]\nfile = "/tmp/s.img"\ninterface = "scsi"\n',
     "spice-socket": '[machines.m]\ndisplay = "spice"\n',
     "host-kvm": '[machines.m]\naccel = "kvm"\ncpu = "host"\nserial = "none"\n',
 }
@@ -57,12 +57,20 @@ def test_variants_export_valid_xml(variant, tmp_path):
     xml = domain_xml(machine, "m")
     validates(xml, tmp_path)
     if variant == "nics":
-        assert "<qemu:arg value=\"socket,id=qemuspec-net3,listen=127.0.0.1:4000\" />" in xml, "untyped parts ride on qemu:commandline"
-        assert "<qemu:arg value=\"user,id=qemuspec-net1,restrict=on\" />" in xml, "libvirt's own user NIC has no restrict=on"
-        assert xml.count('interface type="user"') == 1, "only the outbound NIC is libvirt's user networking"
+        assert '<qemu:arg value="socket,id=qemuspec-net3,listen=127.0.0.1:4000" />' in xml, (
+            "untyped parts ride on qemu:commandline"
+        )
+        assert '<qemu:arg value="user,id=qemuspec-net1,restrict=on" />' in xml, (
+            "libvirt's own user NIC has no restrict=on"
+        )
+        assert xml.count('interface type="user"') == 1, (
+            "only the outbound NIC is libvirt's user networking"
+        )
         assert 'source bridge="br0"' in xml and 'model type="e1000"' in xml
     if variant == "spice-socket":
-        assert '<listen type="socket" />' in xml, "a unix socket in libvirt's private directory, not TCP"
+        assert '<listen type="socket" />' in xml, (
+            "a unix socket in libvirt's private directory, not TCP"
+        )
 
 
 def test_render_command_emits_libvirt_xml(tmp_path):
@@ -75,7 +83,11 @@ def test_render_command_emits_libvirt_xml(tmp_path):
 
 def test_libvirtd_defines_and_starts_an_exported_machine(system_libvirtd, guest, tmp_path):
     text = open(os.path.join(ROOT, "machines", "dev.toml")).read()
-    text = text.replace("../guest/out/vmlinuz", guest["kernel"]).replace("../guest/out/initrd.gz", guest["initrd"]).replace('accel = "auto"', 'accel = "tcg"')
+    text = (
+        text.replace("../guest/out/vmlinuz", guest["kernel"])
+        .replace("../guest/out/initrd.gz", guest["initrd"])
+        .replace('accel = "auto"', 'accel = "tcg"')
+    )
     path = tmp_path / "dev.toml"
     path.write_text(text.replace("host = 8080", "host = 0"))
     machine = load(path).machines["dev"]
@@ -87,14 +99,30 @@ def test_libvirtd_defines_and_starts_an_exported_machine(system_libvirtd, guest,
     try:
         started = subprocess.run(virsh + ["start", name], capture_output=True, text=True)
         assert started.returncode == 0, started.stderr
-        state = subprocess.run(virsh + ["domstate", name], capture_output=True, text=True).stdout.strip()
+        state = subprocess.run(
+            virsh + ["domstate", name], capture_output=True, text=True
+        ).stdout.strip()
         assert state == "running"
-        status = subprocess.run(virsh + ["qemu-monitor-command", name, "--hmp", "info status"], capture_output=True, text=True).stdout
+        status = subprocess.run(
+            virsh + ["qemu-monitor-command", name, "--hmp", "info status"],
+            capture_output=True,
+            text=True,
+        ).stdout
         assert "running" in status
-        cmdline = subprocess.run(virsh + ["qemu-monitor-command", name, "--hmp", "info usernet"], capture_output=True, text=True).stdout
+        cmdline = subprocess.run(
+            virsh + ["qemu-monitor-command", name, "--hmp", "info usernet"],
+            capture_output=True,
+            text=True,
+        ).stdout
         assert "HOST_FORWARD" in cmdline, "the forwards rode through qemu:commandline"
-        balloon = subprocess.run(virsh + ["qemu-monitor-command", name, "--hmp", "info balloon"], capture_output=True, text=True)
-        assert "No balloon device" in balloon.stdout + balloon.stderr, "no balloon the local argv lacks (<memballoon model=none>)"
+        balloon = subprocess.run(
+            virsh + ["qemu-monitor-command", name, "--hmp", "info balloon"],
+            capture_output=True,
+            text=True,
+        )
+        assert "No balloon device" in balloon.stdout + balloon.stderr, (
+            "no balloon the local argv lacks (<memballoon model=none>)"
+        )
     finally:
         subprocess.run(virsh + ["destroy", name], capture_output=True)
         subprocess.run(virsh + ["undefine", name, "--nvram"], capture_output=True)

@@ -35,8 +35,18 @@ timeout = "90s"
 def definition(tmp_path, guest, machines: dict[str, dict], name="lab.toml") -> str:
     text = ""
     for machine, fields in machines.items():
-        values = {"name": machine, "kernel": guest["kernel"], "initrd": guest["initrd"], "marker": guest["marker"],
-                  "cmdline": "", "memory": "256M", "restart": "no", "depends": "[]", "extra": "", **fields}
+        values = {
+            "name": machine,
+            "kernel": guest["kernel"],
+            "initrd": guest["initrd"],
+            "marker": guest["marker"],
+            "cmdline": "",
+            "memory": "256M",
+            "restart": "no",
+            "depends": "[]",
+            "extra": "",
+            **fields,
+        }
         text += MACHINE.format(**values)
     path = tmp_path / name
     path.write_text(text)
@@ -44,9 +54,16 @@ def definition(tmp_path, guest, machines: dict[str, dict], name="lab.toml") -> s
 
 
 def cli(*args, check=True):
-    result = subprocess.run([sys.executable, "-m", "qemuspec.cli.main", *args], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "qemuspec.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"qemuspec {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(
+            f"qemuspec {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+        )
     return result
 
 
@@ -71,7 +88,9 @@ def wait_event(path, machine, predicate, timeout=120.0) -> dict:
             if predicate(event):
                 return event
         if time.monotonic() > deadline:
-            raise AssertionError(f"no matching event for {machine} within {timeout} s: {events(path, machine)[-5:]}")
+            raise AssertionError(
+                f"no matching event for {machine} within {timeout} s: {events(path, machine)[-5:]}"
+            )
         time.sleep(0.05)
 
 
@@ -102,10 +121,18 @@ def lab(tmp_path, guest):
     for path in made:
         root = os.path.join(os.path.dirname(path), ".qemuspec")
         for name in os.listdir(root) if os.path.isdir(root) else []:
-            assert not os.path.exists(paths.layout(os.path.join(root, name)).run_dir), f"{name}: sockets left"
-            leftovers = {"state.json", "qemu.pid", "supervisor.json", "stop.json", ".lock"} & set(os.listdir(os.path.join(root, name)))
+            assert not os.path.exists(paths.layout(os.path.join(root, name)).run_dir), (
+                f"{name}: sockets left"
+            )
+            leftovers = {"state.json", "qemu.pid", "supervisor.json", "stop.json", ".lock"} & set(
+                os.listdir(os.path.join(root, name))
+            )
             assert not leftovers, f"{name}: {leftovers}"
-    assert not [f for f in os.listdir(os.path.dirname(made[0])) if f.endswith(".lock")] if made else True
+    assert (
+        not [f for f in os.listdir(os.path.dirname(made[0])) if f.endswith(".lock")]
+        if made
+        else True
+    )
 
 
 def test_up_is_idempotent_and_recreates_only_what_changed(lab):
@@ -126,7 +153,11 @@ def test_up_is_idempotent_and_recreates_only_what_changed(lab):
     assert pending.returncode == 3  # changes pending: the documented code CI gates on
     plan = {p["name"]: p for p in json.loads(pending.stdout)}
     assert plan["a"]["action"] == "up to date" and plan["b"]["action"] == "recreate"
-    assert "-m" not in plan["b"]["diff"] and "-256M" in plan["b"]["diff"] and "+320M" in plan["b"]["diff"]
+    assert (
+        "-m" not in plan["b"]["diff"]
+        and "-256M" in plan["b"]["diff"]
+        and "+320M" in plan["b"]["diff"]
+    )
     human = cli("plan", path, check=False).stdout
     assert "b: recreate" in human and "a: up to date" in human
     third = {o["name"]: o for o in json.loads(cli("up", path, "--json").stdout)}
@@ -139,7 +170,9 @@ def test_on_failure_restarts_a_killed_qemu(lab):
     path = lab({"web": {"restart": "on-failure"}})
     [started] = json.loads(cli("up", path, "--json").stdout)
     os.kill(started["pid"], signal.SIGKILL)
-    ready = wait_event(path, "web", lambda e: e["event"] == "QEMUSPEC_READY" and e["data"]["restarts"] == 1)
+    ready = wait_event(
+        path, "web", lambda e: e["event"] == "QEMUSPEC_READY" and e["data"]["restarts"] == 1
+    )
     row = status(path)["web"]
     assert row["state"] == "running" and row["restarts"] == 1
     assert row["pid"] == ready["data"]["pid"] != started["pid"]
@@ -166,7 +199,9 @@ def test_guest_power_off_restarts_under_always(lab):
 
 
 def test_on_failure_restarts_a_panicked_guest(lab):
-    path = lab({"web": {"restart": "on-failure", "cmdline": "qemuspec.panic=1"}})  # no device: qemuspec adds pvpanic
+    path = lab(
+        {"web": {"restart": "on-failure", "cmdline": "qemuspec.panic=1"}}
+    )  # no device: qemuspec adds pvpanic
     cli("up", path)
     wait_event(path, "web", lambda e: e["event"] == "GUEST_PANICKED")
     restart = wait_event(path, "web", lambda e: e["event"] == "QEMUSPEC_RESTART")
@@ -192,7 +227,9 @@ def test_killed_supervisor_leaves_the_vm_running_and_up_adopts_it(lab):
     assert len([p for p in qemu_pids(os.path.dirname(path)) if p == started["pid"]]) == 1
     # the new supervisor really supervises: a crash is restarted
     os.kill(started["pid"], signal.SIGKILL)
-    wait_event(path, "web", lambda e: e["event"] == "QEMUSPEC_READY" and e["data"].get("restarts") == 1)
+    wait_event(
+        path, "web", lambda e: e["event"] == "QEMUSPEC_READY" and e["data"].get("restarts") == 1
+    )
 
 
 def test_stale_state_never_touches_an_unrelated_process(lab):
@@ -219,7 +256,9 @@ def test_two_concurrent_ups_start_one_qemu(lab):
     path = lab({"web": {}})
     before = qemu_pids(os.path.dirname(path))
     with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda _: json.loads(cli("up", path, "--json").stdout)[0], range(2)))
+        results = list(
+            pool.map(lambda _: json.loads(cli("up", path, "--json").stdout)[0], range(2))
+        )
     assert sorted(r["action"] for r in results) == ["started", "up to date"]
     assert results[0]["pid"] == results[1]["pid"]
     assert len(qemu_pids(os.path.dirname(path)) - before) == 1
@@ -229,13 +268,24 @@ def test_dependency_order_up_and_reverse_down(lab):
     path = lab({"db": {}, "app": {"depends": '["db"]'}, "web": {"depends": '["app"]'}})
     outcomes = json.loads(cli("up", path, "--json").stdout)
     assert [o["name"] for o in outcomes] == ["db", "app", "web"]
-    launched = {m: stamp(wait_event(path, m, lambda e: e["event"] == "QEMUSPEC_LAUNCHED")) for m in ("db", "app", "web")}
-    ready = {m: stamp(wait_event(path, m, lambda e: e["event"] == "QEMUSPEC_READY")) for m in ("db", "app", "web")}
-    assert ready["db"] <= launched["app"] and ready["app"] <= launched["web"], "each starts after its dependency is ready"
+    launched = {
+        m: stamp(wait_event(path, m, lambda e: e["event"] == "QEMUSPEC_LAUNCHED"))
+        for m in ("db", "app", "web")
+    }
+    ready = {
+        m: stamp(wait_event(path, m, lambda e: e["event"] == "QEMUSPEC_READY"))
+        for m in ("db", "app", "web")
+    }
+    assert ready["db"] <= launched["app"] and ready["app"] <= launched["web"], (
+        "each starts after its dependency is ready"
+    )
     assert ready["db"] < ready["app"] < ready["web"]
     down = cli("down", path)
     assert [line.split(":")[0] for line in down.stdout.splitlines()] == ["web", "app", "db"]
-    stopped = {m: stamp(wait_event(path, m, lambda e: e["event"] == "SHUTDOWN")) for m in ("db", "app", "web")}
+    stopped = {
+        m: stamp(wait_event(path, m, lambda e: e["event"] == "SHUTDOWN"))
+        for m in ("db", "app", "web")
+    }
     assert stopped["web"] < stopped["app"] < stopped["db"]
     for m in ("db", "app", "web"):
         assert not os.path.exists(os.path.join(os.path.dirname(path), ".qemuspec", m, "state.json"))
@@ -244,7 +294,9 @@ def test_dependency_order_up_and_reverse_down(lab):
 def test_up_failure_exits_1_with_console_lines(lab, tmp_path):
     path = lab({"web": {}})
     text = open(path).read().replace('timeout = "90s"', 'timeout = "12s"\ntcp = 81')
-    text += '[[machines.web.nics]]\nforwards = [{ host = 0, guest = 81 }]\n'  # nothing listens on 81
+    text += (
+        "[[machines.web.nics]]\nforwards = [{ host = 0, guest = 81 }]\n"  # nothing listens on 81
+    )
     with open(path, "w") as f:
         f.write(text)
     result = cli("up", path, check=False)

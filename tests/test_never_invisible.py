@@ -50,21 +50,32 @@ def own_qemu(tmp_path) -> set[int]:
             exe = os.path.basename(os.readlink(f"/proc/{entry}/exe"))
         except OSError:
             continue
-        if exe.startswith("qemu-system") and any(str(tmp_path).encode() in arg for arg in argv) and alive(entry):
+        if (
+            exe.startswith("qemu-system")
+            and any(str(tmp_path).encode() in arg for arg in argv)
+            and alive(entry)
+        ):
             found.add(int(entry))
     return found
 
 
 def background(*args, **kwargs) -> subprocess.Popen:
     """A qemuspec command left running while the test goes on."""
-    return subprocess.Popen([sys.executable, "-m", "qemuspec.cli.main", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "qemuspec.cli.main", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kwargs,
+    )
 
 
 def started_again(path, old_pid, what, timeout=120.0) -> dict:
     """Wait until the machine runs a qemu other than ``old_pid``; its status row."""
-    return until(lambda: (r := status(path)["web"])["state"] == "running" and r["pid"] != old_pid and r,
-                 timeout=timeout, what=what)
+    return until(
+        lambda: (r := status(path)["web"])["state"] == "running" and r["pid"] != old_pid and r,
+        timeout=timeout,
+        what=what,
+    )
 
 
 def status(path) -> dict[str, dict]:
@@ -88,11 +99,27 @@ def lab(tmp_path, guest):
     made: list[str] = []
     supervisors: set[int] = set()
 
-    def make(restart="no", cmdline="quiet", marker=None, timeout="90s", stop_timeout="5s", file="lab.toml"):
+    def make(
+        restart="no",
+        cmdline="quiet",
+        marker=None,
+        timeout="90s",
+        stop_timeout="5s",
+        file="lab.toml",
+    ):
         path = tmp_path / file
-        path.write_text(MACHINE.format(name="web", kernel=guest["kernel"], initrd=guest["initrd"], cmdline=cmdline,
-                                       restart=restart, marker=marker or guest["marker"], timeout=timeout,
-                                       stop_timeout=stop_timeout))
+        path.write_text(
+            MACHINE.format(
+                name="web",
+                kernel=guest["kernel"],
+                initrd=guest["initrd"],
+                cmdline=cmdline,
+                restart=restart,
+                marker=marker or guest["marker"],
+                timeout=timeout,
+                stop_timeout=stop_timeout,
+            )
+        )
         made.append(str(path))
         return str(path)
 
@@ -118,19 +145,26 @@ def up(lab, path) -> tuple[dict, int]:
 
 # -- item 6: the runtime directory removed under a live supervisor -------------------------------
 
+
 def test_runtime_directory_removed_under_a_live_supervisor_is_made_again(lab, tmp_path):
     path = lab(restart="always")
     started, sup = up(lab, path)
     lock = os.path.join(run_dir(path), "supervisor.lock")
     removed = time.monotonic()
     shutil.rmtree(run_dir(path))  # what tmpfiles does to /tmp, or logind to /run/user/UID
-    until(lambda: os.path.exists(lock), timeout=10, what="the supervisor makes its runtime directory again")
+    until(
+        lambda: os.path.exists(lock),
+        timeout=10,
+        what="the supervisor makes its runtime directory again",
+    )
     detected = time.monotonic() - removed
     row = status(path)["web"]
     assert row["state"] == "running" and row["supervisor"] == sup and row["pid"] == started["pid"]
     assert "runtime directory" in row["reason"] and "made again" in row["reason"]
     [again] = json.loads(cli("up", path, "--json").stdout)
-    assert again["action"] == "up to date" and again["pid"] == started["pid"], "up finds it: no second qemu"
+    assert again["action"] == "up to date" and again["pid"] == started["pid"], (
+        "up finds it: no second qemu"
+    )
     assert own_qemu(tmp_path) == {started["pid"]}
     ls = [r for r in json.loads(cli("ls", "--json").stdout) if r["state_dir"] == state(path)]
     assert [r["pid"] for r in ls] == [started["pid"]], "ls lists it again"
@@ -138,7 +172,9 @@ def test_runtime_directory_removed_under_a_live_supervisor_is_made_again(lab, tm
     result = cli("down", path, "--json")
     [down] = json.loads(result.stdout)
     assert down["action"] == "stopped" and result.returncode == 0
-    assert not alive(sup) and not alive(started["pid"]), "one down stops it: no supervisor is left to restart it"
+    assert not alive(sup) and not alive(started["pid"]), (
+        "one down stops it: no supervisor is left to restart it"
+    )
     assert own_qemu(tmp_path) == set()
     timing("6 runtime directory removed", detection=detected, down=time.monotonic() - began)
 
@@ -157,13 +193,17 @@ def test_down_right_after_the_runtime_directory_is_removed_still_stops_the_machi
 
 # -- item 7: a second `up` while the first one's start is still in progress ------------------------
 
+
 def _interrupted_up(lab, path, signum) -> int:
     """Start `up`, and once its supervisor has forked and is starting the machine, interrupt the CLI."""
     first = background("up", path)
     from qemuspec.runtime import statedir
 
-    rec = until(lambda: statedir.read(run_dir(path), statedir.SUPERVISOR, statedir.SupervisorRecord), timeout=60,
-                what="the supervisor")
+    rec = until(
+        lambda: statedir.read(run_dir(path), statedir.SUPERVISOR, statedir.SupervisorRecord),
+        timeout=60,
+        what="the supervisor",
+    )
     lab.supervisors.add(rec.pid)
     first.send_signal(signum)
     first.communicate(timeout=30)
@@ -179,7 +219,11 @@ def test_second_up_waits_for_a_starting_machine_and_reports_ready(lab, tmp_path,
     began = time.monotonic()
     result = cli("up", path, "--json")
     [second] = json.loads(result.stdout)
-    assert result.returncode == 0 and second["action"] == "started" and "another `up`" in second["detail"]
+    assert (
+        result.returncode == 0
+        and second["action"] == "started"
+        and "another `up`" in second["detail"]
+    )
     row = status(path)["web"]
     assert row["state"] == "running" and row["pid"] == second["pid"] and row["supervisor"] == sup
     assert own_qemu(tmp_path) == {second["pid"]}, "one qemu"
@@ -192,7 +236,9 @@ def test_second_up_reports_the_failure_of_a_start_in_progress(lab, tmp_path):
     result = cli("up", path, "--json", check=False)
     [second] = json.loads(result.stdout)
     assert result.returncode == 1 and second["action"] == "failed"
-    assert "another `up` began failed" in second["detail"] and "never became ready" in second["detail"], second
+    assert (
+        "another `up` began failed" in second["detail"] and "never became ready" in second["detail"]
+    ), second
     assert "up to date" not in result.stdout
     until(lambda: not alive(sup), timeout=20, what="the failed supervisor's exit")
     assert own_qemu(tmp_path) == set()
@@ -202,12 +248,17 @@ def test_second_up_reports_the_failure_of_a_start_in_progress(lab, tmp_path):
 
 # -- item 8: stopping, and a supervisor that no longer answers --------------------------------------
 
+
 def test_status_says_stopping_while_a_stop_is_in_progress(lab, tmp_path):
-    path = lab(cmdline="quiet qemuspec.noacpi", stop_timeout="8s")  # the guest ignores the power button
+    path = lab(
+        cmdline="quiet qemuspec.noacpi", stop_timeout="8s"
+    )  # the guest ignores the power button
     started, sup = up(lab, path)
     down = background("down", path, "--json")
     began = time.monotonic()
-    row = until(lambda: (r := status(path)["web"])["state"] == "stopping" and r, timeout=20, what="stopping")
+    row = until(
+        lambda: (r := status(path)["web"])["state"] == "stopping" and r, timeout=20, what="stopping"
+    )
     timing("8 stop in progress", detection=time.monotonic() - began)
     assert row["pid"] == started["pid"] and "stop is in progress" in row["reason"]
     out, _ = down.communicate(timeout=120)
@@ -230,7 +281,9 @@ def test_a_sigstopped_supervisor_is_hung_and_down_acts_itself(lab, tmp_path):
     [down] = json.loads(cli("down", path, "--json").stdout)
     seconds = time.monotonic() - began
     timing("8 supervisor SIGSTOPped: down", recovery=seconds)
-    assert down["action"] == "stopped" and seconds < stop_budget(5.0) / 2, "a bounded wait, not the whole stop budget"
+    assert down["action"] == "stopped" and seconds < stop_budget(5.0) / 2, (
+        "a bounded wait, not the whole stop budget"
+    )
     assert not alive(sup) and not alive(started["pid"]) and own_qemu(tmp_path) == set()
 
 
@@ -250,7 +303,9 @@ def test_a_supervisor_without_heartbeat_is_hung(tmp_path):
     paths.private_dir(run)
     try:
         fd = statedir.hold_lock(run)
-        me = statedir.SupervisorRecord(pid=os.getpid(), started=start_time(os.getpid()), phase="running")
+        me = statedir.SupervisorRecord(
+            pid=os.getpid(), started=start_time(os.getpid()), phase="running"
+        )
         statedir.write(run, statedir.SUPERVISOR, me)
         sup = read_supervisor(state_dir)
         assert sup is not None and hung(state_dir, sup) is None, "a fresh heartbeat"
@@ -267,6 +322,7 @@ def test_a_supervisor_without_heartbeat_is_hung(tmp_path):
 
 
 # -- item 9: a dead supervisor is replaced, the restart count kept ----------------------------------
+
 
 def test_unsupervised_machine_with_a_restart_policy_is_adopted_again(lab, tmp_path):
     path = lab(restart="always")
@@ -285,7 +341,9 @@ def test_unsupervised_machine_with_a_restart_policy_is_adopted_again(lab, tmp_pa
     result = cli("status", path, "--json")  # a command with the definition adopts it again
     [row] = json.loads(result.stdout)
     recovered = time.monotonic() - killed
-    assert row["state"] == "running" and row.get("readopted") and row["supervisor"] not in (None, sup)
+    assert (
+        row["state"] == "running" and row.get("readopted") and row["supervisor"] not in (None, sup)
+    )
     assert row["pid"] == qemu and row["restarts"] == 1, "same qemu, restart count kept"
     assert "adopted again" in result.stderr
     lab.supervisors.add(row["supervisor"])
@@ -297,13 +355,16 @@ def test_unsupervised_machine_with_a_restart_policy_is_adopted_again(lab, tmp_pa
 
 # -- item 10: serial.log capped while running, and the truth of the console -----------------------
 
+
 def test_serial_log_stays_under_the_cap_while_the_guest_floods_the_console(lab, tmp_path):
     from qemuspec.runtime.statedir import LOG_LIMIT
 
     path = lab()
     started, sup = up(lab, path)
     log = os.path.join(state(path), "serial.log")
-    flood = background("exec", path, "--", "sh", "-c", "yes qemuspec-flood-line | head -c 6000000 > /dev/ttyS0")
+    flood = background(
+        "exec", path, "--", "sh", "-c", "yes qemuspec-flood-line | head -c 6000000 > /dev/ttyS0"
+    )
     began = time.monotonic()
     largest = 0
 
@@ -333,8 +394,13 @@ def test_slow_console_reader_gets_what_serial_log_holds(lab, tmp_path, guest):
     path = lab(cmdline="")  # not quiet: the whole kernel log
     first = background("up", path)
     proxy = os.path.join(run_dir(path), "console-client.sock")
-    until(lambda: os.path.exists(proxy) and os.path.exists(os.path.join(run_dir(path), "machine.json")), timeout=60,
-          what="the console proxy")
+    until(
+        lambda: (
+            os.path.exists(proxy) and os.path.exists(os.path.join(run_dir(path), "machine.json"))
+        ),
+        timeout=60,
+        what="the console proxy",
+    )
     console = background("console", path, stdin=subprocess.PIPE)
     assert console.stdout is not None
     received = console.stdout.read1(256)  # attached: the boot is streaming to it
@@ -342,7 +408,9 @@ def test_slow_console_reader_gets_what_serial_log_holds(lab, tmp_path, guest):
     second = cli("console", path, check=False)  # one console at a time
     assert second.returncode == 1 and "in use by another `qemuspec console`" in second.stderr
     assert "Traceback" not in second.stderr
-    while guest["marker"].encode() not in received:  # slowly, 256 bytes at a time, until the boot is done
+    while (
+        guest["marker"].encode() not in received
+    ):  # slowly, 256 bytes at a time, until the boot is done
         chunk = console.stdout.read1(256)
         assert chunk, console.stderr.read() if console.stderr else ""
         received += chunk
@@ -354,11 +422,14 @@ def test_slow_console_reader_gets_what_serial_log_holds(lab, tmp_path, guest):
     received += rest
     assert b"the console closed" in err
     log = open(os.path.join(state(path), "serial.log"), "rb").read()
-    assert len(received) > 4096 and log.endswith(received), "serial.log holds exactly what the reader was sent"
+    assert len(received) > 4096 and log.endswith(received), (
+        "serial.log holds exactly what the reader was sent"
+    )
     assert b"Linux version" in log and own_qemu(tmp_path) == set()
 
 
 # -- item 11: error paths that used to end as "internal error" ---------------------------------------
+
 
 def test_exec_poweroff_on_an_always_machine_says_the_guest_went_away(lab, tmp_path):
     path = lab(restart="always")
@@ -374,18 +445,29 @@ def test_exec_poweroff_on_an_always_machine_says_the_guest_went_away(lab, tmp_pa
 
 def test_read_only_state_directory_during_a_restart_is_a_clear_error(lab, tmp_path):
     if os.getuid() != 0:
-        fail_or_skip("this test bind-mounts the state directory read-only: it needs root (CI runs as root)")
+        fail_or_skip(
+            "this test bind-mounts the state directory read-only: it needs root (CI runs as root)"
+        )
     path = lab(restart="always")
     started, sup = up(lab, path)
     directory = state(path)
-    with open(os.path.join(directory, "known_hosts"), "w") as f:  # what an ssh probe leaves, removed at each launch
+    with open(
+        os.path.join(directory, "known_hosts"), "w"
+    ) as f:  # what an ssh probe leaves, removed at each launch
         f.write("[127.0.0.1]:2222 ssh-ed25519 AAAA\n")
     subprocess.run(["mount", "--bind", directory, directory], check=True)
     try:
         subprocess.run(["mount", "-o", "remount,ro,bind", directory], check=True)
         os.kill(started["pid"], signal.SIGKILL)
-        row = until(lambda: (r := status(path)["web"])["state"] == "restarting" and "failed to start" in r["reason"]
-                    and r, timeout=60, what="a failed restart")
+        row = until(
+            lambda: (
+                (r := status(path)["web"])["state"] == "restarting"
+                and "failed to start" in r["reason"]
+                and r
+            ),
+            timeout=60,
+            what="a failed restart",
+        )
         assert "known_hosts" in row["reason"] and "Read-only file system" in row["reason"], row
         assert "writable" in row["reason"]
         assert "internal error" not in row["reason"] and row["supervisor"] == sup
@@ -393,8 +475,11 @@ def test_read_only_state_directory_during_a_restart_is_a_clear_error(lab, tmp_pa
         assert "Traceback" not in log
     finally:
         subprocess.run(["umount", directory], check=False)
-    row = until(lambda: (r := status(path)["web"])["state"] == "running" and r, timeout=120,
-                what="running once writable")
+    row = until(
+        lambda: (r := status(path)["web"])["state"] == "running" and r,
+        timeout=120,
+        what="running once writable",
+    )
     assert own_qemu(tmp_path) == {row["pid"]}
 
 
@@ -403,5 +488,9 @@ def test_down_of_another_files_machine_refuses_and_exits_1(lab, tmp_path):
     second = lab(file="two.toml")
     started, sup = up(lab, first)
     result = cli("down", second, check=False)
-    assert result.returncode == 1 and f"is run by {first}" in result.stderr and "Traceback" not in result.stderr
+    assert (
+        result.returncode == 1
+        and f"is run by {first}" in result.stderr
+        and "Traceback" not in result.stderr
+    )
     assert alive(started["pid"]) and status(first)["web"]["pid"] == started["pid"]

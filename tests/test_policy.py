@@ -20,7 +20,9 @@ class FakeQemu:
     """A process that exits after a given step (or never), answering QMP as told; waiting advances
     the fake clock by the full timeout unless the process exits."""
 
-    def __init__(self, clock: Clock, exits_on: str | None, running=True, answers=True, ignores_term=False):
+    def __init__(
+        self, clock: Clock, exits_on: str | None, running=True, answers=True, ignores_term=False
+    ):
         self.clock = clock
         self.exits_on = exits_on
         self.running = running
@@ -59,14 +61,25 @@ class FakeQemu:
         return False
 
 
-@pytest.mark.parametrize("kwargs, step, sent", [
-    ({"exits_on": "system_powerdown"}, "ACPI powerdown", ["system_powerdown"]),
-    ({"exits_on": "quit"}, "QMP quit", ["system_powerdown", "quit"]),
-    ({"exits_on": "quit", "running": False}, "QMP quit", ["quit"]),
-    ({"exits_on": None}, "SIGTERM", ["system_powerdown", "quit", "SIGTERM"]),
-    ({"exits_on": None, "ignores_term": True}, "SIGKILL", ["system_powerdown", "quit", "SIGTERM", "SIGKILL"]),
-    ({"exits_on": None, "answers": False, "ignores_term": True}, "SIGKILL", ["quit", "SIGTERM", "SIGKILL"]),
-])
+@pytest.mark.parametrize(
+    "kwargs, step, sent",
+    [
+        ({"exits_on": "system_powerdown"}, "ACPI powerdown", ["system_powerdown"]),
+        ({"exits_on": "quit"}, "QMP quit", ["system_powerdown", "quit"]),
+        ({"exits_on": "quit", "running": False}, "QMP quit", ["quit"]),
+        ({"exits_on": None}, "SIGTERM", ["system_powerdown", "quit", "SIGTERM"]),
+        (
+            {"exits_on": None, "ignores_term": True},
+            "SIGKILL",
+            ["system_powerdown", "quit", "SIGTERM", "SIGKILL"],
+        ),
+        (
+            {"exits_on": None, "answers": False, "ignores_term": True},
+            "SIGKILL",
+            ["quit", "SIGTERM", "SIGKILL"],
+        ),
+    ],
+)
 def test_escalation_steps(kwargs, step, sent):
     clock = Clock()
     qemu = FakeQemu(clock, **kwargs)
@@ -118,7 +131,11 @@ def test_restart_backoff_doubles_caps_and_resets_after_a_stable_run():
 
 
 def test_restart_policies():
-    crash, clean, panic = ending(1, None), ending(0, "guest-shutdown"), ending(None, None, panicked=True)
+    crash, clean, panic = (
+        ending(1, None),
+        ending(0, "guest-shutdown"),
+        ending(None, None, panicked=True),
+    )
     killed = ending(-9, None)
     assert killed == Ending(True, "killed (signal 9)", -9, 9)
     assert panic.reason == "guest panic" and panic.failure
@@ -129,7 +146,9 @@ def test_restart_policies():
     assert Restarts("on-failure").decide(panic, 0).attempt == 1
     assert Restarts("on-failure").decide(killed, 0).delay == 1
     assert Restarts("always").decide(clean, 0).delay == 1
-    assert Restarts("always").decide(ending(None, None, stopped=True), 0) is None, "a requested stop is never restarted"
+    assert Restarts("always").decide(ending(None, None, stopped=True), 0) is None, (
+        "a requested stop is never restarted"
+    )
 
 
 def test_a_machine_that_cannot_start_is_retried_with_backoff_not_in_a_tight_loop():
@@ -145,7 +164,9 @@ class FakeAgentQemu(FakeQemu):
     """A guest with an agent: ``takes_shutdown`` says whether the agent can power it off; what was
     asked of the agent is in ``sent`` too."""
 
-    def __init__(self, clock: Clock, exits_on: str | None, takes_shutdown: bool, agent_answers: bool = True):
+    def __init__(
+        self, clock: Clock, exits_on: str | None, takes_shutdown: bool, agent_answers: bool = True
+    ):
         super().__init__(clock, exits_on)
         self.takes_shutdown = takes_shutdown
         self.agent_answers = agent_answers
@@ -170,14 +191,31 @@ class FakeAgentQemu(FakeQemu):
         return "1 guest file system frozen through the guest agent"
 
 
-@pytest.mark.parametrize("kwargs, step, sent", [
-    ({"exits_on": "system_powerdown", "takes_shutdown": True}, "ACPI powerdown", ["system_powerdown"]),
-    ({"exits_on": None, "takes_shutdown": True}, "guest-agent shutdown", ["system_powerdown", "guest-shutdown"]),
-    ({"exits_on": "quit", "takes_shutdown": False}, "QMP quit: after 1 guest file system frozen through the guest agent",
-     ["system_powerdown", "guest-shutdown", "guest-fsfreeze-freeze", "quit"]),
-    ({"exits_on": "quit", "takes_shutdown": False, "agent_answers": False}, "QMP quit",
-     ["system_powerdown", "guest-shutdown", "guest-fsfreeze-freeze", "quit"]),
-])
+@pytest.mark.parametrize(
+    "kwargs, step, sent",
+    [
+        (
+            {"exits_on": "system_powerdown", "takes_shutdown": True},
+            "ACPI powerdown",
+            ["system_powerdown"],
+        ),
+        (
+            {"exits_on": None, "takes_shutdown": True},
+            "guest-agent shutdown",
+            ["system_powerdown", "guest-shutdown"],
+        ),
+        (
+            {"exits_on": "quit", "takes_shutdown": False},
+            "QMP quit: after 1 guest file system frozen through the guest agent",
+            ["system_powerdown", "guest-shutdown", "guest-fsfreeze-freeze", "quit"],
+        ),
+        (
+            {"exits_on": "quit", "takes_shutdown": False, "agent_answers": False},
+            "QMP quit",
+            ["system_powerdown", "guest-shutdown", "guest-fsfreeze-freeze", "quit"],
+        ),
+    ],
+)
 def test_agent_steps_come_after_half_the_acpi_wait_and_sync_before_quit(kwargs, step, sent):
     """libvirt's acpi,agent: the power button first, the agent's shutdown after half the ACPI wait; a
     forced quit only after the guest's file systems were frozen. The guest's total wait stays the timeout."""

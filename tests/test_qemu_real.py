@@ -26,9 +26,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_rendered(argv: list[str], qmp_path: str):
     """Start qemu on exactly the rendered argv and connect to the QMP socket it creates."""
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
-        client = QMPClient.connect(f"unix:{qmp_path}", timeout=10, retry_until=time.monotonic() + 10)
+        client = QMPClient.connect(
+            f"unix:{qmp_path}", timeout=10, retry_until=time.monotonic() + 10
+        )
     except Exception:
         proc.kill()
         _, err = proc.communicate()
@@ -46,8 +50,12 @@ def stop_rendered(proc, client):
 
 def test_example_definition_starts_in_qemu(qemu_bin, guest, tmp_path):
     text = open(os.path.join(ROOT, "machines", "example.toml")).read()
-    text = text.replace('"../guest/out/vmlinuz"', f'"{guest["kernel"]}"').replace('"../guest/out/initrd.gz"', f'"{guest["initrd"]}"')
-    text = text.replace('file = "web.qcow2"', f'file = "{tmp_path}/web.qcow2"').replace('# backing = "base.qcow2"', f'backing = "{tmp_path}/base.qcow2"')
+    text = text.replace('"../guest/out/vmlinuz"', f'"{guest["kernel"]}"').replace(
+        '"../guest/out/initrd.gz"', f'"{guest["initrd"]}"'
+    )
+    text = text.replace('file = "web.qcow2"', f'file = "{tmp_path}/web.qcow2"').replace(
+        '# backing = "base.qcow2"', f'backing = "{tmp_path}/base.qcow2"'
+    )
     path = tmp_path / "example.toml"
     path.write_text(text)
     machine = load(path).machines["web"].model_copy(update={"paused": True})
@@ -62,7 +70,9 @@ def test_example_definition_starts_in_qemu(qemu_bin, guest, tmp_path):
         assert client.command("query-status")["status"] == "prelaunch"
         assert client.command("query-name") == {"name": "web"}
         block = {b["device"] or b.get("qdev"): b for b in client.command("query-block")}
-        assert any(b.get("inserted", {}).get("file") == f"{tmp_path}/web.qcow2" for b in block.values())
+        assert any(
+            b.get("inserted", {}).get("file") == f"{tmp_path}/web.qcow2" for b in block.values()
+        )
     finally:
         stop_rendered(proc, client)
 
@@ -70,7 +80,11 @@ def test_example_definition_starts_in_qemu(qemu_bin, guest, tmp_path):
 def test_file_names_with_commas_and_equals_reach_qemu_intact(qemu_bin, tmp_path):
     tricky = tmp_path / "disk,file=evil.img,if=ide"
     img.create(str(tricky), "1M", format="raw")
-    machine = Machine(machine="q35", paused=True, disks=[{"file": str(tricky), "format": "raw", "interface": "virtio"}])
+    machine = Machine(
+        machine="q35",
+        paused=True,
+        disks=[{"file": str(tricky), "format": "raw", "interface": "virtio"}],
+    )
     lay = Layout(str(tmp_path), str(tmp_path), ("tcg",))
     proc, client = run_rendered(render(machine, "x", lay), lay.qmp)
     try:
@@ -85,7 +99,11 @@ def test_tcp_qmp_steps_up_past_a_taken_port(qemu_bin, state_dir):
     blocker.bind(("127.0.0.1", 0))
     blocker.listen()
     taken = blocker.getsockname()[1]
-    inst = Instance("t", Machine(machine="none", paused=True, qmp={"transport": "tcp", "port": taken}), state_dir)
+    inst = Instance(
+        "t",
+        Machine(machine="none", paused=True, qmp={"transport": "tcp", "port": taken}),
+        state_dir,
+    )
     inst.launch()
     try:
         host, port = inst.qmp_address.rsplit(":", 1)
@@ -112,7 +130,9 @@ def test_unix_sockets_are_private_even_in_a_deep_directory(qemu_bin, tmp_path):
             info = os.stat(os.path.join(run_dir, name))
             assert stat.S_ISSOCK(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600
             assert len(os.path.join(run_dir, name)) < 108
-        with QMPClient.connect(f"unix:{inst.layout.qmp_client}", timeout=5) as second:  # a second client alongside
+        with QMPClient.connect(
+            f"unix:{inst.layout.qmp_client}", timeout=5
+        ) as second:  # a second client alongside
             assert second.command("query-status")["status"] == "prelaunch"
     finally:
         inst.quit()
@@ -164,7 +184,9 @@ def test_auto_accelerator_starts_whatever_kvm_does_here(qemu_bin, state_dir):
     from qemuspec.settings import Settings
 
     machine = Machine(accel="auto", paused=True)
-    inst = Instance("auto", machine, state_dir, paths.machine_layout(machine, state_dir, Settings()))
+    inst = Instance(
+        "auto", machine, state_dir, paths.machine_layout(machine, state_dir, Settings())
+    )
     inst.launch()
     try:
         assert inst.qmp.command("query-status")["status"] == "prelaunch"
@@ -191,13 +213,17 @@ def test_qmp_async_is_an_asyncio_client_on_the_tools_monitor(qemu_bin, state_dir
         try:
             with pytest.raises(QMPTimeout):
                 asyncio.run(vm.qmp_async("query-status", timeout=1))
-            assert vm.qmp("query-status")["status"] == "prelaunch", "the controller's monitor stays free"
+            assert vm.qmp("query-status")["status"] == "prelaunch", (
+                "the controller's monitor stays free"
+            )
         finally:
             holder.close()
 
         async def together():
-            return await asyncio.gather(*(vm.qmp_async("query-status", timeout=20) for _ in range(4)),
-                                        vm.qmp_async("query-name", timeout=20))
+            return await asyncio.gather(
+                *(vm.qmp_async("query-status", timeout=20) for _ in range(4)),
+                vm.qmp_async("query-name", timeout=20),
+            )
 
         *states, name = asyncio.run(together())
         assert [s["status"] for s in states] == ["prelaunch"] * 4 and name == {"name": "box"}

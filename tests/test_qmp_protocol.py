@@ -78,7 +78,15 @@ def test_commands_return_values_and_errors_carry_class_and_desc(sock_path):
         if m["execute"] == "query-status":
             return answer(m, {"status": "running", "running": True})
         if m["execute"] == "bad":
-            return [{"error": {"class": "CommandNotFound", "desc": "The command bad has not been found"}, "id": m["id"]}]
+            return [
+                {
+                    "error": {
+                        "class": "CommandNotFound",
+                        "desc": "The command bad has not been found",
+                    },
+                    "id": m["id"],
+                }
+            ]
         return answer(m)
 
     peer = FakeQemu(sock_path, script)
@@ -87,7 +95,9 @@ def test_commands_return_values_and_errors_carry_class_and_desc(sock_path):
         assert client.command("query-status") == {"status": "running", "running": True}
         with pytest.raises(QMPError) as info:
             client.command("bad")
-        assert info.value.error_class == "CommandNotFound" and "has not been found" in info.value.desc
+        assert (
+            info.value.error_class == "CommandNotFound" and "has not been found" in info.value.desc
+        )
     assert peer.received[0]["execute"] == "qmp_capabilities"
     peer.close()
 
@@ -107,7 +117,9 @@ def test_replies_are_matched_by_id_even_out_of_order(sock_path):
     peer = FakeQemu(sock_path, script)
     with QMPClient.connect(f"unix:{sock_path}", timeout=5) as client:
         results = {}
-        t = threading.Thread(target=lambda: results.setdefault("slow", client.command("slow", timeout=5)))
+        t = threading.Thread(
+            target=lambda: results.setdefault("slow", client.command("slow", timeout=5))
+        )
         t.start()
         while not held:
             threading.Event().wait(0.001)
@@ -167,8 +179,10 @@ def test_events_listeners_waiters_iterator_and_log(sock_path, tmp_path):
 
     def script(m):
         if m["execute"] == "emit":
-            return [{"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 0}},
-                    {"event": "RESUME", "timestamp": {"seconds": 2, "microseconds": 0}}] + answer(m)
+            return [
+                {"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 0}},
+                {"event": "RESUME", "timestamp": {"seconds": 2, "microseconds": 0}},
+            ] + answer(m)
         return answer(m)
 
     peer = FakeQemu(sock_path, script)
@@ -179,7 +193,9 @@ def test_events_listeners_waiters_iterator_and_log(sock_path, tmp_path):
         mark = client.event_count
         client.command("emit")
         assert client.wait_for("RESUME", timeout=5, since=mark)["event"] == "RESUME"
-        assert client.wait_for("STOP", timeout=5, since=mark)["event"] == "STOP", "events before the wait count with since="
+        assert client.wait_for("STOP", timeout=5, since=mark)["event"] == "STOP", (
+            "events before the wait count with since="
+        )
         iterator = client.events(timeout=5)
         client.command("emit")
         assert [next(iterator)["event"], next(iterator)["event"]] == ["STOP", "RESUME"]
@@ -193,7 +209,9 @@ def test_events_listeners_waiters_iterator_and_log(sock_path, tmp_path):
 def test_async_face_same_behaviour(sock_path):
     def script(m):
         if m["execute"] == "emit":
-            return [{"event": "POWERDOWN", "timestamp": {"seconds": 1, "microseconds": 0}}] + answer(m, 7)
+            return [
+                {"event": "POWERDOWN", "timestamp": {"seconds": 1, "microseconds": 0}}
+            ] + answer(m, 7)
         if m["execute"] == "bad":
             return [{"error": {"class": "GenericError", "desc": "nope"}, "id": m["id"]}]
         if m["execute"] == "die":
@@ -226,7 +244,9 @@ def test_protocol_frames_split_across_reads():
     protocol = Protocol()
     assert protocol.feed(b'{"QMP": {"version": {}, "capa') == []
     assert protocol.feed(b'bilities": []}}\r\n{"return": {}, "id": "q1"}\n') == [
-        {"QMP": {"version": {}, "capabilities": []}}, {"return": {}, "id": "q1"}]
+        {"QMP": {"version": {}, "capabilities": []}},
+        {"return": {}, "id": "q1"},
+    ]
     assert protocol.greeting == {"version": {}, "capabilities": []}
     msg_id, data = protocol.request("query-status")
     assert json.loads(data) == {"execute": "query-status", "id": msg_id}

@@ -48,8 +48,11 @@ class FakeBackend:
         def wait() -> Outcome:
             if name in self.fail:
                 return Outcome(name, "failed", detail=f"{name} did not boot")
-            self.machines[name] = Seen(running=True, hash=definition_hash(machine), owner=OWNER, claimed=True)
+            self.machines[name] = Seen(
+                running=True, hash=definition_hash(machine), owner=OWNER, claimed=True
+            )
             return Outcome(name, action)
+
         return wait
 
     def join(self, name, machine, began):
@@ -69,7 +72,17 @@ class FakeBackend:
     def status(self, name, machine):
         return {"name": name}
 
-    def preflight(self, spec, source, names, allow_local_qemu, allow_host_paths, environ, ports=False, probe=False):
+    def preflight(
+        self,
+        spec,
+        source,
+        names,
+        allow_local_qemu,
+        allow_host_paths,
+        environ,
+        ports=False,
+        probe=False,
+    ):
         self._call("preflight", ",".join(names))
         return []
 
@@ -125,7 +138,10 @@ def test_up_goes_by_levels_and_down_in_reverse(spec, tmp_path):
 
 def test_a_failed_dependency_stops_its_dependants(spec, tmp_path):
     fake = FakeBackend(fail={"cache"})
-    outcomes = {o.name: o.action for o in reconcile.up(spec, str(tmp_path), ["lb"], every(spec, fake), owner=OWNER)}
+    outcomes = {
+        o.name: o.action
+        for o in reconcile.up(spec, str(tmp_path), ["lb"], every(spec, fake), owner=OWNER)
+    }
     assert outcomes == {"db": "started", "cache": "failed"}, outcomes
     assert ("start", "web") not in fake.calls and ("start", "lb") not in fake.calls
 
@@ -134,18 +150,27 @@ def test_another_files_machine_is_refused_by_every_verb(spec, tmp_path):
     fake = FakeBackend()
     other = "/src/machines/b.toml"
     fake.machines["db"] = Seen(running=True, hash="x", owner=other, claimed=True)
-    up = {o.name: o for o in reconcile.up(spec, str(tmp_path), ["db"], every(spec, fake), owner=OWNER)}
+    up = {
+        o.name: o for o in reconcile.up(spec, str(tmp_path), ["db"], every(spec, fake), owner=OWNER)
+    }
     assert up["db"].action == "failed" and f"is run by {other}" in up["db"].detail
-    down = {o.name: o for o in reconcile.down(spec, str(tmp_path), ["db"], every(spec, fake), owner=OWNER)}
+    down = {
+        o.name: o
+        for o in reconcile.down(spec, str(tmp_path), ["db"], every(spec, fake), owner=OWNER)
+    }
     assert down["db"].action == "belongs to another file"
     plan = reconcile.plan(spec, every(spec, fake), ["db"], owner=OWNER)
     assert plan[0]["action"] == "belongs to another file"
-    assert not [c for c in fake.calls if c[0] in ("start", "stop")], "nothing of the other file's machine was touched"
+    assert not [c for c in fake.calls if c[0] in ("start", "stop")], (
+        "nothing of the other file's machine was touched"
+    )
 
 
 def test_a_backends_own_refusal_counts_as_foreign(spec, tmp_path):
     fake = FakeBackend()
-    fake.machines["db"] = Seen(claimed=True, refusal="a domain named db exists and qemuspec did not define it")
+    fake.machines["db"] = Seen(
+        claimed=True, refusal="a domain named db exists and qemuspec did not define it"
+    )
     up = reconcile.up(spec, str(tmp_path), ["db"], every(spec, fake), owner=OWNER)
     assert up[0].action == "failed" and "did not define it" in up[0].detail
     assert ("start", "db") not in fake.calls
@@ -156,12 +181,19 @@ def test_decisions_from_what_the_backend_sees(spec, tmp_path):
     db = spec.machines["db"]
     fake.machines["db"] = Seen(running=True, hash=definition_hash(db), owner=OWNER, claimed=True)
     fake.machines["cache"] = Seen(running=True, hash="changed", owner=OWNER, claimed=True)
-    steps = {s["name"]: s for s in reconcile.plan(spec, every(spec, fake), ["db", "cache"], owner=OWNER)}
+    steps = {
+        s["name"]: s for s in reconcile.plan(spec, every(spec, fake), ["db", "cache"], owner=OWNER)
+    }
     assert steps["db"]["action"] == "up to date" and steps["cache"]["action"] == "recreate"
     assert steps["cache"]["diff"] == ["-old", "+new"], "the backend's diff reaches the plan"
-    outcomes = {o.name: o.action for o in reconcile.up(spec, str(tmp_path), ["db", "cache"], every(spec, fake), owner=OWNER)}
+    outcomes = {
+        o.name: o.action
+        for o in reconcile.up(spec, str(tmp_path), ["db", "cache"], every(spec, fake), owner=OWNER)
+    }
     assert outcomes == {"db": "up to date", "cache": "recreated"}
-    assert fake.calls.index(("stop", "cache")) < fake.calls.index(("start", "cache")), "a recreate stops first"
+    assert fake.calls.index(("stop", "cache")) < fake.calls.index(("start", "cache")), (
+        "a recreate stops first"
+    )
     assert ("start", "db") not in fake.calls
 
 
@@ -182,7 +214,9 @@ def test_timeout_and_warm_reach_every_backend(spec, tmp_path):
     reconcile.overridden(spec, ["web", "db", "cache"], timeout=9, warm=True)
     reconcile.up(spec, str(tmp_path), ["web"], every(spec, fake), owner=OWNER)
     assert fake.timeouts == {"db": 9, "cache": 9, "web": 9}
-    assert spec.machines["lb"].ready.timeout != 9 and not spec.machines["lb"].warm, "only the machines of this run"
+    assert spec.machines["lb"].ready.timeout != 9 and not spec.machines["lb"].warm, (
+        "only the machines of this run"
+    )
     with pytest.raises(UsageError, match="--timeout"):
         reconcile.overridden(spec, ["db"], timeout=0)
 

@@ -23,9 +23,17 @@ OTHER_USER = "qemuspec-other"
 
 
 def cli(*args, check=True, env=None):
-    result = subprocess.run([sys.executable, "-m", "qemuspec.cli.main", *args], capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", "qemuspec.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"qemuspec {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(
+            f"qemuspec {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+        )
     return result
 
 
@@ -88,7 +96,9 @@ def test_tcp_monitor_needs_a_client_certificate(project):
     assert host == "127.0.0.1"
     from qemuspec.runtime import paths
 
-    tls_dir = os.path.join(paths.run_dir(os.path.join(project, ".qemuspec", "m")), "tls")  # never the state directory
+    tls_dir = os.path.join(
+        paths.run_dir(os.path.join(project, ".qemuspec", "m")), "tls"
+    )  # never the state directory
     # a plain client: reset or silence, never a greeting
     with socket.create_connection((host, int(port)), timeout=5) as plain:
         plain.sendall(b'{"execute": "qmp_capabilities"}\n')
@@ -108,8 +118,12 @@ def test_tcp_monitor_needs_a_client_certificate(project):
     with socket.create_connection((host, int(port)), timeout=5) as raw:
         with client_context(tls_dir).wrap_socket(raw, server_hostname="127.0.0.1") as tls:
             assert b'"QMP"' in _greeting(tls, 10)
-    assert not os.path.exists(os.path.join(tls_dir, "ca-key.pem")), "nobody can mint new client certificates"
-    assert {oct(os.stat(os.path.join(tls_dir, f)).st_mode & 0o777) for f in os.listdir(tls_dir)} == {"0o600"}
+    assert not os.path.exists(os.path.join(tls_dir, "ca-key.pem")), (
+        "nobody can mint new client certificates"
+    )
+    assert {
+        oct(os.stat(os.path.join(tls_dir, f)).st_mode & 0o777) for f in os.listdir(tls_dir)
+    } == {"0o600"}
 
 
 def _other_user() -> pwd.struct_passwd:
@@ -120,11 +134,14 @@ def _other_user() -> pwd.struct_passwd:
     try:
         return pwd.getpwnam(OTHER_USER)
     except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", OTHER_USER], check=True)
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", OTHER_USER],
+            check=True,
+        )
         return pwd.getpwnam(OTHER_USER)
 
 
-PROBE = textwrap.dedent('''
+PROBE = textwrap.dedent("""
     import json, os, socket, ssl, sys
     roots, tcp_port = json.loads(sys.argv[1])
     got = []
@@ -158,15 +175,20 @@ PROBE = textwrap.dedent('''
     except OSError:
         pass
     print(json.dumps(got))
-''')
+""")
 
 
 def test_a_second_local_user_reads_no_file_key_or_socket_and_cannot_use_the_monitor(project):
     other = _other_user()
-    text = PAUSED.format(name="m", port=_free_port()) + '\n[machines.m.cloud_init]\nuser_data = "#cloud-config\\nssh_authorized_keys: [\\"{{ ssh_public_key }}\\"]\\n"\n'
+    text = (
+        PAUSED.format(name="m", port=_free_port())
+        + '\n[machines.m.cloud_init]\nuser_data = "#cloud-config\\nssh_authorized_keys: [\\"{{ ssh_public_key }}\\"]\\n"\n'
+    )
     path = _write(project, text)
     up = cli("up", path, check=False)
-    if up.returncode != 0:  # cloud-init on machine none may be refused by validation: keep the test about files
+    if (
+        up.returncode != 0
+    ):  # cloud-init on machine none may be refused by validation: keep the test about files
         path = _write(project, PAUSED.format(name="m", port=_free_port()))
         cli("up", path)
         from qemuspec.runtime import sshkeys
@@ -178,16 +200,30 @@ def test_a_second_local_user_reads_no_file_key_or_socket_and_cannot_use_the_moni
 
     state = os.path.join(project, ".qemuspec")
     run = paths.run_dir(os.path.join(state, "m"))
-    assert os.path.exists(os.path.join(state, "m", "serial.log")) and os.path.exists(os.path.join(run, "qmp.sock"))
+    assert os.path.exists(os.path.join(state, "m", "serial.log")) and os.path.exists(
+        os.path.join(run, "qmp.sock")
+    )
 
     def probe() -> list[str]:
         script = os.path.join(project, "probe.py")
         with open(script, "w") as f:
             f.write(PROBE)
         os.chmod(script, 0o644)
-        result = subprocess.run(["setpriv", f"--reuid={other.pw_uid}", f"--regid={other.pw_gid}", "--clear-groups",
-                                 sys.executable, script, json.dumps([[state, os.path.dirname(run)], port])],
-                                capture_output=True, text=True, timeout=60, cwd="/")
+        result = subprocess.run(
+            [
+                "setpriv",
+                f"--reuid={other.pw_uid}",
+                f"--regid={other.pw_gid}",
+                "--clear-groups",
+                sys.executable,
+                script,
+                json.dumps([[state, os.path.dirname(run)], port]),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd="/",
+        )
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout)
 
@@ -210,7 +246,9 @@ def test_planted_symlinks_are_never_written_through(project):
     os.makedirs(state)
     os.symlink(victim, os.path.join(state, "serial.log"))
     os.symlink(victim, os.path.join(project, "disk.qcow2.qemuspec-tmp"))
-    text = PAUSED.format(name="m", port=_free_port()).replace('[machines.m.qmp]\ntransport = "tcp"', '[machines.m.qmp]\ntransport = "unix"')
+    text = PAUSED.format(name="m", port=_free_port()).replace(
+        '[machines.m.qmp]\ntransport = "tcp"', '[machines.m.qmp]\ntransport = "unix"'
+    )
     text += '[[machines.m.disks]]\nfile = "disk.qcow2"\nsize = "16M"\nformat = "qcow2"\n'
     path = _write(project, text)
     result = cli("up", path, check=False)
@@ -227,7 +265,9 @@ def test_purge_deletes_only_what_qemuspec_created(project):
     mine = os.path.join(project, "user.img")
     with open(mine, "wb") as f:
         f.write(b"user data")
-    text = PAUSED.format(name="m", port=0).replace('[machines.m.qmp]\ntransport = "tcp"\nport = 0\n', "")
+    text = PAUSED.format(name="m", port=0).replace(
+        '[machines.m.qmp]\ntransport = "tcp"\nport = 0\n', ""
+    )
     text += '[[machines.m.disks]]\nfile = "user.img"\nsize = "1M"\n[[machines.m.disks]]\nfile = "made.qcow2"\nsize = "16M"\nformat = "qcow2"\n'
     path = _write(project, text)
     cli("down", path, "--purge")  # never started: the user's image stays
@@ -249,16 +289,25 @@ def test_purge_never_follows_a_state_directory_symlink(project, tmp_path):
     (elsewhere / "m").mkdir(parents=True)
     (elsewhere / "m" / "keep.txt").write_text("keep")
     os.symlink(elsewhere, os.path.join(project, ".qemuspec"))
-    path = _write(project, PAUSED.format(name="m", port=0).replace('[machines.m.qmp]\ntransport = "tcp"\nport = 0\n', ""))
+    path = _write(
+        project,
+        PAUSED.format(name="m", port=0).replace(
+            '[machines.m.qmp]\ntransport = "tcp"\nport = 0\n', ""
+        ),
+    )
     result = cli("down", path, "--purge", check=False)
-    assert result.returncode != 0 and "symlink" in result.stderr and "Traceback" not in result.stderr
+    assert (
+        result.returncode != 0 and "symlink" in result.stderr and "Traceback" not in result.stderr
+    )
     assert (elsewhere / "m" / "keep.txt").read_text() == "keep"
     os.unlink(os.path.join(project, ".qemuspec"))
 
 
 def test_nic_hostfwd_passthrough_cannot_replace_the_loopback_forward(tmp_path):
     path = tmp_path / "a.toml"
-    path.write_text('[machines.a]\n[[machines.a.nics]]\nforwards = [{ host = 2222, guest = 22 }]\noptions = { hostfwd = "tcp::2222-:22" }\n')
+    path.write_text(
+        '[machines.a]\n[[machines.a.nics]]\nforwards = [{ host = 2222, guest = 22 }]\noptions = { hostfwd = "tcp::2222-:22" }\n'
+    )
     result = cli("validate", str(path), check=False)
     assert result.returncode == 2 and "options.hostfwd is not passed through" in result.stderr
 
@@ -266,17 +315,33 @@ def test_nic_hostfwd_passthrough_cannot_replace_the_loopback_forward(tmp_path):
 def test_forged_records_never_make_down_signal_another_process(project):
     """A process whose argv merely names the pidfile, and records (state.json, supervisor.json) that
     point at it: status does not count it, down does not signal it."""
-    path = _write(project, PAUSED.format(name="m", port=0).replace('[machines.m.qmp]\ntransport = "tcp"\nport = 0\n', ""))
+    path = _write(
+        project,
+        PAUSED.format(name="m", port=0).replace(
+            '[machines.m.qmp]\ntransport = "tcp"\nport = 0\n', ""
+        ),
+    )
     state = os.path.join(project, ".qemuspec", "m")
     os.makedirs(state)
     pidfile = os.path.join(state, "qemu.pid")
-    decoy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", "-pidfile", pidfile])
+    decoy = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(300)", "-pidfile", pidfile]
+    )
     try:
         with open(f"/proc/{decoy.pid}/stat") as f:
             started = f.read().rsplit(")", 1)[1].split()[19]
         argv = open(f"/proc/{decoy.pid}/cmdline", "rb").read().decode().split("\0")[:-1]
         with open(os.path.join(state, "state.json"), "w") as f:
-            json.dump({"name": "m", "pid": decoy.pid, "exec_argv": argv, "pid_start": started, "qmp": "unix:/nonexistent"}, f)
+            json.dump(
+                {
+                    "name": "m",
+                    "pid": decoy.pid,
+                    "exec_argv": argv,
+                    "pid_start": started,
+                    "qmp": "unix:/nonexistent",
+                },
+                f,
+            )
         with open(os.path.join(state, "supervisor.json"), "w") as f:
             json.dump({"pid": decoy.pid, "started": started, "phase": "running"}, f)
         [row] = json.loads(cli("status", path, "--json").stdout)

@@ -35,6 +35,7 @@ def _untrusted(state: str) -> list[str]:
 
 # -- item 4: a committed .qemuspec/ is not qemuspec's ---------------------------------------------
 
+
 def _attacker_credentials(where: str) -> str:
     """A complete TLS set made the way qemuspec makes one: its author holds the client key."""
     from qemuspec.runtime import tls
@@ -42,7 +43,7 @@ def _attacker_credentials(where: str) -> str:
     return tls.ensure(os.path.join(where, "tls"))
 
 
-CONNECT = textwrap.dedent('''
+CONNECT = textwrap.dedent("""
     import json, socket, ssl, sys
     tls_dir, port = sys.argv[1], int(sys.argv[2])
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -58,12 +59,14 @@ CONNECT = textwrap.dedent('''
     except (OSError, ssl.SSLError) as exc:
         got = "refused: " + type(exc).__name__
     print(json.dumps(got))
-''')
+""")
 
 
 def test_planted_tls_credentials_are_never_used(project, tmp_path):
     other = _other_user()
-    planted = _attacker_credentials(os.path.join(project, "attacker"))  # the author's copy, which he can read
+    planted = _attacker_credentials(
+        os.path.join(project, "attacker")
+    )  # the author's copy, which he can read
     for base, dirs, files in os.walk(os.path.join(project, "attacker")):
         for name in dirs + files:
             os.chmod(os.path.join(base, name), 0o755 if name in dirs else 0o644)
@@ -71,7 +74,9 @@ def test_planted_tls_credentials_are_never_used(project, tmp_path):
     state = os.path.join(project, ".qemuspec", "m")
     os.makedirs(state)
     shutil.copytree(planted, os.path.join(state, "tls"))
-    for base, dirs, files in os.walk(os.path.join(state, "tls")):  # committed files: readable by everyone
+    for base, dirs, files in os.walk(
+        os.path.join(state, "tls")
+    ):  # committed files: readable by everyone
         for name in dirs + files:
             os.chmod(os.path.join(base, name), 0o755 if name in dirs else 0o644)
     os.chmod(os.path.join(state, "tls"), 0o755)
@@ -86,9 +91,22 @@ def test_planted_tls_credentials_are_never_used(project, tmp_path):
         f.write(CONNECT)
     os.chmod(script, 0o644)
     [moved] = _untrusted(state)
-    attempt = subprocess.run(["setpriv", f"--reuid={other.pw_uid}", f"--regid={other.pw_gid}", "--clear-groups",
-                              sys.executable, script, planted, str(port)],
-                             capture_output=True, text=True, timeout=60, cwd="/")
+    attempt = subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={other.pw_uid}",
+            f"--regid={other.pw_gid}",
+            "--clear-groups",
+            sys.executable,
+            script,
+            planted,
+            str(port),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+    )
     assert attempt.returncode == 0, attempt.stderr
     assert "QMP" not in json.loads(attempt.stdout), "the planted client key opened the monitor"
     # qemu serves another CA's certificate: the one qemuspec made, outside the state directory
@@ -97,7 +115,9 @@ def test_planted_tls_credentials_are_never_used(project, tmp_path):
     ours = os.path.join(paths.run_dir(state), "tls")
     assert open(os.path.join(ours, "ca-cert.pem")).read() != planted_ca
     argv = open(f"/proc/{row['pid']}/cmdline", "rb").read().decode().split("\0")
-    assert any(f"dir={ours}," in a for a in argv) and not any(state + "/" in a and "tls" in a for a in argv)
+    assert any(f"dir={ours}," in a for a in argv) and not any(
+        state + "/" in a and "tls" in a for a in argv
+    )
     # nothing deleted: the planted files were moved aside, byte for byte
     assert open(os.path.join(moved, "tls", "ca-cert.pem")).read() == planted_ca
     assert not os.path.exists(os.path.join(state, "tls"))
@@ -108,20 +128,38 @@ def test_planted_public_key_symlink_never_reaches_the_seed(project, tmp_path):
     secret.write_text("HOST-SECRET-4711 do not leak\n")
     root = os.path.join(project, ".qemuspec")
     os.makedirs(os.path.join(root, "ssh"))
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "attacker",
-                    "-f", os.path.join(root, "ssh", "id_ed25519")], check=True)
+    subprocess.run(
+        [
+            "ssh-keygen",
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            "attacker",
+            "-f",
+            os.path.join(root, "ssh", "id_ed25519"),
+        ],
+        check=True,
+    )
     os.unlink(os.path.join(root, "ssh", "id_ed25519.pub"))
     os.symlink(secret, os.path.join(root, "ssh", "id_ed25519.pub"))
     os.makedirs(os.path.join(root, "m"))
     os.symlink(secret, os.path.join(root, "m", "id_ed25519.pub"))
     keys = 'ssh_authorized_keys: [\\"{{ ssh_public_key }}\\"]'
-    text = UNIX_PAUSED.format(name="m") + f'[machines.m.cloud_init]\nuser_data = "#cloud-config\\n{keys}\\n"\n'
+    text = (
+        UNIX_PAUSED.format(name="m")
+        + f'[machines.m.cloud_init]\nuser_data = "#cloud-config\\n{keys}\\n"\n'
+    )
     path = _write(project, text)
     cli("up", path)
     with open(os.path.join(root, "m", "cidata.iso"), "rb") as f:
         seed = f.read()
     assert b"HOST-SECRET-4711" not in seed, "a host file went into the guest's seed"
-    assert b"attacker" not in seed and b"ssh-ed25519 " in seed, "the seed carries qemuspec's own key"
+    assert b"attacker" not in seed and b"ssh-ed25519 " in seed, (
+        "the seed carries qemuspec's own key"
+    )
     assert _mode(os.path.join(root, "m", "cidata.iso")) == 0o600
 
 
@@ -136,8 +174,12 @@ def test_planted_warm_symlink_is_never_written_or_deleted_through(warm_lab, gues
         state.mkdir(parents=True)
         os.symlink(elsewhere, state / "warm")
         cli("up", path)
-        assert (state / "warm").is_dir() and not (state / "warm").is_symlink(), "saved in a directory of ours"
-        assert os.path.islink(_untrusted(str(state))[0] + "/warm"), "the planted link was moved aside, not followed"
+        assert (state / "warm").is_dir() and not (state / "warm").is_symlink(), (
+            "saved in a directory of ours"
+        )
+        assert os.path.islink(_untrusted(str(state))[0] + "/warm"), (
+            "the planted link was moved aside, not followed"
+        )
     else:  # a pull adds the link to a directory qemuspec already owns
         cli("up", path)
         cli("down", path)
@@ -145,10 +187,14 @@ def test_planted_warm_symlink_is_never_written_or_deleted_through(warm_lab, gues
         os.symlink(elsewhere, state / "warm")
         up = cli("up", path)
         assert "boot warm" not in up.stdout, "nothing was restored from the planted link"
-        assert any(e["event"] == "QEMUSPEC_SAVE_FAILED" for e in _events(state)), "the save refused the link"
+        assert any(e["event"] == "QEMUSPEC_SAVE_FAILED" for e in _events(state)), (
+            "the save refused the link"
+        )
         cli("down", path)
     assert sorted(os.listdir(elsewhere)) == ["key.json"], "nothing was written there"
-    assert (elsewhere / "key.json").read_text() == "the user's own file\n", "nothing was deleted there"
+    assert (elsewhere / "key.json").read_text() == "the user's own file\n", (
+        "nothing was deleted there"
+    )
 
 
 def _events(state) -> list[dict]:
@@ -169,10 +215,18 @@ def test_planted_log_symlinks_are_never_printed(project, tmp_path):
             if os.path.lexists(with_link):
                 os.unlink(with_link)
             os.symlink(target, with_link)
-        for args in (("logs", path), ("logs", path, "--events"), ("events", path), ("logs", path, "--json")):
+        for args in (
+            ("logs", path),
+            ("logs", path, "--events"),
+            ("events", path),
+            ("logs", path, "--json"),
+        ):
             result = cli(*args, check=False, env=env)
             printed = result.stdout + result.stderr
-            assert "SECRET-ENV-0916" not in printed and "SECRET-FILE-0815" not in printed, (args, target)
+            assert "SECRET-ENV-0916" not in printed and "SECRET-FILE-0815" not in printed, (
+                args,
+                target,
+            )
             assert "Traceback" not in printed
 
 
@@ -186,18 +240,23 @@ def test_a_committed_created_record_deletes_nothing(project):
     os.makedirs(state)
     with open(os.path.join(state, "created.json"), "w") as f:
         json.dump({"files": [{"path": thesis, "dev": info.st_dev, "ino": info.st_ino}]}, f)
-    path = _write(project, UNIX_PAUSED.format(name="m") + '[[machines.m.disks]]\nfile = "thesis.img"\nformat = "raw"\n')
+    path = _write(
+        project,
+        UNIX_PAUSED.format(name="m")
+        + '[[machines.m.disks]]\nfile = "thesis.img"\nformat = "raw"\n',
+    )
     cli("down", path, "--purge", check=False)
     assert open(thesis, "rb").read() == b"years of work"
 
 
 # -- item 12: images are 0600 ---------------------------------------------------------------------
 
+
 def test_images_qemuspec_makes_are_private(project, guest, tmp_path):
     base = os.path.join(project, "base.qcow2")
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", base, "16M"], check=True)
     os.chmod(base, 0o644)
-    text = UNIX_PAUSED.format(name="m") + textwrap.dedent('''
+    text = UNIX_PAUSED.format(name="m") + textwrap.dedent("""
         [[machines.m.disks]]
         file = "fresh.qcow2"
         size = "16M"
@@ -213,28 +272,44 @@ def test_images_qemuspec_makes_are_private(project, guest, tmp_path):
         backing_format = "qcow2"
         [machines.m.cloud_init]
         user_data = "#cloud-config\\n"
-        ''')
+        """)
     path = _write(project, text)
-    subprocess.run([sys.executable, "-m", "qemuspec.cli.main", "up", path], check=True, capture_output=True,
-                   timeout=300, umask=0o022)
+    subprocess.run(
+        [sys.executable, "-m", "qemuspec.cli.main", "up", path],
+        check=True,
+        capture_output=True,
+        timeout=300,
+        umask=0o022,
+    )
     for name in ("fresh.qcow2", "raw.img", "overlay.qcow2", ".qemuspec/m/cidata.iso"):
         assert _mode(os.path.join(project, name)) == 0o600, name
     cli("down", path)
     # `run`: its throwaway overlays, looked at while the guest command waits
     from test_lifecycle import definition
 
-    extra = 'agent = true\n[[machines.box.disks]]\nfile = "data.qcow2"\nformat = "qcow2"\nsize = "8M"\n'
+    extra = (
+        'agent = true\n[[machines.box.disks]]\nfile = "data.qcow2"\nformat = "qcow2"\nsize = "8M"\n'
+    )
     box = definition(tmp_path, guest, {"box": {"extra": extra}})
     runs = tmp_path / "tmp"
     runs.mkdir()
     # the guest command keeps the machine up after "go" (run reads all of stdin first, so no `read`)
-    proc = subprocess.Popen([sys.executable, "-m", "qemuspec", "run", box, "--", "/bin/sh", "-c", "echo go; sleep 20"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, umask=0o022,
-                            env=dict(os.environ, TMPDIR=str(runs)))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qemuspec", "run", box, "--", "/bin/sh", "-c", "echo go; sleep 20"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        umask=0o022,
+        env=dict(os.environ, TMPDIR=str(runs)),
+    )
     try:
-        assert proc.stdout.readline() == b"go\n", proc.stderr.read() if proc.poll() is not None else "no output"
+        assert proc.stdout.readline() == b"go\n", (
+            proc.stderr.read() if proc.poll() is not None else "no output"
+        )
         overlays = glob.glob(str(runs / "qemuspec-run-*" / "*.qcow2"))
-        assert overlays and all(_mode(o) == 0o600 for o in overlays), {o: oct(_mode(o)) for o in overlays}
+        assert overlays and all(_mode(o) == 0o600 for o in overlays), {
+            o: oct(_mode(o)) for o in overlays
+        }
         assert proc.wait(timeout=120) == 0
     finally:
         if proc.poll() is None:
@@ -247,13 +322,17 @@ def test_warm_overlays_are_private(warm_lab, guest, tmp_path):  # noqa: F811
     cli("up", path)
     state = tmp_path / ".qemuspec" / "w"
     assert _mode(tmp_path / "disk.qcow2") == 0o600
-    assert _mode(state / "warm" / "memory") == 0o600 and _mode(state / "warm" / "live-disk0.qcow2") == 0o600
+    assert (
+        _mode(state / "warm" / "memory") == 0o600
+        and _mode(state / "warm" / "live-disk0.qcow2") == 0o600
+    )
     cli("down", path)
     assert "boot warm" in cli("up", path).stdout
     assert _mode(state / "warm" / "live-disk0.qcow2") == 0o600, "the restore's fresh overlay"
 
 
 # -- item 6: caches under a HOME another user controls --------------------------------------------
+
 
 def _home_of(other: pwd.struct_passwd, tmp_path) -> str:
     """A home directory tree the other user owns, the way sudo keeping HOME hands one to root."""
@@ -277,13 +356,15 @@ def _tree(path: str) -> dict[str, tuple]:
     return out
 
 
-def test_caches_in_a_home_another_user_controls_are_neither_used_nor_written(project, tmp_path, qemu_bin):
+def test_caches_in_a_home_another_user_controls_are_neither_used_nor_written(
+    project, tmp_path, qemu_bin
+):
     other = _other_user()
     home = _home_of(other, tmp_path)
     marker = tmp_path / "planted-qemu-ran"
     planted = tmp_path / "bin" / "qemu-system-x86_64"
     planted.parent.mkdir()
-    planted.write_text(f"#!/bin/sh\ntouch {marker}\nexec {qemu_bin} \"$@\"\n")
+    planted.write_text(f'#!/bin/sh\ntouch {marker}\nexec {qemu_bin} "$@"\n')
     planted.chmod(0o755)
     path = _write(project, UNIX_PAUSED.format(name="m"))
     # The definitions entry root would look up, made honestly in a private cache, then given the
@@ -306,7 +387,9 @@ def test_caches_in_a_home_another_user_controls_are_neither_used_nor_written(pro
     st = os.stat(real)
     import hashlib
 
-    key = hashlib.sha256(f"{capabilities.CACHE_VERSION}:{real}:{st.st_mtime_ns}:{st.st_size}".encode()).hexdigest()[:24]
+    key = hashlib.sha256(
+        f"{capabilities.CACHE_VERSION}:{real}:{st.st_mtime_ns}:{st.st_size}".encode()
+    ).hexdigest()[:24]
     caps_dir = os.path.join(home, ".cache", "qemuspec", "capabilities")
     victim = tmp_path / "root-owned"
     victim.write_text("root's file\n")
@@ -315,9 +398,13 @@ def test_caches_in_a_home_another_user_controls_are_neither_used_nor_written(pro
     for name in os.listdir(caps_dir):
         os.lchown(os.path.join(caps_dir, name), other.pw_uid, other.pw_gid)
     before = _tree(home)
-    root_env = {k: v for k, v in os.environ.items() if k not in ("XDG_CACHE_HOME", "XDG_STATE_HOME")}
+    root_env = {
+        k: v for k, v in os.environ.items() if k not in ("XDG_CACHE_HOME", "XDG_STATE_HOME")
+    }
     root_env["HOME"] = home
-    cli("validate", path, "--probe", env=root_env)  # a miss: the probe's answer is not written through the links
+    cli(
+        "validate", path, "--probe", env=root_env
+    )  # a miss: the probe's answer is not written through the links
     assert victim.read_text() == "root's file\n"
     cli("up", path, env=root_env)
     assert not marker.exists(), "root ran the other user's qemu"
@@ -325,8 +412,17 @@ def test_caches_in_a_home_another_user_controls_are_neither_used_nor_written(pro
     assert row["state"] == "paused"
     assert _tree(home) == before, "nothing was written into the other user's tree"
     # a capabilities entry for the real qemu that says it has no q35: not believed
-    fake = {"binary": real, "version": "0.0.0", "machines": ["evil"], "cpus": [], "devices": {}, "objects": [],
-            "accels": ["tcg"], "options": [], "parameters": {}}
+    fake = {
+        "binary": real,
+        "version": "0.0.0",
+        "machines": ["evil"],
+        "cpus": [],
+        "devices": {},
+        "objects": [],
+        "accels": ["tcg"],
+        "options": [],
+        "parameters": {},
+    }
     with open(os.path.join(caps_dir, f"{key}.json"), "w") as f:
         json.dump(fake, f)
     os.chown(os.path.join(caps_dir, f"{key}.json"), other.pw_uid, other.pw_gid)
@@ -356,13 +452,23 @@ def test_a_cache_entry_that_breaks_the_cheap_rules_is_a_miss(tmp_path):
 
 # -- item 19: a squatted /tmp/qemuspec-UID --------------------------------------------------------
 
+
 def _victim() -> pwd.struct_passwd:
     _other_user()  # root, or skip/fail as that helper says
     try:
         return pwd.getpwnam(VICTIM_USER)
     except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", VICTIM_USER],
-                       check=True)
+        subprocess.run(
+            [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                VICTIM_USER,
+            ],
+            check=True,
+        )
         return pwd.getpwnam(VICTIM_USER)
 
 
@@ -378,7 +484,9 @@ def squatted(qemu_bin):
         subprocess.run(["rm", "-rf", squat], check=True)
     os.mkdir(squat, 0o777)
     os.chown(squat, other.pw_uid, other.pw_gid)
-    top = pathlib.Path(tempfile.mkdtemp(prefix="qemuspec-squat-", dir="/tmp"))  # the user can reach it
+    top = pathlib.Path(
+        tempfile.mkdtemp(prefix="qemuspec-squat-", dir="/tmp")
+    )  # the user can reach it
     os.chmod(top, 0o755)
     home = top / "victim-home"
     project_dir = top / "victim-project"
@@ -392,12 +500,31 @@ def squatted(qemu_bin):
     before = qemu_pids(project_dir)
 
     def run(*args, home_dir=str(home), xdg=None):
-        env = {"PATH": os.environ["PATH"], "HOME": home_dir, "PYTHONPATH": ROOT, "QEMUSPEC_ACCEL": "tcg"}
+        env = {
+            "PATH": os.environ["PATH"],
+            "HOME": home_dir,
+            "PYTHONPATH": ROOT,
+            "QEMUSPEC_ACCEL": "tcg",
+        }
         if xdg:
             env["XDG_RUNTIME_DIR"] = xdg
-        return subprocess.run(["setpriv", f"--reuid={victim.pw_uid}", f"--regid={victim.pw_gid}", "--clear-groups",
-                               sys.executable, "-m", "qemuspec.cli.main", *args],
-                              capture_output=True, text=True, timeout=300, env=env, cwd=str(project_dir))
+        return subprocess.run(
+            [
+                "setpriv",
+                f"--reuid={victim.pw_uid}",
+                f"--regid={victim.pw_gid}",
+                "--clear-groups",
+                sys.executable,
+                "-m",
+                "qemuspec.cli.main",
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+            cwd=str(project_dir),
+        )
 
     yield {"run": run, "path": str(path), "squat": squat, "home": str(home)}
     run("down", str(path))
@@ -411,11 +538,15 @@ def test_a_squatted_runtime_base_falls_back_to_a_private_one(squatted):
     assert up.returncode == 0, up.stdout + up.stderr
     assert os.listdir(squat) == [], "nothing of the machine is in the squatter's directory"
     status = run("status", path, "--json")
-    assert status.returncode == 0 and json.loads(status.stdout)[0]["state"] == "paused", status.stdout + status.stderr
+    assert status.returncode == 0 and json.loads(status.stdout)[0]["state"] == "paused", (
+        status.stdout + status.stderr
+    )
     listed = run("ls", "--json")
     assert listed.returncode == 0, listed.stderr
     assert [r["name"] for r in json.loads(listed.stdout)] == ["m"], listed.stdout
-    sockets = glob.glob(os.path.join(squatted["home"], ".local", "state", "qemuspec", "run", "*", "qmp.sock"))
+    sockets = glob.glob(
+        os.path.join(squatted["home"], ".local", "state", "qemuspec", "run", "*", "qmp.sock")
+    )
     assert sockets and all(_mode(s) == 0o600 for s in sockets)
     down = run("down", path)
     assert down.returncode == 0 and "stopped" in down.stdout, down.stdout + down.stderr
@@ -425,5 +556,9 @@ def test_a_squatted_runtime_base_falls_back_to_a_private_one(squatted):
 def test_a_squatted_runtime_base_without_a_private_home_names_xdg_runtime_dir(squatted):
     up = squatted["run"]("up", squatted["path"], home_dir="/nonexistent")
     assert up.returncode == 1, up.stdout + up.stderr
-    assert "XDG_RUNTIME_DIR" in up.stderr and "Traceback" not in up.stderr and "--state-dir" not in up.stderr
+    assert (
+        "XDG_RUNTIME_DIR" in up.stderr
+        and "Traceback" not in up.stderr
+        and "--state-dir" not in up.stderr
+    )
     assert os.listdir(squatted["squat"]) == []

@@ -58,7 +58,9 @@ def test_every_field_of_the_model_has_a_sample():
 @pytest.mark.parametrize("name", list(SAMPLES))
 def test_the_renderer_renders_each_field(name):
     try:
-        plain = machine({**BASE, **SAMPLES[name].needs})  # what the sample needs beside it, without it
+        plain = machine(
+            {**BASE, **SAMPLES[name].needs}
+        )  # what the sample needs beside it, without it
     except ValueError:  # needs that are valid only with the sample (append's -cpu with overrides)
         plain = machine(BASE)
     base = render(plain, "m", layout(plain))
@@ -79,7 +81,9 @@ def test_the_libvirt_export_and_plan_projection_carry_each_field(name):
     if xml.startswith("REFUSED"):
         assert f"machines.m.{name}" in xml, xml
         return
-    assert project(xml) != project(base), f"{name}: in the domain XML, but libvirt's plan does not compare it"
+    assert project(xml) != project(base), (
+        f"{name}: in the domain XML, but libvirt's plan does not compare it"
+    )
 
 
 def _back(table: dict, name: str):
@@ -93,8 +97,16 @@ def test_the_argv_importer_gives_each_typed_field_back(name):
     assert _back(table, name) == wanted.model_dump(mode="json")[name], table
 
 
-@pytest.mark.parametrize("name", [n for n in SAMPLES if SAMPLES[n].from_libvirt == TYPED and n not in BACKEND_FIELDS
-                                  and not xml_or_refusal(fields(n)).startswith("REFUSED")])
+@pytest.mark.parametrize(
+    "name",
+    [
+        n
+        for n in SAMPLES
+        if SAMPLES[n].from_libvirt == TYPED
+        and n not in BACKEND_FIELDS
+        and not xml_or_refusal(fields(n)).startswith("REFUSED")
+    ],
+)
 def test_the_libvirt_importer_gives_each_typed_field_back(name):
     wanted = machine(fields(name))
     _, table, _ = import_domain(domain_xml(wanted, "m"))
@@ -104,10 +116,16 @@ def test_the_libvirt_importer_gives_each_typed_field_back(name):
 @pytest.mark.parametrize("name", list(SAMPLES))
 def test_plan_and_the_definition_hash_see_each_field(name):
     base, changed = machine(BASE), machine(fields(name))
-    named = {path.split(".")[0].split("[")[0] for path, _, _ in field_changes(base.model_dump(mode="json"),
-                                                                             changed.model_dump(mode="json"))}
+    named = {
+        path.split(".")[0].split("[")[0]
+        for path, _, _ in field_changes(
+            base.model_dump(mode="json"), changed.model_dump(mode="json")
+        )
+    }
     assert name in named, f"{name}: plan's field diff does not name it"
-    assert definition_hash(changed) != definition_hash(base), f"{name}: the definition hash does not see it"
+    assert definition_hash(changed) != definition_hash(base), (
+        f"{name}: the definition hash does not see it"
+    )
 
 
 @pytest.mark.parametrize("name", list(SAMPLES))
@@ -122,6 +140,7 @@ def test_the_builder_sets_each_field(name):
 
 
 # ---- qemu and libvirt judge the balloon, the option added through the table alone ----------------
+
 
 def _layout(tmp_path) -> Layout:
     import os
@@ -138,15 +157,26 @@ def test_qemu_has_a_balloon_exactly_when_the_definition_says_so(qemu_bin, tmp_pa
     from test_qemu_real import run_rendered, stop_rendered
 
     lay = _layout(tmp_path)
-    wanted = machine({"paused": True, "memory": "96M", "balloon": {"options": {"deflate-on-oom": True}} if balloon else False})
+    wanted = machine(
+        {
+            "paused": True,
+            "memory": "96M",
+            "balloon": {"options": {"deflate-on-oom": True}} if balloon else False,
+        }
+    )
     proc, client = run_rendered(render(wanted, "m", lay), lay.qmp)
     try:
         if balloon:
             assert client.command("query-balloon")["actual"] == 96 << 20
-            kinds = {d["name"]: d["type"] for d in client.command("qom-list", {"path": "/machine/peripheral"})}
+            kinds = {
+                d["name"]: d["type"]
+                for d in client.command("qom-list", {"path": "/machine/peripheral"})
+            }
             assert kinds["qemuspec-balloon0"] == "child<virtio-balloon-pci>"
             backend = "/machine/peripheral/qemuspec-balloon0/virtio-backend"
-            assert client.command("qom-get", {"path": backend, "property": "deflate-on-oom"}) is True
+            assert (
+                client.command("qom-get", {"path": backend, "property": "deflate-on-oom"}) is True
+            )
         else:
             with pytest.raises(QMPError, match="[Nn]o balloon"):
                 client.command("query-balloon")

@@ -59,13 +59,24 @@ def generic_guest(qemu_bin) -> dict:
         if IN_CI:
             pytest.fail(f"cannot build the generic-kernel test guest: {exc}")
         pytest.skip(f"cannot build the generic-kernel test guest: {exc}")
-    return {"kernel": os.path.join(out, "vmlinuz"), "initrd": os.path.join(out, "initrd.gz"), "marker": stamp["marker"]}
+    return {
+        "kernel": os.path.join(out, "vmlinuz"),
+        "initrd": os.path.join(out, "initrd.gz"),
+        "marker": stamp["marker"],
+    }
 
 
 def cli(*args, check=True):
-    result = subprocess.run([sys.executable, "-m", "qemuspec.cli.main", *args], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "qemuspec.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"qemuspec {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(
+            f"qemuspec {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+        )
     return result
 
 
@@ -100,10 +111,20 @@ def warm_lab(tmp_path):
     made = []
 
     def make(guest, memory="256M", agent=True):
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / "base.qcow2"), "16M"], check=True)
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / "base.qcow2"), "16M"],
+            check=True,
+        )
         path = tmp_path / "warm.toml"
-        path.write_text(MACHINE.format(kernel=guest["kernel"], initrd=guest["initrd"], marker=guest["marker"], memory=memory,
-                                       agent="true" if agent else "false"))
+        path.write_text(
+            MACHINE.format(
+                kernel=guest["kernel"],
+                initrd=guest["initrd"],
+                marker=guest["marker"],
+                memory=memory,
+                agent="true" if agent else "false",
+            )
+        )
         made.append(str(path))
         return str(path)
 
@@ -117,7 +138,9 @@ def agent(path):
     from qemuspec.runtime import paths
     from qemuspec.runtime.agent import GuestAgent
 
-    return GuestAgent(paths.layout(os.path.join(os.path.dirname(path), ".qemuspec", "w")).qga, timeout=30)
+    return GuestAgent(
+        paths.layout(os.path.join(os.path.dirname(path), ".qemuspec", "w")).qga, timeout=30
+    )
 
 
 def guest_run(ga, *argv: str, stdin: bytes | None = None) -> bytes:
@@ -137,7 +160,9 @@ def http(port: int) -> str:
         return response.read().decode()
 
 
-def test_warm_restore_has_the_saved_disk_the_host_clock_its_own_rng_and_forwards(warm_lab, generic_guest, tmp_path):
+def test_warm_restore_has_the_saved_disk_the_host_clock_its_own_rng_and_forwards(
+    warm_lab, generic_guest, tmp_path
+):
     path = warm_lab(generic_guest)
     # The saved guest's clock is set years off (its hardware clock starts in 2001), so a restore that did
     # not set the clock from the host shows it at once, however little time passed since the save.
@@ -170,17 +195,31 @@ def test_warm_restore_has_the_saved_disk_the_host_clock_its_own_rng_and_forwards
         assert restored["data"]["clock"].startswith("set from the host")
         with agent(path) as ga:
             ga.sync()
-            assert disk_head(ga).startswith(written[0].encode() + b"\n"), f"restore {restore}: the disk as it was at the save"
+            assert disk_head(ga).startswith(written[0].encode() + b"\n"), (
+                f"restore {restore}: the disk as it was at the save"
+            )
             guest_ns = ga.command("guest-get-time")
-            assert abs(guest_ns / 1e9 - time.time()) < 2.0, f"restore {restore}: guest clock {guest_ns / 1e9 - time.time():+.1f} s off"
+            assert abs(guest_ns / 1e9 - time.time()) < 2.0, (
+                f"restore {restore}: guest clock {guest_ns / 1e9 - time.time():+.1f} s off"
+            )
             outputs.append(guest_run(ga, "/bin/dd", "if=/dev/urandom", "bs=32", "count=1"))
-            guest_run(ga, "/bin/dd", "of=/dev/vda", "conv=notrunc,fsync", stdin=b"written-after-the-restore\n")
+            guest_run(
+                ga,
+                "/bin/dd",
+                "of=/dev/vda",
+                "conv=notrunc,fsync",
+                stdin=b"written-after-the-restore\n",
+            )
             assert disk_head(ga).startswith(b"written-after-the-restore")
         port = row["ports"][0]["host"]
         assert "qemuspec-guest http ok" in http(port)
         cli("down", path)
-    assert len(outputs[0]) == len(outputs[1]) == 32 and outputs[0] != outputs[1], "two restores of one state must not share RNG output"
-    assert identity(tmp_path / "disk.qcow2") == frozen, "the frozen disk is never written by a restore"
+    assert len(outputs[0]) == len(outputs[1]) == 32 and outputs[0] != outputs[1], (
+        "two restores of one state must not share RNG output"
+    )
+    assert identity(tmp_path / "disk.qcow2") == frozen, (
+        "the frozen disk is never written by a restore"
+    )
 
 
 def test_a_changed_base_image_or_definition_means_a_cold_boot(warm_lab, guest, tmp_path):
@@ -200,7 +239,9 @@ def test_a_changed_base_image_or_definition_means_a_cold_boot(warm_lab, guest, t
     assert plan(path)["boot"] == "warm"
     restored = cli("up", path)
     assert "boot warm" in restored.stdout
-    assert "restores share RNG state" in last(path, "QEMUSPEC_RESTORED")["data"]["rng"]  # said plainly: no agent to check
+    assert (
+        "restores share RNG state" in last(path, "QEMUSPEC_RESTORED")["data"]["rng"]
+    )  # said plainly: no agent to check
     cli("down", path)
 
     text = open(path).read().replace('memory = "256M"', 'memory = "320M"')
@@ -227,7 +268,9 @@ def test_a_saved_state_that_does_not_load_falls_back_to_a_cold_boot(warm_lab, gu
     assert "boot cold" in out.stdout
     failed = last(path, "QEMUSPEC_RESTORE_FAILED")
     assert failed["data"]["then"] == "cold boot"
-    assert last(path, "QEMUSPEC_SAVED")["timestamp"]["seconds"] >= failed["timestamp"]["seconds"], "a fresh state was saved"
+    assert last(path, "QEMUSPEC_SAVED")["timestamp"]["seconds"] >= failed["timestamp"]["seconds"], (
+        "a fresh state was saved"
+    )
     cli("down", path)
     assert plan(path)["boot"] == "warm"
 
@@ -242,15 +285,27 @@ def write_data(path, text: bytes) -> None:
     """The guest writes and fsyncs ``text`` at DATA_SECTOR, and reads it back from the disk."""
     with agent(path) as ga:
         ga.sync()
-        guest_run(ga, "/bin/dd", "of=/dev/vda", "bs=512", f"seek={DATA_SECTOR}", "conv=notrunc,fsync", stdin=text)
+        guest_run(
+            ga,
+            "/bin/dd",
+            "of=/dev/vda",
+            "bs=512",
+            f"seek={DATA_SECTOR}",
+            "conv=notrunc,fsync",
+            stdin=text,
+        )
         ga.write_file("/proc/sys/vm/drop_caches", b"3\n")
-        assert guest_run(ga, "/bin/dd", "if=/dev/vda", "bs=512", f"skip={DATA_SECTOR}", "count=1").startswith(text)
+        assert guest_run(
+            ga, "/bin/dd", "if=/dev/vda", "bs=512", f"skip={DATA_SECTOR}", "count=1"
+        ).startswith(text)
 
 
 def on_host(tmp_path, sector=DATA_SECTOR) -> bytes:
     """A sector of the declared disk as qemu-img reads its image chain (qemu is stopped)."""
     raw = tmp_path / "read-back.raw"
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(tmp_path / "disk.qcow2"), str(raw)], check=True)
+    subprocess.run(
+        ["qemu-img", "convert", "-O", "raw", str(tmp_path / "disk.qcow2"), str(raw)], check=True
+    )
     with open(raw, "rb") as f:
         f.seek(sector * 512)
         data = f.read(512)
@@ -289,8 +344,13 @@ def held_supervisor(path) -> int:
 
 def up_held(path, point: str) -> subprocess.Popen:
     env = {**os.environ, "QEMUSPEC_TEST_HOLD_SAVE": point}
-    return subprocess.Popen([sys.executable, "-m", "qemuspec.cli.main", "up", path, "--json"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "qemuspec.cli.main", "up", path, "--json"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def status_row(path) -> dict:
@@ -307,29 +367,46 @@ def test_a_failed_warm_save_keeps_the_disk_and_every_later_write(warm_lab, guest
     path = warm_lab(guest)
     state = tmp_path / ".qemuspec"
     state.mkdir(mode=0o700)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(state)], check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(state)], check=True
+    )
     try:
         result = cli("up", path, "--json")
         [up] = json.loads(result.stdout)
         assert up["action"] == "started" and "boot cold" in up["detail"]
         assert "warm save failed" in up["detail"] and "No space left on device" in up["detail"], up
         assert "the disks are back on their own files" in up["detail"]
-        assert any("warm save failed" in w and "No space left on device" in w for w in up["warnings"])
+        assert any(
+            "warm save failed" in w and "No space left on device" in w for w in up["warnings"]
+        )
         failed = last(path, "QEMUSPEC_SAVE_FAILED")
         began = [e for e in events(path) if e["event"] == "MIGRATION"][0]
         committed = last(path, "BLOCK_JOB_COMPLETED")
-        timing("warm save fails (state directory full)", detection=stamp(failed) - stamp(began),
-               recovery=stamp(committed) - stamp(began))
+        timing(
+            "warm save fails (state directory full)",
+            detection=stamp(failed) - stamp(began),
+            recovery=stamp(committed) - stamp(began),
+        )
         files = open_files(up["pid"])
-        assert not [f for f in files if f.endswith(" (deleted)")], f"qemu has deleted files open: {files}"
-        assert str(tmp_path / "disk.qcow2") in files and not any("live-disk" in f for f in files), files
+        assert not [f for f in files if f.endswith(" (deleted)")], (
+            f"qemu has deleted files open: {files}"
+        )
+        assert str(tmp_path / "disk.qcow2") in files and not any("live-disk" in f for f in files), (
+            files
+        )
         assert not (state / "w" / "warm" / "live-disk0.qcow2").exists()
         row = status_row(path)
-        assert row["state"] == "running" and row["pid"] == up["pid"] and row["next_boot"]["boot"] == "cold"
+        assert (
+            row["state"] == "running"
+            and row["pid"] == up["pid"]
+            and row["next_boot"]["boot"] == "cold"
+        )
         write_data(path, b"written-after-the-failed-save\n")
         [down] = json.loads(cli("down", path, "--json").stdout)
         assert down["action"] == "stopped" and down["forced"] is False
-        assert on_host(tmp_path).startswith(b"written-after-the-failed-save\n"), "the write reached the declared disk"
+        assert on_host(tmp_path).startswith(b"written-after-the-failed-save\n"), (
+            "the write reached the declared disk"
+        )
     finally:
         cli("down", path, check=False)
         subprocess.run(["umount", str(state)], check=False)
@@ -344,7 +421,9 @@ def test_a_supervisor_killed_in_the_save_is_adopted_and_no_write_is_lost(warm_la
     os.kill(sup, signal.SIGKILL)
     killed = time.monotonic()
     out, err = first.communicate(timeout=120)
-    assert first.returncode == 1 and "supervisor exited unexpectedly" in json.loads(out)[0]["detail"], (out, err)
+    assert (
+        first.returncode == 1 and "supervisor exited unexpectedly" in json.loads(out)[0]["detail"]
+    ), (out, err)
     row = status_row(path)
     detected = time.monotonic() - killed
     assert row["state"] == "unsupervised" and "died during a warm save" in row["reason"], row
@@ -354,20 +433,33 @@ def test_a_supervisor_killed_in_the_save_is_adopted_and_no_write_is_lost(warm_la
     recovery = time.monotonic() - began
     timing("supervisor killed during the save", detection=detected, recovery=recovery)
     assert adopted["action"] == "adopted" and adopted["pid"] == qemu
-    assert "the interrupted save was undone: the disks are back on their own files" in adopted["detail"], adopted
+    assert (
+        "the interrupted save was undone: the disks are back on their own files"
+        in adopted["detail"]
+    ), adopted
     row = status_row(path)
-    assert row["state"] == "running" and row["supervisor"] not in (None, sup) and row["next_boot"]["boot"] == "cold"
+    assert (
+        row["state"] == "running"
+        and row["supervisor"] not in (None, sup)
+        and row["next_boot"]["boot"] == "cold"
+    )
     files = open_files(qemu)
-    assert str(tmp_path / "disk.qcow2") in files and not any("live-disk" in f or "(deleted)" in f for f in files), files
+    assert str(tmp_path / "disk.qcow2") in files and not any(
+        "live-disk" in f or "(deleted)" in f for f in files
+    ), files
     write_data(path, b"written-after-the-adoption\n")
     cli("down", path)
     [cold] = json.loads(cli("up", path, "--json").stdout)
     assert "boot cold" in cold["detail"] and "state saved" in cold["detail"]
     cli("down", path)
-    assert on_host(tmp_path).startswith(b"written-after-the-adoption\n"), "the new save froze the disk with the write"
+    assert on_host(tmp_path).startswith(b"written-after-the-adoption\n"), (
+        "the new save froze the disk with the write"
+    )
 
 
-def test_writes_into_an_interrupted_saves_overlay_are_committed_before_the_next_boot(warm_lab, guest, tmp_path):
+def test_writes_into_an_interrupted_saves_overlay_are_committed_before_the_next_boot(
+    warm_lab, guest, tmp_path
+):
     """Item 2, without adoption: the supervisor dies mid-save, the guest is resumed by hand and writes
     into the overlay, `down` stops it. The next start commits the overlay into the disk before qemu
     runs (a cold boot never starts from a disk its overlay holds newer data for)."""
@@ -379,19 +471,28 @@ def test_writes_into_an_interrupted_saves_overlay_are_committed_before_the_next_
     cli("resume", path)
     write_data(path, b"written-into-the-overlay\n")
     cli("down", path)
-    assert (tmp_path / ".qemuspec" / "w" / "warm" / "live-disk0.qcow2").exists(), "the overlay with the write is kept"
-    assert not on_host(tmp_path).startswith(b"written-into-the-overlay"), "the write is only in the overlay so far"
+    assert (tmp_path / ".qemuspec" / "w" / "warm" / "live-disk0.qcow2").exists(), (
+        "the overlay with the write is kept"
+    )
+    assert not on_host(tmp_path).startswith(b"written-into-the-overlay"), (
+        "the write is only in the overlay so far"
+    )
     assert "interrupted" in plan(path)["why"]
     began = time.monotonic()
     [cold] = json.loads(cli("up", path, "--json").stdout)
-    timing("overlay of an interrupted save committed at the next start", recovery=time.monotonic() - began)
+    timing(
+        "overlay of an interrupted save committed at the next start",
+        recovery=time.monotonic() - began,
+    )
     assert "boot cold" in cold["detail"] and "state saved" in cold["detail"]
     assert "committed" in last(path, "QEMUSPEC_SAVE_RECOVERED")["data"]["done"][0]
     cli("down", path)
     assert on_host(tmp_path).startswith(b"written-into-the-overlay\n")
 
 
-def test_qemu_dying_during_the_save_is_a_failure_and_the_next_start_recovers(warm_lab, guest, tmp_path):
+def test_qemu_dying_during_the_save_is_a_failure_and_the_next_start_recovers(
+    warm_lab, guest, tmp_path
+):
     """Item 4: qemu killed in the save (after the disk moved onto the overlay): `up` fails with the
     reason, nothing is left running, and the next `up` commits the overlay and boots cold."""
     path = warm_lab(guest)
@@ -414,18 +515,28 @@ def test_qemu_dying_during_the_save_is_a_failure_and_the_next_start_recovers(war
     assert not alive(qemu) and not alive(sup)
     serial = open(tmp_path / ".qemuspec" / "w" / "serial.log", errors="replace").read()
     [boot_stamp] = re.findall(r"qemuspec-guest: disk (stamp-warm-\S+)", serial)
-    assert (tmp_path / ".qemuspec" / "w" / "warm" / "live-disk0.qcow2").exists(), "the overlay qemu died on is kept"
-    assert on_host(tmp_path, 0).startswith(boot_stamp.encode() + b"\n"), "what the guest wrote before the save is kept"
+    assert (tmp_path / ".qemuspec" / "w" / "warm" / "live-disk0.qcow2").exists(), (
+        "the overlay qemu died on is kept"
+    )
+    assert on_host(tmp_path, 0).startswith(boot_stamp.encode() + b"\n"), (
+        "what the guest wrote before the save is kept"
+    )
     began = time.monotonic()
     [again] = json.loads(cli("up", path, "--json").stdout)
     timing("qemu killed during the save", detection=detected, recovery=time.monotonic() - began)
-    assert again["action"] == "started" and "boot cold" in again["detail"] and "state saved" in again["detail"]
+    assert (
+        again["action"] == "started"
+        and "boot cold" in again["detail"]
+        and "state saved" in again["detail"]
+    )
     assert "committed" in last(path, "QEMUSPEC_SAVE_RECOVERED")["data"]["done"][0]
     cli("down", path)
     assert plan(path)["boot"] == "warm"
 
 
-def test_a_changed_memory_file_is_refused_by_its_digest_and_the_machine_boots_cold(warm_lab, guest, tmp_path):
+def test_a_changed_memory_file_is_refused_by_its_digest_and_the_machine_boots_cold(
+    warm_lab, guest, tmp_path
+):
     """Item 4: 16 bytes flipped in warm/memory (same size, same mtime kept): the digest saved with the
     key refuses it before qemu reads it; `up` boots cold, says why, and saves a fresh state."""
     path = warm_lab(guest, agent=False)
@@ -443,8 +554,13 @@ def test_a_changed_memory_file_is_refused_by_its_digest_and_the_machine_boots_co
     began = time.monotonic()
     result = cli("up", path)
     timing("warm/memory changed (16 bytes)", recovery=time.monotonic() - began)
-    assert "boot cold" in result.stdout and "does not match the sha256 digest" in result.stdout, result.stdout
-    assert "warning: w: the saved state was not restored" in result.stderr and "digest" in result.stderr
+    assert "boot cold" in result.stdout and "does not match the sha256 digest" in result.stdout, (
+        result.stdout
+    )
+    assert (
+        "warning: w: the saved state was not restored" in result.stderr
+        and "digest" in result.stderr
+    )
     assert "digest" in last(path, "QEMUSPEC_RESTORE_FAILED")["data"]["error"]
     assert "digest" in last(path, "QEMUSPEC_LAUNCHED")["data"]["why"]
     assert last(path, "QEMUSPEC_LAUNCHED")["data"]["boot"] == "cold"
@@ -452,13 +568,18 @@ def test_a_changed_memory_file_is_refused_by_its_digest_and_the_machine_boots_co
     assert plan(path)["boot"] == "warm", "a fresh state was saved"
 
 
-def test_validate_plan_up_and_status_say_that_warm_disk_writes_end_at_down(warm_lab, guest, tmp_path):
+def test_validate_plan_up_and_status_say_that_warm_disk_writes_end_at_down(
+    warm_lab, guest, tmp_path
+):
     """Item 3: a warm machine's disk writes after the save are dropped by the next start; every
     command that shows the machine says so."""
     path = warm_lab(guest, agent=False)
     validate = cli("validate", path)
     assert "last only until `down`" in validate.stderr
-    assert "last only until `down`" in json.loads(cli("validate", path, "--json").stdout)[0]["notes"][0]
+    assert (
+        "last only until `down`"
+        in json.loads(cli("validate", path, "--json").stdout)[0]["notes"][0]
+    )
     assert "last only until `down`" in plan(path)["disk_writes"]
     assert "last only until `down`" in cli("plan", path, check=False).stdout
     up = cli("up", path)

@@ -44,10 +44,15 @@ def _libvirt(uri: str | None, root: str, source: str, owner: str | None) -> Back
 
 
 # The backends by kind, as lima's driver registry: a new backend is one entry and one module.
-REGISTRY: dict[str, Callable[[str | None, str, str, str | None], Backend]] = {"local": _local, "libvirt": _libvirt}
+REGISTRY: dict[str, Callable[[str | None, str, str, str | None], Backend]] = {
+    "local": _local,
+    "libvirt": _libvirt,
+}
 
 
-def chosen(spec: File, root: str, source: str, connect: str | None = None, owner: str | None = None) -> dict[str, Backend]:
+def chosen(
+    spec: File, root: str, source: str, connect: str | None = None, owner: str | None = None
+) -> dict[str, Backend]:
     """Every machine of the file -> its backend, one backend object per place (so reconcile can tell
     which machines share one)."""
     made: dict[str | None, Backend] = {}

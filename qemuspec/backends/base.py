@@ -30,15 +30,21 @@ Problem = tuple[tuple, str]
 @dataclass
 class Outcome:
     name: str
-    action: str  # "started", "up to date", "adopted", "recreated", "stopped", "not running", "failed"
+    action: (
+        str  # "started", "up to date", "adopted", "recreated", "stopped", "not running", "failed"
+    )
     seconds: float = 0.0
     pid: int | None = None
     detail: str = ""
     ports: list = field(default_factory=list)
     accel: list = field(default_factory=list)  # the accelerator qemu actually runs with
     qemu: str = ""  # the absolute binary started, so a user sees what a definition made them run
-    forced: bool = False  # stopped without the guest's own shutdown (quit or a signal): libvirt's destroy
-    warnings: list = field(default_factory=list)  # said on stderr, kept in --json: a failed warm save, a forced stop
+    forced: bool = (
+        False  # stopped without the guest's own shutdown (quit or a signal): libvirt's destroy
+    )
+    warnings: list = field(
+        default_factory=list
+    )  # said on stderr, kept in --json: a failed warm save, a forced stop
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -51,10 +57,21 @@ def stopped(name: str, seconds: float, step: str) -> Outcome:
 
     if not forced(step):
         return Outcome(name, "stopped", seconds, detail=step)
-    return Outcome(name, "stopped", seconds, detail=step, forced=True, warnings=[
-        f"forced stop ({step}): the guest did not shut down by itself and was powered off; "
-        + ("its file systems were written out through the guest agent first" if synced(step) else
-           "writes it had not synced are lost")])
+    return Outcome(
+        name,
+        "stopped",
+        seconds,
+        detail=step,
+        forced=True,
+        warnings=[
+            f"forced stop ({step}): the guest did not shut down by itself and was powered off; "
+            + (
+                "its file systems were written out through the guest agent first"
+                if synced(step)
+                else "writes it had not synced are lost"
+            )
+        ],
+    )
 
 
 @dataclass
@@ -71,7 +88,9 @@ class Seen:
     claimed: bool = False
     adoptable: bool = False  # running without its supervisor (local): `up` adopts it
     busy: bool = False  # something acts on it (a local supervisor, maybe restarting it): a change recreates it
-    starting: bool = False  # a start another `up` began is in progress (local: a supervisor starting it)
+    starting: bool = (
+        False  # a start another `up` began is in progress (local: a supervisor starting it)
+    )
     refusal: str | None = None
     place: str = ""  # where it is, for messages: "in STATE_DIR", "on URI"
     pid: int | None = None
@@ -83,7 +102,9 @@ class Monitor(Protocol):
     """A QMP connection to one machine, as a context manager (local: the client monitor socket;
     libvirt: its monitor passthrough)."""
 
-    def command(self, name: str, arguments: dict | None = None, timeout: float = 30.0) -> object: ...
+    def command(
+        self, name: str, arguments: dict | None = None, timeout: float = 30.0
+    ) -> object: ...
 
     def __enter__(self) -> Monitor: ...
 
@@ -97,7 +118,7 @@ class Backend(Protocol):
 
     @property
     def kind(self) -> str:
-        """"local" or "libvirt": the registry's name (backends.REGISTRY)."""
+        """ "local" or "libvirt": the registry's name (backends.REGISTRY)."""
         ...
 
     @property
@@ -112,7 +133,9 @@ class Backend(Protocol):
 
     def look(self, name: str, machine: Machine) -> Seen: ...
 
-    def start(self, name: str, machine: Machine, action: str, report: Report) -> Callable[[], Outcome]:
+    def start(
+        self, name: str, machine: Machine, action: str, report: Report
+    ) -> Callable[[], Outcome]:
         """Begin to start (``action == "adopted"``: adopt) one machine; the returned call waits until it
         is ready or failed. Beginning happens in the caller's thread (the local backend forks there,
         before any thread waits); reconcile runs a level's waits in parallel."""
@@ -147,8 +170,17 @@ class Backend(Protocol):
         """One row of `status`; a host that cannot be reached is a row saying so, never an error."""
         ...
 
-    def preflight(self, spec: File, source: str, names: list[str], allow_local_qemu: bool, allow_host_paths: bool,
-                  environ: dict[str, str], ports: bool = False, probe: bool = False) -> list[Problem]:
+    def preflight(
+        self,
+        spec: File,
+        source: str,
+        names: list[str],
+        allow_local_qemu: bool,
+        allow_host_paths: bool,
+        environ: dict[str, str],
+        ports: bool = False,
+        probe: bool = False,
+    ) -> list[Problem]:
         """What `up` would fail on for these machines, found before anything starts."""
         ...
 
@@ -179,8 +211,10 @@ class Backend(Protocol):
 
 def unsupported(name: str, where: str, command: str) -> str:
     """The one paragraph for a command a backend cannot run."""
-    return (f"machine {name} runs through libvirt at {where}: `qemuspec {command}` works on local machines only "
-            "(docs/libvirt.md lists what works through libvirt)")
+    return (
+        f"machine {name} runs through libvirt at {where}: `qemuspec {command}` works on local machines only "
+        "(docs/libvirt.md lists what works through libvirt)"
+    )
 
 
 @contextlib.contextmanager

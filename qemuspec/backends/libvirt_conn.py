@@ -21,7 +21,8 @@ def binding() -> Any:
     except ImportError:
         raise QemuspecError(
             "running machines through libvirt needs the libvirt Python binding: pip install 'qemuspec[libvirt]' "
-            "(it builds against Debian's libvirt-dev and pkg-config; scripts/bootstrap installs both)") from None
+            "(it builds against Debian's libvirt-dev and pkg-config; scripts/bootstrap installs both)"
+        ) from None
     return libvirt
 
 
@@ -67,8 +68,11 @@ def connect(uri: str) -> Any:
             conn = libvirt.open(uri)
         except libvirt.libvirtError as exc:
             reason = exc.get_error_message() or str(exc)
-            raise Unreachable(f"cannot connect to libvirt at {uri}: {reason}: check that libvirtd runs there and that you "
-                              "may use it (for qemu+ssh://, that `ssh` to the host works without a password)", reason) from None
+            raise Unreachable(
+                f"cannot connect to libvirt at {uri}: {reason}: check that libvirtd runs there and that you "
+                "may use it (for qemu+ssh://, that `ssh` to the host works without a password)",
+                reason,
+            ) from None
         if "://" in uri and not uri.split("://", 1)[1].startswith("/"):
             conn.setKeepAlive(5, 3)  # a remote host that vanishes is noticed in ~20 s, not never
         _connections[uri] = conn

@@ -22,7 +22,13 @@ from typing import Any, Callable, TypeVar
 from qemuspec.backends import libvirt_storage as storage
 from qemuspec.backends.base import Outcome, Problem, Report, Seen, unsupported
 from qemuspec.backends.libvirt_conn import Unreachable, binding, connect, label, message
-from qemuspec.backends.libvirt_guest import Console, LibvirtAgent, Monitor, forwarded_ports, wait_agent
+from qemuspec.backends.libvirt_guest import (
+    Console,
+    LibvirtAgent,
+    Monitor,
+    forwarded_ports,
+    wait_agent,
+)
 from qemuspec.backends.libvirt_reach import Reach
 from qemuspec.errors import QemuspecError
 from qemuspec.libvirt import OWNER_NS, domain_xml, kvm_offered
@@ -46,7 +52,11 @@ def lookup(conn: Any, name: str) -> Any | None:
 def owner(dom: Any) -> dict | None:
     libvirt = binding()
     try:
-        text = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, OWNER_NS, libvirt.VIR_DOMAIN_AFFECT_CONFIG if dom.isPersistent() else 0)
+        text = dom.metadata(
+            libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+            OWNER_NS,
+            libvirt.VIR_DOMAIN_AFFECT_CONFIG if dom.isPersistent() else 0,
+        )
     except libvirt.libvirtError:
         return None
     try:
@@ -59,20 +69,29 @@ def _ours(dom: Any, uri: str, name: str, source: str) -> dict:
     """The owner record, when this definition file made the domain; else a refusal."""
     record = owner(dom)
     if record is None:
-        raise QemuspecError(f"machine {name}: a domain named {name} exists on {uri} and qemuspec did not define it: "
-                            "qemuspec leaves it alone; rename the machine, or remove that domain yourself")
+        raise QemuspecError(
+            f"machine {name}: a domain named {name} exists on {uri} and qemuspec did not define it: "
+            "qemuspec leaves it alone; rename the machine, or remove that domain yourself"
+        )
     if record.get("file") != os.path.abspath(source) or record.get("machine") != name:
-        raise QemuspecError(f"machine {name}: the domain {name} on {uri} belongs to {record.get('file')}, not {os.path.abspath(source)}: "
-                            "bring it down from that file, or rename the machine")
+        raise QemuspecError(
+            f"machine {name}: the domain {name} on {uri} belongs to {record.get('file')}, not {os.path.abspath(source)}: "
+            "bring it down from that file, or rename the machine"
+        )
     return record
 
 
 def _state(dom: Any) -> str:
     libvirt = binding()
     state, _reason = dom.state()
-    return {libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_PAUSED: "paused", libvirt.VIR_DOMAIN_PMSUSPENDED: "paused",
-            libvirt.VIR_DOMAIN_CRASHED: "crashed", libvirt.VIR_DOMAIN_BLOCKED: "running",
-            libvirt.VIR_DOMAIN_SHUTDOWN: "stopping"}.get(state, "stopped")
+    return {
+        libvirt.VIR_DOMAIN_RUNNING: "running",
+        libvirt.VIR_DOMAIN_PAUSED: "paused",
+        libvirt.VIR_DOMAIN_PMSUSPENDED: "paused",
+        libvirt.VIR_DOMAIN_CRASHED: "crashed",
+        libvirt.VIR_DOMAIN_BLOCKED: "running",
+        libvirt.VIR_DOMAIN_SHUTDOWN: "stopping",
+    }.get(state, "stopped")
 
 
 def _seed(name: str, machine: Machine, state_root: str) -> bytes | None:
@@ -86,11 +105,30 @@ def _seed(name: str, machine: Machine, state_root: str) -> bytes | None:
     return cloudinit.build_iso(cloudinit.seed_files(name, machine, public))
 
 
-def _wanted_xml(conn: Any, name: str, machine: Machine, source: str, media: dict, volumes: list[str], pool: Any | None) -> str:
-    record = {"file": os.path.abspath(source), "file_sha256": _file_sha(source), "hash": definition_hash(machine),
-              "machine": name, "volumes": " ".join(sorted(set(volumes + [os.path.basename(p) for p in media.values()])))}
-    return domain_xml(machine, name, media=media, owner=record, serial_log=storage.serial_log(pool, name),
-                      kvm=kvm_offered(conn.getCapabilities()))  # "auto" is kvm where the host offers it
+def _wanted_xml(
+    conn: Any,
+    name: str,
+    machine: Machine,
+    source: str,
+    media: dict,
+    volumes: list[str],
+    pool: Any | None,
+) -> str:
+    record = {
+        "file": os.path.abspath(source),
+        "file_sha256": _file_sha(source),
+        "hash": definition_hash(machine),
+        "machine": name,
+        "volumes": " ".join(sorted(set(volumes + [os.path.basename(p) for p in media.values()]))),
+    }
+    return domain_xml(
+        machine,
+        name,
+        media=media,
+        owner=record,
+        serial_log=storage.serial_log(pool, name),
+        kvm=kvm_offered(conn.getCapabilities()),
+    )  # "auto" is kvm where the host offers it
 
 
 def stop(dom: Any, timeout: float) -> str:
@@ -101,7 +139,11 @@ def stop(dom: Any, timeout: float) -> str:
     if not dom.isActive():
         return "already stopped"
     try:
-        dom.setLifecycleAction(libvirt.VIR_DOMAIN_LIFECYCLE_POWEROFF, libvirt.VIR_DOMAIN_LIFECYCLE_ACTION_DESTROY, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        dom.setLifecycleAction(
+            libvirt.VIR_DOMAIN_LIFECYCLE_POWEROFF,
+            libvirt.VIR_DOMAIN_LIFECYCLE_ACTION_DESTROY,
+            libvirt.VIR_DOMAIN_AFFECT_LIVE,
+        )
     except libvirt.libvirtError:
         pass
     try:
@@ -109,7 +151,9 @@ def stop(dom: Any, timeout: float) -> str:
             dom.resume()
         dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:  # libvirt reports the stop as an event too; its state is the same fact
+        while (
+            time.monotonic() < deadline
+        ):  # libvirt reports the stop as an event too; its state is the same fact
             if not dom.isActive():
                 return "ACPI powerdown"
             time.sleep(0.05)
@@ -123,7 +167,11 @@ def stop(dom: Any, timeout: float) -> str:
 
 def _undefine(dom: Any) -> None:
     libvirt = binding()
-    flags = libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+    flags = (
+        libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+        | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+        | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+    )
     try:
         dom.undefineFlags(flags)
     except libvirt.libvirtError:
@@ -131,12 +179,22 @@ def _undefine(dom: Any) -> None:
             raise
 
 
-def _wait_ready(dom: Any, uri: str, name: str, machine: Machine, console: Console | None, began: float, state_root: str) -> None:
+def _wait_ready(
+    dom: Any,
+    uri: str,
+    name: str,
+    machine: Machine,
+    console: Console | None,
+    began: float,
+    state_root: str,
+) -> None:
     deadline = began + machine.ready.timeout
     alive = lambda: dom.isActive()  # noqa: E731
     if machine.ready.serial:
         if console is None:
-            raise QemuspecError('ready.serial reads the serial console, and serial = "none" has none: remove one of them')
+            raise QemuspecError(
+                'ready.serial reads the serial console, and serial = "none" has none: remove one of them'
+            )
         console.wait_for(machine.ready.serial, deadline, alive)
     if machine.ready.agent:
         wait_agent(dom, deadline, alive)
@@ -149,18 +207,32 @@ def _wait_ready(dom: Any, uri: str, name: str, machine: Machine, console: Consol
 
             forward = _forward(dom, machine.ssh.port)
             reach.wait_tcp(forward, deadline, alive, b"SSH-")
-            probes.wait_ssh_login(ssh_argv(uri, name, machine, state_root, ["true"], forward, batch=True), deadline, alive)
+            probes.wait_ssh_login(
+                ssh_argv(uri, name, machine, state_root, ["true"], forward, batch=True),
+                deadline,
+                alive,
+            )
 
 
 def _forward(dom: Any, guest_port: int) -> dict:
     for forward in forwarded_ports(dom):
         if forward["protocol"] == "tcp" and forward["guest"] == guest_port:
             return forward
-    raise QemuspecError(f"no forward to guest port {guest_port}: add forwards = [{{ host = 0, guest = {guest_port} }}] to a user NIC")
+    raise QemuspecError(
+        f"no forward to guest port {guest_port}: add forwards = [{{ host = 0, guest = {guest_port} }}] to a user NIC"
+    )
 
 
-def ssh_argv(uri: str, name: str, machine: Machine, state_root: str, command: list[str], forward: dict | None = None,
-             batch: bool = False, dom: Any = None) -> list[str]:
+def ssh_argv(
+    uri: str,
+    name: str,
+    machine: Machine,
+    state_root: str,
+    command: list[str],
+    forward: dict | None = None,
+    batch: bool = False,
+    dom: Any = None,
+) -> list[str]:
     """`ssh` into a machine on a libvirt host with the state directory's key, through its forward."""
     from qemuspec.runtime import sshkeys
 
@@ -181,8 +253,17 @@ def _media_in_use(conn: Any, leaving: str) -> set[str]:
     return used
 
 
-
-_KIB = {"KiB": 1, "k": 1, "K": 1, "MiB": 1024, "M": 1024, "GiB": 1 << 20, "G": 1 << 20, "b": 1 / 1024, "bytes": 1 / 1024}
+_KIB = {
+    "KiB": 1,
+    "k": 1,
+    "K": 1,
+    "MiB": 1024,
+    "M": 1024,
+    "GiB": 1 << 20,
+    "G": 1 << 20,
+    "b": 1 / 1024,
+    "bytes": 1 / 1024,
+}
 
 
 def project(xml: str) -> list[str]:
@@ -200,16 +281,26 @@ def project(xml: str) -> list[str]:
                 text = (child.text or "").strip()
                 if sub == "memory":
                     text = f"{int(int(text) * _KIB.get(child.get('unit', 'KiB'), 1) / 1024)} MiB"
-                values = {k: str(child.get(k)) for k in _ATTRS.get(sub, ()) if child.get(k) is not None}
-                if sub == "os/type" and "machine" in values:  # libvirt stores the alias's versioned name
-                    values["machine"] = re.sub(r"^pc-q35-[\d.]+$", "q35", re.sub(r"^pc-i440fx-[\d.]+$", "pc", values["machine"]))
+                values = {
+                    k: str(child.get(k)) for k in _ATTRS.get(sub, ()) if child.get(k) is not None
+                }
+                if (
+                    sub == "os/type" and "machine" in values
+                ):  # libvirt stores the alias's versioned name
+                    values["machine"] = re.sub(
+                        r"^pc-q35-[\d.]+$",
+                        "q35",
+                        re.sub(r"^pc-i440fx-[\d.]+$", "pc", values["machine"]),
+                    )
                 attrs = " ".join(f"{k}={v}" for k, v in values.items())
                 lines.append(f"{sub}: {' '.join(x for x in (attrs, text) if x)}".rstrip())
             walk(child, sub)
 
     walk(root, "")
     if [line for line in lines if line.startswith("os/boot:")] == ["os/boot: dev=hd"]:
-        lines.remove("os/boot: dev=hd")  # libvirt's default boot order, written out when none is given
+        lines.remove(
+            "os/boot: dev=hd"
+        )  # libvirt's default boot order, written out when none is given
     qemu = "{http://libvirt.org/schemas/domain/qemu/1.0}"
     lines += [f"qemu:arg {arg.get('value')}" for arg in root.iter(f"{qemu}arg")]
     return lines
@@ -243,18 +334,33 @@ class LibvirtBackend:
                 return Seen()
             record = owner(dom)
             if record is None:
-                return Seen(claimed=True, refusal=f"machine {name}: a domain named {name} exists on {self.uri} and qemuspec "
-                                                  "did not define it: qemuspec leaves it alone; rename the machine, or "
-                                                  "remove that domain yourself")
+                return Seen(
+                    claimed=True,
+                    refusal=f"machine {name}: a domain named {name} exists on {self.uri} and qemuspec "
+                    "did not define it: qemuspec leaves it alone; rename the machine, or "
+                    "remove that domain yourself",
+                )
             running = bool(dom.isActive())
             if record.get("machine") != name and record.get("file") == os.path.abspath(self.source):
-                return Seen(claimed=True, refusal=f"machine {name}: the domain {name} on {self.uri} was defined for machine "
-                                                  f"{record.get('machine')}: rename one of them")
-            return Seen(running=running, hash=record.get("hash"), owner=record.get("file"), claimed=True,
-                        place=f"on {self.uri}", ports=forwarded_ports(dom) if running else [])
+                return Seen(
+                    claimed=True,
+                    refusal=f"machine {name}: the domain {name} on {self.uri} was defined for machine "
+                    f"{record.get('machine')}: rename one of them",
+                )
+            return Seen(
+                running=running,
+                hash=record.get("hash"),
+                owner=record.get("file"),
+                claimed=True,
+                place=f"on {self.uri}",
+                ports=forwarded_ports(dom) if running else [],
+            )
+
         return self._call(name, look)
 
-    def start(self, name: str, machine: Machine, action: str, report: Report) -> Callable[[], Outcome]:
+    def start(
+        self, name: str, machine: Machine, action: str, report: Report
+    ) -> Callable[[], Outcome]:
         return lambda: self._start(name, machine, action, report)
 
     def _start(self, name: str, machine: Machine, action: str, report: Report) -> Outcome:
@@ -268,9 +374,13 @@ class LibvirtBackend:
             media, volumes = storage.prepare(conn, name, machine, _seed(name, machine, self.root))
             pool = storage.pool(conn)
             try:
-                dom = conn.defineXML(_wanted_xml(conn, name, machine, self.source, media, volumes, pool))
+                dom = conn.defineXML(
+                    _wanted_xml(conn, name, machine, self.source, media, volumes, pool)
+                )
             except libvirt.libvirtError as exc:
-                raise QemuspecError(f"libvirt at {self.uri} refused the domain: {message(exc)}") from None
+                raise QemuspecError(
+                    f"libvirt at {self.uri} refused the domain: {message(exc)}"
+                ) from None
             report(name, "starting")
             console = None
             try:
@@ -298,10 +408,17 @@ class LibvirtBackend:
             return Outcome(name, action, seconds, ports=forwarded_ports(dom))
         except (QemuspecError, libvirt.libvirtError) as exc:
             report(name, "failed")
-            return Outcome(name, "failed", time.monotonic() - began, detail=f"machine {name} on {self.where}: {message(exc)}")
+            return Outcome(
+                name,
+                "failed",
+                time.monotonic() - began,
+                detail=f"machine {name} on {self.where}: {message(exc)}",
+            )
 
     def join(self, name: str, machine: Machine, began: float) -> Outcome | None:
-        return None  # libvirt starts a domain in one call: there is no start in progress to wait for
+        return (
+            None  # libvirt starts a domain in one call: there is no start in progress to wait for
+        )
 
     def stop(self, name: str, machine: Machine, timeout: float | None) -> str:
         def down() -> str:
@@ -311,6 +428,7 @@ class LibvirtBackend:
             step = stop(dom, machine.stop_timeout if timeout is None else timeout)
             _undefine(dom)
             return step
+
         return self._call(name, down)
 
     def clean(self, name: str) -> None:
@@ -318,10 +436,12 @@ class LibvirtBackend:
             dom = lookup(connect(self.uri), name)
             if dom is not None and not dom.isActive():
                 _undefine(dom)
+
         self._call(name, clean)
 
     def plan_step(self, name: str, machine: Machine, seen: Seen, action: str) -> dict:
         """The diff of the domain XML libvirt holds against the XML the definition gives now."""
+
         def diff() -> list[str]:
             conn = connect(self.uri)
             dom = lookup(conn, name)
@@ -331,17 +451,35 @@ class LibvirtBackend:
             media = {p: storage.predicted(pool, p) for p in storage.media_paths(machine)}
             for index, disk in enumerate(machine.disks):
                 if disk.size is not None or disk.backing:
-                    media[disk.file] = os.path.join(storage.pool_dir(pool) if pool else storage.SYSTEM_POOL_DIR,
-                                                    storage.disk_volume(name, index, disk.format))
+                    media[disk.file] = os.path.join(
+                        storage.pool_dir(pool) if pool else storage.SYSTEM_POOL_DIR,
+                        storage.disk_volume(name, index, disk.format),
+                    )
             held = dom.XMLDesc(binding().VIR_DOMAIN_XML_INACTIVE)
             wanted = _wanted_xml(conn, name, machine, self.source, media, [], pool)
-            return list(difflib.unified_diff(project(held), project(wanted), "libvirt", "definition", lineterm="", n=1))
+            return list(
+                difflib.unified_diff(
+                    project(held), project(wanted), "libvirt", "definition", lineterm="", n=1
+                )
+            )
+
         return {"diff": self._call(name, diff), "host": self.uri}
 
     def status(self, name: str, machine: Machine) -> dict:
-        row: dict[str, Any] = {"name": name, "state": "stopped", "reason": "", "pid": None, "supervisor": None, "uptime": None,
-                               "restarts": 0, "restart": machine.restart, "qmp": None, "ports": [], "accel": [],
-                               "host": self.uri}
+        row: dict[str, Any] = {
+            "name": name,
+            "state": "stopped",
+            "reason": "",
+            "pid": None,
+            "supervisor": None,
+            "uptime": None,
+            "restarts": 0,
+            "restart": machine.restart,
+            "qmp": None,
+            "ports": [],
+            "accel": [],
+            "host": self.uri,
+        }
         try:
             conn = connect(self.uri)
         except Unreachable as exc:  # the row stays: a host that is down is a state, not an error
@@ -359,25 +497,49 @@ class LibvirtBackend:
             row["state"] = _state(dom)
             if dom.isActive():
                 row["ports"] = forwarded_ports(dom)
-                row["accel"] = ["kvm" if ET.fromstring(dom.XMLDesc(0)).get("type") == "kvm" else "tcg"]
+                row["accel"] = [
+                    "kvm" if ET.fromstring(dom.XMLDesc(0)).get("type") == "kvm" else "tcg"
+                ]
+
         self._call(name, look)
         return row
 
-    def preflight(self, spec: File, source: str, names: list[str], allow_local_qemu: bool, allow_host_paths: bool,
-                  environ: dict[str, str], ports: bool = False, probe: bool = False) -> list[Problem]:
+    def preflight(
+        self,
+        spec: File,
+        source: str,
+        names: list[str],
+        allow_local_qemu: bool,
+        allow_host_paths: bool,
+        environ: dict[str, str],
+        ports: bool = False,
+        probe: bool = False,
+    ) -> list[Problem]:
         """The files `up` uploads from this host must exist, and host paths outside the tree need the
         user's opt-in; the qemu binary, kvm, ports and capabilities are the libvirt host's, not ours."""
         from qemuspec.spec import preflight as checks
 
-        return checks.missing_files(spec, names) + checks.host_path_problems(spec, source, names, allow_host_paths, environ)
+        return checks.missing_files(spec, names) + checks.host_path_problems(
+            spec, source, names, allow_host_paths, environ
+        )
 
     def refusal(self, name: str, machine: Machine, command: str) -> str | None:
-        if command in ("events", "logs --events", "snapshot", "reset", "up --attach", "inspect", "provision"):
+        if command in (
+            "events",
+            "logs --events",
+            "snapshot",
+            "reset",
+            "up --attach",
+            "inspect",
+            "provision",
+        ):
             return unsupported(name, self.where, command)
         if machine.warm and command in ("up", "restart", "plan"):
-            return (f"machine {name} runs through libvirt at {self.where}: warm start (warm = true, --warm) restores "
-                    "qemuspec's own saved state, which libvirt does not keep: drop it for this machine "
-                    "(through libvirt, `virsh managedsave` saves a running domain)")
+            return (
+                f"machine {name} runs through libvirt at {self.where}: warm start (warm = true, --warm) restores "
+                "qemuspec's own saved state, which libvirt does not keep: drop it for this machine "
+                "(through libvirt, `virsh managedsave` saves a running domain)"
+            )
         return None
 
     def purge(self, name: str) -> list[str]:
@@ -387,12 +549,15 @@ class LibvirtBackend:
         def volumes() -> list[str]:
             conn = connect(self.uri)
             return storage.purge(conn, name, _media_in_use(conn, name)) or []
+
         return self._call(name, volumes) + purge(self.root, name)
 
     def _domain(self, name: str) -> Any:
         dom = self._call(name, lambda: lookup(connect(self.uri), name))
         if dom is None or not dom.isActive():
-            raise QemuspecError(f"machine {name} is not running on {self.uri}: start it with `qemuspec up {self.source}`")
+            raise QemuspecError(
+                f"machine {name} is not running on {self.uri}: start it with `qemuspec up {self.source}`"
+            )
         _ours(dom, self.uri, name, self.source)
         return dom
 
@@ -421,7 +586,7 @@ class LibvirtBackend:
 
         def pump() -> None:  # keystrokes to the guest; the caller closing its end closes the stream
             try:
-                while (data := ours.recv(4096)):
+                while data := ours.recv(4096):
                     stream.send(data)
             except (OSError, QemuspecError):
                 pass
@@ -444,8 +609,11 @@ class LibvirtBackend:
         return None if data is None else data.decode(errors="replace").replace("\r", "")
 
     def ssh(self, name: str, machine: Machine, command: list[str]) -> dict:
-        return {"machine": name, "host": self.uri,
-                "argv": ssh_argv(self.uri, name, machine, self.root, command, dom=self._domain(name))}
+        return {
+            "machine": name,
+            "host": self.uri,
+            "argv": ssh_argv(self.uri, name, machine, self.root, command, dom=self._domain(name)),
+        }
 
     def settle(self, spec: File, names: list[str]) -> None:
         return None  # private networks are local only (the export refuses them)

@@ -29,17 +29,30 @@ class LibvirtAgent(GuestAgent):
     def close(self) -> None:
         pass
 
-    def command(self, name: str, arguments: dict | None = None, timeout: float | None = None) -> Any:
+    def command(
+        self, name: str, arguments: dict | None = None, timeout: float | None = None
+    ) -> Any:
         import libvirt_qemu
 
         libvirt = binding()
         try:
-            reply = libvirt_qemu.qemuAgentCommand(self.dom, Protocol.command_text(name, arguments), max(1, int(timeout or self.timeout)), 0)
+            reply = libvirt_qemu.qemuAgentCommand(
+                self.dom,
+                Protocol.command_text(name, arguments),
+                max(1, int(timeout or self.timeout)),
+                0,
+            )
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_AGENT_UNRESPONSIVE:
-                raise QMPTimeout(f"the guest agent of {self.dom.name()} did not answer: {message(exc)}") from None
-            raise QemuspecError(f"guest agent {name} on {self.dom.name()}: {message(exc)}") from None
-        return Protocol.result(name, decode(reply.encode(), "guest agent") if reply else {}, source="guest agent")
+                raise QMPTimeout(
+                    f"the guest agent of {self.dom.name()} did not answer: {message(exc)}"
+                ) from None
+            raise QemuspecError(
+                f"guest agent {name} on {self.dom.name()}: {message(exc)}"
+            ) from None
+        return Protocol.result(
+            name, decode(reply.encode(), "guest agent") if reply else {}, source="guest agent"
+        )
 
 
 class Monitor:
@@ -60,7 +73,9 @@ class Monitor:
 
         libvirt = binding()
         try:
-            reply = json.loads(libvirt_qemu.qemuMonitorCommand(self.dom, Protocol.command_text(name, arguments), 0))
+            reply = json.loads(
+                libvirt_qemu.qemuMonitorCommand(self.dom, Protocol.command_text(name, arguments), 0)
+            )
         except libvirt.libvirtError as exc:
             raise QemuspecError(f"QMP {name} on {self.dom.name()}: {message(exc)}") from None
         return Protocol.result(name, reply)
@@ -91,8 +106,14 @@ class Console:
         try:
             dom.openConsole(None, self.stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE if force else 0)
         except libvirt.libvirtError as exc:
-            raise QemuspecError(f"cannot open the console of {dom.name()}: {message(exc)}") from None
-        events = libvirt.VIR_STREAM_EVENT_READABLE | libvirt.VIR_STREAM_EVENT_ERROR | libvirt.VIR_STREAM_EVENT_HANGUP
+            raise QemuspecError(
+                f"cannot open the console of {dom.name()}: {message(exc)}"
+            ) from None
+        events = (
+            libvirt.VIR_STREAM_EVENT_READABLE
+            | libvirt.VIR_STREAM_EVENT_ERROR
+            | libvirt.VIR_STREAM_EVENT_HANGUP
+        )
         self.stream.eventAddCallback(events, self._readable, None)
 
     def _readable(self, stream: Any, events: int, _opaque: Any) -> None:
@@ -142,7 +163,9 @@ class Console:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise ReadyTimeout(f"the console did not show /{pattern}/")
-                self._cond.wait(min(remaining, 1.0))  # woken by data; the 1 s bound re-checks alive()
+                self._cond.wait(
+                    min(remaining, 1.0)
+                )  # woken by data; the 1 s bound re-checks alive()
 
     def wait_closed(self, timeout: float | None = None) -> bool:
         with self._cond:
@@ -173,8 +196,12 @@ def wait_agent(dom: Any, deadline: float, alive) -> None:
             return
         except QemuspecError as exc:
             if not alive():
-                raise QemuspecError("the machine stopped while waiting for its guest agent") from None
+                raise QemuspecError(
+                    "the machine stopped while waiting for its guest agent"
+                ) from None
             if time.monotonic() >= deadline:
                 raise ReadyTimeout(f"the guest agent did not answer guest-ping: {exc}") from None
-        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))  # libvirt has no agent-up event for us to wait on
+        time.sleep(
+            min(delay, max(0.0, deadline - time.monotonic()))
+        )  # libvirt has no agent-up event for us to wait on
         delay = min(delay * 2, 1.0)

@@ -44,8 +44,10 @@ class Reach:
         if self.hop is not None or not self.host:
             return address, forward["host"]
         if address.startswith("127."):
-            raise QemuspecError(f"guest port {forward['guest']} is forwarded to {self.host}'s loopback only: "
-                                'set address = "0.0.0.0" on the forward (and firewall it), or reach the host with qemu+ssh://')
+            raise QemuspecError(
+                f"guest port {forward['guest']} is forwarded to {self.host}'s loopback only: "
+                'set address = "0.0.0.0" on the forward (and firewall it), or reach the host with qemu+ssh://'
+            )
         return self.host, forward["host"]
 
     def exchange(self, forward: dict, expect: bytes | None, deadline: float) -> bool:
@@ -53,16 +55,24 @@ class Reach:
         address, port = self._target(forward)
         if self.hop is None:
             return _exchange_socket(address, port, expect, deadline)
-        proc = subprocess.Popen(self.hop + ["-W", f"{address}:{port}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            self.hop + ["-W", f"{address}:{port}"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
         assert proc.stdout is not None and proc.stdin is not None  # both are pipes
         try:
             fd = proc.stdout.fileno()
-            ready, _, _ = select.select([fd], [], [], max(0.05, min(3.0, deadline - time.monotonic())))
+            ready, _, _ = select.select(
+                [fd], [], [], max(0.05, min(3.0, deadline - time.monotonic()))
+            )
             if not ready and expect is None:  # a silent service may be HTTP: ask it
                 proc.stdin.write(b"HEAD / HTTP/1.0\r\n\r\n")
                 proc.stdin.flush()
-                ready, _, _ = select.select([fd], [], [], max(0.05, min(2.0, deadline - time.monotonic())))
+                ready, _, _ = select.select(
+                    [fd], [], [], max(0.05, min(2.0, deadline - time.monotonic()))
+                )
             data = os.read(fd, 256) if ready else b""
             return bool(data) and (expect is None or data.startswith(expect))
         except OSError:
@@ -79,7 +89,9 @@ class Reach:
             if not alive():
                 raise QemuspecError("the machine stopped while waiting for the guest port")
             if time.monotonic() >= deadline:
-                raise ReadyTimeout(f"guest port {forward['guest']} (host port {forward['host']} on {self.host or 'this host'}) gave no data")
+                raise ReadyTimeout(
+                    f"guest port {forward['guest']} (host port {forward['host']} on {self.host or 'this host'}) gave no data"
+                )
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 2, 0.5)
 

@@ -31,7 +31,9 @@ _pool_lock = threading.Lock()
 
 
 def pool(conn: Any, create: bool = True) -> Any | None:
-    with _pool_lock:  # machines of one level start in parallel threads: one of them creates the pool
+    with (
+        _pool_lock
+    ):  # machines of one level start in parallel threads: one of them creates the pool
         return _pool(conn, create)
 
 
@@ -45,8 +47,9 @@ def _pool(conn: Any, create: bool) -> Any | None:
         if not conn.getURI().rstrip("/").endswith("/system"):
             raise QemuspecError(
                 f'libvirt at {conn.getURI()} has no storage pool "{POOL}" and qemuspec only creates one on a system daemon: '
-                f'create it once as that user: virsh -c {conn.getURI()} pool-define-as {POOL} dir --target DIR && '
-                f"virsh -c {conn.getURI()} pool-build {POOL} && virsh -c {conn.getURI()} pool-start {POOL}") from None
+                f"create it once as that user: virsh -c {conn.getURI()} pool-define-as {POOL} dir --target DIR && "
+                f"virsh -c {conn.getURI()} pool-build {POOL} && virsh -c {conn.getURI()} pool-start {POOL}"
+            ) from None
         xml = f"<pool type='dir'><name>{POOL}</name><target><path>{SYSTEM_POOL_DIR}</path></target></pool>"
         try:
             found = conn.storagePoolDefineXML(xml, 0)
@@ -56,13 +59,17 @@ def _pool(conn: Any, create: bool) -> Any | None:
             try:  # another qemuspec made it meanwhile
                 found = conn.storagePoolLookupByName(POOL)
             except libvirt.libvirtError:
-                raise QemuspecError(f"cannot create the storage pool {POOL} at {conn.getURI()}: {message(exc)}") from None
+                raise QemuspecError(
+                    f"cannot create the storage pool {POOL} at {conn.getURI()}: {message(exc)}"
+                ) from None
     try:
         if not found.isActive():
             found.create(0)
         found.refresh(0)
     except libvirt.libvirtError as exc:
-        raise QemuspecError(f"the storage pool {POOL} at {conn.getURI()} cannot be used: {message(exc)}") from None
+        raise QemuspecError(
+            f"the storage pool {POOL} at {conn.getURI()} cannot be used: {message(exc)}"
+        ) from None
     return found
 
 
@@ -77,7 +84,9 @@ def content_name(path: str) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
     except OSError as exc:
-        raise QemuspecError(f"cannot read {path} to send it to the libvirt host: {exc.strerror}") from None
+        raise QemuspecError(
+            f"cannot read {path} to send it to the libvirt host: {exc.strerror}"
+        ) from None
     base = "".join(c if c.isalnum() or c in "._-" else "_" for c in os.path.basename(path))[:40]
     return f"media-{digest.hexdigest()[:16]}-{base}"
 
@@ -112,13 +121,17 @@ def upload(conn: Any, found: Any, path: str, name: str | None = None) -> str:
         except libvirt.libvirtError as exc:
             if vol is not None:
                 vol.delete(0)
-            raise QemuspecError(f"cannot upload {path} to {conn.getURI()}: {message(exc)}") from None
+            raise QemuspecError(
+                f"cannot upload {path} to {conn.getURI()}: {message(exc)}"
+            ) from None
         return vol.path()
 
 
 def predicted(found: Any | None, path: str) -> str:
     """Where ``upload`` puts ``path`` (for plan, which changes nothing)."""
-    return os.path.join(pool_dir(found) if found is not None else SYSTEM_POOL_DIR, content_name(path))
+    return os.path.join(
+        pool_dir(found) if found is not None else SYSTEM_POOL_DIR, content_name(path)
+    )
 
 
 def media_paths(machine: Machine) -> list[str]:
@@ -134,10 +147,14 @@ def disk_volume(name: str, index: int, fmt: str | None) -> str:
 
 
 def serial_log(found: Any | None, name: str) -> str:
-    return os.path.join(pool_dir(found) if found is not None else SYSTEM_POOL_DIR, f"{name}-serial.log")
+    return os.path.join(
+        pool_dir(found) if found is not None else SYSTEM_POOL_DIR, f"{name}-serial.log"
+    )
 
 
-def prepare(conn: Any, name: str, machine: Machine, seed: bytes | None) -> tuple[dict[str, str], list[str]]:
+def prepare(
+    conn: Any, name: str, machine: Machine, seed: bytes | None
+) -> tuple[dict[str, str], list[str]]:
     """Upload media and create the disks the machine declares; returns (this host's path -> the
     libvirt host's path, the volumes the machine owns)."""
     libvirt = binding()
@@ -151,7 +168,9 @@ def prepare(conn: Any, name: str, machine: Machine, seed: bytes | None) -> tuple
         with tempfile.NamedTemporaryFile(prefix="qemuspec-cidata-") as f:
             f.write(seed)
             f.flush()
-            media["cidata"] = upload(conn, found, f.name, f"{name}-cidata-{hashlib.sha256(seed).hexdigest()[:16]}.iso")
+            media["cidata"] = upload(
+                conn, found, f.name, f"{name}-cidata-{hashlib.sha256(seed).hexdigest()[:16]}.iso"
+            )
         owned.append(os.path.basename(media["cidata"]))
         for stale in found.listVolumes():  # the seed of an earlier definition
             if stale.startswith(f"{name}-cidata-") and stale != os.path.basename(media["cidata"]):
@@ -171,14 +190,20 @@ def prepare(conn: Any, name: str, machine: Machine, seed: bytes | None) -> tuple
                 base = img.info(disk.backing)
                 capacity = capacity or base.virtual_size
                 base_path = upload(conn, found, disk.backing)
-                backing = (f"<backingStore><path>{escape(base_path)}</path>"
-                           f"<format type={quoteattr(disk.backing_format or base.format)}/></backingStore>")
-            xml = (f"<volume><name>{escape(vol_name)}</name><capacity unit='bytes'>{capacity}</capacity>"
-                   f"<target><format type={quoteattr(disk.format or 'raw')}/></target>{backing}</volume>")
+                backing = (
+                    f"<backingStore><path>{escape(base_path)}</path>"
+                    f"<format type={quoteattr(disk.backing_format or base.format)}/></backingStore>"
+                )
+            xml = (
+                f"<volume><name>{escape(vol_name)}</name><capacity unit='bytes'>{capacity}</capacity>"
+                f"<target><format type={quoteattr(disk.format or 'raw')}/></target>{backing}</volume>"
+            )
             try:
                 vol = found.createXML(xml, 0)
             except libvirt.libvirtError as exc:
-                raise QemuspecError(f"machine {name}: cannot create disk {index} as volume {vol_name} on {conn.getURI()}: {message(exc)}") from None
+                raise QemuspecError(
+                    f"machine {name}: cannot create disk {index} as volume {vol_name} on {conn.getURI()}: {message(exc)}"
+                ) from None
         media[disk.file] = vol.path()
     owned.append(f"{name}-serial.log")
     return media, owned
@@ -193,7 +218,11 @@ def purge(conn: Any, name: str, still_used: set[str]) -> list[str]:
     found.refresh(0)
     deleted = []
     for vol_name in found.listVolumes():
-        mine = vol_name.startswith(f"{name}-disk") or vol_name.startswith(f"{name}-cidata-") or vol_name == f"{name}-serial.log"
+        mine = (
+            vol_name.startswith(f"{name}-disk")
+            or vol_name.startswith(f"{name}-cidata-")
+            or vol_name == f"{name}-serial.log"
+        )
         orphan = vol_name.startswith("media-") and vol_name not in still_used
         if mine or orphan:
             try:
@@ -227,5 +256,7 @@ def download(conn: Any, vol_name: str) -> bytes | None:
         stream.recvAll(lambda _st, data, buf: buf.extend(data) or len(data), out)
         stream.finish()
     except libvirt.libvirtError as exc:
-        raise QemuspecError(f"cannot read {vol_name} from {conn.getURI()}: {message(exc)}") from None
+        raise QemuspecError(
+            f"cannot read {vol_name} from {conn.getURI()}: {message(exc)}"
+        ) from None
     return bytes(out)

@@ -48,16 +48,31 @@ class LocalBackend:
         sup = supervisor.read_supervisor(state_dir)
         record = recorded(state_dir)
         found = Instance.find(name, machine, state_dir)
-        live = sup is not None or (record is not None and is_our_qemu(record, paths.layout(state_dir).pidfile))
-        seen = Seen(running=found is not None, hash=found.recorded_hash if found is not None else None,
-                    owner=(sup.owner if sup is not None and sup.owner else None) or (record.owner if record else None),
-                    claimed=live, adoptable=found is not None and sup is None, busy=sup is not None,
-                    starting=sup is not None and sup.phase in ("starting", "restarting"), place=f"in {state_dir}")
+        live = sup is not None or (
+            record is not None and is_our_qemu(record, paths.layout(state_dir).pidfile)
+        )
+        seen = Seen(
+            running=found is not None,
+            hash=found.recorded_hash if found is not None else None,
+            owner=(sup.owner if sup is not None and sup.owner else None)
+            or (record.owner if record else None),
+            claimed=live,
+            adoptable=found is not None and sup is None,
+            busy=sup is not None,
+            starting=sup is not None and sup.phase in ("starting", "restarting"),
+            place=f"in {state_dir}",
+        )
         if found is not None and found.process is not None:
-            seen.pid, seen.ports, seen.accel = found.process.pid, found.ports, list(found.layout.accel)
+            seen.pid, seen.ports, seen.accel = (
+                found.process.pid,
+                found.ports,
+                list(found.layout.accel),
+            )
         return seen
 
-    def start(self, name: str, machine: Machine, action: str, report: Report) -> Callable[[], Outcome]:
+    def start(
+        self, name: str, machine: Machine, action: str, report: Report
+    ) -> Callable[[], Outcome]:
         state_dir = self._dir(name)
         began = time.monotonic()
         adopt, restarts = action == "adopted", 0
@@ -103,7 +118,11 @@ class LocalBackend:
                 from qemuspec.render import render
 
                 wanted = render(machine, name, found.layout)
-                step["diff"] = list(difflib.unified_diff(found.argv, wanted, "running", "definition", lineterm="", n=1))
+                step["diff"] = list(
+                    difflib.unified_diff(
+                        found.argv, wanted, "running", "definition", lineterm="", n=1
+                    )
+                )
         if machine.warm:
             from qemuspec.runtime import warm
 
@@ -115,14 +134,29 @@ class LocalBackend:
 
         return {**machine_status(name, machine, self._dir(name)), "host": None}
 
-    def preflight(self, spec: File, source: str, names: list[str], allow_local_qemu: bool, allow_host_paths: bool,
-                  environ: dict[str, str], ports: bool = False, probe: bool = False) -> list[Problem]:
+    def preflight(
+        self,
+        spec: File,
+        source: str,
+        names: list[str],
+        allow_local_qemu: bool,
+        allow_host_paths: bool,
+        environ: dict[str, str],
+        ports: bool = False,
+        probe: bool = False,
+    ) -> list[Problem]:
         """Every check: files, kvm, the qemu binary, host paths; then (``ports``) the forwards of the
         machines `up` would start must be free; then (``probe``) what the qemu binary supports."""
         from qemuspec.spec import preflight as checks
 
-        problems = checks.host_problems(spec, source, names, allow_local_qemu=allow_local_qemu, environ=environ,
-                                        allow_host_paths=allow_host_paths)
+        problems = checks.host_problems(
+            spec,
+            source,
+            names,
+            allow_local_qemu=allow_local_qemu,
+            environ=environ,
+            allow_host_paths=allow_host_paths,
+        )
         if problems:
             return problems
         if ports:
@@ -132,10 +166,14 @@ class LocalBackend:
                 seen = self.look(name, spec.machines[name])
                 if seen.running or seen.busy:
                     continue
-                problems += [(("machines", name, "nics", index, "forwards", number, "host"),
-                              f"host port {fwd.address}:{fwd.host}/{fwd.protocol} is {why}: stop what holds it, "
-                              "or choose another port (host = 0 picks a free one)")
-                             for index, number, fwd, why in busy_forwards(spec.machines[name].nics)]
+                problems += [
+                    (
+                        ("machines", name, "nics", index, "forwards", number, "host"),
+                        f"host port {fwd.address}:{fwd.host}/{fwd.protocol} is {why}: stop what holds it, "
+                        "or choose another port (host = 0 picks a free one)",
+                    )
+                    for index, number, fwd, why in busy_forwards(spec.machines[name].nics)
+                ]
         if probe and not problems:
             from qemuspec.runtime import capabilities
 
@@ -154,14 +192,18 @@ class LocalBackend:
     def instance(self, name: str, machine: Machine) -> Instance:
         inst = Instance.find(name, machine, self._dir(name))
         if inst is None:
-            raise QemuspecError(f"machine {name} is not running: start it with `qemuspec up {self.source}`")
+            raise QemuspecError(
+                f"machine {name} is not running: start it with `qemuspec up {self.source}`"
+            )
         return inst
 
     def monitor(self, name: str, machine: Machine) -> "QMPClient":
         """A connection on the client monitor, which stays free while the supervisor holds the main one."""
         from qemuspec.qmp.sync import QMPClient
 
-        return QMPClient.connect(f"unix:{self.instance(name, machine).layout.qmp_client}", timeout=5)
+        return QMPClient.connect(
+            f"unix:{self.instance(name, machine).layout.qmp_client}", timeout=5
+        )
 
     def agent(self, name: str, machine: Machine, timeout: float) -> "GuestAgent":
         """A synced guest-agent session, or an error that says why not: machine paused, agent silent."""
@@ -171,18 +213,26 @@ class LocalBackend:
 
         inst = self.instance(name, machine)
         if run_state(inst)[0] == "paused":
-            raise QemuspecError(f"machine {name} is paused, so its guest agent cannot answer: "
-                                f"`qemuspec resume {self.source} {name}` first")
+            raise QemuspecError(
+                f"machine {name} is paused, so its guest agent cannot answer: "
+                f"`qemuspec resume {self.source} {name}` first"
+            )
         agent = GuestAgent(inst.layout.qga, timeout=timeout)
         try:
             agent.sync(timeout=min(timeout, 10.0))
-        except QMPProtocolError as exc:  # the guest answers, but not as an agent: say so, not "is it running?"
+        except (
+            QMPProtocolError
+        ) as exc:  # the guest answers, but not as an agent: say so, not "is it running?"
             agent.close()
-            raise QMPProtocolError(f"the guest agent of {name} broke the protocol, so nothing it says is used: {exc}") from None
+            raise QMPProtocolError(
+                f"the guest agent of {name} broke the protocol, so nothing it says is used: {exc}"
+            ) from None
         except (QMPTimeout, QMPConnectionError) as exc:
             agent.close()
-            raise QemuspecError(f"the guest agent of {name} does not answer ({exc}): is qemu-guest-agent running in the guest "
-                                "on the virtio-serial port org.qemu.guest_agent.0?") from None
+            raise QemuspecError(
+                f"the guest agent of {name} does not answer ({exc}): is qemu-guest-agent running in the guest "
+                "on the virtio-serial port org.qemu.guest_agent.0?"
+            ) from None
         return agent
 
     def pause(self, name: str, machine: Machine, paused: bool) -> None:
@@ -195,7 +245,9 @@ class LocalBackend:
 
         inst = self.instance(name, machine)
         if inst.machine.serial not in ("log", "socket"):
-            raise QemuspecError(f"machine {name} has no console socket: set serial = \"log\" or \"socket\"")
+            raise QemuspecError(
+                f'machine {name} has no console socket: set serial = "log" or "socket"'
+            )
         path = inst.layout.console_client
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
@@ -210,19 +262,26 @@ class LocalBackend:
             sock.settimeout(None)
         except OSError as exc:
             sock.close()
-            raise QemuspecError(f"the console of machine {name} is not served ({path}: {exc.strerror or exc}): its "
-                                "supervisor serves it; `qemuspec status` says whether it runs (an unsupervised machine "
-                                "is adopted by `qemuspec up`)") from None
+            raise QemuspecError(
+                f"the console of machine {name} is not served ({path}: {exc.strerror or exc}): its "
+                "supervisor serves it; `qemuspec status` says whether it runs (an unsupervised machine "
+                "is adopted by `qemuspec up`)"
+            ) from None
         if answer != b"ok\n":
             sock.close()
-            why = answer.decode(errors="replace").strip().removeprefix("busy: ") or "the proxy closed the connection"
+            why = (
+                answer.decode(errors="replace").strip().removeprefix("busy: ")
+                or "the proxy closed the connection"
+            )
             raise QemuspecError(why)
         return sock
 
     def serial_log(self, name: str) -> str | None:
         from qemuspec.runtime.statedir import SERIAL_LOG, read_from
 
-        data = read_from(os.path.join(self._dir(name), SERIAL_LOG), 0)  # never through a planted symlink
+        data = read_from(
+            os.path.join(self._dir(name), SERIAL_LOG), 0
+        )  # never through a planted symlink
         return None if data is None else data.decode(errors="replace").replace("\r", "")
 
     def ssh(self, name: str, machine: Machine, command: list[str]) -> dict:
@@ -232,7 +291,14 @@ class LocalBackend:
         key, _ = sshkeys.ensure_key(self.root)
         port = inst.host_port(machine.ssh.port)
         argv = sshkeys.ssh_argv(key, inst.state_dir, machine.ssh.user, port, command)
-        return {"machine": name, "host": "127.0.0.1", "port": port, "user": machine.ssh.user, "key": key, "argv": argv}
+        return {
+            "machine": name,
+            "host": "127.0.0.1",
+            "port": port,
+            "user": machine.ssh.user,
+            "key": key,
+            "argv": argv,
+        }
 
     def settle(self, spec: File, names: list[str]) -> None:
         """A network's switch goes when no machine of the file that uses it still runs."""
@@ -240,7 +306,9 @@ class LocalBackend:
         from qemuspec.runtime.network import stop_switch
 
         for network in spec.networks:
-            users = [n for n, m in spec.machines.items() if any(nic.network == network for nic in m.nics)]
+            users = [
+                n for n, m in spec.machines.items() if any(nic.network == network for nic in m.nics)
+            ]
             if users and not any(Instance.find(n, spec.machines[n], self._dir(n)) for n in users):
                 stop_switch(paths.layout(self._dir(users[0])).network(network))
 
@@ -249,22 +317,33 @@ class LocalBackend:
         their children; so does any qemuspec command that sees one): only a machine this file started,
         still of this definition (same hash), and only when no other qemuspec command holds the state
         lock (it is acting on the machines; never wait for it). The restart count carries on."""
-        wanted = [n for n in names if spec.machines[n].restart != "no" and self._unsupervised(spec.machines[n], n)]
+        wanted = [
+            n
+            for n in names
+            if spec.machines[n].restart != "no" and self._unsupervised(spec.machines[n], n)
+        ]
         if not wanted:
             return []
         with locked(self.root, wait=False) as held:
             if not held:
                 return []
-            waits = [self.start(n, spec.machines[n], "adopted", lambda n, s: None) for n in wanted
-                     if self._unsupervised(spec.machines[n], n)]  # checked again under the lock
+            waits = [
+                self.start(n, spec.machines[n], "adopted", lambda n, s: None)
+                for n in wanted
+                if self._unsupervised(spec.machines[n], n)
+            ]  # checked again under the lock
             return [wait() for wait in waits]
 
     def _unsupervised(self, machine: Machine, name: str) -> bool:
         from qemuspec.spec.records import definition_hash
 
         seen = self.look(name, machine)
-        if seen.busy or (seen.owner and self.owner and seen.claimed
-                         and os.path.abspath(seen.owner) != os.path.abspath(self.owner)):
+        if seen.busy or (
+            seen.owner
+            and self.owner
+            and seen.claimed
+            and os.path.abspath(seen.owner) != os.path.abspath(self.owner)
+        ):
             return False
         return seen.running and seen.hash == definition_hash(machine)
 
@@ -279,7 +358,9 @@ def _wait_started(name: str, machine: Machine, state_dir: str, began: float) -> 
     sup = supervisor.read_supervisor(state_dir)
     if sup is None:
         return None
-    delay = max(0.0, (sup.next_at or time.time()) - time.time()) if sup.phase == "restarting" else 0.0
+    delay = (
+        max(0.0, (sup.next_at or time.time()) - time.time()) if sup.phase == "restarting" else 0.0
+    )
     deadline = time.monotonic() + delay + machine.ready.timeout + 10.0
     seen_failure = sup.last_exit if sup.phase == "restarting" else None
     try:
@@ -292,28 +373,54 @@ def _wait_started(name: str, machine: Machine, state_dir: str, began: float) -> 
             if current is None:  # the supervisor ended: how, its exit record says
                 end = statedir.read(state_dir, statedir.EXIT, statedir.ExitRecord)
                 if end is not None and end.phase in ("failed", "crashed"):
-                    return Outcome(name, "failed", time.monotonic() - began,
-                                   detail=f"machine {name}: the start another `up` began failed: "
-                                          f"{end.reason or end.why}")
+                    return Outcome(
+                        name,
+                        "failed",
+                        time.monotonic() - began,
+                        detail=f"machine {name}: the start another `up` began failed: "
+                        f"{end.reason or end.why}",
+                    )
                 return None
             if current.phase == "running":
                 found = Instance.find(name, machine, state_dir)
                 if found is not None and found.process is not None:
-                    return Outcome(name, "started", time.monotonic() - began, found.process.pid,
-                                   detail="start begun by another `up`", ports=found.ports,
-                                   accel=list(found.layout.accel),
-                                   qemu=qemu_path(machine.qemu) or machine.qemu)
-            if current.phase == "restarting" and current.last_exit and current.last_exit != seen_failure:
-                return Outcome(name, "failed", time.monotonic() - began,
-                               detail=f"machine {name}: the start another `up` began failed: {current.last_exit} "
-                                      f"(restart = \"{current.restart}\": attempt {current.attempt} follows)")
+                    return Outcome(
+                        name,
+                        "started",
+                        time.monotonic() - began,
+                        found.process.pid,
+                        detail="start begun by another `up`",
+                        ports=found.ports,
+                        accel=list(found.layout.accel),
+                        qemu=qemu_path(machine.qemu) or machine.qemu,
+                    )
+            if (
+                current.phase == "restarting"
+                and current.last_exit
+                and current.last_exit != seen_failure
+            ):
+                return Outcome(
+                    name,
+                    "failed",
+                    time.monotonic() - began,
+                    detail=f"machine {name}: the start another `up` began failed: {current.last_exit} "
+                    f'(restart = "{current.restart}": attempt {current.attempt} follows)',
+                )
             if current.phase == "stopping":
-                return Outcome(name, "failed", time.monotonic() - began,
-                               detail=f"machine {name} is being stopped (`down` runs)")
+                return Outcome(
+                    name,
+                    "failed",
+                    time.monotonic() - began,
+                    detail=f"machine {name} is being stopped (`down` runs)",
+                )
             if time.monotonic() > deadline:
-                return Outcome(name, "failed", time.monotonic() - began,
-                               detail=f"machine {name} was not ready within {machine.ready.timeout:g} s of the start "
-                                      f"another `up` began (its supervisor, pid {current.pid}, says {current.phase})")
+                return Outcome(
+                    name,
+                    "failed",
+                    time.monotonic() - began,
+                    detail=f"machine {name} was not ready within {machine.ready.timeout:g} s of the start "
+                    f"another `up` began (its supervisor, pid {current.pid}, says {current.phase})",
+                )
             # the supervisor's record changes without a notification we can wait on; its exit wakes us at once
             select.select([pidfd] if pidfd is not None else [], [], [], 0.1)
     finally:
@@ -321,9 +428,12 @@ def _wait_started(name: str, machine: Machine, state_dir: str, began: float) -> 
             os.close(pidfd)
 
 
-
-
-def _collect(machines: dict[str, Machine], pending: dict[int, tuple[str, str, float]], outcomes: dict[str, Outcome], report: Report) -> None:
+def _collect(
+    machines: dict[str, Machine],
+    pending: dict[int, tuple[str, str, float]],
+    outcomes: dict[str, Outcome],
+    report: Report,
+) -> None:
     """Read supervisors' progress lines until each machine is ready or failed."""
     sel = selectors.DefaultSelector()
     buffers: dict[int, bytes] = {}
@@ -342,7 +452,12 @@ def _collect(machines: dict[str, Machine], pending: dict[int, tuple[str, str, fl
                     name, _, began = pending.pop(fd)
                     sel.unregister(fd)
                     os.close(fd)
-                    outcomes[name] = Outcome(name, "failed", time.monotonic() - began, detail=f"machine {name}: its supervisor gave no answer in time")
+                    outcomes[name] = Outcome(
+                        name,
+                        "failed",
+                        time.monotonic() - began,
+                        detail=f"machine {name}: its supervisor gave no answer in time",
+                    )
                 continue
             for key, _ in events:
                 fd = key.fd
@@ -356,7 +471,12 @@ def _collect(machines: dict[str, Machine], pending: dict[int, tuple[str, str, fl
                         message = json.loads(line)
                         status = message["status"]
                         if status == "waiting":
-                            report(name, "restoring saved state" if message.get("boot") == "warm" else "waiting for ready")
+                            report(
+                                name,
+                                "restoring saved state"
+                                if message.get("boot") == "warm"
+                                else "waiting for ready",
+                            )
                         elif status == "saving":
                             report(name, "saving warm state")
                         elif status == "restore failed":
@@ -365,45 +485,87 @@ def _collect(machines: dict[str, Machine], pending: dict[int, tuple[str, str, fl
                         elif status == "ready":
                             seconds = time.monotonic() - began
                             how = " (warm)" if message.get("boot") == "warm" else ""
-                            report(name, f"ready in {seconds:.1f} s{how}" if not message.get("adopted") else "adopted")
-                            detail = f"boot {message['boot']}" if message.get("boot") and machines[name].warm else ""
+                            report(
+                                name,
+                                f"ready in {seconds:.1f} s{how}"
+                                if not message.get("adopted")
+                                else "adopted",
+                            )
+                            detail = (
+                                f"boot {message['boot']}"
+                                if message.get("boot") and machines[name].warm
+                                else ""
+                            )
                             warnings = []
                             if fd in discarded:
-                                warnings.append(f"the saved state was not restored: {discarded[fd]}")
+                                warnings.append(
+                                    f"the saved state was not restored: {discarded[fd]}"
+                                )
                                 detail += f" (saved state discarded: {discarded[fd]})"
-                            if message.get("kvm_failed"):  # said on up's line, not only in status --json
-                                detail += ("; " if detail else "") + f"kvm failed, fell back to tcg: {message['kvm_failed']}"
+                            if message.get(
+                                "kvm_failed"
+                            ):  # said on up's line, not only in status --json
+                                detail += (
+                                    "; " if detail else ""
+                                ) + f"kvm failed, fell back to tcg: {message['kvm_failed']}"
                             if message.get("saved"):
                                 saved = message["saved"]
                                 detail += f", state saved in {saved['seconds']:.2f} s ({saved['bytes'] / 2**20:.0f} MiB)"
-                            if message.get("save_failed"):  # running, its data safe: exit 0, said plainly
+                            if message.get(
+                                "save_failed"
+                            ):  # running, its data safe: exit 0, said plainly
                                 detail += f", warm save failed: {message['save_failed']}"
-                                warnings.append(f"warm save failed, the next start is cold: {message['save_failed']}")
-                            if message.get("boot") and machines[name].warm and not message.get("save_failed"):
+                                warnings.append(
+                                    f"warm save failed, the next start is cold: {message['save_failed']}"
+                                )
+                            if (
+                                message.get("boot")
+                                and machines[name].warm
+                                and not message.get("save_failed")
+                            ):
                                 from qemuspec.runtime.warm import disk_writes
 
-                                if (note := disk_writes(machines[name])):
+                                if note := disk_writes(machines[name]):
                                     detail += f"; {note.split(':', 1)[0]}"
                             if message.get("recovered"):
                                 detail += ("; " if detail else "") + message["recovered"]
-                            done = Outcome(name, action, seconds, message.get("pid"), detail=detail, ports=message.get("ports", []), accel=message.get("accel", []),
-                                           qemu=qemu_path(machines[name].qemu) or machines[name].qemu,
-                                           warnings=warnings)
+                            done = Outcome(
+                                name,
+                                action,
+                                seconds,
+                                message.get("pid"),
+                                detail=detail,
+                                ports=message.get("ports", []),
+                                accel=message.get("accel", []),
+                                qemu=qemu_path(machines[name].qemu) or machines[name].qemu,
+                                warnings=warnings,
+                            )
                         elif status == "failed":
                             report(name, "failed")
-                            done = Outcome(name, "failed", time.monotonic() - began, detail=message.get("detail", ""))
+                            done = Outcome(
+                                name,
+                                "failed",
+                                time.monotonic() - began,
+                                detail=message.get("detail", ""),
+                            )
                     if done is None:
                         continue
                     outcomes[name] = done
                 else:
-                    outcomes.setdefault(name, Outcome(name, "failed", time.monotonic() - began, detail=f"machine {name}: its supervisor exited unexpectedly (see supervisor.log)"))
+                    outcomes.setdefault(
+                        name,
+                        Outcome(
+                            name,
+                            "failed",
+                            time.monotonic() - began,
+                            detail=f"machine {name}: its supervisor exited unexpectedly (see supervisor.log)",
+                        ),
+                    )
                 pending.pop(fd)
                 sel.unregister(fd)
                 os.close(fd)
     finally:
         sel.close()
-
-
 
 
 def _stop_one(name: str, machine: Machine, state_dir: str, timeout: float | None) -> str:
@@ -420,7 +582,9 @@ def _stop_one(name: str, machine: Machine, state_dir: str, timeout: float | None
     acpi = machine.stop_timeout if timeout is None else timeout
     if sup is not None:
         supervisor.request_stop(state_dir, timeout)
-        if _signal_and_wait(sup.pid, signal.SIGTERM, stop_budget(acpi), lambda: supervisor.hung(state_dir, sup)):
+        if _signal_and_wait(
+            sup.pid, signal.SIGTERM, stop_budget(acpi), lambda: supervisor.hung(state_dir, sup)
+        ):
             end = statedir.read(state_dir, statedir.EXIT, statedir.ExitRecord)
             step = (end.step if end else None) or step
         else:  # hung (HUNG_GRACE without an answer) or over its budget: we act ourselves
@@ -436,8 +600,6 @@ def _stop_one(name: str, machine: Machine, state_dir: str, timeout: float | None
     return step
 
 
-
-
 def _clean_stale(state_dir: str) -> None:
     """What a killed supervisor and qemu left: records, sockets, the runtime directory. Only called
     when neither lives (checked through the lock and the process identity)."""
@@ -446,10 +608,14 @@ def _clean_stale(state_dir: str) -> None:
         supervisor.clear(state_dir)
 
 
-HUNG_GRACE = 3.0  # seconds a supervisor that does not answer gets to come back before `down` acts itself
+HUNG_GRACE = (
+    3.0  # seconds a supervisor that does not answer gets to come back before `down` acts itself
+)
 
 
-def _signal_and_wait(pid: int, signum: int, timeout: float, hung: Callable[[], str | None] | None = None) -> bool:
+def _signal_and_wait(
+    pid: int, signum: int, timeout: float, hung: Callable[[], str | None] | None = None
+) -> bool:
     """Signal and wait for the exit (True) within ``timeout``; with ``hung``, give up (False) once the
     process has not answered for HUNG_GRACE (a SIGSTOPped supervisor never handles the SIGTERM)."""
     try:

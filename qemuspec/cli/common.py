@@ -28,7 +28,9 @@ def parse_vars(pairs: list[str]) -> dict[str, str]:
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or not name:
-            raise UsageError(f'--var "{pair}" is not NAME=VALUE: write for example --var memory=512M')
+            raise UsageError(
+                f'--var "{pair}" is not NAME=VALUE: write for example --var memory=512M'
+            )
         out[name] = value
     return out
 
@@ -43,8 +45,10 @@ def resolve_file(given: str | None, settings: Settings | None = None) -> str:
     for candidate in DEFAULT_FILES:
         if os.path.exists(candidate):
             return candidate
-    raise UsageError(f"no definition file given and none of {', '.join(DEFAULT_FILES)} exists here: "
-                     "pass one, set QEMUSPEC_FILE, or create one with `qemuspec init`")
+    raise UsageError(
+        f"no definition file given and none of {', '.join(DEFAULT_FILES)} exists here: "
+        "pass one, set QEMUSPEC_FILE, or create one with `qemuspec init`"
+    )
 
 
 def looks_like_file(operand: str) -> bool:
@@ -119,21 +123,36 @@ class Output:
         """Progress of image downloads: a bar on a terminal, lines elsewhere, JSON events with --json."""
         from qemuspec.cli.progress import DownloadProgress
 
-        return DownloadProgress("quiet" if self.quiet else "json" if self.json else "live" if self.live else "lines")
+        return DownloadProgress(
+            "quiet" if self.quiet else "json" if self.json else "live" if self.live else "lines"
+        )
 
     def progress(self, names: list[str], deadline: float | None = None) -> "Progress":
         from qemuspec.cli.progress import Progress
 
-        return Progress(names, enabled=not (self.json or self.quiet), live=self.live, colour=self.colour and self.live, deadline=deadline)
+        return Progress(
+            names,
+            enabled=not (self.json or self.quiet),
+            live=self.live,
+            colour=self.colour and self.live,
+            deadline=deadline,
+        )
 
 
 class Target:
     """The definition file and machines a command line names, in the one grammar:
     ``[FILE] [MACHINE...]`` as operands, or ``--file``/``--machine`` anywhere."""
 
-    def __init__(self, operands: list[str], file_option: str | None = None, machine_option: list[str] | None = None,
-                 variables: dict[str, str] | None = None, state_dir: str | None = None, settings: Settings | None = None,
-                 kind: str = "machines"):
+    def __init__(
+        self,
+        operands: list[str],
+        file_option: str | None = None,
+        machine_option: list[str] | None = None,
+        variables: dict[str, str] | None = None,
+        state_dir: str | None = None,
+        settings: Settings | None = None,
+        kind: str = "machines",
+    ):
         self.settings = settings or current()
         self.variables = variables or {}
         self.state_dir_option = state_dir
@@ -160,7 +179,9 @@ class Target:
         if self._loaded is None:
             from qemuspec.spec import cache
 
-            self._loaded = cache.load(self.path, self.variables, self.settings.var_environ(), self.settings.cache)
+            self._loaded = cache.load(
+                self.path, self.variables, self.settings.var_environ(), self.settings.cache
+            )
         return self._loaded
 
     @property
@@ -186,14 +207,20 @@ class Target:
         if name is None and operands:
             if len(self.rest) > 1:
                 raise UsageError(f"one machine, please: got {', '.join(self.rest)}")
-            name = self.rest[0] if self.rest else (self.machine_option[0] if self.machine_option else None)
+            name = (
+                self.rest[0]
+                if self.rest
+                else (self.machine_option[0] if self.machine_option else None)
+            )
         elif name is None and self.machine_option:
             name = self.machine_option[0]
         spec = self.spec
         if name is None:
             if len(spec.machines) == 1:
                 return next(iter(spec.machines))
-            raise UsageError(f"{self.path} declares machines {', '.join(spec.machines)}: name one after the file")
+            raise UsageError(
+                f"{self.path} declares machines {', '.join(spec.machines)}: name one after the file"
+            )
         select(spec, [name], self.path)
         return name
 
@@ -209,16 +236,29 @@ class Context:
     extra: dict[str, object] = field(default_factory=dict)  # the namespace, backends chosen once
 
     @classmethod
-    def from_args(cls, args: "argparse.Namespace", tail: list[str] | None, settings: Settings) -> "Context":
+    def from_args(
+        cls, args: "argparse.Namespace", tail: list[str] | None, settings: Settings
+    ) -> "Context":
         from qemuspec.cli.commands import FILE_COMMANDS
 
         terminal = sys.stderr.isatty() and settings.term != "dumb" and not settings.ci
-        out = Output(json=getattr(args, "json", False), quiet=getattr(args, "quiet", False),
-                     colour=sys.stdout.isatty() and not settings.no_color, live=terminal, raw=getattr(args, "raw", False))
+        out = Output(
+            json=getattr(args, "json", False),
+            quiet=getattr(args, "quiet", False),
+            colour=sys.stdout.isatty() and not settings.no_color,
+            live=terminal,
+            raw=getattr(args, "raw", False),
+        )
         variables = parse_vars(getattr(args, "var", []) or [])
-        target = Target(getattr(args, "operands", []) or [], getattr(args, "file_option", None),
-                        getattr(args, "machine_option", None), variables, getattr(args, "state_dir", None), settings,
-                        kind=FILE_COMMANDS.get(args.command, "machines"))
+        target = Target(
+            getattr(args, "operands", []) or [],
+            getattr(args, "file_option", None),
+            getattr(args, "machine_option", None),
+            variables,
+            getattr(args, "state_dir", None),
+            settings,
+            kind=FILE_COMMANDS.get(args.command, "machines"),
+        )
         return cls(out, target, settings, tail, {"namespace": args})
 
 
@@ -227,15 +267,25 @@ def check_against_qemu(spec: File, lines: dict, source: str, names: list[str]) -
     from qemuspec.errors import SpecError
     from qemuspec.runtime import capabilities
 
-    problems = [p for name in names for p in capabilities.machine_problems(name, spec.machines[name])]
+    problems = [
+        p for name in names for p in capabilities.machine_problems(name, spec.machines[name])
+    ]
     if problems:
         from qemuspec.spec.messages import located
 
         raise SpecError(located(source, lines, problems))
 
 
-def preflight(spec: File, lines: dict, source: str, names: list[str], allow_local_qemu: bool = False,
-              settings: Settings | None = None, allow_host_paths: bool = False, out: Output | None = None) -> None:
+def preflight(
+    spec: File,
+    lines: dict,
+    source: str,
+    names: list[str],
+    allow_local_qemu: bool = False,
+    settings: Settings | None = None,
+    allow_host_paths: bool = False,
+    out: Output | None = None,
+) -> None:
     """What starting these machines here would fail on (validate, run; `up` asks each machine's backend:
     reconcile.preflight): exit 2 with file:line. With ``out``, first lists the host paths outside the
     tree the machines can use."""
@@ -245,8 +295,14 @@ def preflight(spec: File, lines: dict, source: str, names: list[str], allow_loca
     if out is not None:
         list_host_paths(out, spec, source, names)
     environ = (settings or current()).var_environ()
-    problems = checks.host_problems(spec, source, names, allow_local_qemu=allow_local_qemu, environ=environ,
-                                    allow_host_paths=allow_host_paths)
+    problems = checks.host_problems(
+        spec,
+        source,
+        names,
+        allow_local_qemu=allow_local_qemu,
+        environ=environ,
+        allow_host_paths=allow_host_paths,
+    )
     if problems:
         from qemuspec.spec.messages import located
 
@@ -279,7 +335,11 @@ def select(spec: File, names: list[str] | str | None, source: str) -> list[str]:
             import difflib
 
             close = difflib.get_close_matches(name, list(spec.machines), n=1)
-            hint = f'did you mean "{close[0]}"?' if close else f"machines in the file: {', '.join(spec.machines)}"
+            hint = (
+                f'did you mean "{close[0]}"?'
+                if close
+                else f"machines in the file: {', '.join(spec.machines)}"
+            )
             raise UsageError(f'{source}: no machine named "{name}": {hint}')
     ordered = [n for level in order_machines(spec.machines) for n in level]
     return [n for n in ordered if not wanted or n in wanted]
@@ -299,11 +359,18 @@ _COLUMN = r"\(column (\d+)\)|column (\d+)"
 
 def problem_object(text: str, source: str | None = None) -> dict[str, str | int | None]:
     """A problem paragraph ("FILE:LINE: FIELD: what: fix") as {file, line, column, field, message, fix}."""
-    obj: dict[str, str | int | None] = {"file": None, "line": None, "column": None, "field": None, "message": text, "fix": None}
+    obj: dict[str, str | int | None] = {
+        "file": None,
+        "line": None,
+        "column": None,
+        "field": None,
+        "message": text,
+        "fix": None,
+    }
     rest = text
     if source and text.startswith(source + ":"):
         obj["file"] = source
-        after = text[len(source) + 1:]
+        after = text[len(source) + 1 :]
         m = re.match(r"(\d+): (.*)$", after, re.S)
         obj["line"], rest = (int(m.group(1)), m.group(2)) if m else (None, after.lstrip())
     else:
@@ -335,7 +402,10 @@ class Outcome(Protocol):
     action: str
 
 
-REFUSED = ("failed", "belongs to another file")  # machine outcomes that are a runtime failure (exit 1)
+REFUSED = (
+    "failed",
+    "belongs to another file",
+)  # machine outcomes that are a runtime failure (exit 1)
 
 
 def outcomes_exit_code(outcomes: Sequence[Outcome]) -> int:
@@ -344,18 +414,31 @@ def outcomes_exit_code(outcomes: Sequence[Outcome]) -> int:
     return 1 if any(o.action in REFUSED for o in outcomes) else 0
 
 
-def report_error(exc: BaseException, json_output: bool = False, source: str | None = None, raw: bool = False) -> int:
+def report_error(
+    exc: BaseException, json_output: bool = False, source: str | None = None, raw: bool = False
+) -> int:
     """Print an error as paragraphs on stderr (and, with --json, as an object on stdout); its exit code.
     Paragraphs may quote a guest (console tails, agent replies): escaped on a terminal unless ``raw``."""
     if isinstance(exc, QemuspecError):
         problems = getattr(exc, "problems", None) or [str(exc)]
         code = exc.exit_code
     else:
-        problems = [f"internal error: {type(exc).__name__}: {exc} (set QEMUSPEC_DEBUG=1 for the traceback)"]
+        problems = [
+            f"internal error: {type(exc).__name__}: {exc} (set QEMUSPEC_DEBUG=1 for the traceback)"
+        ]
         code = 1
     escape = escaping(sys.stderr, raw)
     for number, problem in enumerate(problems):
-        print(("\n" if number else "") + f"error: {printable(problem) if escape else problem}", file=sys.stderr)
+        print(
+            ("\n" if number else "") + f"error: {printable(problem) if escape else problem}",
+            file=sys.stderr,
+        )
     if json_output:
-        emit_json({"error": problems[0], "exit_code": code, "problems": [problem_object(p, source) for p in problems]})
+        emit_json(
+            {
+                "error": problems[0],
+                "exit_code": code,
+                "problems": [problem_object(p, source) for p in problems],
+            }
+        )
     return code

@@ -12,29 +12,37 @@ from __future__ import annotations
 # name -> (title, machine name, image URL, checksum-file URL, extra cloud-config lines)
 DISTROS: dict[str, tuple[str, str, str, str, str]] = {
     "debian-12": (
-        "Debian 12 (bookworm), genericcloud", "debian",
+        "Debian 12 (bookworm), genericcloud",
+        "debian",
         "https://cloud.debian.org/images/cloud/bookworm/latest/debian-12-genericcloud-amd64.qcow2",
         "https://cloud.debian.org/images/cloud/bookworm/latest/SHA512SUMS",
-        "    sudo: \"ALL=(ALL) NOPASSWD:ALL\"\n    shell: /bin/bash\n"),
+        '    sudo: "ALL=(ALL) NOPASSWD:ALL"\n    shell: /bin/bash\n',
+    ),
     "ubuntu-24.04": (
-        "Ubuntu 24.04 LTS (noble), server cloud image", "ubuntu",
+        "Ubuntu 24.04 LTS (noble), server cloud image",
+        "ubuntu",
         "https://cloud-images.ubuntu.com/releases/noble/release/ubuntu-24.04-server-cloudimg-amd64.img",
         "https://cloud-images.ubuntu.com/releases/noble/release/SHA256SUMS",
-        "    sudo: \"ALL=(ALL) NOPASSWD:ALL\"\n    shell: /bin/bash\n"),
+        '    sudo: "ALL=(ALL) NOPASSWD:ALL"\n    shell: /bin/bash\n',
+    ),
     "fedora": (
-        "Fedora 41 Cloud Base, generic", "fedora",
+        "Fedora 41 Cloud Base, generic",
+        "fedora",
         "https://download.fedoraproject.org/pub/fedora/linux/releases/41/Cloud/x86_64/images/"
         "Fedora-Cloud-Base-Generic-41-1.4.x86_64.qcow2",
         "https://download.fedoraproject.org/pub/fedora/linux/releases/41/Cloud/x86_64/images/"
         "Fedora-Cloud-41-1.4-x86_64-CHECKSUM",
-        "    sudo: \"ALL=(ALL) NOPASSWD:ALL\"\n    shell: /bin/bash\n"),
+        '    sudo: "ALL=(ALL) NOPASSWD:ALL"\n    shell: /bin/bash\n',
+    ),
     "alpine": (
-        "Alpine 3.20, NoCloud BIOS image with cloud-init", "alpine",
+        "Alpine 3.20, NoCloud BIOS image with cloud-init",
+        "alpine",
         "https://dl-cdn.alpinelinux.org/alpine/v3.20/releases/cloud/"
         "nocloud_alpine-3.20.3-x86_64-bios-cloudinit-r0.qcow2",
         "https://dl-cdn.alpinelinux.org/alpine/v3.20/releases/cloud/"
         "nocloud_alpine-3.20.3-x86_64-bios-cloudinit-r0.qcow2.sha512",
-        "    doas: [\"permit nopass qemuspec\"]\n    shell: /bin/ash\n"),
+        '    doas: ["permit nopass qemuspec"]\n    shell: /bin/ash\n',
+    ),
 }
 
 TEMPLATE = '''\
@@ -78,4 +86,6 @@ timeout = "15m"                        # a first boot under TCG takes minutes
 
 def render(template: str, path: str) -> str:
     title, name, url, digest_url, extra = DISTROS[template]
-    return TEMPLATE.format(title=title, name=name, url=url, digest_url=digest_url, extra=extra, path=path)
+    return TEMPLATE.format(
+        title=title, name=name, url=url, digest_url=digest_url, extra=extra, path=path
+    )

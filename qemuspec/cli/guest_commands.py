@@ -21,8 +21,10 @@ def agent_for(ctx: Context, name: str, timeout: float = 30.0) -> "GuestAgent":
     machine paused, agent silent."""
     backend, machine = _machine(ctx, name)
     if not machine.agent:
-        raise QemuspecError(f"machine {name} has no guest-agent channel: add agent = true to [machines.{name}] "
-                            "(and run qemu-guest-agent in the guest), or use `qemuspec ssh`")
+        raise QemuspecError(
+            f"machine {name} has no guest-agent channel: add agent = true to [machines.{name}] "
+            "(and run qemu-guest-agent in the guest), or use `qemuspec ssh`"
+        )
     return backend.agent(name, machine, timeout)
 
 
@@ -30,7 +32,9 @@ def exec_(ctx: Context, *, timeout: float) -> int:
     """Run a command in the guest; standard input (when not a terminal) is passed to it."""
     command = ctx.tail or []
     if not command:
-        raise UsageError("exec needs a command: qemuspec exec [FILE] [MACHINE] -- COMMAND [ARGS...]")
+        raise UsageError(
+            "exec needs a command: qemuspec exec [FILE] [MACHINE] -- COMMAND [ARGS...]"
+        )
     name = ctx.target.machine()
     stdin = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
     with agent_for(ctx, name) as agent:
@@ -39,12 +43,21 @@ def exec_(ctx: Context, *, timeout: float) -> int:
         except QMPConnectionError as exc:
             from qemuspec.errors import GuestGone
 
-            raise GuestGone(f"machine {name}: the guest went away before `{shlex.join(command)}` finished ({exc}): "
-                            "it powered off or rebooted, or its qemu exited; `qemuspec status` says whether it was "
-                            "started again (exit 255: the command's own exit code is unknown)") from None
+            raise GuestGone(
+                f"machine {name}: the guest went away before `{shlex.join(command)}` finished ({exc}): "
+                "it powered off or rebooted, or its qemu exited; `qemuspec status` says whether it was "
+                "started again (exit 255: the command's own exit code is unknown)"
+            ) from None
     if ctx.out.json:
-        emit_json({"machine": name, "exitcode": code, "stdout": out.decode(errors="replace"), "stderr": err.decode(errors="replace"),
-                   "stdout_b64": base64.b64encode(out).decode() if b"\0" in out else None})
+        emit_json(
+            {
+                "machine": name,
+                "exitcode": code,
+                "stdout": out.decode(errors="replace"),
+                "stderr": err.decode(errors="replace"),
+                "stdout_b64": base64.b64encode(out).decode() if b"\0" in out else None,
+            }
+        )
         return 0
     sys.stdout.buffer.write(out)
     sys.stdout.flush()
@@ -69,19 +82,27 @@ def cp(ctx: Context, *, recursive: bool, dereference: bool = False) -> int:
 
     target = ctx.target
     if len(target.rest) != 2:
-        raise UsageError("cp takes a SOURCE and a TARGET: qemuspec cp [FILE] ./local NAME:/guest/path (or the reverse)")
+        raise UsageError(
+            "cp takes a SOURCE and a TARGET: qemuspec cp [FILE] ./local NAME:/guest/path (or the reverse)"
+        )
     source, dest = target.rest
     src_machine, src = split_guest_path(source)
     dst_machine, dst = split_guest_path(dest)
     if (src_machine is None) == (dst_machine is None):
-        raise UsageError("cp copies between this host and one guest: write NAME:/path (or :/path) on exactly one side")
-    name = target.machine((src_machine if src_machine is not None else dst_machine) or None, operands=False)
+        raise UsageError(
+            "cp copies between this host and one guest: write NAME:/path (or :/path) on exactly one side"
+        )
+    name = target.machine(
+        (src_machine if src_machine is not None else dst_machine) or None, operands=False
+    )
     show = None if (ctx.out.json or ctx.out.quiet or not sys.stderr.isatty()) else _bar()
     with agent_for(ctx, name) as agent:
         if dst_machine is not None:
             if os.path.isdir(src) and not recursive:
                 raise UsageError(f"{src} is a directory: add -r to copy it")
-            copied = copy_to_guest(agent, src, dst, recursive=recursive, progress=show, dereference=dereference)
+            copied = copy_to_guest(
+                agent, src, dst, recursive=recursive, progress=show, dereference=dereference
+            )
         else:
             copied = copy_from_guest(agent, src, dst, recursive=recursive, progress=show)
     total = sum(c["bytes"] for c in copied)
@@ -101,7 +122,9 @@ def _bar():
     def show(path: str, done: int, total: int | None) -> None:
         rate = done / max(time.monotonic() - began, 1e-3) / 2**20
         size = f"/{total / 2**20:.0f}" if total else ""
-        sys.stderr.write(f"\r\x1b[2K{os.path.basename(path)}: {done / 2**20:.0f}{size} MiB ({rate:.1f} MiB/s)")
+        sys.stderr.write(
+            f"\r\x1b[2K{os.path.basename(path)}: {done / 2**20:.0f}{size} MiB ({rate:.1f} MiB/s)"
+        )
         if total is not None and done >= total:
             sys.stderr.write("\n")
         sys.stderr.flush()
@@ -120,7 +143,9 @@ def ssh(ctx: Context) -> int:
     try:
         os.execvp(reach["argv"][0], reach["argv"])
     except FileNotFoundError:
-        raise QemuspecError("ssh not found: install it (Debian: apt-get install openssh-client)") from None
+        raise QemuspecError(
+            "ssh not found: install it (Debian: apt-get install openssh-client)"
+        ) from None
     return 1
 
 
@@ -134,14 +159,25 @@ def reset(ctx: Context) -> int:
     results = []
     for name in target.machines():
         if Instance.find(name, spec.machines[name], target.state_dir(name)) is not None:
-            raise QemuspecError(f"machine {name} is running: `qemuspec down {target.path} {name}` first, then reset")
-        disks = reset_overlays(spec.machines[name].disks, target.state_dir(name), f"{target.path}: machines.{name}")
+            raise QemuspecError(
+                f"machine {name} is running: `qemuspec down {target.path} {name}` first, then reset"
+            )
+        disks = reset_overlays(
+            spec.machines[name].disks, target.state_dir(name), f"{target.path}: machines.{name}"
+        )
         results.append({"name": name, "reset": disks})
     if ctx.out.json:
         emit_json(results)
     else:
         for r in results:
-            ctx.out.say(f"{r['name']}: " + (f"fresh overlay{'s' if len(r['reset']) > 1 else ''} {', '.join(r['reset'])}" if r["reset"] else "no overlay disks"))
+            ctx.out.say(
+                f"{r['name']}: "
+                + (
+                    f"fresh overlay{'s' if len(r['reset']) > 1 else ''} {', '.join(r['reset'])}"
+                    if r["reset"]
+                    else "no overlay disks"
+                )
+            )
     return 0
 
 
@@ -156,10 +192,14 @@ def snapshot(ctx: Context, *, action: str) -> int:
         name = target.machine()
     else:
         if not rest:
-            raise UsageError(f"snapshot {action} needs a TAG: qemuspec snapshot {action} [FILE] [MACHINE] TAG")
+            raise UsageError(
+                f"snapshot {action} needs a TAG: qemuspec snapshot {action} [FILE] [MACHINE] TAG"
+            )
         tag = rest.pop()
         if len(rest) > 1:
-            raise UsageError(f"snapshot {action} takes [MACHINE] TAG, got {', '.join(rest + [tag])}")
+            raise UsageError(
+                f"snapshot {action} takes [MACHINE] TAG, got {', '.join(rest + [tag])}"
+            )
         name = target.machine(rest[0] if rest else None, operands=False)
     refuse(ctx, [name], "snapshot")
     with monitor(ctx, name) as client:
@@ -172,7 +212,9 @@ def snapshot(ctx: Context, *, action: str) -> int:
     elif ctx.out.json:
         emit_json({"name": name, "action": action, "tag": tag})
     else:
-        ctx.out.say(f"{name}: snapshot {tag} {dict(save='saved', load='loaded', delete='deleted')[action]}")
+        ctx.out.say(
+            f"{name}: snapshot {tag} {dict(save='saved', load='loaded', delete='deleted')[action]}"
+        )
     return 0
 
 
@@ -186,15 +228,19 @@ def provision(ctx: Context) -> int:
         refuse(ctx, [name], "provision")
         inst = Instance.find(name, ctx.target.spec.machines[name], ctx.target.state_dir(name))
         if inst is None:
-            raise QemuspecError(f"machine {name} is not running: start it with `qemuspec up {ctx.target.path}`")
+            raise QemuspecError(
+                f"machine {name} is not running: start it with `qemuspec up {ctx.target.path}`"
+            )
         _readopt(ctx, [name])
         return inst
 
     target = ctx.target
     names = [n for n in target.machines() if target.spec.machines[n].provision]
     if not names:
-        raise QemuspecError(f"{target.path}: no machine named has provision steps: add provision = [\"COMMAND\", ...] "
-                            "(or provision = { script = \"path\" }) to the machine")
+        raise QemuspecError(
+            f'{target.path}: no machine named has provision steps: add provision = ["COMMAND", ...] '
+            '(or provision = { script = "path" }) to the machine'
+        )
     results = []
     for name in names:
         seconds = run_steps(ctx, _running(ctx, name))

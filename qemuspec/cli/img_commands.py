@@ -47,7 +47,15 @@ def _done(ctx: Context, text: str, **data: object) -> int:
     return 0
 
 
-def create(ctx: Context, *, file: str, size: str | None, format: str, backing: str | None, backing_format: str | None) -> int:
+def create(
+    ctx: Context,
+    *,
+    file: str,
+    size: str | None,
+    format: str,
+    backing: str | None,
+    backing_format: str | None,
+) -> int:
     if size is None and not backing:
         raise UsageError("img create needs a SIZE, or --backing for an overlay")
     qemu_img.create(file, size, format, backing=backing, backing_format=backing_format)
@@ -59,7 +67,9 @@ def info(ctx: Context, *, file: str) -> int:
     if ctx.out.json:
         emit_json(found.as_dict())
         return 0
-    print(f"file:         {found.filename}\nformat:       {found.format}\nvirtual size: {found.virtual_size}")
+    print(
+        f"file:         {found.filename}\nformat:       {found.format}\nvirtual size: {found.virtual_size}"
+    )
     if found.actual_size is not None:
         print(f"disk size:    {found.actual_size}")
     if found.backing:
@@ -71,7 +81,13 @@ def info(ctx: Context, *, file: str) -> int:
 
 def convert(ctx: Context, *, source: str, target: str, format: str, compress: bool) -> int:
     qemu_img.convert(source, target, format, progress=_bar(ctx), compress=compress)
-    return _done(ctx, f"converted {source} -> {target} ({format})", source=source, target=target, format=format)
+    return _done(
+        ctx,
+        f"converted {source} -> {target} ({format})",
+        source=source,
+        target=target,
+        format=format,
+    )
 
 
 def resize(ctx: Context, *, file: str, size: str, shrink: bool) -> int:
@@ -102,9 +118,16 @@ def check(ctx: Context, *, file: str) -> int:
     return 0
 
 
-def rebase(ctx: Context, *, file: str, backing: str, backing_format: str | None, unsafe: bool) -> int:
+def rebase(
+    ctx: Context, *, file: str, backing: str, backing_format: str | None, unsafe: bool
+) -> int:
     qemu_img.rebase(file, backing, backing_format, unsafe=unsafe)
-    return _done(ctx, f"{file} now backed by {os.path.abspath(backing)}", file=file, backing=os.path.abspath(backing))
+    return _done(
+        ctx,
+        f"{file} now backed by {os.path.abspath(backing)}",
+        file=file,
+        backing=os.path.abspath(backing),
+    )
 
 
 def image_cache(ctx: Context) -> "ImageCache":
@@ -140,7 +163,9 @@ def pull(ctx: Context, *, allow_host_paths: bool = False) -> int:
     target = ctx.target
     spec, lines = target.load()
     names = target.machines()
-    problems = host_path_problems(spec, target.path, names, allow_host_paths, ctx.settings.var_environ())
+    problems = host_path_problems(
+        spec, target.path, names, allow_host_paths, ctx.settings.var_environ()
+    )
     if problems:  # a file:// image outside the tree: the user's opt-in, as for `up`
         from qemuspec.errors import SpecError
         from qemuspec.spec.messages import located
@@ -148,8 +173,20 @@ def pull(ctx: Context, *, allow_host_paths: bool = False) -> int:
         raise SpecError(located(target.path, lines, problems))
     pulled = ensure_images(ctx, spec, names)
     if ctx.out.json:
-        emit_json([{"machine": name, "disk": index, "digest": e.digest, "path": e.path, "format": e.format,
-                    "size": e.size, "url": e.url} for name, index, e in pulled])
+        emit_json(
+            [
+                {
+                    "machine": name,
+                    "disk": index,
+                    "digest": e.digest,
+                    "path": e.path,
+                    "format": e.format,
+                    "size": e.size,
+                    "url": e.url,
+                }
+                for name, index, e in pulled
+            ]
+        )
     elif not pulled:
         ctx.out.say(f"{target.path}: no disk of these machines names an image")
     else:
@@ -168,10 +205,25 @@ def ls(ctx: Context) -> int:
     cache = image_cache(ctx)
     entries = cache.entries()
     if ctx.out.json:
-        emit_json({"directory": cache.directory,
-                   "images": [{"digest": e.digest, "path": e.path, "format": e.format, "size": e.size, "url": e.url,
-                               "compressed": e.compressed, "pulled": e.pulled, "used": e.used} for e in entries],
-                   "partial": [{"name": n, "bytes": b} for n, b in cache.partial()]})
+        emit_json(
+            {
+                "directory": cache.directory,
+                "images": [
+                    {
+                        "digest": e.digest,
+                        "path": e.path,
+                        "format": e.format,
+                        "size": e.size,
+                        "url": e.url,
+                        "compressed": e.compressed,
+                        "pulled": e.pulled,
+                        "used": e.used,
+                    }
+                    for e in entries
+                ],
+                "partial": [{"name": n, "bytes": b} for n, b in cache.partial()],
+            }
+        )
         return 0
     if not entries:
         ctx.out.say(f"no images in {cache.directory}")
@@ -179,7 +231,9 @@ def ls(ctx: Context) -> int:
 
     for e in entries:
         days = (time.time() - e.used) / 86400
-        print(f"{e.digest[:19]}...  {e.format:<5}  {_human(e.size):>10}  used {days:.0f} d ago  {e.url}")
+        print(
+            f"{e.digest[:19]}...  {e.format:<5}  {_human(e.size):>10}  used {days:.0f} d ago  {e.url}"
+        )
     for name, count in cache.partial():
         print(f"{name}: interrupted download, {_human(count)} so far (resumed by the next pull)")
     return 0
@@ -196,7 +250,9 @@ def prune(ctx: Context, *, older_than: str | None, everything: bool) -> int:
         try:
             seconds = float(text[:-1]) * 86400 if text.endswith("d") else parse_seconds(text)
         except (ValueError, TypeError):
-            raise UsageError(f"--older-than {older_than}: give a duration such as 30d, 12h or 90m") from None
+            raise UsageError(
+                f"--older-than {older_than}: give a duration such as 30d, 12h or 90m"
+            ) from None
     removed = image_cache(ctx).prune(seconds, everything=everything)
     if ctx.out.json:
         emit_json({"removed": removed})
@@ -208,6 +264,15 @@ def prune(ctx: Context, *, older_than: str | None, everything: bool) -> int:
     return 0
 
 
-ACTIONS: dict[str, Callable[..., int]] = {"create": create, "info": info, "convert": convert, "resize": resize,
-                                          "snapshot": snapshot, "check": check, "rebase": rebase,
-                                          "pull": pull, "ls": ls, "prune": prune}
+ACTIONS: dict[str, Callable[..., int]] = {
+    "create": create,
+    "info": info,
+    "convert": convert,
+    "resize": resize,
+    "snapshot": snapshot,
+    "check": check,
+    "rebase": rebase,
+    "pull": pull,
+    "ls": ls,
+    "prune": prune,
+}

@@ -39,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     from qemuspec.settings import Settings, install
 
     warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)
-    settings = install(Settings.from_env())  # the one read of the environment; passed down from here
+    settings = install(
+        Settings.from_env()
+    )  # the one read of the environment; passed down from here
     try:
         import importlib
 
@@ -49,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         func = getattr(importlib.import_module(f"qemuspec.cli.{module_name}"), func_name)
         code = func.__code__
         params = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
-        return int(func(ctx, **{name: getattr(args, name) for name in params if name != "ctx"}) or 0)
+        return int(
+            func(ctx, **{name: getattr(args, name) for name in params if name != "ctx"}) or 0
+        )
     except KeyboardInterrupt:
         print("qemuspec: interrupted", file=sys.stderr)
         return 130
@@ -60,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if settings.debug:
             raise
-        return report_error(exc, json_output=getattr(args, "json", False), raw=getattr(args, "raw", False))
+        return report_error(
+            exc, json_output=getattr(args, "json", False), raw=getattr(args, "raw", False)
+        )
 
 
 def run() -> None:

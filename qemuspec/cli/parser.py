@@ -25,14 +25,27 @@ def _epilog(name: str) -> str:
 
 def _commands_help() -> str:
     width = max(len(name) for name in COMMANDS)
-    return "commands:\n" + "\n".join(f"  {name:<{width}}  {help_}" for name, (_, _, help_) in COMMANDS.items())
+    return "commands:\n" + "\n".join(
+        f"  {name:<{width}}  {help_}" for name, (_, _, help_) in COMMANDS.items()
+    )
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="machine-readable output: JSON (JSON lines for streams)")
-    parser.add_argument("--quiet", "-q", action="store_true", help="print only errors and the data asked for; no progress")
-    parser.add_argument("--raw", action="store_true", help="print what guests sent (consoles, events, error tails) as it is, "
-                        "terminal control characters included (default: escaped on a terminal)")
+    parser.add_argument(
+        "--json", action="store_true", help="machine-readable output: JSON (JSON lines for streams)"
+    )
+    parser.add_argument(
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="print only errors and the data asked for; no progress",
+    )
+    parser.add_argument(
+        "--raw",
+        action="store_true",
+        help="print what guests sent (consoles, events, error tails) as it is, "
+        "terminal control characters included (default: escaped on a terminal)",
+    )
 
 
 def _target(parser: argparse.ArgumentParser, operands: str, machine_flag: bool = True) -> None:
@@ -42,12 +55,32 @@ def _target(parser: argparse.ArgumentParser, operands: str, machine_flag: bool =
     parser.add_argument("operands", nargs="*", metavar="OPERAND", help=operands)
     parser.add_argument("--file", "-F", dest="file_option", metavar="FILE", help=FILE_HELP)
     if machine_flag:
-        parser.add_argument("--machine", "-m", dest="machine_option", action="append", default=[], metavar="NAME",
-                            help="machine (repeatable), also accepted as operands after FILE")
-    parser.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="template variable (repeatable)")
-    parser.add_argument("--state-dir", help="state directory (default: .qemuspec beside the file; env QEMUSPEC_STATE_DIR)")
-    parser.add_argument("--connect", metavar="URI", help="run machines through libvirt at this URI, e.g. qemu+ssh://user@host/system "
-                        "(default: $QEMUSPEC_CONNECT, else locally; a machine's own host = wins)")
+        parser.add_argument(
+            "--machine",
+            "-m",
+            dest="machine_option",
+            action="append",
+            default=[],
+            metavar="NAME",
+            help="machine (repeatable), also accepted as operands after FILE",
+        )
+    parser.add_argument(
+        "--var",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="template variable (repeatable)",
+    )
+    parser.add_argument(
+        "--state-dir",
+        help="state directory (default: .qemuspec beside the file; env QEMUSPEC_STATE_DIR)",
+    )
+    parser.add_argument(
+        "--connect",
+        metavar="URI",
+        help="run machines through libvirt at this URI, e.g. qemu+ssh://user@host/system "
+        "(default: $QEMUSPEC_CONNECT, else locally; a machine's own host = wins)",
+    )
 
 
 class _Skip:
@@ -68,60 +101,157 @@ class _Skip:
         return self
 
 
-def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+def build_parser(
+    command: str | None = None,
+) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser and one parser per command; with ``command``, only that command's
     arguments are filled in ("" for none: enough for the top-level help)."""
     parser = argparse.ArgumentParser(
         prog="qemuspec",
         usage="qemuspec [--version] COMMAND [ACTION] [FILE] [MACHINE...] [OPTIONS] [-- COMMAND...]",
         description="Declarative QEMU virtual machines: definitions in TOML or YAML, validated, rendered, run through QMP.\n"
-                    "FILE is optional everywhere (also --file FILE); MACHINE may be left out when the file has one machine.",
+        "FILE is optional everywhere (also --file FILE); MACHINE may be left out when the file has one machine.",
         epilog=_commands_help() + "\n\n" + _epilog(""),
         formatter_class=_Formatter,
     )
     parser.add_argument("--version", action="version", version="qemuspec 0.1.0")
-    parser.add_argument("command", nargs="?", choices=list(COMMANDS), metavar="COMMAND", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "command", nargs="?", choices=list(COMMANDS), metavar="COMMAND", help=argparse.SUPPRESS
+    )
     wanted = list(COMMANDS) if command is None else [command] if command else []
-    real = {name: argparse.ArgumentParser(prog=f"qemuspec {name}", description=COMMANDS[name][2], epilog=_epilog(name), formatter_class=_Formatter)
-            for name in wanted}
+    real = {
+        name: argparse.ArgumentParser(
+            prog=f"qemuspec {name}",
+            description=COMMANDS[name][2],
+            epilog=_epilog(name),
+            formatter_class=_Formatter,
+        )
+        for name in wanted
+    }
     p: dict[str, argparse.ArgumentParser] = {name: real.get(name) or _Skip() for name in COMMANDS}  # type: ignore[misc]
     p["ps"].epilog = _epilog("status")
 
     p["validate"].add_argument("files", nargs="+", metavar="FILE", help="definition files")
-    p["validate"].add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="template variable (repeatable)")
-    p["validate"].add_argument("--probe", action="store_true", help="also check machine types, CPUs, devices, properties and options against the qemu binary (cached)")
+    p["validate"].add_argument(
+        "--var",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="template variable (repeatable)",
+    )
+    p["validate"].add_argument(
+        "--probe",
+        action="store_true",
+        help="also check machine types, CPUs, devices, properties and options against the qemu binary (cached)",
+    )
     _target(p["render"], "[FILE] [MACHINE...]")
-    p["render"].add_argument("--shell", action="store_true", help="one shell-quoted line per machine, ready to paste")
-    p["render"].add_argument("--format", choices=["argv", "libvirt"], default="argv", help="argv (default), or libvirt domain XML")
+    p["render"].add_argument(
+        "--shell", action="store_true", help="one shell-quoted line per machine, ready to paste"
+    )
+    p["render"].add_argument(
+        "--format",
+        choices=["argv", "libvirt"],
+        default="argv",
+        help="argv (default), or libvirt domain XML",
+    )
     _target(p["config"], "[FILE] [MACHINE...]")
-    p["config"].add_argument("--format", choices=["toml", "yaml", "json"], default=None, help="output format (default: toml; json with --json)")
+    p["config"].add_argument(
+        "--format",
+        choices=["toml", "yaml", "json"],
+        default=None,
+        help="output format (default: toml; json with --json)",
+    )
     p["schema"].add_argument("-o", "--output", help="write to this file instead of standard output")
-    p["init"].add_argument("target_file", nargs="?", default="qemuspec.toml", metavar="FILE", help="file to write (default: qemuspec.toml)")
+    p["init"].add_argument(
+        "target_file",
+        nargs="?",
+        default="qemuspec.toml",
+        metavar="FILE",
+        help="file to write (default: qemuspec.toml)",
+    )
     p["init"].add_argument("--force", action="store_true", help="overwrite an existing file")
-    p["init"].add_argument("--template", metavar="NAME", help="a distribution's cloud image with cloud-init, ssh and "
-                           "provisioning readiness (see --list)")
-    p["init"].add_argument("--list", dest="list_templates", action="store_true", help="name the templates and exit")
+    p["init"].add_argument(
+        "--template",
+        metavar="NAME",
+        help="a distribution's cloud image with cloud-init, ssh and "
+        "provisioning readiness (see --list)",
+    )
+    p["init"].add_argument(
+        "--list", dest="list_templates", action="store_true", help="name the templates and exit"
+    )
 
-    for name in ("up", "down", "status", "ps", "plan", "restart", "pause", "resume", "reset", "logs", "provision"):
+    for name in (
+        "up",
+        "down",
+        "status",
+        "ps",
+        "plan",
+        "restart",
+        "pause",
+        "resume",
+        "reset",
+        "logs",
+        "provision",
+    ):
         _target(p[name], "[FILE] [MACHINE...]")
-    p["up"].add_argument("--no-probe", action="store_true", help="skip checking the definition against the qemu binary")
+    p["up"].add_argument(
+        "--no-probe",
+        action="store_true",
+        help="skip checking the definition against the qemu binary",
+    )
     for name in ("up", "plan"):
-        p[name].add_argument("--warm", action="store_true", help="warm start for this run, as if the machines said warm = true")
-    p["up"].add_argument("--attach", action="store_true", help="stay in the foreground streaming consoles and events; Ctrl-C brings the machines down")
-    p["up"].add_argument("--timeout", type=float, metavar="SECONDS", help="readiness timeout for this run, instead of each machine's ready.timeout")
+        p[name].add_argument(
+            "--warm",
+            action="store_true",
+            help="warm start for this run, as if the machines said warm = true",
+        )
+    p["up"].add_argument(
+        "--attach",
+        action="store_true",
+        help="stay in the foreground streaming consoles and events; Ctrl-C brings the machines down",
+    )
+    p["up"].add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="readiness timeout for this run, instead of each machine's ready.timeout",
+    )
     for name in ("up", "run"):
-        p[name].add_argument("--offline", action="store_true", help="never download a base image: one missing from the "
-                             "cache is an error (env QEMUSPEC_OFFLINE=1)")
+        p[name].add_argument(
+            "--offline",
+            action="store_true",
+            help="never download a base image: one missing from the "
+            "cache is an error (env QEMUSPEC_OFFLINE=1)",
+        )
     for name in ("up", "validate", "restart", "run"):
-        p[name].add_argument("--allow-local-qemu", action="store_true",
-                             help="run a qemu binary that lives inside the definition's own tree (only for a qemu you built)")
-        p[name].add_argument("--allow-host-paths", action="store_true",
-                             help="let the VM use shares and writable disks outside the definition's tree, "
-                                  "and device nodes")
-    p["down"].add_argument("--timeout", type=float, metavar="SECONDS", help="seconds for ACPI powerdown before escalating (default: each machine's stop_timeout)")
-    p["down"].add_argument("--purge", action="store_true", help="also delete disks qemuspec created and the state directory")
-    p["logs"].add_argument("--follow", "-f", action="store_true", help="keep printing as the log grows")
-    p["logs"].add_argument("--events", action="store_true", help="print events instead of the console")
+        p[name].add_argument(
+            "--allow-local-qemu",
+            action="store_true",
+            help="run a qemu binary that lives inside the definition's own tree (only for a qemu you built)",
+        )
+        p[name].add_argument(
+            "--allow-host-paths",
+            action="store_true",
+            help="let the VM use shares and writable disks outside the definition's tree, "
+            "and device nodes",
+        )
+    p["down"].add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="seconds for ACPI powerdown before escalating (default: each machine's stop_timeout)",
+    )
+    p["down"].add_argument(
+        "--purge",
+        action="store_true",
+        help="also delete disks qemuspec created and the state directory",
+    )
+    p["logs"].add_argument(
+        "--follow", "-f", action="store_true", help="keep printing as the log grows"
+    )
+    p["logs"].add_argument(
+        "--events", action="store_true", help="print events instead of the console"
+    )
     p["logs"].add_argument("--lines", "-n", type=int, default=0, help="only the last N lines")
 
     for name in ("events", "console", "inspect", "exec", "ssh", "run"):
@@ -129,39 +259,90 @@ def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, d
     p["events"].add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     _target(p["qmp"], "[FILE] [MACHINE] COMMAND [JSON]")
     p["exec"].add_argument("--timeout", type=float, default=300.0, help="seconds (default 300)")
-    p["run"].add_argument("--timeout", type=float, metavar="SECONDS", help="readiness timeout (default: the machine's ready.timeout)")
-    p["run"].add_argument("--via", choices=["auto", "agent", "ssh"], default="auto", help="how to reach the guest (auto: ssh when the machine forwards its ssh port, else the agent)")
+    p["run"].add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="readiness timeout (default: the machine's ready.timeout)",
+    )
+    p["run"].add_argument(
+        "--via",
+        choices=["auto", "agent", "ssh"],
+        default="auto",
+        help="how to reach the guest (auto: ssh when the machine forwards its ssh port, else the agent)",
+    )
     _target(p["cp"], "[FILE] SOURCE TARGET", machine_flag=False)
     p["cp"].add_argument("--recursive", "-r", action="store_true", help="copy directories")
-    p["cp"].add_argument("--dereference", "-L", action="store_true",
-                         help="into the guest: copy what host symlinks point to (default: symlinks stay symlinks)")
+    p["cp"].add_argument(
+        "--dereference",
+        "-L",
+        action="store_true",
+        help="into the guest: copy what host symlinks point to (default: symlinks stay symlinks)",
+    )
     p["snapshot"].add_argument("action", choices=["save", "load", "list", "delete"])
     _target(p["snapshot"], "[FILE] [MACHINE] [TAG]")
 
-    p["import"].add_argument("--from", dest="source", metavar="FILE", help="read the command line from a file (a shell command)")
+    p["import"].add_argument(
+        "--from",
+        dest="source",
+        metavar="FILE",
+        help="read the command line from a file (a shell command)",
+    )
     p["import"].add_argument("--name", help="machine name (default: -name, else the binary's name)")
-    p["import"].add_argument("-o", "--output", help="write this definition file (default: standard output)")
+    p["import"].add_argument(
+        "-o", "--output", help="write this definition file (default: standard output)"
+    )
     p["import"].add_argument("--force", action="store_true", help="overwrite --output")
-    p["import"].add_argument("--from-libvirt", metavar="XML", help="read a libvirt domain (what `virsh dumpxml` prints)")
-    p["import"].add_argument("--check", action="store_true", help="start the original and the rendered machine paused (-S) and let qemu compare them")
+    p["import"].add_argument(
+        "--from-libvirt", metavar="XML", help="read a libvirt domain (what `virsh dumpxml` prints)"
+    )
+    p["import"].add_argument(
+        "--check",
+        action="store_true",
+        help="start the original and the rendered machine paused (-S) and let qemu compare them",
+    )
     p["completion"].add_argument("shell", choices=["bash", "zsh", "fish"])
     img = p["img"].add_subparsers(dest="img_command", metavar="ACTION", required=True)
-    i = {a: img.add_parser(a, help=h, description=h) for a, h in (
-        ("create", "create an image (never overwrites)"), ("info", "show an image's format, sizes, backing, snapshots"),
-        ("convert", "convert an image to another format (progress on a terminal)"), ("resize", "grow (or --shrink) an image"),
-        ("snapshot", "internal snapshots of an image not in use: list, create, apply, delete"),
-        ("check", "check an image for errors"), ("rebase", "point an overlay at another backing file"),
-        ("pull", "download the base images a definition's disks name into the cache (checked against their digests)"),
-        ("ls", "list the base images in the cache (digest, format, size, last use, URL)"),
-        ("prune", "remove cached base images not used for a while (--older-than, default 30d), or --all"))}
+    i = {
+        a: img.add_parser(a, help=h, description=h)
+        for a, h in (
+            ("create", "create an image (never overwrites)"),
+            ("info", "show an image's format, sizes, backing, snapshots"),
+            ("convert", "convert an image to another format (progress on a terminal)"),
+            ("resize", "grow (or --shrink) an image"),
+            ("snapshot", "internal snapshots of an image not in use: list, create, apply, delete"),
+            ("check", "check an image for errors"),
+            ("rebase", "point an overlay at another backing file"),
+            (
+                "pull",
+                "download the base images a definition's disks name into the cache (checked against their digests)",
+            ),
+            ("ls", "list the base images in the cache (digest, format, size, last use, URL)"),
+            (
+                "prune",
+                "remove cached base images not used for a while (--older-than, default 30d), or --all",
+            ),
+        )
+    }
     _target(i["pull"], "[FILE] [MACHINE...]")
-    i["pull"].add_argument("--offline", action="store_true",
-                           help="never download: an image missing from the cache is an error")
-    i["pull"].add_argument("--allow-host-paths", action="store_true",
-                           help="allow file:// images outside the definition's tree")
-    i["prune"].add_argument("--older-than", metavar="AGE",
-                            help="remove images not used for this long: 30d (default), 12h, 90m")
-    i["prune"].add_argument("--all", dest="everything", action="store_true", help="remove every cached image")
+    i["pull"].add_argument(
+        "--offline",
+        action="store_true",
+        help="never download: an image missing from the cache is an error",
+    )
+    i["pull"].add_argument(
+        "--allow-host-paths",
+        action="store_true",
+        help="allow file:// images outside the definition's tree",
+    )
+    i["prune"].add_argument(
+        "--older-than",
+        metavar="AGE",
+        help="remove images not used for this long: 30d (default), 12h, 90m",
+    )
+    i["prune"].add_argument(
+        "--all", dest="everything", action="store_true", help="remove every cached image"
+    )
     i["create"].add_argument("file")
     i["create"].add_argument("size", nargs="?", help="e.g. 10G (optional with --backing)")
     i["create"].add_argument("-f", "--format", default="qcow2")
@@ -194,7 +375,9 @@ def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, d
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str] | None]:
     """The namespace of one command line, and what followed ``--`` (a guest or qemu command)."""
     tail: list[str] | None = None
-    if "--" in argv:  # everything after "--" is the guest command (run, exec, ssh, import), never our options
+    if (
+        "--" in argv
+    ):  # everything after "--" is the guest command (run, exec, ssh, import), never our options
         cut = argv.index("--")
         argv, tail = argv[:cut], argv[cut + 1 :]
     parser, subs = build_parser(argv[0] if argv and argv[0] in COMMANDS else "")

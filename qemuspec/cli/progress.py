@@ -13,13 +13,29 @@ if TYPE_CHECKING:
     from qemuspec.settings import Settings
 
 _COLOURS = {"ready": "32", "up to date": "32", "adopted": "32", "stopped": "32", "failed": "31"}
-_DONE = ("ready", "up to date", "adopted", "stopped", "failed", "not running", "started", "recreated")
+_DONE = (
+    "ready",
+    "up to date",
+    "adopted",
+    "stopped",
+    "failed",
+    "not running",
+    "started",
+    "recreated",
+)
 
 
 class Progress:
-    def __init__(self, names: list[str], enabled: bool = True, stream: TextIO = sys.stderr,
-                 live: bool | None = None, colour: bool | None = None, deadline: float | None = None,
-                 settings: Settings | None = None):
+    def __init__(
+        self,
+        names: list[str],
+        enabled: bool = True,
+        stream: TextIO = sys.stderr,
+        live: bool | None = None,
+        colour: bool | None = None,
+        deadline: float | None = None,
+        settings: Settings | None = None,
+    ):
         """``live``/``colour`` unset: decided from the stream and ``settings`` (TERM, NO_COLOR; by
         default the process's)."""
         self.stream = stream
@@ -125,10 +141,14 @@ class DownloadProgress:
                 self._bar(name, event)
             elif event["bytes"] == (event.get("resumed_at") or 0) and not event.get("finished"):
                 total = f" ({_size(event['total'])})" if event.get("total") else ""
-                resumed = f", resuming at {_size(event['resumed_at'])}" if event.get("resumed_at") else ""
+                resumed = (
+                    f", resuming at {_size(event['resumed_at'])}" if event.get("resumed_at") else ""
+                )
                 self._line(f"downloading {event['url']}{total}{resumed}")
             elif event.get("finished"):
-                self._line(f"downloaded {name}: {_size(event['bytes'])} at {_size(event['rate'])}/s")
+                self._line(
+                    f"downloaded {name}: {_size(event['bytes'])} at {_size(event['rate'])}/s"
+                )
         elif kind == "image-waiting":
             self._line(f"{name}: waiting for another qemuspec downloading it")
         elif kind == "image-unpack":
@@ -149,7 +169,13 @@ class DownloadProgress:
             filled = int(self.width * min(done / total, 1.0))
             bar = f"[{'#' * filled}{'.' * (self.width - filled)}] {_size(done)} / {_size(total)}"
             left = (total - done) / rate if rate > 0 else None
-            eta = "" if event.get("finished") else f"  ETA {left:.0f} s" if left is not None else "  ETA ?"
+            eta = (
+                ""
+                if event.get("finished")
+                else f"  ETA {left:.0f} s"
+                if left is not None
+                else "  ETA ?"
+            )
         else:
             bar, eta = _size(done), ""
         self.stream.write(f"\r\x1b[2K{name}  {bar}  {_size(rate)}/s{eta}")

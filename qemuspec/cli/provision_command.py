@@ -17,6 +17,7 @@ READY = ("started", "recreated", "adopted", "up to date")
 def _stream(ctx: Context) -> Any:
     """Guest output as it comes, on our stdout/stderr (escaped on a terminal); kept back with --json/--quiet,
     where only a failure shows it (in its error)."""
+
     def write(stream: str, data: bytes) -> None:
         if ctx.out.json or ctx.out.quiet:
             return

@@ -36,16 +36,23 @@ def _raise(signum: int, frame: FrameType | None) -> None:
 def _reachable(machine: Machine, name: str, via: str, source: str, lines: dict) -> None:
     """`run` needs a way into the guest: the agent channel, or a user-mode forward to its ssh port. Said
     before anything boots, not after the guest is up."""
-    ssh = any(n.type == "user" and any(f.guest == machine.ssh.port for f in n.forwards) for n in machine.nics)
+    ssh = any(
+        n.type == "user" and any(f.guest == machine.ssh.port for f in n.forwards)
+        for n in machine.nics
+    )
     if via == "agent" and not machine.agent:
         why = "--via agent needs the guest-agent channel: add agent = true (the guest runs qemu-guest-agent)"
     elif via == "ssh" and not ssh:
-        why = (f"--via ssh needs a user NIC with a forward to the guest's ssh port {machine.ssh.port}: add "
-               f"forwards = [{{ host = 0, guest = {machine.ssh.port} }}] (the guest runs an ssh server)")
+        why = (
+            f"--via ssh needs a user NIC with a forward to the guest's ssh port {machine.ssh.port}: add "
+            f"forwards = [{{ host = 0, guest = {machine.ssh.port} }}] (the guest runs an ssh server)"
+        )
     elif via == "auto" and not (machine.agent or ssh):
-        why = (f"run cannot reach machine {name}: it has no guest agent and no forward to its ssh port "
-               f"{machine.ssh.port}: add agent = true (the guest runs qemu-guest-agent), or a user NIC with "
-               f"forwards = [{{ host = 0, guest = {machine.ssh.port} }}] (the guest runs an ssh server)")
+        why = (
+            f"run cannot reach machine {name}: it has no guest agent and no forward to its ssh port "
+            f"{machine.ssh.port}: add agent = true (the guest runs qemu-guest-agent), or a user NIC with "
+            f"forwards = [{{ host = 0, guest = {machine.ssh.port} }}] (the guest runs an ssh server)"
+        )
     else:
         return
     from qemuspec.errors import SpecError
@@ -54,37 +61,63 @@ def _reachable(machine: Machine, name: str, via: str, source: str, lines: dict) 
     raise SpecError(located(source, lines, [(("machines", name), why)]))
 
 
-def run(ctx: Context, *, timeout: float | None, via: str, allow_local_qemu: bool = False,
-        allow_host_paths: bool = False) -> int:
+def run(
+    ctx: Context,
+    *,
+    timeout: float | None,
+    via: str,
+    allow_local_qemu: bool = False,
+    allow_host_paths: bool = False,
+) -> int:
     from qemuspec.api import run_in_guest
 
     command = ctx.tail or []
     if not command:
-        raise UsageError("run needs a command after --: qemuspec run [FILE] [MACHINE] -- COMMAND [ARGS...]")
+        raise UsageError(
+            "run needs a command after --: qemuspec run [FILE] [MACHINE] -- COMMAND [ARGS...]"
+        )
     target = ctx.target
     name = target.machine()
     machine = target.spec.machines[name]
     if machine.depends_on:
-        raise UsageError(f"machine {name} depends on {', '.join(machine.depends_on)}: run boots one machine; use `qemuspec up` for a group")
+        raise UsageError(
+            f"machine {name} depends on {', '.join(machine.depends_on)}: run boots one machine; use `qemuspec up` for a group"
+        )
     from qemuspec.cli.common import preflight
 
-    spec, lines = target.load()  # the same checks as `up`: the local-qemu rule, host paths outside the tree
-    preflight(spec, lines, target.path, [name], allow_local_qemu=allow_local_qemu, settings=ctx.settings,
-              allow_host_paths=allow_host_paths, out=ctx.out)
+    spec, lines = (
+        target.load()
+    )  # the same checks as `up`: the local-qemu rule, host paths outside the tree
+    preflight(
+        spec,
+        lines,
+        target.path,
+        [name],
+        allow_local_qemu=allow_local_qemu,
+        settings=ctx.settings,
+        allow_host_paths=allow_host_paths,
+        out=ctx.out,
+    )
     _reachable(machine, name, via, target.path, lines)
     from qemuspec.cli.img_commands import ensure_images
 
-    ensure_images(ctx, spec, [name])  # base images cached and checked before qemu starts (the probe's too)
+    ensure_images(
+        ctx, spec, [name]
+    )  # base images cached and checked before qemu starts (the probe's too)
     from qemuspec.cli.common import check_against_qemu
 
-    check_against_qemu(spec, lines, target.path, [name])  # as `up` does: qemu supports it, KVM works if demanded
+    check_against_qemu(
+        spec, lines, target.path, [name]
+    )  # as `up` does: qemu supports it, KVM works if demanded
     writable = [d.file for d in machine.disks if not d.readonly and os.path.exists(d.file)]
     if writable:
         from qemuspec.runtime.instance import Instance
 
         if Instance.find(name, machine, target.state_dir(name)) is not None:
-            raise QemuspecError(f"machine {name} is running (`qemuspec up`), and qemu holds its disk {writable[0]} for writing: "
-                                f"`qemuspec down {target.path} {name}` first, or use `qemuspec exec` on the running machine")
+            raise QemuspecError(
+                f"machine {name} is running (`qemuspec up`), and qemu holds its disk {writable[0]} for writing: "
+                f"`qemuspec down {target.path} {name}` first, or use `qemuspec exec` on the running machine"
+            )
     stdin = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
     out = ctx.out
 
@@ -103,10 +136,22 @@ def run(ctx: Context, *, timeout: float | None, via: str, allow_local_qemu: bool
     previous = {sig: signal.signal(sig, _raise) for sig in (signal.SIGTERM, signal.SIGHUP)}
     workdir = tempfile.mkdtemp(prefix="qemuspec-run-")
     try:
-        code = run_in_guest(machine, name, command, workdir, on_output=on_output, via=via,
-                            ready_timeout=timeout, report=report, stdin=stdin)
+        code = run_in_guest(
+            machine,
+            name,
+            command,
+            workdir,
+            on_output=on_output,
+            via=via,
+            ready_timeout=timeout,
+            report=report,
+            stdin=stdin,
+        )
     except Stopped as stop:
-        print(f"qemuspec run: {signal.Signals(stop.signum).name}: the machine is stopped and its files removed", file=sys.stderr)
+        print(
+            f"qemuspec run: {signal.Signals(stop.signum).name}: the machine is stopped and its files removed",
+            file=sys.stderr,
+        )
         return 128 + stop.signum
     finally:
         # signals stay on a raising handler until the directory is gone, so a second one cannot cut this short

@@ -47,8 +47,14 @@ forwards = [{{ host = 0, guest = 22 }}]   # host 0 picks a free port; `qemuspec 
 """
 
 
-def validate(ctx: Context, *, files: list[str], probe: bool, allow_local_qemu: bool,
-             allow_host_paths: bool = False) -> int:
+def validate(
+    ctx: Context,
+    *,
+    files: list[str],
+    probe: bool,
+    allow_local_qemu: bool,
+    allow_host_paths: bool = False,
+) -> int:
     from qemuspec.cli.common import check_against_qemu
     from qemuspec.spec.loader import load_located
 
@@ -56,25 +62,52 @@ def validate(ctx: Context, *, files: list[str], probe: bool, allow_local_qemu: b
     results: list[dict[str, Any]] = []
     for path in files:
         try:
-            spec, lines = load_located(path, variables=variables, environ=ctx.settings.var_environ())
-            preflight(spec, lines, path, list(spec.machines), allow_local_qemu=allow_local_qemu, settings=ctx.settings,
-                      allow_host_paths=allow_host_paths, out=ctx.out)
+            spec, lines = load_located(
+                path, variables=variables, environ=ctx.settings.var_environ()
+            )
+            preflight(
+                spec,
+                lines,
+                path,
+                list(spec.machines),
+                allow_local_qemu=allow_local_qemu,
+                settings=ctx.settings,
+                allow_host_paths=allow_host_paths,
+                out=ctx.out,
+            )
             if probe:
                 check_against_qemu(spec, lines, path, list(spec.machines))
             from qemuspec.runtime.warm import disk_writes
 
-            notes = [f"machine {name} (warm = true): {note}"
-                     for name, m in spec.machines.items() if (note := disk_writes(m))]
-            results.append({"file": path, "valid": True, "machines": list(spec.machines), "errors": [], "notes": notes})
+            notes = [
+                f"machine {name} (warm = true): {note}"
+                for name, m in spec.machines.items()
+                if (note := disk_writes(m))
+            ]
+            results.append(
+                {
+                    "file": path,
+                    "valid": True,
+                    "machines": list(spec.machines),
+                    "errors": [],
+                    "notes": notes,
+                }
+            )
         except SpecError as exc:
-            results.append({"file": path, "valid": False, "machines": [], "errors": exc.problems, "notes": []})
+            results.append(
+                {"file": path, "valid": False, "machines": [], "errors": exc.problems, "notes": []}
+            )
     if ctx.out.json:
-        emit_json([{**r, "errors": [problem_object(p, r["file"]) for p in r["errors"]]} for r in results])
+        emit_json(
+            [{**r, "errors": [problem_object(p, r["file"]) for p in r["errors"]]} for r in results]
+        )
     else:
         for result in results:
             if result["valid"]:
                 count = len(result["machines"])
-                ctx.out.say(f"{result['file']}: valid ({count} machine{'s' if count != 1 else ''}: {', '.join(result['machines'])})")
+                ctx.out.say(
+                    f"{result['file']}: valid ({count} machine{'s' if count != 1 else ''}: {', '.join(result['machines'])})"
+                )
                 for note in result.get("notes", ()):
                     ctx.out.note(f"note: {result['file']}: {note}")
             else:
@@ -97,10 +130,16 @@ def render(ctx: Context, *, shell: bool, format: str) -> int:
         from qemuspec.libvirt import domain_xml
 
         if len(names) != 1:
-            raise UsageError(f"{target.path} declares {len(names)} machines: name one after the file for libvirt XML")
+            raise UsageError(
+                f"{target.path} declares {len(names)} machines: name one after the file for libvirt XML"
+            )
         # "auto" as the argv would have it on this host (the libvirt backend asks the target host instead)
-        lay = paths.machine_layout(spec.machines[names[0]], target.state_dir(names[0]), ctx.settings)
-        xml = domain_xml(spec.machines[names[0]], names[0], target.state_dir(names[0]), kvm=lay.accel[0] == "kvm")
+        lay = paths.machine_layout(
+            spec.machines[names[0]], target.state_dir(names[0]), ctx.settings
+        )
+        xml = domain_xml(
+            spec.machines[names[0]], names[0], target.state_dir(names[0]), kvm=lay.accel[0] == "kvm"
+        )
         if ctx.out.json:
             emit_json({names[0]: xml})
         else:
@@ -112,8 +151,10 @@ def render(ctx: Context, *, shell: bool, format: str) -> int:
         lay = paths.machine_layout(machine, target.state_dir(name), ctx.settings)
         argvs[name] = render_argv(machine, name, lay)
         if lay.fallback:
-            ctx.out.note(f'{name}: accel = {machine.accel!r} renders {",".join(lay.accel)}; if qemu cannot start '
-                         f"on kvm, up starts it again on {','.join(lay.fallback)} (and says so)")
+            ctx.out.note(
+                f"{name}: accel = {machine.accel!r} renders {','.join(lay.accel)}; if qemu cannot start "
+                f"on kvm, up starts it again on {','.join(lay.fallback)} (and says so)"
+            )
     if ctx.out.json and shell:
         raise UsageError("--json and --shell are alternatives: choose one")
     if ctx.out.json:
@@ -170,23 +211,38 @@ def schema(ctx: Context, *, output: str | None) -> int:
     return 0
 
 
-def init(ctx: Context, *, target_file: str, force: bool, template: str | None = None,
-         list_templates: bool = False) -> int:
+def init(
+    ctx: Context,
+    *,
+    target_file: str,
+    force: bool,
+    template: str | None = None,
+    list_templates: bool = False,
+) -> int:
     from qemuspec.cli import distros
 
     if list_templates:
         if ctx.out.json:
-            emit_json([{"name": n, "title": d[0], "url": d[2], "digest_url": d[3]} for n, d in distros.DISTROS.items()])
+            emit_json(
+                [
+                    {"name": n, "title": d[0], "url": d[2], "digest_url": d[3]}
+                    for n, d in distros.DISTROS.items()
+                ]
+            )
         else:
             for name, found in distros.DISTROS.items():
                 print(f"{name:<14} {found[0]}")
         return 0
     if template is not None and template not in distros.DISTROS:
-        raise UsageError(f"--template {template}: no such template; these exist: {', '.join(distros.DISTROS)} "
-                         "(`qemuspec init --list`)")
+        raise UsageError(
+            f"--template {template}: no such template; these exist: {', '.join(distros.DISTROS)} "
+            "(`qemuspec init --list`)"
+        )
     path = target_file
     if os.path.exists(path) and not force:
-        raise UsageError(f"{path} exists already: choose another name, or pass --force to overwrite it")
+        raise UsageError(
+            f"{path} exists already: choose another name, or pass --force to overwrite it"
+        )
     if not path.endswith(".toml"):
         raise UsageError(f"{path}: init writes TOML; name the file with .toml")
     with open(path, "w", encoding="utf-8") as out:
@@ -194,11 +250,15 @@ def init(ctx: Context, *, target_file: str, force: bool, template: str | None = 
     if ctx.out.json:
         emit_json({"wrote": path, "template": template})
     elif template:
-        ctx.out.say(f"wrote {path} ({distros.DISTROS[template][0]}): `qemuspec up {path}` downloads the image once, "
-                    "boots it and waits for cloud-init")
+        ctx.out.say(
+            f"wrote {path} ({distros.DISTROS[template][0]}): `qemuspec up {path}` downloads the image once, "
+            "boots it and waits for cloud-init"
+        )
     else:
-        ctx.out.say(f"wrote {path}: fill in what it boots (kernel/initrd, a cdrom, or a disk image with an OS), "
-                    f"then `qemuspec validate {path}` and `qemuspec up {path}`")
+        ctx.out.say(
+            f"wrote {path}: fill in what it boots (kernel/initrd, a cdrom, or a disk image with an OS), "
+            f"then `qemuspec validate {path}` and `qemuspec up {path}`"
+        )
     return 0
 
 
@@ -206,12 +266,22 @@ def _comment(line: str) -> str:
     """One comment line of the imported file's header. An argv value or a libvirt element (``&#10;``)
     may hold a line break, which would end the comment and turn the rest into TOML (a hidden share
     of ``/``): every control, format or separator character is written as an escape instead."""
-    return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}"
-                   for ch in line)
+    return "".join(
+        ch if ch.isprintable() else f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}"
+        for ch in line
+    )
 
 
-def import_(ctx: Context, *, source: str | None, name: str | None, output: str | None, force: bool, check: bool,
-            from_libvirt: str | None = None) -> int:
+def import_(
+    ctx: Context,
+    *,
+    source: str | None,
+    name: str | None,
+    output: str | None,
+    force: bool,
+    check: bool,
+    from_libvirt: str | None = None,
+) -> int:
     import tomli_w
 
     from qemuspec.spec.importer import import_argv
@@ -231,20 +301,33 @@ def import_(ctx: Context, *, source: str | None, name: str | None, output: str |
         else:
             argv = list(ctx.tail or [])
         if not argv:
-            raise UsageError("import needs a command line: qemuspec import -- qemu-system-x86_64 ARGS... (or --from FILE, --from-libvirt FILE)")
+            raise UsageError(
+                "import needs a command line: qemuspec import -- qemu-system-x86_64 ARGS... (or --from FILE, --from-libvirt FILE)"
+            )
         machine_name, table, notes = import_argv(argv, name, base_dir=os.getcwd())
     header = ["# Imported by `qemuspec import`."]
-    source_line = f"# from: {shlex.join(argv)}"[:4000] if argv else f"# from libvirt domain XML: {from_libvirt}"
+    source_line = (
+        f"# from: {shlex.join(argv)}"[:4000]
+        if argv
+        else f"# from libvirt domain XML: {from_libvirt}"
+    )
     header.append(_comment(source_line))
     header += [_comment(f"# left to qemuspec: {note}") for note in notes]
     text = "\n".join(header) + "\n\n" + tomli_w.dumps({"machines": {machine_name: table}})
     target = output
     from qemuspec.spec import loads
 
-    spec = loads(text, "toml", source=target or "<import>", base_dir=os.path.dirname(os.path.abspath(target)) if target else os.getcwd())
+    spec = loads(
+        text,
+        "toml",
+        source=target or "<import>",
+        base_dir=os.path.dirname(os.path.abspath(target)) if target else os.getcwd(),
+    )
     if list(spec.machines) != [machine_name]:  # the header can hide nothing; say so if it ever did
-        raise QemuspecError(f"import: the written definition declares machines {', '.join(spec.machines)} where only "
-                            f"{machine_name} was imported: nothing was written; report this as a bug")
+        raise QemuspecError(
+            f"import: the written definition declares machines {', '.join(spec.machines)} where only "
+            f"{machine_name} was imported: nothing was written; report this as a bug"
+        )
     ctx.out.note(f"the definition declares 1 machine: {machine_name}")
     if target:
         if os.path.exists(target) and not force:
@@ -259,18 +342,35 @@ def import_(ctx: Context, *, source: str | None, name: str | None, output: str |
     if check:
         from qemuspec.runtime import judge
 
-        if argv is None:  # no qemu line to compare with: the round trip through libvirt's XML is checked
+        if (
+            argv is None
+        ):  # no qemu line to compare with: the round trip through libvirt's XML is checked
             from qemuspec.libvirt import domain_xml
             from qemuspec.spec.libvirt_import import import_domain
 
-            again_name, again, _ = import_domain(domain_xml(spec.machines[machine_name], machine_name), machine_name)
-            back = loads(tomli_w.dumps({"machines": {again_name: again}}), "toml", source="<libvirt round trip>").machines[again_name]
+            again_name, again, _ = import_domain(
+                domain_xml(spec.machines[machine_name], machine_name), machine_name
+            )
+            back = loads(
+                tomli_w.dumps({"machines": {again_name: again}}),
+                "toml",
+                source="<libvirt round trip>",
+            ).machines[again_name]
             verdict = judge.check_models(spec.machines[machine_name], back, machine_name)
         else:
             verdict = judge.check_definition(argv, spec.machines[machine_name], machine_name)
         same, report = verdict.same, verdict.report()
         ctx.out.note(f"check: {report}")
     if ctx.out.json:
-        emit_json({"machine": machine_name, "definition": {"machines": {machine_name: table}}, "toml": text,
-                   "notes": notes, "output": target, "same": same, "check": report})
+        emit_json(
+            {
+                "machine": machine_name,
+                "definition": {"machines": {machine_name: table}},
+                "toml": text,
+                "notes": notes,
+                "output": target,
+                "same": same,
+                "check": report,
+            }
+        )
     return 1 if same is False else 0

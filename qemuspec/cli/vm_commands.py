@@ -33,7 +33,9 @@ def backends(ctx: Context) -> dict[str, "Backend"]:
 
         target = ctx.target
         connect = getattr(ctx.extra.get("namespace"), "connect", None) or ctx.settings.connect
-        ctx.extra["backends"] = chosen(target.spec, target.root, target.path, connect, _owner(target))
+        ctx.extra["backends"] = chosen(
+            target.spec, target.root, target.path, connect, _owner(target)
+        )
     return cast("dict[str, Backend]", ctx.extra["backends"])
 
 
@@ -53,11 +55,17 @@ def _print_outcomes(out: Output, outcomes: list["Outcome"]) -> None:
     for o in outcomes:
         if o.action in REFUSED:
             continue
-        ports = ", ".join(f"{p['address']}:{p['host']}->{p['guest']}/{p['protocol']}" for p in o.ports)
+        ports = ", ".join(
+            f"{p['address']}:{p['host']}->{p['guest']}/{p['protocol']}" for p in o.ports
+        )
         extra = [f"pid {o.pid}"] if o.pid else []
         extra += [f"accel {','.join(o.accel)}"] if getattr(o, "accel", None) else []
         extra += [ports] if ports else []
-        extra += [f"qemu {o.qemu}"] if getattr(o, "qemu", "") and o.action in ("started", "recreated") else []
+        extra += (
+            [f"qemu {o.qemu}"]
+            if getattr(o, "qemu", "") and o.action in ("started", "recreated")
+            else []
+        )
         extra += [o.detail] if o.detail else []
         extra += [f"{o.seconds:.1f} s"] if o.action == "stopped" else []
         out.say(f"{o.name}: {o.action}{' (' + ', '.join(extra) + ')' if extra else ''}")
@@ -68,8 +76,15 @@ def _print_outcomes(out: Output, outcomes: list["Outcome"]) -> None:
             print(f"warning: {o.name}: {out.guest(warning, sys.stderr)}", file=sys.stderr)
 
 
-def _checked(ctx: Context, names: list[str], allow_local_qemu: bool, allow_host_paths: bool, ports: bool,
-             probe: bool = False, command: str = "up") -> None:
+def _checked(
+    ctx: Context,
+    names: list[str],
+    allow_local_qemu: bool,
+    allow_host_paths: bool,
+    ports: bool,
+    probe: bool = False,
+    command: str = "up",
+) -> None:
     """Preflight before anything starts (up, restart), each machine by its backend (reconcile.preflight):
     exit 2 with file:line. First lists the host paths outside the tree the machines can use."""
     from qemuspec import reconcile
@@ -78,9 +93,18 @@ def _checked(ctx: Context, names: list[str], allow_local_qemu: bool, allow_host_
     target = ctx.target
     spec, lines = target.load()
     list_host_paths(ctx.out, spec, target.path, names)
-    problems = reconcile.preflight(spec, target.path, names, backends(ctx), command=command, allow_local_qemu=allow_local_qemu,
-                                   allow_host_paths=allow_host_paths, environ=ctx.settings.var_environ(), ports=ports,
-                                   probe=probe)
+    problems = reconcile.preflight(
+        spec,
+        target.path,
+        names,
+        backends(ctx),
+        command=command,
+        allow_local_qemu=allow_local_qemu,
+        allow_host_paths=allow_host_paths,
+        environ=ctx.settings.var_environ(),
+        ports=ports,
+        probe=probe,
+    )
     if problems:
         from qemuspec.errors import SpecError
         from qemuspec.spec.messages import located
@@ -88,8 +112,16 @@ def _checked(ctx: Context, names: list[str], allow_local_qemu: bool, allow_host_
         raise SpecError(located(target.path, lines, problems))
 
 
-def up(ctx: Context, *, no_probe: bool, attach: bool, timeout: float | None, allow_local_qemu: bool, warm: bool = False,
-       allow_host_paths: bool = False) -> int:
+def up(
+    ctx: Context,
+    *,
+    no_probe: bool,
+    attach: bool,
+    timeout: float | None,
+    allow_local_qemu: bool,
+    warm: bool = False,
+    allow_host_paths: bool = False,
+) -> int:
     from qemuspec import reconcile
 
     target = ctx.target
@@ -100,7 +132,14 @@ def up(ctx: Context, *, no_probe: bool, attach: bool, timeout: float | None, all
         refuse(ctx, names, "up --attach")
     declared = reconcile.overridden(spec, started, timeout, warm)
     pulls = any(disk.image is not None for n in started for disk in spec.machines[n].disks)
-    _checked(ctx, started, allow_local_qemu, allow_host_paths, ports=True, probe=not no_probe and not pulls)
+    _checked(
+        ctx,
+        started,
+        allow_local_qemu,
+        allow_host_paths,
+        ports=True,
+        probe=not no_probe and not pulls,
+    )
     if pulls:  # base images cached and checked after the definition's checks, before any qemu runs (the probe too)
         from qemuspec.cli.img_commands import ensure_images
 
@@ -110,11 +149,16 @@ def up(ctx: Context, *, no_probe: bool, attach: bool, timeout: float | None, all
     deadline = max((spec.machines[n].ready.timeout for n in started), default=None)
     chosen = backends(ctx)
     # what this `up` starts: a Ctrl-C stops these again (compose does for a foreground up), not the others
-    starting = [s["name"] for s in reconcile.plan(spec, chosen, names, _owner(target))
-                if s["action"] in ("start", "recreate", "starting")]
+    starting = [
+        s["name"]
+        for s in reconcile.plan(spec, chosen, names, _owner(target))
+        if s["action"] in ("start", "recreate", "starting")
+    ]
     progress = ctx.out.progress(names, deadline)
     try:
-        outcomes = reconcile.up(spec, target.root, names, chosen, progress, owner=_owner(target), record=declared)
+        outcomes = reconcile.up(
+            spec, target.root, names, chosen, progress, owner=_owner(target), record=declared
+        )
     except KeyboardInterrupt:
         progress.close()
         return _interrupted(ctx, spec, starting)
@@ -123,7 +167,9 @@ def up(ctx: Context, *, no_probe: bool, attach: bool, timeout: float | None, all
     _print_outcomes(ctx.out, outcomes)
     if outcomes_exit_code(outcomes):
         return 1
-    from qemuspec.cli.provision_command import after_up  # once per machine life (runtime/provision.py)
+    from qemuspec.cli.provision_command import (
+        after_up,
+    )  # once per machine life (runtime/provision.py)
 
     after_up(ctx, spec, outcomes)
     if attach:
@@ -137,11 +183,25 @@ def _interrupted(ctx: Context, spec: "File", starting: list[str]) -> int:
     from qemuspec import reconcile
 
     others = [n for n in ctx.target.machines() if n not in starting]
-    print(f"qemuspec up: interrupted: stopping {', '.join(starting) or 'nothing'}"
-          + (f" (left running as before: {', '.join(others)})" if others else ""), file=sys.stderr, flush=True)
+    print(
+        f"qemuspec up: interrupted: stopping {', '.join(starting) or 'nothing'}"
+        + (f" (left running as before: {', '.join(others)})" if others else ""),
+        file=sys.stderr,
+        flush=True,
+    )
     if starting:
-        _print_outcomes(ctx.out, reconcile.down(spec, ctx.target.root, starting, backends(ctx), None, ctx.out.progress(starting),
-                                                owner=_owner(ctx.target)))
+        _print_outcomes(
+            ctx.out,
+            reconcile.down(
+                spec,
+                ctx.target.root,
+                starting,
+                backends(ctx),
+                None,
+                ctx.out.progress(starting),
+                owner=_owner(ctx.target),
+            ),
+        )
     return 130
 
 
@@ -160,8 +220,18 @@ def _attach(ctx: Context, spec: "File", names: list[str]) -> int:
     except KeyboardInterrupt:
         pass
     print("\nstopping...", file=sys.stderr)
-    _print_outcomes(ctx.out, reconcile.down(spec, root, names, backends(ctx), None, ctx.out.progress(names),
-                                            owner=_owner(ctx.target)))
+    _print_outcomes(
+        ctx.out,
+        reconcile.down(
+            spec,
+            root,
+            names,
+            backends(ctx),
+            None,
+            ctx.out.progress(names),
+            owner=_owner(ctx.target),
+        ),
+    )
     return 0
 
 
@@ -171,7 +241,15 @@ def down(ctx: Context, *, timeout: float | None, purge: bool) -> int:
     target = ctx.target
     spec = target.spec
     names = target.machines()
-    outcomes = reconcile.down(spec, target.root, names, backends(ctx), timeout, ctx.out.progress(names), owner=_owner(target))
+    outcomes = reconcile.down(
+        spec,
+        target.root,
+        names,
+        backends(ctx),
+        timeout,
+        ctx.out.progress(names),
+        owner=_owner(target),
+    )
     if purge:  # what qemuspec made for each stopped machine, by its backend (a host's volumes; this host's files)
         kept = {o.name for o in outcomes if o.action in REFUSED}
         for name in [n for n in names if n not in kept]:
@@ -192,8 +270,15 @@ def status(ctx: Context) -> int:
         row = chosen[name].status(name, spec.machines[name])
         if name in readopted:
             row["readopted"] = True
-        if owner and row.get("file") and row["state"] != "stopped" and os.path.abspath(row["file"]) != owner:
-            row["reason"] = f"run by {row['file']}" + (f"; {row['reason']}" if row["reason"] else "")
+        if (
+            owner
+            and row.get("file")
+            and row["state"] != "stopped"
+            and os.path.abspath(row["file"]) != owner
+        ):
+            row["reason"] = f"run by {row['file']}" + (
+                f"; {row['reason']}" if row["reason"] else ""
+            )
         rows.append(row)
     if ctx.out.json:
         emit_json(rows)
@@ -215,13 +300,23 @@ def display_text(name: str, where: dict) -> str:
     """Where a vnc/spice display is and how its owner connects (render.display_endpoint's record)."""
     kind = where["type"]
     if "socket" in where:
-        viewer = f"vncviewer {where['socket']}" if kind == "vnc" else f"remote-viewer spice+unix://{where['socket']}"
-        return f"{kind} on the unix socket {where['socket']} (only you can open it; connect: {viewer})"
+        viewer = (
+            f"vncviewer {where['socket']}"
+            if kind == "vnc"
+            else f"remote-viewer spice+unix://{where['socket']}"
+        )
+        return (
+            f"{kind} on the unix socket {where['socket']} (only you can open it; connect: {viewer})"
+        )
     text = f"{kind} on {where['address']}:{where['port']}"
     if where["auth"] == "none":
-        return text + " with no authentication (unauthenticated = true: every local user can connect)"
-    return text + (f" (refuses every client until you set a password: qemuspec qmp {name} set_password "
-                   f"'{{\"protocol\": \"{kind}\", \"password\": \"...\"}}')")
+        return (
+            text + " with no authentication (unauthenticated = true: every local user can connect)"
+        )
+    return text + (
+        f" (refuses every client until you set a password: qemuspec qmp {name} set_password "
+        f'\'{{"protocol": "{kind}", "password": "..."}}\')'
+    )
 
 
 def _unsupervised(state_dir: str) -> bool:
@@ -238,8 +333,13 @@ def _readopt(ctx: Context, names: list[str]) -> set[str]:
     look first, so a command with nothing to adopt never imports reconcile."""
     machines = ctx.target.spec.machines
     chosen = backends(ctx)
-    names = [n for n in names if machines[n].restart != "no" and chosen[n].kind == "local"
-             and _unsupervised(ctx.target.state_dir(n))]
+    names = [
+        n
+        for n in names
+        if machines[n].restart != "no"
+        and chosen[n].kind == "local"
+        and _unsupervised(ctx.target.state_dir(n))
+    ]
     if not names:
         return set()
     done = set()
@@ -247,7 +347,9 @@ def _readopt(ctx: Context, names: list[str]) -> set[str]:
         if o.action == "adopted":
             done.add(o.name)
             policy = ctx.target.spec.machines[o.name].restart
-            ctx.out.note(f"{o.name}: its supervisor was gone: adopted again (restart = \"{policy}\" is enforced again)")
+            ctx.out.note(
+                f'{o.name}: its supervisor was gone: adopted again (restart = "{policy}" is enforced again)'
+            )
         else:
             ctx.out.note(f"{o.name}: could not be adopted again: {o.detail}")
     return done
@@ -255,14 +357,24 @@ def _readopt(ctx: Context, names: list[str]) -> set[str]:
 
 def _table(rows: list[dict], with_file: bool, with_host: bool = False) -> None:
     """The one status table; HOST (where each machine runs) when a machine runs through libvirt."""
-    head = ["NAME", "STATE", "PID", "UPTIME", "RESTARTS", "BOOT", "ACCEL", "PORTS"] + (["FILE"] if with_file else [])
+    head = ["NAME", "STATE", "PID", "UPTIME", "RESTARTS", "BOOT", "ACCEL", "PORTS"] + (
+        ["FILE"] if with_file else []
+    )
     head += (["HOST"] if with_host else []) + ["REASON"]
     table = [head]
     for r in rows:
         ports = " ".join(f"{p['host']}->{p['guest']}" for p in r["ports"])
         uptime = f"{r['uptime']:.0f}s" if r["uptime"] is not None else "-"
-        cells = [r["name"], r["state"], str(r["pid"] or "-"), uptime, str(r["restarts"]), r.get("boot") or "-",
-                 ",".join(r["accel"]) or "-", ports or "-"]
+        cells = [
+            r["name"],
+            r["state"],
+            str(r["pid"] or "-"),
+            uptime,
+            str(r["restarts"]),
+            r.get("boot") or "-",
+            ",".join(r["accel"]) or "-",
+            ports or "-",
+        ]
         cells += [str(r.get("file") or r.get("state_dir"))] if with_file else []
         cells += [_host_label(r.get("host"))] if with_host else []
         table.append(cells + [r["reason"] or ""])
@@ -299,7 +411,10 @@ def format_table(rows: list[list[str]], right: set[int] = set()) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     out = []
     for row in rows:
-        cells = [cell.rjust(widths[i]) if i in right else cell.ljust(widths[i]) for i, cell in enumerate(row)]
+        cells = [
+            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
+            for i, cell in enumerate(row)
+        ]
         cells[-1] = row[-1]
         out.append("  ".join(cells).rstrip())
     return out
@@ -327,17 +442,33 @@ def plan(ctx: Context, *, warm: bool = False) -> int:
     for step in steps:
         boot = f" ({step['warm']['boot']}: {step['warm']['why']})" if step.get("warm") else ""
         detail = f" ({step['detail']})" if step.get("detail") else ""
-        print(f"{step['name']}: {out.paint(step['action'], colour.get(step['action'], '0'))}{boot}{detail}")
+        print(
+            f"{step['name']}: {out.paint(step['action'], colour.get(step['action'], '0'))}{boot}{detail}"
+        )
         if step.get("warm", {}).get("disk_writes"):
             print(f"    {step['warm']['disk_writes']}")
         for change in step["changes"]:
-            old, new = show_value(change["field"], change["old"]), show_value(change["field"], change["new"])
+            old, new = (
+                show_value(change["field"], change["old"]),
+                show_value(change["field"], change["new"]),
+            )
             print(f"    {change['field']}: {out.paint(old, '31')} -> {out.paint(new, '32')}")
         for line in step["diff"][2:]:
-            code = "31" if line.startswith("-") else "32" if line.startswith("+") else "36" if line.startswith("@") else ""
+            code = (
+                "31"
+                if line.startswith("-")
+                else "32"
+                if line.startswith("+")
+                else "36"
+                if line.startswith("@")
+                else ""
+            )
             print(f"      {out.paint(line, code) if code else line}")
     if pending and not out.quiet:
-        print(f"plan: changes pending (exit {PENDING}); `qemuspec up {target.path}` applies them", file=sys.stderr)
+        print(
+            f"plan: changes pending (exit {PENDING}); `qemuspec up {target.path}` applies them",
+            file=sys.stderr,
+        )
     return PENDING if pending else 0
 
 
@@ -353,15 +484,30 @@ def inspect(ctx: Context) -> int:
         return 0
     import shlex
 
-    for key in ("name", "state", "pid", "supervisor", "uptime", "restarts", "restart", "accel", "qmp", "state_dir"):
+    for key in (
+        "name",
+        "state",
+        "pid",
+        "supervisor",
+        "uptime",
+        "restarts",
+        "restart",
+        "accel",
+        "qmp",
+        "state_dir",
+    ):
         value = info.get(key)
-        print(f"{key + ':':<12} {', '.join(value) if isinstance(value, list) else ('-' if value is None else value)}")
+        print(
+            f"{key + ':':<12} {', '.join(value) if isinstance(value, list) else ('-' if value is None else value)}"
+        )
     for p in info["ports"]:
         print(f"{'port:':<12} {p['address']}:{p['host']} -> {p['guest']}/{p['protocol']}")
     if info.get("display"):
         print(f"{'display:':<12} {display_text(name, info['display'])}")
     for d in info["disks"]:
-        print(f"{'disk:':<12} {d['file']} ({d['format'] or '?'}{', backing ' + d['backing'] if d['backing'] else ''}{'' if d['exists'] else ', not created yet'})")
+        print(
+            f"{'disk:':<12} {d['file']} ({d['format'] or '?'}{', backing ' + d['backing'] if d['backing'] else ''}{'' if d['exists'] else ', not created yet'})"
+        )
     if "last_exit" in info:
         print(f"{'last exit:':<12} {json.dumps(info['last_exit'])}")
     print(f"{'argv:':<12} {shlex.join(info['argv'])}")
@@ -389,14 +535,20 @@ def qmp(ctx: Context) -> int:
     target = ctx.target
     rest = list(target.rest)
     if not rest:
-        raise UsageError("qmp needs a QMP command: qemuspec qmp [FILE] [MACHINE] COMMAND [JSON], e.g. qemuspec qmp machines/dev.toml query-status")
+        raise UsageError(
+            "qmp needs a QMP command: qemuspec qmp [FILE] [MACHINE] COMMAND [JSON], e.g. qemuspec qmp machines/dev.toml query-status"
+        )
     if len(rest) > 3:
-        raise UsageError(f"qmp takes [MACHINE] COMMAND [JSON], got {len(rest)} operands: quote the JSON arguments")
+        raise UsageError(
+            f"qmp takes [MACHINE] COMMAND [JSON], got {len(rest)} operands: quote the JSON arguments"
+        )
     name: str | None = target.machine_option[0] if target.machine_option else None
     if len(rest) == 3 or (len(rest) == 2 and not rest[1].lstrip().startswith("{")):
         name = rest.pop(0)
     elif len(rest) == 1 and rest[0] in target.spec.machines and len(target.spec.machines) > 1:
-        raise UsageError(f"qmp {rest[0]}: which QMP command? e.g. qemuspec qmp {target.path} {rest[0]} query-status")
+        raise UsageError(
+            f"qmp {rest[0]}: which QMP command? e.g. qemuspec qmp {target.path} {rest[0]} query-status"
+        )
     name = target.machine(name, operands=False)
     command, raw = rest[0], (rest[1] if len(rest) > 1 else None)
     arguments = None
@@ -404,9 +556,11 @@ def qmp(ctx: Context) -> int:
         try:
             arguments = json.loads(raw)
         except ValueError as exc:
-            raise UsageError(f"arguments must be a JSON object, for example '{{\"device\": \"disk0\"}}': {exc}") from None
+            raise UsageError(
+                f'arguments must be a JSON object, for example \'{{"device": "disk0"}}\': {exc}'
+            ) from None
         if not isinstance(arguments, dict):
-            raise UsageError("arguments must be a JSON object, for example '{\"device\": \"disk0\"}'")
+            raise UsageError('arguments must be a JSON object, for example \'{"device": "disk0"}\'')
     with monitor(ctx, name) as client:
         result = client.command(command, arguments)
     if isinstance(result, str) and not ctx.out.json:
@@ -444,9 +598,13 @@ def restart(ctx: Context, *, allow_local_qemu: bool = False, allow_host_paths: b
     _checked(ctx, names, allow_local_qemu, allow_host_paths, ports=False, command="restart")
     progress = ctx.out.progress(names)
     try:
-        down = reconcile.down(spec, target.root, names, backends(ctx), None, progress, owner=_owner(target))
+        down = reconcile.down(
+            spec, target.root, names, backends(ctx), None, progress, owner=_owner(target)
+        )
         refused = [o for o in down if o.action in REFUSED]
-        outcomes = refused or reconcile.up(spec, target.root, names, backends(ctx), progress, owner=_owner(target))
+        outcomes = refused or reconcile.up(
+            spec, target.root, names, backends(ctx), progress, owner=_owner(target)
+        )
     finally:
         progress.close()
     _print_outcomes(ctx.out, outcomes)
@@ -465,13 +623,25 @@ def logs(ctx: Context, *, follow: bool, events: bool, lines: int) -> int:
         return _follow_console(ctx, names)
     filename = statedir.EVENTS if events else statedir.SERIAL_LOG
     many = len(names) > 1
-    sources = [((f"{n} | " if many else ""), target.state_dir(n) + "/" + filename, False) for n in names]
+    sources = [
+        ((f"{n} | " if many else ""), target.state_dir(n) + "/" + filename, False) for n in names
+    ]
     if not follow and not any(os.path.exists(path) for _, path, _ in sources):
-        raise QemuspecError(f"no events yet for {', '.join(names)}: start with `qemuspec up {target.path}`")
-    if ctx.out.json:  # JSON lines: {"machine", "line"} for the console, {"machine", "event"} for events
+        raise QemuspecError(
+            f"no events yet for {', '.join(names)}: start with `qemuspec up {target.path}`"
+        )
+    if (
+        ctx.out.json
+    ):  # JSON lines: {"machine", "line"} for the console, {"machine", "event"} for events
         json_sources = [(n, path) for n, (_, path, _) in zip(names, sources)]
-        _follow([("", path, False) for _, path in json_sources], follow=follow, last=lines,
-                emit=lambda path, line: ctx.out.line(_log_record(dict((p, n) for n, p in json_sources)[path], line, events)))
+        _follow(
+            [("", path, False) for _, path in json_sources],
+            follow=follow,
+            last=lines,
+            emit=lambda path, line: ctx.out.line(
+                _log_record(dict((p, n) for n, p in json_sources)[path], line, events)
+            ),
+        )
         return 0
     _follow(sources, follow=follow, last=lines, clean=ctx.out.guest)
     return 0
@@ -495,7 +665,9 @@ def _print_logs(ctx: Context, names: list[str], lines: int) -> int:
                 print((f"{name} | " if len(names) > 1 else "") + ctx.out.guest(line))
     sys.stdout.flush()
     if not found:
-        raise QemuspecError(f"no console log yet for {', '.join(names)}: start with `qemuspec up {ctx.target.path}`")
+        raise QemuspecError(
+            f"no console log yet for {', '.join(names)}: start with `qemuspec up {ctx.target.path}`"
+        )
     return 0
 
 
@@ -507,7 +679,7 @@ def _follow_console(ctx: Context, names: list[str]) -> int:
     _print_logs(ctx, names, 0)
     backend, machine = _machine(ctx, names[0])
     with backend.console(names[0], machine, interactive=False) as sock:
-        while (data := sock.recv(65536)):
+        while data := sock.recv(65536):
             sys.stdout.write(ctx.out.guest(data.decode(errors="replace").replace("\r", "")))
             sys.stdout.flush()
     return 0
@@ -529,15 +701,23 @@ def events(ctx: Context, *, follow: bool) -> int:
     path = os.path.join(target.state_dir(name), statedir.EVENTS)
     if not follow and not os.path.exists(path):
         raise QemuspecError(f"machine {name} has no events yet")
-    _follow([("", path, False)], follow=follow, clean=ctx.out.guest)  # already JSON lines, with or without --json
+    _follow(
+        [("", path, False)], follow=follow, clean=ctx.out.guest
+    )  # already JSON lines, with or without --json
     return 0
 
 
-def _follow(sources: list[tuple[str, str, bool]], follow: bool, last: int = 0, emit: Any = None,
-            clean: Any = lambda line: line) -> None:
+def _follow(
+    sources: list[tuple[str, str, bool]],
+    follow: bool,
+    last: int = 0,
+    emit: Any = None,
+    clean: Any = lambda line: line,
+) -> None:
     """Print files line by line with a prefix; with ``follow``, keep printing what is appended; each
     line through ``clean`` (Output.guest: the guest's bytes escaped on a terminal).
     (A log file has no change notification short of inotify; a 0.1 s re-read is what tail -f does.)"""
+
     def write(prefix: str, path: str, line: str) -> None:
         if emit is not None:
             emit(path, line)

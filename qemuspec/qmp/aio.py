@@ -15,7 +15,13 @@ from qemuspec.qmp.protocol import NEGOTIATE, EventLog, Protocol, event_name_matc
 
 
 class AsyncQMPClient:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, event_log: str | None = None, history: int = 1000):
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        event_log: str | None = None,
+        history: int = 1000,
+    ):
         self._reader = reader
         self._writer = writer
         self._protocol = Protocol()
@@ -30,7 +36,13 @@ class AsyncQMPClient:
         self._task: asyncio.Task | None = None
 
     @classmethod
-    async def connect(cls, address: str, timeout: float = 10.0, event_log: str | None = None, retry_until: float | None = None) -> "AsyncQMPClient":
+    async def connect(
+        cls,
+        address: str,
+        timeout: float = 10.0,
+        event_log: str | None = None,
+        retry_until: float | None = None,
+    ) -> "AsyncQMPClient":
         loop = asyncio.get_running_loop()
         family, target = parse_address(address)
         while True:
@@ -42,7 +54,9 @@ class AsyncQMPClient:
                 break
             except (FileNotFoundError, ConnectionRefusedError) as exc:
                 if retry_until is None or loop.time() >= retry_until:
-                    raise QMPConnectionError(f"cannot connect to QMP at {address}: {exc.strerror}") from None
+                    raise QMPConnectionError(
+                        f"cannot connect to QMP at {address}: {exc.strerror}"
+                    ) from None
                 await asyncio.sleep(0.002)
             except OSError as exc:
                 raise QMPConnectionError(f"cannot connect to QMP at {address}: {exc}") from None
@@ -52,7 +66,9 @@ class AsyncQMPClient:
             try:
                 await asyncio.wait_for(client._greeted.wait(), timeout)
             except asyncio.TimeoutError:
-                raise QMPTimeout(f"no QMP greeting within {timeout:g} s from {address}: is another client connected to this monitor?") from None
+                raise QMPTimeout(
+                    f"no QMP greeting within {timeout:g} s from {address}: is another client connected to this monitor?"
+                ) from None
             client._raise_if_closed()
             await client.command(NEGOTIATE, timeout=timeout)
         except BaseException:
@@ -90,7 +106,9 @@ class AsyncQMPClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def command(self, name: str, arguments: dict | None = None, timeout: float = 30.0, **kwargs: Any) -> Any:
+    async def command(
+        self, name: str, arguments: dict | None = None, timeout: float = 30.0, **kwargs: Any
+    ) -> Any:
         if kwargs:
             arguments = {**(arguments or {}), **kwargs}
         self._raise_if_closed()
@@ -119,7 +137,13 @@ class AsyncQMPClient:
     def event_count(self) -> int:
         return self._event_count
 
-    async def wait_for(self, name: str, timeout: float, predicate: Callable[[dict], bool] | None = None, since: int | None = None) -> dict:
+    async def wait_for(
+        self,
+        name: str,
+        timeout: float,
+        predicate: Callable[[dict], bool] | None = None,
+        since: int | None = None,
+    ) -> dict:
         try:
             return (await asyncio.wait_for(self._next(name, predicate, since), timeout))[1]
         except asyncio.TimeoutError:
@@ -139,14 +163,18 @@ class AsyncQMPClient:
 
         return generate(mark)
 
-    async def _next(self, name: str, predicate: Callable[[dict], bool] | None, since: int | None) -> tuple[int, dict]:
+    async def _next(
+        self, name: str, predicate: Callable[[dict], bool] | None, since: int | None
+    ) -> tuple[int, dict]:
         mark = self._event_count if since is None else since
         async with self._changed:
             while True:
                 first = self._event_count - len(self._events)
                 for number in range(max(mark, first), self._event_count):
                     event = self._events[number - first]
-                    if event_name_matches(name, event["event"]) and (predicate is None or predicate(event)):
+                    if event_name_matches(name, event["event"]) and (
+                        predicate is None or predicate(event)
+                    ):
                         return number + 1, event
                 mark = self._event_count
                 self._raise_if_closed(f"waiting for event {name}")
@@ -154,7 +182,9 @@ class AsyncQMPClient:
 
     def _raise_if_closed(self, doing: str = "") -> None:
         if self._closed is not None:
-            raise QMPConnectionError(f"QMP connection closed{' while ' + doing if doing else ''}: {self._closed}")
+            raise QMPConnectionError(
+                f"QMP connection closed{' while ' + doing if doing else ''}: {self._closed}"
+            )
 
     async def _read_loop(self) -> None:
         reason = "qemu closed the connection (EOF)"
@@ -175,7 +205,11 @@ class AsyncQMPClient:
             self._greeted.set()
             for future in self._pending.values():
                 if not future.done():
-                    future.set_exception(QMPConnectionError(f"the connection closed before the reply ({self._closed})"))
+                    future.set_exception(
+                        QMPConnectionError(
+                            f"the connection closed before the reply ({self._closed})"
+                        )
+                    )
             async with self._changed:
                 self._changed.notify_all()
 

@@ -44,7 +44,9 @@ class Protocol:
             out.append(message)
         return out
 
-    def request(self, command: str, arguments: dict | None = None, oob: bool = False) -> tuple[str, bytes]:
+    def request(
+        self, command: str, arguments: dict | None = None, oob: bool = False
+    ) -> tuple[str, bytes]:
         msg_id = f"q{next(self._ids)}"
         message: dict[str, object] = {("exec-oob" if oob else "execute"): command, "id": msg_id}
         if arguments:
@@ -65,26 +67,43 @@ class Protocol:
         answered: QMP, or the guest agent, which speaks the same protocol)."""
         if "error" in message:
             error = message["error"]
-            if not (isinstance(error, dict) and isinstance(error.get("class", ""), str)
-                    and isinstance(error.get("desc", ""), str)):
-                raise QMPProtocolError(f"the {source} answered {command} with a malformed error: {_show(error)}")
-            raise QMPError(command, error.get("class", "GenericError"), error.get("desc", ""), source=source)
+            if not (
+                isinstance(error, dict)
+                and isinstance(error.get("class", ""), str)
+                and isinstance(error.get("desc", ""), str)
+            ):
+                raise QMPProtocolError(
+                    f"the {source} answered {command} with a malformed error: {_show(error)}"
+                )
+            raise QMPError(
+                command, error.get("class", "GenericError"), error.get("desc", ""), source=source
+            )
         return message.get("return")
 
     @staticmethod
-    def field(command: str, result: Any, key: str, kind: type | tuple[type, ...], default: Any = MISSING,
-              source: str = "guest agent") -> Any:
+    def field(
+        command: str,
+        result: Any,
+        key: str,
+        kind: type | tuple[type, ...],
+        default: Any = MISSING,
+        source: str = "guest agent",
+    ) -> Any:
         """``result[key]`` checked to be a ``kind`` (a bool is no int): a reply of another shape is a
         :class:`QMPProtocolError` naming the command, never a KeyError or TypeError later."""
         if not isinstance(result, dict):
-            raise QMPProtocolError(f"the {source} answered {command} with {_show(result)} where an object belongs")
+            raise QMPProtocolError(
+                f"the {source} answered {command} with {_show(result)} where an object belongs"
+            )
         if key not in result and default is not MISSING:
             return default
         value = result.get(key)
         kinds = kind if isinstance(kind, tuple) else (kind,)
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            raise QMPProtocolError(f"the {source} answered {command} with {key} = {_show(value)}: "
-                                   f"expected {' or '.join(k.__name__ for k in kinds)}")
+            raise QMPProtocolError(
+                f"the {source} answered {command} with {key} = {_show(value)}: "
+                f"expected {' or '.join(k.__name__ for k in kinds)}"
+            )
         return value
 
     @staticmethod
@@ -99,8 +118,10 @@ class Protocol:
 def check_size(buffered: bytes, source: str = "peer") -> None:
     """Refuse a message still growing past :data:`MAX_MESSAGE` (the caller keeps it buffered)."""
     if len(buffered) > MAX_MESSAGE:
-        raise QMPProtocolError(f"the {source} sent a message over {MAX_MESSAGE >> 20} MiB without ending it: "
-                               "not QMP, or not a peer to trust")
+        raise QMPProtocolError(
+            f"the {source} sent a message over {MAX_MESSAGE >> 20} MiB without ending it: "
+            "not QMP, or not a peer to trust"
+        )
 
 
 def decode(line: bytes, source: str = "peer") -> dict:
@@ -110,9 +131,13 @@ def decode(line: bytes, source: str = "peer") -> dict:
         message = json.loads(line)
     except (ValueError, RecursionError) as exc:
         why = "nested too deeply" if isinstance(exc, RecursionError) else "not JSON"
-        raise QMPProtocolError(f"the {source} sent something that is not QMP ({why}): {line[:200]!r}") from None
+        raise QMPProtocolError(
+            f"the {source} sent something that is not QMP ({why}): {line[:200]!r}"
+        ) from None
     if not isinstance(message, dict):
-        raise QMPProtocolError(f"the {source} sent something that is not QMP (not an object): {line[:200]!r}")
+        raise QMPProtocolError(
+            f"the {source} sent something that is not QMP (not an object): {line[:200]!r}"
+        )
     return message
 
 
@@ -148,12 +173,20 @@ class EventLog:
         line = json.dumps(event, separators=(",", ":")).encode() + b"\n"
         try:
             if self._fd is None:
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+                self._fd = os.open(
+                    self.path,
+                    os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                    0o600,
+                )
                 self._size = os.fstat(self._fd).st_size
             if self._size + len(line) > self.limit:
                 self.close()
                 os.replace(self.path, self.path + ".1")
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+                self._fd = os.open(
+                    self.path,
+                    os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                    0o600,
+                )
                 self._size = 0
             os.write(self._fd, line)
             self._size += len(line)

@@ -59,7 +59,13 @@ class QMPClient:
     # -- connection -------------------------------------------------------------------------------
 
     @classmethod
-    def connect(cls, address: str | socket.socket, timeout: float = 10.0, event_log: str | None = None, retry_until: float | None = None) -> "QMPClient":
+    def connect(
+        cls,
+        address: str | socket.socket,
+        timeout: float = 10.0,
+        event_log: str | None = None,
+        retry_until: float | None = None,
+    ) -> "QMPClient":
         """Connect, read the greeting and negotiate. ``retry_until`` (a monotonic deadline) keeps trying
         while the socket is not there yet (qemu still starting)."""
         sock = address if isinstance(address, socket.socket) else _open(address, retry_until)
@@ -67,7 +73,9 @@ class QMPClient:
         client._reader.start()
         try:
             if not client._greeted.wait(timeout):
-                raise QMPTimeout(f"no QMP greeting within {timeout:g} s from {address}: is another client connected to this monitor?")
+                raise QMPTimeout(
+                    f"no QMP greeting within {timeout:g} s from {address}: is another client connected to this monitor?"
+                )
             client._raise_if_closed()
             client.command(NEGOTIATE, timeout=timeout)
         except BaseException:
@@ -105,7 +113,14 @@ class QMPClient:
 
     # -- commands ---------------------------------------------------------------------------------
 
-    def command(self, name: str, arguments: dict | None = None, timeout: float = 30.0, fds: tuple[int, ...] = (), **kwargs: Any) -> Any:
+    def command(
+        self,
+        name: str,
+        arguments: dict | None = None,
+        timeout: float = 30.0,
+        fds: tuple[int, ...] = (),
+        **kwargs: Any,
+    ) -> Any:
         """Run a QMP command and return its ``return`` value; QMP errors raise :class:`QMPError`.
         ``fds`` go along with the command (SCM_RIGHTS, unix sockets only), as ``getfd`` wants."""
         if kwargs:  # names with "-" go in ``arguments``
@@ -132,7 +147,9 @@ class QMPClient:
                 raise QMPTimeout(f"QMP {name}: no reply within {timeout:g} s")
             pending.wait(1.0)  # the reply raced the timeout: the reader is handing it over now
         if pending.message is None:
-            raise QMPConnectionError(f"QMP {name}: the connection closed before the reply ({self._closed})")
+            raise QMPConnectionError(
+                f"QMP {name}: the connection closed before the reply ({self._closed})"
+            )
         return Protocol.result(name, pending.message)
 
     __call__ = command
@@ -158,11 +175,21 @@ class QMPClient:
         with self._lock:
             if self._closed is None or self._reader.is_alive():
                 self._close_callbacks.append(callback)
-                return lambda: self._close_callbacks.remove(callback) if callback in self._close_callbacks else None
+                return lambda: (
+                    self._close_callbacks.remove(callback)
+                    if callback in self._close_callbacks
+                    else None
+                )
         callback()
         return lambda: None
 
-    def wait_for(self, name: str, timeout: float, predicate: Callable[[dict], bool] | None = None, since: int | None = None) -> dict:
+    def wait_for(
+        self,
+        name: str,
+        timeout: float,
+        predicate: Callable[[dict], bool] | None = None,
+        since: int | None = None,
+    ) -> dict:
         """The first event called ``name`` received after event number ``since`` (default: from now)."""
         return self._next(name, timeout, predicate, since)[1]
 
@@ -187,7 +214,9 @@ class QMPClient:
 
         return generate(mark)
 
-    def _next(self, name: str, timeout: float, predicate: Callable[[dict], bool] | None, since: int | None) -> tuple[int, dict]:
+    def _next(
+        self, name: str, timeout: float, predicate: Callable[[dict], bool] | None, since: int | None
+    ) -> tuple[int, dict]:
         deadline = time.monotonic() + timeout
         with self._lock:
             mark = self._event_count if since is None else since
@@ -195,7 +224,9 @@ class QMPClient:
                 first = self._event_count - len(self._events)  # number of the oldest event kept
                 for number in range(max(mark, first), self._event_count):
                     event = self._events[number - first]
-                    if event_name_matches(name, event["event"]) and (predicate is None or predicate(event)):
+                    if event_name_matches(name, event["event"]) and (
+                        predicate is None or predicate(event)
+                    ):
                         return number + 1, event
                 mark = self._event_count
                 self._raise_if_closed(f"waiting for event {name}")
@@ -208,7 +239,9 @@ class QMPClient:
 
     def _raise_if_closed(self, doing: str = "") -> None:
         if self._closed is not None:
-            raise QMPConnectionError(f"QMP connection closed{' while ' + doing if doing else ''}: {self._closed}")
+            raise QMPConnectionError(
+                f"QMP connection closed{' while ' + doing if doing else ''}: {self._closed}"
+            )
 
     def _read_loop(self) -> None:
         reason = "qemu closed the connection (EOF)"
@@ -247,7 +280,11 @@ class QMPClient:
             with self._lock:
                 self._events.append(message)
                 self._event_count += 1
-                listeners = [cb for pattern, cb in self._listeners if event_name_matches(pattern, message["event"])]
+                listeners = [
+                    cb
+                    for pattern, cb in self._listeners
+                    if event_name_matches(pattern, message["event"])
+                ]
                 self._cond.notify_all()
             for callback in listeners:
                 try:
@@ -265,14 +302,19 @@ class QMPClient:
 def _open(address: str, retry_until: float | None) -> socket.socket:
     family, target = parse_address(address)
     while True:
-        sock = socket.socket(socket.AF_UNIX if family == "unix" else socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock = socket.socket(
+            socket.AF_UNIX if family == "unix" else socket.AF_INET,
+            socket.SOCK_STREAM | socket.SOCK_CLOEXEC,
+        )
         try:
             sock.connect(target)
             return sock
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             sock.close()
             if retry_until is None or time.monotonic() >= retry_until:
-                raise QMPConnectionError(f"cannot connect to QMP at {address}: {exc.strerror}") from None
+                raise QMPConnectionError(
+                    f"cannot connect to QMP at {address}: {exc.strerror}"
+                ) from None
             time.sleep(0.002)
         except OSError as exc:
             sock.close()

@@ -25,7 +25,9 @@ def kvm_usable() -> bool:
         os.close(fd)
 
 
-def choose(wanted: str | Sequence[str], forced: str | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def choose(
+    wanted: str | Sequence[str], forced: str | None = None
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """A machine's accelerators on this host and what to retry with when qemu cannot start on them
     (render.accelerators says what the values mean; this host's probe answers "is there a KVM").
     ``forced`` (Settings.accel, from QEMUSPEC_ACCEL, e.g. "tcg") replaces every machine's choice

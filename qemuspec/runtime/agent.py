@@ -52,10 +52,16 @@ class GuestAgent:
             sock.connect(self.path)
         except OSError as exc:
             sock.close()
-            raise QMPConnectionError(f"cannot reach the guest agent channel {self.path}: {exc}") from None
+            raise QMPConnectionError(
+                f"cannot reach the guest agent channel {self.path}: {exc}"
+            ) from None
         self._sock = sock
         token = random.randint(1, 2**31)
-        sock.sendall(b"\xff" + json.dumps({"execute": "guest-sync-delimited", "arguments": {"id": token}}).encode() + b"\n")
+        sock.sendall(
+            b"\xff"
+            + json.dumps({"execute": "guest-sync-delimited", "arguments": {"id": token}}).encode()
+            + b"\n"
+        )
         deadline = time.monotonic() + (timeout or self.timeout)
         while True:
             if b"\xff" in self._buffer:
@@ -77,7 +83,9 @@ class GuestAgent:
         except socket.timeout:
             raise QMPTimeout("the guest agent did not answer in time") from None
         except OSError as exc:  # reset: qemu exited or the guest went away under us
-            raise QMPConnectionError(f"the guest agent channel closed ({exc.strerror or exc})") from None
+            raise QMPConnectionError(
+                f"the guest agent channel closed ({exc.strerror or exc})"
+            ) from None
         if not data:
             raise QMPConnectionError("the guest agent channel closed")
         self._buffer += data
@@ -93,7 +101,9 @@ class GuestAgent:
                 check_size(line, SOURCE)
                 return decode(line, SOURCE)
 
-    def command(self, name: str, arguments: dict | None = None, timeout: float | None = None) -> Any:
+    def command(
+        self, name: str, arguments: dict | None = None, timeout: float | None = None
+    ) -> Any:
         if self.broken:
             raise QMPProtocolError(self.broken)
         if self._sock is None:
@@ -102,7 +112,9 @@ class GuestAgent:
         try:
             self._sock.sendall(Protocol.command_text(name, arguments).encode() + b"\n")
         except OSError as exc:
-            raise QMPConnectionError(f"the guest agent channel closed ({exc.strerror or exc})") from None
+            raise QMPConnectionError(
+                f"the guest agent channel closed ({exc.strerror or exc})"
+            ) from None
         try:
             reply = self._line(time.monotonic() + (timeout or self.timeout))
             return Protocol.result(name, reply, source=SOURCE)
@@ -115,7 +127,14 @@ class GuestAgent:
         self.broken = str(exc)
         return exc
 
-    def field(self, command: str, result: Any, key: str, kind: type | tuple[type, ...], default: Any = MISSING) -> Any:
+    def field(
+        self,
+        command: str,
+        result: Any,
+        key: str,
+        kind: type | tuple[type, ...],
+        default: Any = MISSING,
+    ) -> Any:
         """A reply field of the expected type (absent: ``default``, when given), else a protocol error."""
         try:
             return Protocol.field(command, result, key, kind, default, source=SOURCE)
@@ -127,7 +146,9 @@ class GuestAgent:
         try:
             return base64.b64decode(self.field(command, result, key, str, ""), validate=True)
         except binascii.Error:
-            error = QMPProtocolError(f"the {SOURCE} answered {command} with {key} that is not base64")
+            error = QMPProtocolError(
+                f"the {SOURCE} answered {command} with {key} that is not base64"
+            )
             raise self._broke(error) from None
 
     def spawn(self, argv: list[str], stdin: bytes | None = None) -> int:
@@ -142,11 +163,16 @@ class GuestAgent:
         status = self.command("guest-exec-status", {"pid": pid})
         if not self.field("guest-exec-status", status, "exited", bool, False):
             return None
-        return (self.field("guest-exec-status", status, "exitcode", int, None),
-                self.field("guest-exec-status", status, "signal", int, None),
-                self.data("guest-exec-status", status, "out-data"), self.data("guest-exec-status", status, "err-data"))
+        return (
+            self.field("guest-exec-status", status, "exitcode", int, None),
+            self.field("guest-exec-status", status, "signal", int, None),
+            self.data("guest-exec-status", status, "out-data"),
+            self.data("guest-exec-status", status, "err-data"),
+        )
 
-    def exec(self, argv: list[str], stdin: bytes | None = None, timeout: float = 60.0) -> tuple[int, bytes, bytes]:
+    def exec(
+        self, argv: list[str], stdin: bytes | None = None, timeout: float = 60.0
+    ) -> tuple[int, bytes, bytes]:
         """Run a command in the guest; returns (exit code, stdout, stderr)."""
         pid = self.spawn(argv, stdin)
         deadline = time.monotonic() + timeout
@@ -158,7 +184,9 @@ class GuestAgent:
                 return (code if code is not None else -(signal or 0)), out, err
             if time.monotonic() >= deadline:
                 raise QMPTimeout(f"guest command {argv[0]} did not finish within {timeout:g} s")
-            time.sleep(delay)  # the agent has no completion event: guest-exec-status is the protocol
+            time.sleep(
+                delay
+            )  # the agent has no completion event: guest-exec-status is the protocol
             delay = min(delay * 2, 0.2)
 
     CHUNK = 48 * 1024
@@ -167,14 +195,22 @@ class GuestAgent:
         handle = self.command("guest-file-open", {"path": path, "mode": mode})
         return self.field("guest-file-open", {"handle": handle}, "handle", int)
 
-    def file_read(self, handle: int, count: int, timeout: float | None = None) -> tuple[bytes, bool]:
+    def file_read(
+        self, handle: int, count: int, timeout: float | None = None
+    ) -> tuple[bytes, bool]:
         """One chunk of an open guest file: (bytes, at the end). A reply with more than ``count`` bytes,
         or one that says it ends nowhere (no data, no eof), is a protocol error."""
-        result = self.command("guest-file-read", {"handle": handle, "count": count}, timeout=timeout)
+        result = self.command(
+            "guest-file-read", {"handle": handle, "count": count}, timeout=timeout
+        )
         data = self.data("guest-file-read", result, "buf-b64")
         if len(data) > count:
-            raise self._broke(QMPProtocolError(f"the {SOURCE} answered guest-file-read with {len(data)} bytes "
-                                               f"for a read of {count}"))
+            raise self._broke(
+                QMPProtocolError(
+                    f"the {SOURCE} answered guest-file-read with {len(data)} bytes "
+                    f"for a read of {count}"
+                )
+            )
         eof = self.field("guest-file-read", result, "eof", bool, False)
         return data, eof or not data
 
@@ -207,4 +243,3 @@ class GuestAgent:
                     return bytes(out)
         finally:
             self.file_close(handle)
-

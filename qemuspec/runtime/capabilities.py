@@ -23,7 +23,19 @@ from qemuspec.errors import LaunchError, QemuspecError, QMPError
 CACHE_VERSION = 2
 _GROUPS = {"boot": "boot-opts", "smp": "smp-opts", "m": "memory"}  # switch -> option group
 # Options whose parameter list depends on a driver or backend: qemu reports only the common keys.
-_OPEN_ENDED = {"drive", "machine", "global", "chardev", "fsdev", "virtfs", "spice", "iscsi", "trace", "option-rom", "add-fd"}
+_OPEN_ENDED = {
+    "drive",
+    "machine",
+    "global",
+    "chardev",
+    "fsdev",
+    "virtfs",
+    "spice",
+    "iscsi",
+    "trace",
+    "option-rom",
+    "add-fd",
+}
 
 
 @dataclass
@@ -36,7 +48,9 @@ class Capabilities:
     objects: list[str]
     accels: list[str]
     options: list[str]  # command-line switches without the dash
-    parameters: dict[str, list[str]]  # switch -> the keys its option list takes (query-command-line-options)
+    parameters: dict[
+        str, list[str]
+    ]  # switch -> the keys its option list takes (query-command-line-options)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Capabilities":
@@ -54,9 +68,13 @@ def probe(binary: str) -> Capabilities:
     try:
         info = os.stat(path)
     except OSError:
-        raise LaunchError(f"qemu binary {binary!r} not found: install it (Debian: apt-get install qemu-system-x86)") from None
+        raise LaunchError(
+            f"qemu binary {binary!r} not found: install it (Debian: apt-get install qemu-system-x86)"
+        ) from None
     real = os.path.realpath(path)
-    key = hashlib.sha256(f"{CACHE_VERSION}:{real}:{info.st_mtime_ns}:{info.st_size}".encode()).hexdigest()[:24]
+    key = hashlib.sha256(
+        f"{CACHE_VERSION}:{real}:{info.st_mtime_ns}:{info.st_size}".encode()
+    ).hexdigest()[:24]
     from qemuspec import privdir
 
     # The cache directory only when it and its ancestors are closed to other users (privdir), the
@@ -88,24 +106,47 @@ def _well_formed(caps: Capabilities) -> bool:
     """A decoded entry has the shapes check() relies on (lists and maps of names)."""
     names = lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)
     lists = (caps.machines, caps.cpus, caps.objects, caps.accels, caps.options)
-    return (isinstance(caps.version, str) and all(names(v) for v in lists)
-            and all(isinstance(d, dict) and all(isinstance(k, str) and names(x) for k, x in d.items())
-                    for d in (caps.devices, caps.parameters)))
+    return (
+        isinstance(caps.version, str)
+        and all(names(v) for v in lists)
+        and all(
+            isinstance(d, dict) and all(isinstance(k, str) and names(x) for k, x in d.items())
+            for d in (caps.devices, caps.parameters)
+        )
+    )
 
 
 def _ask(binary: str) -> Capabilities:
     from qemuspec.qmp.sync import QMPClient
 
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    argv = [binary, "-machine", "none", "-S", "-nodefaults", "-no-user-config", "-display", "none",
-            "-chardev", f"socket,id=qmp,fd={theirs.fileno()}", "-mon", "chardev=qmp,mode=control"]
+    argv = [
+        binary,
+        "-machine",
+        "none",
+        "-S",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-chardev",
+        f"socket,id=qmp,fd={theirs.fileno()}",
+        "-mon",
+        "chardev=qmp,mode=control",
+    ]
     import tempfile
 
     # stderr to a file, not a pipe: a child the binary forks could hold a pipe open forever. Its own
     # session, so the whole group goes on failure (a wrapper script's children too).
     errors = tempfile.TemporaryFile()
-    proc = subprocess.Popen(argv, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        argv,
+        pass_fds=[theirs.fileno()],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=errors,
+        start_new_session=True,
+    )
     theirs.close()
     try:
         from qemuspec.settings import current
@@ -113,13 +154,23 @@ def _ask(binary: str) -> Capabilities:
         client = QMPClient.connect(ours, timeout=current().greeting_timeout or PROBE_TIMEOUT)
         try:
             version = (client.greeting or {})["version"]["qemu"]
-            types = lambda implements: sorted(t["name"] for t in client.command("qom-list-types", {"implements": implements, "abstract": False}))
+            types = lambda implements: sorted(
+                t["name"]
+                for t in client.command(
+                    "qom-list-types", {"implements": implements, "abstract": False}
+                )
+            )
             devices: dict[str, list[str]] = {}
             for driver in types("device"):
                 try:
-                    devices[driver] = sorted(p["name"] for p in client.command("device-list-properties", {"typename": driver}))
+                    devices[driver] = sorted(
+                        p["name"]
+                        for p in client.command("device-list-properties", {"typename": driver})
+                    )
                 except QMPError:
-                    devices[driver] = []  # some types cannot be introspected; their names still count
+                    devices[
+                        driver
+                    ] = []  # some types cannot be introspected; their names still count
             machines = set()
             for m in client.command("query-machines"):
                 machines.add(m["name"])
@@ -129,13 +180,18 @@ def _ask(binary: str) -> Capabilities:
                 binary=binary,
                 version=f"{version['major']}.{version['minor']}.{version['micro']}",
                 machines=sorted(machines | {"none"}),
-                cpus=sorted({c["name"] for c in client.command("query-cpu-definitions")} | {"host"}),
+                cpus=sorted(
+                    {c["name"] for c in client.command("query-cpu-definitions")} | {"host"}
+                ),
                 devices=devices,
                 objects=types("user-creatable"),
                 accels=sorted(a.removesuffix("-accel") for a in types("accel")),
                 options=_help_options(binary),
-                parameters={o["option"]: sorted(p["name"] for p in o["parameters"])
-                            for o in client.command("query-command-line-options") if o["parameters"]},
+                parameters={
+                    o["option"]: sorted(p["name"] for p in o["parameters"])
+                    for o in client.command("query-command-line-options")
+                    if o["parameters"]
+                },
             )
             client.command("quit")
         finally:
@@ -143,7 +199,9 @@ def _ask(binary: str) -> Capabilities:
     except QemuspecError as exc:
         _kill_group(proc)
         errors.seek(0)
-        raise LaunchError(f"cannot probe {binary}: {exc}: {errors.read(4096).decode(errors='replace').strip()}") from None
+        raise LaunchError(
+            f"cannot probe {binary}: {exc}: {errors.read(4096).decode(errors='replace').strip()}"
+        ) from None
     finally:
         try:
             proc.wait(PROBE_TIMEOUT)
@@ -166,14 +224,37 @@ def kvm_failure(binary: str, machine_type: str, cpu: str) -> str | None:
     from qemuspec.qmp.sync import QMPClient
 
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    argv = [binary, "-accel", "kvm", "-machine", machine_type, "-cpu", cpu, "-m", "64", "-S", "-nodefaults",
-            "-no-user-config", "-display", "none", "-chardev", f"socket,id=qmp,fd={theirs.fileno()}",
-            "-mon", "chardev=qmp,mode=control"]
+    argv = [
+        binary,
+        "-accel",
+        "kvm",
+        "-machine",
+        machine_type,
+        "-cpu",
+        cpu,
+        "-m",
+        "64",
+        "-S",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-chardev",
+        f"socket,id=qmp,fd={theirs.fileno()}",
+        "-mon",
+        "chardev=qmp,mode=control",
+    ]
     import tempfile
 
     errors = tempfile.TemporaryFile()
-    proc = subprocess.Popen(argv, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=errors, start_new_session=True)
+    proc = subprocess.Popen(
+        argv,
+        pass_fds=[theirs.fileno()],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=errors,
+        start_new_session=True,
+    )
     theirs.close()
     try:
         try:
@@ -184,7 +265,11 @@ def kvm_failure(binary: str, machine_type: str, cpu: str) -> str | None:
         except QemuspecError as exc:
             _kill_group(proc)
             errors.seek(0)
-            said = [line for line in errors.read(4096).decode(errors="replace").splitlines() if line.strip()]
+            said = [
+                line
+                for line in errors.read(4096).decode(errors="replace").splitlines()
+                if line.strip()
+            ]
             return "; ".join(said[:2]) or str(exc)
     finally:
         try:
@@ -214,11 +299,19 @@ def _help_options(binary: str) -> list[str]:
     import tempfile
 
     with tempfile.TemporaryFile() as out_file:
-        proc = subprocess.Popen([binary, "-help"], stdin=subprocess.DEVNULL, stdout=out_file, stderr=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            [binary, "-help"],
+            stdin=subprocess.DEVNULL,
+            stdout=out_file,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             proc.wait(PROBE_TIMEOUT)
         except subprocess.TimeoutExpired:
-            raise QemuspecError(f"{binary} -help did not finish within {PROBE_TIMEOUT:g} s") from None
+            raise QemuspecError(
+                f"{binary} -help did not finish within {PROBE_TIMEOUT:g} s"
+            ) from None
         finally:
             _kill_group(proc)
         out_file.seek(0)
@@ -231,7 +324,9 @@ def _closest(word: str, choices, what: str) -> str:
     return f'did you mean "{close[0]}"?' if close else f"see `{what}`"
 
 
-def machine_problems(name: str, machine, forced_accel: str | None = None) -> list[tuple[tuple, str]]:
+def machine_problems(
+    name: str, machine, forced_accel: str | None = None
+) -> list[tuple[tuple, str]]:
     """What the machine's qemu binary says against the machine (cached), and, when the machine
     demands KVM alone, whether qemu can start it on KVM here (explicit kvm has no fallback). The one
     probe of a definition against qemu: `up`'s local preflight, `run` and `validate --probe`."""
@@ -239,13 +334,20 @@ def machine_problems(name: str, machine, forced_accel: str | None = None) -> lis
 
     problems = check(name, machine, probe(machine.qemu))
     accels = [machine.accel] if isinstance(machine.accel, str) else list(machine.accel)
-    demanded = accels[:1] == ["kvm"] and "tcg" not in accels and not (forced_accel or current().accel)
+    demanded = (
+        accels[:1] == ["kvm"] and "tcg" not in accels and not (forced_accel or current().accel)
+    )
     if demanded and os.path.exists("/dev/kvm"):
         why = kvm_failure(machine.qemu, machine.machine, machine.cpu)
         if why:
-            problems.append((("machines", name, "accel"), 'accel = "kvm" but qemu cannot start this machine '
-                             f'on KVM here ({why}): use accel = "auto" (kvm when it works, else tcg) or "tcg", '
-                             "or run with QEMUSPEC_ACCEL=tcg"))
+            problems.append(
+                (
+                    ("machines", name, "accel"),
+                    'accel = "kvm" but qemu cannot start this machine '
+                    f'on KVM here ({why}): use accel = "auto" (kvm when it works, else tcg) or "tcg", '
+                    "or run with QEMUSPEC_ACCEL=tcg",
+                )
+            )
     return problems
 
 
@@ -257,32 +359,67 @@ def check(name: str, machine, caps: Capabilities) -> list[tuple[tuple, str]]:
     problems: list[tuple[tuple, str]] = []
     qemu = f"{os.path.basename(caps.binary)} {caps.version}"
     if machine.machine not in caps.machines:
-        problems.append((where + ("machine",), f'{qemu} has no machine type "{machine.machine}": {_closest(machine.machine, caps.machines, "qemu -machine help")}'))
+        problems.append(
+            (
+                where + ("machine",),
+                f'{qemu} has no machine type "{machine.machine}": {_closest(machine.machine, caps.machines, "qemu -machine help")}',
+            )
+        )
     if machine.machine != "none" and machine.cpu not in caps.cpus:
-        problems.append((where + ("cpu",), f'{qemu} has no CPU model "{machine.cpu}": {_closest(machine.cpu, caps.cpus, "qemu -cpu help")}'))
+        problems.append(
+            (
+                where + ("cpu",),
+                f'{qemu} has no CPU model "{machine.cpu}": {_closest(machine.cpu, caps.cpus, "qemu -cpu help")}',
+            )
+        )
     for accel in [machine.accel] if isinstance(machine.accel, str) else machine.accel:
         if accel != "auto" and accel not in caps.accels:
-            problems.append((where + ("accel",), f'{qemu} has no accelerator "{accel}": it has {", ".join(caps.accels)}'))
+            problems.append(
+                (
+                    where + ("accel",),
+                    f'{qemu} has no accelerator "{accel}": it has {", ".join(caps.accels)}',
+                )
+            )
 
     def device(loc: tuple, driver: str, options: dict, options_key: str) -> None:
         if driver not in caps.devices:
-            problems.append((loc, f'{qemu} has no device "{driver}": {_closest(driver, caps.devices, "qemu -device help")}'))
+            problems.append(
+                (
+                    loc,
+                    f'{qemu} has no device "{driver}": {_closest(driver, caps.devices, "qemu -device help")}',
+                )
+            )
             return
         props = caps.devices[driver]
         for key in options:
             if props and key not in props:
-                problems.append((loc[:-1] + (options_key, key), f'device "{driver}" has no property "{key}": {_closest(key, props, f"qemu -device {driver},help")}'))
+                problems.append(
+                    (
+                        loc[:-1] + (options_key, key),
+                        f'device "{driver}" has no property "{key}": {_closest(key, props, f"qemu -device {driver},help")}',
+                    )
+                )
 
     for i, nic in enumerate(machine.nics):
         device(where + ("nics", i, "model"), nic.model, nic.device_options, "device_options")
     for i, disk in enumerate(machine.disks):
         if disk.interface != "none":
-            device(where + ("disks", i, "interface"), DISK_DEVICE[disk.interface], disk.device_options, "device_options")
+            device(
+                where + ("disks", i, "interface"),
+                DISK_DEVICE[disk.interface],
+                disk.device_options,
+                "device_options",
+            )
     for i, dev in enumerate(machine.devices):
         device(where + ("devices", i, "driver"), dev.driver, dev.options, "options")
     for i, obj in enumerate(machine.objects):
         if obj.type not in caps.objects:
-            problems.append((where + ("objects", i, "type"), f'{qemu} has no object type "{obj.type}": {_closest(obj.type, caps.objects, "qemu -object help")}'))
+            problems.append(
+                (
+                    where + ("objects", i, "type"),
+                    f'{qemu} has no object type "{obj.type}": {_closest(obj.type, caps.objects, "qemu -object help")}',
+                )
+            )
     for i, arg in enumerate(machine.append):
         if arg.startswith("-") and not re.fullmatch(r"-[\d.]+", arg):
             option = arg.lstrip("-")
@@ -290,10 +427,19 @@ def check(name: str, machine, caps: Capabilities) -> list[tuple[tuple, str]]:
                 close = difflib.get_close_matches(option, caps.options, n=1, cutoff=0.6)
                 hint = f'did you mean "-{close[0]}"?' if close else "see `qemu -help`"
                 problems.append((where + ("append", i), f'{qemu} has no option "{arg}": {hint}'))
-            elif _GROUPS.get(option, option) in caps.parameters and option not in _OPEN_ENDED and i + 1 < len(machine.append):
+            elif (
+                _GROUPS.get(option, option) in caps.parameters
+                and option not in _OPEN_ENDED
+                and i + 1 < len(machine.append)
+            ):
                 keys = caps.parameters[_GROUPS.get(option, option)]
                 for part in re.split(r"(?<!,),(?!,)", machine.append[i + 1]):
                     key = part.split("=", 1)[0]
                     if "=" in part and key not in keys:
-                        problems.append((where + ("append", i + 1), f'option "{arg}" has no parameter "{key}": {_closest(key, keys, f"qemu {arg} help")}'))
+                        problems.append(
+                            (
+                                where + ("append", i + 1),
+                                f'option "{arg}" has no parameter "{key}": {_closest(key, keys, f"qemu {arg} help")}',
+                            )
+                        )
     return problems

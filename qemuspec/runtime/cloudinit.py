@@ -38,7 +38,9 @@ def network_config(name: str, machine: Machine) -> str | None:
     for index, nic in enumerate(machine.nics):
         if nic.address:
             mac = nic_mac(name, index, nic)
-            entries.append(f'  nic{index}:\n    match:\n      macaddress: "{mac}"\n    addresses:\n      - "{nic.address}"\n')
+            entries.append(
+                f'  nic{index}:\n    match:\n      macaddress: "{mac}"\n    addresses:\n      - "{nic.address}"\n'
+            )
     return ("version: 2\nethernets:\n" + "".join(entries)) if entries else None
 
 
@@ -59,15 +61,28 @@ def seed_files(name: str, machine: Machine, ssh_public_key: str) -> dict[str, by
     ci = machine.cloud_init
     context = {"name": name, "machine_name": name, "ssh_public_key": ssh_public_key}
     user_data = read_text(name, ci, "user_data") if ci else None
-    files = {"user-data": _template(user_data if user_data is not None else "#cloud-config\n", context, "user_data").encode()}
+    files = {
+        "user-data": _template(
+            user_data if user_data is not None else "#cloud-config\n", context, "user_data"
+        ).encode()
+    }
     meta = {"local-hostname": name, **(ci.meta_data if ci else {})}
     net_text = read_text(name, ci, "network_config") if ci else None
-    net = _template(net_text, context, "network_config") if net_text is not None else network_config(name, machine)
+    net = (
+        _template(net_text, context, "network_config")
+        if net_text is not None
+        else network_config(name, machine)
+    )
     if net:
         files["network-config"] = net.encode()
-    digest = hashlib.sha256(json.dumps({k: v.decode() for k, v in files.items()}, sort_keys=True).encode() + json.dumps(meta, sort_keys=True, default=str).encode())
+    digest = hashlib.sha256(
+        json.dumps({k: v.decode() for k, v in files.items()}, sort_keys=True).encode()
+        + json.dumps(meta, sort_keys=True, default=str).encode()
+    )
     meta.setdefault("instance-id", f"{name}-{digest.hexdigest()[:12]}")
-    files["meta-data"] = json.dumps(meta, indent=2, sort_keys=True, default=str).encode()  # JSON is YAML
+    files["meta-data"] = json.dumps(
+        meta, indent=2, sort_keys=True, default=str
+    ).encode()  # JSON is YAML
     return files
 
 
@@ -77,7 +92,9 @@ def build_iso(files: dict[str, bytes]) -> bytes:
     iso = pycdlib.PyCdlib()
     iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident="cidata")
     for number, (name, data) in enumerate(sorted(files.items())):
-        iso.add_fp(io.BytesIO(data), len(data), f"/FILE{number}.;1", rr_name=name, joliet_path=f"/{name}")
+        iso.add_fp(
+            io.BytesIO(data), len(data), f"/FILE{number}.;1", rr_name=name, joliet_path=f"/{name}"
+        )
     out = io.BytesIO()
     iso.write_fp(out)
     iso.close()
@@ -87,7 +104,9 @@ def build_iso(files: dict[str, bytes]) -> bytes:
 def ensure_seed(name: str, machine: Machine, layout: Layout, ssh_public_key: str) -> bool:
     """Write the cidata ISO if its inputs changed; True when it was (re)built."""
     files = seed_files(name, machine, ssh_public_key)
-    digest = hashlib.sha256(b"".join(k.encode() + b"\0" + v + b"\0" for k, v in sorted(files.items()))).hexdigest()
+    digest = hashlib.sha256(
+        b"".join(k.encode() + b"\0" + v + b"\0" for k, v in sorted(files.items()))
+    ).hexdigest()
     from qemuspec.runtime import statedir
 
     directory = os.path.dirname(layout.cidata)

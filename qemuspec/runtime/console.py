@@ -33,8 +33,10 @@ SLICE = 0.5  # seconds a waiter sleeps at most before it looks at pending signal
 # Console lines that mean the guest kernel died or broke: a readiness wait ends on them at once instead
 # of waiting out its timeout. Lockup and stall warnings are left out on purpose: under TCG on a loaded
 # host a healthy guest prints them, and it goes on booting.
-PANIC = re.compile(rb"Kernel panic - not syncing|\bOops: |\bBUG: (?!soft lockup|workqueue lockup)"
-                   rb"|general protection fault|kernel BUG at|Unable to handle (?:kernel|page fault)")
+PANIC = re.compile(
+    rb"Kernel panic - not syncing|\bOops: |\bBUG: (?!soft lockup|workqueue lockup)"
+    rb"|general protection fault|kernel BUG at|Unable to handle (?:kernel|page fault)"
+)
 MAX_PANIC_LINES = 20
 
 
@@ -49,7 +51,9 @@ class ConsoleReader:
         self.log = log
         self._client: socket.socket | None = None  # the console proxy's attached client, if any
         self._client_lock = threading.Lock()
-        self.panics: list[str] = []  # console lines that say the guest kernel panicked or oopsed (PANIC)
+        self.panics: list[
+            str
+        ] = []  # console lines that say the guest kernel panicked or oopsed (PANIC)
         self._partial = b""  # the console line being received, for PANIC
         self._thread = threading.Thread(target=self._read, name="console-reader", daemon=True)
         self._thread.start()
@@ -104,7 +108,9 @@ class ConsoleReader:
                 return
             try:
                 client.sendall(data)
-            except OSError:  # gone, or too slow (CLIENT_SEND_TIMEOUT): the guest is never held up by it
+            except (
+                OSError
+            ):  # gone, or too slow (CLIENT_SEND_TIMEOUT): the guest is never held up by it
                 self._drop(client)
 
     def attach(self, client: socket.socket) -> bool:
@@ -139,7 +145,9 @@ class ConsoleReader:
             self._interrupted = True
             self._cond.notify_all()
 
-    def wait_for(self, pattern: str, timeout: float, stopping: Callable[[], bool] | None = None) -> Any:
+    def wait_for(
+        self, pattern: str, timeout: float, stopping: Callable[[], bool] | None = None
+    ) -> Any:
         """Block until ``pattern`` (a regex, RE2) shows in a console line since this reader connected
         (before qemu ran, for a launch); raises ReadyTimeout, EOFError when qemu closes the console
         first, or StopRequested when ``stopping()`` turns true."""
@@ -148,14 +156,18 @@ class ConsoleReader:
         seen = -1  # nothing fed yet: the first round feeds what the buffer holds
         while True:
             with self._cond:
-                while self._dropped + len(self._buffer) == seen and not self._eof and not self._interrupted:
+                while (
+                    self._dropped + len(self._buffer) == seen
+                    and not self._eof
+                    and not self._interrupted
+                ):
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise ReadyTimeout(f"no {pattern!r} on the console within {timeout:g} s")
                     # bounded: a signal that lands on another thread runs its Python handler (the
                     # supervisor's SIGTERM) only once this thread runs bytecode again
                     self._cond.wait(min(remaining, SLICE))
-                data = bytes(self._buffer[max(0, seen - self._dropped):])
+                data = bytes(self._buffer[max(0, seen - self._dropped) :])
                 seen = self._dropped + len(self._buffer)
                 eof, self._interrupted = self._eof, False
             if stopping is not None and stopping():
@@ -218,8 +230,10 @@ class ConsoleProxy:
             if self._holder is not None or not self.reader.attach(client):
                 who = f" (pid {self._holder})" if self._holder else ""
                 with contextlib.suppress(OSError):
-                    client.sendall(f"busy: the console of machine {self.name} is in use by another "
-                                   f"`qemuspec console`{who}; detach that one first (Ctrl-])\n".encode())
+                    client.sendall(
+                        f"busy: the console of machine {self.name} is in use by another "
+                        f"`qemuspec console`{who}; detach that one first (Ctrl-])\n".encode()
+                    )
                 client.close()
                 continue
             try:
@@ -228,7 +242,9 @@ class ConsoleProxy:
                 self.reader.detach(client)
                 continue
             self._holder = pid
-            threading.Thread(target=self._input, args=(client,), name="console-input", daemon=True).start()
+            threading.Thread(
+                target=self._input, args=(client,), name="console-input", daemon=True
+            ).start()
 
     def _input(self, client: socket.socket) -> None:
         """What the client types goes to the guest, until it detaches."""
@@ -253,7 +269,9 @@ class ConsoleProxy:
 
 def _peer_pid(sock: socket.socket) -> int | None:
     try:
-        return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+        return struct.unpack(
+            "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        )[0]
     except OSError:
         return None
 

@@ -5,28 +5,30 @@ files (runtime/statedir.py, which re-exports these names) can both use it withou
 ``tests/test_layout.py`` fails when another module spells one of these names."""
 
 # -- file names (state directory) ----------------------------------------------------------------
-STATE = "state.json"            # QemuRecord: a copy for people; the runtime directory's is authoritative
+STATE = "state.json"  # QemuRecord: a copy for people; the runtime directory's is authoritative
 SUPERVISOR = "supervisor.json"  # SupervisorRecord (copy)
-EXIT = "exit.json"              # ExitRecord: how the last run ended
-STOP = "stop.json"              # StopRequest: what `down` asked for
-CREATED = "created.json"        # CreatedRecord: files qemuspec made (what `down --purge` may delete)
+EXIT = "exit.json"  # ExitRecord: how the last run ended
+STOP = "stop.json"  # StopRequest: what `down` asked for
+CREATED = "created.json"  # CreatedRecord: files qemuspec made (what `down --purge` may delete)
 EVENTS = "events.jsonl"
 SERIAL_LOG = "serial.log"
 QEMU_LOG = "qemu.log"
 SUPERVISOR_LOG = "supervisor.log"
 PIDFILE = "qemu.pid"
-DEFINITION = "definition.json"  # the resolved definition `up` last started (what `plan` diffs by field)
+DEFINITION = (
+    "definition.json"  # the resolved definition `up` last started (what `plan` diffs by field)
+)
 PROVISIONED = "provisioned.json"  # ProvisionRecord: the machine life the provision steps ran for
-SAVING = "saving.json"          # SaveRecord, in warm/: a warm save under way (its overlays may hold the newest writes)
-OWNER = ".owner"                # a random token: with the keep base's record, the proof the directory is ours
-EFIVARS = "efivars.fd"          # a UEFI machine's variable store (copied from the firmware's template)
-CIDATA = "cidata.iso"           # the cloud-init NoCloud seed (runtime/cloudinit.py)
+SAVING = "saving.json"  # SaveRecord, in warm/: a warm save under way (its overlays may hold the newest writes)
+OWNER = ".owner"  # a random token: with the keep base's record, the proof the directory is ours
+EFIVARS = "efivars.fd"  # a UEFI machine's variable store (copied from the firmware's template)
+CIDATA = "cidata.iso"  # the cloud-init NoCloud seed (runtime/cloudinit.py)
 CIDATA_STAMP = CIDATA + ".sha256"  # the hash of the seed's inputs: rebuilt only when they change
-KNOWN_HOSTS = "known_hosts"     # the machine's pinned ssh host key (runtime/sshkeys.py)
-WARM_DIR = "warm"               # saved machine state (runtime/warm.py), with the names below in it
-WARM_MEMORY = "memory"          # qemu's migration stream
-WARM_KEY = "key.json"           # what the saved state is valid for; written last
-TMP_SUFFIX = ".tmp"             # a file being written under its final name plus this
+KNOWN_HOSTS = "known_hosts"  # the machine's pinned ssh host key (runtime/sshkeys.py)
+WARM_DIR = "warm"  # saved machine state (runtime/warm.py), with the names below in it
+WARM_MEMORY = "memory"  # qemu's migration stream
+WARM_KEY = "key.json"  # what the saved state is valid for; written last
+TMP_SUFFIX = ".tmp"  # a file being written under its final name plus this
 
 
 def live_disk(index: int) -> str:
@@ -36,19 +38,40 @@ def live_disk(index: int) -> str:
 
 # What qemuspec would take for its own in a state directory: moved aside, never used, when the
 # directory is not proven ours (a committed `.qemuspec/`, or one from before the proof existed).
-TLS_DIR = "tls"                 # the TCP monitor's credentials (runtime/tls.py), in the runtime directory
-UNTRUSTED = (STATE, SUPERVISOR, EXIT, STOP, CREATED, DEFINITION, PIDFILE, PROVISIONED, TLS_DIR, WARM_DIR, CIDATA,
-             CIDATA_STAMP, KNOWN_HOSTS)
+TLS_DIR = "tls"  # the TCP monitor's credentials (runtime/tls.py), in the runtime directory
+UNTRUSTED = (
+    STATE,
+    SUPERVISOR,
+    EXIT,
+    STOP,
+    CREATED,
+    DEFINITION,
+    PIDFILE,
+    PROVISIONED,
+    TLS_DIR,
+    WARM_DIR,
+    CIDATA,
+    CIDATA_STAMP,
+    KNOWN_HOSTS,
+)
 # -- file names (runtime directory) --------------------------------------------------------------
-MACHINE = "machine.json"        # QemuRecord, authoritative
-LOCK = "supervisor.lock"        # flock held by the live supervisor; its mtime is the supervisor's heartbeat
-QMP_SOCK = "qmp.sock"           # the controller's monitor
+MACHINE = "machine.json"  # QemuRecord, authoritative
+LOCK = (
+    "supervisor.lock"  # flock held by the live supervisor; its mtime is the supervisor's heartbeat
+)
+QMP_SOCK = "qmp.sock"  # the controller's monitor
 QMP_CLIENT_SOCK = "qmp-client.sock"  # the tools' monitor (`qemuspec qmp`, status, pause)
-CONSOLE_SOCK = "console.sock"   # the serial console; its one reader is the supervisor's
+CONSOLE_SOCK = "console.sock"  # the serial console; its one reader is the supervisor's
 CONSOLE_CLIENT = "console-client.sock"  # the supervisor's console proxy (`qemuspec console`)
-DISPLAY_SOCK = "display.sock"   # a vnc/spice display (the directory is 0700: the owner's alone)
-QGA_SOCK = "qga.sock"           # the guest agent's channel
-RUN_SOCKETS = (QMP_SOCK, QMP_CLIENT_SOCK, CONSOLE_SOCK, CONSOLE_CLIENT, QGA_SOCK)  # removed when qemu is gone
+DISPLAY_SOCK = "display.sock"  # a vnc/spice display (the directory is 0700: the owner's alone)
+QGA_SOCK = "qga.sock"  # the guest agent's channel
+RUN_SOCKETS = (
+    QMP_SOCK,
+    QMP_CLIENT_SOCK,
+    CONSOLE_SOCK,
+    CONSOLE_CLIENT,
+    QGA_SOCK,
+)  # removed when qemu is gone
 # in tls/: the credentials qemu and the client read; the CA key and the requests live only while made
 TLS_CA_CERT = "ca-cert.pem"
 TLS_CA_KEY = "ca-key.pem"
@@ -77,13 +100,21 @@ def tls_scratch(kind: str) -> tuple[str, str]:
     return f"{kind}.csr", f"{kind}.ext"
 
 
-TLS_FILES = (TLS_CA_CERT, tls_cert("server"), tls_key("server"), tls_cert("client"), tls_key("client"))
+TLS_FILES = (
+    TLS_CA_CERT,
+    tls_cert("server"),
+    tls_key("server"),
+    tls_cert("client"),
+    tls_key("client"),
+)
 # -- names in the runtime base and the keep base -------------------------------------------------
-NETWORK_PREFIX = "net-"         # a private network's vde_switch directory, NAME.pid and NAME.lock beside it
-SWITCH_PID = ".pid"             # suffixes of the switch directory's pidfile and its start/stop lock
+NETWORK_PREFIX = (
+    "net-"  # a private network's vde_switch directory, NAME.pid and NAME.lock beside it
+)
+SWITCH_PID = ".pid"  # suffixes of the switch directory's pidfile and its start/stop lock
 SWITCH_LOCK = ".lock"
-KEEP_PREFIX = "keep-"           # the keep base's kinds in the runtime base when HOME is not private
-KEEP_OWNERS = "owners"          # in the keep base: proofs that state directories are ours
-KEEP_SSH = "ssh"                # in the keep base: one ssh identity per state root
-SSH_KEY = "id_ed25519"          # that identity, with SSH_KEY + PUB_SUFFIX beside it
+KEEP_PREFIX = "keep-"  # the keep base's kinds in the runtime base when HOME is not private
+KEEP_OWNERS = "owners"  # in the keep base: proofs that state directories are ours
+KEEP_SSH = "ssh"  # in the keep base: one ssh identity per state root
+SSH_KEY = "id_ed25519"  # that identity, with SSH_KEY + PUB_SUFFIX beside it
 PUB_SUFFIX = ".pub"

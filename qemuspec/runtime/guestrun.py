@@ -31,8 +31,14 @@ def shell(command: str, how: str) -> list[str]:
     return ["/bin/sh", "-c", command] if how == "agent" else [command]
 
 
-def run(instance: Instance, argv: list[str], on_output: Output, stdin: bytes | None = None, how: str | None = None,
-        deadline: float | None = None) -> int:
+def run(
+    instance: Instance,
+    argv: list[str],
+    on_output: Output,
+    stdin: bytes | None = None,
+    how: str | None = None,
+    deadline: float | None = None,
+) -> int:
     """Run ``argv`` in the guest, streaming its output; the exit code (128+N for a signal). QMPTimeout
     when ``deadline`` (time.monotonic) passes first (the guest command is left running)."""
     if (how or via(instance)) == "agent":
@@ -40,7 +46,13 @@ def run(instance: Instance, argv: list[str], on_output: Output, stdin: bytes | N
     return _ssh(instance, argv, on_output, stdin, deadline)
 
 
-def _agent(instance: Instance, argv: list[str], on_output: Output, stdin: bytes | None, deadline: float | None) -> int:
+def _agent(
+    instance: Instance,
+    argv: list[str],
+    on_output: Output,
+    stdin: bytes | None,
+    deadline: float | None,
+) -> int:
     import uuid
 
     from qemuspec.runtime.agent import GuestAgent
@@ -48,13 +60,17 @@ def _agent(instance: Instance, argv: list[str], on_output: Output, stdin: bytes 
     stem = f"/tmp/.qemuspec-run-{uuid.uuid4().hex[:8]}"
     timeout = 30.0 if deadline is None else max(1.0, min(30.0, deadline - time.monotonic()))
     with GuestAgent(instance.layout.qga, timeout=timeout) as agent:
-        agent.sync(timeout=min(timeout, 5.0))  # an agent not up yet: fail soon (ready.command tries again)
+        agent.sync(
+            timeout=min(timeout, 5.0)
+        )  # an agent not up yet: fail soon (ready.command tries again)
         handles = {}
         for stream in ("out", "err"):
             agent.file_close(agent.file_open(f"{stem}.{stream}", "w"))
             handles[stream] = agent.file_open(f"{stem}.{stream}", "r")
         script = 'o=$1; e=$2; shift 2; exec "$@" >>"$o" 2>>"$e"'
-        pid = agent.spawn(["/bin/sh", "-c", script, "sh", f"{stem}.out", f"{stem}.err", *argv], stdin or None)
+        pid = agent.spawn(
+            ["/bin/sh", "-c", script, "sh", f"{stem}.out", f"{stem}.err", *argv], stdin or None
+        )
 
         def drain() -> None:
             for stream, handle in handles.items():
@@ -68,7 +84,9 @@ def _agent(instance: Instance, argv: list[str], on_output: Output, stdin: bytes 
         def tidy() -> None:
             for handle in handles.values():
                 agent.file_close(handle)
-            with contextlib.suppress(QemuspecError):  # a guest powering off (`run -- poweroff`) may not answer
+            with contextlib.suppress(
+                QemuspecError
+            ):  # a guest powering off (`run -- poweroff`) may not answer
                 agent.spawn(["rm", "-f", f"{stem}.out", f"{stem}.err"])
 
         delay = 0.02
@@ -87,11 +105,19 @@ def _agent(instance: Instance, argv: list[str], on_output: Output, stdin: bytes 
             if deadline is not None and time.monotonic() >= deadline:
                 tidy()
                 raise QMPTimeout(f"`{argv[-1]}` was still running")
-            time.sleep(delay)  # the agent has no completion event: guest-exec-status is the protocol
+            time.sleep(
+                delay
+            )  # the agent has no completion event: guest-exec-status is the protocol
             delay = min(delay * 2, 0.2)
 
 
-def _ssh(instance: Instance, argv: list[str], on_output: Output, stdin: bytes | None, deadline: float | None) -> int:
+def _ssh(
+    instance: Instance,
+    argv: list[str],
+    on_output: Output,
+    stdin: bytes | None,
+    deadline: float | None,
+) -> int:
     import selectors
     import subprocess
 
@@ -99,12 +125,20 @@ def _ssh(instance: Instance, argv: list[str], on_output: Output, stdin: bytes | 
 
     key, _ = sshkeys.ensure_key(os.path.dirname(instance.state_dir))
     port = instance.host_port(instance.machine.ssh.port)
-    ssh = sshkeys.ssh_argv(key, instance.state_dir, instance.machine.ssh.user, port, argv, batch=True)
+    ssh = sshkeys.ssh_argv(
+        key, instance.state_dir, instance.machine.ssh.user, port, argv, batch=True
+    )
     try:
-        proc = subprocess.Popen(ssh, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            ssh,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
     except FileNotFoundError:
-        raise QemuspecError("ssh not found: install it (Debian: apt-get install openssh-client)") from None
+        raise QemuspecError(
+            "ssh not found: install it (Debian: apt-get install openssh-client)"
+        ) from None
     try:
         if stdin and proc.stdin is not None:
             proc.stdin.write(stdin)
@@ -137,5 +171,11 @@ def capture(instance: Instance, command: str, deadline: float) -> tuple[int, str
     """One shell command line, its exit code and combined output (for probes and error messages)."""
     chunks: list[bytes] = []
     how = via(instance)
-    code = run(instance, shell(command, how), lambda _, data: chunks.append(data), how=how, deadline=deadline)
+    code = run(
+        instance,
+        shell(command, how),
+        lambda _, data: chunks.append(data),
+        how=how,
+        deadline=deadline,
+    )
     return code, b"".join(chunks).decode(errors="replace")

@@ -35,12 +35,16 @@ def ensure_disk(disk: Disk, state_dir: str | None = None, images: ImageCache | N
             if size is not None:
                 virtual = img.info(base.path).virtual_size
                 if size < virtual:
-                    raise LaunchError(f"disk {disk.file}: size {size} is smaller than its base image ({virtual} bytes, "
-                                      f"{disk.image.url}): remove size, or give at least {virtual}")
+                    raise LaunchError(
+                        f"disk {disk.file}: size {size} is smaller than its base image ({virtual} bytes, "
+                        f"{disk.image.url}): remove size, or give at least {virtual}"
+                    )
             try:
                 img.create(disk.file, size, "qcow2", backing=base.path, backing_format=base.format)
             except ImageError as exc:
-                raise LaunchError(f"cannot create the overlay {disk.file} on {base.path}: {exc}") from None
+                raise LaunchError(
+                    f"cannot create the overlay {disk.file} on {base.path}: {exc}"
+                ) from None
             if state_dir is not None:
                 from qemuspec.runtime.statedir import note_created
 
@@ -52,12 +56,21 @@ def ensure_disk(disk: Disk, state_dir: str | None = None, images: ImageCache | N
             if have < disk.size:
                 raise LaunchError(
                     f"disk {disk.file} is {have} bytes but the definition says {disk.size}: qemuspec never resizes "
-                    f"silently; run `qemuspec img resize {disk.file} {disk.size}` or change the size")
+                    f"silently; run `qemuspec img resize {disk.file} {disk.size}` or change the size"
+                )
         return False
     if disk.size is None and disk.backing is None:
-        raise LaunchError(f"disk {disk.file} does not exist: create it, or give the disk a size (and format) so qemuspec creates it")
+        raise LaunchError(
+            f"disk {disk.file} does not exist: create it, or give the disk a size (and format) so qemuspec creates it"
+        )
     try:
-        img.create(disk.file, disk.size, disk.format or "raw", backing=disk.backing, backing_format=disk.backing_format)
+        img.create(
+            disk.file,
+            disk.size,
+            disk.format or "raw",
+            backing=disk.backing,
+            backing_format=disk.backing_format,
+        )
     except ImageError as exc:
         raise LaunchError(f"cannot create disk {disk.file}: {exc}") from None
     if state_dir is not None:  # what `down --purge` may delete: only files recorded here
@@ -74,14 +87,18 @@ def reset_overlays(disks: list[Disk], state_dir: str, where: str) -> list[str]:
     before any is touched. ``where`` names the machine in errors ("FILE: machines.NAME")."""
     from qemuspec.runtime.statedir import created_files
 
-    overlays = [(index, disk) for index, disk in enumerate(disks) if disk.backing or disk.image is not None]
+    overlays = [
+        (index, disk) for index, disk in enumerate(disks) if disk.backing or disk.image is not None
+    ]
     ours = set(created_files(state_dir))
     for index, disk in overlays:
         if os.path.lexists(disk.file) and os.path.abspath(disk.file) not in ours:
-            raise LaunchError(f"{where}.disks.{index}.file: {disk.file} is not an overlay qemuspec created for "
-                              "this machine (created.json does not record this very file), so `reset` leaves it "
-                              "alone: if it really is a throwaway overlay, delete it yourself and `qemuspec up` "
-                              "makes a fresh one")
+            raise LaunchError(
+                f"{where}.disks.{index}.file: {disk.file} is not an overlay qemuspec created for "
+                "this machine (created.json does not record this very file), so `reset` leaves it "
+                "alone: if it really is a throwaway overlay, delete it yourself and `qemuspec up` "
+                "makes a fresh one"
+            )
     for _index, disk in overlays:
         if os.path.lexists(disk.file):
             os.unlink(disk.file)
@@ -93,7 +110,9 @@ def ensure_efivars(template: str, target: str) -> None:
     """A per-machine copy of the UEFI variable store, so machines never share (or corrupt) one."""
     if not os.path.exists(target):
         if not os.path.exists(template):
-            raise LaunchError(f"UEFI variable template {template} not found: install ovmf (Debian) or set firmware.vars")
+            raise LaunchError(
+                f"UEFI variable template {template} not found: install ovmf (Debian) or set firmware.vars"
+            )
         import tempfile
 
         fd, tmp = tempfile.mkstemp(prefix=".efivars-", dir=os.path.dirname(target))  # O_EXCL, 0600

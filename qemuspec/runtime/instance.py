@@ -15,7 +15,14 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from qemuspec.errors import LaunchError, QemuspecError, QMPConnectionError, QMPError, ReadyTimeout, StopRequested
+from qemuspec.errors import (
+    LaunchError,
+    QemuspecError,
+    QMPConnectionError,
+    QMPError,
+    ReadyTimeout,
+    StopRequested,
+)
 from qemuspec.qmp.sync import QMPClient
 from qemuspec.render import OVMF_VARS, render
 from qemuspec.runtime import paths, statedir
@@ -51,7 +58,9 @@ class Instance:
         self.machine = machine
         self.state_dir = os.path.abspath(state_dir)
         self._planned = layout
-        self.layout: Layout = layout or paths.layout(self.state_dir)  # where the running qemu's files are
+        self.layout: Layout = layout or paths.layout(
+            self.state_dir
+        )  # where the running qemu's files are
         self.process: Process | None = None
         self.qmp: QMPClient | None = None
         self.console: ConsoleReader | None = None
@@ -68,7 +77,9 @@ class Instance:
         self.control_address: str | None = None  # the controller's monitor (always a unix socket)
         self.exec_argv: list[str] = []  # exactly what qemu runs with (its identity in /proc)
         self.write_error: str | None = None  # the copy in the state directory could not be written
-        self.stopping: Callable[[], bool] = lambda: False  # the supervisor's "stop requested": ends ready waits
+        self.stopping: Callable[[], bool] = lambda: (
+            False
+        )  # the supervisor's "stop requested": ends ready waits
         self._listeners: list[tuple[str, Callable[[dict], object]]] = []
         self._log_offset = 0
         self._qemu_log_offset = 0  # where this qemu's stderr begins in qemu.log
@@ -106,7 +117,12 @@ class Instance:
             try:
                 self._launch(base)
             except LaunchError as exc:
-                if restore or not base.fallback or self.process is None or self.process.poll() is None:
+                if (
+                    restore
+                    or not base.fallback
+                    or self.process is None
+                    or self.process.poll() is None
+                ):
                     raise
                 # KVM that exists but fails (nested hosts: bad MSRs, no VMX) must not stop "auto"
                 self.kvm_failure = str(exc)
@@ -131,7 +147,9 @@ class Instance:
                 from qemuspec.runtime.sockets import listen_tcp
 
                 tls.ensure(base.tls_dir)
-                listeners["qmp-tcp"], qmp_port = listen_tcp(base.qmp_port)  # may step up past a taken port
+                listeners["qmp-tcp"], qmp_port = listen_tcp(
+                    base.qmp_port
+                )  # may step up past a taken port
             listeners["qmp"] = self._listen(base.qmp)
             listeners["qmp-client"] = self._listen(base.qmp_client)
             if machine.serial in ("log", "socket"):
@@ -146,23 +164,37 @@ class Instance:
                 from qemuspec.runtime import warm
 
                 run_machine = warm.restore_machine(machine, self.state_dir)
-                memory_fd = os.open(warm.memory_file(self.state_dir), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                memory_fd = os.open(
+                    warm.memory_file(self.state_dir), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+                )
                 warm.verify(self.state_dir, memory_fd)  # the very bytes qemu will read
             launch_argv = render(run_machine, self.name, dataclasses.replace(self.layout, fds=fds))
             if memory_fd is not None:
                 launch_argv += ["-incoming", "defer"]
-            self.qmp_address = f"tcp:127.0.0.1:{qmp_port}" if qmp_port else f"unix:{base.qmp}"  # for people and tools
+            self.qmp_address = (
+                f"tcp:127.0.0.1:{qmp_port}" if qmp_port else f"unix:{base.qmp}"
+            )  # for people and tools
             self.control_address = f"unix:{base.qmp}"  # ours
             serial_log = None
-            if machine.serial == "log":  # written by the console reader from what it receives (capped while running)
+            if (
+                machine.serial == "log"
+            ):  # written by the console reader from what it receives (capped while running)
                 serial_log = self._serial_log()
-            elif machine.serial == "pty":  # qemu opens it by path: make it ours (0600, no symlink) first
+            elif (
+                machine.serial == "pty"
+            ):  # qemu opens it by path: make it ours (0600, no symlink) first
                 statedir.precreate(base.state_dir, statedir.SERIAL_LOG)
-            self._log_offset = os.path.getsize(base.serial_log) if os.path.exists(base.serial_log) else 0
+            self._log_offset = (
+                os.path.getsize(base.serial_log) if os.path.exists(base.serial_log) else 0
+            )
             log_fd = statedir.open_log(base.state_dir, statedir.QEMU_LOG)
             try:
                 qemu_log_offset = self._qemu_log_offset = os.fstat(log_fd).st_size
-                popen = spawn(launch_argv, log_fd, pass_fds=tuple(fds.values()) + ((memory_fd,) if memory_fd is not None else ()))
+                popen = spawn(
+                    launch_argv,
+                    log_fd,
+                    pass_fds=tuple(fds.values()) + ((memory_fd,) if memory_fd is not None else ()),
+                )
             finally:
                 os.close(log_fd)
             self.process = Process(popen.pid, popen)
@@ -170,7 +202,9 @@ class Instance:
             self.started_at = time.time()
             # Connect while our copies of the listening sockets still exist: the connections queue in
             # the backlog and qemu accepts them as it starts, so no console output is missed.
-            qmp_sock = socket.socket(listeners["qmp"].family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            qmp_sock = socket.socket(
+                listeners["qmp"].family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC
+            )
             qmp_sock.connect(listeners["qmp"].getsockname())
             if "console" in listeners:
                 self.console = ConsoleReader.connect(base.console, serial_log)
@@ -186,7 +220,10 @@ class Instance:
             self.qmp = QMPClient.connect(qmp_sock, timeout=greeting, event_log=base.events_log)
             if memory_fd is not None:
                 # qemu inherited the saved state's fd: load it from there, with events to wait on
-                self.qmp.command("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
+                self.qmp.command(
+                    "migrate-set-capabilities",
+                    {"capabilities": [{"capability": "events", "state": True}]},
+                )
                 self._restore_mark = self.qmp.event_count
                 self.qmp.command("migrate-incoming", {"uri": f"fd:{memory_fd}"})
         except QemuspecError as exc:
@@ -208,14 +245,20 @@ class Instance:
         log = statedir.CappedLog(self.state_dir, statedir.SERIAL_LOG)
         if log.errno in (errno.ELOOP, errno.EINVAL):
             log.close()
-            raise LaunchError(f"{self.layout.serial_log} is a symlink or not a regular file: "
-                              "qemuspec never writes through one; remove it")
+            raise LaunchError(
+                f"{self.layout.serial_log} is a symlink or not a regular file: "
+                "qemuspec never writes through one; remove it"
+            )
         return log
 
     def attach_console(self) -> None:
         """Read the console of an adopted machine again (its last reader, a killed supervisor, is gone;
         qemu's chardev waits for the next one): serial.log goes on from here."""
-        if self.console is None and self.machine.serial in ("log", "socket") and os.path.exists(self.layout.console):
+        if (
+            self.console is None
+            and self.machine.serial in ("log", "socket")
+            and os.path.exists(self.layout.console)
+        ):
             log = self._serial_log() if self.machine.serial == "log" else None
             try:
                 self.console = ConsoleReader.connect(self.layout.console, log)
@@ -240,18 +283,26 @@ class Instance:
             images.ensure_efivars(self.machine.firmware.vars or OVMF_VARS, lay.efivars)
         for path in (self.machine.kernel, self.machine.initrd):
             if path and not os.path.exists(path):
-                raise LaunchError(f"machine {self.name}: {path} does not exist: fix the path (relative paths are relative to the definition file)")
+                raise LaunchError(
+                    f"machine {self.name}: {path} does not exist: fix the path (relative paths are relative to the definition file)"
+                )
         from qemuspec.render import wants_cidata
         from qemuspec.runtime import sshkeys
 
         try:
-            os.unlink(sshkeys.known_hosts(self.state_dir))  # a relaunched guest may have a new host key
+            os.unlink(
+                sshkeys.known_hosts(self.state_dir)
+            )  # a relaunched guest may have a new host key
         except FileNotFoundError:
             pass
-        except OSError as exc:  # a state directory made read-only (or another user's) under a restart
-            raise LaunchError(f"machine {self.name}: cannot remove {sshkeys.known_hosts(self.state_dir)} "
-                              f"({exc.strerror}), which a relaunched guest's new host key needs: make {self.state_dir} "
-                              "writable, or choose another state directory with --state-dir") from None
+        except (
+            OSError
+        ) as exc:  # a state directory made read-only (or another user's) under a restart
+            raise LaunchError(
+                f"machine {self.name}: cannot remove {sshkeys.known_hosts(self.state_dir)} "
+                f"({exc.strerror}), which a relaunched guest's new host key needs: make {self.state_dir} "
+                "writable, or choose another state directory with --state-dir"
+            ) from None
         if wants_cidata(self.machine):
             from qemuspec.runtime.cloudinit import ensure_seed
 
@@ -278,13 +329,27 @@ class Instance:
     def record(self) -> statedir.QemuRecord:
         assert self.process is not None
         return statedir.QemuRecord(
-            name=self.name, pid=self.process.pid, exec_argv=self.exec_argv, pid_start=start_time(self.process.pid),
-            argv=self.argv, hash=definition_hash(self.machine), qmp=self.qmp_address, control=self.control_address,
+            name=self.name,
+            pid=self.process.pid,
+            exec_argv=self.exec_argv,
+            pid_start=start_time(self.process.pid),
+            argv=self.argv,
+            hash=definition_hash(self.machine),
+            qmp=self.qmp_address,
+            control=self.control_address,
             tls=self.layout.tls_dir if self.layout.qmp_port else None,
             qmp_client=f"unix:{self.layout.qmp_client}",
-            console=self.layout.console_client if self.machine.serial in ("log", "socket") else None,
-            accel=list(self.layout.accel), started_at=self.started_at, ports=self.ports,
-            state_dir=self.state_dir, owner=self.owner, boot=self.boot, restored=self.restored)
+            console=self.layout.console_client
+            if self.machine.serial in ("log", "socket")
+            else None,
+            accel=list(self.layout.accel),
+            started_at=self.started_at,
+            ports=self.ports,
+            state_dir=self.state_dir,
+            owner=self.owner,
+            boot=self.boot,
+            restored=self.restored,
+        )
 
     def write_state(self) -> None:
         """The machine's identity into the runtime directory (authoritative: must succeed), and a copy
@@ -296,7 +361,9 @@ class Instance:
             statedir.write(self.state_dir, statedir.STATE, record)
             self.write_error = None
         except (OSError, QemuspecError) as exc:
-            self.write_error = f"cannot write {self.state_file}: {getattr(exc, 'strerror', None) or exc}"
+            self.write_error = (
+                f"cannot write {self.state_file}: {getattr(exc, 'strerror', None) or exc}"
+            )
 
     # -- readiness --------------------------------------------------------------------------------
 
@@ -312,13 +379,17 @@ class Instance:
         deadline = time.monotonic() + timeout
         events: list[dict] = []  # GUEST_PANICKED and SHUTDOWN of this qemu
 
-        def heard(event: dict) -> None:  # on the QMP reader thread: note it and wake the console wait
+        def heard(
+            event: dict,
+        ) -> None:  # on the QMP reader thread: note it and wake the console wait
             events.append(event)
             if self.console is not None:
                 self.console.interrupt()
 
         unsubscribe = [self.qmp.on(name, heard) for name in FATAL_EVENTS]
-        for name in FATAL_EVENTS:  # sent before the wait began (the supervisor serves the console first)
+        for (
+            name
+        ) in FATAL_EVENTS:  # sent before the wait began (the supervisor serves the console first)
             with contextlib.suppress(QemuspecError):
                 event = self.qmp.wait_for(name, 0, since=0)
                 if event not in events:
@@ -331,9 +402,13 @@ class Instance:
                 raise _GuestFailed()
             return False
 
-        def running() -> bool:  # every probe asks this between attempts: a stop request ends the wait there
+        def running() -> (
+            bool
+        ):  # every probe asks this between attempts: a stop request ends the wait there
             if stopping():
-                raise StopRequested(f"machine {self.name}: stopped while waiting for it to become ready")
+                raise StopRequested(
+                    f"machine {self.name}: stopped while waiting for it to become ready"
+                )
             return self.process is not None and self.process.poll() is None
 
         probe = "QMP"
@@ -342,16 +417,27 @@ class Instance:
                 from qemuspec.runtime import warm
 
                 probe = "saved state loading"
-                warm.wait_restored(self, self._restore_mark or 0, max(0.0, deadline - time.monotonic()))
-            if ready.serial and self.boot != "warm":  # a restored guest printed its marker before the save
+                warm.wait_restored(
+                    self, self._restore_mark or 0, max(0.0, deadline - time.monotonic())
+                )
+            if (
+                ready.serial and self.boot != "warm"
+            ):  # a restored guest printed its marker before the save
                 probe = f"serial /{ready.serial}/"
                 if self.console is None:
-                    raise LaunchError(f'ready.serial needs serial = "log" or "socket" (machine {self.name} has "{self.machine.serial}")')
+                    raise LaunchError(
+                        f'ready.serial needs serial = "log" or "socket" (machine {self.name} has "{self.machine.serial}")'
+                    )
                 try:
-                    self.console.wait_for(ready.serial, max(0.0, deadline - time.monotonic()), stopping)
+                    self.console.wait_for(
+                        ready.serial, max(0.0, deadline - time.monotonic()), stopping
+                    )
                 except EOFError:
                     raise QemuspecError("qemu exited before the console showed it") from None
-            for guest, expect, label in ((ready.tcp, None, "tcp"), (self.machine.ssh.port if ready.ssh else None, b"SSH-", "ssh")):
+            for guest, expect, label in (
+                (ready.tcp, None, "tcp"),
+                (self.machine.ssh.port if ready.ssh else None, b"SSH-", "ssh"),
+            ):
                 if guest:
                     probe = f"{label} guest port {guest}"
                     port = self.host_port(guest)
@@ -361,7 +447,14 @@ class Instance:
 
                 probe = "ssh login"
                 key = sshkeys.key_path(os.path.dirname(self.state_dir))
-                argv = sshkeys.ssh_argv(key, self.state_dir, self.machine.ssh.user, self.host_port(self.machine.ssh.port), ["true"], batch=True)
+                argv = sshkeys.ssh_argv(
+                    key,
+                    self.state_dir,
+                    self.machine.ssh.user,
+                    self.host_port(self.machine.ssh.port),
+                    ["true"],
+                    batch=True,
+                )
                 probes.wait_ssh_login(argv, deadline, running)
             if ready.agent:
                 probe = "guest agent"
@@ -371,7 +464,9 @@ class Instance:
                 probe = f"command `{ready.command[0]}`{more}"
                 probes.wait_command(self, list(ready.command), deadline, running)
         except StopRequested:  # one message whichever probe was waiting
-            raise StopRequested(f"machine {self.name}: stopped while waiting for it to become ready (probe: {probe})") from None
+            raise StopRequested(
+                f"machine {self.name}: stopped while waiting for it to become ready (probe: {probe})"
+            ) from None
         except QemuspecError as exc:
             error = ReadyTimeout(self._not_ready(probe, timeout, exc, events))
             error.probe = probe  # for status: "never became ready (probe ..., after ... s)"
@@ -394,8 +489,11 @@ class Instance:
         for event in events:
             reason = (event.get("data") or {}).get("reason")
             if event.get("event") == "SHUTDOWN":
-                return "the guest kernel panicked (QMP SHUTDOWN, reason guest-panic)" if reason == "guest-panic" \
+                return (
+                    "the guest kernel panicked (QMP SHUTDOWN, reason guest-panic)"
+                    if reason == "guest-panic"
                     else f"the machine shut down (QMP SHUTDOWN, reason {reason})"
+                )
         if self.process is not None and self.process.poll() is not None:
             return "qemu exited"
         return None
@@ -404,16 +502,29 @@ class Instance:
         for port in self.ports:
             if port["guest"] == guest and port["protocol"] == protocol:
                 return port["host"]
-        raise LaunchError(f"machine {self.name} has no {protocol} forward to guest port {guest}: add forwards = [{{ host = 0, guest = {guest} }}] to a user NIC")
+        raise LaunchError(
+            f"machine {self.name} has no {protocol} forward to guest port {guest}: add forwards = [{{ host = 0, guest = {guest} }}] to a user NIC"
+        )
 
     def _not_ready(self, probe: str, timeout: float, exc: Exception, events: list[dict]) -> str:
         """The ready failure as it was: after how long, why (timeout, panic, shutdown, exit), qemu's real
         state, the guest's panic lines, the last console lines and qemu's stderr."""
         accels = ",".join(self.layout.accel) or "?"
         why = self._failure(events)
-        if why is not None and self.process is not None and self.process.poll() is None and why != "qemu exited":
-            self.process.wait(2.0)  # after GUEST_PANICKED or SHUTDOWN qemu goes on its own: say what it did
-        elif why is None and not isinstance(exc, (ReadyTimeout, LaunchError)) and self.process is not None:
+        if (
+            why is not None
+            and self.process is not None
+            and self.process.poll() is None
+            and why != "qemu exited"
+        ):
+            self.process.wait(
+                2.0
+            )  # after GUEST_PANICKED or SHUTDOWN qemu goes on its own: say what it did
+        elif (
+            why is None
+            and not isinstance(exc, (ReadyTimeout, LaunchError))
+            and self.process is not None
+        ):
             self.process.wait(2.0)  # the console closed or a probe saw qemu go: its exit follows
             why = self._failure(events)
         code = self.process.poll() if self.process else None
@@ -427,8 +538,10 @@ class Instance:
         panics = self.console.panics if self.console is not None else []
         hint = ""
         if why is None and "kvm" in self.layout.accel:
-            hint = (" KVM can exist and still hang guests (nested virtualisation): try accel = \"tcg\" in the "
-                    "definition, or QEMUSPEC_ACCEL=tcg for the whole run.")
+            hint = (
+                ' KVM can exist and still hang guests (nested virtualisation): try accel = "tcg" in the '
+                "definition, or QEMUSPEC_ACCEL=tcg for the whole run."
+            )
         if why is None and isinstance(exc, ReadyTimeout):
             head = f"machine {self.name} was not ready within {timeout:g} s"
             detail = f"{exc}."
@@ -438,9 +551,11 @@ class Instance:
         else:
             head = f"machine {self.name} failed{after}, before it was ready"
             detail = f"{why}." if why != "qemu exited" else f"{exc}."
-        return (f"{head} (probe: {probe}; accelerator: {accels}; {state}): {detail}{hint}\n"
-                + ("--- guest panic lines ---\n" + "\n".join(panics) + "\n" if panics else "")
-                + f"--- last console lines ---\n{console}\n--- qemu stderr ---\n{stderr}")
+        return (
+            f"{head} (probe: {probe}; accelerator: {accels}; {state}): {detail}{hint}\n"
+            + ("--- guest panic lines ---\n" + "\n".join(panics) + "\n" if panics else "")
+            + f"--- last console lines ---\n{console}\n--- qemu stderr ---\n{stderr}"
+        )
 
     # -- control ----------------------------------------------------------------------------------
 
@@ -470,8 +585,12 @@ class Instance:
         began = time.monotonic()
         if self.process is None or self.process.poll() is not None:
             self._cleanup()
-            return StopResult("already stopped", 0.0, self.process.returncode if self.process else None)
-        step = escalate(_Escalation(self), acpi_timeout, QUIT_WAIT if quit_wait is None else quit_wait)
+            return StopResult(
+                "already stopped", 0.0, self.process.returncode if self.process else None
+            )
+        step = escalate(
+            _Escalation(self), acpi_timeout, QUIT_WAIT if quit_wait is None else quit_wait
+        )
         self._cleanup()
         return StopResult(step, time.monotonic() - began, self.process.returncode)
 
@@ -520,9 +639,13 @@ class Instance:
         recorded_accel = tuple(a for a in record.accel if isinstance(a, str))
         if not recorded_accel and machine is not None:
             recorded_accel = inst.planned.accel
-        port = record.qmp.rsplit(":", 1)[-1] if record.qmp and record.qmp.startswith("tcp:") else None
-        lay = dataclasses.replace(paths.with_accel(inst.layout, recorded_accel),
-                                  qmp_port=int(port) if port and port.isdigit() else None)
+        port = (
+            record.qmp.rsplit(":", 1)[-1] if record.qmp and record.qmp.startswith("tcp:") else None
+        )
+        lay = dataclasses.replace(
+            paths.with_accel(inst.layout, recorded_accel),
+            qmp_port=int(port) if port and port.isdigit() else None,
+        )
         if not is_our_qemu(record, lay.pidfile) or (not trusted and not _runs_qemu(record.pid)):
             return None
         inst.process = Process(record.pid)
@@ -530,11 +653,15 @@ class Instance:
         inst.argv = record.argv
         inst.exec_argv = record.exec_argv
         inst.qmp_address = record.qmp
-        inst.control_address = record.control or (record.qmp if (record.qmp or "").startswith("unix:") else None)
+        inst.control_address = record.control or (
+            record.qmp if (record.qmp or "").startswith("unix:") else None
+        )
         inst.ports = record.ports
         inst.started_at = record.started_at
         inst.recorded_hash = record.hash
-        if older_hash(record.hash) and record.argv == render(machine, name, lay):  # started by an older qemuspec
+        if older_hash(record.hash) and record.argv == render(
+            machine, name, lay
+        ):  # started by an older qemuspec
             inst.recorded_hash = definition_hash(machine)
         inst.owner = record.owner
         inst.boot = record.boot or "cold"
@@ -546,7 +673,9 @@ class Instance:
         if self.qmp is None or self.qmp.closed:
             if not self.control_address:
                 raise QMPConnectionError(f"machine {self.name} has no recorded QMP address")
-            self.qmp = QMPClient.connect(self.control_address, timeout=timeout, event_log=self.layout.events_log)
+            self.qmp = QMPClient.connect(
+                self.control_address, timeout=timeout, event_log=self.layout.events_log
+            )
             for event, callback in self._listeners:
                 self.qmp.on(event, callback)
         return self.qmp
@@ -565,7 +694,10 @@ class _Escalation:
         if self.inst.qmp is None:
             return False
         try:
-            return self.inst.qmp.command("query-status", timeout=QUERY_TIMEOUT).get("status") == "running"
+            return (
+                self.inst.qmp.command("query-status", timeout=QUERY_TIMEOUT).get("status")
+                == "running"
+            )
         except QemuspecError:
             return False
 
@@ -597,10 +729,17 @@ class _Escalation:
         kind = self.inst.machine.machine
         if kind == "none":
             return "the machine has no ACPI"
-        if self.inst.machine.firmware.type != "bios" or self.inst.machine.firmware.code or not kind.startswith(("pc", "q35")) or self.inst.qmp is None:
+        if (
+            self.inst.machine.firmware.type != "bios"
+            or self.inst.machine.firmware.code
+            or not kind.startswith(("pc", "q35"))
+            or self.inst.qmp is None
+        ):
             return None
         try:
-            out = self.inst.qmp.command("human-monitor-command", {"command-line": "i/w 0x604"}, timeout=5)
+            out = self.inst.qmp.command(
+                "human-monitor-command", {"command-line": "i/w 0x604"}, timeout=5
+            )
         except QemuspecError:
             return None
         import re
@@ -666,7 +805,9 @@ class _Escalation:
                         return f"{frozen} guest file system{'s' if frozen != 1 else ''} frozen through the guest agent"
                 except QMPError:
                     pass  # freezing disabled, or refused: a sync still writes the caches out
-                with contextlib.suppress(QemuspecError):  # nothing frozen: the agent must not stay in its frozen state
+                with contextlib.suppress(
+                    QemuspecError
+                ):  # nothing frozen: the agent must not stay in its frozen state
                     agent.command("guest-fsfreeze-thaw", timeout=3.0)
                 code, _, _ = agent.exec(["sync"], timeout=AGENT_SYNC - 3.0)
                 return "guest file systems synced through the guest agent" if code == 0 else None
@@ -685,8 +826,9 @@ class _Escalation:
 def recorded(state_dir: str) -> statedir.QemuRecord | None:
     """The last qemu recorded for a state directory (alive or not)."""
     state_dir = os.path.abspath(state_dir)
-    return (statedir.read(paths.run_dir(state_dir), statedir.MACHINE, statedir.QemuRecord)
-            or statedir.read(state_dir, statedir.STATE, statedir.QemuRecord))
+    return statedir.read(
+        paths.run_dir(state_dir), statedir.MACHINE, statedir.QemuRecord
+    ) or statedir.read(state_dir, statedir.STATE, statedir.QemuRecord)
 
 
 def forget(state_dir: str) -> None:
@@ -694,9 +836,15 @@ def forget(state_dir: str) -> None:
     directory too once nothing else (a supervisor between restarts) uses it. Logs and disks stay."""
     state_dir = os.path.abspath(state_dir)
     run = paths.run_dir(state_dir)
-    statedir.remove(run, statedir.MACHINE, *statedir.RUN_SOCKETS,
-                    *[n for n in _listdir(run) if statedir.is_virtiofs_sock(n)])
-    tls = os.path.join(run, statedir.TLS_DIR)  # the TCP monitor's credentials live as long as its qemu
+    statedir.remove(
+        run,
+        statedir.MACHINE,
+        *statedir.RUN_SOCKETS,
+        *[n for n in _listdir(run) if statedir.is_virtiofs_sock(n)],
+    )
+    tls = os.path.join(
+        run, statedir.TLS_DIR
+    )  # the TCP monitor's credentials live as long as its qemu
     statedir.remove(tls, *_listdir(tls))
     with contextlib.suppress(OSError):
         os.rmdir(tls)
@@ -731,7 +879,11 @@ def is_our_qemu(record: statedir.QemuRecord, pidfile: str) -> bool:
     argv = cmdline(pid)
     if not argv or argv != record.exec_argv:
         return False
-    if "-pidfile" not in argv or argv.index("-pidfile") + 1 >= len(argv) or argv[argv.index("-pidfile") + 1] != pidfile:
+    if (
+        "-pidfile" not in argv
+        or argv.index("-pidfile") + 1 >= len(argv)
+        or argv[argv.index("-pidfile") + 1] != pidfile
+    ):
         return False
     if record.pid_start is not None and start_time(pid) != record.pid_start:
         return False

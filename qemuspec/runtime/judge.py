@@ -35,7 +35,16 @@ _OWNED_CHARDEV = re.compile(r"^(qemuspec-.*|serial0|serial0-base|compat_monitor\
 # What qemu built, by section: a repr, a sorted list of descriptions, or a map of name -> description.
 Observation = dict[str, "str | None | list[str] | Mapping[str, object]"]
 _BACKEND_REFS = ("drive", "netdev", "chardev")
-_SKIP_MACHINE_PROPS = {"rtc-time", "type", "unattached", "peripheral", "peripheral-anon", "fw_cfg", "q35", "i440fx"}
+_SKIP_MACHINE_PROPS = {
+    "rtc-time",
+    "type",
+    "unattached",
+    "peripheral",
+    "peripheral-anon",
+    "fw_cfg",
+    "q35",
+    "i440fx",
+}
 
 
 @dataclass
@@ -45,7 +54,9 @@ class Difference:
     owned: bool  # True: qemuspec owns this by design (monitors, console, agent channel, name)
 
     def __str__(self) -> str:
-        return f"{self.section}: {self.words}" + (" (qemuspec's own, allowed)" if self.owned else "")
+        return f"{self.section}: {self.words}" + (
+            " (qemuspec's own, allowed)" if self.owned else ""
+        )
 
 
 @dataclass
@@ -65,7 +76,11 @@ class Verdict:
         return [d for d in self.differences if not d.owned]
 
     def report(self) -> str:
-        head = "qemu builds the same machine from both lines" if self.same else "qemu builds a DIFFERENT machine from the rendered line"
+        head = (
+            "qemu builds the same machine from both lines"
+            if self.same
+            else "qemu builds a DIFFERENT machine from the rendered line"
+        )
         return "\n".join([head] + [f"  - {d}" for d in self.differences])
 
 
@@ -94,7 +109,9 @@ def runnable(argv: list[str]) -> list[str]:
         if name in ("nographic", "sdl", "curses"):
             headless = True
         if name in ("machine", "M") and value is not None and not value.lstrip().startswith("{"):
-            value = ",".join(p for p in re.split(r"(?<!,),(?!,)", value) if not p.startswith("accel="))
+            value = ",".join(
+                p for p in re.split(r"(?<!,),(?!,)", value) if not p.startswith("accel=")
+            )
             out += [token, value or "pc"]
             i += 2
             continue
@@ -114,11 +131,23 @@ def observe(argv: list[str], timeout: float = 30.0) -> Observation:
 
     ours, theirs = socket.socketpair()
     label = f"judge-{os.getpid()}"
-    line = runnable(argv) + ["-S", "-chardev", f"socket,id={label},fd={theirs.fileno()}", "-mon", f"chardev={label},mode=control"]
+    line = runnable(argv) + [
+        "-S",
+        "-chardev",
+        f"socket,id={label},fd={theirs.fileno()}",
+        "-mon",
+        f"chardev={label},mode=control",
+    ]
     with tempfile.TemporaryFile() as err:
         try:
-            proc = subprocess.Popen(line, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=err, start_new_session=True)
+            proc = subprocess.Popen(
+                line,
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                start_new_session=True,
+            )
         except OSError as exc:
             raise LaunchError(f"cannot start {argv[0]}: {exc.strerror}") from None
         finally:
@@ -142,7 +171,9 @@ def observe(argv: list[str], timeout: float = 30.0) -> Observation:
                 proc.wait(timeout=timeout)
                 err.seek(0)
                 message = err.read().decode(errors="replace").strip()
-                raise LaunchError(f"qemu refused the line: {message or 'exit status %s' % proc.returncode}") from None
+                raise LaunchError(
+                    f"qemu refused the line: {message or 'exit status %s' % proc.returncode}"
+                ) from None
             ready.set()
             return _collect(client, label)
         finally:
@@ -173,25 +204,45 @@ def _collect(qmp: QMPClient, label: str) -> Observation:
         if block.get("qdev") is None:
             drives.append(record)  # a backend no device uses: still part of the machine
     networks, netrefs, forwards = _networks(hmp("info network"), hmp("info usernet"))
-    chardevs = {c["label"]: re.sub(r"^pty:/dev/pts/\d+$", "pty", c["filename"]) for c in qmp.command("query-chardev") if c["label"] != label}
+    chardevs = {
+        c["label"]: re.sub(r"^pty:/dev/pts/\d+$", "pty", c["filename"])
+        for c in qmp.command("query-chardev")
+        if c["label"] != label
+    }
     tree = _qtree(hmp("info qtree"), backends, netrefs, chardevs)
     cpus = qmp.command("query-cpus-fast")
     machine = {}
     for prop in qmp.command("qom-list", {"path": "/machine"}):
-        if prop["name"] in _SKIP_MACHINE_PROPS or prop["type"].startswith(("child<", "link<memory-region", "link<hotplug", "link<isa")):
+        if prop["name"] in _SKIP_MACHINE_PROPS or prop["type"].startswith(
+            ("child<", "link<memory-region", "link<hotplug", "link<isa")
+        ):
             continue
         try:
             got = qmp.command("qom-get", {"path": "/machine", "property": prop["name"]})
-            machine[prop["name"]] = backends.get(got, repr(got)) if isinstance(got, str) else repr(got)
+            machine[prop["name"]] = (
+                backends.get(got, repr(got)) if isinstance(got, str) else repr(got)
+            )
         except QemuspecError:
             continue
     cpu_props = {}
     if cpus:
         path = cpus[0]["qom-path"]
         for prop in qmp.command("qom-list", {"path": path}):
-            if prop["type"] in ("bool", "string", "uint32", "int32", "uint64", "int64", "uint8", "uint16", "str"):
+            if prop["type"] in (
+                "bool",
+                "string",
+                "uint32",
+                "int32",
+                "uint64",
+                "int64",
+                "uint8",
+                "uint16",
+                "str",
+            ):
                 try:
-                    cpu_props[prop["name"]] = repr(qmp.command("qom-get", {"path": path, "property": prop["name"]}))
+                    cpu_props[prop["name"]] = repr(
+                        qmp.command("qom-get", {"path": path, "property": prop["name"]})
+                    )
                 except QemuspecError:
                     continue
     memdevs = [repr(sorted(m.items())) for m in qmp.command("query-memdev")]
@@ -200,7 +251,17 @@ def _collect(qmp: QMPClient, label: str) -> Observation:
         "machine": machine,
         "memory": repr(qmp.command("query-memory-size-summary")),
         "memdevs": sorted(memdevs),
-        "cpus": repr(sorted((c.get("props", {}).get("socket-id"), c.get("props", {}).get("core-id"), c.get("props", {}).get("thread-id"), c["target"]) for c in cpus)),
+        "cpus": repr(
+            sorted(
+                (
+                    c.get("props", {}).get("socket-id"),
+                    c.get("props", {}).get("core-id"),
+                    c.get("props", {}).get("thread-id"),
+                    c["target"],
+                )
+                for c in cpus
+            )
+        ),
         "cpu-model": _cpu_type(qmp, cpus[0]["qom-path"]) if cpus else None,
         "cpu-properties": cpu_props,
         "devices": tree,
@@ -223,13 +284,20 @@ def _drive_record(block: dict) -> str:
     image = inserted.get("image", {})
     chain = []
     while image:
-        chain.append(f"{image.get('filename')} ({image.get('format')}, {image.get('virtual-size')} bytes)")
+        chain.append(
+            f"{image.get('filename')} ({image.get('format')}, {image.get('virtual-size')} bytes)"
+        )
         image = image.get("backing-image")
     cache = inserted.get("cache", {})
-    extra = {k: inserted[k] for k in ("detect_zeroes", "bps", "iops", "encrypted") if inserted.get(k)}
-    text = (f"<drive {' on '.join(chain)} driver={inserted.get('drv')} read-only={inserted.get('ro')} "
-            f"cache=writeback:{cache.get('writeback')},direct:{cache.get('direct')},no-flush:{cache.get('no-flush')}"
-            + (f" {extra}" if extra else "") + ">")
+    extra = {
+        k: inserted[k] for k in ("detect_zeroes", "bps", "iops", "encrypted") if inserted.get(k)
+    }
+    text = (
+        f"<drive {' on '.join(chain)} driver={inserted.get('drv')} read-only={inserted.get('ro')} "
+        f"cache=writeback:{cache.get('writeback')},direct:{cache.get('direct')},no-flush:{cache.get('no-flush')}"
+        + (f" {extra}" if extra else "")
+        + ">"
+    )
     return re.sub(r"/var/tmp/vl\.\w+", "<-snapshot's temporary overlay>", text)
 
 
@@ -260,11 +328,15 @@ def _networks(info: str, usernet: str) -> tuple[list[str], dict[str, str], list[
     for raw in usernet.splitlines():
         cols = raw.split()
         if cols and "HOST_FORWARD" in cols[0]:
-            forwards.append(" ".join([cols[0]] + cols[2:6]))  # protocol, host addr/port, guest addr/port (not the fd)
+            forwards.append(
+                " ".join([cols[0]] + cols[2:6])
+            )  # protocol, host addr/port, guest addr/port (not the fd)
     return records, refs, forwards
 
 
-def _qtree(text: str, backends: dict[str, str], netrefs: dict[str, str], chardevs: dict[str, str]) -> list[str]:
+def _qtree(
+    text: str, backends: dict[str, str], netrefs: dict[str, str], chardevs: dict[str, str]
+) -> list[str]:
     """The device tree as one line per device: its place (bus path), type, id and properties, with
     backend references replaced by what they refer to."""
     out = []
@@ -273,7 +345,10 @@ def _qtree(text: str, backends: dict[str, str], netrefs: dict[str, str], chardev
 
     def flush():
         if device is not None:
-            out.append(f"{device['bus']} {device['type']} id={device['id']!r} " + ", ".join(device["props"]))
+            out.append(
+                f"{device['bus']} {device['type']} id={device['id']!r} "
+                + ", ".join(device["props"])
+            )
 
     for raw in text.splitlines():
         indent = len(raw) - len(raw.lstrip())
@@ -298,9 +373,15 @@ def _qtree(text: str, backends: dict[str, str], netrefs: dict[str, str], chardev
                 elif key == "netdev":
                     value = netrefs.get(name, f"<netdev {name}?>")
                 elif key == "chardev":
-                    value = "<qemuspec's own chardev>" if _OWNED_CHARDEV.match(name) else f"<chardev {chardevs.get(name)}>"
+                    value = (
+                        "<qemuspec's own chardev>"
+                        if _OWNED_CHARDEV.match(name)
+                        else f"<chardev {chardevs.get(name)}>"
+                    )
             device["props"].append(f"{key}={value}")
-        elif device is not None and line.startswith(("class ", "bar ", "mmio ", "gpio-", "irq ", "dev-prop", "port ")):
+        elif device is not None and line.startswith(
+            ("class ", "bar ", "mmio ", "gpio-", "irq ", "dev-prop", "port ")
+        ):
             continue
     flush()
     return sorted(out)
@@ -332,16 +413,36 @@ def compare(original: Observation, rendered: Observation) -> Verdict:
             b_map = b if isinstance(b, dict) else {}
             for key in sorted(set(a) | set(b_map)):
                 if a.get(key) != b_map.get(key):
-                    verdict.differences.append(Difference(section, f"{words} {key}: {_shown(a.get(key))} in the original, {_shown(b_map.get(key))} rendered", owned))
+                    verdict.differences.append(
+                        Difference(
+                            section,
+                            f"{words} {key}: {_shown(a.get(key))} in the original, {_shown(b_map.get(key))} rendered",
+                            owned,
+                        )
+                    )
         elif isinstance(a, list):
             b_list = b if isinstance(b, list) else []
             missing, extra = _multiset_minus(a, b_list), _multiset_minus(b_list, a)
             for item in missing:
-                verdict.differences.append(Difference(section, f"{words} only in the original: {item}", owned or _owned_device(item)))
+                verdict.differences.append(
+                    Difference(
+                        section,
+                        f"{words} only in the original: {item}",
+                        owned or _owned_device(item),
+                    )
+                )
             for item in extra:
-                verdict.differences.append(Difference(section, f"{words} only in the rendered line: {item}", owned or _owned_device(item)))
+                verdict.differences.append(
+                    Difference(
+                        section,
+                        f"{words} only in the rendered line: {item}",
+                        owned or _owned_device(item),
+                    )
+                )
         elif a != b:
-            verdict.differences.append(Difference(section, f"{words}: {a} in the original, {b} rendered", owned))
+            verdict.differences.append(
+                Difference(section, f"{words}: {a} in the original, {b} rendered", owned)
+            )
     return verdict
 
 
@@ -352,7 +453,9 @@ def _shown(value: object) -> str:
 def _owned_device(item: str) -> bool:
     """The devices of qemuspec's own channels: its agent port and the console's serial port wiring, and
     the panic device it adds (render.py, _wants_pvpanic)."""
-    return ("org.qemu.guest_agent.0" in item and "<qemuspec's own chardev>" in item) or "id='qemuspec-pvpanic'" in item
+    return (
+        "org.qemu.guest_agent.0" in item and "<qemuspec's own chardev>" in item
+    ) or "id='qemuspec-pvpanic'" in item
 
 
 def _multiset_minus(a: Iterable[str], b: Iterable[str]) -> list[str]:
@@ -366,7 +469,12 @@ def _multiset_minus(a: Iterable[str], b: Iterable[str]) -> list[str]:
     return out
 
 
-def check(original: list[str], rendered: list[str], timeout: float = 30.0, before: Callable[[], Callable[[], object]] | None = None) -> Verdict:
+def check(
+    original: list[str],
+    rendered: list[str],
+    timeout: float = 30.0,
+    before: Callable[[], Callable[[], object]] | None = None,
+) -> Verdict:
     """Start both lines (one after the other: they may bind the same sockets and ports) and compare.
     ``before`` starts what a line needs outside qemu (a swtpm, a virtiofsd) and returns its cleanup;
     it runs before each of the two starts, since such helpers serve one qemu and exit."""
@@ -388,8 +496,12 @@ def _render_scratch(machine: Machine, name: str, scratch: str, index: int) -> li
     from qemuspec.runtime import images, paths
     from qemuspec.settings import Settings
 
-    layout = paths.machine_layout(machine, os.path.join(scratch, f"state{index}"), Settings(accel="tcg"),
-                                  run_dir=os.path.join(scratch, f"run{index}"))
+    layout = paths.machine_layout(
+        machine,
+        os.path.join(scratch, f"state{index}"),
+        Settings(accel="tcg"),
+        run_dir=os.path.join(scratch, f"run{index}"),
+    )
     # qemuspec's own monitors are not compared; a TCP one would need the per-run TLS credentials
     layout = dataclasses.replace(layout, qmp_port=None)
     os.makedirs(layout.state_dir, mode=0o700, exist_ok=True)
@@ -399,7 +511,13 @@ def _render_scratch(machine: Machine, name: str, scratch: str, index: int) -> li
     return render(machine, name, layout)
 
 
-def check_definition(argv: list[str], machine: Machine, name: str, timeout: float = 30.0, before: Callable[[], Callable[[], object]] | None = None) -> Verdict:
+def check_definition(
+    argv: list[str],
+    machine: Machine,
+    name: str,
+    timeout: float = 30.0,
+    before: Callable[[], Callable[[], object]] | None = None,
+) -> Verdict:
     """Whether ``machine`` (a model), rendered, is the machine ``argv`` asks for. The rendered line's
     own files go to a scratch directory that is removed afterwards."""
     import shutil
@@ -419,6 +537,10 @@ def check_models(first: Machine, second: Machine, name: str, timeout: float = 30
     scratch = tempfile.mkdtemp(prefix="qemuspec-check-")
     try:
         # one layout for both: they run one after the other, and qemuspec's own files are then the same
-        return check(_render_scratch(first, name, scratch, 0), _render_scratch(second, name, scratch, 0), timeout)
+        return check(
+            _render_scratch(first, name, scratch, 0),
+            _render_scratch(second, name, scratch, 0),
+            timeout,
+        )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -23,7 +23,9 @@ def _pidfile(switch_dir: str) -> str:
 
 def switch_pid(switch_dir: str) -> int | None:
     """The running switch of this directory (checked by its command line, not just the pid)."""
-    data = statedir.read_bytes(os.path.dirname(switch_dir), os.path.basename(_pidfile(switch_dir)), 64)
+    data = statedir.read_bytes(
+        os.path.dirname(switch_dir), os.path.basename(_pidfile(switch_dir)), 64
+    )
     try:
         pid = int((data or b"").strip())
     except ValueError:
@@ -37,7 +39,11 @@ def _locked(switch_dir: str) -> Iterator[None]:
     import fcntl
 
     os.makedirs(os.path.dirname(switch_dir), mode=0o700, exist_ok=True)
-    fd = os.open(switch_dir + statedir.SWITCH_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    fd = os.open(
+        switch_dir + statedir.SWITCH_LOCK,
+        os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+        0o600,
+    )
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -56,18 +62,30 @@ def _start(switch_dir: str) -> int:
     if pid:
         return pid
     if shutil.which(VDE_SWITCH) is None:
-        raise LaunchError("private networks need vde_switch: install it (Debian: apt-get install vde2)")
+        raise LaunchError(
+            "private networks need vde_switch: install it (Debian: apt-get install vde2)"
+        )
     shutil.rmtree(switch_dir, ignore_errors=True)
-    result = subprocess.run([VDE_SWITCH, "-s", switch_dir, "-m", "700", "-d", "-p", _pidfile(switch_dir)],
-                            stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    result = subprocess.run(
+        [VDE_SWITCH, "-s", switch_dir, "-m", "700", "-d", "-p", _pidfile(switch_dir)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+    )
     # The daemon writes its pidfile after the launcher has returned: give it a moment.
     deadline = time.monotonic() + 5
     pid = switch_pid(switch_dir)
-    while result.returncode == 0 and (pid is None or not os.path.exists(os.path.join(switch_dir, "ctl"))) and time.monotonic() < deadline:
+    while (
+        result.returncode == 0
+        and (pid is None or not os.path.exists(os.path.join(switch_dir, "ctl")))
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.002)
         pid = switch_pid(switch_dir)
     if result.returncode != 0 or pid is None:
-        raise LaunchError(f"vde_switch did not start for {switch_dir}: {result.stderr.strip() or 'no pid'}")
+        raise LaunchError(
+            f"vde_switch did not start for {switch_dir}: {result.stderr.strip() or 'no pid'}"
+        )
     return pid
 
 

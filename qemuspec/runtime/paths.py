@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from qemuspec.settings import Settings
     from qemuspec.spec.models import Machine
 
+
 @dataclass(frozen=True)
 class Layout:
     """Where one machine's runtime files are. Sockets go in a short ``run_dir`` (0700) so their paths stay
@@ -111,8 +112,9 @@ class Layout:
         return os.path.join(os.path.dirname(self.run_dir), filenames.NETWORK_PREFIX + digest)
 
 
-def machine_layout(machine: Machine, state_dir: str, settings: Settings | None = None,
-                   run_dir: str | None = None) -> Layout:
+def machine_layout(
+    machine: Machine, state_dir: str, settings: Settings | None = None, run_dir: str | None = None
+) -> Layout:
     """The one constructor of a machine's Layout: its accelerators resolved once (``settings.accel``
     forces them for a run; else "auto" is kvm when /dev/kvm answers, runtime/accel.py) with the
     fallback for a KVM that fails, and its TCP monitor's port. ``run_dir``: the judge's scratch."""
@@ -121,14 +123,21 @@ def machine_layout(machine: Machine, state_dir: str, settings: Settings | None =
     settings = settings or _settings()
     chosen, fallback = accel.choose(machine.accel, settings.accel)
     port = machine.qmp.port if machine.qmp.transport == "tcp" else None
-    return Layout(state_dir=os.path.abspath(state_dir), run_dir=run_dir or _run_dir(state_dir, settings), accel=chosen,
-                  qmp_port=port, fallback=fallback)
+    return Layout(
+        state_dir=os.path.abspath(state_dir),
+        run_dir=run_dir or _run_dir(state_dir, settings),
+        accel=chosen,
+        qmp_port=port,
+        fallback=fallback,
+    )
 
 
 def layout(state_dir: str, settings: Settings | None = None) -> Layout:
     """Where the files of the machine in ``state_dir`` are, for code without the machine at hand (a
     pidfile, a network's switch, an agent socket); it renders nothing (no accelerators)."""
-    return Layout(state_dir=os.path.abspath(state_dir), run_dir=_run_dir(state_dir, settings or _settings()))
+    return Layout(
+        state_dir=os.path.abspath(state_dir), run_dir=_run_dir(state_dir, settings or _settings())
+    )
 
 
 def with_accel(lay: Layout, accel: tuple[str, ...]) -> Layout:
@@ -166,7 +175,9 @@ def keep_base(create: bool = True, settings: Settings | None = None) -> str | No
     from qemuspec.privdir import open_private
 
     settings = settings or _settings()
-    base = os.path.join(settings.state_home or os.path.join(settings.home, ".local", "state"), "qemuspec")
+    base = os.path.join(
+        settings.state_home or os.path.join(settings.home, ".local", "state"), "qemuspec"
+    )
     fd = open_private(base, create)
     if fd is None:
         return None
@@ -189,21 +200,27 @@ def run_base(settings: Settings | None = None) -> str:
     keep = keep_base(not tmp_ours, settings)
     fallback = os.path.join(keep, "run") if keep else None
     if fallback and _own_dir(fallback) and os.listdir(fallback):
-        return fallback  # chosen before, while /tmp/qemuspec-UID was squatted: its machines live here
+        return (
+            fallback  # chosen before, while /tmp/qemuspec-UID was squatted: its machines live here
+        )
     if tmp_ours:
         return tmp
     if fallback:
         return fallback
-    raise LaunchError(f"{tmp} is not a directory of yours (another user created it, or it is a symlink) and HOME "
-                      f"has no private directory to use instead: set XDG_RUNTIME_DIR to a directory of your own "
-                      f"with mode 0700 (for example /run/user/{os.getuid()})")
+    raise LaunchError(
+        f"{tmp} is not a directory of yours (another user created it, or it is a symlink) and HOME "
+        f"has no private directory to use instead: set XDG_RUNTIME_DIR to a directory of your own "
+        f"with mode 0700 (for example /run/user/{os.getuid()})"
+    )
 
 
 def keep_dir(kind: str) -> str:
     """``kind`` (ssh keys, owner proofs) in the keep base, or in the runtime base when the keep base
     is not private (then it lasts until reboot); made 0700 and ours."""
     keep = keep_base()
-    path = os.path.join(keep, kind) if keep else os.path.join(run_base(), filenames.KEEP_PREFIX + kind)
+    path = (
+        os.path.join(keep, kind) if keep else os.path.join(run_base(), filenames.KEEP_PREFIX + kind)
+    )
     private_dir(path)
     return path
 
@@ -231,8 +248,10 @@ def private_dir(path: str) -> None:
         raise LaunchError(f"cannot create {path}: {exc.strerror}") from None
     info = os.lstat(path)
     if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-        raise LaunchError(f"{path} is not a directory owned by you (a symlink or another user's): remove it, "
-                          "or choose another state directory with --state-dir")
+        raise LaunchError(
+            f"{path} is not a directory owned by you (a symlink or another user's): remove it, "
+            "or choose another state directory with --state-dir"
+        )
     if stat.S_IMODE(info.st_mode) != 0o700:
         os.chmod(path, 0o700)
 
@@ -244,4 +263,8 @@ def registry() -> list[str]:
         names = os.listdir(base)
     except OSError:
         return []
-    return [os.path.join(base, n) for n in sorted(names) if len(n) == 16 and not n.startswith(filenames.NETWORK_PREFIX)]
+    return [
+        os.path.join(base, n)
+        for n in sorted(names)
+        if len(n) == 16 and not n.startswith(filenames.NETWORK_PREFIX)
+    ]

@@ -13,23 +13,24 @@ from dataclasses import dataclass
 from typing import Protocol
 
 # -- stop ----------------------------------------------------------------------------------------
-QUERY_TIMEOUT = 5.0     # query-status before powerdown (a paused guest skips ACPI)
-COMMAND_TIMEOUT = 5.0   # the reply to system_powerdown, and to quit
-QUIT_WAIT = 5.0         # qemu's exit after quit was answered
-TERM_GRACE = 3.0        # after SIGTERM
-KILL_WAIT = 10.0        # after SIGKILL (a large guest's memory is freed before the process goes)
+QUERY_TIMEOUT = 5.0  # query-status before powerdown (a paused guest skips ACPI)
+COMMAND_TIMEOUT = 5.0  # the reply to system_powerdown, and to quit
+QUIT_WAIT = 5.0  # qemu's exit after quit was answered
+TERM_GRACE = 3.0  # after SIGTERM
+KILL_WAIT = 10.0  # after SIGKILL (a large guest's memory is freed before the process goes)
 SUPERVISOR_SLACK = 5.0  # the supervisor's bookkeeping around a stop (records, clean-up)
-AGENT_REPLY = 5.0       # the guest agent's answer to guest-shutdown (an error, or silence: it was taken)
-AGENT_SYNC = 15.0       # guest-fsfreeze-freeze (or guest-exec sync) before a forced quit, sync included
+AGENT_REPLY = 5.0  # the guest agent's answer to guest-shutdown (an error, or silence: it was taken)
+AGENT_SYNC = 15.0  # guest-fsfreeze-freeze (or guest-exec sync) before a forced quit, sync included
 
 
 class Stoppable(Protocol):
     """What the escalation needs from a machine; Instance and the tests' fake both provide it."""
 
-    def guest_running(self) -> bool: ...          # within QUERY_TIMEOUT
-    def send(self, command: str) -> bool: ...     # within COMMAND_TIMEOUT; True when answered
-    def wait(self, timeout: float) -> bool: ...   # True when the process ended
+    def guest_running(self) -> bool: ...  # within QUERY_TIMEOUT
+    def send(self, command: str) -> bool: ...  # within COMMAND_TIMEOUT; True when answered
+    def wait(self, timeout: float) -> bool: ...  # True when the process ended
     def signal(self, signum: int) -> None: ...
+
     # Optional, for a machine with a guest agent (found with getattr, so a target may lack them):
     #   has_agent() -> bool; agent_shutdown() -> bool (within AGENT_REPLY; True when the agent took it);
     #   agent_sync() -> str | None (within AGENT_SYNC; what was done to the guest's file systems).
@@ -95,7 +96,11 @@ def synced(step: str) -> bool:
 
 def worst_case(acpi_timeout: float | None, quit_wait: float = QUIT_WAIT) -> float:
     """The longest :func:`escalate` can take when every step times out (the agent's steps included)."""
-    acpi = 0.0 if acpi_timeout is None else QUERY_TIMEOUT + COMMAND_TIMEOUT + acpi_timeout + AGENT_REPLY + AGENT_SYNC
+    acpi = (
+        0.0
+        if acpi_timeout is None
+        else QUERY_TIMEOUT + COMMAND_TIMEOUT + acpi_timeout + AGENT_REPLY + AGENT_SYNC
+    )
     return acpi + COMMAND_TIMEOUT + quit_wait + TERM_GRACE + KILL_WAIT
 
 
@@ -114,13 +119,15 @@ STABLE_AFTER = 60.0  # seconds of uptime after which the backoff starts from the
 class Ending:
     """How one run of qemu ended, in the words status uses."""
 
-    failure: bool   # counts for restart = "on-failure"
-    reason: str     # "exited (code 1)", "killed (signal 9)", "guest panic", "guest powered off", ...
+    failure: bool  # counts for restart = "on-failure"
+    reason: str  # "exited (code 1)", "killed (signal 9)", "guest panic", "guest powered off", ...
     code: int | None = None
     signal: int | None = None
 
 
-def ending(code: int | None, shutdown_reason: str | None, panicked: bool = False, stopped: bool = False) -> Ending:
+def ending(
+    code: int | None, shutdown_reason: str | None, panicked: bool = False, stopped: bool = False
+) -> Ending:
     """Classify an exit. ``code`` is the wait status as Popen gives it (negative: killed by that
     signal; None or -1 with no other knowledge: an adopted qemu whose status we cannot read)."""
     if stopped:
@@ -129,8 +136,17 @@ def ending(code: int | None, shutdown_reason: str | None, panicked: bool = False
         return Ending(True, "guest panic", code)
     if code is not None and code < -1:
         return Ending(True, f"killed (signal {-code})", code, -code)
-    if shutdown_reason in ("guest-shutdown", "host-qmp-quit", "host-ui", "host-signal") and code in (0, -1, None):
-        what = "guest powered off" if shutdown_reason == "guest-shutdown" else f"shut down ({shutdown_reason})"
+    if shutdown_reason in (
+        "guest-shutdown",
+        "host-qmp-quit",
+        "host-ui",
+        "host-signal",
+    ) and code in (0, -1, None):
+        what = (
+            "guest powered off"
+            if shutdown_reason == "guest-shutdown"
+            else f"shut down ({shutdown_reason})"
+        )
         return Ending(False, what, code)
     if code is None or code == -1:
         return Ending(True, "exited (status unknown: not our child)", code)
@@ -139,14 +155,20 @@ def ending(code: int | None, shutdown_reason: str | None, panicked: bool = False
 
 @dataclass
 class Decision:
-    delay: float    # seconds until the next start
-    attempt: int    # 1 for the first restart
+    delay: float  # seconds until the next start
+    attempt: int  # 1 for the first restart
 
 
 class Restarts:
     """The restart policy with exponential backoff: 1 s doubling to 30 s, back to 1 s after 60 s up."""
 
-    def __init__(self, policy: str, first: float = BACKOFF_FIRST, maximum: float = BACKOFF_MAX, stable_after: float = STABLE_AFTER):
+    def __init__(
+        self,
+        policy: str,
+        first: float = BACKOFF_FIRST,
+        maximum: float = BACKOFF_MAX,
+        stable_after: float = STABLE_AFTER,
+    ):
         self.policy = policy
         self.first, self.maximum, self.stable_after = first, maximum, stable_after
         self.count = 0

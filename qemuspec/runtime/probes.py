@@ -17,9 +17,18 @@ def forwarded_ports(qmp) -> list[dict]:
     """Host ports of the user-mode forwards as qemu really bound them (port 0 becomes a real port)."""
     text = qmp.command("human-monitor-command", {"command-line": "info usernet"})
     ports = []
-    for match in re.finditer(r"^\s*(TCP|UDP)\[HOST_FORWARD\]\s+\d+\s+(\S+)\s+(\d+)\s+(\S+)\s+(\d+)", text, re.M):
+    for match in re.finditer(
+        r"^\s*(TCP|UDP)\[HOST_FORWARD\]\s+\d+\s+(\S+)\s+(\d+)\s+(\S+)\s+(\d+)", text, re.M
+    ):
         proto, host_addr, host_port, _, guest_port = match.groups()
-        ports.append({"protocol": proto.lower(), "address": host_addr, "host": int(host_port), "guest": int(guest_port)})
+        ports.append(
+            {
+                "protocol": proto.lower(),
+                "address": host_addr,
+                "host": int(host_port),
+                "guest": int(guest_port),
+            }
+        )
     return ports
 
 
@@ -83,14 +92,26 @@ def wait_ssh_login(argv: list[str], deadline: float, alive) -> None:
         if remaining <= 0:
             raise ReadyTimeout(f"ssh login did not succeed: {last or 'no answer'}")
         try:
-            result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=min(remaining, 15))
+            result = subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=min(remaining, 15),
+            )
             if result.returncode == 0:
                 return
-            last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"
+            last = (
+                result.stderr.strip().splitlines()[-1]
+                if result.stderr.strip()
+                else f"exit {result.returncode}"
+            )
         except subprocess.TimeoutExpired:
             last = "ssh timed out"
         except FileNotFoundError:
-            raise QemuspecError("ssh not found: install it (Debian: apt-get install openssh-client)") from None
+            raise QemuspecError(
+                "ssh not found: install it (Debian: apt-get install openssh-client)"
+            ) from None
         if not alive():
             raise QemuspecError("qemu exited while waiting for ssh")
         time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
@@ -113,8 +134,12 @@ def wait_command(instance, commands: list[str], deadline: float, alive) -> None:
                     break
                 lines = output.strip().splitlines()[-10:]
                 last = f"exit {code}" + (": " + "\n".join(lines) if lines else " (no output)")
-            except QemuspecError as exc:  # the agent or sshd not up yet, or still running at the deadline
-                if not last.startswith("exit"):  # an earlier attempt's exit code and output say more
+            except (
+                QemuspecError
+            ) as exc:  # the agent or sshd not up yet, or still running at the deadline
+                if not last.startswith(
+                    "exit"
+                ):  # an earlier attempt's exit code and output say more
                     last = str(exc)
             if not alive():
                 raise QemuspecError(f"qemu exited while waiting for `{command}` to succeed")

@@ -14,7 +14,9 @@ import time
 
 from qemuspec.errors import LaunchError
 
-KILL_WAIT = 10.0  # after SIGKILL: the kernel frees a large guest's memory before the process is gone
+KILL_WAIT = (
+    10.0  # after SIGKILL: the kernel frees a large guest's memory before the process is gone
+)
 
 
 def spawn(argv: list[str], log_fd: int, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
@@ -22,10 +24,20 @@ def spawn(argv: list[str], log_fd: int, pass_fds: tuple[int, ...] = ()) -> subpr
     not reach it, and whatever it forks can be signalled with it). Its umask is 077: what qemu itself
     creates (a display's unix socket, overlays, its pidfile) is the owner's alone."""
     try:
-        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, pass_fds=pass_fds, start_new_session=True,
-                                close_fds=True, umask=0o077)
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log_fd,
+            stderr=log_fd,
+            pass_fds=pass_fds,
+            start_new_session=True,
+            close_fds=True,
+            umask=0o077,
+        )
     except FileNotFoundError:
-        raise LaunchError(f"qemu binary {argv[0]!r} not found: install it (Debian: apt-get install qemu-system-x86) or set qemu = \"/path/to/qemu-system-x86_64\"") from None
+        raise LaunchError(
+            f'qemu binary {argv[0]!r} not found: install it (Debian: apt-get install qemu-system-x86) or set qemu = "/path/to/qemu-system-x86_64"'
+        ) from None
     except PermissionError as exc:
         raise LaunchError(f"cannot run {argv[0]!r}: {exc}") from None
 

@@ -49,7 +49,10 @@ def steps(instance: Instance) -> list[tuple[str, list[str], bytes | None]]:
             raise ProvisionFailed(f"machine {instance.name}: provision.script: {exc}") from None
         argv = ["/bin/sh", "-s"] if how == "agent" else ["sh -s"]
         return [(f"script {script}", argv, text.encode())]
-    return [(step, guestrun.shell(step, how), None) for step in (provision if isinstance(provision, list) else [])]
+    return [
+        (step, guestrun.shell(step, how), None)
+        for step in (provision if isinstance(provision, list) else [])
+    ]
 
 
 def life(instance: Instance) -> str:
@@ -82,7 +85,9 @@ def done(instance: Instance) -> bool:
     return record is not None and record.life == life(instance)
 
 
-def run(instance: Instance, on_output: Callable[[str, bytes], object], say: Callable[[str], object]) -> float:
+def run(
+    instance: Instance, on_output: Callable[[str, bytes], object], say: Callable[[str], object]
+) -> float:
     """Run every step in order (streamed), then record the machine life; the seconds it took."""
     began = time.monotonic()
     todo = steps(instance)
@@ -98,15 +103,21 @@ def run(instance: Instance, on_output: Callable[[str, bytes], object], say: Call
         try:
             code = guestrun.run(instance, argv, output, stdin)
         except QemuspecError as exc:
-            raise ProvisionFailed(f"machine {instance.name}: provision step {number}/{len(todo)} `{label}` could not "
-                                  f"run: {exc}") from None
+            raise ProvisionFailed(
+                f"machine {instance.name}: provision step {number}/{len(todo)} `{label}` could not "
+                f"run: {exc}"
+            ) from None
         if code != 0:
             lines = b"".join(tail).decode(errors="replace").rstrip().splitlines()[-TAIL_LINES:]
             shown = "\n".join(lines) if lines else "(no output)"
             raise ProvisionFailed(
                 f"machine {instance.name}: provision step {number}/{len(todo)} `{label}` exited {code}; the machine "
                 f"is running but not provisioned: fix the step, then `qemuspec provision` runs the steps again "
-                f"(and so does the next `up`).\n--- last output ---\n{shown}")
-    statedir.write(instance.state_dir, statedir.PROVISIONED,
-                   statedir.ProvisionRecord(life=life(instance), steps=_digest(instance), at=time.time()))
+                f"(and so does the next `up`).\n--- last output ---\n{shown}"
+            )
+    statedir.write(
+        instance.state_dir,
+        statedir.PROVISIONED,
+        statedir.ProvisionRecord(life=life(instance), steps=_digest(instance), at=time.time()),
+    )
     return time.monotonic() - began

@@ -23,7 +23,9 @@ def _ours(path: str) -> bool:
     except FileNotFoundError:
         return False
     if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-        raise QemuspecError(f"{path} is not a directory of yours (a symlink or another user's): --purge deletes nothing there; remove it by hand if you mean to")
+        raise QemuspecError(
+            f"{path} is not a directory of yours (a symlink or another user's): --purge deletes nothing there; remove it by hand if you mean to"
+        )
     return True
 
 
@@ -39,7 +41,9 @@ def purge(root: str, name: str) -> list[str]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
             deleted.append(path)
-    shutil.rmtree(state_dir, ignore_errors=True)  # fd-based on Linux: never follows a symlink inside
+    shutil.rmtree(
+        state_dir, ignore_errors=True
+    )  # fd-based on Linux: never follows a symlink inside
     deleted.append(state_dir)
     with contextlib.suppress(OSError):
         os.rmdir(root)  # only when empty

@@ -24,7 +24,9 @@ def listen_unix(path: str) -> socket.socket:
     except FileNotFoundError:
         pass
     if len(os.fsencode(path)) > 107:
-        raise LaunchError(f"socket path {path} is longer than the 107 bytes unix sockets allow: set XDG_RUNTIME_DIR to a shorter directory")
+        raise LaunchError(
+            f"socket path {path} is longer than the 107 bytes unix sockets allow: set XDG_RUNTIME_DIR to a shorter directory"
+        )
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)  # the socket file is created 0600
     try:
@@ -49,7 +51,9 @@ def listen_tcp(first_port: int, tries: int = 200) -> tuple[socket.socket, int]:
             raise LaunchError(f"cannot bind 127.0.0.1:{port} for QMP: {exc}") from None
         sock.listen(16)
         return sock, port
-    raise LaunchError(f"no free TCP port for QMP in {first_port}..{first_port + tries - 1}: choose another qmp.port")
+    raise LaunchError(
+        f"no free TCP port for QMP in {first_port}..{first_port + tries - 1}: choose another qmp.port"
+    )
 
 
 def busy_forwards(nics: Sequence[NIC]) -> Iterator[tuple[int, int, Forward, str]]:
@@ -76,12 +80,14 @@ def check_forwards(name: str, nics) -> None:
     """Fail early, naming the port and who holds it, when a fixed host port of a forward is taken
     (qemu would only say "Could not set up host forwarding rule")."""
     for _, _, fwd, why in busy_forwards(nics):
-        raise LaunchError(f"machine {name}: host port {fwd.address}:{fwd.host}/{fwd.protocol} (forward to guest port {fwd.guest}) "
-                          f"is {why}: stop that, choose another host port, or use host = 0 for any free port")
+        raise LaunchError(
+            f"machine {name}: host port {fwd.address}:{fwd.host}/{fwd.protocol} (forward to guest port {fwd.guest}) "
+            f"is {why}: stop that, choose another host port, or use host = 0 for any free port"
+        )
 
 
 def port_holder(port: int, protocol: str = "tcp") -> str | None:
-    """"pid N (comm)" of a process with a socket bound to ``port``, when /proc lets us see it."""
+    """ "pid N (comm)" of a process with a socket bound to ``port``, when /proc lets us see it."""
     inodes = set()
     for table in (f"/proc/net/{protocol}", f"/proc/net/{protocol}6"):
         try:

@@ -36,12 +36,23 @@ def ensure_key(state_root: str) -> tuple[str, str]:
     public = statedir.read_bytes(directory, KEY_NAME + statedir.PUB_SUFFIX, 4096)
     if public is None or statedir.read_bytes(directory, KEY_NAME, 65536) is None:
         tmp = path + statedir.TMP_SUFFIX
-        statedir.remove(directory, KEY_NAME + statedir.TMP_SUFFIX, KEY_NAME + statedir.TMP_SUFFIX + statedir.PUB_SUFFIX)
+        statedir.remove(
+            directory,
+            KEY_NAME + statedir.TMP_SUFFIX,
+            KEY_NAME + statedir.TMP_SUFFIX + statedir.PUB_SUFFIX,
+        )
         try:
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "qemuspec", "-f", tmp], check=True,
-                           capture_output=True, stdin=subprocess.DEVNULL, umask=0o077)
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "qemuspec", "-f", tmp],
+                check=True,
+                capture_output=True,
+                stdin=subprocess.DEVNULL,
+                umask=0o077,
+            )
         except FileNotFoundError:
-            raise QemuspecError("ssh-keygen not found: install it (Debian: apt-get install openssh-client)") from None
+            raise QemuspecError(
+                "ssh-keygen not found: install it (Debian: apt-get install openssh-client)"
+            ) from None
         os.replace(tmp + statedir.PUB_SUFFIX, path + statedir.PUB_SUFFIX)
         os.replace(tmp, path)
         public = statedir.read_bytes(directory, KEY_NAME + statedir.PUB_SUFFIX, 4096)
@@ -54,10 +65,26 @@ def known_hosts(state_dir: str) -> str:
     return os.path.join(state_dir, statedir.KNOWN_HOSTS)
 
 
-def ssh_argv(key: str, state_dir: str, user: str, port: int, command: list[str], batch: bool = False) -> list[str]:
-    argv = ["ssh", "-i", key, "-p", str(port),
-            "-o", "IdentitiesOnly=yes", "-o", f"UserKnownHostsFile={known_hosts(state_dir)}",
-            "-o", "StrictHostKeyChecking=accept-new", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=5"]
+def ssh_argv(
+    key: str, state_dir: str, user: str, port: int, command: list[str], batch: bool = False
+) -> list[str]:
+    argv = [
+        "ssh",
+        "-i",
+        key,
+        "-p",
+        str(port),
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        f"UserKnownHostsFile={known_hosts(state_dir)}",
+        "-o",
+        "StrictHostKeyChecking=accept-new",
+        "-o",
+        "LogLevel=ERROR",
+        "-o",
+        "ConnectTimeout=5",
+    ]
     if batch:
         argv += ["-o", "BatchMode=yes"]
     argv.append(f"{user}@127.0.0.1")

@@ -41,7 +41,9 @@ from typing import TYPE_CHECKING, Iterator, TypeVar
 
 from qemuspec import privdir
 from qemuspec.errors import LaunchError
-from qemuspec.runtime.paths import private_dir as ensure_private  # the one rule for a private directory
+from qemuspec.runtime.paths import (
+    private_dir as ensure_private,
+)  # the one rule for a private directory
 
 if TYPE_CHECKING:
     from qemuspec.runtime.paths import Layout
@@ -49,8 +51,8 @@ if TYPE_CHECKING:
 # -- file names: runtime/filenames.py, re-exported here ---------------------------------------
 from qemuspec.runtime.filenames import *  # noqa: F403
 
-LOG_LIMIT = 8 * 1024 * 1024     # a log larger than this is moved to NAME.1 (one generation kept)
-RECORD_LIMIT = 1024 * 1024      # a record larger than this is not ours
+LOG_LIMIT = 8 * 1024 * 1024  # a log larger than this is moved to NAME.1 (one generation kept)
+RECORD_LIMIT = 1024 * 1024  # a record larger than this is not ours
 
 
 # -- typed records -------------------------------------------------------------------------------
@@ -71,7 +73,15 @@ class Record:
                 continue
             value = data[f.name]
             allowed = cls.TYPES.get(f.name)  # type: ignore[attr-defined]
-            if value is not None and allowed is not None and (not isinstance(value, allowed) or isinstance(value, bool) and bool not in allowed):
+            if (
+                value is not None
+                and allowed is not None
+                and (
+                    not isinstance(value, allowed)
+                    or isinstance(value, bool)
+                    and bool not in allowed
+                )
+            ):
                 return None
             values[f.name] = value
         try:
@@ -91,56 +101,91 @@ class QemuRecord(Record):
     name: str
     pid: int
     exec_argv: list = field(default_factory=list)  # exactly what qemu was started with (identity)
-    pid_start: str | None = None                    # kernel start time of the pid (identity)
-    argv: list = field(default_factory=list)        # canonical argv (for plan's diff)
+    pid_start: str | None = None  # kernel start time of the pid (identity)
+    argv: list = field(default_factory=list)  # canonical argv (for plan's diff)
     hash: str | None = None
-    qmp: str | None = None                          # the address for people and tools (tcp: needs TLS)
-    control: str | None = None                      # the controller's unix monitor
+    qmp: str | None = None  # the address for people and tools (tcp: needs TLS)
+    control: str | None = None  # the controller's unix monitor
     qmp_client: str | None = None
     console: str | None = None
     accel: list = field(default_factory=list)
     started_at: float | None = None
     ports: list = field(default_factory=list)
     state_dir: str | None = None
-    owner: str | None = None                        # the definition file that started it
-    tls: str | None = None                          # directory of the TCP monitor's credentials
-    boot: str | None = None                         # "warm" when started from saved state, else "cold"
-    restored: dict | None = None                    # after a warm start: what was done about clock and RNG
-    TYPES = {"name": (str,), "pid": (int,), "exec_argv": (list,), "pid_start": (str,), "argv": (list,), "hash": (str,),
-             "qmp": (str,), "control": (str,), "qmp_client": (str,), "console": (str,), "accel": (list,), "started_at": _NUM,
-             "ports": (list,), "state_dir": (str,), "owner": (str,), "tls": (str,),
-             "boot": (str,), "restored": (dict,)}
+    owner: str | None = None  # the definition file that started it
+    tls: str | None = None  # directory of the TCP monitor's credentials
+    boot: str | None = None  # "warm" when started from saved state, else "cold"
+    restored: dict | None = None  # after a warm start: what was done about clock and RNG
+    TYPES = {
+        "name": (str,),
+        "pid": (int,),
+        "exec_argv": (list,),
+        "pid_start": (str,),
+        "argv": (list,),
+        "hash": (str,),
+        "qmp": (str,),
+        "control": (str,),
+        "qmp_client": (str,),
+        "console": (str,),
+        "accel": (list,),
+        "started_at": _NUM,
+        "ports": (list,),
+        "state_dir": (str,),
+        "owner": (str,),
+        "tls": (str,),
+        "boot": (str,),
+        "restored": (dict,),
+    }
 
 
 @dataclass
 class SupervisorRecord(Record):
     pid: int
-    started: str | None = None      # kernel start time of the supervisor
-    phase: str = "starting"         # starting, running, restarting, stopping
+    started: str | None = None  # kernel start time of the supervisor
+    phase: str = "starting"  # starting, running, restarting, stopping
     restarts: int = 0
     restart: str = "no"
-    attempt: int = 0                # restart attempt being waited for (phase restarting)
-    next_at: float | None = None    # wall-clock time of the next attempt
-    last_exit: str | None = None    # why qemu last ended (shown while restarting)
-    error: str | None = None        # the last write that failed (disk full, read-only, deleted)
+    attempt: int = 0  # restart attempt being waited for (phase restarting)
+    next_at: float | None = None  # wall-clock time of the next attempt
+    last_exit: str | None = None  # why qemu last ended (shown while restarting)
+    error: str | None = None  # the last write that failed (disk full, read-only, deleted)
     owner: str | None = None
     state_dir: str | None = None
-    TYPES = {"pid": (int,), "started": (str,), "phase": (str,), "restarts": (int,), "restart": (str,), "attempt": (int,),
-             "next_at": _NUM, "last_exit": (str,), "error": (str,), "owner": (str,), "state_dir": (str,)}
+    TYPES = {
+        "pid": (int,),
+        "started": (str,),
+        "phase": (str,),
+        "restarts": (int,),
+        "restart": (str,),
+        "attempt": (int,),
+        "next_at": _NUM,
+        "last_exit": (str,),
+        "error": (str,),
+        "owner": (str,),
+        "state_dir": (str,),
+    }
 
 
 @dataclass
 class ExitRecord(Record):
-    phase: str                      # stopped, crashed, failed
+    phase: str  # stopped, crashed, failed
     why: str = ""
-    reason: str = ""                # for status: "exited (code 1)", "killed (signal 9)", "guest panic", ...
+    reason: str = ""  # for status: "exited (code 1)", "killed (signal 9)", "guest panic", ...
     step: str | None = None
     code: int | None = None
     signal: int | None = None
     restarts: int = 0
     at: float | None = None
-    TYPES = {"phase": (str,), "why": (str,), "reason": (str,), "step": (str,), "code": (int,), "signal": (int,),
-             "restarts": (int,), "at": _NUM}
+    TYPES = {
+        "phase": (str,),
+        "why": (str,),
+        "reason": (str,),
+        "step": (str,),
+        "code": (int,),
+        "signal": (int,),
+        "restarts": (int,),
+        "at": _NUM,
+    }
 
 
 @dataclass
@@ -160,7 +205,9 @@ class OwnerRecord(Record):
 
 @dataclass
 class CreatedRecord(Record):
-    files: list = field(default_factory=list)  # [{"path", "dev", "ino"}]: deleted by purge only if still the same file
+    files: list = field(
+        default_factory=list
+    )  # [{"path", "dev", "ino"}]: deleted by purge only if still the same file
     TYPES = {"files": (list,)}
 
 
@@ -168,6 +215,7 @@ class CreatedRecord(Record):
 class SaveRecord(Record):
     """Written before a warm save moves any disk onto a live overlay, removed when the save is done or
     undone: while it exists, the overlays it names may hold the disks' newest writes (runtime/warm.py)."""
+
     overlays: list = field(default_factory=list)  # [{"index", "overlay", "file"}]
     at: float | None = None
     TYPES = {"overlays": (list,), "at": _NUM}
@@ -176,8 +224,9 @@ class SaveRecord(Record):
 @dataclass
 class ProvisionRecord(Record):
     """The provision steps ran for this machine life (runtime/provision.py: its disks, or its qemu)."""
+
     life: str
-    steps: str = ""                 # digest of the steps that ran
+    steps: str = ""  # digest of the steps that ran
     at: float | None = None
     TYPES = {"life": (str,), "steps": (str,), "at": _NUM}
 
@@ -222,8 +271,12 @@ def proven(state_dir: str) -> bool:
         record = read(paths.keep_dir(KEEP_OWNERS), _proof_name(state_dir), OwnerRecord)
     except (OSError, QemuspecError):
         return False
-    return (record is not None and record.dev == info.st_dev and record.ino == info.st_ino
-            and hmac.compare_digest(record.token.encode(), token.strip()))
+    return (
+        record is not None
+        and record.dev == info.st_dev
+        and record.ino == info.st_ino
+        and hmac.compare_digest(record.token.encode(), token.strip())
+    )
 
 
 def claim(state_dir: str) -> list[str]:
@@ -244,13 +297,18 @@ def claim(state_dir: str) -> list[str]:
             aside = f"untrusted-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
             os.mkdir(aside, 0o700, dir_fd=dfd)
             for name in present:
-                os.rename(name, f"{aside}/{name}", src_dir_fd=dfd, dst_dir_fd=dfd)  # a symlink moves as itself
+                os.rename(
+                    name, f"{aside}/{name}", src_dir_fd=dfd, dst_dir_fd=dfd
+                )  # a symlink moves as itself
                 moved.append(name)
         token = secrets.token_hex(16)
         privdir.write(dfd, OWNER, (token + "\n").encode())
         info = os.fstat(dfd)
-    write(paths.keep_dir(KEEP_OWNERS), _proof_name(state_dir),
-          OwnerRecord(token=token, dev=info.st_dev, ino=info.st_ino, path=os.path.abspath(state_dir)))
+    write(
+        paths.keep_dir(KEEP_OWNERS),
+        _proof_name(state_dir),
+        OwnerRecord(token=token, dev=info.st_dev, ino=info.st_ino, path=os.path.abspath(state_dir)),
+    )
     return moved
 
 
@@ -263,9 +321,11 @@ def prepare(lay: Layout) -> None:
     try:
         ensure_private(base)
     except LaunchError:  # made by another user between run_base's look and ours
-        raise LaunchError(f"{base} is not a directory of yours (another user created it, or it is a symlink): "
-                          f"set XDG_RUNTIME_DIR to a directory of your own with mode 0700 and run the command "
-                          f"again") from None
+        raise LaunchError(
+            f"{base} is not a directory of yours (another user created it, or it is a symlink): "
+            f"set XDG_RUNTIME_DIR to a directory of your own with mode 0700 and run the command "
+            f"again"
+        ) from None
     ensure_private(lay.run_dir)
 
 
@@ -302,6 +362,7 @@ def _check_parent(path: str) -> None:
 
 
 # -- records -------------------------------------------------------------------------------------
+
 
 def write(directory: str, name: str, record: Record | dict) -> None:
     """Replace ``directory/name`` atomically with the record as JSON (fsync'd; 0600)."""
@@ -342,7 +403,11 @@ def read_from(path: str, offset: int = 0, limit: int = 2 * LOG_LIMIT) -> bytes |
     nothing), in a symlinked directory or not a regular file of this user's."""
     try:
         with dirfd(os.path.dirname(path) or ".") as dfd:
-            fd = os.open(os.path.basename(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dfd)
+            fd = os.open(
+                os.path.basename(path),
+                os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                dir_fd=dfd,
+            )
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
@@ -374,12 +439,18 @@ def remove(directory: str, *names: str) -> None:
 
 # -- logs ----------------------------------------------------------------------------------------
 
+
 def open_log(directory: str, name: str, limit: int = LOG_LIMIT) -> int:
     """An append fd for a log (0600, never through a symlink); a log over ``limit`` is first moved
     to NAME.1, so logs stay bounded at about twice the limit."""
     with dirfd(directory) as dfd:
         rotate(dfd, name, limit)
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+        fd = os.open(
+            name,
+            os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+            dir_fd=dfd,
+        )
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)
@@ -408,7 +479,9 @@ def precreate(directory: str, name: str, limit: int = LOG_LIMIT) -> str:
         os.close(open_log(directory, name, limit))
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.EINVAL):
-            raise LaunchError(f"{path} is a symlink or not a regular file: qemuspec never writes through one; remove it") from None
+            raise LaunchError(
+                f"{path} is a symlink or not a regular file: qemuspec never writes through one; remove it"
+            ) from None
         raise LaunchError(f"cannot create {path}: {exc.strerror or exc}") from None
     return path
 
@@ -443,7 +516,9 @@ class CappedLog:
                     size = 0
                 if rotate_first and size:
                     os.replace(self.name, self.name + ".1", src_dir_fd=dfd, dst_dir_fd=dfd)
-                elif size > self.half:  # written by someone else (an older qemuspec's qemu): keep its end
+                elif (
+                    size > self.half
+                ):  # written by someone else (an older qemuspec's qemu): keep its end
                     fd = os.open(self.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
                     try:
                         os.lseek(fd, size - self.half, os.SEEK_SET)
@@ -457,12 +532,14 @@ class CappedLog:
             self.error = self.errno = None
         except OSError as exc:
             self._fd, self.errno = None, exc.errno
-            self.error = f"cannot write {os.path.join(self.directory, self.name)}: {exc.strerror or exc}"
+            self.error = (
+                f"cannot write {os.path.join(self.directory, self.name)}: {exc.strerror or exc}"
+            )
 
     def write(self, data: bytes) -> None:
         import time
 
-        data = data[-self.half:]  # one chunk never holds more than half the limit
+        data = data[-self.half :]  # one chunk never holds more than half the limit
         if self._fd is not None and self._size + len(data) > self.half:
             self.close()
             self._open(rotate_first=True)
@@ -475,10 +552,12 @@ class CappedLog:
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(self._fd, view):]
+                view = view[os.write(self._fd, view) :]
             self._size += len(data)
         except OSError as exc:
-            self.error = f"cannot write {os.path.join(self.directory, self.name)}: {exc.strerror or exc}"
+            self.error = (
+                f"cannot write {os.path.join(self.directory, self.name)}: {exc.strerror or exc}"
+            )
             self.close()
 
     def close(self) -> None:
@@ -489,6 +568,7 @@ class CappedLog:
 
 
 # -- files qemuspec created ----------------------------------------------------------------------
+
 
 def record_definition(state_dir: str, definition: dict) -> None:
     """Keep the resolved definition a machine was started from (its model dump), for `plan` by field."""
@@ -502,10 +582,14 @@ def note_created(state_dir: str, path: str) -> None:
         info = os.lstat(path)
     except OSError:
         return
-    claim(state_dir)  # a record in a directory not proven ours would count for nothing (reset, purge)
+    claim(
+        state_dir
+    )  # a record in a directory not proven ours would count for nothing (reset, purge)
     record = read(state_dir, CREATED, CreatedRecord) or CreatedRecord()
     entry = {"path": os.path.abspath(path), "dev": info.st_dev, "ino": info.st_ino}
-    record.files = [f for f in record.files if isinstance(f, dict) and f.get("path") != entry["path"]] + [entry]
+    record.files = [
+        f for f in record.files if isinstance(f, dict) and f.get("path") != entry["path"]
+    ] + [entry]
     write(state_dir, CREATED, record)
 
 
@@ -521,17 +605,24 @@ def created_files(state_dir: str) -> list[str]:
             info = os.lstat(entry["path"])
         except OSError:
             continue
-        if stat.S_ISREG(info.st_mode) and info.st_dev == entry.get("dev") and info.st_ino == entry.get("ino"):
+        if (
+            stat.S_ISREG(info.st_mode)
+            and info.st_dev == entry.get("dev")
+            and info.st_ino == entry.get("ino")
+        ):
             out.append(entry["path"])
     return out
 
 
 # -- the supervisor's lock -----------------------------------------------------------------------
 
+
 def hold_lock(run_dir: str, wait: bool = True) -> int:
     """Taken by the supervisor for its whole life (the fd is kept open; the kernel drops it at exit).
     With ``wait`` False, a lock someone else holds raises BlockingIOError."""
-    fd = os.open(os.path.join(run_dir, LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fd = os.open(
+        os.path.join(run_dir, LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+    )
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except BaseException:
@@ -551,7 +642,9 @@ def heartbeat_age(run_dir: str) -> float | None:
     import time
 
     try:
-        return max(0.0, time.time() - os.stat(os.path.join(run_dir, LOCK), follow_symlinks=False).st_mtime)
+        return max(
+            0.0, time.time() - os.stat(os.path.join(run_dir, LOCK), follow_symlinks=False).st_mtime
+        )
     except OSError:
         return None
 

@@ -26,20 +26,34 @@ if TYPE_CHECKING:
 UNRESPONSIVE_AFTER = 2.0  # seconds the client monitor may take to answer query-status
 
 
-def machine_status(name: str, machine: Machine | None, state_dir: str, ask_qemu: bool = True) -> dict[str, Any]:
+def machine_status(
+    name: str, machine: Machine | None, state_dir: str, ask_qemu: bool = True
+) -> dict[str, Any]:
     """One row of `status` / `ls`. ``machine`` may be None (ls: the definition is not loaded)."""
     state_dir = os.path.abspath(state_dir)
     inst = _find(name, machine, state_dir)
     sup = read_supervisor(state_dir)
     last = statedir.read(state_dir, statedir.EXIT, statedir.ExitRecord)
     rec = recorded(state_dir)
-    registry_rec = statedir.read(paths.run_dir(state_dir), statedir.MACHINE, statedir.QemuRecord)  # trusted, unlike a copy
+    registry_rec = statedir.read(
+        paths.run_dir(state_dir), statedir.MACHINE, statedir.QemuRecord
+    )  # trusted, unlike a copy
     row: dict[str, Any] = {
-        "name": name, "state": "stopped", "reason": "", "pid": None, "supervisor": sup.pid if sup else None,
-        "uptime": None, "restarts": sup.restarts if sup else (last.restarts if last else 0),
+        "name": name,
+        "state": "stopped",
+        "reason": "",
+        "pid": None,
+        "supervisor": sup.pid if sup else None,
+        "uptime": None,
+        "restarts": sup.restarts if sup else (last.restarts if last else 0),
         "restart": machine.restart if machine is not None else (sup.restart if sup else None),
-        "qmp": None, "ports": [], "accel": [], "file": (sup.owner if sup else None) or (rec.owner if rec else None),
-        "state_dir": state_dir, "error": sup.error if sup else None, "boot": None,
+        "qmp": None,
+        "ports": [],
+        "accel": [],
+        "file": (sup.owner if sup else None) or (rec.owner if rec else None),
+        "state_dir": state_dir,
+        "error": sup.error if sup else None,
+        "boot": None,
     }
     if machine is not None and machine.display.type in ("vnc", "spice"):
         from qemuspec.render import display_endpoint
@@ -50,30 +64,42 @@ def machine_status(name: str, machine: Machine | None, state_dir: str, ask_qemu:
 
         row["next_boot"] = warm.check(name, machine, state_dir).as_dict()
     if inst is not None and inst.process is not None:
-        row.update(pid=inst.process.pid, qmp=inst.qmp_address, ports=inst.ports, accel=list(inst.layout.accel), boot=inst.boot,
-                   **({"restored": inst.restored} if inst.restored else {}),
-                   uptime=round(time.time() - inst.started_at, 1) if inst.started_at else None)
+        row.update(
+            pid=inst.process.pid,
+            qmp=inst.qmp_address,
+            ports=inst.ports,
+            accel=list(inst.layout.accel),
+            boot=inst.boot,
+            **({"restored": inst.restored} if inst.restored else {}),
+            uptime=round(time.time() - inst.started_at, 1) if inst.started_at else None,
+        )
         if sup is None:
             stale = stale_supervisor(state_dir)
             policy = row["restart"] or (stale.restart if stale else None)
             row["state"], row["reason"] = "unsupervised", "its supervisor is gone: `up` adopts it"
             if policy and policy != "no":
-                row["reason"] = f"its supervisor is gone, so restart = \"{policy}\" is not enforced: `up` adopts it"
+                row["reason"] = (
+                    f'its supervisor is gone, so restart = "{policy}" is not enforced: `up` adopts it'
+                )
                 row["policy_enforced"] = False
             if stale is not None:
                 row["restarts"] = stale.restarts
             from qemuspec.runtime import warm
 
             if warm.interrupted(state_dir) is not None:
-                row["reason"] = ("its supervisor died during a warm save (the guest is stopped, its disks on live "
-                                 "overlays): `up` adopts it, finishes or undoes the save and resumes it")
+                row["reason"] = (
+                    "its supervisor died during a warm save (the guest is stopped, its disks on live "
+                    "overlays): `up` adopts it, finishes or undoes the save and resumes it"
+                )
         elif (why := hung(state_dir, sup)) is not None:
             row["state"], row["reason"] = "hung", why
         elif sup.phase == "stopping":
             row["state"], row["reason"] = "stopping", "a stop is in progress"
         elif sup.phase == "starting":
             row["state"] = "starting"
-        elif not os.path.exists(inst.layout.qmp_client) and sup.error:  # runtime directory removed and made again
+        elif (
+            not os.path.exists(inst.layout.qmp_client) and sup.error
+        ):  # runtime directory removed and made again
             row["state"] = "running"
         else:
             row["state"], row["reason"] = run_state(inst) if ask_qemu else ("running", "")
@@ -83,7 +109,9 @@ def machine_status(name: str, machine: Machine | None, state_dir: str, ask_qemu:
         if sup.phase == "restarting":
             wait = max(0.0, (sup.next_at or time.time()) - time.time())
             row["state"] = "restarting"
-            row["reason"] = f"attempt {sup.attempt}, next in {wait:.1f} s" + (f"; last run: {sup.last_exit}" if sup.last_exit else "")
+            row["reason"] = f"attempt {sup.attempt}, next in {wait:.1f} s" + (
+                f"; last run: {sup.last_exit}" if sup.last_exit else ""
+            )
             row["attempt"], row["next_in"] = sup.attempt, round(wait, 1)
         elif sup.phase == "stopping":
             row["state"], row["reason"] = "stopping", "a stop is in progress"
@@ -92,8 +120,11 @@ def machine_status(name: str, machine: Machine | None, state_dir: str, ask_qemu:
     elif stale_supervisor(state_dir) is not None or (registry_rec is not None and last is None):
         dead = stale_supervisor(state_dir)
         row["state"] = "lost"
-        row["reason"] = ("its supervisor and qemu were killed" if dead else "qemu is gone and left no exit record") + \
-            ": `up` starts it again, `down` clears the records"
+        row["reason"] = (
+            "its supervisor and qemu were killed"
+            if dead
+            else "qemu is gone and left no exit record"
+        ) + ": `up` starts it again, `down` clears the records"
         if dead:
             row["restarts"] = dead.restarts
     elif last is not None and last.phase in ("crashed", "failed"):
@@ -124,13 +155,21 @@ def run_state(inst: Instance) -> tuple[str, str]:
 
     assert inst.process is not None
     if (process_state(inst.process.pid) or "") in ("T", "t"):
-        return "unresponsive", "qemu is stopped (SIGSTOP or a debugger): `kill -CONT` it, or `down` kills it"
+        return (
+            "unresponsive",
+            "qemu is stopped (SIGSTOP or a debugger): `kill -CONT` it, or `down` kills it",
+        )
     began = time.monotonic()
     try:
-        with QMPClient.connect(f"unix:{inst.layout.qmp_client}", timeout=UNRESPONSIVE_AFTER) as client:
+        with QMPClient.connect(
+            f"unix:{inst.layout.qmp_client}", timeout=UNRESPONSIVE_AFTER
+        ) as client:
             status = client.command("query-status", timeout=UNRESPONSIVE_AFTER).get("status")
     except QemuspecError as exc:
-        return "unresponsive", f"its monitor did not answer within {time.monotonic() - began:.1f} s ({exc})"
+        return (
+            "unresponsive",
+            f"its monitor did not answer within {time.monotonic() - began:.1f} s ({exc})",
+        )
     if status in ("paused", "prelaunch", "suspended"):
         return "paused", status
     if status in ("guest-panicked", "internal-error", "io-error", "shutdown"):

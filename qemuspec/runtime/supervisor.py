@@ -33,8 +33,10 @@ if TYPE_CHECKING:
     from qemuspec.runtime.console import ConsoleProxy
     from qemuspec.spec.models import Machine
 
-HEARTBEAT = 1.0   # seconds between the supervisor's heartbeats (and checks that its runtime directory is still there)
-HUNG_AFTER = 5.0  # a supervisor whose heartbeat is older than this does not answer: status says hung
+HEARTBEAT = 1.0  # seconds between the supervisor's heartbeats (and checks that its runtime directory is still there)
+HUNG_AFTER = (
+    5.0  # a supervisor whose heartbeat is older than this does not answer: status says hung
+)
 
 
 def exit_file(state_dir: str) -> str:
@@ -50,7 +52,13 @@ def record(state_dir: str, event: str, **data: object) -> str | None:
     write is returned (not raised): a full disk must not take the supervisor down."""
     now = time.time()
     log = EventLog(os.path.join(state_dir, statedir.EVENTS))
-    log.write({"event": event, "timestamp": {"seconds": int(now), "microseconds": int((now % 1) * 1e6)}, "data": data})
+    log.write(
+        {
+            "event": event,
+            "timestamp": {"seconds": int(now), "microseconds": int((now % 1) * 1e6)},
+            "data": data,
+        }
+    )
     log.close()
     return log.error
 
@@ -72,17 +80,25 @@ def read_supervisor(state_dir: str) -> statedir.SupervisorRecord | None:
         while info is None and time.monotonic() < deadline:
             time.sleep(HEARTBEAT / 10)  # the supervisor makes a directory we cannot be told about
             info = _registered(run)
-        if info is None:  # that copy named no supervisor: a command looks again, but waits for it once
+        if (
+            info is None
+        ):  # that copy named no supervisor: a command looks again, but waits for it once
             _WAITED.add(copy)
     return info
 
 
-_WAITED: set[tuple[str, int, str | None]] = set()  # (runtime directory, pid, start time) waited for in vain
+_WAITED: set[tuple[str, int, str | None]] = (
+    set()
+)  # (runtime directory, pid, start time) waited for in vain
 
 
 def _registered(run: str) -> statedir.SupervisorRecord | None:
     info = statedir.read(run, statedir.SUPERVISOR, statedir.SupervisorRecord)
-    if info is None or info.pid not in statedir.lock_holders(run) or start_time(info.pid) != info.started:
+    if (
+        info is None
+        or info.pid not in statedir.lock_holders(run)
+        or start_time(info.pid) != info.started
+    ):
         return None
     return info
 
@@ -94,10 +110,19 @@ def _re_registering(state_dir: str, run: str) -> tuple[str, int, str | None] | N
     if os.path.exists(os.path.join(run, statedir.LOCK)):
         return None
     copy = statedir.read(state_dir, statedir.SUPERVISOR, statedir.SupervisorRecord)
-    if copy is None or not isinstance(copy.pid, int) or copy.pid <= 1 or start_time(copy.pid) != copy.started:
+    if (
+        copy is None
+        or not isinstance(copy.pid, int)
+        or copy.pid <= 1
+        or start_time(copy.pid) != copy.started
+    ):
         return None
     try:
-        return (run, copy.pid, copy.started) if os.stat(f"/proc/{copy.pid}").st_uid == os.getuid() else None
+        return (
+            (run, copy.pid, copy.started)
+            if os.stat(f"/proc/{copy.pid}").st_uid == os.getuid()
+            else None
+        )
     except OSError:
         return None
 
@@ -108,8 +133,10 @@ def hung(state_dir: str, sup: statedir.SupervisorRecord) -> str | None:
     from qemuspec.runtime.process import state as process_state
 
     if (process_state(sup.pid) or "") in ("T", "t"):
-        return (f"its supervisor (pid {sup.pid}) is stopped (SIGSTOP or a debugger): `kill -CONT {sup.pid}`, "
-                "or `down` stops the machine itself")
+        return (
+            f"its supervisor (pid {sup.pid}) is stopped (SIGSTOP or a debugger): `kill -CONT {sup.pid}`, "
+            "or `down` stops the machine itself"
+        )
     age = statedir.heartbeat_age(paths.run_dir(os.path.abspath(state_dir)))
     if age is not None and age > HUNG_AFTER:
         return f"its supervisor (pid {sup.pid}) has not answered for {age:.0f} s: `down` stops the machine itself"
@@ -127,20 +154,30 @@ def stale_supervisor(state_dir: str) -> statedir.SupervisorRecord | None:
 
 def request_stop(state_dir: str, timeout: float | None) -> None:
     """Tell the supervisor how long ACPI may take (read when it gets SIGTERM)."""
-    statedir.write(paths.run_dir(os.path.abspath(state_dir)), statedir.STOP, statedir.StopRequest(timeout))
+    statedir.write(
+        paths.run_dir(os.path.abspath(state_dir)), statedir.STOP, statedir.StopRequest(timeout)
+    )
 
 
 def clear(state_dir: str) -> None:
     """Remove a dead supervisor's records (and the runtime directory if nothing else is in it)."""
     run = paths.run_dir(os.path.abspath(state_dir))
-    statedir.remove(state_dir, statedir.SUPERVISOR, statedir.STOP)  # first: a copy without a lock is "re-registering"
+    statedir.remove(
+        state_dir, statedir.SUPERVISOR, statedir.STOP
+    )  # first: a copy without a lock is "re-registering"
     statedir.remove(run, statedir.SUPERVISOR, statedir.STOP, statedir.LOCK)
     with contextlib.suppress(OSError):
         os.rmdir(run)
 
 
-def spawn(name: str, machine: Machine, state_dir: str, adopt: bool, owner: str | None = None,
-          restarts: int = 0) -> tuple[int, int]:
+def spawn(
+    name: str,
+    machine: Machine,
+    state_dir: str,
+    adopt: bool,
+    owner: str | None = None,
+    restarts: int = 0,
+) -> tuple[int, int]:
     """Fork a detached supervisor; returns (pid, fd of the progress pipe to read). ``restarts``: the
     count a re-adopting supervisor carries on from its dead predecessor's."""
     statedir.claim(state_dir)  # proven ours before anything is written there
@@ -183,8 +220,15 @@ def _grandchild_pid(fd: int) -> int:
     return int(line)
 
 
-def _run(name: str, machine: Machine, state_dir: str, adopt: bool, progress_fd: int, owner: str | None,
-         restarts: int = 0) -> int:
+def _run(
+    name: str,
+    machine: Machine,
+    state_dir: str,
+    adopt: bool,
+    progress_fd: int,
+    owner: str | None,
+    restarts: int = 0,
+) -> int:
     """In the supervisor process."""
     devnull = os.open(os.devnull, os.O_RDWR)
     try:
@@ -227,7 +271,14 @@ class _Tolerant:
 
 
 class Supervisor:
-    def __init__(self, name: str, machine: Machine, state_dir: str, progress_fd: int | None, owner: str | None = None):
+    def __init__(
+        self,
+        name: str,
+        machine: Machine,
+        state_dir: str,
+        progress_fd: int | None,
+        owner: str | None = None,
+    ):
         self.name = name
         self.machine = machine
         self.state_dir = os.path.abspath(state_dir)
@@ -251,7 +302,9 @@ class Supervisor:
         self.attempt = 0
         self.proxy: ConsoleProxy | None = None
         self._registry_lock = threading.Lock()
-        self.finishing = False  # set once _finish clears the registry: nothing is made again after that
+        self.finishing = (
+            False  # set once _finish clears the registry: nothing is made again after that
+        )
 
     @property
     def restarts(self) -> int:
@@ -263,7 +316,10 @@ class Supervisor:
         if self.progress_fd is None:
             return
         try:
-            os.write(self.progress_fd, (json.dumps({"name": self.name, "status": status, **data}) + "\n").encode())
+            os.write(
+                self.progress_fd,
+                (json.dumps({"name": self.name, "status": status, **data}) + "\n").encode(),
+            )
         except OSError:
             pass
         if status in ("ready", "failed"):
@@ -301,7 +357,9 @@ class Supervisor:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         paths.private_dir(os.path.dirname(self.run_dir))
         paths.private_dir(self.run_dir)
-        self.lock_fd = statedir.hold_lock(self.run_dir)  # held until this process ends, whatever ends it
+        self.lock_fd = statedir.hold_lock(
+            self.run_dir
+        )  # held until this process ends, whatever ends it
         self.phase("starting")
         threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
         statedir.remove(self.state_dir, statedir.EXIT)
@@ -309,10 +367,14 @@ class Supervisor:
         while True:
             began = time.monotonic()
             started = self._adopt() if (first and adopt) else self._start()
-            if not started and self.stop_requested:  # `down` during the start: a stop, not a failure
+            if (
+                not started and self.stop_requested
+            ):  # `down` during the start: a stop, not a failure
                 return self._finish("stopped", ending(None, None, stopped=True))
             if not started and first:
-                return self._finish("failed", self.last or Ending(True, "never became ready"))  # `up` reports it; no retry loop
+                return self._finish(
+                    "failed", self.last or Ending(True, "never became ready")
+                )  # `up` reports it; no retry loop
             first = False
             end = self._watch() if started else (self.last or Ending(True, "launch failed"))
             self.last = end
@@ -322,7 +384,13 @@ class Supervisor:
             if decision is None:
                 return self._finish("crashed" if end.failure else "stopped", end)
             self.next_at = time.time() + decision.delay
-            self.event("QEMUSPEC_RESTART", reason="failure" if end.failure else "clean", why=end.reason, delay=decision.delay, restarts=decision.attempt)
+            self.event(
+                "QEMUSPEC_RESTART",
+                reason="failure" if end.failure else "clean",
+                why=end.reason,
+                delay=decision.delay,
+                restarts=decision.attempt,
+            )
             self.phase("restarting", attempt=decision.attempt)
             if self._sleep(decision.delay):
                 return self._finish("stopped", ending(None, None, stopped=True))
@@ -360,7 +428,10 @@ class Supervisor:
                 try:
                     self._re_register()
                 except Exception as exc:  # the next beat tries again
-                    print(f"supervisor: cannot make its runtime directory again: {exc}", file=sys.stderr)
+                    print(
+                        f"supervisor: cannot make its runtime directory again: {exc}",
+                        file=sys.stderr,
+                    )
                     continue
             statedir.beat(self.lock_fd)
 
@@ -374,7 +445,9 @@ class Supervisor:
                 return
             paths.private_dir(os.path.dirname(self.run_dir))
             paths.private_dir(self.run_dir)
-            fd = statedir.hold_lock(self.run_dir, wait=False)  # BlockingIOError: another took it; retried
+            fd = statedir.hold_lock(
+                self.run_dir, wait=False
+            )  # BlockingIOError: another took it; retried
             old, self.lock_fd = self.lock_fd, fd
             if old is not None:
                 os.close(old)
@@ -383,9 +456,11 @@ class Supervisor:
                 inst.write_state()
             if self.proxy is not None:
                 self.proxy.rebind()
-            self.error = (f"its runtime directory {self.run_dir} was removed at {time.strftime('%H:%M:%S')} and made "
-                          "again; the tool monitor and agent sockets qemu had there are gone until it restarts "
-                          "(`qemuspec restart`)")
+            self.error = (
+                f"its runtime directory {self.run_dir} was removed at {time.strftime('%H:%M:%S')} and made "
+                "again; the tool monitor and agent sockets qemu had there are gone until it restarts "
+                "(`qemuspec restart`)"
+            )
             print(f"supervisor: {self.error}", file=sys.stderr)
             self.phase(self.current_phase, self.attempt)
             self.event("QEMUSPEC_REREGISTERED", run_dir=self.run_dir)
@@ -414,10 +489,18 @@ class Supervisor:
         and shown by status."""
         self.current_phase, self.attempt = phase, attempt
         rec = statedir.SupervisorRecord(
-            pid=os.getpid(), started=start_time(os.getpid()), phase=phase, restarts=self.restarts,
-            restart=self.machine.restart, attempt=attempt, next_at=self.next_at,
-            last_exit=self.last.reason if self.last else None, error=self.error, owner=self.owner,
-            state_dir=self.state_dir)
+            pid=os.getpid(),
+            started=start_time(os.getpid()),
+            phase=phase,
+            restarts=self.restarts,
+            restart=self.machine.restart,
+            attempt=attempt,
+            next_at=self.next_at,
+            last_exit=self.last.reason if self.last else None,
+            error=self.error,
+            owner=self.owner,
+            state_dir=self.state_dir,
+        )
         try:  # the copy first, so the authoritative record below already says whether it failed
             statedir.ensure_private(self.state_dir)
             statedir.write(self.state_dir, statedir.SUPERVISOR, rec)
@@ -465,13 +548,23 @@ class Supervisor:
             self.tell("starting")
             inst.launch(restore=restore)
             assert inst.process is not None
-            self.event("QEMUSPEC_LAUNCHED", pid=inst.process.pid, restarts=self.restarts, accel=list(inst.layout.accel),
-                       boot=inst.boot, **({"why": cold_why} if cold_why else {}),
-                       **({"kvm_failed": inst.kvm_failure.split("\n", 1)[0]} if inst.kvm_failure else {}))
+            self.event(
+                "QEMUSPEC_LAUNCHED",
+                pid=inst.process.pid,
+                restarts=self.restarts,
+                accel=list(inst.layout.accel),
+                boot=inst.boot,
+                **({"why": cold_why} if cold_why else {}),
+                **({"kvm_failed": inst.kvm_failure.split("\n", 1)[0]} if inst.kvm_failure else {}),
+            )
             self._serve_console(inst)
-            self.tell("waiting", pid=inst.process.pid, boot=inst.boot, accel=list(inst.layout.accel))
+            self.tell(
+                "waiting", pid=inst.process.pid, boot=inst.boot, accel=list(inst.layout.accel)
+            )
             owning = None
-            if restore:  # clock and RNG through the agent, while the probes run (ready waits for both)
+            if (
+                restore
+            ):  # clock and RNG through the agent, while the probes run (ready waits for both)
                 from concurrent.futures import ThreadPoolExecutor
 
                 from qemuspec.runtime import warm
@@ -484,7 +577,12 @@ class Supervisor:
                 done = owning.result()
                 inst.restored = done
                 inst.write_state()
-                self.event("QEMUSPEC_RESTORED", pid=inst.process.pid, seconds=round(time.monotonic() - began, 3), **done)
+                self.event(
+                    "QEMUSPEC_RESTORED",
+                    pid=inst.process.pid,
+                    seconds=round(time.monotonic() - began, 3),
+                    **done,
+                )
         except Exception as exc:  # a bug must reach the user as a failure, not a silent exit
             if restore:
                 detail = self.restore_error = str(exc).split("\n", 1)[0]
@@ -495,10 +593,14 @@ class Supervisor:
                 return False
             if isinstance(exc, QemuspecError):
                 detail = str(exc)
-            elif isinstance(exc, OSError):  # a state directory made read-only or full under a restart
+            elif isinstance(
+                exc, OSError
+            ):  # a state directory made read-only or full under a restart
                 where = f" {exc.filename}" if exc.filename else ""
-                detail = (f"machine {self.name} cannot start: cannot write{where}: {exc.strerror or exc}: "
-                          f"make {self.state_dir} writable (or choose another state directory with --state-dir)")
+                detail = (
+                    f"machine {self.name} cannot start: cannot write{where}: {exc.strerror or exc}: "
+                    f"make {self.state_dir} writable (or choose another state directory with --state-dir)"
+                )
             else:
                 detail = f"machine {self.name}: internal error: {type(exc).__name__}: {exc} (details in supervisor.log)"
             if not isinstance(exc, (QemuspecError, OSError)):
@@ -508,8 +610,13 @@ class Supervisor:
             first_line = detail.split("\n", 1)[0]
             self.event("QEMUSPEC_FAILED", error=first_line)
             probe, why = getattr(exc, "probe", None), getattr(exc, "why", None)
-            self.last = Ending(True, f"never became ready ({why + '; ' if why else ''}probe {probe}, after "
-                               f"{time.monotonic() - began:.1f} s)" if probe else f"failed to start: {first_line}")
+            self.last = Ending(
+                True,
+                f"never became ready ({why + '; ' if why else ''}probe {probe}, after "
+                f"{time.monotonic() - began:.1f} s)"
+                if probe
+                else f"failed to start: {first_line}",
+            )
             self.tell("failed", detail=detail)
             self._unserve_console()
             inst.kill()
@@ -524,16 +631,32 @@ class Supervisor:
         if not inst.running():  # died during the save: a failure, never "started"
             code = inst.wait(5)
             why = f"qemu exited during the warm save ({ending(code, None).reason})"
-            detail = f"machine {self.name}: {why}" + (f"; the save: {save_failed}" if save_failed else "")
+            detail = f"machine {self.name}: {why}" + (
+                f"; the save: {save_failed}" if save_failed else ""
+            )
             self.event("QEMUSPEC_FAILED", error=detail)
             self.last = Ending(True, why, code)
             self.tell("failed", detail=detail)
             return False
         self.phase("running")
-        self.event("QEMUSPEC_READY", pid=inst.process.pid, seconds=round(seconds, 3), restarts=self.restarts, boot=inst.boot)
-        self.tell("ready", pid=inst.process.pid, seconds=seconds, ports=inst.ports, boot=inst.boot, saved=saved, accel=list(inst.layout.accel),
-                  **({"save_failed": save_failed} if save_failed else {}),
-                  **({"kvm_failed": inst.kvm_failure.split("\n", 1)[0]} if inst.kvm_failure else {}))
+        self.event(
+            "QEMUSPEC_READY",
+            pid=inst.process.pid,
+            seconds=round(seconds, 3),
+            restarts=self.restarts,
+            boot=inst.boot,
+        )
+        self.tell(
+            "ready",
+            pid=inst.process.pid,
+            seconds=seconds,
+            ports=inst.ports,
+            boot=inst.boot,
+            saved=saved,
+            accel=list(inst.layout.accel),
+            **({"save_failed": save_failed} if save_failed else {}),
+            **({"kvm_failed": inst.kvm_failure.split("\n", 1)[0]} if inst.kvm_failure else {}),
+        )
         return True
 
     def _save(self, inst: Instance) -> tuple[dict | None, str | None]:
@@ -588,8 +711,15 @@ class Supervisor:
         self.phase("running")
         assert inst.process is not None
         self.event("QEMUSPEC_ADOPTED", pid=inst.process.pid)
-        self.tell("ready", pid=inst.process.pid, seconds=0.0, ports=inst.ports, adopted=True,
-                  accel=list(inst.layout.accel), **({"recovered": finished} if finished else {}))
+        self.tell(
+            "ready",
+            pid=inst.process.pid,
+            seconds=0.0,
+            ports=inst.ports,
+            adopted=True,
+            accel=list(inst.layout.accel),
+            **({"recovered": finished} if finished else {}),
+        )
         return True
 
     def _on_panic(self, event: dict) -> None:
@@ -610,11 +740,15 @@ class Supervisor:
                     self.event("QEMUSPEC_STOPPING", pid=inst.process.pid)
                     result = inst.stop(self._requested_timeout())
                     self.stop_step = result.step
-                    self.event("QEMUSPEC_STOPPED", step=result.step, seconds=round(result.seconds, 3))
+                    self.event(
+                        "QEMUSPEC_STOPPED", step=result.step, seconds=round(result.seconds, 3)
+                    )
                     return ending(result.returncode, None, stopped=True)
                 if self.panicked:
                     inst.quit()
-                    self.event("QEMUSPEC_EXITED", code=inst.process.returncode, reason="guest-panic")
+                    self.event(
+                        "QEMUSPEC_EXITED", code=inst.process.returncode, reason="guest-panic"
+                    )
                     return ending(inst.process.returncode, None, panicked=True)
                 if pidfd in ready:
                     break
@@ -650,9 +784,20 @@ class Supervisor:
         self._unserve_console()
         try:
             statedir.ensure_private(self.state_dir)
-            statedir.write(self.state_dir, statedir.EXIT, statedir.ExitRecord(
-                phase=phase, why=end.reason, reason=end.reason, step=self.stop_step, code=end.code, signal=end.signal,
-                restarts=self.restarts, at=time.time()))
+            statedir.write(
+                self.state_dir,
+                statedir.EXIT,
+                statedir.ExitRecord(
+                    phase=phase,
+                    why=end.reason,
+                    reason=end.reason,
+                    step=self.stop_step,
+                    code=end.code,
+                    signal=end.signal,
+                    restarts=self.restarts,
+                    at=time.time(),
+                ),
+            )
         except (OSError, QemuspecError) as exc:
             print(f"supervisor: cannot record how the machine ended: {exc}", file=sys.stderr)
         with self._registry_lock:

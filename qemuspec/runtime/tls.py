@@ -31,9 +31,9 @@ DAYS = "3650"
 EXTENSIONS = {
     "ca": "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n",
     "server": "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
-              "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1\n",
+    "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1\n",
     "client": "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
-              "extendedKeyUsage=clientAuth\n",
+    "extendedKeyUsage=clientAuth\n",
 }
 
 
@@ -43,8 +43,10 @@ def ensure(path: str) -> str:
         return path
     openssl = shutil.which("openssl")
     if openssl is None:
-        raise LaunchError('qmp.transport = "tcp" needs the openssl command to make the monitor\'s TLS certificates: '
-                          'install it (Debian: apt-get install openssl), or use the default unix transport')
+        raise LaunchError(
+            'qmp.transport = "tcp" needs the openssl command to make the monitor\'s TLS certificates: '
+            "install it (Debian: apt-get install openssl), or use the default unix transport"
+        )
     statedir.ensure_private(path)
     old = os.umask(0o077)
     try:
@@ -53,16 +55,64 @@ def ensure(path: str) -> str:
         for kind, text in EXTENSIONS.items():
             with open(os.path.join(path, statedir.tls_scratch(kind)[1]), "x") as f:
                 f.write(text)
-        _run(openssl, path, "req", "-x509", *CURVE, "-keyout", CA_KEY, "-out", CA_CERT, "-days", DAYS,
-             "-subj", "/CN=qemuspec monitor CA", "-config", "/dev/null",
-             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+        _run(
+            openssl,
+            path,
+            "req",
+            "-x509",
+            *CURVE,
+            "-keyout",
+            CA_KEY,
+            "-out",
+            CA_CERT,
+            "-days",
+            DAYS,
+            "-subj",
+            "/CN=qemuspec monitor CA",
+            "-config",
+            "/dev/null",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        )
         for kind, subject in (("server", "/CN=127.0.0.1"), ("client", "/CN=qemuspec client")):
             csr, ext = statedir.tls_scratch(kind)
-            _run(openssl, path, "req", "-new", *CURVE, "-keyout", statedir.tls_key(kind), "-out", csr, "-subj", subject,
-                 "-config", "/dev/null")
-            _run(openssl, path, "x509", "-req", "-in", csr, "-CA", CA_CERT, "-CAkey", CA_KEY,
-                 "-set_serial", str(int.from_bytes(os.urandom(8), "big")), "-days", DAYS,
-                 "-out", statedir.tls_cert(kind), "-extfile", ext)
+            _run(
+                openssl,
+                path,
+                "req",
+                "-new",
+                *CURVE,
+                "-keyout",
+                statedir.tls_key(kind),
+                "-out",
+                csr,
+                "-subj",
+                subject,
+                "-config",
+                "/dev/null",
+            )
+            _run(
+                openssl,
+                path,
+                "x509",
+                "-req",
+                "-in",
+                csr,
+                "-CA",
+                CA_CERT,
+                "-CAkey",
+                CA_KEY,
+                "-set_serial",
+                str(int.from_bytes(os.urandom(8), "big")),
+                "-days",
+                DAYS,
+                "-out",
+                statedir.tls_cert(kind),
+                "-extfile",
+                ext,
+            )
     finally:
         os.umask(old)
         for name in (CA_KEY, *(n for kind in EXTENSIONS for n in statedir.tls_scratch(kind))):
@@ -74,9 +124,18 @@ def ensure(path: str) -> str:
 
 
 def _run(openssl: str, cwd: str, *args: str) -> None:
-    result = subprocess.run([openssl, *args], cwd=cwd, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    result = subprocess.run(
+        [openssl, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
     if result.returncode != 0:
-        raise LaunchError(f"openssl {args[0]} failed making the TCP monitor's certificates: {result.stderr.strip()[-500:]}")
+        raise LaunchError(
+            f"openssl {args[0]} failed making the TCP monitor's certificates: {result.stderr.strip()[-500:]}"
+        )
 
 
 def client_context(tls_dir: str):
@@ -85,6 +144,8 @@ def client_context(tls_dir: str):
 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.load_verify_locations(os.path.join(tls_dir, CA_CERT))
-    ctx.load_cert_chain(os.path.join(tls_dir, statedir.tls_cert("client")),
-                        os.path.join(tls_dir, statedir.tls_key("client")))
+    ctx.load_cert_chain(
+        os.path.join(tls_dir, statedir.tls_cert("client")),
+        os.path.join(tls_dir, statedir.tls_key("client")),
+    )
     return ctx

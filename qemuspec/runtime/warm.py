@@ -56,7 +56,9 @@ FORMAT = 2  # 2: the key carries the memory file's sha256
 FD_NAME = "qemuspec-warm"
 SAVE_TIMEOUT = 300.0
 COMMIT_TIMEOUT = 120.0  # an active commit of a live overlay back into its disk
-VMGENID_BOUND = "/sys/bus/acpi/devices/QEMUVGID:00/driver"  # a directory only while the driver is bound
+VMGENID_BOUND = (
+    "/sys/bus/acpi/devices/QEMUVGID:00/driver"  # a directory only while the driver is bound
+)
 
 
 def warm_dir(state_dir: str) -> str:
@@ -82,8 +84,10 @@ def interrupted(state_dir: str) -> "statedir.SaveRecord | None":
     return statedir.read(warm_dir(state_dir), statedir.SAVING, statedir.SaveRecord)
 
 
-DISK_WRITES = ("writes to its disks last only until `down`: every start restores the disks as they were at the save "
-               "(keep data on a machine without warm = true)")
+DISK_WRITES = (
+    "writes to its disks last only until `down`: every start restores the disks as they were at the save "
+    "(keep data on a machine without warm = true)"
+)
 
 
 def disk_writes(machine: "Machine") -> str | None:
@@ -105,7 +109,11 @@ class Verdict:
         return "warm" if self.warm else "cold"
 
     def as_dict(self) -> dict:
-        return {"boot": self.boot, "why": self.why, **({"disk_writes": self.disk_writes} if self.disk_writes else {})}
+        return {
+            "boot": self.boot,
+            "why": self.why,
+            **({"disk_writes": self.disk_writes} if self.disk_writes else {}),
+        }
 
 
 def _identity(path: str) -> list[int] | None:
@@ -130,7 +138,9 @@ def _inputs(machine: "Machine") -> list[str]:
     return [os.path.abspath(f) for f in files if f]
 
 
-def key_argv(name: str, machine: "Machine", state_dir: str, accels: tuple[str, ...] | None = None) -> list[str]:
+def key_argv(
+    name: str, machine: "Machine", state_dir: str, accels: tuple[str, ...] | None = None
+) -> list[str]:
     """The command line saved state is valid for: the machine's own layout (paths.machine_layout), on
     the accelerators it ran with (``accels``) or would start with now (None)."""
     from qemuspec.render import render
@@ -143,7 +153,9 @@ def key_argv(name: str, machine: "Machine", state_dir: str, accels: tuple[str, .
 def unsupported(machine: "Machine") -> str | None:
     """Why this machine cannot be warm-started at all, if it cannot."""
     if machine.firmware.type == "uefi":
-        return "UEFI machines are not warm-started (the variable store is not frozen with the disks)"
+        return (
+            "UEFI machines are not warm-started (the variable store is not frozen with the disks)"
+        )
     if machine.shares:
         return "machines with shares are not warm-started (9p and virtiofs state cannot be saved)"
     return None
@@ -155,7 +167,11 @@ def read(state_dir: str) -> dict | None:
     from qemuspec.runtime import statedir
 
     proven = statedir.proven(state_dir)
-    data = statedir.read_bytes(warm_dir(state_dir), statedir.WARM_KEY, statedir.RECORD_LIMIT) if proven else None
+    data = (
+        statedir.read_bytes(warm_dir(state_dir), statedir.WARM_KEY, statedir.RECORD_LIMIT)
+        if proven
+        else None
+    )
     try:
         record = json.loads(data) if data is not None else None
     except (ValueError, RecursionError):
@@ -163,29 +179,41 @@ def read(state_dir: str) -> dict | None:
     return record if isinstance(record, dict) and record.get("format") == FORMAT else None
 
 
-def check(name: str, machine: "Machine", state_dir: str, accels: tuple[str, ...] | None = None) -> Verdict:
+def check(
+    name: str, machine: "Machine", state_dir: str, accels: tuple[str, ...] | None = None
+) -> Verdict:
     """Would the next start of this machine restore its saved state, and why (not)."""
     verdict = _check(name, machine, state_dir, accels)
     verdict.disk_writes = disk_writes(machine)
     return verdict
 
 
-def _check(name: str, machine: "Machine", state_dir: str, accels: tuple[str, ...] | None) -> Verdict:
+def _check(
+    name: str, machine: "Machine", state_dir: str, accels: tuple[str, ...] | None
+) -> Verdict:
     if not machine.warm:
         return Verdict(False, "warm start is off (warm = true, or up --warm)")
     reason = unsupported(machine)
     if reason:
         return Verdict(False, reason)
     if interrupted(state_dir) is not None:
-        return Verdict(False, "a save was interrupted: the next start commits its live overlays into the disks "
-                              "and boots cold")
+        return Verdict(
+            False,
+            "a save was interrupted: the next start commits its live overlays into the disks "
+            "and boots cold",
+        )
     record = read(state_dir)
     if record is None:
         return Verdict(False, "no saved state yet: this start saves one once the machine is ready")
     if record.get("argv") != key_argv(name, machine, state_dir, accels):
-        return Verdict(False, "the definition changed since the save (rendered command line differs)")
+        return Verdict(
+            False, "the definition changed since the save (rendered command line differs)"
+        )
     if record.get("qemu") != _qemu_identity(machine.qemu):
-        return Verdict(False, f"the qemu binary changed since the save (was {record.get('qemu_version') or 'another build'})")
+        return Verdict(
+            False,
+            f"the qemu binary changed since the save (was {record.get('qemu_version') or 'another build'})",
+        )
     saved_files = record.get("files") or {}
     for path in _inputs(machine):
         if saved_files.get(path) != _identity(path):
@@ -215,7 +243,9 @@ def discard(state_dir: str) -> None:
     if interrupted(state_dir) is None:
         shutil.rmtree(warm_dir(state_dir), ignore_errors=True)  # refuses a symlink; fd-based inside
         return
-    statedir.remove(warm_dir(state_dir), statedir.WARM_MEMORY, statedir.WARM_MEMORY + statedir.TMP_SUFFIX)
+    statedir.remove(
+        warm_dir(state_dir), statedir.WARM_MEMORY, statedir.WARM_MEMORY + statedir.TMP_SUFFIX
+    )
 
 
 def digest(fd: int) -> str:
@@ -235,8 +265,10 @@ def verify(state_dir: str, fd: int) -> None:
     for; else the state is refused (the caller discards it and boots cold)."""
     record = read(state_dir) or {}
     if digest(fd) != record.get("memory_sha256"):
-        raise QemuspecError(f"{memory_file(state_dir)} does not match the sha256 digest saved with its key "
-                            "(changed or damaged since the save)")
+        raise QemuspecError(
+            f"{memory_file(state_dir)} does not match the sha256 digest saved with its key "
+            "(changed or damaged since the save)"
+        )
 
 
 # -- save ---------------------------------------------------------------------------------------
@@ -287,11 +319,17 @@ def save(inst: "Instance") -> dict:
     from qemuspec.runtime import statedir
 
     machine, state_dir = inst.machine, inst.state_dir
-    if interrupted(state_dir) is not None:  # its overlays may hold writes: a new snapshot would overwrite them
-        raise QemuspecError(f"machine {inst.name}: an earlier save was interrupted and its overlays were not "
-                            "committed yet (the next start does that); no state saved")
+    if (
+        interrupted(state_dir) is not None
+    ):  # its overlays may hold writes: a new snapshot would overwrite them
+        raise QemuspecError(
+            f"machine {inst.name}: an earlier save was interrupted and its overlays were not "
+            "committed yet (the next start does that); no state saved"
+        )
     discard(state_dir)
-    statedir.ensure_private(warm_dir(state_dir))  # a planted `warm -> elsewhere` is refused, not written through
+    statedir.ensure_private(
+        warm_dir(state_dir)
+    )  # a planted `warm -> elsewhere` is refused, not written through
     began = time.monotonic()
     tmp = memory_file(state_dir) + statedir.TMP_SUFFIX
     saving = statedir.SaveRecord(overlays=[], at=time.time())
@@ -308,15 +346,32 @@ def save(inst: "Instance") -> dict:
             for index, disk in enumerate(machine.disks):
                 if not disk.readonly:
                     overlay = live_disk(state_dir, index)
-                    qmp.command("blockdev-snapshot-sync",
-                                {"device": _drive(index, disk), "snapshot-file": overlay, "format": "qcow2"})
-                    saving.overlays.append({"index": index, "overlay": overlay, "file": os.path.abspath(disk.file),
-                                            "id": _file_identity(overlay)})
+                    qmp.command(
+                        "blockdev-snapshot-sync",
+                        {
+                            "device": _drive(index, disk),
+                            "snapshot-file": overlay,
+                            "format": "qcow2",
+                        },
+                    )
+                    saving.overlays.append(
+                        {
+                            "index": index,
+                            "overlay": overlay,
+                            "file": os.path.abspath(disk.file),
+                            "id": _file_identity(overlay),
+                        }
+                    )
                     statedir.write(warm_dir(state_dir), statedir.SAVING, saving)
             _hold("snapshot")
-            qmp.command("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
+            qmp.command(
+                "migrate-set-capabilities",
+                {"capabilities": [{"capability": "events", "state": True}]},
+            )
             qmp.command("migrate-set-parameters", {"max-bandwidth": 1 << 40})
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            fd = os.open(
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
+            )
             try:
                 qmp.command("getfd", {"fdname": FD_NAME}, fds=(fd,))
             finally:
@@ -324,23 +379,38 @@ def save(inst: "Instance") -> dict:
             mark = qmp.event_count
             qmp.command("migrate", {"uri": f"fd:{FD_NAME}"})
             _hold("migrating")
-            event = qmp.wait_for("MIGRATION", SAVE_TIMEOUT, lambda e: e["data"].get("status") in ("completed", "failed", "cancelled"), since=mark)
+            event = qmp.wait_for(
+                "MIGRATION",
+                SAVE_TIMEOUT,
+                lambda e: e["data"].get("status") in ("completed", "failed", "cancelled"),
+                since=mark,
+            )
             if event["data"]["status"] != "completed":
                 error = qmp.command("query-migrate").get("error-desc", event["data"]["status"])
                 raise QemuspecError(f"qemu could not save machine {inst.name}: {error}")
             os.replace(tmp, memory_file(state_dir))
-            files = {path: _identity(path) for path in _inputs(machine)}  # disks are flushed and frozen now
+            files = {
+                path: _identity(path) for path in _inputs(machine)
+            }  # disks are flushed and frozen now
             rfd = os.open(memory_file(state_dir), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
             try:
                 size, sha = os.fstat(rfd).st_size, digest(rfd)
             finally:
                 os.close(rfd)
             record = {
-                "format": FORMAT, "saved_at": time.time(), "argv": key_argv(inst.name, machine, state_dir, inst.layout.accel),
-                "qemu": _qemu_identity(machine.qemu), "qemu_version": qemu_version, "files": files,
-                "memory_bytes": size, "memory_sha256": sha, "memory_mib": machine.memory,
+                "format": FORMAT,
+                "saved_at": time.time(),
+                "argv": key_argv(inst.name, machine, state_dir, inst.layout.accel),
+                "qemu": _qemu_identity(machine.qemu),
+                "qemu_version": qemu_version,
+                "files": files,
+                "memory_bytes": size,
+                "memory_sha256": sha,
+                "memory_mib": machine.memory,
             }
-            statedir.write(os.path.dirname(key_file(state_dir)), os.path.basename(key_file(state_dir)), record)
+            statedir.write(
+                os.path.dirname(key_file(state_dir)), os.path.basename(key_file(state_dir)), record
+            )
         except BaseException as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -350,14 +420,16 @@ def save(inst: "Instance") -> dict:
                 _reactivate(qmp, machine)
             left = roll_back(qmp, machine, state_dir)  # before `cont`, unless reactivated
             if isinstance(exc, Exception):
-                where = ("; ".join(left) if left else "the disks are back on their own files")
+                where = "; ".join(left) if left else "the disks are back on their own files"
                 raise QemuspecError(f"{str(exc).split(chr(10), 1)[0]} ({where})") from None
             raise
         finally:
             with contextlib.suppress(QemuspecError):
                 if not machine.paused:
                     qmp.command("cont")
-    statedir.remove(warm_dir(state_dir), statedir.SAVING)  # done: the overlays hold only what a restore discards
+    statedir.remove(
+        warm_dir(state_dir), statedir.SAVING
+    )  # done: the overlays hold only what a restore discards
     return {"seconds": round(time.monotonic() - began, 3), "bytes": size}
 
 
@@ -377,12 +449,16 @@ def roll_back(qmp: "QMPClient", machine: "Machine", state_dir: str) -> list[str]
             try:
                 _commit_active(qmp, _drive(index, disk), os.path.abspath(disk.file), index)
             except QemuspecError as exc:
-                left.append(f"disk {index} stays on {overlay} ({exc}); its writes are committed into {disk.file} "
-                            "at the next start")
+                left.append(
+                    f"disk {index} stays on {overlay} ({exc}); its writes are committed into {disk.file} "
+                    "at the next start"
+                )
         in_use = _open_files(qmp)
     except QemuspecError as exc:  # qemu is gone or does not answer: keep everything for recover()
-        return [f"the disks could not be moved back ({exc}); warm/live-disk*.qcow2 are committed into them "
-                "at the next start"]
+        return [
+            f"the disks could not be moved back ({exc}); warm/live-disk*.qcow2 are committed into them "
+            "at the next start"
+        ]
     for index, disk in enumerate(machine.disks):
         overlay = live_disk(state_dir, index)
         if overlay not in in_use:
@@ -412,19 +488,28 @@ def _active_file(qmp: "QMPClient", drive: str) -> str | None:
 
 def _open_files(qmp: "QMPClient") -> set[str]:
     """Every image file in qemu's block graph (active layers and their backing files)."""
-    return {node.get("file") for node in qmp.command("query-named-block-nodes", {"flat": True}) if node.get("file")}
+    return {
+        node.get("file")
+        for node in qmp.command("query-named-block-nodes", {"flat": True})
+        if node.get("file")
+    }
 
 
 def _commit_active(qmp: "QMPClient", drive: str, base_file: str, index: int) -> None:
     """Commit a drive's active layer into ``base_file`` (named by node, so nothing below it, such as a
     declared base image, is ever written) and pivot the drive onto it."""
     nodes = qmp.command("query-named-block-nodes", {"flat": True})
-    base = [n["node-name"] for n in nodes if n.get("file") == base_file and n.get("drv") not in ("file", "host_device")]
+    base = [
+        n["node-name"]
+        for n in nodes
+        if n.get("file") == base_file and n.get("drv") not in ("file", "host_device")
+    ]
     if not base:
         raise QemuspecError(f"{base_file} is not in qemu's block graph")
     job = f"qemuspec-commit{index}"
     mark = qmp.event_count
     qmp.command("block-commit", {"job-id": job, "device": drive, "base-node": base[0]})
+
     def job_event(*names: str) -> dict:
         wanted = lambda e: e["event"] in names and e["data"].get("device") == job  # noqa: E731
         return qmp.wait_for("*", COMMIT_TIMEOUT, wanted, since=mark)
@@ -434,7 +519,9 @@ def _commit_active(qmp: "QMPClient", drive: str, base_file: str, index: int) -> 
         qmp.command("block-job-complete", {"device": job})
         ready = job_event("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
     if ready["event"] != "BLOCK_JOB_COMPLETED" or ready["data"].get("error"):
-        raise QemuspecError(f"block-commit did not complete: {ready['data'].get('error') or ready['event']}")
+        raise QemuspecError(
+            f"block-commit did not complete: {ready['data'].get('error') or ready['event']}"
+        )
 
 
 def finish_interrupted(inst: "Instance") -> str | None:
@@ -446,21 +533,31 @@ def finish_interrupted(inst: "Instance") -> str | None:
     from qemuspec.runtime import statedir
 
     qmp, state_dir = inst.qmp, inst.state_dir
-    if qmp.command("query-migrate").get("status") in ("setup", "active", "pre-switchover", "device", "cancelling"):
+    if qmp.command("query-migrate").get("status") in (
+        "setup",
+        "active",
+        "pre-switchover",
+        "device",
+        "cancelling",
+    ):
         mark = qmp.event_count
         qmp.command("migrate_cancel")
         with contextlib.suppress(QemuspecError):
             ended = lambda e: e["data"].get("status") in ("completed", "failed", "cancelled")  # noqa: E731
             qmp.wait_for("MIGRATION", SAVE_TIMEOUT, ended, since=mark)
     record = read(state_dir)
-    if record is not None and (_identity(memory_file(state_dir)) or [0, 0, -1])[2] == record.get("memory_bytes"):
+    if record is not None and (_identity(memory_file(state_dir)) or [0, 0, -1])[2] == record.get(
+        "memory_bytes"
+    ):
         statedir.remove(warm_dir(state_dir), statedir.SAVING)
         done = "the interrupted save had finished: kept"
     else:
         discard(state_dir)
         _reactivate(qmp, inst.machine)
         left = roll_back(qmp, inst.machine, state_dir)
-        done = "the interrupted save was undone: " + ("; ".join(left) or "the disks are back on their own files")
+        done = "the interrupted save was undone: " + (
+            "; ".join(left) or "the disks are back on their own files"
+        )
     if not inst.machine.paused:
         qmp.command("cont")
     return done
@@ -484,20 +581,28 @@ def recover(name: str, machine: "Machine", state_dir: str) -> list[str]:
         if not isinstance(index, int) or not 0 <= index < len(machine.disks):
             continue
         disk, overlay = machine.disks[index], live_disk(state_dir, index)
-        if entry.get("overlay") != overlay or entry.get("file") != os.path.abspath(disk.file) or disk.readonly:
+        if (
+            entry.get("overlay") != overlay
+            or entry.get("file") != os.path.abspath(disk.file)
+            or disk.readonly
+        ):
             continue
         if _file_identity(overlay) is None:
             continue
         if entry.get("id") != _file_identity(overlay):
             record_file = os.path.join(warm_dir(state_dir), statedir.SAVING)
-            raise QemuspecError(f"machine {name}: {overlay} is not the overlay qemuspec made for an interrupted warm "
-                                f"save: check it, then delete {record_file} to start without it")
+            raise QemuspecError(
+                f"machine {name}: {overlay} is not the overlay qemuspec made for an interrupted warm "
+                f"save: check it, then delete {record_file} to start without it"
+            )
         try:
             img.run("commit", "-q", "-b", os.path.abspath(disk.file), overlay)
         except QemuspecError as exc:
-            raise QemuspecError(f"machine {name}: the writes of an interrupted warm save in {overlay} could not be "
-                                f"committed into {disk.file}: {exc}. Fix that, then run "
-                                f"`qemu-img commit {overlay}`") from None
+            raise QemuspecError(
+                f"machine {name}: the writes of an interrupted warm save in {overlay} could not be "
+                f"committed into {disk.file}: {exc}. Fix that, then run "
+                f"`qemu-img commit {overlay}`"
+            ) from None
         os.unlink(overlay)
         done.append(f"committed {overlay} into {disk.file}")
     statedir.remove(warm_dir(state_dir), statedir.SAVING)
@@ -520,8 +625,20 @@ def restore_machine(machine: "Machine", state_dir: str) -> "Machine":
             continue
         live = live_disk(state_dir, index)
         statedir.remove(warm_dir(state_dir), os.path.basename(live))
-        img.create(live, format="qcow2", backing=os.path.abspath(disk.file), backing_format=disk.format)
-        disks.append(disk.model_copy(update={"file": live, "format": "qcow2", "backing": None, "backing_format": None, "size": None}))
+        img.create(
+            live, format="qcow2", backing=os.path.abspath(disk.file), backing_format=disk.format
+        )
+        disks.append(
+            disk.model_copy(
+                update={
+                    "file": live,
+                    "format": "qcow2",
+                    "backing": None,
+                    "backing_format": None,
+                    "size": None,
+                }
+            )
+        )
     return machine.model_copy(update={"disks": disks}) if disks else machine
 
 
@@ -529,7 +646,12 @@ def wait_restored(inst: "Instance", mark: int, timeout: float) -> None:
     """Until qemu has loaded the saved state (it runs by itself afterwards, unless paused)."""
     assert inst.qmp is not None
     try:
-        event = inst.qmp.wait_for("MIGRATION", timeout, lambda e: e["data"].get("status") in ("completed", "failed"), since=mark)
+        event = inst.qmp.wait_for(
+            "MIGRATION",
+            timeout,
+            lambda e: e["data"].get("status") in ("completed", "failed"),
+            since=mark,
+        )
     except QemuspecError as exc:
         raise QemuspecError(f"the saved state did not load: {exc}") from None
     if event["data"]["status"] != "completed":
@@ -547,9 +669,12 @@ def after_restore(inst: "Instance") -> dict[str, object]:
     info: dict[str, object] = {}
     if not machine.agent:
         info["clock"] = "not set (no guest agent): the guest clock runs from the time of the save"
-        info["rng"] = ("new vmgenid: reseeded if the guest has a vmgenid driver (Linux CONFIG_VMGENID), "
-                       "else restores share RNG state" if vmgenid else
-                       "shared between restores (no vmgenid device on this machine type, no guest agent)")
+        info["rng"] = (
+            "new vmgenid: reseeded if the guest has a vmgenid driver (Linux CONFIG_VMGENID), "
+            "else restores share RNG state"
+            if vmgenid
+            else "shared between restores (no vmgenid device on this machine type, no guest agent)"
+        )
         return info
     from qemuspec.runtime.agent import GuestAgent
 
@@ -562,8 +687,10 @@ def after_restore(inst: "Instance") -> dict[str, object]:
                 info["rng"] = "reseeded by the guest's vmgenid driver"
             else:
                 agent.write_file("/dev/urandom", os.urandom(64))
-                info["rng"] = ("shared until the guest reseeds (it has no vmgenid driver): "
-                               "host entropy was mixed into its pool through the agent")
+                info["rng"] = (
+                    "shared until the guest reseeds (it has no vmgenid driver): "
+                    "host entropy was mixed into its pool through the agent"
+                )
     except QemuspecError as exc:
         info.setdefault("clock", f"not set: {exc}")
         info.setdefault("rng", f"unknown: the guest agent did not answer ({exc})")

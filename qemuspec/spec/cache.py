@@ -43,10 +43,17 @@ def _code_identity() -> list[object]:
 
 
 def key(path: str, text: bytes, variables: Mapping[str, object], environ: Mapping[str, str]) -> str:
-    material = json.dumps([FORMAT, os.path.abspath(path), hashlib.sha256(text).hexdigest(),
-                           sorted((str(k), str(v)) for k, v in variables.items()),
-                           sorted((str(k), str(v)) for k, v in environ.items()),
-                           os.path.expanduser("~"), _code_identity()])  # what the models' `~` expands to
+    material = json.dumps(
+        [
+            FORMAT,
+            os.path.abspath(path),
+            hashlib.sha256(text).hexdigest(),
+            sorted((str(k), str(v)) for k, v in variables.items()),
+            sorted((str(k), str(v)) for k, v in environ.items()),
+            os.path.expanduser("~"),
+            _code_identity(),
+        ]
+    )  # what the models' `~` expands to
     return hashlib.sha256(material.encode()).hexdigest()
 
 
@@ -108,14 +115,18 @@ def _plausible(spec: File, lines: dict, text: str) -> None:
     from qemuspec.spec.limits import QEMU_NAME
 
     for machine in spec.machines.values():
-        if not isinstance(machine.qemu, str) or not re.match(QEMU_NAME, os.path.basename(machine.qemu)):
+        if not isinstance(machine.qemu, str) or not re.match(
+            QEMU_NAME, os.path.basename(machine.qemu)
+        ):
             raise ValueError("cached qemu binary breaks the name rule")
     last = text.count("\n") + 1
     if any(not 1 <= line <= last for line in lines.values()):
         raise ValueError("cached line numbers outside the file")
 
 
-def load(path: str, variables: Mapping[str, object], environ: Mapping[str, str], where: str | None) -> tuple[File, dict]:
+def load(
+    path: str, variables: Mapping[str, object], environ: Mapping[str, str], where: str | None
+) -> tuple[File, dict]:
     """Like loader.load_located, from the cache in ``where`` when the key matches (``where`` None:
     always afresh). Warnings the loader gave are given again, so a cached read says everything a
     fresh one says."""
@@ -159,5 +170,9 @@ def load(path: str, variables: Mapping[str, object], environ: Mapping[str, str],
         encoded = records.encode(spec)
     except records.NotCacheable:
         return spec, lines
-    write(where, entry_key, {"file": encoded, "lines": [[list(k), v] for k, v in lines.items()], "warnings": said})
+    write(
+        where,
+        entry_key,
+        {"file": encoded, "lines": [[list(k), v] for k, v in lines.items()], "warnings": said},
+    )
     return spec, lines

@@ -17,9 +17,13 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class QemuDevice:
-    driver: str                 # the -device driver
-    id: str                     # its id, under qemuspec's prefix (qemuspec-ID)
-    libvirt: str                # the libvirt element that makes it, e.g. memballoon
-    model: str                  # that element's model attribute when the option is on
-    off: str | None = None      # the model attribute to write when it is off (libvirt adds one by default)
-    attributes: tuple[tuple[str, str], ...] = ()  # boolean -device property -> the element's on/off attribute
+    driver: str  # the -device driver
+    id: str  # its id, under qemuspec's prefix (qemuspec-ID)
+    libvirt: str  # the libvirt element that makes it, e.g. memballoon
+    model: str  # that element's model attribute when the option is on
+    off: str | None = (
+        None  # the model attribute to write when it is off (libvirt adds one by default)
+    )
+    attributes: tuple[
+        tuple[str, str], ...
+    ] = ()  # boolean -device property -> the element's on/off attribute

@@ -61,7 +61,9 @@ def fits(model: type, name: str, value: object) -> bool:
     key = (model, name)
     if key not in _ADAPTERS:
         info = model.model_fields[name]  # type: ignore[attr-defined]
-        annotation: Any = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+        annotation: Any = (
+            Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+        )
         _ADAPTERS[key] = TypeAdapter(annotation)
     try:
         _ADAPTERS[key].validate_python(value)
@@ -97,7 +99,9 @@ class Import:
     accels: list[str] = field(default_factory=list)
     disks: list[dict] = field(default_factory=list)
     drive_ids: dict[str, dict] = field(default_factory=dict)  # -drive if=none ids -> their disk
-    netdevs: dict[str, tuple[dict, list[str]]] = field(default_factory=dict)  # id -> (nic table, its -netdev words)
+    netdevs: dict[str, tuple[dict, list[str]]] = field(
+        default_factory=dict
+    )  # id -> (nic table, its -netdev words)
     devices: list[_Device] = field(default_factory=list)
     name: str | None = None
     serial_seen: bool = False
@@ -141,13 +145,33 @@ def _keep(imp: Import, option: str, value: str | None) -> None:
 def _name(imp: Import, option: str, value: str | None) -> None:
     head, pairs = split_opts(value or "", implied="guest")
     imp.name = imp.name or head or dict(pairs).get("guest")
-    imp.note(option, value, "the machine is named by its table (process and thread names are qemuspec's)")
+    imp.note(
+        option, value, "the machine is named by its table (process and thread names are qemuspec's)"
+    )
 
 
-@handles("pidfile", "qmp", "qmp-pretty", "monitor", "mon", "daemonize", "no-user-config", "D", "display", "runas", "chroot")
+@handles(
+    "pidfile",
+    "qmp",
+    "qmp-pretty",
+    "monitor",
+    "mon",
+    "daemonize",
+    "no-user-config",
+    "D",
+    "display",
+    "runas",
+    "chroot",
+)
 def _managed(imp: Import, option: str, value: str | None) -> None:
-    if option == "display" and value is not None and split_opts(value, implied="type")[0] not in ("none", None):
-        imp.note(option, value, "qemuspec runs machines headless; a window is not part of the machine")
+    if (
+        option == "display"
+        and value is not None
+        and split_opts(value, implied="type")[0] not in ("none", None)
+    ):
+        imp.note(
+            option, value, "qemuspec runs machines headless; a window is not part of the machine"
+        )
         return
     imp.note(option, value)
 
@@ -167,7 +191,9 @@ def _chardev(imp: Import, option: str, value: str | None) -> None:
 @handles("nographic")
 def _nographic(imp: Import, option: str, value: str | None) -> None:
     imp.nographic = True
-    imp.note(option, value, "qemuspec keeps the console itself; the machine property graphics=off stays")
+    imp.note(
+        option, value, "qemuspec keeps the console itself; the machine property graphics=off stays"
+    )
 
 
 @handles("serial")
@@ -221,7 +247,9 @@ def _machine(imp: Import, option: str, value: str | None) -> None:
             return
         imp.accels += accels
     options = {k: value_of(v) for k, v in rest.items()}
-    if options and fits(Machine, "machine_options", {**imp.machine.get("machine_options", {}), **options}):
+    if options and fits(
+        Machine, "machine_options", {**imp.machine.get("machine_options", {}), **options}
+    ):
         imp.machine.setdefault("machine_options", {}).update(options)
     elif options:
         imp.keep(option, ",".join(f"{k}={v}" for k, v in rest.items()))
@@ -234,7 +262,9 @@ def _accel(imp: Import, option: str, value: str | None) -> None:
     head, pairs = split_opts(value or "", implied="accel")
     accel = head or dict(pairs).get("accel", "tcg")
     options = {k: value_of(v) for k, v in pairs if k != "accel"}
-    if not fits(Machine, "accel", accel) or (options and (imp.accels or not fits(Machine, "accel_options", options))):
+    if not fits(Machine, "accel", accel) or (
+        options and (imp.accels or not fits(Machine, "accel_options", options))
+    ):
         imp.keep(option, value)  # a second accelerator's properties are not modelled
         return
     imp.accels.append(accel)
@@ -264,7 +294,12 @@ def _cpu(imp: Import, option: str, value: str | None) -> None:
 
     head, pairs = split_opts(value or "", implied="model")
     options = {k: value_of(v) for k, v in _cpu_pairs(pairs)}
-    if not head or not fits(Machine, "cpu", head) or not fits(Machine, "cpu_options", options) or len(options) != len(pairs):
+    if (
+        not head
+        or not fits(Machine, "cpu", head)
+        or not fits(Machine, "cpu_options", options)
+        or len(options) != len(pairs)
+    ):
         imp.keep(option, value)  # a feature given twice, or a name the model cannot hold
         return
     imp.machine["cpu"] = head
@@ -286,7 +321,11 @@ def _smp(imp: Import, option: str, value: str | None) -> None:
     count = head if head is not None else props.pop("cpus", None)
     props.pop("cpus", None)
     numbers = {k: v for k, v in props.items()}
-    if not all(re.fullmatch(r"\d+", v) for v in numbers.values()) or set(numbers) - set(_TOPOLOGY) - {"maxcpus"} or (count is not None and not re.fullmatch(r"\d+", count)):
+    if (
+        not all(re.fullmatch(r"\d+", v) for v in numbers.values())
+        or set(numbers) - set(_TOPOLOGY) - {"maxcpus"}
+        or (count is not None and not re.fullmatch(r"\d+", count))
+    ):
         imp.keep(option, value)
         return
     if count is None:
@@ -301,7 +340,9 @@ def _smp(imp: Import, option: str, value: str | None) -> None:
         return
     imp.machine["cpus"] = cpus
     if numbers:
-        imp.keep(option, value)  # the topology: this -smp overrides the typed one (overrides = ["-smp"])
+        imp.keep(
+            option, value
+        )  # the topology: this -smp overrides the typed one (overrides = ["-smp"])
 
 
 @handles("m")
@@ -365,7 +406,12 @@ def _boot(imp: Import, option: str, value: str | None) -> None:
 
     head, pairs = split_opts(value or "", implied="order")
     order = head if head is not None else dict(pairs).get("order")
-    if order is not None and len(pairs) == (0 if head is not None else 1) and fits(Machine, "boot_order", order) and "boot_order" not in imp.machine:
+    if (
+        order is not None
+        and len(pairs) == (0 if head is not None else 1)
+        and fits(Machine, "boot_order", order)
+        and "boot_order" not in imp.machine
+    ):
         imp.machine["boot_order"] = order
     else:
         imp.keep(option, value)
@@ -373,9 +419,19 @@ def _boot(imp: Import, option: str, value: str | None) -> None:
 
 # -- disks ---------------------------------------------------------------------------------------
 
-_SHORTHAND = {"hda": ("ide", 0), "hdb": ("ide", 1), "hdc": ("ide", 2), "hdd": ("ide", 3), "": ("ide", 0),
-              "fda": ("floppy", 0), "fdb": ("floppy", 1), "cdrom": ("ide", 2), "mtdblock": ("mtd", None), "sd": ("sd", None),
-              "pflash": ("pflash", None)}
+_SHORTHAND = {
+    "hda": ("ide", 0),
+    "hdb": ("ide", 1),
+    "hdc": ("ide", 2),
+    "hdd": ("ide", 3),
+    "": ("ide", 0),
+    "fda": ("floppy", 0),
+    "fdb": ("floppy", 1),
+    "cdrom": ("ide", 2),
+    "mtdblock": ("mtd", None),
+    "sd": ("sd", None),
+    "pflash": ("pflash", None),
+}
 
 
 def _disk(imp: Import, option: str, value: str | None, props: dict[str, str]) -> dict | None:
@@ -432,7 +488,9 @@ def _drive(imp: Import, option: str, value: str | None) -> None:
     if disk is None:
         imp.keep(option, value)
         return
-    if drive_id:  # its id is the user's: typed only if a typed device takes it (then qemuspec names it)
+    if (
+        drive_id
+    ):  # its id is the user's: typed only if a typed device takes it (then qemuspec names it)
         disk["_words"] = [f"-{option}", value or ""]
         disk["_if"] = iface
         (disk.get("options") or {}).pop("id", None)
@@ -446,6 +504,7 @@ def _drive(imp: Import, option: str, value: str | None) -> None:
 
 # -- networks, devices, objects -----------------------------------------------------------------
 
+
 def _forward(text: str) -> dict | None:
     from qemuspec.spec.models import NIC
 
@@ -453,7 +512,12 @@ def _forward(text: str) -> dict | None:
     if not match:
         return None
     proto, addr, host, guest = match.groups()
-    out = {"host": int(host), "guest": int(guest), "protocol": proto or "tcp", "address": addr or "0.0.0.0"}
+    out = {
+        "host": int(host),
+        "guest": int(guest),
+        "protocol": proto or "tcp",
+        "address": addr or "0.0.0.0",
+    }
     return out if fits(NIC, "forwards", [out]) else None
 
 
@@ -477,9 +541,16 @@ def _netdev(imp: Import, option: str, value: str | None) -> None:
         restrict = [v for k, v in pairs if k == "restrict"]
         pairs = [(k, v) for k, v in pairs if k != "restrict"]
         rest = {k: value_of(v) for k, v in pairs if k not in ("hostfwd", "id", "type")}
-        restricted = {"on": True, "yes": True, "off": False, "no": False}.get(restrict[-1] if restrict else "off")
-        if restricted is not None and len(restrict) <= 1 and all(forwards) \
-                and len([k for k, _ in pairs if k != "hostfwd"]) == len(rest) + 1 + ("type" in dict(pairs)):
+        restricted = {"on": True, "yes": True, "off": False, "no": False}.get(
+            restrict[-1] if restrict else "off"
+        )
+        if (
+            restricted is not None
+            and len(restrict) <= 1
+            and all(forwards)
+            and len([k for k, _ in pairs if k != "hostfwd"])
+            == len(rest) + 1 + ("type" in dict(pairs))
+        ):
             nic = {"type": "user"}
             if not restricted:
                 nic["outbound"] = True
@@ -487,7 +558,13 @@ def _netdev(imp: Import, option: str, value: str | None) -> None:
                 nic["forwards"] = forwards
             if rest:
                 nic["options"] = rest
-    elif kind == "socket" and netdev_id and set(props) <= {"listen", "connect", "mcast"} and len(props) == 1 and len(pairs) == 2:
+    elif (
+        kind == "socket"
+        and netdev_id
+        and set(props) <= {"listen", "connect", "mcast"}
+        and len(props) == 1
+        and len(pairs) == 2
+    ):
         nic = {"type": "socket", **props}
     if nic is None or not fits(NIC, "options", nic.get("options", {})) or not _nic_ok(nic):
         imp.keep(option, value)
@@ -514,7 +591,9 @@ def _device(imp: Import, option: str, value: str | None) -> None:
         try:
             data = json.loads(text)
         except ValueError:
-            raise SpecError(f"-device {text[:80]}: not valid JSON (qemu reads a -device that starts with {{ as JSON): fix the JSON") from None
+            raise SpecError(
+                f"-device {text[:80]}: not valid JSON (qemu reads a -device that starts with {{ as JSON): fix the JSON"
+            ) from None
         if not isinstance(data, dict) or not isinstance(data.get("driver"), str):
             raise SpecError(f'-device {text[:80]}: a JSON -device needs "driver": add it')
         driver = data.pop("driver")
@@ -524,11 +603,15 @@ def _device(imp: Import, option: str, value: str | None) -> None:
     props = dict(pairs)
     driver = head if head is not None else props.pop("driver", "")
     if len(props) != len(pairs) - (head is None and "driver" in dict(pairs)):
-        imp.add_device(_Device("", {"_verbatim": text}, False))  # a property given twice: qemu's business
+        imp.add_device(
+            _Device("", {"_verbatim": text}, False)
+        )  # a property given twice: qemu's business
         return
     from qemuspec.spec.passthrough import OWN_ID_PREFIX
 
-    if driver == "pvpanic" and props.get("id") == OWN_ID_PREFIX + "pvpanic":  # render.py adds it to every machine
+    if (
+        driver == "pvpanic" and props.get("id") == OWN_ID_PREFIX + "pvpanic"
+    ):  # render.py adds it to every machine
         imp.note(option, value, "qemuspec gives every machine its panic device")
         return
     imp.add_device(_Device(driver, {k: v for k, v in props.items()}, False))
@@ -543,9 +626,13 @@ def _object(imp: Import, option: str, value: str | None) -> None:
         try:
             data = json.loads(text)
         except ValueError:
-            raise SpecError(f"-object {text[:80]}: not valid JSON (qemu reads an -object that starts with {{ as JSON): fix the JSON") from None
+            raise SpecError(
+                f"-object {text[:80]}: not valid JSON (qemu reads an -object that starts with {{ as JSON): fix the JSON"
+            ) from None
         if not isinstance(data, dict):
-            raise SpecError(f"-object {text[:80]}: a JSON -object must be an object with qom-type and id")
+            raise SpecError(
+                f"-object {text[:80]}: a JSON -object must be an object with qom-type and id"
+            )
         kind, obj_id = data.get("qom-type"), data.get("id")
         options = {k: v for k, v in data.items() if k not in ("qom-type", "id")}
     else:
@@ -554,7 +641,9 @@ def _object(imp: Import, option: str, value: str | None) -> None:
         kind = head if head is not None else props.pop("qom-type", None)
         obj_id = props.pop("id", None)
         options = {k: value_of(v) for k, v in props.items() if k != "qom-type"}
-        if len(props) != len([p for p in pairs if p[0] not in ("id",)]) - ("qom-type" in dict(pairs) and head is None):
+        if len(props) != len([p for p in pairs if p[0] not in ("id",)]) - (
+            "qom-type" in dict(pairs) and head is None
+        ):
             options = None
     table = {"type": kind, "id": obj_id, "options": options}
     if options is None or not all(fits(QomObject, k, v) for k, v in table.items()):
@@ -571,11 +660,21 @@ def _virtfs(imp: Import, option: str, value: str | None) -> None:
     props = dict(pairs)
     driver = head if head is not None else props.pop("fsdriver", None)
     tag = props.pop("mount_tag", None)
-    if driver is None or tag is None or len(props) + 1 != len([p for p in pairs if p[0] != "fsdriver"]):
+    if (
+        driver is None
+        or tag is None
+        or len(props) + 1 != len([p for p in pairs if p[0] != "fsdriver"])
+    ):
         imp.keep(option, value)
         return
     fsdev_id = props.pop("id", tag)
-    imp.keep("fsdev", ",".join([driver, f"id={fsdev_id}".replace(",", ",,")] + [f"{k}={v.replace(',', ',,')}" for k, v in props.items()]))
+    imp.keep(
+        "fsdev",
+        ",".join(
+            [driver, f"id={fsdev_id}".replace(",", ",,")]
+            + [f"{k}={v.replace(',', ',,')}" for k, v in props.items()]
+        ),
+    )
     imp.add_device(_Device("virtio-9p-pci", {"fsdev": fsdev_id, "mount_tag": tag}, False))
 
 
@@ -586,13 +685,28 @@ def _vnc(imp: Import, option: str, value: str | None) -> None:
     head, pairs = split_opts(value or "", implied="vnc")
     match = re.fullmatch(r"(\d+\.\d+\.\d+\.\d+|localhost)?:(\d{1,2})", head or "")
     options = {k: value_of(v) for k, v in pairs}
-    password = options.pop("password", False)  # the typed display asks for one unless unauthenticated = true
-    if not match or "display" in imp.machine or not isinstance(password, bool) or not fits(Display, "options", options):
+    password = options.pop(
+        "password", False
+    )  # the typed display asks for one unless unauthenticated = true
+    if (
+        not match
+        or "display" in imp.machine
+        or not isinstance(password, bool)
+        or not fits(Display, "options", options)
+    ):
         imp.keep(option, value)
         return
-    host = (match.group(1) or "0.0.0.0").replace("localhost", "127.0.0.1")  # qemu: no host = every address
-    imp.machine["display"] = {"type": "vnc", "listen": host, "port": 5900 + int(match.group(2)), "vga": "default",
-                              **({} if password else {"unauthenticated": True}), **({"options": options} if options else {})}
+    host = (match.group(1) or "0.0.0.0").replace(
+        "localhost", "127.0.0.1"
+    )  # qemu: no host = every address
+    imp.machine["display"] = {
+        "type": "vnc",
+        "listen": host,
+        "port": 5900 + int(match.group(2)),
+        "vga": "default",
+        **({} if password else {"unauthenticated": True}),
+        **({"options": options} if options else {}),
+    }
 
 
 @handles("vga")
@@ -601,28 +715,93 @@ def _vga(imp: Import, option: str, value: str | None) -> None:
 
 
 # Everything else is part of the machine and has no typed form: kept as written, in order.
-for _name_ in ("global", "rtc", "numa", "smbios", "usb", "usbdevice", "tpmdev", "incoming", "blockdev", "fw_cfg",
-               "loadvm", "mem-path", "mem-prealloc", "no-hpet", "k", "msg", "overcommit", "sandbox", "watchdog",
-               "watchdog-action", "action", "snapshot", "no-reboot", "no-shutdown", "L", "option-rom", "acpitable", "set",
-               "iscsi", "net", "nic", "spice", "audiodev", "audio", "soundhw", "uuid", "add-fd", "fsdev", "icount",
-               "semihosting-config", "device-memory", "compat", "readconfig", "plugin", "trace", "d", "seed", "boot-once", "tb-size",
-               "prom-env", "g", "dtb", "debugcon", "echr", "balloon", "localtime", "std-vga", "win2k-hack",
-               "no-fd-bootchk", "full-screen", "only-migratable", "preconfig", "enable-fips", "xen-domid", "iothread"):
+for _name_ in (
+    "global",
+    "rtc",
+    "numa",
+    "smbios",
+    "usb",
+    "usbdevice",
+    "tpmdev",
+    "incoming",
+    "blockdev",
+    "fw_cfg",
+    "loadvm",
+    "mem-path",
+    "mem-prealloc",
+    "no-hpet",
+    "k",
+    "msg",
+    "overcommit",
+    "sandbox",
+    "watchdog",
+    "watchdog-action",
+    "action",
+    "snapshot",
+    "no-reboot",
+    "no-shutdown",
+    "L",
+    "option-rom",
+    "acpitable",
+    "set",
+    "iscsi",
+    "net",
+    "nic",
+    "spice",
+    "audiodev",
+    "audio",
+    "soundhw",
+    "uuid",
+    "add-fd",
+    "fsdev",
+    "icount",
+    "semihosting-config",
+    "device-memory",
+    "compat",
+    "readconfig",
+    "plugin",
+    "trace",
+    "d",
+    "seed",
+    "boot-once",
+    "tb-size",
+    "prom-env",
+    "g",
+    "dtb",
+    "debugcon",
+    "echr",
+    "balloon",
+    "localtime",
+    "std-vga",
+    "win2k-hack",
+    "no-fd-bootchk",
+    "full-screen",
+    "only-migratable",
+    "preconfig",
+    "enable-fips",
+    "xen-domid",
+    "iothread",
+):
     HANDLERS.setdefault(_name_, _keep)
 
 
 # -- the whole line ------------------------------------------------------------------------------
+
 
 def refuse_line_breaks(words: list[str], where: str) -> None:
     """qemu takes a value with a line break, but a definition written from it could hide lines (in its
     header comments, a reader's view): qemu options never need one, so an import refuses them."""
     for index, word in enumerate(words):
         if "".join(word.splitlines()) != word:  # any line separator, \u2028 included
-            raise SpecError(f"word {index} of {where} ({word!r}) holds a line break: qemu options never need one; "
-                            "remove it and import again")
+            raise SpecError(
+                f"word {index} of {where} ({word!r}) holds a line break: qemu options never need one; "
+                "remove it and import again"
+            )
 
 
-def import_argv(argv: list[str], name: str | None = None, base_dir: str | None = None) -> tuple[str, dict, list[str]]:
+def import_argv(
+    argv: list[str], name: str | None = None, base_dir: str | None = None
+) -> tuple[str, dict, list[str]]:
     """(machine name, machine table, notes) for a qemu command line. With ``base_dir`` (the directory
     the command ran in), relative paths in typed fields become absolute, so the definition works from
     wherever it is saved; paths inside ``append`` stay as written."""
@@ -632,7 +811,9 @@ def import_argv(argv: list[str], name: str | None = None, base_dir: str | None =
         raise SpecError("the command line is empty: give qemu-system-ARCH and its options")
     refuse_line_breaks(argv, "the command line")
     if not fits(Machine, "qemu", argv[0]):
-        raise SpecError(f'"{argv[0]}" is not a qemu system emulator: the command line must start with qemu-system-ARCH')
+        raise SpecError(
+            f'"{argv[0]}" is not a qemu system emulator: the command line must start with qemu-system-ARCH'
+        )
     imp = Import(argv, name=name)
     imp.machine["qemu"] = argv[0]
     for option, value in parse_argv(argv, strict=True):
@@ -661,7 +842,13 @@ def _finish(imp: Import, base_dir: str | None) -> tuple[str, dict, list[str]]:
             rank = 2
             continue
         disk = imp.drive_ids.get(props.get("drive", "")) if dev.driver in _DISK_DEVICES else None
-        if disk is not None and rank <= 0 and "id" not in props and disk.get("_if") == "none" and not disk.get("_claimed"):
+        if (
+            disk is not None
+            and rank <= 0
+            and "id" not in props
+            and disk.get("_if") == "none"
+            and not disk.get("_claimed")
+        ):
             rest = {k: value_of(v) for k, v in props.items() if k not in ("drive", "id")}
             serial = props.get("serial")
             from qemuspec.spec.models import Disk
@@ -681,7 +868,13 @@ def _finish(imp: Import, base_dir: str | None) -> tuple[str, dict, list[str]]:
                 typed_disks.append(disk)
                 continue
         netdev = props.get("netdev", "")
-        if netdev in imp.netdevs and netdev not in used_netdevs and rank <= 1 and "id" not in props and fits(NIC, "model", dev.driver):
+        if (
+            netdev in imp.netdevs
+            and netdev not in used_netdevs
+            and rank <= 1
+            and "id" not in props
+            and fits(NIC, "model", dev.driver)
+        ):
             nic = dict(imp.netdevs[netdev][0])
             rest = {k: value_of(v) for k, v in props.items() if k not in ("netdev",)}
             mac = props.get("mac")
@@ -701,20 +894,28 @@ def _finish(imp: Import, base_dir: str | None) -> tuple[str, dict, list[str]]:
     generic: list[dict] = []
     generic_json: list[dict] = []  # qemu creates JSON devices after every keyval one
     late: list[_Device] = []  # stay verbatim in append
-    convert_json = not imp.has_virtio_drive  # qemu creates -drive if=virtio devices between keyval and JSON ones
+    convert_json = (
+        not imp.has_virtio_drive
+    )  # qemu creates -drive if=virtio devices between keyval and JSON ones
     for dev in imp.devices:
         if dev.typed:
             continue
         if "_verbatim" in dev.props or (dev.after_ordered and not dev.json):
             entry = None
         elif dev.json:
-            entry = {"driver": dev.driver, "options": {k: v for k, v in dev.props.items() if k != "id"}}
+            entry = {
+                "driver": dev.driver,
+                "options": {k: v for k, v in dev.props.items() if k != "id"},
+            }
             if "id" in dev.props:
                 entry["id"] = dev.props["id"]
             if not convert_json:
                 entry = None
         else:
-            entry = {"driver": dev.driver, "options": {k: value_of(v) for k, v in dev.props.items() if k != "id"}}
+            entry = {
+                "driver": dev.driver,
+                "options": {k: value_of(v) for k, v in dev.props.items() if k != "id"},
+            }
             if "id" in dev.props:
                 entry["id"] = dev.props["id"]
         if entry is not None and all(fits(Device, k, v) for k, v in entry.items()):
@@ -731,7 +932,9 @@ def _finish(imp: Import, base_dir: str | None) -> tuple[str, dict, list[str]]:
     for disk in imp.disks:
         if disk.get("_claimed"):
             continue
-        if "_words" in disk:  # a drive with an id no typed device took: others refer to it by that id
+        if (
+            "_words" in disk
+        ):  # a drive with an id no typed device took: others refer to it by that id
             imp.append += disk["_words"]
         else:
             disks.append(disk)
@@ -741,7 +944,9 @@ def _finish(imp: Import, base_dir: str | None) -> tuple[str, dict, list[str]]:
         disk.pop("_if", None)
     for netdev_id, (nic, words) in imp.netdevs.items():
         if netdev_id not in used_netdevs:
-            imp.append[:0] = words  # no device took it: the netdev stays as written (before its users)
+            imp.append[:0] = (
+                words  # no device took it: the netdev stays as written (before its users)
+            )
     if disks:
         machine["disks"] = disks
     if nics:
@@ -790,12 +995,16 @@ def _device_options(imp: Import) -> None:
     options = declared()
     limit = len(options)
     for dev in reversed(imp.devices):
-        found = next((i for i, (_, decl) in enumerate(options[:limit]) if decl.driver == dev.driver), None)
+        found = next(
+            (i for i, (_, decl) in enumerate(options[:limit]) if decl.driver == dev.driver), None
+        )
         if found is None or dev.typed or dev.json or "_verbatim" in dev.props or dev.after_ordered:
             return
         field, decl = options[found]
         props = {k: value_of(v) for k, v in dev.props.items() if k != "id"}
-        if dev.props.get("id", OWN_ID_PREFIX + decl.id) != OWN_ID_PREFIX + decl.id or not fits(DeviceOption, "options", props):
+        if dev.props.get("id", OWN_ID_PREFIX + decl.id) != OWN_ID_PREFIX + decl.id or not fits(
+            DeviceOption, "options", props
+        ):
             return  # another id may be referred to; properties the model cannot hold stay with the device
         imp.machine[field] = {"options": props} if props else True
         dev.typed, limit = field, found
@@ -839,7 +1048,11 @@ def _overrides(imp: Import) -> None:
     -accel the typed parts then go to append too, before the kept ones (qemu merges -machine)."""
     from qemuspec.spec import passthrough
 
-    kept = [(index, sw) for index, sw, _ in passthrough.switches(imp.append) if sw in passthrough.OVERRIDABLE]
+    kept = [
+        (index, sw)
+        for index, sw, _ in passthrough.switches(imp.append)
+        if sw in passthrough.OVERRIDABLE
+    ]
     if not kept:
         return
     machine = imp.machine
@@ -848,13 +1061,18 @@ def _overrides(imp: Import) -> None:
         if first is None:
             continue
         if sw == "-machine":
-            pairs = [("type", machine.get("machine", "pc"))] + list(machine.get("machine_options", {}).items())
+            pairs = [("type", machine.get("machine", "pc"))] + list(
+                machine.get("machine_options", {}).items()
+            )
             words = ["-machine", ",".join(f"{k}={_escape(v)}" for k, v in pairs)]
         else:
             words = []
             for n, accel in enumerate(imp.accels or ["tcg"]):
                 opts = machine.get("accel_options", {}) if n == 0 else {}
-                words += ["-accel", ",".join([accel] + [f"{k}={_escape(v)}" for k, v in opts.items()])]
+                words += [
+                    "-accel",
+                    ",".join([accel] + [f"{k}={_escape(v)}" for k, v in opts.items()]),
+                ]
         imp.append[first:first] = words
     machine["overrides"] = sorted({sw for _, sw in kept})
 
@@ -876,7 +1094,10 @@ def _has_serial_port(imp: Import) -> bool:
         return False
     if imp.serial_seen:
         return True
-    if any(d.driver in ("isa-serial", "pci-serial", "pci-serial-2x", "pci-serial-4x") for d in imp.devices):
+    if any(
+        d.driver in ("isa-serial", "pci-serial", "pci-serial-2x", "pci-serial-4x")
+        for d in imp.devices
+    ):
         return False
     return imp.machine.get("defaults", True)
 

@@ -20,23 +20,56 @@ if TYPE_CHECKING:
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 _BOOT = {"hd": "c", "cdrom": "d", "network": "n", "fd": "a"}
-_NIC_MODEL = {"virtio": "virtio-net-pci", "e1000": "e1000", "e1000e": "e1000e", "rtl8139": "rtl8139", "vmxnet3": "vmxnet3"}
+_NIC_MODEL = {
+    "virtio": "virtio-net-pci",
+    "e1000": "e1000",
+    "e1000e": "e1000e",
+    "rtl8139": "rtl8139",
+    "vmxnet3": "vmxnet3",
+}
 _DISK_BUS = {"virtio": "virtio", "sata": "ide", "ide": "ide", "scsi": "scsi"}
-_VGA = {"vga": "std", "virtio": "virtio", "qxl": "qxl", "cirrus": "cirrus", "vmvga": "vmware", "none": "none"}
+_VGA = {
+    "vga": "std",
+    "virtio": "virtio",
+    "qxl": "qxl",
+    "cirrus": "cirrus",
+    "vmvga": "vmware",
+    "none": "none",
+}
 _ACCESS = {"mapped": "mapped-xattr", "passthrough": "passthrough", "squash": "none"}
-_UNIT = {"b": 1, "bytes": 1, "k": 1024, "kib": 1024, "kb": 1000, "m": 1 << 20, "mib": 1 << 20, "mb": 10**6, "g": 1 << 30, "gib": 1 << 30,
-         "gb": 10**9, "t": 1 << 40, "tib": 1 << 40, "tb": 10**12}
+_UNIT = {
+    "b": 1,
+    "bytes": 1,
+    "k": 1024,
+    "kib": 1024,
+    "kb": 1000,
+    "m": 1 << 20,
+    "mib": 1 << 20,
+    "mb": 10**6,
+    "g": 1 << 30,
+    "gib": 1 << 30,
+    "gb": 10**9,
+    "t": 1 << 40,
+    "tib": 1 << 40,
+    "tb": 10**12,
+}
 
 
 def _parse(text: str, source: str) -> ET.Element:
     if "<!DOCTYPE" in text or "<!ENTITY" in text:
-        raise SpecError(f"{source}: a libvirt domain has no DOCTYPE or entities: remove them (they are refused, not expanded)")
+        raise SpecError(
+            f"{source}: a libvirt domain has no DOCTYPE or entities: remove them (they are refused, not expanded)"
+        )
     try:
         root = ET.fromstring(text)
     except ET.ParseError as exc:
-        raise SpecError(f"{source}: not well-formed XML ({exc}): give the output of `virsh dumpxml NAME`") from None
+        raise SpecError(
+            f"{source}: not well-formed XML ({exc}): give the output of `virsh dumpxml NAME`"
+        ) from None
     if root.tag != "domain":
-        raise SpecError(f"{source}: the root element is <{root.tag}>, not <domain>: give the output of `virsh dumpxml NAME`")
+        raise SpecError(
+            f"{source}: the root element is <{root.tag}>, not <domain>: give the output of `virsh dumpxml NAME`"
+        )
     return root
 
 
@@ -45,15 +78,28 @@ def _mib(el: ET.Element, source: str) -> int:
     try:
         size = int((el.text or "").strip()) * _UNIT[unit]
     except (ValueError, KeyError):
-        raise SpecError(f"{source}: <{el.tag}> {el.text!r} {unit}: write a whole number with a unit such as KiB or MiB") from None
+        raise SpecError(
+            f"{source}: <{el.tag}> {el.text!r} {unit}: write a whole number with a unit such as KiB or MiB"
+        ) from None
     if size < (1 << 20) or size % (1 << 20):
-        raise SpecError(f"{source}: <{el.tag}> is not a whole number of MiB: qemuspec sizes memory in MiB")
+        raise SpecError(
+            f"{source}: <{el.tag}> is not a whole number of MiB: qemuspec sizes memory in MiB"
+        )
     return size >> 20
 
 
-def import_domain(text: str, name: str | None = None, source: str = "<domain>") -> tuple[str, dict, list[str]]:
+def import_domain(
+    text: str, name: str | None = None, source: str = "<domain>"
+) -> tuple[str, dict, list[str]]:
     """(machine name, machine table, notes) for a libvirt domain XML document."""
-    from qemuspec.spec.importer import HANDLERS, Import, _finish, _keep, _safe_name, refuse_line_breaks
+    from qemuspec.spec.importer import (
+        HANDLERS,
+        Import,
+        _finish,
+        _keep,
+        _safe_name,
+        refuse_line_breaks,
+    )
     from qemuspec.spec.qemuopts import parse_argv
 
     root = _parse(text, source)
@@ -77,7 +123,9 @@ def import_domain(text: str, name: str | None = None, source: str = "<domain>") 
                 if nvram is not None and nvram.get("template"):
                     firmware["vars"] = nvram.get("template")
                 machine["firmware"] = firmware
-                notes.append("<nvram>: qemuspec keeps each machine's UEFI variables in its state directory, copied from the template")
+                notes.append(
+                    "<nvram>: qemuspec keeps each machine's UEFI variables in its state directory, copied from the template"
+                )
             else:
                 machine["firmware"] = {"type": "bios", "code": (loader.text or "").strip()}
         for tag, key in (("kernel", "kernel"), ("initrd", "initrd"), ("cmdline", "cmdline")):
@@ -99,17 +147,28 @@ def import_domain(text: str, name: str | None = None, source: str = "<domain>") 
     cpu = root.find("cpu")
     if cpu is not None:
         mode = cpu.get("mode", "custom")
-        machine["cpu"] = {"host-passthrough": "host", "host-model": "host", "maximum": "max"}.get(mode) or (cpu.findtext("model") or "qemu64")
+        machine["cpu"] = {"host-passthrough": "host", "host-model": "host", "maximum": "max"}.get(
+            mode
+        ) or (cpu.findtext("model") or "qemu64")
         topology = cpu.find("topology")
         if topology is not None:
-            smp = ",".join([str(machine.get("cpus", 1))] + [f"{k}={topology.get(k)}" for k in ("sockets", "dies", "cores", "threads") if topology.get(k)])
+            smp = ",".join(
+                [str(machine.get("cpus", 1))]
+                + [
+                    f"{k}={topology.get(k)}"
+                    for k in ("sockets", "dies", "cores", "threads")
+                    if topology.get(k)
+                ]
+            )
             imp.keep("smp", smp)
     features = root.find("features")
     if features is None or features.find("acpi") is None:
         machine.setdefault("machine_options", {})["acpi"] = False
     for tag in ("on_poweroff", "on_reboot", "on_crash"):
         if root.findtext(tag):
-            notes.append(f"<{tag}>{root.findtext(tag)}: qemuspec's restart policy decides (restart = ...)")
+            notes.append(
+                f"<{tag}>{root.findtext(tag)}: qemuspec's restart policy decides (restart = ...)"
+            )
 
     devices = root.find("devices")
     for el in list(devices) if devices is not None else []:
@@ -121,8 +180,27 @@ def import_domain(text: str, name: str | None = None, source: str = "<domain>") 
         for option, value in parse_argv([emulator, *words], strict=True):
             HANDLERS.get(option, _keep)(imp, option, value)
     for el in root:
-        if el.tag not in ("name", "uuid", "memory", "currentMemory", "vcpu", "os", "features", "cpu", "devices", "on_poweroff", "on_reboot",
-                          "on_crash", "clock", f"{{{QEMU_NS}}}commandline", "metadata", "description", "title", "seclabel", "resource"):
+        if el.tag not in (
+            "name",
+            "uuid",
+            "memory",
+            "currentMemory",
+            "vcpu",
+            "os",
+            "features",
+            "cpu",
+            "devices",
+            "on_poweroff",
+            "on_reboot",
+            "on_crash",
+            "clock",
+            f"{{{QEMU_NS}}}commandline",
+            "metadata",
+            "description",
+            "title",
+            "seclabel",
+            "resource",
+        ):
             notes.append(f"<{el.tag}>: not imported (no qemuspec counterpart)")
     clock = root.find("clock")
     if clock is not None and clock.get("offset") in ("localtime", "utc"):
@@ -131,7 +209,11 @@ def import_domain(text: str, name: str | None = None, source: str = "<domain>") 
     if uuid:
         imp.keep("uuid", uuid.strip())
     got_name, table, more = _finish(imp, None)
-    table["serial"] = "log" if any(e.tag in ("serial", "console") for e in (devices if devices is not None else [])) else "none"
+    table["serial"] = (
+        "log"
+        if any(e.tag in ("serial", "console") for e in (devices if devices is not None else []))
+        else "none"
+    )
     return _safe_name(got_name), table, notes + more
 
 
@@ -161,12 +243,16 @@ def _device(el: ET.Element, imp: Import, notes: list[str]) -> None:  # noqa: C90
             machine.setdefault("cdrom", []).append(path)
             return
         if bus not in _DISK_BUS or el.get("type", "file") != "file":
-            notes.append(f"<disk type='{el.get('type')}' bus='{bus}'>: not imported (qemuspec disks are files on virtio, ide/sata or scsi)")
+            notes.append(
+                f"<disk type='{el.get('type')}' bus='{bus}'>: not imported (qemuspec disks are files on virtio, ide/sata or scsi)"
+            )
             return
         disk: dict[str, object] = {"file": path, "interface": _DISK_BUS[bus]}
         if driver is not None and driver.get("type"):
             disk["format"] = driver.get("type")
-        options = {k: driver.get(k) for k in ("cache", "discard") if driver is not None and driver.get(k)}
+        options = {
+            k: driver.get(k) for k in ("cache", "discard") if driver is not None and driver.get(k)
+        }
         if driver is not None and driver.get("io"):
             options["aio"] = driver.get("io")
         if options:
@@ -179,12 +265,19 @@ def _device(el: ET.Element, imp: Import, notes: list[str]) -> None:  # noqa: C90
     elif tag == "interface":
         kind = el.get("type")
         model = el.find("model")
-        nic: dict[str, object] = {"type": "user", "outbound": True}  # libvirt's user networking is not restricted
+        nic: dict[str, object] = {
+            "type": "user",
+            "outbound": True,
+        }  # libvirt's user networking is not restricted
         if kind == "bridge" and el.find("source") is not None:
             nic = {"type": "bridge", "bridge": el.find("source").get("bridge")}  # type: ignore[union-attr]
         elif kind != "user":
-            notes.append(f"<interface type='{kind}'>: imported as user-mode networking (qemuspec does not manage libvirt networks)")
-        nic["model"] = _NIC_MODEL.get(str(model.get("type")) if model is not None else "virtio", "virtio-net-pci")
+            notes.append(
+                f"<interface type='{kind}'>: imported as user-mode networking (qemuspec does not manage libvirt networks)"
+            )
+        nic["model"] = _NIC_MODEL.get(
+            str(model.get("type")) if model is not None else "virtio", "virtio-net-pci"
+        )
         mac = el.find("mac")
         if mac is not None and mac.get("address"):
             nic["mac"] = mac.get("address")
@@ -199,7 +292,9 @@ def _device(el: ET.Element, imp: Import, notes: list[str]) -> None:  # noqa: C90
             share["type"] = "virtiofs"
         else:
             share["type"] = "9p"
-            share["security_model"] = _ACCESS.get(el.get("accessmode", "passthrough"), "passthrough")
+            share["security_model"] = _ACCESS.get(
+                el.get("accessmode", "passthrough"), "passthrough"
+            )
         if el.find("readonly") is not None:
             share["readonly"] = True
         machine.setdefault("shares", []).append(share)
@@ -208,7 +303,9 @@ def _device(el: ET.Element, imp: Import, notes: list[str]) -> None:  # noqa: C90
         if target is not None and target.get("name") == "org.qemu.guest_agent.0":
             machine["agent"] = True
         else:
-            notes.append(f"<channel> {target.get('name') if target is not None else ''}: not imported")
+            notes.append(
+                f"<channel> {target.get('name') if target is not None else ''}: not imported"
+            )
     elif tag == "rng":
         machine["rng"] = True
     elif tag == "graphics":
@@ -218,10 +315,16 @@ def _device(el: ET.Element, imp: Import, notes: list[str]) -> None:  # noqa: C90
             display: dict[str, object] = {"type": kind}
             if el.get("socket") is None and (listen is None or listen.get("type") != "socket"):
                 # libvirt's TCP display without passwd= is open to every local user: the definition says so
-                address = el.get("listen") or (listen.get("address") if listen is not None else None) or "127.0.0.1"
+                address = (
+                    el.get("listen")
+                    or (listen.get("address") if listen is not None else None)
+                    or "127.0.0.1"
+                )
                 display.update(listen=address, unauthenticated=el.get("passwd") is None)
                 if el.get("passwd") is not None:
-                    notes.append(f"<graphics type='{kind}' passwd=...>: the password is not imported; set one with `qemuspec qmp NAME set_password`")
+                    notes.append(
+                        f"<graphics type='{kind}' passwd=...>: the password is not imported; set one with `qemuspec qmp NAME set_password`"
+                    )
                 if el.get("port") and el.get("port") != "-1" and el.get("autoport") != "yes":
                     display["port"] = int(el.get("port") or 0)
             machine["display"] = {**machine.get("display", {}), **display}
@@ -236,15 +339,25 @@ def _device(el: ET.Element, imp: Import, notes: list[str]) -> None:  # noqa: C90
     elif tag in _device_options():
         field, decl = _device_options()[tag]
         if el.get("model") == decl.model:
-            props: dict[str, object] = {prop: el.get(attr) == "on" for prop, attr in decl.attributes if el.get(attr) in ("on", "off")}
+            props: dict[str, object] = {
+                prop: el.get(attr) == "on"
+                for prop, attr in decl.attributes
+                if el.get(attr) in ("on", "off")
+            }
             machine[field] = {"options": props} if props else True
         elif el.get("model") != decl.off:
-            notes.append(f"<{tag} model='{el.get('model')}'>: not imported (qemuspec's {field} is model {decl.model})")
+            notes.append(
+                f"<{tag} model='{el.get('model')}'>: not imported (qemuspec's {field} is model {decl.model})"
+            )
     elif tag == "input":
         if el.get("bus") == "usb":
-            machine.setdefault("devices", []).append({"driver": f"usb-{el.get('type', 'tablet')}", "options": {}})
+            machine.setdefault("devices", []).append(
+                {"driver": f"usb-{el.get('type', 'tablet')}", "options": {}}
+            )
             machine.setdefault("machine_options", {})["usb"] = True
     elif tag == "controller":
-        notes.append(f"<controller type='{el.get('type')}'>: libvirt adds controllers itself; qemu's own are used")
+        notes.append(
+            f"<controller type='{el.get('type')}'>: libvirt adds controllers itself; qemu's own are used"
+        )
     else:
         notes.append(f"<{tag}>: not imported (no qemuspec counterpart)")

@@ -22,7 +22,9 @@ from qemuspec.errors import SpecError
 if TYPE_CHECKING:
     import yaml
 
-QEMU_NAME = r"^(qemu-system-[A-Za-z0-9_]+|qemu-kvm|kvm)$"  # the binaries a definition may name (basename)
+QEMU_NAME = (
+    r"^(qemu-system-[A-Za-z0-9_]+|qemu-kvm|kvm)$"  # the binaries a definition may name (basename)
+)
 
 MAX_FILE_BYTES = 1024 * 1024
 MAX_NODES = 100_000
@@ -32,8 +34,10 @@ MAX_SOURCE_BYTES = 1024 * 1024
 
 def check_size(source: str, size: int) -> None:
     if size > MAX_FILE_BYTES:
-        raise SpecError(f"{source}: the file is {size} bytes; definition files may be at most {MAX_FILE_BYTES} bytes (1 MiB): "
-                        "split it, or move large text (cloud-init user data) into files it names")
+        raise SpecError(
+            f"{source}: the file is {size} bytes; definition files may be at most {MAX_FILE_BYTES} bytes (1 MiB): "
+            "split it, or move large text (cloud-init user data) into files it names"
+        )
 
 
 def check_text(source: str, text: str) -> None:
@@ -41,7 +45,9 @@ def check_text(source: str, text: str) -> None:
     try:
         size = len(text.encode("utf-8"))
     except UnicodeEncodeError as exc:
-        raise SpecError(f"{source}: the text is not valid Unicode (character {exc.start}: {exc.reason}): save the file as UTF-8") from None
+        raise SpecError(
+            f"{source}: the text is not valid Unicode (character {exc.start}: {exc.reason}): save the file as UTF-8"
+        ) from None
     check_size(source, size)
 
 
@@ -61,7 +67,9 @@ def read_definition(path: str | os.PathLike[str]) -> str:
     try:
         return read_text(path)
     except FileNotFoundError:
-        raise SpecError(f"{path}: no such file: check the path, or create one with `qemuspec init {path}`") from None
+        raise SpecError(
+            f"{path}: no such file: check the path, or create one with `qemuspec init {path}`"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(f"{path}: cannot read the file: {exc}") from None
 
@@ -88,8 +96,13 @@ def source_file_problem(path: str) -> str | None:
 
 def _source_problem(path: str, info: os.stat_result) -> str | None:
     if not stat.S_ISREG(info.st_mode):
-        kind = ("a FIFO" if stat.S_ISFIFO(info.st_mode) else "a directory" if stat.S_ISDIR(info.st_mode)
-                else "a device or socket")
+        kind = (
+            "a FIFO"
+            if stat.S_ISFIFO(info.st_mode)
+            else "a directory"
+            if stat.S_ISDIR(info.st_mode)
+            else "a device or socket"
+        )
         return f"{path} is {kind}, not a regular file: name a file (its whole text is read)"
     if info.st_size > MAX_SOURCE_BYTES:
         return f"{path} is {info.st_size} bytes; such files may be at most {MAX_SOURCE_BYTES} bytes (1 MiB)"
@@ -127,11 +140,15 @@ class NodeBudget:
     def visit(self, node: yaml.Node, depth: int) -> None:
         self.nodes += 1
         if self.nodes > MAX_NODES:
-            raise SpecError(f"{self.source}:{node.start_mark.line + 1}: the document expands to more than {MAX_NODES} values "
-                            "(YAML aliases such as *name repeat what they point to): use fewer aliases")
+            raise SpecError(
+                f"{self.source}:{node.start_mark.line + 1}: the document expands to more than {MAX_NODES} values "
+                "(YAML aliases such as *name repeat what they point to): use fewer aliases"
+            )
         if depth > MAX_DEPTH:
-            raise SpecError(f"{self.source}:{node.start_mark.line + 1}: values are nested more than {MAX_DEPTH} levels deep: "
-                            "a definition needs only a few levels; check the brackets and indentation")
+            raise SpecError(
+                f"{self.source}:{node.start_mark.line + 1}: values are nested more than {MAX_DEPTH} levels deep: "
+                "a definition needs only a few levels; check the brackets and indentation"
+            )
 
 
 def check_depth(data: object, source: str) -> None:
@@ -140,8 +157,10 @@ def check_depth(data: object, source: str) -> None:
     while stack:
         value, depth = stack.pop()
         if depth > MAX_DEPTH:
-            raise SpecError(f"{source}: values are nested more than {MAX_DEPTH} levels deep: "
-                            "a definition needs only a few levels; check the brackets")
+            raise SpecError(
+                f"{source}: values are nested more than {MAX_DEPTH} levels deep: "
+                "a definition needs only a few levels; check the brackets"
+            )
         if isinstance(value, dict):
             stack.extend((v, depth + 1) for v in value.values())
         elif isinstance(value, list):

@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     import yaml
 
 
-
 def load(
     path: str | os.PathLike[str],
     variables: Mapping[str, object] | None = None,
@@ -70,11 +69,16 @@ def _load_text(
         from qemuspec.spec.templates import TEMPLATE_MARK
 
         if TEMPLATE_MARK.search(text):
-            raise SpecError(exc.problems[0] + ". Templates are rendered inside quoted text values only, after the file "
-                            'is parsed, so they cannot add keys or tables: write for example memory = "{{ mem }}"') from None
+            raise SpecError(
+                exc.problems[0]
+                + ". Templates are rendered inside quoted text values only, after the file "
+                'is parsed, so they cannot add keys or tables: write for example memory = "{{ mem }}"'
+            ) from None
         raise
     if not isinstance(data, dict):
-        raise SpecError(f"{source}: the file must be a table of settings with a [machines.NAME] section, not {type(data).__name__}")
+        raise SpecError(
+            f"{source}: the file must be a table of settings with a [machines.NAME] section, not {type(data).__name__}"
+        )
     from qemuspec.spec.templates import render_values
 
     data = render_values(data, lines, source, variables or {}, environ or {})
@@ -95,7 +99,11 @@ def _load_text(
 
             fields = ", ".join(f"{o} (not {RULES[switch(o)][1]})" for o in machine.overrides)
             line = lines.get(("machines", name, "overrides"))
-            warnings.warn(f"{source}{':' + str(line) if line else ''}: machines.{name}: append overrides {fields}", QemuspecWarning, stacklevel=2)
+            warnings.warn(
+                f"{source}{':' + str(line) if line else ''}: machines.{name}: append overrides {fields}",
+                QemuspecWarning,
+                stacklevel=2,
+            )
     return spec, lines
 
 
@@ -109,7 +117,9 @@ def parse(text: str, fmt: str, source: str) -> tuple[object, dict[tuple, int]]:
         except tomllib.TOMLDecodeError as exc:
             raise SpecError(_toml_syntax(str(exc), source)) from None
         except RecursionError:
-            raise SpecError(f"{source}: values are nested more than {limits.MAX_DEPTH} levels deep: check the brackets") from None
+            raise SpecError(
+                f"{source}: values are nested more than {limits.MAX_DEPTH} levels deep: check the brackets"
+            ) from None
         limits.check_depth(data, source)
         return data, toml_lines(text)
     if fmt == "yaml":
@@ -129,7 +139,7 @@ def _toml_syntax(message: str, source: str) -> str:
             return f'{where}: duplicate machine name "{names[1]}": each [machines.NAME] table may appear once; rename one of them'
         return f"{where}: {path or 'a key'} is defined twice: keep one of the definitions"
     col = f" (column {match.group(2)})" if match else ""
-    return f"{where}: TOML syntax error{col}: {what}. Fix the syntax on that line; text values need quotes, for example memory = \"256M\""
+    return f'{where}: TOML syntax error{col}: {what}. Fix the syntax on that line; text values need quotes, for example memory = "256M"'
 
 
 def toml_lines(text: str) -> dict[tuple, int]:
@@ -137,7 +147,9 @@ def toml_lines(text: str) -> dict[tuple, int]:
     lines: dict[tuple, int] = {}
     header: tuple = ()
     counts: dict[tuple, int] = {}
-    key_re = re.compile(r'^\s*((?:[A-Za-z0-9_-]+|"[^"]*"|\'[^\']*\')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|\'[^\']*\'))*)\s*=')
+    key_re = re.compile(
+        r'^\s*((?:[A-Za-z0-9_-]+|"[^"]*"|\'[^\']*\')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|\'[^\']*\'))*)\s*='
+    )
     for number, line in enumerate(text.splitlines(), 1):
         stripped = line.strip()
         if stripped.startswith("[["):
@@ -182,7 +194,9 @@ def _yaml11_trap(node: yaml.ScalarNode) -> bool:
         return False
     if node.tag == _BOOL:
         return node.value.lower() not in ("true", "false")
-    return node.tag in _NUMBERS and (":" in node.value or re.match(r"^[-+]?0[0-7_]+$", node.value) is not None)
+    return node.tag in _NUMBERS and (
+        ":" in node.value or re.match(r"^[-+]?0[0-7_]+$", node.value) is not None
+    )
 
 
 def _yaml(text: str, source: str) -> tuple[object, dict[tuple, int]]:
@@ -210,15 +224,26 @@ def _yaml(text: str, source: str) -> tuple[object, dict[tuple, int]]:
     except yaml.YAMLError as exc:
         raise SpecError(f"{source}: YAML syntax error: {exc}") from None
     except RecursionError:
-        raise SpecError(f"{source}: values are nested more than {limits.MAX_DEPTH} levels deep: check the brackets and indentation") from None
-    except (ValueError, OverflowError, AttributeError, TypeError) as exc:  # "\U7fffffff", a bad !!timestamp, deep nesting
-        raise SpecError(f"{source}: YAML error: {exc}: check escapes in quoted text and the nesting") from None
+        raise SpecError(
+            f"{source}: values are nested more than {limits.MAX_DEPTH} levels deep: check the brackets and indentation"
+        ) from None
+    except (
+        ValueError,
+        OverflowError,
+        AttributeError,
+        TypeError,
+    ) as exc:  # "\U7fffffff", a bad !!timestamp, deep nesting
+        raise SpecError(
+            f"{source}: YAML error: {exc}: check escapes in quoted text and the nesting"
+        ) from None
     finally:
         loader.dispose()
     return data, lines
 
 
-def _yaml_walk(node: yaml.Node, path: tuple, lines: dict[tuple, int], source: str, budget: "limits.NodeBudget") -> None:
+def _yaml_walk(
+    node: yaml.Node, path: tuple, lines: dict[tuple, int], source: str, budget: "limits.NodeBudget"
+) -> None:
     import yaml
 
     budget.visit(node, len(path))
@@ -227,7 +252,9 @@ def _yaml_walk(node: yaml.Node, path: tuple, lines: dict[tuple, int], source: st
         seen: dict[object, int] = {}
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
-                raise SpecError(f"{source}:{key_node.start_mark.line + 1}: a key must be a plain name, not a list or table")
+                raise SpecError(
+                    f"{source}:{key_node.start_mark.line + 1}: a key must be a plain name, not a list or table"
+                )
             key = key_node.value
             line = key_node.start_mark.line + 1
             if key in seen:
@@ -235,7 +262,7 @@ def _yaml_walk(node: yaml.Node, path: tuple, lines: dict[tuple, int], source: st
                     what = f'duplicate machine name "{key}" (first at line {seen[key]}): each machine name may appear once; rename one of them'
                 else:
                     dotted = ".".join(str(p) for p in path + (key,))
-                    what = f'{dotted} is defined twice (first at line {seen[key]}): keep one of the definitions'
+                    what = f"{dotted} is defined twice (first at line {seen[key]}): keep one of the definitions"
                 raise SpecError(f"{source}:{line}: {what}")
             seen[key] = line
             lines[path + (key,)] = line

@@ -21,11 +21,19 @@ if TYPE_CHECKING:
 
 _PATH_IN_MESSAGE = re.compile(r"^(machines\.[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_]+)*): ")
 # A machine-level check that points inside the machine: "append.3: ...", "disks.0.options.id: ..."
-_SUBPATH_IN_MESSAGE = re.compile(r"^((?:append|overrides|devices|objects|disks|nics|shares|ready)"
-                                 r"(?:\.[A-Za-z0-9_-]+)*): ")
+_SUBPATH_IN_MESSAGE = re.compile(
+    r"^((?:append|overrides|devices|objects|disks|nics|shares|ready)"
+    r"(?:\.[A-Za-z0-9_-]+)*): "
+)
 
 
-def explain(exc: ValidationError, data: object, source: str, lines: dict[tuple, int], root: type[BaseModel] = File) -> list[str]:
+def explain(
+    exc: ValidationError,
+    data: object,
+    source: str,
+    lines: dict[tuple, int],
+    root: type[BaseModel] = File,
+) -> list[str]:
     problems: list[tuple[int, str]] = []
     seen: set[tuple] = set()
     # Of a union's branches, a value error is the one that says what is wrong with the text as given.
@@ -39,11 +47,11 @@ def explain(exc: ValidationError, data: object, source: str, lines: dict[tuple, 
         sub = _SUBPATH_IN_MESSAGE.match(message)
         if sub and loc:
             loc = loc + tuple(int(p) if p.isdigit() else p for p in sub.group(1).split("."))
-            message = message[sub.end():]
+            message = message[sub.end() :]
         found = _PATH_IN_MESSAGE.match(message)
         if found and not loc:
             loc = tuple(int(p) if p.isdigit() else p for p in found.group(1).split("."))
-            message = message[found.end():]
+            message = message[found.end() :]
         if loc in seen:
             continue  # another branch of a union: the first says it
         seen.add(loc)
@@ -67,7 +75,9 @@ def _misspelt(errors: list, data: object, root: type[BaseModel]) -> set[tuple]:
         if error["type"] == "extra_forbidden":
             loc = _user_loc(error["loc"], data)
             model = _model_at(root, loc[:-1])
-            close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields) if model else [], n=1, cutoff=0.6)
+            close = difflib.get_close_matches(
+                str(loc[-1]), list(model.model_fields) if model else [], n=1, cutoff=0.6
+            )
             if close:
                 out.add(loc[:-1] + (close[0],))
     return out
@@ -78,7 +88,14 @@ def located(source: str, lines: dict[tuple, int], problems: list[tuple[tuple, st
     out = []
     for loc, message in problems:
         line = _line(lines, loc)
-        out.append((line or 0, f"{source}:{line}: {dotted(loc)}: {message}" if line else f"{source}: {dotted(loc)}: {message}"))
+        out.append(
+            (
+                line or 0,
+                f"{source}:{line}: {dotted(loc)}: {message}"
+                if line
+                else f"{source}: {dotted(loc)}: {message}",
+            )
+        )
     return [text for _, text in sorted(out, key=lambda p: p[0])]
 
 
@@ -101,7 +118,13 @@ def _user_loc(loc: tuple, data: object) -> tuple:
         elif isinstance(current, list) and isinstance(part, int) and 0 <= part < len(current):
             out.append(part)
             current = current[part]
-        elif isinstance(current, dict) and isinstance(part, str) and last and "[" not in part and "(" not in part:
+        elif (
+            isinstance(current, dict)
+            and isinstance(part, str)
+            and last
+            and "[" not in part
+            and "(" not in part
+        ):
             out.append(part)  # a missing key or an unknown one
             current = None
         elif part == "[key]":
@@ -145,17 +168,27 @@ def _describe(error: ErrorDetails, message: str, loc: tuple, root: type[BaseMode
         model = _model_at(root, loc[:-1])
         allowed = list(model.model_fields) if model else []
         close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
-        hint = f'did you mean "{close[0]}"?' if close else f"the keys allowed here are: {', '.join(allowed)}"
+        hint = (
+            f'did you mean "{close[0]}"?'
+            if close
+            else f"the keys allowed here are: {', '.join(allowed)}"
+        )
         return f'unknown key "{key}": {hint}'
     if kind == "missing":
         return f'"{loc[-1] if loc else "value"}" is required here: add it'
     if kind == "literal_error":
         expected = re.findall(r"'([^']*)'", ctx.get("expected", ""))
         close = difflib.get_close_matches(str(value), expected, n=1, cutoff=0.5)
-        hint = f'did you mean "{close[0]}"?' if close else "use one of: " + ", ".join(f'"{e}"' for e in expected)
+        hint = (
+            f'did you mean "{close[0]}"?'
+            if close
+            else "use one of: " + ", ".join(f'"{e}"' for e in expected)
+        )
         return f'"{value}" is not allowed here: {hint}'
     if kind in ("int_parsing", "int_type", "int_from_float"):
-        return f"expected a whole number, got {_show(value)}: write it without quotes, for example 2"
+        return (
+            f"expected a whole number, got {_show(value)}: write it without quotes, for example 2"
+        )
     if kind in ("bool_parsing", "bool_type"):
         return f"expected true or false, got {_show(value)}"
     if kind in ("string_type",):
@@ -195,7 +228,12 @@ def _yaml11(raw: str, error: ErrorDetails, loc: tuple) -> str:
     return f"YAML 1.1 reads the unquoted {raw} as {became}, not as the text you wrote: {fix}"
 
 
-_COMPOSE_RESTART = {"unless-stopped": "always", "on_failure": "on-failure", "never": "no", "false": "no"}
+_COMPOSE_RESTART = {
+    "unless-stopped": "always",
+    "on_failure": "on-failure",
+    "never": "no",
+    "false": "no",
+}
 
 
 def _habit(error: ErrorDetails, loc: tuple, data: object, source: str, yaml11: dict) -> str | None:
@@ -225,28 +263,43 @@ def _habit(error: ErrorDetails, loc: tuple, data: object, source: str, yaml11: d
                         fields["address"] = f'"{parts[0]}"'
                     forwards.append(table(**fields))
             listed = ", ".join(forwards) or table(host=8080, guest=80)
-            fix = (f"nics: [{{forwards: [{listed}]}}]" if yaml
-                   else f"[[machines.{name}.nics]] with forwards = [{listed}]")
-            return (f'unknown key "ports" (docker compose\'s): qemuspec forwards host ports on a user-mode NIC: '
-                    f"write {fix} "
-                    '(host 0 picks a free port; a forward binds 127.0.0.1 unless its address says otherwise)')
+            fix = (
+                f"nics: [{{forwards: [{listed}]}}]"
+                if yaml
+                else f"[[machines.{name}.nics]] with forwards = [{listed}]"
+            )
+            return (
+                f'unknown key "ports" (docker compose\'s): qemuspec forwards host ports on a user-mode NIC: '
+                f"write {fix} "
+                "(host 0 picks a free port; a forward binds 127.0.0.1 unless its address says otherwise)"
+            )
         if key in ("image", "images"):
             url = value if isinstance(value, str) else "https://..."
             image = table(url=f'"{url}"', digest='"sha256:..."')
-            fix = f"disks: [{{image: {image}}}]" if yaml else f"[[machines.{name}.disks]] with image = {image}"
-            return (f'unknown key "{key}" (Lima\'s and compose\'s): a machine boots from its disks: write {fix} '
-                    '(downloaded and checked once, then cached), or give the disk the file of a downloaded image')
+            fix = (
+                f"disks: [{{image: {image}}}]"
+                if yaml
+                else f"[[machines.{name}.disks]] with image = {image}"
+            )
+            return (
+                f"unknown key \"{key}\" (Lima's and compose's): a machine boots from its disks: write {fix} "
+                "(downloaded and checked once, then cached), or give the disk the file of a downloaded image"
+            )
         if key in ("mounts", "volumes"):
             fix = table(source='"path"', tag='"NAME"')
-            return (f'unknown key "{key}" (Lima\'s and compose\'s): host directories are shares here: write '
-                    + (f"shares: [{fix}]" if yaml else f"[[machines.{name}.shares]] with {fix[2:-2]}")
-                    + " (mounted in the guest by its tag)")
+            return (
+                f"unknown key \"{key}\" (Lima's and compose's): host directories are shares here: write "
+                + (f"shares: [{fix}]" if yaml else f"[[machines.{name}.shares]] with {fix[2:-2]}")
+                + " (mounted in the guest by its tag)"
+            )
     if loc[-1:] == ("cmdline",) and isinstance(value, list):
         joined = " ".join(str(v) for v in value)
         return f'the kernel command line is one text, not a list: write cmdline{":" if yaml else " ="} "{joined}"'
     if loc[-1:] == ("restart",) and str(value) in _COMPOSE_RESTART:
-        return (f'"{value}" is not a restart policy here (docker\'s words): use "{_COMPOSE_RESTART[str(value)]}" '
-                '(one of "no", "on-failure", "always")')
+        return (
+            f'"{value}" is not a restart policy here (docker\'s words): use "{_COMPOSE_RESTART[str(value)]}" '
+            '(one of "no", "on-failure", "always")'
+        )
     return None
 
 

@@ -93,10 +93,15 @@ def _size(parse, serialize, bare: str) -> Any:
         int,
         BeforeValidator(parse),
         PlainSerializer(serialize, return_type=str),
-        WithJsonSchema({
-            "anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": _SIZE_PATTERN}],
-            "description": f'A size: a number of {bare}, or a number with a unit K, M, G or T ("256M", "2G").',
-        }),
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "integer", "minimum": 1},
+                    {"type": "string", "pattern": _SIZE_PATTERN},
+                ],
+                "description": f'A size: a number of {bare}, or a number with a unit K, M, G or T ("256M", "2G").',
+            }
+        ),
     ]
 
 
@@ -111,13 +116,18 @@ Seconds = Annotated[
     BeforeValidator(units.parse_seconds),
     WithJsonSchema(
         {
-            "anyOf": [{"type": "number", "exclusiveMinimum": 0}, {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h)?\s*$"}],
+            "anyOf": [
+                {"type": "number", "exclusiveMinimum": 0},
+                {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h)?\s*$"},
+            ],
             "description": 'A duration: seconds, or a number with ms, s, m or h ("30s", "2m").',
         }
     ),
 ]
 Port = Annotated[int, Field(ge=1, le=65535)]
-HostPort = Annotated[int, Field(ge=0, le=65535, description="Host port; 0 picks a free one at start")]
+HostPort = Annotated[
+    int, Field(ge=0, le=65535, description="Host port; 0 picks a free one at start")
+]
 
 Accel = Literal["auto", "kvm", "tcg", "xen", "hvf", "whpx", "nvmm"]
 
@@ -139,7 +149,9 @@ def _guest_command(value: str) -> str:
     """One shell command line for the guest (run with /bin/sh -c)."""
     _text(value)
     if not value.strip():
-        raise ValueError('a guest command must not be empty: write the command line, e.g. "cloud-init status --wait"')
+        raise ValueError(
+            'a guest command must not be empty: write the command line, e.g. "cloud-init status --wait"'
+        )
     return value
 
 
@@ -153,26 +165,39 @@ class ProvisionScript(Model):
 
 
 def _provision_kind(value: Any) -> str:
-    return "script" if isinstance(value, (dict, ProvisionScript)) or hasattr(value, "script") else "steps"
+    return (
+        "script"
+        if isinstance(value, (dict, ProvisionScript)) or hasattr(value, "script")
+        else "steps"
+    )
 
 
 # One error for one mistake: a list (or one string) is steps, a table is a script, never "either".
 Provision = Annotated[
-    Union[Annotated[Annotated[list[GuestCommand], BeforeValidator(_as_list)], Tag("steps")],
-          Annotated[ProvisionScript, Tag("script")]],
-    Discriminator(_provision_kind)]
+    Union[
+        Annotated[Annotated[list[GuestCommand], BeforeValidator(_as_list)], Tag("steps")],
+        Annotated[ProvisionScript, Tag("script")],
+    ],
+    Discriminator(_provision_kind),
+]
 
 
 class Ready(Model):
     """What "ready" means for this machine. With no probe set, ready means QMP answered."""
 
-    serial: Text | None = Field(None, description="Regular expression matched against the serial console, read live")
-    tcp: Port | None = Field(None, description="Guest port, reached through a user-mode forward; must send data")
+    serial: Text | None = Field(
+        None, description="Regular expression matched against the serial console, read live"
+    )
+    tcp: Port | None = Field(
+        None, description="Guest port, reached through a user-mode forward; must send data"
+    )
     agent: bool = Field(False, description="The guest agent answers guest-ping")
     ssh: bool = Field(False, description="An ssh server answers on the forwarded guest port 22")
     command: Annotated[list[GuestCommand], BeforeValidator(_as_list)] = Field(
-        default_factory=list, description='Guest commands that must exit 0, e.g. "cloud-init status --wait" '
-        "(or a list, run in order): run through the guest agent (or ssh without one), retried until they succeed")
+        default_factory=list,
+        description='Guest commands that must exit 0, e.g. "cloud-init status --wait" '
+        "(or a list, run in order): run through the guest agent (or ssh without one), retried until they succeed",
+    )
     timeout: Seconds = 60.0
 
     @field_validator("serial")
@@ -190,18 +215,24 @@ def _image_url(value: str) -> str:
     _line(value)
     scheme, sep, rest = value.partition("://")
     if not sep or scheme.lower() not in ("http", "https", "file") or not rest:
-        raise ValueError(f'"{value}" is not an http://, https:// or file:/// URL: write the full address, for example '
-                         '"https://cloud.debian.org/images/cloud/bookworm/latest/debian-12-genericcloud-amd64.qcow2"')
+        raise ValueError(
+            f'"{value}" is not an http://, https:// or file:/// URL: write the full address, for example '
+            '"https://cloud.debian.org/images/cloud/bookworm/latest/debian-12-genericcloud-amd64.qcow2"'
+        )
     if scheme.lower() == "file" and not rest.startswith("/"):
-        raise ValueError(f'"{value}": a file URL names an absolute path, file:///path/to/image.qcow2')
+        raise ValueError(
+            f'"{value}": a file URL names an absolute path, file:///path/to/image.qcow2'
+        )
     return value
 
 
 def _digest(value: str) -> str:
     text = value.strip().lower()
     if not re.match(r"^(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$", text):
-        raise ValueError(f'"{value}" is not a digest: write "sha256:" and 64 hex digits, or "sha512:" and 128 '
-                         '(sha256sum IMAGE prints them), or give digest_url = ".../SHA256SUMS" instead')
+        raise ValueError(
+            f'"{value}" is not a digest: write "sha256:" and 64 hex digits, or "sha512:" and 128 '
+            '(sha256sum IMAGE prints them), or give digest_url = ".../SHA256SUMS" instead'
+        )
     return text
 
 
@@ -213,40 +244,67 @@ class Image(Model):
     against its digest, never written (the disk's file is this machine's own qcow2 overlay on it)."""
 
     url: ImageURL = Field(
-        description="http(s):// or file:/// URL of a raw or qcow2 image (.xz/.gz: unpacked into the cache)")
+        description="http(s):// or file:/// URL of a raw or qcow2 image (.xz/.gz: unpacked into the cache)"
+    )
     digest: Annotated[str, AfterValidator(_digest)] | None = Field(
-        None, description='"sha256:HEX" or "sha512:HEX" of the file as published (the compressed file for .xz/.gz)')
+        None,
+        description='"sha256:HEX" or "sha512:HEX" of the file as published (the compressed file for .xz/.gz)',
+    )
     digest_url: ImageURL | None = Field(
-        None, description="A checksum file (SHA256SUMS, SHA512SUMS, CHECKSUM) listing the url's file name: looked up "
-                          "once and recorded in the cache")
+        None,
+        description="A checksum file (SHA256SUMS, SHA512SUMS, CHECKSUM) listing the url's file name: looked up "
+        "once and recorded in the cache",
+    )
 
     @model_validator(mode="after")
     def _one_digest(self) -> "Image":
         if (self.digest is None) == (self.digest_url is None):
-            raise ValueError('an image needs exactly one of digest = "sha256:HEX" and digest_url = ".../SHA256SUMS", '
-                             "so the download can be checked")
+            raise ValueError(
+                'an image needs exactly one of digest = "sha256:HEX" and digest_url = ".../SHA256SUMS", '
+                "so the download can be checked"
+            )
         return self
 
 
 class Disk(Model):
     file: FilePath
-    image: Image | None = Field(None, description="Base image by URL and digest: file is then this machine's qcow2 "
-                                                  "overlay on the cached base, made on `up`")
-    id: Ident | None = Field(None, description="The drive's qemu id, for a device in devices or append that refers to it (default: qemuspec-diskN)")
-    format: Ident | None = Field(None, description="Image format: qcow2, raw, ... (required with backing or size)")
-    size: Bytes | None = Field(None, description="Created with this size on `up` when the file is missing")
-    backing: FilePath | None = Field(None, description="Base image of an overlay; the base is never written")
+    image: Image | None = Field(
+        None,
+        description="Base image by URL and digest: file is then this machine's qcow2 "
+        "overlay on the cached base, made on `up`",
+    )
+    id: Ident | None = Field(
+        None,
+        description="The drive's qemu id, for a device in devices or append that refers to it (default: qemuspec-diskN)",
+    )
+    format: Ident | None = Field(
+        None, description="Image format: qcow2, raw, ... (required with backing or size)"
+    )
+    size: Bytes | None = Field(
+        None, description="Created with this size on `up` when the file is missing"
+    )
+    backing: FilePath | None = Field(
+        None, description="Base image of an overlay; the base is never written"
+    )
     backing_format: Ident | None = None
     interface: Literal["virtio", "ide", "scsi", "nvme", "none"] = "virtio"
     readonly: bool = False
     serial: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,20}$")] | None = None
-    options: Options = Field(default_factory=dict, description="Extra -drive properties, passed through")
-    device_options: Options = Field(default_factory=dict, description="Extra -device properties, passed through")
+    options: Options = Field(
+        default_factory=dict, description="Extra -drive properties, passed through"
+    )
+    device_options: Options = Field(
+        default_factory=dict, description="Extra -device properties, passed through"
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _image_overlay(cls, value: Any) -> Any:
-        if isinstance(value, dict) and value.get("image") is not None and value.get("format") is None:
+        if (
+            isinstance(value, dict)
+            and value.get("image") is not None
+            and value.get("format") is None
+        ):
             return {**value, "format": "qcow2"}  # the overlay on a base image is a qcow2
         return value
 
@@ -254,15 +312,23 @@ class Disk(Model):
     def _format_needed(self) -> "Disk":
         if self.image is not None:
             if self.backing:
-                raise ValueError('give "image" or "backing", not both: with image, qemuspec makes file an overlay on '
-                                 "the cached base itself")
+                raise ValueError(
+                    'give "image" or "backing", not both: with image, qemuspec makes file an overlay on '
+                    "the cached base itself"
+                )
             if self.format != "qcow2":
-                raise ValueError(f'a disk with "image" is a qcow2 overlay on the cached base: remove format = '
-                                 f'"{self.format}" (or write format = "qcow2")')
+                raise ValueError(
+                    f'a disk with "image" is a qcow2 overlay on the cached base: remove format = '
+                    f'"{self.format}" (or write format = "qcow2")'
+                )
         if self.backing and not self.format:
-            raise ValueError('a disk with "backing" needs "format" (an overlay is a "qcow2" image): add format = "qcow2"')
+            raise ValueError(
+                'a disk with "backing" needs "format" (an overlay is a "qcow2" image): add format = "qcow2"'
+            )
         if self.backing and self.format not in ("qcow2", "qed"):
-            raise ValueError(f'format "{self.format}" cannot have a backing file: use format = "qcow2"')
+            raise ValueError(
+                f'format "{self.format}" cannot have a backing file: use format = "qcow2"'
+            )
         return self
 
 
@@ -272,7 +338,9 @@ def _ipv4(value: str) -> str:
     try:
         ipaddress.IPv4Address(value)
     except ValueError:
-        raise ValueError(f'"{value}" is not an IPv4 address: use for example "127.0.0.1" (the default)') from None
+        raise ValueError(
+            f'"{value}" is not an IPv4 address: use for example "127.0.0.1" (the default)'
+        ) from None
     return value
 
 
@@ -285,14 +353,18 @@ def _listen_address(value: str) -> str:
 def _endpoint(value: str) -> str:
     if value.startswith("/") or re.match(r"^[A-Za-z0-9.-]*:\d{1,5}$", value):
         return _text(value)
-    raise ValueError(f'"{value}" is not an address: write host:port (for example "127.0.0.1:5555") or a socket path starting with "/"')
+    raise ValueError(
+        f'"{value}" is not an address: write host:port (for example "127.0.0.1:5555") or a socket path starting with "/"'
+    )
 
 
 class Forward(Model):
     host: HostPort
     guest: Port
     protocol: Literal["tcp", "udp"] = "tcp"
-    address: Annotated[str, AfterValidator(_ipv4)] = Field("127.0.0.1", description="Host address to bind; loopback by default")
+    address: Annotated[str, AfterValidator(_ipv4)] = Field(
+        "127.0.0.1", description="Host address to bind; loopback by default"
+    )
 
 
 Endpoint = Annotated[str, AfterValidator(_endpoint)]
@@ -304,7 +376,9 @@ def _interface_address(value: str) -> str:
     try:
         iface = ipaddress.ip_interface(value)
     except ValueError:
-        raise ValueError(f'"{value}" is not an address with a prefix: write for example "10.10.0.2/24"') from None
+        raise ValueError(
+            f'"{value}" is not an address with a prefix: write for example "10.10.0.2/24"'
+        ) from None
     if "/" not in value:
         raise ValueError(f'"{value}" needs a prefix length: write for example "{value}/24"')
     return str(iface)
@@ -312,23 +386,41 @@ def _interface_address(value: str) -> str:
 
 class NIC(Model):
     type: Literal["user", "socket", "stream", "tap", "bridge", "network"] = "user"
-    network: Ident | None = Field(None, description="Name of a [networks.NAME] private network between machines (no root)")
+    network: Ident | None = Field(
+        None, description="Name of a [networks.NAME] private network between machines (no root)"
+    )
     address: Annotated[str, AfterValidator(_interface_address)] | None = Field(
-        None, description='Static guest address on this NIC, e.g. "10.10.0.2/24" (given to the guest through cloud-init)')
+        None,
+        description='Static guest address on this NIC, e.g. "10.10.0.2/24" (given to the guest through cloud-init)',
+    )
     model: Ident = "virtio-net-pci"
     mac: Annotated[str, Field(pattern=r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")] | None = None
-    forwards: list[Forward] = Field(default_factory=list, description="Host-to-guest port forwards (type user)")
+    forwards: list[Forward] = Field(
+        default_factory=list, description="Host-to-guest port forwards (type user)"
+    )
     outbound: bool = Field(
-        False, description="type user: let the guest open connections out through user-mode NAT, to other hosts and to "
+        False,
+        description="type user: let the guest open connections out through user-mode NAT, to other hosts and to "
         "this host's own services (10.0.2.2 is the host's 127.0.0.1: loopback services, other VMs' monitors). Off by "
-        "default (restrict=on): the guest reaches nothing, and forwards still work")
-    listen: Endpoint | None = Field(None, description="socket/stream: address to listen on, host:port")
-    connect: Endpoint | None = Field(None, description="socket/stream: address to connect to, host:port")
+        "default (restrict=on): the guest reaches nothing, and forwards still work",
+    )
+    listen: Endpoint | None = Field(
+        None, description="socket/stream: address to listen on, host:port"
+    )
+    connect: Endpoint | None = Field(
+        None, description="socket/stream: address to connect to, host:port"
+    )
     mcast: Endpoint | None = Field(None, description="socket: multicast group, addr:port")
     ifname: Ident | None = Field(None, description="tap: interface name")
-    bridge: Ident | None = Field(None, description="bridge: host bridge name (uses qemu-bridge-helper)")
-    options: Options = Field(default_factory=dict, description="Extra -netdev properties, passed through")
-    device_options: Options = Field(default_factory=dict, description="Extra -device properties, passed through")
+    bridge: Ident | None = Field(
+        None, description="bridge: host bridge name (uses qemu-bridge-helper)"
+    )
+    options: Options = Field(
+        default_factory=dict, description="Extra -netdev properties, passed through"
+    )
+    device_options: Options = Field(
+        default_factory=dict, description="Extra -device properties, passed through"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -340,27 +432,42 @@ class NIC(Model):
     @model_validator(mode="after")
     def _fits_type(self) -> "NIC":
         if self.network and self.type != "network":
-            raise ValueError(f'"network" makes a private-network NIC: remove type = "{self.type}" (or use type = "network")')
+            raise ValueError(
+                f'"network" makes a private-network NIC: remove type = "{self.type}" (or use type = "network")'
+            )
         if self.type == "network" and not self.network:
-            raise ValueError('a "network" NIC needs network = "NAME" naming a [networks.NAME] table')
+            raise ValueError(
+                'a "network" NIC needs network = "NAME" naming a [networks.NAME] table'
+            )
         if self.forwards and self.type != "user":
             raise ValueError(f'"forwards" only works with type = "user", not "{self.type}"')
-        if self.type in ("socket", "stream") and not (self.listen or self.connect or (self.mcast and self.type == "socket")):
+        if self.type in ("socket", "stream") and not (
+            self.listen or self.connect or (self.mcast and self.type == "socket")
+        ):
             raise ValueError(f'a "{self.type}" NIC needs "listen" or "connect" (host:port)')
         if self.type == "bridge" and not self.bridge:
-            raise ValueError('a "bridge" NIC needs "bridge" (the host bridge name, for example "br0")')
+            raise ValueError(
+                'a "bridge" NIC needs "bridge" (the host bridge name, for example "br0")'
+            )
         if self.outbound and self.type != "user":
             raise ValueError(f'"outbound" only works with type = "user", not "{self.type}"')
         if "restrict" in self.options:  # the one switch for host access is the named field
-            raise ValueError('options.restrict is not passed through: user-mode NICs are restricted unless outbound = true '
-                             "(which lets the guest reach other hosts and this host's loopback services)")
+            raise ValueError(
+                "options.restrict is not passed through: user-mode NICs are restricted unless outbound = true "
+                "(which lets the guest reach other hosts and this host's loopback services)"
+            )
         for key in ("listen", "connect", "mcast"):
             if getattr(self, key) and self.type not in ("socket", "stream"):
                 raise ValueError(f'"{key}" only works with type = "socket" or "stream"')
-        for key in ("hostfwd", "guestfwd"):  # a passthrough would replace the loopback-only forwards
+        for key in (
+            "hostfwd",
+            "guestfwd",
+        ):  # a passthrough would replace the loopback-only forwards
             if key in self.options:
-                raise ValueError(f'options.{key} is not passed through (it would replace the forwards, which bind 127.0.0.1): '
-                                 f'use forwards = [{{ host = 8080, guest = 80 }}], with address = "0.0.0.0" only if other hosts must reach it')
+                raise ValueError(
+                    f"options.{key} is not passed through (it would replace the forwards, which bind 127.0.0.1): "
+                    f'use forwards = [{{ host = 8080, guest = 80 }}], with address = "0.0.0.0" only if other hosts must reach it'
+                )
         return self
 
 
@@ -380,13 +487,22 @@ class Display(Model):
 
     type: Literal["none", "vnc", "spice", "gtk", "sdl", "curses", "egl-headless"] = "none"
     listen: Annotated[str, AfterValidator(_listen_address)] | None = Field(
-        None, description="vnc/spice: serve on TCP at this address instead of the private unix socket (the default); "
-        "a TCP display refuses every client until a password is set over QMP, unless unauthenticated = true")
-    port: Port | None = Field(None, description="vnc/spice: TCP port (vnc: 5900 + display number); implies TCP on 127.0.0.1")
+        None,
+        description="vnc/spice: serve on TCP at this address instead of the private unix socket (the default); "
+        "a TCP display refuses every client until a password is set over QMP, unless unauthenticated = true",
+    )
+    port: Port | None = Field(
+        None,
+        description="vnc/spice: TCP port (vnc: 5900 + display number); implies TCP on 127.0.0.1",
+    )
     unauthenticated: bool = Field(
-        False, description="vnc/spice on TCP: no password at all. Every local user (and every host that reaches the "
-        "address) can then watch and type into the VM: an explicit opt-in, for a trusted single-user host only")
-    vga: Ident = Field("std", description='Graphics card for a visible display (-vga); "default" leaves it to qemu')
+        False,
+        description="vnc/spice on TCP: no password at all. Every local user (and every host that reaches the "
+        "address) can then watch and type into the VM: an explicit opt-in, for a trusted single-user host only",
+    )
+    vga: Ident = Field(
+        "std", description='Graphics card for a visible display (-vga); "default" leaves it to qemu'
+    )
     options: Options = Field(default_factory=dict)
 
     @model_validator(mode="before")
@@ -400,22 +516,39 @@ class Display(Model):
             raise ValueError("a vnc port must be between 5900 and 5999 (display 0 to 99)")
         tcp = self.listen is not None or self.port is not None
         if (tcp or self.unauthenticated) and self.type not in ("vnc", "spice"):
-            key = "unauthenticated" if self.unauthenticated else ("listen" if self.listen is not None else "port")
+            key = (
+                "unauthenticated"
+                if self.unauthenticated
+                else ("listen" if self.listen is not None else "port")
+            )
             raise ValueError(f'"{key}" only works with type = "vnc" or "spice"')
-        taken = sorted(set(self.options) & {"password", "disable-ticketing", "unix", "addr", "port"})
-        if taken and self.type in ("vnc", "spice"):  # where it listens and who may connect are the typed fields
-            raise ValueError(f"options.{taken[0]} is not passed through: the display's address and authentication are "
-                             "listen, port and unauthenticated (default: a unix socket only its owner can open)")
+        taken = sorted(
+            set(self.options) & {"password", "disable-ticketing", "unix", "addr", "port"}
+        )
+        if taken and self.type in (
+            "vnc",
+            "spice",
+        ):  # where it listens and who may connect are the typed fields
+            raise ValueError(
+                f"options.{taken[0]} is not passed through: the display's address and authentication are "
+                "listen, port and unauthenticated (default: a unix socket only its owner can open)"
+            )
         if self.unauthenticated and not tcp:
-            raise ValueError('"unauthenticated" is for a TCP display: add listen = "127.0.0.1" (or a port), or remove it '
-                             "(the default unix socket is reachable by its owner only)")
+            raise ValueError(
+                '"unauthenticated" is for a TCP display: add listen = "127.0.0.1" (or a port), or remove it '
+                "(the default unix socket is reachable by its owner only)"
+            )
         return self
 
 
 class Firmware(Model):
     type: Literal["bios", "uefi"] = "bios"
-    code: FilePath | None = Field(None, description="bios: -bios image; uefi: the read-only code flash")
-    vars: FilePath | None = Field(None, description="uefi: template of the variable store, copied per machine")
+    code: FilePath | None = Field(
+        None, description="bios: -bios image; uefi: the read-only code flash"
+    )
+    vars: FilePath | None = Field(
+        None, description="uefi: template of the variable store, copied per machine"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -432,7 +565,9 @@ class Device(Model):
 class DeviceOption(Model):
     """A device qemuspec adds for an option (spec/devices.py declares which): `true`, or a table."""
 
-    options: Options = Field(default_factory=dict, description="Extra -device properties, passed through")
+    options: Options = Field(
+        default_factory=dict, description="Extra -device properties, passed through"
+    )
 
 
 def _device_option(value: Any) -> Any:
@@ -453,10 +588,18 @@ class CloudInit(Model):
     also gets ``machine_name`` and ``ssh_public_key`` (the state directory's key) at start."""
 
     user_data: Text | None = Field(None, description='Inline user-data, e.g. "#cloud-config\\n..."')
-    user_data_file: FilePath | None = Field(None, description="user-data from a file (relative to the definition)")
-    meta_data: dict[Text, Any] = Field(default_factory=dict, description="Extra meta-data (instance-id and local-hostname are set)")
-    network_config: Text | None = Field(None, description="network-config v2; generated from NIC addresses when absent")
-    network_config_file: FilePath | None = Field(None, description="network-config from a file (relative to the definition)")
+    user_data_file: FilePath | None = Field(
+        None, description="user-data from a file (relative to the definition)"
+    )
+    meta_data: dict[Text, Any] = Field(
+        default_factory=dict, description="Extra meta-data (instance-id and local-hostname are set)"
+    )
+    network_config: Text | None = Field(
+        None, description="network-config v2; generated from NIC addresses when absent"
+    )
+    network_config_file: FilePath | None = Field(
+        None, description="network-config from a file (relative to the definition)"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> "CloudInit":
@@ -467,8 +610,12 @@ class CloudInit(Model):
 
 
 class SSH(Model):
-    user: Ident = Field("root", description="Login name for `qemuspec ssh` and the ssh readiness probe")
-    port: Port = Field(22, description="Guest port of the ssh server (reached through a user-mode forward)")
+    user: Ident = Field(
+        "root", description="Login name for `qemuspec ssh` and the ssh readiness probe"
+    )
+    port: Port = Field(
+        22, description="Guest port of the ssh server (reached through a user-mode forward)"
+    )
 
 
 class Network(Model):
@@ -488,7 +635,9 @@ def _qemu_binary(value: str, info: ValidationInfo) -> str:
     is looked up on PATH; a path, like every path in a definition, is relative to the file (and is
     kept un-normalised, so a `../` the file wrote stays visible to the local-qemu rule)."""
     if not re.match(QEMU_NAME, os.path.basename(value)):
-        raise ValueError(f'"{value}" is not a qemu system emulator: use a qemu-system-ARCH binary (or a wrapper with such a name)')
+        raise ValueError(
+            f'"{value}" is not a qemu system emulator: use a qemu-system-ARCH binary (or a wrapper with such a name)'
+        )
     if os.sep not in value:
         return value
     base = (info.context or {}).get("base_dir")
@@ -503,17 +652,26 @@ class Machine(Model):
     """One virtual machine."""
 
     qemu: Annotated[str, AfterValidator(_text), AfterValidator(_qemu_binary)] = Field(
-        "qemu-system-x86_64", description="The qemu binary: a qemu-system-* name on PATH or a path")
+        "qemu-system-x86_64", description="The qemu binary: a qemu-system-* name on PATH or a path"
+    )
     host: Annotated[str, AfterValidator(_libvirt_uri)] | None = Field(
-        None, description='Run this machine through libvirt at this URI, e.g. "qemu+ssh://user@host/system" (default: locally, or --connect)')
+        None,
+        description='Run this machine through libvirt at this URI, e.g. "qemu+ssh://user@host/system" (default: locally, or --connect)',
+    )
     machine: Ident = Field("q35", description="-machine type")
     machine_options: Options = Field(default_factory=dict, description="Extra -machine properties")
     accel: Accel | list[Accel] = Field(
-        "auto", description='"auto" is kvm when /dev/kvm is usable, else tcg; a list is tried in order'
+        "auto",
+        description='"auto" is kvm when /dev/kvm is usable, else tcg; a list is tried in order',
     )
-    accel_options: Options = Field(default_factory=dict, description="Properties of the first accelerator, e.g. { thread = \"single\" }")
+    accel_options: Options = Field(
+        default_factory=dict,
+        description='Properties of the first accelerator, e.g. { thread = "single" }',
+    )
     cpu: Ident = "max"
-    cpu_options: Options = Field(default_factory=dict, description="CPU properties, for example { pmu = false }")
+    cpu_options: Options = Field(
+        default_factory=dict, description="CPU properties, for example { pmu = false }"
+    )
     cpus: Annotated[int, Field(ge=1, le=1024)] = 1
     memory: MiB = Field(512, description='Guest RAM: "256M", "2G", or a number of MiB')
     kernel: FilePath | None = None
@@ -521,19 +679,27 @@ class Machine(Model):
     cmdline: Line | None = Field(None, description="Kernel command line (needs kernel)")
     firmware: Firmware = Field(default_factory=Firmware)
     boot_order: Annotated[str, Field(pattern=r"^[a-dn-p]{1,8}$")] | None = Field(
-        None, description='Boot order letters as qemu takes them: c disk, d cdrom, n network, e.g. "cd"'
+        None,
+        description='Boot order letters as qemu takes them: c disk, d cdrom, n network, e.g. "cd"',
     )
     serial: Literal["log", "pty", "socket", "none"] = Field(
         "log", description="log: captured to serial.log and readable live; pty; socket; none"
     )
     display: Display = Field(default_factory=Display)
     paused: bool = Field(False, description="Start with the CPUs stopped (-S)")
-    defaults: bool = Field(False, description="Keep qemu's default devices (no -nodefaults): for imported command lines")
+    defaults: bool = Field(
+        False,
+        description="Keep qemu's default devices (no -nodefaults): for imported command lines",
+    )
     restart: Literal["no", "on-failure", "always"] = "no"
-    stop_timeout: Seconds = Field(30.0, description="How long ACPI powerdown may take before quit, then signals")
+    stop_timeout: Seconds = Field(
+        30.0, description="How long ACPI powerdown may take before quit, then signals"
+    )
     warm: bool = Field(
-        False, description="Warm start: save the machine's state once it is ready, and restore it on later `up`s "
-        "instead of booting (disk writes after the save last until `down`)")
+        False,
+        description="Warm start: save the machine's state once it is ready, and restore it on later `up`s "
+        "instead of booting (disk writes after the save last until `down`)",
+    )
     depends_on: list[Text] = Field(default_factory=list)
     qmp: QMP = Field(default_factory=QMP)
     ready: Ready = Field(default_factory=Ready)
@@ -543,23 +709,42 @@ class Machine(Model):
     shares: list[Share] = Field(default_factory=list)
     rng: bool = Field(False, description="A virtio-rng device fed from /dev/urandom")
     agent: bool = Field(False, description="A virtio-serial channel for qemu-guest-agent")
-    balloon: Annotated[DeviceOption | None, BeforeValidator(_device_option), QemuDevice(
-        "virtio-balloon-pci", "balloon0", libvirt="memballoon", model="virtio", off="none",
-        attributes=(("deflate-on-oom", "autodeflate"), ("free-page-reporting", "freePageReporting")))] = Field(
-        None, description="A virtio memory balloon: true, or { options = { deflate-on-oom = true } }. The host can then "
-        "take memory back from the running guest (QMP balloon) and read its use (query-balloon)")
+    balloon: Annotated[
+        DeviceOption | None,
+        BeforeValidator(_device_option),
+        QemuDevice(
+            "virtio-balloon-pci",
+            "balloon0",
+            libvirt="memballoon",
+            model="virtio",
+            off="none",
+            attributes=(
+                ("deflate-on-oom", "autodeflate"),
+                ("free-page-reporting", "freePageReporting"),
+            ),
+        ),
+    ] = Field(
+        None,
+        description="A virtio memory balloon: true, or { options = { deflate-on-oom = true } }. The host can then "
+        "take memory back from the running guest (QMP balloon) and read its use (query-balloon)",
+    )
     cloud_init: CloudInit | None = None
     provision: Provision = Field(
-        default_factory=list, description='Run in the guest once it is ready, once per machine life: shell commands '
-        '(["apt-get install -y nginx", ...]) or { script = "path" }; `qemuspec provision` runs them again')
+        default_factory=list,
+        description="Run in the guest once it is ready, once per machine life: shell commands "
+        '(["apt-get install -y nginx", ...]) or { script = "path" }; `qemuspec provision` runs them again',
+    )
     ssh: SSH = Field(default_factory=SSH)
     devices: list[Device] = Field(default_factory=list)
     objects: list[QomObject] = Field(default_factory=list)
-    append: list[Line] = Field(default_factory=list, description="Raw qemu switches, verbatim, last on the command line")
+    append: list[Line] = Field(
+        default_factory=list, description="Raw qemu switches, verbatim, last on the command line"
+    )
     overrides: list[Annotated[str, Field(pattern=r"^-[a-z][a-z0-9-]*$")]] = Field(
         default_factory=list,
         description='Switches that append may give although a typed field renders them, e.g. ["-cpu"]: qemuspec then '
-                    "leaves its own out and the append wins. Without this, such a switch in append is an error")
+        "leaves its own out and the append wins. Without this, such a switch in append is an error",
+    )
 
     @model_validator(mode="after")
     def _coherent(self, info: ValidationInfo) -> "Machine":
@@ -567,32 +752,57 @@ class Machine(Model):
             return self  # the builder checks fields as they are set, and the whole at start()
         if (self.initrd or self.cmdline) and not self.kernel:
             field = "initrd" if self.initrd else "cmdline"
-            raise ValueError(f'"{field}" needs "kernel": set kernel = "path/to/vmlinuz" or remove {field}')
+            raise ValueError(
+                f'"{field}" needs "kernel": set kernel = "path/to/vmlinuz" or remove {field}'
+            )
         if self.ready.serial is not None and self.serial not in ("log", "socket"):
-            raise ValueError(f'ready.serial: this probe reads the serial console, which serial = "{self.serial}" '
-                             'does not give qemuspec: set serial = "log" (the default), or use another probe '
-                             "(ready.tcp, ready.agent, ready.ssh)")
+            raise ValueError(
+                f'ready.serial: this probe reads the serial console, which serial = "{self.serial}" '
+                'does not give qemuspec: set serial = "log" (the default), or use another probe '
+                "(ready.tcp, ready.agent, ready.ssh)"
+            )
         if self.ready.agent and not self.agent:
-            raise ValueError('ready.agent needs the guest-agent channel: add agent = true')
-        for field, used in (("ready.command", bool(self.ready.command)), ("provision", bool(self.provision))):
-            ssh = any(n.type == "user" and any(f.guest == self.ssh.port for f in n.forwards) for n in self.nics)
+            raise ValueError("ready.agent needs the guest-agent channel: add agent = true")
+        for field, used in (
+            ("ready.command", bool(self.ready.command)),
+            ("provision", bool(self.provision)),
+        ):
+            ssh = any(
+                n.type == "user" and any(f.guest == self.ssh.port for f in n.forwards)
+                for n in self.nics
+            )
             if used and not self.agent and not ssh:
-                raise ValueError(f"{field} runs in the guest through the guest agent or ssh, and this machine has "
-                                 "neither: add agent = true (with qemu-guest-agent in the guest), or a user NIC "
-                                 f"forwarding guest port {self.ssh.port} "
-                                 f"(forwards = [{{ host = 0, guest = {self.ssh.port} }}])")
+                raise ValueError(
+                    f"{field} runs in the guest through the guest agent or ssh, and this machine has "
+                    "neither: add agent = true (with qemu-guest-agent in the guest), or a user NIC "
+                    f"forwarding guest port {self.ssh.port} "
+                    f"(forwards = [{{ host = 0, guest = {self.ssh.port} }}])"
+                )
         if (self.ready.tcp or self.ready.ssh) and not any(n.type == "user" for n in self.nics):
-            raise ValueError("ready.tcp and ready.ssh reach the guest through a user-mode NIC: add one to nics")
-        if any(s.type == "virtiofs" for s in self.shares) and "memory-backend" in self.machine_options:
-            raise ValueError("virtiofs shares set machine_options.memory-backend themselves: remove it")
+            raise ValueError(
+                "ready.tcp and ready.ssh reach the guest through a user-mode NIC: add one to nics"
+            )
+        if (
+            any(s.type == "virtiofs" for s in self.shares)
+            and "memory-backend" in self.machine_options
+        ):
+            raise ValueError(
+                "virtiofs shares set machine_options.memory-backend themselves: remove it"
+            )
         from qemuspec.spec import passthrough
 
         for name in self.overrides:
             if passthrough.switch(name) not in passthrough.OVERRIDABLE:
-                raise ValueError(f'overrides: "{name}" is not a switch qemuspec renders from a typed field; '
-                                 f'these can be overridden: {", ".join(sorted(passthrough.OVERRIDABLE))}')
-            if not any(sw == passthrough.switch(name) for _, sw, _ in passthrough.switches(self.append)):
-                raise ValueError(f'overrides: "{name}" is not in append: remove it from overrides, or add the switch to append')
+                raise ValueError(
+                    f'overrides: "{name}" is not a switch qemuspec renders from a typed field; '
+                    f"these can be overridden: {', '.join(sorted(passthrough.OVERRIDABLE))}"
+                )
+            if not any(
+                sw == passthrough.switch(name) for _, sw, _ in passthrough.switches(self.append)
+            ):
+                raise ValueError(
+                    f'overrides: "{name}" is not in append: remove it from overrides, or add the switch to append'
+                )
         problems = passthrough.conflicts(self) + passthrough.id_problems(self)
         if problems:
             where, what = problems[0]
@@ -603,8 +813,12 @@ class Machine(Model):
 class File(Model):
     """A definition file: variables and one or more machines."""
 
-    vars: dict[Text, Any] = Field(default_factory=dict, description="Template variables, used as {{ name }}")
-    networks: dict[Ident, Network] = Field(default_factory=dict, description="Private networks between machines")
+    vars: dict[Text, Any] = Field(
+        default_factory=dict, description="Template variables, used as {{ name }}"
+    )
+    networks: dict[Ident, Network] = Field(
+        default_factory=dict, description="Private networks between machines"
+    )
     machines: dict[Annotated[str, Field(pattern=_NAME.pattern)], Machine] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -615,22 +829,38 @@ class File(Model):
             for index, nic in enumerate(machine.nics):
                 if nic.network and nic.network not in self.networks:
                     close = difflib.get_close_matches(nic.network, list(self.networks), n=1)
-                    hint = f'did you mean "{close[0]}"?' if close else f"declare it: [networks.{nic.network}]"
-                    raise ValueError(f'machines.{name}.nics.{index}.network: no network named "{nic.network}": {hint}')
+                    hint = (
+                        f'did you mean "{close[0]}"?'
+                        if close
+                        else f"declare it: [networks.{nic.network}]"
+                    )
+                    raise ValueError(
+                        f'machines.{name}.nics.{index}.network: no network named "{nic.network}": {hint}'
+                    )
             for dep in machine.depends_on:
                 if dep not in self.machines:
                     close = difflib.get_close_matches(dep, list(self.machines), n=1)
-                    hint = f'did you mean "{close[0]}"?' if close else f"known machines: {', '.join(self.machines)}"
-                    raise ValueError(f'machines.{name}.depends_on: no machine named "{dep}": {hint}')
+                    hint = (
+                        f'did you mean "{close[0]}"?'
+                        if close
+                        else f"known machines: {', '.join(self.machines)}"
+                    )
+                    raise ValueError(
+                        f'machines.{name}.depends_on: no machine named "{dep}": {hint}'
+                    )
                 if dep == name:
-                    raise ValueError(f"machines.{name}.depends_on: a machine cannot depend on itself")
+                    raise ValueError(
+                        f"machines.{name}.depends_on: a machine cannot depend on itself"
+                    )
         taken: dict[tuple, str] = {}
         for name, machine in self.machines.items():
             for where, key in _host_ports(machine):
                 path = f"machines.{name}.{where}"
                 if key in taken:
-                    raise ValueError(f"{path}: host port {key[1]}/{key[0]} is already declared at {taken[key]}: "
-                                     "each host port can be forwarded once; choose another (host = 0 picks a free one)")
+                    raise ValueError(
+                        f"{path}: host port {key[1]}/{key[0]} is already declared at {taken[key]}: "
+                        "each host port can be forwarded once; choose another (host = 0 picks a free one)"
+                    )
                 taken[key] = path
         order_machines(self.machines)
         return self
@@ -644,8 +874,12 @@ def _host_ports(machine: Machine) -> list[tuple[str, tuple]]:
             if fwd.host:
                 out.append((f"nics.{index}.forwards.{number}.host", (fwd.protocol, fwd.host)))
     display = machine.display
-    if display.type in ("vnc", "spice") and (display.port or display.listen is not None):  # TCP (default: a unix socket)
-        out.append(("display.port", ("tcp", display.port or (5900 if display.type == "vnc" else 5930))))
+    if display.type in ("vnc", "spice") and (
+        display.port or display.listen is not None
+    ):  # TCP (default: a unix socket)
+        out.append(
+            ("display.port", ("tcp", display.port or (5900 if display.type == "vnc" else 5930)))
+        )
     return out
 
 
@@ -653,5 +887,9 @@ def _host_ports(machine: Machine) -> list[tuple[str, tuple]]:
 def declared() -> tuple[tuple[str, QemuDevice], ...]:
     """(field, declaration) of each option of a machine that is one qemu device (spec/devices.py), in
     the model's field order (the order the renderer writes them in, after the generic devices)."""
-    return tuple((name, meta) for name, info in Machine.model_fields.items() for meta in info.metadata
-                 if isinstance(meta, QemuDevice))
+    return tuple(
+        (name, meta)
+        for name, info in Machine.model_fields.items()
+        for meta in info.metadata
+        if isinstance(meta, QemuDevice)
+    )

@@ -18,7 +18,9 @@ def order_machines(machines: Mapping[str, Machine]) -> list[list[str]]:
         level = sorted(n for n, deps in remaining.items() if deps <= done)
         if not level:
             cycle = " -> ".join(sorted(remaining))
-            raise ValueError(f"depends_on has a cycle among: {cycle}: remove one of the dependencies")
+            raise ValueError(
+                f"depends_on has a cycle among: {cycle}: remove one of the dependencies"
+            )
         levels.append(level)
         done.update(level)
         for n in level:

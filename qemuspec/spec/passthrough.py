@@ -18,9 +18,17 @@ if TYPE_CHECKING:
 OWN_ID_PREFIX = "qemuspec-"
 
 # Spellings qemu accepts for one switch.
-ALIASES = {"-M": "-machine", "-nographic": "-display", "-enable-kvm": "-accel", "-no-kvm": "-accel", "-no-acpi": "-machine"}
+ALIASES = {
+    "-M": "-machine",
+    "-nographic": "-display",
+    "-enable-kvm": "-accel",
+    "-no-kvm": "-accel",
+    "-no-acpi": "-machine",
+}
 
-Rule = tuple[Callable[["Machine"], bool], str, str]  # (rendered for this machine?, what renders it, fix)
+Rule = tuple[
+    Callable[["Machine"], bool], str, str
+]  # (rendered for this machine?, what renders it, fix)
 
 
 def _visible(m: "Machine") -> bool:
@@ -32,11 +40,19 @@ RULES: dict[str, Rule] = {
     "-smp": (lambda m: m.machine != "none", "cpus", "set cpus = N"),
     "-cpu": (lambda m: m.machine != "none", "cpu", 'set cpu = "MODEL" and cpu_options = { ... }'),
     "-machine": (lambda m: True, "machine", 'set machine = "TYPE" and machine_options = { ... }'),
-    "-accel": (lambda m: True, "accel", 'set accel = "kvm", "tcg" or "auto", and accel_options = { ... }'),
+    "-accel": (
+        lambda m: True,
+        "accel",
+        'set accel = "kvm", "tcg" or "auto", and accel_options = { ... }',
+    ),
     "-kernel": (lambda m: m.kernel is not None, "kernel", 'set kernel = "PATH"'),
     "-initrd": (lambda m: m.initrd is not None, "initrd", 'set initrd = "PATH"'),
     "-append": (lambda m: m.cmdline is not None, "cmdline", 'set cmdline = "..."'),
-    "-bios": (lambda m: m.firmware.type == "uefi" or m.firmware.code is not None, "firmware", 'set firmware = { code = "PATH" }'),
+    "-bios": (
+        lambda m: m.firmware.type == "uefi" or m.firmware.code is not None,
+        "firmware",
+        'set firmware = { code = "PATH" }',
+    ),
     "-boot": (lambda m: m.boot_order is not None, "boot_order", 'set boot_order = "..."'),
     "-display": (lambda m: True, "display", 'set display = "none", "vnc", "gtk", ...'),
     "-vga": (_visible, "display.vga", 'set display = { type = "...", vga = "..." }'),
@@ -46,7 +62,7 @@ OWNED = {
     "-name": "qemuspec names the machine after its table",
     "-pidfile": "qemuspec keeps the machine's pidfile",
     "-daemonize": "qemuspec supervises qemu itself and needs it in the foreground",
-    "-S": 'use paused = true',
+    "-S": "use paused = true",
     "-nodefaults": "qemuspec gives -nodefaults unless defaults = true",
     "-no-user-config": "qemuspec always gives it",
     "-runas": "run qemuspec as the user the machine should run as",
@@ -78,20 +94,39 @@ def conflicts(machine: "Machine") -> list[tuple[str, str]]:
     for index, name, value in switches(machine.append):
         shown = f'"{name}{" " + value if value is not None else ""}"'
         if name in OWNED:
-            problems.append((f"append.{index}", f"{shown} cannot be passed through: {OWNED[name]}. Remove it from append"))
+            problems.append(
+                (
+                    f"append.{index}",
+                    f"{shown} cannot be passed through: {OWNED[name]}. Remove it from append",
+                )
+            )
             continue
         rule = RULES.get(name)
         if rule is None or name in machine.overrides or not rule[0](machine):
             continue
-        problems.append((f"append.{index}", f'{shown} would silently replace what "{rule[1]}" says (qemuspec renders {name} from it): '
-                         f'{rule[2]} and remove it from append, or add "{name}" to overrides to let append win on purpose'))
+        problems.append(
+            (
+                f"append.{index}",
+                f'{shown} would silently replace what "{rule[1]}" says (qemuspec renders {name} from it): '
+                f'{rule[2]} and remove it from append, or add "{name}" to overrides to let append win on purpose',
+            )
+        )
     return problems
 
 
 # qemu keeps one id namespace per kind of backend: a netdev and a device may both be "net0" (libvirt,
 # Proxmox and OSX-KVM lines do that). Devices and objects are held to one namespace here.
-_NAMESPACE = {"-device": "device", "-object": "device", "-chardev": "chardev", "-netdev": "netdev", "-drive": "block",
-              "-blockdev": "block", "-fsdev": "fsdev", "-mon": "monitor", "-audiodev": "audiodev"}
+_NAMESPACE = {
+    "-device": "device",
+    "-object": "device",
+    "-chardev": "chardev",
+    "-netdev": "netdev",
+    "-drive": "block",
+    "-blockdev": "block",
+    "-fsdev": "fsdev",
+    "-mon": "monitor",
+    "-audiodev": "audiodev",
+}
 
 
 def user_ids(machine: "Machine") -> Iterator[tuple[str, str, str]]:
@@ -114,20 +149,39 @@ def user_ids(machine: "Machine") -> Iterator[tuple[str, str, str]]:
 
 def id_problems(machine: "Machine") -> list[tuple[str, str]]:
     problems = []
-    typed_options: list[tuple[str, Sequence[object], tuple[str, ...]]] = [("disks", machine.disks, ("options", "device_options")), ("nics", machine.nics, ("options", "device_options")),
-                     ("shares", machine.shares, ("options",)), ("devices", machine.devices, ("options",)),
-                     ("objects", machine.objects, ("options",))]
+    typed_options: list[tuple[str, Sequence[object], tuple[str, ...]]] = [
+        ("disks", machine.disks, ("options", "device_options")),
+        ("nics", machine.nics, ("options", "device_options")),
+        ("shares", machine.shares, ("options",)),
+        ("devices", machine.devices, ("options",)),
+        ("objects", machine.objects, ("options",)),
+    ]
     for field, items, maps in typed_options:
         for index, item in enumerate(items):
             for attr in maps:
                 if "id" in getattr(item, attr):
-                    problems.append((f"{field}.{index}.{attr}.id", f'"id" is given by qemuspec{" (use the id field)" if field in ("devices", "objects", "disks") else ""}: remove it from {attr}'))
+                    problems.append(
+                        (
+                            f"{field}.{index}.{attr}.id",
+                            f'"id" is given by qemuspec{" (use the id field)" if field in ("devices", "objects", "disks") else ""}: remove it from {attr}',
+                        )
+                    )
     seen: dict[tuple[str, str], str] = {}
     for where, ident, namespace in user_ids(machine):
         if ident.startswith(OWN_ID_PREFIX):
-            problems.append((where, f'the id "{ident}" starts with "{OWN_ID_PREFIX}", which qemuspec keeps for its own monitors, console, disks and NICs: rename it'))
+            problems.append(
+                (
+                    where,
+                    f'the id "{ident}" starts with "{OWN_ID_PREFIX}", which qemuspec keeps for its own monitors, console, disks and NICs: rename it',
+                )
+            )
         elif (namespace, ident) in seen:
-            problems.append((where, f'the id "{ident}" is already used at {seen[namespace, ident]}: ids must be unique, rename one of them'))
+            problems.append(
+                (
+                    where,
+                    f'the id "{ident}" is already used at {seen[namespace, ident]}: ids must be unique, rename one of them',
+                )
+            )
         else:
             seen[namespace, ident] = where
     return problems

@@ -25,9 +25,15 @@ def compile_serial(pattern: str) -> Any:
     try:
         return re2.compile(b"(?m)" + pattern.encode(), options)
     except re2.error as exc:
-        why = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
-        raise ValueError(f"not a valid regular expression ({why}; patterns are RE2, matched in linear time, "
-                         "so backreferences and lookaround are not available)") from None
+        why = (
+            exc.args[0].decode(errors="replace")
+            if exc.args and isinstance(exc.args[0], bytes)
+            else str(exc)
+        )
+        raise ValueError(
+            f"not a valid regular expression ({why}; patterns are RE2, matched in linear time, "
+            "so backreferences and lookaround are not available)"
+        ) from None
 
 
 class LineMatcher:

@@ -17,13 +17,59 @@ from qemuspec.errors import SpecError
 # qemu 7.2's options that take no argument (qemu-options.hx: DEF(..., 0, ...)), and older ones that
 # real scripts still carry. Every other option takes one argument.
 NO_ARG = {
-    "h", "help", "version", "mem-prealloc", "audio-help", "snapshot", "usb", "nographic", "full-screen", "portrait",
-    "win2k-hack", "no-fd-bootchk", "no-acpi", "no-hpet", "enable-kvm", "xen-attach", "xen-domid-restrict", "S", "s",
-    "nodefaults", "no-reboot", "no-shutdown", "daemonize", "enable-fips", "only-migratable", "semihosting", "preconfig",
-    "no-user-config", "nodefconfig", "old-param", "alt-grab", "ctrl-grab", "sdl", "curses", "no-quit", "no-frame",
-    "singlestep", "rtc-td-hack", "localtime", "std-vga", "vmwarevga", "no-kvm", "no-kvm-irqchip", "no-kvm-pit",
-    "no-kvm-pit-reinjection", "enable-nesting", "no-kqemu", "kernel-kqemu", "tdf", "async-teardown", "no-virtio-balloon",
+    "h",
+    "help",
+    "version",
+    "mem-prealloc",
+    "audio-help",
+    "snapshot",
+    "usb",
+    "nographic",
+    "full-screen",
+    "portrait",
+    "win2k-hack",
+    "no-fd-bootchk",
+    "no-acpi",
+    "no-hpet",
+    "enable-kvm",
+    "xen-attach",
+    "xen-domid-restrict",
+    "S",
+    "s",
+    "nodefaults",
+    "no-reboot",
+    "no-shutdown",
+    "daemonize",
+    "enable-fips",
+    "only-migratable",
+    "semihosting",
+    "preconfig",
+    "no-user-config",
+    "nodefconfig",
+    "old-param",
+    "alt-grab",
+    "ctrl-grab",
+    "sdl",
+    "curses",
+    "no-quit",
+    "no-frame",
+    "singlestep",
+    "rtc-td-hack",
+    "localtime",
+    "std-vga",
+    "vmwarevga",
+    "no-kvm",
+    "no-kvm-irqchip",
+    "no-kvm-pit",
+    "no-kvm-pit-reinjection",
+    "enable-nesting",
+    "no-kqemu",
+    "kernel-kqemu",
+    "tdf",
+    "async-teardown",
+    "no-virtio-balloon",
 }
+
 
 def split_command(text: str) -> list[str]:
     """A shell command line as a file holds it (continuation backslashes, comments)."""
@@ -32,7 +78,9 @@ def split_command(text: str) -> list[str]:
     try:
         return shlex.split("\n".join(lines))
     except ValueError as exc:
-        raise SpecError(f"the command line cannot be read as a shell command ({exc}): check its quotes") from None
+        raise SpecError(
+            f"the command line cannot be read as a shell command ({exc}): check its quotes"
+        ) from None
 
 
 def parse_argv(argv: list[str], strict: bool = False) -> list[tuple[str, str | None]]:
@@ -49,7 +97,9 @@ def parse_argv(argv: list[str], strict: bool = False) -> list[tuple[str, str | N
             continue
         name = token[2:] if token.startswith("--") else token[1:]
         if i + 1 >= len(argv) and strict and name not in NO_ARG:
-            raise SpecError(f"{token} needs a value (it is the last word of the command line): add it, or remove {token}")
+            raise SpecError(
+                f"{token} needs a value (it is the last word of the command line): add it, or remove {token}"
+            )
         if name in NO_ARG or i + 1 >= len(argv):
             out.append((name, None))
             i += 1

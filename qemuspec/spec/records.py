@@ -24,8 +24,28 @@ if TYPE_CHECKING:
 Encoded = Union[None, bool, int, float, str, list["Encoded"], dict[str, "Encoded"]]
 
 # The model classes a record may name (spec/models.py): an entry naming anything else is not ours.
-KINDS = frozenset({"QMP", "Ready", "Disk", "Forward", "NIC", "Share", "Display", "Firmware", "Device", "QomObject",
-                   "DeviceOption", "CloudInit", "SSH", "Network", "Machine", "File", "ProvisionScript", "Image"})
+KINDS = frozenset(
+    {
+        "QMP",
+        "Ready",
+        "Disk",
+        "Forward",
+        "NIC",
+        "Share",
+        "Display",
+        "Firmware",
+        "Device",
+        "QomObject",
+        "DeviceOption",
+        "CloudInit",
+        "SSH",
+        "Network",
+        "Machine",
+        "File",
+        "ProvisionScript",
+        "Image",
+    }
+)
 
 
 class Record:
@@ -33,8 +53,14 @@ class Record:
 
     __slots__ = ("_kind", "_values", "_set", "_dump", "_hash")
 
-    def __init__(self, kind: str, values: dict[str, object], fields_set: frozenset[str] | set[str],
-                 dump: dict[str, object] | None = None, definition_hash: str | None = None):
+    def __init__(
+        self,
+        kind: str,
+        values: dict[str, object],
+        fields_set: frozenset[str] | set[str],
+        dump: dict[str, object] | None = None,
+        definition_hash: str | None = None,
+    ):
         object.__setattr__(self, "_kind", kind)
         object.__setattr__(self, "_values", values)
         object.__setattr__(self, "_set", frozenset(fields_set))
@@ -118,7 +144,9 @@ def definition_hash(machine: Machine | Record) -> str:
     and what to do in a ready guest, not what runs (`up --timeout`)."""
     if isinstance(machine, Record) and machine._hash is not None:
         return machine._hash
-    text = machine.model_dump_json(exclude_defaults=True, exclude={"ready": {"timeout", "command"}, "provision": True})
+    text = machine.model_dump_json(
+        exclude_defaults=True, exclude={"ready": {"timeout", "command"}, "provision": True}
+    )
     return HASH_PREFIX + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -142,8 +170,11 @@ def encode(value: object) -> Encoded:
         kind = type(value).__name__
         if kind not in KINDS:
             raise NotCacheable(kind)
-        node: dict[str, Encoded] = {"m": kind, "v": {name: encode(getattr(value, name)) for name in fields},
-                                "s": [name for name in sorted(value.model_fields_set)]}
+        node: dict[str, Encoded] = {
+            "m": kind,
+            "v": {name: encode(getattr(value, name)) for name in fields},
+            "s": [name for name in sorted(value.model_fields_set)],
+        }
         if kind in ("Machine", "File"):
             node["j"] = value.model_dump(mode="json")
         if kind == "Machine":

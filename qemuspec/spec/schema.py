@@ -30,24 +30,36 @@ def schema() -> dict:
     for model in defs.values():
         for name, prop in list(model.get("properties", {}).items()):
             if name.endswith("options") and prop.get("type") == "object":
-                prop["propertyNames"] = {"pattern": _IDENT.pattern}  # option names are qemu identifiers
+                prop["propertyNames"] = {
+                    "pattern": _IDENT.pattern
+                }  # option names are qemu identifiers
             model["properties"][name] = _templated(prop)
     machine = defs["Machine"]["properties"]
     for field, model in (("display", Display), ("firmware", Firmware)):
         kinds = list(get_args(model.model_fields["type"].annotation))
-        machine[field]["anyOf"].insert(1, {"enum": kinds, "description": 'Shorthand for { type = "..." }'})
+        machine[field]["anyOf"].insert(
+            1, {"enum": kinds, "description": 'Shorthand for { type = "..." }'}
+        )
     machine["cdrom"]["anyOf"].insert(1, {"type": "string", "description": "One image"})
     for field, _ in declared():
-        machine[field]["anyOf"].insert(1, {"type": "boolean", "description": "true: the device with no extra properties"})
+        machine[field]["anyOf"].insert(
+            1, {"type": "boolean", "description": "true: the device with no extra properties"}
+        )
     props = doc["properties"]
     props["machines"]["additionalProperties"] = False
     props["networks"]["propertyNames"] = {"pattern": r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"}
     defs["Template"] = TEMPLATE
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "qemuspec definition", **doc}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "qemuspec definition",
+        **doc,
+    }
 
 
 def _accepts_any_string(prop: dict) -> bool:
-    if prop.get("type") == "string" and not ({"pattern", "enum", "const", "format", "maxLength", "minLength"} & set(prop)):
+    if prop.get("type") == "string" and not (
+        {"pattern", "enum", "const", "format", "maxLength", "minLength"} & set(prop)
+    ):
         return True
     return any(_accepts_any_string(p) for p in prop.get("anyOf", []))
 
@@ -70,4 +82,3 @@ def _templated(prop: dict) -> dict:
 
 def schema_text() -> str:
     return json.dumps(schema(), indent=2, sort_keys=True) + "\n"
-

@@ -44,7 +44,9 @@ MAX_SECONDS = 2.0  # the whole file, wall clock (the rendering child is killed t
 MAX_MEMORY = 256 << 20  # address space the rendering child may add to what it inherits
 
 
-_STR_BLOCKED = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs", "format", "format_map"})
+_STR_BLOCKED = frozenset(
+    {"center", "ljust", "rjust", "zfill", "expandtabs", "format", "format_map"}
+)
 
 
 class _Exhausted(Exception):
@@ -59,16 +61,35 @@ def _sandbox() -> ImmutableSandboxedEnvironment:
         intercepted_binops = frozenset({"*", "**", "%"})
         intercepted_unops = frozenset()
 
-        def call_binop(self, context: Context, operator: str, left: object, right: object) -> object:
-            if operator == "**" and isinstance(left, int) and isinstance(right, int) and left.bit_length() * right > MAX_INT_BITS:
+        def call_binop(
+            self, context: Context, operator: str, left: object, right: object
+        ) -> object:
+            if (
+                operator == "**"
+                and isinstance(left, int)
+                and isinstance(right, int)
+                and left.bit_length() * right > MAX_INT_BITS
+            ):
                 # costed by the bits of the result before it is built: (10**64)**64 never starts
-                raise _Exhausted(f"an exponent of {right} on a {left.bit_length()}-bit number: a number of up to "
-                                 f"{left.bit_length() * right} bits (templates allow {MAX_INT_BITS})")
+                raise _Exhausted(
+                    f"an exponent of {right} on a {left.bit_length()}-bit number: a number of up to "
+                    f"{left.bit_length() * right} bits (templates allow {MAX_INT_BITS})"
+                )
             if operator == "*":
                 for seq, count in ((left, right), (right, left)):
-                    if isinstance(seq, (str, bytes, list, tuple)) and isinstance(count, int) and len(seq) * count > MAX_VALUE_CHARS:
-                        raise _Exhausted(f"a value of {len(seq) * count} items (at most {MAX_VALUE_CHARS})")
-                if isinstance(left, int) and isinstance(right, int) and (left.bit_length() + right.bit_length()) > MAX_INT_BITS:
+                    if (
+                        isinstance(seq, (str, bytes, list, tuple))
+                        and isinstance(count, int)
+                        and len(seq) * count > MAX_VALUE_CHARS
+                    ):
+                        raise _Exhausted(
+                            f"a value of {len(seq) * count} items (at most {MAX_VALUE_CHARS})"
+                        )
+                if (
+                    isinstance(left, int)
+                    and isinstance(right, int)
+                    and (left.bit_length() + right.bit_length()) > MAX_INT_BITS
+                ):
                     raise _Exhausted(f"a number of more than {MAX_INT_BITS} bits")
             if operator == "%" and isinstance(left, (str, bytes)):
                 raise _Exhausted('"%" formatting (use ~ to join text)')
@@ -87,7 +108,18 @@ def _sandbox() -> ImmutableSandboxedEnvironment:
             return super().getitem(obj, argument)
 
     env = Sandbox(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
-    for name in ("center", "indent", "wordwrap", "format", "truncate", "xmlattr", "tojson", "pprint", "urlize", "filesizeformat"):
+    for name in (
+        "center",
+        "indent",
+        "wordwrap",
+        "format",
+        "truncate",
+        "xmlattr",
+        "tojson",
+        "pprint",
+        "urlize",
+        "filesizeformat",
+    ):
         env.filters.pop(name, None)  # size-amplifying or pointless in a definition
     budget = [MAX_ITEMS]
 
@@ -102,14 +134,18 @@ def _sandbox() -> ImmutableSandboxedEnvironment:
     return env
 
 
-def variables_for(file_vars: object, source: str, environ: Mapping[str, str], given: Mapping[str, object]) -> tuple[dict[str, object], set[str], set[str]]:
+def variables_for(
+    file_vars: object, source: str, environ: Mapping[str, str], given: Mapping[str, object]
+) -> tuple[dict[str, object], set[str], set[str]]:
     """Merged variables ([vars] < QEMUSPEC_VAR_* < --var) and the names that came from env and --var."""
     if file_vars is None:
         file_vars = {}
     if not isinstance(file_vars, dict):
-        raise SpecError(f'{source}: vars must be a table of names and values, for example [vars] memory = "256M"')
+        raise SpecError(
+            f'{source}: vars must be a table of names and values, for example [vars] memory = "256M"'
+        )
     merged: dict[str, object] = dict(file_vars)
-    from_env = {k[len(ENV_PREFIX):]: v for k, v in environ.items() if k.startswith(ENV_PREFIX)}
+    from_env = {k[len(ENV_PREFIX) :]: v for k, v in environ.items() if k.startswith(ENV_PREFIX)}
     merged.update(from_env)
     merged.update(given)
     for late in LATE_VARIABLES:
@@ -117,7 +153,13 @@ def variables_for(file_vars: object, source: str, environ: Mapping[str, str], gi
     return merged, set(from_env), set(given)
 
 
-def render_values(data: dict[str, Any], lines: dict[tuple, int], source: str, given: Mapping[str, object], environ: Mapping[str, str]) -> dict[str, Any]:
+def render_values(
+    data: dict[str, Any],
+    lines: dict[tuple, int],
+    source: str,
+    given: Mapping[str, object],
+    environ: Mapping[str, str],
+) -> dict[str, Any]:
     """Render every template string in ``data`` (but ``vars`` itself); check every --var is used."""
     merged, from_env, from_cli = variables_for(data.get("vars"), source, environ, given)
     strings = list(_template_strings(data, ()))
@@ -130,12 +172,26 @@ def render_values(data: dict[str, Any], lines: dict[tuple, int], source: str, gi
     if unused:
         known = sorted(used | set(data.get("vars") or {}))
         close = difflib.get_close_matches(unused[0], known, n=1)
-        hint = f'did you mean "{close[0]}"?' if close else (f"the file's templates use: {', '.join(known)}" if known else "the file uses no template variables")
-        raise SpecError(f'{source}: --var {unused[0]} is not used by any template in this file: {hint} (remove the --var, or fix its name)')
+        hint = (
+            f'did you mean "{close[0]}"?'
+            if close
+            else (
+                f"the file's templates use: {', '.join(known)}"
+                if known
+                else "the file uses no template variables"
+            )
+        )
+        raise SpecError(
+            f"{source}: --var {unused[0]} is not used by any template in this file: {hint} (remove the --var, or fix its name)"
+        )
     for name in sorted(from_env - used):
         close = difflib.get_close_matches(name, sorted(used), n=1)
         if close:
-            warnings.warn(f'{source}: {ENV_PREFIX}{name} is set but not used; the file uses "{close[0]}" (did you mean {ENV_PREFIX}{close[0]}?)', QemuspecWarning, stacklevel=2)
+            warnings.warn(
+                f'{source}: {ENV_PREFIX}{name} is set but not used; the file uses "{close[0]}" (did you mean {ENV_PREFIX}{close[0]}?)',
+                QemuspecWarning,
+                stacklevel=2,
+            )
     return data
 
 
@@ -166,19 +222,32 @@ def _dotted(path: tuple) -> str:
     return out
 
 
-def _compile(env: ImmutableSandboxedEnvironment, meta: ModuleType, text: str, where: str, path: tuple) -> tuple[Template, set[str]]:
+def _compile(
+    env: ImmutableSandboxedEnvironment, meta: ModuleType, text: str, where: str, path: tuple
+) -> tuple[Template, set[str]]:
     import jinja2
 
     try:
         tree = env.parse(text)
         return env.from_string(tree), set(meta.find_undeclared_variables(tree))
     except jinja2.TemplateSyntaxError as exc:
-        raise SpecError(f"{where}: {_dotted(path)}: template syntax error: {exc.message}. Check the {{{{ }}}} and {{% %}} in this value") from None
+        raise SpecError(
+            f"{where}: {_dotted(path)}: template syntax error: {exc.message}. Check the {{{{ }}}} and {{% %}} in this value"
+        ) from None
     except (_Exhausted, RecursionError, MemoryError) as exc:
-        raise SpecError(f"{where}: {_dotted(path)}: the template is too large or too deep ({exc}): simplify it") from None
+        raise SpecError(
+            f"{where}: {_dotted(path)}: the template is too large or too deep ({exc}): simplify it"
+        ) from None
 
 
-def _render(template: Template, names: set[str], variables: Mapping[str, object], where: str, path: tuple, budget: list[int]) -> str:
+def _render(
+    template: Template,
+    names: set[str],
+    variables: Mapping[str, object],
+    where: str,
+    path: tuple,
+    budget: list[int],
+) -> str:
     import jinja2
     from jinja2.exceptions import SecurityError
 
@@ -193,7 +262,9 @@ def _render(template: Template, names: set[str], variables: Mapping[str, object]
             out.append(chunk)
         budget[0] -= size
         if budget[0] < 0:
-            raise _Exhausted(f"more than {MAX_FILE_CHARS} characters of rendered values in one file")
+            raise _Exhausted(
+                f"more than {MAX_FILE_CHARS} characters of rendered values in one file"
+            )
         return "".join(out)
     except jinja2.UndefinedError as exc:
         missing = sorted(n for n in names if n not in variables)
@@ -205,15 +276,27 @@ def _render(template: Template, names: set[str], variables: Mapping[str, object]
                 f'{where}: {field}: template variable "{var}" is not defined{hint}: define it under [vars], '
                 f"set the environment variable {ENV_PREFIX}{var}, or pass --var {var}=VALUE"
             ) from None
-        raise SpecError(f"{where}: {field}: template error: {exc.message or exc}. Templates may only use variables and filters") from None
+        raise SpecError(
+            f"{where}: {field}: template error: {exc.message or exc}. Templates may only use variables and filters"
+        ) from None
     except SecurityError as exc:
-        raise SpecError(f"{where}: {field}: the template tried something a definition may not do ({exc}): templates may only use variables, filters and simple expressions") from None
+        raise SpecError(
+            f"{where}: {field}: the template tried something a definition may not do ({exc}): templates may only use variables, filters and simple expressions"
+        ) from None
     except _Exhausted as exc:
-        raise SpecError(f"{where}: {field}: the template went over a limit: {exc}. Simplify the template") from None
+        raise SpecError(
+            f"{where}: {field}: the template went over a limit: {exc}. Simplify the template"
+        ) from None
     except (RecursionError, MemoryError, OverflowError) as exc:
-        raise SpecError(f"{where}: {field}: the template is too large or too deep ({type(exc).__name__}): simplify it") from None
-    except Exception as exc:  # any runtime error of the template's own expressions: 1/0, int("x"), ...
-        raise SpecError(f"{where}: {field}: template error: {type(exc).__name__}: {exc}. Fix the expression in this value") from None
+        raise SpecError(
+            f"{where}: {field}: the template is too large or too deep ({type(exc).__name__}): simplify it"
+        ) from None
+    except (
+        Exception
+    ) as exc:  # any runtime error of the template's own expressions: 1/0, int("x"), ...
+        raise SpecError(
+            f"{where}: {field}: template error: {type(exc).__name__}: {exc}. Fix the expression in this value"
+        ) from None
 
 
 def _set(data: dict | list, path: tuple, value: object) -> None:
@@ -222,7 +305,9 @@ def _set(data: dict | list, path: tuple, value: object) -> None:
     data[path[-1]] = value
 
 
-def _bounded(jobs: Sequence[tuple[str, str, tuple]], variables: Mapping[str, object]) -> list[tuple[object, set[str]]]:
+def _bounded(
+    jobs: Sequence[tuple[str, str, tuple]], variables: Mapping[str, object]
+) -> list[tuple[object, set[str]]]:
     """(value, variable names) for each (text, where, key path) of one file, rendered within the bounds.
 
     A whole-value ``"{{ cpus }}"`` of a non-string variable is that value (the number 2 stays 2) and
@@ -242,27 +327,37 @@ def _bounded(jobs: Sequence[tuple[str, str, tuple]], variables: Mapping[str, obj
             todo.append(index)
     if todo:
         env = _sandbox()  # jinja2 is imported here, once, not in every child
-        env.from_string("{{ x }}{% if x %}{% endif %}")  # builds the lexer and compiler state once, before the fork
+        env.from_string(
+            "{{ x }}{% if x %}{% endif %}"
+        )  # builds the lexer and compiler state once, before the fork
         for index, value, names in _in_child(env, [jobs[i] for i in todo], variables):
             out[todo[index]] = (value, names)
     return out  # type: ignore[return-value]
 
 
-def _in_child(env: ImmutableSandboxedEnvironment, jobs: Sequence[tuple[str, str, tuple]], variables: Mapping[str, object]) -> Iterator[tuple[int, str, set[str]]]:
+def _in_child(
+    env: ImmutableSandboxedEnvironment,
+    jobs: Sequence[tuple[str, str, tuple]],
+    variables: Mapping[str, object],
+) -> Iterator[tuple[int, str, set[str]]]:
     import json
     import select
     import signal
 
     read_end, write_end = os.pipe()
     try:
-        with warnings.catch_warnings():  # Python 3.12 warns about fork in a threaded process; the child runs no thread's code
+        with (
+            warnings.catch_warnings()
+        ):  # Python 3.12 warns about fork in a threaded process; the child runs no thread's code
             warnings.simplefilter("ignore", DeprecationWarning)
             pid = os.fork()
     except OSError as exc:
         os.close(read_end)
         os.close(write_end)
-        raise SpecError(f"{jobs[0][1]}: cannot start a process to render the templates in ({exc}): "
-                        "free memory or processes (ulimit -u) and try again") from None
+        raise SpecError(
+            f"{jobs[0][1]}: cannot start a process to render the templates in ({exc}): "
+            "free memory or processes (ulimit -u) and try again"
+        ) from None
     if pid == 0:  # pragma: no cover - the child; it never returns into the caller's code
         code = 1
         try:
@@ -288,7 +383,9 @@ def _in_child(env: ImmutableSandboxedEnvironment, jobs: Sequence[tuple[str, str,
             if not chunk:
                 break
             buffer += chunk
-            if len(buffer) > 8 * MAX_FILE_CHARS:  # more than the child may say: it is not ours any more
+            if (
+                len(buffer) > 8 * MAX_FILE_CHARS
+            ):  # more than the child may say: it is not ours any more
                 break
         if timed_out or len(buffer) > 8 * MAX_FILE_CHARS:
             os.kill(pid, signal.SIGKILL)
@@ -306,28 +403,52 @@ def _in_child(env: ImmutableSandboxedEnvironment, jobs: Sequence[tuple[str, str,
             message = json.loads(line.decode("utf-8", "surrogatepass")) if line else None
         except ValueError:
             message = None
-        if isinstance(message, dict) and isinstance(message.get("at"), int) and 0 <= message["at"] < len(jobs):
+        if (
+            isinstance(message, dict)
+            and isinstance(message.get("at"), int)
+            and 0 <= message["at"] < len(jobs)
+        ):
             current = message["at"]
-        elif isinstance(message, dict) and isinstance(message.get("value"), str) and isinstance(message.get("names"), list):
+        elif (
+            isinstance(message, dict)
+            and isinstance(message.get("value"), str)
+            and isinstance(message.get("names"), list)
+        ):
             results.append((current, message["value"], {str(n) for n in message["names"]}))
         elif isinstance(message, dict) and isinstance(message.get("error"), str):
             raise SpecError(message["error"])
-    if len(results) == len(jobs) and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and not timed_out:
+    if (
+        len(results) == len(jobs)
+        and os.WIFEXITED(status)
+        and os.WEXITSTATUS(status) == 0
+        and not timed_out
+    ):
         return iter(results)
     _, where, path = jobs[current]
     if timed_out:
-        raise SpecError(f"{where}: {_dotted(path)}: template rendering took more than {MAX_SECONDS:g} s: simplify the template")
-    raise SpecError(f"{where}: {_dotted(path)}: the template went over a limit ({MAX_MEMORY >> 20} MiB of memory, or CPU time): "
-                    "simplify the template")
+        raise SpecError(
+            f"{where}: {_dotted(path)}: template rendering took more than {MAX_SECONDS:g} s: simplify the template"
+        )
+    raise SpecError(
+        f"{where}: {_dotted(path)}: the template went over a limit ({MAX_MEMORY >> 20} MiB of memory, or CPU time): "
+        "simplify the template"
+    )
 
 
-def _child(env: ImmutableSandboxedEnvironment, jobs: Sequence[tuple[str, str, tuple]], variables: Mapping[str, object], write_end: int) -> None:
+def _child(
+    env: ImmutableSandboxedEnvironment,
+    jobs: Sequence[tuple[str, str, tuple]],
+    variables: Mapping[str, object],
+    write_end: int,
+) -> None:
     """The forked child's work: limits first, then each value; errors go back as their paragraph."""
     import json
     import math
     import resource
 
-    os.closerange(3, write_end)  # the caller's files, sockets and locks are none of the templates' business
+    os.closerange(
+        3, write_end
+    )  # the caller's files, sockets and locks are none of the templates' business
     os.closerange(write_end + 1, 1 << 16)
     with open("/proc/self/statm", "rb") as f:
         inherited = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
@@ -340,14 +461,19 @@ def _child(env: ImmutableSandboxedEnvironment, jobs: Sequence[tuple[str, str, tu
         data = (json.dumps(message, ensure_ascii=False) + "\n").encode("utf-8", "surrogatepass")
         view = memoryview(data)
         while view:
-            view = view[os.write(write_end, view):]
+            view = view[os.write(write_end, view) :]
 
     budget = [MAX_FILE_CHARS]
     try:
         for index, (text, where, path) in enumerate(jobs):
             send({"at": index})
             template, names = _compile(env, meta, text, where, path)
-            send({"value": _render(template, names, variables, where, path, budget), "names": sorted(names)})
+            send(
+                {
+                    "value": _render(template, names, variables, where, path, budget),
+                    "names": sorted(names),
+                }
+            )
     except SpecError as exc:
         send({"error": str(exc)})
 

@@ -14,8 +14,10 @@ _FACTOR = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
-MAX_BYTES = 1 << 60        # 1 EiB: larger is a typo, and beyond what qemu or a disk takes
-MAX_SECONDS = 7 * 86400.0  # a week: longer timeouts are typos (and overflow poll/select after a fork)
+MAX_BYTES = 1 << 60  # 1 EiB: larger is a typo, and beyond what qemu or a disk takes
+MAX_SECONDS = (
+    7 * 86400.0
+)  # a week: longer timeouts are typos (and overflow poll/select after a fork)
 
 
 def parse_bytes(value: object, bare_unit: str = "") -> int:
@@ -34,16 +36,20 @@ def parse_bytes(value: object, bare_unit: str = "") -> int:
             )
         number, unit = float(match.group(1)), match.group(2).upper() or bare_unit
     else:
-        raise ValueError(f"expected a size such as \"512M\", got {type(value).__name__}")
+        raise ValueError(f'expected a size such as "512M", got {type(value).__name__}')
     if not number < MAX_BYTES / _FACTOR[unit]:  # also catches inf/nan and 400-digit numbers
-        raise ValueError(f'size "{value}" is larger than qemuspec allows (1 EiB): check the number and the unit')
+        raise ValueError(
+            f'size "{value}" is larger than qemuspec allows (1 EiB): check the number and the unit'
+        )
     size = int(number * _FACTOR[unit])
     if size <= 0:
         raise ValueError(f'size "{value}" must be greater than zero')
     return size
 
 
-BARE_MIB_LIMIT = 1 << 20  # a bare memory number this large (1 TiB in MiB) is a size in bytes written without a unit
+BARE_MIB_LIMIT = (
+    1 << 20
+)  # a bare memory number this large (1 TiB in MiB) is a size in bytes written without a unit
 
 
 def parse_mib(value: object) -> int:
@@ -51,11 +57,15 @@ def parse_mib(value: object) -> int:
     bytes (536870912 would be 512 TiB), so it is refused with the spelling that was probably meant."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= BARE_MIB_LIMIT:
         meant = format_bytes(value) if value % (1 << 20) == 0 else f"{value >> 20}M"
-        raise ValueError(f"memory = {value} is a number of MiB, {format_bytes(value << 20)}iB: did you mean bytes? "
-                         f'write memory = "{meant}" (a bare number is MiB; add a unit K, M, G or T to be sure)')
+        raise ValueError(
+            f"memory = {value} is a number of MiB, {format_bytes(value << 20)}iB: did you mean bytes? "
+            f'write memory = "{meant}" (a bare number is MiB; add a unit K, M, G or T to be sure)'
+        )
     size = parse_bytes(value, bare_unit="M")
     if size % (1 << 20):
-        raise ValueError(f'memory "{value}" is not a whole number of MiB: use for example "256M" or "1G"')
+        raise ValueError(
+            f'memory "{value}" is not a whole number of MiB: use for example "256M" or "1G"'
+        )
     return size >> 20
 
 
@@ -69,14 +79,18 @@ def parse_seconds(value: object) -> float:
     elif isinstance(value, str):
         match = _DURATION.match(value)
         if not match:
-            raise ValueError(f'bad duration "{value}": write a number with ms, s, m or h, for example "30s" or "2m"')
+            raise ValueError(
+                f'bad duration "{value}": write a number with ms, s, m or h, for example "30s" or "2m"'
+            )
         seconds = float(match.group(1)) * _SECONDS[match.group(2)]
     else:
-        raise ValueError(f"expected a duration such as \"30s\", got {type(value).__name__}")
+        raise ValueError(f'expected a duration such as "30s", got {type(value).__name__}')
     if not seconds > 0:  # also nan
         raise ValueError(f'duration "{value}" must be greater than zero')
     if not seconds <= MAX_SECONDS:  # also inf
-        raise ValueError(f'duration "{value}" is longer than qemuspec allows (a week, 604800 s): check the number and the unit')
+        raise ValueError(
+            f'duration "{value}" is longer than qemuspec allows (a week, 604800 s): check the number and the unit'
+        )
     return seconds
 
 
