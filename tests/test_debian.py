@@ -4,7 +4,8 @@ qemuspec as a user would. One machine serves the ordered checks of this module (
 minute under TCG): cloud-init's user and `ssh`, `ready.command` waiting for cloud-init, provision once
 and `qemuspec provision`, `exec`/`cp`, an ACPI `down` that keeps what was written, `run`, and the same
 image without dbus (no logind: nothing handles the power button) stopped through the guest agent with
-its data on the disk.
+its data on the disk. The image comes as a user's would: by URL and digest from a local HTTP server,
+into a cache of this module's own, downloaded once for every boot of the module.
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ import time
 import pytest
 
 from conftest import ROOT, fail_or_skip
-from helpers import qemu_pids
+from helpers import ImageServer, qemu_pids
 
 pytestmark = [pytest.mark.guest, pytest.mark.qemu]
 
 ENTRY = [sys.executable, "-m", "qemuspec"]
 NO_DBUS = "systemd.mask=dbus.service systemd.mask=dbus.socket systemd.mask=systemd-logind.service"
 FIGURES: dict[str, float] = {}
+ENV: dict[str, str] = {}  # for every qemuspec command of the module: the image cache of its own
+IMAGE = "debian-12-qemuspec.qcow2"
 
 
 @pytest.fixture(scope="session")
@@ -68,15 +71,31 @@ def debian_image() -> dict:
 
 
 @pytest.fixture(scope="module")
-def debian_disk(debian_image, tmp_path_factory) -> dict:
-    """The machine's root disk table, in the directory its definition is to be written to: the machine's
-    own qcow2 overlay (``overlay``, the file qemu writes) on the built image, which stays unwritten."""
+def debian_disk(debian_image, tmp_path_factory):
+    """The machine's root disk table, in the directory its definition is to be written to: the built
+    image served by a real HTTP server and named by URL and sha256, as a user names a distribution's
+    cloud image; the machine's own qcow2 overlay (``overlay``, the file qemu writes) on the cached base,
+    which stays unwritten. The cache is the module's own (XDG_CACHE_HOME), so the download is real."""
     tmp = tmp_path_factory.mktemp("debian")
-    table = (
-        f'[[machines.deb.disks]]\nfile = "root.qcow2"\nformat = "qcow2"\nbacking = "{debian_image["base"]}"\n'
-        'backing_format = "qcow2"\n'
-    )
-    return {"dir": tmp, "table": table, "overlay": str(tmp / "root.qcow2")}
+    digest = hashlib.sha256()
+    with open(debian_image["base"], "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    ENV["XDG_CACHE_HOME"] = str(tmp / "cache")
+    with ImageServer() as server:
+        server.files[IMAGE] = debian_image["base"]
+        table = (
+            f'[[machines.deb.disks]]\nfile = "root.qcow2"\n'
+            f'image = {{ url = "{server.url(IMAGE)}", digest = "sha256:{digest.hexdigest()}" }}\n'
+        )
+        yield {
+            "dir": tmp,
+            "table": table,
+            "overlay": str(tmp / "root.qcow2"),
+            "server": server,
+            "digest": "sha256:" + digest.hexdigest(),
+        }
+    ENV.clear()
 
 
 DEFINITION = """
@@ -123,7 +142,7 @@ def q(*args, env=None, check=True, timeout=600) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, **ENV, **(env or {})},
     )
     if check and result.returncode != 0:
         raise AssertionError(
@@ -164,7 +183,14 @@ def deb(debian_image, debian_disk) -> dict:
     began = time.monotonic()
     up = q("up", str(path))
     FIGURES["cold_up_to_ready_command_s"] = round(time.monotonic() - began, 1)
-    state = {"path": str(path), "tmp": str(tmp), "overlay": overlay, "up": up}
+    state = {
+        "path": str(path),
+        "tmp": str(tmp),
+        "overlay": overlay,
+        "up": up,
+        "server": debian_disk["server"],
+        "digest": debian_disk["digest"],
+    }
     yield state
     q("down", str(path), check=False)
     q(
@@ -270,3 +296,17 @@ def test_without_dbus_the_agent_stops_it_and_the_data_is_kept(deb):
         guest_disk(deb["overlay"], "cat /root/agent-kept", deb["tmp"])
         == "written-before-agent-down\n"
     )
+
+
+def test_the_image_came_once_by_url_and_its_base_was_never_written(deb, debian_image):
+    """Every boot of the module (two `up`s and a `run`) used one download: the server saw one whole
+    GET of the image, and the cached base is byte for byte what was served (qemu wrote only overlays)."""
+    from qemuspec.imagecache import entry_name
+
+    assert deb["server"].gets(IMAGE) == [None], deb["server"].log
+    cached = os.path.join(ENV["XDG_CACHE_HOME"], "qemuspec", "images", entry_name(deb["digest"]))
+    digest = hashlib.sha256()
+    with open(cached, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    assert "sha256:" + digest.hexdigest() == deb["digest"], "the cached base changed"
