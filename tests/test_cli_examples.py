@@ -55,6 +55,7 @@ PHASES = {
     "logs": 2,
     "events": 2,
     "exec": 2,
+    "provision": 2,
     "cp": 2,
     "snapshot": 2,
     "plan": 2,

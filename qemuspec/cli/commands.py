@@ -169,6 +169,6 @@ EXAMPLES = {
     "exec": ["qemuspec exec machines/dev.toml dev -- cat /proc/version"],
     "cp": ["qemuspec cp machines/dev.toml ./README.md dev:/tmp/README.md"],
     "snapshot": ["qemuspec snapshot list machines/dev.toml dev"],
-    "provision": ["qemuspec provision machines/web.toml web"],
+    "provision": ["qemuspec provision machines/dev.toml"],
     "completion": ["qemuspec completion bash > qemuspec.bash"],
 }
