@@ -16,6 +16,7 @@ import re
 import shutil
 import socket
 import subprocess
+from typing import IO
 from dataclasses import dataclass
 
 from qemuspec.errors import LaunchError, QemuspecError, QMPError
@@ -119,35 +120,7 @@ def _well_formed(caps: Capabilities) -> bool:
 def _ask(binary: str) -> Capabilities:
     from qemuspec.qmp.sync import QMPClient
 
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    argv = [
-        binary,
-        "-machine",
-        "none",
-        "-S",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-chardev",
-        f"socket,id=qmp,fd={theirs.fileno()}",
-        "-mon",
-        "chardev=qmp,mode=control",
-    ]
-    import tempfile
-
-    # stderr to a file, not a pipe: a child the binary forks could hold a pipe open forever. Its own
-    # session, so the whole group goes on failure (a wrapper script's children too).
-    errors = tempfile.TemporaryFile()
-    proc = subprocess.Popen(
-        argv,
-        pass_fds=[theirs.fileno()],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=errors,
-        start_new_session=True,
-    )
-    theirs.close()
+    proc, ours, errors = _stopped_qemu(binary, ["-machine", "none"])
     try:
         from qemuspec.settings import current
 
@@ -223,39 +196,9 @@ def kvm_failure(binary: str, machine_type: str, cpu: str) -> str | None:
     a KVM on which the guest then hangs is not found this way (the readiness failure names it)."""
     from qemuspec.qmp.sync import QMPClient
 
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    argv = [
-        binary,
-        "-accel",
-        "kvm",
-        "-machine",
-        machine_type,
-        "-cpu",
-        cpu,
-        "-m",
-        "64",
-        "-S",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-chardev",
-        f"socket,id=qmp,fd={theirs.fileno()}",
-        "-mon",
-        "chardev=qmp,mode=control",
-    ]
-    import tempfile
-
-    errors = tempfile.TemporaryFile()
-    proc = subprocess.Popen(
-        argv,
-        pass_fds=[theirs.fileno()],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=errors,
-        start_new_session=True,
+    proc, ours, errors = _stopped_qemu(
+        binary, ["-accel", "kvm", "-machine", machine_type, "-cpu", cpu, "-m", "64"]
     )
-    theirs.close()
     try:
         try:
             with QMPClient.connect(ours, timeout=PROBE_TIMEOUT) as client:
@@ -279,6 +222,48 @@ def kvm_failure(binary: str, machine_type: str, cpu: str) -> str | None:
         _kill_group(proc)
         errors.close()
         ours.close()
+
+
+def _stopped_qemu(
+    binary: str, machine: list[str]
+) -> tuple[subprocess.Popen, socket.socket, IO[bytes]]:
+    """``binary`` started stopped (``-S``, no devices, no display) with ``machine``'s switches and a QMP
+    monitor on a socketpair: the process, our end of the monitor, and its stderr. stderr goes to a
+    file, not a pipe: a child the binary forks could hold a pipe open forever. Its own session, so
+    the whole group goes on failure (a wrapper script's children too, _kill_group)."""
+    import tempfile
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    argv = [
+        binary,
+        *machine,
+        "-S",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-chardev",
+        f"socket,id=qmp,fd={theirs.fileno()}",
+        "-mon",
+        "chardev=qmp,mode=control",
+    ]
+    errors = tempfile.TemporaryFile()
+    try:
+        proc = subprocess.Popen(
+            argv,
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=errors,
+            start_new_session=True,
+        )
+    except BaseException:
+        errors.close()
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    return proc, ours, errors
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
