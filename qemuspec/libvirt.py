@@ -40,6 +40,7 @@ BACKEND_FIELDS = {
     "paused": "started paused",
     "ssh": "ssh probe and login",
     "qmp": "libvirt owns the monitor",
+    "provision": "run in the guest after boot (the libvirt backend refuses it for now)",
 }
 _DRIVER_OPTIONS = ("cache", "io", "discard")
 _ON_POWEROFF = {"no": "destroy", "on-failure": "destroy", "always": "restart"}
@@ -213,20 +214,6 @@ def domain_xml(
     at = lambda path: media.get(path, path)  # noqa: E731
     if machine.defaults:
         _refuse(name, "defaults", "libvirt always starts qemu with -nodefaults")
-    if machine.provision:  # runtime/provision.py runs on the local guest channels only
-        _refuse(
-            name,
-            "provision",
-            "provisioning runs through the local guest agent or ssh forward; through libvirt, "
-            "provision the guest with cloud-init (cloud_init.user_data)",
-        )
-    if machine.ready.command:
-        _refuse(
-            name,
-            "ready.command",
-            "a guest-command probe runs through the local guest agent; through libvirt, "
-            "wait with ready.ssh or ready.tcp",
-        )
     if getattr(machine, "warm", False):
         _refuse(
             name,

@@ -65,7 +65,7 @@ SAMPLES: dict[str, Sample] = {
     "qmp": Sample({"transport": "tcp"}, argv=False, from_argv=RUNTIME, from_libvirt=RUNTIME),
     "ready": Sample({"serial": "login:"}, argv=False, from_argv=RUNTIME, from_libvirt=RUNTIME),
     "provision": Sample(
-        ["true"], needs={"agent": True}, argv=False, from_argv=RUNTIME, from_libvirt="refused"
+        ["true"], needs={"agent": True}, argv=False, from_argv=RUNTIME, from_libvirt=RUNTIME
     ),
     "disks": Sample(
         [{"file": "/d.img"}],

@@ -540,6 +540,20 @@ class LibvirtBackend:
                 "qemuspec's own saved state, which libvirt does not keep: drop it for this machine "
                 "(through libvirt, `virsh managedsave` saves a running domain)"
             )
+        guest_steps = [
+            f
+            for f, used in (
+                ("provision", machine.provision),
+                ("ready.command", machine.ready.command),
+            )
+            if used
+        ]
+        if guest_steps and command in ("up", "restart"):
+            return (
+                f"machine {name} runs through libvirt at {self.where}: {' and '.join(guest_steps)} run in the guest "
+                "through qemuspec's local agent channel, which a libvirt domain does not give it yet: provision with "
+                "cloud-init (cloud_init.user_data) and wait with ready.ssh or ready.tcp, or run this machine locally"
+            )
         return None
 
     def purge(self, name: str) -> list[str]:
