@@ -40,6 +40,7 @@ MODULES = [
     "virtio_console",
     "virtio_blk",
     "virtio-rng",
+    "virtio_balloon",
     "button",
     "evdev",
     "virtio_scsi",

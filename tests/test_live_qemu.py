@@ -1,0 +1,226 @@
+"""Live changes to a running qemu (runtime/live.py) with the real test guest under TCG: forwards,
+disks, the balloon and the run state change while the guest keeps running, each judged by qemu and
+by the guest itself, and each proving the guest did not reboot (the same qemu pid, /proc/uptime
+still growing, a file in the guest's RAM-backed root still there). One guest serves the module;
+every test puts the machine back as it found it."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from qemuspec import Qemu
+from qemuspec.runtime import live
+from qemuspec.spec.models import Machine
+
+READY_TIMEOUT = 90
+MARK = "/tmp/qemuspec-live-mark"
+
+
+class Guest:
+    """The running machine and what it looked like when it booted."""
+
+    def __init__(self, vm) -> None:
+        self.vm = vm
+        self.pid = vm.pid
+        self.machine: Machine = vm.model  # what the running qemu is now (tests update it)
+        self.uptime = self.read_uptime()
+
+    @property
+    def qmp(self):
+        return self.vm.instance.qmp
+
+    @property
+    def layout(self):
+        return self.vm.instance.layout
+
+    def sh(self, script: str, timeout: float = 30.0) -> str:
+        code, out, err = self.vm.exec("/bin/sh", "-c", script, timeout=timeout)
+        assert code == 0, f"{script!r} exited {code}: {out!r} {err!r}"
+        return out.decode()
+
+    def read_uptime(self) -> float:
+        return float(self.sh("cat /proc/uptime").split()[0])
+
+    def assert_not_rebooted(self) -> None:
+        """Same qemu process, the guest's clock still counting from the same boot, its RAM intact."""
+        assert self.vm.pid == self.pid and self.vm.running()
+        now = self.read_uptime()
+        assert now > self.uptime, f"guest uptime went from {self.uptime} to {now}: it rebooted"
+        self.uptime = now
+        assert self.sh(f"cat {MARK}").strip() == "still here"
+
+    def change(self, fields: list[str], **update: object) -> list[str]:
+        """live.apply from the current machine to one with ``update``; the new one becomes current."""
+        new = changed(self.machine, **update)
+        steps = live.apply(self.qmp, "live", self.machine, new, self.layout, fields)
+        self.machine = new
+        return steps
+
+    def wait_guest(self, script: str, timeout: float = 30.0) -> str:
+        """Run ``script`` in the guest until it exits 0 (the guest reacts to a hot-plug in its own
+        time); its output."""
+        deadline = time.monotonic() + timeout
+        while True:
+            code, out, err = self.vm.exec("/bin/sh", "-c", script, timeout=timeout)
+            if code == 0:
+                return out.decode()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{script!r} still exits {code} after {timeout} s: {err!r}")
+            time.sleep(0.2)
+
+
+def changed(machine: Machine, **update: object) -> Machine:
+    data = machine.model_dump(mode="json")
+    data.update(update)
+    return Machine.model_validate(data)
+
+
+@pytest.fixture(scope="module")
+def running(guest, tmp_path_factory):
+    state = tmp_path_factory.mktemp("live-state")
+    vm = Qemu(state_dir=str(state)).vm("live")
+    vm.kernel(guest["kernel"]).initrd(guest["initrd"]).cmdline("console=ttyS0 quiet")
+    vm.memory("256M").rng().agent().nic("user")
+    vm.device("pcie-root-port", id="hp0", chassis=1)  # q35 hot-plugs only into a root port
+    vm.set(balloon=True, accel="tcg")
+    vm.ready(serial=guest["marker"], timeout=READY_TIMEOUT)
+    vm.start()
+    try:
+        g = Guest(vm)
+        g.sh(f"echo 'still here' > {MARK}")
+        yield g
+    finally:
+        vm.quit()
+
+
+def _http(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        sock.settimeout(10)
+        return sock.recv(64)
+
+
+def _forward(g: Guest, guest_port: int) -> int:
+    ports = [
+        f["host"] for f in live.usernet(g.qmp).get("qemuspec-net0", []) if f["guest"] == guest_port
+    ]
+    assert len(ports) == 1, ports
+    return ports[0]
+
+
+def test_added_forward_serves_http_and_removed_one_is_closed(running):
+    g = running
+    nic = g.machine.model_dump(mode="json")["nics"][0]
+    with_forward = {**nic, "forwards": [{"host": 0, "guest": 80}]}
+    steps = g.change(["nics[0].forwards"], nics=[with_forward])
+    port = _forward(g, 80)
+    assert steps == [f"forward 127.0.0.1:{port}->80/tcp added"]
+    assert _http(port).startswith(b"HTTP/1."), "the guest's httpd answers through the new forward"
+    g.assert_not_rebooted()
+
+    g.change(["nics"], nics=[{**nic, "forwards": []}])
+    assert live.usernet(g.qmp).get("qemuspec-net0") == []
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    g.assert_not_rebooted()
+
+
+def test_forward_on_a_taken_port_fails_and_undoes_the_rest(running):
+    g = running
+    nic = g.machine.model_dump(mode="json")["nics"][0]
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        taken = held.getsockname()[1]
+        forwards = [{"host": 0, "guest": 7777}, {"host": taken, "guest": 80}]
+        with pytest.raises(live.LiveChangeFailed) as failed:
+            g.change(["nics"], nics=[{**nic, "forwards": forwards}])
+    assert (
+        f"127.0.0.1:{taken}/tcp" in failed.value.reason and "in use by pid" in failed.value.reason
+    )
+    assert live.usernet(g.qmp).get("qemuspec-net0") == [], "the forward added first is gone again"
+    g.assert_not_rebooted()
+
+
+def test_hot_added_disk_is_written_and_hot_removed_one_is_gone(running, tmp_path):
+    g = running
+    image = tmp_path / "extra.raw"
+    disk = {"file": str(image), "format": "raw", "size": "8M", "serial": "livedisk"}
+    steps = g.change(["disks"], disks=[disk])
+    assert steps == [f"disk {image} added (virtio-blk-pci)"]
+    assert image.exists(), "created the way up creates a disk"
+    blocks = [
+        b for b in g.qmp.command("query-block") if b.get("inserted", {}).get("file") == str(image)
+    ]
+    assert blocks and "qemuspec-hd" in blocks[0]["qdev"]
+    dev = g.wait_guest(
+        "for b in /sys/block/vd*; do grep -qx livedisk $b/serial && echo ${b##*/}; done | grep ."
+    )
+    dev = dev.strip()
+    g.sh(f"echo qemuspec-live-write | dd of=/dev/{dev} conv=fsync 2>/dev/null")
+    g.assert_not_rebooted()
+
+    steps = g.change(["disks"], disks=[])
+    assert steps == [f"disk {image} removed"]
+    assert not [
+        b for b in g.qmp.command("query-block") if b.get("inserted", {}).get("file") == str(image)
+    ]
+    g.wait_guest(f"test ! -e /sys/block/{dev}")
+    with open(image, "rb") as f:
+        assert f.read(20) == b"qemuspec-live-write\n", "the guest's write reached the image"
+    g.assert_not_rebooted()
+
+
+def test_balloon_takes_memory_from_the_guest(running):
+    g = running
+
+    def mem_total() -> int:
+        line = g.sh("grep MemTotal /proc/meminfo")
+        return int(line.split()[1]) * 1024
+
+    before = mem_total()
+    steps = g.change(["memory"], memory="160M")
+    assert steps == ["memory 160M (balloon)"]
+    assert g.qmp.command("query-balloon")["actual"] == 160 * 2**20
+    after = mem_total()
+    assert before - after >= 90 * 2**20, (before, after)
+    g.assert_not_rebooted()
+
+    with pytest.raises(live.LiveChangeFailed, match="more than the 256M"):
+        g.change(["memory"], memory="512M")
+    g.change(["memory"], memory="256M")
+    assert mem_total() >= before - 2**20
+    g.assert_not_rebooted()
+
+
+def test_paused_stops_and_continues_the_cpus(running):
+    g = running
+    assert g.change(["paused"], paused=True) == ["paused"]
+    assert g.qmp.command("query-status")["status"] == "paused"
+    assert g.change(["paused"], paused=False) == ["resumed"]
+    assert g.qmp.command("query-status")["status"] == "running"
+    g.assert_not_rebooted()
+
+
+def test_a_change_qemu_cannot_make_live_is_refused_and_undone(running, tmp_path):
+    g = running
+    nic = g.machine.model_dump(mode="json")["nics"][0]
+    before = g.machine
+    with pytest.raises(live.LiveChangeFailed, match="ide disk is not hot-plugged"):
+        g.change(
+            ["nics", "disks"],
+            nics=[{**nic, "forwards": [{"host": 0, "guest": 22}]}],
+            disks=[{"file": str(tmp_path / "ide.raw"), "size": "1M", "interface": "ide"}],
+        )
+    assert g.machine is before
+    assert live.usernet(g.qmp).get("qemuspec-net0") == [], "the forward added first is gone again"
+    assert not (tmp_path / "ide.raw").exists(), "refused before anything was created"
+    with pytest.raises(live.LiveChangeFailed, match="cpus cannot change in a running qemu"):
+        g.change(["cpus"], cpus=2)
+    assert (
+        g.change(["stop_timeout"], stop_timeout="9s") == []
+    )  # the supervisor's field: nothing here
+    g.assert_not_rebooted()
