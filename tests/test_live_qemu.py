@@ -81,11 +81,14 @@ def changed(machine: Machine, **update: object) -> Machine:
 @pytest.fixture(scope="module")
 def running(guest, tmp_path_factory):
     state = tmp_path_factory.mktemp("live-state")
+    media = tmp_path_factory.mktemp("live-media")
+    for disc in ("one.iso", "two.iso"):
+        (media / disc).write_bytes(disc.encode().ljust(2048, b"\0"))
     vm = Qemu(state_dir=str(state)).vm("live")
     vm.kernel(guest["kernel"]).initrd(guest["initrd"]).cmdline("console=ttyS0 quiet")
     vm.memory("256M").rng().agent().nic("user")
     vm.device("pcie-root-port", id="hp0", chassis=1)  # q35 hot-plugs only into a root port
-    vm.set(balloon=True, accel="tcg")
+    vm.set(balloon=True, accel="tcg", cdrom=[str(media / "one.iso")])
     vm.ready(serial=guest["marker"], timeout=READY_TIMEOUT)
     vm.start()
     try:
@@ -128,7 +131,7 @@ def test_added_forward_serves_http_and_removed_one_is_closed(running):
     g.assert_not_rebooted()
 
 
-def test_forward_on_a_taken_port_fails_and_undoes_the_rest(running):
+def test_forward_on_a_taken_port_is_refused_naming_the_holder_and_nothing_is_done(running):
     g = running
     nic = g.machine.model_dump(mode="json")["nics"][0]
     with socket.socket() as held:
@@ -141,7 +144,7 @@ def test_forward_on_a_taken_port_fails_and_undoes_the_rest(running):
     assert (
         f"127.0.0.1:{taken}/tcp" in failed.value.reason and "in use by pid" in failed.value.reason
     )
-    assert live.usernet(g.qmp).get("qemuspec-net0") == [], "the forward added first is gone again"
+    assert live.usernet(g.qmp).get("qemuspec-net0") == [], "nor the other forward added"
     g.assert_not_rebooted()
 
 
@@ -205,7 +208,26 @@ def test_paused_stops_and_continues_the_cpus(running):
     g.assert_not_rebooted()
 
 
-def test_a_change_qemu_cannot_make_live_is_refused_and_undone(running, tmp_path):
+def test_cdrom_medium_changes_in_place(running):
+    g = running
+    one = g.machine.cdrom[0]
+    two = one.replace("one.iso", "two.iso")
+
+    def medium() -> str:
+        (block,) = [b for b in g.qmp.command("query-block") if b["device"] == "qemuspec-cd0"]
+        return block["inserted"]["image"]["filename"]
+
+    assert g.change(["cdrom"], cdrom=[two]) == [f"cdrom[0]: medium {two}"]
+    assert medium() == two
+    with pytest.raises(live.LiveChangeFailed, match="is not a file"):
+        g.change(["cdrom"], cdrom=[two + ".missing"])
+    assert medium() == two
+    g.change(["cdrom[0]"], cdrom=[one])
+    assert medium() == one
+    g.assert_not_rebooted()
+
+
+def test_a_change_qemu_cannot_make_live_is_refused_before_anything_is_done(running, tmp_path):
     g = running
     nic = g.machine.model_dump(mode="json")["nics"][0]
     before = g.machine
@@ -216,11 +238,51 @@ def test_a_change_qemu_cannot_make_live_is_refused_and_undone(running, tmp_path)
             disks=[{"file": str(tmp_path / "ide.raw"), "size": "1M", "interface": "ide"}],
         )
     assert g.machine is before
-    assert live.usernet(g.qmp).get("qemuspec-net0") == [], "the forward added first is gone again"
-    assert not (tmp_path / "ide.raw").exists(), "refused before anything was created"
+    assert live.usernet(g.qmp).get("qemuspec-net0") == []
+    assert not (tmp_path / "ide.raw").exists()
     with pytest.raises(live.LiveChangeFailed, match="cpus cannot change in a running qemu"):
         g.change(["cpus"], cpus=2)
     assert (
         g.change(["stop_timeout"], stop_timeout="9s") == []
     )  # the supervisor's field: nothing here
     g.assert_not_rebooted()
+
+
+def test_a_change_failing_half_way_is_undone(running, tmp_path):
+    g = running
+    nic = g.machine.model_dump(mode="json")["nics"][0]
+    missing = tmp_path / "missing.raw"  # no size: up would not create it either
+    with pytest.raises(live.LiveChangeFailed, match=f"disk {missing} does not exist"):
+        g.change(
+            ["nics", "disks"],
+            nics=[{**nic, "forwards": [{"host": 0, "guest": 22}]}],
+            disks=[{"file": str(missing), "format": "raw"}],
+        )
+    assert live.usernet(g.qmp).get("qemuspec-net0") == [], "the forward it had added is removed"
+    assert not [b for b in g.qmp.command("query-block") if b["device"] != "qemuspec-cd0"]
+    g.assert_not_rebooted()
+
+
+class FakeMonitor:
+    """Answers ``info usernet`` as qemu 7.2 prints it (two user netdevs)."""
+
+    def command(self, name: str, arguments: dict | None = None) -> object:
+        assert name == "human-monitor-command" and arguments == {"command-line": "info usernet"}
+        return (
+            "Hub -1 (qemuspec-net0):\r\n"
+            "  Protocol[State]    FD  Source Address  Port   Dest. Address  Port RecvQ SendQ\r\n"
+            "  TCP[HOST_FORWARD]  14       127.0.0.1 35715       10.0.2.15    22     0     0\r\n"
+            "  UDP[HOST_FORWARD]  15               * 5353       10.0.2.15    53     0     0\r\n"
+            "Hub -1 (qemuspec-net1):\r\n"
+            "  Protocol[State]    FD  Source Address  Port   Dest. Address  Port RecvQ SendQ\r\n"
+        )
+
+
+def test_usernet_reads_each_netdevs_forwards():
+    assert live.usernet(FakeMonitor()) == {
+        "qemuspec-net0": [
+            {"protocol": "tcp", "address": "127.0.0.1", "host": 35715, "guest": 22},
+            {"protocol": "udp", "address": "0.0.0.0", "host": 5353, "guest": 53},
+        ],
+        "qemuspec-net1": [],
+    }

@@ -34,7 +34,9 @@ What each field does here, and why:
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import hashlib
 import os
 import re
@@ -68,6 +70,10 @@ class LiveChangeFailed(QemuspecError):
 
 
 Undo = Callable[[], None]
+# One change, prepared: doing it makes it, checks it with qemu and says what it did and how to undo it.
+Step = Callable[[], tuple[str, "Undo | None"]]
+# A field's handler checks everything it can before anything is done, and returns its steps.
+Planner = Callable[["QMPClient", str, "Machine", "Machine", "Layout"], list[Step]]
 
 
 def apply(
@@ -80,20 +86,28 @@ def apply(
 ) -> list[str]:
     """Make the running machine ``name`` (started from ``old``) what ``new`` says, for the changed
     ``fields`` (the model's names: "memory", "nics", or dotted paths such as "nics[0].forwards" —
-    the first name counts). Returns the steps done, in words. Raises :class:`LiveChangeFailed` after
-    undoing every step of this call when one fails or qemu does not confirm it."""
+    the first name counts). Every field is checked before any change is made (a change that cannot
+    be live is refused with nothing done); then the changes are made in order, each confirmed by
+    qemu. Returns the steps done, in words. Raises :class:`LiveChangeFailed` after undoing every step
+    of this call when one fails or qemu does not confirm it."""
     done: list[str] = []
     undo: list[Undo] = []
     try:
-        for top in _top_fields(fields):
+        steps: list[Step] = []
+        for top in _top_fields(fields, resuming=old.paused and not new.paused):
             if top in SUPERVISOR_FIELDS:
                 continue
-            handler = _HANDLERS.get(top)
-            if handler is None:
+            planner = _PLANNERS.get(top)
+            if planner is None:
                 raise LiveChangeFailed(
                     f"machine {name}: {top} cannot change in a running qemu; it takes a restart"
                 )
-            handler(qmp, name, old, new, layout, done, undo)
+            steps += planner(qmp, name, old, new, layout)
+        for step in steps:
+            text, back = step()
+            done.append(text)
+            if back is not None:
+                undo.append(back)
     except BaseException as exc:
         notes = _undo(undo)
         if isinstance(exc, LiveChangeFailed):
@@ -108,13 +122,18 @@ def apply(
     return done
 
 
-def _top_fields(fields: Sequence[str]) -> list[str]:
-    """ "nics[0].forwards[1].host" -> "nics"; each once, in the order given."""
+def _top_fields(fields: Sequence[str], resuming: bool = False) -> list[str]:
+    """ "nics[0].forwards[1].host" -> "nics"; each once, in the order given, except that
+    ``paused`` goes first when the guest resumes and last when it pauses (hot-plug and the balloon
+    need a running guest)."""
     out: list[str] = []
     for field in fields:
         top = re.split(r"[.\[]", field, maxsplit=1)[0]
         if top and top not in out:
             out.append(top)
+    if "paused" in out:
+        out.remove("paused")
+        out.insert(0 if resuming else len(out), "paused")
     return out
 
 
@@ -138,18 +157,20 @@ def _hmp(qmp: QMPClient, line: str) -> str:
 # -- forwards -------------------------------------------------------------------------------------
 
 
-def _nics(qmp, name, old: Machine, new: Machine, layout, done, undo) -> None:
+def _nics(qmp, name: str, old: Machine, new: Machine, layout: Layout) -> list[Step]:
     if len(old.nics) != len(new.nics):
         raise LiveChangeFailed(
             f"machine {name}: a NIC added or removed takes a restart (NICs are not hot-plugged)"
         )
+    steps: list[Step] = []
     for index, (was, now) in enumerate(zip(old.nics, new.nics)):
         if was.model_dump(exclude={"forwards"}) != now.model_dump(exclude={"forwards"}):
             raise LiveChangeFailed(
                 f"machine {name}: nics[{index}] changed in more than its forwards; that takes a restart"
             )
         if was.forwards != now.forwards:
-            _forwards(qmp, name, index, was, now, done, undo)
+            steps += _forwards(qmp, name, index, was, now)
+    return steps
 
 
 def _key(fwd: Forward) -> tuple[str, str, int, int]:
@@ -172,6 +193,7 @@ def usernet(qmp: QMPClient) -> dict[str, list[dict]]:
         )
         if match and current is not None:
             proto, address, host, _guest_addr, guest = match.groups()
+            address = "0.0.0.0" if address == "*" else address  # slirp shows INADDR_ANY as *
             current.append(
                 {
                     "protocol": proto.lower(),
@@ -183,22 +205,41 @@ def usernet(qmp: QMPClient) -> dict[str, list[dict]]:
     return out
 
 
-def _forwards(qmp, name: str, index: int, was: NIC, now: NIC, done, undo) -> None:
+def _forwards(qmp, name: str, index: int, was: NIC, now: NIC) -> list[Step]:
     netdev = own(f"net{index}")
     if was.type != "user":
         raise LiveChangeFailed(f"machine {name}: nics[{index}] is not a user NIC")
     old_keys = [_key(f) for f in was.forwards]
     new_keys = [_key(f) for f in now.forwards]
-    removed = [f for f in was.forwards if _key(f) not in new_keys]
-    added = [f for f in now.forwards if _key(f) not in old_keys]
-    for fwd in removed:
-        port = _remove_forward(qmp, name, netdev, fwd)
-        undo.append(lambda fwd=fwd, port=port: _add_forward(qmp, name, netdev, fwd, port))
-        done.append(f"forward {_show(fwd, port)} removed")
-    for fwd in added:
-        port = _add_forward(qmp, name, netdev, fwd, fwd.host)
-        undo.append(lambda fwd=fwd, port=port: _remove_forward(qmp, name, netdev, fwd, port))
-        done.append(f"forward {_show(fwd, port)} added")
+    steps: list[Step] = []
+    for fwd in was.forwards:
+        if _key(fwd) not in new_keys:
+            _find_forward(qmp, name, netdev, fwd)  # it must be there to be removed
+
+            def remove(fwd: Forward = fwd) -> tuple[str, Undo | None]:
+                port = _remove_forward(qmp, name, netdev, fwd)
+                return f"forward {_show(fwd, port)} removed", (
+                    lambda: _quiet(_add_forward(qmp, name, netdev, fwd, port))
+                )
+
+            steps.append(remove)
+    for fwd in now.forwards:
+        if _key(fwd) not in old_keys:
+            if fwd.host:
+                _check_free(name, fwd, fwd.host)
+
+            def add(fwd: Forward = fwd) -> tuple[str, Undo | None]:
+                port = _add_forward(qmp, name, netdev, fwd, fwd.host)
+                return f"forward {_show(fwd, port)} added", (
+                    lambda: _quiet(_remove_forward(qmp, name, netdev, fwd, port))
+                )
+
+            steps.append(add)
+    return steps
+
+
+def _quiet(_result: object) -> None:
+    """An undo step's result is not needed (it raises when it fails)."""
 
 
 def _show(fwd: Forward, port: int) -> str:
@@ -235,17 +276,23 @@ def _add_forward(qmp, name: str, netdev: str, fwd: Forward, port: int) -> int:
     return got[0]
 
 
-def _remove_forward(qmp, name: str, netdev: str, fwd: Forward, port: int | None = None) -> int:
-    """Remove one forward (a port 0 one by the port slirp gave it); its host port, once qemu no
-    longer lists it."""
+def _find_forward(qmp, name: str, netdev: str, fwd: Forward) -> int:
+    """The host port a declared forward has in the running qemu (a port 0 one: the port slirp gave
+    it), or why it cannot be told."""
     held = [f["host"] for f in _held(qmp, netdev, fwd) if f["address"] == fwd.address]
-    if port is None:
-        port = fwd.host or (held[0] if len(held) == 1 else 0)
+    port = fwd.host or (held[0] if len(held) == 1 else 0)
     if port not in held:
         raise LiveChangeFailed(
-            f"machine {name}: forward {_show(fwd, port)} is not in the running qemu "
-            "(info usernet does not list it)"
+            f"machine {name}: forward {_show(fwd, fwd.host)} is not in the running qemu "
+            f"(info usernet lists {len(held)} such forwards)"
         )
+    return port
+
+
+def _remove_forward(qmp, name: str, netdev: str, fwd: Forward, port: int | None = None) -> int:
+    """Remove one forward; its host port, once qemu no longer lists it."""
+    if port is None:
+        port = _find_forward(qmp, name, netdev, fwd)
     said = _hmp(qmp, f"hostfwd_remove {netdev} {fwd.protocol}:{fwd.address}:{port}").strip()
     if port in [f["host"] for f in _held(qmp, netdev, fwd)]:
         raise LiveChangeFailed(
@@ -295,7 +342,7 @@ def hotplug_id(disk: Disk) -> str:
     return own(f"hd{digest}")
 
 
-def _disks(qmp, name, old: Machine, new: Machine, layout: Layout, done, undo) -> None:
+def _disks(qmp, name: str, old: Machine, new: Machine, layout: Layout) -> list[Step]:
     before = {os.path.abspath(d.file): d for d in old.disks}
     after = {os.path.abspath(d.file): d for d in new.disks}
     for path in before.keys() & after.keys():
@@ -304,12 +351,37 @@ def _disks(qmp, name, old: Machine, new: Machine, layout: Layout, done, undo) ->
                 f"machine {name}: disk {path} changed (not only added or removed); that takes a restart"
             )
     blocks = _query_block(qmp)
+    bridges = _bridges(qmp)
+    free = [port for port, used in bridges.items() if not used]
+    steps: list[Step] = []
     for path, disk in before.items():
         if path not in after:
-            _remove_disk(qmp, name, disk, blocks, done)
+            block, bus = _removable(name, old, disk, blocks, bridges)
+            if bus is not None:
+                free.append(bus)  # the new disks may take the slot this one leaves
+            steps.append(functools.partial(_remove_disk, qmp, name, disk, block, bus))
     for path, disk in after.items():
         if path not in before:
-            _add_disk(qmp, name, new, disk, layout, done, undo)
+            slot = _slot(name, new, disk, free)
+            steps.append(functools.partial(_add_disk, qmp, name, disk, slot, layout))
+    return steps
+
+
+def _bridges(qmp) -> dict[str, list[str]]:
+    """Each PCI(e) bridge or root port that has an id -> the ids of the devices behind it."""
+    out: dict[str, list[str]] = {}
+    for bus in qmp.command("query-pci") or []:
+        for dev in bus.get("devices", []) if isinstance(bus, dict) else []:
+            bridge = dev.get("pci_bridge") if isinstance(dev, dict) else None
+            if isinstance(bridge, dict) and dev.get("qdev_id"):
+                out[str(dev["qdev_id"])] = [
+                    str(d.get("qdev_id") or "") for d in bridge.get("devices") or []
+                ]
+    return out
+
+
+def _i440fx(machine: Machine) -> bool:
+    return machine.machine.startswith("pc") or "-i440fx-" in machine.machine
 
 
 def _query_block(qmp) -> list[dict]:
@@ -335,8 +407,16 @@ def _block_of(blocks: list[dict], path: str) -> dict | None:
     return None
 
 
-def _slot(qmp, name: str, machine: Machine, disk: Disk) -> dict:
-    """Where a hot-added disk's device goes (``bus``), or why it cannot be hot-plugged."""
+def _slot(name: str, machine: Machine, disk: Disk, free: list[str]) -> dict:
+    """Where a hot-added disk's device goes (``bus``; taken from ``free``), or why it cannot be
+    hot-plugged."""
+    if disk.options:
+        raise LiveChangeFailed(
+            f"machine {name}: disk {disk.file} has -drive options, which a live disk cannot take; "
+            "that takes a restart"
+        )
+    if disk.interface == "none":
+        return {}
     if disk.interface == "scsi":
         if not any(d.interface == "scsi" for d in machine.disks if d is not disk):
             raise LiveChangeFailed(
@@ -349,10 +429,10 @@ def _slot(qmp, name: str, machine: Machine, disk: Disk) -> dict:
             f"machine {name}: an {disk.interface} disk is not hot-plugged (virtio and scsi are); "
             "that takes a restart"
         )
-    if machine.machine.startswith("pc") or "-i440fx-" in machine.machine:
+    if _i440fx(machine):
         return {}  # i440fx's root bus takes ACPI hot-plug
-    for port in free_root_ports(qmp):
-        return {"bus": port}
+    if free:
+        return {"bus": free.pop(0)}
     raise LiveChangeFailed(
         f"machine {name}: no free hot-plug slot for disk {disk.file}: q35's root bus takes no hot-plug, "
         "so a disk can be added live only into a free PCIe root port; declare spare ones, e.g. "
@@ -361,30 +441,9 @@ def _slot(qmp, name: str, machine: Machine, disk: Disk) -> dict:
     )
 
 
-def free_root_ports(qmp) -> list[str]:
-    """Ids of the PCIe root ports (and bridges) that have an id and nothing plugged behind them."""
-    out = []
-    for bus in qmp.command("query-pci") or []:
-        for dev in bus.get("devices", []) if isinstance(bus, dict) else []:
-            bridge = dev.get("pci_bridge") if isinstance(dev, dict) else None
-            if isinstance(bridge, dict) and dev.get("qdev_id") and not bridge.get("devices"):
-                out.append(str(dev["qdev_id"]))
-    return out
-
-
-def _add_disk(qmp, name: str, machine: Machine, disk: Disk, layout: Layout, done, undo) -> None:
-    from qemuspec.runtime import images
-
-    if disk.options:
-        raise LiveChangeFailed(
-            f"machine {name}: disk {disk.file} has -drive options, which a live disk cannot take; "
-            "that takes a restart"
-        )
-    slot = _slot(qmp, name, machine, disk)
-    try:
-        images.ensure_disk(disk, layout.state_dir)
-    except QemuspecError as exc:
-        raise LiveChangeFailed(f"machine {name}: {exc}") from None
+def _plug(qmp, name: str, disk: Disk, slot: dict) -> None:
+    """``blockdev-add`` the disk's file and ``device_add`` its device (both named ``hotplug_id``);
+    confirmed by ``query-block``. What this did is taken back when a later part fails."""
     fmt = disk.format or _probed_format(disk.file)
     node = hotplug_id(disk)
     qmp.command(
@@ -396,25 +455,49 @@ def _add_disk(qmp, name: str, machine: Machine, disk: Disk, layout: Layout, done
             "file": {"driver": "file", "filename": disk.file},
         },
     )
-    undo.append(lambda: qmp.command("blockdev-del", {"node-name": node}))
+    try:
+        if disk.interface != "none":
+            device: dict[str, object] = {
+                "driver": DISK_DEVICE[disk.interface],
+                "id": node,
+                "drive": node,
+                **slot,
+            }
+            if disk.serial:
+                device["serial"] = disk.serial
+            device.update(disk.device_options)
+            qmp.command("device_add", device)
+        block = next((b for b in _query_block(qmp) if _node(b) == node), None)
+        if block is None or (disk.interface != "none" and node not in str(block.get("qdev", ""))):
+            if disk.interface != "none":
+                _unplug(qmp, name, node, disk.file)
+            raise LiveChangeFailed(
+                f"machine {name}: disk {disk.file} was added but query-block does not show it attached"
+            )
+    except BaseException:
+        with contextlib.suppress(QemuspecError):
+            qmp.command("blockdev-del", {"node-name": node})
+        raise
+
+
+def _unplug_hotplugged(qmp, name: str, disk: Disk) -> None:
+    node = hotplug_id(disk)
     if disk.interface != "none":
-        device: dict[str, object] = {
-            "driver": DISK_DEVICE[disk.interface],
-            "id": node,
-            "drive": node,
-            **slot,
-        }
-        if disk.serial:
-            device["serial"] = disk.serial
-        device.update(disk.device_options)
-        qmp.command("device_add", device)
-        undo.append(lambda: _unplug(qmp, name, node, node))
-    block = next((b for b in _query_block(qmp) if _node(b) == node), None)
-    if block is None or (disk.interface != "none" and node not in str(block.get("qdev", ""))):
-        raise LiveChangeFailed(
-            f"machine {name}: disk {disk.file} was added but query-block does not show it attached"
-        )
-    done.append(f"disk {disk.file} added ({DISK_DEVICE.get(disk.interface, 'no device')})")
+        _unplug(qmp, name, node, disk.file)
+    qmp.command("blockdev-del", {"node-name": node})
+
+
+def _add_disk(qmp, name: str, disk: Disk, slot: dict, layout: Layout) -> tuple[str, Undo | None]:
+    from qemuspec.runtime import images
+
+    try:
+        images.ensure_disk(disk, layout.state_dir)  # made as `up` makes it, recorded as ours
+    except QemuspecError as exc:
+        raise LiveChangeFailed(f"machine {name}: {exc}") from None
+    _plug(qmp, name, disk, slot)
+    return f"disk {disk.file} added ({DISK_DEVICE.get(disk.interface, 'no device')})", (
+        lambda: _unplug_hotplugged(qmp, name, disk)
+    )
 
 
 def _node(block: dict) -> str | None:
@@ -432,17 +515,49 @@ def _probed_format(path: str) -> str:
         raise LiveChangeFailed(f"cannot read {path}: {exc}") from None
 
 
-def _remove_disk(qmp, name: str, disk: Disk, blocks: list[dict], done) -> None:
-    path = os.path.abspath(disk.file)
-    block = _block_of(blocks, path)
+def _removable(
+    name: str, machine: Machine, disk: Disk, blocks: list[dict], bridges: dict[str, list[str]]
+) -> tuple[dict, str | None]:
+    """The disk's entry in ``query-block`` and the bridge it sits behind (None: the root bus or a
+    SCSI bus), or why it cannot be unplugged."""
+    block = _block_of(blocks, os.path.abspath(disk.file))
     if block is None:
         raise LiveChangeFailed(
             f"machine {name}: disk {disk.file} is not in the running qemu (query-block)"
         )
-    qdev = str(block.get("qdev") or "")
-    device = qdev.removesuffix("/virtio-backend")
+    if disk.interface == "scsi" or disk.interface == "none":
+        return block, None
+    device = _device_of(block)
+    if disk.interface == "virtio":
+        for bridge, ids in bridges.items():
+            if device.rsplit("/", 1)[-1] in ids:
+                return block, bridge
+        if _i440fx(machine):
+            return block, None
+    raise LiveChangeFailed(
+        f"machine {name}: disk {disk.file} cannot be unplugged from the running qemu ("
+        + (
+            "q35's root bus takes no hot-unplug; only a disk added live sits in a root port"
+            if disk.interface == "virtio"
+            else f"an {disk.interface} disk is not hot-plugged"
+        )
+        + "); that takes a restart"
+    )
+
+
+def _device_of(block: dict) -> str:
+    """The device to ``device_del`` for a ``query-block`` entry: its id, or its QOM path (a virtio
+    disk's entry names the inner virtio device, below the PCI one)."""
+    return str(block.get("qdev") or "").removesuffix("/virtio-backend")
+
+
+def _remove_disk(
+    qmp, name: str, disk: Disk, block: dict, bus: str | None
+) -> tuple[str, Undo | None]:
+    path = os.path.abspath(disk.file)
+    device = _device_of(block)
     node = _node(block)
-    if device:
+    if device and disk.interface != "none":
         _unplug(qmp, name, device, disk.file)
     if not block.get("device") and node:  # added with blockdev-add: its node stays until deleted
         qmp.command("blockdev-del", {"node-name": node})
@@ -450,7 +565,10 @@ def _remove_disk(qmp, name: str, disk: Disk, blocks: list[dict], done) -> None:
         raise LiveChangeFailed(
             f"machine {name}: disk {disk.file} was unplugged but query-block still shows it"
         )
-    done.append(f"disk {disk.file} removed")
+    slot = (
+        {"bus": bus} if bus else ({"bus": f"{own('scsi0')}.0"} if disk.interface == "scsi" else {})
+    )
+    return f"disk {disk.file} removed", lambda: _plug(qmp, name, disk, slot)
 
 
 def _unplug(qmp, name: str, device: str, what: str) -> None:
@@ -474,23 +592,28 @@ def _unplug(qmp, name: str, device: str, what: str) -> None:
 # -- cdrom, memory, paused ------------------------------------------------------------------------
 
 
-def _cdrom(qmp, name, old: Machine, new: Machine, layout, done, undo) -> None:
+def _cdrom(qmp, name: str, old: Machine, new: Machine, layout: Layout) -> list[Step]:
     if len(old.cdrom) != len(new.cdrom):
         raise LiveChangeFailed(
             f"machine {name}: a cdrom drive added or removed takes a restart (media change in place)"
         )
+    steps: list[Step] = []
     for index, (was, now) in enumerate(zip(old.cdrom, new.cdrom)):
         if was == now:
             continue
-        drive = own(f"cd{index}")
-        _change_medium(qmp, name, drive, now)
-        undo.append(lambda drive=drive, was=was: _change_medium(qmp, name, drive, was))
-        done.append(f"cdrom {index}: medium {now}")
+        if not os.path.isfile(now):
+            raise LiveChangeFailed(f"machine {name}: cdrom[{index}]: {now} is not a file")
+
+        def change(index: int = index, was: str = was, now: str = now) -> tuple[str, Undo | None]:
+            drive = own(f"cd{index}")
+            _change_medium(qmp, name, drive, now)
+            return f"cdrom[{index}]: medium {now}", lambda: _change_medium(qmp, name, drive, was)
+
+        steps.append(change)
+    return steps
 
 
 def _change_medium(qmp, name: str, drive: str, path: str) -> None:
-    if not os.path.isfile(path):
-        raise LiveChangeFailed(f"machine {name}: cdrom image {path} does not exist")
     qmp.command(
         "blockdev-change-medium",
         {"device": drive, "filename": path, "format": "raw", "read-only-mode": "read-only"},
@@ -503,33 +626,43 @@ def _change_medium(qmp, name: str, drive: str, path: str) -> None:
         )
 
 
-def _memory(qmp, name, old: Machine, new: Machine, layout, done, undo) -> None:
+def _memory(qmp, name: str, old: Machine, new: Machine, layout: Layout) -> list[Step]:
     if new.balloon is None or old.balloon is None:
         raise LiveChangeFailed(
             f"machine {name}: memory changes live only through a balloon (balloon = true); "
             "without one it takes a restart"
         )
+    if new.paused:
+        raise LiveChangeFailed(
+            f"machine {name}: a paused guest cannot give memory back to the balloon; "
+            "that takes a restart"
+        )
     summary = qmp.command("query-memory-size-summary")
     booted = int(summary.get("base-memory", 0)) if isinstance(summary, dict) else 0
-    target = new.memory * 1024 * 1024
+    target = new.memory * 2**20
     if target > booted:
         raise LiveChangeFailed(
             f"machine {name}: memory {new.memory}M is more than the {booted // 2**20}M qemu started "
             "with; a balloon gives back at most that, so growing it takes a restart"
         )
-    previous = int(qmp.command("query-balloon").get("actual", booted))
-    set_balloon(qmp, name, target)
-    undo.append(lambda: set_balloon(qmp, name, previous, wait=False))
-    done.append(f"memory {new.memory}M (balloon)")
+
+    def inflate() -> tuple[str, Undo | None]:
+        previous = int(qmp.command("query-balloon").get("actual", booted))
+        set_balloon(qmp, name, target)
+        return f"memory {new.memory}M (balloon)", lambda: set_balloon(
+            qmp, name, previous, wait=False
+        )
+
+    return [inflate]
 
 
 def set_balloon(qmp, name: str, target: int, wait: bool = True) -> None:
-    """Ask the guest for ``target`` bytes of RAM and wait until ``query-balloon`` says it has them."""
+    """Ask the guest for ``target`` bytes of RAM and wait until ``query-balloon`` says it has them
+    (``BALLOON_CHANGE`` events say when to ask again)."""
     qmp.command("balloon", {"value": target})
     if not wait:
         return
     deadline = time.monotonic() + BALLOON_TIMEOUT
-    actual = -1
     while True:
         mark = qmp.event_count
         actual = int(qmp.command("query-balloon").get("actual", -1))
@@ -541,19 +674,20 @@ def set_balloon(qmp, name: str, target: int, wait: bool = True) -> None:
                 f"machine {name}: the balloon reached {actual // 2**20}M, not {target // 2**20}M, "
                 f"within {BALLOON_TIMEOUT:g} s (does the guest load virtio_balloon?)"
             )
-        try:  # BALLOON_CHANGE comes as the guest gives pages back: ask again then
+        with contextlib.suppress(QemuspecError):
             qmp.wait_for("BALLOON_CHANGE", min(remaining, 2.0), since=mark)
-        except QemuspecError:
-            pass
 
 
-def _paused(qmp, name, old: Machine, new: Machine, layout, done, undo) -> None:
-    set_paused(qmp, name, new.paused)
-    undo.append(lambda: set_paused(qmp, name, old.paused))
-    done.append("paused" if new.paused else "resumed")
+def _paused(qmp, name: str, old: Machine, new: Machine, layout: Layout) -> list[Step]:
+    def run_state() -> tuple[str, Undo | None]:
+        set_paused(qmp, name, new.paused)
+        return ("paused" if new.paused else "resumed"), lambda: set_paused(qmp, name, old.paused)
+
+    return [run_state]
 
 
 def set_paused(qmp, name: str, paused: bool) -> None:
+    """``stop`` or ``cont`` unless qemu is so already; checked with ``query-status``."""
     status = qmp.command("query-status")
     if bool(status.get("running")) == (not paused):
         return
@@ -565,10 +699,10 @@ def set_paused(qmp, name: str, paused: bool) -> None:
         )
 
 
-_HANDLERS = {
+_PLANNERS: dict[str, Planner] = {
+    "paused": _paused,  # first when it resumes, last when it pauses (see _top_fields)
     "nics": _nics,
     "disks": _disks,
     "cdrom": _cdrom,
     "memory": _memory,
-    "paused": _paused,
 }
