@@ -100,7 +100,9 @@ def apply(
             planner = _PLANNERS.get(top)
             if planner is None:
                 raise LiveChangeFailed(
-                    f"machine {name}: {top} cannot change in a running qemu; it takes a restart"
+                    f"machine {name}: {top} cannot change in a running qemu"
+                    + _WHY_NOT.get(top, "")
+                    + "; it takes a restart"
                 )
             steps += planner(qmp, name, old, new, layout)
         for step in steps:
@@ -698,6 +700,12 @@ def set_paused(qmp, name: str, paused: bool) -> None:
             f"machine {name}: qemu is {status.get('status')} after {'stop' if paused else 'cont'}"
         )
 
+
+_WHY_NOT = {
+    "shares": " (a 9p share needs an -fsdev, which qemu 7.2 takes only at start; a virtiofs share "
+    "needs its virtiofsd and the shared memory backend from boot)",
+    "balloon": " (the balloon device is not hot-plugged)",
+}
 
 _PLANNERS: dict[str, Planner] = {
     "paused": _paused,  # first when it resumes, last when it pauses (see _top_fields)
