@@ -659,8 +659,7 @@ def _memory(qmp, name: str, old: Machine, new: Machine, layout: Layout) -> list[
 
 
 def set_balloon(qmp, name: str, target: int, wait: bool = True) -> None:
-    """Ask the guest for ``target`` bytes of RAM and wait until ``query-balloon`` says it has them
-    (``BALLOON_CHANGE`` events say when to ask again)."""
+    """Ask the guest for ``target`` bytes of RAM and wait until ``query-balloon`` says it has them."""
     qmp.command("balloon", {"value": target})
     if not wait:
         return
@@ -676,8 +675,10 @@ def set_balloon(qmp, name: str, target: int, wait: bool = True) -> None:
                 f"machine {name}: the balloon reached {actual // 2**20}M, not {target // 2**20}M, "
                 f"within {BALLOON_TIMEOUT:g} s (does the guest load virtio_balloon?)"
             )
+        # qemu rate-limits BALLOON_CHANGE to one a second, so the last one may come late: ask
+        # again after a short wait for it as well
         with contextlib.suppress(QemuspecError):
-            qmp.wait_for("BALLOON_CHANGE", min(remaining, 2.0), since=mark)
+            qmp.wait_for("BALLOON_CHANGE", min(remaining, 0.1), since=mark)
 
 
 def _paused(qmp, name: str, old: Machine, new: Machine, layout: Layout) -> list[Step]:
