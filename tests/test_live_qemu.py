@@ -12,6 +12,7 @@ import time
 import pytest
 
 from qemuspec import Qemu
+from qemuspec.errors import QMPError
 from qemuspec.runtime import live
 from qemuspec.spec.models import Machine
 
@@ -205,6 +206,19 @@ def test_paused_stops_and_continues_the_cpus(running):
     assert g.qmp.command("query-status")["status"] == "paused"
     assert g.change(["paused"], paused=False) == ["resumed"]
     assert g.qmp.command("query-status")["status"] == "running"
+    g.assert_not_rebooted()
+
+
+def test_link_down_and_up_reaches_the_guest_as_carrier(running):
+    """set_link is what a NIC's link field applies (the model has no such field yet): the guest is
+    the judge here, since qemu 7.2 reads no link state back."""
+    g = running
+    live.set_link(g.qmp, 0, False)
+    g.wait_guest("test $(cat /sys/class/net/eth0/carrier) = 0")
+    live.set_link(g.qmp, 0, True)
+    g.wait_guest("test $(cat /sys/class/net/eth0/carrier) = 1")
+    with pytest.raises(QMPError, match="qemuspec-net5"):
+        live.set_link(g.qmp, 5, True)
     g.assert_not_rebooted()
 
 

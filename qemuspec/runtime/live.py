@@ -26,8 +26,9 @@ What each field does here, and why:
 - ``memory``: down (or back up to the size qemu booted with) through the balloon, when the machine has
   one (``balloon``, then ``query-balloon`` until ``actual`` reaches it: the guest's driver must comply).
 - ``paused``: ``stop``/``cont``, checked with ``query-status``.
+- a NIC's ``link`` (when the model has it): ``set_link`` on its netdev.
 - Fields only the supervisor reads (``restart``, ``stop_timeout``, ``ready``, ``depends_on``,
-  ``provision``, ``warm``) need nothing from qemu and are skipped here. Everything else raises
+  ``provision``, ``ssh``) need nothing from qemu and are skipped here. Everything else raises
   (a share cannot be hot-plugged on a running guest: 9p and virtiofs devices need ``-fsdev``/
   ``-chardev`` set-up that qemu takes at start only here, so a share is a restart).
 """
@@ -54,7 +55,7 @@ if TYPE_CHECKING:
 
 # Fields qemu never sees: the supervisor (or the reconciler) uses them, so a live change has nothing to do.
 SUPERVISOR_FIELDS = frozenset(
-    {"restart", "stop_timeout", "ready", "depends_on", "provision", "warm"}
+    {"restart", "stop_timeout", "ready", "depends_on", "provision", "ssh"}
 )
 DEVICE_DELETED_TIMEOUT = 30.0  # a PCIe unplug waits out the guest's 5 s attention-button window
 BALLOON_TIMEOUT = 60.0  # a guest under TCG gives pages back at its own pace
@@ -166,13 +167,38 @@ def _nics(qmp, name: str, old: Machine, new: Machine, layout: Layout) -> list[St
         )
     steps: list[Step] = []
     for index, (was, now) in enumerate(zip(old.nics, new.nics)):
-        if was.model_dump(exclude={"forwards"}) != now.model_dump(exclude={"forwards"}):
+        live_keys = {"forwards", "link"}
+        if was.model_dump(exclude=live_keys) != now.model_dump(exclude=live_keys):
             raise LiveChangeFailed(
-                f"machine {name}: nics[{index}] changed in more than its forwards; that takes a restart"
+                f"machine {name}: nics[{index}] changed in more than its forwards and link; "
+                "that takes a restart"
             )
         if was.forwards != now.forwards:
             steps += _forwards(qmp, name, index, was, now)
+        up, was_up = _link(now), _link(was)
+        if up != was_up:
+
+            def cable(index: int = index, up: bool = up, was_up: bool = was_up) -> tuple[str, Undo]:
+                set_link(qmp, index, up)
+                return f"nics[{index}]: link {'up' if up else 'down'}", (
+                    lambda: set_link(qmp, index, was_up)
+                )
+
+            steps.append(cable)
     return steps
+
+
+def _link(nic: NIC) -> bool:
+    """A NIC's link state (``link``, when the model has the field; up otherwise)."""
+    return bool(getattr(nic, "link", True))
+
+
+def set_link(qmp: QMPClient, index: int, up: bool) -> None:
+    """The link of NIC ``index`` up or down (``set_link`` on its netdev, ``qemuspec-netN``: qemu sets
+    the peer NIC's link with it, which the guest sees as carrier). qemu 7.2 has no command that reads
+    a link state back (``info network`` does not show it), so qemu's answer is the check: an unknown
+    name is an error."""
+    qmp.command("set_link", {"name": own(f"net{index}"), "up": up})
 
 
 def _key(fwd: Forward) -> tuple[str, str, int, int]:
