@@ -277,16 +277,22 @@ def test_a_change_failing_half_way_is_undone(running, tmp_path):
     g.assert_not_rebooted()
 
 
-def test_a_disk_declared_at_boot_is_unplugged_on_pc(guest, tmp_path):
-    """i440fx's root bus takes ACPI hot-plug, so a disk from the command line (-drive) goes too, and
-    its drive with it; with a forward on every address in the same change."""
-    image = tmp_path / "boot.raw"
-    image.write_bytes(b"\0" * 2**20)
+def test_disks_declared_at_boot_are_unplugged_on_pc_and_scsi_ones_plugged(guest, tmp_path):
+    """i440fx's root bus takes ACPI hot-plug, so a virtio disk from the command line (-drive) goes
+    too, its drive with it; a scsi disk goes onto (and off) render's SCSI controller; a forward on
+    every address goes in the same change."""
+    boot, scsi, extra = (tmp_path / n for n in ("boot.raw", "scsi.raw", "extra.qcow2"))
+    for image in (boot, scsi):
+        image.write_bytes(b"\0" * 2**20)
     vm = Qemu(state_dir=str(tmp_path / "state")).vm("pc")
     vm.kernel(guest["kernel"]).initrd(guest["initrd"]).cmdline("console=ttyS0 quiet")
     vm.memory("256M").rng().agent()
     vm.nic("user", forwards=[{"host": 0, "guest": 80, "address": "0.0.0.0"}])
-    vm.set(machine="pc", accel="tcg", disks=[{"file": str(image), "format": "raw"}])
+    disks = [
+        {"file": str(boot), "format": "raw"},
+        {"file": str(scsi), "format": "raw", "interface": "scsi"},
+    ]
+    vm.set(machine="pc", accel="tcg", disks=disks)
     vm.ready(serial=guest["marker"], timeout=READY_TIMEOUT)
     vm.start()
     try:
@@ -295,11 +301,26 @@ def test_a_disk_declared_at_boot_is_unplugged_on_pc(guest, tmp_path):
         g.wait_guest("test -e /sys/block/vda")
         port = _forward(g, 80)
         nic = g.machine.model_dump(mode="json")["nics"][0]
-        steps = g.change(["disks[0]", "nics[0].forwards"], disks=[], nics=[{**nic, "forwards": []}])
-        assert steps == [f"disk {image} removed", f"forward 0.0.0.0:{port}->80/tcp removed"]
-        assert [b["device"] for b in g.qmp.command("query-block")] == []
+        added = {"file": str(extra), "format": "qcow2", "size": "4M", "interface": "scsi"}
+        steps = g.change(
+            ["disks", "nics[0].forwards"],
+            disks=[disks[1], added],
+            nics=[{**nic, "forwards": []}],
+        )
+        assert steps == [
+            f"disk {boot} removed",
+            f"disk {extra} added (scsi-hd)",
+            f"forward 0.0.0.0:{port}->80/tcp removed",
+        ]
+        files = {b["inserted"]["file"]: b for b in g.qmp.command("query-block")}
+        assert set(files) == {str(scsi), str(extra)}
+        assert "qemuspec-hd" in files[str(extra)]["qdev"]
         assert live.usernet(g.qmp) == {"qemuspec-net0": []}
         g.wait_guest("test ! -e /sys/block/vda")
+        g.assert_not_rebooted()
+
+        assert g.change(["disks"], disks=[]) == [f"disk {scsi} removed", f"disk {extra} removed"]
+        assert g.qmp.command("query-block") == []
         g.assert_not_rebooted()
     finally:
         vm.quit()

@@ -2,7 +2,8 @@
 
 ``apply(qmp, name, old, new, layout, fields)`` is the one entry point (the local backend's
 ``change`` calls it; which fields may change live is the reconciler's table, not this module's). Each
-change is made over the controller's QMP connection and then checked by asking qemu, never by
+change is made over a QMP connection (the local backend uses the tools' monitor: qemu sends its
+events, DEVICE_DELETED too, to every monitor) and then checked by asking qemu, never by
 trusting a command's silence: a forward must be listed by ``info usernet`` (and accept a connection),
 a disk must be in ``query-block``, the balloon's ``actual`` must reach its target, the run state must
 be what ``paused`` says. A change that fails undoes what this call already did (newest first) and
@@ -17,7 +18,7 @@ What each field does here, and why:
   port is checked free first and the error names who holds it; a ``host = 0`` forward gets the port
   slirp picks, read back from ``info usernet``. Any other NIC change needs a restart.
 - ``disks``: matched by file. A new one is created as ``up`` creates it (``images.ensure_disk``), opened
-  with ``blockdev-add`` (node ``qemuspec-hd-HASH``) and plugged with ``device_add`` (same id) into a
+  with ``blockdev-add`` (node ``qemuspec-hdHASH``, from the file) and plugged with ``device_add`` (same id) into a
   free hot-plug slot: a free ``pcie-root-port`` on q35 (its root bus takes no hot-plug), the root bus
   on pc, the SCSI controller for scsi disks. A removed one is unplugged with ``device_del``, then
   ``DEVICE_DELETED`` is awaited (the guest must let go of it), then its node is deleted
@@ -57,7 +58,9 @@ if TYPE_CHECKING:
 SUPERVISOR_FIELDS = frozenset(
     {"restart", "stop_timeout", "ready", "depends_on", "provision", "ssh"}
 )
-DEVICE_DELETED_TIMEOUT = 30.0  # a PCIe unplug waits out the guest's 5 s attention-button window
+# The guest must answer an unplug request: ACPI hot-plug (pc, and q35's root ports in qemu 7.2) takes
+# well under a second with the test guest; native PCIe hot-plug waits out a 5 s attention button.
+DEVICE_DELETED_TIMEOUT = 30.0
 BALLOON_TIMEOUT = 60.0  # a guest under TCG gives pages back at its own pace
 
 
@@ -390,7 +393,7 @@ def _disks(qmp, name: str, old: Machine, new: Machine, layout: Layout) -> list[S
             steps.append(functools.partial(_remove_disk, qmp, name, disk, block, bus))
     for path, disk in after.items():
         if path not in before:
-            slot = _slot(name, new, disk, free)
+            slot = _slot(name, old, disk, free)
             steps.append(functools.partial(_add_disk, qmp, name, disk, slot, layout))
     return steps
 
@@ -435,9 +438,9 @@ def _block_of(blocks: list[dict], path: str) -> dict | None:
     return None
 
 
-def _slot(name: str, machine: Machine, disk: Disk, free: list[str]) -> dict:
-    """Where a hot-added disk's device goes (``bus``; taken from ``free``), or why it cannot be
-    hot-plugged."""
+def _slot(name: str, running: Machine, disk: Disk, free: list[str]) -> dict:
+    """Where a hot-added disk's device goes in the ``running`` machine (``bus``; a root port taken
+    from ``free``), or why it cannot be hot-plugged."""
     if disk.options:
         raise LiveChangeFailed(
             f"machine {name}: disk {disk.file} has -drive options, which a live disk cannot take; "
@@ -446,7 +449,7 @@ def _slot(name: str, machine: Machine, disk: Disk, free: list[str]) -> dict:
     if disk.interface == "none":
         return {}
     if disk.interface == "scsi":
-        if not any(d.interface == "scsi" for d in machine.disks if d is not disk):
+        if not any(d.interface == "scsi" for d in running.disks):  # render's controller
             raise LiveChangeFailed(
                 f"machine {name}: a scsi disk needs the SCSI controller, which this running machine "
                 "does not have; that takes a restart"
@@ -457,7 +460,7 @@ def _slot(name: str, machine: Machine, disk: Disk, free: list[str]) -> dict:
             f"machine {name}: an {disk.interface} disk is not hot-plugged (virtio and scsi are); "
             "that takes a restart"
         )
-    if _i440fx(machine):
+    if _i440fx(running):
         return {}  # i440fx's root bus takes ACPI hot-plug
     if free:
         return {"bus": free.pop(0)}
