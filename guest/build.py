@@ -3,7 +3,7 @@
 
 Debian's cloud kernel (extracted from its package with `apt-get download` + `dpkg-deb -x`, no root),
 and an initramfs written here in Python (newc cpio, so device nodes need no root): static busybox,
-the virtio/console/button/evdev modules in dependency order (the package ships no modules.dep, so
+the virtio/console/balloon/button/evdev modules in dependency order (the package ships no modules.dep, so
 each module's `depends=` is read), and, when the host has them, dropbear and qemu-ga with their
 libraries. The guest prints a marker on the serial console, powers off on the ACPI power button,
 brings eth0 up for user-mode networking, serves HTTP on 80 and a banner on 7777, runs the guest
