@@ -34,6 +34,17 @@ def own(name: str) -> str:
 
 
 DISK_DEVICE = {"virtio": "virtio-blk-pci", "ide": "ide-hd", "scsi": "scsi-hd", "nvme": "nvme"}
+SCSI_CONTROLLER = OWN_ID_PREFIX + "scsi0"  # the virtio-scsi-pci that scsi disks sit on
+
+
+def netdev_id(index: int) -> str:
+    """The qemu id of NIC ``index``'s netdev (what hostfwd_add and set_link name at run time)."""
+    return own(f"net{index}")
+
+
+def cdrom_id(index: int) -> str:
+    """The qemu id of cdrom ``index``'s drive (what a media change names at run time)."""
+    return own(f"cd{index}")
 
 
 def mac_address(name: str, index: int) -> str:
@@ -125,7 +136,7 @@ def render(machine: Machine, name: str, layout: Layout) -> list[str]:
                 None,
                 [
                     ("if", "none"),
-                    ("id", own(f"cd{index}")),
+                    ("id", cdrom_id(index)),
                     ("media", "cdrom"),
                     ("readonly", True),
                     ("format", "raw"),
@@ -133,7 +144,7 @@ def render(machine: Machine, name: str, layout: Layout) -> list[str]:
                 ],
             ),
         ]
-        argv += ["-device", optlist("ide-cd", [("drive", own(f"cd{index}"))])]
+        argv += ["-device", optlist("ide-cd", [("drive", cdrom_id(index))])]
     if wants_cidata(machine):
         argv += [
             "-drive",
@@ -396,7 +407,7 @@ def _firmware(machine: Machine, layout: Layout) -> list[str]:
 def _disks(disks: list[Disk]) -> list[str]:
     argv: list[str] = []
     if any(d.interface == "scsi" for d in disks):
-        argv += ["-device", f"virtio-scsi-pci,id={own('scsi0')}"]
+        argv += ["-device", f"virtio-scsi-pci,id={SCSI_CONTROLLER}"]
     for index, disk in enumerate(disks):
         drive_id = disk.id or own(f"disk{index}")
         pairs: list[tuple[str, OptionValue]] = [
@@ -413,7 +424,7 @@ def _disks(disks: list[Disk]) -> list[str]:
             continue
         dev: list[tuple[str, OptionValue]] = [("drive", drive_id)]
         if disk.interface == "scsi":
-            dev.append(("bus", f"{own('scsi0')}.0"))
+            dev.append(("bus", f"{SCSI_CONTROLLER}.0"))
         if disk.serial or disk.interface == "nvme":
             dev.append(("serial", disk.serial or drive_id))
         argv += ["-device", optlist(DISK_DEVICE[disk.interface], dev, disk.device_options)]
@@ -429,7 +440,7 @@ def _address(value: str) -> list[tuple[str, OptionValue]]:
 
 
 def _nic(index: int, nic: NIC, name: str, layout: Layout | None) -> list[str]:
-    net_id = own(f"net{index}")
+    net_id = netdev_id(index)
     pairs: list[tuple[str, OptionValue]] = [("id", net_id)]
     if nic.type == "user":
         if (

@@ -47,7 +47,7 @@ import time
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from qemuspec.errors import QemuspecError
-from qemuspec.render import DISK_DEVICE, own
+from qemuspec.render import DISK_DEVICE, SCSI_CONTROLLER, cdrom_id, netdev_id, own
 
 if TYPE_CHECKING:
     from qemuspec.qmp.sync import QMPClient
@@ -201,7 +201,7 @@ def set_link(qmp: QMPClient, index: int, up: bool) -> None:
     the peer NIC's link with it, which the guest sees as carrier). qemu 7.2 has no command that reads
     a link state back (``info network`` does not show it), so qemu's answer is the check: an unknown
     name is an error."""
-    qmp.command("set_link", {"name": own(f"net{index}"), "up": up})
+    qmp.command("set_link", {"name": netdev_id(index), "up": up})
 
 
 def _key(fwd: Forward) -> tuple[str, str, int, int]:
@@ -237,7 +237,7 @@ def usernet(qmp: QMPClient) -> dict[str, list[dict]]:
 
 
 def _forwards(qmp, name: str, index: int, was: NIC, now: NIC) -> list[Step]:
-    netdev = own(f"net{index}")
+    netdev = netdev_id(index)
     if was.type != "user":
         raise LiveChangeFailed(f"machine {name}: nics[{index}] is not a user NIC")
     old_keys = [_key(f) for f in was.forwards]
@@ -454,7 +454,7 @@ def _slot(name: str, running: Machine, disk: Disk, free: list[str]) -> dict:
                 f"machine {name}: a scsi disk needs the SCSI controller, which this running machine "
                 "does not have; that takes a restart"
             )
-        return {"bus": f"{own('scsi0')}.0"}
+        return {"bus": f"{SCSI_CONTROLLER}.0"}
     if disk.interface != "virtio":
         raise LiveChangeFailed(
             f"machine {name}: an {disk.interface} disk is not hot-plugged (virtio and scsi are); "
@@ -597,7 +597,9 @@ def _remove_disk(
             f"machine {name}: disk {disk.file} was unplugged but query-block still shows it"
         )
     slot = (
-        {"bus": bus} if bus else ({"bus": f"{own('scsi0')}.0"} if disk.interface == "scsi" else {})
+        {"bus": bus}
+        if bus
+        else ({"bus": f"{SCSI_CONTROLLER}.0"} if disk.interface == "scsi" else {})
     )
     return f"disk {disk.file} removed", lambda: _plug(qmp, name, disk, slot)
 
@@ -636,7 +638,7 @@ def _cdrom(qmp, name: str, old: Machine, new: Machine, layout: Layout) -> list[S
             raise LiveChangeFailed(f"machine {name}: cdrom[{index}]: {now} is not a file")
 
         def change(index: int = index, was: str = was, now: str = now) -> tuple[str, Undo | None]:
-            drive = own(f"cd{index}")
+            drive = cdrom_id(index)
             _change_medium(qmp, name, drive, now)
             return f"cdrom[{index}]: medium {now}", lambda: _change_medium(qmp, name, drive, was)
 
