@@ -259,20 +259,51 @@ def test_ssh_config_is_a_block_openssh_reads(box):
     assert login.stdout.strip() == "via-ssh-config", login.stderr
 
 
-def test_the_library_refuses_a_machine_the_cli_runs_and_destroys_nothing(box):
-    from qemuspec import load
-    from qemuspec.errors import LaunchError
-    from qemuspec.settings import Settings
+def test_cp_via_ssh_round_trips_a_file_with_its_mode(box, tmp_path):
+    blob = tmp_path / "blob"
+    blob.write_bytes(os.urandom(3 << 20))
+    blob.chmod(0o751)
+    sent = json.loads(
+        box.cli("cp", "--via", "ssh", "--json", box.path, str(blob), "h:/tmp/").stdout
+    )
+    assert sent["files"][0]["target"] == "/tmp/blob" and sent["bytes"] == 3 << 20
+    inside = box.exec("/bin/sh", "-c", "sha256sum /tmp/blob; stat -c %a /tmp/blob").stdout.split()
+    assert inside == [hashlib.sha256(blob.read_bytes()).hexdigest(), "/tmp/blob", "751"]
+    back = tmp_path / "back"
+    box.cli("cp", "--via", "ssh", box.path, "h:/tmp/blob", str(back))
+    assert back.read_bytes() == blob.read_bytes() and oct(back.stat().st_mode & 0o777) == "0o751"
+    missing = box.cli("cp", "--via", "ssh", box.path, "h:/tmp/nothing-here", str(tmp_path), code=1)
+    assert "not a regular file" in missing.stderr
+    assert not [n for n in os.listdir(tmp_path) if "qemuspec-tmp" in n]  # nothing half-written kept
 
-    settings = Settings.from_env({**box.env, "QEMUSPEC_ACCEL": "tcg"})
-    before = box.cli("status", box.path, "--json").stdout
-    vm = load(box.path, settings=settings)["h"]
-    with pytest.raises(LaunchError) as refused:
-        vm.start()
-    assert "qemuspec down" in str(refused.value) and box.path in str(refused.value)
+
+REFUSED_CHILD = """
+import sys
+from qemuspec import load
+from qemuspec.errors import LaunchError
+vm = load(sys.argv[1])["h"]
+try:
+    vm.start()
+except LaunchError as exc:
+    print(exc)
+    sys.exit(3)
+"""
+
+
+def test_the_library_refuses_a_machine_the_cli_runs_and_destroys_nothing(box):
+    before = json.loads(box.cli("status", box.path, "--json").stdout)[0]
+    refused = subprocess.run(
+        [sys.executable, "-c", REFUSED_CHILD, box.path],
+        capture_output=True,
+        text=True,
+        env=box.env,
+        timeout=120,
+    )  # a program of the user's, with the user's environment, as the CLI had
+    assert refused.returncode == 3, refused.stderr
+    assert f"is run by {box.path}" in refused.stdout and "qemuspec down" in refused.stdout
     row = json.loads(box.cli("status", box.path, "--json").stdout)[0]
-    assert row["state"] == "running" and row["pid"] == json.loads(before)[0]["pid"]
-    assert box.exec("/bin/echo", "still-here").stdout == "still-here\n"
+    assert row["state"] == "running" and row["pid"] == before["pid"]
+    assert box.exec("/bin/echo", "still-here").stdout == "still-here\n"  # sockets and records kept
 
 
 def test_run_beside_a_running_up_maps_fixed_ports_to_free_ones(box):
@@ -344,15 +375,14 @@ def test_wait_console_since_now_waits_for_the_next_occurrence(guest):
         Qemu(accel="tcg")
         .vm("since", kernel=guest["kernel"], initrd=guest["initrd"], memory="128M")
         .cmdline("console=ttyS0 quiet")
-        .agent()
-        .ready(serial=guest["marker"], agent=True)
+        .ready(serial=guest["marker"])
     )
     with vm.start():
         assert vm.wait_console(guest["marker"], 5) == guest["marker"]  # since boot: seen already
         with pytest.raises(ReadyTimeout):
             vm.wait_console(guest["marker"], 1, since="now")  # printed once, before now
         mark = vm.console_position()
-        vm.exec("/bin/sh", "-c", "echo hello-from-now > /dev/console")
-        assert vm.wait_console("hello-from-now", 30, since=mark) == "hello-from-now"
+        vm.instance.console.send(b"echo hello-$((40 + 2))\n")  # the guest's shell on ttyS0
+        assert vm.wait_console("hello-42", 30, since=mark) == "hello-42"
         with pytest.raises(ReadyTimeout):
-            vm.wait_console("hello-from-now", 1, since="now")
+            vm.wait_console("hello-42", 1, since="now")

@@ -108,7 +108,7 @@ COMMANDS = {
     "cp": (
         "guest_commands",
         "cp",
-        "copy files to or from a guest (NAME:/path, or :/path) through its guest agent",
+        "copy files to or from a guest (NAME:/path, or :/path) through its guest agent, or ssh (--via ssh)",
     ),
     "ssh": ("guest_commands", "ssh", "ssh into a guest with the state directory's key"),
     "ssh-config": (

@@ -127,10 +127,11 @@ def split_guest_path(spec: str) -> tuple[str | None, str]:
     return None, spec
 
 
-def cp(ctx: Context, *, recursive: bool, dereference: bool = False) -> int:
+def cp(ctx: Context, *, recursive: bool, dereference: bool = False, via: str = "auto") -> int:
     """``cp [FILE] SOURCE TARGET``: one side is NAME:/guest/path. Streams in fixed-size chunks, so
     memory stays flat whatever the file size; keeps modes; -r for directories (host symlinks stay
-    symlinks unless -L)."""
+    symlinks unless -L). ``--via ssh`` (auto: when the machine has no agent) streams a file over
+    ssh instead of the agent."""
     from qemuspec.guestfiles import copy_from_guest, copy_to_guest
 
     target = ctx.target
@@ -149,6 +150,15 @@ def cp(ctx: Context, *, recursive: bool, dereference: bool = False) -> int:
         (src_machine if src_machine is not None else dst_machine) or None, operands=False
     )
     show = None if (ctx.out.json or ctx.out.quiet or not sys.stderr.isatty()) else _bar()
+    if _cp_via(ctx, name, via, recursive) == "ssh":
+        from qemuspec import sshfiles
+
+        ssh = _ssh_argv(ctx, name)
+        if dst_machine is not None:
+            copied = sshfiles.copy_to_guest(ssh, src, dst, progress=show)
+        else:
+            copied = sshfiles.copy_from_guest(ssh, src, dst, progress=show)
+        return _copied(ctx, source, dest, copied)
     with agent_for(ctx, name) as agent:
         if dst_machine is not None:
             if os.path.isdir(src) and not recursive:
@@ -158,6 +168,30 @@ def cp(ctx: Context, *, recursive: bool, dereference: bool = False) -> int:
             )
         else:
             copied = copy_from_guest(agent, src, dst, recursive=recursive, progress=show)
+    return _copied(ctx, source, dest, copied)
+
+
+def _cp_via(ctx: Context, name: str, via: str, recursive: bool) -> str:
+    """agent or ssh: as asked; auto takes the agent when the machine has one, else ssh."""
+    _, machine = _machine(ctx, name)
+    if via == "auto":
+        via = "agent" if machine.agent else "ssh"
+    if via == "ssh" and recursive:
+        raise UsageError(
+            "cp -r copies through the guest agent (it checks every name the guest lists): "
+            "leave out --via ssh, or copy one file at a time over ssh"
+        )
+    return via
+
+
+def _ssh_argv(ctx: Context, name: str) -> list[str]:
+    """What `qemuspec ssh` runs, up to the destination, never asking for a password."""
+    backend, machine = _machine(ctx, name)
+    argv = list(backend.ssh(name, machine, [])["argv"])
+    return [argv[0], "-o", "BatchMode=yes", *argv[1:]]
+
+
+def _copied(ctx: Context, source: str, dest: str, copied: list[dict]) -> int:
     total = sum(c["bytes"] for c in copied)
     if ctx.out.json:
         emit_json({"source": source, "target": dest, "bytes": total, "files": copied})
