@@ -312,3 +312,23 @@ def test_a_failed_library_start_removes_its_temporary_state_directory(qemu_bin, 
         vm.start()
     assert not os.path.exists(state_dir)
     assert not vm.running()
+
+
+@pytest.mark.parametrize(
+    "extra, says",
+    [
+        ('kernel = "nope/vmlinuz"\n', "kernel file"),
+        ('kernel = "k"\nqemu = "qemu-system-nothere"\n', "is not an executable qemu"),
+        ('kernel = "k"\nmemory = "900T"\n', "more than this host has"),
+    ],
+)
+def test_run_refuses_what_up_refuses_with_the_same_paragraph(tmp_path, extra, says):
+    (tmp_path / "k").write_bytes(b"\0" * 64)
+    path = tmp_path / "bad.toml"
+    path.write_text("[machines.m]\nagent = true\n" + extra)
+    up = qemuspec("up", str(path), code=2).stderr
+    run = qemuspec("run", str(path), "--", "true", code=2).stderr
+    errors = [
+        [line for line in text.splitlines() if line.startswith("error:")] for text in (up, run)
+    ]
+    assert errors[0] == errors[1] and says in errors[0][0], (up, run)
