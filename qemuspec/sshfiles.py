@@ -1,5 +1,5 @@
-"""`cp --via ssh`: one file to or from a guest through ssh, streamed (about 3x the agent's rate here:
-the agent moves base64 in 48 KiB replies, ssh a plain byte stream).
+"""`cp --via ssh`: one file to or from a guest through ssh, streamed (the agent moves base64 in 48 KiB
+messages, ssh a plain byte stream: bench/cp_via.py measured 2.6x the agent into the guest, 0.9x out).
 
 The guest is not trusted: from the guest, its header line (mode and size) is bounded and must be
 digits, the bytes are written under a fresh temporary name (O_CREAT|O_EXCL|O_NOFOLLOW, 0600) in the

@@ -297,7 +297,7 @@ def build_parser(
         choices=["auto", "agent", "ssh"],
         default="auto",
         help="how files travel (auto: the guest agent when the machine has one, else ssh); "
-        "ssh streams one file about 3x faster than the agent",
+        "ssh streams one file, into the guest faster than the agent",
     )
     p["cp"].add_argument(
         "--dereference",
