@@ -20,12 +20,13 @@ import shutil
 import tempfile
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, TypeVar
 
-from qemuspec.errors import QemuspecError, QMPTimeout, SpecError
+from qemuspec.errors import LaunchError, QemuspecError, QMPTimeout, SpecError, UsageError
 
 if TYPE_CHECKING:
     from qemuspec.backends.base import Backend, Monitor
     from qemuspec.qmp.sync import QMPClient
     from qemuspec.runtime.instance import Instance
+    from qemuspec.runtime.watchdog import Guard
     from qemuspec.settings import Settings
     from qemuspec.spec.models import File, Machine
 
@@ -89,6 +90,7 @@ class VM:
         self._fields: dict[str, object] = {}
         self._model: Machine | None = None
         self._instance: Instance | None = None  # the runtime Instance once started
+        self._guard: Guard | None = None  # kills qemu when this process dies (runtime/watchdog.py)
         from qemuspec.spec.models import Machine
 
         if isinstance(fields, Machine):
@@ -362,23 +364,62 @@ class VM:
     def start(
         self, callback: Callable[["VM"], builtins.object] | None = None, ready: bool = True
     ) -> "VM":
-        """Launch; return once QMP answers and, when the machine has readiness probes, they pass."""
+        """Launch; return once QMP answers and, when the machine has readiness probes, they pass.
+
+        A machine that already runs in this state directory (``qemuspec up``, another VM) is refused
+        with the reason and left alone. A start that fails leaves nothing: qemu is killed and a
+        temporary state directory removed. qemu dies with this process (runtime/watchdog.py), so a
+        killed test leaves no VM behind."""
+        from qemuspec.runtime import watchdog
         from qemuspec.runtime.instance import Instance
 
+        why = self._running_elsewhere()
+        if why:
+            raise LaunchError(why)
         instance = Instance(self.name, self.model, self.state_dir, self.layout())
         for event, cb in self._listeners:
             instance.on(event, cb)
         self._instance = instance
-        instance.launch()
         try:
+            instance.launch()
+            if instance.process is not None:
+                self._guard = watchdog.guard(instance.process.pid)
             if ready:
                 instance.wait_ready()
         except BaseException:
-            instance.kill()
+            if instance.process is not None:
+                instance.kill()
+            self._finish(None)
             raise
         if callback is not None:
             callback(self)
         return self
+
+    def _running_elsewhere(self) -> str | None:
+        """Why this VM may not start in its state directory: a machine runs there already (the CLI's
+        `up`, or another VM). Looked at before anything is touched, since a launch replaces the
+        sockets and records of whatever ran there."""
+        if self._state_dir is None or self._own_state_dir:
+            return None
+        from qemuspec.runtime import supervisor
+        from qemuspec.runtime.instance import Instance, recorded
+
+        state_dir = os.path.abspath(self._state_dir)
+        sup = supervisor.read_supervisor(state_dir)
+        live = Instance.find(self.name, self.model, state_dir)
+        if sup is None and live is None:
+            return None
+        record = recorded(state_dir)
+        owner = (sup.owner if sup else None) or (record.owner if record else None)
+        pid = live.process.pid if live is not None and live.process is not None else None
+        who = f"is run by {owner}" if owner else "is running"
+        return (
+            f"machine {self.name} in {state_dir} {who}"
+            + (f" (qemu pid {pid})" if pid else "")
+            + ": stop it with "
+            + (f"`qemuspec down {owner}`" if owner else "its own stop()")
+            + ", or give this VM its own state_dir; nothing was changed"
+        )
 
     @property
     def instance(self) -> Instance:
@@ -405,13 +446,33 @@ class VM:
     def wait_for(self, event: str, timeout: float) -> dict:
         return self._client.wait_for(event, timeout)
 
-    def wait_console(self, pattern: str, timeout: float) -> str:
-        """Wait for a regex on the serial console; returns the matched text."""
-        if self.instance.console is None:
+    def wait_console(self, pattern: str, timeout: float, since: str | int = "boot") -> str:
+        """Wait for a regex on the serial console; returns the matched text. ``since``: "boot" (what
+        the console showed since qemu started counts, as far as the reader keeps it), "now" (only
+        output from this call on: the next occurrence), or a position from :meth:`console_position`
+        (taken before doing what should print it, so nothing is missed)."""
+        console = self.instance.console
+        if console is None:
             raise QemuspecError(
                 f'machine {self.name} has serial = "{self.model.serial}": the console is readable with "log" or "socket"'
             )
-        return self.instance.console.wait_for(pattern, timeout).group(0).decode(errors="replace")
+        if since == "boot":
+            start = None
+        elif since == "now":
+            start = console.position
+        elif isinstance(since, int) and not isinstance(since, bool):
+            start = since
+        else:
+            raise UsageError(
+                f'wait_console(since={since!r}): write since="boot", since="now", or a position '
+                "from console_position()"
+            )
+        return console.wait_for(pattern, timeout, since=start).group(0).decode(errors="replace")
+
+    def console_position(self) -> int:
+        """Where the console output is now, for ``wait_console(..., since=position)``."""
+        console = self.instance.console
+        return console.position if console is not None else 0
 
     def exec(self, *argv: str, timeout: float = 60.0) -> tuple[int, bytes, bytes]:
         """Run a command in the guest through the guest agent: (exit code, stdout, stderr)."""
@@ -449,6 +510,9 @@ class VM:
         self._finish(None)
 
     def _finish(self, result: T) -> T:
+        if self._guard is not None and not self.running():
+            self._guard.release()
+            self._guard = None
         if self._own_state_dir and self._state_dir and not self.running():
             from qemuspec.runtime.statedir import disown
 
@@ -815,6 +879,11 @@ def run_in_guest(
 
             probes.wait_agent(instance.layout.qga, deadline, instance.running)
         report(f"{name}: ready in {time.monotonic() - began:.1f} s")
+        if instance.ports:
+            report(
+                f"{name}: ports "
+                + ", ".join(f"{p['host']}->{p['guest']}/{p['protocol']}" for p in instance.ports)
+            )
         from qemuspec.runtime import guestrun
 
         return guestrun.run(instance, argv, on_output, stdin, how=via)

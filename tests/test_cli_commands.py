@@ -99,6 +99,7 @@ def test_every_command_prints_json(box, tmp_path):
         {"name": "box", "provisioned": True, "seconds": pytest.approx(0.5, abs=30)}
     ]
     assert "port" in check("ssh", box)
+    assert check("ssh-config", box)[0]["text"].startswith("Host box\n")
     assert check("completion", "bash")["script"].startswith("# qemuspec completion")
     imported = check("import", "--", "qemu-system-x86_64", "-m", "512")
     assert imported["definition"]["machines"]

@@ -58,6 +58,8 @@ PHASES = {
     "provision": 2,
     "cp": 2,
     "snapshot": 2,
+    "ssh": 2,
+    "ssh-config": 2,
     "plan": 2,
     "down": 3,
     "run": 4,

@@ -13,7 +13,8 @@ EXIT_CODES = """exit codes:
   2  invalid input or usage (bad definition file, unknown machine, bad arguments)
   3  plan only: changes are pending (`up` would start, recreate or stop something)
   run, exec: the guest command's own exit code; exec: 255 when the guest went away before the command
-     finished (powered off, rebooted, qemu exited), as ssh does"""
+     finished (powered off, rebooted, qemu exited), as ssh does
+  exec: 127 when the guest has no such command, 124 when --timeout passed (the command was killed)"""
 
 PENDING = 3  # `plan` exit code when `up` would change something
 
@@ -37,6 +38,7 @@ FILE_COMMANDS = {
     "inspect": "machine",
     "exec": "machine",
     "ssh": "machine",
+    "ssh-config": "machines",
     "run": "machine",
     "qmp": "qmp",
     "cp": "cp",
@@ -106,9 +108,14 @@ COMMANDS = {
     "cp": (
         "guest_commands",
         "cp",
-        "copy files to or from a guest (NAME:/path, or :/path) through its guest agent",
+        "copy files to or from a guest (NAME:/path, or :/path) through its guest agent, or ssh (--via ssh)",
     ),
     "ssh": ("guest_commands", "ssh", "ssh into a guest with the state directory's key"),
+    "ssh-config": (
+        "guest_commands",
+        "ssh_config",
+        "print an OpenSSH config block (Host NAME) per running machine, for ssh -F, scp and rsync",
+    ),
     "provision": (
         "guest_commands",
         "provision",
@@ -168,6 +175,7 @@ EXAMPLES = {
     "run": ["qemuspec run machines/dev.toml -- uname -a"],
     "exec": ["qemuspec exec machines/dev.toml dev -- cat /proc/version"],
     "cp": ["qemuspec cp machines/dev.toml ./README.md dev:/tmp/README.md"],
+    "ssh-config": ["qemuspec ssh-config machines/dev.toml > dev.ssh_config"],
     "snapshot": ["qemuspec snapshot list machines/dev.toml dev"],
     "provision": ["qemuspec provision machines/dev.toml"],
     "completion": ["qemuspec completion bash > qemuspec.bash"],

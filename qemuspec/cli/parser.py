@@ -258,7 +258,26 @@ def build_parser(
         _target(p[name], "[FILE] [MACHINE]")
     p["events"].add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     _target(p["qmp"], "[FILE] [MACHINE] COMMAND [JSON]")
+    _target(p["ssh-config"], "[FILE] [MACHINE...]")
+    p["ls"].add_argument(
+        "--all",
+        "-a",
+        action="store_true",
+        help="also list stopped machines (every state directory qemuspec claimed)",
+    )
+    p["ls"].add_argument(
+        "--prune",
+        action="store_true",
+        help="first forget stale entries: gone state directories, machines whose qemu and "
+        "supervisor both died",
+    )
     p["exec"].add_argument("--timeout", type=float, default=300.0, help="seconds (default 300)")
+    p["exec"].add_argument(
+        "--tty",
+        "-t",
+        action="store_true",
+        help="give the command a terminal: it runs through ssh (ssh -t) instead of the guest agent",
+    )
     p["run"].add_argument(
         "--timeout",
         type=float,
@@ -273,6 +292,13 @@ def build_parser(
     )
     _target(p["cp"], "[FILE] SOURCE TARGET", machine_flag=False)
     p["cp"].add_argument("--recursive", "-r", action="store_true", help="copy directories")
+    p["cp"].add_argument(
+        "--via",
+        choices=["auto", "agent", "ssh"],
+        default="auto",
+        help="how files travel (auto: the guest agent when the machine has one, else ssh); "
+        "ssh streams one file, into the guest faster than the agent",
+    )
     p["cp"].add_argument(
         "--dereference",
         "-L",

@@ -61,6 +61,21 @@ def _reachable(machine: Machine, name: str, via: str, source: str, lines: dict) 
     raise SpecError(located(source, lines, [(("machines", name), why)]))
 
 
+def free_forwards(machine: Machine) -> Machine:
+    """The machine with every fixed host port of a user-mode forward turned into ``host = 0`` (any
+    free port): a throwaway `run` must not collide with a running `up` of the same file, another
+    run, or another user's port. The ports it got are reported once the machine is up."""
+    nics = []
+    for nic in machine.nics:
+        forwards = getattr(nic, "forwards", None) or []
+        if nic.type == "user" and any(f.host for f in forwards):
+            nic = nic.model_copy(
+                update={"forwards": [f.model_copy(update={"host": 0}) for f in forwards]}
+            )
+        nics.append(nic)
+    return machine.model_copy(update={"nics": nics})
+
+
 def run(
     ctx: Context,
     *,
@@ -137,7 +152,7 @@ def run(
     workdir = tempfile.mkdtemp(prefix="qemuspec-run-")
     try:
         code = run_in_guest(
-            machine,
+            free_forwards(machine),
             name,
             command,
             workdir,

@@ -239,6 +239,8 @@ def down(ctx: Context, *, timeout: float | None, purge: bool) -> int:
     from qemuspec import reconcile
 
     target = ctx.target
+    if _file_gone(target):
+        return _down_recorded(ctx, timeout, purge)
     spec = target.spec
     names = target.machines()
     outcomes = reconcile.down(
@@ -257,6 +259,91 @@ def down(ctx: Context, *, timeout: float | None, purge: bool) -> int:
                 ctx.out.note(f"removed {path}")
     _print_outcomes(ctx.out, outcomes)
     return outcomes_exit_code(outcomes)
+
+
+def _file_gone(target: Target) -> bool:
+    """No definition file to read: the one named does not exist, or none was named and no default
+    exists. `down` then finds machines by their records (``qemuspec ls``), not the file."""
+    try:
+        return not os.path.exists(target.path)
+    except UsageError:
+        return True
+
+
+def _down_recorded(ctx: Context, timeout: float | None, purge: bool) -> int:
+    """`down` of machines whose definition file is gone (deleted, renamed, another checkout): found
+    in the runtime registry by name (as `qemuspec ls` shows them), by ``--state-dir``, or by the
+    file they were started from, and stopped by their supervisor as ever. A machine whose file
+    still exists is left to that file (its `down` knows its dependencies and networks)."""
+    from qemuspec.backends.base import stopped
+    from qemuspec.backends.local import LocalBackend
+    from qemuspec.runtime.status import registered
+
+    target = ctx.target
+    given = os.path.abspath(target.given) if target.given else None
+    names = target.rest + target.machine_option
+    where = target.state_dir_option
+    where = os.path.abspath(where) if where else None
+    rows = [
+        r
+        for r in registered()
+        if r["state"] != "stopped"
+        and (not names or r["name"] in names)
+        and (where is None or where in (r["state_dir"], os.path.dirname(r["state_dir"])))
+        and (given is None or r.get("file") == given)
+    ]
+    if not names and where is None and given is None:
+        raise UsageError(
+            "down needs a definition file, and none was given and none of the defaults exists here: "
+            "name the machines as `qemuspec ls` shows them (qemuspec down NAME), or give "
+            "--state-dir DIR"
+        )
+    if not rows:
+        what = ", ".join(names) if names else (where or given or "")
+        raise UsageError(
+            f"{target.given or 'no definition file'}: no such file, and no machine qemuspec runs "
+            f"matches {what}: `qemuspec ls` lists the machines that run"
+        )
+    for name in names:
+        if sum(r["name"] == name for r in rows) > 1:
+            dirs = ", ".join(r["state_dir"] for r in rows if r["name"] == name)
+            raise UsageError(
+                f"more than one machine named {name} runs ({dirs}): say which with "
+                f"--state-dir DIR (qemuspec down {name} --state-dir {dirs.split(', ')[0]})"
+            )
+    for r in rows:
+        if r.get("file") and os.path.exists(r["file"]) and r["file"] != given:
+            raise UsageError(
+                f"machine {r['name']} in {r['state_dir']} belongs to {r['file']}, which exists: "
+                f"stop it with `qemuspec down {r['file']} {r['name']}`"
+            )
+    outcomes = []
+    for r in rows:
+        name, state_dir = r["name"], r["state_dir"]
+        backend = LocalBackend(os.path.dirname(state_dir), r.get("file") or state_dir)
+        began = time.monotonic()
+        step = backend.stop(name, _recorded_machine(state_dir), timeout)
+        outcomes.append(stopped(name, time.monotonic() - began, step))
+        if purge:
+            for path in backend.purge(name):
+                ctx.out.note(f"removed {path}")
+    _print_outcomes(ctx.out, outcomes)
+    return outcomes_exit_code(outcomes)
+
+
+def _recorded_machine(state_dir: str) -> "Machine":
+    """The machine as `up` recorded it (definition.json, in a proven state directory), else the
+    defaults: enough to stop it (its stop_timeout; the supervisor knows the rest)."""
+    from qemuspec.api import recorded_definition
+    from qemuspec.spec.models import Machine
+
+    data = recorded_definition(state_dir) if statedir.proven(state_dir) else None
+    if data is not None:
+        try:
+            return Machine.model_validate(data, context={"base_dir": state_dir})
+        except ValueError:
+            pass
+    return Machine.model_construct()
 
 
 def status(ctx: Context) -> int:
@@ -395,15 +482,54 @@ def ls(ctx: Context) -> int:
     state directory or another project's file does not hide it)."""
     from qemuspec.runtime.status import registered
 
+    namespace = ctx.extra.get("namespace")
+    prune = bool(getattr(namespace, "prune", False))
+    pruned = _prune() if prune else []
     rows = registered()
+    if getattr(namespace, "all", False):
+        rows += _stopped_rows({r["state_dir"] for r in rows})
     if ctx.out.json:
-        emit_json(rows)
+        emit_json({"pruned": pruned, "machines": rows} if prune else rows)
         return 0
+    for entry in pruned:
+        print(f"pruned {entry['path']}: {entry['why']}")
     if not rows:
-        print("no machines running")
+        print("no machines" if getattr(namespace, "all", False) else "no machines running")
         return 0
     _table(rows, with_file=True)
     return 0
+
+
+def _stopped_rows(listed: set[str]) -> list[dict]:
+    """`ls --all`: the machines of every state directory qemuspec claimed (the keep base's proofs)
+    that no runtime directory lists: stopped, crashed, failed."""
+    from qemuspec.runtime.status import machine_status
+
+    rows = []
+    for state_dir in statedir.claimed():
+        if state_dir not in listed and statedir.proven(state_dir):
+            rows.append(machine_status(os.path.basename(state_dir), None, state_dir))
+    return rows
+
+
+def _prune() -> list[dict]:
+    """`ls --prune`: forget what names nothing any more: proofs of state directories that are gone
+    (or were replaced: another inode), and the records of machines whose qemu and supervisor are
+    both dead (`lost`), as `down` would clear them. Nothing running is touched; no disk or log."""
+    from qemuspec.backends.local import LocalBackend
+    from qemuspec.runtime.status import registered
+
+    pruned = []
+    for row in registered():
+        if row["state"] == "lost":
+            LocalBackend(os.path.dirname(row["state_dir"]), row["state_dir"]).clean(row["name"])
+            pruned.append({"path": row["state_dir"], "why": "qemu and its supervisor are gone"})
+    for state_dir in statedir.claimed():
+        if not statedir.proven(state_dir):
+            statedir.disown(state_dir)
+            why = "no longer exists" if not os.path.lexists(state_dir) else "is not the one claimed"
+            pruned.append({"path": state_dir, "why": f"the state directory {why}"})
+    return pruned
 
 
 def format_table(rows: list[list[str]], right: set[int] = set()) -> list[str]:

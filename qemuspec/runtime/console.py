@@ -145,15 +145,26 @@ class ConsoleReader:
             self._interrupted = True
             self._cond.notify_all()
 
+    @property
+    def position(self) -> int:
+        """How many console bytes this reader has received: a mark for ``wait_for(since=)``."""
+        with self._cond:
+            return self._dropped + len(self._buffer)
+
     def wait_for(
-        self, pattern: str, timeout: float, stopping: Callable[[], bool] | None = None
+        self,
+        pattern: str,
+        timeout: float,
+        stopping: Callable[[], bool] | None = None,
+        since: int | None = None,
     ) -> Any:
         """Block until ``pattern`` (a regex, RE2) shows in a console line since this reader connected
-        (before qemu ran, for a launch); raises ReadyTimeout, EOFError when qemu closes the console
-        first, or StopRequested when ``stopping()`` turns true."""
+        (before qemu ran, for a launch), or since ``since`` (a :attr:`position`: only what came
+        after it counts); raises ReadyTimeout, EOFError when qemu closes the console first, or
+        StopRequested when ``stopping()`` turns true."""
         live = LineMatcher(pattern)
         deadline = time.monotonic() + timeout
-        seen = -1  # nothing fed yet: the first round feeds what the buffer holds
+        seen = -1 if since is None else since  # -1: the first round feeds what the buffer holds
         while True:
             with self._cond:
                 while (

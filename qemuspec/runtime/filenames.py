@@ -19,6 +19,7 @@ DEFINITION = (
     "definition.json"  # the resolved definition `up` last started (what `plan` diffs by field)
 )
 PROVISIONED = "provisioned.json"  # ProvisionRecord: the machine life the provision steps ran for
+PORTS = "ports.json"  # PortsRecord: the host ports qemu picked for `host = 0` forwards, tried again next start
 SAVING = "saving.json"  # SaveRecord, in warm/: a warm save under way (its overlays may hold the newest writes)
 OWNER = ".owner"  # a random token: with the keep base's record, the proof the directory is ours
 EFIVARS = "efivars.fd"  # a UEFI machine's variable store (copied from the firmware's template)
@@ -48,6 +49,7 @@ UNTRUSTED = (
     DEFINITION,
     PIDFILE,
     PROVISIONED,
+    PORTS,
     TLS_DIR,
     WARM_DIR,
     CIDATA,

@@ -11,11 +11,12 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, BinaryIO, Callable
 
 from qemuspec.errors import QemuspecError, QMPTimeout
 
 if TYPE_CHECKING:
+    from qemuspec.runtime.agent import GuestAgent
     from qemuspec.runtime.instance import Instance
 
 Output = Callable[[str, bytes], object]  # ("stdout" | "stderr", bytes)
@@ -53,62 +54,112 @@ def _agent(
     stdin: bytes | None,
     deadline: float | None,
 ) -> int:
-    import uuid
-
     from qemuspec.runtime.agent import GuestAgent
 
-    stem = f"/tmp/.qemuspec-run-{uuid.uuid4().hex[:8]}"
     timeout = 30.0 if deadline is None else max(1.0, min(30.0, deadline - time.monotonic()))
     with GuestAgent(instance.layout.qga, timeout=timeout) as agent:
         agent.sync(
             timeout=min(timeout, 5.0)
         )  # an agent not up yet: fail soon (ready.command tries again)
-        handles = {}
-        for stream in ("out", "err"):
-            agent.file_close(agent.file_open(f"{stem}.{stream}", "w"))
-            handles[stream] = agent.file_open(f"{stem}.{stream}", "r")
-        script = 'o=$1; e=$2; shift 2; exec "$@" >>"$o" 2>>"$e"'
-        pid = agent.spawn(
-            ["/bin/sh", "-c", script, "sh", f"{stem}.out", f"{stem}.err", *argv], stdin or None
-        )
+        return streamed(agent, argv, on_output, stdin, deadline)
 
-        def drain() -> None:
-            for stream, handle in handles.items():
-                while True:
-                    data, _ = agent.file_read(handle, 65536)
-                    if data:
-                        on_output("stdout" if stream == "out" else "stderr", data)
-                    if len(data) < 65536:
-                        break
 
-        def tidy() -> None:
-            for handle in handles.values():
-                agent.file_close(handle)
-            with contextlib.suppress(
-                QemuspecError
-            ):  # a guest powering off (`run -- poweroff`) may not answer
-                agent.spawn(["rm", "-f", f"{stem}.out", f"{stem}.err"])
+Stdin = bytes | BinaryIO | None
 
-        delay = 0.02
-        while True:
-            done = agent.poll(pid)
+
+def streamed(
+    agent: GuestAgent,
+    argv: list[str],
+    on_output: Output,
+    stdin: Stdin = None,
+    deadline: float | None = None,
+    kill: bool = False,
+) -> int:
+    """Run ``argv`` through an open agent session, its output passed to ``on_output`` as it grows; the
+    exit code (127 when the guest has no such command, 128+N for a signal). Standard input (bytes or a
+    binary file, read 48 KiB at a time) goes to a file in the guest first, so its size is bounded by
+    the guest's /tmp, not by one agent message. When ``deadline`` passes: QMPTimeout, the command left
+    running, or with ``kill`` the command is killed (SIGKILL) and the result is 124, as timeout(1)."""
+    import uuid
+
+    stem = f"/tmp/.qemuspec-run-{uuid.uuid4().hex[:8]}"
+    names = [f"{stem}.out", f"{stem}.err"]
+    handles = {}
+    for stream in ("out", "err"):
+        agent.file_close(agent.file_open(f"{stem}.{stream}", "w"))
+        handles[stream] = agent.file_open(f"{stem}.{stream}", "r")
+    script = 'o=$1; e=$2; shift 2; exec "$@" >>"$o" 2>>"$e"'
+    if stdin is not None:
+        names.append(f"{stem}.in")
+        _upload(agent, f"{stem}.in", stdin)
+        script = 'o=$1; e=$2; i=$3; shift 3; exec "$@" <"$i" >>"$o" 2>>"$e"'
+    pid = agent.spawn(["/bin/sh", "-c", script, "sh", *names, *argv])
+
+    def drain() -> None:
+        for stream, handle in handles.items():
+            while True:
+                data, _ = agent.file_read(handle, 65536)
+                if data:
+                    on_output("stdout" if stream == "out" else "stderr", data)
+                if len(data) < 65536:
+                    break
+
+    def tidy() -> None:
+        for handle in handles.values():
+            agent.file_close(handle)
+        with contextlib.suppress(
+            QemuspecError
+        ):  # a guest powering off (`run -- poweroff`) may not answer
+            agent.spawn(["rm", "-f", *names])
+
+    delay = 0.02
+    while True:
+        done = agent.poll(pid)
+        drain()
+        if done is not None:
             drain()
-            if done is not None:
+            tidy()
+            code, signal, _, err = done
+            if err:  # the shell itself failed: its message, as stderr
+                on_output("stderr", err)
+            if signal is not None:
+                return 128 + signal
+            return code if code is not None else 1
+        if deadline is not None and time.monotonic() >= deadline:
+            if kill:
+                _kill(agent, pid)
                 drain()
                 tidy()
-                code, signal, _, err = done
-                if err:  # the shell itself failed (no such command): its message, as stderr
-                    on_output("stderr", err)
-                if signal is not None:
-                    return 128 + signal
-                return code if code is not None else 1
-            if deadline is not None and time.monotonic() >= deadline:
-                tidy()
-                raise QMPTimeout(f"`{argv[-1]}` was still running")
-            time.sleep(
-                delay
-            )  # the agent has no completion event: guest-exec-status is the protocol
-            delay = min(delay * 2, 0.2)
+                return TIMED_OUT
+            tidy()
+            raise QMPTimeout(f"`{argv[-1]}` was still running")
+        time.sleep(delay)  # the agent has no completion event: guest-exec-status is the protocol
+        delay = min(delay * 2, 0.2)
+
+
+TIMED_OUT = 124  # timeout(1)'s exit code: the command was killed at its deadline
+
+
+def _upload(agent: GuestAgent, path: str, stdin: bytes | BinaryIO) -> None:
+    handle = agent.file_open(path, "w")
+    try:
+        if isinstance(stdin, bytes):
+            for offset in range(0, len(stdin), agent.CHUNK):
+                agent.file_write(handle, stdin[offset : offset + agent.CHUNK])
+        else:
+            while chunk := stdin.read(agent.CHUNK):
+                agent.file_write(handle, chunk)
+    finally:
+        agent.file_close(handle)
+
+
+def _kill(agent: GuestAgent, pid: int) -> None:
+    """SIGKILL the command (the shell exec'd it, so it has the pid guest-exec gave) and wait until the
+    agent reports it gone."""
+    agent.spawn(["/bin/sh", "-c", 'kill -KILL "$1"', "sh", str(pid)])
+    until = time.monotonic() + 10.0
+    while agent.poll(pid) is None and time.monotonic() < until:
+        time.sleep(0.05)  # guest-exec-status is the only way to learn it ended
 
 
 def _ssh(

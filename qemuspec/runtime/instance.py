@@ -168,6 +168,7 @@ class Instance:
                     warm.memory_file(self.state_dir), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
                 )
                 warm.verify(self.state_dir, memory_fd)  # the very bytes qemu will read
+            run_machine = sticky_forwards(run_machine, self.state_dir)
             launch_argv = render(run_machine, self.name, dataclasses.replace(self.layout, fds=fds))
             if memory_fd is not None:
                 launch_argv += ["-incoming", "defer"]
@@ -239,6 +240,7 @@ class Instance:
             self.qmp.on(event, callback)
         if any(n.type == "user" and n.forwards for n in machine.nics):
             self.ports = _forwarded(self.qmp)
+            remember_forwards(self.state_dir, machine, self.ports)
         self.write_state()
 
     def _serial_log(self) -> statedir.CappedLog:
@@ -891,6 +893,59 @@ def is_our_qemu(record: statedir.QemuRecord, pidfile: str) -> bool:
         return os.stat(f"/proc/{pid}").st_uid == os.getuid()
     except OSError:
         return False
+
+
+def sticky_forwards(machine: Machine, state_dir: str) -> Machine:
+    """``machine`` with each ``host = 0`` forward asking for the port its last qemu got (ports.json),
+    when that port is free now: the ssh port of `ssh-config` and a bookmarked URL survive restarts.
+    A port taken meanwhile stays 0 (any free one). Only what qemu runs changes: the recorded argv,
+    plan and warm keys keep the declared 0."""
+    last = statedir.read(state_dir, statedir.PORTS, statedir.PortsRecord)
+    if last is None or not last.forwards:
+        return machine
+    from qemuspec.runtime.sockets import is_free
+
+    wanted = {
+        (f.get("protocol"), f.get("address"), f.get("guest")): f.get("host")
+        for f in last.forwards
+        if isinstance(f, dict) and isinstance(f.get("host"), int)
+    }
+    nics, changed = [], False
+    for nic in machine.nics:
+        forwards = []
+        for fwd in getattr(nic, "forwards", None) or []:
+            port = wanted.get((fwd.protocol, fwd.address, fwd.guest))
+            if (
+                nic.type == "user"
+                and not fwd.host
+                and port
+                and 1024 <= port < 65536
+                and is_free(fwd.address, port, fwd.protocol)
+            ):
+                fwd = fwd.model_copy(update={"host": port})
+                changed = True
+            forwards.append(fwd)
+        nics.append(nic.model_copy(update={"forwards": forwards}) if forwards else nic)
+    return machine.model_copy(update={"nics": nics}) if changed else machine
+
+
+def remember_forwards(state_dir: str, machine: Machine, ports: list[dict]) -> None:
+    """Record the ports qemu bound for the declared ``host = 0`` forwards (see sticky_forwards)."""
+    picked = {
+        (f.protocol, f.address, f.guest)
+        for n in machine.nics
+        if n.type == "user"
+        for f in n.forwards
+        if not f.host
+    }
+    forwards = [
+        {"protocol": p["protocol"], "address": p["address"], "guest": p["guest"], "host": p["host"]}
+        for p in ports
+        if (p.get("protocol"), p.get("address"), p.get("guest")) in picked
+    ]
+    if forwards:
+        with contextlib.suppress(OSError, QemuspecError):
+            statedir.write(state_dir, statedir.PORTS, statedir.PortsRecord(forwards=forwards))
 
 
 def _forwarded(qmp: QMPClient) -> list[dict]:

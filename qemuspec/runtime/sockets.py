@@ -76,6 +76,20 @@ def busy_forwards(nics: Sequence[NIC]) -> Iterator[tuple[int, int, Forward, str]
                 sock.close()
 
 
+def is_free(address: str, port: int, protocol: str = "tcp") -> bool:
+    """Whether ``address:port`` can be bound now (a bind test; the socket is released at once)."""
+    kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
+    sock = socket.socket(socket.AF_INET, kind)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address, port))
+    except OSError:
+        return False
+    finally:
+        sock.close()
+    return True
+
+
 def check_forwards(name: str, nics) -> None:
     """Fail early, naming the port and who holds it, when a fixed host port of a forward is taken
     (qemu would only say "Could not set up host forwarding rule")."""

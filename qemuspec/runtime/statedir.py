@@ -231,6 +231,15 @@ class ProvisionRecord(Record):
     TYPES = {"life": (str,), "steps": (str,), "at": _NUM}
 
 
+@dataclass
+class PortsRecord(Record):
+    """The host ports the last qemu of this machine got for its ``host = 0`` forwards: the next start
+    asks for the same ones (while they are free), so ssh configs and bookmarks stay right."""
+
+    forwards: list = field(default_factory=list)  # [{"protocol", "address", "guest", "host"}]
+    TYPES = {"forwards": (list,)}
+
+
 # -- directories ---------------------------------------------------------------------------------
 
 # -- proof of ownership --------------------------------------------------------------------------
@@ -327,6 +336,28 @@ def prepare(lay: Layout) -> None:
             f"again"
         ) from None
     ensure_private(lay.run_dir)
+
+
+def claimed() -> list[str]:
+    """Every state directory this user's qemuspec claimed and did not disown (the keep base's proofs),
+    whether it still exists or not (:func:`proven` says)."""
+    from qemuspec.errors import QemuspecError
+    from qemuspec.runtime import paths
+
+    try:
+        base = paths.keep_dir(KEEP_OWNERS)
+        names = sorted(os.listdir(base))
+    except (OSError, QemuspecError):
+        return []
+    found = []
+    for name in names:
+        if not name.endswith(".json") or name.endswith(TMP_SUFFIX):
+            continue
+        with contextlib.suppress(OSError, QemuspecError):
+            record = read(base, name, OwnerRecord)
+            if record is not None and record.path and _proof_name(record.path) == name:
+                found.append(record.path)
+    return found
 
 
 def disown(state_dir: str) -> None:

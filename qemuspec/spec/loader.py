@@ -79,8 +79,10 @@ def _load_text(
         raise SpecError(
             f"{source}: the file must be a table of settings with a [machines.NAME] section, not {type(data).__name__}"
         )
+    from qemuspec.spec.inherit import expand
     from qemuspec.spec.templates import render_values
 
+    data = expand(data, lines, source)  # x-* keys dropped, templates and extends merged in
     data = render_values(data, lines, source, variables or {}, environ or {})
     from pydantic import ValidationError
 

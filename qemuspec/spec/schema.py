@@ -4,7 +4,8 @@ Pydantic's schema describes the *validated* model; an editor sees the file as wr
 differ and are added here, so an editor's validator gives the CLI's verdict: a template string
 (``"{{ memory }}"``) may stand for any value, since it is rendered before validation; the shorthands
 that the models' before-validators accept (``display = "none"``, ``firmware = "uefi"``, a single
-``cdrom`` path) are valid; and machine and network names that the CLI refuses are refused.
+``cdrom`` path) are valid; and machine and network names that the CLI refuses are refused. The
+sharing syntax of spec/inherit.py (``x-*`` keys, ``[templates.NAME]``, ``extends``) is described too.
 """
 
 from __future__ import annotations
@@ -49,6 +50,22 @@ def schema() -> dict:
     props["machines"]["additionalProperties"] = False
     props["networks"]["propertyNames"] = {"pattern": r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"}
     defs["Template"] = TEMPLATE
+    # spec/inherit.py: x-* keys (YAML anchors), [templates.NAME] and extends, merged before validation
+    doc["patternProperties"] = {
+        "^x-": {"description": "Ignored (as in docker compose): a place for YAML anchors"}
+    }
+    extends = {
+        "description": "Take the settings of [templates.NAME] or another machine (a list: merged "
+        "in order); tables merge key by key, anything this machine sets wins",
+        "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
+    }
+    machine["extends"] = extends
+    props["templates"] = {
+        "type": "object",
+        "description": 'Partial machines that machines extend (extends = "NAME"); never started',
+        "propertyNames": {"pattern": r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"},
+        "additionalProperties": {"$ref": "#/$defs/Machine"},  # no field of a machine is required
+    }
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "qemuspec definition",
