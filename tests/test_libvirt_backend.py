@@ -447,7 +447,7 @@ def test_two_machines_through_the_system_libvirtd(system_libvirtd, guest, tmp_pa
         path.write_text(text.replace('memory = "192M"', 'memory = "224M"', 1))
         plan = run("plan", str(path), env=env)
         assert plan.returncode == 3, "plan exits 3 when up would change something: " + plan.stderr
-        assert f"{a}: recreate" in plan.stdout and f"{b}: up to date" in plan.stdout, plan.stdout
+        assert f"{a}: restart" in plan.stdout and f"{b}: up to date" in plan.stdout, plan.stdout
         changed = [
             line.strip()
             for line in plan.stdout.splitlines()
