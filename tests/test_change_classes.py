@@ -78,3 +78,15 @@ def test_a_machine_takes_its_strongest_class_and_the_table_names_every_class():
     assert strongest([c.cls for c in found]) == "recreate"
     assert strongest([]) == "live"
     assert {cls for _, cls, _ in table()} == {"live", "restart", "recreate"}
+
+
+def test_the_no_restart_exit_code_is_documented_where_help_reads_it():
+    from qemuspec.cli.commands import EXIT_CODES
+    from qemuspec.cli.common import NO_RESTART, outcomes_exit_code
+    from qemuspec.backends.base import Outcome
+
+    assert f"  {NO_RESTART}  up --no-restart" in EXIT_CODES
+    assert (
+        outcomes_exit_code([Outcome("a", "changed"), Outcome("b", "needs restart")]) == NO_RESTART
+    )
+    assert outcomes_exit_code([Outcome("a", "failed"), Outcome("b", "needs restart")]) == 1

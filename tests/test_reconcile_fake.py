@@ -348,3 +348,20 @@ def test_no_restart_refuses_and_changes_nothing(spec, tmp_path):
         spec, str(tmp_path), ["db", "cache"], every(spec, fake), owner=OWNER, no_restart=True
     )
     assert {o.name: o.action for o in live} == {"db": "changed", "cache": "up to date"}
+
+
+def test_the_library_applies_as_up_does(spec, tmp_path):
+    from qemuspec import api
+
+    fake = FakeBackend()
+    _running(spec, tmp_path, fake, ["db"])
+    _changed(spec, "db", restart="on-failure")
+    [step] = api.plan(spec, str(tmp_path), ["db"], owner=OWNER, backends=every(spec, fake))
+    assert step["class"] == "live" and step["changes"][0]["field"] == "restart"
+    [outcome] = api.apply(spec, str(tmp_path), ["db"], owner=OWNER, backends=every(spec, fake))
+    assert outcome.action == "changed" and fake.calls == [("change", "db")]
+    _changed(spec, "db", cpus=2)
+    [refused] = api.apply(
+        spec, str(tmp_path), ["db"], owner=OWNER, backends=every(spec, fake), no_restart=True
+    )
+    assert refused.action == "needs restart" and "cpus" in refused.detail
