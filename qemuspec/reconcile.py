@@ -287,7 +287,7 @@ def up(
                     report(o.name, "needs restart")
                 return refused
         for level in with_dependencies(spec, names):
-            results = _up_level(spec, level, backends, report, owner, root, records)
+            results = _up_level(spec, level, backends, report, owner, root, records, no_restart)
             for o in results:
                 if o.action in (
                     "started",
@@ -315,6 +315,7 @@ def _up_level(
     owner: str | None,
     root: str | None = None,
     records: Mapping[str, Machine] | None = None,
+    no_restart: bool = False,
 ) -> list[Outcome]:
     outcomes: dict[str, Outcome] = {}
     waits: dict[str, Callable[[], Outcome]] = {}
@@ -362,6 +363,17 @@ def _up_level(
                     continue
                 why = done  # the live change failed and was undone: restart with the reason
                 cls = "restart"
+            if no_restart:  # a live change qemu refused (undone), or a change since the check
+                report(name, "needs restart")
+                outcomes[name] = Outcome(
+                    name,
+                    "needs restart",
+                    time.monotonic() - began,
+                    seen.pid,
+                    detail=f"machine {name}: {why or cls + ' needed'}: left as it was; "
+                    "run `up` without --no-restart to restart it",
+                )
+                continue
             action = "restarted" if cls == "restart" else "recreated"
         if decision == "adopt":
             report(name, "adopting the running machine")

@@ -60,10 +60,15 @@ def test_forwards_cdrom_and_disks_by_what_they_are():
         BASE, BASE.replace('["/isos/one.iso"]', '["/isos/one.iso", "/isos/two.iso"]')
     ) == {"cdrom": "restart"}
     added = BASE.replace('size = "1G" }', 'size = "1G" }, { file = "/data/b.qcow2", size = "64M" }')
-    assert classes(BASE, added) == {"disks[1]": "live"}
-    assert classes(added, BASE) == {"disks[1]": "live"}, "a removed disk is unplugged live"
+    assert classes(BASE, added) == {"disks[1]": "restart"}, "q35's root bus takes no hot-plug"
+    ports = '[machines.vm]\ndevices = [{ driver = "pcie-root-port", id = "hp0", options = { chassis = 1 } }]'
+    base, added = (t.replace("[machines.vm]", ports) for t in (BASE, added))
+    assert classes(base, added) == {"disks[1]": "live"}
+    assert classes(added, base) == {"disks[1]": "live"}, "a removed disk is unplugged live"
     ide = added.replace('size = "64M" }', 'size = "64M", interface = "ide" }')
-    assert classes(BASE, ide) == {"disks[1]": "restart"}, "ide is not hot-plugged"
+    assert classes(base, ide) == {"disks[1]": "restart"}, "ide is not hot-plugged"
+    pc = [t.replace("[machines.vm]", '[machines.vm]\nmachine = "pc"') for t in (base, added)]
+    assert classes(*pc) == {"disks[1]": "live"}, "i440fx's root bus takes hot-plug"
     assert classes(BASE, BASE.replace('"1G"', '"2G"')) == {"disks[0].size": "recreate"}
     assert classes(BASE, BASE.replace('size = "1G" }', 'size = "1G", readonly = true }')) == {
         "disks[0].readonly": "restart"

@@ -365,3 +365,17 @@ def test_the_library_applies_as_up_does(spec, tmp_path):
         spec, str(tmp_path), ["db"], owner=OWNER, backends=every(spec, fake), no_restart=True
     )
     assert refused.action == "needs restart" and "cpus" in refused.detail
+
+
+def test_no_restart_leaves_a_refused_live_change_undone_and_running(spec, tmp_path):
+    fake = FakeBackend()
+    _running(spec, tmp_path, fake, ["db"])
+    before = (tmp_path / "db" / "definition.json").read_bytes()
+    fake.refuse_live.add("db")
+    _changed(spec, "db", stop_timeout=5.0)
+    [outcome] = reconcile.up(
+        spec, str(tmp_path), ["db"], every(spec, fake), owner=OWNER, no_restart=True
+    )
+    assert outcome.action == "needs restart" and "qemu said no" in outcome.detail
+    assert fake.calls == [("change", "db")], "no stop, no start"
+    assert (tmp_path / "db" / "definition.json").read_bytes() == before, "the old record is back"

@@ -102,7 +102,7 @@ def classify(old: dict, new: dict) -> list[Change]:
         elif key == "memory":
             out.append(_memory(old, new))
         elif key == "disks" and isinstance(a, list) and isinstance(b, list):
-            out += _disks(a, b)
+            out += _disks(a, b, old, new)
         elif key == "nics" and isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
             out += _nics(a, b)
         elif key == "cdrom" and isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
@@ -141,7 +141,7 @@ def _memory(old: dict, new: dict) -> Change:
     return Change("memory", a, b, RESTART, "start", why)
 
 
-def _disks(a: list, b: list) -> list[Change]:
+def _disks(a: list, b: list, old: dict, new: dict) -> list[Change]:
     def key(disk: object) -> object:
         return disk.get("file") if isinstance(disk, dict) else disk
 
@@ -152,16 +152,18 @@ def _disks(a: list, b: list) -> list[Change]:
     out: list[Change] = []
     for i, disk in enumerate(a):
         if key(disk) not in new_keys:
-            if _pluggable(disk):
+            why = _plug(disk, old)
+            if why is None:
                 out.append(Change(f"disks[{i}]", disk, None, LIVE, "qemu", QEMU_LIVE["disks-"]))
             else:
-                out.append(Change(f"disks[{i}]", disk, None, RESTART, "start", UNPLUGGABLE))
+                out.append(Change(f"disks[{i}]", disk, None, RESTART, "start", why))
     for j, disk in enumerate(b):
         if key(disk) not in old_keys:
-            if _pluggable(disk):
+            why = _plug(disk, {**new, "disks": a})
+            if why is None:
                 out.append(Change(f"disks[{j}]", None, disk, LIVE, "qemu", QEMU_LIVE["disks+"]))
             else:
-                out.append(Change(f"disks[{j}]", None, disk, RESTART, "start", UNPLUGGABLE))
+                out.append(Change(f"disks[{j}]", None, disk, RESTART, "start", why))
             continue
         before = a[old_keys.index(key(disk))]
         for f, x, y in field_changes(before, disk, f"disks[{j}]"):
@@ -176,8 +178,40 @@ def _disks(a: list, b: list) -> list[Change]:
 UNPLUGGABLE = "only virtio and scsi disks are hot-plugged (ide and nvme are set at start)"
 
 
-def _pluggable(disk: object) -> bool:
-    return isinstance(disk, dict) and disk.get("interface", "virtio") in ("virtio", "scsi")
+def _plug(disk: object, machine: dict) -> str | None:
+    """Why a disk cannot be added to or removed from this running machine (None: it can, live):
+    virtio disks need a hot-plug slot (i440fx's root bus has them; q35's root bus has none, so only a
+    declared ``pcie-root-port`` takes one), scsi disks the SCSI controller another scsi disk brought,
+    and -drive options cannot be given to a live disk. runtime/live.py checks the same against qemu."""
+    if not isinstance(disk, dict):
+        return UNPLUGGABLE
+    interface = disk.get("interface", "virtio")
+    if disk.get("options"):
+        return "a disk with -drive options is set at start"
+    if interface == "none":
+        return None
+    if interface == "scsi":
+        scsi = any(
+            isinstance(d, dict) and d.get("interface") == "scsi" and d is not disk
+            for d in machine.get("disks") or []
+        )
+        return None if scsi else "the SCSI controller comes with a scsi disk at start"
+    if interface != "virtio":
+        return UNPLUGGABLE
+    kind = str(machine.get("machine") or "q35")
+    if kind.startswith("pc") or "-i440fx-" in kind:
+        return None
+    ports = any(
+        isinstance(d, dict) and d.get("driver") == "pcie-root-port"
+        for d in machine.get("devices") or []
+    )
+    return (
+        None
+        if ports
+        else (
+            "q35's root bus takes no hot-plug: declare spare pcie-root-port devices for live disks"
+        )
+    )
 
 
 def _nics(a: list, b: list) -> list[Change]:
