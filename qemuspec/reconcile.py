@@ -181,7 +181,7 @@ def classed(seen: Seen, machine: Machine, recorded: dict | None) -> tuple[str, l
 
     if recorded is None:
         return RESTART, []
-    changes = classify(recorded, machine.model_dump(mode="json"))
+    changes = classify(recorded, machine.model_dump(mode="json"), seen.booted_memory)
     cls = strongest([c.cls for c in changes])
     if cls == LIVE and (not seen.running or not changes):
         cls = RESTART  # between restarts, or a hash that differs in nothing the record shows

@@ -75,6 +75,16 @@ def test_forwards_cdrom_and_disks_by_what_they_are():
     }
 
 
+def test_memory_goes_back_up_through_the_balloon_to_what_qemu_booted_with():
+    less = BASE.replace('memory = "256M"', 'memory = "128M"')
+    assert {c.field: c.cls for c in classify(dump(less), dump(BASE), 256)} == {"memory": "live"}
+    more = BASE.replace('memory = "256M"', 'memory = "512M"')
+    assert {c.field: c.cls for c in classify(dump(less), dump(more), 256)} == {"memory": "restart"}
+    assert {c.field: c.cls for c in classify(dump(less), dump(BASE))} == {"memory": "restart"}, (
+        "without the boot size, the recorded one is the bound"
+    )
+
+
 def test_a_machine_takes_its_strongest_class_and_the_table_names_every_class():
     mixed = BASE.replace("[machines.vm]", "[machines.vm]\nstop_timeout = 5\ncpus = 2").replace(
         '"1G"', '"2G"'

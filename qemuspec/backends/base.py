@@ -97,6 +97,7 @@ class Seen:
     pid: int | None = None
     ports: list = field(default_factory=list)
     accel: list = field(default_factory=list)
+    booted_memory: int | None = None  # MiB qemu started with: a balloon can give back up to it
 
 
 class Monitor(Protocol):

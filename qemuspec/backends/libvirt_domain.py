@@ -355,6 +355,7 @@ class LibvirtBackend:
                 claimed=True,
                 place=f"on {self.uri}",
                 ports=forwarded_ports(dom) if running else [],
+                booted_memory=dom.maxMemory() // 1024 if running else None,
             )
 
         return self._call(name, look)

@@ -68,6 +68,7 @@ class LocalBackend:
                 found.ports,
                 list(found.layout.accel),
             )
+            seen.booted_memory = _booted_memory(found.argv)
         return seen
 
     def start(
@@ -397,6 +398,14 @@ class LocalBackend:
         ):
             return False
         return seen.running and seen.hash == definition_hash(machine)
+
+
+def _booted_memory(argv: list[str]) -> int | None:
+    """The MiB of `-m` on the command line qemu runs (render writes ``-m NM``); None if not there."""
+    for option, value in zip(argv, argv[1:]):
+        if option == "-m" and value.endswith("M") and value[:-1].isdigit():
+            return int(value[:-1])
+    return None
 
 
 def _rebuild(name: str, machine: Machine, state_dir: str) -> None:

@@ -40,7 +40,7 @@ QEMU_LIVE = {
     "disks+": "blockdev-add + device_add (a disk added)",
     "disks-": "device_del, DEVICE_DELETED, blockdev-del (a disk removed)",
     "cdrom": "blockdev-change-medium (same number of cdrom drives)",
-    "memory": "balloon, down from the size the machine booted with (needs balloon)",
+    "memory": "balloon, up to the size the machine booted with (needs balloon)",
 }
 # Disk fields that mean a different image: the disk is made again.
 DISK_RECREATE = {"size", "backing", "backing_format", "image", "format"}
@@ -88,8 +88,10 @@ def strongest(classes: list[str]) -> str:
     return max(classes, key=STRENGTH.__getitem__, default=LIVE)
 
 
-def classify(old: dict, new: dict) -> list[Change]:
-    """Every changed field between a recorded definition and the file's, each with its class."""
+def classify(old: dict, new: dict, booted_memory: int | None = None) -> list[Change]:
+    """Every changed field between a recorded definition and the file's, each with its class.
+    ``booted_memory``: the MiB the running qemu started with (a balloon gives memory back up to
+    it); unknown, the recorded definition's memory is the bound."""
     out: list[Change] = []
     for key in list(old) + [k for k in new if k not in old]:
         a, b = old.get(key), new.get(key)
@@ -100,7 +102,7 @@ def classify(old: dict, new: dict) -> list[Change]:
         elif key == "paused":
             out.append(Change(key, a, b, LIVE, "qemu", QEMU_LIVE["paused"]))
         elif key == "memory":
-            out.append(_memory(old, new))
+            out.append(_memory(old, new, booted_memory))
         elif key == "disks" and isinstance(a, list) and isinstance(b, list):
             out += _disks(a, b, old, new)
         elif key == "nics" and isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
@@ -122,16 +124,16 @@ def _leaves(a: object, b: object, path: str, cls: str, by: str, why: str) -> lis
     return [Change(f, x, y, cls, by, why) for f, x, y in field_changes(a, b, path)]
 
 
-def _memory(old: dict, new: dict) -> Change:
+def _memory(old: dict, new: dict, booted: int | None) -> Change:
     from qemuspec.spec.units import parse_mib
 
     a, b = old.get("memory"), new.get("memory")
     balloon = bool(old.get("balloon")) and bool(new.get("balloon"))
     try:
-        smaller = parse_mib(b) < parse_mib(a)
+        within = parse_mib(b) <= (booted if booted is not None else parse_mib(a))
     except (TypeError, ValueError):
-        smaller = False
-    if balloon and smaller:
+        within = False
+    if balloon and within:
         return Change("memory", a, b, LIVE, "qemu", QEMU_LIVE["memory"])
     why = (
         "more memory than the machine booted with needs a restart (a balloon only gives memory back)"
