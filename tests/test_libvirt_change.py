@@ -21,6 +21,7 @@ from qemuspec.spec.records import definition_hash  # noqa: E402
 
 TEXT = """
 [machines.vm]
+machine = "pc"
 memory = "{memory}"
 balloon = true
 restart = "{restart}"
