@@ -149,10 +149,11 @@ def up(
             _checked(ctx, started, allow_local_qemu, allow_host_paths, ports=True, probe=True)
     deadline = max((spec.machines[n].ready.timeout for n in started), default=None)
     chosen = backends(ctx)
-    # what this `up` starts: a Ctrl-C stops these again (compose does for a foreground up), not the others
+    # what this `up` starts: a Ctrl-C stops these again (compose does for a foreground up), not the
+    # others (a machine changed live keeps running)
     starting = [
         s["name"]
-        for s in reconcile.plan(spec, chosen, names, _owner(target))
+        for s in reconcile.plan(spec, chosen, names, _owner(target), target.root)
         if s["action"] in ("start", "restart", "recreate", "starting")
     ]
     progress = ctx.out.progress(names, deadline)
