@@ -463,7 +463,7 @@ class LibvirtBackend:
             self._call(name, dom.suspend if new.paused else dom.resume)
             steps.append("suspend" if new.paused else "resume")
         record = {**(owner(dom) or {}), "hash": definition_hash(new)}
-        element = ET.Element(f"{{{OWNER_NS}}}owner", record)
+        element = ET.Element("owner", record)  # libvirt puts it in OWNER_NS, prefix "qemuspec"
         self._call(
             name,
             lambda: dom.setMetadata(
