@@ -21,9 +21,10 @@ import tempfile
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, TypeVar
 
 from qemuspec.errors import LaunchError, QemuspecError, QMPTimeout, SpecError, UsageError
+from qemuspec.spec.changes import field_changes as field_changes  # re-exported for callers
 
 if TYPE_CHECKING:
-    from qemuspec.backends.base import Backend, Monitor
+    from qemuspec.backends.base import Backend, Monitor, Outcome
     from qemuspec.qmp.sync import QMPClient
     from qemuspec.runtime.instance import Instance
     from qemuspec.runtime.watchdog import Guard
@@ -632,32 +633,9 @@ def record_definition(machine: Machine, state_dir: str) -> None:
 
 def recorded_definition(state_dir: str) -> dict | None:
     """What the machine was last started from, when a directory proven qemuspec's says so."""
-    import json
-
     from qemuspec.runtime import statedir
 
-    if not statedir.proven(state_dir):
-        return None
-    data = statedir.read_bytes(state_dir, statedir.DEFINITION, statedir.RECORD_LIMIT)
-    try:
-        found = json.loads(data) if data is not None else None
-    except (ValueError, RecursionError):
-        return None
-    return found if isinstance(found, dict) else None
-
-
-def field_changes(old: object, new: object, path: str = "") -> list[tuple[str, object, object]]:
-    """(dotted field, old value, new value) for every leaf that differs between two definitions."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out: list[tuple[str, object, object]] = []
-        for key in list(old) + [k for k in new if k not in old]:
-            out += field_changes(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
-        return out
-    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-        return [
-            c for i, (a, b) in enumerate(zip(old, new)) for c in field_changes(a, b, f"{path}[{i}]")
-        ]
-    return [] if old == new else [(path, old, new)]
+    return statedir.recorded_definition(state_dir)
 
 
 def show_value(field: str, value: object) -> str:
@@ -680,23 +658,39 @@ def plan(
     owner: str | None = None,
     backends: dict[str, Backend] | None = None,
 ) -> list[dict]:
-    """What `up` would do per machine, with the changed definition fields and the argv (or domain XML)
-    diff; ``backends``: each machine's (backends.chosen; by default, where the definition places it)."""
+    """What `up` would do per machine: ``action`` (start, up to date, adopt, or for a running machine
+    that changed its class: live, restart, recreate, also in ``class``), ``changes`` (each changed
+    field with ``old``, ``new``, ``class``, ``by`` and ``why``) and the argv (or domain XML) diff; ``backends``: each machine's (backends.chosen; by default, where the definition places it)."""
     from qemuspec import reconcile
 
     if backends is None:
         from qemuspec.backends import chosen
 
         backends = chosen(spec, root, owner or "the definition file", None, owner)
-    steps = reconcile.plan(spec, backends, names, owner=owner)
-    for step in steps:
-        old = recorded_definition(os.path.join(root, step["name"]))
-        changes = []
-        if step["action"] == "recreate" and old is not None:
-            new = spec.machines[step["name"]].model_dump(mode="json")
-            changes = [{"field": f, "old": o, "new": n} for f, o, n in field_changes(old, new)]
-        step["changes"] = changes
-    return steps
+    return reconcile.plan(spec, backends, names, owner=owner, root=root)
+
+
+def apply(
+    spec: File,
+    root: str,
+    names: list[str],
+    owner: str | None = None,
+    backends: dict[str, Backend] | None = None,
+    no_restart: bool = False,
+) -> list[Outcome]:
+    """What `up` does, as a library call: start what is missing, change running machines live where
+    every changed field allows it (spec/changes.py), else restart or recreate them; the definitions
+    are recorded so the next :func:`plan` is empty. ``no_restart``: when any machine would need a
+    restart or recreate, change nothing and return those machines as ``needs restart`` outcomes
+    (``detail`` names the fields), as `up --no-restart` does. ``spec`` as :func:`load` returns it;
+    ``owner``: the definition file recorded as the machines' owner."""
+    from qemuspec import reconcile
+
+    if backends is None:
+        from qemuspec.backends import chosen
+
+        backends = chosen(spec, root, owner or "the definition file", None, owner)
+    return reconcile.up(spec, root, names, backends, owner=owner, no_restart=no_restart)
 
 
 def purge(spec: File, root: str, names: list[str]) -> list[str]:

@@ -47,6 +47,12 @@ _ON_POWEROFF = {"no": "destroy", "on-failure": "destroy", "always": "restart"}
 _ON_CRASH = {"no": "destroy", "on-failure": "restart", "always": "restart"}
 
 
+def lifecycle(restart: str) -> list[tuple[str, str]]:
+    """(event, action) pairs the domain XML's on_poweroff and on_crash say for this restart policy
+    (the tables above): what a live change of ``restart`` sets with ``setLifecycleAction``."""
+    return [("poweroff", _ON_POWEROFF[restart]), ("crash", _ON_CRASH[restart])]
+
+
 def _refuse(name: str, field: str, why: str) -> None:
     raise SpecError(
         f"machines.{name}.{field}: {why}; libvirt cannot carry it: remove it, or run this machine locally (no host, no --connect)"

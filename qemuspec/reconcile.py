@@ -22,6 +22,7 @@ from qemuspec.spec.order import order_machines
 
 if TYPE_CHECKING:
     from qemuspec.backends.base import Backend
+    from qemuspec.spec.changes import Change
     from qemuspec.spec.models import File, Machine
 
 __all__ = [
@@ -33,6 +34,8 @@ __all__ = [
     "preflight",
     "overridden",
     "decide",
+    "classed",
+    "refusals",
     "needed",
 ]
 
@@ -169,8 +172,40 @@ def _distinct(backends: Backends, names: list[str]) -> list[Backend]:
     return out
 
 
-def plan(spec: File, backends: Backends, names: list[str], owner: str | None = None) -> list[dict]:
-    """Per machine: what `up` would do, and for a changed machine the lines that differ."""
+def classed(seen: Seen, machine: Machine, recorded: dict | None) -> tuple[str, list[Change]]:
+    """The class of a changed machine (``decide`` said "recreate") and of each changed field, from the
+    definition it runs (``recorded``: its ``definition.json``) against ``machine`` (spec/changes.py,
+    the one table). A machine not running (a supervisor between restarts) or without a record is
+    restarted: nothing is known to apply live."""
+    from qemuspec.spec.changes import LIVE, RESTART, classify, strongest
+
+    if recorded is None:
+        return RESTART, []
+    changes = classify(recorded, machine.model_dump(mode="json"), seen.booted_memory)
+    cls = strongest([c.cls for c in changes])
+    if cls == LIVE and (not seen.running or not changes):
+        cls = RESTART  # between restarts, or a hash that differs in nothing the record shows
+    return cls, changes
+
+
+def _recorded(root: str | None, name: str) -> dict | None:
+    if root is None:
+        return None
+    from qemuspec.runtime import statedir
+
+    return statedir.recorded_definition(os.path.join(root, name))
+
+
+def plan(
+    spec: File,
+    backends: Backends,
+    names: list[str],
+    owner: str | None = None,
+    root: str | None = None,
+) -> list[dict]:
+    """Per machine: what `up` would do, and for a changed machine its class (``live``, ``restart``,
+    ``recreate``; also the action), each changed field with its class (``changes``; from the
+    definition recorded under ``root``) and the lines that differ."""
     out: list[dict] = []
     for level in with_dependencies(spec, names):
         for name in level:
@@ -179,13 +214,49 @@ def plan(spec: File, backends: Backends, names: list[str], owner: str | None = N
             why = foreign(seen, name, backend, owner)
             if why:
                 out.append(
-                    {"name": name, "action": "belongs to another file", "diff": [], "detail": why}
+                    {
+                        "name": name,
+                        "action": "belongs to another file",
+                        "diff": [],
+                        "changes": [],
+                        "detail": why,
+                    }
                 )
                 continue
             action = decide(seen, machine)
-            step = {"name": name, "action": "starting" if action == "wait" else action, "diff": []}
+            step: dict = {
+                "name": name,
+                "action": "starting" if action == "wait" else action,
+                "diff": [],
+                "changes": [],
+            }
+            if action == "recreate":
+                cls, changes = classed(seen, machine, _recorded(root, name))
+                step.update(action=cls, changes=[c.as_dict() for c in changes])
+                step["class"] = cls
             step.update(backend.plan_step(name, machine, seen, action))
             out.append(step)
+    return out
+
+
+def refusals(steps: list[dict]) -> list[Outcome]:
+    """``up --no-restart``: the machines a plan would restart or recreate, as outcomes naming the
+    fields (``needs restart``); none when every change is live."""
+    from qemuspec.spec.changes import RESTART, RECREATE
+
+    out = []
+    for step in steps:
+        if step.get("class") in (RESTART, RECREATE):
+            fields = [c["field"] for c in step["changes"] if c["class"] != "live"]
+            out.append(
+                Outcome(
+                    step["name"],
+                    "needs restart",
+                    detail=f"machine {step['name']}: {step['class']} needed"
+                    + (f" for {', '.join(fields)}" if fields else " (what runs is not recorded)")
+                    + ": nothing was changed; run `up` without --no-restart to apply it",
+                )
+            )
     return out
 
 
@@ -197,25 +268,38 @@ def up(
     report: Report = lambda n, s: None,
     owner: str | None = None,
     record: Mapping[str, Machine] | None = None,
+    no_restart: bool = False,
 ) -> list[Outcome]:
-    """Start what is missing or changed, level by level; ``record``: the machines as this run records
-    them (``overridden``), written as each machine's ``definition.json`` once it started."""
+    """Start what is missing, change what changed (live in place, else a restart or a recreate: the
+    class of its fields), level by level; ``record``: the machines as this run records them
+    (``overridden``), written as each machine's ``definition.json`` once it started or changed.
+    ``no_restart``: when any machine would be restarted or recreated, change nothing and return
+    those machines as ``needs restart`` outcomes."""
     from qemuspec.runtime import statedir
 
     outcomes: list[Outcome] = []
+    records = record or spec.machines
     with locked(root):
+        if no_restart:
+            refused = refusals(plan(spec, backends, names, owner, root))
+            if refused:
+                for o in refused:
+                    report(o.name, "needs restart")
+                return refused
         for level in with_dependencies(spec, names):
-            results = _up_level(spec, level, backends, report, owner)
+            results = _up_level(spec, level, backends, report, owner, root, records, no_restart)
             for o in results:
                 if o.action in (
                     "started",
                     "recreated",
+                    "restarted",
                     "adopted",
+                    "changed",
                 ):  # claimed, so plan trusts the record
                     statedir.claim(os.path.join(root, o.name))
                     statedir.record_definition(
                         os.path.join(root, o.name),
-                        (record or spec.machines)[o.name].model_dump(mode="json"),
+                        records[o.name].model_dump(mode="json"),
                     )
             outcomes += results
             if any(r.action == "failed" for r in results):
@@ -224,7 +308,14 @@ def up(
 
 
 def _up_level(
-    spec: File, level: list[str], backends: Backends, report: Report, owner: str | None
+    spec: File,
+    level: list[str],
+    backends: Backends,
+    report: Report,
+    owner: str | None,
+    root: str | None = None,
+    records: Mapping[str, Machine] | None = None,
+    no_restart: bool = False,
 ) -> list[Outcome]:
     outcomes: dict[str, Outcome] = {}
     waits: dict[str, Callable[[], Outcome]] = {}
@@ -260,19 +351,93 @@ def _up_level(
             )
             continue
         action = {"adopt": "adopted", "recreate": "recreated"}.get(decision, "started")
+        why = ""
+        if decision == "recreate":
+            recorded = _recorded(root, name)
+            declared = (records or spec.machines)[name]
+            cls, changes = classed(seen, declared, recorded)
+            if cls == "live" and recorded is not None:
+                done = _live(name, backend, machine, declared, recorded, changes, root, report)
+                if isinstance(done, Outcome):
+                    outcomes[name] = done
+                    continue
+                why = done  # the live change failed and was undone: restart with the reason
+                cls = "restart"
+            if no_restart:  # a live change qemu refused (undone), or a change since the check
+                report(name, "needs restart")
+                outcomes[name] = Outcome(
+                    name,
+                    "needs restart",
+                    time.monotonic() - began,
+                    seen.pid,
+                    detail=f"machine {name}: {why or cls + ' needed'}: left as it was; "
+                    "run `up` without --no-restart to restart it",
+                )
+                continue
+            action = "restarted" if cls == "restart" else "recreated"
         if decision == "adopt":
             report(name, "adopting the running machine")
         elif decision == "recreate":
             report(
                 name,
-                "definition changed: stopping"
+                (f"{why}: restarting" if why else f"definition changed: {action[:-2]}ing")
                 if seen.running
                 else "replacing a restarting machine",
             )
             backend.stop(name, machine, None)
         waits[name] = backend.start(name, machine, action, report)
+        if why:
+            waits[name] = _noting(waits[name], why)
     outcomes.update(_parallel(waits))
     return [outcomes[n] for n in level if n in outcomes]
+
+
+def _live(
+    name: str,
+    backend: Backend,
+    machine: Machine,
+    declared: Machine,
+    recorded: dict,
+    changes: list[Change],
+    root: str | None,
+    report: Report,
+) -> Outcome | str:
+    """Apply a machine's live changes in place: the new definition is recorded first (the supervisor
+    re-reads it), then the backend changes the running machine. Returns the outcome, or why it
+    failed (the backend undid what it half-did; the old record is put back and the caller restarts)."""
+    from qemuspec.runtime import statedir
+    from qemuspec.spec.models import Machine as Model
+
+    began = time.monotonic()
+    report(name, "changing live: " + ", ".join(c.field for c in changes))
+    try:
+        old = Model.model_validate(recorded)
+    except ValueError as exc:
+        return f"the recorded definition of {name} does not load ({exc.__class__.__name__})"
+    state_dir = os.path.join(root, name) if root else None
+    if state_dir:
+        statedir.record_definition(state_dir, declared.model_dump(mode="json"))
+    try:
+        outcome = backend.change(name, old, machine, [c.field for c in changes])
+    except QemuspecError as exc:
+        if state_dir:
+            statedir.record_definition(state_dir, recorded)
+        report(name, f"live change failed: {exc}")
+        return f"live change failed ({exc})"
+    outcome.seconds = time.monotonic() - began
+    report(name, f"changed live in {outcome.seconds:.1f} s")
+    return outcome
+
+
+def _noting(wait: Callable[[], Outcome], why: str) -> Callable[[], Outcome]:
+    """A restart's wait whose outcome says why it was not a live change."""
+
+    def noted() -> Outcome:
+        outcome = wait()
+        outcome.warnings.append(f"restarted instead of a live change: {why}")
+        return outcome
+
+    return noted
 
 
 def _parallel(calls: Mapping[str, Callable[[], Outcome]]) -> dict[str, Outcome]:

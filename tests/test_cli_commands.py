@@ -254,7 +254,7 @@ def test_plan_names_changed_fields_and_exits_3(box, tmp_path):
         with open(box, "w") as f:
             f.write(original)
     assert result.returncode == 3, result.stderr
-    assert "box: recreate" in result.stdout
-    assert "    memory: 768M -> 800M" in result.stdout
+    assert "box: restart" in result.stdout
+    assert "    memory: 768M -> 800M  [restart: " in result.stdout
     assert "-768M" in result.stdout and "+800M" in result.stdout
     assert "\x1b[" not in result.stdout, "no colour off a terminal"

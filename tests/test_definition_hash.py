@@ -86,7 +86,7 @@ def test_plan_of_a_running_machine_is_empty_after_the_model_gains_a_field(qemu_b
 
         spec.machines["m"] = Upgraded.model_validate({**old.model_dump(), "memory": 96})
         [step] = reconcile.plan(spec, chosen(spec, root, str(path)), ["m"])
-        assert step["action"] == "recreate" and "+96M" in step["diff"], (
+        assert step["action"] == "restart" and "+96M" in step["diff"], (
             "an older record still sees a real change"
         )
     finally:

@@ -444,10 +444,34 @@ def test_two_machines_through_the_system_libvirtd(system_libvirtd, guest, tmp_pa
             env={**os.environ, **env},
         )
 
+        # a live change through libvirt: the restart policy by setLifecycleAction, same domain
+        def domid() -> str:
+            out = subprocess.run(["virsh", "-c", uri, "domid", b], capture_output=True, text=True)
+            return out.stdout.strip()
+
+        before = domid()
+        text = text.replace('restart = "always"', 'restart = "on-failure"')
+        path.write_text(text)
+        [step] = [
+            s
+            for s in json.loads(run("plan", str(path), "--json", env=env).stdout)
+            if s["name"] == b
+        ]
+        assert step["class"] == "live" and step["changes"][0]["field"] == "restart", step
+        live = run("up", str(path), "--no-restart", "--json", env=env)
+        assert live.returncode == 0, live.stdout + live.stderr
+        assert {o["name"]: o["action"] for o in json.loads(live.stdout)}[b] == "changed"
+        assert domid() == before, "the domain was not restarted"
+        xml = subprocess.run(
+            ["virsh", "-c", uri, "dumpxml", b], capture_output=True, text=True
+        ).stdout
+        assert "<on_poweroff>destroy</on_poweroff>" in xml, "on-failure: a power-off stays off"
+        assert run("plan", str(path), env=env).returncode == 0, "the next plan is empty"
+
         path.write_text(text.replace('memory = "192M"', 'memory = "224M"', 1))
         plan = run("plan", str(path), env=env)
         assert plan.returncode == 3, "plan exits 3 when up would change something: " + plan.stderr
-        assert f"{a}: recreate" in plan.stdout and f"{b}: up to date" in plan.stdout, plan.stdout
+        assert f"{a}: restart" in plan.stdout and f"{b}: up to date" in plan.stdout, plan.stdout
         changed = [
             line.strip()
             for line in plan.stdout.splitlines()

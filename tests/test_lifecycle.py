@@ -135,7 +135,7 @@ def lab(tmp_path, guest):
     )
 
 
-def test_up_is_idempotent_and_recreates_only_what_changed(lab):
+def test_up_is_idempotent_and_restarts_only_what_changed(lab):
     path = lab({"a": {}, "b": {}})
     first = {o["name"]: o for o in json.loads(cli("up", path, "--json").stdout)}
     assert {o["action"] for o in first.values()} == {"started"}
@@ -152,17 +152,17 @@ def test_up_is_idempotent_and_recreates_only_what_changed(lab):
     pending = cli("plan", path, "--json", check=False)
     assert pending.returncode == 3  # changes pending: the documented code CI gates on
     plan = {p["name"]: p for p in json.loads(pending.stdout)}
-    assert plan["a"]["action"] == "up to date" and plan["b"]["action"] == "recreate"
+    assert plan["a"]["action"] == "up to date" and plan["b"]["action"] == "restart"
     assert (
         "-m" not in plan["b"]["diff"]
         and "-256M" in plan["b"]["diff"]
         and "+320M" in plan["b"]["diff"]
     )
     human = cli("plan", path, check=False).stdout
-    assert "b: recreate" in human and "a: up to date" in human
+    assert "b: restart" in human and "a: up to date" in human
     third = {o["name"]: o for o in json.loads(cli("up", path, "--json").stdout)}
     assert third["a"]["action"] == "up to date" and third["a"]["pid"] == first["a"]["pid"]
-    assert third["b"]["action"] == "recreated" and third["b"]["pid"] != first["b"]["pid"]
+    assert third["b"]["action"] == "restarted" and third["b"]["pid"] != first["b"]["pid"]
     assert not alive(first["b"]["pid"])
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from qemuspec import reconcile
 from qemuspec.backends.base import Outcome, Seen
-from qemuspec.errors import UsageError
+from qemuspec.errors import QemuspecError, UsageError
 from qemuspec.spec import loads
 from qemuspec.spec.records import definition_hash
 
@@ -32,6 +32,8 @@ class FakeBackend:
         self.refuse_warm = refuse_warm
         self.calls: list[tuple[str, str]] = []
         self.timeouts: dict[str, float] = {}
+        self.changed: dict[str, list[str]] = {}
+        self.refuse_live: set[str] = set()
         self._lock = threading.Lock()
 
     def _call(self, verb: str, name: str) -> None:
@@ -57,6 +59,16 @@ class FakeBackend:
 
     def join(self, name, machine, began):
         return None
+
+    def change(self, name, old, new, fields) -> Outcome:
+        self._call("change", name)
+        self.changed[name] = list(fields)
+        if name in self.refuse_live:
+            raise QemuspecError(f"{name}: qemu said no")
+        self.machines[name] = Seen(
+            running=True, hash=definition_hash(new), owner=OWNER, claimed=True
+        )
+        return Outcome(name, "changed", detail="; ".join(fields))
 
     def stop(self, name, machine, timeout):
         self._call("stop", name)
@@ -184,15 +196,17 @@ def test_decisions_from_what_the_backend_sees(spec, tmp_path):
     steps = {
         s["name"]: s for s in reconcile.plan(spec, every(spec, fake), ["db", "cache"], owner=OWNER)
     }
-    assert steps["db"]["action"] == "up to date" and steps["cache"]["action"] == "recreate"
+    # changed, and no definition recorded to say which fields: a restart (disks kept)
+    assert steps["db"]["action"] == "up to date" and steps["cache"]["action"] == "restart"
+    assert steps["cache"]["class"] == "restart" and steps["cache"]["changes"] == []
     assert steps["cache"]["diff"] == ["-old", "+new"], "the backend's diff reaches the plan"
     outcomes = {
         o.name: o.action
         for o in reconcile.up(spec, str(tmp_path), ["db", "cache"], every(spec, fake), owner=OWNER)
     }
-    assert outcomes == {"db": "up to date", "cache": "recreated"}
+    assert outcomes == {"db": "up to date", "cache": "restarted"}
     assert fake.calls.index(("stop", "cache")) < fake.calls.index(("start", "cache")), (
-        "a recreate stops first"
+        "a restart stops first"
     )
     assert ("start", "db") not in fake.calls
 
@@ -251,3 +265,117 @@ def test_up_holds_the_state_lock(spec, tmp_path):
 
     reconcile.up(spec, str(tmp_path), ["db"], every(spec, Probe()), owner=OWNER)
     assert held == [True]
+
+
+def _running(spec, tmp_path, fake, names):
+    """Start ``names`` through reconcile, so their definitions are recorded in a claimed directory."""
+    outcomes = reconcile.up(spec, str(tmp_path), names, every(spec, fake), owner=OWNER)
+    assert {o.action for o in outcomes} == {"started"}
+    fake.calls.clear()
+
+
+def _changed(spec, name, **update):
+    spec.machines[name] = spec.machines[name].model_copy(update=update)
+
+
+def test_plan_gives_the_machine_and_each_field_a_class(spec, tmp_path):
+    fake = FakeBackend()
+    _running(spec, tmp_path, fake, ["db", "cache"])
+    _changed(spec, "db", stop_timeout=5.0, restart="always")  # supervisor only: live
+    _changed(spec, "cache", stop_timeout=5.0, cpus=2)  # one live, one restart: restart
+    steps = {
+        s["name"]: s
+        for s in reconcile.plan(spec, every(spec, fake), ["db", "cache"], OWNER, str(tmp_path))
+    }
+    assert steps["db"]["action"] == steps["db"]["class"] == "live"
+    assert {c["field"]: c["class"] for c in steps["db"]["changes"]} == {
+        "stop_timeout": "live",
+        "restart": "live",
+    }
+    assert all(c["by"] == "supervisor" for c in steps["db"]["changes"])
+    assert steps["cache"]["class"] == "restart"
+    assert {c["field"]: c["class"] for c in steps["cache"]["changes"]} == {
+        "stop_timeout": "live",
+        "cpus": "restart",
+    }
+    assert not [c for c in fake.calls if c[0] in ("start", "stop", "change")], (
+        "plan changes nothing"
+    )
+
+
+def test_up_changes_live_fields_in_place_and_records_them(spec, tmp_path):
+    fake = FakeBackend()
+    _running(spec, tmp_path, fake, ["db"])
+    _changed(spec, "db", stop_timeout=5.0)
+    outcomes = reconcile.up(spec, str(tmp_path), ["db"], every(spec, fake), owner=OWNER)
+    assert [(o.name, o.action) for o in outcomes] == [("db", "changed")]
+    assert fake.calls == [("change", "db")], "no stop, no start: changed in place"
+    assert fake.changed["db"] == ["stop_timeout"]
+    recorded = json.loads((tmp_path / "db" / "definition.json").read_text())
+    assert recorded["stop_timeout"] == 5.0
+    again = reconcile.plan(spec, every(spec, fake), ["db"], OWNER, str(tmp_path))
+    assert again[0]["action"] == "up to date", "the next plan is empty"
+
+
+def test_a_failed_live_change_restarts_with_the_reason(spec, tmp_path):
+    fake = FakeBackend()
+    _running(spec, tmp_path, fake, ["db"])
+    fake.refuse_live.add("db")
+    _changed(spec, "db", stop_timeout=5.0)
+    outcomes = reconcile.up(spec, str(tmp_path), ["db"], every(spec, fake), owner=OWNER)
+    assert [o.action for o in outcomes] == ["restarted"]
+    assert any("qemu said no" in w for w in outcomes[0].warnings), outcomes[0].warnings
+    assert fake.calls == [("change", "db"), ("stop", "db"), ("start", "db")]
+    recorded = json.loads((tmp_path / "db" / "definition.json").read_text())
+    assert recorded["stop_timeout"] == 5.0, "the restart records the new definition"
+
+
+def test_no_restart_refuses_and_changes_nothing(spec, tmp_path):
+    fake = FakeBackend()
+    _running(spec, tmp_path, fake, ["db", "cache"])
+    before = (tmp_path / "cache" / "definition.json").read_bytes()
+    _changed(spec, "db", stop_timeout=5.0)  # live: would be applied without --no-restart
+    _changed(spec, "cache", memory=128)  # restart (no balloon)
+    outcomes = reconcile.up(
+        spec, str(tmp_path), ["db", "cache"], every(spec, fake), owner=OWNER, no_restart=True
+    )
+    assert [(o.name, o.action) for o in outcomes] == [("cache", "needs restart")]
+    assert "memory" in outcomes[0].detail and "restart" in outcomes[0].detail
+    assert fake.calls == [], "not even the live change of db: nothing changed"
+    assert (tmp_path / "cache" / "definition.json").read_bytes() == before
+    _changed(spec, "cache", memory=64)
+    live = reconcile.up(
+        spec, str(tmp_path), ["db", "cache"], every(spec, fake), owner=OWNER, no_restart=True
+    )
+    assert {o.name: o.action for o in live} == {"db": "changed", "cache": "up to date"}
+
+
+def test_the_library_applies_as_up_does(spec, tmp_path):
+    from qemuspec import api
+
+    fake = FakeBackend()
+    _running(spec, tmp_path, fake, ["db"])
+    _changed(spec, "db", restart="on-failure")
+    [step] = api.plan(spec, str(tmp_path), ["db"], owner=OWNER, backends=every(spec, fake))
+    assert step["class"] == "live" and step["changes"][0]["field"] == "restart"
+    [outcome] = api.apply(spec, str(tmp_path), ["db"], owner=OWNER, backends=every(spec, fake))
+    assert outcome.action == "changed" and fake.calls == [("change", "db")]
+    _changed(spec, "db", cpus=2)
+    [refused] = api.apply(
+        spec, str(tmp_path), ["db"], owner=OWNER, backends=every(spec, fake), no_restart=True
+    )
+    assert refused.action == "needs restart" and "cpus" in refused.detail
+
+
+def test_no_restart_leaves_a_refused_live_change_undone_and_running(spec, tmp_path):
+    fake = FakeBackend()
+    _running(spec, tmp_path, fake, ["db"])
+    before = (tmp_path / "db" / "definition.json").read_bytes()
+    fake.refuse_live.add("db")
+    _changed(spec, "db", stop_timeout=5.0)
+    [outcome] = reconcile.up(
+        spec, str(tmp_path), ["db"], every(spec, fake), owner=OWNER, no_restart=True
+    )
+    assert outcome.action == "needs restart" and "qemu said no" in outcome.detail
+    assert fake.calls == [("change", "db")], "no stop, no start"
+    assert (tmp_path / "db" / "definition.json").read_bytes() == before, "the old record is back"

@@ -31,7 +31,8 @@ Problem = tuple[tuple, str]
 class Outcome:
     name: str
     action: (
-        str  # "started", "up to date", "adopted", "recreated", "stopped", "not running", "failed"
+        str  # "started", "up to date", "adopted", "changed" (live), "restarted", "recreated",
+        # "needs restart" (up --no-restart), "stopped", "not running", "failed"
     )
     seconds: float = 0.0
     pid: int | None = None
@@ -96,6 +97,7 @@ class Seen:
     pid: int | None = None
     ports: list = field(default_factory=list)
     accel: list = field(default_factory=list)
+    booted_memory: int | None = None  # MiB qemu started with: a balloon can give back up to it
 
 
 class Monitor(Protocol):
@@ -139,6 +141,14 @@ class Backend(Protocol):
         """Begin to start (``action == "adopted"``: adopt) one machine; the returned call waits until it
         is ready or failed. Beginning happens in the caller's thread (the local backend forks there,
         before any thread waits); reconcile runs a level's waits in parallel."""
+        ...
+
+    def change(self, name: str, old: Machine, new: Machine, fields: list[str]) -> Outcome:
+        """Make the running machine (started from ``old``) what ``new`` says, without restarting it:
+        the ``fields`` are the changed ones the table (spec/changes.py) calls live. Reconcile has
+        recorded ``new`` as the machine's definition before the call. Returns the outcome
+        (``changed``, the steps done in ``detail``); raises a QemuspecError after undoing what it
+        half-did, so reconcile restarts the machine with the reason."""
         ...
 
     def join(self, name: str, machine: Machine, began: float) -> Outcome | None:

@@ -10,6 +10,7 @@ record, or with another file's, is never started, stopped, redefined or undefine
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import os
 import re
@@ -354,6 +355,7 @@ class LibvirtBackend:
                 claimed=True,
                 place=f"on {self.uri}",
                 ports=forwarded_ports(dom) if running else [],
+                booted_memory=dom.maxMemory() // 1024 if running else None,
             )
 
         return self._call(name, look)
@@ -419,6 +421,63 @@ class LibvirtBackend:
         return (
             None  # libvirt starts a domain in one call: there is no start in progress to wait for
         )
+
+    def change(self, name: str, old: Machine, new: Machine, fields: list[str]) -> Outcome:
+        """The same table as the local backend (spec/changes.py), through libvirt's live calls, each
+        with LIVE and CONFIG so the next boot keeps it: ``memory`` by ``setMemoryFlags`` (the
+        balloon), ``paused`` by suspend/resume, ``restart`` by ``setLifecycleAction`` (on_poweroff,
+        on_crash); the other supervisor fields are qemuspec's own and need nothing of libvirt. Forwards
+        live on the host's side (libvirt_reach), and disks and cdroms need volumes uploaded first, so
+        those say restart (a QemuspecError before anything changed). Last, the owner record takes
+        the new definition hash, so plan and up see the machine up to date."""
+        from qemuspec.spec.changes import classify
+
+        libvirt = binding()
+        by = {
+            c.field: c.by
+            for c in classify(old.model_dump(mode="json"), new.model_dump(mode="json"))
+        }
+        restart_only = [f for f in fields if by.get(f) == "qemu" and f not in ("memory", "paused")]
+        if restart_only:
+            raise QemuspecError(
+                f"machine {name} on {self.where}: {', '.join(restart_only)} cannot change in a "
+                "running libvirt domain through qemuspec; it takes a restart"
+            )
+        dom = self._domain(name)
+        both = libvirt.VIR_DOMAIN_AFFECT_LIVE | (
+            libvirt.VIR_DOMAIN_AFFECT_CONFIG if dom.isPersistent() else 0
+        )
+        steps: list[str] = []
+        if "memory" in fields:
+            self._call(name, lambda: dom.setMemoryFlags(new.memory * 1024, both))
+            steps.append(f"setMemoryFlags {new.memory} MiB")
+        if "restart" in fields:
+            from qemuspec.libvirt import lifecycle
+
+            for event, action in lifecycle(new.restart):
+                kind = getattr(libvirt, f"VIR_DOMAIN_LIFECYCLE_{event.upper()}")
+                value = getattr(libvirt, f"VIR_DOMAIN_LIFECYCLE_ACTION_{action.upper()}")
+                self._call(name, functools.partial(dom.setLifecycleAction, kind, value, both))
+            steps.append(f"setLifecycleAction for restart = {new.restart}")
+        if "paused" in fields:
+            self._call(name, dom.suspend if new.paused else dom.resume)
+            steps.append("suspend" if new.paused else "resume")
+        record = {**(owner(dom) or {}), "hash": definition_hash(new)}
+        element = ET.Element("owner", record)  # libvirt puts it in OWNER_NS, prefix "qemuspec"
+        self._call(
+            name,
+            lambda: dom.setMetadata(
+                libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                ET.tostring(element, encoding="unicode"),
+                "qemuspec",
+                OWNER_NS,
+                both,
+            ),
+        )
+        supervised = [f for f in fields if by.get(f) == "supervisor"]
+        if supervised:
+            steps.append("recorded: " + ", ".join(supervised))
+        return Outcome(name, "changed", detail="; ".join(steps) or "recorded")
 
     def stop(self, name: str, machine: Machine, timeout: float | None) -> str:
         def down() -> str:

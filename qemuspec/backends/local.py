@@ -68,6 +68,7 @@ class LocalBackend:
                 found.ports,
                 list(found.layout.accel),
             )
+            seen.booted_memory = _booted_memory(found.argv)
         return seen
 
     def start(
@@ -81,6 +82,12 @@ class LocalBackend:
             restarts = stale.restarts if stale else 0  # the count carries on
         else:
             _clean_stale(state_dir)
+        if action == "recreated":
+            try:
+                _rebuild(name, machine, state_dir)
+            except QemuspecError as exc:
+                failed = Outcome(name, "failed", detail=str(exc))
+                return lambda: failed
         try:
             _, fd = supervisor.spawn(name, machine, state_dir, adopt, self.owner, restarts)
         except (OSError, QemuspecError) as exc:
@@ -97,6 +104,51 @@ class LocalBackend:
 
     def join(self, name: str, machine: Machine, began: float) -> Outcome | None:
         return _wait_started(name, machine, self._dir(name), began)
+
+    def change(self, name: str, old: Machine, new: Machine, fields: list[str]) -> Outcome:
+        """qemu's part through ``runtime/live.py`` on the client monitor (the supervisor holds the main
+        one; qemu sends its events, DEVICE_DELETED too, to both), then the supervisor's: SIGHUP makes
+        it re-read the recorded definition (restart policy, stop timeout, what a restart starts) and
+        write qemu's record with the new definition hash, which this waits for. An unsupervised
+        machine's record is written here; its next supervisor reads the new definition."""
+        from qemuspec.qmp.sync import QMPClient
+        from qemuspec.runtime import live
+        from qemuspec.spec.changes import classify
+        from qemuspec.spec.records import definition_hash
+
+        state_dir = self._dir(name)
+        inst = self.instance(name, old)
+        assert inst.process is not None
+        pid = inst.process.pid
+        by = {
+            c.field: c.by
+            for c in classify(old.model_dump(mode="json"), new.model_dump(mode="json"))
+        }
+        qemu_fields = [f for f in fields if by.get(f) == "qemu"]
+        steps: list[str] = []
+        if qemu_fields:
+            with QMPClient.connect(f"unix:{inst.layout.qmp_client}", timeout=5) as client:
+                steps = live.apply(client, name, old, new, inst.layout, qemu_fields)
+        supervised = [f for f in fields if by.get(f) == "supervisor"]
+        if supervised:
+            steps.append("supervisor: " + ", ".join(supervised))
+        wanted = definition_hash(new)
+        sup = supervisor.read_supervisor(state_dir)
+        if sup is None:
+            inst.machine = new
+            inst.write_state()
+        else:
+            os.kill(sup.pid, signal.SIGHUP)  # read_supervisor proved the pid (lock, start time)
+            _await_hash(name, new, state_dir, wanted)
+        found = Instance.find(name, new, state_dir)
+        return Outcome(
+            name,
+            "changed",
+            pid=pid,
+            detail="; ".join(steps) or "recorded",
+            ports=found.ports if found is not None else inst.ports,
+            accel=list(inst.layout.accel),
+        )
 
     def stop(self, name: str, machine: Machine, timeout: float | None) -> str:
         step = _stop_one(name, machine, self._dir(name), timeout)
@@ -346,6 +398,61 @@ class LocalBackend:
         ):
             return False
         return seen.running and seen.hash == definition_hash(machine)
+
+
+def _booted_memory(argv: list[str]) -> int | None:
+    """The MiB of `-m` on the command line qemu runs (render writes ``-m NM``); None if not there."""
+    for option, value in zip(argv, argv[1:]):
+        if option == "-m" and value.endswith("M") and value[:-1].isdigit():
+            return int(value[:-1])
+    return None
+
+
+def _rebuild(name: str, machine: Machine, state_dir: str) -> None:
+    """A recreate (spec/changes.py): the disks whose image changed (size, backing, format, base) are
+    made again by the start, so the ones qemuspec created (created.json, same device and inode) are
+    deleted first; a disk the user supplied is never deleted, the error says what to do. The cloud-init
+    seed is rebuilt by the start itself (its inputs' hash changed)."""
+    from qemuspec.runtime import statedir
+    from qemuspec.spec.changes import RECREATE, classify
+
+    recorded = statedir.recorded_definition(state_dir)
+    if recorded is None:
+        return
+    ours = set(statedir.created_files(state_dir))
+    for change in classify(recorded, machine.model_dump(mode="json")):
+        if change.cls != RECREATE or not change.field.startswith("disks["):
+            continue
+        index = int(change.field[len("disks[") :].split("]", 1)[0])
+        path = machine.disks[index].file
+        if path in ours:
+            os.unlink(path)
+            ours.discard(path)
+        elif os.path.exists(path):
+            raise QemuspecError(
+                f"machine {name}: {change.field} changed, so disk {path} must be made again, and "
+                "qemuspec did not create it (it deletes only disks it made): resize it with "
+                "`qemuspec img resize`, or move it away so `up` creates a new one"
+            )
+
+
+RELOAD_TIMEOUT = 10.0  # a supervisor answers a SIGHUP between two of its waits, in milliseconds
+
+
+def _await_hash(name: str, machine: Machine, state_dir: str, wanted: str) -> None:
+    """Until qemu's record carries the new definition hash (the supervisor re-read the definition),
+    within RELOAD_TIMEOUT; polled, since the supervisor has no channel back to this process."""
+    deadline = time.monotonic() + RELOAD_TIMEOUT
+    while True:
+        found = Instance.find(name, machine, state_dir)
+        if found is not None and found.recorded_hash == wanted:
+            return
+        if found is None or time.monotonic() > deadline:
+            raise QemuspecError(
+                f"the supervisor of {name} did not take the changed definition within "
+                f"{RELOAD_TIMEOUT:g} s (its supervisor.log may say why)"
+            )
+        time.sleep(0.02)
 
 
 def _wait_started(name: str, machine: Machine, state_dir: str, began: float) -> Outcome | None:

@@ -11,7 +11,8 @@ EXIT_CODES = """exit codes:
   0  success (plan: nothing to change)
   1  runtime failure (qemu failed, a machine did not become ready, QMP error)
   2  invalid input or usage (bad definition file, unknown machine, bad arguments)
-  3  plan only: changes are pending (`up` would start, recreate or stop something)
+  3  plan only: changes are pending (`up` would start, change, restart, recreate or stop something)
+  4  up --no-restart only: a machine would be restarted or recreated; nothing was changed
   run, exec: the guest command's own exit code; exec: 255 when the guest went away before the command
      finished (powered off, rebooted, qemu exited), as ssh does
   exec: 127 when the guest has no such command, 124 when --timeout passed (the command was killed)"""
@@ -64,7 +65,7 @@ COMMANDS = {
     "up": (
         "vm_commands",
         "up",
-        "start what is missing or changed, wait until every machine is ready",
+        "start what is missing, change running machines live (else restart), wait until ready",
     ),
     "down": ("vm_commands", "down", "stop machines in reverse dependency order"),
     "status": (
@@ -161,7 +162,10 @@ EXAMPLES = {
     "config": ["qemuspec config machines/dev.toml --format yaml"],
     "schema": ["qemuspec schema -o qemuspec.schema.json"],
     "init": ["qemuspec init qemuspec.toml"],
-    "up": ["qemuspec up machines/dev.toml --timeout 300"],
+    "up": [
+        "qemuspec up machines/dev.toml --timeout 300",
+        "qemuspec up machines/dev.toml --no-restart   # only live changes, else exit 4",
+    ],
     "down": ["qemuspec down machines/dev.toml --purge"],
     "status": ["qemuspec status machines/dev.toml"],
     "plan": ["qemuspec plan machines/dev.toml --var memory=384M"],

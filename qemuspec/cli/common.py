@@ -405,13 +405,18 @@ class Outcome(Protocol):
 REFUSED = (
     "failed",
     "belongs to another file",
-)  # machine outcomes that are a runtime failure (exit 1)
+    "needs restart",
+)  # machine outcomes that are not a success
+NO_RESTART = 4  # `up --no-restart` when a machine would be restarted or recreated: nothing changed
 
 
 def outcomes_exit_code(outcomes: Sequence[Outcome]) -> int:
     """The one rule for up, down and restart (local or libvirt): 1 when any machine failed or was
-    refused (another file's machine: a runtime conflict, not bad usage), else 0."""
-    return 1 if any(o.action in REFUSED for o in outcomes) else 0
+    refused (another file's machine: a runtime conflict, not bad usage); NO_RESTART (4) when
+    `up --no-restart` changed nothing because a machine needs a restart or recreate; else 0."""
+    if any(o.action in ("failed", "belongs to another file") for o in outcomes):
+        return 1
+    return NO_RESTART if any(o.action == "needs restart" for o in outcomes) else 0
 
 
 def report_error(

@@ -211,6 +211,12 @@ def build_parser(
         help="stay in the foreground streaming consoles and events; Ctrl-C brings the machines down",
     )
     p["up"].add_argument(
+        "--no-restart",
+        action="store_true",
+        help="apply only live changes: when a machine would be restarted or recreated, change nothing, "
+        "name the fields and exit 4",
+    )
+    p["up"].add_argument(
         "--timeout",
         type=float,
         metavar="SECONDS",

@@ -22,6 +22,9 @@ _DONE = (
     "not running",
     "started",
     "recreated",
+    "restarted",
+    "changed live",
+    "needs restart",
 )
 
 

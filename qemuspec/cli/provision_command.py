@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from qemuspec.runtime.instance import Instance
     from qemuspec.spec.models import File
 
-READY = ("started", "recreated", "adopted", "up to date")
+READY = ("started", "recreated", "restarted", "changed", "adopted", "up to date")
 
 
 def _stream(ctx: Context) -> Any:

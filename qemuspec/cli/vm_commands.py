@@ -63,7 +63,7 @@ def _print_outcomes(out: Output, outcomes: list["Outcome"]) -> None:
         extra += [ports] if ports else []
         extra += (
             [f"qemu {o.qemu}"]
-            if getattr(o, "qemu", "") and o.action in ("started", "recreated")
+            if getattr(o, "qemu", "") and o.action in ("started", "restarted", "recreated")
             else []
         )
         extra += [o.detail] if o.detail else []
@@ -121,6 +121,7 @@ def up(
     allow_local_qemu: bool,
     warm: bool = False,
     allow_host_paths: bool = False,
+    no_restart: bool = False,
 ) -> int:
     from qemuspec import reconcile
 
@@ -148,16 +149,24 @@ def up(
             _checked(ctx, started, allow_local_qemu, allow_host_paths, ports=True, probe=True)
     deadline = max((spec.machines[n].ready.timeout for n in started), default=None)
     chosen = backends(ctx)
-    # what this `up` starts: a Ctrl-C stops these again (compose does for a foreground up), not the others
+    # what this `up` starts: a Ctrl-C stops these again (compose does for a foreground up), not the
+    # others (a machine changed live keeps running)
     starting = [
         s["name"]
-        for s in reconcile.plan(spec, chosen, names, _owner(target))
-        if s["action"] in ("start", "recreate", "starting")
+        for s in reconcile.plan(spec, chosen, names, _owner(target), target.root)
+        if s["action"] in ("start", "restart", "recreate", "starting")
     ]
     progress = ctx.out.progress(names, deadline)
     try:
         outcomes = reconcile.up(
-            spec, target.root, names, chosen, progress, owner=_owner(target), record=declared
+            spec,
+            target.root,
+            names,
+            chosen,
+            progress,
+            owner=_owner(target),
+            record=declared,
+            no_restart=no_restart,
         )
     except KeyboardInterrupt:
         progress.close()
@@ -165,8 +174,9 @@ def up(
     finally:
         progress.close()
     _print_outcomes(ctx.out, outcomes)
-    if outcomes_exit_code(outcomes):
-        return 1
+    code = outcomes_exit_code(outcomes)
+    if code:
+        return code
     from qemuspec.cli.provision_command import (
         after_up,
     )  # once per machine life (runtime/provision.py)
@@ -546,6 +556,13 @@ def format_table(rows: list[list[str]], right: set[int] = set()) -> list[str]:
     return out
 
 
+_CLASS_GLOSS = {
+    "live": ": changed in place, no reboot",
+    "restart": ": qemu restarted, disks kept",
+    "recreate": ": disks or seeds rebuilt, then started",
+}
+
+
 def plan(ctx: Context, *, warm: bool = False) -> int:
     """What `up` would do; exit 3 (PENDING) when it would change anything, so CI can gate on drift."""
     from qemuspec.api import plan as plan_steps, show_value
@@ -564,10 +581,18 @@ def plan(ctx: Context, *, warm: bool = False) -> int:
         emit_json(steps)
         return PENDING if pending else 0
     out = ctx.out
-    colour = {"up to date": "32", "start": "33", "adopt": "33", "recreate": "33"}
+    colour = {
+        "up to date": "32",
+        "start": "33",
+        "adopt": "33",
+        "live": "32",
+        "restart": "33",
+        "recreate": "31",
+    }
     for step in steps:
         boot = f" ({step['warm']['boot']}: {step['warm']['why']})" if step.get("warm") else ""
         detail = f" ({step['detail']})" if step.get("detail") else ""
+        detail += _CLASS_GLOSS.get(step.get("class", ""), "")
         print(
             f"{step['name']}: {out.paint(step['action'], colour.get(step['action'], '0'))}{boot}{detail}"
         )
@@ -578,7 +603,9 @@ def plan(ctx: Context, *, warm: bool = False) -> int:
                 show_value(change["field"], change["old"]),
                 show_value(change["field"], change["new"]),
             )
-            print(f"    {change['field']}: {out.paint(old, '31')} -> {out.paint(new, '32')}")
+            cls = change.get("class")
+            tag = f"  [{out.paint(cls, colour.get(cls, '0'))}: {change['why']}]" if cls else ""
+            print(f"    {change['field']}: {out.paint(old, '31')} -> {out.paint(new, '32')}{tag}")
         for line in step["diff"][2:]:
             code = (
                 "31"

@@ -607,6 +607,19 @@ def record_definition(state_dir: str, definition: dict) -> None:
     write(state_dir, DEFINITION, definition)
 
 
+def recorded_definition(state_dir: str) -> dict | None:
+    """What the machine was last started from (or last changed to live), when a directory proven
+    qemuspec's says so; None otherwise (plan then knows no fields, and a change restarts)."""
+    if not proven(state_dir):
+        return None
+    data = read_bytes(state_dir, DEFINITION, RECORD_LIMIT)
+    try:
+        found = json.loads(data) if data is not None else None
+    except (ValueError, RecursionError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
 def note_created(state_dir: str, path: str) -> None:
     """Remember a file qemuspec made (a disk image), with its identity, for `down --purge`."""
     try:

@@ -290,6 +290,7 @@ class Supervisor:
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
         self.stop_requested = False
+        self.reload_requested = False  # SIGHUP: the recorded definition changed live (reload)
         self.panicked = False
         self.stop_step: str | None = None
         self.instance: Instance | None = None
@@ -339,6 +340,44 @@ class Supervisor:
         if inst is not None and inst.console is not None:
             inst.console.interrupt()  # a readiness wait on the console ends now, not at its deadline
 
+    def _on_hup(self, *_: object) -> None:
+        self.reload_requested = True
+        self._wake()
+
+    def _reload(self) -> None:
+        """`up` changed this machine live (reconcile._live): take the definition it recorded as the
+        machine from now on — the restart policy, the stop timeout, the readiness of a later restart,
+        and everything a restart starts — without touching qemu beyond reading its forwards again.
+        The records then carry the new definition hash, which is what `up` waits for."""
+        from qemuspec.spec.models import Machine
+
+        self.reload_requested = False
+        data = statedir.recorded_definition(self.state_dir)
+        try:
+            machine = Machine.model_validate(data)
+        except ValueError as exc:
+            print(f"supervisor: the changed definition does not load: {exc}", file=sys.stderr)
+            self.event("QEMUSPEC_CHANGE_FAILED", why=str(exc).splitlines()[0])
+            return
+        self.machine = machine
+        self.policy.policy = machine.restart  # the count and backoff carry on
+        inst = self.instance
+        if inst is not None and inst.running():
+            inst.machine = machine
+            if inst.qmp is not None:
+                with contextlib.suppress(QemuspecError):
+                    inst.ports = _forwarded_ports(inst)
+            with self._registry_lock:
+                inst.write_state()
+        self.phase(self.current_phase, self.attempt)
+        from qemuspec.spec.records import definition_hash
+
+        self.event(
+            "QEMUSPEC_CHANGED",
+            hash=definition_hash(machine),
+            pid=inst.process.pid if inst is not None and inst.process is not None else None,
+        )
+
     def event(self, name: str, **data: object) -> None:
         failed = record(self.state_dir, name, **data)
         if failed and failed != self.error:
@@ -354,7 +393,7 @@ class Supervisor:
         signal.set_wakeup_fd(self.wake_w)
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, self._on_hup)
         paths.private_dir(os.path.dirname(self.run_dir))
         paths.private_dir(self.run_dir)
         self.lock_fd = statedir.hold_lock(
@@ -735,6 +774,8 @@ class Supervisor:
             while True:
                 ready, _, _ = select.select([pidfd, self.wake_r], [], [])
                 self._drain()
+                if self.reload_requested and not self.stop_requested:
+                    self._reload()
                 if self.stop_requested:
                     self.phase("stopping")
                     self.event("QEMUSPEC_STOPPING", pid=inst.process.pid)
@@ -806,3 +847,11 @@ class Supervisor:
         if self.progress_fd is not None:  # never became ready
             self.tell("failed", detail=end.reason)
         return 0
+
+
+def _forwarded_ports(inst: Instance) -> list[dict]:
+    """The forwards qemu has now, asked over the supervisor's monitor (a live change adds or drops them)."""
+    from qemuspec.runtime.probes import forwarded_ports
+
+    assert inst.qmp is not None
+    return forwarded_ports(inst.qmp)
