@@ -164,7 +164,9 @@ def test(
 
         for name in machines:  # each checkpoint once, before the cases share it
             machine = spec.machines[name]
-            if fresh.find(name, machine, ctx.settings)[0] is None and not _cold_only(machine):
+            if fresh.unusable(machine, ctx.settings) is None and (
+                fresh.find(name, machine, ctx.settings)[0] is None
+            ):
                 wanted = fresh.key(name, machine, ctx.settings)
                 report(
                     f"{name}: {fresh.find(name, machine, ctx.settings, wanted)[1]}: booting cold to make checkpoint {wanted.digest}"
@@ -227,12 +229,6 @@ def _said(report: Callable[[str], object], name: str) -> Callable[[str, bytes], 
         report(f"{name}: setup: {data.decode(errors='replace').rstrip()}")
 
     return said
-
-
-def _cold_only(machine) -> bool:
-    from qemuspec.runtime import warm
-
-    return warm.unsupported(machine) is not None
 
 
 def _case(

@@ -31,6 +31,9 @@ WARM_KEY = "key.json"  # what the saved state is valid for; written last
 CHECKPOINT = (
     "checkpoint.json"  # in a run/test checkpoint (runtime/fresh.py): what it holds; written last
 )
+CHECKPOINT_VERIFIED = (
+    "verified.json"  # in a checkpoint: the memory file's identity when its digest matched
+)
 CHECKPOINT_LOCK = ".lock"  # beside a checkpoint's directory: one making it at a time
 TMP_SUFFIX = ".tmp"  # a file being written under its final name plus this
 

@@ -190,6 +190,14 @@ def _store(settings: Settings, create: bool) -> tuple[str, str | None]:
     return where, None
 
 
+def unusable(machine: Machine, settings: Settings) -> str | None:
+    """Why this machine gets no checkpoint here (UEFI, shares, a warm store others can change), if so:
+    it then boots cold, with that reason."""
+    from qemuspec.runtime import warm
+
+    return warm.unsupported(machine) or _store(settings, create=True)[1]
+
+
 def _read_record(directory: str) -> dict | None:
     from qemuspec import privdir
 
@@ -276,12 +284,13 @@ def _broken(checkpoint: Checkpoint) -> str | None:
         if st.st_size != record.get("memory_bytes"):
             return "its memory file is truncated or changed"
         ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        if ident not in _verified:
+        if ident not in _verified and not _verified_before(checkpoint.directory, st):
             from qemuspec.runtime import warm
 
             if warm.digest(fd) != record.get("memory_sha256"):
                 return "its memory file does not match the sha256 digest recorded with it"
             _verified.add(ident)
+            _note_verified(checkpoint.directory, st)
     finally:
         os.close(fd)
     for disk in record.get("disks") or []:
@@ -290,6 +299,31 @@ def _broken(checkpoint: Checkpoint) -> str | None:
         ):
             return f"its disk {disk} is missing"
     return None
+
+
+def _stamp(st: os.stat_result) -> list[int]:
+    """A file's identity: a write changes its mtime and ctime, and no process can set the ctime."""
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _verified_before(directory: str, st: os.stat_result) -> bool:
+    """The memory file is the very file whose digest an earlier process checked (a copy, a new inode,
+    is checked again once): its 100 MiB are not hashed again on every restore."""
+    from qemuspec import privdir
+
+    with privdir.private(directory, create=False) as dfd:
+        data = privdir.read(dfd, filenames.CHECKPOINT_VERIFIED, 4096) if dfd is not None else None
+    try:
+        return data is not None and json.loads(data).get("memory") == _stamp(st)
+    except (ValueError, AttributeError, RecursionError):
+        return False
+
+
+def _note_verified(directory: str, st: os.stat_result) -> None:
+    from qemuspec.runtime import statedir
+
+    with contextlib.suppress(OSError, QemuspecError):
+        statedir.write(directory, filenames.CHECKPOINT_VERIFIED, {"memory": _stamp(st)})
 
 
 def discard(checkpoint: Checkpoint) -> None:
@@ -572,6 +606,7 @@ def ensure(
         )
         checkpoint = Checkpoint(wanted, final, record, made=True)
         _verified.add(_identity(checkpoint.memory))
+        _note_verified(final, os.stat(checkpoint.memory))
         return checkpoint
 
 
@@ -668,7 +703,6 @@ def started(
     Raises SetupFailed (setup exited non-zero), and the QemuspecError of a boot that fails
     (ReadyTimeout, LaunchError, ...): nothing is left running.
     """
-    from qemuspec.runtime import warm as warm_state
 
     spec = spec if spec is not None else _load(spec_path, settings)
     machine = spec.machines[name]
@@ -682,7 +716,7 @@ def started(
         checkpoint: Checkpoint | None = None
         why: str | None = None
         if use_warm:
-            why = warm_state.unsupported(machine)
+            why = unusable(machine, settings)
             if why is None:
                 wanted = key(name, machine, settings)
                 checkpoint, why = find(name, machine, settings, wanted)
@@ -758,9 +792,16 @@ def _restore(
     try:
         inst.launch(restore=True)
         deadline = began + timeout
+        owning = None
+        if machine.agent:  # clock and RNG through the agent while the probes run (as `up` does)
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = ThreadPoolExecutor(1, thread_name_prefix="after-restore")
+            owning = pool.submit(warm.after_restore, inst)
+            pool.shutdown(wait=False)
         inst.wait_ready(max(0.1, deadline - time.monotonic()))
         _agent_ready(inst, deadline)
-        done = warm.after_restore(inst)
+        done = owning.result() if owning is not None else warm.after_restore(inst)
     except QemuspecError as exc:
         _stop(inst)
         return None, str(exc).split("\n", 1)[0]
