@@ -140,7 +140,7 @@ def test_run_json_lines(box):
         "stream": "stderr",
         "data": "oops\n",
     } in records
-    assert records[-1] == {"machine": "box", "exitcode": 4}
+    assert records[-1] == {"machine": "box", "exitcode": 4, "boot": "cold"}  # not a warm machine
 
 
 def test_up_timeout_overrides_readiness_for_one_run(box, tmp_path):

@@ -13,7 +13,7 @@ import signal
 import sys
 import tempfile
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from qemuspec.cli.common import Context
 from qemuspec.errors import QemuspecError, UsageError
@@ -61,21 +61,6 @@ def _reachable(machine: Machine, name: str, via: str, source: str, lines: dict) 
     raise SpecError(located(source, lines, [(("machines", name), why)]))
 
 
-def free_forwards(machine: Machine) -> Machine:
-    """The machine with every fixed host port of a user-mode forward turned into ``host = 0`` (any
-    free port): a throwaway `run` must not collide with a running `up` of the same file, another
-    run, or another user's port. The ports it got are reported once the machine is up."""
-    nics = []
-    for nic in machine.nics:
-        forwards = getattr(nic, "forwards", None) or []
-        if nic.type == "user" and any(f.host for f in forwards):
-            nic = nic.model_copy(
-                update={"forwards": [f.model_copy(update={"host": 0}) for f in forwards]}
-            )
-        nics.append(nic)
-    return machine.model_copy(update={"nics": nics})
-
-
 def run(
     ctx: Context,
     *,
@@ -84,8 +69,6 @@ def run(
     allow_local_qemu: bool = False,
     allow_host_paths: bool = False,
 ) -> int:
-    from qemuspec.api import run_in_guest
-
     command = ctx.tail or []
     if not command:
         raise UsageError(
@@ -150,17 +133,10 @@ def run(
 
     previous = {sig: signal.signal(sig, _raise) for sig in (signal.SIGTERM, signal.SIGHUP)}
     workdir = tempfile.mkdtemp(prefix="qemuspec-run-")
+    started: dict[str, object] = {}
     try:
-        code = run_in_guest(
-            free_forwards(machine),
-            name,
-            command,
-            workdir,
-            on_output=on_output,
-            via=via,
-            ready_timeout=timeout,
-            report=report,
-            stdin=stdin,
+        code = _on_fresh_machine(
+            ctx, name, command, workdir, on_output, via, timeout, report, stdin, started
         )
     except Stopped as stop:
         print(
@@ -177,5 +153,48 @@ def run(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if out.json:
-        out.line({"machine": name, "exitcode": code})
+        out.line({"machine": name, "exitcode": code, **started})
     return code
+
+
+def _on_fresh_machine(
+    ctx: Context,
+    name: str,
+    command: list[str],
+    workdir: str,
+    on_output: Callable[[str, bytes], object],
+    via: str,
+    timeout: float | None,
+    report: Callable[[str], object],
+    stdin: bytes | None,
+    started: dict[str, object],
+) -> int:
+    """The command on a fresh machine in ``workdir``: a restore of its checkpoint when the machine is
+    warm (runtime/fresh.py: made by this run when none fits, the reason said), else a cold boot on
+    throwaway disks. ``started`` gets how it started (boot, and why not warm or which checkpoint)."""
+    from qemuspec.runtime import fresh, guestrun
+
+    target = ctx.target
+    how = via if via != "auto" else ("agent" if target.spec.machines[name].agent else "ssh")
+
+    def setup_output(stream: str, data: bytes) -> None:
+        report(f"{name}: setup: {data.decode(errors='replace').rstrip()}")
+
+    with fresh.started(
+        target.path,
+        name,
+        ctx.settings,
+        spec=target.spec,
+        root=workdir,
+        ready_timeout=timeout,
+        report=report,
+        on_setup_output=setup_output,
+    ) as instance:
+        started["boot"] = instance.boot
+        started.update(instance.restored or {})
+        if instance.ports:  # fixed forwards were mapped to free ports (fresh.free_forwards)
+            report(
+                f"{name}: ports "
+                + ", ".join(f"{p['host']}->{p['guest']}/{p['protocol']}" for p in instance.ports)
+            )
+        return guestrun.run(instance, command, on_output, stdin, how=how)
