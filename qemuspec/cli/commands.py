@@ -13,7 +13,9 @@ EXIT_CODES = """exit codes:
   2  invalid input or usage (bad definition file, unknown machine, bad arguments)
   3  plan only: changes are pending (`up` would start, recreate or stop something)
   run, exec: the guest command's own exit code; exec: 255 when the guest went away before the command
-     finished (powered off, rebooted, qemu exited), as ssh does"""
+     finished (powered off, rebooted, qemu exited), as ssh does
+  250  run: the guest kernel crashed (panic, oops, BUG, KASAN; with --fail-on warn also a kernel
+     warning); the crash report is on stderr (and on stdout with --json)"""
 
 PENDING = 3  # `plan` exit code when `up` would change something
 

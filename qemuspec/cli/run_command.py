@@ -16,7 +16,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from qemuspec.cli.common import Context
-from qemuspec.errors import QemuspecError, UsageError
+from qemuspec.errors import GuestCrashed, QemuspecError, UsageError
 
 if TYPE_CHECKING:
     from qemuspec.spec.models import Machine
@@ -68,6 +68,8 @@ def run(
     via: str,
     allow_local_qemu: bool = False,
     allow_host_paths: bool = False,
+    fail_on: str = "panic",
+    vmcore: str | None = None,
 ) -> int:
     from qemuspec.api import run_in_guest
 
@@ -133,6 +135,7 @@ def run(
         if not (out.json or out.quiet):
             print(message, file=sys.stderr, flush=True)
 
+    warned: list[dict] = []  # kernel warnings that did not fail the run, said after it
     previous = {sig: signal.signal(sig, _raise) for sig in (signal.SIGTERM, signal.SIGHUP)}
     workdir = tempfile.mkdtemp(prefix="qemuspec-run-")
     try:
@@ -146,7 +149,12 @@ def run(
             ready_timeout=timeout,
             report=report,
             stdin=stdin,
+            fail_on=fail_on,
+            vmcore=vmcore,
+            on_warning=warned.append,
         )
+    except GuestCrashed as crashed:
+        return crash_report(ctx, crashed)
     except Stopped as stop:
         print(
             f"qemuspec run: {signal.Signals(stop.signum).name}: the machine is stopped and its files removed",
@@ -161,6 +169,37 @@ def run(
         shutil.rmtree(workdir, ignore_errors=True)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    for entry in warned:
+        report(crash_warning(name, entry))
     if out.json:
-        out.line({"machine": name, "exitcode": code})
+        out.line({"machine": name, "exitcode": code, "warnings": warned})
     return code
+
+
+def crash_report(ctx: Context, crashed: GuestCrashed) -> int:
+    """A guest kernel crash ended the run: the report as text on stderr (escaped on a terminal) and,
+    with --json, as one object on stdout; the crash's own exit code. Shared with `qemuspec test`."""
+    from qemuspec.cli.common import GUEST_CRASHED, escaping, printable
+    from qemuspec.runtime.crash import text
+
+    body = text(crashed.report)
+    print(
+        f"error: {printable(body) if escaping(sys.stderr, False) else body}",
+        file=sys.stderr,
+        flush=True,
+    )
+    if ctx.out.json:
+        ctx.out.line(
+            {
+                "machine": crashed.report.get("machine"),
+                "exitcode": GUEST_CRASHED,
+                "crash": crashed.report,
+            }
+        )
+    return GUEST_CRASHED
+
+
+def crash_warning(machine: str, entry: dict) -> str:
+    from qemuspec.runtime.crash import warning_text
+
+    return "warning: " + warning_text(machine, entry)
