@@ -687,42 +687,10 @@ def resolved(spec: File, names: list[str] | None = None) -> dict:
 def throwaway(machine: Machine, workdir: str) -> Machine:
     """The same machine on disks that are thrown away: each writable disk becomes a qcow2 overlay in
     ``workdir`` over the declared image (created there when the image does not exist yet), so the
-    definition's own disks are never written."""
-    disks = []
-    for index, disk in enumerate(machine.disks):
-        if disk.readonly:
-            disks.append(disk)
-            continue
-        overlay = os.path.join(workdir, f"disk{index}.qcow2")
-        if os.path.exists(disk.file):
-            base_format = disk.format
-            if base_format is None:
-                from qemuspec import img
+    definition's own disks are never written (runtime/fresh.py, shared with `run` and `test`)."""
+    from qemuspec.runtime import fresh
 
-                base_format = img.info(disk.file).format
-            disks.append(
-                disk.model_copy(
-                    update={
-                        "file": overlay,
-                        "format": "qcow2",
-                        "size": None,
-                        "image": None,
-                        "backing": os.path.abspath(disk.file),
-                        "backing_format": base_format,
-                    }
-                )
-            )
-        else:  # made fresh by `up` (an image's overlay too): make it in the throwaway directory instead
-            disks.append(
-                disk.model_copy(
-                    update={
-                        "file": overlay
-                        if disk.backing or (disk.format or "raw") == "qcow2"
-                        else overlay[:-6] + ".img"
-                    }
-                )
-            )
-    return machine.model_copy(update={"disks": disks, "restart": "no"})
+    return fresh.throwaway(machine, workdir)
 
 
 def machine_info(spec: File, root: str, name: str, events: int = 20) -> dict:

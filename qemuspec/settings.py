@@ -35,6 +35,8 @@ VARIABLES = {
     "validate --probe: 10)",
     "QEMUSPEC_TEST_HOLD_SAVE": "fault tests: a supervisor stops (SIGSTOP) at this warm-save point (snapshot, migrating)",
     "QEMUSPEC_OFFLINE": "1: never download a base image; one missing from the cache is an error (as --offline)",
+    "QEMUSPEC_WARM_DIR": "checkpoints of `run`, `test` and the pytest plugin, named by their content key "
+    "(default: warm/ in qemuspec's directory of the user's cache; `qemuspec warm key FILE` prints the key)",
     "XDG_CACHE_HOME": "the user's cache: base images, validated definitions and qemu capabilities under qemuspec/",
     "http_proxy, https_proxy, no_proxy": "proxies for image downloads (upper-case names too)",
     "NO_COLOR": "no colour, even on a terminal",
@@ -72,6 +74,9 @@ class Settings:
         default_factory=dict
     )  # http/https/no -> value of the *_proxy variables
     greeting_timeout: float | None = None  # QEMUSPEC_GREETING_TIMEOUT; None: each caller's default
+    warm_dir: str = (
+        ""  # QEMUSPEC_WARM_DIR: checkpoints by content key (runtime/fresh.py); "": the cache's
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -95,6 +100,9 @@ class Settings:
             offline=env.get("QEMUSPEC_OFFLINE", "") not in ("", "0"),
             proxies=_proxies(env),
             greeting_timeout=_seconds(env.get("QEMUSPEC_GREETING_TIMEOUT")),
+            warm_dir=os.path.abspath(env["QEMUSPEC_WARM_DIR"])
+            if env.get("QEMUSPEC_WARM_DIR")
+            else os.path.join(cache_base(env), "warm"),
             variables={k[len(VAR_PREFIX) :]: v for k, v in env.items() if k.startswith(VAR_PREFIX)},
             home=env.get("HOME") or os.path.expanduser("~"),
             state_home=env.get("XDG_STATE_HOME") or None,
@@ -106,6 +114,11 @@ class Settings:
     def images(self) -> str:
         """The base-image cache (imagecache.py), beside the other caches in the user's cache."""
         return os.path.join(self.cache_dir, "images")
+
+    @property
+    def checkpoints(self) -> str:
+        """Where run/test checkpoints live (runtime/fresh.py): QEMUSPEC_WARM_DIR, else the cache's."""
+        return self.warm_dir or os.path.join(self.cache_dir or cache_base({}), "warm")
 
     def var_environ(self) -> dict[str, str]:
         """These settings in the environment form that the loader and preflight take (``environ=``)."""

@@ -28,7 +28,21 @@ KNOWN_HOSTS = "known_hosts"  # the machine's pinned ssh host key (runtime/sshkey
 WARM_DIR = "warm"  # saved machine state (runtime/warm.py), with the names below in it
 WARM_MEMORY = "memory"  # qemu's migration stream
 WARM_KEY = "key.json"  # what the saved state is valid for; written last
+CHECKPOINT = (
+    "checkpoint.json"  # in a run/test checkpoint (runtime/fresh.py): what it holds; written last
+)
+CHECKPOINT_LOCK = ".lock"  # beside a checkpoint's directory: one making it at a time
 TMP_SUFFIX = ".tmp"  # a file being written under its final name plus this
+
+
+def checkpoint_disk(index: int) -> str:
+    """In a run/test checkpoint: disk ``index`` as it was at the save (restores put overlays on it)."""
+    return f"disk{index}.qcow2"
+
+
+def restore_disk(index: int) -> str:
+    """In a fresh restore's throwaway state directory: its own overlay of checkpoint disk ``index``."""
+    return f"restore-disk{index}.qcow2"
 
 
 def live_disk(index: int) -> str:

@@ -72,6 +72,10 @@ class Instance:
         self.kvm_failure: str | None = None  # why "auto" fell back from KVM to TCG, if it did
         self.boot = "cold"  # "warm" when started from saved state (runtime/warm.py)
         self.restored: dict | None = None  # after a warm start: what was done about clock and RNG
+        # Where a restore's saved state comes from: given the machine, the machine on its restore disks
+        # and a descriptor of the migration stream (qemu inherits it; the caller's copy is closed after
+        # the launch). None: the machine's own warm/ state (runtime/warm.py); runtime/fresh.py sets it.
+        self.incoming: Callable[[Machine], tuple[Machine, int]] | None = None
         self._restore_mark: int | None = None
         self.owner: str | None = None  # the definition file this machine belongs to
         self.control_address: str | None = None  # the controller's monitor (always a unix socket)
@@ -161,13 +165,17 @@ class Instance:
             self.argv = render(machine, self.name, self.layout)
             run_machine = machine
             if self.boot == "warm":
-                from qemuspec.runtime import warm
+                if self.incoming is not None:
+                    run_machine, memory_fd = self.incoming(machine)
+                else:
+                    from qemuspec.runtime import warm
 
-                run_machine = warm.restore_machine(machine, self.state_dir)
-                memory_fd = os.open(
-                    warm.memory_file(self.state_dir), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
-                )
-                warm.verify(self.state_dir, memory_fd)  # the very bytes qemu will read
+                    run_machine = warm.restore_machine(machine, self.state_dir)
+                    memory_fd = os.open(
+                        warm.memory_file(self.state_dir),
+                        os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW,
+                    )
+                    warm.verify(self.state_dir, memory_fd)  # the very bytes qemu will read
             launch_argv = render(run_machine, self.name, dataclasses.replace(self.layout, fds=fds))
             if memory_fd is not None:
                 launch_argv += ["-incoming", "defer"]

@@ -734,6 +734,12 @@ class Machine(Model):
         description="Run in the guest once it is ready, once per machine life: shell commands "
         '(["apt-get install -y nginx", ...]) or { script = "path" }; `qemuspec provision` runs them again',
     )
+    setup: Annotated[list[GuestCommand], BeforeValidator(_as_list)] = Field(
+        default_factory=list,
+        description="Guest commands run once, in order, before the checkpoint of `run`, `test` and the pytest "
+        'plugin is saved (so every restore starts provisioned), e.g. "apk add curl": through the guest agent '
+        "(/bin/sh -c) or ssh; a change makes a new checkpoint",
+    )
     ssh: SSH = Field(default_factory=SSH)
     devices: list[Device] = Field(default_factory=list)
     objects: list[QomObject] = Field(default_factory=list)
@@ -766,6 +772,7 @@ class Machine(Model):
         for field, used in (
             ("ready.command", bool(self.ready.command)),
             ("provision", bool(self.provision)),
+            ("setup", bool(self.setup)),
         ):
             ssh = any(
                 n.type == "user" and any(f.guest == self.ssh.port for f in n.forwards)
@@ -810,6 +817,20 @@ class Machine(Model):
         return self
 
 
+class Case(Model):
+    """A declared test case (`qemuspec test`): a command run on its own fresh restore of a machine."""
+
+    machine: Annotated[str, Field(pattern=_NAME.pattern)] | None = Field(
+        None, description="The machine it runs on (default: the file's only machine)"
+    )
+    command: GuestCommand = Field(
+        description="Run by the guest's /bin/sh (agent) or login shell (ssh); exit 0 passes"
+    )
+    timeout: Seconds = Field(
+        60.0, description='How long the command may run, e.g. "60s" (the restore not counted)'
+    )
+
+
 class File(Model):
     """A definition file: variables and one or more machines."""
 
@@ -820,10 +841,31 @@ class File(Model):
         default_factory=dict, description="Private networks between machines"
     )
     machines: dict[Annotated[str, Field(pattern=_NAME.pattern)], Machine] = Field(min_length=1)
+    tests: dict[Annotated[str, Field(pattern=_NAME.pattern)], Case] = Field(
+        default_factory=dict,
+        description="Test cases for `qemuspec test`: [tests.NAME] with machine, command, timeout",
+    )
 
     @model_validator(mode="after")
     def _dependencies(self) -> "File":
         import difflib
+
+        for case_name, case in self.tests.items():
+            if case.machine is None and len(self.machines) > 1:
+                raise ValueError(
+                    f"tests.{case_name}.machine: this file has {len(self.machines)} machines: say which "
+                    f'one the case runs on, e.g. machine = "{next(iter(self.machines))}"'
+                )
+            if case.machine is not None and case.machine not in self.machines:
+                close = difflib.get_close_matches(case.machine, list(self.machines), n=1)
+                hint = (
+                    f'did you mean "{close[0]}"?'
+                    if close
+                    else f"known machines: {', '.join(self.machines)}"
+                )
+                raise ValueError(
+                    f'tests.{case_name}.machine: no machine named "{case.machine}": {hint}'
+                )
 
         for name, machine in self.machines.items():
             for index, nic in enumerate(machine.nics):

@@ -145,7 +145,8 @@ def definition_hash(machine: Machine | Record) -> str:
     if isinstance(machine, Record) and machine._hash is not None:
         return machine._hash
     text = machine.model_dump_json(
-        exclude_defaults=True, exclude={"ready": {"timeout", "command"}, "provision": True}
+        exclude_defaults=True,
+        exclude={"ready": {"timeout", "command"}, "provision": True, "setup": True},
     )
     return HASH_PREFIX + hashlib.sha256(text.encode()).hexdigest()[:16]
 
