@@ -51,6 +51,9 @@ CRASH_KINDS: tuple[tuple[str, str, re.Pattern[bytes]], ...] = (
     ("warning", "warning", re.compile(rb"\bWARNING: CPU: \d+ PID: \d+")),
 )
 SEVERITY = {"warning": 0, "error": 1, "fatal": 2}
+# Within one severity, what a block is called once both appear in it: an Oops after a BUG line (a
+# NULL dereference prints "BUG: kernel NULL pointer dereference" and then "Oops:") is an oops.
+RANK = {"oops": 1}
 # What ends a crash's block of lines (the kernel's own end markers), and how long a block may grow.
 CRASH_END = re.compile(rb"---\[ end (?:trace|Kernel panic)")
 CRASH_BLOCK_LINES = 80
@@ -156,7 +159,10 @@ class ConsoleReader:
         block, changed = self._block, False
         if block is not None:
             block.lines.append(text)
-            if found is not None and SEVERITY[found[1]] > SEVERITY[block.severity]:
+            if found is not None and (SEVERITY[found[1]], RANK.get(found[0], 0)) > (
+                SEVERITY[block.severity],
+                RANK.get(block.kind, 0),
+            ):
                 block.kind, block.severity, changed = found[0], found[1], True
             if CRASH_END.search(line) or len(block.lines) >= CRASH_BLOCK_LINES:
                 block.complete, changed, self._block = True, True, None
