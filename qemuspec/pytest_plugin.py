@@ -18,8 +18,8 @@ Crash-aware: every machine is watched (runtime/crash.py) while the test runs; a 
 ends the waiting call at once with the crash report (GuestCrashed), and a test that passed although a
 guest crashed is turned into a failure. ``--qemuspec-fail-on warn`` fails on kernel warnings too,
 ``--qemuspec-vmcore DIR`` keeps an ELF core of a crashed guest. A failing test's report carries each
-machine's console and events (sections "qemuspec console NAME", "qemuspec events NAME"; in JUnit's
-system-out too). Nothing is shared between tests but the checkpoint, so ``-k``, ``-x``,
+machine's console and events (sections "qemuspec console NAME", "qemuspec events NAME" of its failure
+text, so in JUnit's <failure> too). Nothing is shared between tests but the checkpoint, so ``-k``, ``-x``,
 ``--junitxml`` and pytest-xdist (each worker restores its own) work as usual.
 """
 
@@ -167,7 +167,8 @@ class Machine:
             raise QemuspecError(
                 f"machine {self.name}: qemu exited before the console showed {regex!r}"
             ) from None
-        return str(match.group(0)) if hasattr(match, "group") else str(match)
+        found = match.group(0) if hasattr(match, "group") else match
+        return found.decode(errors="replace") if isinstance(found, bytes) else str(found)
 
     def wait_for_open_port(self, port: int, timeout: float = DEFAULT_TIMEOUT) -> None:
         """Wait until something in the guest listens on TCP ``port`` (any address), read from the
@@ -497,7 +498,7 @@ def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     """A test whose guest crashed fails with the crash report; a failing test carries each machine's
-    console and events (as sections, and in JUnit's system-out through the "Captured stdout" name)."""
+    console and events in its failure text (so on the terminal and in JUnit's <failure>)."""
     report = yield
     handles: list[Machine] = getattr(item, ITEM_KEY, [])
     if not handles or report.when != "call":
@@ -510,12 +511,17 @@ def pytest_runtest_makereport(
             report.longrepr = text(handle.watch.report())
     if report.failed:
         for handle in handles:
-            report.sections.append(
-                (f"Captured stdout qemuspec console {handle.name}", handle.console_text())
-            )
-            report.sections.append(
-                (f"Captured stdout qemuspec events {handle.name}", handle.events_text())
-            )
+            for title, body in (
+                (f"qemuspec console {handle.name}", handle.console_text()),
+                (f"qemuspec events {handle.name}", handle.events_text()),
+            ):
+                add = getattr(report.longrepr, "addsection", None)
+                if add is not None:  # in the failure's own text: the terminal and JUnit's <failure>
+                    add(title, body)
+                elif isinstance(report.longrepr, str):
+                    report.longrepr += f"\n--- {title} ---\n{body}"
+                else:
+                    report.sections.append((title, body))
     return report
 
 

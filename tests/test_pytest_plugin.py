@@ -4,7 +4,7 @@ that finds the plugin through its pytest11 entry point (no conftest, no -p), wit
 One inner session: two tests that each write a marker in the guest and check the other's is not
 there (each test starts from its own fresh restore, whichever order they run in), one that fails
 (its report carries the machine's console and events), one whose guest panics through sysrq (the
-crash report ends the test at once), and the handle methods a test reaches for. The restores come
+crash report ends the test at once), one that catches the crash and passes (failed for it), and the handle methods a test reaches for. The restores come
 from one checkpoint in a warm store of this test's own."""
 
 from __future__ import annotations
@@ -84,6 +84,12 @@ def test_fails_with_console(qemuspec_machines):
 def test_panics(qemuspec_machines):
     vm = qemuspec_machines(DEFINITION)["box"]
     vm.succeed("echo c > /proc/sysrq-trigger")
+
+
+def test_panic_swallowed(qemuspec_machines):
+    vm = qemuspec_machines(DEFINITION)["box"]
+    with pytest.raises(GuestCrashed):
+        vm.succeed("echo c > /proc/sysrq-trigger")
 """
 
 
@@ -126,7 +132,7 @@ def test_plugin_gives_each_test_a_fresh_restore(tmp_path, guest):
         timeout=280,
     )
     out = result.stdout + result.stderr
-    assert result.returncode == 1, out  # two tests fail, on purpose
+    assert result.returncode == 1, out  # three tests fail, on purpose
     cases = {case.get("name"): case for case in ET.parse(junit).getroot().iter("testcase")}
     assert set(cases) == {
         "test_first_starts_fresh",
@@ -134,6 +140,7 @@ def test_plugin_gives_each_test_a_fresh_restore(tmp_path, guest):
         "test_handles",
         "test_fails_with_console",
         "test_panics",
+        "test_panic_swallowed",
     }, out
     for name in ("test_first_starts_fresh", "test_second_starts_fresh", "test_handles"):
         assert cases[name].find("failure") is None and cases[name].find("error") is None, (
@@ -143,14 +150,19 @@ def test_plugin_gives_each_test_a_fresh_restore(tmp_path, guest):
     failed = cases["test_fails_with_console"]
     assert failed.find("failure") is not None, out
     assert "exited 1 (expected 0)" in failed.find("failure").get("message", ""), out
-    system_out = failed.find("system-out")
-    assert system_out is not None and "qemuspec console box" in system_out.text, out
-    assert "the-guest-said-this" in system_out.text  # the guest's own console, in JUnit
-    assert "qemuspec events box" in system_out.text and '"event"' in system_out.text
+    text = failed.find("failure").text or ""
+    assert "qemuspec console box" in text, out
+    assert (
+        "the-guest-said-this" in text.split("qemuspec console box", 1)[1]
+    )  # the guest's own console
+    assert "qemuspec events box" in text and '"event"' in text.split("qemuspec events box", 1)[1]
     assert "qemuspec console box" in result.stdout  # and in pytest's own report
     panicked = cases["test_panics"].find("failure")
     assert panicked is not None, out
     report = panicked.get("message", "") + (panicked.text or "")
     assert "crashed (panic" in report and "sysrq" in report, report
+    # a test that caught the crash and passed: failed for it
+    swallowed = cases["test_panic_swallowed"].find("failure")
+    assert swallowed is not None and "crashed (panic" in (swallowed.text or ""), out
     assert not qemu_pids(tmp_path), "every restore is stopped after its test"
-    assert not os.listdir(tmp_path / "tmp"), "and its throwaway root removed"
+    assert not list((tmp_path / "tmp").glob("qemuspec-*")), "and its throwaway root removed"
