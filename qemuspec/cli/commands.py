@@ -44,6 +44,8 @@ FILE_COMMANDS = {
     "cp": "cp",
     "snapshot": "snapshot",
     "provision": "machines",
+    "test": "files",
+    "warm": "machines",
 }
 
 # command -> (module in qemuspec.cli, function, help)
@@ -99,6 +101,16 @@ COMMANDS = {
         "run_command",
         "run",
         "boot on throwaway disks, run one command in the guest, tear down; exit with its code",
+    ),
+    "test": (
+        "test_command",
+        "test",
+        "run the file's [tests.NAME] cases, each on its own fresh restore; JUnit XML; exit 1 on a failure",
+    ),
+    "warm": (
+        "test_command",
+        "warm",
+        "warm state of run and test: `warm key` prints each machine's checkpoint key (for a CI cache)",
     ),
     "exec": (
         "guest_commands",
@@ -168,6 +180,10 @@ EXAMPLES = {
         "qemuspec qmp machines/dev.toml dev query-block",
     ],
     "run": ["qemuspec run machines/dev.toml -- uname -a"],
+    "test": [
+        "qemuspec test machines/dev.toml -k kernel -j 4 --junit report.xml --keep-failed failed/"
+    ],
+    "warm": ["qemuspec warm key machines/dev.toml"],
     "exec": ["qemuspec exec machines/dev.toml dev -- cat /proc/version"],
     "cp": ["qemuspec cp machines/dev.toml ./README.md dev:/tmp/README.md"],
     "snapshot": ["qemuspec snapshot list machines/dev.toml dev"],

@@ -49,7 +49,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _target(parser: argparse.ArgumentParser, operands: str, machine_flag: bool = True) -> None:
-    action = "ACTION " if parser.prog.split()[-1] == "snapshot" else ""
+    action = "ACTION " if parser.prog.split()[-1] in ("snapshot", "warm") else ""
     after = " [-- COMMAND...]" if parser.prog.split()[-1] in ("run", "exec", "ssh") else ""
     parser.usage = f"{parser.prog} {action}{operands} [options]{after}"
     parser.add_argument("operands", nargs="*", metavar="OPERAND", help=operands)
@@ -283,6 +283,35 @@ def build_parser(
         metavar="PATH",
         help="on a guest kernel crash, write a dump-guest-memory ELF core of the paused guest to PATH",
     )
+    _target(p["test"], "[FILE]", machine_flag=False)
+    p["test"].add_argument(
+        "-k",
+        dest="keyword",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="only cases whose name contains PATTERN (a glob with * ? [...]); repeatable",
+    )
+    p["test"].add_argument(
+        "-j",
+        "--jobs",
+        type=int,
+        metavar="N",
+        help="cases at a time (default: what the host's CPUs and free memory carry)",
+    )
+    p["test"].add_argument("--junit", metavar="PATH", help="write JUnit XML here")
+    p["test"].add_argument(
+        "--keep-failed",
+        metavar="DIR",
+        help="keep each failed case's console, events, qemu log and output in DIR/CASE/",
+    )
+    for flag, text in (
+        ("--allow-local-qemu", "run a qemu binary that lives inside the definition's own tree"),
+        ("--allow-host-paths", "let the VM use shares and writable disks outside the tree"),
+    ):
+        p["test"].add_argument(flag, action="store_true", help=text)
+    p["warm"].add_argument("action", choices=["key"], help="key: print the checkpoint key")
+    _target(p["warm"], "[FILE] [MACHINE...]")
     _target(p["cp"], "[FILE] SOURCE TARGET", machine_flag=False)
     p["cp"].add_argument("--recursive", "-r", action="store_true", help="copy directories")
     p["cp"].add_argument(

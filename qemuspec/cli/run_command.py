@@ -13,7 +13,7 @@ import signal
 import sys
 import tempfile
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from qemuspec.cli.common import Context
 from qemuspec.errors import GuestCrashed, QemuspecError, UsageError
@@ -71,8 +71,6 @@ def run(
     fail_on: str = "panic",
     vmcore: str | None = None,
 ) -> int:
-    from qemuspec.api import run_in_guest
-
     command = ctx.tail or []
     if not command:
         raise UsageError(
@@ -138,17 +136,19 @@ def run(
     warned: list[dict] = []  # kernel warnings that did not fail the run, said after it
     previous = {sig: signal.signal(sig, _raise) for sig in (signal.SIGTERM, signal.SIGHUP)}
     workdir = tempfile.mkdtemp(prefix="qemuspec-run-")
+    started: dict[str, object] = {}
     try:
-        code = run_in_guest(
-            machine,
+        code = _on_fresh_machine(
+            ctx,
             name,
             command,
             workdir,
-            on_output=on_output,
-            via=via,
-            ready_timeout=timeout,
-            report=report,
-            stdin=stdin,
+            on_output,
+            via,
+            timeout,
+            report,
+            stdin,
+            started,
             fail_on=fail_on,
             vmcore=vmcore,
             on_warning=warned.append,
@@ -172,8 +172,56 @@ def run(
     for entry in warned:
         report(crash_warning(name, entry))
     if out.json:
-        out.line({"machine": name, "exitcode": code, "warnings": warned})
+        out.line({"machine": name, "exitcode": code, **started, "warnings": warned})
     return code
+
+
+def _on_fresh_machine(
+    ctx: Context,
+    name: str,
+    command: list[str],
+    workdir: str,
+    on_output: Callable[[str, bytes], object],
+    via: str,
+    timeout: float | None,
+    report: Callable[[str], object],
+    stdin: bytes | None,
+    started: dict[str, object],
+    *,
+    fail_on: str = "panic",
+    vmcore: str | None = None,
+    on_warning: Callable[[dict], object] | None = None,
+) -> int:
+    """The command on a fresh machine in ``workdir``: a restore of its checkpoint when the machine is
+    warm (runtime/fresh.py: made by this run when none fits, the reason said), else a cold boot on
+    throwaway disks. ``started`` gets how it started (boot, and why not warm or which checkpoint).
+    Crash-aware (runtime/crash.py): a guest kernel crash raises GuestCrashed with the report at once
+    (``vmcore``: a core first), a panic before ready too; warnings go to ``on_warning``."""
+    from qemuspec.runtime import crash, fresh, guestrun
+
+    target = ctx.target
+    how = via if via != "auto" else ("agent" if target.spec.machines[name].agent else "ssh")
+
+    def setup_output(stream: str, data: bytes) -> None:
+        report(f"{name}: setup: {data.decode(errors='replace').rstrip()}")
+
+    with (
+        crash.before_ready(name),
+        fresh.started(
+            target.path,
+            name,
+            ctx.settings,
+            spec=target.spec,
+            root=workdir,
+            ready_timeout=timeout,
+            report=report,
+            on_setup_output=setup_output,
+        ) as instance,
+    ):
+        started["boot"] = instance.boot
+        started.update(instance.restored or {})
+        with crash.Watch(instance, fail_on, vmcore, on_warning) as watch:
+            return watch.call(guestrun.run, instance, command, on_output, stdin, how=how)
 
 
 def crash_report(ctx: Context, crashed: GuestCrashed) -> int:

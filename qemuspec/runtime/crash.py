@@ -22,10 +22,11 @@ the CLI; nothing in them is acted on.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
 from qemuspec.errors import GuestCrashed, QemuspecError
 from qemuspec.runtime.console import SEVERITY, Crash
@@ -287,6 +288,8 @@ def text(report: dict) -> str:
     if report.get("qmp_event"):
         head += " (qemu heard GUEST_PANICKED from the pvpanic device)"
     parts = [head]
+    if report.get("before_ready"):
+        parts.append(report.get("detail") or "it crashed before it was ready")
     if report.get("trace"):
         parts.append("--- call trace ---\n" + "\n".join(report["trace"]))
     for other in report.get("others") or []:
@@ -336,3 +339,34 @@ def dump(instance: Instance, path: str) -> str:
         timeout=VMCORE_TIMEOUT,
     )
     return path
+
+
+@contextlib.contextmanager
+def before_ready(name: str) -> Iterator[None]:
+    """Around a start (``fresh.started``, a boot): a guest whose kernel crashed before it was ready
+    is a crash (GuestCrashed, a report from the readiness failure's account), not a readiness failure."""
+    from qemuspec.errors import ReadyTimeout
+
+    try:
+        yield
+    except ReadyTimeout as exc:
+        why = exc.why or ""
+        if "panicked" not in why:
+            raise
+        line = why.split(": ", 1)[1] if why.startswith("the guest kernel panicked: ") else why
+        report = {
+            "machine": name,
+            "kind": "oops" if "Oops" in line else "panic",
+            "severity": "fatal",
+            "line": line,
+            "trace": [],
+            "uptime": None,
+            "seconds_since_launch": None,
+            "before_ready": True,
+            "qmp_event": None,
+            "others": [],
+            "warnings": [],
+            "vmcore": None,
+            "detail": str(exc),
+        }
+        raise GuestCrashed(text(report), report) from None
