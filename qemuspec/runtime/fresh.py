@@ -82,6 +82,7 @@ class Checkpoint:
     key: Key
     directory: str
     record: dict = field(hash=False, compare=False)
+    made: bool = False  # by this process, just now (the machine booted cold for it)
 
     @property
     def memory(self) -> str:
@@ -569,7 +570,7 @@ def ensure(
             f"{name}: checkpoint {wanted.digest} saved ({size / (1 << 20):.0f} MiB; boot {booted:.1f} s, "
             f"save {saved:.1f} s)"
         )
-        checkpoint = Checkpoint(wanted, final, record)
+        checkpoint = Checkpoint(wanted, final, record, made=True)
         _verified.add(_identity(checkpoint.memory))
         return checkpoint
 
@@ -659,8 +660,9 @@ def started(
     The yielded Instance is launched and ready: ``instance.qmp`` is its monitor, ``instance.layout``
     its sockets (``qga``), ``instance.host_port(guest)`` its forwards, ``instance.console`` its
     console reader, ``instance.boot`` "warm" (restored) or "cold", and ``instance.restored`` a dict:
-    for a restore ``checkpoint`` (the key), ``clock`` and ``rng`` (what was done); for a cold start
-    in warm mode ``why`` (why not restored). Run commands with ``runtime.guestrun.run(instance, ...)``.
+    for a restore ``checkpoint`` (the key), ``clock`` and ``rng`` (what was done), and ``made`` (why
+    no checkpoint fitted) when this call booted cold to make it; for a cold start in warm mode ``why``
+    (why not restored). Run commands with ``runtime.guestrun.run(instance, ...)``.
     On exit qemu is quit (killed if it does not answer) with termination signals held.
 
     Raises SetupFailed (setup exited non-zero), and the QemuspecError of a boot that fails
@@ -701,8 +703,11 @@ def started(
                         _rebase_moved(checkpoint, machine)
             else:
                 report(f"{name}: {why}: booting cold")
+        made = why if checkpoint is not None and checkpoint.made else None
         if checkpoint is not None:
             inst, failure = _restore(name, machine, checkpoint, state_dir, timeout, report, prepare)
+            if inst is not None and made:
+                inst.restored = {**(inst.restored or {}), "made": made}
             if inst is None:
                 discard(checkpoint)  # a checkpoint that does not load is made again next time
                 why = f"checkpoint {checkpoint.key.digest} did not load ({failure}) and was deleted"

@@ -686,10 +686,14 @@ def after_restore(inst: "Instance") -> dict[str, object]:
             if bound:
                 info["rng"] = "reseeded by the guest's vmgenid driver"
             else:
+                from qemuspec.runtime.reseed import reseed
+
                 agent.write_file("/dev/urandom", os.urandom(64))
                 info["rng"] = (
-                    "shared until the guest reseeds (it has no vmgenid driver): "
-                    "host entropy was mixed into its pool through the agent"
+                    "reseeded from host entropy through the agent (RNDADDENTROPY, RNDRESEEDCRNG)"
+                    if reseed(agent)
+                    else "shared until the guest reseeds (it has no vmgenid driver and could not be "
+                    "reseeded): host entropy was mixed into its pool through the agent"
                 )
     except QemuspecError as exc:
         info.setdefault("clock", f"not set: {exc}")
