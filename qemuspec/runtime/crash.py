@@ -354,7 +354,7 @@ def before_ready(name: str) -> Iterator[None]:
         if "panicked" not in why:
             raise
         line = why.split(": ", 1)[1] if why.startswith("the guest kernel panicked: ") else why
-        report = {
+        report: dict[str, object] = {
             "machine": name,
             "kind": "oops" if "Oops" in line else "panic",
             "severity": "fatal",
