@@ -67,6 +67,9 @@ SAMPLES: dict[str, Sample] = {
     "provision": Sample(
         ["true"], needs={"agent": True}, argv=False, from_argv=RUNTIME, from_libvirt=RUNTIME
     ),
+    "setup": Sample(
+        ["true"], needs={"agent": True}, argv=False, from_argv=RUNTIME, from_libvirt=RUNTIME
+    ),
     "disks": Sample(
         [{"file": "/d.img"}],
         from_argv="the drive gets qemu's format default",

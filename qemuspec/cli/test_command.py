@@ -306,10 +306,11 @@ def _keep(directory: str, result: Result, files: dict[str, str]) -> str:
     os.makedirs(where, mode=0o700, exist_ok=True)
     for made in (os.path.dirname(where), where):  # the umask qemuspec runs under drops the x bit
         os.chmod(made, 0o700)
-    names = {"console": "serial.log", "events": "events.jsonl", "qemu": "qemu.log"}
-    for role, path in files.items():
+    for path in files.values():  # under their own names (runtime/filenames.py)
         try:
-            shutil.copyfile(path, os.path.join(where, names.get(role, role)), follow_symlinks=False)
+            shutil.copyfile(
+                path, os.path.join(where, os.path.basename(path)), follow_symlinks=False
+            )
         except OSError:
             pass
     with open(os.path.join(where, "output.txt"), "w", encoding="utf-8") as f:
