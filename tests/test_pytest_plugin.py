@@ -166,3 +166,35 @@ def test_plugin_gives_each_test_a_fresh_restore(tmp_path, guest):
     assert swallowed is not None and "crashed (panic" in (swallowed.text or ""), out
     assert not qemu_pids(tmp_path), "every restore is stopped after its test"
     assert not list((tmp_path / "tmp").glob("qemuspec-*")), "and its throwaway root removed"
+
+
+def test_screendump_ppm_becomes_a_png_and_ports_are_read_from_proc():
+    import struct
+    import zlib
+
+    from qemuspec.pytest_plugin import listening, png, read_ppm
+
+    pixels = bytes([255, 0, 0, 0, 255, 0, 0, 0, 255, 9, 9, 9])  # 2x2: red, green / blue, grey
+    width, height, rgb = read_ppm(b"P6\n# qemu\n2 2\n255\n" + pixels)
+    data = png(width, height, rgb)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks, pos = {}, 8
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
+        assert crc == zlib.crc32(kind + body)
+        chunks[kind] = body
+        pos += 12 + length
+    assert struct.unpack(">IIBBBBB", chunks[b"IHDR"]) == (2, 2, 8, 2, 0, 0, 0)
+    rows = zlib.decompress(chunks[b"IDAT"])
+    assert rows == b"\0" + pixels[:6] + b"\0" + pixels[6:]
+    assert list(chunks) == [b"IHDR", b"IDAT", b"IEND"]
+
+    proc = (
+        "  sl  local_address rem_address   st\n"
+        "   0: 00000000:0050 00000000:0000 0A 00000000:00000000\n"  # :80 listening
+        "   1: 0100007F:1F90 0100007F:C350 01 00000000:00000000\n"  # :8080 established
+        "   0: 00000000000000000000000000000000:1FBB 00000000000000000000000000000000:0000 0A\n"
+    )
+    assert listening(proc) == {80, 8123}
