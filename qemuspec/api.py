@@ -813,10 +813,16 @@ def run_in_guest(
     ready_timeout: float | None = None,
     report: Callable[[str], object] = lambda message: None,
     stdin: bytes | None = None,
+    fail_on: str = "panic",
+    vmcore: str | None = None,
+    on_warning: Callable[[dict], object] | None = None,
 ) -> int:
     """Boot ``machine`` on throwaway disks in ``workdir``, run ``argv`` in the guest, stream its output
     to ``on_output("stdout"|"stderr", data)``, stop qemu; return the command's exit code (128+N for a
-    signal). The caller removes ``workdir``; qemu is stopped however this returns or raises."""
+    signal). The caller removes ``workdir``; qemu is stopped however this returns or raises.
+    Crash-aware (runtime/crash.py): a guest kernel crash while booting or running the command raises
+    GuestCrashed with the report at once (``vmcore``: an ELF core written first); kernel warnings go
+    to ``on_warning`` and fail the run only with ``fail_on = "warn"``."""
     import time
 
     from qemuspec.runtime.instance import Instance
@@ -831,15 +837,23 @@ def run_in_guest(
     began = time.monotonic()
     report(f"{name}: booting on throwaway disks")
     instance.launch()
+    watch = None
     try:
+        from qemuspec.runtime import crash
+
+        watch = crash.Watch(instance, fail_on, vmcore, on_warning)
         deadline = time.monotonic() + (
             ready_timeout if ready_timeout is not None else machine.ready.timeout
         )
-        instance.wait_ready(max(0.1, deadline - time.monotonic()))
-        if via == "agent":
-            from qemuspec.runtime import probes
+        try:
+            instance.wait_ready(max(0.1, deadline - time.monotonic()))
+            if via == "agent":
+                from qemuspec.runtime import probes
 
-            probes.wait_agent(instance.layout.qga, deadline, instance.running)
+                probes.wait_agent(instance.layout.qga, deadline, instance.running)
+        except QemuspecError:
+            watch.check()  # a crash before ready is the crash, not a readiness failure
+            raise
         report(f"{name}: ready in {time.monotonic() - began:.1f} s")
         if instance.ports:
             report(
@@ -848,8 +862,10 @@ def run_in_guest(
             )
         from qemuspec.runtime import guestrun
 
-        return guestrun.run(instance, argv, on_output, stdin, how=via)
+        return watch.call(guestrun.run, instance, argv, on_output, stdin, how=via)
     finally:
+        if watch is not None:
+            watch.close()
         import signal
 
         # a second Ctrl-C or SIGTERM must not cut the teardown short: hold them until qemu is gone

@@ -75,6 +75,16 @@ class GuestGone(QemuspecError):
     exit_code = 255
 
 
+class GuestCrashed(QemuspecError):
+    """The guest kernel crashed while `run`, `test` or the pytest plugin watched it (runtime/crash.py):
+    a panic, an oops, a BUG, KASAN (or a warning, with --fail-on warn). ``report`` is the crash report
+    as JSON-ready data; the message is its text. Its exit code is the CLI's (cli/common.py)."""
+
+    def __init__(self, message: str, report: dict):
+        self.report = report
+        super().__init__(message)
+
+
 class StopRequested(QemuspecError):
     """A stop (``down``, SIGTERM) arrived while a machine was still starting: the wait ends at once."""
 

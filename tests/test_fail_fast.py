@@ -52,9 +52,9 @@ def panicking(tmp_path, guest, name: str, cmdline: str, extra: str) -> str:
     return path
 
 
-def assert_fails_fast(result, elapsed: float, panic_line: str) -> str:
+def assert_fails_fast(result, elapsed: float, panic_line: str, code: int = 1) -> str:
     err = result.stderr
-    assert result.returncode == 1, err
+    assert result.returncode == code, err
     assert elapsed < TIMEOUT / 4, f"took {elapsed:.1f} s of a {TIMEOUT:g} s timeout:\n{err}"
     assert panic_line in err.split("--- guest panic lines ---", 1)[0], (
         "the panic is named in the message itself"
@@ -105,7 +105,9 @@ def test_run_of_a_panicking_guest_fails_at_once(tmp_path, guest, case, cmdline, 
         env={**os.environ, "TMPDIR": str(tmp_path / "tmp")},
     )
     elapsed = time.monotonic() - began
-    assert_fails_fast(result, elapsed, panic_line)
+    # run is crash-aware (runtime/crash.py): a panic before ready is a crash, exit 250
+    err = assert_fails_fast(result, elapsed, panic_line, code=250)
+    assert "the guest kernel crashed (panic" in err, err
     print(f"{case}: run failed after {elapsed:.1f} s")
     assert not qemu_pids(tmp_path) and not os.listdir(tmp_path / "tmp"), "nothing is left"
 

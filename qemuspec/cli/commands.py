@@ -15,7 +15,9 @@ EXIT_CODES = """exit codes:
   4  up --no-restart only: a machine would be restarted or recreated; nothing was changed
   run, exec: the guest command's own exit code; exec: 255 when the guest went away before the command
      finished (powered off, rebooted, qemu exited), as ssh does
-  exec: 127 when the guest has no such command, 124 when --timeout passed (the command was killed)"""
+  exec: 127 when the guest has no such command, 124 when --timeout passed (the command was killed)
+  250  run, test: the guest kernel crashed (panic, oops, BUG, KASAN; with --fail-on warn also a kernel
+     warning); the crash report is on stderr (and on stdout with --json)"""
 
 PENDING = 3  # `plan` exit code when `up` would change something
 

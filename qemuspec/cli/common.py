@@ -419,6 +419,21 @@ def outcomes_exit_code(outcomes: Sequence[Outcome]) -> int:
     return NO_RESTART if any(o.action == "needs restart" for o in outcomes) else 0
 
 
+# Exit codes beyond an error's own (errors.py: 1 runtime, 2 input or usage), decided here.
+GUEST_CRASHED = (
+    250  # run (and test): the guest kernel crashed (runtime/crash.py, errors.GuestCrashed)
+)
+
+
+def exit_code(exc: BaseException) -> int:
+    """The exit code of an error: the one place that maps errors to codes."""
+    from qemuspec.errors import GuestCrashed
+
+    if isinstance(exc, GuestCrashed):
+        return GUEST_CRASHED
+    return exc.exit_code if isinstance(exc, QemuspecError) else 1
+
+
 def report_error(
     exc: BaseException, json_output: bool = False, source: str | None = None, raw: bool = False
 ) -> int:
@@ -426,7 +441,7 @@ def report_error(
     Paragraphs may quote a guest (console tails, agent replies): escaped on a terminal unless ``raw``."""
     if isinstance(exc, QemuspecError):
         problems = getattr(exc, "problems", None) or [str(exc)]
-        code = exc.exit_code
+        code = exit_code(exc)
     else:
         problems = [
             f"internal error: {type(exc).__name__}: {exc} (set QEMUSPEC_DEBUG=1 for the traceback)"

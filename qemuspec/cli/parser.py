@@ -296,6 +296,18 @@ def build_parser(
         default="auto",
         help="how to reach the guest (auto: ssh when the machine forwards its ssh port, else the agent)",
     )
+    p["run"].add_argument(
+        "--fail-on",
+        choices=["panic", "warn"],
+        default="panic",
+        help="what guest kernel trouble fails the run (exit 250): panic (panic, oops, BUG, KASAN; "
+        "the default) or warn (also WARNING:, soft lockups, hung tasks, RCU stalls, UBSAN)",
+    )
+    p["run"].add_argument(
+        "--vmcore",
+        metavar="PATH",
+        help="on a guest kernel crash, write a dump-guest-memory ELF core of the paused guest to PATH",
+    )
     _target(p["test"], "[FILE]", machine_flag=False)
     p["test"].add_argument(
         "-k",

@@ -16,7 +16,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Callable
 
 from qemuspec.cli.common import Context
-from qemuspec.errors import QemuspecError, UsageError
+from qemuspec.errors import GuestCrashed, QemuspecError, UsageError
 
 if TYPE_CHECKING:
     from qemuspec.spec.models import Machine
@@ -68,6 +68,8 @@ def run(
     via: str,
     allow_local_qemu: bool = False,
     allow_host_paths: bool = False,
+    fail_on: str = "panic",
+    vmcore: str | None = None,
 ) -> int:
     command = ctx.tail or []
     if not command:
@@ -131,13 +133,28 @@ def run(
         if not (out.json or out.quiet):
             print(message, file=sys.stderr, flush=True)
 
+    warned: list[dict] = []  # kernel warnings that did not fail the run, said after it
     previous = {sig: signal.signal(sig, _raise) for sig in (signal.SIGTERM, signal.SIGHUP)}
     workdir = tempfile.mkdtemp(prefix="qemuspec-run-")
     started: dict[str, object] = {}
     try:
         code = _on_fresh_machine(
-            ctx, name, command, workdir, on_output, via, timeout, report, stdin, started
+            ctx,
+            name,
+            command,
+            workdir,
+            on_output,
+            via,
+            timeout,
+            report,
+            stdin,
+            started,
+            fail_on=fail_on,
+            vmcore=vmcore,
+            on_warning=warned.append,
         )
+    except GuestCrashed as crashed:
+        return crash_report(ctx, crashed)
     except Stopped as stop:
         print(
             f"qemuspec run: {signal.Signals(stop.signum).name}: the machine is stopped and its files removed",
@@ -152,8 +169,10 @@ def run(
         shutil.rmtree(workdir, ignore_errors=True)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    for entry in warned:
+        report(crash_warning(name, entry))
     if out.json:
-        out.line({"machine": name, "exitcode": code, **started})
+        out.line({"machine": name, "exitcode": code, **started, "warnings": warned})
     return code
 
 
@@ -168,11 +187,17 @@ def _on_fresh_machine(
     report: Callable[[str], object],
     stdin: bytes | None,
     started: dict[str, object],
+    *,
+    fail_on: str = "panic",
+    vmcore: str | None = None,
+    on_warning: Callable[[dict], object] | None = None,
 ) -> int:
     """The command on a fresh machine in ``workdir``: a restore of its checkpoint when the machine is
     warm (runtime/fresh.py: made by this run when none fits, the reason said), else a cold boot on
-    throwaway disks. ``started`` gets how it started (boot, and why not warm or which checkpoint)."""
-    from qemuspec.runtime import fresh, guestrun
+    throwaway disks. ``started`` gets how it started (boot, and why not warm or which checkpoint).
+    Crash-aware (runtime/crash.py): a guest kernel crash raises GuestCrashed with the report at once
+    (``vmcore``: a core first), a panic before ready too; warnings go to ``on_warning``."""
+    from qemuspec.runtime import crash, fresh, guestrun
 
     target = ctx.target
     how = via if via != "auto" else ("agent" if target.spec.machines[name].agent else "ssh")
@@ -180,16 +205,19 @@ def _on_fresh_machine(
     def setup_output(stream: str, data: bytes) -> None:
         report(f"{name}: setup: {data.decode(errors='replace').rstrip()}")
 
-    with fresh.started(
-        target.path,
-        name,
-        ctx.settings,
-        spec=target.spec,
-        root=workdir,
-        ready_timeout=timeout,
-        report=report,
-        on_setup_output=setup_output,
-    ) as instance:
+    with (
+        crash.before_ready(name),
+        fresh.started(
+            target.path,
+            name,
+            ctx.settings,
+            spec=target.spec,
+            root=workdir,
+            ready_timeout=timeout,
+            report=report,
+            on_setup_output=setup_output,
+        ) as instance,
+    ):
         started["boot"] = instance.boot
         started.update(instance.restored or {})
         if instance.ports:  # fixed forwards were mapped to free ports (fresh.free_forwards)
@@ -197,4 +225,34 @@ def _on_fresh_machine(
                 f"{name}: ports "
                 + ", ".join(f"{p['host']}->{p['guest']}/{p['protocol']}" for p in instance.ports)
             )
-        return guestrun.run(instance, command, on_output, stdin, how=how)
+        with crash.Watch(instance, fail_on, vmcore, on_warning) as watch:
+            return watch.call(guestrun.run, instance, command, on_output, stdin, how=how)
+
+
+def crash_report(ctx: Context, crashed: GuestCrashed) -> int:
+    """A guest kernel crash ended the run: the report as text on stderr (escaped on a terminal) and,
+    with --json, as one object on stdout; the crash's own exit code. Shared with `qemuspec test`."""
+    from qemuspec.cli.common import GUEST_CRASHED, escaping, printable
+    from qemuspec.runtime.crash import text
+
+    body = text(crashed.report)
+    print(
+        f"error: {printable(body) if escaping(sys.stderr, False) else body}",
+        file=sys.stderr,
+        flush=True,
+    )
+    if ctx.out.json:
+        ctx.out.line(
+            {
+                "machine": crashed.report.get("machine"),
+                "exitcode": GUEST_CRASHED,
+                "crash": crashed.report,
+            }
+        )
+    return GUEST_CRASHED
+
+
+def crash_warning(machine: str, entry: dict) -> str:
+    from qemuspec.runtime.crash import warning_text
+
+    return "warning: " + warning_text(machine, entry)

@@ -13,6 +13,7 @@ interrupted (a stop request) without waiting for its deadline.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import socket
@@ -30,14 +31,59 @@ if TYPE_CHECKING:
 KEEP = 1 << 20  # bytes of console kept in memory for matching
 CLIENT_SEND_TIMEOUT = 5.0  # a console client that takes no bytes for this long is dropped (it must not stall the guest)
 SLICE = 0.5  # seconds a waiter sleeps at most before it looks at pending signals and stop requests
-# Console lines that mean the guest kernel died or broke: a readiness wait ends on them at once instead
-# of waiting out its timeout. Lockup and stall warnings are left out on purpose: under TCG on a loaded
-# host a healthy guest prints them, and it goes on booting.
-PANIC = re.compile(
-    rb"Kernel panic - not syncing|\bOops: |\bBUG: (?!soft lockup|workqueue lockup)"
-    rb"|general protection fault|kernel BUG at|Unable to handle (?:kernel|page fault)"
+# The one detector of guest kernel trouble on the console (readiness waits, `run`, `test` and the
+# pytest plugin all read what it found). Each kind: its pattern (on one console line), and how bad it
+# is: "fatal" (the kernel stopped: panic), "error" (the kernel oopsed or found a bug; it may limp on)
+# or "warning" (a WARN_ON, a lockup or stall, UBSAN). A readiness wait ends on fatal and error lines
+# (``panics``) at once instead of waiting out its timeout; warnings are left out on purpose: under TCG on a
+# loaded host a healthy guest prints lockup warnings, and it goes on booting. The first matching
+# kind wins, so the more specific patterns come first.
+CRASH_KINDS: tuple[tuple[str, str, re.Pattern[bytes]], ...] = (
+    ("panic", "fatal", re.compile(rb"Kernel panic - not syncing")),
+    ("kasan", "error", re.compile(rb"\bBUG: KASAN: |\bBUG: KFENCE: ")),
+    ("soft lockup", "warning", re.compile(rb"\bBUG: soft lockup|\bBUG: workqueue lockup")),
+    ("hung task", "warning", re.compile(rb"\bINFO: task \S.* blocked for more than \d+ seconds")),
+    ("rcu stall", "warning", re.compile(rb"\brcu: INFO: \S+ (?:self-)?detected stalls?")),
+    ("ubsan", "warning", re.compile(rb"\bUBSAN: ")),
+    ("oops", "error", re.compile(rb"\bOops: ")),
+    ("bug", "error", re.compile(rb"\bBUG: |kernel BUG at|Unable to handle (?:kernel|page fault)")),
+    ("general protection fault", "error", re.compile(rb"general protection fault")),
+    ("warning", "warning", re.compile(rb"\bWARNING: CPU: \d+ PID: \d+")),
 )
+SEVERITY = {"warning": 0, "error": 1, "fatal": 2}
+# Within one severity, what a block is called once both appear in it: an Oops after a BUG line (a
+# NULL dereference prints "BUG: kernel NULL pointer dereference" and then "Oops:") is an oops.
+RANK = {"oops": 1}
+# What ends a crash's block of lines (the kernel's own end markers), and how long a block may grow.
+CRASH_END = re.compile(rb"---\[ end (?:trace|Kernel panic)")
+CRASH_BLOCK_LINES = 80
+KERNEL_TIME = re.compile(rb"^\s*(?:<\d>)?\[\s*(\d{1,9}\.\d{1,9})\]")
 MAX_PANIC_LINES = 20
+MAX_CRASHES = 20  # blocks kept per console (a guest can print warnings for ever)
+
+
+def classify(line: bytes) -> tuple[str, str] | None:
+    """The kind and severity of a console line that reports kernel trouble, or None."""
+    for kind, severity, pattern in CRASH_KINDS:
+        if pattern.search(line):
+            return kind, severity
+    return None
+
+
+@dataclasses.dataclass
+class Crash:
+    """One report of kernel trouble on the console: its kind (the worst header seen in the block),
+    its first line, the lines that followed up to the kernel's end marker (bounded), the kernel's
+    own timestamp of the first line (seconds since the guest booted, when printk shows times) and
+    the reader's clock when it was seen. Text from the guest: decoded, never trusted."""
+
+    kind: str
+    severity: str
+    line: str
+    lines: list[str]
+    uptime: float | None
+    seen_at: float  # time.time() when the first line arrived
+    complete: bool = False  # the kernel's end marker arrived (or the block hit its bound)
 
 
 class ConsoleReader:
@@ -53,8 +99,11 @@ class ConsoleReader:
         self._client_lock = threading.Lock()
         self.panics: list[
             str
-        ] = []  # console lines that say the guest kernel panicked or oopsed (PANIC)
-        self._partial = b""  # the console line being received, for PANIC
+        ] = []  # console lines that say the guest kernel panicked or oopsed (fatal, error)
+        self._partial = b""  # the console line being received, for classify
+        self.crashes: list[Crash] = []  # every kind of kernel trouble, warnings too (CRASH_KINDS)
+        self._block: Crash | None = None  # the crash whose following lines are being collected
+        self._crash_listeners: list[Callable[[Crash], object]] = []
         self._thread = threading.Thread(target=self._read, name="console-reader", daemon=True)
         self._thread.start()
 
@@ -94,12 +143,56 @@ class ConsoleReader:
             self.log.close()
 
     def _scan(self, data: bytes) -> None:
-        """Keep the console lines that match PANIC (the waiter is woken with the data right after)."""
+        """Keep the fatal and error lines (``panics``), and every crash block (CRASH_KINDS, with the lines
+        that follow it); listeners hear of a crash when it starts, when it gets worse (an Oops that
+        becomes a panic) and when its block is complete. The waiter is woken with the data right after."""
         lines = (self._partial + data).split(b"\n")
         self._partial = lines.pop()[-4096:]
         for line in lines:
-            if len(self.panics) < MAX_PANIC_LINES and PANIC.search(line):
+            found = classify(line)
+            if found is not None and found[1] != "warning" and len(self.panics) < MAX_PANIC_LINES:
                 self.panics.append(line.decode(errors="replace").strip())
+            self._collect(line, found)
+
+    def _collect(self, line: bytes, found: tuple[str, str] | None) -> None:
+        text = line.decode(errors="replace").strip()[:512]
+        block, changed = self._block, False
+        if block is not None:
+            block.lines.append(text)
+            if found is not None and (SEVERITY[found[1]], RANK.get(found[0], 0)) > (
+                SEVERITY[block.severity],
+                RANK.get(block.kind, 0),
+            ):
+                block.kind, block.severity, changed = found[0], found[1], True
+            if CRASH_END.search(line) or len(block.lines) >= CRASH_BLOCK_LINES:
+                block.complete, changed, self._block = True, True, None
+        elif found is not None and len(self.crashes) < MAX_CRASHES:
+            stamp = KERNEL_TIME.search(line)
+            block = Crash(
+                found[0],
+                found[1],
+                text,
+                [text],
+                float(stamp.group(1)) if stamp else None,
+                time.time(),
+            )
+            self.crashes.append(block)
+            self._block, changed = block, True
+        if changed and block is not None:
+            for listener in list(self._crash_listeners):
+                with contextlib.suppress(Exception):  # a listener must never stop the reader
+                    listener(block)
+
+    def on_crash(self, listener: Callable[[Crash], object]) -> Callable[[], None]:
+        """Call ``listener(crash)`` on the reader thread whenever a crash starts, gets worse or is
+        complete (crashes seen before are not replayed: read ``crashes``); returns the unsubscriber."""
+        self._crash_listeners.append(listener)
+
+        def off() -> None:
+            with contextlib.suppress(ValueError):
+                self._crash_listeners.remove(listener)
+
+        return off
 
     def _pass_on(self, data: bytes) -> None:
         with self._client_lock:
