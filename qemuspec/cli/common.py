@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, Sequence, TextIO
 
+from qemuspec.cli.escape import printable
 from qemuspec.errors import QemuspecError, UsageError
 from qemuspec.settings import Settings, current
 
@@ -54,17 +55,6 @@ def resolve_file(given: str | None, settings: Settings | None = None) -> str:
 def looks_like_file(operand: str) -> bool:
     """A first operand names the definition file, not a machine, when it could only be a path."""
     return operand.endswith(DEFINITION_SUFFIXES) or os.sep in operand or os.path.isfile(operand)
-
-
-# C0 controls but tab and newline, DEL, and C1 controls (CSI, OSC... as single characters)
-_CONTROLS = r"[\x00-\x08\x0b-\x1f\x7f-\x9f]"
-
-
-def printable(text: str) -> str:
-    """Guest-controlled text made inert for a terminal: every control character but tab and newline
-    (ESC of ``ESC[2J``, BEL ending an OSC title, C1 CSI) as ``\\xNN``, so a guest can neither query,
-    retitle nor clear the terminal of whoever reads its console."""
-    return re.sub(_CONTROLS, lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def escaping(stream: TextIO, raw: bool = False) -> bool:
@@ -127,7 +117,14 @@ class Output:
             "quiet" if self.quiet else "json" if self.json else "live" if self.live else "lines"
         )
 
-    def progress(self, names: list[str], deadline: float | None = None) -> "Progress":
+    def progress(
+        self,
+        names: list[str],
+        deadline: float | None = None,
+        consoles: dict[str, str] | None = None,
+    ) -> "Progress":
+        """Progress on stderr while it is live (cli/progress.py); ``consoles``: machine -> console
+        log, whose last line (escaped) the live line shows."""
         from qemuspec.cli.progress import Progress
 
         return Progress(
@@ -136,6 +133,7 @@ class Output:
             live=self.live,
             colour=self.colour and self.live,
             deadline=deadline,
+            consoles=consoles,
         )
 
 

@@ -13,12 +13,13 @@ import signal
 import sys
 import tempfile
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from qemuspec.cli.common import Context
 from qemuspec.errors import QemuspecError, UsageError
 
 if TYPE_CHECKING:
+    from qemuspec.cli.progress import Progress
     from qemuspec.spec.models import Machine
 
 
@@ -59,6 +60,31 @@ def _reachable(machine: Machine, name: str, via: str, source: str, lines: dict) 
     from qemuspec.spec.messages import located
 
     raise SpecError(located(source, lines, [(("machines", name), why)]))
+
+
+def _live_line(
+    ctx: Context, name: str, machine: Machine, timeout: float | None, workdir: str
+) -> tuple[Callable[[str], None], Progress]:
+    """`run`'s progress as `up`'s: the live line (probe, clock, last console line) on a terminal, a
+    line per probe and a heartbeat elsewhere; "ready in" stays on stderr (stdout is the command's)."""
+    from qemuspec.cli.progress import done
+    from qemuspec.runtime import statedir
+
+    out = ctx.out
+    deadline = timeout if timeout is not None else machine.ready.timeout
+    log = os.path.join(workdir, name, statedir.SERIAL_LOG)
+    progress = out.progress([name], deadline, {name: log})
+
+    def report(message: str) -> None:
+        status = message.removeprefix(f"{name}: ")
+        if not done(status):
+            progress(name, status)
+            return
+        progress.close()  # the live line goes before the command's output begins
+        if not (out.json or out.quiet):
+            print(message, file=sys.stderr, flush=True)
+
+    return report, progress
 
 
 def run(
@@ -129,12 +155,9 @@ def run(
         sink.write(data)
         sink.flush()
 
-    def report(message: str) -> None:
-        if not (out.json or out.quiet):
-            print(message, file=sys.stderr, flush=True)
-
     previous = {sig: signal.signal(sig, _raise) for sig in (signal.SIGTERM, signal.SIGHUP)}
     workdir = tempfile.mkdtemp(prefix="qemuspec-run-")
+    report, progress = _live_line(ctx, name, machine, timeout, workdir)
     try:
         code = run_in_guest(
             machine,
@@ -154,6 +177,7 @@ def run(
         )
         return 128 + stop.signum
     finally:
+        progress.close()
         # signals stay on a raising handler until the directory is gone, so a second one cannot cut this short
         from qemuspec.runtime.statedir import disown
 

@@ -154,7 +154,7 @@ def up(
         for s in reconcile.plan(spec, chosen, names, _owner(target))
         if s["action"] in ("start", "recreate", "starting")
     ]
-    progress = ctx.out.progress(names, deadline)
+    progress = ctx.out.progress(names, deadline, _consoles(ctx, names))
     try:
         outcomes = reconcile.up(
             spec, target.root, names, chosen, progress, owner=_owner(target), record=declared
@@ -175,6 +175,11 @@ def up(
     if attach:
         return _attach(ctx, spec, names)
     return 0
+
+
+def _consoles(ctx: Context, names: list[str]) -> dict[str, str]:
+    """Each machine's console log here, for the last console line of the live progress line."""
+    return {n: os.path.join(ctx.target.state_dir(n), statedir.SERIAL_LOG) for n in names}
 
 
 def _interrupted(ctx: Context, spec: "File", starting: list[str]) -> int:
