@@ -257,7 +257,29 @@ class Context:
             settings,
             kind=FILE_COMMANDS.get(args.command, "machines"),
         )
+        words = getattr(args, "words", None)
+        if words:
+            tail = guest_command(target, words, args.command)
         return cls(out, target, settings, tail, {"namespace": args})
+
+
+def guest_command(target: Target, words: list[str], command: str) -> list[str]:
+    """``exec FILE [MACHINE] COMMAND...`` without ``--``: the first word is the machine when the file
+    has a machine of that name, else the command's own (the machine then is the only one, or
+    ``--machine``). Sets the machine on ``target``; returns the guest's command."""
+    machines = target.spec.machines
+    if words[0] in machines:
+        target.rest = [words[0]]
+        return words[1:]
+    if target.machine_option or len(machines) == 1:
+        return words
+    import shlex
+
+    raise UsageError(
+        f"{target.path} declares machines {', '.join(machines)} and none is named "
+        f'"{words[0]}": name the machine before the command, e.g. qemuspec {command} '
+        f"{target.path} {next(iter(machines))} {shlex.join(words)} (or put the command after --)"
+    )
 
 
 def check_against_qemu(spec: File, lines: dict, source: str, names: list[str]) -> None:

@@ -471,10 +471,26 @@ def plan(ctx: Context, *, warm: bool = False) -> int:
             print(f"      {out.paint(line, code) if code else line}")
     if pending and not out.quiet:
         print(
-            f"plan: changes pending (exit {PENDING}); `qemuspec up {target.path}` applies them",
+            f"plan: changes pending (exit {PENDING}); `{_up_line(ctx, warm)}` applies them",
             file=sys.stderr,
         )
     return PENDING if pending else 0
+
+
+def _up_line(ctx: Context, warm: bool) -> str:
+    """The `up` that applies this plan: the same file, machines and flags the plan was given (--var,
+    --warm, --state-dir, --connect), so pasting it does what the plan showed."""
+    import shlex
+
+    target, namespace = ctx.target, ctx.extra.get("namespace")
+    words = ["qemuspec", "up", target.path, *target.rest]
+    words += [w for name in target.machine_option for w in ("--machine", name)]
+    words += [w for pair in getattr(namespace, "var", None) or [] for w in ("--var", pair)]
+    words += ["--warm"] if warm else []
+    for flag in ("state_dir", "connect"):
+        value = getattr(namespace, flag, None)
+        words += [f"--{flag.replace('_', '-')}", value] if value else []
+    return shlex.join(words)
 
 
 def inspect(ctx: Context) -> int:
@@ -548,6 +564,18 @@ def qmp(ctx: Context) -> int:
             f"qmp takes [MACHINE] COMMAND [JSON], got {len(rest)} operands: quote the JSON arguments"
         )
     name: str | None = target.machine_option[0] if target.machine_option else None
+    if (
+        len(rest) == 2
+        and not rest[1].lstrip().startswith("{")
+        and rest[0] not in target.spec.machines
+        and not _json_object(rest[1])
+    ):
+        raise UsageError(
+            f"qmp {rest[0]} {rest[1]}: {rest[1]!r} is not JSON, and {target.path} has no machine "
+            f'"{rest[0]}" (machines: {", ".join(target.spec.machines)}): QMP arguments are one JSON '
+            f'object, e.g. qemuspec qmp {target.path} {rest[0]} \'{{"device": "disk0"}}\', and a '
+            "machine comes before the command"
+        )
     if len(rest) == 3 or (len(rest) == 2 and not rest[1].lstrip().startswith("{")):
         name = rest.pop(0)
     elif len(rest) == 1 and rest[0] in target.spec.machines and len(target.spec.machines) > 1:
@@ -562,7 +590,8 @@ def qmp(ctx: Context) -> int:
             arguments = json.loads(raw)
         except ValueError as exc:
             raise UsageError(
-                f'arguments must be a JSON object, for example \'{{"device": "disk0"}}\': {exc}'
+                f"qmp {command}: {raw!r} is not JSON ({exc}): arguments must be one JSON object, "
+                f'for example \'{{"device": "disk0"}}\''
             ) from None
         if not isinstance(arguments, dict):
             raise UsageError('arguments must be a JSON object, for example \'{"device": "disk0"}\'')
@@ -573,6 +602,13 @@ def qmp(ctx: Context) -> int:
     else:
         emit_json(result)
     return 0
+
+
+def _json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
 
 
 def _each(ctx: Context, paused: bool) -> int:
