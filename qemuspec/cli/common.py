@@ -243,7 +243,7 @@ class Context:
         out = Output(
             json=getattr(args, "json", False),
             quiet=getattr(args, "quiet", False),
-            colour=sys.stdout.isatty() and not settings.no_color,
+            colour=sys.stdout.isatty() and not settings.no_color and settings.term != "dumb",
             live=terminal,
             raw=getattr(args, "raw", False),
         )
@@ -434,6 +434,19 @@ def outcomes_exit_code(outcomes: Sequence[Outcome]) -> int:
     return 1 if any(o.action in REFUSED for o in outcomes) else 0
 
 
+def error_label(stream: TextIO | None = None) -> str:
+    """``error:``, red on a terminal (never with NO_COLOR or TERM=dumb)."""
+    settings = current()
+    stream = stream or sys.stderr
+    try:
+        terminal = stream.isatty()
+    except (AttributeError, ValueError):
+        terminal = False
+    if terminal and not settings.no_color and settings.term != "dumb":
+        return "\x1b[31merror:\x1b[0m"
+    return "error:"
+
+
 def report_error(
     exc: BaseException, json_output: bool = False, source: str | None = None, raw: bool = False
 ) -> int:
@@ -448,9 +461,10 @@ def report_error(
         ]
         code = 1
     escape = escaping(sys.stderr, raw)
+    label = error_label()
     for number, problem in enumerate(problems):
         print(
-            ("\n" if number else "") + f"error: {printable(problem) if escape else problem}",
+            ("\n" if number else "") + f"{label} {printable(problem) if escape else problem}",
             file=sys.stderr,
         )
     if json_output:

@@ -34,6 +34,15 @@ def _epilog(name: str, examples: list[str] | None = None) -> str:
     return text + EXIT_CODES
 
 
+def _count(text: str) -> int | None:
+    """A number of lines: 0 or more, or "all" (None: every line)."""
+    if text == "all":
+        return None
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f'"{text}" is not a number of lines: write 20, 0 or all')
+    return int(text)
+
+
 def _environment() -> str:
     """Every environment variable qemuspec reads (settings.VARIABLES, the one list)."""
     from qemuspec.settings import VARIABLES
@@ -278,12 +287,36 @@ def build_parser(
         help="also delete disks qemuspec created and the state directory",
     )
     p["logs"].add_argument(
-        "--follow", "-f", action="store_true", help="keep printing as the log grows"
+        "--follow",
+        "-f",
+        action="store_true",
+        help="keep printing as the log grows (rotation followed), from its end unless -n is "
+        "given, until the machines stop",
     )
     p["logs"].add_argument(
         "--events", action="store_true", help="print events instead of the console"
     )
-    p["logs"].add_argument("--lines", "-n", type=int, default=0, help="only the last N lines")
+    p["logs"].add_argument(
+        "--lines",
+        "-n",
+        "--tail",
+        type=_count,
+        default=None,
+        metavar="N",
+        help="only the last N lines (0: none; default: all, or none with -f)",
+    )
+    p["logs"].add_argument(
+        "--since",
+        metavar="WHEN",
+        help="only lines since WHEN: a duration ago (10m, 2h) or a time "
+        "(2026-12-02T05:00:00, UTC unless an offset is given; or unix seconds)",
+    )
+    p["logs"].add_argument(
+        "--timestamps",
+        "-t",
+        action="store_true",
+        help="prefix each line with the time it arrived (UTC, to the millisecond)",
+    )
 
     for name in ("events", "console", "inspect", "exec", "ssh", "run"):
         _target(p[name], "[FILE] [MACHINE]")

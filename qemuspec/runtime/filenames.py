@@ -12,6 +12,9 @@ STOP = "stop.json"  # StopRequest: what `down` asked for
 CREATED = "created.json"  # CreatedRecord: files qemuspec made (what `down --purge` may delete)
 EVENTS = "events.jsonl"
 SERIAL_LOG = "serial.log"
+# when serial.log's bytes arrived: (offset, unix time) records, rotated with it (`logs --timestamps`)
+SERIAL_TIMES = "serial.times"
+ROTATED = ".1"  # a capped log's previous generation: NAME + ROTATED
 QEMU_LOG = "qemu.log"
 SUPERVISOR_LOG = "supervisor.log"
 PIDFILE = "qemu.pid"

@@ -244,7 +244,7 @@ class Instance:
         self.write_state()
 
     def _serial_log(self) -> statedir.CappedLog:
-        log = statedir.CappedLog(self.state_dir, statedir.SERIAL_LOG)
+        log = statedir.CappedLog(self.state_dir, statedir.SERIAL_LOG, times=statedir.SERIAL_TIMES)
         if log.errno in (errno.ELOOP, errno.EINVAL):
             log.close()
             raise LaunchError(
