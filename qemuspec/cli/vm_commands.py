@@ -862,10 +862,10 @@ class _LogFile:
         out: list[tuple[str, float | None]] = []
         inode = self._inode()
         if inode != self.inode and self.inode is not None:  # rotated: the old file's end first
-            old = self.path + statedir.ROTATED
+            old = statedir.rotated(self.path)
             with contextlib.suppress(OSError):
                 if os.stat(old, follow_symlinks=False).st_ino == self.inode:
-                    self.index.path = self.times + statedir.ROTATED
+                    self.index.path = statedir.rotated(self.times)
                     out += self._lines(statedir.read_from(old, self.offset) or b"", self.offset)
             out += self.rest()
             self.offset, self.index = 0, statedir.TimeIndex(self.times)

@@ -14,7 +14,6 @@ EVENTS = "events.jsonl"
 SERIAL_LOG = "serial.log"
 # when serial.log's bytes arrived: (offset, unix time) records, rotated with it (`logs --timestamps`)
 SERIAL_TIMES = "serial.times"
-ROTATED = ".1"  # a capped log's previous generation: NAME + ROTATED
 QEMU_LOG = "qemu.log"
 SUPERVISOR_LOG = "supervisor.log"
 PIDFILE = "qemu.pid"
@@ -32,6 +31,11 @@ WARM_DIR = "warm"  # saved machine state (runtime/warm.py), with the names below
 WARM_MEMORY = "memory"  # qemu's migration stream
 WARM_KEY = "key.json"  # what the saved state is valid for; written last
 TMP_SUFFIX = ".tmp"  # a file being written under its final name plus this
+
+
+def rotated(name: str) -> str:
+    """A capped log's previous generation (statedir.CappedLog moves NAME there)."""
+    return name + ".1"
 
 
 def live_disk(index: int) -> str:

@@ -521,11 +521,11 @@ class CappedLog:
                 except FileNotFoundError:
                     size = 0
                 if rotate_first and size:
-                    os.replace(self.name, self.name + ROTATED, src_dir_fd=dfd, dst_dir_fd=dfd)
+                    os.replace(self.name, rotated(self.name), src_dir_fd=dfd, dst_dir_fd=dfd)
                     if self.times:
                         with contextlib.suppress(FileNotFoundError):
                             os.replace(
-                                self.times, self.times + ROTATED, src_dir_fd=dfd, dst_dir_fd=dfd
+                                self.times, rotated(self.times), src_dir_fd=dfd, dst_dir_fd=dfd
                             )
                 elif (
                     size > self.half
@@ -536,7 +536,7 @@ class CappedLog:
                         end = os.read(fd, self.half)
                     finally:
                         os.close(fd)
-                    write_bytes(self.directory, self.name + ROTATED, end)
+                    write_bytes(self.directory, rotated(self.name), end)
                     os.unlink(self.name, dir_fd=dfd)
                     size = 0
                 if self.times and not size:  # a new log: its index starts afresh
