@@ -137,6 +137,25 @@ def test_up_down_and_run_print_each_outcome_once(tmp_path, guest):
         assert "started" not in up.stderr and "ready in" not in up.stderr, up.stderr
         progress = up.stderr.split("lab: starting\n", 1)[1]  # after the host paths it lists
         assert all(line.startswith("lab: ") for line in progress.splitlines()), up.stderr
+        # exec without --: the file has one machine and "uname" is not one of its names
+        uname = subprocess.run(
+            [*ENTRY, "exec", path, "uname", "-s"], capture_output=True, text=True, timeout=120
+        )
+        assert uname.returncode == 0 and uname.stdout == "Linux\n", uname.stderr
+        # logs -f: from the end, the guest's new lines, and it ends by itself when the machine stops
+        follow = subprocess.Popen(
+            [*ENTRY, "logs", path, "-f", "--timestamps"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        said = subprocess.run(
+            [*ENTRY, "exec", path, "--", "sh", "-c", "echo followed-line > /dev/ttyS0"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert said.returncode == 0, said.stderr
     finally:
         with open(tmp_path / "down.out", "w") as f:
             down = subprocess.run(
@@ -144,6 +163,10 @@ def test_up_down_and_run_print_each_outcome_once(tmp_path, guest):
             )
     both = (tmp_path / "down.out").read_text()
     assert down.returncode == 0, both
+    followed, _ = follow.communicate(timeout=30)  # ended on its own once the machine stopped
+    assert follow.returncode == 0
+    assert guest["marker"] not in followed, "-f begins at the end"
+    assert re.search(r"^\d{4}-\d\d-\d\dT[\d:.]+Z followed-line$", followed, re.M), followed
     assert both.count("lab: stopped") == 1, both
     assert both.endswith("\n") and "stopping" in both.split("lab: stopped")[0], both
     run = subprocess.run(

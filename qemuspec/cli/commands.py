@@ -188,7 +188,7 @@ EXAMPLES = {
         "qemuspec img pull machines/dev.toml",
     ],
     "help": ["qemuspec help up", "qemuspec help img pull"],
-    "man": ["qemuspec man > qemuspec.1 && man ./qemuspec.1"],
+    "man": ["qemuspec man -o qemuspec.1"],
 }
 
 # img ACTION -> examples (shown by `qemuspec img ACTION --help`)

@@ -159,7 +159,6 @@ def build_parser(
         for name in wanted
     }
     p: dict[str, argparse.ArgumentParser] = {name: real.get(name) or _Skip() for name in COMMANDS}  # type: ignore[misc]
-    p["ps"].epilog = _epilog("status")
 
     p["validate"].usage = "qemuspec validate [FILE...] [options]"
     p["validate"].add_argument(
@@ -522,9 +521,8 @@ def _guest_words(sub: argparse.ArgumentParser, argv: list[str]) -> tuple[list[st
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str] | None]:
     """The namespace of one command line, and what followed ``--`` (a guest or qemu command)."""
     tail: list[str] | None = None
-    if argv[:1] == [
-        "help"
-    ]:  # `qemuspec help COMMAND [ACTION]` is `qemuspec COMMAND [ACTION] --help`
+    if argv[:1] == ["help"] and not {"-h", "--help"} & set(argv[1:]):
+        # `qemuspec help COMMAND [ACTION]` is `qemuspec COMMAND [ACTION] --help`
         if argv[1:2] and argv[1] not in COMMANDS:
             _unknown_command(argv[1])
         argv = [*argv[1:], "--help"]

@@ -372,6 +372,7 @@ def _readopt(ctx: Context, names: list[str]) -> set[str]:
 # state -> colour of the STATE column on a terminal (green: running, yellow: on its way, red: trouble)
 STATE_COLOURS = {
     "running": "32",
+    "stopped": "2",
     "paused": "33",
     "starting": "33",
     "restarting": "33",
@@ -412,7 +413,9 @@ def _table(
         table.append(cells + [r["reason"] or ""])
     paint = None
     if out is not None and out.colour:
-        paint = {1: lambda cell: out.paint(cell, STATE_COLOURS.get(cell.strip(), "0"))}
+        paint = {
+            1: lambda cell: out.paint(cell, STATE_COLOURS[cell]) if cell in STATE_COLOURS else cell
+        }
     for line in format_table(table, right={2, 3, 4}, paint=paint):
         print(line)
 
@@ -633,7 +636,10 @@ def qmp(ctx: Context) -> int:
                 f'for example \'{{"device": "disk0"}}\''
             ) from None
         if not isinstance(arguments, dict):
-            raise UsageError('arguments must be a JSON object, for example \'{"device": "disk0"}\'')
+            raise UsageError(
+                f"qmp {command}: {raw!r} is JSON but not one JSON object: arguments must be one "
+                'JSON object, for example \'{"device": "disk0"}\''
+            )
     with monitor(ctx, name) as client:
         result = client.command(command, arguments)
     if isinstance(result, str) and not ctx.out.json:
