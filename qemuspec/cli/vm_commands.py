@@ -204,18 +204,14 @@ def _interrupted(ctx: Context, spec: "File", starting: list[str]) -> int:
         flush=True,
     )
     if starting:
-        _print_outcomes(
-            ctx.out,
-            reconcile.down(
-                spec,
-                ctx.target.root,
-                starting,
-                backends(ctx),
-                None,
-                ctx.out.progress(starting),
-                owner=_owner(ctx.target),
-            ),
-        )
+        progress = ctx.out.progress(starting)
+        try:
+            stopped = reconcile.down(
+                spec, ctx.target.root, starting, backends(ctx), None, progress, _owner(ctx.target)
+            )
+        finally:
+            progress.close()
+        _print_outcomes(ctx.out, stopped)
     return 130
 
 
@@ -234,18 +230,14 @@ def _attach(ctx: Context, spec: "File", names: list[str]) -> int:
     except KeyboardInterrupt:
         pass
     print("\nstopping...", file=sys.stderr)
-    _print_outcomes(
-        ctx.out,
-        reconcile.down(
-            spec,
-            root,
-            names,
-            backends(ctx),
-            None,
-            ctx.out.progress(names),
-            owner=_owner(ctx.target),
-        ),
-    )
+    progress = ctx.out.progress(names)
+    try:
+        stopped = reconcile.down(
+            spec, root, names, backends(ctx), None, progress, _owner(ctx.target)
+        )
+    finally:
+        progress.close()
+    _print_outcomes(ctx.out, stopped)
     return 0
 
 
@@ -255,15 +247,13 @@ def down(ctx: Context, *, timeout: float | None, purge: bool) -> int:
     target = ctx.target
     spec = target.spec
     names = target.machines()
-    outcomes = reconcile.down(
-        spec,
-        target.root,
-        names,
-        backends(ctx),
-        timeout,
-        ctx.out.progress(names),
-        owner=_owner(target),
-    )
+    progress = ctx.out.progress(names)
+    try:
+        outcomes = reconcile.down(
+            spec, target.root, names, backends(ctx), timeout, progress, owner=_owner(target)
+        )
+    finally:
+        progress.close()  # the live lines go: each outcome is printed once, below
     if purge:  # what qemuspec made for each stopped machine, by its backend (a host's volumes; this host's files)
         kept = {o.name for o in outcomes if o.action in REFUSED}
         for name in [n for n in names if n not in kept]:
@@ -410,7 +400,8 @@ def _table(
         ]
         cells += [str(r.get("file") or r.get("state_dir"))] if with_file else []
         cells += [_host_label(r.get("host"))] if with_host else []
-        table.append(cells + [r["reason"] or ""])
+        reason = r["reason"] or ""  # may quote the guest's console (a panic line): escaped
+        table.append(cells + [out.guest(reason) if out is not None else reason])
     paint = None
     if out is not None and out.colour:
         paint = {
