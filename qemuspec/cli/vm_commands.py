@@ -602,6 +602,7 @@ def qmp(ctx: Context) -> int:
         and not rest[1].lstrip().startswith("{")
         and rest[0] not in target.spec.machines
         and not _json_object(rest[1])
+        and not _close_machine(rest[0], list(target.spec.machines))  # a typo: did-you-mean below
     ):
         raise UsageError(
             f"qmp {rest[0]} {rest[1]}: {rest[1]!r} is not JSON, and {target.path} has no machine "
@@ -638,6 +639,12 @@ def qmp(ctx: Context) -> int:
     else:
         emit_json(result)
     return 0
+
+
+def _close_machine(word: str, machines: list[str]) -> bool:
+    import difflib
+
+    return bool(difflib.get_close_matches(word, machines, n=1))
 
 
 def _json_object(text: str) -> bool:
