@@ -834,6 +834,7 @@ def run_in_guest(
             f"machine {name} has no guest-agent channel: add agent = true, or use --via ssh"
         )
     instance = Instance(name, throwaway(machine, workdir), os.path.join(workdir, name))
+    instance.on_probe = lambda probe: report(f"{name}: waiting for {probe}")
     began = time.monotonic()
     report(f"{name}: booting on throwaway disks")
     instance.launch()

@@ -37,10 +37,16 @@ VARIABLES = {
     "QEMUSPEC_OFFLINE": "1: never download a base image; one missing from the cache is an error (as --offline)",
     "QEMUSPEC_WARM_DIR": "checkpoints of `run`, `test` and the pytest plugin, named by their content key "
     "(default: warm/ in qemuspec's directory of the user's cache; `qemuspec warm key FILE` prints the key)",
+    "QEMUSPEC_CONNECT": "libvirt URI for machines without a host of their own (as --connect)",
+    "HOME": "the user's home: ~/.cache, ~/.local/state (the keep base: ssh keys, ownership records)",
+    "XDG_STATE_HOME": "the keep base is qemuspec/ in it when set (default ~/.local/state)",
+    "XDG_RUNTIME_DIR": "the runtime registry (running machines, sockets) is qemuspec/ in it when "
+    "private (else /tmp/qemuspec-UID)",
+    "TERM": "dumb: plain progress lines, never redrawn in place",
     "XDG_CACHE_HOME": "the user's cache: base images, validated definitions and qemu capabilities under qemuspec/",
     "http_proxy, https_proxy, no_proxy": "proxies for image downloads (upper-case names too)",
     "NO_COLOR": "no colour, even on a terminal",
-    "CI": "line-based progress, never redrawn in place",
+    "CI": "true, 1 or yes: line-based progress, never redrawn in place",
 }
 
 

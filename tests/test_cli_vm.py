@@ -127,5 +127,6 @@ def test_progress_live_lines_and_no_color():
     Progress(["a"], stream=term, settings=Settings(term="dumb"))("a", "ready in 1.0 s")
     assert "\x1b[2K" not in term.getvalue(), "TERM=dumb: plain lines, never redrawn"
     plain = io.StringIO()
+    Progress(["a"], stream=plain, settings=xterm)("a", "starting")
     Progress(["a"], stream=plain, settings=xterm)("a", "failed")
-    assert plain.getvalue() == "a: failed\n"
+    assert plain.getvalue() == "a: starting\n", "off a terminal: changes, never the outcome"

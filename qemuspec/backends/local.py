@@ -584,6 +584,8 @@ def _collect(
                                 if message.get("boot") == "warm"
                                 else "waiting for ready",
                             )
+                        elif status == "probe":  # which readiness probe the guest is at
+                            report(name, f"waiting for {message.get('probe', 'ready')}")
                         elif status == "saving":
                             report(name, "saving warm state")
                         elif status == "restore failed":

@@ -162,6 +162,8 @@ COMMANDS = {
         "completion",
         "print a shell completion script: bash, zsh or fish",
     ),
+    "help": ("manual", "help_", "show a command's help: qemuspec help COMMAND [ACTION]"),
+    "man": ("manual", "man", "print qemuspec's manual page (roff), generated from this parser"),
 }
 
 EXAMPLES = {
@@ -201,4 +203,40 @@ EXAMPLES = {
     "snapshot": ["qemuspec snapshot list machines/dev.toml dev"],
     "provision": ["qemuspec provision machines/dev.toml"],
     "completion": ["qemuspec completion bash > qemuspec.bash"],
+    "ps": ["qemuspec ps machines/dev.toml --json"],
+    "ls": ["qemuspec ls"],
+    "console": ["qemuspec console machines/dev.toml dev   # detach with Ctrl-]"],
+    "pause": ["qemuspec pause machines/dev.toml dev"],
+    "resume": ["qemuspec resume machines/dev.toml dev"],
+    "restart": ["qemuspec restart machines/dev.toml dev"],
+    "ssh": ["qemuspec ssh machines/dev.toml dev -- uname -r"],
+    "reset": ["qemuspec reset machines/dev.toml dev   # a stopped machine's overlays"],
+    "import": ["qemuspec import -o imported.toml -- qemu-system-x86_64 -m 512 -smp 2 -nographic"],
+    "img": [
+        "qemuspec img create scratch.qcow2 1G",
+        "qemuspec img info scratch.qcow2",
+        "qemuspec img pull machines/dev.toml",
+    ],
+    "help": ["qemuspec help up", "qemuspec help img pull"],
+    "man": ["qemuspec man -o qemuspec.1"],
+}
+
+# img ACTION -> examples (shown by `qemuspec img ACTION --help`)
+IMG_EXAMPLES = {
+    "create": [
+        "qemuspec img create scratch.qcow2 1G",
+        "qemuspec img create overlay.qcow2 -b scratch.qcow2 -F qcow2",
+    ],
+    "info": ["qemuspec img info scratch.qcow2 --json"],
+    "convert": ["qemuspec img convert scratch.qcow2 scratch.raw -O raw"],
+    "resize": ["qemuspec img resize scratch.qcow2 2G"],
+    "snapshot": [
+        "qemuspec img snapshot create scratch.qcow2 clean",
+        "qemuspec img snapshot list scratch.qcow2",
+    ],
+    "check": ["qemuspec img check scratch.qcow2"],
+    "rebase": ["qemuspec img rebase overlay.qcow2 -b scratch.qcow2 -F qcow2"],
+    "pull": ["qemuspec img pull machines/dev.toml --offline"],
+    "ls": ["qemuspec img ls --json"],
+    "prune": ["qemuspec img prune --older-than 30d"],
 }

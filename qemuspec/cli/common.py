@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, Sequence, TextIO
 
+from qemuspec.cli.escape import printable
 from qemuspec.errors import QemuspecError, UsageError
 from qemuspec.settings import Settings, current
 
@@ -54,17 +55,6 @@ def resolve_file(given: str | None, settings: Settings | None = None) -> str:
 def looks_like_file(operand: str) -> bool:
     """A first operand names the definition file, not a machine, when it could only be a path."""
     return operand.endswith(DEFINITION_SUFFIXES) or os.sep in operand or os.path.isfile(operand)
-
-
-# C0 controls but tab and newline, DEL, and C1 controls (CSI, OSC... as single characters)
-_CONTROLS = r"[\x00-\x08\x0b-\x1f\x7f-\x9f]"
-
-
-def printable(text: str) -> str:
-    """Guest-controlled text made inert for a terminal: every control character but tab and newline
-    (ESC of ``ESC[2J``, BEL ending an OSC title, C1 CSI) as ``\\xNN``, so a guest can neither query,
-    retitle nor clear the terminal of whoever reads its console."""
-    return re.sub(_CONTROLS, lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def escaping(stream: TextIO, raw: bool = False) -> bool:
@@ -127,7 +117,14 @@ class Output:
             "quiet" if self.quiet else "json" if self.json else "live" if self.live else "lines"
         )
 
-    def progress(self, names: list[str], deadline: float | None = None) -> "Progress":
+    def progress(
+        self,
+        names: list[str],
+        deadline: float | None = None,
+        consoles: dict[str, str] | None = None,
+    ) -> "Progress":
+        """Progress on stderr while it is live (cli/progress.py); ``consoles``: machine -> console
+        log, whose last line (escaped) the live line shows."""
         from qemuspec.cli.progress import Progress
 
         return Progress(
@@ -136,6 +133,7 @@ class Output:
             live=self.live,
             colour=self.colour and self.live,
             deadline=deadline,
+            consoles=consoles,
         )
 
 
@@ -245,7 +243,7 @@ class Context:
         out = Output(
             json=getattr(args, "json", False),
             quiet=getattr(args, "quiet", False),
-            colour=sys.stdout.isatty() and not settings.no_color,
+            colour=sys.stdout.isatty() and not settings.no_color and settings.term != "dumb",
             live=terminal,
             raw=getattr(args, "raw", False),
         )
@@ -259,7 +257,29 @@ class Context:
             settings,
             kind=FILE_COMMANDS.get(args.command, "machines"),
         )
+        words = getattr(args, "words", None)
+        if words:
+            tail = guest_command(target, words, args.command)
         return cls(out, target, settings, tail, {"namespace": args})
+
+
+def guest_command(target: Target, words: list[str], command: str) -> list[str]:
+    """``exec FILE [MACHINE] COMMAND...`` without ``--``: the first word is the machine when the file
+    has a machine of that name, else the command's own (the machine then is the only one, or
+    ``--machine``). Sets the machine on ``target``; returns the guest's command."""
+    machines = target.spec.machines
+    if words[0] in machines:
+        target.rest = [words[0]]
+        return words[1:]
+    if target.machine_option or len(machines) == 1:
+        return words
+    import shlex
+
+    raise UsageError(
+        f"{target.path} declares machines {', '.join(machines)} and none is named "
+        f'"{words[0]}": name the machine before the command, e.g. qemuspec {command} '
+        f"{target.path} {next(iter(machines))} {shlex.join(words)} (or put the command after --)"
+    )
 
 
 def check_against_qemu(spec: File, lines: dict, source: str, names: list[str]) -> None:
@@ -434,6 +454,19 @@ def exit_code(exc: BaseException) -> int:
     return exc.exit_code if isinstance(exc, QemuspecError) else 1
 
 
+def error_label(stream: TextIO | None = None) -> str:
+    """``error:``, red on a terminal (never with NO_COLOR or TERM=dumb)."""
+    settings = current()
+    stream = stream or sys.stderr
+    try:
+        terminal = stream.isatty()
+    except (AttributeError, ValueError):
+        terminal = False
+    if terminal and not settings.no_color and settings.term != "dumb":
+        return "\x1b[31merror:\x1b[0m"
+    return "error:"
+
+
 def report_error(
     exc: BaseException, json_output: bool = False, source: str | None = None, raw: bool = False
 ) -> int:
@@ -448,9 +481,10 @@ def report_error(
         ]
         code = 1
     escape = escaping(sys.stderr, raw)
+    label = error_label()
     for number, problem in enumerate(problems):
         print(
-            ("\n" if number else "") + f"error: {printable(problem) if escape else problem}",
+            ("\n" if number else "") + f"{label} {printable(problem) if escape else problem}",
             file=sys.stderr,
         )
     if json_output:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from qemuspec.cli.commands import COMMANDS, EXAMPLES, EXIT_CODES
+from qemuspec.cli.commands import COMMANDS, EXAMPLES, EXIT_CODES, IMG_EXAMPLES
 
 FILE_HELP = "definition file, also accepted as the first operand (default: $QEMUSPEC_FILE, else qemuspec.toml, qemuspec.yaml or machines/dev.toml)"
 
@@ -17,10 +17,40 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
     pass
 
 
-def _epilog(name: str) -> str:
-    examples = EXAMPLES.get(name, [])
+def duration(text: str) -> float:
+    """A CLI duration as definitions write them: seconds (``90``, ``1.5``) or with a unit (``500ms``,
+    ``30s``, ``5m``, ``1h``)."""
+    from qemuspec.spec.units import parse_seconds
+
+    try:
+        return parse_seconds(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _epilog(name: str, examples: list[str] | None = None) -> str:
+    examples = EXAMPLES.get(name, []) if examples is None else examples
     text = ("examples:\n" + "\n".join(f"  {e}" for e in examples) + "\n\n") if examples else ""
     return text + EXIT_CODES
+
+
+def _count(text: str) -> int | None:
+    """A number of lines: 0 or more, or "all" (None: every line)."""
+    if text == "all":
+        return None
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f'"{text}" is not a number of lines: write 20, 0 or all')
+    return int(text)
+
+
+def _environment() -> str:
+    """Every environment variable qemuspec reads (settings.VARIABLES, the one list)."""
+    from qemuspec.settings import VARIABLES
+
+    width = max(len(name) for name in VARIABLES)
+    return "environment:\n" + "\n".join(
+        f"  {name:<{width}}  {what}" for name, what in VARIABLES.items()
+    )
 
 
 def _commands_help() -> str:
@@ -111,7 +141,7 @@ def build_parser(
         usage="qemuspec [--version] COMMAND [ACTION] [FILE] [MACHINE...] [OPTIONS] [-- COMMAND...]",
         description="Declarative QEMU virtual machines: definitions in TOML or YAML, validated, rendered, run through QMP.\n"
         "FILE is optional everywhere (also --file FILE); MACHINE may be left out when the file has one machine.",
-        epilog=_commands_help() + "\n\n" + _epilog(""),
+        epilog=_commands_help() + "\n\n" + _epilog("") + "\n\n" + _environment(),
         formatter_class=_Formatter,
     )
     parser.add_argument("--version", action="version", version="qemuspec 0.1.0")
@@ -129,9 +159,16 @@ def build_parser(
         for name in wanted
     }
     p: dict[str, argparse.ArgumentParser] = {name: real.get(name) or _Skip() for name in COMMANDS}  # type: ignore[misc]
-    p["ps"].epilog = _epilog("status")
 
-    p["validate"].add_argument("files", nargs="+", metavar="FILE", help="definition files")
+    p["validate"].usage = "qemuspec validate [FILE...] [options]"
+    p["validate"].add_argument(
+        "files",
+        nargs="*",
+        metavar="FILE",
+        help="definition files (default: --file, else $QEMUSPEC_FILE, else qemuspec.toml, "
+        "qemuspec.yaml or machines/dev.toml)",
+    )
+    p["validate"].add_argument("--file", "-F", dest="file_option", metavar="FILE", help=FILE_HELP)
     p["validate"].add_argument(
         "--var",
         action="append",
@@ -218,9 +255,10 @@ def build_parser(
     )
     p["up"].add_argument(
         "--timeout",
-        type=float,
-        metavar="SECONDS",
-        help="readiness timeout for this run, instead of each machine's ready.timeout",
+        type=duration,
+        metavar="DURATION",
+        help="readiness timeout for this run, instead of each machine's ready.timeout "
+        "(seconds, or 30s, 5m, 1h)",
     )
     for name in ("up", "run"):
         p[name].add_argument(
@@ -243,9 +281,10 @@ def build_parser(
         )
     p["down"].add_argument(
         "--timeout",
-        type=float,
-        metavar="SECONDS",
-        help="seconds for ACPI powerdown before escalating (default: each machine's stop_timeout)",
+        type=duration,
+        metavar="DURATION",
+        help="time for ACPI powerdown before escalating, e.g. 30s or 2m "
+        "(default: each machine's stop_timeout)",
     )
     p["down"].add_argument(
         "--purge",
@@ -253,12 +292,36 @@ def build_parser(
         help="also delete disks qemuspec created and the state directory",
     )
     p["logs"].add_argument(
-        "--follow", "-f", action="store_true", help="keep printing as the log grows"
+        "--follow",
+        "-f",
+        action="store_true",
+        help="keep printing as the log grows (rotation followed), from its end unless -n is "
+        "given, until the machines stop",
     )
     p["logs"].add_argument(
         "--events", action="store_true", help="print events instead of the console"
     )
-    p["logs"].add_argument("--lines", "-n", type=int, default=0, help="only the last N lines")
+    p["logs"].add_argument(
+        "--lines",
+        "-n",
+        "--tail",
+        type=_count,
+        default=None,
+        metavar="N",
+        help="only the last N lines (0: none; default: all, or none with -f)",
+    )
+    p["logs"].add_argument(
+        "--since",
+        metavar="WHEN",
+        help="only lines since WHEN: a duration ago (10m, 2h) or a time "
+        "(2026-12-02T05:00:00, UTC unless an offset is given; or unix seconds)",
+    )
+    p["logs"].add_argument(
+        "--timestamps",
+        "-t",
+        action="store_true",
+        help="prefix each line with the time it arrived (UTC, to the millisecond)",
+    )
 
     for name in ("events", "console", "inspect", "exec", "ssh", "run"):
         _target(p[name], "[FILE] [MACHINE]")
@@ -277,7 +340,13 @@ def build_parser(
         help="first forget stale entries: gone state directories, machines whose qemu and "
         "supervisor both died",
     )
-    p["exec"].add_argument("--timeout", type=float, default=300.0, help="seconds (default 300)")
+    p["exec"].add_argument(
+        "--timeout",
+        type=duration,
+        default=300.0,
+        metavar="DURATION",
+        help="how long the command may run: seconds, or 30s, 5m, 1h (default 300)",
+    )
     p["exec"].add_argument(
         "--tty",
         "-t",
@@ -286,9 +355,9 @@ def build_parser(
     )
     p["run"].add_argument(
         "--timeout",
-        type=float,
-        metavar="SECONDS",
-        help="readiness timeout (default: the machine's ready.timeout)",
+        type=duration,
+        metavar="DURATION",
+        help="readiness timeout: seconds, or 30s, 5m (default: the machine's ready.timeout)",
     )
     p["run"].add_argument(
         "--via",
@@ -352,7 +421,9 @@ def build_parser(
         action="store_true",
         help="into the guest: copy what host symlinks point to (default: symlinks stay symlinks)",
     )
-    p["snapshot"].add_argument("action", choices=["save", "load", "list", "delete"])
+    p["snapshot"].add_argument(
+        "action", choices=["save", "load", "list", "delete"], help="what to do with TAG"
+    )
     _target(p["snapshot"], "[FILE] [MACHINE] [TAG]")
 
     p["import"].add_argument(
@@ -374,10 +445,22 @@ def build_parser(
         action="store_true",
         help="start the original and the rendered machine paused (-S) and let qemu compare them",
     )
-    p["completion"].add_argument("shell", choices=["bash", "zsh", "fish"])
+    p["completion"].add_argument("shell", choices=["bash", "zsh", "fish"], help="which shell")
+    p["help"].add_argument(
+        "topic", nargs="*", metavar="COMMAND", help="a command, and for img an action"
+    )
+    p["man"].add_argument(
+        "-o", "--output", help="write the page to this file instead of standard output"
+    )
     img = p["img"].add_subparsers(dest="img_command", metavar="ACTION", required=True)
     i = {
-        a: img.add_parser(a, help=h, description=h)
+        a: img.add_parser(
+            a,
+            help=h,
+            description=h,
+            epilog=_epilog("img", IMG_EXAMPLES.get(a, [])),
+            formatter_class=_Formatter,
+        )
         for a, h in (
             ("create", "create an image (never overwrites)"),
             ("info", "show an image's format, sizes, backing, snapshots"),
@@ -416,27 +499,44 @@ def build_parser(
     i["prune"].add_argument(
         "--all", dest="everything", action="store_true", help="remove every cached image"
     )
-    i["create"].add_argument("file")
+    i["create"].add_argument("file", help="image to create (never overwritten)")
     i["create"].add_argument("size", nargs="?", help="e.g. 10G (optional with --backing)")
-    i["create"].add_argument("-f", "--format", default="qcow2")
-    i["create"].add_argument("-b", "--backing")
-    i["create"].add_argument("-F", "--backing-format")
-    i["info"].add_argument("file")
-    i["convert"].add_argument("source")
-    i["convert"].add_argument("target")
-    i["convert"].add_argument("-O", "--format", default="qcow2")
-    i["convert"].add_argument("-c", "--compress", action="store_true")
-    i["resize"].add_argument("file")
-    i["resize"].add_argument("size")
-    i["resize"].add_argument("--shrink", action="store_true")
-    i["snapshot"].add_argument("action", choices=["list", "create", "apply", "delete"])
-    i["snapshot"].add_argument("file")
-    i["snapshot"].add_argument("tag", nargs="?")
-    i["check"].add_argument("file")
-    i["rebase"].add_argument("file")
-    i["rebase"].add_argument("-b", "--backing", required=True)
-    i["rebase"].add_argument("-F", "--backing-format")
-    i["rebase"].add_argument("-u", "--unsafe", action="store_true")
+    i["create"].add_argument(
+        "-f", "--format", default="qcow2", help="image format: qcow2 (default), raw, ..."
+    )
+    i["create"].add_argument("-b", "--backing", help="backing file: create an overlay on it")
+    i["create"].add_argument(
+        "-F", "--backing-format", help="the backing file's format (never probed when given)"
+    )
+    i["info"].add_argument("file", help="image to describe")
+    i["convert"].add_argument("source", help="image to read")
+    i["convert"].add_argument("target", help="image to write")
+    i["convert"].add_argument(
+        "-O", "--format", default="qcow2", help="target format: qcow2 (default), raw, ..."
+    )
+    i["convert"].add_argument(
+        "-c", "--compress", action="store_true", help="compress the target (qcow2)"
+    )
+    i["resize"].add_argument("file", help="image to resize (not in use)")
+    i["resize"].add_argument("size", help="new size, e.g. 20G, or +5G")
+    i["resize"].add_argument(
+        "--shrink", action="store_true", help="allow making it smaller (data past the end is lost)"
+    )
+    i["snapshot"].add_argument(
+        "action", choices=["list", "create", "apply", "delete"], help="what to do"
+    )
+    i["snapshot"].add_argument("file", help="qcow2 image (not in use)")
+    i["snapshot"].add_argument("tag", nargs="?", help="snapshot name (create, apply, delete)")
+    i["check"].add_argument("file", help="image to check")
+    i["rebase"].add_argument("file", help="overlay to point elsewhere")
+    i["rebase"].add_argument("-b", "--backing", required=True, help="the new backing file")
+    i["rebase"].add_argument("-F", "--backing-format", help="the new backing file's format")
+    i["rebase"].add_argument(
+        "-u",
+        "--unsafe",
+        action="store_true",
+        help="only rewrite the header (the new backing holds the same data)",
+    )
     for name, parser_ in p.items():
         if name != "img":
             _common(parser_)
@@ -445,15 +545,72 @@ def build_parser(
     return parser, real
 
 
+def _unknown_command(word: str) -> None:
+    """An unknown command: the closest one by name, as git does; exit 2."""
+    import difflib
+    import sys
+
+    close = difflib.get_close_matches(word, list(COMMANDS), n=1, cutoff=0.6)
+    hint = f'did you mean "{close[0]}"? ' if close else ""
+    print(
+        f'qemuspec: unknown command "{word}": {hint}(`qemuspec help` lists every command)',
+        file=sys.stderr,
+    )
+    raise SystemExit(2)
+
+
+def _guest_words(sub: argparse.ArgumentParser, argv: list[str]) -> tuple[list[str], list[str]]:
+    """`exec [FILE] [MACHINE] COMMAND...` written without ``--``: (qemuspec's own words, the rest,
+    MACHINE first when one is named). Options before the first word that is neither an option, its
+    value, nor the FILE are qemuspec's; from that word on everything is the guest's, unless a word
+    there is one of qemuspec's own options too: then nobody can tell whose it is, and it says to add
+    ``--``."""
+    from qemuspec.cli.common import looks_like_file
+
+    takes_value = {s: action.nargs != 0 for action in sub._actions for s in action.option_strings}
+    i, file_seen = 0, False
+    while i < len(argv):
+        word = argv[i]
+        if word.startswith("-") and len(word) > 1:
+            name = word.split("=", 1)[0]
+            i += 2 if takes_value.get(name) and "=" not in word else 1
+            continue
+        if not file_seen and looks_like_file(word):
+            file_seen = True
+            i += 1
+            continue
+        break
+    own, rest = argv[:i], argv[i:]
+    clash = [w for w in rest[1:] if w.split("=", 1)[0] in takes_value]
+    if clash:
+        sub.error(
+            f"{clash[0]} after the command: is it qemuspec's option or the command's? Put "
+            f"qemuspec's options first and the command after --: {sub.prog} [FILE] [MACHINE] "
+            f"[OPTIONS] -- {' '.join(rest[1:] if len(rest) > 1 else rest)}"
+        )
+    return own, rest
+
+
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str] | None]:
     """The namespace of one command line, and what followed ``--`` (a guest or qemu command)."""
     tail: list[str] | None = None
+    if argv[:1] == ["help"] and not {"-h", "--help"} & set(argv[1:]):
+        # `qemuspec help COMMAND [ACTION]` is `qemuspec COMMAND [ACTION] --help`
+        if argv[1:2] and argv[1] not in COMMANDS:
+            _unknown_command(argv[1])
+        argv = [*argv[1:], "--help"]
     if (
         "--" in argv
     ):  # everything after "--" is the guest command (run, exec, ssh, import), never our options
         cut = argv.index("--")
         argv, tail = argv[:cut], argv[cut + 1 :]
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        _unknown_command(argv[0])
     parser, subs = build_parser(argv[0] if argv and argv[0] in COMMANDS else "")
+    words = None
+    if argv[:1] == ["exec"] and tail is None and "--help" not in argv and "-h" not in argv:
+        own, words = _guest_words(subs["exec"], argv[1:])
+        argv = ["exec", *own]
     if not argv or argv[0].startswith("-") or argv[0] not in subs:
         args = parser.parse_args(argv)  # --help, --version, or an unknown command (exit 2)
         parser.print_help()
@@ -463,6 +620,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str] | None]:
     # intermixed: operands may stand on either side of options (`logs box -n 3 --file x`)
     args = sub.parse_args(argv[1:]) if command == "img" else sub.parse_intermixed_args(argv[1:])
     args.command = command
+    args.words = words  # exec without --: [MACHINE] COMMAND..., told apart once the file is read
     if tail is not None and command not in ("run", "exec", "ssh", "import"):
         sub.error(f"{command} takes no command after --")
     return args, tail

@@ -1,9 +1,15 @@
-"""Progress of several machines at once: on a terminal, one live line per machine with the time spent
-and the deadline, redrawn in place; elsewhere (CI, pipes) one plain line per change and nothing else;
-nothing with --json or --quiet. Colour only on a terminal and never with NO_COLOR set."""
+"""Progress of several machines at once, on stderr and only while it is live; each outcome is printed
+once, on stdout, by the command (the output contract: `down >f 2>&1` shows "dev: stopped" once).
+
+On a terminal: one live line per machine with what it waits on (the readiness probe), the time spent
+and the deadline, and the machine's last console line (escaped), redrawn in place and erased when the
+command ends. Elsewhere (CI, pipes): one plain line per change of what a machine waits on, nothing for
+outcomes, and a heartbeat every 30 s while something is still waiting, so a long wait is never silent.
+Nothing with --json or --quiet. Colour only on a terminal and never with NO_COLOR set."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 import threading
 import time
@@ -12,6 +18,7 @@ from typing import TYPE_CHECKING, TextIO
 if TYPE_CHECKING:
     from qemuspec.settings import Settings
 
+HEARTBEAT = 30.0  # seconds between "still waiting" lines off a terminal
 _COLOURS = {"ready": "32", "up to date": "32", "adopted": "32", "stopped": "32", "failed": "31"}
 _DONE = (
     "ready",
@@ -28,6 +35,11 @@ _DONE = (
 )
 
 
+def done(status: str) -> bool:
+    """Whether ``status`` is an outcome (the command prints those on stdout) rather than progress."""
+    return status.startswith(_DONE)
+
+
 class Progress:
     def __init__(
         self,
@@ -38,9 +50,12 @@ class Progress:
         colour: bool | None = None,
         deadline: float | None = None,
         settings: Settings | None = None,
+        consoles: dict[str, str] | None = None,
+        heartbeat: float = HEARTBEAT,
     ):
         """``live``/``colour`` unset: decided from the stream and ``settings`` (TERM, NO_COLOR; by
-        default the process's)."""
+        default the process's). ``consoles``: machine -> its console log, whose last line the live
+        line and the heartbeat show."""
         self.stream = stream
         self.enabled = enabled
         if live is None or colour is None:
@@ -56,6 +71,8 @@ class Progress:
         self.status = {name: "pending" for name in names}
         self.width = max((len(n) for n in names), default=4)
         self.started = time.monotonic()
+        self.consoles = dict(consoles or {})
+        self.heartbeat = heartbeat
         self._lock = threading.Lock()
         self._drawn = 0
         self._ticker: threading.Thread | None = None
@@ -68,25 +85,73 @@ class Progress:
             if name not in self.status:
                 self.names.append(name)
                 self.width = max(self.width, len(name))
+            changed = self.status.get(name) != status
             self.status[name] = status
             if self.live:
                 self._redraw()
-                if self._ticker is None:
-                    self._ticker = threading.Thread(target=self._tick, daemon=True)
-                    self._ticker.start()
-            else:
+            elif changed and not done(status):  # outcomes are the command's, on stdout
                 print(f"{name}: {status}", file=self.stream, flush=True)
+            if self._ticker is None and not done(status):
+                self._ticker = threading.Thread(target=self._tick, daemon=True)
+                self._ticker.start()
 
     def close(self) -> None:
+        """The command is done waiting: stop the clock and erase the live lines (the outcomes follow
+        on stdout, once)."""
         self._stop.set()
+        with self._lock:
+            if self.live and self._drawn:
+                self.stream.write(f"\x1b[{self._drawn}A\r\x1b[J")
+                self.stream.flush()
+                self._drawn = 0
+            self.live = False
+            self.enabled = False
 
     def _tick(self) -> None:
-        """Keep the elapsed time moving while something is still pending."""
-        while not self._stop.wait(1.0):
+        """Keep the elapsed time moving on a terminal (every second); off a terminal, a heartbeat line
+        every ``heartbeat`` seconds while something is still waiting."""
+        interval = 1.0 if self.live else self.heartbeat
+        while not self._stop.wait(interval):
             with self._lock:
-                if all(s.startswith(_DONE) for s in self.status.values()):
+                if not self.enabled or all(done(s) for s in self.status.values()):
+                    self._ticker = None
                     return
-                self._redraw()
+                if self.live:
+                    self._redraw()
+                else:
+                    for name in self.names:
+                        status = self.status[name]
+                        if done(status) or status == "pending":
+                            continue
+                        last = self._last_line(name)
+                        seen = f"; last console line: {last}" if last else ""
+                        print(
+                            f"{name}: still {status} ({self._elapsed()}){seen}",
+                            file=self.stream,
+                            flush=True,
+                        )
+
+    def _last_line(self, name: str) -> str:
+        """The last non-empty console line of a machine, escaped (it is the guest's), or ""."""
+        path = self.consoles.get(name)
+        if not path:
+            return ""
+        from qemuspec.cli.escape import printable
+        from qemuspec.runtime.statedir import read_from
+
+        try:
+            import os
+
+            size = os.path.getsize(path)
+            data = read_from(path, max(0, size - 4096)) or b""
+        except OSError:
+            return ""
+        lines = [
+            line.strip()
+            for line in data.decode(errors="replace").replace("\r", "\n").split("\n")
+            if line.strip()
+        ]
+        return printable(lines[-1])[:400] if lines else ""
 
     def _paint(self, status: str) -> str:
         if not self.colour:
@@ -94,16 +159,29 @@ class Progress:
         code = next((c for key, c in _COLOURS.items() if status.startswith(key)), None)
         return f"\x1b[{code}m{status}\x1b[0m" if code else status
 
-    def _clock(self) -> str:
+    def _elapsed(self) -> str:
         elapsed = time.monotonic() - self.started
-        return f"  [{elapsed:.0f} s" + (f" of {self.deadline:.0f} s]" if self.deadline else "]")
+        return f"{elapsed:.0f} s" + (f" of {self.deadline:.0f} s" if self.deadline else "")
+
+    def _clock(self) -> str:
+        return f"  [{self._elapsed()}]"
 
     def _redraw(self) -> None:
+        columns = shutil.get_terminal_size((100, 24)).columns
         out = [f"\x1b[{self._drawn}A"] if self._drawn else []
         for name in self.names:
             status = self.status[name]
-            clock = "" if status.startswith(_DONE) else self._clock()
-            out.append(f"\r\x1b[2K{name:<{self.width}}  {self._paint(status)}{clock}\n")
+            finished = done(status)
+            clock = "" if finished else self._clock()
+            text = f"{name:<{self.width}}  {status}{clock}"
+            last = "" if finished else self._last_line(name)
+            if last:
+                text += f"  | {last}"
+            text = text[: max(20, columns - 1)]  # one screen line each, or the redraw goes astray
+            if self.colour and text.startswith(f"{name:<{self.width}}  {status}"):
+                head = f"{name:<{self.width}}  "
+                text = head + self._paint(status) + text[len(head) + len(status) :]
+            out.append(f"\r\x1b[2K{text}\n")
         self.stream.write("".join(out))
         self.stream.flush()
         self._drawn = len(self.names)

@@ -19,6 +19,7 @@ from qemuspec.cli.common import Context
 from qemuspec.errors import GuestCrashed, QemuspecError, UsageError
 
 if TYPE_CHECKING:
+    from qemuspec.cli.progress import Progress
     from qemuspec.spec.models import Machine
 
 
@@ -59,6 +60,31 @@ def _reachable(machine: Machine, name: str, via: str, source: str, lines: dict) 
     from qemuspec.spec.messages import located
 
     raise SpecError(located(source, lines, [(("machines", name), why)]))
+
+
+def _live_line(
+    ctx: Context, name: str, machine: Machine, timeout: float | None, workdir: str
+) -> tuple[Callable[[str], None], Progress]:
+    """`run`'s progress as `up`'s: the live line (probe, clock, last console line) on a terminal, a
+    line per probe and a heartbeat elsewhere; "ready in" stays on stderr (stdout is the command's)."""
+    from qemuspec.cli.progress import done
+    from qemuspec.runtime import statedir
+
+    out = ctx.out
+    deadline = timeout if timeout is not None else machine.ready.timeout
+    log = os.path.join(workdir, name, statedir.SERIAL_LOG)
+    progress = out.progress([name], deadline, {name: log})
+
+    def report(message: str) -> None:
+        status = message.removeprefix(f"{name}: ")
+        if not done(status):
+            progress(name, status)
+            return
+        progress.close()  # the live line goes before the command's output begins
+        if not (out.json or out.quiet):
+            print(message, file=sys.stderr, flush=True)
+
+    return report, progress
 
 
 def run(
@@ -129,14 +155,11 @@ def run(
         sink.write(data)
         sink.flush()
 
-    def report(message: str) -> None:
-        if not (out.json or out.quiet):
-            print(message, file=sys.stderr, flush=True)
-
     warned: list[dict] = []  # kernel warnings that did not fail the run, said after it
     previous = {sig: signal.signal(sig, _raise) for sig in (signal.SIGTERM, signal.SIGHUP)}
     workdir = tempfile.mkdtemp(prefix="qemuspec-run-")
     started: dict[str, object] = {}
+    report, progress = _live_line(ctx, name, machine, timeout, workdir)
     try:
         code = _on_fresh_machine(
             ctx,
@@ -162,6 +185,7 @@ def run(
         )
         return 128 + stop.signum
     finally:
+        progress.close()
         # signals stay on a raising handler until the directory is gone, so a second one cannot cut this short
         from qemuspec.runtime.statedir import disown
 
@@ -169,8 +193,9 @@ def run(
         shutil.rmtree(workdir, ignore_errors=True)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    for entry in warned:
-        report(crash_warning(name, entry))
+    for entry in warned:  # after the live line has gone: plain lines on stderr
+        if not out.json:
+            print(crash_warning(name, entry), file=sys.stderr, flush=True)
     if out.json:
         out.line({"machine": name, "exitcode": code, **started, "warnings": warned})
     return code
@@ -215,6 +240,9 @@ def _on_fresh_machine(
             root=workdir,
             ready_timeout=timeout,
             report=report,
+            prepare=lambda instance: setattr(
+                instance, "on_probe", lambda probe: report(f"{name}: waiting for {probe}")
+            ),
             on_setup_output=setup_output,
         ) as instance,
     ):

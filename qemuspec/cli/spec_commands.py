@@ -60,7 +60,9 @@ def validate(
 
     variables = ctx.target.variables
     results: list[dict[str, Any]] = []
-    for path in files:
+    given = [ctx.target.given] if ctx.target.given else []
+    # like every command: the files named, else --file, else $QEMUSPEC_FILE or a default file
+    for path in list(files) + given or [ctx.target.path]:
         try:
             spec, lines = load_located(
                 path, variables=variables, environ=ctx.settings.var_environ()

@@ -3,13 +3,22 @@ pause, resume, restart."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Callable, cast
 
-from qemuspec.cli.common import REFUSED, Context, Output, Target, emit_json, outcomes_exit_code
+from qemuspec.cli.common import (
+    REFUSED,
+    Context,
+    Output,
+    Target,
+    emit_json,
+    error_label,
+    outcomes_exit_code,
+)
 from qemuspec.cli.commands import PENDING
 from qemuspec.errors import QemuspecError, UsageError
 from qemuspec.runtime import statedir
@@ -71,7 +80,7 @@ def _print_outcomes(out: Output, outcomes: list["Outcome"]) -> None:
         out.say(f"{o.name}: {o.action}{' (' + ', '.join(extra) + ')' if extra else ''}")
     for o in outcomes:
         if o.action in REFUSED:  # the detail may quote the guest's console: escaped on a terminal
-            print(f"error: {out.guest(o.detail or '', sys.stderr)}", file=sys.stderr)
+            print(f"{error_label()} {out.guest(o.detail or '', sys.stderr)}", file=sys.stderr)
         for warning in getattr(o, "warnings", ()):
             print(f"warning: {o.name}: {out.guest(warning, sys.stderr)}", file=sys.stderr)
 
@@ -156,7 +165,7 @@ def up(
         for s in reconcile.plan(spec, chosen, names, _owner(target), target.root)
         if s["action"] in ("start", "restart", "recreate", "starting")
     ]
-    progress = ctx.out.progress(names, deadline)
+    progress = ctx.out.progress(names, deadline, _consoles(ctx, names))
     try:
         outcomes = reconcile.up(
             spec,
@@ -187,6 +196,11 @@ def up(
     return 0
 
 
+def _consoles(ctx: Context, names: list[str]) -> dict[str, str]:
+    """Each machine's console log here, for the last console line of the live progress line."""
+    return {n: os.path.join(ctx.target.state_dir(n), statedir.SERIAL_LOG) for n in names}
+
+
 def _interrupted(ctx: Context, spec: "File", starting: list[str]) -> int:
     """Ctrl-C during `up`: stop the machines it was starting (their supervisors would boot them on
     without anyone waiting), say so, and leave machines that were running before alone."""
@@ -200,18 +214,14 @@ def _interrupted(ctx: Context, spec: "File", starting: list[str]) -> int:
         flush=True,
     )
     if starting:
-        _print_outcomes(
-            ctx.out,
-            reconcile.down(
-                spec,
-                ctx.target.root,
-                starting,
-                backends(ctx),
-                None,
-                ctx.out.progress(starting),
-                owner=_owner(ctx.target),
-            ),
-        )
+        progress = ctx.out.progress(starting)
+        try:
+            stopped = reconcile.down(
+                spec, ctx.target.root, starting, backends(ctx), None, progress, _owner(ctx.target)
+            )
+        finally:
+            progress.close()
+        _print_outcomes(ctx.out, stopped)
     return 130
 
 
@@ -230,18 +240,14 @@ def _attach(ctx: Context, spec: "File", names: list[str]) -> int:
     except KeyboardInterrupt:
         pass
     print("\nstopping...", file=sys.stderr)
-    _print_outcomes(
-        ctx.out,
-        reconcile.down(
-            spec,
-            root,
-            names,
-            backends(ctx),
-            None,
-            ctx.out.progress(names),
-            owner=_owner(ctx.target),
-        ),
-    )
+    progress = ctx.out.progress(names)
+    try:
+        stopped = reconcile.down(
+            spec, root, names, backends(ctx), None, progress, _owner(ctx.target)
+        )
+    finally:
+        progress.close()
+    _print_outcomes(ctx.out, stopped)
     return 0
 
 
@@ -253,15 +259,13 @@ def down(ctx: Context, *, timeout: float | None, purge: bool) -> int:
         return _down_recorded(ctx, timeout, purge)
     spec = target.spec
     names = target.machines()
-    outcomes = reconcile.down(
-        spec,
-        target.root,
-        names,
-        backends(ctx),
-        timeout,
-        ctx.out.progress(names),
-        owner=_owner(target),
-    )
+    progress = ctx.out.progress(names)
+    try:
+        outcomes = reconcile.down(
+            spec, target.root, names, backends(ctx), timeout, progress, owner=_owner(target)
+        )
+    finally:
+        progress.close()  # the live lines go: each outcome is printed once, below
     if purge:  # what qemuspec made for each stopped machine, by its backend (a host's volumes; this host's files)
         kept = {o.name for o in outcomes if o.action in REFUSED}
         for name in [n for n in names if n not in kept]:
@@ -380,7 +384,7 @@ def status(ctx: Context) -> int:
     if ctx.out.json:
         emit_json(rows)
         return 0
-    _table(rows, with_file=False, with_host=any(r.get("host") for r in rows))
+    _table(rows, with_file=False, with_host=any(r.get("host") for r in rows), out=ctx.out)
     for r in rows:  # warm machines: how the next start goes, and what a restore shares
         if r.get("next_boot"):
             print(f"{r['name']}: next start {r['next_boot']['boot']}: {r['next_boot']['why']}")
@@ -452,8 +456,27 @@ def _readopt(ctx: Context, names: list[str]) -> set[str]:
     return done
 
 
-def _table(rows: list[dict], with_file: bool, with_host: bool = False) -> None:
-    """The one status table; HOST (where each machine runs) when a machine runs through libvirt."""
+# state -> colour of the STATE column on a terminal (green: running, yellow: on its way, red: trouble)
+STATE_COLOURS = {
+    "running": "32",
+    "stopped": "2",
+    "paused": "33",
+    "starting": "33",
+    "restarting": "33",
+    "stopping": "33",
+    "unsupervised": "33",
+    "failed": "31",
+    "crashed": "31",
+    "lost": "31",
+    "hung": "31",
+}
+
+
+def _table(
+    rows: list[dict], with_file: bool, with_host: bool = False, out: Output | None = None
+) -> None:
+    """The one status table; HOST (where each machine runs) when a machine runs through libvirt; the
+    STATE column coloured on a terminal (``out.colour``: never with NO_COLOR)."""
     head = ["NAME", "STATE", "PID", "UPTIME", "RESTARTS", "BOOT", "ACCEL", "PORTS"] + (
         ["FILE"] if with_file else []
     )
@@ -474,8 +497,14 @@ def _table(rows: list[dict], with_file: bool, with_host: bool = False) -> None:
         ]
         cells += [str(r.get("file") or r.get("state_dir"))] if with_file else []
         cells += [_host_label(r.get("host"))] if with_host else []
-        table.append(cells + [r["reason"] or ""])
-    for line in format_table(table, right={2, 3, 4}):
+        reason = r["reason"] or ""  # may quote the guest's console (a panic line): escaped
+        table.append(cells + [out.guest(reason) if out is not None else reason])
+    paint = None
+    if out is not None and out.colour:
+        paint = {
+            1: lambda cell: out.paint(cell, STATE_COLOURS[cell]) if cell in STATE_COLOURS else cell
+        }
+    for line in format_table(table, right={2, 3, 4}, paint=paint):
         print(line)
 
 
@@ -506,7 +535,7 @@ def ls(ctx: Context) -> int:
     if not rows:
         print("no machines" if getattr(namespace, "all", False) else "no machines running")
         return 0
-    _table(rows, with_file=True)
+    _table(rows, with_file=True, out=ctx.out)
     return 0
 
 
@@ -542,16 +571,25 @@ def _prune() -> list[dict]:
     return pruned
 
 
-def format_table(rows: list[list[str]], right: set[int] = set()) -> list[str]:
-    """Columns as wide as their widest cell, two spaces apart; the last column is not padded."""
+def format_table(
+    rows: list[list[str]],
+    right: set[int] = set(),
+    paint: dict[int, Callable[[str], str]] | None = None,
+) -> list[str]:
+    """Columns as wide as their widest cell, two spaces apart; the last column is not padded.
+    ``paint``: column -> colouring of its cells below the header, applied after the padding (escape
+    codes take no room on the screen)."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     out = []
-    for row in rows:
+    for number, row in enumerate(rows):
         cells = [
             cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
             for i, cell in enumerate(row)
         ]
         cells[-1] = row[-1]
+        for i, colour in (paint or {}).items() if number else ():
+            stripped = cells[i].rstrip()
+            cells[i] = colour(stripped) + cells[i][len(stripped) :]
         out.append("  ".join(cells).rstrip())
     return out
 
@@ -619,10 +657,26 @@ def plan(ctx: Context, *, warm: bool = False) -> int:
             print(f"      {out.paint(line, code) if code else line}")
     if pending and not out.quiet:
         print(
-            f"plan: changes pending (exit {PENDING}); `qemuspec up {target.path}` applies them",
+            f"plan: changes pending (exit {PENDING}); `{_up_line(ctx, warm)}` applies them",
             file=sys.stderr,
         )
     return PENDING if pending else 0
+
+
+def _up_line(ctx: Context, warm: bool) -> str:
+    """The `up` that applies this plan: the same file, machines and flags the plan was given (--var,
+    --warm, --state-dir, --connect), so pasting it does what the plan showed."""
+    import shlex
+
+    target, namespace = ctx.target, ctx.extra.get("namespace")
+    words = ["qemuspec", "up", target.path, *target.rest]
+    words += [w for name in target.machine_option for w in ("--machine", name)]
+    words += [w for pair in getattr(namespace, "var", None) or [] for w in ("--var", pair)]
+    words += ["--warm"] if warm else []
+    for flag in ("state_dir", "connect"):
+        value = getattr(namespace, flag, None)
+        words += [f"--{flag.replace('_', '-')}", value] if value else []
+    return shlex.join(words)
 
 
 def inspect(ctx: Context) -> int:
@@ -696,6 +750,19 @@ def qmp(ctx: Context) -> int:
             f"qmp takes [MACHINE] COMMAND [JSON], got {len(rest)} operands: quote the JSON arguments"
         )
     name: str | None = target.machine_option[0] if target.machine_option else None
+    if (
+        len(rest) == 2
+        and not rest[1].lstrip().startswith("{")
+        and rest[0] not in target.spec.machines
+        and not _json_object(rest[1])
+        and not _close_machine(rest[0], list(target.spec.machines))  # a typo: did-you-mean below
+    ):
+        raise UsageError(
+            f"qmp {rest[0]} {rest[1]}: {rest[1]!r} is not JSON, and {target.path} has no machine "
+            f'"{rest[0]}" (machines: {", ".join(target.spec.machines)}): QMP arguments are one JSON '
+            f'object, e.g. qemuspec qmp {target.path} {rest[0]} \'{{"device": "disk0"}}\', and a '
+            "machine comes before the command"
+        )
     if len(rest) == 3 or (len(rest) == 2 and not rest[1].lstrip().startswith("{")):
         name = rest.pop(0)
     elif len(rest) == 1 and rest[0] in target.spec.machines and len(target.spec.machines) > 1:
@@ -710,10 +777,14 @@ def qmp(ctx: Context) -> int:
             arguments = json.loads(raw)
         except ValueError as exc:
             raise UsageError(
-                f'arguments must be a JSON object, for example \'{{"device": "disk0"}}\': {exc}'
+                f"qmp {command}: {raw!r} is not JSON ({exc}): arguments must be one JSON object, "
+                f'for example \'{{"device": "disk0"}}\''
             ) from None
         if not isinstance(arguments, dict):
-            raise UsageError('arguments must be a JSON object, for example \'{"device": "disk0"}\'')
+            raise UsageError(
+                f"qmp {command}: {raw!r} is JSON but not one JSON object: arguments must be one "
+                'JSON object, for example \'{"device": "disk0"}\''
+            )
     with monitor(ctx, name) as client:
         result = client.command(command, arguments)
     if isinstance(result, str) and not ctx.out.json:
@@ -721,6 +792,19 @@ def qmp(ctx: Context) -> int:
     else:
         emit_json(result)
     return 0
+
+
+def _close_machine(word: str, machines: list[str]) -> bool:
+    import difflib
+
+    return bool(difflib.get_close_matches(word, machines, n=1))
+
+
+def _json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
 
 
 def _each(ctx: Context, paused: bool) -> int:
@@ -764,45 +848,204 @@ def restart(ctx: Context, *, allow_local_qemu: bool = False, allow_host_paths: b
     return outcomes_exit_code(outcomes)
 
 
-def logs(ctx: Context, *, follow: bool, events: bool, lines: int) -> int:
+def logs(
+    ctx: Context,
+    *,
+    follow: bool,
+    events: bool,
+    lines: int | None,
+    since: str | None = None,
+    timestamps: bool = False,
+) -> int:
+    """Like `docker logs`/`journalctl`: every line, or the last ``lines`` (0: none); ``follow`` from
+    the end (or the last ``lines``), rotation followed, until the machines stop; ``since`` and
+    ``timestamps`` from the console's time index (events carry their own times)."""
     target = ctx.target
     names = target.machines()
     chosen = backends(ctx)
-    if not follow and not events:  # every backend's console log, printed one way
-        return _print_logs(ctx, names, lines)
+    after = _since(since) if since else None
     if any(chosen[n].kind != "local" for n in names):
+        if after is not None or timestamps:
+            raise UsageError(
+                "logs --since and --timestamps read the console's time index, which only machines "
+                "run here keep: leave them out for machines on libvirt hosts"
+            )
+        if not follow and not events:
+            return _print_logs(ctx, names, lines)
         if events:
             refuse(ctx, names, "logs --events")
         return _follow_console(ctx, names)
+    if not follow and not events and after is None and not timestamps:
+        return _print_logs(ctx, names, lines)  # every backend's console log, printed one way
     filename = statedir.EVENTS if events else statedir.SERIAL_LOG
-    many = len(names) > 1
-    sources = [
-        ((f"{n} | " if many else ""), target.state_dir(n) + "/" + filename, False) for n in names
-    ]
-    if not follow and not any(os.path.exists(path) for _, path, _ in sources):
+    files = [_LogFile(n, target.state_dir(n), filename, events) for n in names]
+    if not follow and not any(os.path.exists(f.path) for f in files):
+        what = "events" if events else "console log"
         raise QemuspecError(
-            f"no events yet for {', '.join(names)}: start with `qemuspec up {target.path}`"
+            f"no {what} yet for {', '.join(names)}: start with `qemuspec up {target.path}`"
         )
-    if (
-        ctx.out.json
-    ):  # JSON lines: {"machine", "line"} for the console, {"machine", "event"} for events
-        json_sources = [(n, path) for n, (_, path, _) in zip(names, sources)]
-        _follow(
-            [("", path, False) for _, path in json_sources],
-            follow=follow,
-            last=lines,
-            emit=lambda path, line: ctx.out.line(
-                _log_record(dict((p, n) for n, p in json_sources)[path], line, events)
-            ),
-        )
-        return 0
-    _follow(sources, follow=follow, last=lines, clean=ctx.out.guest)
-    return 0
+    for f in files:
+        f.start(0 if follow and lines is None else lines)
+    many = len(names) > 1
+    out = ctx.out
+
+    def running() -> bool:
+        for n in names:
+            with contextlib.suppress(QemuspecError):
+                seen = chosen[n].look(n, target.spec.machines[n])
+                if seen.running or seen.busy:
+                    return True
+        return False
+
+    checked, live = 0.0, follow and running()
+    while True:
+        for f in files:
+            for line, when in f.poll():
+                if after is not None and (when is None or when < after):
+                    continue
+                if out.json:
+                    record = _log_record(f.machine, line, events)
+                    out.line({**record, **({"time": _stamp(when)} if when else {})})
+                    continue
+                stamp = (_stamp(when) or "-") + " " if timestamps else ""
+                sys.stdout.write(
+                    (f"{f.machine} | " if many else "") + stamp + out.guest(line) + "\n"
+                )
+            sys.stdout.flush()
+        if not live:
+            for f in files:
+                for line, when in f.rest():
+                    if after is None or (when is not None and when >= after):
+                        stamp = (_stamp(when) or "-") + " " if timestamps else ""
+                        prefix = f"{f.machine} | " if many else ""
+                        sys.stdout.write(prefix + stamp + out.guest(line) + "\n")
+            sys.stdout.flush()
+            return 0
+        time.sleep(0.1)  # a log has no change notification short of inotify; tail -f re-reads too
+        if time.monotonic() - checked > 1.0:
+            checked = time.monotonic()
+            live = running()  # one more pass after the machines stopped: their last lines
 
 
-def _print_logs(ctx: Context, names: list[str], lines: int) -> int:
+def _since(text: str) -> float:
+    """``--since``: a duration ago (``10m``), an ISO time (UTC unless it names an offset), or unix
+    seconds; as unix time."""
+    import datetime
+
+    from qemuspec.spec.units import parse_seconds
+
+    if text[-1:].isalpha():  # 30s, 10m, 2h: that long ago
+        with contextlib.suppress(ValueError):
+            return time.time() - parse_seconds(text)
+    with contextlib.suppress(ValueError):
+        return float(text)  # unix seconds, as docker takes them
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(
+            f'--since "{text}": write a duration ago (30s, 10m, 2h), a time such as '
+            "2026-12-02T05:00:00 (UTC unless it names an offset), or unix seconds"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return when.timestamp()
+
+
+def _stamp(when: float | None) -> str | None:
+    """A line's time as docker prints it: RFC 3339 in UTC, to the millisecond."""
+    if when is None:
+        return None
+    import datetime
+
+    moment = datetime.datetime.fromtimestamp(when, datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+class _LogFile:
+    """One machine's log followed by offset: a rotation (NAME moved to NAME.1, a new NAME begun)
+    read to its end before the new file; each line dated from the time index (console) or its own
+    timestamp (events). Read through the state owner (never a symlink)."""
+
+    def __init__(self, machine: str, directory: str, name: str, events: bool):
+        self.machine, self.path, self.events = machine, os.path.join(directory, name), events
+        self.times = os.path.join(directory, statedir.SERIAL_TIMES)
+        self.index = statedir.TimeIndex(self.times)
+        self.offset, self.inode, self.partial, self.partial_at = 0, self._inode(), b"", 0
+
+    def _inode(self) -> int | None:
+        try:
+            return os.stat(self.path, follow_symlinks=False).st_ino
+        except OSError:
+            return None
+
+    def start(self, last: int | None) -> None:
+        """From the beginning (``last`` None), the end (0) or the start of the last ``last`` lines."""
+        if last is None:
+            return
+        data = statedir.read_from(self.path, 0) or b""
+        end, start = len(data) - (1 if data.endswith(b"\n") else 0), len(data)
+        for _ in range(last):
+            newline = data.rfind(b"\n", 0, end)
+            start = newline + 1
+            if newline < 0:
+                break
+            end = newline
+        self.offset = start
+
+    def _lines(self, data: bytes, base: int) -> list[tuple[str, float | None]]:
+        """Complete lines of ``data`` (read at ``base``), each with its time; the rest kept."""
+        out = []
+        text, start = self.partial + data, self.partial_at if self.partial else base
+        at = start
+        *whole, self.partial = text.split(b"\n")
+        for raw in whole:
+            out.append(self._dated(raw, at))
+            at += len(raw) + 1
+        self.partial_at = at
+        return out
+
+    def _dated(self, raw: bytes, at: int) -> tuple[str, float | None]:
+        line = raw.decode(errors="replace").replace("\r", "")
+        if self.events:
+            try:
+                stamp = json.loads(line).get("timestamp") or {}
+                return line, stamp["seconds"] + stamp.get("microseconds", 0) / 1e6
+            except (ValueError, KeyError, TypeError, AttributeError):
+                return line, None
+        self.index.refresh()
+        return line, self.index.at(at)
+
+    def poll(self) -> list[tuple[str, float | None]]:
+        out: list[tuple[str, float | None]] = []
+        inode = self._inode()
+        if inode != self.inode and self.inode is not None:  # rotated: the old file's end first
+            old = statedir.rotated(self.path)
+            with contextlib.suppress(OSError):
+                if os.stat(old, follow_symlinks=False).st_ino == self.inode:
+                    self.index.path = statedir.rotated(self.times)
+                    out += self._lines(statedir.read_from(old, self.offset) or b"", self.offset)
+            out += self.rest()
+            self.offset, self.index = 0, statedir.TimeIndex(self.times)
+        self.inode = inode
+        data = statedir.read_from(self.path, self.offset)
+        if data:
+            out += self._lines(data, self.offset)
+            self.offset += len(data)
+        return out
+
+    def rest(self) -> list[tuple[str, float | None]]:
+        """A last line without its newline (the end of a log that stopped growing)."""
+        if not self.partial:
+            return []
+        line = self._dated(self.partial, self.partial_at)
+        self.partial = b""
+        return [line]
+
+
+def _print_logs(ctx: Context, names: list[str], lines: int | None) -> int:
     """The console log each machine's backend keeps (local: serial.log; libvirt: the host's pool,
-    downloaded), the last ``lines`` of it (0: all), prefixed by the machine when there are several."""
+    downloaded), the last ``lines`` of it (None: all; 0: none), prefixed by the machine when there
+    are several."""
     chosen = backends(ctx)
     found = False
     for name in names:
@@ -811,7 +1054,7 @@ def _print_logs(ctx: Context, names: list[str], lines: int) -> int:
             continue
         found = True
         shown = text.removesuffix("\n").split("\n") if text else []
-        for line in shown[-lines:] if lines else shown:
+        for line in shown if lines is None else shown[len(shown) - lines :]:
             if ctx.out.json:
                 ctx.out.line({"machine": name, "line": line})
             else:
@@ -829,7 +1072,7 @@ def _follow_console(ctx: Context, names: list[str]) -> int:
     console, until the machine stops."""
     if len(names) != 1:
         raise UsageError("logs --follow of machines on libvirt hosts follows one machine: name it")
-    _print_logs(ctx, names, 0)
+    _print_logs(ctx, names, 0)  # -f begins at the end
     backend, machine = _machine(ctx, names[0])
     with backend.console(names[0], machine, interactive=False) as sock:
         while data := sock.recv(65536):

@@ -12,6 +12,8 @@ STOP = "stop.json"  # StopRequest: what `down` asked for
 CREATED = "created.json"  # CreatedRecord: files qemuspec made (what `down --purge` may delete)
 EVENTS = "events.jsonl"
 SERIAL_LOG = "serial.log"
+# when serial.log's bytes arrived: (offset, unix time) records, rotated with it (`logs --timestamps`)
+SERIAL_TIMES = "serial.times"
 QEMU_LOG = "qemu.log"
 SUPERVISOR_LOG = "supervisor.log"
 PIDFILE = "qemu.pid"
@@ -47,6 +49,11 @@ def checkpoint_disk(index: int) -> str:
 def restore_disk(index: int) -> str:
     """In a fresh restore's throwaway state directory: its own overlay of checkpoint disk ``index``."""
     return f"restore-disk{index}.qcow2"
+
+
+def rotated(name: str) -> str:
+    """A capped log's previous generation (statedir.CappedLog moves NAME there)."""
+    return name + ".1"
 
 
 def live_disk(index: int) -> str:

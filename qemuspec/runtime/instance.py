@@ -84,6 +84,8 @@ class Instance:
         self.stopping: Callable[[], bool] = lambda: (
             False
         )  # the supervisor's "stop requested": ends ready waits
+        # told which readiness probe the wait is at (the CLI's live line and heartbeat)
+        self.on_probe: Callable[[str], object] | None = None
         self._listeners: list[tuple[str, Callable[[dict], object]]] = []
         self._log_offset = 0
         self._qemu_log_offset = 0  # where this qemu's stderr begins in qemu.log
@@ -252,7 +254,7 @@ class Instance:
         self.write_state()
 
     def _serial_log(self) -> statedir.CappedLog:
-        log = statedir.CappedLog(self.state_dir, statedir.SERIAL_LOG)
+        log = statedir.CappedLog(self.state_dir, statedir.SERIAL_LOG, times=statedir.SERIAL_TIMES)
         if log.errno in (errno.ELOOP, errno.EINVAL):
             log.close()
             raise LaunchError(
@@ -427,6 +429,7 @@ class Instance:
                 from qemuspec.runtime import warm
 
                 probe = "saved state loading"
+                self._probing(probe)
                 warm.wait_restored(
                     self, self._restore_mark or 0, max(0.0, deadline - time.monotonic())
                 )
@@ -434,6 +437,7 @@ class Instance:
                 ready.serial and self.boot != "warm"
             ):  # a restored guest printed its marker before the save
                 probe = f"serial /{ready.serial}/"
+                self._probing(probe)
                 if self.console is None:
                     raise LaunchError(
                         f'ready.serial needs serial = "log" or "socket" (machine {self.name} has "{self.machine.serial}")'
@@ -450,12 +454,14 @@ class Instance:
             ):
                 if guest:
                     probe = f"{label} guest port {guest}"
+                    self._probing(probe)
                     port = self.host_port(guest)
                     probes.wait_tcp(port, deadline, running, expect)
             if ready.ssh and self._public_key():
                 from qemuspec.runtime import sshkeys
 
                 probe = "ssh login"
+                self._probing(probe)
                 key = sshkeys.key_path(os.path.dirname(self.state_dir))
                 argv = sshkeys.ssh_argv(
                     key,
@@ -468,10 +474,12 @@ class Instance:
                 probes.wait_ssh_login(argv, deadline, running)
             if ready.agent:
                 probe = "guest agent"
+                self._probing(probe)
                 probes.wait_agent(self.layout.qga, deadline, running)
             if ready.command:
                 more = f" (and {len(ready.command) - 1} more)" if len(ready.command) > 1 else ""
                 probe = f"command `{ready.command[0]}`{more}"
+                self._probing(probe)
                 probes.wait_command(self, list(ready.command), deadline, running)
         except StopRequested:  # one message whichever probe was waiting
             raise StopRequested(
@@ -486,6 +494,12 @@ class Instance:
             for off in unsubscribe:
                 off()
         return time.time() - (self.started_at or time.time())
+
+    def _probing(self, probe: str) -> None:
+        """Tell whoever watches (``on_probe``) which probe the readiness wait is at now."""
+        if self.on_probe is not None:
+            with contextlib.suppress(Exception):  # a watcher's trouble never fails the wait
+                self.on_probe(probe)
 
     def _failure(self, events: list[dict]) -> str | None:
         """Why the guest can no longer become ready (its kernel panicked, it shut down, qemu exited), or

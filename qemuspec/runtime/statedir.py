@@ -36,6 +36,7 @@ import fcntl
 import json
 import os
 import stat
+import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator, TypeVar
 
@@ -526,13 +527,18 @@ class CappedLog:
 
     RETRY = 1.0
 
-    def __init__(self, directory: str, name: str, limit: int = LOG_LIMIT):
+    def __init__(self, directory: str, name: str, limit: int = LOG_LIMIT, times: str | None = None):
+        """``times``: also keep a time index (``TimeIndex``) of when the bytes arrived, rotated
+        with the log, for `logs --timestamps` and `--since`."""
         self.directory, self.name, self.half = directory, name, max(1, limit // 2)
         self.error: str | None = None
         self.errno: int | None = None
         self._fd: int | None = None
         self._size = 0
         self._retry_at = 0.0
+        self.times = times
+        self._times_fd: int | None = None
+        self._last_time = 0.0
         self._open(rotate_first=False)
 
     def _open(self, rotate_first: bool) -> None:
@@ -546,7 +552,12 @@ class CappedLog:
                 except FileNotFoundError:
                     size = 0
                 if rotate_first and size:
-                    os.replace(self.name, self.name + ".1", src_dir_fd=dfd, dst_dir_fd=dfd)
+                    os.replace(self.name, rotated(self.name), src_dir_fd=dfd, dst_dir_fd=dfd)
+                    if self.times:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.replace(
+                                self.times, rotated(self.times), src_dir_fd=dfd, dst_dir_fd=dfd
+                            )
                 elif (
                     size > self.half
                 ):  # written by someone else (an older qemuspec's qemu): keep its end
@@ -556,10 +567,18 @@ class CappedLog:
                         end = os.read(fd, self.half)
                     finally:
                         os.close(fd)
-                    write_bytes(self.directory, self.name + ".1", end)
+                    write_bytes(self.directory, rotated(self.name), end)
                     os.unlink(self.name, dir_fd=dfd)
+                    size = 0
+                if self.times and not size:  # a new log: its index starts afresh
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.times, dir_fd=dfd)
             self._fd = open_log(self.directory, self.name, limit=2**62)
             self._size = os.fstat(self._fd).st_size
+            if self.times:
+                if self._times_fd is not None:
+                    os.close(self._times_fd)
+                self._times_fd = open_log(self.directory, self.times, limit=2**62)
             self.error = self.errno = None
         except OSError as exc:
             self._fd, self.errno = None, exc.errno
@@ -580,6 +599,7 @@ class CappedLog:
             self._open(rotate_first=False)
         if self._fd is None:
             return
+        self._stamp()
         try:
             view = memoryview(data)
             while view:
@@ -591,11 +611,59 @@ class CappedLog:
             )
             self.close()
 
+    def _stamp(self) -> None:
+        """A time index record for the bytes about to be written: at most one a millisecond (a line
+        is then dated to within 1 ms), so the index stays a bounded fraction of the log."""
+        import time
+
+        now = time.time()
+        if self._times_fd is None or now - self._last_time < 0.001:
+            return
+        self._last_time = now
+        with contextlib.suppress(OSError):  # the index is a convenience: never the log's trouble
+            os.write(self._times_fd, TimeIndex.RECORD.pack(self._size, now))
+
     def close(self) -> None:
         if self._fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = None
+        if self._times_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._times_fd)
+            self._times_fd = None
+
+
+class TimeIndex:
+    """When a capped log's bytes arrived (``CappedLog(times=)``): records of (offset in the log,
+    unix time) as little-endian u64 + f64, read through the state owner (never a symlink)."""
+
+    RECORD = struct.Struct("<Qd")
+
+    def __init__(self, path: str):
+        self.path = path
+        self.offsets: list[int] = []
+        self.times: list[float] = []
+        self._read = 0
+
+    def refresh(self) -> bool:
+        """Read records appended since the last call; False when there is no index."""
+        data = read_from(self.path, self._read)
+        if data is None:
+            return False
+        usable = len(data) - len(data) % self.RECORD.size
+        for offset, when in self.RECORD.iter_unpack(data[:usable]):
+            self.offsets.append(offset)
+            self.times.append(when)
+        self._read += usable
+        return True
+
+    def at(self, offset: int) -> float | None:
+        """The time the byte at ``offset`` arrived (to within a millisecond), or None if unknown."""
+        import bisect
+
+        i = bisect.bisect_right(self.offsets, offset) - 1
+        return self.times[i] if i >= 0 else None
 
 
 # -- files qemuspec created ----------------------------------------------------------------------

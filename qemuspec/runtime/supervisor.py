@@ -578,6 +578,7 @@ class Supervisor:
         inst = Instance(self.name, self.machine, self.state_dir)
         inst.owner = self.owner
         inst.stopping = lambda: self.stop_requested
+        inst.on_probe = lambda probe: self.tell("probe", probe=probe)  # `up`'s live line
         self.phase("starting")
         self.instance = inst
         self.panicked = False
