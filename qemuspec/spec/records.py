@@ -43,6 +43,7 @@ KINDS = frozenset(
         "Machine",
         "File",
         "ProvisionScript",
+        "Case",
         "Image",
     }
 )
