@@ -157,6 +157,16 @@ def test_every_case_on_its_own_restore_with_its_own_rng_and_junit(lab, guest, tm
     assert sorted(r["case"] for r in rows if "case" in r) == ["case01", "case02"]
     assert all(r["boot"] == "warm" for r in rows if "case" in r)
 
+    # a case whose guest kernel panics fails with the crash report and test's crash exit code
+    with open(path, "a") as f:
+        f.write('\n[tests.panics]\ncommand = "echo c > /proc/sysrq-trigger"\ntimeout = "60s"\n')
+    crashed = cli(lab, "test", path, "-k", "panics", "--json", "--junit", str(junit))
+    assert crashed.returncode == 250, crashed.stdout + crashed.stderr
+    row = next(json.loads(line) for line in crashed.stdout.splitlines() if '"case"' in line)
+    assert row["passed"] is False and "sysrq" in json.dumps(row["crash"]), row
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert suite is not None and "sysrq" in ET.tostring(suite, encoding="unicode")
+
 
 def test_a_copied_store_is_restored_for_a_moved_checkout_and_memory_change_boots_cold(
     lab, guest, tmp_path

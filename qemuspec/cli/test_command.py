@@ -5,7 +5,7 @@ restore of its machine's checkpoint (runtime/fresh.py; the checkpoint is made fi
 fits: a cold boot, the machine's ``setup`` commands, the save), N cases at a time, each its own qemu
 on its own overlays, so no case sees another's writes. One line per case as it ends; JUnit XML with
 ``--junit``; the console, events, qemu log and output of failed cases kept with ``--keep-failed``;
-exit 1 when any case failed.
+exit 1 when any case failed (250 when a guest kernel crashed in one: runtime/crash.py).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ class Result:
     error: str | None = None  # why it failed when the command did not decide it (timeout, boot)
     boot: str | None = None
     kept: str | None = None  # where --keep-failed put its files
+    crash: dict | None = None  # the guest kernel crashed (runtime/crash.py's report)
 
     def text(self) -> str:
         more = f"\n[{self.dropped} more bytes not kept]" if self.dropped else ""
@@ -59,6 +60,7 @@ class Result:
             "boot": self.boot,
             **({"error": self.error} if self.error else {}),
             **({"kept": self.kept} if self.kept else {}),
+            **({"crash": self.crash} if self.crash else {}),
         }
 
 
@@ -219,6 +221,10 @@ def test(
         out.line({"summary": summary, "passed": len(results) - len(failed), "failed": len(failed)})
     elif not out.quiet or failed:
         print(summary + (f": {', '.join(r.name for r in failed)}" if failed else ""))
+    if any(r.crash for r in failed):
+        from qemuspec.cli.common import GUEST_CRASHED
+
+        return GUEST_CRASHED
     return 1 if failed else 0
 
 
@@ -242,8 +248,8 @@ def _case(
     lock: threading.Lock,
 ) -> Result:
     """One case on its own fresh restore (its own temporary state root, removed afterwards)."""
-    from qemuspec.errors import QMPTimeout
-    from qemuspec.runtime import fresh, guestrun
+    from qemuspec.errors import GuestCrashed, QMPTimeout
+    from qemuspec.runtime import crash, fresh, guestrun
     from qemuspec.runtime.statedir import disown
 
     name = case.machine or only
@@ -262,25 +268,43 @@ def _case(
 
     inst = None
     try:
-        with fresh.started(
-            ctx.target.path, name, ctx.settings, spec=spec, root=root, warm=True, prepare=prepare
-        ) as inst:
+        with (
+            crash.before_ready(name),
+            fresh.started(
+                ctx.target.path,
+                name,
+                ctx.settings,
+                spec=spec,
+                root=root,
+                warm=True,
+                prepare=prepare,
+            ) as inst,
+        ):
             result.boot = inst.boot
             how = guestrun.via(inst)
             try:
-                result.code = guestrun.run(
-                    inst,
-                    guestrun.shell(case.command, how),
-                    keep,
-                    how=how,
-                    deadline=time.monotonic() + case.timeout,
-                )
+                with crash.Watch(inst, "panic", None, None) as watch:
+                    result.code = watch.call(
+                        guestrun.run,
+                        inst,
+                        guestrun.shell(case.command, how),
+                        keep,
+                        how=how,
+                        deadline=time.monotonic() + case.timeout,
+                    )
                 result.passed = result.code == 0
             except QMPTimeout:
                 result.error = f"timed out after {case.timeout:g} s"
+            except GuestCrashed as crashed:  # the case fails with the report; its files are kept
+                result.error = crash.text(crashed.report)
+                result.crash = crashed.report
             result.seconds = time.monotonic() - began
             if not result.passed and keep_failed:
                 result.kept = _keep(keep_failed, result, fresh.artifacts(inst))
+    except GuestCrashed as crashed:  # before it was ready
+        result.error = crash.text(crashed.report)
+        result.crash = crashed.report
+        result.seconds = time.monotonic() - began
     except QemuspecError as exc:
         result.error = str(exc)
         result.seconds = time.monotonic() - began
