@@ -125,6 +125,11 @@ def test_every_command_prints_json(box, tmp_path):
         "run", box, "--", "/bin/true", code=1
     )  # the JSON-lines success case is in test_cli_run.py
     assert "is running" in busy["error"] and "qemuspec down" in busy["error"]
+    assert check("help", "up")["text"].startswith("usage: qemuspec up")
+    assert check("help", "img", "pull")["text"].startswith("usage: qemuspec img pull")
+    assert check("man")["page"].startswith(".TH QEMUSPEC 1")
+    assert check("warm", "key", box)[0]["key"]
+    assert "declares no test cases" in check("test", box, code=2)["error"]
     assert seen == set(COMMANDS), f"not checked: {set(COMMANDS) - seen}"
 
 

@@ -127,3 +127,88 @@ def test_live_then_no_restart_then_restart(tmp_path, guest):
         assert cli("plan", str(path)).returncode == 0
     finally:
         cli("down", str(path))
+
+
+FORWARDED = """
+[machines.box]
+kernel = "{kernel}"
+initrd = "{initrd}"
+cmdline = "console=ttyS0 quiet"
+memory = "256M"
+agent = true
+stop_timeout = "5s"
+nics = [{{ type = "user", forwards = [{forwards}] }}]
+[machines.box.ready]
+serial = "{marker}"
+agent = true
+timeout = "90s"
+"""
+
+
+def _http(port: int, deadline: float) -> str:
+    """The guest's web page through a host port, retried until the deadline (the guest's httpd)."""
+    import urllib.request
+
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as reply:
+                return reply.read().decode()
+        except OSError:
+            assert time.monotonic() < deadline, f"nothing answered on port {port}"
+            time.sleep(0.2)
+
+
+def test_up_adds_and_removes_a_forward_live(tmp_path, guest):
+    """`up` through the whole path (plan, Backend.change, live.apply on the client monitor, the
+    supervisor's re-read): a forward added to a running machine serves the guest's HTTP, a removed one
+    is closed, and the guest never rebooted (same pid, uptime growing, its tmpfs file still there)."""
+    import socket
+
+    path = tmp_path / "box.toml"
+
+    def write_forwards(forwards: str) -> None:
+        path.write_text(
+            FORWARDED.format(
+                kernel=guest["kernel"],
+                initrd=guest["initrd"],
+                marker=guest["marker"],
+                forwards=forwards,
+            )
+        )
+
+    write_forwards("")
+    first = cli("up", str(path), "--json")
+    assert first.returncode == 0, first.stderr
+    pid = json.loads(first.stdout)[0]["pid"]
+    try:
+        assert cli("exec", str(path), "--", "sh", "-c", "echo stays > /tmp/stay").returncode == 0
+        uptime = float(cli("exec", str(path), "--", "cat", "/proc/uptime").stdout.split()[0])
+
+        write_forwards("{ host = 0, guest = 80 }")
+        [step] = json.loads(cli("plan", str(path), "--json").stdout)
+        assert step["class"] == "live", step
+        assert [(c["field"], c["class"], c["by"]) for c in step["changes"]] == [
+            ("nics[0].forwards", "live", "qemu")
+        ], step
+        added = cli("up", str(path), "--no-restart", "--json")
+        assert added.returncode == 0, added.stderr
+        [outcome] = json.loads(added.stdout)
+        assert outcome["action"] == "changed" and outcome["pid"] == pid, outcome
+        [row] = json.loads(cli("status", str(path), "--json").stdout)
+        [port] = [p["host"] for p in row["ports"] if p["guest"] == 80]
+        assert "qemuspec-guest" in _http(port, time.monotonic() + 30)
+        assert cli("plan", str(path)).returncode == 0, "the next plan is empty"
+
+        write_forwards("")
+        removed = cli("up", str(path), "--no-restart", "--json")
+        assert removed.returncode == 0, removed.stderr
+        assert json.loads(removed.stdout)[0]["pid"] == pid
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", port)) != 0, "the removed forward is closed"
+
+        assert alive(pid) and len(launches(tmp_path)) == 1, "qemu was never restarted"
+        later = float(cli("exec", str(path), "--", "cat", "/proc/uptime").stdout.split()[0])
+        assert later > uptime, "the guest's uptime kept growing: no reboot"
+        assert cli("exec", str(path), "--", "cat", "/tmp/stay").stdout == "stays\n"
+    finally:
+        cli("down", str(path))

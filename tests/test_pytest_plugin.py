@@ -167,6 +167,21 @@ def test_plugin_gives_each_test_a_fresh_restore(tmp_path, guest):
     assert not qemu_pids(tmp_path), "every restore is stopped after its test"
     assert not list((tmp_path / "tmp").glob("qemuspec-*")), "and its throwaway root removed"
 
+    # pytest-xdist: the same tests on two workers, each from its own restore of the one checkpoint
+    parallel = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts="]
+        + ["-n", "2", "-k", "starts_fresh", str(inner)],
+        cwd=str(inner),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    out = parallel.stdout + parallel.stderr
+    assert parallel.returncode == 0 and "2 passed" in parallel.stdout, out
+    assert "created: 2/2 workers" in out or "2 workers" in out, out
+    assert not qemu_pids(tmp_path), "every restore of the workers is stopped"
+
 
 def test_screendump_ppm_becomes_a_png_and_ports_are_read_from_proc():
     import struct

@@ -91,7 +91,13 @@ def man(ctx: Context, *, output: str | None) -> int:
     if output:
         with open(output, "w") as f:
             f.write(text)
-        ctx.out.note(f"wrote {output}")
+        if ctx.out.json:
+            ctx.out.line({"wrote": output})
+        else:
+            ctx.out.note(f"wrote {output}")
+        return 0
+    if ctx.out.json:
+        ctx.out.line({"page": text})
         return 0
     sys.stdout.write(text)
     return 0

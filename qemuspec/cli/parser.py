@@ -7,6 +7,7 @@ and ``qemuspec --help`` must start fast. Imports argparse and the command table 
 from __future__ import annotations
 
 import argparse
+import json
 
 from qemuspec.cli.commands import COMMANDS, EXAMPLES, EXIT_CODES, IMG_EXAMPLES
 
@@ -596,8 +597,16 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str] | None]:
     tail: list[str] | None = None
     if argv[:1] == ["help"] and not {"-h", "--help"} & set(argv[1:]):
         # `qemuspec help COMMAND [ACTION]` is `qemuspec COMMAND [ACTION] --help`
-        if argv[1:2] and argv[1] not in COMMANDS:
-            _unknown_command(argv[1])
+        asked = [w for w in argv[1:] if w != "--json"]
+        if asked[:1] and asked[0] not in COMMANDS:
+            _unknown_command(asked[0])
+        if "--json" in argv[1:]:  # the help text as one JSON object, as every command's --json
+            _top, subs = build_parser(asked[0] if asked else "")
+            chosen = subs[asked[0]] if asked else _top
+            if asked[1:2] and asked[0] == "img":
+                chosen = chosen._subparsers._group_actions[0].choices.get(asked[1], chosen)  # type: ignore[union-attr]
+            print(json.dumps({"command": " ".join(asked[:2]), "text": chosen.format_help()}))
+            raise SystemExit(0)
         argv = [*argv[1:], "--help"]
     if (
         "--" in argv
