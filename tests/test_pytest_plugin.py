@@ -179,7 +179,7 @@ def test_plugin_gives_each_test_a_fresh_restore(tmp_path, guest):
     )
     out = parallel.stdout + parallel.stderr
     assert parallel.returncode == 0 and "2 passed" in parallel.stdout, out
-    assert "created: 2/2 workers" in out or "2 workers" in out, out
+    assert "bringing up nodes" in out, out  # xdist workers ran them
     assert not qemu_pids(tmp_path), "every restore of the workers is stopped"
 
 
