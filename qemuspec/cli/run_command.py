@@ -248,10 +248,14 @@ def _on_fresh_machine(
     ):
         started["boot"] = instance.boot
         started.update(instance.restored or {})
-        if instance.ports:  # fixed forwards were mapped to free ports (fresh.free_forwards)
-            report(
+        if instance.ports and not (ctx.out.json or ctx.out.quiet):
+            # fixed forwards were mapped to free ports (fresh.free_forwards): a plain stderr line, the
+            # live line having gone at "ready"
+            print(
                 f"{name}: ports "
-                + ", ".join(f"{p['host']}->{p['guest']}/{p['protocol']}" for p in instance.ports)
+                + ", ".join(f"{p['host']}->{p['guest']}/{p['protocol']}" for p in instance.ports),
+                file=sys.stderr,
+                flush=True,
             )
         with crash.Watch(instance, fail_on, vmcore, on_warning) as watch:
             return watch.call(guestrun.run, instance, command, on_output, stdin, how=how)
