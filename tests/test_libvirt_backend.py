@@ -437,7 +437,18 @@ def test_two_machines_through_the_system_libvirtd(system_libvirtd, guest, tmp_pa
         ):  # each try is an agent round trip that fails fast while the guest reboots
             assert time.monotonic() < deadline, "the guest did not come back after powering off"
         follower = subprocess.Popen(
-            [sys.executable, "-m", "qemuspec.cli.main", "logs", "-F", str(path), "-f", a],
+            [
+                sys.executable,
+                "-m",
+                "qemuspec.cli.main",
+                "logs",
+                "-F",
+                str(path),
+                "-f",
+                "-n",
+                "100000",  # the log so far too (-f alone starts at the end)
+                a,
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

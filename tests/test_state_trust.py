@@ -306,7 +306,7 @@ def test_images_qemuspec_makes_are_private(project, guest, tmp_path):
         assert proc.stdout.readline() == b"go\n", (
             proc.stderr.read() if proc.poll() is not None else "no output"
         )
-        overlays = glob.glob(str(runs / "qemuspec-run-*" / "*.qcow2"))
+        overlays = glob.glob(str(runs / "qemuspec-run-*" / "**" / "*.qcow2"), recursive=True)
         assert overlays and all(_mode(o) == 0o600 for o in overlays), {
             o: oct(_mode(o)) for o in overlays
         }

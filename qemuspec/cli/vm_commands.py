@@ -874,7 +874,7 @@ def logs(
             return _print_logs(ctx, names, lines)
         if events:
             refuse(ctx, names, "logs --events")
-        return _follow_console(ctx, names)
+        return _follow_console(ctx, names, lines)
     if not follow and not events and after is None and not timestamps:
         return _print_logs(ctx, names, lines)  # every backend's console log, printed one way
     filename = statedir.EVENTS if events else statedir.SERIAL_LOG
@@ -1067,12 +1067,12 @@ def _print_logs(ctx: Context, names: list[str], lines: int | None) -> int:
     return 0
 
 
-def _follow_console(ctx: Context, names: list[str]) -> int:
-    """`logs -f` of a machine whose backend keeps no log file here: the log so far, then the live
-    console, until the machine stops."""
+def _follow_console(ctx: Context, names: list[str], lines: int | None) -> int:
+    """`logs -f` of a machine whose backend keeps no log file here: the last ``lines`` of the log so
+    far (none unless -n is given, as locally), then the live console, until the machine stops."""
     if len(names) != 1:
         raise UsageError("logs --follow of machines on libvirt hosts follows one machine: name it")
-    _print_logs(ctx, names, 0)  # -f begins at the end
+    _print_logs(ctx, names, 0 if lines is None else lines)  # -f begins at the end
     backend, machine = _machine(ctx, names[0])
     with backend.console(names[0], machine, interactive=False) as sock:
         while data := sock.recv(65536):
