@@ -30,7 +30,6 @@ user's directory, or one others can write, gives cold boots with that reason, ne
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -51,7 +50,6 @@ if TYPE_CHECKING:
 FORMAT = 1  # of the key and of checkpoint.json
 KEY_CHARS = 32  # hex characters of the key: a directory name in the store
 RECORD_LIMIT = 4 * 1024 * 1024
-SAVE_TIMEOUT = 300.0
 PLACEHOLDER = "/qemuspec-checkpoint"  # the state directory the key's command line is rendered with
 
 Report = Callable[[str], object]
@@ -333,19 +331,11 @@ def discard(checkpoint: Checkpoint) -> None:
     shutil.rmtree(checkpoint.directory, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def _locked(store: str, digest: str) -> Iterator[None]:
+def _locked(store: str, digest: str) -> contextlib.AbstractContextManager[None]:
     """One process makes (or fixes up) a checkpoint at a time; the others wait and then use it."""
-    fd = os.open(
-        os.path.join(store, f".{digest}{filenames.CHECKPOINT_LOCK}"),
-        os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-        0o600,
-    )
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+    from qemuspec.runtime import statedir
+
+    return statedir.exclusive(os.path.join(store, f".{digest}{filenames.CHECKPOINT_LOCK}"))
 
 
 # -- disks --------------------------------------------------------------------------------------
@@ -505,26 +495,8 @@ def _save(inst: Instance, memory: str) -> None:
     qmp = inst.qmp
     assert qmp is not None
     qmp.command("stop")
-    qmp.command(
-        "migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]}
-    )
-    qmp.command("migrate-set-parameters", {"max-bandwidth": 1 << 40})
     fd = os.open(memory, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        qmp.command("getfd", {"fdname": warm.FD_NAME}, fds=(fd,))
-    finally:
-        os.close(fd)
-    mark = qmp.event_count
-    qmp.command("migrate", {"uri": f"fd:{warm.FD_NAME}"})
-    event = qmp.wait_for(
-        "MIGRATION",
-        SAVE_TIMEOUT,
-        lambda e: e["data"].get("status") in ("completed", "failed", "cancelled"),
-        since=mark,
-    )
-    if event["data"]["status"] != "completed":
-        error = qmp.command("query-migrate").get("error-desc", event["data"]["status"])
-        raise QemuspecError(f"qemu could not save machine {inst.name}: {error}")
+    warm.send_state(qmp, fd, inst.name)
 
 
 def ensure(

@@ -36,19 +36,9 @@ def switch_pid(switch_dir: str) -> int | None:
 @contextlib.contextmanager
 def _locked(switch_dir: str) -> Iterator[None]:
     """Starting and stopping one network's switch take turns (machines start and stop in parallel)."""
-    import fcntl
-
     os.makedirs(os.path.dirname(switch_dir), mode=0o700, exist_ok=True)
-    fd = os.open(
-        switch_dir + statedir.SWITCH_LOCK,
-        os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-        0o600,
-    )
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with statedir.exclusive(switch_dir + statedir.SWITCH_LOCK):
         yield
-    finally:
-        os.close(fd)
 
 
 def ensure_switch(switch_dir: str) -> int:

@@ -729,6 +729,19 @@ def created_files(state_dir: str) -> list[str]:
 # -- the supervisor's lock -----------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def exclusive(path: str) -> Iterator[None]:
+    """Hold an exclusive flock on ``path`` (made 0600, never through a symlink) for the block: the one
+    way qemuspec makes parallel processes take turns on a shared thing (a network's switch, a
+    checkpoint being made)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def hold_lock(run_dir: str, wait: bool = True) -> int:
     """Taken by the supervisor for its whole life (the fd is kept open; the kernel drops it at exit).
     With ``wait`` False, a lock someone else holds raises BlockingIOError."""

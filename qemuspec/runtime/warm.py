@@ -41,7 +41,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from qemuspec.errors import QemuspecError, QMPError
 from qemuspec.runtime import statedir
@@ -312,6 +312,34 @@ def _file_identity(path: str) -> list[int] | None:
     return [st.st_dev, st.st_ino]
 
 
+def send_state(
+    qmp: "QMPClient", fd: int, name: str, started: Callable[[], object] = lambda: None
+) -> None:
+    """Migrate a stopped qemu's memory and devices into ``fd`` (handed to qemu with ``getfd``, closed
+    here) and wait for qemu to say it is done: the one save of `up`'s warm state and of a run/test
+    checkpoint. ``started`` runs once the migration has begun (the fault tests' hold point)."""
+    qmp.command(
+        "migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]}
+    )
+    qmp.command("migrate-set-parameters", {"max-bandwidth": 1 << 40})
+    try:
+        qmp.command("getfd", {"fdname": FD_NAME}, fds=(fd,))
+    finally:
+        os.close(fd)
+    mark = qmp.event_count
+    qmp.command("migrate", {"uri": f"fd:{FD_NAME}"})
+    started()
+    event = qmp.wait_for(
+        "MIGRATION",
+        SAVE_TIMEOUT,
+        lambda e: e["data"].get("status") in ("completed", "failed", "cancelled"),
+        since=mark,
+    )
+    if event["data"]["status"] != "completed":
+        error = qmp.command("query-migrate").get("error-desc", event["data"]["status"])
+        raise QemuspecError(f"qemu could not save machine {name}: {error}")
+
+
 def save(inst: "Instance") -> dict:
     """Freeze a ready machine's disks and save its RAM and devices; resume it. Returns what was saved.
     On failure the disks are moved back onto their files before the guest runs again (the error says
@@ -364,30 +392,10 @@ def save(inst: "Instance") -> dict:
                     )
                     statedir.write(warm_dir(state_dir), statedir.SAVING, saving)
             _hold("snapshot")
-            qmp.command(
-                "migrate-set-capabilities",
-                {"capabilities": [{"capability": "events", "state": True}]},
-            )
-            qmp.command("migrate-set-parameters", {"max-bandwidth": 1 << 40})
             fd = os.open(
                 tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
             )
-            try:
-                qmp.command("getfd", {"fdname": FD_NAME}, fds=(fd,))
-            finally:
-                os.close(fd)
-            mark = qmp.event_count
-            qmp.command("migrate", {"uri": f"fd:{FD_NAME}"})
-            _hold("migrating")
-            event = qmp.wait_for(
-                "MIGRATION",
-                SAVE_TIMEOUT,
-                lambda e: e["data"].get("status") in ("completed", "failed", "cancelled"),
-                since=mark,
-            )
-            if event["data"]["status"] != "completed":
-                error = qmp.command("query-migrate").get("error-desc", event["data"]["status"])
-                raise QemuspecError(f"qemu could not save machine {inst.name}: {error}")
+            send_state(qmp, fd, inst.name, started=lambda: _hold("migrating"))
             os.replace(tmp, memory_file(state_dir))
             files = {
                 path: _identity(path) for path in _inputs(machine)
